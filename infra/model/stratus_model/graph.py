@@ -1,0 +1,221 @@
+"""Build a Llama-family decoder as one fused ONNX graph with the KV cache as inputs/outputs.
+
+I/O follows the layout Hugging Face Optimum and onnxruntime-genai use:
+  inputs   input_ids [B, S] int64, attention_mask [B, T] int64, position_ids [B, S] int64,
+           past_key_values.{i}.key|value [B, kv_heads, P, head_dim]
+  outputs  logits [B, S, vocab], present.{i}.key|value [B, kv_heads, T', head_dim]
+
+Attention is onnxruntime's GroupQueryAttention: rows are right-padded (row b holds its first
+sum(attention_mask[b]) positions), and when past and present are bound to the same buffer the
+cache is updated in place (T' = P). Norms are (Skip)SimplifiedLayerNormalization, rotary is the
+RotaryEmbedding contrib op fed by position_ids, linears are MatMul or MatMulNBits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from stratus_model.config import LlamaConfig
+from stratus_model.quant import QUANT_SCHEMES, NBits, QuantScheme, to_nbits
+from stratus_model.source import SourceTensor, WeightSource
+
+MS = "com.microsoft"
+OPSET = 21
+
+
+@dataclass
+class Graph:
+    """Collects nodes and initializers; `op` returns the (first) output name."""
+
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> str | list[str]:
+        outputs = [f"{name}/output_{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs[0] if n_out == 1 else outputs
+
+
+Linear = Callable[[Graph, str, str, SourceTensor], str]  # (graph, path, x, weight) -> y
+
+
+def concat_rows(tensors: list[SourceTensor], name: str) -> SourceTensor:
+    """Stack weights along the output dimension; keeps raw blocks when every part shares a type."""
+    cols = tensors[0].shape[1]
+    rows = sum(t.shape[0] for t in tensors)
+    if len({t.qtype for t in tensors}) == 1 and tensors[0].raw.ndim == 2:
+        raw = np.concatenate([t.raw for t in tensors], axis=0)
+        return SourceTensor(name, tensors[0].qtype, raw, (rows, cols))
+    dense = np.concatenate([t.dense() for t in tensors], axis=0)
+    return SourceTensor(name, "F32", dense, (rows, cols))
+
+
+def make_linear_fp32(g: Graph, path: str, x: str, w: SourceTensor) -> str:
+    return g.op("MatMul", [x, g.init(f"{path}.weight", w.dense().T)], f"{path}/MatMul")
+
+
+def linear_nbits(bits: int, accuracy_level: int) -> Linear:
+    def make(g: Graph, path: str, x: str, w: SourceTensor) -> str:
+        n, k = w.shape
+        q: NBits = to_nbits(w, bits)
+        inputs = [x, g.init(f"{path}.qweight", q.B), g.init(f"{path}.scales", q.scales)]
+        if q.zero_points is not None:
+            inputs.append(g.init(f"{path}.qzeros", q.zero_points))
+        return g.op("MatMulNBits", inputs, f"{path}/MatMulNBits", domain=MS,
+                    K=k, N=n, bits=bits, block_size=32, accuracy_level=accuracy_level)
+    return make
+
+
+def linear_for(bits: int | None, accuracy_level: int) -> Linear:
+    return make_linear_fp32 if bits is None else linear_nbits(bits, accuracy_level)
+
+
+def rotary_cache(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:  # -> 2 x [context, head_dim/2]
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    angles = np.outer(np.arange(cfg.context_length, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def make_inputs(cfg: LlamaConfig) -> tuple[list, list]:
+    ins = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+    ]
+    outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])]
+    kv = ["batch_size", cfg.num_kv_heads, None, cfg.head_dim]
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            ins.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                                     [kv[0], kv[1], "past_sequence_length", kv[3]]))
+            outs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+                                                      [kv[0], kv[1], "total_sequence_length", kv[3]]))
+    return ins, outs
+
+
+def make_sequence_lengths(g: Graph) -> tuple[str, str]:
+    """attention_mask [B, T] -> seqlens_k [B] int32 (valid length - 1), total_sequence_length int32.
+
+    attention_mask ─ReduceSum(axis 1)─Sub(1)─Cast─▶ seqlens_k
+    attention_mask ─Shape─Gather(1)─Cast──────────▶ total_sequence_length
+    """
+    one = g.init("/model/constants/one_i64", np.array(1, np.int64))
+    axis1 = g.init("/model/constants/axes_1", np.array([1], np.int64))
+    total = g.op("ReduceSum", ["attention_mask", axis1], "/model/attn_mask_reformat/ReduceSum", keepdims=0)
+    minus = g.op("Sub", [total, one], "/model/attn_mask_reformat/Sub")
+    seqlens = g.op("Cast", [minus], "/model/attn_mask_reformat/seqlens_k", to=TensorProto.INT32)
+    shape = g.op("Shape", ["attention_mask"], "/model/attn_mask_reformat/Shape")
+    width = g.op("Gather", [shape, one], "/model/attn_mask_reformat/Gather", axis=0)
+    total_len = g.op("Cast", [width], "/model/attn_mask_reformat/total_seq_len", to=TensorProto.INT32)
+    return seqlens, total_len
+
+
+def make_attention(g: Graph, cfg: LlamaConfig, i: int, h: str, src: WeightSource, linear: Linear,
+                   seqlens: str, total_len: str, cos: str, sin: str) -> str:
+    """h [B, S, hidden] -> attention output [B, S, hidden]; writes present.{i}.key|value.
+
+    h ─qkv─Split─┬ q ─RotaryEmbedding─┐
+                 ├ k ─RotaryEmbedding─┼─ GroupQueryAttention(past, seqlens_k) ─ o ─▶
+                 └ v ─────────────────┘
+    """
+    p = f"/model/layers.{i}/attn"
+    qkv_w = concat_rows([src.tensor(f"layers.{i}.{n}") for n in ("q", "k", "v")], f"layers.{i}.qkv")
+    qkv = linear(g, f"{p}/qkv_proj", h, qkv_w)
+    split = g.init(f"{p}/qkv_split", np.array([cfg.hidden, cfg.kv_hidden, cfg.kv_hidden], np.int64))
+    q, k, v = g.op("Split", [qkv, split], f"{p}/qkv_proj/Split", n_out=3, axis=-1)
+    q = g.op("RotaryEmbedding", [q, "position_ids", cos, sin], f"{p}/q_rotary", domain=MS,
+             num_heads=cfg.num_heads, interleaved=0)
+    k = g.op("RotaryEmbedding", [k, "position_ids", cos, sin], f"{p}/k_rotary", domain=MS,
+             num_heads=cfg.num_kv_heads, interleaved=0)
+    name = f"{p}/GroupQueryAttention"
+    g.nodes.append(helper.make_node(
+        "GroupQueryAttention",
+        [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total_len],
+        [f"{name}/output_0", f"present.{i}.key", f"present.{i}.value"],
+        name=name, domain=MS, num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads,
+    ))
+    return linear(g, f"{p}/o_proj", f"{name}/output_0", src.tensor(f"layers.{i}.o"))
+
+
+def make_mlp(g: Graph, cfg: LlamaConfig, i: int, h: str, src: WeightSource, linear: Linear) -> str:
+    """SwiGLU: h ─gate_up─Split─▶ silu(gate) * up ─down─▶ [B, S, hidden]."""
+    p = f"/model/layers.{i}/mlp"
+    gu_w = concat_rows([src.tensor(f"layers.{i}.gate"), src.tensor(f"layers.{i}.up")], f"layers.{i}.gate_up")
+    gu = linear(g, f"{p}/gate_up_proj", h, gu_w)
+    split = g.init(f"{p}/gate_up_split", np.array([cfg.ffn, cfg.ffn], np.int64))
+    gate, up = g.op("Split", [gu, split], f"{p}/gate_up_proj/Split", n_out=2, axis=-1)
+    sig = g.op("Sigmoid", [gate], f"{p}/act_fn/Sigmoid")
+    silu = g.op("Mul", [gate, sig], f"{p}/act_fn/Mul")
+    prod = g.op("Mul", [silu, up], f"{p}/Mul")
+    return linear(g, f"{p}/down_proj", prod, src.tensor(f"layers.{i}.down"))
+
+
+def make_skip_norm(g: Graph, path: str, x: str, residual: str, weight: str, eps: float) -> tuple[str, str]:
+    """(x + residual) -> (rms_norm(x + residual) * weight, x + residual)."""
+    outs = g.op("SkipSimplifiedLayerNormalization", [x, residual, weight], path, n_out=4, domain=MS, epsilon=eps)
+    return outs[0], outs[3]
+
+
+def make_lm_head(g: Graph, cfg: LlamaConfig, h: str, src: WeightSource, scheme: QuantScheme,
+                 accuracy_level: int, embed_name: str) -> None:
+    """h [B, S, hidden] -> logits [B, S, vocab]. A tied fp32 head reuses the embedding table."""
+    p = "/model/lm_head"
+    if scheme.lm_head_bits is None and cfg.tied_embeddings:
+        shape_in = g.init(f"{p}/shape_2d", np.array([-1, cfg.hidden], np.int64))
+        flat = g.op("Reshape", [h, shape_in], f"{p}/Reshape_in")
+        mm = g.op("Gemm", [flat, embed_name], f"{p}/Gemm", transB=1)
+        shape_h = g.op("Shape", [h], f"{p}/Shape", start=0, end=2)
+        vocab = g.init(f"{p}/vocab", np.array([cfg.vocab_size], np.int64))
+        out_shape = g.op("Concat", [shape_h, vocab], f"{p}/Concat", axis=0)
+        g.nodes.append(helper.make_node("Reshape", [mm, out_shape], ["logits"], name=f"{p}/Reshape_out"))
+        return
+    weight = src.tensor("embed" if cfg.tied_embeddings else "lm_head")
+    y = linear_for(scheme.lm_head_bits, accuracy_level)(g, p, h, weight)
+    g.nodes.append(helper.make_node("Identity", [y], ["logits"], name=f"{p}/logits"))
+
+
+def build_model(src: WeightSource, quant: str = "fp32", accuracy_level: int = 4,
+                progress: Callable[[str], None] = lambda _msg: None) -> onnx.ModelProto:
+    cfg = src.config
+    scheme = QUANT_SCHEMES[quant]
+    linear = linear_for(scheme.linear_bits, accuracy_level)
+    g = Graph()
+    embed = g.init("model.embed_tokens.weight", src.tensor("embed").dense())
+    cos_np, sin_np = rotary_cache(cfg)
+    cos, sin = g.init("cos_cache", cos_np), g.init("sin_cache", sin_np)
+    seqlens, total_len = make_sequence_lengths(g)
+
+    x = g.op("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")
+    h = g.op("SimplifiedLayerNormalization", [x, g.init("model.layers.0.input_layernorm.weight",
+             src.tensor("layers.0.attn_norm").dense())], "/model/layers.0/input_layernorm", axis=-1,
+             epsilon=cfg.rms_eps, stash_type=1)
+    residual = x
+    for i in range(cfg.num_layers):
+        progress(f"layer {i + 1}/{cfg.num_layers}")
+        if i > 0:
+            w = g.init(f"model.layers.{i}.input_layernorm.weight", src.tensor(f"layers.{i}.attn_norm").dense())
+            h, residual = make_skip_norm(g, f"/model/layers.{i}/input_layernorm", out, residual, w, cfg.rms_eps)
+        attn = make_attention(g, cfg, i, h, src, linear, seqlens, total_len, cos, sin)
+        w = g.init(f"model.layers.{i}.post_attention_layernorm.weight", src.tensor(f"layers.{i}.mlp_norm").dense())
+        h, residual = make_skip_norm(g, f"/model/layers.{i}/post_attention_layernorm", attn, residual, w, cfg.rms_eps)
+        out = make_mlp(g, cfg, i, h, src, linear)
+    w = g.init("model.norm.weight", src.tensor("final_norm").dense())
+    h, _ = make_skip_norm(g, "/model/norm", out, residual, w, cfg.rms_eps)
+    progress("lm head")
+    make_lm_head(g, cfg, h, src, scheme, accuracy_level, embed)
+
+    ins, outs = make_inputs(cfg)
+    graph = helper.make_graph(g.nodes, "stratus_llama", ins, outs, initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="stratus")
+    model.ir_version = 10
+    return model

@@ -1,0 +1,110 @@
+"""Linear-layer encodings: how a weight [out, in] becomes ONNX nodes computing x @ W.T.
+
+A registry maps the `--quant` name to a scheme. Quantized linears are onnxruntime's MatMulNBits
+(block-wise, 32 weights a block, uint8 zero points), the layout its fast int8-activation kernels
+(accuracy_level 4) take. GGML Q8_0 blocks (w = d*q) map onto 8-bit MatMulNBits exactly (implicit
+zero point 128), so the tied LM head keeps the published embedding bit for bit. Everything else
+is quantized here, asymmetric per block.
+
+Q4_1 (w = d*q + m) would map exactly onto 4-bit MatMulNBits only with a float zero point
+(-m/d); onnxruntime runs that form ~20x slower (no int8 kernel) and, in 1.32, produced wrong
+text on SmolLM2, so int4 re-quantizes the dequantized Q4_1 weights instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import numpy as np
+
+from stratus_model.source import SourceTensor
+
+BLOCK = 32
+_GGML_BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+
+
+@dataclass(frozen=True)
+class NBits:
+    """MatMulNBits operands. B: [N, k_blocks, blob] uint8; scales: [N * k_blocks] float32."""
+
+    bits: int
+    B: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None  # uint8 (4-bit: two a byte), or None (= 2^(bits-1))
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:  # [..., 32] uint8 0..15 -> [..., 16]
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def q8_0_to_nbits(raw: np.ndarray, rows: int, cols: int) -> NBits:
+    """GGML Q8_0 blocks [rows, k_blocks*34] -> 8-bit MatMulNBits, implicit zero point 128."""
+    kb = cols // BLOCK
+    blocks = raw.reshape(rows, kb, 34)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
+    q = blocks[..., 2:34].view(np.int8).astype(np.int16) + 128
+    return NBits(8, q.astype(np.uint8), d.reshape(-1), None)
+
+
+def quantize_blocks(w: np.ndarray, bits: int) -> NBits:
+    """Asymmetric block-wise quantization of W [rows, cols] (cols % 32 == 0)."""
+    rows, cols = w.shape
+    levels = (1 << bits) - 1
+    blocks = w.reshape(rows, cols // BLOCK, BLOCK)
+    lo = np.minimum(blocks.min(-1), 0.0)  # [rows, kb]; include 0 so it is exactly representable
+    hi = np.maximum(blocks.max(-1), 0.0)
+    scale = (hi - lo) / levels
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    zp = np.clip(np.round(-lo / scale), 0, levels).astype(np.uint8)
+    q = np.clip(np.round(blocks / scale[..., None]) + zp[..., None], 0, levels).astype(np.uint8)
+    if bits == 4:
+        B = _pack_nibbles(q)
+        # 4-bit zero points pack two a byte per row: [N, ceil(kb/2)]
+        kb = cols // BLOCK
+        zrow = zp.reshape(rows, kb)
+        if kb % 2:
+            zrow = np.concatenate([zrow, np.zeros((rows, 1), np.uint8)], axis=1)
+        zpacked = (zrow[:, 0::2] | (zrow[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+        return NBits(4, B, scale.reshape(-1), zpacked)
+    return NBits(8, q, scale.reshape(-1), zp.reshape(-1))
+
+
+def to_nbits(w: SourceTensor, bits: int) -> NBits:
+    rows, cols = w.shape
+    if bits == 8 and w.qtype == "Q8_0":
+        return q8_0_to_nbits(w.raw, rows, cols)
+    return quantize_blocks(w.dense(), bits)
+
+
+def dequantize_nbits(n: NBits, rows: int, cols: int) -> np.ndarray:
+    """Inverse of the encodings above (tests and error reports): -> W [rows, cols] float32."""
+    kb = cols // BLOCK
+    if n.bits == 4:
+        packed = n.B.reshape(rows, kb, 16)
+        q = np.empty((rows, kb, 32), np.float32)
+        q[..., 0::2] = packed & 0x0F
+        q[..., 1::2] = packed >> 4
+    else:
+        q = n.B.reshape(rows, kb, 32).astype(np.float32)
+    if n.zero_points is None:
+        zp = np.full((rows, kb), 1 << (n.bits - 1), np.float32)
+    elif n.bits == 4:
+        zb = n.zero_points.reshape(rows, -1)
+        zp = np.stack([zb & 0x0F, zb >> 4], axis=-1).reshape(rows, -1)[:, :kb].astype(np.float32)
+    else:
+        zp = n.zero_points.reshape(rows, kb).astype(np.float32)
+    return ((q - zp[..., None]) * n.scales.reshape(rows, kb)[..., None]).reshape(rows, cols)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    name: str
+    linear_bits: int | None  # None = float32 MatMul
+    lm_head_bits: int | None
+    description: str
+
+
+QUANT_SCHEMES: dict[str, QuantScheme] = {
+    "fp32": QuantScheme("fp32", None, None, "float32 weights, MatMul"),
+    "int8": QuantScheme("int8", 8, 8, "8-bit block-wise (32) MatMulNBits, int8 activations (accuracy_level 4); LM head from GGUF Q8_0 exactly"),
+    "int4": QuantScheme("int4", 4, 8, "4-bit block-wise (32) MatMulNBits, int8 activations; LM head 8-bit (GGUF Q8_0 blocks reused exactly)"),
+}

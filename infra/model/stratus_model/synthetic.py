@@ -1,0 +1,126 @@
+"""A tiny Llama written as a real GGUF file from seeded random weights.
+
+Tests build it and push it through the same converter as the real model: Q4_1 linears,
+Q8_0 embedding, llama.cpp's q/k row permutation, a byte-level BPE vocabulary and a ChatML template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from stratus_model.config import LlamaConfig
+
+TINY = LlamaConfig(num_layers=2, hidden=64, ffn=128, num_heads=4, num_kv_heads=2, vocab_size=0,
+                   context_length=256, rope_theta=10000.0, rms_eps=1e-5)
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "i n", "Ġ a", "e r", "Ġt he", "o n", "r e"]
+
+
+def byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2's bytes_to_unicode)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def tiny_vocab() -> list[str]:
+    return SPECIALS + byte_level_alphabet() + [m.replace(" ", "") for m in MERGES]
+
+
+def permute_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert step: HF half-split rows -> interleaved pairs (what GGUF files store)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tiny_weights(cfg: LlamaConfig, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
+    """Canonical (HF-layout) float32 weights, seeded."""
+    rng = np.random.default_rng(seed)
+
+    def lin(out: int, inp: int) -> np.ndarray:
+        return (rng.standard_normal((out, inp)) / np.sqrt(inp)).astype(np.float32)
+
+    w = {"embed": rng.standard_normal((vocab_size, cfg.hidden)).astype(np.float32),
+         "final_norm": (1.0 + 0.1 * rng.standard_normal(cfg.hidden)).astype(np.float32)}
+    for i in range(cfg.num_layers):
+        w[f"layers.{i}.attn_norm"] = (1.0 + 0.1 * rng.standard_normal(cfg.hidden)).astype(np.float32)
+        w[f"layers.{i}.mlp_norm"] = (1.0 + 0.1 * rng.standard_normal(cfg.hidden)).astype(np.float32)
+        w[f"layers.{i}.q"] = lin(cfg.hidden, cfg.hidden)
+        w[f"layers.{i}.k"] = lin(cfg.kv_hidden, cfg.hidden)
+        w[f"layers.{i}.v"] = lin(cfg.kv_hidden, cfg.hidden)
+        w[f"layers.{i}.o"] = lin(cfg.hidden, cfg.hidden)
+        w[f"layers.{i}.gate"] = lin(cfg.ffn, cfg.hidden)
+        w[f"layers.{i}.up"] = lin(cfg.ffn, cfg.hidden)
+        w[f"layers.{i}.down"] = lin(cfg.hidden, cfg.ffn)
+    return w
+
+
+def write_tiny_gguf(path: Path, seed: int = 0, cfg: LlamaConfig = TINY) -> dict[str, np.ndarray]:
+    """Write the tiny model to `path`; return the float32 weights the GGUF blocks encode (HF layout)."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    Q = gguf.GGMLQuantizationType
+    vocab = tiny_vocab()
+    weights = tiny_weights(cfg, len(vocab), seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("stratus-tiny")
+    writer.add_block_count(cfg.num_layers)
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.hidden)
+    writer.add_feed_forward_length(cfg.ffn)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_eps)
+    writer.add_vocab_size(len(vocab))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(vocab)
+    writer.add_token_types([3] * len(SPECIALS) + [1] * (len(vocab) - len(SPECIALS)))
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template(CHATML)
+
+    gguf_names = {"embed": "token_embd.weight", "final_norm": "output_norm.weight"}
+    parts = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v",
+             "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+    encoded = {}
+    for name, w in weights.items():
+        if name.startswith("layers."):
+            _, i, part = name.split(".")
+            gname = f"blk.{i}.{parts[part]}.weight"
+        else:
+            gname = gguf_names[name]
+        if w.ndim == 1:
+            writer.add_tensor(gname, w)
+            encoded[name] = w
+            continue
+        qtype = Q.Q8_0 if name == "embed" else Q.Q4_1
+        stored = w
+        if name.endswith(".q"):
+            stored = permute_rotary_rows(w, cfg.num_heads)
+        elif name.endswith(".k"):
+            stored = permute_rotary_rows(w, cfg.num_kv_heads)
+        blocks = quantize(stored, qtype)
+        writer.add_tensor(gname, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
+        encoded[name] = dequantize(quantize(w, qtype), qtype).astype(np.float32)  # same blocks, HF row order
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return encoded

@@ -1,0 +1,1 @@
+"""Stratus shared layer: the contracts and helpers every function and worker imports."""

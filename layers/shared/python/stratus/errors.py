@@ -1,0 +1,51 @@
+"""Typed errors. Each carries the HTTP status and OpenAI error type the API maps it to.
+
+Messages name the field, the allowed range and the bad value, e.g.
+"top_p must be in (0, 1], got 1.5".
+"""
+
+from __future__ import annotations
+
+
+class StratusError(Exception):
+    """Base class: every error the project raises on purpose."""
+
+    status = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(StratusError):
+    """The caller sent something we cannot serve (400)."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt tokens plus max_tokens do not fit the model's context window (400)."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+            f"{prompt_tokens + max_tokens} exceeds the model's context length of {context_length}",
+            param="max_tokens",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+
+
+class ModelBuildError(StratusError):
+    """The model pipeline cannot convert its input (bad file, unsupported architecture or type)."""
+
+
+class ModelLoadError(StratusError):
+    """A model directory is missing files or is not a model the engine can run."""
