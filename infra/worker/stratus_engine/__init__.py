@@ -1,0 +1,1 @@
+"""The inference engine the workers run: a model directory, continuous batching, sampling."""

@@ -1,0 +1,339 @@
+"""Continuous-batching generation over a model directory.
+
+One scheduler thread calls `step()`; any thread may `submit()`. Each step:
+
+  waiting ──admit (free slots, prefill token budget)──▶ prefill new rows ──▶ sample first token
+  active  ──────────────────────────────────────────────▶ one decode step for every row ──▶ sample
+  finished rows (EOS, stop string, max_tokens, cancelled) leave at once; their slot is reused.
+
+The KV cache is one buffer per layer and kind, [max_batch, kv_heads, capacity, head_dim]. Rows
+0..n-1 are in use, each right-padded to its own length; GroupQueryAttention reads and writes
+it in place (past and present are bound to the same memory), so no step copies the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from stratus.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError
+from stratus.params import SamplingParams
+from stratus_engine.chat import render_chat
+from stratus_engine.model_dir import LoadedModel, load
+from stratus_engine.sampling import sample
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    is_cancelled: Callable[[], bool] = _never  # polled between steps
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_s: float  # submitted -> admitted to the batch
+    ttft_s: float  # submitted -> first token
+    decode_s: float  # first token -> finished
+    total_s: float
+
+    def decode_tokens_per_s(self, completion_tokens: int) -> float:
+        return (completion_tokens - 1) / self.decode_s if self.decode_s > 0 and completion_tokens > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    usage: Usage
+    timings: Timings
+
+
+@dataclass
+class _Row:
+    req: GenerationRequest
+    future: Future
+    submitted: float
+    rng: np.random.Generator
+    admitted: float = 0.0
+    first_token: float = 0.0
+    length: int = 0  # tokens in the KV cache
+    pending: int = -1  # sampled token not yet fed to the model
+    out: list[int] = field(default_factory=list)
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+class KVCache:
+    """Per-layer past/present buffers shared in place; grows (x2) when a row needs more room."""
+
+    def __init__(self, model: LoadedModel, max_batch: int, capacity: int) -> None:
+        s = model.spec
+        self.names = [(f"past_key_values.{i}.{k}", f"present.{i}.{k}") for i in range(s.num_layers) for k in ("key", "value")]
+        self.shape = (max_batch, s.num_kv_heads, capacity, s.head_dim)
+        self.buffers = [np.zeros(self.shape, np.float32) for _ in self.names]
+        self._views: dict[tuple[int, int], list] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self.shape[2]
+
+    def ensure(self, length: int) -> None:
+        if length <= self.capacity:
+            return
+        cap = self.capacity
+        while cap < length:
+            cap *= 2
+        grown = []
+        for buf in self.buffers:
+            new = np.zeros(self.shape[:2] + (cap,) + self.shape[3:], np.float32)
+            new[:, :, : self.capacity] = buf
+            grown.append(new)
+        self.buffers, self.shape, self._views = grown, self.shape[:2] + (cap,) + self.shape[3:], {}
+
+    def bind(self, io, start: int, stop: int) -> None:
+        """Bind rows [start, stop) as both past and present for every layer."""
+        import onnxruntime as ort
+
+        views = self._views.get((start, stop))
+        if views is None:
+            views = [ort.OrtValue.ortvalue_from_numpy(buf[start:stop]) for buf in self.buffers]
+            self._views[(start, stop)] = views
+        for (past, present), ov in zip(self.names, views):
+            io.bind_ortvalue_input(past, ov)
+            io.bind_ortvalue_output(present, ov)
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        for buf in self.buffers:
+            buf[dst, :, :length] = buf[src, :, :length]
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, max_batch: int = 16, prefill_token_budget: int = 4096,
+                 initial_capacity: int = 256) -> None:
+        if not model.uses_gqa:
+            raise ModelLoadError(
+                f"{model.path}: only graphs built by `stratus model build` (GroupQueryAttention, right-padded "
+                "cache) are supported by this engine yet; Optimum exports are not"
+            )
+        self.model = model
+        self.spec = model.spec
+        self.max_batch = max_batch
+        self.prefill_token_budget = prefill_token_budget
+        self.cache = KVCache(model, max_batch, initial_capacity)
+        self._eos = set(self.spec.eos_token_ids)
+        self._waiting: deque[_Row] = deque()
+        self._active: list[_Row] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+
+    # ---- public API -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path, threads: int | None = None, **kwargs) -> Engine:
+        return cls(load(path, threads=threads), **kwargs)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = render_chat(self.spec.chat_template, messages)
+        return self.model.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.model.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens < 1:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if prompt_tokens + max_tokens > self.spec.context_length:
+            raise ContextLengthExceeded(prompt_tokens, max_tokens, self.spec.context_length)
+
+    def submit(self, req: GenerationRequest) -> Future:
+        """Queue a request; the future resolves to a GenerationResult. Raises on requests that cannot fit."""
+        self.check_fits(len(req.prompt_ids), req.params.max_tokens)
+        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        row = _Row(req, Future(), time.monotonic(), np.random.default_rng(seed))
+        row.future.set_running_or_notify_cancel()
+        with self._wake:
+            self._waiting.append(row)
+            self._wake.notify()
+        return row.future
+
+    def generate(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run requests to completion on the calling thread (CLI, tests, benchmarks)."""
+        futures = [self.submit(r) for r in reqs]
+        while not all(f.done() for f in futures):
+            self.step()
+        return [f.result() for f in futures]
+
+    def run(self, stop: threading.Event, idle_wait_s: float = 0.05) -> None:
+        """Scheduler loop for a worker thread: step while there is work, sleep when idle."""
+        while not stop.is_set():
+            if not self.step():
+                with self._wake:
+                    if not self._waiting:
+                        self._wake.wait(idle_wait_s)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._active)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ---- scheduling -------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """One scheduler iteration; returns False when there was nothing to do."""
+        self._drop_cancelled()
+        new = self._admit()
+        if new:
+            self._prefill(new)
+        if self._active:
+            self._decode()
+        return bool(new or self._active)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting = deque(r for r in waiting if not r.req.is_cancelled())
+        for r in waiting:
+            if r.req.is_cancelled():
+                self._finish(r, "cancelled")
+        for r in [r for r in self._active if r.req.is_cancelled()]:
+            self._finish(r, "cancelled")
+        self._compact()
+
+    def _admit(self) -> list[_Row]:
+        new: list[_Row] = []
+        budget = self.prefill_token_budget
+        with self._lock:
+            while self._waiting and len(self._active) + len(new) < self.max_batch:
+                longest = max([len(r.req.prompt_ids) for r in new] + [len(self._waiting[0].req.prompt_ids)])
+                if new and longest * (len(new) + 1) > budget:
+                    break  # padded prefill would exceed the budget; the rest join next step
+                new.append(self._waiting.popleft())
+        now = time.monotonic()
+        for r in new:
+            r.admitted = now
+        return new
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        """Run the prompts of `rows` (right-padded) into cache slots after the active rows."""
+        start = len(self._active)
+        lengths = np.array([len(r.req.prompt_ids) for r in rows])
+        width = int(lengths.max())
+        ids = np.zeros((len(rows), width), np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for b, r in enumerate(rows):
+            ids[b, : lengths[b]] = r.req.prompt_ids
+            mask[b, : lengths[b]] = 1
+        positions = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape)
+        self.cache.ensure(width + 1)
+        logits = self._run(ids, mask, np.ascontiguousarray(positions), start, start + len(rows))
+        last = logits[np.arange(len(rows)), lengths - 1]  # [m, V]
+        self._active.extend(rows)
+        now = time.monotonic()
+        for b, r in enumerate(rows):
+            r.length = int(lengths[b])
+            r.first_token = now
+            r.seen = np.unique(np.asarray(r.req.prompt_ids, np.int64))
+        self._accept(rows, last)
+
+    def _decode(self) -> None:
+        rows = self._active
+        lengths = np.array([r.length for r in rows])
+        width = int(lengths.max()) + 1
+        self.cache.ensure(width)
+        ids = np.array([[r.pending] for r in rows], np.int64)
+        mask = (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
+        logits = self._run(ids, mask, lengths[:, None].astype(np.int64), 0, len(rows))
+        for r in rows:
+            r.length += 1
+        self._accept(list(rows), logits[:, -1])
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """ids/positions [b, s], mask [b, t] -> logits [b, s, V]; cache rows [start, stop) updated in place."""
+        sess = self.model.session
+        io = sess.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", positions)
+        io.bind_output("logits")  # first, so it is get_outputs()[0]
+        self.cache.bind(io, start, stop)
+        sess.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
+
+    def _accept(self, rows: list[_Row], logits: np.ndarray) -> None:
+        """Sample one token per row, record it, and finish rows that are done."""
+        tokens = sample(logits, [r.req.params for r in rows], [r.seen for r in rows], [r.rng for r in rows])
+        for r, tok in zip(rows, tokens):
+            p = r.req.params
+            if tok in self._eos and not p.ignore_eos:
+                self._finish(r, "stop")
+                continue
+            r.out.append(tok)
+            r.pending = tok
+            if p.repetition_penalty != 1.0 and tok not in r.seen:
+                r.seen = np.append(r.seen, tok)
+            if p.stop and self._stop_hit(r):
+                self._finish(r, "stop")
+            elif len(r.out) >= p.max_tokens:
+                self._finish(r, "length")
+        self._compact()
+
+    def _stop_hit(self, r: _Row) -> bool:
+        text = self.model.tokenizer.decode(r.out, skip_special_tokens=True)
+        return any(s in text for s in r.req.params.stop)
+
+    def _finish(self, r: _Row, reason: str) -> None:
+        now = time.monotonic()
+        text = self.model.tokenizer.decode(r.out, skip_special_tokens=True)
+        for s in r.req.params.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                text = text[:cut]
+        first = r.first_token or now
+        timings = Timings(queue_s=(r.admitted or now) - r.submitted, ttft_s=first - r.submitted,
+                          decode_s=now - first, total_s=now - r.submitted)
+        result = GenerationResult(r.req.request_id, list(r.out), text, reason,
+                                  Usage(len(r.req.prompt_ids), len(r.out)), timings)
+        r.pending = -2  # marks the row finished for _compact
+        if not r.future.done():
+            r.future.set_result(result)
+
+    def _compact(self) -> None:
+        """Remove finished rows, moving the last live row into each hole so rows stay 0..n-1."""
+        rows = self._active
+        i = 0
+        while i < len(rows):
+            if rows[i].pending != -2:
+                i += 1
+                continue
+            last = rows.pop()
+            if i < len(rows):
+                self.cache.move_row(len(rows), i, last.length)
+                rows[i] = last

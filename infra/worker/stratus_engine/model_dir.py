@@ -1,0 +1,132 @@
+"""Load a model directory once: onnxruntime session, tokenizer, chat template, generation config.
+
+Accepts our own builds (manifest.json) and Optimum-style exports (config.json + tokenizer.json +
+model.onnx); `kv_layout` says how the engine must manage the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from stratus.errors import ModelLoadError
+
+REQUIRED_FILES = ("model.onnx", "tokenizer.json")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_id: str
+    digest: str | None
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+    chat_template: str | None
+
+
+def read_spec(path: Path) -> ModelSpec:
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory not found: {path} (build one with `stratus model build` or `make model`)")
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"{path}: missing {', '.join(missing)}")
+    cfg = _read_json(path / "config.json")
+    gen = _read_json(path / "generation_config.json", {})
+    manifest = _read_json(path / "manifest.json", {})
+    template_file = path / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else None
+    if not template:
+        template = _read_json(path / "tokenizer_config.json", {}).get("chat_template")
+    try:
+        layers = cfg.get("num_layers", cfg.get("num_hidden_layers"))
+        heads = cfg.get("num_heads", cfg.get("num_attention_heads"))
+        hidden = cfg.get("hidden", cfg.get("hidden_size"))
+        kv_heads = cfg.get("num_kv_heads", cfg.get("num_key_value_heads", heads))
+        eos = gen.get("eos_token_ids", gen.get("eos_token_id", cfg.get("eos_token_id")))
+        return ModelSpec(
+            model_id=manifest.get("model_id", path.name),
+            digest=manifest.get("digest"),
+            num_layers=int(layers),
+            num_kv_heads=int(kv_heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            context_length=int(gen.get("context_length", cfg.get("context_length", cfg.get("max_position_embeddings", 2048)))),
+            eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+            chat_template=template,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}/config.json: cannot read the architecture ({exc!r})") from exc
+
+
+def _read_json(path: Path, default=None) -> dict:
+    if not path.is_file():
+        if default is None:
+            raise ModelLoadError(f"{path} is missing")
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def pick_providers(requested: list[str] | None = None) -> list[str]:
+    """CUDA when onnxruntime has it (onnxruntime-gpu on a GPU host), the CPU otherwise."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = requested or ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    chosen = [p for p in wanted if p in available]
+    return chosen or ["CPUExecutionProvider"]
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    spec: ModelSpec
+    threads: int
+    providers: list[str]
+
+    @cached_property
+    def session(self):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            return ort.InferenceSession(str(self.path / "model.onnx"), so, providers=self.providers)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise ModelLoadError(f"{self.path}/model.onnx: onnxruntime cannot load it: {exc}") from exc
+
+    @cached_property
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(self.path / "tokenizer.json"))
+
+    @cached_property
+    def input_names(self) -> set[str]:
+        return {i.name for i in self.session.get_inputs()}
+
+    @cached_property
+    def uses_gqa(self) -> bool:
+        """Our fused graphs (GroupQueryAttention) keep right-padded rows and update the cache in place."""
+        cfg = _read_json(self.path / "config.json", {})
+        return cfg.get("kv_layout") == "right_padded_gqa"
+
+
+def load(path: Path | str, threads: int | None = None, providers: list[str] | None = None) -> LoadedModel:
+    path = Path(path)
+    spec = read_spec(path)
+    model = LoadedModel(path, spec, threads or os.cpu_count() or 1, pick_providers(providers))
+    model.session  # load once, now, so errors surface at start-up
+    model.tokenizer
+    return model

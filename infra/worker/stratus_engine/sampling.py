@@ -1,0 +1,63 @@
+"""Sampling as a pipeline: penalties -> temperature -> top-k / top-p -> probabilities -> draw.
+
+Rows are independent (each request has its own parameters and random generator); an all-greedy
+batch takes the argmax fast path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stratus.params import SamplingParams
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:  # [V] -> [V]
+    """CTRL-style: divide positive logits of seen tokens by `penalty`, multiply negative ones."""
+    if penalty == 1.0 or seen.size == 0:
+        return logits
+    out = logits.copy()
+    vals = out[seen]
+    out[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:  # [V] -> [V]
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:  # [V] -> [V]
+    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, kind="stable")
+    probs = softmax(logits[order])
+    keep = np.cumsum(probs) - probs < p  # a token stays if the mass before it is below p
+    out = np.full_like(logits, -np.inf)
+    out[order[keep]] = logits[order[keep]]
+    return out
+
+
+def softmax(x: np.ndarray) -> np.ndarray:  # [V] -> [V]
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def sample_row(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: np.random.Generator) -> int:
+    """logits [V] float32 -> one token id."""
+    x = apply_repetition_penalty(logits.astype(np.float64), seen, params.repetition_penalty)
+    if params.greedy:
+        return int(np.argmax(x))
+    x = top_p_filter(top_k_filter(x / params.temperature, params.top_k), params.top_p)
+    probs = softmax(x)
+    return int(rng.choice(probs.shape[-1], p=probs))
+
+
+def sample(logits: np.ndarray, params: list[SamplingParams], seen: list[np.ndarray],
+           rngs: list[np.random.Generator]) -> list[int]:
+    """logits [B, V] -> B token ids."""
+    if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+        return [int(t) for t in logits.argmax(-1)]
+    return [sample_row(logits[b], params[b], seen[b], rngs[b]) for b in range(len(params))]

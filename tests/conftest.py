@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny Llama (seeded random weights) written as GGUF and built by the real pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stratus_model.build import build_from_gguf
+from stratus_model.config import LlamaConfig
+from stratus_model.synthetic import TINY, tiny_vocab, write_tiny_gguf
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiny:
+    gguf: Path
+    weights: dict[str, np.ndarray]  # float32, HF layout: what the GGUF blocks encode
+    config: LlamaConfig
+    dirs: dict[str, Path]  # quant -> built model directory
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Tiny:
+    root = tmp_path_factory.mktemp("tiny")
+    weights = write_tiny_gguf(root / "tiny.gguf", seed=0)
+    dirs = {q: root / q for q in ("fp32", "int8", "int4")}
+    for quant, out in dirs.items():
+        build_from_gguf(root / "tiny.gguf", quant, out)
+    return Tiny(root / "tiny.gguf", weights, dataclasses.replace(TINY, vocab_size=len(tiny_vocab())), dirs)

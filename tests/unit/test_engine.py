@@ -1,0 +1,142 @@
+"""Engine behaviour on the tiny model: parity with a plain loop, batching, sampling, limits."""
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from stratus.errors import ContextLengthExceeded
+from stratus.params import SamplingParams
+from stratus_engine.engine import Engine, GenerationRequest
+
+PROMPTS = [[1, 40 + 7 * i, 90 + i, 120 + 3 * i, 200 - i][: 3 + i % 3] for i in range(16)]
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
+def plain_greedy_loop(model_dir, cfg, prompt, n):
+    """Reference: one sequence, cache copied through session.run, no batching or binding."""
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"))
+    names = [o.name for o in sess.get_outputs()]
+    past = {f"past_key_values.{i}.{k}": np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+            for i in range(cfg.num_layers) for k in ("key", "value")}
+    ids, pos, out = list(prompt), 0, []
+    for _ in range(n):
+        o = sess.run(None, {"input_ids": np.array([ids]), "attention_mask": np.ones((1, pos + len(ids)), np.int64),
+                            "position_ids": np.arange(pos, pos + len(ids))[None], **past})
+        past = {k.replace("present", "past_key_values"): v for k, v in zip(names[1:], o[1:])}
+        pos += len(ids)
+        ids = [int(o[0][0, -1].argmax())]
+        out.append(ids[0])
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(tiny):
+    return {q: Engine.from_dir(tiny.dirs[q], threads=1, initial_capacity=8) for q in ("fp32", "int4")}
+
+
+def test_greedy_matches_plain_loop(tiny, engines):
+    got = engines["fp32"].generate([GenerationRequest(PROMPTS[0], greedy(20))])[0]
+    assert got.token_ids == plain_greedy_loop(tiny.dirs["fp32"], tiny.config, PROMPTS[0], 20)
+    assert got.finish_reason == "length"
+    assert got.usage.prompt_tokens == len(PROMPTS[0]) and got.usage.completion_tokens == 20
+    assert got.timings.ttft_s > 0 and got.timings.total_s >= got.timings.ttft_s
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_batch_invariance_alone_vs_with_15_others(engines, quant):
+    engine = engines[quant]
+    alone = engine.generate([GenerationRequest(PROMPTS[0], greedy(24))])[0].token_ids
+    batched = engine.generate([GenerationRequest(p, greedy(24)) for p in PROMPTS])
+    assert batched[0].token_ids == alone
+    for p, r in zip(PROMPTS[1:4], batched[1:4]):
+        assert r.token_ids == engine.generate([GenerationRequest(p, greedy(24))])[0].token_ids
+
+
+def test_requests_join_and_leave_between_decode_steps(engines):
+    # Given one long request running, when two short ones arrive mid-way,
+    # then they run alongside it, finish first, and every result equals its solo run.
+    engine = engines["fp32"]
+    solo = {i: engine.generate([GenerationRequest(PROMPTS[i], greedy(n))])[0].token_ids
+            for i, n in ((0, 30), (1, 5), (2, 8))}
+    long = engine.submit(GenerationRequest(PROMPTS[0], greedy(30)))
+    for _ in range(4):
+        engine.step()
+    short = [engine.submit(GenerationRequest(PROMPTS[1], greedy(5))),
+             engine.submit(GenerationRequest(PROMPTS[2], greedy(8)))]
+    engine.step()
+    assert engine.num_running == 3
+    while not all(f.done() for f in short):
+        engine.step()
+    assert not long.done() and engine.num_running == 1
+    while not long.done():
+        engine.step()
+    assert long.result().token_ids == solo[0]
+    assert [f.result().token_ids for f in short] == [solo[1], solo[2]]
+    assert engine.num_running == 0
+
+
+def test_seeded_sampling_is_reproducible(engines):
+    engine = engines["fp32"]
+    run = lambda seed: engine.generate([GenerationRequest(PROMPTS[3], SamplingParams(
+        max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True))])[0].token_ids
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+
+
+def test_stop_string_truncates_and_finishes(engines):
+    engine = engines["fp32"]
+    full = engine.generate([GenerationRequest(PROMPTS[0], greedy(20))])[0]
+    stop = full.text[5:8]
+    got = engine.generate([GenerationRequest(PROMPTS[0], greedy(20, stop=(stop,)))])[0]
+    assert got.finish_reason == "stop"
+    assert got.text == full.text[: full.text.find(stop)]
+    assert len(got.token_ids) < 20
+
+
+def test_eos_from_generation_config_stops(tiny, tmp_path):
+    # Given a model whose EOS is a token greedy decoding first produces at step k > 0,
+    # then generation stops there with finish_reason "stop" and k completion tokens.
+    first = Engine.from_dir(tiny.dirs["fp32"], threads=1).generate([GenerationRequest(PROMPTS[0], greedy(10))])[0]
+    ids = first.token_ids
+    k = next(j for j in range(1, len(ids)) if ids[j] not in ids[:j])
+    model = tmp_path / "m"
+    shutil.copytree(tiny.dirs["fp32"], model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    gen["eos_token_ids"] = [ids[k]]
+    (model / "generation_config.json").write_text(json.dumps(gen))
+    got = Engine.from_dir(model, threads=1).generate([GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=10, temperature=0))])[0]
+    assert got.finish_reason == "stop" and got.token_ids == ids[:k]
+
+
+def test_cancellation_between_steps(engines):
+    engine = engines["fp32"]
+    calls = {"n": 0}
+
+    def cancelled_after_three_checks():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    running = engine.submit(GenerationRequest(PROMPTS[0], greedy(50), is_cancelled=cancelled_after_three_checks))
+    queued = engine.submit(GenerationRequest(PROMPTS[1], greedy(50), is_cancelled=lambda: True))
+    while not (running.done() and queued.done()):
+        engine.step()
+    assert running.result().finish_reason == "cancelled" and 0 < len(running.result().token_ids) < 50
+    assert queued.result().finish_reason == "cancelled" and queued.result().token_ids == []
+
+
+def test_prompt_plus_max_tokens_beyond_context_is_typed_error(engines, tiny):
+    with pytest.raises(ContextLengthExceeded) as err:
+        engines["fp32"].submit(GenerationRequest([1] * 200, greedy(100)))
+    assert err.value.status == 400 and "exceeds the model's context length of 256" in err.value.message
+
+
+def test_cache_grows_past_initial_capacity(engines):
+    engine = engines["fp32"]
+    got = engine.generate([GenerationRequest(PROMPTS[0], greedy(40))])[0]
+    assert engine.cache.capacity >= 40 and len(got.token_ids) == 40

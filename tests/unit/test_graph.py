@@ -1,0 +1,92 @@
+"""The built ONNX graph against a plain numpy Llama (tests/support/llama_ref.py)."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from stratus_model.quant import dequantize_nbits, to_nbits
+from stratus_model.source import SourceTensor
+from support.llama_ref import forward
+
+PROMPT = [1, 50, 60, 70, 80, 90, 100, 110]
+
+
+def empty_past(cfg, batch):
+    return {f"past_key_values.{i}.{k}": np.zeros((batch, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+            for i in range(cfg.num_layers) for k in ("key", "value")}
+
+
+def run(sess, ids, mask, positions, past):
+    names = [o.name for o in sess.get_outputs()]
+    out = sess.run(None, {"input_ids": np.asarray(ids, np.int64), "attention_mask": np.asarray(mask, np.int64),
+                          "position_ids": np.asarray(positions, np.int64), **past})
+    return out[0], {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], out[1:])}
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny):
+    return ort.InferenceSession(str(tiny.dirs["fp32"] / "model.onnx"))
+
+
+def test_prefill_matches_reference(tiny, fp32):
+    s = len(PROMPT)
+    logits, _ = run(fp32, [PROMPT], np.ones((1, s)), [np.arange(s)], empty_past(tiny.config, 1))
+    ref = forward(tiny.weights, tiny.config, PROMPT)
+    np.testing.assert_allclose(logits[0], ref, atol=1e-3 * np.abs(ref).max())
+
+
+def test_decoding_with_cache_matches_full_recompute(tiny, fp32):
+    # Given a 4-token prefill, when the rest arrives as a chunk and then one more token,
+    # then each step's logits equal a from-scratch forward over the whole sequence.
+    _, past = run(fp32, [PROMPT[:4]], np.ones((1, 4)), [np.arange(4)], empty_past(tiny.config, 1))
+    s = len(PROMPT)
+    logits, past = run(fp32, [PROMPT[4:]], np.ones((1, s)), [np.arange(4, s)], past)
+    ref = forward(tiny.weights, tiny.config, PROMPT)
+    np.testing.assert_allclose(logits[0], ref[4:], atol=1e-3 * np.abs(ref).max())
+    logits, _ = run(fp32, [[7]], np.ones((1, s + 1)), [[s]], past)
+    ref = forward(tiny.weights, tiny.config, PROMPT + [7])
+    np.testing.assert_allclose(logits[0, -1], ref[-1], atol=1e-3 * np.abs(ref).max())
+
+
+def test_right_padded_rows_of_different_lengths(tiny, fp32):
+    short = [1, 33, 44]
+    s = len(PROMPT)
+    ids = np.zeros((2, s)); ids[0] = PROMPT; ids[1, :3] = short
+    mask = np.zeros((2, s)); mask[0] = 1; mask[1, :3] = 1
+    logits, past = run(fp32, ids, mask, np.tile(np.arange(s), (2, 1)), empty_past(tiny.config, 2))
+    np.testing.assert_allclose(logits[1, :3], forward(tiny.weights, tiny.config, short), atol=1e-3 * 60)
+    # one decode step: each row appends at its own length
+    mask = np.zeros((2, s + 1)); mask[0] = 1; mask[1, :4] = 1
+    logits, _ = run(fp32, [[5], [6]], mask, [[s], [3]], past)
+    np.testing.assert_allclose(logits[0, -1], forward(tiny.weights, tiny.config, PROMPT + [5])[-1], atol=0.06)
+    np.testing.assert_allclose(logits[1, -1], forward(tiny.weights, tiny.config, short + [6])[-1], atol=0.06)
+
+
+def quantized_weights(weights, bits):
+    """What a quantized graph's linears hold: each weight through our block encoder and back."""
+    out = dict(weights)
+    for name, w in weights.items():
+        if name.startswith("layers.") and w.ndim == 2:
+            n = to_nbits(SourceTensor(name, "F32", w, w.shape), bits)
+            out[name] = dequantize_nbits(n, *w.shape)
+    return out
+
+
+@pytest.mark.parametrize("quant,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_graphs_compute_their_weights(tiny, quant, bits):
+    # The only error left is int8 activation quantization (accuracy_level 4).
+    sess = ort.InferenceSession(str(tiny.dirs[quant] / "model.onnx"))
+    s = len(PROMPT)
+    got, _ = run(sess, [PROMPT], np.ones((1, s)), [np.arange(s)], empty_past(tiny.config, 1))
+    ref = forward(quantized_weights(tiny.weights, bits), tiny.config, PROMPT)
+    assert np.abs(got[0] - ref).max() < 0.05 * np.abs(ref).max()
+    assert (got[0].argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+
+
+def test_fused_graph_is_small(tiny):
+    import onnx
+
+    nodes = onnx.load(str(tiny.dirs["int4"] / "model.onnx"), load_external_data=False).graph.node
+    ops = {n.op_type for n in nodes}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "MatMulNBits"} <= ops
+    assert len(nodes) <= 10 + 18 * tiny.config.num_layers  # ~18 nodes a layer

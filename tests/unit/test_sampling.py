@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from stratus.errors import InvalidRequest
+from stratus.params import SamplingParams
+from stratus_engine.sampling import apply_repetition_penalty, sample, sample_row, top_k_filter, top_p_filter
+
+
+def test_top_k_keeps_k_largest():
+    x = np.array([1.0, 5.0, 3.0, 4.0])
+    assert np.isfinite(top_k_filter(x, 2)).tolist() == [False, True, False, True]
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    x = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    assert np.isfinite(top_p_filter(x, 0.7)).tolist() == [True, True, False, False]
+    assert np.isfinite(top_p_filter(x, 0.5)).tolist() == [True, False, False, False]
+
+
+def test_repetition_penalty_pushes_seen_tokens_down():
+    x = np.array([2.0, -2.0, 1.0])
+    out = apply_repetition_penalty(x, np.array([0, 1]), 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_same_seed_same_draws_and_greedy_fast_path():
+    logits = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)
+    p = SamplingParams(temperature=1.0, seed=7)
+    draws = [[sample_row(logits[0], p, np.zeros(0, np.int64), np.random.default_rng(7)) for _ in range(1)] for _ in range(3)]
+    assert draws[0] == draws[1] == draws[2]
+    greedy = SamplingParams(temperature=0)
+    assert sample(logits, [greedy] * 3, [np.zeros(0, np.int64)] * 3, [None] * 3) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"top_p": 1.5}, "top_p must be in (0.0, 1.0], got 1.5"),
+    ({"temperature": -1}, "temperature must be in [0.0, 2.0], got -1"),
+    ({"max_tokens": 0}, "max_tokens must be an integer >= 1, got 0"),
+    ({"top_k": -2}, "top_k must be an integer >= 0, got -2"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop must be up to 4 non-empty strings"),
+])
+def test_params_name_field_range_and_value(kwargs, message):
+    with pytest.raises(InvalidRequest) as err:
+        SamplingParams(**kwargs)
+    assert message in err.value.message
+    assert err.value.param == next(iter(kwargs))
+
+
+def test_params_normalize_stop_and_know_determinism():
+    assert SamplingParams(stop="x").stop == ("x",)
+    assert SamplingParams(temperature=0).deterministic
+    assert SamplingParams(temperature=0.7, seed=1).deterministic
+    assert not SamplingParams(temperature=0.7).deterministic
