@@ -72,13 +72,14 @@ def quantized_weights(weights, bits):
     return out
 
 
-@pytest.mark.parametrize("quant,bits", [("int8", 8), ("int4", 4)])
-def test_quantized_graphs_compute_their_weights(tiny, quant, bits):
-    # The only error left is int8 activation quantization (accuracy_level 4).
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_graphs_compute_their_weights(tiny, quant):
+    # int8 holds re-quantized weights; int4 keeps the GGUF's Q4_1 blocks exactly, so its
+    # reference is the GGUF's own values. The only error left is int8 activations (accuracy_level 4).
     sess = ort.InferenceSession(str(tiny.dirs[quant] / "model.onnx"))
     s = len(PROMPT)
     got, _ = run(sess, [PROMPT], np.ones((1, s)), [np.arange(s)], empty_past(tiny.config, 1))
-    ref = forward(quantized_weights(tiny.weights, bits), tiny.config, PROMPT)
+    ref = forward(quantized_weights(tiny.weights, 8) if quant == "int8" else tiny.weights, tiny.config, PROMPT)
     assert np.abs(got[0] - ref).max() < 0.05 * np.abs(ref).max()
     assert (got[0].argmax(-1) == ref.argmax(-1)).mean() >= 0.75
 
@@ -89,4 +90,4 @@ def test_fused_graph_is_small(tiny):
     nodes = onnx.load(str(tiny.dirs["int4"] / "model.onnx"), load_external_data=False).graph.node
     ops = {n.op_type for n in nodes}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "MatMulNBits"} <= ops
-    assert len(nodes) <= 10 + 18 * tiny.config.num_layers  # ~18 nodes a layer
+    assert len(nodes) <= 12 + 34 * tiny.config.num_layers  # 18 nodes a layer, +4 per exact Q4_1 linear

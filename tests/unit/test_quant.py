@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from stratus_model.quant import dequantize_nbits, q8_0_to_nbits, quantize_blocks, to_nbits
+from stratus_model.quant import dequantize_nbits, q4_1_split, q8_0_to_nbits, quantize_blocks, to_nbits
 from stratus_model.source import SourceTensor
 
 Q = gguf.GGMLQuantizationType
@@ -25,9 +25,18 @@ def test_blockwise_quantization_error_is_within_half_a_step(bits, cols):
     assert (err <= step / 2 + 1e-6).all()
 
 
-def test_q4_1_source_is_requantized_from_its_dequantized_values():
-    w = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
-    src = SourceTensor("x", "Q4_1", quantize(w, Q.Q4_1), (4, 64))
-    n = to_nbits(src, 4)
+def test_q4_1_split_is_exact():
+    # Given Q4_1 blocks (w = d*q + m), when split into d*(q - 8) + c,
+    # then the 4-bit part plus the per-block offset reproduces the GGUF's values.
+    w = np.random.default_rng(3).standard_normal((4, 96)).astype(np.float32)
+    raw = quantize(w, Q.Q4_1)
+    n, c = q4_1_split(raw, 4, 96)
+    rebuilt = dequantize_nbits(n, 4, 96) + np.repeat(c.T, 32, axis=1)
+    np.testing.assert_allclose(rebuilt, dequantize(raw, Q.Q4_1), atol=1e-6)
+
+
+def test_other_sources_are_requantized():
+    w = np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32)
+    n = to_nbits(SourceTensor("x", "F32", w, (4, 64)), 4)
     assert n.zero_points is not None and n.zero_points.dtype == np.uint8
-    assert np.abs(dequantize_nbits(n, 4, 64) - src.dense()).max() <= n.scales.max() / 2 + 1e-6
+    assert np.abs(dequantize_nbits(n, 4, 64) - w).max() <= n.scales.max() / 2 + 1e-6

@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from stratus_model.config import LlamaConfig
-from stratus_model.quant import QUANT_SCHEMES, NBits, QuantScheme, to_nbits
+from stratus_model.quant import BLOCK, QUANT_SCHEMES, NBits, QuantScheme, q4_1_split, to_nbits
 from stratus_model.source import SourceTensor, WeightSource
 
 MS = "com.microsoft"
@@ -75,8 +75,34 @@ def linear_nbits(bits: int, accuracy_level: int) -> Linear:
     return make
 
 
+def linear_q4_1(accuracy_level: int) -> Linear:
+    """Exact GGML Q4_1: W = d*(q - 8) + c per 32-weight block.
+
+    x ─MatMulNBits(q, d, zero point 8)──────────────────────┐
+    x ─Reshape[.., K/32, 32]─ReduceSum─MatMul(c [K/32, N])─ Add ─▶ y
+    """
+    fallback = linear_nbits(4, accuracy_level)
+
+    def make(g: Graph, path: str, x: str, w: SourceTensor) -> str:
+        if w.qtype != "Q4_1":
+            return fallback(g, path, x, w)
+        n, k = w.shape
+        q, c = q4_1_split(w.raw, n, k)
+        y = g.op("MatMulNBits", [x, g.init(f"{path}.qweight", q.B), g.init(f"{path}.scales", q.scales)],
+                 f"{path}/MatMulNBits", domain=MS, K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=accuracy_level)
+        blocks = g.op("Reshape", [x, g.init(f"{path}/block_shape", np.array([0, 0, k // BLOCK, BLOCK], np.int64))],
+                      f"{path}/blocks/Reshape")
+        sums = g.op("ReduceSum", [blocks, g.init(f"{path}/block_axis", np.array([-1], np.int64))],
+                    f"{path}/blocks/ReduceSum", keepdims=0)
+        corr = g.op("MatMul", [sums, g.init(f"{path}.block_offsets", c)], f"{path}/offsets/MatMul")
+        return g.op("Add", [y, corr], f"{path}/Add")
+    return make
+
+
 def linear_for(bits: int | None, accuracy_level: int) -> Linear:
-    return make_linear_fp32 if bits is None else linear_nbits(bits, accuracy_level)
+    if bits is None:
+        return make_linear_fp32
+    return linear_q4_1(accuracy_level) if bits == 4 else linear_nbits(bits, accuracy_level)
 
 
 def rotary_cache(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:  # -> 2 x [context, head_dim/2]

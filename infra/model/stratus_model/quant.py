@@ -6,9 +6,12 @@ A registry maps the `--quant` name to a scheme. Quantized linears are onnxruntim
 zero point 128), so the tied LM head keeps the published embedding bit for bit. Everything else
 is quantized here, asymmetric per block.
 
-Q4_1 (w = d*q + m) would map exactly onto 4-bit MatMulNBits only with a float zero point
-(-m/d); onnxruntime runs that form ~20x slower (no int8 kernel) and, in 1.32, produced wrong
-text on SmolLM2, so int4 re-quantizes the dequantized Q4_1 weights instead.
+Q4_1 (w = d*q + m) maps onto 4-bit MatMulNBits directly only with a float zero point (-m/d),
+which onnxruntime runs ~20x slower (no int8 kernel). Instead we split each block as
+w = d*(q - 8) + c with c = m + 8*d: the first term is 4-bit MatMulNBits with the default zero
+point 8 (the fast kernel, published nibbles unchanged), the second a small float MatMul of the
+input's per-block sums with c (see graph.make_linear_q4_1). Exact, and it keeps the weights
+bit for bit.
 """
 
 from __future__ import annotations
@@ -45,13 +48,25 @@ def q8_0_to_nbits(raw: np.ndarray, rows: int, cols: int) -> NBits:
     return NBits(8, q.astype(np.uint8), d.reshape(-1), None)
 
 
+def q4_1_split(raw: np.ndarray, rows: int, cols: int) -> tuple[NBits, np.ndarray]:
+    """GGML Q4_1 [rows, k_blocks*20] -> (4-bit NBits with zero point 8, c [k_blocks, rows] float32)."""
+    kb = cols // BLOCK
+    blocks = raw.reshape(rows, kb, 20)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]  # [rows, kb]
+    m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
+    qs = blocks[..., 4:20]  # low nibbles = weights 0..15 of the block, high nibbles = 16..31
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [rows, kb, 32]
+    return NBits(4, _pack_nibbles(q), d.reshape(-1), None), np.ascontiguousarray((m + 8 * d).T)
+
+
 def quantize_blocks(w: np.ndarray, bits: int) -> NBits:
     """Asymmetric block-wise quantization of W [rows, cols] (cols % 32 == 0)."""
     rows, cols = w.shape
     levels = (1 << bits) - 1
     blocks = w.reshape(rows, cols // BLOCK, BLOCK)
-    lo = np.minimum(blocks.min(-1), 0.0)  # [rows, kb]; include 0 so it is exactly representable
-    hi = np.maximum(blocks.max(-1), 0.0)
+    lo, hi = blocks.min(-1), blocks.max(-1)  # [rows, kb]
+    lo = np.where(lo > 0, 0.0, lo)  # a block must reach 0 so the zero point stays in range
+    hi = np.where(hi < 0, 0.0, hi)
     scale = (hi - lo) / levels
     scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
     zp = np.clip(np.round(-lo / scale), 0, levels).astype(np.uint8)

@@ -196,6 +196,15 @@ class Engine:
                     if not self._waiting:
                         self._wake.wait(idle_wait_s)
 
+    def score(self, ids: list[int]) -> np.ndarray:
+        """Teacher-forced logits for one sequence: ids [S] -> [S, V]. Needs an idle engine."""
+        if self._active:
+            raise RuntimeError("score() needs an idle engine")
+        self.check_fits(len(ids), 0)
+        self.cache.ensure(len(ids) + 1)
+        arr = np.asarray([ids], np.int64)
+        return self._run(arr, np.ones_like(arr), np.arange(len(ids), dtype=np.int64)[None], 0, 1)[0]
+
     @property
     def num_running(self) -> int:
         return len(self._active)
