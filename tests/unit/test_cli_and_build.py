@@ -1,0 +1,46 @@
+import json
+
+from stratus_cli.main import main as stratus
+from stratus_model.build import artifact_digest, sha256_file
+
+
+def test_build_writes_a_complete_directory_with_digest(tiny, tmp_path, capsys):
+    out = tmp_path / "model"
+    assert stratus(["model", "build", "--gguf", str(tiny.gguf), "--quant", "int4", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, meta in manifest["files"].items():
+        assert sha256_file(out / name) == meta["sha256"]
+    assert manifest["digest"] == artifact_digest(manifest["files"])
+    assert manifest["quantization"] == "int4" and manifest["model_id"] == "tiny-int4"
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_ids"] == [2] and gen["context_length"] == 256
+    assert "layer 2/2" in capsys.readouterr().err  # progress is shown
+
+
+def test_rebuild_is_deterministic(tiny, tmp_path):
+    a = stratus(["model", "build", "--gguf", str(tiny.gguf), "--quant", "fp32", "--out", str(tmp_path / "a")])
+    b = stratus(["model", "build", "--gguf", str(tiny.gguf), "--quant", "fp32", "--out", str(tmp_path / "b")])
+    assert a == b == 0
+    digest = lambda d: json.loads((tmp_path / d / "manifest.json").read_text())["digest"]
+    assert digest("a") == digest("b")
+
+
+def test_bad_input_fails_cleanly_and_leaves_nothing(tmp_path, capsys):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    rc = stratus(["model", "build", "--gguf", str(bad), "--out", str(tmp_path / "out")])
+    assert rc == 2
+    assert "broken.gguf: not a readable GGUF file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.gguf"]  # no output, no temp dir
+
+
+def test_generate_prints_only_completion(tiny, capsys):
+    rc = stratus(["generate", "--model", str(tiny.dirs["fp32"]), "--max-tokens", "5", "--seed", "3",
+                  "--temperature", "0.8", "--threads", "1", "hello"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.endswith("\n") and "<|im_" not in out
+
+
+def test_generate_rejects_bad_parameters_with_a_message(tiny, capsys):
+    rc = stratus(["generate", "--model", str(tiny.dirs["fp32"]), "--temperature", "3", "hi"])
+    assert rc == 2 and "temperature must be in [0.0, 2.0], got 3.0" in capsys.readouterr().err
