@@ -8,7 +8,7 @@ QUANT ?= int8
 THREADS ?= $(shell nproc)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast model models bench-engine clean
+.PHONY: help venv test test-fast model models bench-engine bench-quality clean
 
 help: ## show this help
 	@echo "Stratus — serverless LLM inference on AWS"
@@ -38,11 +38,15 @@ model: venv ## build the default int8 SmolLM2 model into build/models/ (skipped 
 models: venv ## build fp32, int8 and int4 models
 	$(MAKE) model QUANT=fp32 && $(MAKE) model QUANT=int8 && $(MAKE) model QUANT=int4
 
-bench-engine: models ## engine benchmark vs llama.cpp (compiles llama-cpp-python once, ~17 min)
+bench-engine: models ## engine benchmark vs llama.cpp (llama-cpp-python in .venv-bench; may compile ~17 min)
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	test -x $(VENV)-bench/bin/python || (python3 -m venv $(VENV)-bench && \
 		$(VENV)-bench/bin/pip install -q --upgrade pip && $(VENV)-bench/bin/pip install -q llama-cpp-python numpy)
 	$(PY) infra/bench/bench_engine.py --models $(MODELS) --threads $(THREADS) \
 		--llama-python $(VENV)-bench/bin/python --out build/bench
+
+bench-quality: models ## perplexity and greedy agreement of fp32/int8/int4 (vs Hugging Face and fp32)
+	$(PY) infra/bench/bench_quality.py --models $(MODELS) --out build/bench
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache

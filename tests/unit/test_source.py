@@ -51,3 +51,17 @@ def test_unknown_tensor_type_is_named():
     t = SourceTensor("layers.0.q", "Q9_9", np.zeros((1, 4), np.uint8), (1, 4))
     with pytest.raises(ModelBuildError, match="layers.0.q: cannot dequantize type Q9_9"):
         t.dense()
+
+
+@pytest.mark.parametrize("qtype", ["F16", "F32", "Q8_0", "Q4_1"])
+def test_dense_reads_every_type_the_issue_names(qtype):
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    w = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
+    t = gguf.GGMLQuantizationType[qtype]
+    raw = quantize(w, t)
+    got = SourceTensor("w", qtype, raw, (2, 64)).dense()
+    assert got.dtype == np.float32 and got.shape == (2, 64)
+    np.testing.assert_array_equal(got, dequantize(raw, t).astype(np.float32))
+    assert np.abs(got - w).max() < 0.3  # Q4_1's step on N(0, 1) data is ~0.4
