@@ -36,6 +36,10 @@ MESSAGES = [
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS since exec (VmHWM; ru_maxrss would carry the parent's over fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -168,13 +172,15 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from stratus_engine.model_dir import load
+    from tokenizers import Tokenizer
+
     from stratus_engine.chat import render_chat
+    from stratus_engine.model_dir import read_spec
     from stratus_model.build import default_gguf
 
-    first = Path(args.models) / f"smollm2-{args.quants.split(',')[0]}"
-    model = load(first, threads=1)
-    prompt = model.tokenizer.encode(render_chat(model.spec.chat_template, MESSAGES), add_special_tokens=False).ids
+    first = Path(args.models) / f"smollm2-{args.quants.split(',')[0]}"  # tokenizer only: keep this process small
+    tokenizer = Tokenizer.from_file(str(first / "tokenizer.json"))
+    prompt = tokenizer.encode(render_chat(read_spec(first).chat_template, MESSAGES), add_special_tokens=False).ids
     print(f"prompt {len(prompt)} tokens, {NEW_TOKENS} new tokens greedy, {args.threads} threads, {args.runs} runs")
     results = {}
     if args.llama_python:
