@@ -227,11 +227,10 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         with self._lock:
-            waiting = list(self._waiting)
-            self._waiting = deque(r for r in waiting if not r.req.is_cancelled())
-        for r in waiting:
-            if r.req.is_cancelled():
-                self._finish(r, "cancelled")
+            cancelled = [r for r in self._waiting if r.req.is_cancelled()]  # one poll per row a step
+            self._waiting = deque(r for r in self._waiting if r not in cancelled)
+        for r in cancelled:
+            self._finish(r, "cancelled")
         for r in [r for r in self._active if r.req.is_cancelled()]:
             self._finish(r, "cancelled")
         self._compact()

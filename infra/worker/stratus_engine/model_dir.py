@@ -113,10 +113,6 @@ class LoadedModel:
         return Tokenizer.from_file(str(self.path / "tokenizer.json"))
 
     @cached_property
-    def input_names(self) -> set[str]:
-        return {i.name for i in self.session.get_inputs()}
-
-    @cached_property
     def uses_gqa(self) -> bool:
         """Our fused graphs (GroupQueryAttention) keep right-padded rows and update the cache in place."""
         cfg = _read_json(self.path / "config.json", {})
