@@ -74,7 +74,7 @@ class GenerationResult:
     timings: Timings
 
 
-@dataclass
+@dataclass(eq=False)  # rows are compared by identity
 class _Row:
     req: GenerationRequest
     future: Future
@@ -228,7 +228,8 @@ class Engine:
     def _drop_cancelled(self) -> None:
         with self._lock:
             cancelled = [r for r in self._waiting if r.req.is_cancelled()]  # one poll per row a step
-            self._waiting = deque(r for r in self._waiting if r not in cancelled)
+            gone = {id(r) for r in cancelled}
+            self._waiting = deque(r for r in self._waiting if id(r) not in gone)
         for r in cancelled:
             self._finish(r, "cancelled")
         for r in [r for r in self._active if r.req.is_cancelled()]:
