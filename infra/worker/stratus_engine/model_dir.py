@@ -28,6 +28,7 @@ class ModelSpec:
     context_length: int
     eos_token_ids: tuple[int, ...]
     chat_template: str | None
+    kv_layout: str | None  # "right_padded_gqa" for our builds; None for other exports
 
 
 def read_spec(path: Path) -> ModelSpec:
@@ -60,6 +61,7 @@ def read_spec(path: Path) -> ModelSpec:
             context_length=int(gen.get("context_length", cfg.get("context_length", cfg.get("max_position_embeddings", 2048)))),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
             chat_template=template,
+            kv_layout=cfg.get("kv_layout"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{path}/config.json: cannot read the architecture ({exc!r})") from exc
@@ -112,11 +114,10 @@ class LoadedModel:
 
         return Tokenizer.from_file(str(self.path / "tokenizer.json"))
 
-    @cached_property
+    @property
     def uses_gqa(self) -> bool:
         """Our fused graphs (GroupQueryAttention) keep right-padded rows and update the cache in place."""
-        cfg = _read_json(self.path / "config.json", {})
-        return cfg.get("kv_layout") == "right_padded_gqa"
+        return self.spec.kv_layout == "right_padded_gqa"
 
 
 def load(path: Path | str, threads: int | None = None, providers: list[str] | None = None) -> LoadedModel:
