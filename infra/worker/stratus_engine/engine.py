@@ -86,6 +86,7 @@ class _Row:
     pending: int = -1  # sampled token not yet fed to the model
     out: list[int] = field(default_factory=list)
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    finished: bool = False
 
 
 class KVCache:
@@ -158,8 +159,7 @@ class Engine:
         return cls(load(path, threads=threads), **kwargs)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        text = render_chat(self.spec.chat_template, messages)
-        return self.model.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.encode(render_chat(self.spec.chat_template, messages))
 
     def encode(self, text: str) -> list[int]:
         return self.model.tokenizer.encode(text, add_special_tokens=False).ids
@@ -330,7 +330,7 @@ class Engine:
                           decode_s=now - first, total_s=now - r.submitted)
         result = GenerationResult(r.req.request_id, list(r.out), text, reason,
                                   Usage(len(r.req.prompt_ids), len(r.out)), timings)
-        r.pending = -2  # marks the row finished for _compact
+        r.finished = True
         if not r.future.done():
             r.future.set_result(result)
 
@@ -339,7 +339,7 @@ class Engine:
         rows = self._active
         i = 0
         while i < len(rows):
-            if rows[i].pending != -2:
+            if not rows[i].finished:
                 i += 1
                 continue
             last = rows.pop()
