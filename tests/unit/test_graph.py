@@ -91,3 +91,14 @@ def test_fused_graph_is_small(tiny):
     ops = {n.op_type for n in nodes}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "MatMulNBits"} <= ops
     assert len(nodes) <= 12 + 34 * tiny.config.num_layers  # 18 nodes a layer, +4 per exact Q4_1 linear
+
+
+def test_num_logits_to_keep_returns_the_last_positions(tiny, fp32):
+    s = len(PROMPT)
+    args = ([PROMPT], np.ones((1, s)), [np.arange(s)], empty_past(tiny.config, 1))
+    full, _ = run(fp32, *args)
+    feed = {"input_ids": np.asarray([PROMPT], np.int64), "attention_mask": np.ones((1, s), np.int64),
+            "position_ids": np.arange(s)[None], "num_logits_to_keep": np.array([3]), **empty_past(tiny.config, 1)}
+    kept = fp32.run(["logits"], feed)[0]
+    assert kept.shape == (1, 3, full.shape[-1])
+    np.testing.assert_array_equal(kept, full[:, -3:])

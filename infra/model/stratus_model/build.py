@@ -80,7 +80,9 @@ def _smoke_test(model_path: Path, cfg) -> None:
     import onnxruntime as ort
 
     try:
-        sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # errors only (see stratus_engine.model_dir)
+        sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
         feed = {"input_ids": np.array([[1]], np.int64), "attention_mask": np.array([[1]], np.int64),
                 "position_ids": np.array([[0]], np.int64)}
         for i in range(cfg.num_layers):

@@ -4,6 +4,8 @@ I/O follows the layout Hugging Face Optimum and onnxruntime-genai use:
   inputs   input_ids [B, S] int64, attention_mask [B, T] int64, position_ids [B, S] int64,
            past_key_values.{i}.key|value [B, kv_heads, P, head_dim]
   outputs  logits [B, S, vocab], present.{i}.key|value [B, kv_heads, T', head_dim]
+  optional num_logits_to_keep [1] int64 (default 0 = all): logits for the last k positions only,
+           so a prefill does not pay the LM head (a fifth of the model) for every prompt token
 
 Attention is onnxruntime's GroupQueryAttention: rows are right-padded (row b holds its first
 sum(attention_mask[b]) positions), and when past and present are bound to the same buffer the
@@ -191,6 +193,18 @@ def make_skip_norm(g: Graph, path: str, x: str, residual: str, weight: str, eps:
     return outs[0], outs[3]
 
 
+KEEP = "num_logits_to_keep"
+
+
+def make_keep_last(g: Graph, h: str) -> str:
+    """h [B, S, H] -> h[:, S-k:] with k = num_logits_to_keep (0 keeps all: -0 = 0)."""
+    g.init(KEEP, np.array([0], np.int64))  # the default for the optional input of the same name
+    start = g.op("Neg", [KEEP], "/model/keep_last/Neg")
+    end = g.init("/model/keep_last/end", np.array([np.iinfo(np.int64).max], np.int64))
+    axis = g.init("/model/keep_last/axis", np.array([1], np.int64))
+    return g.op("Slice", [h, start, end, axis], "/model/keep_last/Slice")
+
+
 def make_lm_head(g: Graph, cfg: LlamaConfig, h: str, src: WeightSource, scheme: QuantScheme,
                  accuracy_level: int, embed_name: str) -> None:
     """h [B, S, hidden] -> logits [B, S, vocab]. A tied fp32 head reuses the embedding table."""
@@ -237,9 +251,10 @@ def build_model(src: WeightSource, quant: str = "fp32", accuracy_level: int = 4,
     w = g.init("model.norm.weight", src.tensor("final_norm").dense())
     h, _ = make_skip_norm(g, "/model/norm", out, residual, w, cfg.rms_eps)
     progress("lm head")
-    make_lm_head(g, cfg, h, src, scheme, accuracy_level, embed)
+    make_lm_head(g, cfg, make_keep_last(g, h), src, scheme, accuracy_level, embed)
 
     ins, outs = make_inputs(cfg)
+    ins.append(helper.make_tensor_value_info(KEEP, TensorProto.INT64, [1]))  # overridable: default below
     graph = helper.make_graph(g.nodes, "stratus_llama", ins, outs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="stratus")

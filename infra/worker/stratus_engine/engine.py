@@ -6,9 +6,9 @@ One scheduler thread calls `step()`; any thread may `submit()`. Each step:
   active  ──────────────────────────────────────────────▶ one decode step for every row ──▶ sample
   finished rows (EOS, stop string, max_tokens, cancelled) leave at once; their slot is reused.
 
-The KV cache is one buffer per layer and kind, [max_batch, kv_heads, capacity, head_dim]. Rows
-0..n-1 are in use, each right-padded to its own length; GroupQueryAttention reads and writes
-it in place (past and present are bound to the same memory), so no step copies the cache.
+Rows 0..n-1 of the KV cache are live (kv_cache.py): our GroupQueryAttention builds update one
+buffer in place, so no step copies the cache; standard-attention exports (Hugging Face Optimum)
+get the graph's past + new back each step, with unused columns masked out.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from stratus.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError
+from stratus.errors import ContextLengthExceeded, InvalidRequest
 from stratus.params import SamplingParams
 from stratus_engine.chat import render_chat
+from stratus_engine.kv_cache import make_cache
 from stratus_engine.model_dir import LoadedModel, load
 from stratus_engine.sampling import sample
 
@@ -89,63 +90,14 @@ class _Row:
     finished: bool = False
 
 
-class KVCache:
-    """Per-layer past/present buffers shared in place; grows (x2) when a row needs more room."""
-
-    def __init__(self, model: LoadedModel, max_batch: int, capacity: int) -> None:
-        s = model.spec
-        self.names = [(f"past_key_values.{i}.{k}", f"present.{i}.{k}") for i in range(s.num_layers) for k in ("key", "value")]
-        self.shape = (max_batch, s.num_kv_heads, capacity, s.head_dim)
-        self.buffers = [np.zeros(self.shape, np.float32) for _ in self.names]
-        self._views: dict[tuple[int, int], list] = {}
-
-    @property
-    def capacity(self) -> int:
-        return self.shape[2]
-
-    def ensure(self, length: int) -> None:
-        if length <= self.capacity:
-            return
-        cap = self.capacity
-        while cap < length:
-            cap *= 2
-        grown = []
-        for buf in self.buffers:
-            new = np.zeros(self.shape[:2] + (cap,) + self.shape[3:], np.float32)
-            new[:, :, : self.capacity] = buf
-            grown.append(new)
-        self.buffers, self.shape, self._views = grown, self.shape[:2] + (cap,) + self.shape[3:], {}
-
-    def bind(self, io, start: int, stop: int) -> None:
-        """Bind rows [start, stop) as both past and present for every layer."""
-        import onnxruntime as ort
-
-        views = self._views.get((start, stop))
-        if views is None:
-            views = [ort.OrtValue.ortvalue_from_numpy(buf[start:stop]) for buf in self.buffers]
-            self._views[(start, stop)] = views
-        for (past, present), ov in zip(self.names, views):
-            io.bind_ortvalue_input(past, ov)
-            io.bind_ortvalue_output(present, ov)
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        for buf in self.buffers:
-            buf[dst, :, :length] = buf[src, :, :length]
-
-
 class Engine:
     def __init__(self, model: LoadedModel, max_batch: int = 16, prefill_token_budget: int = 4096,
                  initial_capacity: int = 256) -> None:
-        if not model.uses_gqa:
-            raise ModelLoadError(
-                f"{model.path}: only graphs built by `stratus model build` (GroupQueryAttention, right-padded "
-                "cache) are supported by this engine yet; Optimum exports are not"
-            )
         self.model = model
         self.spec = model.spec
         self.max_batch = max_batch
         self.prefill_token_budget = prefill_token_budget
-        self.cache = KVCache(model, max_batch, initial_capacity)
+        self.cache = make_cache(model, max_batch, initial_capacity)
         self._eos = set(self.spec.eos_token_ids)
         self._waiting: deque[_Row] = deque()
         self._active: list[_Row] = []
@@ -201,9 +153,10 @@ class Engine:
         if self._active:
             raise RuntimeError("score() needs an idle engine")
         self.check_fits(len(ids), 0)
-        self.cache.ensure(len(ids) + 1)
         arr = np.asarray([ids], np.int64)
-        return self._run(arr, np.ones_like(arr), np.arange(len(ids), dtype=np.int64)[None], 0, 1)[0]
+        logits = self.cache.prefill(arr, np.ones_like(arr), np.arange(len(ids), dtype=np.int64)[None], 0)
+        self.cache.truncate(0)
+        return logits[0]
 
     @property
     def num_running(self) -> int:
@@ -261,9 +214,9 @@ class Engine:
             ids[b, : lengths[b]] = r.req.prompt_ids
             mask[b, : lengths[b]] = 1
         positions = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape)
-        self.cache.ensure(width + 1)
-        logits = self._run(ids, mask, np.ascontiguousarray(positions), start, start + len(rows))
-        last = logits[np.arange(len(rows)), lengths - 1]  # [m, V]
+        keep = width - int(lengths.min()) + 1  # enough trailing columns to hold every row's last token
+        logits = self.cache.prefill(ids, mask, np.ascontiguousarray(positions), start, keep)  # [m, k, V]
+        last = logits[np.arange(len(rows)), lengths - 1 - (width - logits.shape[1])]  # [m, V]
         self._active.extend(rows)
         now = time.monotonic()
         for b, r in enumerate(rows):
@@ -274,27 +227,11 @@ class Engine:
 
     def _decode(self) -> None:
         rows = self._active
-        lengths = np.array([r.length for r in rows])
-        width = int(lengths.max()) + 1
-        self.cache.ensure(width)
         ids = np.array([[r.pending] for r in rows], np.int64)
-        mask = (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
-        logits = self._run(ids, mask, lengths[:, None].astype(np.int64), 0, len(rows))
+        logits = self.cache.decode(ids, np.array([r.length for r in rows]))
         for r in rows:
             r.length += 1
         self._accept(list(rows), logits[:, -1])
-
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, start: int, stop: int) -> np.ndarray:
-        """ids/positions [b, s], mask [b, t] -> logits [b, s, V]; cache rows [start, stop) updated in place."""
-        sess = self.model.session
-        io = sess.io_binding()
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", mask)
-        io.bind_cpu_input("position_ids", positions)
-        io.bind_output("logits")  # first, so it is get_outputs()[0]
-        self.cache.bind(io, start, stop)
-        sess.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
 
     def _accept(self, rows: list[_Row], logits: np.ndarray) -> None:
         """Sample one token per row, record it, and finish rows that are done."""
@@ -346,3 +283,4 @@ class Engine:
             if i < len(rows):
                 self.cache.move_row(len(rows), i, last.length)
                 rows[i] = last
+        self.cache.truncate(len(rows))

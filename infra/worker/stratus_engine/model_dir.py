@@ -103,6 +103,7 @@ class LoadedModel:
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3  # errors only: ORT warns about every overridable input (num_logits_to_keep)
         try:
             return ort.InferenceSession(str(self.path / "model.onnx"), so, providers=self.providers)
         except Exception as exc:  # onnxruntime's own exception types
@@ -113,11 +114,6 @@ class LoadedModel:
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(str(self.path / "tokenizer.json"))
-
-    @property
-    def uses_gqa(self) -> bool:
-        """Our fused graphs (GroupQueryAttention) keep right-padded rows and update the cache in place."""
-        return self.spec.kv_layout == "right_padded_gqa"
 
 
 def load(path: Path | str, threads: int | None = None, providers: list[str] | None = None) -> LoadedModel:
