@@ -10,7 +10,7 @@ I/O follows the layout Hugging Face Optimum and onnxruntime-genai use:
 Attention is onnxruntime's GroupQueryAttention: rows are right-padded (row b holds its first
 sum(attention_mask[b]) positions), and when past and present are bound to the same buffer the
 cache is updated in place (T' = P). Norms are (Skip)SimplifiedLayerNormalization, rotary is the
-RotaryEmbedding contrib op fed by position_ids, linears are MatMul or MatMulNBits.
+GroupQueryAttention's own (fed by position_ids, q/k/v packed in one input), linears are MatMul or MatMulNBits.
 """
 
 from __future__ import annotations
@@ -151,25 +151,19 @@ def make_attention(g: Graph, cfg: LlamaConfig, i: int, h: str, src: WeightSource
                    seqlens: str, total_len: str, cos: str, sin: str) -> str:
     """h [B, S, hidden] -> attention output [B, S, hidden]; writes present.{i}.key|value.
 
-    h ─qkv─Split─┬ q ─RotaryEmbedding─┐
-                 ├ k ─RotaryEmbedding─┼─ GroupQueryAttention(past, seqlens_k) ─ o ─▶
-                 └ v ─────────────────┘
+    h ─qkv (packed [B, S, q+k+v])─ GroupQueryAttention(rotary from position_ids, past, seqlens_k) ─ o ─▶
     """
     p = f"/model/layers.{i}/attn"
     qkv_w = concat_rows([src.tensor(f"layers.{i}.{n}") for n in ("q", "k", "v")], f"layers.{i}.qkv")
     qkv = linear(g, f"{p}/qkv_proj", h, qkv_w)
-    split = g.init(f"{p}/qkv_split", np.array([cfg.hidden, cfg.kv_hidden, cfg.kv_hidden], np.int64))
-    q, k, v = g.op("Split", [qkv, split], f"{p}/qkv_proj/Split", n_out=3, axis=-1)
-    q = g.op("RotaryEmbedding", [q, "position_ids", cos, sin], f"{p}/q_rotary", domain=MS,
-             num_heads=cfg.num_heads, interleaved=0)
-    k = g.op("RotaryEmbedding", [k, "position_ids", cos, sin], f"{p}/k_rotary", domain=MS,
-             num_heads=cfg.num_kv_heads, interleaved=0)
     name = f"{p}/GroupQueryAttention"
     g.nodes.append(helper.make_node(
         "GroupQueryAttention",
-        [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total_len],
+        [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total_len, cos, sin,
+         "position_ids"],
         [f"{name}/output_0", f"present.{i}.key", f"present.{i}.value"],
-        name=name, domain=MS, num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads,
+        name=name, domain=MS, num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1,
+        rotary_interleaved=0,
     ))
     return linear(g, f"{p}/o_proj", f"{name}/output_0", src.tensor(f"layers.{i}.o"))
 
