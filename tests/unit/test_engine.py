@@ -140,3 +140,24 @@ def test_cache_grows_past_initial_capacity(engines):
     engine = engines["fp32"]
     got = engine.generate([GenerationRequest(PROMPTS[0], greedy(40))])[0]
     assert engine.cache.capacity >= 40 and len(got.token_ids) == 40
+
+
+def test_in_place_cache_moves_and_grows_rows_on_its_device(tiny):
+    # Given rows with known contents, when one row is moved and the capacity doubles,
+    # then the moved row and every existing column survive, and new columns are zero.
+    from stratus_engine.kv_cache import InPlaceCache
+    from stratus_engine.model_dir import load
+
+    cache = InPlaceCache(load(tiny.dirs["fp32"], threads=1), max_batch=3, capacity=4)
+    rng = np.random.default_rng(0)
+    for buf in cache.buffers:
+        buf.update_inplace(rng.standard_normal(cache.shape).astype(np.float32))
+    before = [cache.rows(i, 0, 3).copy() for i in range(len(cache.buffers))]
+    cache.move_row(2, 0, length=4)
+    cache._ensure(5)
+    assert cache.capacity == 8
+    for i, old in enumerate(before):
+        now = cache.rows(i, 0, 3)
+        np.testing.assert_array_equal(now[0, :, :4], old[2])
+        np.testing.assert_array_equal(now[1:, :, :4], old[1:])
+        assert not now[:, :, 4:].any()

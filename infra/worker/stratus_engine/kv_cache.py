@@ -1,7 +1,8 @@
 """How the engine keeps each row's attention cache between steps. Two layouts, one interface:
 
   InPlaceCache   our builds (GroupQueryAttention): one buffer per layer, [max_batch, kv, capacity,
-                 head_dim], bound as both past and present so the graph writes new entries in place.
+                 head_dim], on the model's device, bound as both past and present so the graph
+                 writes new entries in place.
                  Row b holds its first `length` positions (right-padded); nothing is copied a step.
   ConcatCache    standard-attention exports (Hugging Face Optimum): the graph returns past + new.
                  Rows share one width; a row's unused columns are masked out in `valid`.
@@ -35,16 +36,62 @@ def _kv_names(model: LoadedModel) -> list[tuple[str, str]]:
     return [(f"past_key_values.{i}.{k}", f"present.{i}.{k}") for i in range(model.spec.num_layers) for k in ("key", "value")]
 
 
+class _DeviceCopy:
+    """Copies between cache buffers where they live (host or GPU), through two tiny graphs.
+
+    onnxruntime's Python API has no device-to-device copy; an Identity (row move) and a Pad (grow)
+    run by the model's own execution providers do it, with inputs and outputs bound by pointer.
+    """
+
+    def __init__(self, providers: list[str]) -> None:
+        from onnx import TensorProto, helper
+
+        def session(node, extra_inputs=()):
+            x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["a", "b", "c", "d"])
+            y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["e", "f", "g", "h"])
+            graph = helper.make_graph([node], "copy", [x, *extra_inputs], [y])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+            model.ir_version = 9
+            return ort.InferenceSession(model.SerializeToString(), providers=providers)
+
+        self.identity = session(helper.make_node("Identity", ["x"], ["y"]))
+        pads = helper.make_tensor_value_info("pads", TensorProto.INT64, [8])
+        self.pad = session(helper.make_node("Pad", ["x", "pads"], ["y"]), [pads])
+
+    @staticmethod
+    def _run(sess, device, src, src_shape, dst, dst_shape, pads=None) -> None:
+        io = sess.io_binding()
+        io.bind_input("x", device, 0, np.float32, list(src_shape), src)
+        if pads is not None:
+            io.bind_cpu_input("pads", pads)
+        io.bind_output("y", device, 0, np.float32, list(dst_shape), dst)
+        sess.run_with_iobinding(io)
+
+    def copy(self, device: str, src: int, dst: int, shape: tuple[int, ...]) -> None:
+        self._run(self.identity, device, src, shape, dst, shape)
+
+    def grow(self, device: str, src: int, shape: tuple[int, ...], dst: int, capacity: int) -> None:
+        """[B, kv, cap, hd] at src -> [B, kv, capacity, hd] at dst, zero-filled on the right of axis 2."""
+        pads = np.array([0, 0, 0, 0, 0, 0, capacity - shape[2], 0], np.int64)
+        self._run(self.pad, device, src, shape, dst, (shape[0], shape[1], capacity, shape[3]), pads)
+
+
 class InPlaceCache:
-    """Right-padded rows updated in place by GroupQueryAttention; grows x2 when a row needs room."""
+    """Right-padded rows updated in place by GroupQueryAttention; grows x2 when a row needs room.
+
+    The buffers live where the model runs (host memory, or the GPU under CUDA) and are bound by
+    pointer, so a decode step moves no cache bytes on either device.
+    """
 
     def __init__(self, model: LoadedModel, max_batch: int, capacity: int) -> None:
         s = model.spec
         self.session = model.session
         self.names = _kv_names(model)
+        self.device = "cuda" if model.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.shape = (max_batch, s.num_kv_heads, capacity, s.head_dim)
-        self.buffers = [np.zeros(self.shape, np.float32) for _ in self.names]
-        self._views: dict[tuple[int, int], list] = {}
+        self.buffers = [self._zeros(self.shape) for _ in self.names]
+        self._copy = _DeviceCopy(model.providers)
+        self._bindings: dict[tuple[int, int, int], object] = {}
         self._has_keep = KEEP in {i.name for i in self.session.get_overridable_initializers()}
 
     @property
@@ -63,23 +110,48 @@ class InPlaceCache:
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         for buf in self.buffers:
-            buf[dst, :, :length] = buf[src, :, :length]
+            self._copy.copy(self.device, self._row_ptr(buf, src), self._row_ptr(buf, dst), (1,) + self.shape[1:])
 
     def truncate(self, rows: int) -> None:
         pass  # slots past the live rows are simply unused
 
+    def rows(self, index: int, start: int, stop: int) -> np.ndarray:
+        """A host copy of buffer `index` rows [start, stop) (tests and debugging)."""
+        return self.buffers[index].numpy()[start:stop]
+
+    def _zeros(self, shape: tuple[int, ...]):
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), self.device, 0)
+
+    def _row_ptr(self, buf, row: int) -> int:
+        return buf.data_ptr() + row * int(np.prod(self.shape[1:])) * 4
+
     def _run(self, ids, mask, positions, start: int, stop: int, keep: int = 0) -> np.ndarray:
-        io = self.session.io_binding()
+        io = self._binding(start, stop, keep)
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("position_ids", positions)
-        keep_value = np.array([keep], np.int64)  # alive until the run ends
-        if keep and self._has_keep:  # an overridable initializer: bind_cpu_input cannot find it
-            io.bind_ortvalue_input(KEEP, ort.OrtValue.ortvalue_from_numpy(keep_value))
-        io.bind_output("logits")  # first, so it is get_outputs()[0]
-        self._bind(io, start, stop)
         self.session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
+
+    def _binding(self, start: int, stop: int, keep: int):
+        """One IOBinding per (rows, keep), reused: binding 60 cache tensors a step costs ~2 ms."""
+        key = (start, stop, keep)
+        io = self._bindings.get(key)
+        if io is not None:
+            return io
+        io = self.session.io_binding()
+        if keep and self._has_keep:  # an overridable initializer: bind_cpu_input cannot find it
+            io.bind_ortvalue_input(KEEP, ort.OrtValue.ortvalue_from_numpy(np.array([keep], np.int64)))
+        io.bind_output("logits")  # host memory, first, so it is get_outputs()[0]
+        shape = [stop - start, *self.shape[1:]]
+        for (past, present), buf in zip(self.names, self.buffers):  # same memory: updated in place
+            ptr = self._row_ptr(buf, start)
+            io.bind_input(past, self.device, 0, np.float32, shape, ptr)
+            io.bind_output(present, self.device, 0, np.float32, shape, ptr)
+        if len(self._bindings) > 256:  # prefill keys vary with prompt lengths
+            self._bindings.clear()
+        self._bindings[key] = io
+        return io
 
     def _ensure(self, length: int) -> None:
         if length <= self.capacity:
@@ -87,23 +159,14 @@ class InPlaceCache:
         cap = self.capacity
         while cap < length:
             cap *= 2
-        shape = self.shape[:2] + (cap,) + self.shape[3:]
         grown = []
         for buf in self.buffers:
-            new = np.zeros(shape, np.float32)
-            new[:, :, : self.capacity] = buf
+            new = ort.OrtValue.ortvalue_from_shape_and_type((self.shape[0], self.shape[1], cap, self.shape[3]),
+                                                            np.float32, self.device, 0)
+            self._copy.grow(self.device, buf.data_ptr(), self.shape, new.data_ptr(), cap)
             grown.append(new)
-        self.buffers, self.shape, self._views = grown, shape, {}
-
-    def _bind(self, io, start: int, stop: int) -> None:
-        """Bind rows [start, stop) as both past and present for every layer."""
-        views = self._views.get((start, stop))
-        if views is None:
-            views = [ort.OrtValue.ortvalue_from_numpy(buf[start:stop]) for buf in self.buffers]
-            self._views[(start, stop)] = views
-        for (past, present), ov in zip(self.names, views):
-            io.bind_ortvalue_input(past, ov)
-            io.bind_ortvalue_output(present, ov)
+        self.buffers, self.shape = grown, (self.shape[0], self.shape[1], cap, self.shape[3])
+        self._bindings.clear()
 
 
 class ConcatCache:
