@@ -161,3 +161,15 @@ def test_in_place_cache_moves_and_grows_rows_on_its_device(tiny):
         np.testing.assert_array_equal(now[0, :, :4], old[2])
         np.testing.assert_array_equal(now[1:, :, :4], old[1:])
         assert not now[:, :, 4:].any()
+
+
+def test_providers_prefer_cuda_when_onnxruntime_has_it(monkeypatch):
+    import onnxruntime
+
+    from stratus_engine.model_dir import pick_providers
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert pick_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert pick_providers() == ["CPUExecutionProvider"]
+    assert pick_providers(["CUDAExecutionProvider"]) == ["CPUExecutionProvider"]
