@@ -49,3 +49,43 @@ class ModelBuildError(StratusError):
 
 class ModelLoadError(StratusError):
     """A model directory is missing files or is not a model the engine can run."""
+
+
+class Unauthorized(StratusError):
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(StratusError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(StratusError):
+    status = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
+class PayloadTooLarge(StratusError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(StratusError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(StratusError):
+    status = 503
+    error_type = "server_error"
+    code = "service_unavailable"

@@ -1,0 +1,114 @@
+"""The api Lambda: OpenAI-compatible routes over stratus.service (logic lives in the shared layer)."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import boto3
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from stratus import service
+from stratus.errors import InvalidRequest, PayloadTooLarge, RateLimited, StratusError
+from stratus.keys import Tenant, authenticate
+from stratus.observability import logger, metrics, tracer
+from stratus.settings import get_settings
+
+app = APIGatewayHttpResolver()
+
+
+@functools.cache
+def get_deps() -> service.Deps:
+    """Clients created once per container (boto3 honours AWS_ENDPOINT_URL for local mode)."""
+    settings = get_settings()
+    return service.Deps(settings, boto3.resource("dynamodb").Table(settings.table), boto3.client("sqs"))
+
+
+def _tenant() -> Tenant:
+    return authenticate(get_deps().table, app.current_event.headers.get("authorization"))
+
+
+def _body() -> dict:
+    raw = app.current_event.decoded_body or ""
+    limit = get_deps().settings.max_body_bytes
+    if len(raw.encode() if isinstance(raw, str) else raw) > limit:
+        raise PayloadTooLarge(f"request body must be at most {limit} bytes")
+    try:
+        return json.loads(raw or "null")
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc.msg} at position {exc.pos}") from exc
+
+
+def _reply(r: service.Reply) -> Response:
+    return Response(r.status, content_types.APPLICATION_JSON, json.dumps(r.body), r.headers)
+
+
+def _complete(route: str) -> Response:
+    tenant = _tenant()
+    cache_control = app.current_event.headers.get("cache-control", "")
+    return _reply(service.submit(route, _body(), tenant, get_deps(), cache_control=cache_control))
+
+
+@app.post("/v1/chat/completions")
+def chat_completions() -> Response:
+    return _complete("chat")
+
+
+@app.post("/v1/completions")
+def completions() -> Response:
+    return _complete("completion")
+
+
+@app.post("/v1/jobs")
+def create_job() -> Response:
+    """Always async: the body is a chat (messages) or completion (prompt) request."""
+    tenant, body = _tenant(), _body()
+    route = "chat" if isinstance(body, dict) and "messages" in body else "completion"
+    cache_control = app.current_event.headers.get("cache-control", "")
+    return _reply(service.submit(route, body, tenant, get_deps(), cache_control=cache_control, wait=False))
+
+
+@app.get("/v1/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    return _reply(service.Reply(200, service.job_view(service.get_job(job_id, _tenant(), get_deps()))))
+
+
+@app.delete("/v1/jobs/<job_id>")
+def cancel_job(job_id: str) -> Response:
+    return _reply(service.cancel_job(job_id, _tenant(), get_deps()))
+
+
+@app.get("/v1/models")
+def models() -> Response:
+    _tenant()
+    return _reply(service.Reply(200, service.models_body(get_deps().settings)))
+
+
+@app.get("/health")
+def health() -> Response:
+    return _reply(service.Reply(200, {"status": "ok", "model": get_deps().settings.model_id}))
+
+
+@app.exception_handler(StratusError)
+def stratus_error(exc: StratusError) -> Response:
+    metrics.add_metric(name=f"Http{exc.status}", unit=MetricUnit.Count, value=1)
+    logger.info("request refused", extra={"status": exc.status, "code": exc.code})
+    headers = {"retry-after": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else {}
+    return _reply(service.Reply(exc.status, service.error_body(exc), headers))
+
+
+@app.not_found
+def not_found(_exc) -> Response:
+    return _reply(service.Reply(404, {"error": {"message": f"no route {app.current_event.http_method} "
+                                                f"{app.current_event.path}", "type": "invalid_request_error",
+                                                "param": None, "code": "not_found"}}))
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict, context: LambdaContext) -> dict:
+    return app.resolve(event, context)

@@ -1,0 +1,213 @@
+"""Typed contracts shared by the API, the ingest functions and the workers.
+
+  InferenceRequest  a validated, normalized OpenAI chat or completion request
+  Job               one DynamoDB item: job store and result cache entry
+  QueueMessage      what the jobs queue carries (exactly one definition)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+from stratus.errors import InvalidRequest
+from stratus.params import SamplingParams
+
+ROUTES = ("chat", "completion")
+
+
+class Status(str, Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Status.DONE, Status.FAILED, Status.CANCELLED, Status.EXPIRED)
+
+
+# Fields of the OpenAI API the engine does not implement: a request that uses them gets a 400
+# naming the field instead of a silently different answer. value -> is it harmless?
+_UNSUPPORTED = {
+    "n": lambda v: v in (None, 1),
+    "stream": lambda v: v in (None, False),
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none"),
+    "logprobs": lambda v: v in (None, False, 0),
+    "top_logprobs": lambda v: v in (None, 0),
+    "logit_bias": lambda v: not v,
+    "response_format": lambda v: v in (None, {"type": "text"}),
+    "presence_penalty": lambda v: v in (None, 0, 0.0),
+    "frequency_penalty": lambda v: v in (None, 0, 0.0),
+    "best_of": lambda v: v in (None, 1),
+    "echo": lambda v: v in (None, False),
+    "suffix": lambda v: v in (None, ""),
+}
+_WHY = {"stream": "streaming is not supported yet; send stream: false (or omit it)"}
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    route: str  # "chat" | "completion"
+    model: str
+    params: SamplingParams
+    messages: tuple[dict, ...] = ()
+    prompt: str = ""
+
+    def to_json(self) -> dict:
+        return {"route": self.route, "model": self.model, "params": self.params.to_json(),
+                "messages": [dict(m) for m in self.messages], "prompt": self.prompt}
+
+    @classmethod
+    def from_json(cls, d: dict) -> InferenceRequest:
+        return cls(d["route"], d["model"], SamplingParams.from_json(d["params"]),
+                   tuple(d.get("messages", ())), d.get("prompt", ""))
+
+    @property
+    def text_bytes(self) -> int:
+        return len(self.prompt.encode()) + sum(len(m["content"].encode()) for m in self.messages)
+
+
+def _number(body: dict, name: str, default, kind=float):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise InvalidRequest(f"{name} must be a{'n integer' if kind is int else ' number'}, got {value!r}", param=name)
+    return kind(value)
+
+
+def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit: int) -> InferenceRequest:
+    """An OpenAI request body -> InferenceRequest; raises InvalidRequest naming the field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    for name, ok in _UNSUPPORTED.items():
+        if name in body and not ok(body[name]):
+            raise InvalidRequest(_WHY.get(name, f"{name}={body[name]!r} is not supported by this server"), param=name)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model is required (see GET /v1/models)", param="model")
+    messages: tuple[dict, ...] = ()
+    prompt = ""
+    if route == "chat":
+        raw = body.get("messages")
+        if not isinstance(raw, list) or not raw:
+            raise InvalidRequest("messages must be a non-empty list", param="messages")
+        if len(raw) > max_messages:
+            raise InvalidRequest(f"messages must have at most {max_messages} entries, got {len(raw)}", param="messages")
+        messages = tuple(_message(i, m) for i, m in enumerate(raw))
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequest("prompt must be a non-empty string", param="prompt")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = 256 if max_tokens is None else max_tokens
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_tokens_limit:
+        raise InvalidRequest(f"max_tokens must be an integer in [1, {max_tokens_limit}], got {max_tokens!r}",
+                             param="max_tokens")
+    stop = body.get("stop")
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0),
+        top_p=_number(body, "top_p", 1.0),
+        top_k=_number(body, "top_k", 0, int),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0),
+        seed=_number(body, "seed", None, int),
+        stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop,
+    )
+    return InferenceRequest(route, model, params, messages, prompt)
+
+
+def _message(i: int, m) -> dict:
+    if not isinstance(m, dict):
+        raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
+    role, content = m.get("role"), m.get("content")
+    if role not in ("system", "user", "assistant"):
+        raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant, got {role!r}",
+                             param=f"messages[{i}].role")
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise InvalidRequest(f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content")
+        content = "".join(p.get("text", "") for p in content)
+    if not isinstance(content, str):
+        raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+    return {"role": role, "content": content}
+
+
+@dataclass
+class Job:
+    job_id: str
+    tenant: str
+    status: Status
+    request: InferenceRequest
+    cacheable: bool
+    created_at: float
+    expires_at: int  # epoch seconds: DynamoDB TTL attribute, also checked in code
+    updated_at: float = 0.0
+    result: dict | None = None  # {"text", "finish_reason"}
+    usage: dict | None = None  # {"prompt_tokens", "completion_tokens", "total_tokens"}
+    timings: dict | None = None
+    attempts: int = 0
+    error: dict | None = None  # {"message", "type", "code"}
+    worker: str | None = None
+
+    def to_item(self) -> dict:
+        item = {"pk": self.job_id, "tenant": self.tenant, "status": self.status.value, "cacheable": self.cacheable,
+                "created_at": _dec(self.created_at), "updated_at": _dec(self.updated_at or self.created_at),
+                "expires_at": self.expires_at, "attempts": self.attempts,
+                "request": json.dumps(self.request.to_json(), separators=(",", ":"))}
+        for name in ("result", "usage", "timings", "error"):
+            value = getattr(self, name)
+            if value is not None:
+                item[name] = json.dumps(value, separators=(",", ":"))
+        if self.worker:
+            item["worker"] = self.worker
+        return item
+
+    @classmethod
+    def from_item(cls, item: dict) -> Job:
+        load = lambda k: json.loads(item[k]) if k in item else None  # noqa: E731
+        return cls(
+            job_id=item["pk"], tenant=item["tenant"], status=Status(item["status"]),
+            request=InferenceRequest.from_json(json.loads(item["request"])), cacheable=bool(item["cacheable"]),
+            created_at=float(item["created_at"]), expires_at=int(item["expires_at"]),
+            updated_at=float(item.get("updated_at", 0)), result=load("result"), usage=load("usage"),
+            timings=load("timings"), attempts=int(item.get("attempts", 0)), error=load("error"),
+            worker=item.get("worker"),
+        )
+
+
+def _dec(x: float):
+    from decimal import Decimal
+
+    return Decimal(str(round(x, 6)))
+
+
+@dataclass(frozen=True)
+class QueueMessage:
+    job_id: str
+    tenant: str
+    request: InferenceRequest
+    enqueued_at: float
+    deadline: float  # epoch seconds; workers drop the job (EXPIRED) after it
+    version: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def to_body(self) -> str:
+        d = asdict(self)
+        d["request"] = self.request.to_json()
+        return json.dumps(d, separators=(",", ":"))
+
+    @classmethod
+    def from_body(cls, body: str) -> QueueMessage:
+        d = json.loads(body)
+        d["request"] = InferenceRequest.from_json(d["request"])
+        return cls(**d)

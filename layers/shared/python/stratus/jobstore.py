@@ -1,0 +1,104 @@
+"""The DynamoDB job store. Every status transition is a conditional write, so a duplicate
+delivery, a retry or a second worker can never overwrite a finished job.
+
+One table, partition key `pk`:
+  <job id>                 jobs (= cache entries when the id is a cache key)
+  key#<sha256 of API key>  API keys -> tenant and limits
+  rl#<tenant>#<kind>#<min> rate-limit counters (expire after two minutes)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from botocore.exceptions import ClientError
+
+from stratus.contracts import Job, Status
+
+FINISHED = [s.value for s in Status if s.finished]
+RETRYABLE = [Status.FAILED.value, Status.CANCELLED.value, Status.EXPIRED.value]
+
+
+def _conditional_failed(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+class JobStore:
+    def __init__(self, table) -> None:  # a boto3 DynamoDB Table resource
+        self.table = table
+
+    def get(self, job_id: str, *, now: float | None = None) -> Job | None:
+        """The job, or None when absent or past its expiry (the TTL sweeper may lag by days)."""
+        item = self.table.get_item(Key={"pk": job_id}, ConsistentRead=True).get("Item")
+        if item is None or "status" not in item:
+            return None
+        job = Job.from_item(item)
+        if job.expires_at < (now or time.time()):
+            return None
+        return job
+
+    def create(self, job: Job, *, refresh: bool = False) -> tuple[Job, bool]:
+        """Put `job` unless a live one holds the id: returns (the job that holds it, created?).
+
+        Replaces an absent, expired, failed, cancelled or expired item; with refresh (no-cache)
+        also a DONE one. A QUEUED/RUNNING job is never replaced: identical requests coalesce on it.
+        """
+        replaceable = FINISHED if refresh else RETRYABLE
+        names = {"#s": "status"}
+        values = {":now": int(time.time())}
+        values.update({f":s{i}": s for i, s in enumerate(replaceable)})
+        cond = f"attribute_not_exists(pk) OR expires_at < :now OR #s IN ({', '.join(f':s{i}' for i in range(len(replaceable)))})"
+        try:
+            self.table.put_item(Item=job.to_item(), ConditionExpression=cond, ExpressionAttributeNames=names,
+                                ExpressionAttributeValues=values, ReturnValuesOnConditionCheckFailure="ALL_OLD")
+            return job, True
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+            old = exc.response.get("Item")
+            if old is None:  # older DynamoDB implementations do not return the item
+                existing = self.get(job.job_id)
+                return (existing, False) if existing else (job, False)
+            from boto3.dynamodb.types import TypeDeserializer
+
+            d = TypeDeserializer()
+            return Job.from_item({k: d.deserialize(v) for k, v in old.items()}), False
+
+    def transition(self, job_id: str, allowed_from: list[Status], to: Status, *, owner: str | None = None,
+                   **fields) -> bool:
+        """Conditionally move a job to `to`; False when its status (or its owning worker) did not match.
+
+        Extra fields are set too (worker=... claims the job); dicts (result, usage, timings, error)
+        are stored as JSON.
+        """
+        names = {"#s": "status"}
+        values = {":to": to.value, ":now": _now()}
+        values.update({f":f{i}": s.value for i, s in enumerate(allowed_from)})
+        sets = ["#s = :to", "updated_at = :now"]
+        for i, (name, value) in enumerate(fields.items()):
+            names[f"#a{i}"] = name
+            values[f":a{i}"] = json.dumps(value, separators=(",", ":")) if isinstance(value, dict) else value
+            sets.append(f"#a{i} = :a{i}")
+        cond = f"#s IN ({', '.join(f':f{i}' for i in range(len(allowed_from)))})"
+        if owner is not None:
+            cond += " AND worker = :owner"
+            values[":owner"] = owner
+        try:
+            self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET " + ", ".join(sets),
+                                   ConditionExpression=cond, ExpressionAttributeNames=names,
+                                   ExpressionAttributeValues=values)
+            return True
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+
+    def cancel(self, job_id: str) -> bool:
+        return self.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.CANCELLED)
+
+
+def _now():
+    from decimal import Decimal
+
+    return Decimal(str(round(time.time(), 6)))

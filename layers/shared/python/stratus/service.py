@@ -1,0 +1,172 @@
+"""What the API does, as plain functions over injected dependencies (the handler stays thin).
+
+submit:  validate -> rate limit -> cache key -> hit? 200 : conditional put QUEUED (+ SendMessage
+         if we created it; identical concurrent misses coalesce on one item) -> wait up to
+         sync_wait_s -> 200 with the result, or 202 with the job id, Location and Retry-After.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from aws_lambda_powertools.metrics import MetricUnit
+
+from stratus.cache_key import cache_key
+from stratus.contracts import InferenceRequest, Job, QueueMessage, Status, parse_request
+from stratus.errors import Conflict, InvalidRequest, NotFound, StratusError, Unavailable
+from stratus.jobstore import JobStore
+from stratus.keys import Tenant, charge
+from stratus.observability import logger, metrics
+from stratus.settings import Settings
+
+RETRY_AFTER_S = 2
+ROUTE_OF_PATH = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    table: object  # boto3 DynamoDB Table
+    sqs: object  # boto3 SQS client
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    store: JobStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.store = JobStore(self.table)
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: dict
+    headers: dict = field(default_factory=dict)
+
+
+def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control: str = "", wait: bool = True) -> Reply:
+    s = deps.settings
+    req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
+    if req.model != s.model_id:
+        raise NotFound(f"model {req.model!r} does not exist; this deployment serves {s.model_id!r}", param="model")
+    if req.text_bytes // 4 + req.params.max_tokens > s.context_length * 4:  # even at 4 bytes a token it cannot fit
+        raise InvalidRequest(f"the prompt ({req.text_bytes} bytes) cannot fit the model's context of "
+                             f"{s.context_length} tokens", param="messages" if route == "chat" else "prompt")
+    charge(deps.table, tenant, req.text_bytes // 4 + req.params.max_tokens, now=deps.clock())
+    directives = {d.strip().lower() for d in cache_control.split(",") if d.strip()}
+    no_store, refresh = "no-store" in directives, "no-cache" in directives
+    cacheable = req.params.deterministic and not no_store
+    job_id = ("c" + cache_key(req, model_digest=s.model_digest, scope="*" if s.shared_cache else tenant.name)
+              if cacheable else "j" + uuid.uuid4().hex)
+    logger.append_keys(job_id=job_id, tenant=tenant.name)
+
+    if cacheable and not refresh:
+        hit = deps.store.get(job_id, now=deps.clock())
+        if hit is not None and hit.status == Status.DONE:
+            metrics.add_metric(name="CacheHits", unit=MetricUnit.Count, value=1)
+            logger.info("cache hit")
+            return Reply(200, completion_body(hit), {"x-stratus-cache": "hit"})
+
+    job = enqueue(req, tenant, job_id, cacheable, deps, refresh=refresh)
+    if not wait:
+        return accepted(job)
+    return wait_for(job.job_id, tenant, deps)
+
+
+def enqueue(req: InferenceRequest, tenant: Tenant, job_id: str, cacheable: bool, deps: Deps, *,
+            refresh: bool = False) -> Job:
+    s, now = deps.settings, deps.clock()
+    ttl = s.cache_ttl_s if cacheable else s.job_deadline_s + 3600
+    job = Job(job_id, tenant.name, Status.QUEUED, req, cacheable, created_at=now, expires_at=int(now + ttl))
+    held, created = deps.store.create(job, refresh=refresh)
+    if not created:
+        metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
+        logger.info("coalesced on a live job", extra={"status": held.status.value})
+        return held
+    message = QueueMessage(job_id, tenant.name, req, enqueued_at=now, deadline=now + s.job_deadline_s)
+    try:
+        deps.sqs.send_message(QueueUrl=s.queue_url, MessageBody=message.to_body())
+    except Exception as exc:  # botocore raises many types; the job must not stay QUEUED forever
+        deps.store.transition(job_id, [Status.QUEUED], Status.FAILED,
+                              error={"message": "could not enqueue the job", "type": "server_error", "code": "enqueue_failed"})
+        raise Unavailable("the jobs queue is unavailable; retry later") from exc
+    metrics.add_metric(name="CacheMisses", unit=MetricUnit.Count, value=1)
+    metrics.add_metric(name="JobsQueued", unit=MetricUnit.Count, value=1)
+    logger.info("queued")
+    return job
+
+
+def wait_for(job_id: str, tenant: Tenant, deps: Deps) -> Reply:
+    deadline = deps.clock() + deps.settings.sync_wait_s
+    while True:
+        job = get_job(job_id, tenant, deps)
+        if job.status.finished:
+            return finished_reply(job)
+        if deps.clock() >= deadline:
+            return accepted(job)
+        deps.sleep(deps.settings.poll_interval_s)
+
+
+def finished_reply(job: Job) -> Reply:
+    if job.status == Status.DONE:
+        return Reply(200, completion_body(job), {"x-stratus-cache": "miss"})
+    err = job.error or {"message": f"job {job.status.value.lower()}", "type": "server_error", "code": job.status.value.lower()}
+    status = {"invalid_request_error": 400}.get(err.get("type"), 409 if job.status == Status.CANCELLED else 500)
+    return Reply(status, {"error": {"param": None, **err}})
+
+
+def accepted(job: Job) -> Reply:
+    return Reply(202, job_view(job), {"location": f"/v1/jobs/{job.job_id}", "retry-after": str(RETRY_AFTER_S)})
+
+
+def get_job(job_id: str, tenant: Tenant, deps: Deps) -> Job:
+    job = deps.store.get(job_id, now=deps.clock())
+    if job is None or job.tenant != tenant.name:  # another tenant's job looks exactly like a missing one
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def cancel_job(job_id: str, tenant: Tenant, deps: Deps) -> Reply:
+    job = get_job(job_id, tenant, deps)
+    if not deps.store.cancel(job_id):
+        job = get_job(job_id, tenant, deps)
+        raise Conflict(f"job {job_id} is already {job.status.value}; only QUEUED or RUNNING jobs can be cancelled")
+    metrics.add_metric(name="JobsCancelled", unit=MetricUnit.Count, value=1)
+    return Reply(200, job_view(get_job(job_id, tenant, deps)))
+
+
+def job_view(job: Job) -> dict:
+    view = {"id": job.job_id, "object": "job", "status": job.status.value, "created_at": int(job.created_at),
+            "model": job.request.model, "endpoint": {"chat": "/v1/chat/completions", "completion": "/v1/completions"}[job.request.route]}
+    if job.status == Status.DONE:
+        view["response"] = completion_body(job)
+    for name in ("usage", "timings", "error"):
+        if getattr(job, name) is not None:
+            view[name] = getattr(job, name)
+    return view
+
+
+def completion_body(job: Job) -> dict:
+    """The OpenAI response body for a DONE job."""
+    result, req = job.result or {}, job.request
+    common = {"created": int(job.created_at), "model": req.model,
+              "usage": job.usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+    if req.route == "chat":
+        return {"id": f"chatcmpl-{job.job_id[:32]}", "object": "chat.completion", **common,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.get("text", "")},
+                             "finish_reason": result.get("finish_reason", "stop"), "logprobs": None}]}
+    return {"id": f"cmpl-{job.job_id[:32]}", "object": "text_completion", **common,
+            "choices": [{"index": 0, "text": result.get("text", ""), "finish_reason": result.get("finish_reason", "stop"),
+                         "logprobs": None}]}
+
+
+def models_body(settings: Settings) -> dict:
+    return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": 0,
+                                        "owned_by": "stratus", "digest": settings.model_digest,
+                                        "context_length": settings.context_length}]}
+
+
+def error_body(exc: StratusError) -> dict:
+    return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}

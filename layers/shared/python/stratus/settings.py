@@ -1,0 +1,73 @@
+"""One settings object, read from the environment once (the template sets every variable).
+
+A missing or malformed variable fails at cold start with its name.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import MISSING, dataclass, fields
+from typing import Mapping
+
+
+class ConfigError(RuntimeError):
+    """The deployment is misconfigured (a variable is missing or malformed)."""
+
+
+def _bool(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value.lower() == "true"
+
+
+@dataclass(frozen=True)
+class Settings:
+    table: str
+    queue_url: str
+    model_id: str
+    model_digest: str
+    context_length: int
+    cache_ttl_s: int
+    sync_wait_s: float
+    job_deadline_s: int
+    max_body_bytes: int
+    max_messages: int
+    max_tokens: int
+    shared_cache: bool
+    default_rpm: int
+    default_tpm: int
+    poll_interval_s: float = 0.1  # how often a waiting request re-reads its job
+
+    # field name -> (environment variable, parser); every field without a default is required
+    ENV = {
+        "table": ("STRATUS_TABLE", str), "queue_url": ("STRATUS_QUEUE_URL", str),
+        "model_id": ("STRATUS_MODEL_ID", str), "model_digest": ("STRATUS_MODEL_DIGEST", str),
+        "context_length": ("STRATUS_CONTEXT_LENGTH", int), "cache_ttl_s": ("STRATUS_CACHE_TTL_S", int),
+        "sync_wait_s": ("STRATUS_SYNC_WAIT_S", float), "job_deadline_s": ("STRATUS_JOB_DEADLINE_S", int),
+        "max_body_bytes": ("STRATUS_MAX_BODY_BYTES", int), "max_messages": ("STRATUS_MAX_MESSAGES", int),
+        "max_tokens": ("STRATUS_MAX_TOKENS", int), "shared_cache": ("STRATUS_SHARED_CACHE", _bool),
+        "default_rpm": ("STRATUS_DEFAULT_RPM", int), "default_tpm": ("STRATUS_DEFAULT_TPM", int),
+        "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float),
+    }
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        values = {}
+        for f in fields(cls):
+            var, parse = cls.ENV[f.name]
+            raw = env.get(var)
+            if raw is None or raw == "":
+                if f.default is MISSING:
+                    raise ConfigError(f"environment variable {var} is not set")
+                continue
+            try:
+                values[f.name] = parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"environment variable {var}: {exc}") from exc
+        return cls(**values)
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings.from_env()

@@ -1,0 +1,198 @@
+"""The api function driven by events/*.json under moto (resources from template.yaml)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from stratus.contracts import Status
+from stratus.jobstore import JobStore
+from stratus.keys import create_key, revoke_key
+
+MODEL = "smollm2-135m-instruct-int4"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0, "max_tokens": 32}
+
+
+@pytest.fixture
+def key(stack):
+    return create_key(stack.table, "acme", rpm=1000, tpm=1_000_000)
+
+
+def finish(stack, job_id: str, text: str = "Paris.") -> None:
+    """Play the worker: QUEUED -> RUNNING -> DONE with conditional writes."""
+    store = JobStore(stack.table)
+    assert store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w1")
+    assert not store.transition(job_id, [Status.RUNNING], Status.DONE, owner="w2", result={"text": "x"})
+    assert store.transition(job_id, [Status.RUNNING], Status.DONE, owner="w1",
+                            result={"text": text, "finish_reason": "stop"},
+                            usage={"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23})
+    assert not store.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.DONE, result={"text": "again"})
+
+
+def test_health_and_models(stack, key):
+    assert stack.call("api_health.json")[0] == 200
+    status, body, _ = stack.call("api_models.json", key=key)
+    assert status == 200 and body["data"][0]["id"] == MODEL
+
+
+def test_missing_or_bad_key_is_401(stack, key):
+    status, body, _ = stack.call("api_models.json", key="sk-stratus-wrong")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    event = stack.event("api_models.json")
+    del event["headers"]["authorization"]
+    out = stack.handler(event, __import__("conftest").LambdaContext())
+    assert out["statusCode"] == 401
+    revoke_key(stack.table, key)
+    assert stack.call("api_models.json", key=key)[0] == 401
+
+
+def test_keys_are_stored_hashed(stack, key):
+    items = stack.table.scan()["Items"]
+    assert not any(key in json.dumps(item, default=str) for item in items)
+
+
+def test_miss_queues_then_202_then_poll_then_hit(stack, key):
+    # Given an empty cache, when a greedy chat request arrives and no worker answers in time,
+    # then it is queued once and answered 202 with where to poll.
+    status, body, headers = stack.call("api_chat_completion.json", key=key, body=CHAT)
+    assert status == 202 and body["status"] == "QUEUED"
+    assert headers["location"] == f"/v1/jobs/{body['id']}" and headers["retry-after"] == "2"
+    [msg] = stack.queued()
+    assert msg["job_id"] == body["id"] and msg["tenant"] == "acme" and msg["deadline"] > msg["enqueued_at"]
+    assert msg["request"]["messages"] == CHAT["messages"]
+    # polling shows the job; a worker finishes it; the same request is then a cache hit
+    assert stack.call("api_get_job.json", key=key, job_id=body["id"])[1]["status"] == "QUEUED"
+    finish(stack, body["id"])
+    status, job, _ = stack.call("api_get_job.json", key=key, job_id=body["id"])
+    assert job["status"] == "DONE" and job["response"]["choices"][0]["message"]["content"] == "Paris."
+    status, reply, headers = stack.call("api_chat_completion.json", key=key, body=CHAT)
+    assert status == 200 and headers["x-stratus-cache"] == "hit"
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"] == "Paris."
+    assert reply["usage"]["total_tokens"] == 23
+    assert stack.queued() == []
+
+
+def test_completion_route_and_wait_for_result(stack, key, monkeypatch):
+    # Given a worker that finishes the job while the request waits, the request answers 200 (miss).
+    body = {"model": MODEL, "prompt": "Once upon a time", "temperature": 0, "max_tokens": 8}
+    real_sleep = stack.module.get_deps().sleep
+
+    def worker_finishes(seconds):
+        for m in stack.queued():
+            finish(stack, m["job_id"], " there was a cloud.")
+        real_sleep(seconds)
+
+    monkeypatch.setattr(stack.module.get_deps(), "sleep", worker_finishes)
+    status, reply, headers = stack.call("api_completion.json", key=key, body=body)
+    assert status == 200 and headers["x-stratus-cache"] == "miss"
+    assert reply["object"] == "text_completion" and reply["choices"][0]["text"] == " there was a cloud."
+
+
+def test_no_cache_refreshes_and_no_store_does_not_keep(stack, key):
+    _, first, _ = stack.call("api_chat_completion.json", key=key, body=CHAT)
+    stack.queued()
+    finish(stack, first["id"])
+    status, again, _ = stack.call("api_chat_completion.json", key=key, body=CHAT, headers={"cache-control": "no-cache"})
+    assert status == 202 and again["id"] == first["id"] and len(stack.queued()) == 1  # regenerated in place
+    status, other, _ = stack.call("api_chat_completion.json", key=key, body=CHAT, headers={"cache-control": "no-store"})
+    assert status == 202 and other["id"] != first["id"] and other["id"].startswith("j")
+
+
+def test_sampling_without_seed_is_not_cached(stack, key):
+    body = {**CHAT, "temperature": 0.8}
+    ids = {stack.call("api_chat_completion.json", key=key, body=body)[1]["id"] for _ in range(2)}
+    assert len(ids) == 2 and len(stack.queued()) == 2
+
+
+@pytest.mark.parametrize("change", [
+    {"temperature": 0.5, "seed": 1}, {"seed": 2}, {"top_p": 0.9}, {"top_k": 5}, {"max_tokens": 31},
+    {"stop": ["\n"]}, {"repetition_penalty": 1.1}, {"messages": [{"role": "user", "content": "What is the capital of Spain?"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, *CHAT["messages"]]},
+])
+def test_every_parameter_is_in_the_cache_key(stack, key, change):
+    base = stack.call("api_chat_completion.json", key=key, body=CHAT)[1]["id"]
+    changed = stack.call("api_chat_completion.json", key=key, body={**CHAT, **change})[1]["id"]
+    assert changed != base
+
+
+def test_tenants_are_isolated(stack, key):
+    other = create_key(stack.table, "globex", rpm=1000, tpm=1_000_000)
+    _, mine, _ = stack.call("api_chat_completion.json", key=key, body=CHAT)
+    finish(stack, mine["id"])
+    status, body, _ = stack.call("api_get_job.json", key=other, job_id=mine["id"])
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, theirs, headers = stack.call("api_chat_completion.json", key=other, body=CHAT)
+    assert status == 202 and theirs["id"] != mine["id"]  # same request, their own cache scope
+
+
+def test_20_concurrent_identical_misses_queue_one_job(stack, key):
+    results = []
+    barrier = threading.Barrier(20)
+
+    def call():
+        barrier.wait()
+        results.append(stack.call("api_chat_completion.json", key=key, body=CHAT))
+
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {status for status, _, _ in results} == {202}
+    assert len({body["id"] for _, body, _ in results}) == 1
+    assert len(stack.queued()) == 1
+
+
+def test_cancel_a_queued_job(stack, key):
+    _, job, _ = stack.call("api_create_job.json", key=key)
+    status, body, _ = stack.call("api_cancel_job.json", key=key, job_id=job["id"])
+    assert status == 200 and body["status"] == "CANCELLED"
+    status, body, _ = stack.call("api_cancel_job.json", key=key, job_id=job["id"])
+    assert status == 409 and "already CANCELLED" in body["error"]["message"]
+    status, body, _ = stack.call("api_get_job.json", key=key, job_id=job["id"])
+    assert body["status"] == "CANCELLED"
+
+
+def test_jobs_route_is_always_async(stack, key):
+    status, body, headers = stack.call("api_create_job.json", key=key)
+    assert status == 202 and body["endpoint"] == "/v1/chat/completions" and "location" in headers
+
+
+def test_rate_limit_is_429_with_retry_after(stack):
+    slow = create_key(stack.table, "tiny-tenant", rpm=2, tpm=1_000_000)
+    for _ in range(2):
+        assert stack.call("api_create_job.json", key=slow)[0] == 202
+    status, body, headers = stack.call("api_create_job.json", key=slow)
+    assert status == 429 and body["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(headers["retry-after"]) <= 60
+
+
+@pytest.mark.parametrize("change,status,message", [
+    ({"n": 2}, 400, "n=2 is not supported"),
+    ({"stream": True}, 400, "streaming is not supported yet"),
+    ({"tools": [{"type": "function"}]}, 400, "tools="),
+    ({"temperature": 3}, 400, "temperature must be in [0.0, 2.0], got 3"),
+    ({"top_p": 1.5}, 400, "top_p must be in (0.0, 1.0], got 1.5"),
+    ({"max_tokens": 0}, 400, "max_tokens must be an integer in [1, 4096], got 0"),
+    ({"max_tokens": 5000}, 400, "max_tokens must be an integer in [1, 4096], got 5000"),
+    ({"model": None}, 400, "model is required"),
+    ({"model": "gpt-4"}, 404, "model 'gpt-4' does not exist"),
+    ({"messages": []}, 400, "messages must be a non-empty list"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role must be one of"),
+    ({"messages": [{"role": "user", "content": "x"}] * 300}, 400, "messages must have at most 256 entries, got 300"),
+])
+def test_validation_errors_name_the_field(stack, key, change, status, message):
+    got, body, _ = stack.call("api_chat_completion.json", key=key, body={**CHAT, **change})
+    assert got == status and message in body["error"]["message"]
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_bad_json_and_oversized_bodies(stack, key):
+    status, body, _ = stack.call("api_chat_completion.json", key=key, body="{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    huge = {**CHAT, "messages": [{"role": "user", "content": "x" * 1_100_000}]}
+    status, body, _ = stack.call("api_chat_completion.json", key=key, body=huge)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
