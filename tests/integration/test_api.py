@@ -196,3 +196,15 @@ def test_bad_json_and_oversized_bodies(stack, key):
     huge = {**CHAT, "messages": [{"role": "user", "content": "x" * 1_100_000}]}
     status, body, _ = stack.call("api_chat_completion.json", key=key, body=huge)
     assert status == 413 and body["error"]["code"] == "request_too_large"
+
+
+def test_keys_cli_creates_a_working_key_and_revokes_it(stack, capsys):
+    from stratus_cli.main import main as stratus
+
+    assert stratus(["keys", "create", "--tenant", "initech", "--rpm", "5"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("sk-stratus-")
+    assert stack.call("api_models.json", key=key)[0] == 200
+    assert stratus(["keys", "revoke", key]) == 0
+    assert stack.call("api_models.json", key=key)[0] == 401
+    assert stratus(["keys", "revoke", key + "x"]) == 2

@@ -2,6 +2,7 @@
 
   stratus model build [--gguf PATH] [--quant fp32|int8|int4] --out DIR
   stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
+  stratus keys create --tenant NAME [--rpm N] [--tpm N]      stratus keys revoke KEY
 
 Heavy imports (onnx, onnxruntime) happen inside the commands, so `stratus --help` is instant.
 """
@@ -50,6 +51,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_table(args: argparse.Namespace):
+    import os
+
+    import boto3
+
+    table = args.table or os.environ.get("STRATUS_TABLE")
+    if not table:
+        raise StratusError("name the jobs table with --table or STRATUS_TABLE (the stack's JobsTableName output)")
+    return boto3.resource("dynamodb").Table(table)  # honours AWS_ENDPOINT_URL / AWS_PROFILE
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from stratus.keys import create_key
+
+    key = create_key(_keys_table(args), args.tenant, args.rpm, args.tpm)
+    print(key)
+    print(f"tenant {args.tenant}: {args.rpm} requests/min, {args.tpm} tokens/min. The key is shown once; "
+          "only its SHA-256 is stored.", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from stratus.keys import revoke_key
+
+    if not revoke_key(_keys_table(args), args.key):
+        raise StratusError("no such key")
+    print("revoked", file=sys.stderr)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stratus", description="Stratus: serverless LLM inference on AWS.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -76,6 +107,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     g.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
     g.set_defaults(func=cmd_generate)
+    keys = sub.add_parser("keys", help="API keys (stored hashed in the jobs table)").add_subparsers(
+        dest="keys_command", required=True)
+    kc = keys.add_parser("create", help="create a key for a tenant; prints it once")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--rpm", type=int, default=600, help="requests per minute")
+    kc.add_argument("--tpm", type=int, default=200_000, help="tokens per minute")
+    kr = keys.add_parser("revoke", help="revoke a key")
+    kr.add_argument("key")
+    for k in (kc, kr):
+        k.add_argument("--table", default=None, help="jobs table (default: $STRATUS_TABLE)")
+    kc.set_defaults(func=cmd_keys_create)
+    kr.set_defaults(func=cmd_keys_revoke)
     return p
 
 
