@@ -173,3 +173,12 @@ def test_providers_prefer_cuda_when_onnxruntime_has_it(monkeypatch):
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert pick_providers() == ["CPUExecutionProvider"]
     assert pick_providers(["CUDAExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_reused_row_bindings_accept_a_new_logits_shape(tiny):
+    # Given a scored sequence (logits for every position) on rows [0, 1), when a one-row prefill
+    # reuses that row range, then it still returns last-position logits equal to a fresh engine's.
+    engine = Engine.from_dir(tiny.dirs["fp32"], threads=1)
+    engine.score(PROMPTS[0] * 3)
+    got = engine.generate([GenerationRequest(PROMPTS[1], greedy(4))])[0].token_ids
+    assert got == Engine.from_dir(tiny.dirs["fp32"], threads=1).generate([GenerationRequest(PROMPTS[1], greedy(4))])[0].token_ids

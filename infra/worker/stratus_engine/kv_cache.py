@@ -130,6 +130,7 @@ class InPlaceCache:
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("position_ids", positions)
+        io.bind_output("logits")  # again each run: the binding keeps last run's logits, of another shape
         self.session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
 
