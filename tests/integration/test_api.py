@@ -10,6 +10,7 @@ import pytest
 from stratus.contracts import Status
 from stratus.jobstore import JobStore
 from stratus.keys import create_key, revoke_key
+from stratus_local.template import LambdaContext
 
 MODEL = "smollm2-135m-instruct-int4"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -43,7 +44,7 @@ def test_missing_or_bad_key_is_401(stack, key):
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     event = stack.event("api_models.json")
     del event["headers"]["authorization"]
-    out = stack.handler(event, __import__("conftest").LambdaContext())
+    out = stack.handler(event, LambdaContext())
     assert out["statusCode"] == 401
     revoke_key(stack.table, key)
     assert stack.call("api_models.json", key=key)[0] == 401
@@ -208,3 +209,16 @@ def test_keys_cli_creates_a_working_key_and_revokes_it(stack, capsys):
     assert stratus(["keys", "revoke", key]) == 0
     assert stack.call("api_models.json", key=key)[0] == 401
     assert stratus(["keys", "revoke", key + "x"]) == 2
+
+
+def test_invoke_runs_a_handler_on_an_event_file(stack, key, tmp_path, capsys):
+    # What `sam local invoke` does, without Docker: the same handler, an events/ file, the stack's env.
+    from stratus_cli.main import main as stratus
+
+    event = stack.event("api_models.json", key=key)
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(event))
+    assert stratus(["invoke", "api", "--event", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["statusCode"] == 200 and json.loads(out["body"])["data"][0]["id"] == MODEL
+    assert stratus(["invoke", "nope", "--event", str(path)]) == 2

@@ -3,6 +3,7 @@
   stratus model build [--gguf PATH] [--quant fp32|int8|int4] --out DIR
   stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
   stratus keys create --tenant NAME [--rpm N] [--tpm N]      stratus keys revoke KEY
+  stratus invoke api --event events/api_health.json [--env-vars FILE]
 
 Heavy imports (onnx, onnxruntime) happen inside the commands, so `stratus --help` is instant.
 """
@@ -81,6 +82,34 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_invoke(args: argparse.Namespace) -> int:
+    """Run a function's handler on an event file, as `sam local invoke` does, without Docker."""
+    import json
+    import os
+
+    from stratus_local.template import (LambdaContext, apply_environment, function_environment, load_handler,
+                                        load_template, parameter_defaults)
+
+    template = load_template()
+    functions = {n: r for n, r in template["Resources"].items() if r["Type"] == "AWS::Serverless::Function"}
+    name = next((n for n in functions if n.lower() in (args.function.lower(), f"{args.function.lower()}function")), None)
+    if name is None:
+        raise StratusError(f"no function {args.function!r} in template.yaml (functions: {', '.join(functions)})")
+    refs = {**{n: "" for n in template["Resources"]}, **parameter_defaults(template)}
+    refs.update({(n, a): "" for n in template["Resources"] for a in ("Arn", "QueueName")})
+    env = {k: v for k, v in function_environment(template, name, refs).items() if v}
+    if args.env_vars:  # SAM's format: {"Parameters": {...}} and/or {"<FunctionId>": {...}}
+        given = json.loads(Path(args.env_vars).read_text())
+        env.update(given.get("Parameters", {}))
+        env.update(given.get(name, {}))
+    env = {**env, **{k: v for k, v in os.environ.items() if k in env or k.startswith("STRATUS_")}}
+    apply_environment(env)
+    handler, _ = load_handler(template, name)
+    event = json.loads(Path(args.event).read_text())
+    print(json.dumps(handler(event, LambdaContext(function_name=name)), indent=2))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stratus", description="Stratus: serverless LLM inference on AWS.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     g.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
     g.set_defaults(func=cmd_generate)
+    inv = sub.add_parser("invoke", help="run a function's handler on an event file (sam local invoke, no Docker)")
+    inv.add_argument("function", help="logical id in template.yaml, e.g. ApiFunction or api")
+    inv.add_argument("--event", required=True, type=Path)
+    inv.add_argument("--env-vars", default=None, help="JSON file in sam local invoke's --env-vars format")
+    inv.set_defaults(func=cmd_invoke)
+
     keys = sub.add_parser("keys", help="API keys (stored hashed in the jobs table)").add_subparsers(
         dest="keys_command", required=True)
     kc = keys.add_parser("create", help="create a key for a tenant; prints it once")

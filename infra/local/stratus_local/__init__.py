@@ -1,0 +1,1 @@
+"""Local mode: the template's resources on moto (or any endpoint), functions invoked in-process."""

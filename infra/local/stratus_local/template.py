@@ -1,0 +1,137 @@
+"""Read template.yaml and act on it: create its tables and queues, build each function's
+environment, load and invoke a function's handler the way Lambda would.
+
+The template stays the source of truth: tests, `stratus invoke` and the benchmarks all build
+what it declares, through the same boto3 calls as AWS (only the endpoint differs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _tag(loader, suffix, node):
+    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+        if suffix == "GetAtt":
+            value = value.split(".", 1)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    return {name: value}
+
+
+_Loader.add_multi_constructor("!", _tag)
+
+
+def load_template(path: Path = ROOT / "template.yaml") -> dict:
+    return yaml.load(Path(path).read_text(), Loader=_Loader)
+
+
+def resolve(value, refs: dict):
+    """Replace {"Ref": X} / {"Fn::GetAtt": [X, A]} with refs[X] / refs[(X, A)]."""
+    if isinstance(value, dict) and len(value) == 1:
+        (k, v), = value.items()
+        if k == "Ref":
+            return refs[v]
+        if k == "Fn::GetAtt":
+            return refs[tuple(v)]
+    if isinstance(value, dict):
+        return {k: resolve(v, refs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, refs) for v in value]
+    return value
+
+
+def parameter_defaults(template: dict) -> dict:
+    return {name: str(p.get("Default", "")) for name, p in template.get("Parameters", {}).items()}
+
+
+def create_resources(template: dict, *, prefix: str = "stratus", session=None) -> dict:
+    """Create every DynamoDB table and SQS queue the template declares; returns the Ref/GetAtt map."""
+    import boto3
+
+    session = session or boto3.Session()
+    ddb, sqs = session.client("dynamodb"), session.client("sqs")
+    refs = parameter_defaults(template)
+    resources = template["Resources"]
+    ordered = sorted(resources.items(), key=lambda kv: "RedrivePolicy" in kv[1].get("Properties", {}))  # DLQs first
+    for name, res in ordered:
+        props = res.get("Properties", {})
+        if res["Type"] == "AWS::SQS::Queue":
+            attrs = {k: str(v) for k, v in props.items() if k in ("VisibilityTimeout", "MessageRetentionPeriod")}
+            if "RedrivePolicy" in props:
+                attrs["RedrivePolicy"] = json.dumps(resolve(props["RedrivePolicy"], refs))
+            url = sqs.create_queue(QueueName=f"{prefix}-{name}", Attributes=attrs)["QueueUrl"]
+            arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            refs[name], refs[(name, "Arn")], refs[(name, "QueueName")] = url, arn, f"{prefix}-{name}"
+        elif res["Type"] == "AWS::DynamoDB::Table":
+            table = f"{prefix}-{name}"
+            ddb.create_table(TableName=table, KeySchema=props["KeySchema"], BillingMode=props["BillingMode"],
+                             AttributeDefinitions=props["AttributeDefinitions"])
+            ttl = props.get("TimeToLiveSpecification")
+            if ttl:
+                ddb.update_time_to_live(TableName=table, TimeToLiveSpecification={
+                    "AttributeName": ttl["AttributeName"], "Enabled": ttl["Enabled"]})
+            refs[name] = table
+    return refs
+
+
+def function_environment(template: dict, function: str, refs: dict) -> dict[str, str]:
+    """Globals' variables overlaid with the function's own, references resolved."""
+    env = dict(template.get("Globals", {}).get("Function", {}).get("Environment", {}).get("Variables", {}))
+    props = template["Resources"][function]["Properties"]
+    env.update(props.get("Environment", {}).get("Variables", {}))
+    return {k: str(v) for k, v in resolve(env, refs).items()}
+
+
+def function_dir(template: dict, function: str) -> Path:
+    return ROOT / template["Resources"][function]["Properties"]["CodeUri"]
+
+
+def load_handler(template: dict, function: str):
+    """Import the function's module from its CodeUri (fresh each call) and return its handler."""
+    props = template["Resources"][function]["Properties"]
+    module_name, attr = props["Handler"].rsplit(".", 1)
+    path = function_dir(template, function) / f"{module_name}.py"
+    spec = importlib.util.spec_from_file_location(f"stratus_fn_{function}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return getattr(module, attr), module
+
+
+@dataclass
+class LambdaContext:
+    """What a handler (and Powertools' logger) reads from Lambda's context object."""
+
+    function_name: str = "stratus-local"
+    memory_limit_in_mb: int = 512
+    invoked_function_arn: str = "arn:aws:lambda:local:000000000000:function:stratus-local"
+    aws_request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 29_000
+
+
+def apply_environment(env: dict[str, str]) -> None:
+    os.environ.update(env)
+    from stratus.settings import get_settings
+
+    get_settings.cache_clear()  # settings are read once per "cold start"
