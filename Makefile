@@ -8,7 +8,7 @@ QUANT ?= int8
 THREADS ?= $(shell nproc)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast model models bench-engine bench-quality clean
+.PHONY: help venv test test-fast model models bench-engine bench-quality bench-api clean
 
 help: ## show this help
 	@echo "Stratus — serverless LLM inference on AWS"
@@ -44,6 +44,9 @@ bench-engine: models ## engine benchmark vs llama.cpp (llama-cpp-python in .venv
 		$(VENV)-bench/bin/pip install -q --upgrade pip && $(VENV)-bench/bin/pip install -q llama-cpp-python numpy)
 	$(PY) infra/bench/bench_engine.py --models $(MODELS) --threads $(THREADS) \
 		--llama-python $(VENV)-bench/bin/python --out build/bench
+
+bench-api: venv ## api handler latency (cache hit, miss enqueue; in-process moto) and cold import time
+	$(PY) infra/bench/bench_api.py --calls 1000 --out build/bench
 
 bench-quality: models ## perplexity and greedy agreement of fp32/int8/int4 (vs Hugging Face and fp32)
 	$(PY) infra/bench/bench_quality.py --models $(MODELS) --out build/bench

@@ -28,7 +28,8 @@ def get_deps() -> service.Deps:
 
 
 def _tenant() -> Tenant:
-    return authenticate(get_deps().table, app.current_event.headers.get("authorization"))
+    deps = get_deps()
+    return authenticate(deps.table, app.current_event.headers.get("authorization"), deps.key_cache)
 
 
 def _body() -> dict:

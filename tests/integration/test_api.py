@@ -47,6 +47,7 @@ def test_missing_or_bad_key_is_401(stack, key):
     out = stack.handler(event, LambdaContext())
     assert out["statusCode"] == 401
     revoke_key(stack.table, key)
+    stack.module.get_deps().key_cache.clear()  # a warm instance honours revocation within 30 s
     assert stack.call("api_models.json", key=key)[0] == 401
 
 
@@ -207,6 +208,7 @@ def test_keys_cli_creates_a_working_key_and_revokes_it(stack, capsys):
     assert key.startswith("sk-stratus-")
     assert stack.call("api_models.json", key=key)[0] == 200
     assert stratus(["keys", "revoke", key]) == 0
+    stack.module.get_deps().key_cache.clear()
     assert stack.call("api_models.json", key=key)[0] == 401
     assert stratus(["keys", "revoke", key + "x"]) == 2
 
@@ -222,3 +224,15 @@ def test_invoke_runs_a_handler_on_an_event_file(stack, key, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["statusCode"] == 200 and json.loads(out["body"])["data"][0]["id"] == MODEL
     assert stratus(["invoke", "nope", "--event", str(path)]) == 2
+
+
+def test_key_lookups_are_cached_for_30_seconds(stack, key):
+    from stratus.errors import Unauthorized
+    from stratus.keys import authenticate
+
+    cache: dict = {}
+    assert authenticate(stack.table, f"Bearer {key}", cache, now=1000.0).name == "acme"
+    revoke_key(stack.table, key)
+    assert authenticate(stack.table, f"Bearer {key}", cache, now=1029.0).name == "acme"
+    with pytest.raises(Unauthorized):
+        authenticate(stack.table, f"Bearer {key}", cache, now=1031.0)

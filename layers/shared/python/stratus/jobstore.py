@@ -4,7 +4,7 @@ delivery, a retry or a second worker can never overwrite a finished job.
 One table, partition key `pk`:
   <job id>                 jobs (= cache entries when the id is a cache key)
   key#<sha256 of API key>  API keys -> tenant and limits
-  rl#<tenant>#<kind>#<min> rate-limit counters (expire after two minutes)
+  rl#<tenant>#<minute>     rate-limit counters (expire after two minutes)
 """
 
 from __future__ import annotations

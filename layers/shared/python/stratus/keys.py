@@ -1,8 +1,9 @@
 """API keys (stored only as SHA-256 hashes) and per-tenant rate limits, both in the jobs table.
 
-Limits are enforced with one conditional UpdateItem per counter, so they hold across every Lambda
-instance: requests per minute (1 a request) and tokens per minute (prompt bytes / 4 + max_tokens,
-an upper estimate charged up front).
+Limits are enforced with one conditional UpdateItem on a per-tenant, per-minute counter item, so
+they hold across every Lambda instance: requests per minute (1 a request) and tokens per minute
+(prompt bytes / 4 + max_tokens, an upper estimate charged up front). Key lookups are cached for
+KEY_CACHE_TTL_S on a warm instance (revocation takes effect within that time).
 """
 
 from __future__ import annotations
@@ -51,35 +52,50 @@ def revoke_key(table, key: str) -> bool:
         raise
 
 
-def authenticate(table, authorization: str | None) -> Tenant:
+KEY_CACHE_TTL_S = 30.0  # a revoked key stops working within this long on warm instances
+KeyCache = dict  # sha256 of key -> (looked up at, Tenant or None); one per container, in Deps
+
+
+def authenticate(table, authorization: str | None, cache: KeyCache | None = None, *,
+                 now: float | None = None) -> Tenant:
     if not authorization or not authorization.lower().startswith("bearer "):
         raise Unauthorized("missing API key: send Authorization: Bearer <key>")
-    key = authorization[7:].strip()
-    item = table.get_item(Key={"pk": f"key#{hash_key(key)}"}).get("Item")
-    if item is None or item.get("revoked"):
+    digest = hash_key(authorization[7:].strip())
+    now = now or time.time()
+    cache = {} if cache is None else cache
+    cached = cache.get(digest)
+    if cached is not None and now - cached[0] < KEY_CACHE_TTL_S:
+        tenant = cached[1]
+    else:
+        item = table.get_item(Key={"pk": f"key#{digest}"}).get("Item")
+        tenant = None if item is None or item.get("revoked") else Tenant(item["tenant"], int(item["rpm"]), int(item["tpm"]))
+        if len(cache) > 10_000:
+            cache.clear()
+        cache[digest] = (now, tenant)
+    if tenant is None:
         raise Unauthorized("invalid API key")
-    return Tenant(item["tenant"], int(item["rpm"]), int(item["tpm"]))
+    return tenant
 
 
 def charge(table, tenant: Tenant, tokens: int, *, now: float | None = None) -> None:
-    """Count one request and `tokens` against this minute's limits; raises RateLimited (429)."""
+    """Count one request and `tokens` against this minute's limits in one conditional update;
+    raises RateLimited (429) with the seconds until the next window."""
     now = now or time.time()
     minute = int(now // 60)
     retry_after = 60 - int(now % 60)
-    for kind, amount, limit in (("rpm", 1, tenant.rpm), ("tpm", tokens, tenant.tpm)):
-        if amount > limit:
-            raise RateLimited(f"request needs ~{amount} tokens, above the {limit} tokens-per-minute limit",
-                              retry_after_s=retry_after)
-        try:
-            table.update_item(
-                Key={"pk": f"rl#{tenant.name}#{kind}#{minute}"},
-                UpdateExpression="ADD used :n SET expires_at = :exp",
-                ConditionExpression="attribute_not_exists(used) OR used <= :room",
-                ExpressionAttributeValues={":n": amount, ":room": limit - amount, ":exp": int(now) + COUNTER_TTL_S},
-            )
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
-                raise
-            what = "requests" if kind == "rpm" else "tokens"
-            raise RateLimited(f"rate limit reached: {limit} {what} per minute for tenant {tenant.name}",
-                              retry_after_s=retry_after) from exc
+    if tokens > tenant.tpm:
+        raise RateLimited(f"request needs ~{tokens} tokens, above the {tenant.tpm} tokens-per-minute limit",
+                          retry_after_s=retry_after)
+    try:
+        table.update_item(
+            Key={"pk": f"rl#{tenant.name}#{minute}"},
+            UpdateExpression="ADD requests :one, tokens :n SET expires_at = :exp",
+            ConditionExpression="attribute_not_exists(requests) OR (requests < :rpm AND tokens <= :room)",
+            ExpressionAttributeValues={":one": 1, ":n": tokens, ":rpm": tenant.rpm, ":room": tenant.tpm - tokens,
+                                       ":exp": int(now) + COUNTER_TTL_S},
+        )
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+            raise
+        raise RateLimited(f"rate limit reached for tenant {tenant.name}: {tenant.rpm} requests or {tenant.tpm} "
+                          "tokens per minute", retry_after_s=retry_after) from exc

@@ -34,6 +34,7 @@ class Deps:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     store: JobStore = field(init=False)
+    key_cache: dict = field(default_factory=dict)  # see stratus.keys.authenticate
 
     def __post_init__(self) -> None:
         self.store = JobStore(self.table)
