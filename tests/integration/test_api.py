@@ -236,3 +236,30 @@ def test_key_lookups_are_cached_for_30_seconds(stack, key):
     assert authenticate(stack.table, f"Bearer {key}", cache, now=1029.0).name == "acme"
     with pytest.raises(Unauthorized):
         authenticate(stack.table, f"Bearer {key}", cache, now=1031.0)
+
+
+def test_a_prompt_that_cannot_fit_the_context_is_400(stack, key):
+    # 300,000 bytes is at least 9,375 tokens: more than the 8,192-token context whatever the tokenizer does
+    body = {**CHAT, "messages": [{"role": "user", "content": "word " * 60_000}]}
+    status, reply, _ = stack.call("api_chat_completion.json", key=key, body=body)
+    assert status == 400 and "exceeds the model's context length of 8192" in reply["error"]["message"]
+
+
+def test_a_failed_job_answers_with_its_error(stack, key, monkeypatch):
+    # Given a worker that rejects the prompt as too long while the request waits,
+    # then the caller gets that 400 error body, and polling shows the same error.
+    error = {"message": "prompt (9000 tokens) + max_tokens (32) exceeds the model's context length of 8192",
+             "type": "invalid_request_error", "code": "context_length_exceeded"}
+    real_sleep = stack.module.get_deps().sleep
+
+    def worker_rejects(seconds):
+        for m in stack.queued():
+            JobStore(stack.table).transition(m["job_id"], [Status.QUEUED], Status.FAILED, error=error)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(stack.module.get_deps(), "sleep", worker_rejects)
+    status, body, _ = stack.call("api_chat_completion.json", key=key, body=CHAT)
+    assert status == 400 and body["error"] == {**error, "param": None}
+    job_id = next(i["pk"] for i in stack.table.scan()["Items"] if i.get("status") == "FAILED")
+    status, view, _ = stack.call("api_get_job.json", key=key, job_id=job_id)
+    assert status == 200 and view["status"] == "FAILED" and view["error"] == error

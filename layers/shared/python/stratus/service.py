@@ -23,7 +23,9 @@ from stratus.observability import logger, metrics
 from stratus.settings import Settings
 
 RETRY_AFTER_S = 2
-ROUTE_OF_PATH = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+MAX_BYTES_PER_TOKEN = 32  # no token of a byte-level BPE vocabulary we serve is longer; workers check exactly
+# HTTP status for a job that finished without a result (FAILED with a server error -> 500)
+FINISHED_STATUS = {Status.CANCELLED: 409, Status.EXPIRED: 503}
 
 
 @dataclass
@@ -52,9 +54,11 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control:
     req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
     if req.model != s.model_id:
         raise NotFound(f"model {req.model!r} does not exist; this deployment serves {s.model_id!r}", param="model")
-    if req.text_bytes // 4 + req.params.max_tokens > s.context_length * 4:  # even at 4 bytes a token it cannot fit
-        raise InvalidRequest(f"the prompt ({req.text_bytes} bytes) cannot fit the model's context of "
-                             f"{s.context_length} tokens", param="messages" if route == "chat" else "prompt")
+    min_tokens = req.text_bytes // MAX_BYTES_PER_TOKEN  # the API has no tokenizer: a sure lower bound
+    if min_tokens + req.params.max_tokens > s.context_length:
+        raise InvalidRequest(f"the prompt ({req.text_bytes} bytes, at least {min_tokens} tokens) + max_tokens "
+                             f"({req.params.max_tokens}) exceeds the model's context length of {s.context_length}",
+                             param="messages" if route == "chat" else "prompt")
     charge(deps.table, tenant, req.text_bytes // 4 + req.params.max_tokens, now=deps.clock())
     directives = {d.strip().lower() for d in cache_control.split(",") if d.strip()}
     no_store, refresh = "no-store" in directives, "no-cache" in directives
@@ -114,7 +118,7 @@ def finished_reply(job: Job) -> Reply:
     if job.status == Status.DONE:
         return Reply(200, completion_body(job), {"x-stratus-cache": "miss"})
     err = job.error or {"message": f"job {job.status.value.lower()}", "type": "server_error", "code": job.status.value.lower()}
-    status = {"invalid_request_error": 400}.get(err.get("type"), 409 if job.status == Status.CANCELLED else 500)
+    status = 400 if err.get("type") == "invalid_request_error" else FINISHED_STATUS.get(job.status, 500)
     return Reply(status, {"error": {"param": None, **err}})
 
 
