@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from enum import Enum
 
 from stratus.errors import InvalidRequest
@@ -199,7 +199,6 @@ class QueueMessage:
     enqueued_at: float
     deadline: float  # epoch seconds; workers drop the job (EXPIRED) after it
     version: int = 1
-    extra: dict = field(default_factory=dict)
 
     def to_body(self) -> str:
         d = asdict(self)
