@@ -24,7 +24,8 @@ app = APIGatewayHttpResolver()
 def get_deps() -> service.Deps:
     """Clients created once per container (boto3 honours AWS_ENDPOINT_URL for local mode)."""
     settings = get_settings()
-    return service.Deps(settings, boto3.resource("dynamodb").Table(settings.table), boto3.client("sqs"))
+    return service.Deps(settings, boto3.resource("dynamodb").Table(settings.table), boto3.client("sqs"),
+                        boto3.client("s3"))
 
 
 def _tenant() -> Tenant:
@@ -74,7 +75,9 @@ def create_job() -> Response:
 
 @app.get("/v1/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    return _reply(service.Reply(200, service.job_view(service.get_job(job_id, _tenant(), get_deps()))))
+    deps = get_deps()
+    job = service.with_result(service.get_job(job_id, _tenant(), deps), deps)
+    return _reply(service.Reply(200, service.job_view(job)))
 
 
 @app.delete("/v1/jobs/<job_id>")

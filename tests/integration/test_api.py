@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 
+import boto3
 import pytest
 
 from stratus.contracts import Status
@@ -26,10 +27,10 @@ def finish(stack, job_id: str, text: str = "Paris.") -> None:
     """Play the worker: QUEUED -> RUNNING -> DONE with conditional writes."""
     store = JobStore(stack.table)
     assert store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w1")
-    assert not store.transition(job_id, [Status.RUNNING], Status.DONE, owner="w2", result={"text": "x"})
-    assert store.transition(job_id, [Status.RUNNING], Status.DONE, owner="w1",
-                            result={"text": text, "finish_reason": "stop"},
-                            usage={"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23})
+    s3, bucket = boto3.client("s3"), stack.refs["ResultsBucket"]
+    assert not store.complete(job_id, "w2", {"text": "x"}, s3=s3, bucket=bucket)
+    assert store.complete(job_id, "w1", {"text": text, "finish_reason": "stop"}, s3=s3, bucket=bucket,
+                          usage={"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23})
     assert not store.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.DONE, result={"text": "again"})
 
 
@@ -263,3 +264,16 @@ def test_a_failed_job_answers_with_its_error(stack, key, monkeypatch):
     job_id = next(i["pk"] for i in stack.table.scan()["Items"] if i.get("status") == "FAILED")
     status, view, _ = stack.call("api_get_job.json", key=key, job_id=job_id)
     assert status == 200 and view["status"] == "FAILED" and view["error"] == error
+
+
+def test_results_too_big_for_an_item_go_to_s3(stack, key):
+    # Given a result over 300 KB, the item keeps an S3 pointer and callers still get the full text.
+    _, job, _ = stack.call("api_chat_completion.json", key=key, body=CHAT)
+    big = "cloud " * 80_000  # 480 KB
+    finish(stack, job["id"], big)
+    item = stack.table.get_item(Key={"pk": job["id"]})["Item"]
+    assert "result" not in item and item["result_s3"] == f"s3://{stack.refs['ResultsBucket']}/results/{job['id']}.json"
+    status, view, _ = stack.call("api_get_job.json", key=key, job_id=job["id"])
+    assert status == 200 and view["response"]["choices"][0]["message"]["content"] == big
+    status, reply, headers = stack.call("api_chat_completion.json", key=key, body=CHAT)
+    assert headers["x-stratus-cache"] == "hit" and reply["choices"][0]["message"]["content"] == big

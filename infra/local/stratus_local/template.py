@@ -64,11 +64,12 @@ def parameter_defaults(template: dict) -> dict:
 
 
 def create_resources(template: dict, *, prefix: str = "stratus", session=None) -> dict:
-    """Create every DynamoDB table and SQS queue the template declares; returns the Ref/GetAtt map."""
+    """Create every DynamoDB table, SQS queue and S3 bucket the template declares; returns the
+    Ref/GetAtt map. (Bucket policies, encryption and lifecycle are AWS's concern, not local mode's.)"""
     import boto3
 
     session = session or boto3.Session()
-    ddb, sqs = session.client("dynamodb"), session.client("sqs")
+    ddb, sqs, s3 = session.client("dynamodb"), session.client("sqs"), session.client("s3")
     refs = parameter_defaults(template)
     resources = template["Resources"]
     ordered = sorted(resources.items(), key=lambda kv: "RedrivePolicy" in kv[1].get("Properties", {}))  # DLQs first
@@ -90,6 +91,12 @@ def create_resources(template: dict, *, prefix: str = "stratus", session=None) -
                 ddb.update_time_to_live(TableName=table, TimeToLiveSpecification={
                     "AttributeName": ttl["AttributeName"], "Enabled": ttl["Enabled"]})
             refs[name] = table
+        elif res["Type"] == "AWS::S3::Bucket":
+            bucket = f"{prefix}-{name}".lower()
+            region = s3.meta.region_name
+            s3.create_bucket(Bucket=bucket, **({} if region == "us-east-1" else
+                                               {"CreateBucketConfiguration": {"LocationConstraint": region}}))
+            refs[name], refs[(name, "Arn")] = bucket, f"arn:aws:s3:::{bucket}"
     return refs
 
 

@@ -152,7 +152,8 @@ class Job:
     created_at: float
     expires_at: int  # epoch seconds: DynamoDB TTL attribute, also checked in code
     updated_at: float = 0.0
-    result: dict | None = None  # {"text", "finish_reason"}
+    result: dict | None = None  # {"text", "finish_reason"}; None when stored in S3
+    result_s3: str | None = None  # s3://bucket/results/<job id>.json when too big for the item
     usage: dict | None = None  # {"prompt_tokens", "completion_tokens", "total_tokens"}
     timings: dict | None = None
     attempts: int = 0
@@ -170,6 +171,8 @@ class Job:
                 item[name] = json.dumps(value, separators=(",", ":"))
         if self.worker:
             item["worker"] = self.worker
+        if self.result_s3:
+            item["result_s3"] = self.result_s3
         return item
 
     @classmethod
@@ -181,7 +184,7 @@ class Job:
             created_at=float(item["created_at"]), expires_at=int(item["expires_at"]),
             updated_at=float(item.get("updated_at", 0)), result=load("result"), usage=load("usage"),
             timings=load("timings"), attempts=int(item.get("attempts", 0)), error=load("error"),
-            worker=item.get("worker"),
+            worker=item.get("worker"), result_s3=item.get("result_s3"),
         )
 
 

@@ -17,6 +17,7 @@ from botocore.exceptions import ClientError
 from stratus.contracts import Job, Status
 
 FINISHED = [s.value for s in Status if s.finished]
+INLINE_RESULT_BYTES = 300_000  # DynamoDB items stop at 400 KB; the rest of the item needs room
 RETRYABLE = [Status.FAILED.value, Status.CANCELLED.value, Status.EXPIRED.value]
 
 
@@ -93,6 +94,20 @@ class JobStore:
             if _conditional_failed(exc):
                 return False
             raise
+
+    def complete(self, job_id: str, owner: str, result: dict, *, s3=None, bucket: str | None = None,
+                 **fields) -> bool:
+        """RUNNING (owned by `owner`) -> DONE with the result; a result too big for the item goes to
+        S3 first (s3://bucket/results/<job id>.json) and the item keeps the pointer."""
+        blob = json.dumps(result, separators=(",", ":"))
+        if len(blob.encode()) <= INLINE_RESULT_BYTES:
+            return self.transition(job_id, [Status.RUNNING], Status.DONE, owner=owner, result=result, **fields)
+        if s3 is None or not bucket:
+            raise ValueError(f"result of {len(blob)} bytes needs S3 (pass s3= and bucket=)")
+        key = f"results/{job_id}.json"
+        s3.put_object(Bucket=bucket, Key=key, Body=blob.encode(), ContentType="application/json")
+        return self.transition(job_id, [Status.RUNNING], Status.DONE, owner=owner,
+                               result_s3=f"s3://{bucket}/{key}", **fields)
 
     def cancel(self, job_id: str) -> bool:
         return self.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.CANCELLED)

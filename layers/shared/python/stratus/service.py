@@ -7,6 +7,7 @@ submit:  validate -> rate limit -> cache key -> hit? 200 : conditional put QUEUE
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class Deps:
     settings: Settings
     table: object  # boto3 DynamoDB Table
     sqs: object  # boto3 SQS client
+    s3: object  # boto3 S3 client (results too big for an item)
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     store: JobStore = field(init=False)
@@ -72,7 +74,7 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control:
         if hit is not None and hit.status == Status.DONE:
             metrics.add_metric(name="CacheHits", unit=MetricUnit.Count, value=1)
             logger.info("cache hit")
-            return Reply(200, completion_body(hit), {"x-stratus-cache": "hit"})
+            return Reply(200, completion_body(with_result(hit, deps)), {"x-stratus-cache": "hit"})
 
     job = enqueue(req, tenant, job_id, cacheable, deps, refresh=refresh)
     if not wait:
@@ -108,10 +110,18 @@ def wait_for(job_id: str, tenant: Tenant, deps: Deps) -> Reply:
     while True:
         job = get_job(job_id, tenant, deps)
         if job.status.finished:
-            return finished_reply(job)
+            return finished_reply(with_result(job, deps))
         if deps.clock() >= deadline:
             return accepted(job)
         deps.sleep(deps.settings.poll_interval_s)
+
+
+def with_result(job: Job, deps: Deps) -> Job:
+    """Fill in a result stored in S3 (s3://bucket/key) so the response can carry it."""
+    if job.result is None and job.result_s3:
+        bucket, key = job.result_s3[len("s3://"):].split("/", 1)
+        job.result = json.loads(deps.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    return job
 
 
 def finished_reply(job: Job) -> Reply:

@@ -25,6 +25,7 @@ def _bool(value: str) -> bool:
 class Settings:
     table: str
     queue_url: str
+    bucket: str
     model_id: str
     model_digest: str
     context_length: int
@@ -41,7 +42,7 @@ class Settings:
 
     # field name -> (environment variable, parser); every field without a default is required
     ENV = {
-        "table": ("STRATUS_TABLE", str), "queue_url": ("STRATUS_QUEUE_URL", str),
+        "table": ("STRATUS_TABLE", str), "queue_url": ("STRATUS_QUEUE_URL", str), "bucket": ("STRATUS_BUCKET", str),
         "model_id": ("STRATUS_MODEL_ID", str), "model_digest": ("STRATUS_MODEL_DIGEST", str),
         "context_length": ("STRATUS_CONTEXT_LENGTH", int), "cache_ttl_s": ("STRATUS_CACHE_TTL_S", int),
         "sync_wait_s": ("STRATUS_SYNC_WAIT_S", float), "job_deadline_s": ("STRATUS_JOB_DEADLINE_S", int),
