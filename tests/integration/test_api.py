@@ -11,7 +11,7 @@ import pytest
 from stratus.contracts import Status
 from stratus.jobstore import JobStore
 from stratus.keys import create_key, revoke_key
-from stratus_local.template import LambdaContext
+from stratus_local.template import LambdaContext, apply_environment
 
 MODEL = "smollm2-135m-instruct-int4"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -277,3 +277,19 @@ def test_results_too_big_for_an_item_go_to_s3(stack, key):
     assert status == 200 and view["response"]["choices"][0]["message"]["content"] == big
     status, reply, headers = stack.call("api_chat_completion.json", key=key, body=CHAT)
     assert headers["x-stratus-cache"] == "hit" and reply["choices"][0]["message"]["content"] == big
+
+
+def test_shared_cache_lets_tenants_meet_on_one_job(stack, key, monkeypatch):
+    # Given SharedCache=true, a second tenant's identical request coalesces on the first one's job,
+    # reads its result, but cannot cancel it.
+    monkeypatch.setenv("STRATUS_SHARED_CACHE", "true")
+    apply_environment({})  # a new cold start reads the setting
+    stack.module.get_deps.cache_clear()
+    other = create_key(stack.table, "globex", rpm=1000, tpm=1_000_000)
+    _, mine, _ = stack.call("api_chat_completion.json", key=key, body=CHAT)
+    status, theirs, _ = stack.call("api_chat_completion.json", key=other, body=CHAT)
+    assert status == 202 and theirs["id"] == mine["id"] and len(stack.queued()) == 1
+    assert stack.call("api_cancel_job.json", key=other, job_id=mine["id"])[0] == 404
+    finish(stack, mine["id"])
+    status, reply, headers = stack.call("api_chat_completion.json", key=other, body=CHAT)
+    assert status == 200 and headers["x-stratus-cache"] == "hit"

@@ -136,15 +136,18 @@ def accepted(job: Job) -> Reply:
     return Reply(202, job_view(job), {"location": f"/v1/jobs/{job.job_id}", "retry-after": str(RETRY_AFTER_S)})
 
 
-def get_job(job_id: str, tenant: Tenant, deps: Deps) -> Job:
+def get_job(job_id: str, tenant: Tenant, deps: Deps, *, owner_only: bool = False) -> Job:
+    """The job if this tenant may see it: its own, or a cached one when the operator shares the cache.
+    Anything else looks exactly like a missing job (404)."""
     job = deps.store.get(job_id, now=deps.clock())
-    if job is None or job.tenant != tenant.name:  # another tenant's job looks exactly like a missing one
+    shared = deps.settings.shared_cache and job is not None and job.cacheable and not owner_only
+    if job is None or (job.tenant != tenant.name and not shared):
         raise NotFound(f"job {job_id!r} not found")
     return job
 
 
 def cancel_job(job_id: str, tenant: Tenant, deps: Deps) -> Reply:
-    job = get_job(job_id, tenant, deps)
+    job = get_job(job_id, tenant, deps, owner_only=True)  # a shared job is cancelled only by its creator
     if not deps.store.cancel(job_id):
         job = get_job(job_id, tenant, deps)
         raise Conflict(f"job {job_id} is already {job.status.value}; only QUEUED or RUNNING jobs can be cancelled")
