@@ -28,7 +28,7 @@ venv: $(VENV)/.installed ## create .venv with everything the project needs
 test: venv ## run the whole test suite (unit, integration, real-model end to end)
 	$(PY) -m pytest -q
 
-test-fast: venv ## unit tests only (tiny synthetic models, seconds)
+test-fast: venv ## everything but the real-model tests (tiny synthetic models and moto, under a minute)
 	$(PY) -m pytest -q -m "not slow"
 
 model: venv ## build the default int8 SmolLM2 model into build/models/ (skipped if present)
