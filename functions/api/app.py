@@ -8,7 +8,7 @@ import json
 import boto3
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
-from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from stratus import service
@@ -98,7 +98,9 @@ def health() -> Response:
 
 @app.exception_handler(StratusError)
 def stratus_error(exc: StratusError) -> Response:
-    metrics.add_metric(name=f"Http{exc.status}", unit=MetricUnit.Count, value=1)
+    with single_metric(name="Refused", unit=MetricUnit.Count, value=1) as metric:  # 4xx/5xx by reason
+        metric.add_dimension(name="status", value=str(exc.status))
+        metric.add_dimension(name="reason", value=exc.code or (f"bad_{exc.param}" if exc.param else exc.error_type))
     logger.info("request refused", extra={"status": exc.status, "code": exc.code})
     headers = {"retry-after": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else {}
     return _reply(service.Reply(exc.status, service.error_body(exc), headers))

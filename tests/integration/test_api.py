@@ -173,6 +173,28 @@ def test_rate_limit_is_429_with_retry_after(stack):
     assert 1 <= int(headers["retry-after"]) <= 60
 
 
+def test_cache_hits_are_not_charged_to_the_tenant(stack):
+    # Given a tenant allowed 2 requests a minute whose first request has finished,
+    # then repeating it (a hit) costs nothing, and the second miss still fits the limit.
+    slow = create_key(stack.table, "tiny-tenant", rpm=2, tpm=1_000_000)
+    status, first, _ = stack.call("api_chat_completion.json", key=slow, body=CHAT)
+    finish(stack, first["id"])
+    for _ in range(5):
+        status, _, headers = stack.call("api_chat_completion.json", key=slow, body=CHAT)
+        assert status == 200 and headers["x-stratus-cache"] == "hit"
+    assert stack.call("api_create_job.json", key=slow)[0] == 202
+    assert stack.call("api_create_job.json", key=slow)[0] == 429
+
+
+def test_refusals_are_counted_by_status_and_reason(stack, key, capsys):
+    stack.call("api_chat_completion.json", key=key, body={**CHAT, "n": 2})
+    stack.call("api_chat_completion.json", key="sk-wrong", body=CHAT)
+    blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"Refused"' in line]
+    reasons = {(b["status"], b["reason"]) for b in blobs if b["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"] == "Refused"}
+    assert reasons == {("400", "bad_n"), ("401", "invalid_api_key")}
+    assert all(b["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "Stratus" for b in blobs)
+
+
 @pytest.mark.parametrize("change,status,message", [
     ({"n": 2}, 400, "n=2 is not supported"),
     ({"stream": True}, 400, "streaming is not supported yet"),

@@ -1,6 +1,6 @@
 """What the API does, as plain functions over injected dependencies (the handler stays thin).
 
-submit:  validate -> rate limit -> cache key -> hit? 200 : conditional put QUEUED (+ SendMessage
+submit:  validate -> cache key -> hit? 200 : rate limit -> conditional put QUEUED (+ SendMessage
          if we created it; identical concurrent misses coalesce on one item) -> wait up to
          sync_wait_s -> 200 with the result, or 202 with the job id, Location and Retry-After.
 """
@@ -61,7 +61,6 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control:
         raise InvalidRequest(f"the prompt ({req.text_bytes} bytes, at least {min_tokens} tokens) + max_tokens "
                              f"({req.params.max_tokens}) exceeds the model's context length of {s.context_length}",
                              param="messages" if route == "chat" else "prompt")
-    charge(deps.table, tenant, req.text_bytes // 4 + req.params.max_tokens, now=deps.clock())
     directives = {d.strip().lower() for d in cache_control.split(",") if d.strip()}
     no_store, refresh = "no-store" in directives, "no-cache" in directives
     cacheable = req.params.deterministic and not no_store
@@ -76,6 +75,9 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control:
             logger.info("cache hit")
             return Reply(200, completion_body(with_result(hit, deps)), {"x-stratus-cache": "hit"})
 
+    # Limits guard GPU time, so only work that may reach a worker is charged; a hit costs one read.
+    # (The HttpApi stage throttle bounds the raw request rate, hits included.)
+    charge(deps.table, tenant, req.text_bytes // 4 + req.params.max_tokens, now=deps.clock())
     job = enqueue(req, tenant, job_id, cacheable, deps, refresh=refresh)
     if not wait:
         return accepted(job)
