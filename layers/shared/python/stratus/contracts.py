@@ -159,6 +159,7 @@ class Job:
     attempts: int = 0
     error: dict | None = None  # {"message", "type", "code"}
     worker: str | None = None
+    last_error: str | None = None  # a worker's last retryable failure (shown when the job dies in the DLQ)
 
     def to_item(self) -> dict:
         item = {"pk": self.job_id, "tenant": self.tenant, "status": self.status.value, "cacheable": self.cacheable,
@@ -184,7 +185,7 @@ class Job:
             created_at=float(item["created_at"]), expires_at=int(item["expires_at"]),
             updated_at=float(item.get("updated_at", 0)), result=load("result"), usage=load("usage"),
             timings=load("timings"), attempts=int(item.get("attempts", 0)), error=load("error"),
-            worker=item.get("worker"), result_s3=item.get("result_s3"),
+            worker=item.get("worker"), result_s3=item.get("result_s3"), last_error=item.get("last_error"),
         )
 
 

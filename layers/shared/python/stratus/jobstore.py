@@ -39,6 +39,20 @@ class JobStore:
             return None
         return job
 
+    def statuses(self, job_ids: list[str]) -> dict[str, Status]:
+        """Current status of each existing job, 100 ids per BatchGetItem (workers poll for cancels)."""
+        out: dict[str, Status] = {}
+        client, name = self.table.meta.client, self.table.name
+        for i in range(0, len(job_ids), 100):
+            request = {name: {"Keys": [{"pk": j} for j in job_ids[i:i + 100]], "ConsistentRead": True,
+                              "ProjectionExpression": "pk, #s", "ExpressionAttributeNames": {"#s": "status"}}}
+            while request:
+                got = client.batch_get_item(RequestItems=request)
+                for item in got["Responses"].get(name, []):
+                    out[item["pk"]] = Status(item["status"])  # the resource's client deserializes
+                request = got.get("UnprocessedKeys") or None
+        return out
+
     def create(self, job: Job, *, refresh: bool = False) -> tuple[Job, bool]:
         """Put `job` unless a live one holds the id: returns (the job that holds it, created?).
 

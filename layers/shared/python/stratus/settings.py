@@ -39,6 +39,13 @@ class Settings:
     default_rpm: int
     default_tpm: int
     poll_interval_s: float = 0.1  # how often a waiting request re-reads its job
+    # workers only
+    model_dir: str = ""  # the model directory the worker loads (downloaded from MODEL_URI in AWS)
+    max_batch: int = 16  # rows in the engine's continuous batch
+    visibility_s: int = 120  # how long a received message stays hidden (the queue's VisibilityTimeout)
+    heartbeat_s: float = 30.0  # how often held messages get their visibility extended
+    cancel_check_s: float = 0.5  # how often held jobs are re-read for cancellation
+    drain_s: float = 25.0  # on SIGTERM: time to finish held jobs before releasing them
 
     # field name -> (environment variable, parser); every field without a default is required
     ENV = {
@@ -50,6 +57,9 @@ class Settings:
         "max_tokens": ("STRATUS_MAX_TOKENS", int), "shared_cache": ("STRATUS_SHARED_CACHE", _bool),
         "default_rpm": ("STRATUS_DEFAULT_RPM", int), "default_tpm": ("STRATUS_DEFAULT_TPM", int),
         "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float),
+        "model_dir": ("STRATUS_MODEL_DIR", str), "max_batch": ("STRATUS_MAX_BATCH", int),
+        "visibility_s": ("STRATUS_VISIBILITY_S", int), "heartbeat_s": ("STRATUS_HEARTBEAT_S", float),
+        "cancel_check_s": ("STRATUS_CANCEL_CHECK_S", float), "drain_s": ("STRATUS_DRAIN_S", float),
     }
 
     @classmethod

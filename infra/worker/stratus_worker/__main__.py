@@ -1,0 +1,55 @@
+"""Worker process entry point: `python -m stratus_worker` (the container's command) or `stratus worker`.
+
+Reads the same settings as the functions (STRATUS_*), loads the model from STRATUS_MODEL_DIR,
+refuses a model whose digest differs from STRATUS_MODEL_DIGEST (cache keys name the digest), and
+serves until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+from stratus.errors import ModelLoadError
+from stratus.observability import logger
+from stratus.settings import get_settings
+
+
+def check_model(model_dir: Path, expected_digest: str) -> dict:
+    manifest_path = model_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise ModelLoadError(f"{model_dir} is not a model directory (no manifest.json); set STRATUS_MODEL_DIR")
+    manifest = json.loads(manifest_path.read_text())
+    if expected_digest not in ("", "unset") and manifest.get("digest") != expected_digest:
+        raise ModelLoadError(f"model digest {manifest.get('digest')} differs from STRATUS_MODEL_DIGEST "
+                             f"{expected_digest}: cache keys would name the wrong model")
+    return manifest
+
+
+def main(argv: list[str] | None = None, threads: int | None = None) -> int:
+    import boto3
+
+    from stratus_engine.engine import Engine
+    from stratus_worker.worker import Worker
+
+    settings = get_settings()
+    model_dir = Path(settings.model_dir)
+    try:
+        manifest = check_model(model_dir, settings.model_digest)
+    except ModelLoadError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    engine = Engine.from_dir(model_dir, threads=threads, max_batch=settings.max_batch)
+    worker = Worker(engine, settings, sqs=boto3.client("sqs"), table=boto3.resource("dynamodb").Table(settings.table),
+                    s3=boto3.client("s3"))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    logger.info("model loaded", extra={"model_id": manifest.get("model_id"), "digest": manifest.get("digest")})
+    worker.run()
+    return 1 if worker.failure else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

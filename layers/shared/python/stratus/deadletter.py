@@ -1,0 +1,29 @@
+"""What happens to a job whose message reached the dead-letter queue."""
+
+from __future__ import annotations
+
+import json
+
+from aws_lambda_powertools.metrics import MetricUnit
+
+from stratus.contracts import Status
+from stratus.jobstore import JobStore
+from stratus.observability import logger, metrics
+
+
+def fail_dead_letter(body: str, store: JobStore) -> bool:
+    """Mark the message's job FAILED (unless it finished meanwhile); True when this call failed it.
+
+    The body is read leniently: a message the workers could not parse still names its job."""
+    try:
+        job_id = json.loads(body)["job_id"]
+    except (ValueError, KeyError, TypeError):
+        logger.error("dead letter without a job id; dropped", extra={"body_bytes": len(body)})
+        return False
+    job = store.get(job_id)
+    last = f" The last attempt failed with: {job.last_error}" if job is not None and job.last_error else ""
+    failed = store.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.FAILED, error={
+        "message": f"the job failed on every delivery to the workers and was moved to the dead-letter queue.{last}", "type": "server_error", "code": "job_failed"})
+    metrics.add_metric(name="DeadLetters", unit=MetricUnit.Count, value=1)
+    logger.warning("dead letter", extra={"job_id": job_id, "failed_now": failed})
+    return failed

@@ -1,0 +1,239 @@
+"""The worker against the jobs queue and table under moto, running the tiny model built by our pipeline.
+
+Jobs enter through the api handler (events/*.json) exactly as in production; the worker runs in a
+thread with short timeouts so redelivery paths take seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from stratus.contracts import QueueMessage, Status
+from stratus.jobstore import JobStore
+from stratus.keys import create_key
+from stratus.settings import Settings
+from stratus_engine.engine import Engine
+from stratus_local.template import ROOT, LambdaContext, load_handler, load_template
+from stratus_worker.worker import Worker
+
+MODEL = "smollm2-135m-instruct-int4"
+
+
+def chat(text: str, **kw) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0, **kw}
+
+
+@pytest.fixture
+def key(stack):
+    return create_key(stack.table, "acme", rpm=10_000, tpm=10_000_000)
+
+
+@pytest.fixture
+def make_worker(stack, tiny):
+    """Start workers in threads; stop and join them at the end of the test."""
+    started: list[tuple[Worker, threading.Thread]] = []
+    settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]), max_batch=4,
+                                   visibility_s=3, heartbeat_s=0.5, cancel_check_s=0.05, drain_s=5.0)
+
+    def start(engine: Engine | None = None, **overrides) -> Worker:
+        engine = engine or Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16)
+        w = Worker(engine, dataclasses.replace(settings, **overrides), sqs=boto3.client("sqs"),
+                   table=boto3.resource("dynamodb").Table(stack.refs["JobsTable"]), s3=boto3.client("s3"),
+                   worker_id=f"w{len(started)}")
+        t = threading.Thread(target=w.run, daemon=True)
+        t.start()
+        started.append((w, t))
+        return w
+
+    yield start
+    for w, _ in started:
+        w.stop()
+    for _, t in started:
+        t.join(timeout=15)
+
+
+def wait_until(predicate, timeout: float = 20.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def job(stack, job_id: str):
+    return JobStore(stack.table).get(job_id)
+
+
+def queue_depth(stack, name: str = "JobsQueue") -> int:
+    attrs = stack.sqs.get_queue_attributes(QueueUrl=stack.refs[name], AttributeNames=["All"])["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def submit(stack, key, body: dict) -> str:
+    status, reply, _ = stack.call("api_create_job.json", key=key, body=body)
+    assert status == 202, reply
+    return reply["id"]
+
+
+def test_queued_jobs_are_generated_then_served_from_the_cache(stack, key, make_worker):
+    ids = [submit(stack, key, chat(f"question {i}")) for i in range(5)]
+    ids.append(submit(stack, key, {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}))
+    make_worker()
+    done = wait_until(lambda: all(job(stack, j).status == Status.DONE for j in ids))
+    assert done and queue_depth(stack) == 0
+    j = job(stack, ids[0])
+    assert j.usage["completion_tokens"] >= 1 and j.timings["ttft_s"] > 0 and j.worker == "w0"
+    status, body, headers = stack.call("api_chat_completion.json", key=key, body=chat("question 0"))
+    assert status == 200 and headers["x-stratus-cache"] == "hit"
+    assert body["choices"][0]["message"]["content"] == j.result["text"]
+
+
+def long_wait(stack, monkeypatch) -> None:
+    deps = stack.module.get_deps()
+    monkeypatch.setattr(deps, "settings", dataclasses.replace(deps.settings, sync_wait_s=20.0))
+
+
+def test_a_synchronous_request_waits_for_the_worker(stack, key, make_worker, monkeypatch):
+    make_worker()
+    long_wait(stack, monkeypatch)
+    status, body, headers = stack.call("api_chat_completion.json", key=key, body=chat("wait for me"))
+    assert status == 200 and headers["x-stratus-cache"] == "miss" and body["usage"]["completion_tokens"] >= 1
+
+
+def test_expired_and_cancelled_jobs_never_run(stack, key, make_worker):
+    store = JobStore(stack.table)
+    cancelled = submit(stack, key, chat("cancel me"))
+    assert stack.call("api_cancel_job.json", key=key, job_id=cancelled)[0] == 200
+    expired = submit(stack, key, chat("too late"))
+    # Given a message whose deadline passed while it waited in the queue
+    msgs = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], MaxNumberOfMessages=10)["Messages"]
+    for m in msgs:
+        qm = QueueMessage.from_body(m["Body"])
+        if qm.job_id == expired:
+            stack.sqs.delete_message(QueueUrl=stack.refs["JobsQueue"], ReceiptHandle=m["ReceiptHandle"])
+            late = dataclasses.replace(qm, deadline=time.time() - 1)
+            stack.sqs.send_message(QueueUrl=stack.refs["JobsQueue"], MessageBody=late.to_body())
+        else:
+            stack.sqs.change_message_visibility(QueueUrl=stack.refs["JobsQueue"], ReceiptHandle=m["ReceiptHandle"],
+                                                VisibilityTimeout=0)
+    engine_calls = []
+    w = make_worker()
+    real_submit = w.engine.submit
+    w.engine.submit = lambda r: engine_calls.append(r) or real_submit(r)
+    wait_until(lambda: queue_depth(stack) == 0)
+    assert store.get(expired).status == Status.EXPIRED and "past its deadline" in store.get(expired).error["message"]
+    assert store.get(cancelled).status == Status.CANCELLED and store.get(cancelled).result is None
+    assert engine_calls == []
+
+
+def slow(engine: Engine, seconds: float = 0.02) -> Engine:
+    """A model whose decode steps take `seconds` (so a test can act mid-generation)."""
+    decode = engine._decode
+
+    def slow_decode():
+        time.sleep(seconds)
+        decode()
+
+    engine._decode = slow_decode
+    return engine
+
+
+def test_cancel_while_running_stops_at_the_next_step(stack, key, make_worker, tiny):
+    engine = slow(Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16))
+    job_id = submit(stack, key, chat("a long one", max_tokens=200, stop=None))
+    make_worker(engine)
+    wait_until(lambda: job(stack, job_id).status == Status.RUNNING)
+    time.sleep(0.1)
+    assert stack.call("api_cancel_job.json", key=key, job_id=job_id)[0] == 200
+    wait_until(lambda: queue_depth(stack) == 0 and engine.num_running == 0)
+    j = job(stack, job_id)
+    assert j.status == Status.CANCELLED and j.result is None
+
+
+def test_the_worker_checks_the_exact_prompt_length(stack, key, make_worker, monkeypatch):
+    # Given a prompt that passes the API's byte bound but is over the tiny model's 256-token context
+    long = " ".join(["hello world"] * 200)
+    job_id = submit(stack, key, chat(long))
+    make_worker()
+    j = wait_until(lambda: (x := job(stack, job_id)).status.finished and x)
+    assert j.status == Status.FAILED and j.error["code"] == "context_length_exceeded"
+    assert "context length of 256" in j.error["message"]
+    # and a caller waiting on the same request gets the 400 (a failed job is retried, and fails again)
+    long_wait(stack, monkeypatch)
+    status, body, _ = stack.call("api_chat_completion.json", key=key, body=chat(long))
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_duplicate_delivery_generates_once(stack, key, make_worker, tiny):
+    job_id = submit(stack, key, chat("only once"))
+    original = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"])["Messages"][0]
+    stack.sqs.delete_message(QueueUrl=stack.refs["JobsQueue"], ReceiptHandle=original["ReceiptHandle"])
+    for _ in range(2):  # the same message twice (SQS delivers at least once)
+        stack.sqs.send_message(QueueUrl=stack.refs["JobsQueue"], MessageBody=original["Body"])
+    generated = []
+    engines = [slow(Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16), 0.01)
+               for _ in range(2)]
+    for e in engines:
+        real = e.submit
+        e.submit = lambda r, real=real: generated.append(r.request_id) or real(r)
+        make_worker(e)
+    wait_until(lambda: queue_depth(stack) == 0, timeout=30)
+    assert generated == [job_id] and job(stack, job_id).status == Status.DONE
+
+
+def test_a_failed_write_goes_back_to_the_queue_and_completes_later(stack, key, make_worker):
+    job_id = submit(stack, key, chat("retry me"))
+    w = make_worker()
+    real_complete, calls = w.store.complete, []
+
+    def flaky_complete(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ClientError({"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow down"}},
+                              "UpdateItem")
+        return real_complete(*args, **kwargs)
+
+    w.store.complete = flaky_complete
+    j = wait_until(lambda: (x := job(stack, job_id)).status == Status.DONE and x)
+    assert len(calls) == 2 and j.attempts == 2 and "ProvisionedThroughputExceeded" in j.last_error
+    wait_until(lambda: queue_depth(stack) == 0)
+
+
+def test_sigterm_releases_unfinished_work_at_once(stack, key, make_worker, tiny):
+    engine = slow(Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16), 0.05)
+    job_id = submit(stack, key, chat("interrupted", max_tokens=200))
+    w = make_worker(engine, drain_s=0.2)
+    wait_until(lambda: job(stack, job_id).status == Status.RUNNING)
+    w.stop()
+    wait_until(lambda: job(stack, job_id).status == Status.QUEUED)
+    got = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], WaitTimeSeconds=1).get("Messages", [])
+    assert [QueueMessage.from_body(m["Body"]).job_id for m in got] == [job_id]  # visible again, not in 3 s
+
+
+def test_a_poison_job_reaches_the_dlq_and_fails_visibly(stack, key, make_worker):
+    # Given a message for a real job that no worker can process (its request does not parse)
+    job_id = submit(stack, key, chat("poison"))
+    good = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"])["Messages"][0]  # take the good one away
+    stack.sqs.delete_message(QueueUrl=stack.refs["JobsQueue"], ReceiptHandle=good["ReceiptHandle"])
+    stack.sqs.send_message(QueueUrl=stack.refs["JobsQueue"],
+                           MessageBody=json.dumps({"job_id": job_id, "tenant": "acme", "request": {"route": "chat"}}))
+    make_worker()
+    dead = wait_until(lambda: stack.sqs.receive_message(QueueUrl=stack.refs["JobsDeadLetterQueue"],
+                                                        AttributeNames=["All"]).get("Messages"), timeout=30)
+    handler, _ = load_handler(load_template(), "DlqFunction")
+    event = json.loads((ROOT / "events/dlq_message.json").read_text())
+    record = event["Records"][0]
+    record.update(body=dead[0]["Body"], messageId=dead[0]["MessageId"], receiptHandle=dead[0]["ReceiptHandle"])
+    assert handler(event, LambdaContext()) == {"batchItemFailures": []}
+    status, view, _ = stack.call("api_get_job.json", key=key, job_id=job_id)
+    assert view["status"] == "FAILED" and view["error"]["code"] == "job_failed"
+    assert "dead-letter queue" in view["error"]["message"]
