@@ -8,7 +8,7 @@ QUANT ?= int8
 THREADS ?= $(shell nproc)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast model models bench-engine bench-quality bench-api clean
+.PHONY: help venv serve test test-fast model models bench-engine bench-quality bench-api bench-e2e clean
 
 help: ## show this help
 	@echo "Stratus — serverless LLM inference on AWS"
@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed ## create .venv with everything the project needs
+
+serve: venv model ## run the whole system locally (moto, gateway, functions, workers); PORT=3000 WORKERS=1 STRATUS_API_KEY=
+	$(STRATUS) serve --model $(MODELS)/smollm2-$(QUANT)
 
 test: venv ## run the whole test suite (unit, integration, real-model end to end)
 	$(PY) -m pytest -q

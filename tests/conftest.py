@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,3 +31,26 @@ def tiny(tmp_path_factory) -> Tiny:
     for quant, out in dirs.items():
         build_from_gguf(root / "tiny.gguf", quant, out)
     return Tiny(root / "tiny.gguf", weights, dataclasses.replace(TINY, vocab_size=len(tiny_vocab())), dirs)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pipeline_hash() -> str:
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "infra/model/stratus_model").glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+@pytest.fixture(scope="session")
+def real_models() -> dict[str, Path]:
+    base = ROOT / "build/test-models" / _pipeline_hash()
+    for stale in base.parent.glob("*"):  # builds from an older pipeline
+        if stale != base:
+            shutil.rmtree(stale, ignore_errors=True)
+    dirs = {q: base / q for q in ("fp32", "int8", "int4")}
+    for quant, out in dirs.items():
+        if not (out / "manifest.json").is_file():
+            build_from_gguf(None, quant, out)
+    return dirs

@@ -6,9 +6,7 @@ loading the same GGUF in fp32). Models are built once into build/test-models/<pi
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -25,26 +23,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = json.loads((ROOT / "tests/fixtures/hf_reference.json").read_text())
 PROMPTS = [p["prompt_ids"] for p in REFERENCE["prompts"]]
-
-
-def _pipeline_hash() -> str:
-    h = hashlib.sha256()
-    for f in sorted((ROOT / "infra/model/stratus_model").glob("*.py")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
-
-
-@pytest.fixture(scope="session")
-def real_models() -> dict[str, Path]:
-    base = ROOT / "build/test-models" / _pipeline_hash()
-    for stale in base.parent.glob("*"):  # builds from an older pipeline
-        if stale != base:
-            shutil.rmtree(stale, ignore_errors=True)
-    dirs = {q: base / q for q in ("fp32", "int8", "int4")}
-    for quant, out in dirs.items():
-        if not (out / "manifest.json").is_file():
-            build_from_gguf(None, quant, out)
-    return dirs
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@
   stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
   stratus keys create --tenant NAME [--rpm N] [--tpm N]      stratus keys revoke KEY
   stratus invoke api --event events/api_health.json [--env-vars FILE]
+  stratus serve [--model DIR] [--port 3000] [--workers 1] [--api-key KEY]
+  stratus worker [--threads N]
 
 Heavy imports (onnx, onnxruntime) happen inside the commands, so `stratus --help` is instant.
 """
@@ -110,7 +112,21 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stratus_local.serve import main as serve
+
+    return serve(args.model, port=args.port, workers=args.workers, api_key=args.api_key, threads=args.threads)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from stratus_worker.__main__ import main as worker
+
+    return worker(["--threads", str(args.threads)] if args.threads else [])
+
+
 def _parser() -> argparse.ArgumentParser:
+    import os
+
     p = argparse.ArgumentParser(prog="stratus", description="Stratus: serverless LLM inference on AWS.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -141,6 +157,18 @@ def _parser() -> argparse.ArgumentParser:
     inv.add_argument("--event", required=True, type=Path)
     inv.add_argument("--env-vars", default=None, help="JSON file in sam local invoke's --env-vars format")
     inv.set_defaults(func=cmd_invoke)
+
+    sv = sub.add_parser("serve", help="run the whole system locally (moto, gateway, functions, workers)")
+    sv.add_argument("--model", type=Path, default=Path("build/models/smollm2-int8"))
+    sv.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 3000))
+    sv.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS") or 1))
+    sv.add_argument("--api-key", default=os.environ.get("STRATUS_API_KEY") or None,
+                    help="development key to register for the local tenant (default: a new random key)")
+    sv.add_argument("--threads", type=int, default=None, help="onnxruntime threads per worker")
+    sv.set_defaults(func=cmd_serve)
+    wk = sub.add_parser("worker", help="serve the jobs queue (settings from STRATUS_* variables)")
+    wk.add_argument("--threads", type=int, default=None)
+    wk.set_defaults(func=cmd_worker)
 
     keys = sub.add_parser("keys", help="API keys (stored hashed in the jobs table)").add_subparsers(
         dest="keys_command", required=True)

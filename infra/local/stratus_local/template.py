@@ -63,14 +63,15 @@ def parameter_defaults(template: dict) -> dict:
     return {name: str(p.get("Default", "")) for name, p in template.get("Parameters", {}).items()}
 
 
-def create_resources(template: dict, *, prefix: str = "stratus", session=None) -> dict:
+def create_resources(template: dict, *, prefix: str = "stratus", session=None, parameters: dict | None = None) -> dict:
     """Create every DynamoDB table, SQS queue and S3 bucket the template declares; returns the
-    Ref/GetAtt map. (Bucket policies, encryption and lifecycle are AWS's concern, not local mode's.)"""
+    Ref/GetAtt map, parameters included (`parameters` overrides defaults, as `sam deploy
+    --parameter-overrides` does). (Bucket policies, encryption and lifecycle are AWS's concern.)"""
     import boto3
 
     session = session or boto3.Session()
     ddb, sqs, s3 = session.client("dynamodb"), session.client("sqs"), session.client("s3")
-    refs = parameter_defaults(template)
+    refs = {**parameter_defaults(template), **(parameters or {})}
     resources = template["Resources"]
     ordered = sorted(resources.items(), key=lambda kv: "RedrivePolicy" in kv[1].get("Properties", {}))  # DLQs first
     for name, res in ordered:
@@ -100,11 +101,12 @@ def create_resources(template: dict, *, prefix: str = "stratus", session=None) -
     return refs
 
 
-def function_environment(template: dict, function: str, refs: dict) -> dict[str, str]:
-    """Globals' variables overlaid with the function's own, references resolved."""
+def function_environment(template: dict, function: str | None, refs: dict) -> dict[str, str]:
+    """Globals' variables overlaid with the function's own (None: Globals only), references resolved."""
     env = dict(template.get("Globals", {}).get("Function", {}).get("Environment", {}).get("Variables", {}))
-    props = template["Resources"][function]["Properties"]
-    env.update(props.get("Environment", {}).get("Variables", {}))
+    if function is not None:
+        props = template["Resources"][function]["Properties"]
+        env.update(props.get("Environment", {}).get("Variables", {}))
     return {k: str(v) for k, v in resolve(env, refs).items()}
 
 

@@ -28,12 +28,17 @@ def check_model(model_dir: Path, expected_digest: str) -> dict:
     return manifest
 
 
-def main(argv: list[str] | None = None, threads: int | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     import boto3
 
     from stratus_engine.engine import Engine
     from stratus_worker.worker import Worker
 
+    ap = argparse.ArgumentParser(prog="stratus_worker", description="Serve the jobs queue with the model.")
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    threads = ap.parse_args(argv).threads
     settings = get_settings()
     model_dir = Path(settings.model_dir)
     try:

@@ -22,6 +22,7 @@ SIGTERM: stop receiving, finish what is held for up to drain_s, release the rest
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import threading
@@ -58,7 +59,7 @@ class Worker:
                  clock=time.time) -> None:
         self.engine, self.settings, self.sqs, self.s3, self.clock = engine, settings, sqs, s3, clock
         self.store = JobStore(table)
-        self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.held: dict[str, Held] = {}
         self.cancelled: set[str] = set()
         self.stopping = threading.Event()  # set by SIGTERM: take no new work
@@ -242,7 +243,10 @@ class Worker:
                  "total_tokens": r.usage.total_tokens}
         written = self.store.complete(job_id, self.worker_id, {"text": r.text, "finish_reason": r.finish_reason},
                                       s3=self.s3, bucket=self.settings.bucket, usage=usage, timings=timings)
-        if not written:  # cancelled meanwhile, or another worker took it over: never a second result
+        if written:
+            logger.info("generated", extra={"job_id": job_id, "completion_tokens": r.usage.completion_tokens,
+                                            "ttft_s": timings["ttft_s"], "finish_reason": r.finish_reason})
+        else:  # cancelled meanwhile, or another worker took it over: never a second result
             logger.info("result not written: the job is no longer ours", extra={"job_id": job_id})
         self._delete(held.receipt)
         for name, value, unit in (("time_to_first_token_seconds", r.timings.ttft_s, MetricUnit.Seconds),

@@ -32,9 +32,10 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(table, tenant: str, rpm: int, tpm: int) -> str:
-    """Store a new key's hash for `tenant`; returns the key itself (shown once, never stored)."""
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
+def create_key(table, tenant: str, rpm: int, tpm: int, *, key: str | None = None) -> str:
+    """Store a new key's hash for `tenant`; returns the key itself (shown once, never stored).
+    `key` registers a chosen key instead (local mode's STRATUS_API_KEY)."""
+    key = key or KEY_PREFIX + secrets.token_urlsafe(32)
     table.put_item(Item={"pk": f"key#{hash_key(key)}", "tenant": tenant, "rpm": rpm, "tpm": tpm,
                          "created_at": int(time.time())},
                    ConditionExpression="attribute_not_exists(pk)")

@@ -1,0 +1,117 @@
+"""A local stand-in for API Gateway's HTTP API: HTTP request -> payload format 2.0 event -> the
+function the template routes it to -> HTTP response. Routes come from the template's HttpApi events.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+from urllib.parse import urlsplit
+
+Invoke = Callable[[str, dict], dict]  # (function, event) -> result
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # "/v1/jobs/{id}"
+    function: str
+    pattern: re.Pattern
+
+    @property
+    def key(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+def http_routes(template: dict) -> list[Route]:
+    routes = []
+    for name, res in template["Resources"].items():
+        for event in res.get("Properties", {}).get("Events", {}).values():
+            if event.get("Type") == "HttpApi":
+                p = event["Properties"]
+                regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(p["Path"]))
+                routes.append(Route(p["Method"].upper(), p["Path"], name, re.compile(f"^{regex}$")))
+    return routes
+
+
+def match(routes: list[Route], method: str, path: str) -> tuple[Route, dict] | None:
+    for r in routes:
+        m = r.pattern.match(path)
+        if m and r.method == method:
+            return r, m.groupdict()
+    return None
+
+
+def to_event(route: Route, params: dict, method: str, url: str, headers: dict, body: bytes, source_ip: str) -> dict:
+    parts = urlsplit(url)
+    now = time.time()
+    try:
+        text, encoded = body.decode(), False
+    except UnicodeDecodeError:
+        text, encoded = base64.b64encode(body).decode(), True
+    event = {
+        "version": "2.0", "routeKey": route.key, "rawPath": parts.path, "rawQueryString": parts.query,
+        "headers": {k.lower(): v for k, v in headers.items()},
+        "requestContext": {
+            "accountId": "000000000000", "apiId": "local", "domainName": headers.get("Host", "localhost"),
+            "http": {"method": method, "path": parts.path, "protocol": "HTTP/1.1", "sourceIp": source_ip,
+                     "userAgent": headers.get("User-Agent", "")},
+            "requestId": uuid.uuid4().hex, "routeKey": route.key, "stage": "$default",
+            "time": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)), "timeEpoch": int(now * 1000)},
+        "isBase64Encoded": encoded,
+    }
+    if params:
+        event["pathParameters"] = params
+    if body:
+        event["body"] = text
+    if parts.query:
+        event["queryStringParameters"] = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in parts.query.split("&"))
+    return event
+
+
+def make_server(host: str, port: int, routes: list[Route], invoke: Invoke) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            path = urlsplit(self.path).path
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            found = match(routes, self.command, path)
+            if found is None:
+                return self._send(404, {"content-type": "application/json"}, json.dumps({"message": "Not Found"}))
+            route, params = found
+            event = to_event(route, params, self.command, self.path, dict(self.headers), body, self.client_address[0])
+            try:
+                out = invoke(route.function, event)
+            except Exception:  # noqa: BLE001 - API Gateway answers 500 when the integration fails
+                return self._send(500, {"content-type": "application/json"},
+                                  json.dumps({"message": "Internal Server Error"}))
+            raw = out.get("body") or ""
+            data = base64.b64decode(raw) if out.get("isBase64Encoded") else raw.encode()
+            self._send(out.get("statusCode", 200), out.get("headers") or {}, data)
+
+        def _send(self, status: int, headers: dict, data) -> None:
+            data = data.encode() if isinstance(data, str) else data
+            self.send_response(status)
+            for k, v in headers.items():
+                if k.lower() not in ("content-length", "connection"):
+                    self.send_header(k, str(v))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve
+
+        def log_message(self, fmt, *args) -> None:  # access logs stay quiet; the functions log
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+

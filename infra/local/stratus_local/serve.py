@@ -1,0 +1,190 @@
+"""`stratus serve` (`make serve`): the whole system on one machine.
+
+  moto server (DynamoDB, SQS, S3) on loopback
+    └─ the table, queues and bucket declared in template.yaml, created from the template
+  local gateway (HTTP -> HttpApi v2 events) ──▶ api function instances (one process each)
+  event sources (SQS, S3, schedules)        ──▶ the functions that subscribe to them
+  N worker processes (python -m stratus_worker) running the model on the CPU
+
+The functions and workers are the same code as in AWS with the template's environment; only
+AWS_ENDPOINT_URL (moto) and the model parameters (read from the model's manifest) differ.
+Logs go to build/local/logs/ so the terminal shows the ready banner and problems only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stratus_local.template import ROOT, create_resources, function_environment, load_template
+
+LOG_DIR = Path(os.environ.get("STRATUS_LOCAL_LOG_DIR") or ROOT / "build/local/logs")
+REGION = "us-east-1"
+DEV_TENANT = "local"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_parameters(model_dir: Path) -> dict[str, str]:
+    """The template parameters a model directory decides: its id, digest and context length."""
+    from stratus_engine.model_dir import read_spec
+
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    return {"ModelId": manifest["model_id"], "ModelDigest": manifest["digest"],
+            "ModelContextLength": str(read_spec(model_dir).context_length)}
+
+
+@dataclass
+class LocalStack:
+    url: str
+    api_key: str
+    model_id: str
+    aws_endpoint: str
+    refs: dict
+    _stops: list = field(default_factory=list)  # callables, run in reverse order
+
+    def stop(self) -> None:
+        while self._stops:
+            try:
+                self._stops.pop()()
+            except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+                print(f"stratus serve: while stopping: {exc}", file=sys.stderr)
+
+
+def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers: int = 1,
+          api_key: str | None = None, threads: int | None = None, schedule_every_s: float = 2.0) -> LocalStack:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from stratus.keys import create_key
+    from stratus_local.gateway import http_routes, make_server
+    from stratus_local.instances import FunctionPool
+    from stratus_local.sources import EventSources
+
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
+    moto_port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+    moto.start()
+    stack = LocalStack(f"http://{host}:{port}/v1", "", "", f"http://127.0.0.1:{moto_port}", {})
+    stack._stops.append(moto.stop)
+    try:
+        aws = {"AWS_ENDPOINT_URL": stack.aws_endpoint, "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
+               "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION, "POWERTOOLS_TRACE_DISABLED": "true"}
+        session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=REGION)
+        os.environ["AWS_ENDPOINT_URL"] = stack.aws_endpoint  # this process's clients talk to moto too
+        template = load_template()
+        params = model_parameters(model_dir)
+        stack.model_id = params["ModelId"]
+        stack.refs = refs = create_resources(template, session=session, parameters=params)
+        table = session.resource("dynamodb").Table(refs["JobsTable"])
+        stack.api_key = create_key(table, DEV_TENANT, rpm=100_000, tpm=100_000_000, key=api_key)
+
+        functions = [n for n, r in template["Resources"].items() if r["Type"] == "AWS::Serverless::Function"]
+        pools = {fn: FunctionPool(fn, {**function_environment(template, fn, refs), **aws,
+                                       "STRATUS_LOCAL_LOG": str(LOG_DIR / f"{fn}.log")}) for fn in functions}
+        stack._stops.append(lambda: [p.close() for p in pools.values()])
+
+        def invoke(function: str, event: dict) -> dict:
+            return pools[function].invoke(event)
+
+        worker_env = {**os.environ, **function_environment(template, None, refs), **aws,
+                      "STRATUS_MODEL_DIR": str(model_dir)}
+        procs = []
+        for i in range(workers):
+            log = open(LOG_DIR / f"worker-{i}.log", "ab")
+            cmd = [sys.executable, "-m", "stratus_worker"] + (["--threads", str(threads)] if threads else [])
+            procs.append(subprocess.Popen(cmd, env=worker_env, stdout=log, stderr=subprocess.STDOUT))
+        stack._stops.append(lambda: _stop_processes(procs))
+        _wait_for_workers(procs, [LOG_DIR / f"worker-{i}.log" for i in range(workers)])
+
+        sources = EventSources(template, refs, invoke, session, schedule_every_s=schedule_every_s,
+                               log=lambda m: print(f"stratus serve: {m}", file=sys.stderr))
+        sources.start()
+        stack._stops.append(sources.stop)
+
+        server = make_server(host, port, http_routes(template), invoke)
+        threading.Thread(target=server.serve_forever, daemon=True, name="gateway").start()
+        stack._stops.append(lambda: (server.shutdown(), server.server_close()))
+        pools["ApiFunction"].warm(2)  # the first requests should not pay two cold starts
+        return stack
+    except BaseException:
+        stack.stop()
+        raise
+
+
+def _wait_for_workers(procs: list[subprocess.Popen], logs: list[Path], timeout_s: float = 300.0) -> None:
+    """Until every worker has loaded the model and logged "worker started" (a few seconds)."""
+    offsets = [p.stat().st_size if p.exists() else 0 for p in logs]
+    deadline = time.monotonic() + timeout_s
+    pending = set(range(len(procs)))
+    while pending:
+        for i in list(pending):
+            if procs[i].poll() is not None:
+                raise RuntimeError(f"worker {i} exited with {procs[i].returncode}; see {logs[i]}")
+            with open(logs[i], "rb") as f:
+                f.seek(offsets[i])
+                if b'"worker started"' in f.read():
+                    pending.discard(i)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers {sorted(pending)} did not start in {timeout_s:.0f} s; see {LOG_DIR}")
+        time.sleep(0.1)
+
+
+def _stop_processes(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)  # workers drain: finish or release what they hold
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def banner(stack: LocalStack, workers: int) -> str:
+    return f"""
+Stratus is running locally ({workers} worker{'s' if workers != 1 else ''}, model {stack.model_id}).
+  base URL   {stack.url}
+  API key    {stack.api_key}
+  AWS (moto) {stack.aws_endpoint}
+  logs       {LOG_DIR}/
+
+  curl {stack.url}/chat/completions -H "Authorization: Bearer {stack.api_key}" \\
+    -H "Content-Type: application/json" \\
+    -d '{{"model": "{stack.model_id}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "temperature": 0}}'
+
+  python -c 'from openai import OpenAI; c = OpenAI(base_url="{stack.url}", api_key="{stack.api_key}"); \\
+print(c.chat.completions.create(model="{stack.model_id}", messages=[{{"role": "user", "content": "Hi!"}}], temperature=0).choices[0].message.content)'
+
+Ready on {stack.url} — Ctrl-C stops everything.
+"""
+
+
+def main(model_dir: Path, *, port: int, workers: int, api_key: str | None, threads: int | None) -> int:
+    if not (model_dir / "manifest.json").is_file():
+        print(f"error: {model_dir} is not a built model (run `make model`)", file=sys.stderr)
+        return 2
+    stack = start(model_dir, port=port, workers=workers, api_key=api_key, threads=threads)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    print(banner(stack, workers), flush=True)
+    stopping.wait()
+    print("stopping: workers drain, then the gateway, functions and moto stop", flush=True)
+    stack.stop()
+    return 0

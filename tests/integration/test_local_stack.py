@@ -1,0 +1,177 @@
+"""The whole system on one machine (`stratus serve`, what `make serve` runs), called over loopback
+with the official openai SDK (only base_url and api_key set) and plain HTTP for our own routes.
+
+Runs the real SmolLM2 int8 model on two single-threaded workers. The workers hold messages for
+4 s and heartbeat every second, so the redelivery paths take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import urllib.error
+import urllib.request
+import pytest
+from openai import OpenAI
+
+from stratus_local.serve import free_port
+
+pytestmark = pytest.mark.slow
+KEY = "sk-stratus-local-test-key"
+
+
+class Running:
+    def __init__(self, proc: subprocess.Popen, url: str, aws: str, logs: Path, model: str) -> None:
+        self.proc, self.url, self.aws, self.logs, self.model = proc, url, aws, logs, model
+        self.client = OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+
+    def table(self):
+        session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name="us-east-1")
+        return session.resource("dynamodb", endpoint_url=self.aws).Table("stratus-JobsTable")
+
+    def item(self, job_id: str) -> dict:
+        return self.table().get_item(Key={"pk": job_id}, ConsistentRead=True)["Item"]
+
+    def generated(self, job_id: str) -> int:
+        """How many times any worker wrote a result for this job (its logs say "generated")."""
+        lines = [ln for f in self.logs.glob("worker-*.log") for ln in f.read_text().splitlines()]
+        return sum(1 for ln in lines if '"generated"' in ln and job_id in ln)
+
+    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        """Our own routes (/v1/jobs ...) over plain HTTP."""
+        req = urllib.request.Request(self.url + path, method=method, data=json.dumps(body).encode() if body else None,
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def job(self, job_id: str) -> dict:
+        return self.call("GET", f"/jobs/{job_id}")[1]
+
+    def wait_status(self, job_id: str, statuses: set[str], timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            view = self.job(job_id)
+            if view["status"] in statuses:
+                return view
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} never reached {statuses}: {view}")
+
+
+@pytest.fixture(scope="module")
+def stack(real_models, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    port = free_port()
+    env = {**os.environ, "STRATUS_API_KEY": KEY, "STRATUS_LOCAL_LOG_DIR": str(logs),
+           "STRATUS_VISIBILITY_S": "4", "STRATUS_HEARTBEAT_S": "1", "STRATUS_SYNC_WAIT_S": "20"}
+    proc = subprocess.Popen([sys.executable, "-m", "stratus_cli.main", "serve", "--model", str(real_models["int8"]),
+                             "--port", str(port), "--workers", "2", "--threads", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, deadline = [], time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        out.append(line)
+        if line.startswith("Ready on"):
+            break
+    text = "".join(out)
+    assert "Ready on" in text, text
+    aws = re.search(r"AWS \(moto\) (\S+)", text).group(1)
+    model = re.search(r"model (\S+)\)", text).group(1)
+    yield Running(proc, f"http://127.0.0.1:{port}/v1", aws, logs, model)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+
+
+def chat(stack, content: str, **kw):
+    return stack.client.chat.completions.with_raw_response.create(
+        model=stack.model, messages=[{"role": "user", "content": content}], temperature=0, **kw)
+
+
+def test_openai_sdk_models_chat_and_completion(stack):
+    assert [m.id for m in stack.client.models.list().data] == [stack.model]
+    reply = chat(stack, "What is the capital of France?", max_tokens=24)
+    body = reply.parse()
+    assert reply.headers["x-stratus-cache"] == "miss" and "Paris" in body.choices[0].message.content
+    assert body.usage.prompt_tokens > 10 and body.usage.completion_tokens >= 1
+    done = stack.client.completions.create(model=stack.model, prompt="The sky is", max_tokens=8, temperature=0)
+    assert done.choices[0].text and done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
+
+
+def test_a_repeated_request_is_a_cache_hit(stack):
+    first = chat(stack, "Name a primary colour.", max_tokens=12)
+    again = chat(stack, "Name a primary colour.", max_tokens=12)
+    assert again.headers["x-stratus-cache"] == "hit"
+    assert again.parse().choices[0].message.content == first.parse().choices[0].message.content
+
+
+def test_20_concurrent_identical_requests_generate_once(stack):
+    with ThreadPoolExecutor(20) as pool:
+        replies = list(pool.map(lambda _: chat(stack, "Count from one to five.", max_tokens=24).parse(), range(20)))
+    assert len({r.id for r in replies}) == 1 and len({r.choices[0].message.content for r in replies}) == 1
+    job_id = replies[0].id.removeprefix("chatcmpl-")
+    time.sleep(0.5)
+    assert stack.generated(job_id) == 1
+
+
+def test_errors_use_openai_bodies(stack):
+    with pytest.raises(Exception) as err:
+        stack.client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "hi"}], n=2)
+    assert err.value.status_code == 400 and "n=2 is not supported" in str(err.value)
+    bad = OpenAI(base_url=stack.url, api_key="sk-wrong", max_retries=0)
+    with pytest.raises(Exception) as err:
+        bad.models.list()
+    assert err.value.status_code == 401
+
+
+def test_cancel_a_running_job(stack):
+    status, job = stack.call("POST", "/jobs", {"model": stack.model, "max_tokens": 400, "temperature": 0, "messages": [
+        {"role": "user", "content": "Write a long story about a lighthouse."}]})
+    assert status == 202
+    job_id = job["id"]
+    stack.wait_status(job_id, {"RUNNING"})
+    assert stack.call("DELETE", f"/jobs/{job_id}")[1]["status"] == "CANCELLED"
+    time.sleep(2)
+    assert stack.job(job_id)["status"] == "CANCELLED" and stack.generated(job_id) == 0
+
+
+def test_a_worker_killed_mid_generation_its_job_completes_once(stack):
+    _, job = stack.call("POST", "/jobs", {"model": stack.model, "max_tokens": 160, "temperature": 0, "messages": [
+        {"role": "user", "content": "Write a long poem about the sea."}]})
+    job_id = job["id"]
+    stack.wait_status(job_id, {"RUNNING"})
+    victim = int(stack.item(job_id)["worker"].split("-")[-2])  # worker ids are host-pid-random
+    os.kill(victim, signal.SIGKILL)
+    view = stack.wait_status(job_id, {"DONE", "FAILED"}, timeout=120)
+    assert view["status"] == "DONE" and view["usage"]["completion_tokens"] >= 1
+    item = stack.item(job_id)
+    assert int(item["attempts"]) == 2 and f"-{victim}-" not in item["worker"]
+    assert stack.generated(job_id) == 1
+
+
+def test_a_poison_job_reaches_the_dlq_and_is_failed_for_the_client(stack):
+    from stratus.contracts import Job, Status, parse_request
+    from stratus.jobstore import JobStore
+
+    req = parse_request("chat", {"model": stack.model, "messages": [{"role": "user", "content": "poison"}], "max_tokens": 8},
+                        max_messages=8, max_tokens_limit=64)
+    now = time.time()
+    JobStore(stack.table()).create(Job("jpoison", "local", Status.QUEUED, req, False, now, int(now + 3600)))
+    session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name="us-east-1")
+    sqs = session.client("sqs", endpoint_url=stack.aws)
+    url = sqs.get_queue_url(QueueName="stratus-JobsQueue")["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"job_id": "jpoison", "tenant": "local", "request": {}}))
+    view = stack.wait_status("jpoison", {"FAILED"}, timeout=60)
+    assert view["error"]["code"] == "job_failed" and "dead-letter queue" in view["error"]["message"]
