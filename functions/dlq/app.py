@@ -19,12 +19,13 @@ processor = BatchProcessor(event_type=EventType.SQS)
 
 
 @functools.cache
-def get_store() -> JobStore:
-    return JobStore(boto3.resource("dynamodb").Table(get_settings().table))
+def get_clients() -> dict:
+    return {"store": JobStore(boto3.resource("dynamodb").Table(get_settings().table)), "sqs": boto3.client("sqs"),
+            "s3": boto3.client("s3")}
 
 
 def record_handler(record: SQSRecord) -> None:
-    fail_dead_letter(record.body, get_store())
+    fail_dead_letter(record.body, **get_clients())
 
 
 @logger.inject_lambda_context

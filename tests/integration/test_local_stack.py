@@ -175,3 +175,38 @@ def test_a_poison_job_reaches_the_dlq_and_is_failed_for_the_client(stack):
     sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"job_id": "jpoison", "tenant": "local", "request": {}}))
     view = stack.wait_status("jpoison", {"FAILED"}, timeout=60)
     assert view["error"]["code"] == "job_failed" and "dead-letter queue" in view["error"]["message"]
+
+
+def test_a_message_on_the_requests_queue_gets_a_reply(stack):
+    session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name="us-east-1")
+    sqs = session.client("sqs", endpoint_url=stack.aws)
+    replies = sqs.create_queue(QueueName="stratus-replies-test")["QueueUrl"]
+    requests = sqs.get_queue_url(QueueName="stratus-RequestsQueue")["QueueUrl"]
+    body = {"model": stack.model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 12,
+            "temperature": 0}
+    sqs.send_message(QueueUrl=requests, MessageBody=json.dumps(
+        {"id": "req-1", "url": "/v1/chat/completions", "body": body, "reply_to": replies}))
+    sqs.send_message(QueueUrl=requests, MessageBody=json.dumps(
+        {"id": "req-2", "body": {**body, "temperature": 7}, "reply_to": replies}))
+    got: dict[str, dict] = {}
+    deadline = time.monotonic() + 60
+    while len(got) < 2 and time.monotonic() < deadline:
+        for m in sqs.receive_message(QueueUrl=replies, WaitTimeSeconds=1, MaxNumberOfMessages=10).get("Messages", []):
+            reply = json.loads(m["Body"])
+            got[reply["id"]] = reply
+    assert got["req-1"]["status"] == "DONE" and got["req-1"]["response"]["choices"][0]["message"]["content"]
+    assert got["req-2"]["status"] == "FAILED" and "temperature" in got["req-2"]["error"]["message"]
+    # the same request again is answered from the cache, straight from the trigger function
+    sqs.send_message(QueueUrl=requests, MessageBody=json.dumps(
+        {"id": "req-3", "url": "/v1/chat/completions", "body": body, "reply_to": replies}))
+    again = wait_for_message(sqs, replies)
+    assert again["id"] == "req-3" and again["response"] == got["req-1"]["response"]
+
+
+def wait_for_message(sqs, url: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = sqs.receive_message(QueueUrl=url, WaitTimeSeconds=1).get("Messages", [])
+        if got:
+            return json.loads(got[0]["Body"])
+    raise AssertionError("no message")

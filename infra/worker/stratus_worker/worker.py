@@ -37,6 +37,7 @@ from stratus.contracts import InferenceRequest, QueueMessage, Status
 from stratus.errors import InvalidRequest
 from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
+from stratus.replies import post_replies
 from stratus.settings import Settings
 from stratus_engine.engine import Engine, GenerationRequest, GenerationResult
 
@@ -132,10 +133,12 @@ class Worker:
         job_id, now = msg.job_id, self.clock()
         logger.append_keys(job_id=job_id, tenant=msg.tenant)
         if now > msg.deadline:
-            if self.store.transition(job_id, [Status.QUEUED], Status.EXPIRED, error={
-                    "message": f"the job waited {now - msg.enqueued_at:.0f} s in the queue, past its deadline",
-                    "type": "server_error", "code": "expired"}):
+            expired = self.store.transition(job_id, [Status.QUEUED], Status.EXPIRED, error={
+                "message": f"the job waited {now - msg.enqueued_at:.0f} s in the queue, past its deadline",
+                "type": "server_error", "code": "expired"})
+            if expired:
                 metrics.add_metric(name="requests_expired", unit=MetricUnit.Count, value=1)
+                self._notify(expired)
             self._delete(m["ReceiptHandle"])
             return
         if job_id in self.held:  # a duplicate of a message we are serving: it comes back, finished, later
@@ -146,8 +149,8 @@ class Worker:
             ids = self._encode(msg.request)
             self.engine.check_fits(len(ids), msg.request.params.max_tokens)
         except InvalidRequest as exc:  # permanent: the model cannot serve this request
-            self.store.transition(job_id, [Status.RUNNING], Status.FAILED, owner=self.worker_id, error={
-                "message": exc.message, "type": exc.error_type, "code": exc.code or "invalid_request"})
+            self._notify(self.store.transition(job_id, [Status.RUNNING], Status.FAILED, owner=self.worker_id, error={
+                "message": exc.message, "type": exc.error_type, "code": exc.code or "invalid_request"}))
             self._delete(m["ReceiptHandle"])
             logger.info("rejected", extra={"code": exc.code})
             return
@@ -177,6 +180,7 @@ class Worker:
         if job is None or job.status.finished:
             if job is not None and job.status == Status.CANCELLED:
                 metrics.add_metric(name="requests_cancelled", unit=MetricUnit.Count, value=1)
+            self._notify(job)  # replies a finished job still owes (e.g. its writer died before posting)
             self._delete(receipt)
 
     def _encode(self, req: InferenceRequest) -> list[int]:
@@ -233,6 +237,7 @@ class Worker:
         job_id = held.message.job_id
         if r.finish_reason == "cancelled":
             metrics.add_metric(name="requests_cancelled", unit=MetricUnit.Count, value=1)
+            self._notify(self.store.get(job_id))
             self._delete(held.receipt)
             return
         queued_s = held.received - held.message.enqueued_at + r.timings.queue_s
@@ -243,6 +248,7 @@ class Worker:
                  "total_tokens": r.usage.total_tokens}
         written = self.store.complete(job_id, self.worker_id, {"text": r.text, "finish_reason": r.finish_reason},
                                       s3=self.s3, bucket=self.settings.bucket, usage=usage, timings=timings)
+        self._notify(written)
         if written:
             logger.info("generated", extra={"job_id": job_id, "completion_tokens": r.usage.completion_tokens,
                                             "ttft_s": timings["ttft_s"], "finish_reason": r.finish_reason})
@@ -256,6 +262,9 @@ class Worker:
                                   ("generation_tokens_per_second", timings["decode_tokens_per_s"],
                                    MetricUnit.CountPerSecond)):
             metrics.add_metric(name=name, unit=unit, value=value)
+
+    def _notify(self, job) -> None:
+        post_replies(job, sqs=self.sqs, s3=self.s3, store=self.store)
 
     # ---- giving messages back -----------------------------------------------------------------
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from stratus.errors import InvalidRequest
@@ -160,6 +160,8 @@ class Job:
     error: dict | None = None  # {"message", "type", "code"}
     worker: str | None = None
     last_error: str | None = None  # a worker's last retryable failure (shown when the job dies in the DLQ)
+    notify: list[dict] = field(default_factory=list)  # replies to post when finished: {"queue_url", "id"}
+    notified: bool = False
 
     def to_item(self) -> dict:
         item = {"pk": self.job_id, "tenant": self.tenant, "status": self.status.value, "cacheable": self.cacheable,
@@ -186,6 +188,7 @@ class Job:
             updated_at=float(item.get("updated_at", 0)), result=load("result"), usage=load("usage"),
             timings=load("timings"), attempts=int(item.get("attempts", 0)), error=load("error"),
             worker=item.get("worker"), result_s3=item.get("result_s3"), last_error=item.get("last_error"),
+            notify=[json.loads(n) for n in item.get("notify", [])], notified=bool(item.get("notified", False)),
         )
 
 

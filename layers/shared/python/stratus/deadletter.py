@@ -9,9 +9,10 @@ from aws_lambda_powertools.metrics import MetricUnit
 from stratus.contracts import Status
 from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
+from stratus.replies import post_replies
 
 
-def fail_dead_letter(body: str, store: JobStore) -> bool:
+def fail_dead_letter(body: str, store: JobStore, *, sqs, s3) -> bool:
     """Mark the message's job FAILED (unless it finished meanwhile); True when this call failed it.
 
     The body is read leniently: a message the workers could not parse still names its job."""
@@ -25,5 +26,6 @@ def fail_dead_letter(body: str, store: JobStore) -> bool:
     failed = store.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.FAILED, error={
         "message": f"the job failed on every delivery to the workers and was moved to the dead-letter queue.{last}", "type": "server_error", "code": "job_failed"})
     metrics.add_metric(name="DeadLetters", unit=MetricUnit.Count, value=1)
-    logger.warning("dead letter", extra={"job_id": job_id, "failed_now": failed})
-    return failed
+    logger.warning("dead letter", extra={"job_id": job_id, "failed_now": bool(failed)})
+    post_replies(failed or store.get(job_id), sqs=sqs, s3=s3, store=store)
+    return bool(failed)

@@ -81,8 +81,9 @@ class JobStore:
             return Job.from_item({k: d.deserialize(v) for k, v in old.items()}), False
 
     def transition(self, job_id: str, allowed_from: list[Status], to: Status, *, owner: str | None = None,
-                   **fields) -> bool:
-        """Conditionally move a job to `to`; False when its status (or its owning worker) did not match.
+                   **fields) -> Job | None:
+        """Conditionally move a job to `to`: the job as written, or None when its status (or its
+        owning worker) did not match.
 
         Extra fields are set too (worker=... claims the job); dicts (result, usage, timings, error)
         are stored as JSON.
@@ -100,17 +101,36 @@ class JobStore:
             cond += " AND worker = :owner"
             values[":owner"] = owner
         try:
-            self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET " + ", ".join(sets),
-                                   ConditionExpression=cond, ExpressionAttributeNames=names,
-                                   ExpressionAttributeValues=values)
+            item = self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET " + ", ".join(sets),
+                                          ConditionExpression=cond, ExpressionAttributeNames=names,
+                                          ExpressionAttributeValues=values, ReturnValues="ALL_NEW")["Attributes"]
+            return Job.from_item(item)
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return None
+            raise
+
+    def watch(self, job_id: str, reply: dict) -> bool:
+        """Ask for `reply` ({"queue_url", "id"}) to be posted when the job finishes; False when it
+        already has (then the caller replies itself). Conditional, so no finish slips between."""
+        try:
+            self.table.update_item(
+                Key={"pk": job_id}, UpdateExpression="SET notify = list_append(if_not_exists(notify, :empty), :r)",
+                ConditionExpression="#s IN (:q, :r0)", ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={":empty": [], ":r": [json.dumps(reply, separators=(",", ":"))],
+                                           ":q": Status.QUEUED.value, ":r0": Status.RUNNING.value})
             return True
         except ClientError as exc:
             if _conditional_failed(exc):
                 return False
             raise
 
+    def mark_notified(self, job_id: str) -> None:
+        self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET notified = :t",
+                               ExpressionAttributeValues={":t": True})
+
     def complete(self, job_id: str, owner: str, result: dict, *, s3=None, bucket: str | None = None,
-                 **fields) -> bool:
+                 **fields) -> Job | None:
         """RUNNING (owned by `owner`) -> DONE with the result; a result too big for the item goes to
         S3 first (s3://bucket/results/<job id>.json) and the item keeps the pointer."""
         blob = json.dumps(result, separators=(",", ":"))
@@ -123,7 +143,7 @@ class JobStore:
         return self.transition(job_id, [Status.RUNNING], Status.DONE, owner=owner,
                                result_s3=f"s3://{bucket}/{key}", **fields)
 
-    def cancel(self, job_id: str) -> bool:
+    def cancel(self, job_id: str) -> Job | None:
         return self.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.CANCELLED)
 
 
@@ -131,3 +151,11 @@ def _now():
     from decimal import Decimal
 
     return Decimal(str(round(time.time(), 6)))
+
+
+def load_result(job: Job, s3) -> Job:
+    """Fill in a result stored in S3 (s3://bucket/key) so a response can carry it."""
+    if job.result is None and job.result_s3:
+        bucket, key = job.result_s3[len("s3://"):].split("/", 1)
+        job.result = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    return job

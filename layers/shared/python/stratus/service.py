@@ -18,7 +18,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from stratus.cache_key import cache_key
 from stratus.contracts import InferenceRequest, Job, QueueMessage, Status, parse_request
 from stratus.errors import Conflict, InvalidRequest, NotFound, StratusError, Unavailable
-from stratus.jobstore import JobStore
+from stratus.jobstore import JobStore, load_result
 from stratus.keys import Tenant, charge
 from stratus.observability import logger, metrics
 from stratus.settings import Settings
@@ -64,8 +64,7 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control:
     directives = {d.strip().lower() for d in cache_control.split(",") if d.strip()}
     no_store, refresh = "no-store" in directives, "no-cache" in directives
     cacheable = req.params.deterministic and not no_store
-    job_id = ("c" + cache_key(req, model_digest=s.model_digest, scope="*" if s.shared_cache else tenant.name)
-              if cacheable else "j" + uuid.uuid4().hex)
+    job_id = job_id_for(req, tenant.name, s, cacheable)
     logger.append_keys(job_id=job_id, tenant=tenant.name)
 
     if cacheable and not refresh:
@@ -82,6 +81,13 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control:
     if not wait:
         return accepted(job)
     return wait_for(job.job_id, tenant, deps)
+
+
+def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool) -> str:
+    """Cacheable requests meet on their cache key ("c" + SHA-256); others get a random id ("j" + uuid)."""
+    if cacheable:
+        return "c" + cache_key(req, model_digest=s.model_digest, scope="*" if s.shared_cache else tenant)
+    return "j" + uuid.uuid4().hex
 
 
 def enqueue(req: InferenceRequest, tenant: Tenant, job_id: str, cacheable: bool, deps: Deps, *,
@@ -119,11 +125,7 @@ def wait_for(job_id: str, tenant: Tenant, deps: Deps) -> Reply:
 
 
 def with_result(job: Job, deps: Deps) -> Job:
-    """Fill in a result stored in S3 (s3://bucket/key) so the response can carry it."""
-    if job.result is None and job.result_s3:
-        bucket, key = job.result_s3[len("s3://"):].split("/", 1)
-        job.result = json.loads(deps.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-    return job
+    return load_result(job, deps.s3)
 
 
 def finished_reply(job: Job) -> Reply:

@@ -39,6 +39,9 @@ class Settings:
     default_rpm: int
     default_tpm: int
     poll_interval_s: float = 0.1  # how often a waiting request re-reads its job
+    # the requests queue (trigger function)
+    trigger_tenant: str = "queue"  # tenant of request messages that name none
+    reply_queue_pattern: str = "*-replies*"  # reply_to queue names allowed (IAM allows the same)
     # workers only
     model_dir: str = ""  # the model directory the worker loads (downloaded from MODEL_URI in AWS)
     max_batch: int = 16  # rows in the engine's continuous batch
@@ -57,6 +60,7 @@ class Settings:
         "max_tokens": ("STRATUS_MAX_TOKENS", int), "shared_cache": ("STRATUS_SHARED_CACHE", _bool),
         "default_rpm": ("STRATUS_DEFAULT_RPM", int), "default_tpm": ("STRATUS_DEFAULT_TPM", int),
         "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float),
+        "trigger_tenant": ("STRATUS_TRIGGER_TENANT", str), "reply_queue_pattern": ("STRATUS_REPLY_QUEUE_PATTERN", str),
         "model_dir": ("STRATUS_MODEL_DIR", str), "max_batch": ("STRATUS_MAX_BATCH", int),
         "visibility_s": ("STRATUS_VISIBILITY_S", int), "heartbeat_s": ("STRATUS_HEARTBEAT_S", float),
         "cancel_check_s": ("STRATUS_CANCEL_CHECK_S", float), "drain_s": ("STRATUS_DRAIN_S", float),

@@ -1,0 +1,97 @@
+"""Requests that arrive as messages on the requests queue (event-driven callers, no HTTP).
+
+Message: {"id": "<caller's id>", "url": "/v1/chat/completions" | "/v1/completions", "body": {...},
+          "reply_to": "<SQS queue URL>" (optional), "tenant": "<name>" (optional)}
+
+Each becomes a job through the same path as the API (cache hit, coalescing, conditional put +
+SendMessage); with reply_to, the result is posted there when the job finishes (stratus.replies).
+Senders are trusted by IAM (they may write to the queue), so tenant limits are not charged.
+A request that can never succeed (bad JSON, invalid body, reply queue not allowed) is answered
+with an error when it can be and is not retried; anything else raises so SQS redelivers it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass
+
+from stratus.contracts import Status, parse_request
+from stratus.errors import InvalidRequest
+from stratus.keys import Tenant
+from stratus.observability import logger
+from stratus.replies import post_replies
+from stratus.service import Deps, enqueue, job_id_for
+
+ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+@dataclass(frozen=True)
+class RequestMessage:
+    id: str | None
+    route: str
+    body: dict
+    reply_to: str | None
+    tenant: str
+
+    @classmethod
+    def parse(cls, raw: str, *, default_tenant: str, reply_pattern: str) -> RequestMessage:
+        try:
+            msg = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"the message is not valid JSON: {exc.msg}") from exc
+        if not isinstance(msg, dict):
+            raise InvalidRequest("the message must be a JSON object")
+        url = msg.get("url", "/v1/chat/completions")
+        if url not in ROUTES:
+            raise InvalidRequest(f"url must be one of {', '.join(ROUTES)}, got {url!r}", param="url")
+        reply_to = msg.get("reply_to")
+        if reply_to is not None:
+            name = str(reply_to).rstrip("/").rsplit("/", 1)[-1]
+            if not fnmatch.fnmatch(name, reply_pattern):
+                raise InvalidRequest(f"reply_to must name a queue matching {reply_pattern!r}, got {name!r}",
+                                     param="reply_to")
+        return cls(msg.get("id"), ROUTES[url], msg.get("body"), reply_to, str(msg.get("tenant") or default_tenant))
+
+
+def handle_request(raw: str, deps: Deps) -> str:
+    """One requests-queue message -> a job (and a reply when it is already known); returns the job id."""
+    s = deps.settings
+    try:
+        msg = RequestMessage.parse(raw, default_tenant=s.trigger_tenant, reply_pattern=s.reply_queue_pattern)
+    except InvalidRequest as exc:
+        logger.warning("request message refused", extra={"reason": exc.message})
+        return ""
+    try:
+        req = parse_request(msg.route, msg.body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
+        if req.model != s.model_id:
+            raise InvalidRequest(f"model {req.model!r} does not exist; this deployment serves {s.model_id!r}",
+                                 param="model")
+    except InvalidRequest as exc:
+        if msg.reply_to:
+            error = {"id": msg.id, "job_id": None, "status": Status.FAILED.value,
+                     "error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
+            deps.sqs.send_message(QueueUrl=msg.reply_to, MessageBody=json.dumps(error, separators=(",", ":")))
+        logger.info("request message invalid", extra={"reason": exc.message})
+        return ""
+    tenant = Tenant(msg.tenant, rpm=0, tpm=0)
+    cacheable = req.params.deterministic
+    job_id = job_id_for(req, tenant.name, s, cacheable)
+    hit = deps.store.get(job_id, now=deps.clock()) if cacheable else None
+    if hit is None or hit.status != Status.DONE:
+        job_id = enqueue(req, tenant, job_id, cacheable, deps).job_id
+    if msg.reply_to:
+        reply = {"queue_url": msg.reply_to, "id": msg.id}
+        if not deps.store.watch(job_id, reply):  # finished already (a cache hit, or just now)
+            job = deps.store.get(job_id, now=deps.clock())
+            job.notify, job.notified = [reply], False
+            post_replies(job, sqs=deps.sqs, s3=deps.s3, store=_NoMark())
+    return job_id
+
+
+class _NoMark:
+    """A reply posted straight away concerns only this request: nothing to mark on the job."""
+
+    def mark_notified(self, job_id: str) -> None:
+        pass
+

@@ -1,0 +1,76 @@
+"""The trigger function (requests queue -> jobs) under moto, driven by events/trigger_request.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from stratus.contracts import Status
+from stratus.jobstore import JobStore
+from stratus_local.template import ROOT, LambdaContext, load_handler, load_template
+
+EVENT = json.loads((ROOT / "events/trigger_request.json").read_text())
+
+
+@pytest.fixture
+def trigger(stack):
+    handler, _ = load_handler(load_template(), "TriggerFunction")
+    replies = stack.sqs.create_queue(QueueName="orders-replies")["QueueUrl"]
+
+    def send(*messages: dict) -> dict:
+        event = copy.deepcopy(EVENT)
+        template = event["Records"][0]
+        event["Records"] = [{**template, "messageId": f"m{i}", "body": json.dumps({**m, "reply_to": replies}
+                                                                                  if "reply_to" not in m else m)}
+                            for i, m in enumerate(messages)]
+        return handler(event, LambdaContext())
+
+    def replied() -> list[dict]:
+        got = stack.sqs.receive_message(QueueUrl=replies, MaxNumberOfMessages=10).get("Messages", [])
+        return [json.loads(m["Body"]) for m in got]
+
+    return send, replied
+
+
+def request(**body) -> dict:
+    base = json.loads(EVENT["Records"][0]["body"])
+    return {**base, "body": {**base["body"], **body}}
+
+
+def test_a_request_message_becomes_a_watched_job(stack, trigger):
+    send, replied = trigger
+    assert send(request()) == {"batchItemFailures": []}
+    [queued] = stack.queued()
+    job = JobStore(stack.table).get(queued["job_id"])
+    assert job.status == Status.QUEUED and job.tenant == "queue" and job.notify[0]["id"] == "order-42"
+    assert replied() == []
+
+
+def test_an_invalid_request_is_answered_with_an_error_and_not_retried(stack, trigger):
+    send, replied = trigger
+    assert send(request(max_tokens=0), {"id": "x", "url": "/v1/embeddings", "body": {}}) == {"batchItemFailures": []}
+    [reply] = replied()
+    assert reply["id"] == "order-42" and reply["status"] == "FAILED" and "max_tokens" in reply["error"]["message"]
+    assert stack.queued() == []
+
+
+def test_a_reply_queue_outside_the_allowed_pattern_is_refused(stack, trigger):
+    send, _ = trigger
+    assert send({**request(), "reply_to": "https://sqs.us-east-1.amazonaws.com/1/someone-elses-queue"}) == {
+        "batchItemFailures": []}
+    assert stack.queued() == []
+
+
+def test_a_cached_result_is_replied_at_once(stack, trigger):
+    send, replied = trigger
+    send(request())
+    [queued] = stack.queued()
+    store = JobStore(stack.table)
+    store.transition(queued["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
+    store.complete(queued["job_id"], "w", {"text": "Shipped.", "finish_reason": "stop"})
+    send({**request(), "id": "order-43"})
+    [reply] = replied()
+    assert reply["id"] == "order-43" and reply["response"]["choices"][0]["message"]["content"] == "Shipped."
+    assert stack.queued() == []
