@@ -11,7 +11,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from stratus import service
+from stratus import batches, service
 from stratus.errors import InvalidRequest, PayloadTooLarge, RateLimited, StratusError
 from stratus.keys import Tenant, authenticate
 from stratus.observability import logger, metrics, tracer
@@ -83,6 +83,25 @@ def get_job(job_id: str) -> Response:
 @app.delete("/v1/jobs/<job_id>")
 def cancel_job(job_id: str) -> Response:
     return _reply(service.cancel_job(job_id, _tenant(), get_deps()))
+
+
+@app.post("/v1/batches")
+def create_batch() -> Response:
+    tenant, deps = _tenant(), get_deps()
+    return _reply(service.Reply(200, batches.create_from_request(_body(), tenant.name, deps).view(deps.settings.bucket)))
+
+
+@app.get("/v1/batches")
+def list_batches() -> Response:
+    tenant, deps = _tenant(), get_deps()
+    data = [b.view(deps.settings.bucket) for b in batches.list_recent(tenant.name, deps)]
+    return _reply(service.Reply(200, {"object": "list", "data": data, "has_more": False}))
+
+
+@app.get("/v1/batches/<batch_id>")
+def get_batch(batch_id: str) -> Response:
+    tenant, deps = _tenant(), get_deps()
+    return _reply(service.Reply(200, batches.get(batch_id, tenant.name, deps).view(deps.settings.bucket)))
 
 
 @app.get("/v1/models")

@@ -11,7 +11,7 @@ import pytest
 from stratus.contracts import Status
 from stratus.jobstore import JobStore
 from stratus.keys import create_key, revoke_key
-from stratus_local.template import LambdaContext, apply_environment
+from stratus_local.template import LambdaContext, apply_environment, load_handler, load_template
 
 MODEL = "smollm2-135m-instruct-int4"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -132,14 +132,18 @@ def test_tenants_are_isolated(stack, key):
 
 
 def test_20_concurrent_identical_misses_queue_one_job(stack, key):
+    # 20 Lambda instances (each its own module, resolver and clients) get the same request at once
     results = []
     barrier = threading.Barrier(20)
+    instances = [load_handler(load_template(), "ApiFunction")[0] for _ in range(20)]
 
-    def call():
+    def call(handler):
+        event = stack.event("api_chat_completion.json", key=key, body=CHAT)
         barrier.wait()
-        results.append(stack.call("api_chat_completion.json", key=key, body=CHAT))
+        out = handler(event, LambdaContext())
+        results.append((out["statusCode"], json.loads(out["body"]), out.get("headers", {})))
 
-    threads = [threading.Thread(target=call) for _ in range(20)]
+    threads = [threading.Thread(target=call, args=(h,)) for h in instances]
     for t in threads:
         t.start()
     for t in threads:

@@ -3,7 +3,8 @@
   SQS       receive up to BatchSize messages -> one SQS event -> the function; delete what
             succeeded (with ReportBatchItemFailures, all but the reported items; if the function
             raised, nothing), so failures come back after the visibility timeout, as in AWS.
-  S3        new objects under the subscription's prefix/suffix -> ObjectCreated records.
+  S3        new objects matching an EventBridge rule on aws.s3 "Object Created" (bucket name,
+            key prefix) -> that EventBridge event.
   Schedule  the function every `rate(...)`, as an EventBridge scheduled event.
 
 Subscriptions are read from the template's function Events.
@@ -19,6 +20,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+from stratus_local.template import resolve
+
 Invoke = Callable[[str, dict], dict]
 IDLE_WAIT_S = 1
 
@@ -26,7 +29,7 @@ IDLE_WAIT_S = 1
 @dataclass(frozen=True)
 class Subscription:
     function: str
-    kind: str  # "SQS" | "S3" | "Schedule"
+    kind: str  # "SQS" | "EventBridgeRule" | "Schedule"
     props: dict
 
 
@@ -34,7 +37,7 @@ def subscriptions(template: dict) -> list[Subscription]:
     out = []
     for name, res in template["Resources"].items():
         for event in res.get("Properties", {}).get("Events", {}).values():
-            if event.get("Type") in ("SQS", "S3", "Schedule"):
+            if event.get("Type") in ("SQS", "EventBridgeRule", "Schedule"):
                 out.append(Subscription(name, event["Type"], event["Properties"]))
     return out
 
@@ -53,12 +56,14 @@ def sqs_event(messages: list[dict], arn: str, region: str) -> dict:
         "eventSource": "aws:sqs", "eventSourceARN": arn, "awsRegion": region} for m in messages]}
 
 
-def s3_event(bucket: str, key: str, size: int, etag: str, region: str) -> dict:
-    return {"Records": [{
-        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": region,
-        "eventTime": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()), "eventName": "ObjectCreated:Put",
-        "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
-               "object": {"key": key, "size": size, "eTag": etag, "sequencer": uuid.uuid4().hex[:16]}}}]}
+def s3_object_created(bucket: str, key: str, size: int, etag: str, region: str) -> dict:
+    """What S3 sends EventBridge for a new object."""
+    return {"version": "0", "id": uuid.uuid4().hex, "detail-type": "Object Created", "source": "aws.s3",
+            "account": "000000000000", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "region": region,
+            "resources": [f"arn:aws:s3:::{bucket}"],
+            "detail": {"version": "0", "bucket": {"name": bucket},
+                       "object": {"key": key, "size": size, "etag": etag, "sequencer": uuid.uuid4().hex[:16]},
+                       "request-id": uuid.uuid4().hex, "requester": "000000000000", "reason": "PutObject"}}
 
 
 def scheduled_event(function: str, region: str) -> dict:
@@ -97,7 +102,7 @@ class EventSources:
             t.join(timeout=IDLE_WAIT_S + 5)
 
     def _guard(self, sub: Subscription) -> None:
-        loop = {"SQS": self._sqs, "S3": self._s3, "Schedule": self._schedule}[sub.kind]
+        loop = {"SQS": self._sqs, "EventBridgeRule": self._s3, "Schedule": self._schedule}[sub.kind]
         while not self.stopped.is_set():
             try:
                 loop(sub)
@@ -127,9 +132,12 @@ class EventSources:
                     {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(done[i:i + 10])])
 
     def _s3(self, sub: Subscription) -> None:
-        bucket = self.refs[_ref_name(sub.props["Bucket"])]
-        rules = {r["Name"].lower(): r["Value"] for r in sub.props.get("Filter", {}).get("S3Key", {}).get("Rules", [])}
-        prefix, suffix = rules.get("prefix", ""), rules.get("suffix", "")
+        pattern = resolve(sub.props["Pattern"], self.refs)
+        if pattern.get("source") != ["aws.s3"] or pattern.get("detail-type") != ["Object Created"]:
+            raise ValueError(f"local mode delivers S3 Object Created rules only, not {pattern}")
+        [bucket] = pattern["detail"]["bucket"]["name"]
+        key_rules = pattern["detail"].get("object", {}).get("key", [{}])
+        prefix, suffix = key_rules[0].get("prefix", ""), key_rules[0].get("suffix", "")
         seen: set[str] = set()
         while not self.stopped.is_set():
             pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -138,7 +146,8 @@ class EventSources:
                 if tag in seen or not obj["Key"].endswith(suffix):
                     continue
                 seen.add(tag)
-                self.invoke(sub.function, s3_event(bucket, obj["Key"], obj["Size"], obj["ETag"].strip('"'), self.region))
+                self.invoke(sub.function, s3_object_created(bucket, obj["Key"], obj["Size"], obj["ETag"].strip('"'),
+                                                            self.region))
             self.stopped.wait(0.5)
 
     def _schedule(self, sub: Subscription) -> None:

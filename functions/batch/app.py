@@ -1,0 +1,48 @@
+"""The batch Lambda: an uploaded JSONL file (S3 "Object Created" via EventBridge) becomes a batch;
+a scheduled event advances open batches and writes their output files (logic in stratus.batches)."""
+
+from __future__ import annotations
+
+import functools
+from urllib.parse import unquote_plus
+
+import boto3
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from stratus import batches, service
+from stratus.errors import InvalidRequest
+from stratus.observability import logger, metrics, tracer
+from stratus.settings import get_settings
+
+
+@functools.cache
+def get_deps() -> service.Deps:
+    settings = get_settings()
+    return service.Deps(settings, boto3.resource("dynamodb").Table(settings.table), boto3.client("sqs"),
+                        boto3.client("s3"))
+
+
+def on_upload(event: dict) -> dict:
+    obj = event["detail"]["object"]
+    key, bucket = unquote_plus(obj["key"]), event["detail"]["bucket"]["name"]
+    try:
+        tenant = batches.tenant_of_upload(key)
+    except InvalidRequest as exc:
+        logger.warning("upload ignored", extra={"key": key, "reason": exc.message})
+        return {"ignored": key}
+    batch = batches.create(batches.batch_id_for_upload(bucket, key, obj.get("etag", "")), tenant, key, get_deps())
+    return {"batch": batch.id, "status": batch.status, "request_counts": batch.counts}
+
+
+def on_schedule(_event: dict) -> dict:
+    return {"completed": batches.advance(get_deps())}
+
+
+HANDLERS = {"aws.s3": on_upload, "aws.events": on_schedule}  # EventBridge source -> handler
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict, context: LambdaContext) -> dict:
+    return HANDLERS[event["source"]](event)

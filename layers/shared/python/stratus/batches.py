@@ -1,0 +1,312 @@
+"""Batch files: a JSONL file of requests in, an output file (and an error file) out.
+
+  batches/input/<tenant>/<name>.jsonl    uploading here creates a batch (S3 -> EventBridge -> batch fn)
+  batches/files/<tenant>/<name>.jsonl    POST /v1/batches {"input_file_id": "<name>.jsonl"} creates one
+  batches/output/<batch id>/             output.jsonl, errors.jsonl, manifest.json when every line is done
+  batches/state/<batch id>/lines.json    which job serves each line (written at ingest)
+
+Lines are OpenAI batch lines ({"custom_id", "method": "POST", "url", "body"}) or Bedrock batch
+records ({"recordId", "modelInput"}). Each valid line becomes a job exactly like an API request
+(same cache key, so identical lines and earlier requests reuse one result); jobs are sent to the
+jobs queue ten per SendMessageBatch. Invalid lines go to the error file with their line number.
+A scheduled pass (advance) counts finished lines and writes the output once nothing is pending.
+
+Batch item: pk "batch#<id>"; the ids of unfinished batches are kept in the "batches#open" item,
+and each tenant's batch ids, oldest first, in "batches#tenant#<tenant>" (GET /v1/batches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from aws_lambda_powertools.metrics import MetricUnit
+
+from stratus.contracts import Job, QueueMessage, Status, parse_request
+from stratus.errors import InvalidRequest, NotFound
+from stratus.jobstore import load_result
+from stratus.observability import logger, metrics
+from stratus.service import Deps, completion_body, job_id_for
+
+INPUT_PREFIX, FILES_PREFIX = "batches/input/", "batches/files/"
+OPEN = "batches#open"
+ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+KEEP_S = 30 * 86400  # batch records outlive their jobs' cache TTL: the output files are what matter
+WINDOW_S = 86400  # completion window: a line's job expires unstarted after this (the queue keeps messages 1 day)
+
+
+@dataclass
+class Line:
+    """One input line's fate: the job serving it, or why it was refused."""
+
+    n: int  # 1-based line number in the input file
+    custom_id: str | None
+    job_id: str | None = None
+    error: dict | None = None
+    bedrock: bool = False
+
+
+@dataclass
+class Batch:
+    id: str
+    tenant: str
+    input_file: str  # S3 key
+    status: str = "validating"  # validating -> in_progress -> completed | failed
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    completed_at: int | None = None
+    counts: dict = field(default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
+    output_file: str | None = None
+    error_file: str | None = None
+    errors: list = field(default_factory=list)  # file-level problems (unreadable input)
+
+    def to_item(self) -> dict:
+        item = {"pk": f"batch#{self.id}", "tenant": self.tenant, "input_file": self.input_file, "status": self.status,
+                "created_at": self.created_at, "counts": json.dumps(self.counts),
+                "errors": json.dumps(self.errors), "expires_at": self.created_at + KEEP_S}
+        for name in ("completed_at", "output_file", "error_file"):
+            if getattr(self, name) is not None:
+                item[name] = getattr(self, name)
+        return item
+
+    @classmethod
+    def from_item(cls, item: dict) -> Batch:
+        return cls(item["pk"].removeprefix("batch#"), item["tenant"], item["input_file"], item["status"],
+                   int(item["created_at"]), int(item["completed_at"]) if "completed_at" in item else None,
+                   json.loads(item["counts"]), item.get("output_file"), item.get("error_file"),
+                   json.loads(item.get("errors", "[]")))
+
+    def view(self, bucket: str) -> dict:
+        """The OpenAI batch object."""
+        s3 = lambda key: f"s3://{bucket}/{key}" if key else None  # noqa: E731
+        return {"id": self.id, "object": "batch", "endpoint": "/v1/chat/completions", "input_file_id": s3(self.input_file),
+                "completion_window": "24h", "status": self.status, "created_at": self.created_at,
+                "completed_at": self.completed_at, "output_file_id": s3(self.output_file),
+                "error_file_id": s3(self.error_file), "request_counts": self.counts,
+                "errors": {"object": "list", "data": self.errors} if self.errors else None}
+
+
+# ---- reading lines --------------------------------------------------------------------------
+
+def parse_line(raw: str, default_model: str) -> tuple[str | None, str, dict, bool]:
+    """A JSONL line -> (custom id, route, OpenAI body, is Bedrock); InvalidRequest names the problem."""
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    if not isinstance(d, dict):
+        raise InvalidRequest("each line must be a JSON object")
+    if "modelInput" in d:  # Bedrock batch inference record
+        body = d["modelInput"]
+        if not isinstance(body, dict):
+            raise InvalidRequest("modelInput must be an object", param="modelInput")
+        body = {"model": default_model, **body}
+        if "max_gen_len" in body:
+            body["max_tokens"] = body.pop("max_gen_len")
+        return d.get("recordId"), "chat" if "messages" in body else "completion", body, True
+    custom_id = d.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise InvalidRequest("custom_id is required (a non-empty string)", param="custom_id")
+    if d.get("method", "POST") != "POST":
+        raise InvalidRequest(f"method must be POST, got {d.get('method')!r}", param="method")
+    if d.get("url") not in ROUTES:
+        raise InvalidRequest(f"url must be one of {', '.join(ROUTES)}, got {d.get('url')!r}", param="url")
+    if not isinstance(d.get("body"), dict):
+        raise InvalidRequest("body must be an object", param="body")
+    return custom_id, ROUTES[d["url"]], d["body"], False
+
+
+def _error(exc: InvalidRequest) -> dict:
+    return {"code": exc.code or "invalid_request", "message": exc.message, "param": exc.param}
+
+
+# ---- creating a batch -----------------------------------------------------------------------
+
+def batch_id_for_upload(bucket: str, key: str, etag: str) -> str:
+    """The same upload (a redelivered event) always maps to the same batch."""
+    return "batch_" + hashlib.sha256(f"{bucket}/{key}/{etag}".encode()).hexdigest()[:24]
+
+
+def tenant_of_upload(key: str) -> str:
+    rest = key.removeprefix(INPUT_PREFIX)
+    if rest == key or "/" not in rest:
+        raise InvalidRequest(f"batch files go under {INPUT_PREFIX}<tenant>/, got {key!r}")
+    return rest.split("/", 1)[0]
+
+
+def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
+    """Ingest one input file: validate every line, create and enqueue the jobs, record the batch."""
+    s, store = deps.settings, deps.store
+    batch = Batch(batch_id, tenant, key)
+    try:
+        deps.table.put_item(Item=batch.to_item(), ConditionExpression="attribute_not_exists(pk)")
+    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
+        logger.info("batch exists already (a redelivered event)", extra={"batch_id": batch_id})
+        return get(batch_id, tenant, deps)
+    try:
+        raw_lines = deps.s3.get_object(Bucket=s.bucket, Key=key)["Body"].read().decode("utf-8").splitlines()
+    except Exception as exc:  # noqa: BLE001 - the batch fails visibly instead of vanishing
+        batch.status, batch.errors = "failed", [{"code": "input_unreadable", "message": f"{type(exc).__name__}: {exc}"}]
+        deps.table.put_item(Item=batch.to_item())
+        return batch
+    lines, outbox = [], []
+    for n, raw in enumerate(raw_lines, 1):
+        if not raw.strip():
+            continue
+        line = Line(n, None)
+        try:
+            line.custom_id, route, body, line.bedrock = parse_line(raw, s.model_id)
+            req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
+            if req.model != s.model_id:
+                raise InvalidRequest(f"model {req.model!r} does not exist; this deployment serves {s.model_id!r}",
+                                     param="model")
+        except InvalidRequest as exc:
+            line.error = _error(exc)
+            lines.append(line)
+            continue
+        cacheable = req.params.deterministic
+        line.job_id = job_id_for(req, tenant, s, cacheable)
+        now = deps.clock()
+        job = Job(line.job_id, tenant, Status.QUEUED, req, cacheable, created_at=now,
+                  expires_at=int(now + (s.cache_ttl_s if cacheable else KEEP_S)))
+        held = store.get(line.job_id, now=now) if cacheable else None
+        if held is None or held.status != Status.DONE:
+            held, created = store.create(job)
+            if created:
+                outbox.append(QueueMessage(line.job_id, tenant, req, enqueued_at=now, deadline=now + WINDOW_S))
+        lines.append(line)
+    _send(outbox, deps)
+    state_key = f"batches/state/{batch_id}/lines.json"
+    deps.s3.put_object(Bucket=s.bucket, Key=state_key, Body=json.dumps([l.__dict__ for l in lines]).encode())
+    batch.status = "in_progress"
+    batch.counts = {"total": len(lines), "completed": 0, "failed": sum(1 for l in lines if l.error)}
+    deps.table.put_item(Item=batch.to_item())
+    deps.table.update_item(Key={"pk": OPEN}, UpdateExpression="ADD ids :b", ExpressionAttributeValues={":b": {batch_id}})
+    deps.table.update_item(Key={"pk": f"batches#tenant#{tenant}"},
+                           UpdateExpression="SET ids = list_append(if_not_exists(ids, :empty), :b)",
+                           ExpressionAttributeValues={":empty": [], ":b": [batch_id]})
+    metrics.add_metric(name="BatchLines", unit=MetricUnit.Count, value=len(lines))
+    logger.info("batch created", extra={"batch_id": batch_id, "lines": len(lines), "queued": len(outbox)})
+    return batch
+
+
+def _send(messages: list[QueueMessage], deps: Deps) -> None:
+    """Fan out ten per SendMessageBatch; a job whose message was refused fails visibly."""
+    for i in range(0, len(messages), 10):
+        chunk = messages[i:i + 10]
+        out = deps.sqs.send_message_batch(QueueUrl=deps.settings.queue_url, Entries=[
+            {"Id": str(n), "MessageBody": m.to_body()} for n, m in enumerate(chunk)])
+        for f in out.get("Failed", []):
+            deps.store.transition(chunk[int(f["Id"])].job_id, [Status.QUEUED], Status.FAILED, error={
+                "message": f"could not enqueue the job: {f.get('Message', f.get('Code'))}", "type": "server_error",
+                "code": "enqueue_failed"})
+
+
+def get(batch_id: str, tenant: str, deps: Deps) -> Batch:
+    item = deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True).get("Item")
+    if item is None or item["tenant"] != tenant:
+        raise NotFound(f"batch {batch_id!r} not found")
+    return Batch.from_item(item)
+
+
+def list_recent(tenant: str, deps: Deps, limit: int = 20) -> list[Batch]:
+    """GET /v1/batches: the tenant's batches, newest first."""
+    item = deps.table.get_item(Key={"pk": f"batches#tenant#{tenant}"}, ConsistentRead=True).get("Item") or {}
+    return [get(b, tenant, deps) for b in reversed(item.get("ids", [])[-limit:])]
+
+
+def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
+    """POST /v1/batches: {"input_file_id": "<name under batches/files/<tenant>/>", "endpoint", ...}."""
+    if not isinstance(body, dict) or not isinstance(body.get("input_file_id"), str) or not body["input_file_id"]:
+        raise InvalidRequest("input_file_id is required: the name of a file under "
+                             f"s3://{deps.settings.bucket}/{FILES_PREFIX}{tenant}/", param="input_file_id")
+    if body.get("endpoint", "/v1/chat/completions") not in ROUTES:
+        raise InvalidRequest(f"endpoint must be one of {', '.join(ROUTES)}", param="endpoint")
+    key = f"{FILES_PREFIX}{tenant}/{body['input_file_id']}"
+    try:
+        deps.s3.head_object(Bucket=deps.settings.bucket, Key=key)
+    except Exception as exc:  # noqa: BLE001 - botocore's ClientError for a 404
+        raise NotFound(f"no file {body['input_file_id']!r} under {FILES_PREFIX}{tenant}/", param="input_file_id") from exc
+    return create("batch_" + uuid.uuid4().hex[:24], tenant, key, deps)
+
+
+# ---- progress and output --------------------------------------------------------------------
+
+def advance(deps: Deps) -> list[str]:
+    """Count finished lines of every open batch; finish the batches with nothing pending.
+    Returns the ids of the batches completed by this pass."""
+    item = deps.table.get_item(Key={"pk": OPEN}, ConsistentRead=True).get("Item") or {}
+    completed = []
+    for batch_id in sorted(item.get("ids", set())):
+        batch = Batch.from_item(deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True)["Item"])
+        if _advance_one(batch, deps):
+            completed.append(batch_id)
+            deps.table.update_item(Key={"pk": OPEN}, UpdateExpression="DELETE ids :b",
+                                   ExpressionAttributeValues={":b": {batch_id}})
+    return completed
+
+
+def _advance_one(batch: Batch, deps: Deps) -> bool:
+    s = deps.settings
+    raw = deps.s3.get_object(Bucket=s.bucket, Key=f"batches/state/{batch.id}/lines.json")["Body"].read()
+    lines = [Line(**d) for d in json.loads(raw)]
+    statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id}))
+    done = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.DONE)
+    pending = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) in (Status.QUEUED, Status.RUNNING))
+    batch.counts = {"total": len(lines), "completed": done, "failed": len(lines) - done - pending}
+    if pending:
+        deps.table.put_item(Item=batch.to_item())
+        return False
+    _write_output(batch, lines, deps)
+    return True
+
+
+def _write_output(batch: Batch, lines: list[Line], deps: Deps) -> None:
+    s, store = deps.settings, deps.store
+    jobs = {j: store.get(j) for j in {l.job_id for l in lines if l.job_id}}
+    inputs = _bedrock_inputs(batch, lines, deps)
+    out, err = [], []
+    for l in lines:
+        job = jobs.get(l.job_id) if l.job_id else None
+        if job is not None and job.status == Status.DONE:
+            body = completion_body(load_result(job, deps.s3))
+            out.append({"recordId": l.custom_id, "modelInput": inputs.get(l.n), "modelOutput": body} if l.bedrock else
+                       {"id": f"batch_req_{l.n}", "custom_id": l.custom_id,
+                        "response": {"status_code": 200, "request_id": l.job_id, "body": body}, "error": None})
+            continue
+        error = l.error or (job.error if job is not None and job.error else
+                            {"code": (job.status.value.lower() if job else "expired"),
+                             "message": "the line's job did not finish" if job else "the line's job expired"})
+        err.append({"recordId": l.custom_id, "modelInput": inputs.get(l.n), "error": error} if l.bedrock else
+                   {"id": f"batch_req_{l.n}", "custom_id": l.custom_id, "line": l.n, "response": None, "error": error})
+    prefix = f"batches/output/{batch.id}/"
+    batch.output_file, batch.error_file = prefix + "output.jsonl", prefix + "errors.jsonl"
+    for key, rows in ((batch.output_file, out), (batch.error_file, err)):
+        deps.s3.put_object(Bucket=s.bucket, Key=key, Body="".join(json.dumps(r) + "\n" for r in rows).encode(),
+                           ContentType="application/jsonl")
+    batch.status, batch.completed_at = "completed", int(time.time())
+    batch.counts = {"total": len(lines), "completed": len(out), "failed": len(err)}
+    manifest = {"batch_id": batch.id, "input_file": batch.input_file, "request_counts": batch.counts,
+                "output_file": batch.output_file, "error_file": batch.error_file, "completed_at": batch.completed_at}
+    deps.s3.put_object(Bucket=s.bucket, Key=prefix + "manifest.json", Body=json.dumps(manifest, indent=2).encode())
+    deps.table.put_item(Item=batch.to_item())
+    logger.info("batch completed", extra={"batch_id": batch.id, **batch.counts})
+
+
+def _bedrock_inputs(batch: Batch, lines: list[Line], deps: Deps) -> dict[int, dict]:
+    """Bedrock output records repeat their modelInput: read those lines back from the input file."""
+    wanted = {l.n for l in lines if l.bedrock}
+    if not wanted:
+        return {}
+    raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=batch.input_file)["Body"].read().decode()
+    out = {}
+    for n, text in enumerate(raw.splitlines(), 1):
+        if n in wanted:
+            try:
+                out[n] = json.loads(text).get("modelInput")
+            except ValueError:
+                out[n] = None
+    return out
+

@@ -1,0 +1,141 @@
+"""Batch files under moto: upload -> batch function (events/batch_upload.json) -> jobs -> scheduled
+pass (events/batch_schedule.json) -> output and error files; the /v1/batches routes."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import boto3
+import pytest
+
+from stratus.contracts import Status
+from stratus.jobstore import JobStore
+from stratus.keys import create_key
+from stratus_local.template import ROOT, LambdaContext, load_handler, load_template
+
+MODEL = "smollm2-135m-instruct-int4"
+EVENTS = ROOT / "events"
+
+
+def line(custom_id: str, content: str, **kw) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 16, "temperature": 0, **kw}})
+
+
+FILE = "\n".join([
+    line("q1", "What is 2+2?"),
+    line("q2", "What is 2+2?"),  # identical to q1: one job serves both
+    "{not json",
+    line("q4", "Too hot", temperature=9),
+    json.dumps({"recordId": "r5", "modelInput": {"prompt": "Once upon a time", "max_gen_len": 8, "temperature": 0}}),
+    line("q6", "Name a colour."),
+]) + "\n"
+
+
+@pytest.fixture
+def batch_fn(stack):
+    handler, _ = load_handler(load_template(), "BatchFunction")
+    s3, bucket = boto3.client("s3"), stack.refs["ResultsBucket"]
+
+    def upload(key: str, body: str) -> dict:
+        s3.put_object(Bucket=bucket, Key=key, Body=body.encode())
+        event = json.loads((EVENTS / "batch_upload.json").read_text())
+        event["detail"]["bucket"]["name"] = bucket
+        event["detail"]["object"].update(key=key, etag=s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"'))
+        return handler(event, LambdaContext())
+
+    def tick() -> dict:
+        return handler(json.loads((EVENTS / "batch_schedule.json").read_text()), LambdaContext())
+
+    def read(uri: str) -> list[dict]:
+        key = uri.removeprefix(f"s3://{bucket}/")
+        return [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode().splitlines()]
+
+    return upload, tick, read
+
+
+def work_all(stack, text: str = "4") -> int:
+    """Play the worker for every queued job."""
+    store, n = JobStore(stack.table), 0
+    for m in stack.queued():
+        store.transition(m["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
+        store.complete(m["job_id"], "w", {"text": f"{text}:{m['job_id'][:6]}", "finish_reason": "stop"},
+                       usage={"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6})
+        n += 1
+    return n
+
+
+def test_an_uploaded_file_becomes_a_batch_with_output_and_error_files(stack, batch_fn):
+    upload, tick, read = batch_fn
+    created = upload("batches/input/acme/questions.jsonl", FILE)
+    assert created["status"] == "in_progress" and created["request_counts"] == {"total": 6, "completed": 0, "failed": 2}
+    assert work_all(stack) == 3  # q1 and q2 share one job; the bad JSON and bad temperature never queue
+    assert tick()["completed"] == [created["batch"]]
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    status, view, _ = stack.call("api_get_batch.json", key=key, job_id=created["batch"])
+    assert status == 200 and view["status"] == "completed"
+    assert view["request_counts"] == {"total": 6, "completed": 4, "failed": 2}
+    out = read(view["output_file_id"])
+    by_id = {o.get("custom_id") or o.get("recordId"): o for o in out}
+    assert set(by_id) == {"q1", "q2", "r5", "q6"}
+    assert by_id["q1"]["response"]["body"] == by_id["q2"]["response"]["body"]
+    assert by_id["q1"]["response"]["status_code"] == 200 and by_id["q1"]["response"]["body"]["object"] == "chat.completion"
+    assert by_id["r5"]["modelInput"]["prompt"] == "Once upon a time"
+    assert by_id["r5"]["modelOutput"]["object"] == "text_completion"
+    errors = read(view["error_file_id"])
+    assert [(e["line"], e["custom_id"]) for e in errors] == [(3, None), (4, "q4")]
+    assert "not valid JSON" in errors[0]["error"]["message"] and "temperature" in errors[1]["error"]["message"]
+
+
+def test_a_redelivered_upload_event_does_not_create_a_second_batch(stack, batch_fn):
+    upload, _, _ = batch_fn
+    first = upload("batches/input/acme/a.jsonl", line("x", "hello") + "\n")
+    again = upload("batches/input/acme/a.jsonl", line("x", "hello") + "\n")
+    assert first["batch"] == again["batch"] and len(stack.queued()) == 1
+
+
+def test_identical_lines_reuse_the_cache(stack, batch_fn):
+    upload, tick, read = batch_fn
+    upload("batches/input/acme/first.jsonl", line("a", "cached?") + "\n")
+    work_all(stack, "first")
+    tick()
+    second = upload("batches/input/acme/second.jsonl", line("b", "cached?") + "\n")
+    assert stack.queued() == []  # answered from the cache
+    assert tick()["completed"] == [second["batch"]]
+
+
+def test_a_batch_is_pending_until_its_last_line_finishes(stack, batch_fn):
+    upload, tick, _ = batch_fn
+    created = upload("batches/input/acme/slow.jsonl", line("a", "one") + "\n" + line("b", "two") + "\n")
+    msgs = stack.queued()
+    store = JobStore(stack.table)
+    store.transition(msgs[0]["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
+    store.complete(msgs[0]["job_id"], "w", {"text": "1", "finish_reason": "stop"})
+    assert tick()["completed"] == []
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    view = stack.call("api_get_batch.json", key=key, job_id=created["batch"])[1]
+    assert view["status"] == "in_progress" and view["request_counts"] == {"total": 2, "completed": 1, "failed": 0}
+    store.transition(msgs[1]["job_id"], [Status.QUEUED], Status.FAILED, error={"message": "x", "code": "job_failed"})
+    assert tick()["completed"] == [created["batch"]]
+
+
+def test_post_batches_points_at_a_tenant_file_and_other_tenants_get_404(stack, batch_fn):
+    boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/files/acme/questions.jsonl",
+                                  Body=FILE.encode())
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    status, view, _ = stack.call("api_create_batch.json", key=acme)
+    assert status == 200 and view["status"] == "in_progress" and view["request_counts"]["total"] == 6
+    listed = stack.call("api_list_batches.json", key=acme)[1]
+    assert [b["id"] for b in listed["data"]] == [view["id"]]
+    other = create_key(stack.table, "globex", rpm=100, tpm=100_000)
+    assert stack.call("api_get_batch.json", key=other, job_id=view["id"])[0] == 404
+    assert stack.call("api_list_batches.json", key=other)[1]["data"] == []
+    assert stack.call("api_create_batch.json", key=other)[0] == 404  # globex has no such file
+    bad = stack.call("api_create_batch.json", key=acme, body={"endpoint": "/v1/chat/completions"})
+    assert bad[0] == 400 and "input_file_id is required" in bad[1]["error"]["message"]
+
+
+def test_uploads_outside_a_tenant_folder_are_ignored(stack, batch_fn):
+    upload, _, _ = batch_fn
+    assert upload("batches/input/loose.jsonl", line("a", "b")) == {"ignored": "batches/input/loose.jsonl"}
