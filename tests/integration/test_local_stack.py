@@ -210,3 +210,33 @@ def wait_for_message(sqs, url: str, timeout: float = 30.0) -> dict:
         if got:
             return json.loads(got[0]["Body"])
     raise AssertionError("no message")
+
+
+def test_an_uploaded_batch_file_produces_output_and_error_files(stack):
+    session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name="us-east-1")
+    s3 = session.client("s3", endpoint_url=stack.aws)
+    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": stack.model, "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+                       "max_tokens": 12, "temperature": 0}} for i in range(3)]
+    body = "\n".join(json.dumps(x) for x in lines) + "\n{\"custom_id\": \"broken\"\n"
+    s3.put_object(Bucket="stratus-resultsbucket", Key="batches/input/local/sums.jsonl", Body=body.encode())
+    deadline, batch = time.monotonic() + 90, None
+    while time.monotonic() < deadline:
+        listed = stack.call("GET", "/batches")[1]["data"]
+        batch = next((b for b in listed if b["input_file_id"].endswith("sums.jsonl")), None)
+        if batch and batch["status"] == "completed":
+            break
+        time.sleep(0.5)
+    assert batch and batch["status"] == "completed", batch
+    assert batch["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+
+    def read(uri: str) -> list[dict]:
+        bucket, key = uri.removeprefix("s3://").split("/", 1)
+        return [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode().splitlines()]
+
+    out = read(batch["output_file_id"])
+    assert sorted(o["custom_id"] for o in out) == ["q0", "q1", "q2"]
+    assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["choices"][0]["message"]["content"]
+               for o in out)
+    [error] = read(batch["error_file_id"])
+    assert error["line"] == 4 and "not valid JSON" in error["error"]["message"]
