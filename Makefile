@@ -51,6 +51,9 @@ bench-engine: models ## engine benchmark vs llama.cpp (llama-cpp-python in .venv
 bench-api: venv ## api handler latency (cache hit, miss enqueue; in-process moto) and cold import time
 	$(PY) infra/bench/bench_api.py --calls 1000 --out build/bench
 
+bench-e2e: venv model ## local stack over HTTP: cache-hit latency, pipeline overhead vs the bare engine, throughput with 1 and 2 workers
+	$(PY) infra/bench/bench_e2e.py --model $(MODELS)/smollm2-$(QUANT) --out build/bench
+
 bench-quality: models ## perplexity and greedy agreement of fp32/int8/int4 (vs Hugging Face and fp32)
 	$(PY) infra/bench/bench_quality.py --models $(MODELS) --out build/bench
 

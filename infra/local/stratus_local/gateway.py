@@ -78,6 +78,7 @@ def to_event(route: Route, params: dict, method: str, url: str, headers: dict, b
 def make_server(host: str, port: int, routes: list[Route], invoke: Invoke) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body are two writes: don't wait for a delayed ACK
 
         def _serve(self) -> None:
             path = urlsplit(self.path).path

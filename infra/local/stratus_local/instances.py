@@ -26,6 +26,7 @@ def _instance_main(conn, function: str, env: dict[str, str]) -> None:
         os.dup2(fd, 2)
     apply_environment(env)
     handler, _ = load_handler(load_template(), function)
+    conn.send(("ready", None))  # the init phase is over
     while True:
         try:
             event = conn.recv()
@@ -71,8 +72,12 @@ class FunctionPool:
         return value
 
     def warm(self, n: int = 1) -> None:
-        for inst in [self._acquire() for _ in range(n)]:
-            self._release(inst)
+        """Start instances until n are idle (their init done), like provisioned concurrency."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(n) as pool:
+            for inst in list(pool.map(lambda _: self._acquire(), range(n))):
+                self._release(inst)
 
     def close(self) -> None:
         with self._lock:
@@ -93,10 +98,15 @@ class FunctionPool:
             parent, child = self._ctx.Pipe()
             proc = self._ctx.Process(target=_instance_main, args=(child, self.function, self.env), daemon=True,
                                      name=f"{self.function}-{len(self._all)}")
-            proc.start()
             inst = _Instance(proc, parent)
-            self._all.append(inst)
-            return inst
+            self._all.append(inst)  # counted now; its init (a cold start) runs outside the lock
+        proc.start()
+        try:
+            parent.recv()  # ("ready", None) once the handler module is loaded
+        except (EOFError, OSError) as exc:
+            self._discard(inst)
+            raise FunctionError(f"{self.function} failed to start (see its log)") from exc
+        return inst
 
     def _release(self, inst: _Instance) -> None:
         with self._lock:

@@ -8,13 +8,12 @@
 
 The functions and workers are the same code as in AWS with the template's environment; only
 AWS_ENDPOINT_URL (moto) and the model parameters (read from the model's manifest) differ.
-Logs go to build/local/logs/ so the terminal shows the ready banner and problems only.
+Logs go to build/local/logs/ ($STRATUS_LOCAL_LOG_DIR) so the terminal shows the ready banner and problems only.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -27,7 +26,8 @@ from pathlib import Path
 
 from stratus_local.template import ROOT, create_resources, function_environment, load_template
 
-LOG_DIR = Path(os.environ.get("STRATUS_LOCAL_LOG_DIR") or ROOT / "build/local/logs")
+def log_dir() -> Path:
+    return Path(os.environ.get("STRATUS_LOCAL_LOG_DIR") or ROOT / "build/local/logs")
 REGION = "us-east-1"
 DEV_TENANT = "local"
 
@@ -54,6 +54,8 @@ class LocalStack:
     model_id: str
     aws_endpoint: str
     refs: dict
+    logs: Path
+    pools: dict = field(default_factory=dict)  # function -> FunctionPool
     _stops: list = field(default_factory=list)  # callables, run in reverse order
 
     def stop(self) -> None:
@@ -67,21 +69,22 @@ class LocalStack:
 def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers: int = 1,
           api_key: str | None = None, threads: int | None = None, schedule_every_s: float = 2.0) -> LocalStack:
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from stratus.keys import create_key
     from stratus_local.gateway import http_routes, make_server
     from stratus_local.instances import FunctionPool
     from stratus_local.sources import EventSources
 
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
+    logs = log_dir()
+    logs.mkdir(parents=True, exist_ok=True)
     moto_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    moto.start()
-    stack = LocalStack(f"http://{host}:{port}/v1", "", "", f"http://127.0.0.1:{moto_port}", {})
-    stack._stops.append(moto.stop)
+    # moto in its own process: its request handling does not share a GIL with the gateway
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
+                            stdout=open(logs / "moto.log", "ab"), stderr=subprocess.STDOUT)
+    stack = LocalStack(f"http://{host}:{port}/v1", "", "", f"http://127.0.0.1:{moto_port}", {}, logs)
+    stack._stops.append(lambda: _stop_processes([moto], grace_s=5))
     try:
+        _wait_for_port(moto_port, moto, logs / "moto.log")
         aws = {"AWS_ENDPOINT_URL": stack.aws_endpoint, "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
                "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION, "POWERTOOLS_TRACE_DISABLED": "true"}
         session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=REGION)
@@ -95,21 +98,23 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
 
         functions = [n for n, r in template["Resources"].items() if r["Type"] == "AWS::Serverless::Function"]
         pools = {fn: FunctionPool(fn, {**function_environment(template, fn, refs), **aws,
-                                       "STRATUS_LOCAL_LOG": str(LOG_DIR / f"{fn}.log")}) for fn in functions}
+                                       "STRATUS_LOCAL_LOG": str(logs / f"{fn}.log")}) for fn in functions}
+        stack.pools = pools
         stack._stops.append(lambda: [p.close() for p in pools.values()])
 
         def invoke(function: str, event: dict) -> dict:
             return pools[function].invoke(event)
 
         worker_env = {**os.environ, **function_environment(template, None, refs), **aws,
-                      "STRATUS_MODEL_DIR": str(model_dir)}
+                      "STRATUS_MODEL_DIR": str(model_dir),
+                      "STRATUS_ORT_SPINNING": "false"}  # the workers share the machine with the rest
         procs = []
         for i in range(workers):
-            log = open(LOG_DIR / f"worker-{i}.log", "ab")
+            log = open(logs / f"worker-{i}.log", "ab")
             cmd = [sys.executable, "-m", "stratus_worker"] + (["--threads", str(threads)] if threads else [])
             procs.append(subprocess.Popen(cmd, env=worker_env, stdout=log, stderr=subprocess.STDOUT))
         stack._stops.append(lambda: _stop_processes(procs))
-        _wait_for_workers(procs, [LOG_DIR / f"worker-{i}.log" for i in range(workers)])
+        _wait_for_workers(procs, [logs / f"worker-{i}.log" for i in range(workers)])
 
         sources = EventSources(template, refs, invoke, session, schedule_every_s=schedule_every_s,
                                log=lambda m: print(f"stratus serve: {m}", file=sys.stderr))
@@ -126,6 +131,18 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
         raise
 
 
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with {proc.returncode}; see {log}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"moto server did not listen on {port} in {timeout_s:.0f} s")
+
+
 def _wait_for_workers(procs: list[subprocess.Popen], logs: list[Path], timeout_s: float = 300.0) -> None:
     """Until every worker has loaded the model and logged "worker started" (a few seconds)."""
     offsets = [p.stat().st_size if p.exists() else 0 for p in logs]
@@ -140,7 +157,7 @@ def _wait_for_workers(procs: list[subprocess.Popen], logs: list[Path], timeout_s
                 if b'"worker started"' in f.read():
                     pending.discard(i)
         if time.monotonic() > deadline:
-            raise RuntimeError(f"workers {sorted(pending)} did not start in {timeout_s:.0f} s; see {LOG_DIR}")
+            raise RuntimeError(f"workers {sorted(pending)} did not start in {timeout_s:.0f} s; see {logs[0].parent}")
         time.sleep(0.1)
 
 
@@ -162,7 +179,7 @@ Stratus is running locally ({workers} worker{'s' if workers != 1 else ''}, model
   base URL   {stack.url}
   API key    {stack.api_key}
   AWS (moto) {stack.aws_endpoint}
-  logs       {LOG_DIR}/
+  logs       {stack.logs}/
 
   curl {stack.url}/chat/completions -H "Authorization: Bearer {stack.api_key}" \\
     -H "Content-Type: application/json" \\

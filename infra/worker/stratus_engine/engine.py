@@ -107,8 +107,8 @@ class Engine:
     # ---- public API -------------------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, path, threads: int | None = None, **kwargs) -> Engine:
-        return cls(load(path, threads=threads), **kwargs)
+    def from_dir(cls, path, threads: int | None = None, *, spin: bool = True, **kwargs) -> Engine:
+        return cls(load(path, threads=threads, spin=spin), **kwargs)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode(render_chat(self.spec.chat_template, messages))

@@ -94,6 +94,7 @@ class LoadedModel:
     spec: ModelSpec
     threads: int
     providers: list[str]
+    spin: bool = True
 
     @cached_property
     def session(self):
@@ -104,6 +105,8 @@ class LoadedModel:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # errors only: ORT warns about every overridable input (num_logits_to_keep)
+        if not self.spin:  # idle intra-op threads sleep instead of spinning: the CPU is shared
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             return ort.InferenceSession(str(self.path / "model.onnx"), so, providers=self.providers)
         except Exception as exc:  # onnxruntime's own exception types
@@ -116,10 +119,12 @@ class LoadedModel:
         return Tokenizer.from_file(str(self.path / "tokenizer.json"))
 
 
-def load(path: Path | str, threads: int | None = None, providers: list[str] | None = None) -> LoadedModel:
+def load(path: Path | str, threads: int | None = None, providers: list[str] | None = None, *,
+         spin: bool = True) -> LoadedModel:
+    """spin=False suits a process that shares its cores (a worker beside the local stack)."""
     path = Path(path)
     spec = read_spec(path)
-    model = LoadedModel(path, spec, threads or os.cpu_count() or 1, pick_providers(providers))
+    model = LoadedModel(path, spec, threads or os.cpu_count() or 1, pick_providers(providers), spin)
     model.session  # load once, now, so errors surface at start-up
     model.tokenizer
     return model

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    engine = Engine.from_dir(model_dir, threads=threads, max_batch=settings.max_batch)
+    engine = Engine.from_dir(model_dir, threads=threads, max_batch=settings.max_batch, spin=settings.ort_spinning)
     worker = Worker(engine, settings, sqs=boto3.client("sqs"), table=boto3.resource("dynamodb").Table(settings.table),
                     s3=boto3.client("s3"))
     for sig in (signal.SIGTERM, signal.SIGINT):

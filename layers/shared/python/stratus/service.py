@@ -24,6 +24,7 @@ from stratus.observability import logger, metrics
 from stratus.settings import Settings
 
 RETRY_AFTER_S = 2
+POLL_FRACTION, POLL_MAX_S = 0.1, 1.0  # a waiting request notices a finished job within ~10% of its wait
 MAX_BYTES_PER_TOKEN = 32  # no token of a byte-level BPE vocabulary we serve is longer; workers check exactly
 # HTTP status for a job that finished without a result (FAILED with a server error -> 500)
 FINISHED_STATUS = {Status.CANCELLED: 409, Status.EXPIRED: 503}
@@ -114,14 +115,20 @@ def enqueue(req: InferenceRequest, tenant: Tenant, job_id: str, cacheable: bool,
 
 
 def wait_for(job_id: str, tenant: Tenant, deps: Deps) -> Reply:
-    deadline = deps.clock() + deps.settings.sync_wait_s
+    """Re-read the job until it finishes or sync_wait_s passes. The pause grows with the wait
+    (POLL_FRACTION of it, from poll_interval_s up to POLL_MAX_S): a short job is seen finished
+    within milliseconds, and a long wait costs tens of reads, not hundreds."""
+    started = deps.clock()
+    deadline = started + deps.settings.sync_wait_s
     while True:
         job = get_job(job_id, tenant, deps)
         if job.status.finished:
             return finished_reply(with_result(job, deps))
-        if deps.clock() >= deadline:
+        now = deps.clock()
+        if now >= deadline:
             return accepted(job)
-        deps.sleep(deps.settings.poll_interval_s)
+        pause = min(POLL_MAX_S, max(deps.settings.poll_interval_s, POLL_FRACTION * (now - started)))
+        deps.sleep(min(pause, deadline - now))
 
 
 def with_result(job: Job, deps: Deps) -> Job:
@@ -176,10 +183,10 @@ def completion_body(job: Job) -> dict:
     common = {"created": int(job.created_at), "model": req.model,
               "usage": job.usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
     if req.route == "chat":
-        return {"id": f"chatcmpl-{job.job_id[:32]}", "object": "chat.completion", **common,
+        return {"id": f"chatcmpl-{job.job_id}", "object": "chat.completion", **common,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.get("text", "")},
                              "finish_reason": result.get("finish_reason", "stop"), "logprobs": None}]}
-    return {"id": f"cmpl-{job.job_id[:32]}", "object": "text_completion", **common,
+    return {"id": f"cmpl-{job.job_id}", "object": "text_completion", **common,
             "choices": [{"index": 0, "text": result.get("text", ""), "finish_reason": result.get("finish_reason", "stop"),
                          "logprobs": None}]}
 

@@ -38,7 +38,7 @@ class Settings:
     shared_cache: bool
     default_rpm: int
     default_tpm: int
-    poll_interval_s: float = 0.1  # how often a waiting request re-reads its job
+    poll_interval_s: float = 0.025  # how often a waiting request re-reads its job (a strongly consistent read)
     # the requests queue (trigger function)
     trigger_tenant: str = "queue"  # tenant of request messages that name none
     reply_queue_pattern: str = "*-replies*"  # reply_to queue names allowed (IAM allows the same)
@@ -49,6 +49,7 @@ class Settings:
     heartbeat_s: float = 30.0  # how often held messages get their visibility extended
     cancel_check_s: float = 0.5  # how often held jobs are re-read for cancellation
     drain_s: float = 25.0  # on SIGTERM: time to finish held jobs before releasing them
+    ort_spinning: bool = True  # onnxruntime threads spin while idle: fastest on cores of their own
 
     # field name -> (environment variable, parser); every field without a default is required
     ENV = {
@@ -64,6 +65,7 @@ class Settings:
         "model_dir": ("STRATUS_MODEL_DIR", str), "max_batch": ("STRATUS_MAX_BATCH", int),
         "visibility_s": ("STRATUS_VISIBILITY_S", int), "heartbeat_s": ("STRATUS_HEARTBEAT_S", float),
         "cancel_check_s": ("STRATUS_CANCEL_CHECK_S", float), "drain_s": ("STRATUS_DRAIN_S", float),
+        "ort_spinning": ("STRATUS_ORT_SPINNING", _bool),
     }
 
     @classmethod
