@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 
-import boto3
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
@@ -15,17 +14,11 @@ from stratus import batches, service
 from stratus.errors import InvalidRequest, PayloadTooLarge, RateLimited, StratusError
 from stratus.keys import Tenant, authenticate
 from stratus.observability import logger, metrics, tracer
-from stratus.settings import get_settings
 
 app = APIGatewayHttpResolver()
 
 
-@functools.cache
-def get_deps() -> service.Deps:
-    """Clients created once per container (boto3 honours AWS_ENDPOINT_URL for local mode)."""
-    settings = get_settings()
-    return service.Deps(settings, boto3.resource("dynamodb").Table(settings.table), boto3.client("sqs"),
-                        boto3.client("s3"))
+get_deps = functools.cache(service.deps_from_env)  # clients created once per container
 
 
 def _tenant() -> Tenant:

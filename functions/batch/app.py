@@ -6,20 +6,14 @@ from __future__ import annotations
 import functools
 from urllib.parse import unquote_plus
 
-import boto3
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from stratus import batches, service
 from stratus.errors import InvalidRequest
 from stratus.observability import logger, metrics, tracer
-from stratus.settings import get_settings
 
 
-@functools.cache
-def get_deps() -> service.Deps:
-    settings = get_settings()
-    return service.Deps(settings, boto3.resource("dynamodb").Table(settings.table), boto3.client("sqs"),
-                        boto3.client("s3"))
+get_deps = functools.cache(service.deps_from_env)  # clients created once per container
 
 
 def on_upload(event: dict) -> dict:

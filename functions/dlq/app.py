@@ -5,27 +5,21 @@ from __future__ import annotations
 
 import functools
 
-import boto3
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from stratus import service
 from stratus.deadletter import fail_dead_letter
-from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics, tracer
-from stratus.settings import get_settings
 
 processor = BatchProcessor(event_type=EventType.SQS)
-
-
-@functools.cache
-def get_clients() -> dict:
-    return {"store": JobStore(boto3.resource("dynamodb").Table(get_settings().table)), "sqs": boto3.client("sqs"),
-            "s3": boto3.client("s3")}
+get_deps = functools.cache(service.deps_from_env)  # clients created once per container
 
 
 def record_handler(record: SQSRecord) -> None:
-    fail_dead_letter(record.body, **get_clients())
+    deps = get_deps()
+    fail_dead_letter(record.body, deps.store, sqs=deps.sqs, s3=deps.s3)
 
 
 @logger.inject_lambda_context

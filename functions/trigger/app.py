@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import functools
 
-import boto3
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from stratus import service
 from stratus.observability import logger, metrics, tracer
-from stratus.settings import get_settings
 from stratus.trigger import handle_request
 
 processor = BatchProcessor(event_type=EventType.SQS)
 
 
-@functools.cache
-def get_deps() -> service.Deps:
-    settings = get_settings()
-    return service.Deps(settings, boto3.resource("dynamodb").Table(settings.table), boto3.client("sqs"),
-                        boto3.client("s3"))
+get_deps = functools.cache(service.deps_from_env)  # clients created once per container
 
 
 def record_handler(record: SQSRecord) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from stratus.contracts import Job, QueueMessage, Status, parse_request
+from stratus.contracts import ROUTE_PATHS, Job, QueueMessage, Status, json_object, parse_request
 from stratus.errors import InvalidRequest, NotFound
 from stratus.jobstore import load_result
 from stratus.observability import logger, metrics
@@ -33,7 +33,7 @@ from stratus.service import Deps, completion_body, job_id_for
 
 INPUT_PREFIX, FILES_PREFIX = "batches/input/", "batches/files/"
 OPEN = "batches#open"
-ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+ROUTES = ROUTE_PATHS
 KEEP_S = 30 * 86400  # batch records outlive their jobs' cache TTL: the output files are what matter
 WINDOW_S = 86400  # completion window: a line's job expires unstarted after this (the queue keeps messages 1 day)
 
@@ -92,12 +92,7 @@ class Batch:
 
 def parse_line(raw: str, default_model: str) -> tuple[str | None, str, dict, bool]:
     """A JSONL line -> (custom id, route, OpenAI body, is Bedrock); InvalidRequest names the problem."""
-    try:
-        d = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"not valid JSON: {exc.msg} at column {exc.colno}") from exc
-    if not isinstance(d, dict):
-        raise InvalidRequest("each line must be a JSON object")
+    d = json_object(raw, "the line")
     if "modelInput" in d:  # Bedrock batch inference record
         body = d["modelInput"]
         if not isinstance(body, dict):

@@ -83,6 +83,21 @@ def _number(body: dict, name: str, default, kind=float):
     return kind(value)
 
 
+def json_object(raw: str, what: str) -> dict:
+    """Parse `raw` as a JSON object; InvalidRequest says which `what` ("the line", ...) is wrong and where."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{what} is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{what} must be a JSON object")
+    return value
+
+
+# Routes the API, batch lines and request messages accept: URL path -> route
+ROUTE_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
 def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit: int) -> InferenceRequest:
     """An OpenAI request body -> InferenceRequest; raises InvalidRequest naming the field."""
     if not isinstance(body, dict):

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+import boto3  # imported at init, as the handlers' cold start should pay it
 from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.cache_key import cache_key
@@ -21,7 +22,7 @@ from stratus.errors import Conflict, InvalidRequest, NotFound, StratusError, Una
 from stratus.jobstore import JobStore, load_result
 from stratus.keys import Tenant, charge
 from stratus.observability import logger, metrics
-from stratus.settings import Settings
+from stratus.settings import Settings, get_settings
 
 RETRY_AFTER_S = 2
 POLL_FRACTION, POLL_MAX_S = 0.1, 1.0  # a waiting request notices a finished job within ~10% of its wait
@@ -43,6 +44,13 @@ class Deps:
 
     def __post_init__(self) -> None:
         self.store = JobStore(self.table)
+
+
+def deps_from_env() -> Deps:
+    """Deps for a function: settings from its environment, boto3 clients (AWS_ENDPOINT_URL honoured).
+    Handlers cache this once per container: `get_deps = functools.cache(service.deps_from_env)`."""
+    settings = get_settings()
+    return Deps(settings, boto3.resource("dynamodb").Table(settings.table), boto3.client("sqs"), boto3.client("s3"))
 
 
 @dataclass(frozen=True)

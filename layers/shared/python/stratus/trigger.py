@@ -16,14 +16,14 @@ import fnmatch
 import json
 from dataclasses import dataclass
 
-from stratus.contracts import Status, parse_request
+from stratus.contracts import ROUTE_PATHS, Status, json_object, parse_request
 from stratus.errors import InvalidRequest
 from stratus.keys import Tenant
 from stratus.observability import logger
 from stratus.replies import post_replies
 from stratus.service import Deps, enqueue, job_id_for
 
-ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+ROUTES = ROUTE_PATHS
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,7 @@ class RequestMessage:
 
     @classmethod
     def parse(cls, raw: str, *, default_tenant: str, reply_pattern: str) -> RequestMessage:
-        try:
-            msg = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"the message is not valid JSON: {exc.msg}") from exc
-        if not isinstance(msg, dict):
-            raise InvalidRequest("the message must be a JSON object")
+        msg = json_object(raw, "the message")
         url = msg.get("url", "/v1/chat/completions")
         if url not in ROUTES:
             raise InvalidRequest(f"url must be one of {', '.join(ROUTES)}, got {url!r}", param="url")
