@@ -1,6 +1,7 @@
 """`stratus` — build models and generate text from the command line.
 
   stratus model build [--gguf PATH] [--quant fp32|int8|int4] --out DIR
+  stratus model publish --model DIR --bucket B [--prefix models/]
   stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
   stratus keys create --tenant NAME [--rpm N] [--tpm N]      stratus keys revoke KEY
   stratus invoke api --event events/api_health.json [--env-vars FILE]
@@ -32,6 +33,18 @@ def cmd_model_build(args: argparse.Namespace) -> int:
     manifest = build_from_gguf(args.gguf, args.quant, args.out, accuracy_level=args.accuracy_level, progress=progress)
     size = sum(f["bytes"] for f in manifest["files"].values())
     progress(f"done: {args.out} ({size / 1e6:.0f} MB, model {manifest['model_id']}, digest {manifest['digest'][:16]}…)")
+    return 0
+
+
+def cmd_model_publish(args: argparse.Namespace) -> int:
+    import boto3
+
+    from stratus_engine.artifact import publish
+
+    uri = publish(args.model, boto3.client("s3"), args.bucket, args.prefix)
+    print(uri)
+    print("set the stack's ModelUri parameter (and ModelId/ModelDigest from the manifest) to serve it",
+          file=sys.stderr)
     return 0
 
 
@@ -138,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute precision (4 = int8 activations, fastest on CPU)")
     b.set_defaults(func=cmd_model_build)
+    pb = model.add_parser("publish", help="upload a built model (verified; manifest last) to S3; prints its URI")
+    pb.add_argument("--model", type=Path, required=True)
+    pb.add_argument("--bucket", required=True)
+    pb.add_argument("--prefix", default="models/")
+    pb.set_defaults(func=cmd_model_publish)
 
     g = sub.add_parser("generate", help="chat with a model directory; prints only the completion")
     g.add_argument("prompt")

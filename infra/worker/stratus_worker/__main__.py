@@ -1,6 +1,7 @@
 """Worker process entry point: `python -m stratus_worker` (the container's command) or `stratus worker`.
 
-Reads the same settings as the functions (STRATUS_*), loads the model from STRATUS_MODEL_DIR,
+Reads the same settings as the functions (STRATUS_*), loads the model from STRATUS_MODEL_URI
+(downloaded, verified, cached under STRATUS_MODEL_CACHE) or STRATUS_MODEL_DIR,
 refuses a model whose digest differs from STRATUS_MODEL_DIGEST (cache keys name the digest), and
 serves until SIGTERM or SIGINT.
 """
@@ -36,12 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     from stratus_engine.engine import Engine
     from stratus_worker.worker import Worker
 
-    ap = argparse.ArgumentParser(prog="stratus_worker", description="Serve the jobs queue with the model.")
+    ap = argparse.ArgumentParser(prog="stratus_worker", description="Serve the jobs queue (default) or, with "
+                                 "`serve`, SageMaker's /ping and /invocations on port 8080.")
+    ap.add_argument("mode", nargs="?", choices=["queue", "serve"], default="queue")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
-    threads = ap.parse_args(argv).threads
+    args = ap.parse_args(argv)
+    threads = args.threads
     settings = get_settings()
-    model_dir = Path(settings.model_dir)
     try:
+        if settings.model_uri:  # AWS: the published model, verified and cached on local disk
+            from stratus_engine.artifact import fetch
+
+            model_dir = fetch(settings.model_uri, boto3.client("s3"), Path(settings.model_cache),
+                              expected_digest=settings.model_digest)
+        else:
+            model_dir = Path(settings.model_dir)
         manifest = check_model(model_dir, settings.model_digest)
     except ModelLoadError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
@@ -49,9 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.from_dir(model_dir, threads=threads, max_batch=settings.max_batch, spin=settings.ort_spinning)
     worker = Worker(engine, settings, sqs=boto3.client("sqs"), table=boto3.resource("dynamodb").Table(settings.table),
                     s3=boto3.client("s3"))
+    logger.info("model loaded", extra={"model_id": manifest.get("model_id"), "digest": manifest.get("digest")})
+    if args.mode == "serve":
+        import threading
+
+        from stratus_worker.sagemaker import serve
+
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        serve(worker, stop)
+        return 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
-    logger.info("model loaded", extra={"model_id": manifest.get("model_id"), "digest": manifest.get("digest")})
     worker.run()
     return 1 if worker.failure else 0
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from stratus.contracts import InferenceRequest, QueueMessage, Status
+from stratus.contracts import InferenceRequest, Job, QueueMessage, Status
 from stratus.errors import InvalidRequest
 from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
@@ -41,6 +41,7 @@ from stratus.replies import post_replies
 from stratus.settings import Settings
 from stratus_engine.engine import Engine, GenerationRequest, GenerationResult
 
+GENERATE, DONE_WITH_MESSAGE, LEAVE_MESSAGE = "generate", "done", "leave"  # what start() decided
 IDLE_WAIT_S = 2  # long-poll length when idle: also how quickly an idle worker notices SIGTERM
 METRICS_EVERY_S = 10.0
 
@@ -130,6 +131,22 @@ class Worker:
 
     def admit(self, m: dict) -> None:
         msg = QueueMessage.from_body(m["Body"])
+        if msg.job_id in self.held:  # a duplicate of a message we are serving: it comes back, finished, later
+            return
+        outcome, ids = self.start(msg, int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)))
+        if outcome == DONE_WITH_MESSAGE:
+            self._delete(m["ReceiptHandle"])
+        if outcome != GENERATE:
+            return
+        held = Held(msg, m["ReceiptHandle"], self.clock())
+        with self._lock:
+            self.held[msg.job_id] = held
+        held.future = self._submit(msg, ids)
+        held.future.add_done_callback(lambda _f: self._finished.put(held))
+
+    def start(self, msg: QueueMessage, receive_count: int) -> tuple[str, list[int] | None]:
+        """Everything before compute: expiry, claim, tokenizing and the exact context check.
+        -> (GENERATE, token ids) | (DONE_WITH_MESSAGE, None) | (LEAVE_MESSAGE, None)"""
         job_id, now = msg.job_id, self.clock()
         logger.append_keys(job_id=job_id, tenant=msg.tenant)
         if now > msg.deadline:
@@ -139,27 +156,32 @@ class Worker:
             if expired:
                 metrics.add_metric(name="requests_expired", unit=MetricUnit.Count, value=1)
                 self._notify(expired)
-            self._delete(m["ReceiptHandle"])
-            return
-        if job_id in self.held:  # a duplicate of a message we are serving: it comes back, finished, later
-            return
-        if not self._claim(msg, int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1))):
-            return self._skip(msg, m["ReceiptHandle"])
+            return DONE_WITH_MESSAGE, None
+        if not self._claim(msg, receive_count):
+            return self._skip(msg), None
         try:
             ids = self._encode(msg.request)
             self.engine.check_fits(len(ids), msg.request.params.max_tokens)
         except InvalidRequest as exc:  # permanent: the model cannot serve this request
             self._notify(self.store.transition(job_id, [Status.RUNNING], Status.FAILED, owner=self.worker_id, error={
                 "message": exc.message, "type": exc.error_type, "code": exc.code or "invalid_request"}))
-            self._delete(m["ReceiptHandle"])
             logger.info("rejected", extra={"code": exc.code})
-            return
-        held = Held(msg, m["ReceiptHandle"], now)
-        with self._lock:
-            self.held[job_id] = held
-        held.future = self.engine.submit(GenerationRequest(ids, msg.request.params, request_id=job_id,
-                                                           is_cancelled=lambda: job_id in self.cancelled))
-        held.future.add_done_callback(lambda _f: self._finished.put(held))
+            return DONE_WITH_MESSAGE, None
+        return GENERATE, ids
+
+    def run_one(self, msg: QueueMessage) -> Job | None:
+        """Serve one job synchronously, without the queue (SageMaker's /invocations); the engine
+        thread must be running. Returns the job as it ends up."""
+        outcome, ids = self.start(msg, 1)
+        if outcome == GENERATE:
+            received = self.clock()
+            self.record(msg, received, self._submit(msg, ids).result())
+        return self.store.get(msg.job_id)
+
+    def _submit(self, msg: QueueMessage, ids: list[int]) -> Future:
+        job_id = msg.job_id
+        return self.engine.submit(GenerationRequest(ids, msg.request.params, request_id=job_id,
+                                                    is_cancelled=lambda: job_id in self.cancelled))
 
     def _claim(self, msg: QueueMessage, receive_count: int) -> bool:
         """QUEUED -> RUNNING (ours), or take over a RUNNING job whose worker went silent."""
@@ -174,14 +196,15 @@ class Worker:
             msg.job_id, [Status.RUNNING], Status.RUNNING, owner=job.worker, worker=self.worker_id,
             attempts=receive_count)
 
-    def _skip(self, msg: QueueMessage, receipt: str) -> None:
-        """Not claimed: gone or finished -> delete the message; running elsewhere -> leave it hidden."""
+    def _skip(self, msg: QueueMessage) -> str:
+        """Not claimed: gone or finished -> done with the message; running elsewhere -> leave it hidden."""
         job = self.store.get(msg.job_id)
         if job is None or job.status.finished:
             if job is not None and job.status == Status.CANCELLED:
                 metrics.add_metric(name="requests_cancelled", unit=MetricUnit.Count, value=1)
             self._notify(job)  # replies a finished job still owes (e.g. its writer died before posting)
-            self._delete(receipt)
+            return DONE_WITH_MESSAGE
+        return LEAVE_MESSAGE
 
     def _encode(self, req: InferenceRequest) -> list[int]:
         if req.route == "chat":
@@ -233,14 +256,17 @@ class Worker:
                 self.cancelled.discard(held.message.job_id)
 
     def finish(self, held: Held) -> None:
-        r: GenerationResult = held.future.result()
-        job_id = held.message.job_id
+        self.record(held.message, held.received, held.future.result())
+        self._delete(held.receipt)
+
+    def record(self, msg: QueueMessage, received: float, r: GenerationResult) -> None:
+        """Write a finished generation: RUNNING (ours) -> DONE, replies, metrics."""
+        job_id = msg.job_id
         if r.finish_reason == "cancelled":
             metrics.add_metric(name="requests_cancelled", unit=MetricUnit.Count, value=1)
             self._notify(self.store.get(job_id))
-            self._delete(held.receipt)
             return
-        queued_s = held.received - held.message.enqueued_at + r.timings.queue_s
+        queued_s = received - msg.enqueued_at + r.timings.queue_s
         timings = {"queue_s": round(queued_s, 4), "ttft_s": round(r.timings.ttft_s, 4),
                    "decode_s": round(r.timings.decode_s, 4), "total_s": round(r.timings.total_s, 4),
                    "decode_tokens_per_s": round(r.timings.decode_tokens_per_s(r.usage.completion_tokens), 2)}
@@ -254,7 +280,6 @@ class Worker:
                                             "ttft_s": timings["ttft_s"], "finish_reason": r.finish_reason})
         else:  # cancelled meanwhile, or another worker took it over: never a second result
             logger.info("result not written: the job is no longer ours", extra={"job_id": job_id})
-        self._delete(held.receipt)
         for name, value, unit in (("time_to_first_token_seconds", r.timings.ttft_s, MetricUnit.Seconds),
                                   ("request_queue_time_seconds", queued_s, MetricUnit.Seconds),
                                   ("e2e_request_latency_seconds", r.timings.total_s, MetricUnit.Seconds),

@@ -43,7 +43,9 @@ class Settings:
     trigger_tenant: str = "queue"  # tenant of request messages that name none
     reply_queue_pattern: str = "*-replies*"  # reply_to queue names allowed (IAM allows the same)
     # workers only
-    model_dir: str = ""  # the model directory the worker loads (downloaded from MODEL_URI in AWS)
+    model_dir: str = ""  # the model directory the worker loads ...
+    model_uri: str = ""  # ... or s3://bucket/prefix/ of a published model (`stratus model publish`)
+    model_cache: str = "/tmp/stratus-models"  # where fetched models are kept, one folder per digest
     max_batch: int = 16  # rows in the engine's continuous batch
     visibility_s: int = 120  # how long a received message stays hidden (the queue's VisibilityTimeout)
     heartbeat_s: float = 30.0  # how often held messages get their visibility extended
@@ -62,7 +64,8 @@ class Settings:
         "default_rpm": ("STRATUS_DEFAULT_RPM", int), "default_tpm": ("STRATUS_DEFAULT_TPM", int),
         "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float),
         "trigger_tenant": ("STRATUS_TRIGGER_TENANT", str), "reply_queue_pattern": ("STRATUS_REPLY_QUEUE_PATTERN", str),
-        "model_dir": ("STRATUS_MODEL_DIR", str), "max_batch": ("STRATUS_MAX_BATCH", int),
+        "model_dir": ("STRATUS_MODEL_DIR", str), "model_uri": ("STRATUS_MODEL_URI", str),
+        "model_cache": ("STRATUS_MODEL_CACHE", str), "max_batch": ("STRATUS_MAX_BATCH", int),
         "visibility_s": ("STRATUS_VISIBILITY_S", int), "heartbeat_s": ("STRATUS_HEARTBEAT_S", float),
         "cancel_check_s": ("STRATUS_CANCEL_CHECK_S", float), "drain_s": ("STRATUS_DRAIN_S", float),
         "ort_spinning": ("STRATUS_ORT_SPINNING", _bool),

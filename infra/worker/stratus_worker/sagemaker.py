@@ -1,0 +1,99 @@
+"""SageMaker's container contract, served by the same image as the queue worker
+(`python -m stratus_worker serve`, which is how SageMaker starts a container):
+
+  GET  /ping          200 once the model is loaded (the server starts listening only then)
+  POST /invocations   a queue message {"job_id", "request", ...} (what the dispatcher sends an async
+                      endpoint): the job is run through the job store like any worker's -> job view;
+                      or a plain OpenAI chat/completion body -> the OpenAI response (no store)
+
+Port 8080 (SAGEMAKER_BIND_TO_PORT overrides). Requests run concurrently in the engine's continuous
+batch. SIGTERM: stop accepting, let in-flight requests finish, exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from stratus.contracts import Job, QueueMessage, Status, parse_request
+from stratus.errors import InvalidRequest, StratusError
+from stratus.service import completion_body, error_body, job_view
+from stratus_engine.engine import GenerationRequest
+from stratus_worker.worker import Worker
+
+DEFAULT_PORT = 8080
+
+
+def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
+    """One /invocations body -> (HTTP status, JSON body)."""
+    if "job_id" in body and "request" in body:
+        job = worker.run_one(QueueMessage.from_body(json.dumps(body)))
+        return (200, job_view(job)) if job is not None else (404, {"error": {"message": "job not found"}})
+    route = "chat" if "messages" in body else "completion"
+    s = worker.settings
+    req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
+    ids = worker.engine.encode_chat(list(req.messages)) if route == "chat" else worker.engine.encode(req.prompt)
+    r = worker.engine.submit(GenerationRequest(ids, req.params)).result()
+    now = time.time()
+    job = Job("sm" + uuid.uuid4().hex, "sagemaker", Status.DONE, req, False, now, int(now),
+              result={"text": r.text, "finish_reason": r.finish_reason},
+              usage={"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
+                     "total_tokens": r.usage.total_tokens})
+    return 200, completion_body(job)
+
+
+def make_server(worker: Worker, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] == "/ping":
+                return self._send(200, {"status": "ok"})
+            self._send(404, {"error": {"message": f"no route GET {self.path}"}})
+
+        def do_POST(self) -> None:
+            if self.path.split("?")[0] != "/invocations":
+                return self._send(404, {"error": {"message": f"no route POST {self.path}"}})
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+                if not isinstance(body, dict):
+                    raise InvalidRequest("the body must be a JSON object")
+                self._send(*invoke(worker, body))
+            except json.JSONDecodeError as exc:
+                self._send(400, error_body(InvalidRequest(f"the body is not valid JSON: {exc.msg}")))
+            except StratusError as exc:
+                self._send(exc.status, error_body(exc))
+
+        def _send(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, fmt, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = False  # server_close() waits for in-flight requests
+    return server
+
+
+def serve(worker: Worker, stop: threading.Event) -> None:
+    """Run the engine and the HTTP server until `stop` (SIGTERM) is set."""
+    port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or DEFAULT_PORT)
+    halt = threading.Event()
+    threading.Thread(target=worker.engine.run, args=(halt,), daemon=True, name="engine").start()
+    server = make_server(worker, port)
+    threading.Thread(target=server.serve_forever, daemon=True, name="http").start()
+    print(json.dumps({"message": "sagemaker server listening", "port": port}), flush=True)
+    stop.wait()
+    server.shutdown()
+    server.server_close()  # joins in-flight request threads
+    halt.set()

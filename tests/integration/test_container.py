@@ -1,0 +1,118 @@
+"""What the worker container does besides the queue loop: fetch a published model from S3
+(verified, cached) and honour SageMaker's /ping + /invocations contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import boto3
+import pytest
+
+from stratus.contracts import Status
+from stratus.errors import ModelLoadError
+from stratus.jobstore import JobStore
+from stratus.keys import create_key
+from stratus.settings import Settings
+from stratus_engine.artifact import fetch, publish
+from stratus_engine.engine import Engine
+from stratus_local.serve import free_port
+from stratus_worker.sagemaker import invoke
+from stratus_worker.worker import Worker
+
+
+def test_a_published_model_is_fetched_verified_and_reused(stack, tiny, tmp_path):
+    s3, bucket = boto3.client("s3"), stack.refs["ResultsBucket"]
+    uri = publish(tiny.dirs["int4"], s3, bucket)
+    manifest = json.loads((tiny.dirs["int4"] / "manifest.json").read_text())
+    assert uri == f"s3://{bucket}/models/{manifest['model_id']}/{manifest['digest'][:16]}/"
+    local = fetch(uri, s3, tmp_path / "cache", expected_digest=manifest["digest"])
+    assert local.name == manifest["digest"] and (local / "model.onnx").read_bytes() == (tiny.dirs["int4"] / "model.onnx").read_bytes()
+    Engine.from_dir(local, threads=1)  # loads
+    before = (local / "model.onnx").stat().st_mtime_ns
+    assert fetch(uri, s3, tmp_path / "cache") == local and (local / "model.onnx").stat().st_mtime_ns == before
+    with pytest.raises(ModelLoadError, match="expected"):
+        fetch(uri, s3, tmp_path / "other", expected_digest="0" * 64)
+
+
+def test_a_corrupted_upload_is_refused(stack, tiny, tmp_path):
+    s3, bucket = boto3.client("s3"), stack.refs["ResultsBucket"]
+    uri = publish(tiny.dirs["int4"], s3, bucket, prefix="m/")
+    key = uri.removeprefix(f"s3://{bucket}/") + "tokenizer.json"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
+    with pytest.raises(ModelLoadError, match="tokenizer.json: missing or different"):
+        fetch(uri, s3, tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir())  # nothing half-made is left to be trusted
+
+
+def test_invocations_runs_a_queue_message_through_the_job_store(stack, tiny):
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    body = {"model": "smollm2-135m-instruct-int4", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+            "temperature": 0}
+    assert stack.call("api_create_job.json", key=key, body=body)[0] == 202
+    [message] = stack.queued()
+    settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]))
+    engine = Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=2)
+    worker = Worker(engine, settings, sqs=boto3.client("sqs"), table=stack.table, s3=boto3.client("s3"),
+                    worker_id="sagemaker-1")
+    import threading
+
+    halt = threading.Event()
+    threading.Thread(target=engine.run, args=(halt,), daemon=True).start()
+    try:
+        status, view = invoke(worker, message)
+        assert status == 200 and view["status"] == "DONE" and view["usage"]["completion_tokens"] >= 1
+        assert JobStore(stack.table).get(message["job_id"]).worker == "sagemaker-1"
+        status, again = invoke(worker, message)  # a repeated invocation never writes a second result
+        assert again["status"] == "DONE" and again["response"] == view["response"]
+    finally:
+        halt.set()
+
+
+def _call(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_container_serves_sagemakers_contract_and_stops_on_sigterm(tiny, tmp_path):
+    port = free_port()
+    env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "STRATUS_MODEL_DIR": str(tiny.dirs["int4"]),
+           "AWS_DEFAULT_REGION": "us-east-1", "STRATUS_TABLE": "t", "STRATUS_QUEUE_URL": "q", "STRATUS_BUCKET": "b",
+           "STRATUS_MODEL_ID": "tiny", "STRATUS_MODEL_DIGEST": "unset", "STRATUS_CONTEXT_LENGTH": "256",
+           "STRATUS_CACHE_TTL_S": "60", "STRATUS_SYNC_WAIT_S": "1", "STRATUS_JOB_DEADLINE_S": "60",
+           "STRATUS_MAX_BODY_BYTES": "100000", "STRATUS_MAX_MESSAGES": "8", "STRATUS_MAX_TOKENS": "64",
+           "STRATUS_SHARED_CACHE": "false", "STRATUS_DEFAULT_RPM": "10", "STRATUS_DEFAULT_TPM": "1000"}
+    proc = subprocess.Popen([sys.executable, "-m", "stratus_worker", "serve", "--threads", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if _call(port, "GET", "/ping")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+            time.sleep(0.1)
+        status, body = _call(port, "POST", "/invocations", {"model": "tiny", "prompt": "hello", "max_tokens": 4,
+                                                            "temperature": 0})
+        assert status == 200 and body["object"] == "text_completion" and body["usage"]["completion_tokens"] >= 1
+        status, body = _call(port, "POST", "/invocations", {"model": "tiny", "prompt": "x", "max_tokens": 0})
+        assert status == 400 and "max_tokens" in body["error"]["message"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
