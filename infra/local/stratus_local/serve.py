@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stratus_local.template import ROOT, create_resources, function_environment, load_template
+from stratus_local.template import ROOT, active, create_resources, function_environment, load_template
 
 def log_dir() -> Path:
     return Path(os.environ.get("STRATUS_LOCAL_LOG_DIR") or ROOT / "build/local/logs")
@@ -89,8 +89,8 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
                "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION, "POWERTOOLS_TRACE_DISABLED": "true"}
         session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=REGION)
         os.environ["AWS_ENDPOINT_URL"] = stack.aws_endpoint  # this process's clients talk to moto too
-        template = load_template()
         params = model_parameters(model_dir)
+        template = active(load_template(), params)  # resources whose Condition holds (no SageMaker dispatcher)
         stack.model_id = params["ModelId"]
         stack.refs = refs = create_resources(template, session=session, parameters=params)
         table = session.resource("dynamodb").Table(refs["JobsTable"])

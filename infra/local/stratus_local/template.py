@@ -59,6 +59,30 @@ def resolve(value, refs: dict):
     return value
 
 
+def _condition(expr, template: dict, params: dict) -> bool | str:
+    """Evaluate a Conditions expression (Equals, Not, And, Or, Condition, Ref to parameters)."""
+    if isinstance(expr, dict):
+        (k, v), = expr.items()
+        ops = {"Fn::Equals": lambda a: _condition(a[0], template, params) == _condition(a[1], template, params),
+               "Fn::Not": lambda a: not _condition(a[0], template, params),
+               "Fn::And": lambda a: all(_condition(x, template, params) for x in a),
+               "Fn::Or": lambda a: any(_condition(x, template, params) for x in a),
+               "Condition": lambda a: _condition(template["Conditions"][a], template, params),
+               "Ref": lambda a: params[a]}
+        return ops[k](v)
+    return str(expr)
+
+
+def active(template: dict, params: dict | None = None) -> dict:
+    """The template without the resources whose Condition is false for these parameters
+    (defaults overlaid with `params`), as CloudFormation would deploy it."""
+    values = {**parameter_defaults(template), **(params or {})}
+    out = dict(template)
+    out["Resources"] = {n: r for n, r in template["Resources"].items()
+                        if "Condition" not in r or _condition(template["Conditions"][r["Condition"]], template, values)}
+    return out
+
+
 def parameter_defaults(template: dict) -> dict:
     return {name: str(p.get("Default", "")) for name, p in template.get("Parameters", {}).items()}
 
@@ -72,7 +96,7 @@ def create_resources(template: dict, *, prefix: str = "stratus", session=None, p
     session = session or boto3.Session()
     ddb, sqs, s3 = session.client("dynamodb"), session.client("sqs"), session.client("s3")
     refs = {**parameter_defaults(template), **(parameters or {})}
-    resources = template["Resources"]
+    resources = active(template, parameters)["Resources"]
     ordered = sorted(resources.items(), key=lambda kv: "RedrivePolicy" in kv[1].get("Properties", {}))  # DLQs first
     for name, res in ordered:
         props = res.get("Properties", {})

@@ -40,6 +40,7 @@ from stratus.observability import logger, metrics
 from stratus.replies import post_replies
 from stratus.settings import Settings
 from stratus_engine.engine import Engine, GenerationRequest, GenerationResult
+from stratus_worker import health
 
 GENERATE, DONE_WITH_MESSAGE, LEAVE_MESSAGE = "generate", "done", "leave"  # what start() decided
 IDLE_WAIT_S = 2  # long-poll length when idle: also how quickly an idle worker notices SIGTERM
@@ -69,7 +70,7 @@ class Worker:
         self._finished: queue.Queue[Held | None] = queue.Queue()
         self._halt = threading.Event()
         self._lock = threading.Lock()
-        self._next = {"heartbeat": 0.0, "cancel": 0.0, "metrics": 0.0}
+        self._next = {"heartbeat": 0.0, "cancel": 0.0, "metrics": 0.0, "alive": 0.0}
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -108,6 +109,7 @@ class Worker:
             self.engine.run(self._halt)
         except BaseException as exc:  # noqa: BLE001 - the main thread releases our messages and exits
             logger.exception("engine failed")
+            metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
             self.failure = exc
             self.stopping.set()
 
@@ -127,6 +129,7 @@ class Worker:
                 self.admit(m)
             except Exception as exc:  # noqa: BLE001 - retryable: back to the queue, the DLQ bounds retries
                 logger.exception("could not admit a message")
+                metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
                 self._retry_later(m, exc)
 
     def admit(self, m: dict) -> None:
@@ -218,7 +221,8 @@ class Worker:
         now = time.monotonic()
         for chore, every, run in (("heartbeat", self.settings.heartbeat_s, self.heartbeat),
                                   ("cancel", self.settings.cancel_check_s, self.check_cancelled),
-                                  ("metrics", METRICS_EVERY_S, self.publish_metrics)):
+                                  ("metrics", METRICS_EVERY_S, self.publish_metrics),
+                                  ("alive", METRICS_EVERY_S, health.touch)):  # the container health check
             if now >= self._next[chore]:
                 self._next[chore] = now + every
                 try:
@@ -249,6 +253,7 @@ class Worker:
                 self.finish(held)
             except Exception as exc:  # noqa: BLE001 - retryable: the message comes back
                 logger.exception("could not write a result")
+                metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
                 self._retry_later({"ReceiptHandle": held.receipt, "Body": held.message.to_body()}, exc)
             finally:
                 with self._lock:

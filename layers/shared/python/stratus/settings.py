@@ -42,6 +42,7 @@ class Settings:
     # the requests queue (trigger function)
     trigger_tenant: str = "queue"  # tenant of request messages that name none
     reply_queue_pattern: str = "*-replies*"  # reply_to queue names allowed (IAM allows the same)
+    sagemaker_endpoint: str = ""  # the dispatch function's target (WorkerTarget=sagemaker)
     # workers only
     model_dir: str = ""  # the model directory the worker loads ...
     model_uri: str = ""  # ... or s3://bucket/prefix/ of a published model (`stratus model publish`)
@@ -64,6 +65,7 @@ class Settings:
         "default_rpm": ("STRATUS_DEFAULT_RPM", int), "default_tpm": ("STRATUS_DEFAULT_TPM", int),
         "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float),
         "trigger_tenant": ("STRATUS_TRIGGER_TENANT", str), "reply_queue_pattern": ("STRATUS_REPLY_QUEUE_PATTERN", str),
+        "sagemaker_endpoint": ("STRATUS_SAGEMAKER_ENDPOINT", str),
         "model_dir": ("STRATUS_MODEL_DIR", str), "model_uri": ("STRATUS_MODEL_URI", str),
         "model_cache": ("STRATUS_MODEL_CACHE", str), "max_batch": ("STRATUS_MAX_BATCH", int),
         "visibility_s": ("STRATUS_VISIBILITY_S", int), "heartbeat_s": ("STRATUS_HEARTBEAT_S", float),

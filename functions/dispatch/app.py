@@ -1,0 +1,46 @@
+"""The dispatch Lambda (WorkerTarget=sagemaker): each jobs-queue message goes to the SageMaker
+asynchronous endpoint. The message is written to s3://<bucket>/sagemaker/in/ and handed over with
+InvokeEndpointAsync; the container runs the job through the job store (claim, generate, DONE), so
+everything downstream is the same as with queue workers."""
+
+from __future__ import annotations
+
+import functools
+
+import boto3
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from stratus import service
+from stratus.contracts import QueueMessage
+from stratus.observability import logger, metrics, tracer
+
+processor = BatchProcessor(event_type=EventType.SQS)
+get_deps = functools.cache(service.deps_from_env)  # clients created once per container
+INVOCATION_TIMEOUT_S = 3600  # SageMaker async's longest
+
+
+@functools.cache
+def sagemaker():
+    return boto3.client("sagemaker-runtime")
+
+
+def record_handler(record: SQSRecord) -> None:
+    deps = get_deps()
+    job_id = QueueMessage.from_body(record.body).job_id  # refuse what the container could not read
+    key = f"sagemaker/in/{job_id}/{record.message_id}.json"
+    deps.s3.put_object(Bucket=deps.settings.bucket, Key=key, Body=record.body.encode(),
+                       ContentType="application/json")
+    sagemaker().invoke_endpoint_async(EndpointName=deps.settings.sagemaker_endpoint,
+                                      InputLocation=f"s3://{deps.settings.bucket}/{key}",
+                                      ContentType="application/json",
+                                      InvocationTimeoutSeconds=INVOCATION_TIMEOUT_S)
+    logger.info("dispatched", extra={"job_id": job_id})
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict, context: LambdaContext) -> dict:
+    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
