@@ -116,3 +116,15 @@ def test_the_container_serves_sagemakers_contract_and_stops_on_sigterm(tiny, tmp
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_stratus_model_publish_prints_the_uri_workers_use(stack, tiny, capsys):
+    from stratus_cli.main import main as stratus
+
+    bucket = stack.refs["ResultsBucket"]
+    assert stratus(["model", "publish", "--model", str(tiny.dirs["int8"]), "--bucket", bucket]) == 0
+    uri = capsys.readouterr().out.strip()
+    manifest = json.loads((tiny.dirs["int8"] / "manifest.json").read_text())
+    assert uri.startswith(f"s3://{bucket}/models/{manifest['model_id']}/")
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=uri.removeprefix(f"s3://{bucket}/"))
+    assert {o["Key"].rsplit("/", 1)[1] for o in listed["Contents"]} == {*manifest["files"], "manifest.json"}
