@@ -49,8 +49,9 @@ def real_models() -> dict[str, Path]:
     for stale in base.parent.glob("*"):  # builds from an older pipeline
         if stale != base:
             shutil.rmtree(stale, ignore_errors=True)
-    dirs = {q: base / q for q in ("fp32", "int8", "int4")}
-    for quant, out in dirs.items():
+    dirs = {q: base / q for q in ("fp32", "int8", "int4", "int4-fp16")}
+    for name, out in dirs.items():
         if not (out / "manifest.json").is_file():
-            build_from_gguf(None, quant, out)
+            quant, _, activations = name.partition("-")
+            build_from_gguf(None, quant, out, activations=activations or "fp32")
     return dirs

@@ -1,6 +1,6 @@
 """`stratus` — build models and generate text from the command line.
 
-  stratus model build [--gguf PATH] [--quant fp32|int8|int4] --out DIR
+  stratus model build [--gguf PATH] [--quant fp32|int8|int4] [--activations fp32|fp16] --out DIR
   stratus model publish --model DIR --bucket B [--prefix models/]
   stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
   stratus keys create --tenant NAME [--rpm N] [--tpm N]      stratus keys revoke KEY
@@ -30,7 +30,8 @@ def cmd_model_build(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    manifest = build_from_gguf(args.gguf, args.quant, args.out, accuracy_level=args.accuracy_level, progress=progress)
+    manifest = build_from_gguf(args.gguf, args.quant, args.out, accuracy_level=args.accuracy_level, progress=progress,
+                               activations=args.activations)
     size = sum(f["bytes"] for f in manifest["files"].values())
     progress(f"done: {args.out} ({size / 1e6:.0f} MB, model {manifest['model_id']}, digest {manifest['digest'][:16]}…)")
     return 0
@@ -150,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, required=True, help="output directory (replaced when the build succeeds)")
     b.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute precision (4 = int8 activations, fastest on CPU)")
+    b.add_argument("--activations", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16 for CUDA workers (onnxruntime's CUDA GroupQueryAttention takes float16 only)")
     b.set_defaults(func=cmd_model_build)
     pb = model.add_parser("publish", help="upload a built model (verified; manifest last) to S3; prints its URI")
     pb.add_argument("--model", type=Path, required=True)

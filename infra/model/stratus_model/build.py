@@ -25,7 +25,7 @@ import onnx
 
 from stratus.errors import ModelBuildError
 from stratus_engine.artifact import artifact_digest, sha256_file
-from stratus_model.graph import build_model
+from stratus_model.graph import ACTIVATIONS, build_model
 from stratus_model.quant import QUANT_SCHEMES
 from stratus_model.source import GGUFSource, WeightSource
 from stratus_model.tokenizer import build_tokenizer
@@ -45,9 +45,9 @@ def default_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
 
 
-def model_id_for(src: WeightSource, quant: str) -> str:
+def model_id_for(src: WeightSource, quant: str, activations: str = "fp32") -> str:
     stem = src.description.get("file", "model").split(".")[0]
-    return f"{stem.lower()}-{quant}"
+    return f"{stem.lower()}-{quant}" + ("" if activations == "fp32" else f"-{activations}")
 
 
 def eos_ids(src: WeightSource) -> list[int]:
@@ -61,7 +61,7 @@ def eos_ids(src: WeightSource) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def _smoke_test(model_path: Path, cfg) -> None:
+def _smoke_test(model_path: Path, cfg, activations: str = "fp32") -> None:
     """Load the graph in onnxruntime and run one token, so a broken build never looks valid."""
     import onnxruntime as ort
 
@@ -73,7 +73,8 @@ def _smoke_test(model_path: Path, cfg) -> None:
                 "position_ids": np.array([[0]], np.int64)}
         for i in range(cfg.num_layers):
             for kind in ("key", "value"):
-                feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+                feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim),
+                                                               ACTIVATIONS[activations])
         logits = sess.run(["logits"], feed)[0]
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelBuildError(f"the built graph does not run in onnxruntime: {exc}") from exc
@@ -82,18 +83,22 @@ def _smoke_test(model_path: Path, cfg) -> None:
 
 
 def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = None, accuracy_level: int = 4,
-          progress: Callable[[str], None] = lambda _msg: None) -> dict:
-    """Convert `src` into a model directory at `out`; returns the manifest."""
+          progress: Callable[[str], None] = lambda _msg: None, activations: str = "fp32") -> dict:
+    """Convert `src` into a model directory at `out`; returns the manifest. activations="fp16" is
+    the build for CUDA workers (float16 activations and KV cache)."""
     if quant not in QUANT_SCHEMES:
         raise ModelBuildError(f"quant must be one of {', '.join(QUANT_SCHEMES)}, got {quant!r}")
+    if activations not in ACTIVATIONS:
+        raise ModelBuildError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     cfg = src.config
     started = time.monotonic()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        progress(f"building {quant} graph: {cfg.num_layers} layers, hidden {cfg.hidden}, vocab {cfg.vocab_size}")
-        model = build_model(src, quant, accuracy_level, progress)
+        progress(f"building {quant} graph ({activations} activations): {cfg.num_layers} layers, hidden {cfg.hidden}, "
+                 f"vocab {cfg.vocab_size}")
+        model = build_model(src, quant, accuracy_level, progress, activations)
         progress(f"writing {len(model.graph.node)} nodes")
         onnx.save_model(model, tmp / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
@@ -106,14 +111,15 @@ def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = No
         _write_json(tmp / "generation_config.json", gen)
         _write_json(tmp / "config.json", {"architecture": "llama", **cfg.to_json(), "quantization": quant,
                                           "quantization_detail": QUANT_SCHEMES[quant].description,
-                                          "kv_layout": "right_padded_gqa"})
+                                          "kv_layout": "right_padded_gqa", "activations": activations})
         progress("checking the graph in onnxruntime")
-        _smoke_test(tmp / "model.onnx", cfg)
+        _smoke_test(tmp / "model.onnx", cfg, activations)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         manifest = {
             "manifest_version": MANIFEST_VERSION,
-            "model_id": model_id or model_id_for(src, quant),
+            "model_id": model_id or model_id_for(src, quant, activations),
             "quantization": quant,
+            "activations": activations,
             "source": src.description,
             "digest": artifact_digest(files),
             "files": files,

@@ -30,16 +30,30 @@ MS = "com.microsoft"
 OPSET = 21
 
 
+# Activation types: fp32 everywhere on the CPU; fp16 for CUDA, whose GroupQueryAttention takes
+# float16 only. In an fp16 build every float initializer, activation and the KV cache are float16;
+# logits are cast back to float32 for sampling.
+ACTIVATIONS = {"fp32": np.float32, "fp16": np.float16}
+
+
 @dataclass
 class Graph:
-    """Collects nodes and initializers; `op` returns the (first) output name."""
+    """Collects nodes and initializers; `op` returns the (first) output name. Float initializers
+    are stored in the activation type."""
 
     nodes: list = field(default_factory=list)
     inits: list = field(default_factory=list)
+    dtype: type = np.float32
 
     def init(self, name: str, array: np.ndarray) -> str:
+        if np.issubdtype(array.dtype, np.floating):
+            array = array.astype(self.dtype)
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    @property
+    def elem(self) -> int:  # the ONNX element type of activations
+        return helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
 
     def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> str | list[str]:
         outputs = [f"{name}/output_{k}" for k in range(n_out)]
@@ -113,7 +127,7 @@ def rotary_cache(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:  # -> 2 x [
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def make_inputs(cfg: LlamaConfig) -> tuple[list, list]:
+def make_inputs(cfg: LlamaConfig, elem: int = TensorProto.FLOAT) -> tuple[list, list]:
     ins = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
@@ -123,9 +137,9 @@ def make_inputs(cfg: LlamaConfig) -> tuple[list, list]:
     kv = ["batch_size", cfg.num_kv_heads, None, cfg.head_dim]
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
-            ins.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+            ins.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", elem,
                                                      [kv[0], kv[1], "past_sequence_length", kv[3]]))
-            outs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+            outs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", elem,
                                                       [kv[0], kv[1], "total_sequence_length", kv[3]]))
     return ins, outs
 
@@ -210,19 +224,22 @@ def make_lm_head(g: Graph, cfg: LlamaConfig, h: str, src: WeightSource, scheme: 
         shape_h = g.op("Shape", [h], f"{p}/Shape", start=0, end=2)
         vocab = g.init(f"{p}/vocab", np.array([cfg.vocab_size], np.int64))
         out_shape = g.op("Concat", [shape_h, vocab], f"{p}/Concat", axis=0)
-        g.nodes.append(helper.make_node("Reshape", [mm, out_shape], ["logits"], name=f"{p}/Reshape_out"))
-        return
-    weight = src.tensor("embed" if cfg.tied_embeddings else "lm_head")
-    y = linear_for(scheme.lm_head_bits, accuracy_level)(g, p, h, weight)
-    g.nodes.append(helper.make_node("Identity", [y], ["logits"], name=f"{p}/logits"))
+        y = g.op("Reshape", [mm, out_shape], f"{p}/Reshape_out")
+    else:
+        weight = src.tensor("embed" if cfg.tied_embeddings else "lm_head")
+        y = linear_for(scheme.lm_head_bits, accuracy_level)(g, p, h, weight)
+    if g.dtype == np.float32:
+        g.nodes.append(helper.make_node("Identity", [y], ["logits"], name=f"{p}/logits"))
+    else:  # sampling works in float32
+        g.nodes.append(helper.make_node("Cast", [y], ["logits"], name=f"{p}/logits", to=TensorProto.FLOAT))
 
 
 def build_model(src: WeightSource, quant: str = "fp32", accuracy_level: int = 4,
-                progress: Callable[[str], None] = lambda _msg: None) -> onnx.ModelProto:
+                progress: Callable[[str], None] = lambda _msg: None, activations: str = "fp32") -> onnx.ModelProto:
     cfg = src.config
     scheme = QUANT_SCHEMES[quant]
     linear = linear_for(scheme.linear_bits, accuracy_level)
-    g = Graph()
+    g = Graph(dtype=ACTIVATIONS[activations])
     embed = g.init("model.embed_tokens.weight", src.tensor("embed").dense())
     cos_np, sin_np = rotary_cache(cfg)
     cos, sin = g.init("cos_cache", cos_np), g.init("sin_cache", sin_np)
@@ -247,7 +264,7 @@ def build_model(src: WeightSource, quant: str = "fp32", accuracy_level: int = 4,
     progress("lm head")
     make_lm_head(g, cfg, make_keep_last(g, h), src, scheme, accuracy_level, embed)
 
-    ins, outs = make_inputs(cfg)
+    ins, outs = make_inputs(cfg, g.elem)
     ins.append(helper.make_tensor_value_info(KEEP, TensorProto.INT64, [1]))  # overridable: default below
     graph = helper.make_graph(g.nodes, "stratus_llama", ins, outs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],

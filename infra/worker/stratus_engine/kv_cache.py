@@ -43,12 +43,16 @@ class _DeviceCopy:
     run by the model's own execution providers do it, with inputs and outputs bound by pointer.
     """
 
-    def __init__(self, providers: list[str]) -> None:
+    def __init__(self, providers: list[str], dtype: type = np.float32) -> None:
         from onnx import TensorProto, helper
+        from onnx.helper import np_dtype_to_tensor_dtype
+
+        self.dtype = dtype
+        elem = np_dtype_to_tensor_dtype(np.dtype(dtype))
 
         def session(node, extra_inputs=()):
-            x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["a", "b", "c", "d"])
-            y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["e", "f", "g", "h"])
+            x = helper.make_tensor_value_info("x", elem, ["a", "b", "c", "d"])
+            y = helper.make_tensor_value_info("y", elem, ["e", "f", "g", "h"])
             graph = helper.make_graph([node], "copy", [x, *extra_inputs], [y])
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
             model.ir_version = 9
@@ -58,13 +62,12 @@ class _DeviceCopy:
         pads = helper.make_tensor_value_info("pads", TensorProto.INT64, [8])
         self.pad = session(helper.make_node("Pad", ["x", "pads"], ["y"]), [pads])
 
-    @staticmethod
-    def _run(sess, device, src, src_shape, dst, dst_shape, pads=None) -> None:
+    def _run(self, sess, device, src, src_shape, dst, dst_shape, pads=None) -> None:
         io = sess.io_binding()
-        io.bind_input("x", device, 0, np.float32, list(src_shape), src)
+        io.bind_input("x", device, 0, self.dtype, list(src_shape), src)
         if pads is not None:
             io.bind_cpu_input("pads", pads)
-        io.bind_output("y", device, 0, np.float32, list(dst_shape), dst)
+        io.bind_output("y", device, 0, self.dtype, list(dst_shape), dst)
         sess.run_with_iobinding(io)
 
     def copy(self, device: str, src: int, dst: int, shape: tuple[int, ...]) -> None:
@@ -89,8 +92,9 @@ class InPlaceCache:
         self.names = _kv_names(model)
         self.device = "cuda" if model.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.shape = (max_batch, s.num_kv_heads, capacity, s.head_dim)
+        self.dtype = model.kv_dtype  # float16 in builds for CUDA, else float32
         self.buffers = [self._zeros(self.shape) for _ in self.names]
-        self._copy = _DeviceCopy(model.providers)
+        self._copy = _DeviceCopy(model.providers, self.dtype)
         self._bindings: dict[tuple[int, int, int], object] = {}
         self._has_keep = KEEP in {i.name for i in self.session.get_overridable_initializers()}
 
@@ -120,10 +124,10 @@ class InPlaceCache:
         return self.buffers[index].numpy()[start:stop]
 
     def _zeros(self, shape: tuple[int, ...]):
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), self.device, 0)
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype), self.device, 0)
 
     def _row_ptr(self, buf, row: int) -> int:
-        return buf.data_ptr() + row * int(np.prod(self.shape[1:])) * 4
+        return buf.data_ptr() + row * int(np.prod(self.shape[1:])) * np.dtype(self.dtype).itemsize
 
     def _run(self, ids, mask, positions, start: int, stop: int, keep: int = 0) -> np.ndarray:
         io = self._binding(start, stop, keep)
@@ -147,8 +151,8 @@ class InPlaceCache:
         shape = [stop - start, *self.shape[1:]]
         for (past, present), buf in zip(self.names, self.buffers):  # same memory: updated in place
             ptr = self._row_ptr(buf, start)
-            io.bind_input(past, self.device, 0, np.float32, shape, ptr)
-            io.bind_output(present, self.device, 0, np.float32, shape, ptr)
+            io.bind_input(past, self.device, 0, self.dtype, shape, ptr)
+            io.bind_output(present, self.device, 0, self.dtype, shape, ptr)
         if len(self._bindings) > 256:  # prefill keys vary with prompt lengths
             self._bindings.clear()
         self._bindings[key] = io
@@ -163,7 +167,7 @@ class InPlaceCache:
         grown = []
         for buf in self.buffers:
             new = ort.OrtValue.ortvalue_from_shape_and_type((self.shape[0], self.shape[1], cap, self.shape[3]),
-                                                            np.float32, self.device, 0)
+                                                            self.dtype, self.device, 0)
             self._copy.grow(self.device, buf.data_ptr(), self.shape, new.data_ptr(), cap)
             grown.append(new)
         self.buffers, self.shape = grown, (self.shape[0], self.shape[1], cap, self.shape[3])
@@ -178,7 +182,8 @@ class ConcatCache:
         self.session = model.session
         self.names = _kv_names(model)
         self.kv = (s.num_kv_heads, s.head_dim)
-        self.past = [np.zeros((0, *self.kv[:1], 0, self.kv[1]), np.float32) for _ in self.names]
+        self.dtype = model.kv_dtype
+        self.past = [np.zeros((0, *self.kv[:1], 0, self.kv[1]), self.dtype) for _ in self.names]
         self.valid = np.zeros((0, 0), np.int64)
         outputs = [o.name for o in self.session.get_outputs()]
         self._logits_at = outputs.index("logits")
@@ -189,7 +194,7 @@ class ConcatCache:
         if start != self.valid.shape[0]:
             raise RuntimeError(f"prefill must append after the {self.valid.shape[0]} live rows, got start {start}")
         m = ids.shape[0]
-        empty = [np.zeros((m, self.kv[0], 0, self.kv[1]), np.float32) for _ in self.names]
+        empty = [np.zeros((m, self.kv[0], 0, self.kv[1]), self.dtype) for _ in self.names]
         logits, presents = self._run(ids, mask, positions, empty)
         width = max(self.valid.shape[1], mask.shape[1])
         self.past = [np.concatenate([_pad(old, width), _pad(new, width)]) for old, new in zip(self.past, presents)]

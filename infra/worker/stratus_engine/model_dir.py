@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from stratus.errors import ModelLoadError
 
 REQUIRED_FILES = ("model.onnx", "tokenizer.json")
@@ -111,6 +113,12 @@ class LoadedModel:
             return ort.InferenceSession(str(self.path / "model.onnx"), so, providers=self.providers)
         except Exception as exc:  # onnxruntime's own exception types
             raise ModelLoadError(f"{self.path}/model.onnx: onnxruntime cannot load it: {exc}") from exc
+
+    @cached_property
+    def kv_dtype(self) -> type:
+        """np.float16 or np.float32: the type of the KV cache the graph reads (fp16 builds for CUDA)."""
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        return np.float16 if types.get("past_key_values.0.key") == "tensor(float16)" else np.float32
 
     @cached_property
     def tokenizer(self):
