@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import boto3
 import pytest
 
 from stratus.contracts import Status
@@ -74,3 +75,21 @@ def test_a_cached_result_is_replied_at_once(stack, trigger):
     [reply] = replied()
     assert reply["id"] == "order-43" and reply["response"]["choices"][0]["message"]["content"] == "Shipped."
     assert stack.queued() == []
+
+
+def test_replies_survive_a_missing_queue_and_stay_under_the_sqs_limit(stack, trigger):
+    from stratus.replies import post_replies
+
+    send, replied = trigger
+    send(request())
+    [queued] = stack.queued()
+    store = JobStore(stack.table)
+    store.watch(queued["job_id"], {"queue_url": stack.refs["JobsQueue"] + "-gone", "id": "lost"})
+    store.transition(queued["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
+    done = store.complete(queued["job_id"], "w", {"text": "x" * 400_000, "finish_reason": "length"},
+                          s3=boto3.client("s3"), bucket=stack.refs["ResultsBucket"])
+    assert post_replies(done, sqs=stack.sqs, s3=boto3.client("s3"), store=store) == 1
+    [reply] = replied()
+    assert reply["status"] == "DONE" and "response" not in reply
+    assert reply["response_omitted"].endswith(f"GET /v1/jobs/{queued['job_id']}")
+    assert store.get(queued["job_id"]).notified
