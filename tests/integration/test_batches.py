@@ -38,8 +38,10 @@ def batch_fn(stack):
     handler, _ = load_handler(load_template(), "BatchFunction")
     s3, bucket = boto3.client("s3"), stack.refs["ResultsBucket"]
 
-    def upload(key: str, body: str) -> dict:
-        s3.put_object(Bucket=bucket, Key=key, Body=body.encode())
+    def upload(key: str, body: str | None) -> dict:
+        """Put the file (None: it is there already), then deliver its Object Created event."""
+        if body is not None:
+            s3.put_object(Bucket=bucket, Key=key, Body=body.encode())
         event = json.loads((EVENTS / "batch_upload.json").read_text())
         event["detail"]["bucket"]["name"] = bucket
         event["detail"]["object"].update(key=key, etag=s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"'))
@@ -121,11 +123,20 @@ def test_a_batch_is_pending_until_its_last_line_finishes(stack, batch_fn):
 
 
 def test_post_batches_points_at_a_tenant_file_and_other_tenants_get_404(stack, batch_fn):
-    boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/files/acme/questions.jsonl",
-                                  Body=FILE.encode())
+    upload, _, _ = batch_fn
+    bucket = stack.refs["ResultsBucket"]
+    boto3.client("s3").put_object(Bucket=bucket, Key="batches/files/acme/questions.jsonl", Body=FILE.encode())
     acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
     status, view, _ = stack.call("api_create_batch.json", key=acme)
-    assert status == 200 and view["status"] == "in_progress" and view["request_counts"]["total"] == 6
+    # answered at once: the file was copied under the input prefix, where the batch function ingests it
+    assert status == 200 and view["status"] == "validating" and stack.queued() == []
+    copied = view["input_file_id"].removeprefix(f"s3://{bucket}/")
+    assert copied.startswith("batches/input/acme/") and copied.endswith("-questions.jsonl")
+    assert stack.call("api_get_batch.json", key=acme, job_id=view["id"])[1]["status"] == "validating"
+    ingested = upload(copied, None)
+    assert ingested["batch"] == view["id"] and ingested["request_counts"]["total"] == 6
+    view = stack.call("api_get_batch.json", key=acme, job_id=view["id"])[1]
+    assert view["status"] == "in_progress" and view["request_counts"]["total"] == 6
     listed = stack.call("api_list_batches.json", key=acme)[1]
     assert [b["id"] for b in listed["data"]] == [view["id"]]
     other = create_key(stack.table, "globex", rpm=100, tpm=100_000)
@@ -134,6 +145,19 @@ def test_post_batches_points_at_a_tenant_file_and_other_tenants_get_404(stack, b
     assert stack.call("api_create_batch.json", key=other)[0] == 404  # globex has no such file
     bad = stack.call("api_create_batch.json", key=acme, body={"endpoint": "/v1/chat/completions"})
     assert bad[0] == 400 and "input_file_id is required" in bad[1]["error"]["message"]
+
+
+def test_a_file_over_the_line_limit_fails_with_a_clear_error(stack, batch_fn, monkeypatch):
+    from stratus import batches
+
+    monkeypatch.setattr(batches, "MAX_LINES", 3)
+    upload, _, _ = batch_fn
+    created = upload("batches/input/acme/big.jsonl", "\n".join(line(f"q{i}", f"question {i}") for i in range(4)))
+    assert created["status"] == "failed" and stack.queued() == []
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    view = stack.call("api_get_batch.json", key=key, job_id=created["batch"])[1]
+    assert view["errors"]["data"] == [{"code": "too_many_lines",
+                                       "message": "the file has 4 lines; at most 3 per batch: split it"}]
 
 
 def test_uploads_outside_a_tenant_folder_are_ignored(stack, batch_fn):

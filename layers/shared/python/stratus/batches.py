@@ -1,7 +1,8 @@
 """Batch files: a JSONL file of requests in, an output file (and an error file) out.
 
   batches/input/<tenant>/<name>.jsonl    uploading here creates a batch (S3 -> EventBridge -> batch fn)
-  batches/files/<tenant>/<name>.jsonl    POST /v1/batches {"input_file_id": "<name>.jsonl"} creates one
+  batches/files/<tenant>/<name>.jsonl    POST /v1/batches {"input_file_id": "<name>.jsonl"} copies it
+                                         to the input prefix (ingested like an upload) and answers at once
   batches/output/<batch id>/             output.jsonl, errors.jsonl, manifest.json when every line is done
   batches/state/<batch id>/lines.json    which job serves each line (written at ingest)
 
@@ -35,6 +36,7 @@ INPUT_PREFIX, FILES_PREFIX = "batches/input/", "batches/files/"
 OPEN = "batches#open"
 ROUTES = ROUTE_PATHS
 KEEP_S = 30 * 86400  # batch records outlive their jobs' cache TTL: the output files are what matter
+MAX_LINES = 5000  # one ingest must fit the batch function's 5 minutes (a few DynamoDB calls a line)
 WINDOW_S = 86400  # completion window: a line's job expires unstarted after this (the queue keeps messages 1 day)
 
 
@@ -132,18 +134,25 @@ def tenant_of_upload(key: str) -> str:
 
 
 def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
-    """Ingest one input file: validate every line, create and enqueue the jobs, record the batch."""
+    """Ingest one input file: validate every line, create and enqueue the jobs, record the batch.
+    Runs in the batch function (up to 5 minutes), never in the API."""
     s, store = deps.settings, deps.store
     batch = Batch(batch_id, tenant, key)
-    try:
-        deps.table.put_item(Item=batch.to_item(), ConditionExpression="attribute_not_exists(pk)")
+    try:  # new, or announced by POST /v1/batches (pending); a redelivered event finds it done
+        deps.table.put_item(Item=batch.to_item(), ConditionExpression="attribute_not_exists(pk) OR pending = :t",
+                            ExpressionAttributeValues={":t": True})
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         logger.info("batch exists already (a redelivered event)", extra={"batch_id": batch_id})
         return get(batch_id, tenant, deps)
     try:
         raw_lines = deps.s3.get_object(Bucket=s.bucket, Key=key)["Body"].read().decode("utf-8").splitlines()
+        count = sum(1 for raw in raw_lines if raw.strip())
+        if count > MAX_LINES:
+            raise InvalidRequest(f"the file has {count} lines; at most {MAX_LINES} per batch: split it")
     except Exception as exc:  # noqa: BLE001 - the batch fails visibly instead of vanishing
-        batch.status, batch.errors = "failed", [{"code": "input_unreadable", "message": f"{type(exc).__name__}: {exc}"}]
+        code = "too_many_lines" if isinstance(exc, InvalidRequest) else "input_unreadable"
+        message = exc.message if isinstance(exc, InvalidRequest) else f"{type(exc).__name__}: {exc}"
+        batch.status, batch.errors = "failed", [{"code": code, "message": message}]
         deps.table.put_item(Item=batch.to_item())
         return batch
     lines, outbox = [], []
@@ -219,12 +228,21 @@ def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
                              f"s3://{deps.settings.bucket}/{FILES_PREFIX}{tenant}/", param="input_file_id")
     if body.get("endpoint", "/v1/chat/completions") not in ROUTES:
         raise InvalidRequest(f"endpoint must be one of {', '.join(ROUTES)}", param="endpoint")
-    key = f"{FILES_PREFIX}{tenant}/{body['input_file_id']}"
+    bucket, name = deps.settings.bucket, body["input_file_id"]
+    source = f"{FILES_PREFIX}{tenant}/{name}"
     try:
-        deps.s3.head_object(Bucket=deps.settings.bucket, Key=key)
+        deps.s3.head_object(Bucket=bucket, Key=source)
     except Exception as exc:  # noqa: BLE001 - botocore's ClientError for a 404
-        raise NotFound(f"no file {body['input_file_id']!r} under {FILES_PREFIX}{tenant}/", param="input_file_id") from exc
-    return create("batch_" + uuid.uuid4().hex[:24], tenant, key, deps)
+        raise NotFound(f"no file {name!r} under {FILES_PREFIX}{tenant}/", param="input_file_id") from exc
+    # The copy under the input prefix is an upload like any other: the batch function ingests it.
+    key = f"{INPUT_PREFIX}{tenant}/{uuid.uuid4().hex[:12]}-{name.rsplit('/', 1)[-1]}"
+    etag = deps.s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": source})["CopyObjectResult"]["ETag"]
+    batch = Batch(batch_id_for_upload(bucket, key, etag.strip('"')), tenant, key)
+    try:  # visible to GET at once; the ingest replaces it (or got there first)
+        deps.table.put_item(Item={**batch.to_item(), "pending": True}, ConditionExpression="attribute_not_exists(pk)")
+    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
+        return get(batch.id, tenant, deps)
+    return batch
 
 
 # ---- progress and output --------------------------------------------------------------------
