@@ -128,3 +128,17 @@ def test_stratus_model_publish_prints_the_uri_workers_use(stack, tiny, capsys):
     assert uri.startswith(f"s3://{bucket}/models/{manifest['model_id']}/")
     listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=uri.removeprefix(f"s3://{bucket}/"))
     assert {o["Key"].rsplit("/", 1)[1] for o in listed["Contents"]} == {*manifest["files"], "manifest.json"}
+
+
+def test_a_failed_invocation_fails_its_job_visibly(stack, tiny, monkeypatch):
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    body = {"model": "smollm2-135m-instruct-int4", "prompt": "boom", "max_tokens": 3, "temperature": 0}
+    assert stack.call("api_create_job.json", key=key, body=body)[0] == 202
+    [message] = stack.queued()
+    settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]))
+    worker = Worker(Engine.from_dir(tiny.dirs["int4"], threads=1), settings, sqs=boto3.client("sqs"),
+                    table=stack.table, s3=boto3.client("s3"), worker_id="sm")
+    monkeypatch.setattr(worker, "run_one", lambda msg: (_ for _ in ()).throw(RuntimeError("GPU fell off")))
+    status, _ = invoke(worker, message)
+    job = JobStore(stack.table).get(message["job_id"])
+    assert status == 500 and job.status == Status.FAILED and job.error["code"] == "worker_failed"

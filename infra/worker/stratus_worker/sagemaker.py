@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from stratus.contracts import Job, QueueMessage, Status, parse_request
 from stratus.errors import InvalidRequest, StratusError
+from stratus.observability import logger
 from stratus.service import completion_body, error_body, job_view
 from stratus_engine.engine import GenerationRequest
 from stratus_worker.worker import Worker
@@ -31,7 +32,14 @@ DEFAULT_PORT = 8080
 def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
     """One /invocations body -> (HTTP status, JSON body)."""
     if "job_id" in body and "request" in body:
-        job = worker.run_one(QueueMessage.from_body(json.dumps(body)))
+        msg = QueueMessage.from_body(json.dumps(body))
+        try:
+            job = worker.run_one(msg)
+        except Exception as exc:  # noqa: BLE001 - async endpoints do not redeliver: fail the job visibly
+            logger.exception("invocation failed", extra={"job_id": msg.job_id})
+            worker.store.transition(msg.job_id, [Status.QUEUED, Status.RUNNING], Status.FAILED, error={
+                "message": f"the worker failed: {type(exc).__name__}", "type": "server_error", "code": "worker_failed"})
+            return 500, {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}}
         return (200, job_view(job)) if job is not None else (404, {"error": {"message": "job not found"}})
     route = "chat" if "messages" in body else "completion"
     s = worker.settings
