@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 
@@ -95,6 +96,21 @@ def list_batches() -> Response:
 def get_batch(batch_id: str) -> Response:
     tenant, deps = _tenant(), get_deps()
     return _reply(service.Reply(200, batches.get(batch_id, tenant.name, deps).view(deps.settings.bucket)))
+
+
+@app.post("/v1/files")
+def upload_file() -> Response:
+    tenant, deps, event = _tenant(), get_deps(), app.current_event
+    raw = event.body or ""
+    data = base64.b64decode(raw) if event.is_base64_encoded else raw.encode()
+    filename, content = batches.read_upload(event.headers.get("content-type", ""), data, deps.settings.max_body_bytes)
+    return _reply(service.Reply(200, batches.upload_file(filename, content, tenant.name, deps)))
+
+
+@app.get("/v1/files/<file_id>/content")
+def file_content(file_id: str) -> Response:
+    content = batches.file_content(file_id, _tenant().name, get_deps())
+    return Response(200, "application/jsonl", content.decode())
 
 
 @app.get("/v1/models")

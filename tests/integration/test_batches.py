@@ -78,14 +78,14 @@ def test_an_uploaded_file_becomes_a_batch_with_output_and_error_files(stack, bat
     status, view, _ = stack.call("api_get_batch.json", key=key, job_id=created["batch"])
     assert status == 200 and view["status"] == "completed"
     assert view["request_counts"] == {"total": 6, "completed": 4, "failed": 2}
-    out = read(view["output_file_id"])
+    out = read(view["output_file_uri"])
     by_id = {o.get("custom_id") or o.get("recordId"): o for o in out}
     assert set(by_id) == {"q1", "q2", "r5", "q6"}
     assert by_id["q1"]["response"]["body"] == by_id["q2"]["response"]["body"]
     assert by_id["q1"]["response"]["status_code"] == 200 and by_id["q1"]["response"]["body"]["object"] == "chat.completion"
     assert by_id["r5"]["modelInput"]["prompt"] == "Once upon a time"
     assert by_id["r5"]["modelOutput"]["object"] == "text_completion"
-    errors = read(view["error_file_id"])
+    errors = read(view["error_file_uri"])
     assert [(e["line"], e["custom_id"]) for e in errors] == [(3, None), (4, "q4")]
     assert "not valid JSON" in errors[0]["error"]["message"] and "temperature" in errors[1]["error"]["message"]
 
@@ -130,8 +130,9 @@ def test_post_batches_points_at_a_tenant_file_and_other_tenants_get_404(stack, b
     status, view, _ = stack.call("api_create_batch.json", key=acme)
     # answered at once: the file was copied under the input prefix, where the batch function ingests it
     assert status == 200 and view["status"] == "validating" and stack.queued() == []
-    copied = view["input_file_id"].removeprefix(f"s3://{bucket}/")
-    assert copied.startswith("batches/input/acme/") and copied.endswith("-questions.jsonl")
+    copied = view["input_file_uri"].removeprefix(f"s3://{bucket}/")
+    assert copied.startswith("batches/input/acme/posted/") and copied.endswith("/questions.jsonl")
+    assert view["input_file_id"] == "questions.jsonl"
     assert stack.call("api_get_batch.json", key=acme, job_id=view["id"])[1]["status"] == "validating"
     ingested = upload(copied, None)
     assert ingested["batch"] == view["id"] and ingested["request_counts"]["total"] == 6
@@ -163,3 +164,40 @@ def test_a_file_over_the_line_limit_fails_with_a_clear_error(stack, batch_fn, mo
 def test_uploads_outside_a_tenant_folder_are_ignored(stack, batch_fn):
     upload, _, _ = batch_fn
     assert upload("batches/input/loose.jsonl", line("a", "b")) == {"ignored": "batches/input/loose.jsonl"}
+
+
+def test_the_files_api_carries_a_batch_in_and_out(stack, batch_fn):
+    # POST /v1/files (multipart, events/api_upload_file.json) -> POST /v1/batches -> ingest -> work
+    # -> scheduled pass -> GET /v1/files/{output file id}/content; another tenant sees none of it
+    upload, tick, _ = batch_fn
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    status, file, _ = stack.call("api_upload_file.json", key=acme)
+    assert status == 200 and file["id"].startswith("file-") and file["purpose"] == "batch" and file["bytes"] > 100
+    status, batch, _ = stack.call("api_create_batch.json", key=acme, body={
+        "input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    assert status == 200 and batch["input_file_id"] == file["id"]
+    upload(batch["input_file_uri"].removeprefix(f"s3://{stack.refs['ResultsBucket']}/"), None)
+    work_all(stack)
+    tick()
+    batch = stack.call("api_get_batch.json", key=acme, job_id=batch["id"])[1]
+    assert batch["status"] == "completed" and batch["output_file_id"] == f"file-{batch['id']}-output"
+    out = stack.handler(stack.event("api_file_content.json", key=acme, job_id=batch["output_file_id"]), LambdaContext())
+    assert out["statusCode"] == 200 and out["headers"]["Content-Type"] == "application/jsonl"
+    [line_out] = [json.loads(x) for x in out["body"].splitlines()]
+    assert line_out["custom_id"] == "q1" and line_out["response"]["status_code"] == 200
+    globex = create_key(stack.table, "globex", rpm=100, tpm=100_000)
+    for file_id in (file["id"], batch["output_file_id"]):
+        assert stack.call("api_file_content.json", key=globex, job_id=file_id)[0] == 404
+    assert stack.call("api_file_content.json", key=acme, job_id="file-../../etc")[0] == 404
+
+
+def test_uploads_must_be_batch_files_within_the_size_limit(stack):
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    event = stack.event("api_upload_file.json", key=acme)
+    import base64
+
+    wrong = base64.b64decode(event["body"]).replace(b"\r\n\r\nbatch\r\n", b"\r\n\r\nfine-tune\r\n")
+    status, body, _ = stack.call("api_upload_file.json", key=acme, body=base64.b64encode(wrong).decode())
+    assert status == 400 and "purpose must be 'batch'" in body["error"]["message"]
+    status, body, _ = stack.call("api_upload_file.json", key=acme, headers={"content-type": "application/json"})
+    assert status == 400 and "multipart/form-data" in body["error"]["message"]

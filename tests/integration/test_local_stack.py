@@ -234,9 +234,29 @@ def test_an_uploaded_batch_file_produces_output_and_error_files(stack):
         bucket, key = uri.removeprefix("s3://").split("/", 1)
         return [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode().splitlines()]
 
-    out = read(batch["output_file_id"])
+    out = read(batch["output_file_uri"])
     assert sorted(o["custom_id"] for o in out) == ["q0", "q1", "q2"]
     assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["choices"][0]["message"]["content"]
                for o in out)
-    [error] = read(batch["error_file_id"])
+    [error] = read(batch["error_file_uri"])
     assert error["line"] == 4 and "not valid JSON" in error["error"]["message"]
+
+
+def test_the_openai_sdk_batch_flow(stack, tmp_path):
+    # files.create -> batches.create -> batches.retrieve until completed -> files.content
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": stack.model, "messages": [{"role": "user", "content": f"Name a colour, {i}."}],
+                       "max_tokens": 8, "temperature": 0}} for i in range(2)]
+    path = tmp_path / "colours.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    uploaded = stack.client.files.create(file=path.open("rb"), purpose="batch")
+    batch = stack.client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    deadline = time.monotonic() + 90
+    while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = stack.client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 2, batch
+    out = [json.loads(x) for x in stack.client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == ["c0", "c1"]
+    assert all(o["response"]["body"]["choices"][0]["message"]["content"] for o in out)

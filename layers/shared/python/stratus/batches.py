@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,12 +28,13 @@ from dataclasses import dataclass, field
 from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.contracts import ROUTE_PATHS, Job, QueueMessage, Status, json_object, parse_request
-from stratus.errors import InvalidRequest, NotFound
+from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge
 from stratus.jobstore import load_result
 from stratus.observability import logger, metrics
 from stratus.service import Deps, completion_body, job_id_for
 
 INPUT_PREFIX, FILES_PREFIX = "batches/input/", "batches/files/"
+POSTED = "posted"  # batches/input/<tenant>/posted/<nonce>/<file>: copies made by POST /v1/batches
 OPEN = "batches#open"
 ROUTES = ROUTE_PATHS
 KEEP_S = 30 * 86400  # batch records outlive their jobs' cache TTL: the output files are what matter
@@ -81,12 +83,18 @@ class Batch:
                    json.loads(item.get("errors", "[]")))
 
     def view(self, bucket: str) -> dict:
-        """The OpenAI batch object."""
+        """The OpenAI batch object; file ids work with GET /v1/files/{id}/content, and the
+        *_uri fields say where the files are in S3."""
         s3 = lambda key: f"s3://{bucket}/{key}" if key else None  # noqa: E731
-        return {"id": self.id, "object": "batch", "endpoint": "/v1/chat/completions", "input_file_id": s3(self.input_file),
+        posted = f"{INPUT_PREFIX}{self.tenant}/{POSTED}/" in self.input_file  # a copy made by POST /v1/batches
+        input_id = self.input_file.rsplit("/", 1)[-1] if posted else s3(self.input_file)
+        return {"id": self.id, "object": "batch", "endpoint": "/v1/chat/completions", "input_file_id": input_id,
                 "completion_window": "24h", "status": self.status, "created_at": self.created_at,
-                "completed_at": self.completed_at, "output_file_id": s3(self.output_file),
-                "error_file_id": s3(self.error_file), "request_counts": self.counts,
+                "completed_at": self.completed_at,
+                "output_file_id": f"file-{self.id}-output" if self.output_file else None,
+                "error_file_id": f"file-{self.id}-errors" if self.error_file else None,
+                "input_file_uri": s3(self.input_file), "output_file_uri": s3(self.output_file),
+                "error_file_uri": s3(self.error_file), "request_counts": self.counts,
                 "errors": {"object": "list", "data": self.errors} if self.errors else None}
 
 
@@ -235,7 +243,7 @@ def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
     except Exception as exc:  # noqa: BLE001 - botocore's ClientError for a 404
         raise NotFound(f"no file {name!r} under {FILES_PREFIX}{tenant}/", param="input_file_id") from exc
     # The copy under the input prefix is an upload like any other: the batch function ingests it.
-    key = f"{INPUT_PREFIX}{tenant}/{uuid.uuid4().hex[:12]}-{name.rsplit('/', 1)[-1]}"
+    key = f"{INPUT_PREFIX}{tenant}/{POSTED}/{uuid.uuid4().hex[:12]}/{name.rsplit('/', 1)[-1]}"
     etag = deps.s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": source})["CopyObjectResult"]["ETag"]
     batch = Batch(batch_id_for_upload(bucket, key, etag.strip('"')), tenant, key)
     try:  # visible to GET at once; the ingest replaces it (or got there first)
@@ -243,6 +251,64 @@ def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         return get(batch.id, tenant, deps)
     return batch
+
+
+# ---- files (the OpenAI files API, for batch input and output) ----------------------------------
+
+FILE_ID = re.compile(r"file-[0-9a-f]{24}")
+BATCH_FILE_ID = re.compile(r"file-(batch_[0-9a-f]{24})-(output|errors)")
+MAX_CONTENT_BYTES = 5_000_000  # a Lambda response stops at 6 MB; bigger files are read from S3
+
+
+def read_upload(content_type: str, body: bytes, limit: int) -> tuple[str, bytes]:
+    """A multipart/form-data POST /v1/files body -> (filename, data); checks purpose and size."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    if len(body) > limit:
+        raise PayloadTooLarge(f"the upload must be at most {limit} bytes; put bigger files in S3 under {FILES_PREFIX}")
+    if not content_type.startswith("multipart/form-data"):
+        raise InvalidRequest(f"send multipart/form-data with fields purpose and file, got {content_type or 'none'!r}")
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    fields = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
+    purpose = fields["purpose"].get_content().strip() if "purpose" in fields else None
+    if purpose != "batch":
+        raise InvalidRequest(f"purpose must be 'batch', got {purpose!r}", param="purpose")
+    if "file" not in fields:
+        raise InvalidRequest("the file field is missing", param="file")
+    part = fields["file"]
+    return part.get_filename() or "upload.jsonl", part.get_payload(decode=True) or b""
+
+
+def upload_file(filename: str, data: bytes, tenant: str, deps: Deps) -> dict:
+    """POST /v1/files (purpose "batch"): keep the file under the tenant's files prefix."""
+    file_id = "file-" + uuid.uuid4().hex[:24]
+    deps.s3.put_object(Bucket=deps.settings.bucket, Key=f"{FILES_PREFIX}{tenant}/{file_id}", Body=data,
+                       ContentType="application/jsonl", Metadata={"filename": filename[:200]})
+    return {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+            "filename": filename, "purpose": "batch", "status": "processed"}
+
+
+def file_content(file_id: str, tenant: str, deps: Deps) -> bytes:
+    """GET /v1/files/{id}/content: an uploaded file, or a batch's output or error file."""
+    if m := BATCH_FILE_ID.fullmatch(file_id):
+        batch = get(m.group(1), tenant, deps)
+        key = batch.output_file if m.group(2) == "output" else batch.error_file
+        if key is None:
+            raise NotFound(f"file {file_id!r} does not exist yet: batch {batch.id} is {batch.status}")
+    elif FILE_ID.fullmatch(file_id):
+        key = f"{FILES_PREFIX}{tenant}/{file_id}"
+    else:
+        raise NotFound(f"file {file_id!r} not found")
+    bucket = deps.settings.bucket
+    try:
+        size = deps.s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    except Exception as exc:  # noqa: BLE001 - botocore's ClientError for a 404
+        raise NotFound(f"file {file_id!r} not found") from exc
+    if size > MAX_CONTENT_BYTES:
+        raise PayloadTooLarge(f"file {file_id!r} has {size} bytes, over the {MAX_CONTENT_BYTES} an API response "
+                              f"carries: read s3://{bucket}/{key}")
+    return deps.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 # ---- progress and output --------------------------------------------------------------------
