@@ -41,14 +41,18 @@ def post_replies(job: Job | None, *, sqs, s3, store: JobStore) -> int:
         return 0
     if job.status == Status.DONE:
         load_result(job, s3)
-    sent = 0
-    for reply in job.notify:
-        try:
-            sqs.send_message(QueueUrl=reply["queue_url"],
-                             MessageBody=json.dumps(reply_body(job, reply.get("id")), separators=(",", ":")))
-            sent += 1
-        except Exception:  # noqa: BLE001 - botocore's ClientError and friends
-            logger.exception("reply not posted", extra={"job_id": job.job_id, "queue": reply["queue_url"]})
+    sent = sum(send_reply(job, reply, sqs) for reply in job.notify)
     store.mark_notified(job.job_id)
     logger.info("replies posted", extra={"job_id": job.job_id, "replies": sent})
     return sent
+
+
+def send_reply(job: Job, reply: dict, sqs) -> bool:
+    """One reply ({"queue_url", "id"}) for a finished job whose result is loaded; False if refused."""
+    try:
+        sqs.send_message(QueueUrl=reply["queue_url"],
+                         MessageBody=json.dumps(reply_body(job, reply.get("id")), separators=(",", ":")))
+        return True
+    except Exception:  # noqa: BLE001 - botocore's ClientError and friends
+        logger.exception("reply not posted", extra={"job_id": job.job_id, "queue": reply["queue_url"]})
+        return False

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 from stratus.contracts import ROUTE_PATHS, Status, json_object, parse_request
 from stratus.errors import InvalidRequest
+from stratus.jobstore import load_result
 from stratus.keys import Tenant
 from stratus.observability import logger
-from stratus.replies import post_replies
+from stratus.replies import send_reply
 from stratus.service import Deps, enqueue, job_id_for
 
 ROUTES = ROUTE_PATHS
@@ -78,15 +79,6 @@ def handle_request(raw: str, deps: Deps) -> str:
     if msg.reply_to:
         reply = {"queue_url": msg.reply_to, "id": msg.id}
         if not deps.store.watch(job_id, reply):  # finished already (a cache hit, or just now)
-            job = deps.store.get(job_id, now=deps.clock())
-            job.notify, job.notified = [reply], False
-            post_replies(job, sqs=deps.sqs, s3=deps.s3, store=_NoMark())
+            send_reply(load_result(deps.store.get(job_id, now=deps.clock()), deps.s3), reply, deps.sqs)
     return job_id
-
-
-class _NoMark:
-    """A reply posted straight away concerns only this request: nothing to mark on the job."""
-
-    def mark_notified(self, job_id: str) -> None:
-        pass
 
