@@ -42,9 +42,9 @@ def make_worker(stack, tiny):
     settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]), max_batch=4,
                                    visibility_s=3, heartbeat_s=0.5, cancel_check_s=0.05, drain_s=5.0)
 
-    def start(engine: Engine | None = None, **overrides) -> Worker:
+    def start(engine: Engine | None = None, sqs=None, **overrides) -> Worker:
         engine = engine or Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16)
-        w = Worker(engine, dataclasses.replace(settings, **overrides), sqs=boto3.client("sqs"),
+        w = Worker(engine, dataclasses.replace(settings, **overrides), sqs=sqs or boto3.client("sqs"),
                    table=boto3.resource("dynamodb").Table(stack.refs["JobsTable"]), s3=boto3.client("s3"),
                    worker_id=f"w{len(started)}")
         t = threading.Thread(target=w.run, daemon=True)
@@ -237,3 +237,19 @@ def test_a_poison_job_reaches_the_dlq_and_fails_visibly(stack, key, make_worker)
     status, view, _ = stack.call("api_get_job.json", key=key, job_id=job_id)
     assert view["status"] == "FAILED" and view["error"]["code"] == "job_failed"
     assert "dead-letter queue" in view["error"]["message"]
+
+
+def test_a_failing_receive_does_not_stop_the_worker(stack, key, make_worker):
+    job_id = submit(stack, key, chat("after a hiccup"))
+    sqs, failures = boto3.client("sqs"), []
+    real = sqs.receive_message
+
+    def flaky_receive(**kwargs):  # SQS unavailable for the first two calls
+        if len(failures) < 2:
+            failures.append(1)
+            raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "try again"}}, "ReceiveMessage")
+        return real(**kwargs)
+
+    sqs.receive_message = flaky_receive
+    make_worker(sqs=sqs)
+    assert wait_until(lambda: job(stack, job_id).status == Status.DONE) and len(failures) == 2

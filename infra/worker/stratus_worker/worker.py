@@ -44,6 +44,7 @@ from stratus_worker import health
 
 GENERATE, DONE_WITH_MESSAGE, LEAVE_MESSAGE = "generate", "done", "leave"  # what start() decided
 IDLE_WAIT_S = 2  # long-poll length when idle: also how quickly an idle worker notices SIGTERM
+RECEIVE_BACKOFF_S = 1.0  # after a failed ReceiveMessage
 METRICS_EVERY_S = 10.0
 
 
@@ -121,9 +122,15 @@ class Worker:
         if room <= 0:
             time.sleep(0.02)
             return
-        got = self.sqs.receive_message(
-            QueueUrl=self.settings.queue_url, MaxNumberOfMessages=min(10, room), AttributeNames=["All"],
-            VisibilityTimeout=self.settings.visibility_s, WaitTimeSeconds=1 if self.held else IDLE_WAIT_S)
+        try:
+            got = self.sqs.receive_message(
+                QueueUrl=self.settings.queue_url, MaxNumberOfMessages=min(10, room), AttributeNames=["All"],
+                VisibilityTimeout=self.settings.visibility_s, WaitTimeSeconds=1 if self.held else IDLE_WAIT_S)
+        except Exception:  # noqa: BLE001 - throttled or unreachable: what we hold keeps generating
+            logger.exception("could not receive from the jobs queue")
+            metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+            time.sleep(RECEIVE_BACKOFF_S)
+            return
         for m in got.get("Messages", []):
             try:
                 self.admit(m)
