@@ -196,6 +196,8 @@ def main(model_dir: Path, *, port: int, workers: int, api_key: str | None, threa
     if not (model_dir / "manifest.json").is_file():
         print(f"error: {model_dir} is not a built model (run `make model`)", file=sys.stderr)
         return 2
+    print(f"starting: moto, the resources of template.yaml, {workers} worker(s) loading {model_dir.name}, "
+          f"the gateway on 127.0.0.1:{port} …", flush=True)
     stack = start(model_dir, port=port, workers=workers, api_key=api_key, threads=threads)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
