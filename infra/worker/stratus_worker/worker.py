@@ -167,8 +167,9 @@ class Worker:
                 metrics.add_metric(name="requests_expired", unit=MetricUnit.Count, value=1)
                 self._notify(expired)
             return DONE_WITH_MESSAGE, None
-        if not self._claim(msg, receive_count):
-            return self._skip(msg), None
+        claimed, seen = self._claim(msg, receive_count)
+        if not claimed:
+            return self._skip(seen), None
         try:
             ids = self._encode(msg.request)
             self.engine.check_fits(len(ids), msg.request.params.max_tokens)
@@ -193,22 +194,23 @@ class Worker:
         return self.engine.submit(GenerationRequest(ids, msg.request.params, request_id=job_id,
                                                     is_cancelled=lambda: job_id in self.cancelled))
 
-    def _claim(self, msg: QueueMessage, receive_count: int) -> bool:
-        """QUEUED -> RUNNING (ours), or take over a RUNNING job whose worker went silent."""
+    def _claim(self, msg: QueueMessage, receive_count: int) -> tuple[bool, Job | None]:
+        """QUEUED -> RUNNING (ours), or take over a RUNNING job whose worker went silent.
+        -> (claimed?, the job as read when not claimed)"""
         if self.store.transition(msg.job_id, [Status.QUEUED], Status.RUNNING, worker=self.worker_id,
                                  attempts=receive_count):
-            return True
+            return True, None
         job = self.store.get(msg.job_id)
         if job is None or job.status != Status.RUNNING:
-            return False
+            return False, job
         silent = self.clock() - job.updated_at > 2 * self.settings.heartbeat_s
-        return (job.worker == self.worker_id or silent) and self.store.transition(
+        taken = (job.worker == self.worker_id or silent) and self.store.transition(
             msg.job_id, [Status.RUNNING], Status.RUNNING, owner=job.worker, worker=self.worker_id,
             attempts=receive_count)
+        return bool(taken), job
 
-    def _skip(self, msg: QueueMessage) -> str:
+    def _skip(self, job: Job | None) -> str:
         """Not claimed: gone or finished -> done with the message; running elsewhere -> leave it hidden."""
-        job = self.store.get(msg.job_id)
         if job is None or job.status.finished:
             if job is not None and job.status == Status.CANCELLED:
                 metrics.add_metric(name="requests_cancelled", unit=MetricUnit.Count, value=1)
