@@ -4,23 +4,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from stratus_model.quant import dequantize_nbits, to_nbits
-from stratus_model.source import SourceTensor
+from support.graphs import PROMPT, empty_past, quantized_weights, run
 from support.llama_ref import forward
-
-PROMPT = [1, 50, 60, 70, 80, 90, 100, 110]
-
-
-def empty_past(cfg, batch):
-    return {f"past_key_values.{i}.{k}": np.zeros((batch, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
-            for i in range(cfg.num_layers) for k in ("key", "value")}
-
-
-def run(sess, ids, mask, positions, past):
-    names = [o.name for o in sess.get_outputs()]
-    out = sess.run(None, {"input_ids": np.asarray(ids, np.int64), "attention_mask": np.asarray(mask, np.int64),
-                          "position_ids": np.asarray(positions, np.int64), **past})
-    return out[0], {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], out[1:])}
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +47,12 @@ def test_right_padded_rows_of_different_lengths(tiny, fp32):
     np.testing.assert_allclose(logits[1, -1], forward(tiny.weights, tiny.config, short + [6])[-1], atol=0.06)
 
 
-def quantized_weights(weights, bits):
-    """What a quantized graph's linears hold: each weight through our block encoder and back."""
-    out = dict(weights)
-    for name, w in weights.items():
-        if name.startswith("layers.") and w.ndim == 2:
-            n = to_nbits(SourceTensor(name, "F32", w, w.shape), bits)
-            out[name] = dequantize_nbits(n, *w.shape)
-    return out
-
-
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_graphs_compute_their_weights(tiny, quant):
     # int8 holds re-quantized weights; int4 keeps the GGUF's Q4_1 blocks exactly, so its
-    # reference is the GGUF's own values. The only error left is int8 activations (accuracy_level 4).
-    sess = ort.InferenceSession(str(tiny.dirs[quant] / "model.onnx"))
+    # reference is the GGUF's own values. The only error left is int8 activations (accuracy_level 4;
+    # the split-activation default graph removes that too: test_numerics).
+    sess = ort.InferenceSession(str(tiny.dirs[quant] / "model.int8act.onnx"))
     s = len(PROMPT)
     got, _ = run(sess, [PROMPT], np.ones((1, s)), [np.arange(s)], empty_past(tiny.config, 1))
     ref = forward(quantized_weights(tiny.weights, 8) if quant == "int8" else tiny.weights, tiny.config, PROMPT)
@@ -87,11 +63,15 @@ def test_quantized_graphs_compute_their_weights(tiny, quant):
 def test_fused_graph_is_small(tiny):
     import onnx
 
-    nodes = onnx.load(str(tiny.dirs["int4"] / "model.onnx"), load_external_data=False).graph.node
+    nodes = onnx.load(str(tiny.dirs["int4"] / "model.int8act.onnx"), load_external_data=False).graph.node
     ops = {n.op_type for n in nodes}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits"} <= ops
     assert "RotaryEmbedding" not in ops  # rotary runs inside GroupQueryAttention
     assert len(nodes) <= 16 + 27 * tiny.config.num_layers  # 11 nodes a layer, +4 per exact Q4_1 linear
+    split = onnx.load(str(tiny.dirs["int4"] / "model.onnx"), load_external_data=False).graph.node
+    linears = sum(n.op_type == "MatMulNBits" for n in nodes)
+    assert sum(n.op_type == "MatMulNBits" for n in split) == linears  # same weights, same count
+    assert len(split) == len(nodes) + 13 * linears  # 13 nodes split each linear's rows and add them
 
 
 def test_num_logits_to_keep_returns_the_last_positions(tiny, fp32):

@@ -1,6 +1,7 @@
 """`stratus` — build models and generate text from the command line.
 
   stratus model build [--gguf PATH] [--quant fp32|int8|int4] [--activations fp32|fp16] --out DIR
+  stratus model verify --model DIR [--configuration NAME] [--threads N]
   stratus model publish --model DIR --bucket B [--prefix models/]
   stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
   stratus keys create --tenant NAME [--rpm N] [--tpm N]      stratus keys revoke KEY
@@ -37,6 +38,19 @@ def cmd_model_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_verify(args: argparse.Namespace) -> int:
+    """The start-up check a worker runs, printed: each configuration against the golden outputs."""
+    from stratus_engine.numerics import NumericsError, load_verified
+
+    try:
+        result = load_verified(args.model, threads=args.threads, only=args.configuration)
+    except NumericsError as exc:
+        print(f"stratus: error: {exc.message}", file=sys.stderr)
+        return 2
+    print(result.report())
+    return 0
+
+
 def cmd_model_publish(args: argparse.Namespace) -> int:
     import boto3
 
@@ -52,10 +66,12 @@ def cmd_model_publish(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from stratus.params import SamplingParams
     from stratus_engine.engine import Engine, GenerationRequest
+    from stratus_engine.numerics import load_verified
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
-    engine = Engine.from_dir(args.model, threads=args.threads, max_batch=1)
+    verified = load_verified(args.model, threads=args.threads)  # the configuration a worker here would serve
+    engine = Engine(verified.model, max_batch=1)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
     result = engine.generate([GenerationRequest(engine.encode_chat(messages), params)])[0]
@@ -64,7 +80,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         t = result.timings
         print(f"[{result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} completion tokens, "
               f"finish={result.finish_reason}, ttft {t.ttft_s * 1000:.0f} ms, "
-              f"{t.decode_tokens_per_s(result.usage.completion_tokens):.1f} tok/s]", file=sys.stderr)
+              f"{t.decode_tokens_per_s(result.usage.completion_tokens):.1f} tok/s, "
+              f"configuration {verified.configuration}]", file=sys.stderr)
     return 0
 
 
@@ -155,6 +172,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--activations", choices=["fp32", "fp16"], default="fp32",
                    help="fp16 for CUDA workers (onnxruntime's CUDA GroupQueryAttention takes float16 only)")
     b.set_defaults(func=cmd_model_build)
+    mv = model.add_parser("verify", help="check a model against its golden outputs on this host (the worker's "
+                           "start-up check); prints each configuration and the one a worker would serve")
+    mv.add_argument("--model", type=Path, required=True)
+    mv.add_argument("--configuration", default=None, help="check only this configuration (e.g. int8-activations)")
+    mv.add_argument("--threads", type=int, default=None)
+    mv.set_defaults(func=cmd_model_verify)
     pb = model.add_parser("publish", help="upload a built model (verified; manifest last) to S3; prints its URI")
     pb.add_argument("--model", type=Path, required=True)
     pb.add_argument("--bucket", required=True)

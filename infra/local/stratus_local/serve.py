@@ -151,7 +151,9 @@ def _wait_for_workers(procs: list[subprocess.Popen], logs: list[Path], timeout_s
     while pending:
         for i in list(pending):
             if procs[i].poll() is not None:
-                raise RuntimeError(f"worker {i} exited with {procs[i].returncode}; see {logs[i]}")
+                said = [ln for ln in logs[i].read_text(errors="replace").splitlines() if ln.startswith("error:")]
+                raise RuntimeError(f"worker {i} exited with {procs[i].returncode}"
+                                   f"{': ' + said[-1] if said else ''}; see {logs[i]}")
             with open(logs[i], "rb") as f:
                 f.seek(offsets[i])
                 if b'"worker started"' in f.read():
@@ -198,7 +200,11 @@ def main(model_dir: Path, *, port: int, workers: int, api_key: str | None, threa
         return 2
     print(f"starting: moto, the resources of template.yaml, {workers} worker(s) loading {model_dir.name}, "
           f"the gateway on 127.0.0.1:{port} …", flush=True)
-    stack = start(model_dir, port=port, workers=workers, api_key=api_key, threads=threads)
+    try:
+        stack = start(model_dir, port=port, workers=workers, api_key=api_key, threads=threads)
+    except RuntimeError as exc:  # a worker refused the model, or something did not start
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())

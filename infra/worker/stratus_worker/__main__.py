@@ -2,8 +2,10 @@
 
 Reads the same settings as the functions (STRATUS_*), loads the model from STRATUS_MODEL_URI
 (downloaded, verified, cached under STRATUS_MODEL_CACHE) or STRATUS_MODEL_DIR,
-refuses a model whose digest differs from STRATUS_MODEL_DIGEST (cache keys name the digest), and
-serves until SIGTERM or SIGINT.
+refuses a model whose digest differs from STRATUS_MODEL_DIGEST (cache keys name the digest),
+checks the model against its golden outputs on this host and serves the fastest configuration
+that computes them (stratus_engine.numerics) -- none does: exit 2 before taking any job, so the
+health check never passes -- and serves until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     import boto3
 
     from stratus_engine.engine import Engine
+    from stratus_engine.numerics import load_verified
     from stratus_worker.worker import Worker
 
     ap = argparse.ArgumentParser(prog="stratus_worker", description="Serve the jobs queue (default) or, with "
@@ -53,13 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model_dir = Path(settings.model_dir)
         manifest = check_model(model_dir, settings.model_digest)
-    except ModelLoadError as exc:
+        verified = load_verified(model_dir, threads=threads, spin=settings.ort_spinning)
+    except ModelLoadError as exc:  # NumericsError included: it names the host, the model and the errors
+        logger.error("model refused", extra={"model_dir": str(model_dir), "reason": exc.message})
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    engine = Engine.from_dir(model_dir, threads=threads, max_batch=settings.max_batch, spin=settings.ort_spinning)
+    engine = Engine(verified.model, max_batch=settings.max_batch)
     worker = Worker(engine, settings, sqs=boto3.client("sqs"), table=boto3.resource("dynamodb").Table(settings.table),
                     s3=boto3.client("s3"))
-    logger.info("model loaded", extra={"model_id": manifest.get("model_id"), "digest": manifest.get("digest")})
+    logger.info("model loaded", extra={"model_id": manifest.get("model_id"), "digest": manifest.get("digest"),
+                                       "numerics": verified.as_dict()})
     if args.mode == "serve":
         import threading
 

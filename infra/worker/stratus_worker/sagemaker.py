@@ -1,7 +1,9 @@
 """SageMaker's container contract, served by the same image as the queue worker
 (`python -m stratus_worker serve`, which is how SageMaker starts a container):
 
-  GET  /ping          200 once the model is loaded (the server starts listening only then)
+  GET  /ping          200 once the model is loaded and has computed its golden outputs on this
+                      host (the server starts listening only then; a model that fails the check
+                      never gets a listening server, so SageMaker's health check fails)
   POST /invocations   a queue message {"job_id", "request", ...} (what the dispatcher sends an async
                       endpoint): the job is run through the job store like any worker's -> job view;
                       or a plain OpenAI chat/completion body -> the OpenAI response (no store)

@@ -1,0 +1,263 @@
+"""Golden outputs: the build records what the model must compute; a worker checks its own host
+against them before it takes any job, and picks the fastest graph configuration that passes.
+
+  build    reference graph (float32 compute of the same weights) -> for each golden prompt:
+           greedy tokens and, at every generated position, the top-k logits   -> manifest["golden"]
+  start    for each configuration in the manifest, fastest first: feed each golden prompt and its
+           tokens through prefill + one-row decode steps (the kernels serving uses) and compare
+           -> the first that passes serves; none passes -> NumericsError, the worker never starts
+
+A configuration passes when, at every golden position, (1) each recorded top-k logit is within
+`max_logit_error` of the reference and (2) its own top token is the reference's, or one within
+2 x max_logit_error of it (a tie the reference itself barely decides). With (1) alone a lucky
+host could pass; with (2) alone an unlucky but accurate one could fail.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stratus.errors import ModelLoadError
+from stratus_engine.kv_cache import make_cache
+from stratus_engine.model_dir import LoadedModel, load, read_spec
+
+GOLDEN_VERSION = 1
+TOP_K = 5
+NEW_TOKENS = 16
+# The default SmolLM2 prompt's first token is decided by 0.082 logits ("The" over "L"): errors
+# below 0.03 cannot flip it. int8 activations measure 0.1-0.4 here, split activations ~0.01.
+MAX_LOGIT_ERROR = 0.03
+
+# Fixed conversations (written for this project). The first uses the template's default system
+# message, as a plain request does.
+GOLDEN_CHATS: tuple[tuple[dict, ...], ...] = (
+    ({"role": "user", "content": "What is the capital of France?"},),
+    ({"role": "user", "content": "Compute 17 + 25 and then multiply the result by 3."},),
+    ({"role": "system", "content": "You are a terse assistant who answers in one sentence."},
+     {"role": "user", "content": "Why is the sky blue?"}),
+    ({"role": "user", "content": "Write a short poem about the sea."},),
+)
+
+
+class NumericsError(ModelLoadError):
+    """No configuration of the model computes the golden outputs on this host."""
+
+
+@dataclass(frozen=True)
+class Configuration:
+    name: str
+    graph: str  # file in the model directory
+    note: str = ""
+
+
+DEFAULT_CONFIGURATIONS = (Configuration("default", "model.onnx"),)
+
+
+def configurations(model_dir: Path) -> tuple[Configuration, ...]:
+    """The manifest's configurations, fastest first (builds without them have one graph)."""
+    manifest = _manifest(model_dir)
+    listed = manifest.get("configurations")
+    if not listed:
+        return DEFAULT_CONFIGURATIONS
+    return tuple(Configuration(c["name"], c["graph"], c.get("note", "")) for c in listed)
+
+
+# ---- running one case ---------------------------------------------------------------------------
+
+def run_cases(model: LoadedModel, prompts: list[list[int]], steps: int,
+              forced: list[list[int]] | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Prefill the prompts (one batch, right-padded), then `steps - 1` decode steps over all rows
+    -> (tokens per row, logits [steps, V] per row), as the engine runs them.
+
+    Greedy unless `forced` gives each row's tokens to feed (teacher forcing: the reference's
+    positions whatever this model would pick)."""
+    n = len(prompts)
+    lengths = np.array([len(p) for p in prompts])
+    width = int(lengths.max())
+    cache = make_cache(model, n, width + steps + 1)
+    ids = np.zeros((n, width), np.int64)
+    mask = np.zeros((n, width), np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)], mask[b, :len(p)] = p, 1
+    positions = np.ascontiguousarray(np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape))
+    out = cache.prefill(ids, mask, positions, 0, width - int(lengths.min()) + 1)  # [n, keep, V]
+    step_logits = [out[np.arange(n), lengths - 1 - (width - out.shape[1])]]  # [n, V]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for step in range(steps):
+        chosen = step_logits[-1].argmax(-1) if forced is None else np.array([f[step] for f in forced])
+        for b in range(n):
+            tokens[b].append(int(chosen[b]))
+        if step + 1 < steps:
+            out = cache.decode(chosen.astype(np.int64)[:, None], lengths + step)  # [n, 1, V]
+            step_logits.append(out[:, -1])
+    logits = np.stack(step_logits, axis=1).astype(np.float32)  # [n, steps, V]
+    return tokens, list(logits)
+
+
+def golden_prompts(model: LoadedModel) -> list[list[int]]:
+    from stratus_engine.chat import render_chat
+
+    tok = model.tokenizer
+    if model.spec.chat_template:
+        texts = [render_chat(model.spec.chat_template, list(chat)) for chat in GOLDEN_CHATS]
+    else:
+        texts = [chat[-1]["content"] for chat in GOLDEN_CHATS]
+    return [tok.encode(t, add_special_tokens=False).ids for t in texts]
+
+
+def record(model: LoadedModel, reference: str, steps: int = NEW_TOKENS) -> dict:
+    """Golden outputs of `model` (the reference graph): the manifest's "golden" section."""
+    cases = []
+    prompts = golden_prompts(model)
+    for prompt, tokens, logits in zip(prompts, *run_cases(model, prompts, steps)):  # one batch: the
+        top = np.argsort(-logits, axis=-1)[:, :TOP_K]  # [steps, k]        reference is slow
+        vals = np.take_along_axis(logits, top, axis=-1)
+        cases.append({"prompt_ids": prompt, "tokens": tokens, "top_ids": top.tolist(),
+                      "top_logits": np.round(vals, 4).tolist()})
+    return {"version": GOLDEN_VERSION, "reference": reference, "host": host_description(model.providers),
+            "max_logit_error": MAX_LOGIT_ERROR, "cases": cases}
+
+
+# ---- checking -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    configuration: str
+    passed: bool
+    max_logit_error: float  # the largest |logit - reference| over every recorded top-k logit
+    worst: str  # where it was: "case 0, token 3"
+    tokens_agree: int  # positions whose top token is the reference's (or a recorded tie)
+    positions: int
+    seconds: float
+    detail: str = ""
+
+    def line(self) -> str:
+        verdict = "pass" if self.passed else "FAIL"
+        return (f"{self.configuration:18s} {verdict}  max logit error {self.max_logit_error:.4f} ({self.worst}), "
+                f"top token {self.tokens_agree}/{self.positions}, {self.seconds:.1f}s{self.detail}")
+
+
+def check(model: LoadedModel, golden: dict, configuration: str = "default") -> Check:
+    started = time.monotonic()
+    tol = float(golden.get("max_logit_error", MAX_LOGIT_ERROR))
+    worst, where, agree, total = 0.0, "-", 0, 0
+    for c, case in enumerate(golden["cases"]):
+        # one case at a time: one-row decode steps take the kernels a lone request takes
+        _, (logits,) = run_cases(model, [case["prompt_ids"]], len(case["tokens"]), forced=[case["tokens"]])
+        top_ids = np.asarray(case["top_ids"])
+        ref = np.asarray(case["top_logits"], np.float32)
+        got = np.take_along_axis(logits, top_ids, axis=-1)
+        err = np.where(np.isfinite(got), np.abs(got - ref), np.inf)  # [steps, k]
+        pos = int(err.max(-1).argmax())
+        if err[pos].max() > worst or where == "-":
+            worst, where = float(err[pos].max()), f"case {c}, token {pos}"
+        allowed = [set(ids[vals >= vals[0] - 2 * tol].tolist()) for ids, vals in zip(top_ids, ref)]
+        agree += sum(int(row.argmax()) in ok for row, ok in zip(logits, allowed))
+        total += len(allowed)
+    return Check(configuration, worst <= tol and agree == total, worst, where, agree, total,
+                 time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class Verification:
+    model: LoadedModel  # the configuration that serves
+    configuration: str
+    checks: tuple[Check, ...]
+    host: str
+
+    def report(self) -> str:
+        return "\n".join([f"host: {self.host}", *(c.line() for c in self.checks),
+                          f"serving: {self.configuration}"])
+
+    def as_dict(self) -> dict:
+        return {"host": self.host, "configuration": self.configuration, "checks": [asdict(c) for c in self.checks]}
+
+
+def load_verified(path: Path | str, threads: int | None = None, providers: list[str] | None = None, *,
+                  spin: bool = True, only: str | None = None) -> Verification:
+    """Load the fastest configuration of the model at `path` that computes its golden outputs here.
+
+    Raises NumericsError (naming the host, the model and each configuration's disagreement) when
+    none does. A model without golden outputs (a foreign export) loads its one graph unchecked."""
+    path = Path(path)
+    spec = read_spec(path)
+    golden = _manifest(path).get("golden")
+    candidates = [c for c in configurations(path) if only in (None, c.name)]
+    if not candidates:
+        names = ", ".join(c.name for c in configurations(path))
+        raise ModelLoadError(f"{path}: no configuration {only!r} (this model has: {names})")
+    checks: list[Check] = []
+    host = ""
+    for conf in candidates:
+        model = load(path, threads=threads, providers=providers, spin=spin, graph=conf.graph)
+        host = host_description(model.providers)
+        if not golden:
+            return Verification(model, conf.name, (Check(conf.name, True, 0.0, "no golden outputs recorded", 0, 0, 0.0),),
+                                host)
+        result = check(model, golden, conf.name)
+        checks.append(result)
+        if result.passed:
+            return Verification(model, conf.name, tuple(checks), host)
+    lines = "; ".join(c.line() for c in checks)
+    raise NumericsError(
+        f"model {spec.model_id} ({path}) does not compute its golden outputs on this host, so this worker "
+        f"will not serve it. Host: {host}. Tolerance {golden.get('max_logit_error', MAX_LOGIT_ERROR)} logits. "
+        f"Measured: {lines}")
+
+
+# ---- the host -----------------------------------------------------------------------------------
+
+# What decides onnxruntime's kernels (MLAS picks AVX2, AVX-512 or AVX-512 VNNI code by CPUID).
+CPU_FEATURES = ("AVX2", "FMA3", "AVX512F", "AVX512BW", "AVX512VL", "AVX512VNNI", "AVX512BF16", "AVX512FP16",
+                "ASIMD", "ASIMDDP", "SVE")
+
+
+def cpu_features() -> list[str]:
+    """The SIMD features this process sees, by CPUID (numpy's runtime dispatch table): under an
+    emulator (qemu-user -cpu EPYC-Milan) that is the emulated CPU, unlike /proc/cpuinfo."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as found
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as found
+    return [f for f in CPU_FEATURES if found.get(f)]
+
+
+def host_description(providers: list[str] | None = None) -> str:
+    """'Intel(R) Xeon(R) ... (AVX2 AVX512F ... AVX512VNNI), 2 cores; CPUExecutionProvider' (or the GPU first)."""
+    import os
+
+    providers = providers or ["CPUExecutionProvider"]
+    name = platform.processor() or platform.machine()
+    try:
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), name)
+    except OSError:
+        pass
+    cpu = f"{name} ({' '.join(cpu_features()) or 'no listed SIMD features'}), {os.cpu_count()} cores"
+    if providers[0] == "CUDAExecutionProvider":
+        return f"{_gpu_name()}; {cpu}; CUDAExecutionProvider"
+    return f"{cpu}; {providers[0]}"
+
+
+def _gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return "GPU " + out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "a GPU"
+    except (OSError, subprocess.SubprocessError):
+        return "a GPU"
+
+
+def _manifest(path: Path) -> dict:
+    f = Path(path) / "manifest.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{f}: invalid JSON ({exc})") from exc
