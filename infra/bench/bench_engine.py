@@ -1,17 +1,21 @@
-"""Engine benchmark: our fp32/int8/int4 ONNX models vs llama.cpp on the same GGUF, same threads.
+"""Engine benchmark: our fp32/int8/int4 ONNX models (each graph configuration) vs llama.cpp on the
+same GGUF, same threads, on this host (its CPU and SIMD features are recorded beside the figures).
 
   python infra/bench/bench_engine.py --models build/models --threads 2 \
-      --llama-python .venv-bench/bin/python --out build/bench
+      --llama-bench build/llama/.../bin/llama-batched-bench --out build/bench
 
 Each contender runs in its own child process (so peak RSS is its own) on a fixed ~60-token chat
-prompt, greedy, 128 new tokens (EOS ignored). Figures are medians over --runs:
+prompt, greedy, 128 new tokens (EOS ignored). Each ONNX configuration is also run through the
+golden-output check (stratus_engine.numerics): `text` says whether a worker here would serve it.
+Figures are medians over --runs:
   ttft_s            prompt submitted -> first token, one request
   prefill_tok_s     prompt tokens / ttft
   decode_tok_s@1    (128 - 1) / (time after the first token), one request
   aggregate_tok_s@C C requests submitted together: C*128 / wall time (prefill included)
 Writes engine.json and engine.png (if matplotlib is present) and prints a table with each
-figure's ratio to llama.cpp. The llama.cpp side uses llama-cpp-python's low-level API: one
-sequence per request in a shared batch, so batched decode is a real llama_decode over C rows.
+figure's ratio to llama.cpp. The llama.cpp side is its own `llama-batched-bench` (C sequences,
+each with its own copy of the prompt, decoded together): ttft = its prompt time at C=1, decode =
+its generation speed at C=1, aggregate = C*128 / its total time (prompts included).
 """
 
 from __future__ import annotations
@@ -45,11 +49,24 @@ def peak_rss_mb() -> float:
 
 # ---- contenders (run inside child processes) ---------------------------------------------------
 
-def run_onnx(model: str, prompt: list[int], threads: int, runs: int) -> dict:
+def run_onnx(target: str, prompt: list[int], threads: int, runs: int) -> dict:
+    """target: "<model dir>:<configuration>" (see stratus_engine.numerics)."""
     from stratus.params import SamplingParams
     from stratus_engine.engine import Engine, GenerationRequest
+    from stratus_engine.numerics import NumericsError, load_verified
 
-    engine = Engine.from_dir(model, threads=threads, max_batch=max(CONCURRENCY), initial_capacity=256)
+    model, _, configuration = target.rpartition(":")
+    try:
+        verified = load_verified(model, threads=threads, only=configuration)
+        loaded, check = verified.model, verified.checks[0]
+    except NumericsError:  # benchmarked all the same, marked as text a worker here would not serve
+        from stratus_engine.model_dir import load
+        from stratus_engine.numerics import check as run_check, configurations, _manifest
+
+        graph = next(c.graph for c in configurations(Path(model)) if c.name == configuration)
+        loaded = load(model, threads=threads, graph=graph)
+        check = run_check(loaded, _manifest(Path(model))["golden"], configuration)
+    engine = Engine(loaded, max_batch=max(CONCURRENCY), initial_capacity=256)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 
     def batch(c: int) -> tuple[float, list]:
@@ -68,69 +85,29 @@ def run_onnx(model: str, prompt: list[int], threads: int, runs: int) -> dict:
                 r = results[0]
                 out["ttft_s"].append(r.timings.ttft_s)
                 out["decode_tok_s@1"].append(r.timings.decode_tokens_per_s(r.usage.completion_tokens))
+    out["text_right"] = [float(check.passed)]
+    out["max_logprob_error"] = [check.max_logprob_error]
     return out
 
 
-def run_llama(gguf: str, prompt: list[int], threads: int, runs: int) -> dict:
-    import ctypes
-
-    import llama_cpp as L
-    import numpy as np
-
-    llm = L.Llama(model_path=gguf, n_ctx=512, n_threads=threads, verbose=False)  # loads the weights
-    cp = L.llama_context_default_params()  # our own context: the high-level one allows 1 sequence
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 4096, 512, 512, max(CONCURRENCY)
-    cp.n_threads, cp.n_threads_batch = threads, threads
-    ctx, n_vocab = L.llama_init_from_model(llm.model, cp), llm.n_vocab()
-
-    def clear() -> None:
-        mem = getattr(L, "llama_get_memory", None)
-        if mem is not None:
-            L.llama_memory_clear(mem(ctx), True)
-        else:
-            L.llama_kv_self_clear(ctx)
-
-    def decode(entries: list[tuple[int, int, int, bool]]) -> None:
-        """entries: (token, position, sequence, want_logits)."""
-        b = L.llama_batch_init(len(entries), 0, 1)
-        try:
-            for i, (tok, pos, seq, want) in enumerate(entries):
-                b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
-                b.seq_id[i][0], b.logits[i] = seq, want
-            b.n_tokens = len(entries)
-            if L.llama_decode(ctx, b) != 0:
-                raise RuntimeError("llama_decode failed")
-        finally:
-            L.llama_batch_free(b)
-
-    def argmax(i: int) -> int:
-        ptr = L.llama_get_logits_ith(ctx, i)
-        return int(np.argmax(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))))
-
-    def batch(c: int) -> tuple[float, float, float]:
-        """C sequences: prefill each prompt (one decode call), then C-row decode steps."""
-        clear()
-        t0 = time.perf_counter()
-        nxt = []
-        for s in range(c):
-            decode([(tok, p, s, p == len(prompt) - 1) for p, tok in enumerate(prompt)])
-            nxt.append(argmax(len(prompt) - 1))
-        t_first = time.perf_counter()
-        for step in range(1, NEW_TOKENS):
-            decode([(nxt[s], len(prompt) + step - 1, s, True) for s in range(c)])
-            nxt = [argmax(s) for s in range(c)]
-        return t0, t_first, time.perf_counter()
-
-    batch(1)
-    out = {"ttft_s": [], "decode_tok_s@1": []}
-    for c in CONCURRENCY:
-        out[f"aggregate_tok_s@{c}"] = []
-        for _ in range(runs):
-            t0, t1, t2 = batch(c)
-            out[f"aggregate_tok_s@{c}"].append(c * NEW_TOKENS / (t2 - t0))
-            if c == 1:
-                out["ttft_s"].append(t1 - t0)
-                out["decode_tok_s@1"].append((NEW_TOKENS - 1) / (t2 - t1))
+def run_llama(binary: str, gguf: str, prompt_tokens: int, threads: int, runs: int) -> dict:
+    """llama-batched-bench, once per run, all concurrencies in one call (it prints JSON lines)."""
+    out: dict[str, list[float]] = {"ttft_s": [], "decode_tok_s@1": [], "peak_rss_mb": []}
+    for _ in range(runs):
+        cmd = ["/usr/bin/time", "-f", "maxrss_kb=%M", binary, "-m", gguf, "-c", "8192", "-b", "2048", "-ub", "512",
+               "-npp", str(prompt_tokens), "-ntg", str(NEW_TOKENS), "-npl", ",".join(map(str, CONCURRENCY)),
+               "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                c = int(row["pl"])
+                out.setdefault(f"aggregate_tok_s@{c}", []).append(c * NEW_TOKENS / row["t"])
+                if c == 1:
+                    out["ttft_s"].append(row["t_pp"])
+                    out["decode_tok_s@1"].append(row["speed_tg"])
+        rss = [ln for ln in proc.stderr.splitlines() if ln.startswith("maxrss_kb=")]
+        out["peak_rss_mb"].append(int(rss[-1].split("=")[1]) / 1024 if rss else 0.0)
     return out
 
 
@@ -138,12 +115,16 @@ def run_llama(gguf: str, prompt: list[int], threads: int, runs: int) -> dict:
 
 def child(args) -> None:
     prompt = json.loads(args.prompt)
-    fn = run_llama if args.child == "llama" else run_onnx
-    raw = fn(args.target, prompt, args.threads, args.runs)
+    raw = run_onnx(args.target, prompt, args.threads, args.runs)
+    print(json.dumps(summarize(raw, len(prompt), peak_rss_mb())))
+
+
+def summarize(raw: dict, prompt_tokens: int, rss_mb: float | None = None) -> dict:
     med = {k: statistics.median(v) for k, v in raw.items()}
-    med["prefill_tok_s"] = len(prompt) / med["ttft_s"]
-    med["peak_rss_mb"] = peak_rss_mb()
-    print(json.dumps({"median": med, "runs": raw}))
+    med["prefill_tok_s"] = prompt_tokens / med["ttft_s"]
+    if rss_mb is not None:
+        med["peak_rss_mb"] = rss_mb
+    return {"median": med, "runs": raw}
 
 
 def spawn(python: str, kind: str, target: str, prompt: list[int], threads: int, runs: int) -> dict:
@@ -164,7 +145,7 @@ def main() -> None:
     ap.add_argument("--models", default="build/models")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--llama-python", default=None, help="python with llama-cpp-python installed")
+    ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-batched-bench (infra/bench/build_llama.py)")
     ap.add_argument("--quants", default="fp32,int8,int4")
     ap.add_argument("--out", default="build/bench")
     ap.add_argument("--child"), ap.add_argument("--target"), ap.add_argument("--prompt")
@@ -176,37 +157,47 @@ def main() -> None:
 
     from stratus_engine.chat import render_chat
     from stratus_engine.model_dir import read_spec
+    from stratus_engine.numerics import configurations, host_description
     from stratus_model.build import default_gguf
 
     first = Path(args.models) / f"smollm2-{args.quants.split(',')[0]}"  # tokenizer only: keep this process small
     tokenizer = Tokenizer.from_file(str(first / "tokenizer.json"))
     prompt = tokenizer.encode(render_chat(read_spec(first).chat_template, MESSAGES), add_special_tokens=False).ids
+    host = host_description()
+    print(f"host: {host}")
     print(f"prompt {len(prompt)} tokens, {NEW_TOKENS} new tokens greedy, {args.threads} threads, {args.runs} runs")
     results = {}
-    if args.llama_python:
-        results["llama.cpp"] = spawn(args.llama_python, "llama", str(default_gguf()), prompt, args.threads, args.runs)
+    if args.llama_bench:
+        raw = run_llama(args.llama_bench, str(default_gguf()), len(prompt), args.threads, args.runs)
+        rss = raw.pop("peak_rss_mb")
+        results["llama.cpp"] = summarize(raw, len(prompt), statistics.median(rss))
     for q in args.quants.split(","):
-        results[f"onnx-{q}"] = spawn(sys.executable, "onnx", str(Path(args.models) / f"smollm2-{q}"), prompt,
-                                     args.threads, args.runs)
+        model = Path(args.models) / f"smollm2-{q}"
+        for conf in configurations(model):
+            name = f"{q}" + ("" if conf.name == "default" else f" {conf.name}")
+            results[name] = spawn(sys.executable, "onnx", f"{model}:{conf.name}", prompt, args.threads, args.runs)
     base = results.get("llama.cpp", {}).get("median")
     for name, r in results.items():
         if "median" in r and base:
             r["ratio_to_llama_cpp"] = {k: r["median"][k] / base[k] for k in FIGURES if base.get(k)}
-    report = {"prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS, "threads": args.threads, "runs": args.runs,
-              "results": results}
+    report = {"host": host, "prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS, "threads": args.threads,
+              "runs": args.runs, "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine.json").write_text(json.dumps(report, indent=2))
-    print(f"{'':12}" + "".join(f"{k:>20}" for k in FIGURES))
+    print(f"{'':28}" + "".join(f"{k:>20}" for k in FIGURES) + "   text (golden check)")
     for name, r in results.items():
         if "median" not in r:
-            print(f"{name:12} error: {r.get('error')}")
+            print(f"{name:28} error: {r.get('error')}")
             continue
         cells = []
         for k in FIGURES:
             ratio = r.get("ratio_to_llama_cpp", {}).get(k)
             cells.append(f"{r['median'][k]:.3g}" + (f" ({ratio:.2f}x)" if ratio and name != "llama.cpp" else ""))
-        print(f"{name:12}" + "".join(f"{c:>20}" for c in cells))
+        med = r["median"]
+        text = "" if "text_right" not in med else (
+            f"{'right' if med['text_right'] else 'WRONG'} (max logprob error {med['max_logprob_error']:.3f})")
+        print(f"{name:28}" + "".join(f"{c:>20}" for c in cells) + f"   {text}")
     plot(report, out / "engine.png")
     print(f"wrote {out / 'engine.json'}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from stratus_engine.engine import Engine
 from stratus_local.serve import free_port
 from stratus_worker.sagemaker import invoke
 from stratus_worker.worker import Worker
+from support.graphs import corrupt
 
 
 def test_a_published_model_is_fetched_verified_and_reused(stack, tiny, tmp_path):
@@ -86,14 +88,18 @@ def _call(port: int, method: str, path: str, body: dict | None = None) -> tuple[
         return e.code, json.loads(e.read())
 
 
-def test_the_container_serves_sagemakers_contract_and_stops_on_sigterm(tiny, tmp_path):
-    port = free_port()
-    env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "STRATUS_MODEL_DIR": str(tiny.dirs["int4"]),
+def container_env(port: int, model_dir) -> dict:
+    return {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "STRATUS_MODEL_DIR": str(model_dir),
            "AWS_DEFAULT_REGION": "us-east-1", "STRATUS_TABLE": "t", "STRATUS_QUEUE_URL": "q", "STRATUS_BUCKET": "b",
            "STRATUS_MODEL_ID": "tiny", "STRATUS_MODEL_DIGEST": "unset", "STRATUS_CONTEXT_LENGTH": "256",
            "STRATUS_CACHE_TTL_S": "60", "STRATUS_SYNC_WAIT_S": "1", "STRATUS_JOB_DEADLINE_S": "60",
            "STRATUS_MAX_BODY_BYTES": "100000", "STRATUS_MAX_MESSAGES": "8", "STRATUS_MAX_TOKENS": "64",
            "STRATUS_SHARED_CACHE": "false", "STRATUS_DEFAULT_RPM": "10", "STRATUS_DEFAULT_TPM": "1000"}
+
+
+def test_the_container_serves_sagemakers_contract_and_stops_on_sigterm(tiny, tmp_path):
+    port = free_port()
+    env = container_env(port, tiny.dirs["int4"])
     proc = subprocess.Popen([sys.executable, "-m", "stratus_worker", "serve", "--threads", "1"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -116,6 +122,22 @@ def test_the_container_serves_sagemakers_contract_and_stops_on_sigterm(tiny, tmp
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_model_that_misses_its_golden_outputs_never_gets_a_healthy_container(tiny, tmp_path):
+    # Given a model whose weights were damaged after the build, when the SageMaker container
+    # starts, then it exits 2 before /ping ever answers, naming the model, the host and the error.
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny.dirs["int4"], broken)
+    corrupt(broken, "model.embed_tokens.weight", 1.5)
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-m", "stratus_worker", "serve", "--threads", "1"],
+                          env=container_env(port, broken), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: model tiny-int4" in proc.stderr and "does not compute its golden outputs" in proc.stderr
+    assert "max logprob error" in proc.stderr and "sagemaker server listening" not in proc.stdout
+    with pytest.raises(OSError):
+        _call(port, "GET", "/ping")
 
 
 def test_stratus_model_publish_prints_the_uri_workers_use(stack, tiny, capsys):

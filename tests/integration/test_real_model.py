@@ -14,6 +14,7 @@ import pytest
 from stratus_cli.main import main as stratus
 from stratus_engine.chat import render_chat
 from stratus_engine.engine import Engine
+from stratus_engine.numerics import load_verified
 from stratus_engine.quality import agreement, greedy_tokens, perplexity
 from stratus_model.build import build_from_gguf, default_gguf
 from stratus_model.source import GGUFSource
@@ -27,7 +28,10 @@ PROMPTS = [p["prompt_ids"] for p in REFERENCE["prompts"]]
 
 @pytest.fixture(scope="session")
 def engines(real_models) -> dict[str, Engine]:
-    return {q: Engine.from_dir(d) for q, d in real_models.items()}
+    """Each model in the configuration a worker on this host would serve (fp16: its one graph,
+    run here on the CPU although it is built for CUDA)."""
+    return {q: Engine(load_verified(d).model) if q != "int4-fp16" else Engine.from_dir(d)
+            for q, d in real_models.items()}
 
 
 @pytest.fixture(scope="session")
@@ -56,19 +60,29 @@ def test_fp32_greedy_equals_reference_for_32_tokens(greedy40):
         assert agreement(got, ref["greedy_ids"]) >= 32, ref["messages"][-1]["content"]
 
 
-@pytest.mark.parametrize("quant,min_prompts", [("int4", 5), ("int8", 4)])
-def test_quantized_first_8_tokens_agree_with_fp32(greedy40, quant, min_prompts):
-    # int8 re-quantizes the 4-bit weights and flips prompt 1's first token, where the
-    # reference's top-2 margin is 0.076; int4 keeps the GGUF's blocks exactly (README: Quality).
-    agree = [agreement(a, b) for a, b in zip(greedy40[quant], greedy40["fp32"])]
-    assert sum(n >= 8 for n in agree) >= min_prompts, agree
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_served_quantized_models_give_the_reference_greedy_text(greedy40, quant):
+    # Both hold the GGUF's Q4_1 weights exactly and the served configuration passed the golden
+    # check, so on every prompt the greedy text is Hugging Face's for at least 32 of 40 tokens
+    # (prompt 2's first token is decided by 0.076 logits: int8 activations flip it on some hosts).
+    agree = [agreement(got, ref["greedy_ids"]) for got, ref in zip(greedy40[quant], REFERENCE["prompts"])]
+    assert min(agree) >= 32, agree
 
 
-def test_perplexity_within_5_percent_of_fp32(engines):
+def test_perplexity_of_served_models_matches_fp32(engines):
     ppl = {q: perplexity(e) for q, e in engines.items()}
     assert 5 < ppl["fp32"] < 100, ppl  # a real model on plain English, not noise
-    for quant in ("int8", "int4", "int4-fp16"):  # int4-fp16: the CUDA build, run here on the CPU
-        assert abs(ppl[quant] / ppl["fp32"] - 1) <= 0.05, ppl
+    for quant in ("int8", "int4"):  # the same weights: only rounding differs
+        assert abs(ppl[quant] / ppl["fp32"] - 1) <= 0.005, ppl
+    assert abs(ppl["int4-fp16"] / ppl["fp32"] - 1) <= 0.05, ppl  # the CUDA build, int8 activations on the CPU
+
+
+def test_the_default_question_is_answered_right(engines):
+    # The template's default system message + this question: "The" beats "L" by 0.082 logits in
+    # float32 (int8 activations print "L'Étoile, la Marseur, …" on AVX-512 VNNI hosts).
+    engine = engines["int8"]
+    ids = engine.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    assert greedy_tokens(engine, [ids], 8)[0][:7] == engine.encode("The capital of France is Paris.")
 
 
 def test_batch_invariance_on_the_real_model(engines):
@@ -83,4 +97,4 @@ def test_generate_cli_prints_only_the_completion(real_models, capsys):
                   "What is the capital of France?"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "Paris" in out and "<|im_" not in out and "assistant" not in out.lower()
+    assert out == "The capital of France is Paris.\n"

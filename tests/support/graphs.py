@@ -1,9 +1,7 @@
-"""Running a built graph directly in onnxruntime, and what its quantized linears hold."""
+"""Running a built graph directly in onnxruntime."""
 
 import numpy as np
-
-from stratus_model.quant import dequantize_nbits, to_nbits
-from stratus_model.source import SourceTensor
+import onnx
 
 PROMPT = [1, 50, 60, 70, 80, 90, 100, 110]
 
@@ -20,11 +18,14 @@ def run(sess, ids, mask, positions, past):
     return out[0], {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], out[1:])}
 
 
-def quantized_weights(weights, bits):
-    """What a quantized graph's linears hold: each weight through our block encoder and back."""
-    out = dict(weights)
-    for name, w in weights.items():
-        if name.startswith("layers.") and w.ndim == 2:
-            n = to_nbits(SourceTensor(name, "F32", w, w.shape), bits)
-            out[name] = dequantize_nbits(n, *w.shape)
-    return out
+def corrupt(model_dir, tensor_suffix: str, factor: float) -> None:
+    """Multiply one float32 initializer in model.onnx.data in place (a wrong scale, a bad copy)."""
+    proto = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    tensor = next(t for t in proto.graph.initializer if t.name.endswith(tensor_suffix))
+    info = {e.key: e.value for e in tensor.external_data}
+    offset, length = int(info["offset"]), int(info["length"])
+    with open(model_dir / info["location"], "r+b") as f:
+        f.seek(offset)
+        values = np.frombuffer(f.read(length), np.float32) * factor
+        f.seek(offset)
+        f.write(values.astype(np.float32).tobytes())

@@ -4,7 +4,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from support.graphs import PROMPT, empty_past, quantized_weights, run
+from support.graphs import PROMPT, empty_past, run
 from support.llama_ref import forward
 
 
@@ -49,13 +49,13 @@ def test_right_padded_rows_of_different_lengths(tiny, fp32):
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_graphs_compute_their_weights(tiny, quant):
-    # int8 holds re-quantized weights; int4 keeps the GGUF's Q4_1 blocks exactly, so its
-    # reference is the GGUF's own values. The only error left is int8 activations (accuracy_level 4;
-    # the split-activation default graph removes that too: test_numerics).
+    # Both keep the GGUF's Q4_1 blocks exactly (int8 a nibble a byte), so the reference is the
+    # GGUF's own values. The only error left is int8 activations (accuracy_level 4; the
+    # split-activation default graph removes that too: test_numerics).
     sess = ort.InferenceSession(str(tiny.dirs[quant] / "model.int8act.onnx"))
     s = len(PROMPT)
     got, _ = run(sess, [PROMPT], np.ones((1, s)), [np.arange(s)], empty_past(tiny.config, 1))
-    ref = forward(quantized_weights(tiny.weights, 8) if quant == "int8" else tiny.weights, tiny.config, PROMPT)
+    ref = forward(tiny.weights, tiny.config, PROMPT)
     assert np.abs(got[0] - ref).max() < 0.05 * np.abs(ref).max()
     assert (got[0].argmax(-1) == ref.argmax(-1)).mean() >= 0.75
 

@@ -4,34 +4,20 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 
 from stratus_cli.main import main as stratus
 from stratus_engine.numerics import NumericsError, configurations, host_description, load_verified
+from support.graphs import PROMPT, corrupt, empty_past, run
 from support.llama_ref import forward
-from support.graphs import PROMPT, empty_past, quantized_weights, run
-
-
-def corrupt(model_dir, tensor_suffix: str, factor: float) -> None:
-    """Multiply one float32 initializer in model.onnx.data in place (a wrong scale, a bad copy)."""
-    proto = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
-    tensor = next(t for t in proto.graph.initializer if t.name.endswith(tensor_suffix))
-    info = {e.key: e.value for e in tensor.external_data}
-    offset, length = int(info["offset"]), int(info["length"])
-    with open(model_dir / info["location"], "r+b") as f:
-        f.seek(offset)
-        values = np.frombuffer(f.read(length), np.float32) * factor
-        f.seek(offset)
-        f.write(values.astype(np.float32).tobytes())
 
 
 def linear_error(tiny, quant: str, graph: str) -> float:
     sess = ort.InferenceSession(str(tiny.dirs[quant] / graph))
     s = len(PROMPT)
     got, _ = run(sess, [PROMPT], np.ones((1, s)), [np.arange(s)], empty_past(tiny.config, 1))
-    ref = forward(quantized_weights(tiny.weights, 8) if quant == "int8" else tiny.weights, tiny.config, PROMPT)
+    ref = forward(tiny.weights, tiny.config, PROMPT)  # both builds hold the GGUF's Q4_1 values exactly
     return float(np.abs(got[0] - ref).max() / np.abs(ref).max())
 
 
@@ -55,11 +41,11 @@ def test_quantized_builds_list_their_configurations_fastest_first(tiny):
 
 def test_the_build_records_golden_outputs_of_the_reference(tiny):
     golden = json.loads((tiny.dirs["int4"] / "manifest.json").read_text())["golden"]
-    assert "accuracy_level 0" in golden["reference"] and golden["max_logit_error"] > 0
+    assert "accuracy_level 0" in golden["reference"] and golden["max_logprob_error"] > 0
     assert len(golden["cases"]) == 4
     for case in golden["cases"]:
-        assert len(case["tokens"]) == len(case["top_ids"]) == len(case["top_logits"]) == 16
-        top = np.asarray(case["top_logits"])
+        assert len(case["tokens"]) == len(case["top_ids"]) == len(case["top_logprobs"]) == 16
+        top = np.asarray(case["top_logprobs"])
         assert (np.diff(top, axis=1) <= 0).all()  # top-k in order
         assert [ids[0] for ids in case["top_ids"]] == case["tokens"]  # greedy: the top token each step
 
@@ -70,7 +56,7 @@ def test_a_worker_serves_a_configuration_that_passes(tiny):
     assert result.model.graph == {"int8-activations": "model.int8act.onnx", "split-activations": "model.onnx"}[
         result.configuration]
     split = load_verified(tiny.dirs["int4"], threads=1, only="split-activations").checks[0]
-    assert split.passed and split.max_logit_error < 1e-3 and split.tokens_agree == split.positions == 64
+    assert split.passed and split.max_logprob_error < 1e-3 and split.tokens_agree == split.positions == 64
 
 
 def test_a_corrupted_model_is_refused_with_the_host_model_and_error(tiny, tmp_path):
@@ -82,13 +68,13 @@ def test_a_corrupted_model_is_refused_with_the_host_model_and_error(tiny, tmp_pa
     msg = err.value.message
     assert "model tiny-int4" in msg and "does not compute its golden outputs" in msg
     assert host_description().split(";")[0] in msg  # the CPU and its SIMD features
-    assert "int8-activations   FAIL" in msg and "split-activations  FAIL" in msg and "max logit error" in msg
+    assert "int8-activations   FAIL" in msg and "split-activations  FAIL" in msg and "max logprob error" in msg
 
 
 def test_stratus_model_verify_prints_each_configuration(tiny, tmp_path, capsys):
     assert stratus(["model", "verify", "--model", str(tiny.dirs["int4"]), "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("host: ") and "serving: " in out and "max logit error" in out
+    assert out.startswith("host: ") and "serving: " in out and "max logprob error" in out
     broken = tmp_path / "broken"
     shutil.copytree(tiny.dirs["int8"], broken)
     corrupt(broken, "model.embed_tokens.weight", -1.0)

@@ -25,12 +25,14 @@ def test_blockwise_quantization_error_is_within_half_a_step(bits, cols):
     assert (err <= step / 2 + 1e-6).all()
 
 
-def test_q4_1_split_is_exact():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_q4_1_split_is_exact(bits):
     # Given Q4_1 blocks (w = d*q + m), when split into d*(q - 8) + c,
-    # then the 4-bit part plus the per-block offset reproduces the GGUF's values.
+    # then the 4- or 8-bit part plus the per-block offset reproduces the GGUF's values.
     w = np.random.default_rng(3).standard_normal((4, 96)).astype(np.float32)
     raw = quantize(w, Q.Q4_1)
-    n, c = q4_1_split(raw, 4, 96)
+    n, c = q4_1_split(raw, 4, 96, bits)
+    assert n.bits == bits and n.zero_points is None
     rebuilt = dequantize_nbits(n, 4, 96) + np.repeat(c.T, 32, axis=1)
     np.testing.assert_allclose(rebuilt, dequantize(raw, Q.Q4_1), atol=1e-6)
 

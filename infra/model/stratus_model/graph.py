@@ -91,21 +91,21 @@ def linear_nbits(bits: int, accuracy_level: int) -> Linear:
     return make
 
 
-def linear_q4_1(accuracy_level: int) -> Linear:
-    """Exact GGML Q4_1: W = d*(q - 8) + c per 32-weight block.
+def linear_q4_1(accuracy_level: int, bits: int = 4) -> Linear:
+    """Exact GGML Q4_1: W = d*(q - 8) + c per 32-weight block (q in 4 or 8 bits, quant.q4_1_split).
 
     x ─MatMulNBits(q, d, zero point 8)──────────────────────┐
     x ─Reshape[.., K/32, 32]─ReduceSum─MatMul(c [K/32, N])─ Add ─▶ y
     """
-    fallback = linear_nbits(4, accuracy_level)
+    fallback = linear_nbits(bits, accuracy_level)
 
     def make(g: Graph, path: str, x: str, w: SourceTensor) -> str:
         if w.qtype != "Q4_1":
             return fallback(g, path, x, w)
         n, k = w.shape
-        q, c = q4_1_split(w.raw, n, k)
+        q, c = q4_1_split(w.raw, n, k, bits)
         y = g.op("MatMulNBits", [x, g.init(f"{path}.qweight", q.B), g.init(f"{path}.scales", q.scales)],
-                 f"{path}/MatMulNBits", domain=MS, K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=accuracy_level)
+                 f"{path}/MatMulNBits", domain=MS, K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level)
         blocks = g.op("Reshape", [x, g.init(f"{path}/block_shape", np.array([0, 0, k // BLOCK, BLOCK], np.int64))],
                       f"{path}/blocks/Reshape")
         sums = g.op("ReduceSum", [blocks, g.init(f"{path}/block_axis", np.array([-1], np.int64))],
@@ -118,7 +118,7 @@ def linear_q4_1(accuracy_level: int) -> Linear:
 def linear_for(bits: int | None, accuracy_level: int) -> Linear:
     if bits is None:
         return make_linear_fp32
-    return linear_q4_1(accuracy_level) if bits == 4 else linear_nbits(bits, accuracy_level)
+    return linear_q4_1(accuracy_level, bits)
 
 
 def rotary_cache(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:  # -> 2 x [context, head_dim/2]

