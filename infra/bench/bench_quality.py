@@ -4,6 +4,7 @@
 
 Agreement is the common prefix (in tokens, of 40) between our greedy output and (a) the Hugging
 Face fp32 reference in tests/fixtures/hf_reference.json, (b) our fp32 model, on 5 chat prompts.
+Every graph configuration of a build is measured (int8/int4: int8 and split activations).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 from pathlib import Path
 
 from stratus_engine.engine import Engine
+from stratus_engine.model_dir import load
+from stratus_engine.numerics import configurations
 from stratus_engine.quality import agreement, greedy_tokens, perplexity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,17 +31,20 @@ def main() -> None:
     prompts = [p["prompt_ids"] for p in ref["prompts"]]
     report, fp32 = {}, None
     for quant in ("fp32", "int8", "int4"):
-        engine = Engine.from_dir(Path(args.models) / f"smollm2-{quant}", threads=args.threads)
-        tokens = greedy_tokens(engine, prompts, 40)
-        fp32 = fp32 or tokens
-        report[quant] = {
-            "perplexity": perplexity(engine),
-            "agreement_with_hf": [agreement(a, p["greedy_ids"]) for a, p in zip(tokens, ref["prompts"])],
-            "agreement_with_fp32": [agreement(a, b) for a, b in zip(tokens, fp32)],
-        }
+        model = Path(args.models) / f"smollm2-{quant}"
+        for conf in configurations(model):
+            name = quant if conf.name == "default" else f"{quant} {conf.name}"
+            engine = Engine(load(model, threads=args.threads, graph=conf.graph))
+            tokens = greedy_tokens(engine, prompts, 40)
+            fp32 = fp32 or tokens
+            report[name] = {
+                "perplexity": perplexity(engine),
+                "agreement_with_hf": [agreement(a, p["greedy_ids"]) for a, p in zip(tokens, ref["prompts"])],
+                "agreement_with_fp32": [agreement(a, b) for a, b in zip(tokens, fp32)],
+            }
     for quant, r in report.items():
         r["perplexity_vs_fp32"] = r["perplexity"] / report["fp32"]["perplexity"] - 1
-        print(f"{quant:5} perplexity {r['perplexity']:.2f} ({r['perplexity_vs_fp32']:+.1%} vs fp32)  "
+        print(f"{quant:28} perplexity {r['perplexity']:.2f} ({r['perplexity_vs_fp32']:+.1%} vs fp32)  "
               f"agreement with HF {r['agreement_with_hf']}  with fp32 {r['agreement_with_fp32']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
