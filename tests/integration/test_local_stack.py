@@ -104,7 +104,8 @@ def test_openai_sdk_models_chat_and_completion(stack):
     assert [m.id for m in stack.client.models.list().data] == [stack.model]
     reply = chat(stack, "What is the capital of France?", max_tokens=24)
     body = reply.parse()
-    assert reply.headers["x-stratus-cache"] == "miss" and "Paris" in body.choices[0].message.content
+    assert reply.headers["x-stratus-cache"] == "miss"
+    assert body.choices[0].message.content == "The capital of France is Paris."  # on every kind of host
     assert body.usage.prompt_tokens > 10 and body.usage.completion_tokens >= 1
     done = stack.client.completions.create(model=stack.model, prompt="The sky is", max_tokens=8, temperature=0)
     assert done.choices[0].text and done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
