@@ -144,12 +144,11 @@ class Check:
     tokens_agree: int  # positions whose top token is the reference's (or a recorded tie)
     positions: int
     seconds: float
-    detail: str = ""
 
     def line(self) -> str:
         verdict = "pass" if self.passed else "FAIL"
         return (f"{self.configuration:18s} {verdict}  max logprob error {self.max_logprob_error:.4f} ({self.worst}), "
-                f"top token {self.tokens_agree}/{self.positions}, {self.seconds:.1f}s{self.detail}")
+                f"top token {self.tokens_agree}/{self.positions}, {self.seconds:.1f}s")
 
 
 def check(model: LoadedModel, golden: dict, configuration: str = "default") -> Check:
