@@ -53,19 +53,12 @@ def run_onnx(target: str, prompt: list[int], threads: int, runs: int) -> dict:
     """target: "<model dir>:<configuration>" (see stratus_engine.numerics)."""
     from stratus.params import SamplingParams
     from stratus_engine.engine import Engine, GenerationRequest
-    from stratus_engine.numerics import NumericsError, load_verified
+    from stratus_engine.numerics import configurations, load_checked, read_golden
 
-    model, _, configuration = target.rpartition(":")
-    try:
-        verified = load_verified(model, threads=threads, only=configuration)
-        loaded, check = verified.model, verified.checks[0]
-    except NumericsError:  # benchmarked all the same, marked as text a worker here would not serve
-        from stratus_engine.model_dir import load
-        from stratus_engine.numerics import check as run_check, configurations, _manifest
-
-        graph = next(c.graph for c in configurations(Path(model)) if c.name == configuration)
-        loaded = load(model, threads=threads, graph=graph)
-        check = run_check(loaded, _manifest(Path(model))["golden"], configuration)
+    model, _, name = target.rpartition(":")
+    conf = next(c for c in configurations(Path(model)) if c.name == name)
+    # checked as a worker would, and benchmarked whatever the verdict (the table says which text is right)
+    loaded, check = load_checked(Path(model), conf, read_golden(Path(model)), threads)
     engine = Engine(loaded, max_batch=max(CONCURRENCY), initial_capacity=256)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 
@@ -127,8 +120,8 @@ def summarize(raw: dict, prompt_tokens: int, rss_mb: float | None = None) -> dic
     return {"median": med, "runs": raw}
 
 
-def spawn(python: str, kind: str, target: str, prompt: list[int], threads: int, runs: int) -> dict:
-    cmd = [python, __file__, "--child", kind, "--target", target, "--prompt", json.dumps(prompt),
+def spawn(target: str, prompt: list[int], threads: int, runs: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", "onnx", "--target", target, "--prompt", json.dumps(prompt),
            "--threads", str(threads), "--runs", str(runs)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -175,7 +168,7 @@ def main() -> None:
         model = Path(args.models) / f"smollm2-{q}"
         for conf in configurations(model):
             name = f"{q}" + ("" if conf.name == "default" else f" {conf.name}")
-            results[name] = spawn(sys.executable, "onnx", f"{model}:{conf.name}", prompt, args.threads, args.runs)
+            results[name] = spawn(f"{model}:{conf.name}", prompt, args.threads, args.runs)
     base = results.get("llama.cpp", {}).get("median")
     for name, r in results.items():
         if "median" in r and base:

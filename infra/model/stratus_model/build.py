@@ -7,7 +7,7 @@
   DIR/config.json                      architecture facts (LlamaConfig) and the quantization
   DIR/manifest.json                    model id, files with SHA-256, the artifact digest, the graph
                                      configurations and the golden outputs workers check
-DIR/model.int8act.onnx               quantized builds: the int8-activation configuration of the
+  DIR/model.int8act.onnx               quantized builds: the int8-activation configuration of the
                                      same weights (stratus_model.variants)
 
 The directory appears only when complete: everything is written to a temporary sibling,
@@ -118,9 +118,10 @@ def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = No
                                           "kv_layout": "right_padded_gqa", "activations": activations})
         progress("checking the graph in onnxruntime")
         _smoke_test(tmp / "model.onnx", cfg, activations)
-        configurations = write_configurations(tmp)
+        built = onnx.load(str(tmp / "model.onnx"), load_external_data=False)  # the graph, not the weights
+        configurations = write_configurations(tmp, built)
         progress("recording golden outputs (float32 compute of the same weights)")
-        golden = record_golden(tmp)
+        golden = record_golden(tmp, built)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         manifest = {
             "manifest_version": MANIFEST_VERSION,
@@ -153,12 +154,11 @@ INT8_ACTIVATIONS = "model.int8act.onnx"
 REFERENCE = "reference.onnx"  # exists only while the golden outputs are recorded
 
 
-def write_configurations(model_dir: Path) -> list[dict]:
+def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
     """Quantized fp32-activation builds get two graphs over one weights file, fastest first:
     int8 activations (model.int8act.onnx) and split activations (model.onnx, the default)."""
-    proto = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     split = split_activations(proto)
-    if split is proto or len(split.graph.node) == len(proto.graph.node):
+    if split is None:
         return [{"name": "default", "graph": "model.onnx", "note": "the only graph of this build"}]
     onnx.save_model(proto, str(model_dir / INT8_ACTIVATIONS))
     onnx.save_model(split, str(model_dir / "model.onnx"))
@@ -168,13 +168,12 @@ def write_configurations(model_dir: Path) -> list[dict]:
              "note": "each activation row as int8 hi + int8 lo rows: float32-level error, same kernels"}]
 
 
-def record_golden(model_dir: Path) -> dict:
-    """Run the reference graph (MatMulNBits at accuracy_level 0: float32 compute) over the
-    golden prompts; the graph file is removed afterwards."""
+def record_golden(model_dir: Path, proto: onnx.ModelProto) -> dict:
+    """Run the reference graph (the built graph with MatMulNBits at accuracy_level 0: float32
+    compute) over the golden prompts; the graph file is removed afterwards."""
     from stratus_engine.model_dir import load
     from stratus_engine.numerics import record
 
-    proto = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     graph, reference = "model.onnx", "the built graph (float32)"
     if any(n.op_type == "MatMulNBits" for n in proto.graph.node):
         onnx.save_model(with_accuracy_level(proto, 0), str(model_dir / REFERENCE))

@@ -21,8 +21,9 @@ import copy
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
+from stratus_model.graph import Graph
 from stratus_model.quant import BLOCK
 
 SPLIT_LEVEL = 4  # only int8-activation linears (accuracy_level 4) are split
@@ -43,18 +44,6 @@ def with_accuracy_level(model: onnx.ModelProto, level: int) -> onnx.ModelProto:
     return out
 
 
-class _Emitter:
-    """Appends nodes named under one path; returns output names."""
-
-    def __init__(self, nodes: list, path: str) -> None:
-        self.nodes, self.path = nodes, path
-
-    def __call__(self, op_type: str, inputs: list[str], suffix: str, n_out: int = 1, **attrs) -> str | list[str]:
-        outs = [f"{self.path}/{suffix}/output_{k}" for k in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{self.path}/{suffix}", **attrs))
-        return outs[0] if n_out == 1 else outs
-
-
 SPLIT_CONSTANTS = {  # shared by every split linear (all tiny: they stay inside model.onnx)
     "/split/blocks": np.array([0, 0, -1, BLOCK], np.int64),
     "/split/last_axis": np.array([-1], np.int64),
@@ -63,7 +52,7 @@ SPLIT_CONSTANTS = {  # shared by every split linear (all tiny: they stay inside 
 }
 
 
-def make_split_linear(nodes: list, inits: list, node: onnx.NodeProto) -> None:
+def make_split_linear(g: Graph, node: onnx.NodeProto) -> None:
     """One MatMulNBits y = x @ W -> the same node over rows [hi; lo], y = y_hi + y_lo.
 
     x [B, S, K] ─Reshape [B, S, K/32, 32]─┬─Abs─ReduceMax─·(1/127)─Max(tiny)─▶ s [B, S, K/32, 1]
@@ -71,43 +60,42 @@ def make_split_linear(nodes: list, inits: list, node: onnx.NodeProto) -> None:
                                           └─Sub(hi)──────────────────────────▶ lo
     Concat(hi, lo; axis 0) ─Reshape [2B, S, K]─ MatMulNBits ─Split(axis 0)─ Add ─▶ y [B, S, N]
     """
-    op = _Emitter(nodes, f"{node.name}/split")
-    shape = f"{node.name}/split/shape"
-    inits.append(numpy_helper.from_array(np.array([0, 0, _attrs(node)["K"]], np.int64), shape))
-    blocks = op("Reshape", [node.input[0], "/split/blocks"], "blocks")
-    peak = op("ReduceMax", [op("Abs", [blocks], "Abs"), "/split/last_axis"], "ReduceMax", keepdims=1)
-    scale = op("Max", [op("Mul", [peak, "/split/inv127"], "scale"), "/split/tiny"], "scale_nonzero")
-    hi = op("Mul", [op("Round", [op("Div", [blocks, scale], "Div")], "Round"), scale], "hi")
-    lo = op("Sub", [blocks, hi], "lo")
-    rows = op("Concat", [hi, lo], "rows", axis=0)
-    flat = op("Reshape", [rows, shape], "flat")
-    y2 = op("MatMulNBits", [flat, *node.input[1:]], "MatMulNBits", domain=node.domain, **_attrs(node))
-    y_hi, y_lo = op("Split", [y2], "Split", n_out=2, axis=0, num_outputs=2)
-    nodes.append(helper.make_node("Add", [y_hi, y_lo], list(node.output), name=f"{node.name}/split/Add"))
+    p = f"{node.name}/split"
+    attrs = _attrs(node)
+    shape = g.init(f"{p}/shape", np.array([0, 0, attrs["K"]], np.int64))
+    blocks = g.op("Reshape", [node.input[0], "/split/blocks"], f"{p}/blocks")
+    peak = g.op("ReduceMax", [g.op("Abs", [blocks], f"{p}/Abs"), "/split/last_axis"], f"{p}/ReduceMax", keepdims=1)
+    scale = g.op("Max", [g.op("Mul", [peak, "/split/inv127"], f"{p}/scale"), "/split/tiny"], f"{p}/scale_nonzero")
+    hi = g.op("Mul", [g.op("Round", [g.op("Div", [blocks, scale], f"{p}/Div")], f"{p}/Round"), scale], f"{p}/hi")
+    lo = g.op("Sub", [blocks, hi], f"{p}/lo")
+    flat = g.op("Reshape", [g.op("Concat", [hi, lo], f"{p}/rows", axis=0), shape], f"{p}/flat")
+    y2 = g.op("MatMulNBits", [flat, *node.input[1:]], f"{p}/MatMulNBits", domain=node.domain, **attrs)
+    y_hi, y_lo = g.op("Split", [y2], f"{p}/Split", n_out=2, axis=0, num_outputs=2)
+    g.nodes.append(helper.make_node("Add", [y_hi, y_lo], list(node.output), name=f"{p}/Add"))
 
 
-def split_activations(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` with every accuracy_level-4 MatMulNBits computed on split rows.
+def split_activations(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of `model` with every accuracy_level-4 MatMulNBits computed on split rows; None when
+    there is none to split.
 
     float32-activation builds only: fp16 builds are for CUDA, whose MatMulNBits multiplies in
     float16 and never quantizes activations, so there is nothing to split."""
+    nodes = list(model.graph.node)
+    split = [n.op_type == "MatMulNBits" and _attrs(n).get("accuracy_level") == SPLIT_LEVEL for n in nodes]
+    if not any(split) or _activation_dtype(model) != np.float32:
+        return None
+    g = Graph()
+    for name, value in SPLIT_CONSTANTS.items():
+        g.init(name, value)
+    for node, is_linear in zip(nodes, split):
+        if is_linear:
+            make_split_linear(g, node)
+        else:
+            g.nodes.append(node)
     out = copy.deepcopy(model)
-    g = out.graph
-    if _activation_dtype(out) != np.float32:
-        return out
-    nodes: list = []
-    extra: list = []
-    for node in g.node:
-        if node.op_type != "MatMulNBits" or _attrs(node).get("accuracy_level") != SPLIT_LEVEL:
-            nodes.append(node)
-            continue
-        make_split_linear(nodes, extra, node)
-    if not extra:
-        return out
-    extra += [numpy_helper.from_array(value, name) for name, value in SPLIT_CONSTANTS.items()]
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(extra)
+    del out.graph.node[:]
+    out.graph.node.extend(g.nodes)
+    out.graph.initializer.extend(g.inits)
     return out
 
 

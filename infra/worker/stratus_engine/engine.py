@@ -75,6 +75,22 @@ class GenerationResult:
     timings: Timings
 
 
+def prefill_last(cache, prompts: list[list[int]], start: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prefill prompts (right-padded) into cache rows from `start` -> (logits at each prompt's last
+    token [m, V], lengths [m]). Only the trailing columns that hold a last token pay the LM head."""
+    lengths = np.array([len(p) for p in prompts])
+    width = int(lengths.max())
+    ids = np.zeros((len(prompts), width), np.int64)
+    mask = np.zeros((len(prompts), width), np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, : lengths[b]] = p
+        mask[b, : lengths[b]] = 1
+    positions = np.ascontiguousarray(np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape))
+    keep = width - int(lengths.min()) + 1  # enough trailing columns to hold every row's last token
+    logits = cache.prefill(ids, mask, positions, start, keep)  # [m, keep, V]
+    return logits[np.arange(len(prompts)), lengths - 1 - (width - logits.shape[1])], lengths
+
+
 @dataclass(eq=False)  # rows are compared by identity
 class _Row:
     req: GenerationRequest
@@ -205,18 +221,7 @@ class Engine:
 
     def _prefill(self, rows: list[_Row]) -> None:
         """Run the prompts of `rows` (right-padded) into cache slots after the active rows."""
-        start = len(self._active)
-        lengths = np.array([len(r.req.prompt_ids) for r in rows])
-        width = int(lengths.max())
-        ids = np.zeros((len(rows), width), np.int64)
-        mask = np.zeros((len(rows), width), np.int64)
-        for b, r in enumerate(rows):
-            ids[b, : lengths[b]] = r.req.prompt_ids
-            mask[b, : lengths[b]] = 1
-        positions = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape)
-        keep = width - int(lengths.min()) + 1  # enough trailing columns to hold every row's last token
-        logits = self.cache.prefill(ids, mask, np.ascontiguousarray(positions), start, keep)  # [m, k, V]
-        last = logits[np.arange(len(rows)), lengths - 1 - (width - logits.shape[1])]  # [m, V]
+        last, lengths = prefill_last(self.cache, [r.req.prompt_ids for r in rows], len(self._active))  # [m, V]
         self._active.extend(rows)
         now = time.monotonic()
         for b, r in enumerate(rows):

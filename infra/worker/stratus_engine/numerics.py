@@ -18,6 +18,7 @@ alone a lucky host could pass; with (2) alone an unlucky but accurate one could 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from stratus.errors import ModelLoadError
+from stratus_engine.engine import prefill_last
 from stratus_engine.kv_cache import make_cache
 from stratus_engine.model_dir import LoadedModel, load, read_spec
 
@@ -80,22 +82,14 @@ def run_cases(model: LoadedModel, prompts: list[list[int]], steps: int,
 
     Greedy unless `forced` gives each row's tokens to feed (teacher forcing: the reference's
     positions whatever this model would pick)."""
-    n = len(prompts)
-    lengths = np.array([len(p) for p in prompts])
-    width = int(lengths.max())
-    cache = make_cache(model, n, width + steps + 1)
-    ids = np.zeros((n, width), np.int64)
-    mask = np.zeros((n, width), np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, :len(p)], mask[b, :len(p)] = p, 1
-    positions = np.ascontiguousarray(np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape))
-    out = cache.prefill(ids, mask, positions, 0, width - int(lengths.min()) + 1)  # [n, keep, V]
-    step_logits = [out[np.arange(n), lengths - 1 - (width - out.shape[1])]]  # [n, V]
+    cache = make_cache(model, len(prompts), max(map(len, prompts)) + steps + 1)
+    last, lengths = prefill_last(cache, prompts, 0)
+    step_logits = [last]  # [n, V] per step
     tokens: list[list[int]] = [[] for _ in prompts]
     for step in range(steps):
         chosen = step_logits[-1].argmax(-1) if forced is None else np.array([f[step] for f in forced])
-        for b in range(n):
-            tokens[b].append(int(chosen[b]))
+        for b, tok in enumerate(chosen):
+            tokens[b].append(int(tok))
         if step + 1 < steps:
             out = cache.decode(chosen.astype(np.int64)[:, None], lengths + step)  # [n, 1, V]
             step_logits.append(out[:, -1])
@@ -189,14 +183,8 @@ class Verification:
         return {"host": self.host, "configuration": self.configuration, "checks": [asdict(c) for c in self.checks]}
 
 
-def load_verified(path: Path | str, threads: int | None = None, providers: list[str] | None = None, *,
-                  spin: bool = True, only: str | None = None) -> Verification:
-    """Load the fastest configuration of the model at `path` that computes its golden outputs here.
-
-    Raises NumericsError (naming the host, the model and each configuration's disagreement) when
-    none does. A foreign export (no manifest.json) loads its one graph unchecked."""
-    path = Path(path)
-    spec = read_spec(path)
+def read_golden(path: Path) -> dict | None:
+    """The manifest's golden outputs; None for a foreign export (no manifest.json)."""
     manifest = _manifest(path)
     golden = manifest.get("golden")
     if manifest and not golden:
@@ -205,27 +193,42 @@ def load_verified(path: Path | str, threads: int | None = None, providers: list[
     if golden and golden.get("version") != GOLDEN_VERSION:
         raise ModelLoadError(f"{path}: golden outputs of version {golden.get('version')}, this worker reads "
                              f"version {GOLDEN_VERSION}: rebuild the model with `stratus model build`")
+    return golden
+
+
+def load_checked(path: Path, conf: Configuration, golden: dict | None, threads: int | None = None,
+                 providers: list[str] | None = None, *, spin: bool = True) -> tuple[LoadedModel, Check]:
+    """Load one configuration and check it (a foreign export without golden outputs: unchecked)."""
+    model = load(path, threads=threads, providers=providers, spin=spin, graph=conf.graph)
+    if not golden:
+        return model, Check(conf.name, True, 0.0, "no golden outputs recorded", 0, 0, 0.0)
+    return model, check(model, golden, conf.name)
+
+
+def load_verified(path: Path | str, threads: int | None = None, providers: list[str] | None = None, *,
+                  spin: bool = True, only: str | None = None) -> Verification:
+    """Load the fastest configuration of the model at `path` that computes its golden outputs here.
+
+    Raises NumericsError (naming the host, the model and each configuration's disagreement) when
+    none does. A foreign export (no manifest.json) loads its one graph unchecked."""
+    path = Path(path)
+    spec = read_spec(path)
+    golden = read_golden(path)
     candidates = [c for c in configurations(path) if only in (None, c.name)]
     if not candidates:
         names = ", ".join(c.name for c in configurations(path))
         raise ModelLoadError(f"{path}: no configuration {only!r} (this model has: {names})")
     checks: list[Check] = []
-    host = ""
     for conf in candidates:
-        model = load(path, threads=threads, providers=providers, spin=spin, graph=conf.graph)
-        host = host_description(model.providers)
-        if not golden:
-            return Verification(model, conf.name, (Check(conf.name, True, 0.0, "no golden outputs recorded", 0, 0, 0.0),),
-                                host)
-        result = check(model, golden, conf.name)
+        model, result = load_checked(path, conf, golden, threads, providers, spin=spin)
         checks.append(result)
         if result.passed:
-            return Verification(model, conf.name, tuple(checks), host)
+            return Verification(model, conf.name, tuple(checks), host_description(model.providers))
     lines = "; ".join(c.line() for c in checks)
     raise NumericsError(
         f"model {spec.model_id} ({path}) does not compute its golden outputs on this host, so this worker "
-        f"will not serve it. Host: {host}. Tolerance {golden.get('max_logprob_error', MAX_LOGPROB_ERROR)} (log-probability). "
-        f"Measured: {lines}")
+        f"will not serve it. Host: {host_description(model.providers)}. Tolerance "
+        f"{golden.get('max_logprob_error', MAX_LOGPROB_ERROR)} (log-probability). Measured: {lines}")
 
 
 # ---- the host -----------------------------------------------------------------------------------
@@ -247,8 +250,6 @@ def cpu_features() -> list[str]:
 
 def host_description(providers: list[str] | None = None) -> str:
     """'Intel(R) Xeon(R) ... (AVX2 AVX512F ... AVX512VNNI), 2 cores; CPUExecutionProvider' (or the GPU first)."""
-    import os
-
     providers = providers or ["CPUExecutionProvider"]
     name = platform.processor() or platform.machine()
     try:
