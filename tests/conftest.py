@@ -49,7 +49,7 @@ def real_models() -> dict[str, Path]:
     for stale in base.parent.glob("*"):  # builds from an older pipeline
         if stale != base:
             shutil.rmtree(stale, ignore_errors=True)
-    dirs = {q: base / q for q in ("fp32", "int8", "int4", "int4-fp16")}
+    dirs = {q: base / q for q in ("fp32", "int8", "int4", "int4-fp16-attn")}
     for name, out in dirs.items():
         if not (out / "manifest.json").is_file():
             quant, _, activations = name.partition("-")

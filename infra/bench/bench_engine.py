@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 NEW_TOKENS = 128
-CONCURRENCY = (1, 4, 16)
+CONCURRENCY = "1,4,16"  # --concurrency: the request counts submitted together (1 also gives TTFT and decode)
 MESSAGES = [
     {"role": "system", "content": "You are a concise assistant for a cloud engineering team."},
     {"role": "user", "content": "Explain in a few paragraphs how a message queue helps a web service absorb bursts "
@@ -49,17 +49,17 @@ def peak_rss_mb() -> float:
 
 # ---- contenders (run inside child processes) ---------------------------------------------------
 
-def run_onnx(target: str, prompt: list[int], threads: int, runs: int) -> dict:
+def run_onnx(target: str, prompt: list[int], threads: int, runs: int, levels: list[int]) -> dict:
     """target: "<model dir>:<configuration>" (see stratus_engine.numerics)."""
     from stratus.params import SamplingParams
     from stratus_engine.engine import Engine, GenerationRequest
-    from stratus_engine.numerics import configurations, load_checked, read_golden
+    from stratus_engine.numerics import configurations, host_description, load_checked, read_golden
 
     model, _, name = target.rpartition(":")
     conf = next(c for c in configurations(Path(model)) if c.name == name)
     # checked as a worker would, and benchmarked whatever the verdict (the table says which text is right)
     loaded, check = load_checked(Path(model), conf, read_golden(Path(model)), threads)
-    engine = Engine(loaded, max_batch=max(CONCURRENCY), initial_capacity=256)
+    engine = Engine(loaded, max_batch=max(levels), initial_capacity=256)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 
     def batch(c: int) -> tuple[float, list]:
@@ -69,7 +69,7 @@ def run_onnx(target: str, prompt: list[int], threads: int, runs: int) -> dict:
 
     batch(1)  # warm-up: first-run allocations and kernel selection
     out = {"ttft_s": [], "decode_tok_s@1": []}
-    for c in CONCURRENCY:
+    for c in levels:
         out[f"aggregate_tok_s@{c}"] = []
         for _ in range(runs):
             wall, results = batch(c)
@@ -80,15 +80,15 @@ def run_onnx(target: str, prompt: list[int], threads: int, runs: int) -> dict:
                 out["decode_tok_s@1"].append(r.timings.decode_tokens_per_s(r.usage.completion_tokens))
     out["text_right"] = [float(check.passed)]
     out["max_logprob_error"] = [check.max_logprob_error]
-    return out
+    return out, host_description(loaded.providers)
 
 
-def run_llama(binary: str, gguf: str, prompt_tokens: int, threads: int, runs: int) -> dict:
+def run_llama(binary: str, gguf: str, prompt_tokens: int, threads: int, runs: int, levels: list[int]) -> dict:
     """llama-batched-bench, once per run, all concurrencies in one call (it prints JSON lines)."""
     out: dict[str, list[float]] = {"ttft_s": [], "decode_tok_s@1": [], "peak_rss_mb": []}
     for _ in range(runs):
         cmd = ["/usr/bin/time", "-f", "maxrss_kb=%M", binary, "-m", gguf, "-c", "8192", "-b", "2048", "-ub", "512",
-               "-npp", str(prompt_tokens), "-ntg", str(NEW_TOKENS), "-npl", ",".join(map(str, CONCURRENCY)),
+               "-npp", str(prompt_tokens), "-ntg", str(NEW_TOKENS), "-npl", ",".join(map(str, levels)),
                "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl"]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         for line in proc.stdout.splitlines():
@@ -108,8 +108,8 @@ def run_llama(binary: str, gguf: str, prompt_tokens: int, threads: int, runs: in
 
 def child(args) -> None:
     prompt = json.loads(args.prompt)
-    raw = run_onnx(args.target, prompt, args.threads, args.runs)
-    print(json.dumps(summarize(raw, len(prompt), peak_rss_mb())))
+    raw, host = run_onnx(args.target, prompt, args.threads, args.runs, levels(args))
+    print(json.dumps({**summarize(raw, len(prompt), peak_rss_mb()), "host": host}))
 
 
 def summarize(raw: dict, prompt_tokens: int, rss_mb: float | None = None) -> dict:
@@ -120,9 +120,10 @@ def summarize(raw: dict, prompt_tokens: int, rss_mb: float | None = None) -> dic
     return {"median": med, "runs": raw}
 
 
-def spawn(target: str, prompt: list[int], threads: int, runs: int) -> dict:
+def spawn(target: str, prompt: list[int], args) -> dict:
+    threads = args.threads
     cmd = [sys.executable, __file__, "--child", "onnx", "--target", target, "--prompt", json.dumps(prompt),
-           "--threads", str(threads), "--runs", str(runs)]
+           "--threads", str(threads), "--runs", str(args.runs), "--concurrency", args.concurrency]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -130,7 +131,13 @@ def spawn(target: str, prompt: list[int], threads: int, runs: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-FIGURES = ["decode_tok_s@1", "aggregate_tok_s@4", "aggregate_tok_s@16", "ttft_s", "prefill_tok_s", "peak_rss_mb"]
+def levels(args) -> list[int]:
+    return sorted({1, *map(int, args.concurrency.split(","))})
+
+
+def figures(args) -> list[str]:
+    return ["decode_tok_s@1", *(f"aggregate_tok_s@{c}" for c in levels(args) if c > 1),
+            "ttft_s", "prefill_tok_s", "peak_rss_mb"]
 
 
 def main() -> None:
@@ -141,6 +148,7 @@ def main() -> None:
     ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-batched-bench (infra/bench/build_llama.py)")
     ap.add_argument("--quants", default="fp32,int8,int4")
     ap.add_argument("--out", default="build/bench")
+    ap.add_argument("--concurrency", default=CONCURRENCY, help="comma-separated request counts, e.g. 1,16,64")
     ap.add_argument("--child"), ap.add_argument("--target"), ap.add_argument("--prompt")
     args = ap.parse_args()
     if args.child:
@@ -161,41 +169,44 @@ def main() -> None:
     print(f"prompt {len(prompt)} tokens, {NEW_TOKENS} new tokens greedy, {args.threads} threads, {args.runs} runs")
     results = {}
     if args.llama_bench:
-        raw = run_llama(args.llama_bench, str(default_gguf()), len(prompt), args.threads, args.runs)
+        raw = run_llama(args.llama_bench, str(default_gguf()), len(prompt), args.threads, args.runs,
+                        levels(args))
         rss = raw.pop("peak_rss_mb")
         results["llama.cpp"] = summarize(raw, len(prompt), statistics.median(rss))
     for q in args.quants.split(","):
         model = Path(args.models) / f"smollm2-{q}"
         for conf in configurations(model):
             name = f"{q}" + ("" if conf.name == "default" else f" {conf.name}")
-            results[name] = spawn(f"{model}:{conf.name}", prompt, args.threads, args.runs)
+            results[name] = spawn(f"{model}:{conf.name}", prompt, args)
     base = results.get("llama.cpp", {}).get("median")
+    shown = figures(args)
     for name, r in results.items():
         if "median" in r and base:
-            r["ratio_to_llama_cpp"] = {k: r["median"][k] / base[k] for k in FIGURES if base.get(k)}
+            r["ratio_to_llama_cpp"] = {k: r["median"][k] / base[k] for k in shown if base.get(k)}
     report = {"host": host, "prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS, "threads": args.threads,
               "runs": args.runs, "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine.json").write_text(json.dumps(report, indent=2))
-    print(f"{'':28}" + "".join(f"{k:>20}" for k in FIGURES) + "   text (golden check)")
+    print(f"{'':28}" + "".join(f"{k:>20}" for k in shown) + "   text (golden check)")
     for name, r in results.items():
         if "median" not in r:
             print(f"{name:28} error: {r.get('error')}")
             continue
         cells = []
-        for k in FIGURES:
+        for k in shown:
             ratio = r.get("ratio_to_llama_cpp", {}).get(k)
             cells.append(f"{r['median'][k]:.3g}" + (f" ({ratio:.2f}x)" if ratio and name != "llama.cpp" else ""))
         med = r["median"]
         text = "" if "text_right" not in med else (
             f"{'right' if med['text_right'] else 'WRONG'} (max logprob error {med['max_logprob_error']:.3f})")
-        print(f"{name:28}" + "".join(f"{c:>20}" for c in cells) + f"   {text}")
-    plot(report, out / "engine.png")
+        where = f"   on {r['host']}" if r.get("host", host) != host else ""
+        print(f"{name:28}" + "".join(f"{c:>20}" for c in cells) + f"   {text}{where}")
+    plot(report, out / "engine.png", shown)
     print(f"wrote {out / 'engine.json'}")
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, path: Path, keys_shown: list[str]) -> None:
     try:
         import matplotlib
 
@@ -206,7 +217,7 @@ def plot(report: dict, path: Path) -> None:
         return
     names = [n for n, r in report["results"].items() if "median" in r]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, keys, title in ((axes[0], ["decode_tok_s@1", "aggregate_tok_s@4", "aggregate_tok_s@16"], "tokens/s (higher is better)"),
+    for ax, keys, title in ((axes[0], [k for k in keys_shown if "tok_s@" in k], "tokens/s (higher is better)"),
                             (axes[1], ["ttft_s"], "time to first token, s (lower is better)"),
                             (axes[2], ["peak_rss_mb"], "peak RSS, MB")):
         width = 0.8 / len(names)

@@ -1,6 +1,6 @@
 """`stratus` — build models and generate text from the command line.
 
-  stratus model build [--gguf PATH] [--quant fp32|int8|int4] [--activations fp32|fp16] --out DIR
+  stratus model build [--gguf PATH] [--quant fp32|int8|int4] [--activations fp32|fp16-attn|fp16] --out DIR
   stratus model verify --model DIR [--configuration NAME] [--threads N]
   stratus model publish --model DIR --bucket B [--prefix models/]
   stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
@@ -169,8 +169,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, required=True, help="output directory (replaced when the build succeeds)")
     b.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute precision (4 = int8 activations, fastest on CPU)")
-    b.add_argument("--activations", choices=["fp32", "fp16"], default="fp32",
-                   help="fp16 for CUDA workers (onnxruntime's CUDA GroupQueryAttention takes float16 only)")
+    b.add_argument("--activations", choices=["fp32", "fp16-attn", "fp16"], default="fp32",
+                   help="fp16-attn for CUDA workers: float32 but attention and the KV cache, which onnxruntime's "
+                        "CUDA GroupQueryAttention takes in float16 only (fp16: float16 throughout; fails the "
+                        "golden check on an H200)")
     b.set_defaults(func=cmd_model_build)
     mv = model.add_parser("verify", help="check a model against its golden outputs on this host (the worker's "
                            "start-up check); prints each configuration and the one a worker would serve")

@@ -78,7 +78,7 @@ def _smoke_test(model_path: Path, cfg, activations: str = "fp32") -> None:
         for i in range(cfg.num_layers):
             for kind in ("key", "value"):
                 feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim),
-                                                               ACTIVATIONS[activations])
+                                                               ACTIVATIONS[activations].attention)
         logits = sess.run(["logits"], feed)[0]
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelBuildError(f"the built graph does not run in onnxruntime: {exc}") from exc
@@ -88,8 +88,8 @@ def _smoke_test(model_path: Path, cfg, activations: str = "fp32") -> None:
 
 def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = None, accuracy_level: int = 4,
           progress: Callable[[str], None] = lambda _msg: None, activations: str = "fp32") -> dict:
-    """Convert `src` into a model directory at `out`; returns the manifest. activations="fp16" is
-    the build for CUDA workers (float16 activations and KV cache)."""
+    """Convert `src` into a model directory at `out`; returns the manifest. activations="fp16-attn"
+    is the build for CUDA workers (float16 attention and KV cache; graph.ACTIVATIONS)."""
     if quant not in QUANT_SCHEMES:
         raise ModelBuildError(f"quant must be one of {', '.join(QUANT_SCHEMES)}, got {quant!r}")
     if activations not in ACTIVATIONS:
@@ -139,7 +139,7 @@ def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = No
         if activations == "fp32":
             progress("checking the configurations against the golden outputs on this host")
             _check_build(tmp, progress)
-        else:  # int8 activations on the CPU do not meet the tolerance; CUDA never quantizes them
+        else:  # builds for CUDA: a GPU checks them (CUDA's MatMulNBits never quantizes activations)
             progress(f"{activations} builds are for CUDA workers: run `stratus model verify` on the GPU host")
         if out.exists():
             shutil.rmtree(out)

@@ -30,10 +30,25 @@ MS = "com.microsoft"
 OPSET = 21
 
 
-# Activation types: fp32 everywhere on the CPU; fp16 for CUDA, whose GroupQueryAttention takes
-# float16 only. In an fp16 build every float initializer, activation and the KV cache are float16;
-# logits are cast back to float32 for sampling.
-ACTIVATIONS = {"fp32": np.float32, "fp16": np.float16}
+@dataclass(frozen=True)
+class Precision:
+    activations: type  # the residual stream, norms, linears and LM head (and their float initializers)
+    attention: type  # GroupQueryAttention's inputs and outputs, and the KV cache
+
+
+# Activation types (`stratus model build --activations`). fp32 everywhere on the CPU. CUDA's
+# GroupQueryAttention takes float16 only, so CUDA builds keep attention and the KV cache in float16:
+# fp16-attn casts around it and keeps everything else float32 (the residual stream, whose outliers
+# reach ~3000 where float16 steps by 2, and the logits); fp16 is float16 throughout (the least memory).
+# Logits are float32 for sampling in every build.
+ACTIVATIONS = {"fp32": Precision(np.float32, np.float32),
+               "fp16-attn": Precision(np.float32, np.float16),
+               "fp16": Precision(np.float16, np.float16)}
+
+
+def elem_type(dtype: type) -> int:
+    """numpy dtype -> ONNX element type."""
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
 @dataclass
@@ -43,17 +58,22 @@ class Graph:
 
     nodes: list = field(default_factory=list)
     inits: list = field(default_factory=list)
-    dtype: type = np.float32
+    dtype: type = np.float32  # activations
+    kv_dtype: type = np.float32  # attention and the KV cache
 
-    def init(self, name: str, array: np.ndarray) -> str:
+    def init(self, name: str, array: np.ndarray, dtype: type | None = None) -> str:
         if np.issubdtype(array.dtype, np.floating):
-            array = array.astype(self.dtype)
+            array = array.astype(dtype or self.dtype)
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     @property
     def elem(self) -> int:  # the ONNX element type of activations
-        return helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
+        return elem_type(self.dtype)
+
+    def cast(self, x: str, dtype: type, name: str) -> str:
+        """x, cast to dtype where it is of the other activation type (no node when they agree)."""
+        return x if self.dtype == self.kv_dtype else self.op("Cast", [x], name, to=elem_type(dtype))
 
     def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> str | list[str]:
         outputs = [f"{name}/output_{k}" for k in range(n_out)]
@@ -166,10 +186,11 @@ def make_attention(g: Graph, cfg: LlamaConfig, i: int, h: str, src: WeightSource
     """h [B, S, hidden] -> attention output [B, S, hidden]; writes present.{i}.key|value.
 
     h ─qkv (packed [B, S, q+k+v])─ GroupQueryAttention(rotary from position_ids, past, seqlens_k) ─ o ─▶
+    (fp16-attn: Cast to float16 before attention and back to float32 after it)
     """
     p = f"/model/layers.{i}/attn"
     qkv_w = concat_rows([src.tensor(f"layers.{i}.{n}") for n in ("q", "k", "v")], f"layers.{i}.qkv")
-    qkv = linear(g, f"{p}/qkv_proj", h, qkv_w)
+    qkv = g.cast(linear(g, f"{p}/qkv_proj", h, qkv_w), g.kv_dtype, f"{p}/qkv_proj/Cast")
     name = f"{p}/GroupQueryAttention"
     g.nodes.append(helper.make_node(
         "GroupQueryAttention",
@@ -179,7 +200,8 @@ def make_attention(g: Graph, cfg: LlamaConfig, i: int, h: str, src: WeightSource
         name=name, domain=MS, num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1,
         rotary_interleaved=0,
     ))
-    return linear(g, f"{p}/o_proj", f"{name}/output_0", src.tensor(f"layers.{i}.o"))
+    attn = g.cast(f"{name}/output_0", g.dtype, f"{name}/Cast")
+    return linear(g, f"{p}/o_proj", attn, src.tensor(f"layers.{i}.o"))
 
 
 def make_mlp(g: Graph, cfg: LlamaConfig, i: int, h: str, src: WeightSource, linear: Linear) -> str:
@@ -239,10 +261,11 @@ def build_model(src: WeightSource, quant: str = "fp32", accuracy_level: int = 4,
     cfg = src.config
     scheme = QUANT_SCHEMES[quant]
     linear = linear_for(scheme.linear_bits, accuracy_level)
-    g = Graph(dtype=ACTIVATIONS[activations])
+    precision = ACTIVATIONS[activations]
+    g = Graph(dtype=precision.activations, kv_dtype=precision.attention)
     embed = g.init("model.embed_tokens.weight", src.tensor("embed").dense())
     cos_np, sin_np = rotary_cache(cfg)
-    cos, sin = g.init("cos_cache", cos_np), g.init("sin_cache", sin_np)
+    cos, sin = g.init("cos_cache", cos_np, g.kv_dtype), g.init("sin_cache", sin_np, g.kv_dtype)
     seqlens, total_len = make_sequence_lengths(g)
 
     x = g.op("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")
@@ -264,7 +287,7 @@ def build_model(src: WeightSource, quant: str = "fp32", accuracy_level: int = 4,
     progress("lm head")
     make_lm_head(g, cfg, make_keep_last(g, h), src, scheme, accuracy_level, embed)
 
-    ins, outs = make_inputs(cfg, g.elem)
+    ins, outs = make_inputs(cfg, elem_type(g.kv_dtype))
     ins.append(helper.make_tensor_value_info(KEEP, TensorProto.INT64, [1]))  # overridable: default below
     graph = helper.make_graph(g.nodes, "stratus_llama", ins, outs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],

@@ -100,8 +100,8 @@ def split_activations(model: onnx.ModelProto) -> onnx.ModelProto | None:
 
 
 def _activation_dtype(model: onnx.ModelProto) -> type:
-    """float16 for fp16 builds (their KV cache inputs are float16), float32 otherwise."""
-    for i in model.graph.input:
-        if i.name.startswith("past_key_values."):
-            return np.float16 if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
+    """float16 for fp16 builds (their embedding table, so every activation, is float16), else float32."""
+    for t in model.graph.initializer:
+        if t.name == "model.embed_tokens.weight":
+            return np.float16 if t.data_type == onnx.TensorProto.FLOAT16 else np.float32
     return np.float32
