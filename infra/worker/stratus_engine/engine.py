@@ -42,6 +42,7 @@ class GenerationRequest:
     params: SamplingParams
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     is_cancelled: Callable[[], bool] = _never  # polled between steps
+    on_token: Callable[[int], None] | None = None  # each generated token, as it is sampled (streaming)
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,8 @@ class Engine:
                 continue
             r.out.append(tok)
             r.pending = tok
+            if r.req.on_token is not None:
+                r.req.on_token(tok)
             if p.repetition_penalty != 1.0 and tok not in r.seen:
                 r.seen = np.append(r.seen, tok)
             if p.stop and self._stop_hit(r):
