@@ -11,7 +11,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from stratus import batches, service
+from stratus import batches, service, streaming
 from stratus.errors import InvalidRequest, PayloadTooLarge, RateLimited, StratusError
 from stratus.keys import Tenant, authenticate
 from stratus.observability import logger, metrics, tracer
@@ -43,9 +43,12 @@ def _reply(r: service.Reply) -> Response:
 
 
 def _complete(route: str) -> Response:
-    tenant = _tenant()
+    tenant, body = _tenant(), _body()
     cache_control = app.current_event.headers.get("cache-control", "")
-    return _reply(service.submit(route, _body(), tenant, get_deps(), cache_control=cache_control))
+    stream = streaming.open_stream(route, body, tenant, get_deps(), cache_control=cache_control)
+    if stream is not None:  # an event handler answers whole: the events, buffered (asgi.py streams them)
+        return Response(200, streaming.CONTENT_TYPE, b"".join(stream.events()).decode(), streaming.HEADERS)
+    return _reply(service.submit(route, body, tenant, get_deps(), cache_control=cache_control))
 
 
 @app.post("/v1/chat/completions")

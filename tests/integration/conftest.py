@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import threading
 from dataclasses import dataclass
 
 import boto3
 import pytest
 
+from stratus.keys import create_key
+from stratus.settings import Settings
+from stratus_engine.engine import Engine
 from stratus_local.template import (ROOT, LambdaContext, apply_environment, create_resources, function_environment,
                                     load_handler, load_template)
 
@@ -73,3 +78,35 @@ def stack(monkeypatch):
         table = boto3.resource("dynamodb", region_name=region).Table(refs["JobsTable"])
         yield Stack(refs, table, boto3.client("sqs", region_name=region), handler, module)
         apply_environment({})
+
+
+@pytest.fixture
+def key(stack):
+    return create_key(stack.table, "acme", rpm=10_000, tpm=10_000_000)
+
+
+@pytest.fixture
+def make_worker(stack, tiny):
+    """Start workers in threads; stop and join them at the end of the test."""
+    from stratus_worker.worker import Worker
+
+    started: list[tuple[Worker, threading.Thread]] = []
+    settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]), max_batch=4,
+                                   visibility_s=3, heartbeat_s=0.5, cancel_check_s=0.05, drain_s=5.0)
+
+    def start(engine: Engine | None = None, sqs=None, **overrides) -> Worker:
+        engine = engine or Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16)
+        w = Worker(engine, dataclasses.replace(settings, **overrides), sqs=sqs or boto3.client("sqs"),
+                   table=boto3.resource("dynamodb").Table(stack.refs["JobsTable"]), s3=boto3.client("s3"),
+                   stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]),
+                   worker_id=f"w{len(started)}")
+        t = threading.Thread(target=w.run, daemon=True)
+        t.start()
+        started.append((w, t))
+        return w
+
+    yield start
+    for w, _ in started:
+        w.stop()
+    for _, t in started:
+        t.join(timeout=15)

@@ -211,7 +211,7 @@ def test_refusals_are_counted_by_status_and_reason(stack, key, capsys):
 
 @pytest.mark.parametrize("change,status,message", [
     ({"n": 2}, 400, "n=2 is not supported"),
-    ({"stream": True}, 400, "streaming is not supported yet"),
+    ({"stream": "yes"}, 400, "stream must be true or false"),
     ({"tools": [{"type": "function"}]}, 400, "tools="),
     ({"temperature": 3}, 400, "temperature must be in [0.0, 2.0], got 3"),
     ({"top_p": 1.5}, 400, "top_p must be in (0.0, 1.0], got 1.5"),

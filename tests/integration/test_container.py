@@ -63,6 +63,7 @@ def test_invocations_runs_a_queue_message_through_the_job_store(stack, tiny):
     settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]))
     engine = Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=2)
     worker = Worker(engine, settings, sqs=boto3.client("sqs"), table=stack.table, s3=boto3.client("s3"),
+                    stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]),
                     worker_id="sagemaker-1")
     import threading
 
@@ -159,7 +160,8 @@ def test_a_failed_invocation_fails_its_job_visibly(stack, tiny, monkeypatch):
     [message] = stack.queued()
     settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]))
     worker = Worker(Engine.from_dir(tiny.dirs["int4"], threads=1), settings, sqs=boto3.client("sqs"),
-                    table=stack.table, s3=boto3.client("s3"), worker_id="sm")
+                    table=stack.table, s3=boto3.client("s3"), worker_id="sm",
+                    stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]))
     monkeypatch.setattr(worker, "run_one", lambda msg: (_ for _ in ()).throw(RuntimeError("GPU fell off")))
     status, _ = invoke(worker, message)
     job = JobStore(stack.table).get(message["job_id"])

@@ -16,15 +16,16 @@ from stratus_local.template import ROOT, load_template
 
 # role -> the logical ids its statements may name (in this template, or the nested stack's parameters)
 EXPECTED = {
-    "ApiRole": {"ApiLogs", "JobsTable", "JobsQueue", "ResultsBucket"},
+    "ApiRole": {"ApiLogs", "JobsTable", "StreamTable", "JobsQueue", "ResultsBucket"},
     "DlqRole": {"DlqLogs", "JobsDeadLetterQueue", "JobsTable", "ReplyQueuePattern", "ResultsBucket"},
     "BatchRole": {"BatchLogs", "JobsTable", "JobsQueue", "BatchEventsDeadLetterQueue", "ResultsBucket"},
     "TriggerRole": {"TriggerLogs", "RequestsQueue", "JobsTable", "JobsQueue", "ReplyQueuePattern", "ResultsBucket"},
     "DispatchRole": {"DispatchLogs", "JobsQueue", "ResultsBucket", "SageMakerWorkers"},
 }
 NESTED_EXPECTED = {
-    "ecs-workers.yaml": {"TaskRole": {"JobsQueueArn", "ReplyQueuePattern", "JobsTableArn", "BucketName"}},
-    "sagemaker-async.yaml": {"ExecutionRole": {"ReplyQueuePattern", "JobsTableArn", "BucketName"}},
+    "ecs-workers.yaml": {"TaskRole": {"JobsQueueArn", "ReplyQueuePattern", "JobsTableArn", "StreamTableArn",
+                                      "BucketName"}},
+    "sagemaker-async.yaml": {"ExecutionRole": {"ReplyQueuePattern", "JobsTableArn", "StreamTableArn", "BucketName"}},
 }
 # actions that have no resource-level permissions in IAM, so "*" is the only possible resource
 STAR_OK = {"xray:PutTraceSegments", "xray:PutTelemetryRecords", "ecr:GetAuthorizationToken",

@@ -30,35 +30,6 @@ def chat(text: str, **kw) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0, **kw}
 
 
-@pytest.fixture
-def key(stack):
-    return create_key(stack.table, "acme", rpm=10_000, tpm=10_000_000)
-
-
-@pytest.fixture
-def make_worker(stack, tiny):
-    """Start workers in threads; stop and join them at the end of the test."""
-    started: list[tuple[Worker, threading.Thread]] = []
-    settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]), max_batch=4,
-                                   visibility_s=3, heartbeat_s=0.5, cancel_check_s=0.05, drain_s=5.0)
-
-    def start(engine: Engine | None = None, sqs=None, **overrides) -> Worker:
-        engine = engine or Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16)
-        w = Worker(engine, dataclasses.replace(settings, **overrides), sqs=sqs or boto3.client("sqs"),
-                   table=boto3.resource("dynamodb").Table(stack.refs["JobsTable"]), s3=boto3.client("s3"),
-                   worker_id=f"w{len(started)}")
-        t = threading.Thread(target=w.run, daemon=True)
-        t.start()
-        started.append((w, t))
-        return w
-
-    yield start
-    for w, _ in started:
-        w.stop()
-    for _, t in started:
-        t.join(timeout=15)
-
-
 def wait_until(predicate, timeout: float = 20.0, every: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

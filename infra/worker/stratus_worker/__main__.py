@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     engine = Engine(verified.model, max_batch=settings.max_batch)
     worker = Worker(engine, settings, sqs=boto3.client("sqs"), table=boto3.resource("dynamodb").Table(settings.table),
-                    s3=boto3.client("s3"))
+                    s3=boto3.client("s3"), stream_table=boto3.resource("dynamodb").Table(settings.stream_table))
     logger.info("model loaded", extra={"model_id": manifest.get("model_id"), "digest": manifest.get("digest"),
                                        "numerics": verified.as_dict()})
     if args.mode == "serve":

@@ -100,6 +100,7 @@ def serve(worker: Worker, stop: threading.Event) -> None:
     port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or DEFAULT_PORT)
     halt = threading.Event()
     threading.Thread(target=worker.engine.run, args=(halt,), daemon=True, name="engine").start()
+    threading.Thread(target=worker.chunks.run, args=(halt, worker.chunk_error), daemon=True, name="chunks").start()
     server = make_server(worker, port)
     threading.Thread(target=server.serve_forever, daemon=True, name="http").start()
     print(json.dumps({"message": "sagemaker server listening", "port": port}), flush=True)

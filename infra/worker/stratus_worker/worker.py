@@ -1,6 +1,6 @@
 """The worker: jobs queue (SQS) -> engine (continuous batch) -> job store (DynamoDB).
 
-Three threads share one Engine:
+Four threads share one Engine:
 
   main    receive up to 10 messages while the batch has room, and admit each:
             past its deadline -> EXPIRED;  finished or cancelled -> drop;  otherwise claim it
@@ -10,6 +10,7 @@ Three threads share one Engine:
           and the engine drops it before its next step).
   engine  Engine.run(): prefill and decode steps; a finished row resolves its future.
   writer  each finished future: RUNNING (ours) -> DONE with the result, then delete the message.
+  chunks  streamed jobs' text as it is generated -> StreamTable chunk items (streams.py).
 
 Failures: a request the model cannot serve (too long, bad chat) -> FAILED at once. Anything else
 is retryable: the job goes back to QUEUED and the message becomes visible again at once; after
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 from aws_lambda_powertools.metrics import MetricUnit
 
+from stratus.chunks import ChunkStore
 from stratus.contracts import InferenceRequest, Job, QueueMessage, Status
 from stratus.errors import InvalidRequest
 from stratus.jobstore import JobStore
@@ -41,6 +43,7 @@ from stratus.replies import post_replies
 from stratus.settings import Settings
 from stratus_engine.engine import Engine, GenerationRequest, GenerationResult
 from stratus_worker import health
+from stratus_worker.streams import ChunkWriter
 
 GENERATE, DONE_WITH_MESSAGE, LEAVE_MESSAGE = "generate", "done", "leave"  # what start() decided
 IDLE_WAIT_S = 2  # long-poll length when idle: also how quickly an idle worker notices SIGTERM
@@ -55,14 +58,18 @@ class Held:
     message: QueueMessage
     receipt: str
     received: float
+    attempt: int = 1  # the message's receive count
     future: Future | None = None
 
 
 class Worker:
-    def __init__(self, engine: Engine, settings: Settings, *, sqs, table, s3, worker_id: str | None = None,
-                 clock=time.time) -> None:
+    def __init__(self, engine: Engine, settings: Settings, *, sqs, table, s3, stream_table,
+                 worker_id: str | None = None, clock=time.time) -> None:
         self.engine, self.settings, self.sqs, self.s3, self.clock = engine, settings, sqs, s3, clock
         self.store = JobStore(table)
+        tokenizer = engine.model.tokenizer
+        self.chunks = ChunkWriter(ChunkStore(stream_table), lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                                  settings.stream_flush_s)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.held: dict[str, Held] = {}
         self.cancelled: set[str] = set()
@@ -78,7 +85,9 @@ class Worker:
     def run(self) -> None:
         """Serve until stop() and then drain (or until the engine fails)."""
         threads = [threading.Thread(target=self._run_engine, name="engine", daemon=True),
-                   threading.Thread(target=self._write_results, name="writer", daemon=True)]
+                   threading.Thread(target=self._write_results, name="writer", daemon=True),
+                   threading.Thread(target=self.chunks.run, args=(self._halt, self.chunk_error), name="chunks",
+                                    daemon=True)]
         for t in threads:
             t.start()
         logger.info("worker started", extra={"worker": self.worker_id, "max_batch": self.settings.max_batch})
@@ -104,6 +113,10 @@ class Worker:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def chunk_error(self, exc: BaseException) -> None:
+        logger.warning("could not write stream chunks; retrying", extra={"error": type(exc).__name__})
+        metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
 
     def _run_engine(self) -> None:
         try:
@@ -143,15 +156,16 @@ class Worker:
         msg = QueueMessage.from_body(m["Body"])
         if msg.job_id in self.held:  # a duplicate of a message we are serving: it comes back, finished, later
             return
-        outcome, ids = self.start(msg, int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)))
+        attempt = int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1))
+        outcome, ids = self.start(msg, attempt)
         if outcome == DONE_WITH_MESSAGE:
             self._delete(m["ReceiptHandle"])
         if outcome != GENERATE:
             return
-        held = Held(msg, m["ReceiptHandle"], self.clock())
+        held = Held(msg, m["ReceiptHandle"], self.clock(), attempt)
         with self._lock:
             self.held[msg.job_id] = held
-        held.future = self._submit(msg, ids)
+        held.future = self._submit(msg, ids, attempt)
         held.future.add_done_callback(lambda _f: self._finished.put(held))
 
     def start(self, msg: QueueMessage, receive_count: int) -> tuple[str, list[int] | None]:
@@ -186,13 +200,20 @@ class Worker:
         outcome, ids = self.start(msg, 1)
         if outcome == GENERATE:
             received = self.clock()
-            self.record(msg, received, self._submit(msg, ids).result())
+            self.record(msg, received, self._submit(msg, ids, 1).result())
         return self.store.get(msg.job_id)
 
-    def _submit(self, msg: QueueMessage, ids: list[int]) -> Future:
+    def _submit(self, msg: QueueMessage, ids: list[int], attempt: int) -> Future:
         job_id = msg.job_id
-        return self.engine.submit(GenerationRequest(ids, msg.request.params, request_id=job_id,
-                                                    is_cancelled=lambda: job_id in self.cancelled))
+        on_token = self.chunks.open(job_id, attempt, msg.request.params.stop,
+                                    int(max(msg.deadline, self.clock()) + 3600), streamed=msg.stream)
+        try:
+            return self.engine.submit(GenerationRequest(ids, msg.request.params, request_id=job_id,
+                                                        is_cancelled=lambda: job_id in self.cancelled,
+                                                        on_token=on_token))
+        except BaseException:
+            self.chunks.close(job_id)
+            raise
 
     def _claim(self, msg: QueueMessage, receive_count: int) -> tuple[bool, Job | None]:
         """QUEUED -> RUNNING (ours), or take over a RUNNING job whose worker went silent.
@@ -251,8 +272,9 @@ class Worker:
     def check_cancelled(self) -> None:
         held = [h.message.job_id for h in self._snapshot()]
         if held:
-            statuses = self.store.statuses(held)
-            self.cancelled.update(j for j in held if statuses.get(j) == Status.CANCELLED)
+            states = self.store.states(held)
+            self.cancelled.update(j for j, (status, _) in states.items() if status == Status.CANCELLED)
+            self.chunks.mark_streamed(j for j, (_, streamed) in states.items() if streamed)
 
     # ---- finishing ----------------------------------------------------------------------------
 
@@ -277,6 +299,7 @@ class Worker:
         """Write a finished generation: RUNNING (ours) -> DONE, replies, metrics."""
         job_id = msg.job_id
         if r.finish_reason == "cancelled":
+            self.chunks.close(job_id)
             metrics.add_metric(name="requests_cancelled", unit=MetricUnit.Count, value=1)
             self._notify(self.store.get(job_id))
             return
@@ -286,8 +309,16 @@ class Worker:
                    "decode_tokens_per_s": round(r.timings.decode_tokens_per_s(r.usage.completion_tokens), 2)}
         usage = {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
                  "total_tokens": r.usage.total_tokens}
-        written = self.store.complete(job_id, self.worker_id, {"text": r.text, "finish_reason": r.finish_reason},
-                                      s3=self.s3, bucket=self.settings.bucket, usage=usage, timings=timings)
+        try:
+            written = self.store.complete(job_id, self.worker_id, {"text": r.text, "finish_reason": r.finish_reason},
+                                          s3=self.s3, bucket=self.settings.bucket, usage=usage, timings=timings)
+        except BaseException:
+            self.chunks.close(job_id)
+            raise
+        try:  # the final chunk only speeds readers up: they also see DONE on the job item
+            self.chunks.close(job_id, r if written else None)
+        except Exception as exc:  # noqa: BLE001
+            self.chunk_error(exc)
         self._notify(written)
         if written:
             logger.info("generated", extra={"job_id": job_id, "completion_tokens": r.usage.completion_tokens,
@@ -311,6 +342,7 @@ class Worker:
         """Put the job back to QUEUED (if ours) and make its message visible again now."""
         try:
             job_id = QueueMessage.from_body(m["Body"]).job_id
+            self.chunks.close(job_id)
             self.store.transition(job_id, [Status.RUNNING], Status.QUEUED, owner=self.worker_id,
                                   last_error=f"{type(exc).__name__}: {exc}"[:500])
         except Exception:  # noqa: BLE001 - an unreadable message still goes back, towards the DLQ
@@ -319,6 +351,7 @@ class Worker:
 
     def release_all(self) -> None:
         for h in self._snapshot():
+            self.chunks.close(h.message.job_id)
             self.store.transition(h.message.job_id, [Status.RUNNING], Status.QUEUED, owner=self.worker_id)
             self._release(h.receipt)
         with self._lock:

@@ -49,7 +49,8 @@ _UNSUPPORTED = {
     "echo": lambda v: v in (None, False),
     "suffix": lambda v: v in (None, ""),
 }
-_WHY = {"stream": "streaming is not supported yet; send stream: false (or omit it)"}
+_WHY = {"stream": "stream: true is for POST /v1/chat/completions and /v1/completions; batch lines, jobs and "
+                  "queue messages are answered whole (send stream: false or omit it)"}
 
 
 @dataclass(frozen=True)
@@ -98,11 +99,16 @@ def json_object(raw: str, what: str) -> dict:
 ROUTE_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 
-def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit: int) -> InferenceRequest:
-    """An OpenAI request body -> InferenceRequest; raises InvalidRequest naming the field."""
+def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit: int,
+                  streaming: bool = False) -> InferenceRequest:
+    """An OpenAI request body -> InferenceRequest; raises InvalidRequest naming the field.
+    streaming: the caller can stream (the API's completion routes): `stream` is not refused here
+    (stream_options() reads it; it is not part of the request, so it never changes the cache key)."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     for name, ok in _UNSUPPORTED.items():
+        if name == "stream" and streaming:
+            continue
         if name in body and not ok(body[name]):
             raise InvalidRequest(_WHY.get(name, f"{name}={body[name]!r} is not supported by this server"), param=name)
     model = body.get("model")
@@ -139,6 +145,28 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
         stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop,
     )
     return InferenceRequest(route, model, params, messages, prompt)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    include_usage: bool = False  # a last chunk with `choices: []` and the usage
+
+
+def stream_options(body: dict) -> StreamOptions | None:
+    """None for a whole response; StreamOptions for `stream: true` (InvalidRequest naming the field)."""
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream not in (None, True, False):
+        raise InvalidRequest(f"stream must be true or false, got {stream!r}", param="stream")
+    if not stream:
+        if options is not None:
+            raise InvalidRequest("stream_options is only allowed with stream: true", param="stream_options")
+        return None
+    if options is None:
+        return StreamOptions()
+    usage = options.get("include_usage", False) if isinstance(options, dict) else None
+    if not isinstance(usage, bool) or set(options) - {"include_usage", "include_obfuscation"}:
+        raise InvalidRequest("stream_options must be {\"include_usage\": true|false}", param="stream_options")
+    return StreamOptions(usage)
 
 
 def _message(i: int, m) -> dict:
@@ -221,6 +249,7 @@ class QueueMessage:
     enqueued_at: float
     deadline: float  # epoch seconds; workers drop the job (EXPIRED) after it
     version: int = 1
+    stream: bool = False  # a client streams the text: the worker writes chunk items (stratus.chunks)
 
     def to_body(self) -> str:
         d = asdict(self)

@@ -40,18 +40,37 @@ class JobStore:
         return job
 
     def statuses(self, job_ids: list[str]) -> dict[str, Status]:
-        """Current status of each existing job, 100 ids per BatchGetItem (workers poll for cancels)."""
-        out: dict[str, Status] = {}
+        """Current status of each existing job (batch files poll their lines)."""
+        return {j: status for j, (status, _) in self.states(job_ids).items()}
+
+    def states(self, job_ids: list[str]) -> dict[str, tuple[Status, bool]]:
+        """(status, streamed?) of each existing job, 100 ids per BatchGetItem (workers poll for
+        cancels, and for streaming requests that joined a job)."""
+        out: dict[str, tuple[Status, bool]] = {}
         client, name = self.table.meta.client, self.table.name
         for i in range(0, len(job_ids), 100):
             request = {name: {"Keys": [{"pk": j} for j in job_ids[i:i + 100]], "ConsistentRead": True,
-                              "ProjectionExpression": "pk, #s", "ExpressionAttributeNames": {"#s": "status"}}}
+                              "ProjectionExpression": "pk, #s, streamed", "ExpressionAttributeNames": {"#s": "status"}}}
             while request:
                 got = client.batch_get_item(RequestItems=request)
-                for item in got["Responses"].get(name, []):
-                    out[item["pk"]] = Status(item["status"])  # the resource's client deserializes
+                for item in got["Responses"].get(name, []):  # the resource's client deserializes
+                    out[item["pk"]] = (Status(item["status"]), bool(item.get("streamed", False)))
                 request = got.get("UnprocessedKeys") or None
         return out
+
+    def mark_streamed(self, job_id: str) -> bool:
+        """A streaming request waits on this live job: its worker writes chunks from now on.
+        False when the job already finished (the caller reads its result instead)."""
+        try:
+            self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET streamed = :t",
+                                   ConditionExpression="#s IN (:q, :r)", ExpressionAttributeNames={"#s": "status"},
+                                   ExpressionAttributeValues={":t": True, ":q": Status.QUEUED.value,
+                                                              ":r": Status.RUNNING.value})
+            return True
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
 
     def create(self, job: Job, *, refresh: bool = False) -> tuple[Job, bool]:
         """Put `job` unless a live one holds the id: returns (the job that holds it, created?).

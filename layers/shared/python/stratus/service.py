@@ -37,6 +37,7 @@ class Deps:
     table: object  # boto3 DynamoDB Table
     sqs: object  # boto3 SQS client
     s3: object  # boto3 S3 client (results too big for an item)
+    stream_table: object = None  # boto3 DynamoDB Table of streamed chunks (stratus.chunks); None: no streaming
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     store: JobStore = field(init=False)
@@ -50,7 +51,9 @@ def deps_from_env() -> Deps:
     """Deps for a function: settings from its environment, boto3 clients (AWS_ENDPOINT_URL honoured).
     Handlers cache this once per container: `get_deps = functools.cache(service.deps_from_env)`."""
     settings = get_settings()
-    return Deps(settings, boto3.resource("dynamodb").Table(settings.table), boto3.client("sqs"), boto3.client("s3"))
+    ddb = boto3.resource("dynamodb")
+    return Deps(settings, ddb.Table(settings.table), boto3.client("sqs"), boto3.client("s3"),
+                ddb.Table(settings.stream_table) if settings.stream_table else None)
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,31 @@ class Reply:
     headers: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A request that passed validation: its job id, and the cached job when it is a hit."""
+    req: InferenceRequest
+    job_id: str
+    cacheable: bool
+    refresh: bool  # Cache-Control: no-cache
+    hit: Job | None  # a DONE job with its result loaded
+
+
 def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control: str = "", wait: bool = True) -> Reply:
+    a = admit(route, body, tenant, deps, cache_control=cache_control)
+    if a.hit is not None:
+        return Reply(200, completion_body(a.hit), {"x-stratus-cache": "hit"})
+    job, _ = charge_and_enqueue(a, tenant, deps)
+    if not wait:
+        return accepted(job)
+    return wait_for(job.job_id, tenant, deps)
+
+
+def admit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control: str = "",
+          streaming: bool = False) -> Admission:
+    """Validate, name the job (its cache key when cacheable) and look for a cached result."""
     s = deps.settings
-    req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
+    req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens, streaming=streaming)
     if req.model != s.model_id:
         raise NotFound(f"model {req.model!r} does not exist; this deployment serves {s.model_id!r}", param="model")
     min_tokens = req.text_bytes // MAX_BYTES_PER_TOKEN  # the API has no tokenizer: a sure lower bound
@@ -81,15 +106,15 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control:
         if hit is not None and hit.status == Status.DONE:
             metrics.add_metric(name="CacheHits", unit=MetricUnit.Count, value=1)
             logger.info("cache hit")
-            return Reply(200, completion_body(with_result(hit, deps)), {"x-stratus-cache": "hit"})
+            return Admission(req, job_id, cacheable, refresh, with_result(hit, deps))
+    return Admission(req, job_id, cacheable, refresh, None)
 
-    # Limits guard GPU time, so only work that may reach a worker is charged; a hit costs one read.
-    # (The HttpApi stage throttle bounds the raw request rate, hits included.)
-    charge(deps.table, tenant, req.text_bytes // 4 + req.params.max_tokens, now=deps.clock())
-    job = enqueue(req, tenant, job_id, cacheable, deps, refresh=refresh)
-    if not wait:
-        return accepted(job)
-    return wait_for(job.job_id, tenant, deps)
+
+def charge_and_enqueue(a: Admission, tenant: Tenant, deps: Deps, *, stream: bool = False) -> tuple[Job, bool]:
+    """Limits guard GPU time, so only work that may reach a worker is charged; a hit costs one read.
+    (The API stage throttle bounds the raw request rate, hits included.) -> (job, created?)"""
+    charge(deps.table, tenant, a.req.text_bytes // 4 + a.req.params.max_tokens, now=deps.clock())
+    return enqueue(a.req, tenant, a.job_id, a.cacheable, deps, refresh=a.refresh, stream=stream)
 
 
 def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool) -> str:
@@ -100,7 +125,8 @@ def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool)
 
 
 def enqueue(req: InferenceRequest, tenant: Tenant, job_id: str, cacheable: bool, deps: Deps, *,
-            refresh: bool = False) -> Job:
+            refresh: bool = False, stream: bool = False) -> tuple[Job, bool]:
+    """Create the job and send its message; identical live jobs coalesce -> (the job, created?)."""
     s, now = deps.settings, deps.clock()
     ttl = s.cache_ttl_s if cacheable else s.job_deadline_s + 3600
     job = Job(job_id, tenant.name, Status.QUEUED, req, cacheable, created_at=now, expires_at=int(now + ttl))
@@ -108,8 +134,8 @@ def enqueue(req: InferenceRequest, tenant: Tenant, job_id: str, cacheable: bool,
     if not created:
         metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
         logger.info("coalesced on a live job", extra={"status": held.status.value})
-        return held
-    message = QueueMessage(job_id, tenant.name, req, enqueued_at=now, deadline=now + s.job_deadline_s)
+        return held, False
+    message = QueueMessage(job_id, tenant.name, req, enqueued_at=now, deadline=now + s.job_deadline_s, stream=stream)
     try:
         deps.sqs.send_message(QueueUrl=s.queue_url, MessageBody=message.to_body())
     except Exception as exc:  # botocore raises many types; the job must not stay QUEUED forever
@@ -119,7 +145,7 @@ def enqueue(req: InferenceRequest, tenant: Tenant, job_id: str, cacheable: bool,
     metrics.add_metric(name="CacheMisses", unit=MetricUnit.Count, value=1)
     metrics.add_metric(name="JobsQueued", unit=MetricUnit.Count, value=1)
     logger.info("queued")
-    return job
+    return job, True
 
 
 def wait_for(job_id: str, tenant: Tenant, deps: Deps) -> Reply:

@@ -39,6 +39,12 @@ class Settings:
     default_rpm: int
     default_tpm: int
     poll_interval_s: float = 0.025  # how often a waiting request re-reads its job (a strongly consistent read)
+    # streaming (stratus.chunks): the table of chunk items, how often a worker flushes a job's text,
+    # how often an idle stream sends a comment, and the longest a stream stays open
+    stream_table: str = ""
+    stream_flush_s: float = 0.15
+    stream_keepalive_s: float = 15.0
+    stream_max_s: float = 840.0
     # the requests queue (trigger function)
     trigger_tenant: str = "queue"  # tenant of request messages that name none
     reply_queue_pattern: str = "*-replies*"  # reply_to queue names allowed (IAM allows the same)
@@ -64,6 +70,8 @@ class Settings:
         "max_tokens": ("STRATUS_MAX_TOKENS", int), "shared_cache": ("STRATUS_SHARED_CACHE", _bool),
         "default_rpm": ("STRATUS_DEFAULT_RPM", int), "default_tpm": ("STRATUS_DEFAULT_TPM", int),
         "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float),
+        "stream_table": ("STRATUS_STREAM_TABLE", str), "stream_flush_s": ("STRATUS_STREAM_FLUSH_S", float),
+        "stream_keepalive_s": ("STRATUS_STREAM_KEEPALIVE_S", float), "stream_max_s": ("STRATUS_STREAM_MAX_S", float),
         "trigger_tenant": ("STRATUS_TRIGGER_TENANT", str), "reply_queue_pattern": ("STRATUS_REPLY_QUEUE_PATTERN", str),
         "sagemaker_endpoint": ("STRATUS_SAGEMAKER_ENDPOINT", str),
         "model_dir": ("STRATUS_MODEL_DIR", str), "model_uri": ("STRATUS_MODEL_URI", str),

@@ -75,7 +75,7 @@ def handle_request(raw: str, deps: Deps) -> str:
     job_id = job_id_for(req, tenant.name, s, cacheable)
     hit = deps.store.get(job_id, now=deps.clock()) if cacheable else None
     if hit is None or hit.status != Status.DONE:
-        job_id = enqueue(req, tenant, job_id, cacheable, deps).job_id
+        job_id = enqueue(req, tenant, job_id, cacheable, deps)[0].job_id
     if msg.reply_to:
         reply = {"queue_url": msg.reply_to, "id": msg.id}
         if not deps.store.watch(job_id, reply):  # finished already (a cache hit, or just now)

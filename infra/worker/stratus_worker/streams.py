@@ -1,0 +1,102 @@
+"""Streaming jobs' text, written to the StreamTable while they generate (stratus.chunks).
+
+Every job a worker runs collects its tokens (TextDeltas.push: a list append per token). A job is
+streamed when its message asks for it, or when a streaming request joins it later (the job item's
+`streamed` flag, seen by the worker's periodic job read). The flusher thread writes each streamed
+job's new visible text as one chunk item: the first as soon as there is any, then at most every
+flush_s; all due jobs go out in one BatchWriteItem. After the job's result is written, a final
+chunk carries the rest of the text, the finish reason and the usage.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from stratus.chunks import Chunk, ChunkStore, first_seq
+from stratus_engine.deltas import TextDeltas
+
+
+@dataclass(eq=False)
+class _Stream:
+    job_id: str
+    deltas: TextDeltas
+    expires_at: int
+    seq: int  # the next chunk's sequence number
+    streamed: bool
+    last_flush: float = 0.0
+    wrote: bool = False
+
+
+class ChunkWriter:
+    def __init__(self, store: ChunkStore, decode: Callable[[list[int]], str], flush_s: float = 0.15,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.decode, self.flush_s, self.clock = store, decode, flush_s, clock
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+
+    def open(self, job_id: str, attempt: int, stop: tuple[str, ...], expires_at: int,
+             streamed: bool) -> Callable[[int], None]:
+        """Start collecting a job's tokens -> the engine's on_token callback for it."""
+        s = _Stream(job_id, TextDeltas(self.decode, stop), expires_at, first_seq(attempt), streamed)
+        with self._lock:
+            self._streams[job_id] = s
+
+        def on_token(token_id: int) -> None:
+            s.deltas.push(token_id)
+            if s.streamed and not s.wrote:
+                self._wake.set()  # the first delta goes out at once
+        return on_token
+
+    def mark_streamed(self, job_ids) -> None:
+        """Streaming requests joined these jobs: stream them from now on (from their first token)."""
+        with self._lock:
+            for j in job_ids:
+                if j in self._streams and not self._streams[j].streamed:
+                    self._streams[j].streamed = True
+                    self._wake.set()
+
+    def close(self, job_id: str, result=None) -> None:
+        """The job's generation is over. With `result` (a GenerationResult whose job item was
+        written): the final chunk, whose text completes the job's text."""
+        with self._lock:
+            s = self._streams.pop(job_id, None)
+        if s is None or not s.streamed or result is None:
+            return
+        sent = s.deltas.sent
+        rest = result.text[len(sent):] if result.text.startswith(sent) else ""
+        final = {"finish_reason": result.finish_reason,
+                 "usage": {"prompt_tokens": result.usage.prompt_tokens,
+                           "completion_tokens": result.usage.completion_tokens,
+                           "total_tokens": result.usage.total_tokens}}
+        self.store.put([(Chunk(job_id, s.seq, len(sent), rest, final), s.expires_at)])
+
+    def flush(self) -> int:
+        """Write one chunk for each streamed job that is due and has new text -> chunks written."""
+        now = self.clock()
+        with self._lock:
+            due = [s for s in self._streams.values()
+                   if s.streamed and (not s.wrote or now - s.last_flush >= self.flush_s)]
+        batch = []
+        for s in due:
+            offset = len(s.deltas.sent)
+            delta = s.deltas.take()
+            if delta:
+                batch.append((Chunk(s.job_id, s.seq, offset, delta), s.expires_at))
+                s.seq, s.wrote, s.last_flush = s.seq + 1, True, now
+        if batch:
+            self.store.put(batch)
+        return len(batch)
+
+    def run(self, halt: threading.Event, on_error: Callable[[BaseException], None]) -> None:
+        """The flusher thread: wake on a first token or every flush_s / 3, flush what is due."""
+        while not halt.is_set():
+            self._wake.wait(self.flush_s / 3)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception as exc:  # noqa: BLE001 - a throttled write: the text is kept, tried next round
+                on_error(exc)

@@ -1,0 +1,183 @@
+"""`stream: true`: OpenAI's server-sent events, read from the chunk items workers write.
+
+  open_stream(route, body, tenant, deps)   validate, authenticate (done by the caller), charge and
+                                           enqueue: errors here keep their HTTP status and JSON body
+  Stream.events()                          bytes to send, in order:
+      role chunk (chat; completions send an empty text) at once,
+      text chunks as they land (strongly consistent Query of the job's chunks; the pause between
+        reads starts at poll_interval_s and grows to MAX_PAUSE_S while nothing arrives),
+      the finish chunk, the usage chunk (stream_options.include_usage), `data: [DONE]`.
+  A cache hit streams its text at once. Identical requests share one job, so they stream the same
+  chunks (one that joins a job created without streaming marks it: its worker starts writing).
+  After the first byte an error is in-band, `data: {"error": {...}}` then `[DONE]`, which the
+  openai SDK raises as an APIError. `: keep-alive` comments go out every stream_keepalive_s of
+  silence (a job waiting in the queue, a worker starting).
+  Stream.close() when the client went away: a job nobody else can be waiting on (not cacheable) is
+  cancelled; a cacheable one finishes and its result is cached.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+from stratus.chunks import Assembler, ChunkStore, Diverged
+from stratus.contracts import InferenceRequest, Job, Status, StreamOptions, stream_options
+from stratus.errors import InvalidRequest
+from stratus.keys import Tenant
+from stratus.observability import logger
+from stratus.service import Deps, admit, charge_and_enqueue, with_result
+
+CONTENT_TYPE = "text/event-stream"
+HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+JOB_READ_EVERY_S = 1.0  # how often a stream re-reads its job (failures, and results whose final chunk is missing)
+MAX_PAUSE_S = 0.1
+DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+@dataclass
+class Shape:
+    """The chunk bodies of one response (same id, created and model on every chunk)."""
+
+    route: str
+    job_id: str
+    created: int
+    model: str
+    include_usage: bool
+
+    def _base(self) -> dict:
+        chat = self.route == "chat"
+        body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{self.job_id}",
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": self.created, "model": self.model}
+        if self.include_usage:
+            body["usage"] = None
+        return body
+
+    def text(self, text: str, *, role: bool = False, finish_reason: str | None = None) -> bytes:
+        if self.route == "chat":
+            delta = {"role": "assistant", "content": text} if role else ({"content": text} if text or
+                                                                          finish_reason is None else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return sse({**self._base(), "choices": [choice]})
+
+    def usage(self, usage: dict) -> bytes:
+        return sse({**self._base(), "choices": [], "usage": usage})
+
+
+def error_event(message: str, code: str, error_type: str = "server_error") -> bytes:
+    return sse({"error": {"message": message, "type": error_type, "param": None, "code": code}})
+
+
+class Stream:
+    def __init__(self, deps: Deps, tenant: Tenant, req: InferenceRequest, job: Job, options: StreamOptions,
+                 hit: bool) -> None:
+        self.deps, self.tenant, self.req, self.job, self.hit = deps, tenant, req, job, hit
+        self.shape = Shape(req.route, job.job_id, int(job.created_at), req.model, options.include_usage)
+        self.chunks = ChunkStore(deps.stream_table)
+        self.finished = False
+
+    def events(self) -> Iterator[bytes]:
+        s = self.shape
+        yield s.text("", role=True)
+        if self.job.status.finished:  # a cache hit, or a job that finished before the stream opened
+            yield from self._end(Assembler(), self.job)
+            return
+        asm, clock = Assembler(), self.deps.clock
+        started = last_sent = last_read = clock()
+        pause = self.deps.settings.poll_interval_s
+        while True:
+            try:
+                for chunk in self.chunks.after(self.job.job_id, asm.last_seq):
+                    piece = asm.apply(chunk)
+                    if piece:
+                        yield s.text(piece)
+                        last_sent, pause = clock(), self.deps.settings.poll_interval_s
+                    if chunk.final and len(asm.sent) == chunk.offset + len(chunk.text):
+                        yield from self._finish(chunk.final["finish_reason"], chunk.final["usage"])
+                        return
+                    if chunk.final:  # a flush was lost on the way: the job item has the whole text
+                        last_read = float("-inf")
+                now = clock()
+                if now - last_read >= JOB_READ_EVERY_S:
+                    last_read = now
+                    job = self.deps.store.get(self.job.job_id, now=now)
+                    if job is None:
+                        yield error_event("the job is gone (expired or removed)", "job_gone")
+                        yield from self._done()
+                        return
+                    if job.status.finished:
+                        yield from self._end(asm, with_result(job, self.deps))
+                        return
+            except Diverged as exc:
+                logger.warning("stream diverged", extra={"job_id": self.job.job_id})
+                yield error_event(f"{exc}; the text so far is incomplete. Retry the request", "stream_diverged")
+                yield from self._done()
+                return
+            if now - started > self.deps.settings.stream_max_s:
+                yield error_event(f"the stream stayed open {self.deps.settings.stream_max_s:.0f} s; the job "
+                                  f"goes on: GET /v1/jobs/{self.job.job_id}", "stream_timeout")
+                yield from self._done()
+                return
+            if now - last_sent >= self.deps.settings.stream_keepalive_s:
+                yield KEEPALIVE
+                last_sent = now
+            self.deps.sleep(pause)
+            pause = min(MAX_PAUSE_S, pause * 1.5)
+
+    def _end(self, asm: Assembler, job: Job) -> Iterator[bytes]:
+        """The job finished: the rest of its text and the finish, or an in-band error."""
+        if job.status != Status.DONE:
+            err = job.error or {"message": f"job {job.status.value.lower()}", "code": job.status.value.lower()}
+            yield error_event(err.get("message", ""), err.get("code") or "job_failed",
+                              err.get("type") or "server_error")
+            yield from self._done()
+            return
+        result = job.result or {}
+        rest = asm.finish(result.get("text", ""))  # raises Diverged when the result disagrees
+        if rest:
+            yield self.shape.text(rest)
+        yield from self._finish(result.get("finish_reason", "stop"), job.usage or {})
+
+    def _finish(self, finish_reason: str, usage: dict) -> Iterator[bytes]:
+        yield self.shape.text("", finish_reason=finish_reason)
+        if self.shape.include_usage:
+            yield self.shape.usage(usage)
+        yield from self._done()
+
+    def _done(self) -> Iterator[bytes]:
+        self.finished = True
+        yield DONE
+
+    def close(self) -> None:
+        """The client went away before the end."""
+        if self.finished or self.hit or self.job.cacheable:
+            return  # a cacheable job finishes and is cached (identical requests may be waiting on it)
+        if self.deps.store.cancel(self.job.job_id):
+            logger.info("stream abandoned: job cancelled", extra={"job_id": self.job.job_id})
+
+
+def open_stream(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control: str = "") -> Stream | None:
+    """A Stream for `stream: true` requests (None otherwise). Raises StratusError before any byte."""
+    options = stream_options(body) if isinstance(body, dict) else None
+    if options is None:
+        return None
+    if deps.stream_table is None:
+        raise InvalidRequest("streaming is not configured on this deployment (no stream table)", param="stream")
+    a = admit(route, body, tenant, deps, cache_control=cache_control, streaming=True)
+    if a.hit is not None:
+        return Stream(deps, tenant, a.req, a.hit, options, hit=True)
+    job, created = charge_and_enqueue(a, tenant, deps, stream=True)
+    if not created and not deps.store.mark_streamed(job.job_id):
+        finished = deps.store.get(job.job_id)  # finished meanwhile: streamed from the job item
+        if finished is not None and finished.status.finished:
+            return Stream(deps, tenant, a.req, with_result(finished, deps), options, hit=True)
+    return Stream(deps, tenant, a.req, job, options, hit=False)

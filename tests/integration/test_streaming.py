@@ -1,0 +1,190 @@
+"""`stream: true` in-process: the api's streaming path over moto, a worker thread writing chunks,
+and the reader putting them back together (stratus.streaming, stratus.chunks)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from stratus import service
+from stratus.chunks import Chunk, ChunkStore, first_seq
+from stratus.contracts import Status, parse_request
+from stratus.errors import InvalidRequest
+from stratus.jobstore import JobStore
+from stratus.keys import authenticate
+from stratus.streaming import open_stream
+from stratus_local.template import LambdaContext
+
+MODEL = "smollm2-135m-instruct-int4"
+
+
+def chat(text: str, **kw) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 12, "temperature": 0, **kw}
+
+
+def events(raw: list[bytes]) -> list:
+    """SSE bytes -> the `data:` payloads (dicts, or "[DONE]"); comments are skipped."""
+    out = []
+    for block in b"".join(raw).split(b"\n\n"):
+        if block.startswith(b"data: "):
+            data = block[6:].decode()
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def text_of(evs: list, route: str = "chat") -> str:
+    key = (lambda c: c["delta"].get("content", "")) if route == "chat" else (lambda c: c["text"])
+    return "".join(key(c) for e in evs if isinstance(e, dict) and "choices" in e for c in e["choices"])
+
+
+@pytest.fixture
+def deps(stack):
+    return service.deps_from_env()
+
+
+@pytest.fixture
+def tenant(stack, key, deps):
+    return authenticate(deps.table, f"Bearer {key}", {})
+
+
+def stream(route, body, tenant, deps, **kw) -> list:
+    s = open_stream(route, body, tenant, deps, **kw)
+    assert s is not None
+    return events(list(s.events()))
+
+
+def test_a_streamed_chat_is_the_whole_response_in_chunks(stack, key, deps, tenant, make_worker):
+    make_worker()
+    evs = stream("chat", chat("stream me", stream=True, stream_options={"include_usage": True}), tenant, deps)
+    chunks, done = evs[:-1], evs[-1]
+    assert done == "[DONE]"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} and {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert all(c["usage"] is None for c in chunks[:-1])  # include_usage: null until the last chunk
+    finish, usage = chunks[-2], chunks[-1]
+    assert finish["choices"][0]["delta"] == {} and finish["choices"][0]["finish_reason"] in ("stop", "length")
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] >= 1
+    # the same request, whole (a cache hit now): the same text
+    status, body, headers = stack.call("api_chat_completion.json", key=key, body=chat("stream me"))
+    assert status == 200 and headers["x-stratus-cache"] == "hit"
+    assert text_of(evs) == body["choices"][0]["message"]["content"] != ""
+    assert usage["usage"] == body["usage"]
+
+
+def test_a_streamed_completion_and_a_streamed_cache_hit(stack, key, deps, tenant, make_worker):
+    make_worker()
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0, "stream": True}
+    first = stream("completion", body, tenant, deps)
+    assert {e["object"] for e in first[:-1]} == {"text_completion"} and first[-1] == "[DONE]"
+    started = time.monotonic()
+    again = stream("completion", body, tenant, deps)  # cached: at once, from the job item
+    assert time.monotonic() - started < 1.0
+    assert text_of(first, "completion") == text_of(again, "completion") != ""
+    assert first[-2]["choices"][0]["finish_reason"] == again[-2]["choices"][0]["finish_reason"]
+
+
+def test_a_stop_string_never_reaches_the_client(stack, key, deps, tenant, make_worker):
+    make_worker()
+    whole = stream("chat", chat("tell me", stream=True), tenant, deps)
+    text = text_of(whole)
+    assert len(text) >= 4
+    stop = text[2:4]  # inside the text: the stream must end before it
+    cut = stream("chat", chat("tell me", stream=True, stop=[stop]), tenant, deps)
+    assert text_of(cut) == text[:text.index(stop)]
+    assert cut[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_identical_streams_share_one_job_and_the_same_chunks(stack, key, deps, tenant, make_worker):
+    body = chat("together", stream=True)
+    a, b = open_stream("chat", body, tenant, deps), open_stream("chat", body, tenant, deps)
+    assert a.job.job_id == b.job.job_id
+    make_worker()
+    assert text_of(events(list(a.events()))) == text_of(events(list(b.events()))) != ""
+
+
+def test_a_stream_joining_a_job_created_without_streaming_marks_it(stack, key, deps, tenant):
+    status, reply, _ = stack.call("api_create_job.json", key=key, body=chat("quiet"))
+    assert status == 202
+    s = open_stream("chat", chat("quiet", stream=True), tenant, deps)
+    assert s.job.job_id == reply["id"]
+    assert JobStore(stack.table).states([reply["id"]])[reply["id"]] == (Status.QUEUED, True)
+
+
+def write(deps, job_id: str, chunks: list[tuple[int, int, str]], final: dict | None = None) -> None:
+    """(attempt, offset, text) chunk items, as workers write them."""
+    store, seqs = ChunkStore(deps.stream_table), {}
+    for attempt, offset, text in chunks:
+        seq = seqs.get(attempt, first_seq(attempt))
+        seqs[attempt] = seq + 1
+        store.put([(Chunk(job_id, seq, offset, text), int(time.time()) + 600)])
+
+
+def test_a_takeover_that_regenerates_shows_the_text_once(stack, deps, tenant):
+    # Given a non-cacheable streaming job whose first worker died after "The capital " and a second
+    # worker that regenerated the same tokens from the start, then finished
+    s = open_stream("chat", chat("x", stream=True, temperature=1.0), tenant, deps)
+    job_id = s.job.job_id
+    write(deps, job_id, [(1, 0, "The "), (1, 4, "capital "), (2, 0, "The capital of"), (2, 14, " France")])
+    store = JobStore(stack.table)
+    store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w2")
+    store.complete(job_id, "w2", {"text": "The capital of France.", "finish_reason": "stop"},
+                   usage={"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9})
+    # Then the client gets each character once, and the result's tail from the job item
+    evs = events(list(s.events()))
+    assert text_of(evs) == "The capital of France."
+    assert evs[-2]["choices"][0]["finish_reason"] == "stop" and evs[-1] == "[DONE]"
+
+
+def test_a_takeover_that_diverges_ends_with_an_error_not_garbled_text(stack, deps, tenant):
+    s = open_stream("chat", chat("y", stream=True, temperature=1.0), tenant, deps)
+    write(deps, s.job.job_id, [(1, 0, "Hello there"), (2, 0, "Goodbye")])
+    evs = events(list(s.events()))
+    assert text_of(evs) == "Hello there"
+    assert evs[-2]["error"]["code"] == "stream_diverged" and evs[-1] == "[DONE]"
+
+
+def test_a_failed_job_is_an_in_band_error(stack, deps, tenant):
+    s = open_stream("chat", chat("z", stream=True, temperature=1.0), tenant, deps)
+    JobStore(stack.table).transition(s.job.job_id, [Status.QUEUED], Status.FAILED,
+                                     error={"message": "the worker ran out of memory", "type": "server_error",
+                                            "code": "worker_failed"})
+    evs = events(list(s.events()))
+    assert evs[-2]["error"] == {"message": "the worker ran out of memory", "type": "server_error", "param": None,
+                                "code": "worker_failed"}
+
+
+def test_a_client_that_leaves_cancels_a_job_nobody_else_waits_on(stack, deps, tenant):
+    s = open_stream("chat", chat("bye", stream=True, temperature=1.0), tenant, deps)  # not cacheable
+    next(iter(s.events()))
+    s.close()
+    assert JobStore(stack.table).get(s.job.job_id).status == Status.CANCELLED
+    cached = open_stream("chat", chat("keep", stream=True), tenant, deps)  # greedy: cacheable
+    cached.close()
+    assert JobStore(stack.table).get(cached.job.job_id).status == Status.QUEUED
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"stream": "yes"}, "stream"),
+    ({"stream": True, "stream_options": {"include_usage": "no"}}, "stream_options"),
+    ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_bad_stream_fields_are_refused_before_any_byte(deps, tenant, body, param):
+    with pytest.raises(InvalidRequest) as err:
+        open_stream("chat", chat("q", **body), tenant, deps)
+    assert err.value.param == param
+
+
+def test_stream_is_refused_where_nothing_can_stream():
+    with pytest.raises(InvalidRequest, match="batch lines, jobs and queue messages are answered whole"):
+        parse_request("chat", chat("q", stream=True), max_messages=8, max_tokens_limit=64)
+
+
+def test_the_event_handler_answers_a_stream_whole(stack, key, make_worker):
+    # `sam local invoke` / `stratus invoke` of the api function: the same events, buffered
+    make_worker()
+    out = stack.handler(stack.event("api_chat_completion.json", key=key, body=chat("whole", stream=True)), LambdaContext())
+    assert out["statusCode"] == 200 and out["headers"]["Content-Type"] == "text/event-stream"
+    evs = events([out["body"].encode()])
+    assert evs[0]["choices"][0]["delta"]["role"] == "assistant" and evs[-1] == "[DONE]" and text_of(evs)
