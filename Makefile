@@ -80,8 +80,12 @@ bench-engine: models ## engine benchmark vs llama.cpp's llama-batched-bench (bui
 bench-api: venv ## api handler latency (cache hit, miss enqueue; in-process moto) and cold import time
 	$(PY) infra/bench/bench_api.py --calls 1000 --out build/bench
 
-bench-e2e: venv model ## local stack over HTTP: cache-hit latency, pipeline overhead vs the bare engine, throughput with 1 and 2 workers
+bench-e2e: venv model ## local stack over HTTP: cache hits, overhead, throughput; streaming TTFT/ITL vs llama-server (built once, ~10 min)
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) infra/bench/bench_e2e.py --model $(MODELS)/smollm2-$(QUANT) --out build/bench
+	$(PY) infra/bench/build_llama.py --out build/llama --tool llama-server > build/llama-server-path
+	$(PY) infra/bench/bench_stream.py --model $(MODELS)/smollm2-$(QUANT) --llama-server $$(cat build/llama-server-path) \
+		--out build/bench
 
 bench-quality: models ## perplexity and greedy agreement of fp32/int8/int4 (vs Hugging Face and fp32)
 	$(PY) infra/bench/bench_quality.py --models $(MODELS) --out build/bench

@@ -1,4 +1,9 @@
-"""The api Lambda: OpenAI-compatible routes over stratus.service (logic lives in the shared layer)."""
+"""The api function's routes: OpenAI-compatible, over stratus.service (logic lives in the shared layer).
+
+In AWS the function runs asgi.py under the Lambda Web Adapter (run.sh), which streams
+`stream: true` completions itself and hands every other request to `lambda_handler` as an API
+Gateway event; `stratus invoke`, `sam local invoke` and the tests call `lambda_handler` directly
+(a streamed completion then comes back whole: its events, buffered)."""
 
 from __future__ import annotations
 
@@ -28,14 +33,18 @@ def _tenant() -> Tenant:
 
 
 def _body() -> dict:
-    raw = app.current_event.decoded_body or ""
-    limit = get_deps().settings.max_body_bytes
+    return parse_body(app.current_event.decoded_body or "", get_deps().settings.max_body_bytes)
+
+
+def parse_body(raw: str | bytes, limit: int):
+    """A request body -> its JSON value (PayloadTooLarge, InvalidRequest)."""
     if len(raw.encode() if isinstance(raw, str) else raw) > limit:
         raise PayloadTooLarge(f"request body must be at most {limit} bytes")
     try:
         return json.loads(raw or "null")
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc.msg} at position {exc.pos}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f": {exc.msg} at position {exc.pos}" if isinstance(exc, json.JSONDecodeError) else " (not UTF-8)"
+        raise InvalidRequest(f"the request body is not valid JSON{where}") from exc
 
 
 def _reply(r: service.Reply) -> Response:

@@ -8,7 +8,7 @@
                  (b) the worker's own engine time for it (the job's timings.total_s)
                i.e. gateway + api function + DynamoDB + SQS + worker bookkeeping + result polling
   throughput   16 client threads sending distinct requests for --seconds, with 1 and 2 workers
-               (each worker gets cores / workers onnxruntime threads; 16 warm api instances):
+               (each worker gets cores / workers onnxruntime threads):
                requests/s, tokens/s
 
 AWS is moto in server mode on this machine, so its latencies are loopback + moto, not DynamoDB's.
@@ -161,7 +161,6 @@ def main() -> None:
                 print(f"pipeline overhead     p50 {o['minus_bare_engine']['p50_ms']:.1f} ms vs the bare engine, "
                       f"{o['minus_worker_engine_time']['p50_ms']:.1f} ms vs the worker's engine time"
                       "  (target p50 <= 30 ms)", flush=True)
-            stack.pools["ApiFunction"].warm(16)  # 16 warm instances: measure serving, not cold starts
             t = measure_throughput(port, stack.api_key, stack.model_id, 16, args.seconds, f"w{workers}")
             t.update(workers=workers, threads_per_worker=threads)
             report["throughput"].append(t)

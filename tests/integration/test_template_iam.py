@@ -120,7 +120,8 @@ def test_worker_roles_name_only_what_workers_use(nested):
 
 def test_data_is_encrypted_and_the_bucket_private(translated):
     r = translated["Resources"]
-    assert r["JobsTable"]["Properties"]["SSESpecification"] == {"SSEEnabled": True}
+    for table in ("JobsTable", "StreamTable"):
+        assert r[table]["Properties"]["SSESpecification"] == {"SSEEnabled": True}
     for q in ("JobsQueue", "JobsDeadLetterQueue", "RequestsQueue", "RequestsDeadLetterQueue", "BatchEventsDeadLetterQueue"):
         assert r[q]["Properties"]["SqsManagedSseEnabled"] is True
     bucket = r["ResultsBucket"]["Properties"]
@@ -128,5 +129,23 @@ def test_data_is_encrypted_and_the_bucket_private(translated):
     assert all(bucket["PublicAccessBlockConfiguration"].values())
     [tls] = r["ResultsBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
     assert tls["Effect"] == "Deny" and tls["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
-    stage = next(v for v in r.values() if v["Type"] == "AWS::ApiGatewayV2::Stage")
-    assert stage["Properties"]["AccessLogSettings"]["DestinationArn"] == {"Fn::GetAtt": ["ApiAccessLogs", "Arn"]}
+    stage = next(v for v in r.values() if v["Type"] == "AWS::ApiGateway::Stage")
+    assert stage["Properties"]["AccessLogSetting"]["DestinationArn"] == {"Fn::GetAtt": ["ApiAccessLogs", "Arn"]}
+    assert stage["Properties"]["TracingEnabled"] is True
+
+
+def test_every_route_streams_through_the_web_adapter(translated):
+    # One base URL for whole and streamed responses: each route's integration invokes the api
+    # function with response streaming, and the function runs under the Lambda Web Adapter.
+    r = translated["Resources"]
+    [api] = [v for v in r.values() if v["Type"] == "AWS::ApiGateway::RestApi"]
+    integrations = [op["x-amazon-apigateway-integration"] for path in api["Properties"]["Body"]["paths"].values()
+                    for op in path.values()]
+    assert len(integrations) == 12
+    for i in integrations:
+        assert i["responseTransferMode"] == "STREAM" and i["uri"]["Fn::Sub"].endswith("/response-streaming-invocations")
+    fn = r["ApiFunction"]["Properties"]
+    assert fn["Handler"] == "run.sh" and fn["Timeout"] == 900
+    assert fn["Environment"]["Variables"]["AWS_LAMBDA_EXEC_WRAPPER"] == "/opt/bootstrap"
+    assert fn["Environment"]["Variables"]["AWS_LWA_INVOKE_MODE"] == "response_stream"
+    assert "LambdaAdapterLayerArm64" in fn["Layers"][1]["Fn::Sub"]

@@ -1,10 +1,16 @@
-"""A local stand-in for API Gateway's HTTP API: HTTP request -> payload format 2.0 event -> the
-function the template routes it to -> HTTP response. Routes come from the template's HttpApi events.
+"""A local stand-in for API Gateway. Routes come from the template's Api and HttpApi events.
+
+  a function run by the Lambda Web Adapter   the request goes to its web app (webapp.py) and the
+                                             response comes back as it is produced, chunk by
+                                             chunk (API Gateway's response streaming)
+  any other function                         HTTP request -> payload format 2.0 event -> the
+                                             function -> HTTP response
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import re
 import time
@@ -15,6 +21,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 Invoke = Callable[[str, dict], dict]  # (function, event) -> result
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ def http_routes(template: dict) -> list[Route]:
     routes = []
     for name, res in template["Resources"].items():
         for event in res.get("Properties", {}).get("Events", {}).values():
-            if event.get("Type") == "HttpApi":
+            if event.get("Type") in ("Api", "HttpApi"):
                 p = event["Properties"]
                 regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(p["Path"]))
                 routes.append(Route(p["Method"].upper(), p["Path"], name, re.compile(f"^{regex}$")))
@@ -75,7 +82,11 @@ def to_event(route: Route, params: dict, method: str, url: str, headers: dict, b
     return event
 
 
-def make_server(host: str, port: int, routes: list[Route], invoke: Invoke) -> ThreadingHTTPServer:
+def make_server(host: str, port: int, routes: list[Route], invoke: Invoke,
+                web_apps: dict[str, str] | None = None) -> ThreadingHTTPServer:
+    """web_apps: function -> base URL of its web app (functions run by the Web Adapter)."""
+    web_apps = web_apps or {}
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True  # headers and body are two writes: don't wait for a delayed ACK
@@ -87,6 +98,8 @@ def make_server(host: str, port: int, routes: list[Route], invoke: Invoke) -> Th
             if found is None:
                 return self._send(404, {"content-type": "application/json"}, json.dumps({"message": "Not Found"}))
             route, params = found
+            if route.function in web_apps:
+                return self._forward(web_apps[route.function], body)
             event = to_event(route, params, self.command, self.path, dict(self.headers), body, self.client_address[0])
             try:
                 out = invoke(route.function, event)
@@ -96,6 +109,38 @@ def make_server(host: str, port: int, routes: list[Route], invoke: Invoke) -> Th
             raw = out.get("body") or ""
             data = base64.b64decode(raw) if out.get("isBase64Encoded") else raw.encode()
             self._send(out.get("statusCode", 200), out.get("headers") or {}, data)
+
+        def _forward(self, base: str, body: bytes) -> None:
+            """The request to the web app; its response back as it arrives (chunked when it streams)."""
+            host, _, port = base.removeprefix("http://").partition(":")
+            upstream = http.client.HTTPConnection(host, int(port), timeout=900)
+            started = False
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                resp = upstream.getresponse()
+                out = {k: v for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP}
+                if resp.getheader("content-length") is not None:
+                    return self._send(resp.status, out, resp.read())
+                started = True
+                self.send_response(resp.status)
+                for k, v in out.items():
+                    self.send_header(k, v)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                while data := resp.read1(65536):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:  # the client left (or the web app died): closing upstream tells the app
+                self.close_connection = True
+                if not started:
+                    try:
+                        self._send(502, {"content-type": "application/json"}, json.dumps({"message": "Bad Gateway"}))
+                    except OSError:
+                        pass
+            finally:
+                upstream.close()
 
         def _send(self, status: int, headers: dict, data) -> None:
             data = data.encode() if isinstance(data, str) else data

@@ -2,7 +2,8 @@
 
   moto server (DynamoDB, SQS, S3) on loopback
     └─ the table, queues and bucket declared in template.yaml, created from the template
-  local gateway (HTTP -> HttpApi v2 events) ──▶ api function instances (one process each)
+  local gateway ──HTTP, streamed back──▶ the api function's web app (its run.sh, as the Lambda Web
+                                          Adapter runs it; webapp.py)
   event sources (SQS, S3, schedules)        ──▶ the functions that subscribe to them
   N worker processes (python -m stratus_worker) running the model on the CPU
 
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stratus_local.template import ROOT, active, create_resources, function_environment, load_template
+from stratus_local.template import ROOT, active, create_resources, function_environment, load_template, web_adapter
 
 def log_dir() -> Path:
     return Path(os.environ.get("STRATUS_LOCAL_LOG_DIR") or ROOT / "build/local/logs")
@@ -74,6 +75,7 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
     from stratus_local.gateway import http_routes, make_server
     from stratus_local.instances import FunctionPool
     from stratus_local.sources import EventSources
+    from stratus_local.webapp import WebApp
 
     logs = log_dir()
     logs.mkdir(parents=True, exist_ok=True)
@@ -121,10 +123,14 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
         sources.start()
         stack._stops.append(sources.stop)
 
-        server = make_server(host, port, http_routes(template), invoke)
+        apps = {fn: WebApp(template, fn, {**function_environment(template, fn, refs), **aws}, free_port(),
+                           logs / f"{fn}.log") for fn in functions if web_adapter(template, fn)}
+        stack._stops.append(lambda: [a.stop() for a in apps.values()])
+        for a in apps.values():
+            a.wait_ready()
+        server = make_server(host, port, http_routes(template), invoke, {fn: a.url for fn, a in apps.items()})
         threading.Thread(target=server.serve_forever, daemon=True, name="gateway").start()
         stack._stops.append(lambda: (server.shutdown(), server.server_close()))
-        pools["ApiFunction"].warm(2)  # the first requests should not pay two cold starts
         return stack
     except BaseException:
         stack.stop()

@@ -138,10 +138,22 @@ def function_dir(template: dict, function: str) -> Path:
     return ROOT / template["Resources"][function]["Properties"]["CodeUri"]
 
 
+def event_handler(template: dict, function: str) -> str:
+    """"module.function" that takes the function's events: its Handler, or for a function run by
+    the Lambda Web Adapter (whose Handler is a start script) its Metadata Stratus.EventHandler."""
+    res = template["Resources"][function]
+    return res.get("Metadata", {}).get("Stratus", {}).get("EventHandler") or res["Properties"]["Handler"]
+
+
+def web_adapter(template: dict, function: str) -> bool:
+    """Does the function run under the AWS Lambda Web Adapter (a web server behind its handler)?"""
+    env = template["Resources"][function]["Properties"].get("Environment", {}).get("Variables", {})
+    return env.get("AWS_LAMBDA_EXEC_WRAPPER") == "/opt/bootstrap"
+
+
 def load_handler(template: dict, function: str):
-    """Import the function's module from its CodeUri (fresh each call) and return its handler."""
-    props = template["Resources"][function]["Properties"]
-    module_name, attr = props["Handler"].rsplit(".", 1)
+    """Import the function's module from its CodeUri (fresh each call) and return its event handler."""
+    module_name, attr = event_handler(template, function).rsplit(".", 1)
     path = function_dir(template, function) / f"{module_name}.py"
     spec = importlib.util.spec_from_file_location(f"stratus_fn_{function}", path)
     module = importlib.util.module_from_spec(spec)

@@ -32,7 +32,7 @@ from stratus.service import Deps, admit, charge_and_enqueue, with_result
 CONTENT_TYPE = "text/event-stream"
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 JOB_READ_EVERY_S = 1.0  # how often a stream re-reads its job (failures, and results whose final chunk is missing)
-MAX_PAUSE_S = 0.1
+MAX_PAUSE_S = 0.05
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 
