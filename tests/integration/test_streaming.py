@@ -184,7 +184,7 @@ def test_stream_is_refused_where_nothing_can_stream():
 def test_the_event_handler_answers_a_stream_whole(stack, key, make_worker):
     # `sam local invoke` / `stratus invoke` of the api function: the same events, buffered
     make_worker()
-    out = stack.handler(stack.event("api_chat_completion.json", key=key, body=chat("whole", stream=True)), LambdaContext())
+    out = stack.handler(stack.event("api_chat_stream.json", key=key), LambdaContext())  # events/, as sam local invoke
     assert out["statusCode"] == 200 and out["headers"]["Content-Type"] == "text/event-stream"
     evs = events([out["body"].encode()])
     assert evs[0]["choices"][0]["delta"]["role"] == "assistant" and evs[-1] == "[DONE]" and text_of(evs)

@@ -26,6 +26,7 @@ from stratus.errors import InvalidRequest, StratusError
 from stratus.observability import logger
 from stratus.service import completion_body, error_body, job_view
 from stratus_engine.engine import GenerationRequest
+from stratus_worker.results import chunk_error
 from stratus_worker.worker import Worker
 
 DEFAULT_PORT = 8080
@@ -100,7 +101,7 @@ def serve(worker: Worker, stop: threading.Event) -> None:
     port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or DEFAULT_PORT)
     halt = threading.Event()
     threading.Thread(target=worker.engine.run, args=(halt,), daemon=True, name="engine").start()
-    threading.Thread(target=worker.chunks.run, args=(halt, worker.chunk_error), daemon=True, name="chunks").start()
+    threading.Thread(target=worker.chunks.run, args=(halt, chunk_error), daemon=True, name="chunks").start()
     server = make_server(worker, port)
     threading.Thread(target=server.serve_forever, daemon=True, name="http").start()
     print(json.dumps({"message": "sagemaker server listening", "port": port}), flush=True)

@@ -1,0 +1,92 @@
+"""A job's states as this worker moves it, each a conditional write on the job item (JobStore):
+
+  QUEUED ──past its deadline──▶ EXPIRED
+  QUEUED ──claim──▶ RUNNING (ours)        RUNNING (a silent worker's, or ours) ──take over──▶ RUNNING (ours)
+  RUNNING (ours) ──the model cannot serve it──▶ FAILED (400: too long, bad chat)
+  RUNNING (ours) ──touch──▶ RUNNING       a fresh updated_at tells other workers the job is alive
+  RUNNING (ours) ──requeue──▶ QUEUED      a retryable failure, or this worker stopping
+
+`start` decides what to do with a received message before any compute:
+  (GENERATE, token ids) | (DONE_WITH_MESSAGE, None) | (LEAVE_MESSAGE, None)
+Replies a finished job owes (requests-queue messages) are posted whenever a job is seen finished.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from aws_lambda_powertools.metrics import MetricUnit
+
+from stratus.contracts import InferenceRequest, Job, QueueMessage, Status
+from stratus.errors import InvalidRequest
+from stratus.jobstore import JobStore
+from stratus.observability import logger, metrics
+
+GENERATE, DONE_WITH_MESSAGE, LEAVE_MESSAGE = "generate", "done", "leave"
+
+
+class JobStates:
+    def __init__(self, store: JobStore, worker_id: str, engine, heartbeat_s: float,
+                 notify: Callable[[Job | None], None], clock: Callable[[], float]) -> None:
+        self.store, self.worker_id, self.engine = store, worker_id, engine
+        self.heartbeat_s, self.notify, self.clock = heartbeat_s, notify, clock
+
+    def start(self, msg: QueueMessage, receive_count: int) -> tuple[str, list[int] | None]:
+        """Everything before compute: expiry, claim, tokenizing and the exact context check."""
+        job_id, now = msg.job_id, self.clock()
+        logger.append_keys(job_id=job_id, tenant=msg.tenant)
+        if now > msg.deadline:
+            expired = self.store.transition(job_id, [Status.QUEUED], Status.EXPIRED, error={
+                "message": f"the job waited {now - msg.enqueued_at:.0f} s in the queue, past its deadline",
+                "type": "server_error", "code": "expired"})
+            if expired:
+                metrics.add_metric(name="requests_expired", unit=MetricUnit.Count, value=1)
+                self.notify(expired)
+            return DONE_WITH_MESSAGE, None
+        claimed, seen = self.claim(msg, receive_count)
+        if not claimed:
+            return self._skip(seen), None
+        try:
+            ids = self._encode(msg.request)
+            self.engine.check_fits(len(ids), msg.request.params.max_tokens)
+        except InvalidRequest as exc:  # permanent: the model cannot serve this request
+            self.notify(self.store.transition(job_id, [Status.RUNNING], Status.FAILED, owner=self.worker_id, error={
+                "message": exc.message, "type": exc.error_type, "code": exc.code or "invalid_request"}))
+            logger.info("rejected", extra={"code": exc.code})
+            return DONE_WITH_MESSAGE, None
+        return GENERATE, ids
+
+    def claim(self, msg: QueueMessage, receive_count: int) -> tuple[bool, Job | None]:
+        """QUEUED -> RUNNING (ours), or take over a RUNNING job whose worker went silent.
+        -> (claimed?, the job as read when not claimed)"""
+        if self.store.transition(msg.job_id, [Status.QUEUED], Status.RUNNING, worker=self.worker_id,
+                                 attempts=receive_count):
+            return True, None
+        job = self.store.get(msg.job_id)
+        if job is None or job.status != Status.RUNNING:
+            return False, job
+        silent = self.clock() - job.updated_at > 2 * self.heartbeat_s
+        taken = (job.worker == self.worker_id or silent) and self.store.transition(
+            msg.job_id, [Status.RUNNING], Status.RUNNING, owner=job.worker, worker=self.worker_id,
+            attempts=receive_count)
+        return bool(taken), job
+
+    def touch(self, job_id: str) -> None:
+        self.store.transition(job_id, [Status.RUNNING], Status.RUNNING, owner=self.worker_id)
+
+    def requeue(self, job_id: str, **fields) -> None:
+        self.store.transition(job_id, [Status.RUNNING], Status.QUEUED, owner=self.worker_id, **fields)
+
+    def _skip(self, job: Job | None) -> str:
+        """Not claimed: gone or finished -> done with the message; running elsewhere -> leave it hidden."""
+        if job is None or job.status.finished:
+            if job is not None and job.status == Status.CANCELLED:
+                metrics.add_metric(name="requests_cancelled", unit=MetricUnit.Count, value=1)
+            self.notify(job)  # replies a finished job still owes (e.g. its writer died before posting)
+            return DONE_WITH_MESSAGE
+        return LEAVE_MESSAGE
+
+    def _encode(self, req: InferenceRequest) -> list[int]:
+        if req.route == "chat":
+            return self.engine.encode_chat(list(req.messages))
+        return self.engine.encode(req.prompt)
