@@ -17,6 +17,7 @@ from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from stratus import batches, service, streaming
+from stratus.contracts import require_unicode
 from stratus.errors import InvalidRequest, PayloadTooLarge, RateLimited, StratusError
 from stratus.keys import Tenant, authenticate
 from stratus.observability import logger, metrics, tracer
@@ -41,10 +42,12 @@ def parse_body(raw: str | bytes, limit: int):
     if len(raw.encode() if isinstance(raw, str) else raw) > limit:
         raise PayloadTooLarge(f"request body must be at most {limit} bytes")
     try:
-        return json.loads(raw or "null")
+        value = json.loads(raw or "null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f": {exc.msg} at position {exc.pos}" if isinstance(exc, json.JSONDecodeError) else " (not UTF-8)"
         raise InvalidRequest(f"the request body is not valid JSON{where}") from exc
+    require_unicode(value, "the request body")
+    return value
 
 
 def _reply(r: service.Reply) -> Response:

@@ -329,3 +329,40 @@ def test_shared_cache_lets_tenants_meet_on_one_job(stack, key, monkeypatch):
     finish(stack, mine["id"])
     status, reply, headers = stack.call("api_chat_completion.json", key=other, body=CHAT)
     assert status == 200 and headers["x-stratus-cache"] == "hit"
+
+
+@pytest.mark.parametrize("change, where", [
+    ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+    ({"stop": ["x\udfff"]}, "stop[0]"),
+    ({"metadata": {"k\ud801": "v"}}, "metadata (a key)"),
+])
+def test_text_that_is_valid_json_but_not_unicode_is_a_400(stack, key, change, where):
+    # json.dumps escapes a lone surrogate as \ud800: valid JSON that no UTF-8 encoder accepts
+    status, body, _ = stack.call("api_chat_completion.json", key=key, body={**CHAT, **change})
+    assert status == 400 and where in body["error"]["message"] and "lone UTF-16 surrogate" in body["error"]["message"]
+    status, body, _ = stack.call("api_create_job.json", key=key, body={**CHAT, **change})
+    assert status == 400
+
+
+@pytest.mark.parametrize("job_id", ["batch#batch_0123456789abcdef01234567", "key#" + "0" * 64, "c" + "0" * 63,
+                                    "j" + "Z" * 32, "rl#acme#29000000"])
+def test_ids_of_another_shape_are_404_without_a_read(stack, key, job_id, monkeypatch):
+    reads = []
+    deps = stack.module.get_deps()
+    monkeypatch.setattr(deps.store, "get", lambda *a, **kw: reads.append(a) or None)
+    for event in ("api_get_job.json", "api_cancel_job.json"):
+        status, body, _ = stack.call(event, key=key, job_id=job_id)
+        assert status == 404 and body["error"]["code"] == "not_found", body
+    status, _, _ = stack.call("api_get_batch.json", key=key, job_id=job_id)
+    assert status == 404 and reads == []
+
+
+@pytest.mark.parametrize("content", ["é" * 50_000, "\U0001F600" * 25_000])  # stored as 6- and 12-byte escapes
+def test_a_request_too_big_for_the_queue_or_the_item_is_a_413_before_anything_is_written(stack, key, content):
+    body = {**CHAT, "messages": [{"role": "user", "content": content}], "max_tokens": 4}
+    status, reply, _ = stack.call("api_chat_completion.json", key=key, body=body)
+    assert status == 413 and reply["error"]["code"] == "request_too_large", reply
+    assert "256 KiB" in reply["error"]["message"] or "400 KB" in reply["error"]["message"]
+    assert stack.queued() == []
+    items = [i for i in stack.table.scan()["Items"] if i["pk"].startswith(("c", "j"))]
+    assert items == []  # no job item, no rate charge either (rl# items are not jobs)

@@ -201,3 +201,27 @@ def test_uploads_must_be_batch_files_within_the_size_limit(stack):
     assert status == 400 and "purpose must be 'batch'" in body["error"]["message"]
     status, body, _ = stack.call("api_upload_file.json", key=acme, headers={"content-type": "application/json"})
     assert status == 400 and "multipart/form-data" in body["error"]["message"]
+
+
+def test_a_line_with_a_lone_surrogate_is_an_error_line_not_a_failed_batch(stack, batch_fn):
+    upload, tick, read = batch_fn
+    created = upload("batches/input/acme/surrogate.jsonl", line("ok", "Fine.") + "\n" + line("bad", "a\ud800b") + "\n")
+    assert created["status"] == "in_progress" and created["request_counts"]["failed"] == 1
+    work_all(stack)
+    assert tick()["completed"] == [created["batch"]]
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    _, view, _ = stack.call("api_get_batch.json", key=key, job_id=created["batch"])
+    [error] = read(view["error_file_uri"])
+    assert error["custom_id"] == "bad" and "lone UTF-16 surrogate" in error["error"]["message"]
+
+
+def test_a_line_too_big_to_queue_is_an_error_line(stack, batch_fn):
+    upload, tick, read = batch_fn
+    created = upload("batches/input/acme/big.jsonl", line("ok", "Fine.") + "\n" + line("big", "é" * 50_000) + "\n")
+    assert created["request_counts"]["failed"] == 1
+    assert work_all(stack) == 1  # only the small line was queued
+    tick()
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    _, view, _ = stack.call("api_get_batch.json", key=key, job_id=created["batch"])
+    [error] = read(view["error_file_uri"])
+    assert error["custom_id"] == "big" and error["error"]["code"] == "request_too_large"

@@ -93,3 +93,19 @@ def test_replies_survive_a_missing_queue_and_stay_under_the_sqs_limit(stack, tri
     assert reply["status"] == "DONE" and "response" not in reply
     assert reply["response_omitted"].endswith(f"GET /v1/jobs/{queued['job_id']}")
     assert store.get(queued["job_id"]).notified
+
+
+def test_a_message_with_a_lone_surrogate_gets_an_error_reply(stack, trigger):
+    send, replied = trigger
+    assert send(request(messages=[{"role": "user", "content": "a\ud800b"}])) == {"batchItemFailures": []}
+    [reply] = replied()
+    assert reply["status"] == "FAILED" and "lone UTF-16 surrogate" in reply["error"]["message"]
+    assert stack.queued() == []
+
+
+def test_a_message_too_big_to_queue_gets_a_413_reply(stack, trigger):
+    send, replied = trigger
+    assert send(request(messages=[{"role": "user", "content": "é" * 50_000}])) == {"batchItemFailures": []}
+    [reply] = replied()
+    assert reply["status"] == "FAILED" and reply["error"]["code"] == "request_too_large"
+    assert stack.queued() == []

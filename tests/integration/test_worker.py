@@ -224,3 +224,21 @@ def test_a_failing_receive_does_not_stop_the_worker(stack, key, make_worker):
     sqs.receive_message = flaky_receive
     make_worker(sqs=sqs)
     assert wait_until(lambda: job(stack, job_id).status == Status.DONE) and len(failures) == 2
+
+
+def test_a_result_that_does_not_fit_beside_its_request_goes_to_s3(stack):
+    # Given a job whose stored request takes 200 KB (escaped non-ASCII text)
+    from stratus.contracts import InferenceRequest, Job
+    from stratus.params import SamplingParams
+
+    store = JobStore(stack.table)
+    req = InferenceRequest("completion", MODEL, SamplingParams(max_tokens=8), prompt="é" * 33_000)
+    assert 190_000 < req.stored_bytes < 210_000
+    now = time.time()
+    store.create(Job("j" + "1" * 32, "acme", Status.QUEUED, req, False, created_at=now, expires_at=int(now + 600)))
+    store.transition("j" + "1" * 32, [Status.QUEUED], Status.RUNNING, worker="w")
+    # When a 200 KB result is written (under the 300 KB inline cap, but not beside the request)
+    done = store.complete("j" + "1" * 32, "w", {"text": "x" * 200_000, "finish_reason": "length"},
+                          s3=boto3.client("s3"), bucket=stack.refs["ResultsBucket"], request_bytes=req.stored_bytes)
+    # Then it went to S3 and the item kept a pointer
+    assert done.result is None and done.result_s3.endswith("/results/j" + "1" * 32 + ".json")

@@ -47,7 +47,8 @@ class Results:
                  "total_tokens": r.usage.total_tokens}
         try:
             written = self.store.complete(job_id, self.worker_id, {"text": r.text, "finish_reason": r.finish_reason},
-                                          s3=self.s3, bucket=self.bucket, usage=usage, timings=timings)
+                                          s3=self.s3, bucket=self.bucket, usage=usage, timings=timings,
+                                          request_bytes=msg.request.stored_bytes)
         except BaseException:
             self.chunks.close(job_id)
             raise

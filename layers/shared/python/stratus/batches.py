@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from stratus.contracts import ROUTE_PATHS, Job, QueueMessage, Status, json_object, parse_request
+from stratus.contracts import ROUTE_PATHS, Job, QueueMessage, Status, json_object, parse_request, require_unicode
 from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge
-from stratus.jobstore import load_result
+from stratus.jobstore import check_sizes, load_result
 from stratus.observability import logger, metrics
 from stratus.service import Deps, completion_body, job_id_for
 
@@ -110,8 +110,10 @@ def parse_line(raw: str, default_model: str) -> tuple[str | None, str, dict, boo
         body = {"model": default_model, **body}
         if "max_gen_len" in body:
             body["max_tokens"] = body.pop("max_gen_len")
+        require_unicode(d.get("recordId"), "recordId")
         return d.get("recordId"), "chat" if "messages" in body else "completion", body, True
     custom_id = d.get("custom_id")
+    require_unicode(custom_id, "custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise InvalidRequest("custom_id is required (a non-empty string)", param="custom_id")
     if d.get("method", "POST") != "POST":
@@ -183,11 +185,18 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
         now = deps.clock()
         job = Job(line.job_id, tenant, Status.QUEUED, req, cacheable, created_at=now,
                   expires_at=int(now + (s.cache_ttl_s if cacheable else KEEP_S)))
+        message = QueueMessage(line.job_id, tenant, req, enqueued_at=now, deadline=now + WINDOW_S)
+        try:
+            check_sizes(job, message.to_body())
+        except PayloadTooLarge as exc:
+            line.job_id, line.error = None, _error(exc)
+            lines.append(line)
+            continue
         held = store.get(line.job_id, now=now) if cacheable else None
         if held is None or held.status != Status.DONE:
             held, created = store.create(job)
             if created:
-                outbox.append(QueueMessage(line.job_id, tenant, req, enqueued_at=now, deadline=now + WINDOW_S))
+                outbox.append(message)
         lines.append(line)
     _send(outbox, deps)
     state_key = f"batches/state/{batch_id}/lines.json"
@@ -216,7 +225,12 @@ def _send(messages: list[QueueMessage], deps: Deps) -> None:
                 "code": "enqueue_failed"})
 
 
+BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")  # batch_id_for_upload's shape
+
+
 def get(batch_id: str, tenant: str, deps: Deps) -> Batch:
+    if not isinstance(batch_id, str) or not BATCH_ID.fullmatch(batch_id):
+        raise NotFound("batch not found: batch ids are 'batch_' + 24 hexadecimal digits")
     item = deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True).get("Item")
     if item is None or item["tenant"] != tenant:
         raise NotFound(f"batch {batch_id!r} not found")

@@ -71,6 +71,11 @@ class InferenceRequest:
                    tuple(d.get("messages", ())), d.get("prompt", ""))
 
     @property
+    def stored_bytes(self) -> int:
+        """Its size in the job item (JSON, non-ASCII escaped as json.dumps does)."""
+        return len(json.dumps(self.to_json(), separators=(",", ":")))
+
+    @property
     def text_bytes(self) -> int:
         return len(self.prompt.encode()) + sum(len(m["content"].encode()) for m in self.messages)
 
@@ -95,6 +100,26 @@ def json_object(raw: str, what: str) -> dict:
     return value
 
 
+def require_unicode(value, what: str) -> None:
+    """Every string in a parsed JSON value must be encodable text. JSON may spell a lone UTF-16
+    surrogate ("\\ud800"), which no UTF-8 tokenizer, log line or S3 object can carry."""
+    stack = [(value, what)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequest(f"{where} holds a lone UTF-16 surrogate at character {exc.start}: "
+                                     f"not valid Unicode text") from None
+        elif isinstance(v, dict):
+            stack.extend((item, f"{where}.{k}" if isinstance(k, str) and k.isidentifier() else where)
+                         for k, item in v.items())
+            stack.extend((k, f"{where} (a key)") for k in v)
+        elif isinstance(v, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(v))
+
+
 # Routes the API, batch lines and request messages accept: URL path -> route
 ROUTE_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
@@ -106,6 +131,7 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
     (stream_options() reads it; it is not part of the request, so it never changes the cache key)."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    require_unicode(body, "the request body")
     for name, ok in _UNSUPPORTED.items():
         if name == "stream" and streaming:
             continue

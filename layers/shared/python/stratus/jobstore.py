@@ -15,10 +15,47 @@ import time
 from botocore.exceptions import ClientError
 
 from stratus.contracts import Job, Status
+from stratus.errors import PayloadTooLarge
 
 FINISHED = [s.value for s in Status if s.finished]
-INLINE_RESULT_BYTES = 300_000  # DynamoDB items stop at 400 KB; the rest of the item needs room
+ITEM_LIMIT_BYTES = 400 * 1024  # DynamoDB's item size limit (attribute names and values)
+JOB_ITEM_BUDGET = 360_000  # a job item as created, and later with its inline result; the rest is for
+                           # usage, timings, an error and reply addresses
+SQS_LIMIT_BYTES = 256 * 1024  # SQS's message size limit
+INLINE_RESULT_BYTES = 300_000  # a result over this (or over what the item has room for) goes to S3
 RETRYABLE = [Status.FAILED.value, Status.CANCELLED.value, Status.EXPIRED.value]
+
+
+def item_bytes(item: dict) -> int:
+    """An upper bound of DynamoDB's size of `item`: names and values (UTF-8 strings, numbers at
+    their 21-byte maximum, sets and lists with their overhead)."""
+    def size(v) -> int:
+        if isinstance(v, str):
+            return len(v.encode())
+        if isinstance(v, bool) or v is None:
+            return 1
+        if isinstance(v, (int, float)) or type(v).__name__ == "Decimal":
+            return 21
+        if isinstance(v, dict):
+            return 3 + sum(len(k.encode()) + 1 + size(x) for k, x in v.items())
+        if isinstance(v, (list, set, tuple)):
+            return 3 + sum(1 + size(x) for x in v)
+        return len(str(v).encode())
+    return sum(len(k.encode()) + size(v) for k, v in item.items())
+
+
+def check_sizes(job: Job, message_body: str) -> None:
+    """Before anything is written: the job's queue message and item must fit SQS and DynamoDB
+    (json.dumps writes non-ASCII text as 6-byte escapes, so a prompt's stored size is not its own).
+    Raises PayloadTooLarge (413) naming the limit; such a request could never succeed."""
+    body = len(message_body.encode())
+    if body > SQS_LIMIT_BYTES:
+        raise PayloadTooLarge(f"the request needs a {body}-byte queue message; SQS carries at most {SQS_LIMIT_BYTES} "
+                              f"bytes (256 KiB, non-ASCII text counts 6 bytes a character): shorten the prompt")
+    item = item_bytes(job.to_item())
+    if item > JOB_ITEM_BUDGET:
+        raise PayloadTooLarge(f"the request needs a {item}-byte job item; the job store keeps at most {JOB_ITEM_BUDGET} "
+                              f"bytes of it (DynamoDB items stop at 400 KB): shorten the prompt")
 
 
 def _conditional_failed(exc: ClientError) -> bool:
@@ -149,11 +186,13 @@ class JobStore:
                                ExpressionAttributeValues={":t": True})
 
     def complete(self, job_id: str, owner: str, result: dict, *, s3=None, bucket: str | None = None,
-                 **fields) -> Job | None:
-        """RUNNING (owned by `owner`) -> DONE with the result; a result too big for the item goes to
-        S3 first (s3://bucket/results/<job id>.json) and the item keeps the pointer."""
+                 request_bytes: int = 0, **fields) -> Job | None:
+        """RUNNING (owned by `owner`) -> DONE with the result; a result too big for the item (beside
+        a request of `request_bytes` stored bytes) goes to S3 first (s3://bucket/results/<job id>.json)
+        and the item keeps the pointer."""
         blob = json.dumps(result, separators=(",", ":"))
-        if len(blob.encode()) <= INLINE_RESULT_BYTES:
+        room = min(INLINE_RESULT_BYTES, JOB_ITEM_BUDGET - request_bytes)
+        if len(blob.encode()) <= room:
             return self.transition(job_id, [Status.RUNNING], Status.DONE, owner=owner, result=result, **fields)
         if s3 is None or not bucket:
             raise ValueError(f"result of {len(blob)} bytes needs S3 (pass s3= and bucket=)")

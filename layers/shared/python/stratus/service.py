@@ -8,6 +8,7 @@ submit:  validate -> cache key -> hit? 200 : rate limit -> conditional put QUEUE
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from stratus.cache_key import cache_key
 from stratus.contracts import InferenceRequest, Job, QueueMessage, Status, parse_request
 from stratus.errors import Conflict, InvalidRequest, NotFound, StratusError, Unavailable
-from stratus.jobstore import JobStore, load_result
+from stratus.jobstore import JobStore, check_sizes, load_result
 from stratus.keys import Tenant, charge
 from stratus.observability import logger, metrics
 from stratus.settings import Settings, get_settings
@@ -113,8 +114,9 @@ def admit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control: 
 def charge_and_enqueue(a: Admission, tenant: Tenant, deps: Deps, *, stream: bool = False) -> tuple[Job, bool]:
     """Limits guard GPU time, so only work that may reach a worker is charged; a hit costs one read.
     (The API stage throttle bounds the raw request rate, hits included.) -> (job, created?)"""
+    prepared = prepare(a.req, tenant, a.job_id, a.cacheable, deps, stream=stream)  # a 413 is not charged
     charge(deps.table, tenant, a.req.text_bytes // 4 + a.req.params.max_tokens, now=deps.clock())
-    return enqueue(a.req, tenant, a.job_id, a.cacheable, deps, refresh=a.refresh, stream=stream)
+    return enqueue(a.req, tenant, a.job_id, a.cacheable, deps, refresh=a.refresh, prepared=prepared)
 
 
 def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool) -> str:
@@ -124,18 +126,29 @@ def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool)
     return "j" + uuid.uuid4().hex
 
 
-def enqueue(req: InferenceRequest, tenant: Tenant, job_id: str, cacheable: bool, deps: Deps, *,
-            refresh: bool = False, stream: bool = False) -> tuple[Job, bool]:
-    """Create the job and send its message; identical live jobs coalesce -> (the job, created?)."""
+def prepare(req: InferenceRequest, tenant: Tenant, job_id: str, cacheable: bool, deps: Deps, *,
+            stream: bool = False) -> tuple[Job, QueueMessage]:
+    """The job item and queue message for a request, checked against DynamoDB's and SQS's size
+    limits before anything is written (PayloadTooLarge, 413)."""
     s, now = deps.settings, deps.clock()
     ttl = s.cache_ttl_s if cacheable else s.job_deadline_s + 3600
     job = Job(job_id, tenant.name, Status.QUEUED, req, cacheable, created_at=now, expires_at=int(now + ttl))
+    message = QueueMessage(job_id, tenant.name, req, enqueued_at=now, deadline=now + s.job_deadline_s, stream=stream)
+    check_sizes(job, message.to_body())
+    return job, message
+
+
+def enqueue(req: InferenceRequest, tenant: Tenant, job_id: str, cacheable: bool, deps: Deps, *,
+            refresh: bool = False, stream: bool = False, prepared: tuple[Job, QueueMessage] | None = None
+            ) -> tuple[Job, bool]:
+    """Create the job and send its message; identical live jobs coalesce -> (the job, created?)."""
+    s = deps.settings
+    job, message = prepared or prepare(req, tenant, job_id, cacheable, deps, stream=stream)
     held, created = deps.store.create(job, refresh=refresh)
     if not created:
         metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
         logger.info("coalesced on a live job", extra={"status": held.status.value})
         return held, False
-    message = QueueMessage(job_id, tenant.name, req, enqueued_at=now, deadline=now + s.job_deadline_s, stream=stream)
     try:
         deps.sqs.send_message(QueueUrl=s.queue_url, MessageBody=message.to_body())
     except Exception as exc:  # botocore raises many types; the job must not stay QUEUED forever
@@ -181,9 +194,15 @@ def accepted(job: Job) -> Reply:
     return Reply(202, job_view(job), {"location": f"/v1/jobs/{job.job_id}", "retry-after": str(RETRY_AFTER_S)})
 
 
+JOB_ID = re.compile(r"c[0-9a-f]{64}|j[0-9a-f]{32}")  # job_id_for's two shapes
+
+
 def get_job(job_id: str, tenant: Tenant, deps: Deps, *, owner_only: bool = False) -> Job:
     """The job if this tenant may see it: its own, or a cached one when the operator shares the cache.
-    Anything else looks exactly like a missing job (404)."""
+    Anything else looks exactly like a missing job (404); an id of another shape is not even read
+    (the table holds keys, counters and batches beside jobs)."""
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+        raise NotFound("job not found: job ids are 'c' + 64 or 'j' + 32 hexadecimal digits")
     job = deps.store.get(job_id, now=deps.clock())
     shared = deps.settings.shared_cache and job is not None and job.cacheable and not owner_only
     if job is None or (job.tenant != tenant.name and not shared):

@@ -16,13 +16,13 @@ import fnmatch
 import json
 from dataclasses import dataclass
 
-from stratus.contracts import ROUTE_PATHS, Status, json_object, parse_request
-from stratus.errors import InvalidRequest
+from stratus.contracts import ROUTE_PATHS, Status, json_object, parse_request, require_unicode
+from stratus.errors import InvalidRequest, PayloadTooLarge
 from stratus.jobstore import load_result
 from stratus.keys import Tenant
 from stratus.observability import logger
 from stratus.replies import send_reply
-from stratus.service import Deps, enqueue, job_id_for
+from stratus.service import Deps, enqueue, job_id_for, prepare
 
 ROUTES = ROUTE_PATHS
 
@@ -38,6 +38,7 @@ class RequestMessage:
     @classmethod
     def parse(cls, raw: str, *, default_tenant: str, reply_pattern: str) -> RequestMessage:
         msg = json_object(raw, "the message")
+        require_unicode({k: v for k, v in msg.items() if k != "body"}, "the message")  # the body: parse_request
         url = msg.get("url", "/v1/chat/completions")
         if url not in ROUTES:
             raise InvalidRequest(f"url must be one of {', '.join(ROUTES)}, got {url!r}", param="url")
@@ -58,24 +59,25 @@ def handle_request(raw: str, deps: Deps) -> str:
     except InvalidRequest as exc:
         logger.warning("request message refused", extra={"reason": exc.message})
         return ""
+    tenant = Tenant(msg.tenant, rpm=0, tpm=0)
     try:
         req = parse_request(msg.route, msg.body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
         if req.model != s.model_id:
             raise InvalidRequest(f"model {req.model!r} does not exist; this deployment serves {s.model_id!r}",
                                  param="model")
-    except InvalidRequest as exc:
+        cacheable = req.params.deterministic
+        job_id = job_id_for(req, tenant.name, s, cacheable)
+        prepared = prepare(req, tenant, job_id, cacheable, deps)  # sizes: a 413 is answered, not retried
+    except (InvalidRequest, PayloadTooLarge) as exc:
         if msg.reply_to:
             error = {"id": msg.id, "job_id": None, "status": Status.FAILED.value,
                      "error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
             deps.sqs.send_message(QueueUrl=msg.reply_to, MessageBody=json.dumps(error, separators=(",", ":")))
         logger.info("request message invalid", extra={"reason": exc.message})
         return ""
-    tenant = Tenant(msg.tenant, rpm=0, tpm=0)
-    cacheable = req.params.deterministic
-    job_id = job_id_for(req, tenant.name, s, cacheable)
     hit = deps.store.get(job_id, now=deps.clock()) if cacheable else None
     if hit is None or hit.status != Status.DONE:
-        job_id = enqueue(req, tenant, job_id, cacheable, deps)[0].job_id
+        job_id = enqueue(req, tenant, job_id, cacheable, deps, prepared=prepared)[0].job_id
     if msg.reply_to:
         reply = {"queue_url": msg.reply_to, "id": msg.id}
         if not deps.store.watch(job_id, reply):  # finished already (a cache hit, or just now)
