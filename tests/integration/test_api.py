@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +15,7 @@ import pytest
 from stratus.contracts import Status
 from stratus.jobstore import JobStore
 from stratus.keys import create_key, revoke_key
-from stratus_local.template import LambdaContext, apply_environment, load_handler, load_template
+from stratus_local.template import ROOT, LambdaContext, apply_environment, load_handler, load_template
 
 MODEL = "smollm2-135m-instruct-int4"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -366,3 +369,16 @@ def test_a_request_too_big_for_the_queue_or_the_item_is_a_413_before_anything_is
     assert stack.queued() == []
     items = [i for i in stack.table.scan()["Items"] if i["pk"].startswith(("c", "j"))]
     assert items == []  # no job item, no rate charge either (rl# items are not jobs)
+
+
+def test_invoke_works_on_its_own_against_an_in_process_moto(tmp_path):
+    # A newcomer's first command: no stack running, no env file, no credentials
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "STRATUS_"))}
+    env["STRATUS_LOCAL_LOG_DIR"] = str(tmp_path / "logs")  # no running stack's state file there
+    proc = subprocess.run([sys.executable, "-m", "stratus_cli.main", "invoke", "api", "--event",
+                           str(ROOT / "events/api_models.json")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["statusCode"] == 200 and "in-process moto" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "stratus_cli.main", "invoke", "api", "--event", str(tmp_path / "none")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "cannot read the event" in bad.stderr

@@ -225,3 +225,10 @@ def test_a_line_too_big_to_queue_is_an_error_line(stack, batch_fn):
     _, view, _ = stack.call("api_get_batch.json", key=key, job_id=created["batch"])
     [error] = read(view["error_file_uri"])
     assert error["custom_id"] == "big" and error["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("tenant", ["..", "a#b", "-x", "a" * 65, "caf\u00e9"])
+def test_uploads_under_a_malformed_tenant_folder_are_ignored(stack, batch_fn, tenant):
+    upload, _, _ = batch_fn
+    out = upload(f"batches/input/{tenant}/q.jsonl", line("q1", "Hi"))
+    assert out.get("status") != "in_progress" and stack.queued() == []

@@ -109,3 +109,13 @@ def test_a_message_too_big_to_queue_gets_a_413_reply(stack, trigger):
     [reply] = replied()
     assert reply["status"] == "FAILED" and reply["error"]["code"] == "request_too_large"
     assert stack.queued() == []
+
+
+def test_a_requests_queue_serves_one_tenant(stack, trigger):
+    # anyone who may send to this queue acts as its tenant (TriggerTenant), never as another
+    send, replied = trigger
+    assert send({**request(), "tenant": "acme"}) == {"batchItemFailures": []}
+    assert stack.queued() == [] and replied() == []  # refused, and logged (no reply: the message was not trusted)
+    assert send({**request(), "tenant": "queue"}) == {"batchItemFailures": []}
+    [queued] = stack.queued()
+    assert queued["tenant"] == "queue"

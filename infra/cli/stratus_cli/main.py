@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from stratus.errors import StratusError
+from stratus.settings import ConfigError
 
 
 def cmd_model_build(args: argparse.Namespace) -> int:
@@ -97,9 +100,10 @@ def _keys_table(args: argparse.Namespace):
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from stratus.keys import create_key
+    from stratus.keys import check_tenant, create_key
 
-    key = create_key(_keys_table(args), args.tenant, args.rpm, args.tpm)
+    tenant = check_tenant(args.tenant)  # before any AWS call
+    key = create_key(_keys_table(args), tenant, args.rpm, args.tpm)
     print(key)
     print(f"tenant {args.tenant}: {args.rpm} requests/min, {args.tpm} tokens/min. The key is shown once; "
           "only its SHA-256 is stored.", file=sys.stderr)
@@ -116,31 +120,80 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
-    """Run a function's handler on an event file, as `sam local invoke` does, without Docker."""
+    """Run a function's event handler on an event file, as `sam local invoke` does, without Docker,
+    against (first that applies): the environment the caller set up (STRATUS_TABLE set, or
+    --env-vars), the running `stratus serve` stack, or an in-process moto holding the template's
+    resources (the event's bearer key registered for a dev tenant)."""
+    import contextlib
     import json
     import os
+    import warnings
 
-    from stratus_local.template import (LambdaContext, apply_environment, function_environment, load_handler,
-                                        load_template, parameter_defaults)
+    from stratus_local.serve import REGION, read_state
+    from stratus_local.template import (LambdaContext, apply_environment, create_resources, function_environment,
+                                        load_handler, load_template, parameter_defaults)
 
     template = load_template()
     functions = {n: r for n, r in template["Resources"].items() if r["Type"] == "AWS::Serverless::Function"}
     name = next((n for n in functions if n.lower() in (args.function.lower(), f"{args.function.lower()}function")), None)
     if name is None:
         raise StratusError(f"no function {args.function!r} in template.yaml (functions: {', '.join(functions)})")
-    refs = {**{n: "" for n in template["Resources"]}, **parameter_defaults(template)}
-    refs.update({(n, a): "" for n in template["Resources"] for a in ("Arn", "QueueName")})
-    env = {k: v for k, v in function_environment(template, name, refs).items() if v}
-    if args.env_vars:  # SAM's format: {"Parameters": {...}} and/or {"<FunctionId>": {...}}
-        given = json.loads(Path(args.env_vars).read_text())
-        env.update(given.get("Parameters", {}))
-        env.update(given.get(name, {}))
-    env = {**env, **{k: v for k, v in os.environ.items() if k in env or k.startswith("STRATUS_")}}
-    apply_environment(env)
-    handler, _ = load_handler(template, name)
-    event = json.loads(Path(args.event).read_text())
-    print(json.dumps(handler(event, LambdaContext(function_name=name)), indent=2))
+    try:
+        event = json.loads(Path(args.event).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StratusError(f"cannot read the event {args.event}: {exc}") from exc
+    aws = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": REGION,
+           "AWS_REGION": REGION, "POWERTOOLS_TRACE_DISABLED": "true"}
+    warnings.filterwarnings("ignore", message="No application metrics to publish")  # a read-only route
+    with contextlib.ExitStack() as scope:
+        state = None if os.environ.get("STRATUS_TABLE") or args.env_vars else read_state()
+        if os.environ.get("STRATUS_TABLE") or args.env_vars:
+            refs = {**{n: "" for n in template["Resources"]}, **parameter_defaults(template)}
+            refs.update({(n, a): "" for n in template["Resources"] for a in ("Arn", "QueueName")})
+            aws = {}  # the caller's AWS settings as they are
+        elif state is not None:
+            print(f"stratus: invoking {name} against the running local stack ({state['url']})", file=sys.stderr)
+            aws["AWS_ENDPOINT_URL"] = state["aws_endpoint"]
+            os.environ.update(aws)
+            refs = state["refs"]
+            headers = event.get("headers") or {}
+            if headers.get("authorization") == f"Bearer {PLACEHOLDER_KEY}":  # events/ files: the stack's dev key
+                headers["authorization"] = f"Bearer {state['api_key']}"
+        else:
+            from moto import mock_aws
+
+            print(f"stratus: no running `stratus serve`: invoking {name} against an in-process moto with the "
+                  "template's resources", file=sys.stderr)
+            os.environ.update(aws)
+            os.environ.pop("AWS_ENDPOINT_URL", None)
+            scope.enter_context(mock_aws())
+            refs = create_resources(template)
+            _register_event_key(event, refs)
+        env = {k: v for k, v in function_environment(template, name, refs).items() if v}
+        env.update({k: v for k, v in os.environ.items() if k in env or k.startswith("STRATUS_")})
+        if args.env_vars:  # SAM's format: {"Parameters": {...}} and/or {"<FunctionId>": {...}}
+            given = json.loads(Path(args.env_vars).read_text())
+            env.update(given.get("Parameters", {}))
+            env.update(given.get(name, {}))
+        apply_environment({**env, **aws})
+        handler, _ = load_handler(template, name)
+        print(json.dumps(handler(event, LambdaContext(function_name=name)), indent=2))
     return 0
+
+
+PLACEHOLDER_KEY = "sk-stratus-REPLACE_ME"  # what the events/ files carry
+
+
+def _register_event_key(event: dict, refs: dict) -> None:
+    """An API event's bearer key, registered for the dev tenant in a fresh in-process table."""
+    import boto3
+
+    from stratus.keys import create_key
+
+    auth = (event.get("headers") or {}).get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        create_key(boto3.resource("dynamodb").Table(refs["JobsTable"]), "local", rpm=1000, tpm=1_000_000,
+                   key=auth[7:].strip())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -239,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         return command(args)
     except StratusError as exc:
         print(f"stratus: error: {exc.message}", file=sys.stderr)
+        return 2
+    except (BotoCoreError, ClientError, ConfigError) as exc:  # no region or credentials, unreachable, denied
+        print(f"stratus: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -131,10 +131,37 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
         server = make_server(host, port, http_routes(template), invoke, {fn: a.url for fn, a in apps.items()})
         threading.Thread(target=server.serve_forever, daemon=True, name="gateway").start()
         stack._stops.append(lambda: (server.shutdown(), server.server_close()))
+        write_state(stack, params)
         return stack
     except BaseException:
         stack.stop()
         raise
+
+
+def state_file() -> Path:
+    """Where a running `stratus serve` says how to reach it (`stratus invoke` reads it)."""
+    return log_dir().parent / "stack.json"
+
+
+def write_state(stack: LocalStack, params: dict) -> None:
+    path = state_file()
+    path.write_text(json.dumps({"pid": os.getpid(), "url": stack.url, "aws_endpoint": stack.aws_endpoint,
+                                "refs": {".".join(k) if isinstance(k, tuple) else k: v for k, v in stack.refs.items()},
+                                "parameters": params, "api_key": stack.api_key}))
+    stack._stops.append(lambda: path.unlink(missing_ok=True))
+
+
+def read_state() -> dict | None:
+    """The running stack's state, if its process is alive and its moto answers."""
+    try:
+        state = json.loads(state_file().read_text())
+        os.kill(state["pid"], 0)
+        host, port = state["aws_endpoint"].removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=1):
+            state["refs"] = {tuple(k.split(".", 1)) if "." in k else k: v for k, v in state["refs"].items()}
+            return state
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 30.0) -> None:

@@ -29,6 +29,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.contracts import ROUTE_PATHS, Job, QueueMessage, Status, json_object, parse_request, require_unicode
 from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge
+from stratus.keys import check_tenant
 from stratus.jobstore import check_sizes, load_result
 from stratus.observability import logger, metrics
 from stratus.service import Deps, completion_body, job_id_for
@@ -140,7 +141,7 @@ def tenant_of_upload(key: str) -> str:
     rest = key.removeprefix(INPUT_PREFIX)
     if rest == key or "/" not in rest:
         raise InvalidRequest(f"batch files go under {INPUT_PREFIX}<tenant>/, got {key!r}")
-    return rest.split("/", 1)[0]
+    return check_tenant(rest.split("/", 1)[0])
 
 
 def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:

@@ -9,13 +9,14 @@ KEY_CACHE_TTL_S on a warm instance (revocation takes effect within that time).
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from dataclasses import dataclass
 
 from botocore.exceptions import ClientError
 
-from stratus.errors import RateLimited, Unauthorized
+from stratus.errors import InvalidRequest, RateLimited, Unauthorized
 
 KEY_PREFIX = "sk-stratus-"
 COUNTER_TTL_S = 120
@@ -32,9 +33,22 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # an S3 path segment and a key part as it is
+
+
+def check_tenant(name) -> str:
+    """A tenant name becomes an S3 path segment (batches/input/<tenant>/) and part of table keys:
+    1-64 letters, digits, '.', '_' or '-', starting with a letter or digit. InvalidRequest otherwise."""
+    if not isinstance(name, str) or not TENANT.fullmatch(name):
+        raise InvalidRequest("a tenant name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                             "digit", param="tenant")
+    return name
+
+
 def create_key(table, tenant: str, rpm: int, tpm: int, *, key: str | None = None) -> str:
     """Store a new key's hash for `tenant`; returns the key itself (shown once, never stored).
     `key` registers a chosen key instead (local mode's STRATUS_API_KEY)."""
+    check_tenant(tenant)
     key = key or KEY_PREFIX + secrets.token_urlsafe(32)
     table.put_item(Item={"pk": f"key#{hash_key(key)}", "tenant": tenant, "rpm": rpm, "tpm": tpm,
                          "created_at": int(time.time())},

@@ -48,7 +48,11 @@ class RequestMessage:
             if not fnmatch.fnmatch(name, reply_pattern):
                 raise InvalidRequest(f"reply_to must name a queue matching {reply_pattern!r}, got {name!r}",
                                      param="reply_to")
-        return cls(msg.get("id"), ROUTES[url], msg.get("body"), reply_to, str(msg.get("tenant") or default_tenant))
+        tenant = msg.get("tenant")
+        if tenant not in (None, default_tenant):  # one tenant per requests queue: the sender's IAM grant
+            raise InvalidRequest(f"this requests queue serves tenant {default_tenant!r} (TriggerTenant); "
+                                 "send other tenants' requests to their own queue", param="tenant")
+        return cls(msg.get("id"), ROUTES[url], msg.get("body"), reply_to, default_tenant)
 
 
 def handle_request(raw: str, deps: Deps) -> str:
