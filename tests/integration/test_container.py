@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import boto3
 import pytest
@@ -92,7 +93,8 @@ def _call(port: int, method: str, path: str, body: dict | None = None) -> tuple[
 def container_env(port: int, model_dir) -> dict:
     return {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "STRATUS_MODEL_DIR": str(model_dir),
            "AWS_DEFAULT_REGION": "us-east-1", "STRATUS_TABLE": "t", "STRATUS_QUEUE_URL": "q", "STRATUS_BUCKET": "b",
-           "STRATUS_MODEL_ID": "tiny", "STRATUS_MODEL_DIGEST": "unset", "STRATUS_CONTEXT_LENGTH": "256",
+           "STRATUS_MODEL_ID": "tiny", "STRATUS_CONTEXT_LENGTH": "256",
+           "STRATUS_MODEL_DIGEST": json.loads((Path(model_dir) / "manifest.json").read_text())["digest"],
            "STRATUS_CACHE_TTL_S": "60", "STRATUS_SYNC_WAIT_S": "1", "STRATUS_JOB_DEADLINE_S": "60",
            "STRATUS_MAX_BODY_BYTES": "100000", "STRATUS_MAX_MESSAGES": "8", "STRATUS_MAX_TOKENS": "64",
            "STRATUS_SHARED_CACHE": "false", "STRATUS_DEFAULT_RPM": "10", "STRATUS_DEFAULT_TPM": "1000"}
@@ -166,3 +168,11 @@ def test_a_failed_invocation_fails_its_job_visibly(stack, tiny, monkeypatch):
     status, _ = invoke(worker, message)
     job = JobStore(stack.table).get(message["job_id"])
     assert status == 500 and job.status == Status.FAILED and job.error["code"] == "worker_failed"
+
+
+@pytest.mark.parametrize("digest, says", [("unset", "STRATUS_MODEL_DIGEST is unset"), ("0" * 64, "differs from")])
+def test_a_worker_whose_model_digest_is_unset_or_wrong_refuses_to_start(tiny, digest, says):
+    env = {**container_env(free_port(), tiny.dirs["int4"]), "STRATUS_MODEL_DIGEST": digest}
+    proc = subprocess.run([sys.executable, "-m", "stratus_worker", "--threads", "1"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and says in proc.stderr

@@ -48,3 +48,14 @@ def test_schedules_and_references(template):
     refs = {"JobsTable": "t", ("JobsQueue", "Arn"): "arn:aws:sqs:us-east-1:0:q"}
     assert resolve({"A": {"Ref": "JobsTable"}, "B": [{"Fn::GetAtt": ["JobsQueue", "Arn"]}]}, refs) == {
         "A": "t", "B": ["arn:aws:sqs:us-east-1:0:q"]}
+
+
+def test_the_cache_key_names_the_sampling_version(monkeypatch):
+    from stratus import cache_key as ck
+    from stratus.contracts import parse_request
+
+    req = parse_request("chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+                        max_messages=8, max_tokens_limit=64)
+    before = ck.cache_key(req, model_digest="d", scope="t")
+    monkeypatch.setattr(ck, "SAMPLING_VERSION", ck.SAMPLING_VERSION + 1)
+    assert ck.cache_key(req, model_digest="d", scope="t") != before

@@ -1,7 +1,8 @@
 """Sampling as a pipeline: penalties -> temperature -> top-k / top-p -> probabilities -> draw.
 
 Rows are independent (each request has its own parameters and random generator); an all-greedy
-batch takes the argmax fast path.
+batch takes the argmax fast path. A change here that can change a greedy or seeded request's
+tokens bumps stratus.params.SAMPLING_VERSION (cache keys name it).
 """
 
 from __future__ import annotations

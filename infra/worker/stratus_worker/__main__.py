@@ -25,7 +25,11 @@ def check_model(model_dir: Path, expected_digest: str) -> dict:
     if not manifest_path.is_file():
         raise ModelLoadError(f"{model_dir} is not a model directory (no manifest.json); set STRATUS_MODEL_DIR")
     manifest = json.loads(manifest_path.read_text())
-    if expected_digest not in ("", "unset") and manifest.get("digest") != expected_digest:
+    if expected_digest in ("", "unset"):
+        raise ModelLoadError(f"STRATUS_MODEL_DIGEST is unset: set the ModelDigest parameter to this model's digest "
+                             f"{manifest.get('digest')} (manifest.json; `stratus model publish` prints it), so cache "
+                             f"keys name the model that computed them")
+    if manifest.get("digest") != expected_digest:
         raise ModelLoadError(f"model digest {manifest.get('digest')} differs from STRATUS_MODEL_DIGEST "
                              f"{expected_digest}: cache keys would name the wrong model")
     return manifest

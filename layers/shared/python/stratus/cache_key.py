@@ -6,8 +6,9 @@ import hashlib
 import json
 
 from stratus.contracts import InferenceRequest
+from stratus.params import SAMPLING_VERSION
 
-CACHE_KEY_VERSION = 1
+CACHE_KEY_VERSION = 2  # 2: the sampling version is part of the key
 
 
 def cache_key(req: InferenceRequest, *, model_digest: str, scope: str) -> str:
@@ -17,6 +18,7 @@ def cache_key(req: InferenceRequest, *, model_digest: str, scope: str) -> str:
         "scope": scope,
         "model": req.model,
         "digest": model_digest,
+        "sampling": SAMPLING_VERSION,
         **req.to_json(),  # route, messages / prompt, every generation parameter
     }
     blob = json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

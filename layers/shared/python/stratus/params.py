@@ -10,6 +10,10 @@ from dataclasses import asdict, dataclass, field
 from stratus.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+# The engine's sampling arithmetic (stratus_engine.sampling, the engine's stop and EOS handling):
+# bump it with any change that can change a seeded or greedy request's tokens. It is part of every
+# cache key, so results of the old sampling are never served for the new.
+SAMPLING_VERSION = 1
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
