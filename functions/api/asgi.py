@@ -107,6 +107,7 @@ def _wants_stream(body: bytes) -> bool:
 
 
 def _open(route: str, headers: dict[str, str], body: bytes) -> streaming.Stream:
+    logger.clear_state()  # as inject_lambda_context(clear_state=True) does for every other request
     deps = handlers.get_deps()
     tenant = authenticate(deps.table, headers.get("authorization"), deps.key_cache)
     parsed = handlers.parse_body(body, deps.settings.max_body_bytes)

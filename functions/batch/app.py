@@ -35,7 +35,7 @@ def on_schedule(_event: dict) -> dict:
 HANDLERS = {"aws.s3": on_upload, "aws.events": on_schedule}  # EventBridge source -> handler
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)  # a warm container never logs under the last request's keys
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict, context: LambdaContext) -> dict:

@@ -13,16 +13,16 @@ from stratus import service
 from stratus.deadletter import fail_dead_letter
 from stratus.observability import logger, metrics, tracer
 
-processor = BatchProcessor(event_type=EventType.SQS)
+processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)  # kept: retried later
 get_deps = functools.cache(service.deps_from_env)  # clients created once per container
 
 
 def record_handler(record: SQSRecord) -> None:
     deps = get_deps()
-    fail_dead_letter(record.body, deps.store, sqs=deps.sqs, s3=deps.s3)
+    fail_dead_letter(record.body, deps.store, sqs=deps.sqs, s3=deps.s3, heartbeat_s=deps.settings.heartbeat_s)
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)  # a warm container never logs under the last request's keys
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict, context: LambdaContext) -> dict:

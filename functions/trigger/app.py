@@ -23,7 +23,7 @@ def record_handler(record: SQSRecord) -> None:
     handle_request(record.body, get_deps())
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)  # a warm container never logs under the last request's keys
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict, context: LambdaContext) -> dict:

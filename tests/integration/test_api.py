@@ -382,3 +382,12 @@ def test_invoke_works_on_its_own_against_an_in_process_moto(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "stratus_cli.main", "invoke", "api", "--event", str(tmp_path / "none")],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "cannot read the event" in bad.stderr
+
+
+def test_a_warm_container_never_logs_a_request_under_the_last_ones_keys(stack, key):
+    from stratus.observability import logger
+
+    stack.call("api_create_job.json", key=key, body=CHAT)  # its log lines carry job_id and tenant
+    assert {"job_id", "tenant"} <= set(logger.get_current_keys())
+    stack.call("api_models.json", key="sk-wrong")  # the next invocation, refused before any job
+    assert not {"job_id", "tenant"} & set(logger.get_current_keys())

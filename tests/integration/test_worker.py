@@ -15,7 +15,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from stratus.contracts import QueueMessage, Status
+from stratus.contracts import QueueMessage, Status, parse_request
 from stratus.jobstore import JobStore
 from stratus.keys import create_key
 from stratus.settings import Settings
@@ -242,3 +242,38 @@ def test_a_result_that_does_not_fit_beside_its_request_goes_to_s3(stack):
                           s3=boto3.client("s3"), bucket=stack.refs["ResultsBucket"], request_bytes=req.stored_bytes)
     # Then it went to S3 and the item kept a pointer
     assert done.result is None and done.result_s3.endswith("/results/j" + "1" * 32 + ".json")
+
+
+def test_the_dlq_never_fails_a_job_a_worker_is_still_running(stack, key):
+    # Given a job RUNNING on a worker whose heartbeat is fresh, and its message in the DLQ
+    job_id = submit(stack, key, chat("still going"))
+    store = JobStore(stack.table)
+    store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w-alive")
+    handler, _ = load_handler(load_template(), "DlqFunction")
+    event = json.loads((ROOT / "events/dlq_message.json").read_text())
+    event["Records"][0]["body"] = json.dumps({"job_id": job_id})
+    # Then the dead letter is kept for later (a partial failure) and the job goes on
+    assert handler(event, LambdaContext()) == {"batchItemFailures": [{"itemIdentifier": event["Records"][0]["messageId"]}]}
+    assert job(stack, job_id).status == Status.RUNNING
+    # And once its heartbeat is stale (the worker died), the same dead letter fails it
+    from stratus.deadletter import fail_dead_letter
+
+    assert fail_dead_letter(json.dumps({"job_id": job_id}), store, sqs=stack.sqs, s3=boto3.client("s3"),
+                            heartbeat_s=30.0, now=time.time() + 120)
+    assert job(stack, job_id).status == Status.FAILED and "Traceback" not in job(stack, job_id).error["message"]
+
+
+def test_a_lease_sqs_refuses_to_extend_is_reported_not_ignored(stack, key, make_worker, caplog):
+    # ChangeMessageVisibilityBatch reports refused entries in its answer instead of raising
+    from stratus_worker.worker import Held
+
+    w = make_worker()
+    assert w.leases.extend(["not-a-receipt"]) == ["not-a-receipt"]
+    msg = QueueMessage("j" + "2" * 32, "acme", parse_request("chat", chat("held"), max_messages=8, max_tokens_limit=64),
+                       enqueued_at=time.time(), deadline=time.time() + 60)
+    with w._lock:
+        w.held[msg.job_id] = Held(msg, "not-a-receipt", time.time())  # a message whose lease SQS refuses
+    w.heartbeat()
+    with w._lock:
+        w.held.pop(msg.job_id)
+    assert any(r.getMessage() == "could not extend a message's visibility" for r in caplog.records)

@@ -34,7 +34,7 @@ class JobStates:
     def start(self, msg: QueueMessage, receive_count: int) -> tuple[str, list[int] | None]:
         """Everything before compute: expiry, claim, tokenizing and the exact context check."""
         job_id, now = msg.job_id, self.clock()
-        logger.append_keys(job_id=job_id, tenant=msg.tenant)
+        logger.thread_safe_append_keys(job_id=job_id, tenant=msg.tenant)  # this thread's lines only
         if now > msg.deadline:
             expired = self.store.transition(job_id, [Status.QUEUED], Status.EXPIRED, error={
                 "message": f"the job waited {now - msg.enqueued_at:.0f} s in the queue, past its deadline",

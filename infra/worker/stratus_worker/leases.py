@@ -13,11 +13,16 @@ class Leases:
     def __init__(self, sqs, queue_url: str, visibility_s: int) -> None:
         self.sqs, self.queue_url, self.visibility_s = sqs, queue_url, visibility_s
 
-    def extend(self, receipts: list[str]) -> None:
+    def extend(self, receipts: list[str]) -> list[str]:
+        """-> the receipts SQS refused to extend (the batch call reports them instead of raising)."""
+        lost = []
         for i in range(0, len(receipts), 10):
+            chunk = receipts[i:i + 10]
             entries = [{"Id": str(n), "ReceiptHandle": r, "VisibilityTimeout": self.visibility_s}
-                       for n, r in enumerate(receipts[i:i + 10])]
-            self.sqs.change_message_visibility_batch(QueueUrl=self.queue_url, Entries=entries)
+                       for n, r in enumerate(chunk)]
+            got = self.sqs.change_message_visibility_batch(QueueUrl=self.queue_url, Entries=entries)
+            lost += [chunk[int(f["Id"])] for f in got.get("Failed", [])]
+        return lost
 
     def delete(self, receipt: str) -> None:
         self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=receipt)

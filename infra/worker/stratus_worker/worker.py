@@ -208,9 +208,12 @@ class Worker:
 
     def heartbeat(self) -> None:
         held = self._snapshot()
-        self.leases.extend([h.receipt for h in held])
-        for h in held:  # a fresh updated_at tells other workers this job is alive
-            self.jobs.touch(h.message.job_id)
+        lost = set(self.leases.extend([h.receipt for h in held]))
+        for h in held:
+            if h.receipt in lost:  # the message may come back to another worker; the job item says we run it
+                logger.warning("could not extend a message's visibility", extra={"job_id": h.message.job_id})
+                metrics.add_metric(name="lease_extension_failed", unit=MetricUnit.Count, value=1)
+            self.jobs.touch(h.message.job_id)  # a fresh updated_at tells other workers this job is alive
 
     def check_cancelled(self) -> None:
         held = [h.message.job_id for h in self._snapshot()]
