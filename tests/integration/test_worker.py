@@ -277,3 +277,34 @@ def test_a_lease_sqs_refuses_to_extend_is_reported_not_ignored(stack, key, make_
     with w._lock:
         w.held.pop(msg.job_id)
     assert any(r.getMessage() == "could not extend a message's visibility" for r in caplog.records)
+
+
+def test_messages_from_a_newer_api_are_left_for_a_newer_worker_and_optional_fields_are_ignored(stack, key,
+                                                                                              make_worker):
+    job_id = submit(stack, key, chat("from the future"))
+    [body] = stack.queued()
+    newer = {**body, "version": 2, "priority": "interactive"}  # a version this worker does not know
+    stack.sqs.send_message(QueueUrl=stack.refs["JobsQueue"], MessageBody=json.dumps(newer))
+    w = make_worker()
+    time.sleep(1.5)
+    assert job(stack, job_id).status == Status.QUEUED and w.failure is None  # not served, not crashed
+    assert queue_depth(stack) == 2  # the newer one hidden for a newer worker (not deleted), beside the one we read
+    same = {**body, "priority": "interactive"}  # an optional field this version does not know
+    assert QueueMessage.from_body(json.dumps(same)) == QueueMessage.from_body(json.dumps(body))
+
+
+def test_throttled_batch_reads_back_off_and_finish(stack, key, monkeypatch):
+    ids = [submit(stack, key, chat(f"state {i}")) for i in range(3)]
+    store = JobStore(stack.table)
+    client = stack.table.meta.client
+    real, calls, pauses = client.batch_get_item, [], []
+
+    def throttled(RequestItems):
+        calls.append(RequestItems)
+        got = real(RequestItems=RequestItems)
+        if len(calls) == 1:  # the first round: every key comes back unprocessed
+            return {"Responses": {}, "UnprocessedKeys": RequestItems}
+        return got
+    monkeypatch.setattr(client, "batch_get_item", throttled)
+    monkeypatch.setattr("stratus.jobstore.time.sleep", pauses.append)
+    assert set(store.states(ids)) == set(ids) and len(calls) == 2 and pauses == [0.05]

@@ -28,4 +28,7 @@ class Leases:
         self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=receipt)
 
     def release(self, receipt: str) -> None:
-        self.sqs.change_message_visibility(QueueUrl=self.queue_url, ReceiptHandle=receipt, VisibilityTimeout=0)
+        self.hide(receipt, 0)
+
+    def hide(self, receipt: str, seconds: int) -> None:
+        self.sqs.change_message_visibility(QueueUrl=self.queue_url, ReceiptHandle=receipt, VisibilityTimeout=seconds)

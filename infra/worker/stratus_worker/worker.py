@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.chunks import ChunkStore
-from stratus.contracts import Job, QueueMessage, Status
+from stratus.contracts import Job, NewerMessage, QueueMessage, Status
 from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
 from stratus.replies import post_replies
@@ -52,6 +52,7 @@ from stratus_worker.streams import ChunkWriter
 IDLE_WAIT_S = 2  # long-poll length when idle: also how quickly an idle worker notices SIGTERM
 RECEIVE_BACKOFF_S = 1.0  # after a failed ReceiveMessage
 METRICS_EVERY_S = 10.0
+NEWER_MESSAGE_HIDE_S = 60  # a message this worker is too old for comes back after this (to the DLQ in the end)
 
 
 @dataclass(eq=False)
@@ -149,6 +150,10 @@ class Worker:
         for m in got.get("Messages", []):
             try:
                 self.admit(m)
+            except NewerMessage as exc:  # a newer API ahead of this worker: leave it for a newer worker
+                logger.warning("message from a newer version; left for a newer worker", extra={"reason": str(exc)})
+                metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+                self.leases.hide(m["ReceiptHandle"], NEWER_MESSAGE_HIDE_S)
             except Exception as exc:  # noqa: BLE001 - retryable: back to the queue, the DLQ bounds retries
                 logger.exception("could not admit a message")
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
 from stratus.errors import InvalidRequest
@@ -267,6 +267,13 @@ def _dec(x: float):
     return Decimal(str(round(x, 6)))
 
 
+QUEUE_MESSAGE_VERSION = 1  # bump for a change an older worker cannot serve right; optional fields need none
+
+
+class NewerMessage(Exception):
+    """A queue message of a version this code does not know (a newer API before newer workers)."""
+
+
 @dataclass(frozen=True)
 class QueueMessage:
     job_id: str
@@ -284,6 +291,12 @@ class QueueMessage:
 
     @classmethod
     def from_body(cls, body: str) -> QueueMessage:
+        """Fields this version does not know are ignored (they are optional by contract); a newer
+        version raises NewerMessage instead of being served by rules it may have changed."""
         d = json.loads(body)
+        if int(d.get("version", 1)) > QUEUE_MESSAGE_VERSION:
+            raise NewerMessage(f"message version {d['version']} is newer than this code's {QUEUE_MESSAGE_VERSION}")
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
         d["request"] = InferenceRequest.from_json(d["request"])
         return cls(**d)

@@ -24,6 +24,7 @@ JOB_ITEM_BUDGET = 360_000  # a job item as created, and later with its inline re
 SQS_LIMIT_BYTES = 256 * 1024  # SQS's message size limit
 INLINE_RESULT_BYTES = 300_000  # a result over this (or over what the item has room for) goes to S3
 RETRYABLE = [Status.FAILED.value, Status.CANCELLED.value, Status.EXPIRED.value]
+UNPROCESSED_TRIES = 6  # BatchGetItem rounds for throttled keys, 50 ms doubling to 1 s between them
 
 
 def item_bytes(item: dict) -> int:
@@ -88,11 +89,16 @@ class JobStore:
         for i in range(0, len(job_ids), 100):
             request = {name: {"Keys": [{"pk": j} for j in job_ids[i:i + 100]], "ConsistentRead": True,
                               "ProjectionExpression": "pk, #s, streamed", "ExpressionAttributeNames": {"#s": "status"}}}
-            while request:
+            for attempt in range(UNPROCESSED_TRIES):
                 got = client.batch_get_item(RequestItems=request)
                 for item in got["Responses"].get(name, []):  # the resource's client deserializes
                     out[item["pk"]] = (Status(item["status"]), bool(item.get("streamed", False)))
                 request = got.get("UnprocessedKeys") or None
+                if not request:
+                    break
+                time.sleep(min(1.0, 0.05 * 2 ** attempt))  # throttled: back off before asking again
+            else:
+                raise RuntimeError(f"BatchGetItem left keys unprocessed after {UNPROCESSED_TRIES} tries")
         return out
 
     def mark_streamed(self, job_id: str) -> bool:
