@@ -232,3 +232,52 @@ def test_uploads_under_a_malformed_tenant_folder_are_ignored(stack, batch_fn, te
     upload, _, _ = batch_fn
     out = upload(f"batches/input/{tenant}/q.jsonl", line("q1", "Hi"))
     assert out.get("status") != "in_progress" and stack.queued() == []
+
+
+def test_a_redelivered_upload_after_a_crash_between_writes_resumes_the_batch(stack, batch_fn, monkeypatch):
+    # Given a run that created the jobs and then died before sending their messages
+    from stratus import batches
+
+    upload, tick, read = batch_fn
+    monkeypatch.setattr(batches, "_send", lambda outbox, deps: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError):
+        upload("batches/input/acme/crash.jsonl", line("a", "One?") + "\n" + line("b", "Two?") + "\n")
+    assert stack.queued() == []
+    monkeypatch.undo()
+    # When the event is delivered again
+    again = upload("batches/input/acme/crash.jsonl", None)
+    # Then the batch resumes: its jobs' messages go out, and it completes
+    assert again["status"] == "in_progress" and work_all(stack) == 2
+    assert tick()["completed"] == [again["batch"]]
+
+
+def test_a_transient_s3_error_is_retried_not_a_failed_batch(stack, batch_fn, monkeypatch):
+    import sys
+
+    from botocore.exceptions import ClientError
+
+    upload, tick, read = batch_fn
+    deps = sys.modules["stratus_fn_BatchFunction"].get_deps()  # the batch function's own clients
+    calls = []
+    original = deps.s3.get_object
+
+    def flaky(**kw):
+        calls.append(kw)
+        if len(calls) == 1:
+            raise ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your request rate"}}, "GetObject")
+        return original(**kw)
+    monkeypatch.setattr(deps.s3, "get_object", flaky)
+    with pytest.raises(ClientError):  # the function fails: EventBridge retries the event
+        upload("batches/input/acme/flaky.jsonl", line("a", "Hello?") + "\n")
+    again = upload("batches/input/acme/flaky.jsonl", None)
+    assert again["status"] == "in_progress" and again["request_counts"]["total"] == 1
+
+
+def test_one_broken_batch_does_not_stop_the_scheduled_pass(stack, batch_fn):
+    upload, tick, read = batch_fn
+    first = upload("batches/input/acme/one.jsonl", line("a", "First?") + "\n")
+    second = upload("batches/input/acme/two.jsonl", line("b", "Second?") + "\n")
+    work_all(stack)
+    boto3.client("s3").delete_object(Bucket=stack.refs["ResultsBucket"],
+                                     Key=f"batches/state/{min(first['batch'], second['batch'])}/lines.json")
+    assert tick()["completed"] == [max(first["batch"], second["batch"])]  # the broken one stays open, logged

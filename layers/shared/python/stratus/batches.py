@@ -137,6 +137,18 @@ def batch_id_for_upload(bucket: str, key: str, etag: str) -> str:
     return "batch_" + hashlib.sha256(f"{bucket}/{key}/{etag}".encode()).hexdigest()[:24]
 
 
+PERMANENT_S3 = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidObjectState", "404", "403"}
+
+
+def _code(exc: Exception) -> str:
+    return getattr(exc, "response", {}).get("Error", {}).get("Code", "") or type(exc).__name__
+
+
+def _permanent(exc: Exception) -> bool:
+    """An input error that no retry can fix (a missing or forbidden object, bad content)."""
+    return isinstance(exc, (InvalidRequest, UnicodeDecodeError)) or _code(exc) in PERMANENT_S3
+
+
 def tenant_of_upload(key: str) -> str:
     rest = key.removeprefix(INPUT_PREFIX)
     if rest == key or "/" not in rest:
@@ -149,20 +161,28 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
     Runs in the batch function (up to 5 minutes), never in the API."""
     s, store = deps.settings, deps.store
     batch = Batch(batch_id, tenant, key)
-    try:  # new, or announced by POST /v1/batches (pending); a redelivered event finds it done
-        deps.table.put_item(Item=batch.to_item(), ConditionExpression="attribute_not_exists(pk) OR pending = :t",
-                            ExpressionAttributeValues={":t": True})
+    try:  # new, announced by POST /v1/batches (pending), or left "validating" by a crash (resumed);
+        # a redelivered event finds it in progress or done
+        existing = deps.table.put_item(
+            Item=batch.to_item(), ConditionExpression="attribute_not_exists(pk) OR pending = :t OR #s = :v",
+            ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues={":t": True, ":v": "validating"},
+            ReturnValues="ALL_OLD").get("Attributes")
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         logger.info("batch exists already (a redelivered event)", extra={"batch_id": batch_id})
         return get(batch_id, tenant, deps)
+    resumed = bool(existing) and existing.get("status") == "validating" and not existing.get("pending")
+    if resumed:
+        logger.info("resuming a batch an earlier run left validating", extra={"batch_id": batch_id})
     try:
         raw_lines = deps.s3.get_object(Bucket=s.bucket, Key=key)["Body"].read().decode("utf-8").splitlines()
         count = sum(1 for raw in raw_lines if raw.strip())
         if count > MAX_LINES:
             raise InvalidRequest(f"the file has {count} lines; at most {MAX_LINES} per batch: split it")
-    except Exception as exc:  # noqa: BLE001 - the batch fails visibly instead of vanishing
+    except Exception as exc:
+        if not _permanent(exc):  # throttled, a 5xx, the network: the event is retried and resumes
+            raise
         code = "too_many_lines" if isinstance(exc, InvalidRequest) else "input_unreadable"
-        message = exc.message if isinstance(exc, InvalidRequest) else f"{type(exc).__name__}: {exc}"
+        message = exc.message if isinstance(exc, InvalidRequest) else f"the input file cannot be read ({_code(exc)})"
         batch.status, batch.errors = "failed", [{"code": code, "message": message}]
         deps.table.put_item(Item=batch.to_item())
         return batch
@@ -196,7 +216,7 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
         held = store.get(line.job_id, now=now) if cacheable else None
         if held is None or held.status != Status.DONE:
             held, created = store.create(job)
-            if created:
+            if created or (resumed and held.status == Status.QUEUED):  # its message may never have gone
                 outbox.append(message)
         lines.append(line)
     _send(outbox, deps)
@@ -334,11 +354,15 @@ def advance(deps: Deps) -> list[str]:
     item = deps.table.get_item(Key={"pk": OPEN}, ConsistentRead=True).get("Item") or {}
     completed = []
     for batch_id in sorted(item.get("ids", set())):
-        batch = Batch.from_item(deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True)["Item"])
-        if _advance_one(batch, deps):
-            completed.append(batch_id)
-            deps.table.update_item(Key={"pk": OPEN}, UpdateExpression="DELETE ids :b",
-                                   ExpressionAttributeValues={":b": {batch_id}})
+        try:  # one batch that fails (a missing state file, a throttled read) never stops the others
+            batch = Batch.from_item(deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True)["Item"])
+            if _advance_one(batch, deps):
+                completed.append(batch_id)
+                deps.table.update_item(Key={"pk": OPEN}, UpdateExpression="DELETE ids :b",
+                                       ExpressionAttributeValues={":b": {batch_id}})
+        except Exception:  # noqa: BLE001 - logged and counted; the next pass tries it again
+            logger.exception("could not advance a batch", extra={"batch_id": batch_id})
+            metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
     return completed
 
 
