@@ -281,3 +281,17 @@ def test_one_broken_batch_does_not_stop_the_scheduled_pass(stack, batch_fn):
     boto3.client("s3").delete_object(Bucket=stack.refs["ResultsBucket"],
                                      Key=f"batches/state/{min(first['batch'], second['batch'])}/lines.json")
     assert tick()["completed"] == [max(first["batch"], second["batch"])]  # the broken one stays open, logged
+
+
+def test_batches_are_listed_and_found_open_through_indexes_not_growing_items(stack, batch_fn):
+    upload, tick, read = batch_fn
+    made = [upload(f"batches/input/acme/f{i}.jsonl", line(f"q{i}", f"Question {i}?") + "\n")["batch"] for i in range(3)]
+    upload("batches/input/other/f.jsonl", line("x", "Other tenant?") + "\n")
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    status, listing, _ = stack.call("api_list_batches.json", key=key)
+    assert status == 200 and {b["id"] for b in listing["data"]} == set(made)  # only this tenant's
+    assert [b["created_at"] for b in listing["data"]] == sorted((b["created_at"] for b in listing["data"]), reverse=True)
+    assert not [i for i in stack.table.scan()["Items"] if i["pk"].startswith("batches#")]  # no list or set items
+    work_all(stack)
+    assert sorted(tick()["completed"]) == sorted(made + [upload("batches/input/other/f.jsonl", None)["batch"]])
+    assert tick()["completed"] == []  # completed batches leave the open index

@@ -109,8 +109,9 @@ def create_resources(template: dict, *, prefix: str = "stratus", session=None, p
             refs[name], refs[(name, "Arn")], refs[(name, "QueueName")] = url, arn, f"{prefix}-{name}"
         elif res["Type"] == "AWS::DynamoDB::Table":
             table = f"{prefix}-{name}"
+            extra = {"GlobalSecondaryIndexes": props["GlobalSecondaryIndexes"]} if "GlobalSecondaryIndexes" in props else {}
             ddb.create_table(TableName=table, KeySchema=props["KeySchema"], BillingMode=props["BillingMode"],
-                             AttributeDefinitions=props["AttributeDefinitions"])
+                             AttributeDefinitions=props["AttributeDefinitions"], **extra)
             ttl = props.get("TimeToLiveSpecification")
             if ttl:
                 ddb.update_time_to_live(TableName=table, TimeToLiveSpecification={

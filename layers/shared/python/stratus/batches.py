@@ -12,8 +12,11 @@ records ({"recordId", "modelInput"}). Each valid line becomes a job exactly like
 jobs queue ten per SendMessageBatch. Invalid lines go to the error file with their line number.
 A scheduled pass (advance) counts finished lines and writes the output once nothing is pending.
 
-Batch item: pk "batch#<id>"; the ids of unfinished batches are kept in the "batches#open" item,
-and each tenant's batch ids, oldest first, in "batches#tenant#<tenant>" (GET /v1/batches).
+Batch item: pk "batch#<id>", with `batch_tenant` (always) and `open_batch` (until it completes or
+fails) keying two sparse indexes of the jobs table, both sorted by created_at: a tenant's batches
+(GET /v1/batches) and the open ones (the scheduled pass). No list or set item grows with the
+number of batches, so none can reach DynamoDB's 400 KB item limit. (Indexes are eventually
+consistent: a batch shows in them within moments of its creation.)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from aws_lambda_powertools.metrics import MetricUnit
+from boto3.dynamodb.conditions import Key
 
 from stratus.contracts import ROUTE_PATHS, Job, QueueMessage, Status, json_object, parse_request, require_unicode
 from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge
@@ -36,7 +40,8 @@ from stratus.service import Deps, completion_body, job_id_for
 
 INPUT_PREFIX, FILES_PREFIX = "batches/input/", "batches/files/"
 POSTED = "posted"  # batches/input/<tenant>/posted/<nonce>/<file>: copies made by POST /v1/batches
-OPEN = "batches#open"
+TENANT_INDEX, OPEN_INDEX = "tenant-batches", "open-batches"  # template.yaml: JobsTable's indexes
+OPEN = "open"  # open_batch's one value
 ROUTES = ROUTE_PATHS
 KEEP_S = 30 * 86400  # batch records outlive their jobs' cache TTL: the output files are what matter
 MAX_LINES = 5000  # one ingest must fit the batch function's 5 minutes (a few DynamoDB calls a line)
@@ -70,7 +75,10 @@ class Batch:
     def to_item(self) -> dict:
         item = {"pk": f"batch#{self.id}", "tenant": self.tenant, "input_file": self.input_file, "status": self.status,
                 "created_at": self.created_at, "counts": json.dumps(self.counts),
-                "errors": json.dumps(self.errors), "expires_at": self.created_at + KEEP_S}
+                "errors": json.dumps(self.errors), "expires_at": self.created_at + KEEP_S,
+                "batch_tenant": self.tenant}
+        if self.status in ("validating", "in_progress"):
+            item["open_batch"] = OPEN
         for name in ("completed_at", "output_file", "error_file"):
             if getattr(self, name) is not None:
                 item[name] = getattr(self, name)
@@ -225,10 +233,6 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
     batch.status = "in_progress"
     batch.counts = {"total": len(lines), "completed": 0, "failed": sum(1 for l in lines if l.error)}
     deps.table.put_item(Item=batch.to_item())
-    deps.table.update_item(Key={"pk": OPEN}, UpdateExpression="ADD ids :b", ExpressionAttributeValues={":b": {batch_id}})
-    deps.table.update_item(Key={"pk": f"batches#tenant#{tenant}"},
-                           UpdateExpression="SET ids = list_append(if_not_exists(ids, :empty), :b)",
-                           ExpressionAttributeValues={":empty": [], ":b": [batch_id]})
     metrics.add_metric(name="BatchLines", unit=MetricUnit.Count, value=len(lines))
     logger.info("batch created", extra={"batch_id": batch_id, "lines": len(lines), "queued": len(outbox)})
     return batch
@@ -259,9 +263,10 @@ def get(batch_id: str, tenant: str, deps: Deps) -> Batch:
 
 
 def list_recent(tenant: str, deps: Deps, limit: int = 20) -> list[Batch]:
-    """GET /v1/batches: the tenant's batches, newest first."""
-    item = deps.table.get_item(Key={"pk": f"batches#tenant#{tenant}"}, ConsistentRead=True).get("Item") or {}
-    return [get(b, tenant, deps) for b in reversed(item.get("ids", [])[-limit:])]
+    """GET /v1/batches: the tenant's batches, newest first (one Query of the tenant index)."""
+    got = deps.table.query(IndexName=TENANT_INDEX, KeyConditionExpression=Key("batch_tenant").eq(tenant),
+                           ScanIndexForward=False, Limit=limit)
+    return [Batch.from_item(i) for i in got.get("Items", [])]
 
 
 def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
@@ -351,19 +356,29 @@ def file_content(file_id: str, tenant: str, deps: Deps) -> bytes:
 def advance(deps: Deps) -> list[str]:
     """Count finished lines of every open batch; finish the batches with nothing pending.
     Returns the ids of the batches completed by this pass."""
-    item = deps.table.get_item(Key={"pk": OPEN}, ConsistentRead=True).get("Item") or {}
     completed = []
-    for batch_id in sorted(item.get("ids", set())):
+    for batch_id in _open_batch_ids(deps):
         try:  # one batch that fails (a missing state file, a throttled read) never stops the others
-            batch = Batch.from_item(deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True)["Item"])
-            if _advance_one(batch, deps):
+            item = deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True).get("Item")
+            if item is None or item.get("open_batch") != OPEN or item.get("status") != "in_progress":
+                continue  # the index lags, or the batch is still being ingested
+            if _advance_one(Batch.from_item(item), deps):  # its output written: no longer open
                 completed.append(batch_id)
-                deps.table.update_item(Key={"pk": OPEN}, UpdateExpression="DELETE ids :b",
-                                       ExpressionAttributeValues={":b": {batch_id}})
         except Exception:  # noqa: BLE001 - logged and counted; the next pass tries it again
             logger.exception("could not advance a batch", extra={"batch_id": batch_id})
             metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
     return completed
+
+
+def _open_batch_ids(deps: Deps) -> list[str]:
+    """Every open batch, oldest first (the open index, all pages)."""
+    ids, kwargs = [], {"IndexName": OPEN_INDEX, "KeyConditionExpression": Key("open_batch").eq(OPEN)}
+    while True:
+        got = deps.table.query(**kwargs)
+        ids += [i["pk"].removeprefix("batch#") for i in got.get("Items", [])]
+        if "LastEvaluatedKey" not in got:
+            return ids
+        kwargs["ExclusiveStartKey"] = got["LastEvaluatedKey"]
 
 
 def _advance_one(batch: Batch, deps: Deps) -> bool:
