@@ -308,3 +308,15 @@ def test_throttled_batch_reads_back_off_and_finish(stack, key, monkeypatch):
     monkeypatch.setattr(client, "batch_get_item", throttled)
     monkeypatch.setattr("stratus.jobstore.time.sleep", pauses.append)
     assert set(store.states(ids)) == set(ids) and len(calls) == 2 and pauses == [0.05]
+
+
+def test_a_finished_job_that_is_not_cacheable_forgets_its_prompt(stack, key, make_worker):
+    sampled = submit(stack, key, {**chat("forget me"), "temperature": 0.8})  # no seed: not cacheable
+    greedy = submit(stack, key, chat("keep me"))  # the cache needs the request it answers
+    make_worker()
+    wait_until(lambda: all(job(stack, j).status == Status.DONE for j in (sampled, greedy)))
+    items = {j: stack.table.get_item(Key={"pk": j})["Item"] for j in (sampled, greedy)}
+    assert "prompt" not in items[sampled] and "forget me" not in json.dumps(items[sampled], default=str)
+    assert "keep me" in items[greedy]["prompt"]
+    status, view, _ = stack.call("api_get_job.json", key=key, job_id=sampled)
+    assert status == 200 and view["status"] == "DONE" and view["response"]["choices"][0]["message"]["content"]

@@ -233,10 +233,15 @@ class Job:
     notified: bool = False
 
     def to_item(self) -> dict:
+        """The prompt (messages / prompt) is its own attribute, so a finished job that is not
+        cacheable can drop it (JobStore.transition) and keep the rest for GET /v1/jobs."""
+        request = self.request.to_json()
+        prompt = {"messages": request.pop("messages"), "prompt": request.pop("prompt")}
         item = {"pk": self.job_id, "tenant": self.tenant, "status": self.status.value, "cacheable": self.cacheable,
                 "created_at": _dec(self.created_at), "updated_at": _dec(self.updated_at or self.created_at),
                 "expires_at": self.expires_at, "attempts": self.attempts,
-                "request": json.dumps(self.request.to_json(), separators=(",", ":"))}
+                "request": json.dumps(request, separators=(",", ":")),
+                "prompt": json.dumps(prompt, separators=(",", ":"))}
         for name in ("result", "usage", "timings", "error"):
             value = getattr(self, name)
             if value is not None:
@@ -252,7 +257,8 @@ class Job:
         load = lambda k: json.loads(item[k]) if k in item else None  # noqa: E731
         return cls(
             job_id=item["pk"], tenant=item["tenant"], status=Status(item["status"]),
-            request=InferenceRequest.from_json(json.loads(item["request"])), cacheable=bool(item["cacheable"]),
+            request=InferenceRequest.from_json({**json.loads(item.get("prompt", "{}")), **json.loads(item["request"])}),
+            cacheable=bool(item["cacheable"]),
             created_at=float(item["created_at"]), expires_at=int(item["expires_at"]),
             updated_at=float(item.get("updated_at", 0)), result=load("result"), usage=load("usage"),
             timings=load("timings"), attempts=int(item.get("attempts", 0)), error=load("error"),

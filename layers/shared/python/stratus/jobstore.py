@@ -24,6 +24,7 @@ JOB_ITEM_BUDGET = 360_000  # a job item as created, and later with its inline re
 SQS_LIMIT_BYTES = 256 * 1024  # SQS's message size limit
 INLINE_RESULT_BYTES = 300_000  # a result over this (or over what the item has room for) goes to S3
 RETRYABLE = [Status.FAILED.value, Status.CANCELLED.value, Status.EXPIRED.value]
+UNCACHED_PREFIX = "j"  # job ids of requests that are not cacheable (service.job_id_for)
 UNPROCESSED_TRIES = 6  # BatchGetItem rounds for throttled keys, 50 ms doubling to 1 s between them
 
 
@@ -154,6 +155,7 @@ class JobStore:
         values = {":to": to.value, ":now": _now()}
         values.update({f":f{i}": s.value for i, s in enumerate(allowed_from)})
         sets = ["#s = :to", "updated_at = :now"]
+        forget = to.finished and job_id.startswith(UNCACHED_PREFIX)  # nobody can ask for this prompt again
         for i, (name, value) in enumerate(fields.items()):
             names[f"#a{i}"] = name
             values[f":a{i}"] = json.dumps(value, separators=(",", ":")) if isinstance(value, dict) else value
@@ -163,7 +165,8 @@ class JobStore:
             cond += " AND worker = :owner"
             values[":owner"] = owner
         try:
-            item = self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET " + ", ".join(sets),
+            update = "SET " + ", ".join(sets) + (" REMOVE prompt" if forget else "")
+            item = self.table.update_item(Key={"pk": job_id}, UpdateExpression=update,
                                           ConditionExpression=cond, ExpressionAttributeNames=names,
                                           ExpressionAttributeValues=values, ReturnValues="ALL_NEW")["Attributes"]
             return Job.from_item(item)
