@@ -165,9 +165,10 @@ def test_a_failed_invocation_fails_its_job_visibly(stack, tiny, monkeypatch):
                     table=stack.table, s3=boto3.client("s3"), worker_id="sm",
                     stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]))
     monkeypatch.setattr(worker, "run_one", lambda msg: (_ for _ in ()).throw(RuntimeError("GPU fell off")))
-    status, _ = invoke(worker, message)
+    status, reply = invoke(worker, message)
     job = JobStore(stack.table).get(message["job_id"])
     assert status == 500 and job.status == Status.FAILED and job.error["code"] == "worker_failed"
+    assert "GPU fell off" not in json.dumps([reply, job.error]) and "RuntimeError" not in json.dumps([reply, job.error])
 
 
 @pytest.mark.parametrize("digest, says", [("unset", "STRATUS_MODEL_DIGEST is unset"), ("0" * 64, "differs from")])

@@ -41,8 +41,10 @@ def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
         except Exception as exc:  # noqa: BLE001 - async endpoints do not redeliver: fail the job visibly
             logger.exception("invocation failed", extra={"job_id": msg.job_id})
             worker.store.transition(msg.job_id, [Status.QUEUED, Status.RUNNING], Status.FAILED, error={
-                "message": f"the worker failed: {type(exc).__name__}", "type": "server_error", "code": "worker_failed"})
-            return 500, {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}}
+                "message": "the worker failed on this job (its log has the cause)", "type": "server_error",
+                "code": "worker_failed"})
+            return 500, {"error": {"message": "the worker failed on this job", "type": "server_error",
+                                   "code": "worker_failed"}}
         return (200, job_view(job)) if job is not None else (404, {"error": {"message": "job not found"}})
     route = "chat" if "messages" in body else "completion"
     s = worker.settings
