@@ -11,6 +11,8 @@ import base64
 import functools
 import json
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
@@ -18,7 +20,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from stratus import batches, service, streaming
 from stratus.contracts import require_unicode
-from stratus.errors import InvalidRequest, PayloadTooLarge, RateLimited, StratusError
+from stratus.errors import InvalidRequest, PayloadTooLarge, RateLimited, StratusError, Unavailable
 from stratus.keys import Tenant, authenticate
 from stratus.observability import logger, metrics, tracer
 
@@ -145,8 +147,16 @@ def stratus_error(exc: StratusError) -> Response:
         metric.add_dimension(name="status", value=str(exc.status))
         metric.add_dimension(name="reason", value=exc.code or (f"bad_{exc.param}" if exc.param else exc.error_type))
     logger.info("request refused", extra={"status": exc.status, "code": exc.code})
-    headers = {"retry-after": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else {}
+    headers = {"retry-after": str(exc.retry_after_s)} if isinstance(exc, (RateLimited, Unavailable)) else {}
     return _reply(service.Reply(exc.status, service.error_body(exc), headers))
+
+
+@app.exception_handler([BotoCoreError, ClientError])
+def storage_unreachable(exc: Exception) -> Response:
+    """DynamoDB, SQS or S3 unreachable, timing out or throttling after the client's retries: a
+    retryable 503 with Retry-After, never a 500 (the cause goes to the log, not to the caller)."""
+    logger.warning("storage unavailable", extra={"error": type(exc).__name__})
+    return stratus_error(Unavailable("storage is unavailable right now; retry shortly"))
 
 
 @app.not_found

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 import app as handlers
+from botocore.exceptions import BotoCoreError, ClientError
 from stratus import streaming
 from stratus.errors import StratusError
 from stratus.keys import authenticate
@@ -117,8 +118,8 @@ def _open(route: str, headers: dict[str, str], body: bytes) -> streaming.Stream:
 async def _stream(route: str, headers: dict[str, str], body: bytes, receive, send) -> None:
     try:
         stream = await asyncio.to_thread(_open, route, headers, body)
-    except StratusError as exc:  # before the first byte: the status and JSON body of any other request
-        refused = handlers.stratus_error(exc)
+    except (StratusError, BotoCoreError, ClientError) as exc:  # before the first byte: as any other request
+        refused = handlers.stratus_error(exc) if isinstance(exc, StratusError) else handlers.storage_unreachable(exc)
         metrics.flush_metrics()
         return await _respond(send, refused.status_code, refused.headers, refused.body.encode())
     gone = asyncio.Event()

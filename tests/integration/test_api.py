@@ -391,3 +391,16 @@ def test_a_warm_container_never_logs_a_request_under_the_last_ones_keys(stack, k
     assert {"job_id", "tenant"} <= set(logger.get_current_keys())
     stack.call("api_models.json", key="sk-wrong")  # the next invocation, refused before any job
     assert not {"job_id", "tenant"} & set(logger.get_current_keys())
+
+
+def test_storage_that_cannot_be_reached_is_a_503_with_retry_after(stack, key, monkeypatch):
+    from botocore.exceptions import ReadTimeoutError
+
+    deps = stack.module.get_deps()
+
+    def timeout(*_a, **_kw):
+        raise ReadTimeoutError(endpoint_url="http://dynamodb")
+    monkeypatch.setattr(deps.table, "get_item", timeout)
+    status, body, headers = stack.call("api_chat_completion.json", key=key, body=CHAT)
+    assert status == 503 and headers["retry-after"] == "2" and body["error"]["code"] == "service_unavailable"
+    assert "dynamodb" not in body["error"]["message"]

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -238,13 +239,13 @@ def test_a_poison_job_reaches_the_dlq_and_is_failed_for_the_client(stack):
 
     req = parse_request("chat", {"model": stack.model, "messages": [{"role": "user", "content": "poison"}], "max_tokens": 8},
                         max_messages=8, max_tokens_limit=64)
-    now = time.time()
-    JobStore(stack.table()).create(Job("jpoison", "local", Status.QUEUED, req, False, now, int(now + 3600)))
+    now, poison = time.time(), "j" + uuid.uuid4().hex  # a job id of the real shape
+    JobStore(stack.table()).create(Job(poison, "local", Status.QUEUED, req, False, now, int(now + 3600)))
     session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name="us-east-1")
     sqs = session.client("sqs", endpoint_url=stack.aws)
     url = sqs.get_queue_url(QueueName="stratus-JobsQueue")["QueueUrl"]
-    sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"job_id": "jpoison", "tenant": "local", "request": {}}))
-    view = stack.wait_status("jpoison", {"FAILED"}, timeout=60)
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"job_id": poison, "tenant": "local", "request": {}}))
+    view = stack.wait_status(poison, {"FAILED"}, timeout=60)
     assert view["error"]["code"] == "job_failed" and "dead-letter queue" in view["error"]["message"]
 
 
@@ -331,3 +332,82 @@ def test_the_openai_sdk_batch_flow(stack, tmp_path):
     out = [json.loads(x) for x in stack.client.files.content(batch.output_file_id).text.splitlines()]
     assert sorted(o["custom_id"] for o in out) == ["c0", "c1"]
     assert all(o["response"]["body"]["choices"][0]["message"]["content"] for o in out)
+
+
+def children(pid: int, needle: str) -> list[int]:
+    """Child processes of `pid` whose command line holds `needle` (read from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and needle in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def submit_jobs(stack, n: int, tag: str, max_tokens: int = 48) -> list[str]:
+    ids = []
+    for i in range(n):
+        status, job = stack.call("POST", "/jobs", {"model": stack.model, "max_tokens": max_tokens, "temperature": 0,
+                                                   "messages": [{"role": "user", "content": f"[{tag} {i}] Describe a harbour."}]})
+        assert status == 202, job
+        ids.append(job["id"])
+    return ids
+
+
+def test_every_worker_killed_with_8_jobs_in_flight_each_job_finishes_once(stack):
+    ids = submit_jobs(stack, 8, "massacre")
+    stack.wait_status(ids[0], {"RUNNING", "DONE"})
+    victims = children(stack.proc.pid, "stratus_worker")
+    assert len(victims) == 2
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)  # `stratus serve` replaces them, as the ECS service would
+    views = [stack.wait_status(j, {"DONE", "FAILED"}, timeout=240) for j in ids]
+    assert [v["status"] for v in views] == ["DONE"] * 8
+    assert [stack.generated(j) for j in ids] == [1] * 8
+    assert not set(children(stack.proc.pid, "stratus_worker")) & set(victims)
+
+
+def test_storage_frozen_for_10_s_is_a_503_then_nothing_is_lost(stack):
+    before = submit_jobs(stack, 3, "freeze", max_tokens=24)
+    [moto] = children(stack.proc.pid, "moto.server")
+    os.kill(moto, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        req = urllib.request.Request(stack.url + "/chat/completions", method="POST", data=json.dumps(
+            {"model": stack.model, "messages": [{"role": "user", "content": "During the freeze?"}]}).encode(),
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code == 503 and err.value.headers["Retry-After"]
+        assert json.loads(err.value.read())["error"]["code"] == "service_unavailable"
+        assert time.monotonic() - started < 10
+        time.sleep(max(0.0, 10 - (time.monotonic() - started)))
+    finally:
+        os.kill(moto, signal.SIGCONT)
+    after = submit_jobs(stack, 2, "thaw", max_tokens=24)
+    for j in before + after:  # every job ends, once
+        assert stack.wait_status(j, {"DONE", "FAILED"}, timeout=240)["status"] == "DONE"
+        assert stack.generated(j) == 1
+
+
+def test_the_same_message_delivered_twice_at_once_is_generated_once(stack):
+    from stratus.contracts import Job, QueueMessage
+
+    status, job = stack.call("POST", "/jobs", {"model": stack.model, "max_tokens": 32, "temperature": 0,
+                                               "messages": [{"role": "user", "content": "Twice?"}]})
+    item = Job.from_item(stack.item(job["id"]))
+    body = QueueMessage(item.job_id, item.tenant, item.request, enqueued_at=time.time(),
+                        deadline=time.time() + 600).to_body()
+    sqs = boto3.client("sqs", endpoint_url=stack.aws, region_name="us-east-1", aws_access_key_id="local",
+                       aws_secret_access_key="local")
+    url = sqs.get_queue_url(QueueName="stratus-JobsQueue")["QueueUrl"]
+    sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": "a", "MessageBody": body}, {"Id": "b", "MessageBody": body}])
+    assert stack.wait_status(job["id"], {"DONE", "FAILED"}, timeout=120)["status"] == "DONE"
+    time.sleep(2)  # the duplicates are drained
+    assert stack.generated(job["id"]) == 1

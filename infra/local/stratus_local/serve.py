@@ -110,13 +110,16 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
         worker_env = {**os.environ, **function_environment(template, None, refs), **aws,
                       "STRATUS_MODEL_DIR": str(model_dir),
                       "STRATUS_ORT_SPINNING": "false"}  # the workers share the machine with the rest
-        procs = []
-        for i in range(workers):
-            log = open(logs / f"worker-{i}.log", "ab")
-            cmd = [sys.executable, "-m", "stratus_worker"] + (["--threads", str(threads)] if threads else [])
-            procs.append(subprocess.Popen(cmd, env=worker_env, stdout=log, stderr=subprocess.STDOUT))
-        stack._stops.append(lambda: _stop_processes(procs))
+        cmd = [sys.executable, "-m", "stratus_worker"] + (["--threads", str(threads)] if threads else [])
+
+        def spawn(i: int) -> subprocess.Popen:
+            return subprocess.Popen(cmd, env=worker_env, stdout=open(logs / f"worker-{i}.log", "ab"),
+                                    stderr=subprocess.STDOUT)
+        procs = [spawn(i) for i in range(workers)]
+        supervising = threading.Event()
+        stack._stops.append(lambda: (supervising.set(), _stop_processes(procs)))
         _wait_for_workers(procs, [logs / f"worker-{i}.log" for i in range(workers)])
+        threading.Thread(target=_supervise, args=(procs, spawn, supervising), daemon=True, name="supervisor").start()
 
         sources = EventSources(template, refs, invoke, session, schedule_every_s=schedule_every_s,
                                log=lambda m: print(f"stratus serve: {m}", file=sys.stderr))
@@ -174,6 +177,15 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: floa
                 return
         time.sleep(0.05)
     raise RuntimeError(f"moto server did not listen on {port} in {timeout_s:.0f} s")
+
+
+def _supervise(procs: list[subprocess.Popen], spawn, stopping: threading.Event) -> None:
+    """Replace a worker that died, as the ECS service replaces a stopped task."""
+    while not stopping.wait(0.5):
+        for i, p in enumerate(procs):
+            if p.poll() not in (None, 2) and not stopping.is_set():  # 2: the model was refused, for good
+                print(f"stratus serve: worker {i} exited ({p.returncode}); starting another", file=sys.stderr)
+                procs[i] = spawn(i)
 
 
 def _wait_for_workers(procs: list[subprocess.Popen], logs: list[Path], timeout_s: float = 300.0) -> None:

@@ -89,3 +89,4 @@ class Unavailable(StratusError):
     status = 503
     error_type = "server_error"
     code = "service_unavailable"
+    retry_after_s = 2  # every 503 says when to come back

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import boto3  # imported at init, as the handlers' cold start should pay it
+from botocore.config import Config
 from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.cache_key import cache_key
@@ -26,6 +27,9 @@ from stratus.observability import logger, metrics
 from stratus.settings import Settings, get_settings
 
 RETRY_AFTER_S = 2
+# Requests wait seconds, not botocore's defaults (60 s to connect, 60 to read): a storage outage
+# becomes a 503 with Retry-After while the caller is still there.
+CLIENT_CONFIG = Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 2, "mode": "standard"})
 POLL_FRACTION, POLL_MAX_S = 0.1, 1.0  # a waiting request notices a finished job within ~10% of its wait
 MAX_BYTES_PER_TOKEN = 32  # no token of a byte-level BPE vocabulary we serve is longer; workers check exactly
 # HTTP status for a job that finished without a result (FAILED with a server error -> 500)
@@ -52,8 +56,9 @@ def deps_from_env() -> Deps:
     """Deps for a function: settings from its environment, boto3 clients (AWS_ENDPOINT_URL honoured).
     Handlers cache this once per container: `get_deps = functools.cache(service.deps_from_env)`."""
     settings = get_settings()
-    ddb = boto3.resource("dynamodb")
-    return Deps(settings, ddb.Table(settings.table), boto3.client("sqs"), boto3.client("s3"),
+    ddb = boto3.resource("dynamodb", config=CLIENT_CONFIG)
+    return Deps(settings, ddb.Table(settings.table), boto3.client("sqs", config=CLIENT_CONFIG),
+                boto3.client("s3", config=CLIENT_CONFIG),
                 ddb.Table(settings.stream_table) if settings.stream_table else None)
 
 

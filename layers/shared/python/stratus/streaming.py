@@ -22,6 +22,8 @@ import json
 from dataclasses import dataclass
 from typing import Iterator
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from stratus.chunks import Assembler, ChunkStore, Diverged
 from stratus.contracts import InferenceRequest, Job, Status, StreamOptions, stream_options
 from stratus.errors import InvalidRequest
@@ -117,6 +119,10 @@ class Stream:
                     if job.status.finished:
                         yield from self._end(asm, with_result(job, self.deps))
                         return
+            except (BotoCoreError, ClientError) as exc:  # storage unreachable for a moment: keep waiting
+                logger.warning("stream read failed; retrying", extra={"job_id": self.job.job_id,
+                                                                     "error": type(exc).__name__})
+                now = clock()
             except Diverged as exc:
                 logger.warning("stream diverged", extra={"job_id": self.job.job_id})
                 yield error_event(f"{exc}; the text so far is incomplete. Retry the request", "stream_diverged")
