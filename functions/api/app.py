@@ -1,4 +1,5 @@
-"""The api function's routes: OpenAI-compatible, over stratus.service (logic lives in the shared layer).
+"""The api function's routes: OpenAI-compatible, over the shared layer (stratus.service,
+stratus.streaming, stratus.batches; bodies shaped by stratus.shapes).
 
 In AWS the function runs asgi.py under the Lambda Web Adapter (run.sh), which streams
 `stream: true` completions itself and hands every other request to `lambda_handler` as an API
@@ -18,7 +19,8 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from stratus import batches, service, streaming
+from stratus import batches, service, shapes, streaming
+from stratus.deps import deps_from_env
 from stratus.contracts import require_unicode
 from stratus.errors import InvalidRequest, PayloadTooLarge, RateLimited, StratusError, Unavailable
 from stratus.keys import Tenant, authenticate
@@ -27,7 +29,7 @@ from stratus.observability import logger, metrics, tracer
 app = APIGatewayHttpResolver()
 
 
-get_deps = functools.cache(service.deps_from_env)  # clients created once per container
+get_deps = functools.cache(deps_from_env)  # clients created once per container
 
 
 def _tenant() -> Tenant:
@@ -88,7 +90,7 @@ def create_job() -> Response:
 def get_job(job_id: str) -> Response:
     deps = get_deps()
     job = service.with_result(service.get_job(job_id, _tenant(), deps), deps)
-    return _reply(service.Reply(200, service.job_view(job)))
+    return _reply(service.Reply(200, shapes.job_view(job)))
 
 
 @app.delete("/v1/jobs/<job_id>")
@@ -133,7 +135,7 @@ def file_content(file_id: str) -> Response:
 @app.get("/v1/models")
 def models() -> Response:
     _tenant()
-    return _reply(service.Reply(200, service.models_body(get_deps().settings)))
+    return _reply(service.Reply(200, shapes.models_body(get_deps().settings)))
 
 
 @app.get("/health")
@@ -148,7 +150,7 @@ def stratus_error(exc: StratusError) -> Response:
         metric.add_dimension(name="reason", value=exc.code or (f"bad_{exc.param}" if exc.param else exc.error_type))
     logger.info("request refused", extra={"status": exc.status, "code": exc.code})
     headers = {"retry-after": str(exc.retry_after_s)} if isinstance(exc, (RateLimited, Unavailable)) else {}
-    return _reply(service.Reply(exc.status, service.error_body(exc), headers))
+    return _reply(service.Reply(exc.status, shapes.error_body(exc), headers))
 
 
 @app.exception_handler([BotoCoreError, ClientError])

@@ -8,12 +8,13 @@ from urllib.parse import unquote_plus
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from stratus import batches, service
+from stratus import batches
+from stratus.deps import deps_from_env
 from stratus.errors import InvalidRequest
 from stratus.observability import logger, metrics, tracer
 
 
-get_deps = functools.cache(service.deps_from_env)  # clients created once per container
+get_deps = functools.cache(deps_from_env)  # clients created once per container
 
 
 def on_upload(event: dict) -> dict:

@@ -12,12 +12,12 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from stratus import service
+from stratus.deps import deps_from_env
 from stratus.contracts import QueueMessage
 from stratus.observability import logger, metrics, tracer
 
 processor = BatchProcessor(event_type=EventType.SQS)
-get_deps = functools.cache(service.deps_from_env)  # clients created once per container
+get_deps = functools.cache(deps_from_env)  # clients created once per container
 INVOCATION_TIMEOUT_S = 3600  # SageMaker async's longest
 
 

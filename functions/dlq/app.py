@@ -9,12 +9,12 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from stratus import service
+from stratus.deps import deps_from_env
 from stratus.deadletter import fail_dead_letter
 from stratus.observability import logger, metrics, tracer
 
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)  # kept: retried later
-get_deps = functools.cache(service.deps_from_env)  # clients created once per container
+get_deps = functools.cache(deps_from_env)  # clients created once per container
 
 
 def record_handler(record: SQSRecord) -> None:

@@ -9,14 +9,14 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from stratus import service
+from stratus.deps import deps_from_env
 from stratus.observability import logger, metrics, tracer
 from stratus.trigger import handle_request
 
 processor = BatchProcessor(event_type=EventType.SQS)
 
 
-get_deps = functools.cache(service.deps_from_env)  # clients created once per container
+get_deps = functools.cache(deps_from_env)  # clients created once per container
 
 
 def record_handler(record: SQSRecord) -> None:

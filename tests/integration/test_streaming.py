@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from stratus import service
+from stratus.deps import deps_from_env
 from stratus.chunks import Chunk, ChunkStore, first_seq
 from stratus.contracts import Status, parse_request
 from stratus.errors import InvalidRequest
@@ -41,7 +41,7 @@ def text_of(evs: list, route: str = "chat") -> str:
 
 @pytest.fixture
 def deps(stack):
-    return service.deps_from_env()
+    return deps_from_env()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from stratus.contracts import Job, QueueMessage, Status, parse_request
 from stratus.errors import InvalidRequest, StratusError
 from stratus.observability import logger
-from stratus.service import completion_body, error_body, job_view
+from stratus.shapes import completion_body, error_body, job_view
 from stratus_engine.engine import GenerationRequest
 from stratus_worker.results import chunk_error
 from stratus_worker.worker import Worker

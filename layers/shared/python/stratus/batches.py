@@ -31,12 +31,14 @@ from dataclasses import dataclass, field
 from aws_lambda_powertools.metrics import MetricUnit
 from boto3.dynamodb.conditions import Key
 
-from stratus.contracts import ROUTE_PATHS, Job, QueueMessage, Status, json_object, parse_request, require_unicode
-from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge
-from stratus.keys import check_tenant
-from stratus.jobstore import check_sizes, load_result
+from stratus.contracts import ROUTE_PATHS, QueueMessage, Status, json_object, require_unicode
+from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge, StratusError
+from stratus.keys import Tenant, check_tenant
+from stratus.jobstore import load_result
 from stratus.observability import logger, metrics
-from stratus.service import Deps, completion_body, job_id_for
+from stratus import submission
+from stratus.deps import Deps
+from stratus.shapes import completion_body
 
 INPUT_PREFIX, FILES_PREFIX = "batches/input/", "batches/files/"
 POSTED = "posted"  # batches/input/<tenant>/posted/<nonce>/<file>: copies made by POST /v1/batches
@@ -45,7 +47,6 @@ OPEN = "open"  # open_batch's one value
 ROUTES = ROUTE_PATHS
 KEEP_S = 30 * 86400  # batch records outlive their jobs' cache TTL: the output files are what matter
 MAX_LINES = 5000  # one ingest must fit the batch function's 5 minutes (a few DynamoDB calls a line)
-WINDOW_S = 86400  # completion window: a line's job expires unstarted after this (the queue keeps messages 1 day)
 
 
 @dataclass
@@ -134,7 +135,7 @@ def parse_line(raw: str, default_model: str) -> tuple[str | None, str, dict, boo
     return custom_id, ROUTES[d["url"]], d["body"], False
 
 
-def _error(exc: InvalidRequest) -> dict:
+def _error(exc: StratusError) -> dict:
     return {"code": exc.code or "invalid_request", "message": exc.message, "param": exc.param}
 
 
@@ -167,7 +168,7 @@ def tenant_of_upload(key: str) -> str:
 def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
     """Ingest one input file: validate every line, create and enqueue the jobs, record the batch.
     Runs in the batch function (up to 5 minutes), never in the API."""
-    s, store = deps.settings, deps.store
+    s = deps.settings
     batch = Batch(batch_id, tenant, key)
     try:  # new, announced by POST /v1/batches (pending), or left "validating" by a crash (resumed);
         # a redelivered event finds it in progress or done
@@ -195,37 +196,21 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
         deps.table.put_item(Item=batch.to_item())
         return batch
     lines, outbox = [], []
+    owner, how = Tenant(tenant, rpm=0, tpm=0), submission.batch_line(s)  # the file was the charge
     for n, raw in enumerate(raw_lines, 1):
         if not raw.strip():
             continue
         line = Line(n, None)
         try:
             line.custom_id, route, body, line.bedrock = parse_line(raw, s.model_id)
-            req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
-            if req.model != s.model_id:
-                raise InvalidRequest(f"model {req.model!r} does not exist; this deployment serves {s.model_id!r}",
-                                     param="model")
-        except InvalidRequest as exc:
+            sub = submission.submit(route, body, owner, deps, how)
+        except (InvalidRequest, NotFound, PayloadTooLarge) as exc:
             line.error = _error(exc)
             lines.append(line)
             continue
-        cacheable = req.params.deterministic
-        line.job_id = job_id_for(req, tenant, s, cacheable)
-        now = deps.clock()
-        job = Job(line.job_id, tenant, Status.QUEUED, req, cacheable, created_at=now,
-                  expires_at=int(now + (s.cache_ttl_s if cacheable else KEEP_S)))
-        message = QueueMessage(line.job_id, tenant, req, enqueued_at=now, deadline=now + WINDOW_S)
-        try:
-            check_sizes(job, message.to_body())
-        except PayloadTooLarge as exc:
-            line.job_id, line.error = None, _error(exc)
-            lines.append(line)
-            continue
-        held = store.get(line.job_id, now=now) if cacheable else None
-        if held is None or held.status != Status.DONE:
-            held, created = store.create(job)
-            if created or (resumed and held.status == Status.QUEUED):  # its message may never have gone
-                outbox.append(message)
+        line.job_id = sub.job_id
+        if sub.created or (resumed and sub.job is not None and sub.job.status == Status.QUEUED):
+            outbox.append(sub.message)  # new, or resumed: its message may never have gone
         lines.append(line)
     _send(outbox, deps)
     state_key = f"batches/state/{batch_id}/lines.json"

@@ -20,7 +20,7 @@ MAX_REPLY_BYTES = 250_000  # SQS takes 256 KiB a message; a bigger response is f
 
 
 def reply_body(job: Job, request_id: str | None) -> dict:
-    from stratus.service import completion_body  # the one place OpenAI bodies are shaped
+    from stratus.shapes import completion_body  # the one place OpenAI bodies are shaped
 
     body = {"id": request_id, "job_id": job.job_id, "status": job.status.value}
     if job.status == Status.DONE:

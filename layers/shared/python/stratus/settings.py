@@ -38,6 +38,7 @@ class Settings:
     shared_cache: bool
     default_rpm: int
     default_tpm: int
+    batch_window_s: int = 86400  # a batch line's job expires unstarted after this (BatchWindowSeconds)
     poll_interval_s: float = 0.025  # how often a waiting request re-reads its job (a strongly consistent read)
     # streaming (stratus.chunks): the table of chunk items, how often a worker flushes a job's text,
     # how often an idle stream sends a comment, and the longest a stream stays open
@@ -69,7 +70,7 @@ class Settings:
         "max_body_bytes": ("STRATUS_MAX_BODY_BYTES", int), "max_messages": ("STRATUS_MAX_MESSAGES", int),
         "max_tokens": ("STRATUS_MAX_TOKENS", int), "shared_cache": ("STRATUS_SHARED_CACHE", _bool),
         "default_rpm": ("STRATUS_DEFAULT_RPM", int), "default_tpm": ("STRATUS_DEFAULT_TPM", int),
-        "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float),
+        "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float), "batch_window_s": ("STRATUS_BATCH_WINDOW_S", int),
         "stream_table": ("STRATUS_STREAM_TABLE", str), "stream_flush_s": ("STRATUS_STREAM_FLUSH_S", float),
         "stream_keepalive_s": ("STRATUS_STREAM_KEEPALIVE_S", float), "stream_max_s": ("STRATUS_STREAM_MAX_S", float),
         "trigger_tenant": ("STRATUS_TRIGGER_TENANT", str), "reply_queue_pattern": ("STRATUS_REPLY_QUEUE_PATTERN", str),

@@ -29,7 +29,9 @@ from stratus.contracts import InferenceRequest, Job, Status, StreamOptions, stre
 from stratus.errors import InvalidRequest
 from stratus.keys import Tenant
 from stratus.observability import logger
-from stratus.service import Deps, admit, charge_and_enqueue, with_result
+from stratus import submission
+from stratus.deps import Deps
+from stratus.service import with_result
 
 CONTENT_TYPE = "text/event-stream"
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -178,12 +180,11 @@ def open_stream(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_con
         return None
     if deps.stream_table is None:
         raise InvalidRequest("streaming is not configured on this deployment (no stream table)", param="stream")
-    a = admit(route, body, tenant, deps, cache_control=cache_control, streaming=True)
-    if a.hit is not None:
-        return Stream(deps, tenant, a.req, a.hit, options, hit=True)
-    job, created = charge_and_enqueue(a, tenant, deps, stream=True)
-    if not created and not deps.store.mark_streamed(job.job_id):
-        finished = deps.store.get(job.job_id)  # finished meanwhile: streamed from the job item
+    sub = submission.submit(route, body, tenant, deps, submission.api(deps.settings, cache_control, stream=True))
+    if sub.hit is not None:
+        return Stream(deps, tenant, sub.req, sub.hit, options, hit=True)
+    if not sub.created and not deps.store.mark_streamed(sub.job_id):
+        finished = deps.store.get(sub.job_id)  # finished meanwhile: streamed from the job item
         if finished is not None and finished.status.finished:
-            return Stream(deps, tenant, a.req, with_result(finished, deps), options, hit=True)
-    return Stream(deps, tenant, a.req, job, options, hit=False)
+            return Stream(deps, tenant, sub.req, with_result(finished, deps), options, hit=True)
+    return Stream(deps, tenant, sub.req, sub.job, options, hit=False)

@@ -16,13 +16,14 @@ import fnmatch
 import json
 from dataclasses import dataclass
 
-from stratus.contracts import ROUTE_PATHS, Status, json_object, parse_request, require_unicode
-from stratus.errors import InvalidRequest, PayloadTooLarge
+from stratus import submission
+from stratus.contracts import ROUTE_PATHS, Status, json_object, require_unicode
+from stratus.deps import Deps
+from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge
 from stratus.jobstore import load_result
 from stratus.keys import Tenant
 from stratus.observability import logger
 from stratus.replies import send_reply
-from stratus.service import Deps, enqueue, job_id_for, prepare
 
 ROUTES = ROUTE_PATHS
 
@@ -65,23 +66,14 @@ def handle_request(raw: str, deps: Deps) -> str:
         return ""
     tenant = Tenant(msg.tenant, rpm=0, tpm=0)
     try:
-        req = parse_request(msg.route, msg.body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
-        if req.model != s.model_id:
-            raise InvalidRequest(f"model {req.model!r} does not exist; this deployment serves {s.model_id!r}",
-                                 param="model")
-        cacheable = req.params.deterministic
-        job_id = job_id_for(req, tenant.name, s, cacheable)
-        prepared = prepare(req, tenant, job_id, cacheable, deps)  # sizes: a 413 is answered, not retried
-    except (InvalidRequest, PayloadTooLarge) as exc:
+        job_id = submission.submit(msg.route, msg.body, tenant, deps, submission.queue_message(s)).job_id
+    except (InvalidRequest, NotFound, PayloadTooLarge) as exc:  # answered, not retried
         if msg.reply_to:
             error = {"id": msg.id, "job_id": None, "status": Status.FAILED.value,
                      "error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
             deps.sqs.send_message(QueueUrl=msg.reply_to, MessageBody=json.dumps(error, separators=(",", ":")))
         logger.info("request message invalid", extra={"reason": exc.message})
         return ""
-    hit = deps.store.get(job_id, now=deps.clock()) if cacheable else None
-    if hit is None or hit.status != Status.DONE:
-        job_id = enqueue(req, tenant, job_id, cacheable, deps, prepared=prepared)[0].job_id
     if msg.reply_to:
         reply = {"queue_url": msg.reply_to, "id": msg.id}
         if not deps.store.watch(job_id, reply):  # finished already (a cache hit, or just now)

@@ -1,0 +1,43 @@
+"""OpenAI response bodies, shaped in one place for the API, the streaming path, batch output
+files, queue replies and SageMaker's /invocations."""
+
+from __future__ import annotations
+
+from stratus.contracts import Job, Status
+from stratus.errors import StratusError
+from stratus.settings import Settings
+
+
+def job_view(job: Job) -> dict:
+    view = {"id": job.job_id, "object": "job", "status": job.status.value, "created_at": int(job.created_at),
+            "model": job.request.model, "endpoint": {"chat": "/v1/chat/completions", "completion": "/v1/completions"}[job.request.route]}
+    if job.status == Status.DONE:
+        view["response"] = completion_body(job)
+    for name in ("usage", "timings", "error"):
+        if getattr(job, name) is not None:
+            view[name] = getattr(job, name)
+    return view
+
+
+def completion_body(job: Job) -> dict:
+    """The OpenAI response body for a DONE job."""
+    result, req = job.result or {}, job.request
+    common = {"created": int(job.created_at), "model": req.model,
+              "usage": job.usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+    if req.route == "chat":
+        return {"id": f"chatcmpl-{job.job_id}", "object": "chat.completion", **common,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.get("text", "")},
+                             "finish_reason": result.get("finish_reason", "stop"), "logprobs": None}]}
+    return {"id": f"cmpl-{job.job_id}", "object": "text_completion", **common,
+            "choices": [{"index": 0, "text": result.get("text", ""), "finish_reason": result.get("finish_reason", "stop"),
+                         "logprobs": None}]}
+
+
+def models_body(settings: Settings) -> dict:
+    return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": 0,
+                                        "owned_by": "stratus", "digest": settings.model_digest,
+                                        "context_length": settings.context_length}]}
+
+
+def error_body(exc: StratusError) -> dict:
+    return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}

@@ -1,0 +1,128 @@
+"""One way a request becomes a job, for the API (whole or streamed), batch lines and
+requests-queue messages.
+
+  submit(route, body, tenant, deps, how) -> Submission
+    validate (fields, the model, a sure lower bound of the prompt's tokens vs the context length)
+    -> job id (the cache key when cacheable) -> a cached result? (Submission.hit: nothing written)
+    -> the job item and queue message, checked against DynamoDB's and SQS's sizes (413)
+    -> charge the tenant's limits (How.charge) -> conditional put (identical live jobs coalesce)
+    -> SendMessage (How.send; batch ingest collects the messages and sends ten at a time)
+
+What differs on purpose between callers is `How`:
+  API           deadline job_deadline_s, charged, sent at once, may stream
+  batch line    deadline batch_window_s (the batch's completion window), not charged, collected
+  queue message deadline job_deadline_s, not charged (its sender is trusted by IAM), sent at once
+Everything else is the same: a cacheable job is kept cache_ttl_s; one that is not, until its
+deadline + 1 h (it exists only to be polled or streamed).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from aws_lambda_powertools.metrics import MetricUnit
+
+from stratus.cache_key import cache_key
+from stratus.contracts import InferenceRequest, Job, QueueMessage, Status, parse_request
+from stratus.deps import Deps
+from stratus.errors import InvalidRequest, NotFound, Unavailable
+from stratus.jobstore import check_sizes, load_result
+from stratus.keys import Tenant, charge
+from stratus.observability import logger, metrics
+from stratus.settings import Settings
+
+MAX_BYTES_PER_TOKEN = 32  # no token of a byte-level BPE vocabulary we serve is longer; workers check exactly
+KEEP_AFTER_DEADLINE_S = 3600  # a job that is not cacheable stays readable this long after its deadline
+
+
+@dataclass(frozen=True)
+class How:
+    deadline_s: float  # the job expires unstarted after this
+    charge: bool = True  # tenant limits apply
+    send: bool = True  # send the message now (False: the caller sends Submission.message)
+    streaming: bool = False  # `stream: true` is allowed, and marks the message (the worker writes chunks)
+    cache_control: str = ""  # the request's Cache-Control header
+
+
+def api(settings: Settings, cache_control: str = "", *, stream: bool = False) -> How:
+    return How(settings.job_deadline_s, charge=True, streaming=stream, cache_control=cache_control)
+
+
+def batch_line(settings: Settings) -> How:
+    return How(settings.batch_window_s, charge=False, send=False)
+
+
+def queue_message(settings: Settings) -> How:
+    return How(settings.job_deadline_s, charge=False)
+
+
+@dataclass(frozen=True)
+class Submission:
+    req: InferenceRequest
+    job_id: str
+    cacheable: bool
+    hit: Job | None = None  # a DONE cached job, its result loaded: nothing was written
+    job: Job | None = None  # the job as created, or the live job this request joined
+    created: bool = False
+    message: QueueMessage | None = None  # its queue message (sent unless How.send is False)
+
+
+def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: How) -> Submission:
+    s = deps.settings
+    req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens,
+                        streaming=how.streaming)
+    if req.model != s.model_id:
+        raise NotFound(f"model {req.model!r} does not exist; this deployment serves {s.model_id!r}", param="model")
+    min_tokens = req.text_bytes // MAX_BYTES_PER_TOKEN  # no tokenizer here: a sure lower bound
+    if min_tokens + req.params.max_tokens > s.context_length:
+        raise InvalidRequest(f"the prompt ({req.text_bytes} bytes, at least {min_tokens} tokens) + max_tokens "
+                             f"({req.params.max_tokens}) exceeds the model's context length of {s.context_length}",
+                             param="messages" if route == "chat" else "prompt")
+    directives = {d.strip().lower() for d in how.cache_control.split(",") if d.strip()}
+    no_store, refresh = "no-store" in directives, "no-cache" in directives
+    cacheable = req.params.deterministic and not no_store
+    job_id = job_id_for(req, tenant.name, s, cacheable)
+    logger.append_keys(job_id=job_id, tenant=tenant.name)
+    if cacheable and not refresh:
+        hit = deps.store.get(job_id, now=deps.clock())
+        if hit is not None and hit.status == Status.DONE:
+            metrics.add_metric(name="CacheHits", unit=MetricUnit.Count, value=1)
+            logger.info("cache hit")
+            return Submission(req, job_id, cacheable, hit=load_result(hit, deps.s3))
+    now = deps.clock()
+    ttl = s.cache_ttl_s if cacheable else how.deadline_s + KEEP_AFTER_DEADLINE_S
+    job = Job(job_id, tenant.name, Status.QUEUED, req, cacheable, created_at=now, expires_at=int(now + ttl))
+    message = QueueMessage(job_id, tenant.name, req, enqueued_at=now, deadline=now + how.deadline_s,
+                           stream=how.streaming)
+    check_sizes(job, message.to_body())  # a 413 before anything is written or charged
+    if how.charge:  # limits guard GPU time: only work that may reach a worker is charged
+        charge(deps.table, tenant, req.text_bytes // 4 + req.params.max_tokens, now=now)
+    held, created = deps.store.create(job, refresh=refresh)
+    if not created:
+        metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
+        logger.info("coalesced on a live job", extra={"status": held.status.value})
+        return Submission(req, job_id, cacheable, job=held, created=False, message=message)
+    if how.send:
+        send(message, deps)
+    metrics.add_metric(name="CacheMisses", unit=MetricUnit.Count, value=1)
+    return Submission(req, job_id, cacheable, job=job, created=True, message=message)
+
+
+def send(message: QueueMessage, deps: Deps) -> None:
+    """SendMessage for a job just created; if it cannot go, the job fails (never stays QUEUED)."""
+    try:
+        deps.sqs.send_message(QueueUrl=deps.settings.queue_url, MessageBody=message.to_body())
+    except Exception as exc:  # botocore raises many types
+        deps.store.transition(message.job_id, [Status.QUEUED], Status.FAILED, error={
+            "message": "could not enqueue the job", "type": "server_error", "code": "enqueue_failed"})
+        raise Unavailable("the jobs queue is unavailable; retry later") from exc
+    metrics.add_metric(name="JobsQueued", unit=MetricUnit.Count, value=1)
+    logger.info("queued")
+
+
+def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool) -> str:
+    """Cacheable requests meet on their cache key ("c" + SHA-256); others get a random id ("j" + uuid)."""
+    if cacheable:
+        return "c" + cache_key(req, model_digest=s.model_digest, scope="*" if s.shared_cache else tenant)
+    return "j" + uuid.uuid4().hex
