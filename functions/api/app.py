@@ -19,7 +19,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from stratus import batches, service, shapes, streaming
+from stratus import batches, openapi, service, shapes, streaming
 from stratus.deps import deps_from_env
 from stratus.contracts import require_unicode
 from stratus.errors import InvalidRequest, PayloadTooLarge, RateLimited, StratusError, Unavailable
@@ -38,7 +38,9 @@ def _tenant() -> Tenant:
 
 
 def _body() -> dict:
-    return parse_body(app.current_event.decoded_body or "", get_deps().settings.max_body_bytes)
+    event = app.current_event  # bytes that are not UTF-8 arrive base64-encoded: parse_body says 400, not 500
+    raw = base64.b64decode(event.body or "") if event.is_base64_encoded else (event.body or "")
+    return parse_body(raw, get_deps().settings.max_body_bytes)
 
 
 def parse_body(raw: str | bytes, limit: int):
@@ -136,6 +138,11 @@ def file_content(file_id: str) -> Response:
 def models() -> Response:
     _tenant()
     return _reply(service.Reply(200, shapes.models_body(get_deps().settings)))
+
+
+@app.get("/openapi.json")
+def openapi_document() -> Response:
+    return _reply(service.Reply(200, openapi.spec(get_deps().settings)))
 
 
 @app.get("/health")

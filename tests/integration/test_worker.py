@@ -59,8 +59,8 @@ def test_queued_jobs_are_generated_then_served_from_the_cache(stack, key, make_w
     ids = [submit(stack, key, chat(f"question {i}")) for i in range(5)]
     ids.append(submit(stack, key, {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}))
     make_worker()
-    done = wait_until(lambda: all(job(stack, j).status == Status.DONE for j in ids))
-    assert done and queue_depth(stack) == 0
+    assert wait_until(lambda: all(job(stack, j).status == Status.DONE for j in ids))
+    assert wait_until(lambda: queue_depth(stack) == 0)  # each message is deleted just after its result
     j = job(stack, ids[0])
     assert j.usage["completion_tokens"] >= 1 and j.timings["ttft_s"] > 0 and j.worker == "w0"
     status, body, headers = stack.call("api_chat_completion.json", key=key, body=chat("question 0"))

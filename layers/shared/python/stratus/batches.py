@@ -259,7 +259,8 @@ def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
     if not isinstance(body, dict) or not isinstance(body.get("input_file_id"), str) or not body["input_file_id"]:
         raise InvalidRequest("input_file_id is required: the name of a file under "
                              f"s3://{deps.settings.bucket}/{FILES_PREFIX}{tenant}/", param="input_file_id")
-    if body.get("endpoint", "/v1/chat/completions") not in ROUTES:
+    endpoint = body.get("endpoint", "/v1/chat/completions")
+    if not isinstance(endpoint, str) or endpoint not in ROUTES:
         raise InvalidRequest(f"endpoint must be one of {', '.join(ROUTES)}", param="endpoint")
     bucket, name = deps.settings.bucket, body["input_file_id"]
     source = f"{FILES_PREFIX}{tenant}/{name}"

@@ -132,6 +132,7 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     require_unicode(body, "the request body")
+    stream_options(body)  # its shape, on every route (stream itself is refused below where nothing streams)
     for name, ok in _UNSUPPORTED.items():
         if name == "stream" and streaming:
             continue
@@ -155,12 +156,17 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise InvalidRequest("prompt must be a non-empty string", param="prompt")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    for name in ("max_tokens", "max_completion_tokens"):  # each is checked; the newer name wins
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 1 <= value <= max_tokens_limit):
+            raise InvalidRequest(f"{name} must be an integer in [1, {max_tokens_limit}], got {value!r}", param=name)
+    max_tokens = body.get("max_completion_tokens")
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
     max_tokens = 256 if max_tokens is None else max_tokens
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_tokens_limit:
-        raise InvalidRequest(f"max_tokens must be an integer in [1, {max_tokens_limit}], got {max_tokens!r}",
-                             param="max_tokens")
     stop = body.get("stop")
+    if stop is not None and not isinstance(stop, (str, list)):
+        raise InvalidRequest(f"stop must be a string or a list of strings, got {type(stop).__name__}", param="stop")
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0),
@@ -181,18 +187,15 @@ class StreamOptions:
 def stream_options(body: dict) -> StreamOptions | None:
     """None for a whole response; StreamOptions for `stream: true` (InvalidRequest naming the field)."""
     stream, options = body.get("stream"), body.get("stream_options")
-    if stream not in (None, True, False):
+    if stream is not None and not isinstance(stream, bool):  # (0 == False in Python: not good enough)
         raise InvalidRequest(f"stream must be true or false, got {stream!r}", param="stream")
-    if not stream:
-        if options is not None:
-            raise InvalidRequest("stream_options is only allowed with stream: true", param="stream_options")
-        return None
-    if options is None:
-        return StreamOptions()
-    usage = options.get("include_usage", False) if isinstance(options, dict) else None
-    if not isinstance(usage, bool) or set(options) - {"include_usage", "include_obfuscation"}:
-        raise InvalidRequest("stream_options must be {\"include_usage\": true|false}", param="stream_options")
-    return StreamOptions(usage)
+    usage = False
+    if options is not None:  # checked whether or not it streams; ignored when it does not
+        usage = options.get("include_usage", False) if isinstance(options, dict) else None
+        flags = [usage, options.get("include_obfuscation", False)] if isinstance(options, dict) else [None]
+        if not all(isinstance(f, bool) for f in flags) or set(options) - {"include_usage", "include_obfuscation"}:
+            raise InvalidRequest("stream_options must be {\"include_usage\": true|false}", param="stream_options")
+    return StreamOptions(usage) if stream else None
 
 
 def _message(i: int, m) -> dict:
@@ -205,6 +208,9 @@ def _message(i: int, m) -> dict:
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             raise InvalidRequest(f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content")
+        if not all(isinstance(p.get("text"), str) for p in content):
+            raise InvalidRequest(f"messages[{i}].content: each text part needs a string `text`",
+                                 param=f"messages[{i}].content")
         content = "".join(p.get("text", "") for p in content)
     if not isinstance(content, str):
         raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")

@@ -1,0 +1,172 @@
+"""The API's OpenAPI 3.0 description, served at GET /openapi.json and fuzzed in the test suite
+(schemathesis). Built from the code's own limits (settings, params, contracts), so the document
+says what the code enforces.
+"""
+
+from __future__ import annotations
+
+from stratus.contracts import ROUTE_PATHS
+from stratus.params import MAX_STOP_STRINGS
+from stratus.settings import Settings
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _errors(*statuses: int) -> dict:
+    return {str(s): {"description": DESCRIPTIONS[s], "content": {JSON: {"schema": _ref("Error")}}} for s in statuses}
+
+
+DESCRIPTIONS = {400: "invalid request (the field is named)", 401: "missing or unknown API key",
+                404: "not found (or another tenant's)", 409: "conflicts with the job's state",
+                413: "too large for the body limit, SQS or DynamoDB", 429: "a tenant limit (Retry-After)",
+                503: "unavailable for a moment (Retry-After)"}
+COMMON = (400, 401, 413, 429, 503)
+
+
+def _sampling(s: Settings, streams: bool = True) -> dict:
+    stop = {"oneOf": [{"type": "string", "minLength": 1},
+                      {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS}],
+            "nullable": True}
+    return {
+        "model": {"type": "string", "minLength": 1, "example": s.model_id},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": s.max_tokens, "nullable": True},
+        "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": s.max_tokens, "nullable": True},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "nullable": True},
+        "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "nullable": True},
+        "top_k": {"type": "integer", "minimum": 0, "nullable": True},
+        "repetition_penalty": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 10,
+                               "nullable": True},
+        "seed": {"type": "integer", "nullable": True},
+        "stop": stop,
+        "stream": {"type": "boolean", "nullable": True} if streams else
+                  {"type": "boolean", "enum": [False, None], "nullable": True},  # jobs are answered whole
+        "stream_options": {"type": "object", "nullable": True, "additionalProperties": False,
+                           "properties": {"include_usage": {"type": "boolean"},
+                                          "include_obfuscation": {"type": "boolean"}}},
+    }
+
+
+def _schemas(s: Settings) -> dict:
+    text_part = {"type": "object", "required": ["type", "text"],
+                 "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
+    message = {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]}}}
+    usage = {"type": "object", "properties": {k: {"type": "integer"} for k in
+                                              ("prompt_tokens", "completion_tokens", "total_tokens")}}
+    choice = {"type": "object", "properties": {"index": {"type": "integer"}, "finish_reason": {"type": "string"}}}
+    return {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type"], "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True}, "code": {"type": "string", "nullable": True}}}}},
+        **{f"{kind}Request": {"type": "object", "required": ["model", "messages"], "properties": {
+            **_sampling(s, streams), "messages": {"type": "array", "items": message, "minItems": 1,
+                                                  "maxItems": s.max_messages}}}
+           for kind, streams in (("Chat", True), ("JobChat", False))},
+        **{f"{kind}Request": {"type": "object", "required": ["model", "prompt"], "properties": {
+            **_sampling(s, streams), "prompt": {"oneOf": [{"type": "string", "minLength": 1},
+                                                          {"type": "array", "items": {"type": "string", "minLength": 1},
+                                                           "minItems": 1, "maxItems": 1}]}}}
+           for kind, streams in (("Completion", True), ("JobCompletion", False))},
+        "Chunk": {"type": "object", "required": ["id", "object", "choices"], "properties": {
+            "id": {"type": "string"}, "object": {"type": "string", "enum": ["chat.completion.chunk", "text_completion"]},
+            "created": {"type": "integer"}, "model": {"type": "string"}, "choices": {"type": "array"},
+            "usage": {"type": "object", "nullable": True}}},
+        "Completion": {"type": "object", "required": ["id", "object", "choices"], "properties": {
+            "id": {"type": "string"}, "object": {"type": "string", "enum": ["chat.completion", "text_completion"]},
+            "created": {"type": "integer"}, "model": {"type": "string"},
+            "choices": {"type": "array", "items": choice}, "usage": usage}},
+        "Job": {"type": "object", "required": ["id", "object", "status"], "properties": {
+            "id": {"type": "string"}, "object": {"type": "string", "enum": ["job"]},
+            "status": {"type": "string", "enum": ["QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "EXPIRED"]},
+            "created_at": {"type": "integer"}, "model": {"type": "string"}, "endpoint": {"type": "string"}}},
+        "Batch": {"type": "object", "required": ["id", "object", "status"], "properties": {
+            "id": {"type": "string"}, "object": {"type": "string", "enum": ["batch"]},
+            "status": {"type": "string"}, "request_counts": {"type": "object"}}},
+        "BatchRequest": {"type": "object", "required": ["input_file_id"], "properties": {
+            "input_file_id": {"type": "string", "minLength": 1},
+            "endpoint": {"type": "string", "enum": list(ROUTE_PATHS)},
+            "completion_window": {"type": "string"}}},
+        "List": {"type": "object", "required": ["object", "data"], "properties": {
+            "object": {"type": "string", "enum": ["list"]}, "data": {"type": "array", "items": {"type": "object"}}}},
+    }
+
+
+def _completion_route(summary: str, request: str) -> dict:
+    return {"post": {
+        "summary": summary, "security": [{"bearer": []}],
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(request)}}},
+        "responses": {
+            "200": {"description": "the completion (or, with stream: true, server-sent events)",
+                    "content": {JSON: {"schema": _ref("Completion")}, "text/event-stream": {"schema": {
+                        # each event: `data` is a JSON chunk (Chunk), an in-band Error, or "[DONE]"
+                        "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}}},
+            "202": {"description": "still running: poll Location", "content": {JSON: {"schema": _ref("Job")}}},
+            **_errors(*COMMON, 404), "409": {"description": "the job was cancelled",
+                                             "content": {JSON: {"schema": _ref("Error")}}},
+            "500": {"description": "the job failed on the workers", "content": {JSON: {"schema": _ref("Error")}}}}}}
+
+
+def _id(name: str) -> dict:
+    return {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": name}
+
+
+def spec(s: Settings) -> dict:
+    job = {"content": {JSON: {"schema": _ref("Job")}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Stratus", "version": "1", "description": "OpenAI-compatible inference: chat and "
+                 "text completions (whole or streamed), jobs, batches, files, models."},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": _schemas(s)},
+        "paths": {
+            "/v1/chat/completions": _completion_route("Chat completion", "ChatRequest"),
+            "/v1/completions": _completion_route("Text completion", "CompletionRequest"),
+            "/v1/jobs": {"post": {"summary": "Submit a chat or completion request as a job", "security": [{"bearer": []}],
+                                  "requestBody": {"required": True, "content": {JSON: {"schema": {"oneOf": [
+                                      _ref("JobChatRequest"), _ref("JobCompletionRequest")]}}}},
+                                  "responses": {"202": {"description": "queued", **job},
+                                                "200": {"description": "already known", **job}, **_errors(*COMMON, 404)}}},
+            "/v1/jobs/{id}": {
+                "get": {"summary": "A job", "security": [{"bearer": []}], "parameters": [_id("job id")],
+                        "responses": {"200": {"description": "the job", **job}, **_errors(401, 404, 503)}},
+                "delete": {"summary": "Cancel a job", "security": [{"bearer": []}], "parameters": [_id("job id")],
+                           "responses": {"200": {"description": "cancelled", **job}, **_errors(401, 404, 409, 503)}}},
+            "/v1/batches": {
+                "post": {"summary": "Create a batch from an uploaded file", "security": [{"bearer": []}],
+                         "requestBody": {"required": True, "content": {JSON: {"schema": _ref("BatchRequest")}}},
+                         "responses": {"200": {"description": "the batch", "content": {JSON: {"schema": _ref("Batch")}}},
+                                       **_errors(*COMMON, 404)}},
+                "get": {"summary": "This tenant's batches, newest first", "security": [{"bearer": []}],
+                        "responses": {"200": {"description": "a list", "content": {JSON: {"schema": _ref("List")}}},
+                                      **_errors(401, 503)}}},
+            "/v1/batches/{id}": {"get": {"summary": "A batch", "security": [{"bearer": []}], "parameters": [_id("batch id")],
+                                         "responses": {"200": {"description": "the batch",
+                                                               "content": {JSON: {"schema": _ref("Batch")}}},
+                                                       **_errors(401, 404, 503)}}},
+            "/v1/files": {"post": {"summary": "Upload a batch input file", "security": [{"bearer": []}],
+                                   "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                                       "type": "object", "required": ["file"], "properties": {
+                                           "file": {"type": "string", "format": "binary"},
+                                           "purpose": {"type": "string"}}}}}},
+                                   "responses": {"200": {"description": "the file",
+                                                         "content": {JSON: {"schema": {"type": "object"}}}},
+                                                 **_errors(*COMMON)}}},
+            "/v1/files/{id}/content": {"get": {"summary": "A file's content", "security": [{"bearer": []}],
+                                               "parameters": [_id("file id")],
+                                               "responses": {"200": {"description": "JSON lines",
+                                                                     "content": {"application/jsonl": {"schema": {"type": "string"}}}},
+                                                             **_errors(401, 404, 413, 503)}}},
+            "/v1/models": {"get": {"summary": "The model this deployment serves", "security": [{"bearer": []}],
+                                   "responses": {"200": {"description": "a list", "content": {JSON: {"schema": _ref("List")}}},
+                                                 **_errors(401, 503)}}},
+            "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok",
+                                                                          "content": {JSON: {"schema": {"type": "object"}}}}}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {
+                "description": "OpenAPI 3.0", "content": {JSON: {"schema": {"type": "object"}}}}}}},
+        },
+    }
