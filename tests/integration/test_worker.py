@@ -320,3 +320,27 @@ def test_a_finished_job_that_is_not_cacheable_forgets_its_prompt(stack, key, mak
     assert "keep me" in items[greedy]["prompt"]
     status, view, _ = stack.call("api_get_job.json", key=key, job_id=sampled)
     assert status == 200 and view["status"] == "DONE" and view["response"]["choices"][0]["message"]["content"]
+
+
+def test_a_message_redelivered_while_held_is_deleted_with_its_newest_receipt(stack, make_worker):
+    # Given a worker holding a message whose lease lapsed, so SQS delivered it again
+    from stratus_worker.worker import Held
+
+    w = make_worker()
+    w.stop()  # its loop ends: this test drives admit() itself
+    wait_until(lambda: not w.held and w.stopping.is_set())
+    msg = QueueMessage("j" + "3" * 32, "acme", parse_request("chat", chat("held twice"), max_messages=8,
+                                                             max_tokens_limit=64),
+                       enqueued_at=time.time(), deadline=time.time() + 60)
+    stack.sqs.send_message(QueueUrl=stack.refs["JobsQueue"], MessageBody=msg.to_body())
+    first = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], VisibilityTimeout=1)["Messages"][0]
+    again = wait_until(lambda: stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], VisibilityTimeout=30,
+                                                         AttributeNames=["All"]).get("Messages"), timeout=10)[0]
+    with w._lock:
+        w.held[msg.job_id] = Held(msg, first["ReceiptHandle"], time.time())
+    # When the worker sees the second delivery
+    w.admit(again)
+    # Then the held generation owns the newest receipt, whose delete removes the message
+    assert w.held[msg.job_id].receipt == again["ReceiptHandle"] != first["ReceiptHandle"]
+    w.leases.delete(w.held.pop(msg.job_id).receipt)
+    assert queue_depth(stack) == 0

@@ -161,8 +161,11 @@ class Worker:
 
     def admit(self, m: dict) -> None:
         msg = QueueMessage.from_body(m["Body"])
-        if msg.job_id in self.held:  # a duplicate of a message we are serving: it comes back, finished, later
-            return
+        with self._lock:
+            held = self.held.get(msg.job_id)
+            if held is not None:  # our own message again (its lease lapsed): only the newest receipt
+                held.receipt = m["ReceiptHandle"]  # extends and deletes it (SQS ignores older ones)
+                return
         attempt = int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1))
         outcome, ids = self.jobs.start(msg, attempt)
         if outcome == DONE_WITH_MESSAGE:
