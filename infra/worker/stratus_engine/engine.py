@@ -133,6 +133,14 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.model.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def check_request(self, prompt_tokens: int, params: SamplingParams) -> None:
+        """What only the engine can check: the context length, and logit_bias ids in the vocabulary."""
+        self.check_fits(prompt_tokens, params.max_tokens)
+        vocab = self.model.spec.vocab_size
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:
+            raise InvalidRequest(f"logit_bias names token {params.logit_bias[-1][0]}; this model's vocabulary has "
+                                 f"{vocab} tokens (ids 0-{vocab - 1})", param="logit_bias")
+
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens < 1:
             raise InvalidRequest("the prompt is empty", param="prompt")
@@ -141,7 +149,7 @@ class Engine:
 
     def submit(self, req: GenerationRequest) -> Future:
         """Queue a request; the future resolves to a GenerationResult. Raises on requests that cannot fit."""
-        self.check_fits(len(req.prompt_ids), req.params.max_tokens)
+        self.check_request(len(req.prompt_ids), req.params)
         seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
         row = _Row(req, Future(), time.monotonic(), np.random.default_rng(seed))
         row.future.set_running_or_notify_cancel()
@@ -241,7 +249,8 @@ class Engine:
 
     def _accept(self, rows: list[_Row], logits: np.ndarray) -> None:
         """Sample one token per row, record it, and finish rows that are done."""
-        tokens = sample(logits, [r.req.params for r in rows], [r.seen for r in rows], [r.rng for r in rows])
+        tokens = sample(logits, [r.req.params for r in rows], [r.seen for r in rows], [r.rng for r in rows],
+                        [r.out for r in rows])
         for r, tok in zip(rows, tokens):
             p = r.req.params
             if tok in self._eos and not p.ignore_eos:

@@ -22,6 +22,29 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return out
 
 
+def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:  # [V] -> [V]
+    """OpenAI logit_bias: add each bias to its token's logit (ids past the vocabulary are refused
+    before the request runs: Engine.check_request)."""
+    if not bias:
+        return logits
+    out = logits.copy()
+    ids, values = zip(*bias)
+    out[list(ids)] += np.asarray(values)
+    return out
+
+
+def apply_presence_frequency(logits: np.ndarray, generated: list[int], presence: float,
+                             frequency: float) -> np.ndarray:  # [V] -> [V]
+    """OpenAI/vLLM: logit[j] -= frequency * count[j] + presence * (count[j] > 0), counting the
+    tokens generated so far (not the prompt)."""
+    if (presence == 0.0 and frequency == 0.0) or not generated:
+        return logits
+    ids, counts = np.unique(np.asarray(generated, np.int64), return_counts=True)
+    out = logits.copy()
+    out[ids] -= frequency * counts + presence
+    return out
+
+
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:  # [V] -> [V]
     if k <= 0 or k >= logits.shape[-1]:
         return logits
@@ -46,9 +69,12 @@ def softmax(x: np.ndarray) -> np.ndarray:  # [V] -> [V]
     return e / e.sum()
 
 
-def sample_row(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: np.random.Generator) -> int:
-    """logits [V] float32 -> one token id."""
-    x = apply_repetition_penalty(logits.astype(np.float64), seen, params.repetition_penalty)
+def sample_row(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: np.random.Generator,
+               generated: list[int] = ()) -> int:
+    """logits [V] float32 -> one token id. Edits in vLLM's order: bias, then penalties."""
+    x = apply_logit_bias(logits.astype(np.float64), params.logit_bias)
+    x = apply_repetition_penalty(x, seen, params.repetition_penalty)
+    x = apply_presence_frequency(x, list(generated), params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return int(np.argmax(x))
     x = top_p_filter(top_k_filter(x / params.temperature, params.top_k), params.top_p)
@@ -57,8 +83,9 @@ def sample_row(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng
 
 
 def sample(logits: np.ndarray, params: list[SamplingParams], seen: list[np.ndarray],
-           rngs: list[np.random.Generator]) -> list[int]:
-    """logits [B, V] -> B token ids."""
-    if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+           rngs: list[np.random.Generator], generated: list[list[int]] | None = None) -> list[int]:
+    """logits [B, V] -> B token ids; generated: each row's tokens so far (presence/frequency)."""
+    if all(p.greedy and not p.edits_logits for p in params):
         return [int(t) for t in logits.argmax(-1)]
-    return [sample_row(logits[b], params[b], seen[b], rngs[b]) for b in range(len(params))]
+    generated = generated or [[] for _ in params]
+    return [sample_row(logits[b], params[b], seen[b], rngs[b], generated[b]) for b in range(len(params))]

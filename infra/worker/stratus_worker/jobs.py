@@ -48,7 +48,7 @@ class JobStates:
             return self._skip(seen), None
         try:
             ids = self._encode(msg.request)
-            self.engine.check_fits(len(ids), msg.request.params.max_tokens)
+            self.engine.check_request(len(ids), msg.request.params)
         except InvalidRequest as exc:  # permanent: the model cannot serve this request
             self.notify(self.store.transition(job_id, [Status.RUNNING], Status.FAILED, owner=self.worker_id, error={
                 "message": exc.message, "type": exc.error_type, "code": exc.code or "invalid_request"}))

@@ -41,10 +41,7 @@ _UNSUPPORTED = {
     "function_call": lambda v: v in (None, "none"),
     "logprobs": lambda v: v in (None, False, 0),
     "top_logprobs": lambda v: v in (None, 0),
-    "logit_bias": lambda v: not v,
     "response_format": lambda v: v in (None, {"type": "text"}),
-    "presence_penalty": lambda v: v in (None, 0, 0.0),
-    "frequency_penalty": lambda v: v in (None, 0, 0.0),
     "best_of": lambda v: v in (None, 1),
     "echo": lambda v: v in (None, False),
     "suffix": lambda v: v in (None, ""),
@@ -80,10 +77,17 @@ class InferenceRequest:
         return len(self.prompt.encode()) + sum(len(m["content"].encode()) for m in self.messages)
 
 
+def _integral(value):
+    """JSON has one number type: 160.0 is the integer 160 (JSON Schema agrees); 160.5 is not."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**63 else value
+
+
 def _number(body: dict, name: str, default, kind=float):
     value = body.get(name)
     if value is None:
         return default
+    if kind is int:
+        value = _integral(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise InvalidRequest(f"{name} must be a{'n integer' if kind is int else ' number'}, got {value!r}", param=name)
     return kind(value)
@@ -157,12 +161,12 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
         if not isinstance(prompt, str) or not prompt:
             raise InvalidRequest("prompt must be a non-empty string", param="prompt")
     for name in ("max_tokens", "max_completion_tokens"):  # each is checked; the newer name wins
-        value = body.get(name)
+        value = _integral(body.get(name))
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or not 1 <= value <= max_tokens_limit):
             raise InvalidRequest(f"{name} must be an integer in [1, {max_tokens_limit}], got {value!r}", param=name)
-    max_tokens = body.get("max_completion_tokens")
-    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
+    max_tokens = _integral(body.get("max_completion_tokens"))
+    max_tokens = _integral(body.get("max_tokens")) if max_tokens is None else max_tokens
     max_tokens = 256 if max_tokens is None else max_tokens
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, (str, list)):
@@ -174,6 +178,9 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
         top_k=_number(body, "top_k", 0, int),
         repetition_penalty=_number(body, "repetition_penalty", 1.0),
         seed=_number(body, "seed", None, int),
+        presence_penalty=_number(body, "presence_penalty", 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0),
+        logit_bias=_logit_bias_field(body.get("logit_bias")),
         stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop,
     )
     return InferenceRequest(route, model, params, messages, prompt)
@@ -198,13 +205,27 @@ def stream_options(body: dict) -> StreamOptions | None:
     return StreamOptions(usage) if stream else None
 
 
+def _logit_bias_field(value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                              for b in value.values()):
+        raise InvalidRequest("logit_bias must be an object of token ids to numbers in [-100, 100]", param="logit_bias")
+    return value
+
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: newer SDKs'
+                                                                                              # name for system
+
+
 def _message(i: int, m) -> dict:
     if not isinstance(m, dict):
         raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
     role, content = m.get("role"), m.get("content")
-    if role not in ("system", "user", "assistant"):
-        raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant, got {role!r}",
+    if not isinstance(role, str) or role not in ROLES:
+        raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
                              param=f"messages[{i}].role")
+    role = ROLES[role]
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             raise InvalidRequest(f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content")
@@ -310,5 +331,8 @@ class QueueMessage:
             raise NewerMessage(f"message version {d['version']} is newer than this code's {QUEUE_MESSAGE_VERSION}")
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        d["request"] = InferenceRequest.from_json(d["request"])
+        try:
+            d["request"] = InferenceRequest.from_json(d["request"])
+        except TypeError as exc:  # a sampling parameter this code does not implement
+            raise NewerMessage(f"the request uses a sampling parameter this code lacks: {exc}") from None
         return cls(**d)

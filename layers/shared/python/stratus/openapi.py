@@ -1,12 +1,12 @@
-"""The API's OpenAPI 3.0 description, served at GET /openapi.json and fuzzed in the test suite
+"""The API's OpenAPI 3.1 description, served at GET /openapi.json and fuzzed in the test suite
 (schemathesis). Built from the code's own limits (settings, params, contracts), so the document
 says what the code enforces.
 """
 
 from __future__ import annotations
 
-from stratus.contracts import ROUTE_PATHS
-from stratus.params import MAX_STOP_STRINGS
+from stratus.contracts import ROLES, ROUTE_PATHS
+from stratus.params import MAX_LOGIT_BIAS, MAX_STOP_STRINGS
 from stratus.settings import Settings
 
 JSON = "application/json"
@@ -41,6 +41,13 @@ def _sampling(s: Settings, streams: bool = True) -> dict:
         "repetition_penalty": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 10,
                                "nullable": True},
         "seed": {"type": "integer", "nullable": True},
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True},
+        "logit_bias": {"type": "object", "nullable": True, "maxProperties": MAX_LOGIT_BIAS,
+                       "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                       "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                       "description": "token id (a decimal string) -> bias added to its logit; ids must be in "
+                                      "the model's vocabulary (checked by the worker: a FAILED job, 400)"},
         "stop": stop,
         "stream": {"type": "boolean", "nullable": True} if streams else
                   {"type": "boolean", "enum": [False, None], "nullable": True},  # jobs are answered whole
@@ -54,7 +61,7 @@ def _schemas(s: Settings) -> dict:
     text_part = {"type": "object", "required": ["type", "text"],
                  "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
     message = {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+        "role": {"type": "string", "enum": list(ROLES)},
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]}}}
     usage = {"type": "object", "properties": {k: {"type": "integer"} for k in
                                               ("prompt_tokens", "completion_tokens", "total_tokens")}}
@@ -116,10 +123,32 @@ def _id(name: str) -> dict:
     return {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": name}
 
 
+def _json_schema(node):
+    """The schemas above use OpenAPI 3.0's spellings (nullable, boolean exclusiveMinimum); 3.1 is
+    JSON Schema: `type: [T, "null"]`, a numeric exclusiveMinimum (and propertyNames works)."""
+    if isinstance(node, list):
+        return [_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _json_schema(v) for k, v in node.items()}
+    if node.pop("nullable", False):
+        if "type" in node:
+            node["type"] = [node["type"], "null"]
+        elif "oneOf" in node:
+            node["oneOf"] = [*node["oneOf"], {"type": "null"}]
+    if node.get("exclusiveMinimum") is True:
+        node["exclusiveMinimum"] = node.pop("minimum")
+    return node
+
+
 def spec(s: Settings) -> dict:
+    return _json_schema(_spec(s))
+
+
+def _spec(s: Settings) -> dict:
     job = {"content": {JSON: {"schema": _ref("Job")}}}
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "Stratus", "version": "1", "description": "OpenAI-compatible inference: chat and "
                  "text completions (whole or streamed), jobs, batches, files, models."},
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": _schemas(s)},

@@ -10,6 +10,10 @@ from dataclasses import asdict, dataclass, field
 from stratus.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
+# Fields added after the first queue-message format: left out of to_json() at their defaults, so
+# requests that do not use them keep their cache keys and older workers still read them.
+OPTIONAL = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": ()}
 # The engine's sampling arithmetic (stratus_engine.sampling, the engine's stop and EOS handling):
 # bump it with any change that can change a seeded or greedy request's tokens. It is part of every
 # cache key, so results of the old sampling are never served for the new.
@@ -33,6 +37,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
+    presence_penalty: float = 0.0  # OpenAI: minus this for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times how often a token was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), sorted by id
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +60,9 @@ class SamplingParams:
         if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequest(f"stop must be up to {MAX_STOP_STRINGS} non-empty strings, got {list(self.stop)!r}",
                                  param="stop")
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -64,11 +74,34 @@ class SamplingParams:
         """Same request -> same text: greedy, or sampling with an explicit seed (cacheable)."""
         return self.greedy or self.seed is not None
 
+    @property
+    def edits_logits(self) -> bool:
+        """Anything beyond temperature / top-k / top-p: the engine samples this row on its own."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias))
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["stop"] = list(self.stop)
+        d["logit_bias"] = {str(t): b for t, b in self.logit_bias}
+        for name, default in OPTIONAL.items():
+            if getattr(self, name) == default:
+                del d[name]
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> SamplingParams:
-        return cls(**d)
+        return cls(**d)  # an unknown field raises TypeError: never sample by rules this code lacks
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """{"<token id>": bias} (JSON object keys are strings), a dict, or pairs -> sorted (id, bias) pairs."""
+    pairs = value.items() if isinstance(value, dict) else value
+    try:
+        out = sorted((int(t), float(b)) for t, b in pairs)
+    except (TypeError, ValueError):
+        raise InvalidRequest("logit_bias must map token ids to numbers in [-100, 100]", param="logit_bias") from None
+    if len(out) > MAX_LOGIT_BIAS or any(t < 0 or not -100 <= b <= 100 for t, b in out):
+        raise InvalidRequest(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids (>= 0) to numbers in "
+                             "[-100, 100]", param="logit_bias")
+    return tuple(out)
