@@ -135,8 +135,20 @@ def test_tenants_are_isolated(stack, key):
     assert status == 202 and theirs["id"] != mine["id"]  # same request, their own cache scope
 
 
-def test_20_concurrent_identical_misses_queue_one_job(stack, key):
-    # 20 Lambda instances (each its own module, resolver and clients) get the same request at once
+def test_20_concurrent_identical_misses_queue_one_job(stack, key, monkeypatch):
+    # 20 Lambda instances (each its own module, resolver and clients) get the same request at once.
+    # In-process moto applies an update's ADDs one after another without a lock, so a concurrent
+    # rate-limit condition can see `requests` without `tokens` and refuse (a 429 DynamoDB would
+    # never give): the counter updates take turns here; the job puts under test stay concurrent.
+    import stratus.keys
+    import stratus.submission
+
+    turn, real_charge = threading.Lock(), stratus.keys.charge
+
+    def charge_in_turn(*args, **kwargs):
+        with turn:
+            return real_charge(*args, **kwargs)
+    monkeypatch.setattr(stratus.submission, "charge", charge_in_turn)
     results = []
     barrier = threading.Barrier(20)
     instances = [load_handler(load_template(), "ApiFunction")[0] for _ in range(20)]
