@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
@@ -15,6 +16,10 @@ from stratus.errors import InvalidRequest
 from stratus.params import SamplingParams
 
 ROUTES = ("chat", "completion")
+# Job ids, in one place: a cacheable request's is its cache key, "c" + SHA-256; any other's is
+# "j" + a random uuid (kept only to be polled or streamed; its prompt is dropped when it finishes).
+CACHED_PREFIX, UNCACHED_PREFIX = "c", "j"
+JOB_ID = re.compile(r"c[0-9a-f]{64}|j[0-9a-f]{32}")
 
 
 class Status(str, Enum):

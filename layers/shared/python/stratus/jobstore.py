@@ -14,7 +14,7 @@ import time
 
 from botocore.exceptions import ClientError
 
-from stratus.contracts import Job, Status
+from stratus.contracts import UNCACHED_PREFIX, Job, Status
 from stratus.errors import PayloadTooLarge
 
 FINISHED = [s.value for s in Status if s.finished]
@@ -24,7 +24,6 @@ JOB_ITEM_BUDGET = 360_000  # a job item as created, and later with its inline re
 SQS_LIMIT_BYTES = 256 * 1024  # SQS's message size limit
 INLINE_RESULT_BYTES = 300_000  # a result over this (or over what the item has room for) goes to S3
 RETRYABLE = [Status.FAILED.value, Status.CANCELLED.value, Status.EXPIRED.value]
-UNCACHED_PREFIX = "j"  # job ids of requests that are not cacheable (submission.job_id_for)
 UNPROCESSED_TRIES = 6  # BatchGetItem rounds for throttled keys, 50 ms doubling to 1 s between them
 
 

@@ -6,13 +6,12 @@ job routes (GET, DELETE) and their access rule.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus import submission
-from stratus.contracts import Job, Status
+from stratus.contracts import JOB_ID, Job, Status
 from stratus.deps import Deps
 from stratus.errors import Conflict, NotFound
 from stratus.jobstore import load_result
@@ -73,9 +72,6 @@ def finished_reply(job: Job) -> Reply:
 
 def accepted(job: Job) -> Reply:
     return Reply(202, job_view(job), {"location": f"/v1/jobs/{job.job_id}", "retry-after": str(RETRY_AFTER_S)})
-
-
-JOB_ID = re.compile(r"c[0-9a-f]{64}|j[0-9a-f]{32}")  # job_id_for's two shapes
 
 
 def get_job(job_id: str, tenant: Tenant, deps: Deps, *, owner_only: bool = False) -> Job:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.cache_key import cache_key
-from stratus.contracts import InferenceRequest, Job, QueueMessage, Status, parse_request
+from stratus.contracts import CACHED_PREFIX, UNCACHED_PREFIX, InferenceRequest, Job, QueueMessage, Status, parse_request
 from stratus.deps import Deps
 from stratus.errors import InvalidRequest, NotFound, Unavailable
 from stratus.jobstore import check_sizes, load_result
@@ -124,5 +124,5 @@ def send(message: QueueMessage, deps: Deps) -> None:
 def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool) -> str:
     """Cacheable requests meet on their cache key ("c" + SHA-256); others get a random id ("j" + uuid)."""
     if cacheable:
-        return "c" + cache_key(req, model_digest=s.model_digest, scope="*" if s.shared_cache else tenant)
-    return "j" + uuid.uuid4().hex
+        return CACHED_PREFIX + cache_key(req, model_digest=s.model_digest, scope="*" if s.shared_cache else tenant)
+    return UNCACHED_PREFIX + uuid.uuid4().hex
