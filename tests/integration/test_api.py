@@ -216,7 +216,7 @@ def test_cache_hits_are_not_charged_to_the_tenant(stack):
 
 
 def test_refusals_are_counted_by_status_and_reason(stack, key, capsys):
-    stack.call("api_chat_completion.json", key=key, body={**CHAT, "n": 2})
+    stack.call("api_chat_completion.json", key=key, body={**CHAT, "n": 99})
     stack.call("api_chat_completion.json", key="sk-wrong", body=CHAT)
     blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"Refused"' in line]
     reasons = {(b["status"], b["reason"]) for b in blobs if b["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"] == "Refused"}
@@ -225,9 +225,9 @@ def test_refusals_are_counted_by_status_and_reason(stack, key, capsys):
 
 
 @pytest.mark.parametrize("change,status,message", [
-    ({"n": 2}, 400, "n=2 is not supported"),
+    ({"n": 17}, 400, "n must be an integer in [1, 16], got 17"),
     ({"stream": "yes"}, 400, "stream must be true or false"),
-    ({"tools": [{"type": "function"}]}, 400, "tools="),
+    ({"tools": [{"type": "function"}]}, 400, "has no tool-calling format"),
     ({"temperature": 3}, 400, "temperature must be in [0.0, 2.0], got 3"),
     ({"top_p": 1.5}, 400, "top_p must be in (0.0, 1.0], got 1.5"),
     ({"max_tokens": 0}, 400, "max_tokens must be an integer in [1, 4096], got 0"),

@@ -130,8 +130,8 @@ def test_20_concurrent_identical_requests_generate_once(stack):
 
 def test_errors_use_openai_bodies(stack):
     with pytest.raises(Exception) as err:
-        stack.client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "hi"}], n=2)
-    assert err.value.status_code == 400 and "n=2 is not supported" in str(err.value)
+        stack.client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "hi"}], n=17)
+    assert err.value.status_code == 400 and "n must be an integer in [1, 16], got 17" in str(err.value)
     bad = OpenAI(base_url=stack.url, api_key="sk-wrong", max_retries=0)
     with pytest.raises(Exception) as err:
         bad.models.list()

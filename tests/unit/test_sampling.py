@@ -35,7 +35,7 @@ def test_same_seed_same_draws_and_greedy_fast_path():
 @pytest.mark.parametrize("kwargs,message", [
     ({"top_p": 1.5}, "top_p must be in (0.0, 1.0], got 1.5"),
     ({"temperature": -1}, "temperature must be in [0.0, 2.0], got -1"),
-    ({"max_tokens": 0}, "max_tokens must be an integer >= 1, got 0"),
+    ({"max_tokens": 0}, "max_tokens must be an integer >= 1 (0 with echo), got 0"),
     ({"top_k": -2}, "top_k must be an integer >= 0, got -2"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop must be up to 4 non-empty strings"),
 ])

@@ -6,6 +6,12 @@ One scheduler thread calls `step()`; any thread may `submit()`. Each step:
   active  ──────────────────────────────────────────────▶ one decode step for every row ──▶ sample
   finished rows (EOS, stop string, max_tokens, cancelled) leave at once; their slot is reused.
 
+A request with n > 1 is admitted as one group of n rows: its prompt is prefilled once and the
+KV row copied to its siblings, which then sample apart (seeds seed, seed + 1, ...). The group's
+future resolves when its last row finishes. Log-probabilities (params.logprobs) are those of the
+model's raw distribution at each step; echo + logprobs also scores every prompt token, which needs
+the logits of every prompt position (such a prompt is prefilled on its own).
+
 Rows 0..n-1 of the KV cache are live (kv_cache.py): our GroupQueryAttention builds update one
 buffer in place, so no step copies the cache; standard-attention exports (Hugging Face Optimum)
 get the graph's past + new back each step, with unused columns masked out.
@@ -20,6 +26,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -29,7 +36,8 @@ from stratus.params import SamplingParams
 from stratus_engine.chat import render_chat
 from stratus_engine.kv_cache import make_cache
 from stratus_engine.model_dir import LoadedModel, load
-from stratus_engine.sampling import sample
+from stratus_engine.sampling import sample, token_logprobs
+from stratus_engine.tokens import token_bytes
 
 
 def _never() -> bool:
@@ -67,13 +75,50 @@ class Timings:
 
 
 @dataclass(frozen=True)
-class GenerationResult:
-    request_id: str
+class TokenLogprob:
+    token: int
+    logprob: float | None  # None: a prompt's first token (nothing before it to predict it)
+    top: tuple[tuple[int, float], ...] | None  # the k most likely tokens at that position, best first
+
+
+@dataclass(frozen=True)
+class Choice:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" | "length" | "cancelled"
+    logprobs: list[TokenLogprob] | None = None  # one per generated token (the end-of-sequence token
+    #                                             included), up to a stop string; when asked for
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    choices: list[Choice]  # params.n of them
     usage: Usage
     timings: Timings
+    prompt_logprobs: list[TokenLogprob] | None = None  # echo + logprobs: one per prompt token
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choices[0].token_ids
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason
+
+
+def prefill_scored(cache, prompt: list[int], start: int, k: int) -> tuple[np.ndarray, list[TokenLogprob]]:
+    """Prefill one prompt into cache row `start` keeping every position's logits -> (logits at its
+    last token [V], each prompt token's log-probability given the tokens before it)."""
+    ids = np.asarray([prompt], np.int64)
+    logits = cache.prefill(ids, np.ones_like(ids), np.arange(len(prompt), dtype=np.int64)[None], start,
+                           len(prompt))[0]  # [S, V]
+    scored = token_logprobs(logits[:-1], ids[0, 1:], k)
+    return logits[-1], [TokenLogprob(prompt[0], None, None)] + [TokenLogprob(*t) for t in scored]
 
 
 def prefill_last(cache, prompts: list[list[int]], start: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,19 +137,35 @@ def prefill_last(cache, prompts: list[list[int]], start: int) -> tuple[np.ndarra
     return logits[np.arange(len(prompts)), lengths - 1 - (width - logits.shape[1])], lengths
 
 
-@dataclass(eq=False)  # rows are compared by identity
-class _Row:
+@dataclass(eq=False)  # compared by identity
+class _Group:
+    """One GenerationRequest: its n rows, admitted together, resolved together."""
+
     req: GenerationRequest
     future: Future
     submitted: float
-    rng: np.random.Generator
+    rows: list[_Row] = field(default_factory=list)
+    choices: list[Choice | None] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
     admitted: float = 0.0
     first_token: float = 0.0
+
+
+@dataclass(eq=False)  # rows are compared by identity
+class _Row:
+    group: _Group
+    index: int  # which choice
+    rng: np.random.Generator
     length: int = 0  # tokens in the KV cache
     pending: int = -1  # sampled token not yet fed to the model
     out: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     finished: bool = False
+
+    @property
+    def req(self) -> GenerationRequest:
+        return self.group.req
 
 
 class Engine:
@@ -116,7 +177,7 @@ class Engine:
         self.prefill_token_budget = prefill_token_budget
         self.cache = make_cache(model, max_batch, initial_capacity)
         self._eos = set(self.spec.eos_token_ids)
-        self._waiting: deque[_Row] = deque()
+        self._waiting: deque[_Group] = deque()
         self._active: list[_Row] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -130,16 +191,32 @@ class Engine:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode(render_chat(self.spec.chat_template, messages))
 
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """Every token id's exact bytes (logprobs report them)."""
+        return token_bytes(self.model.tokenizer)
+
     def encode(self, text: str) -> list[int]:
         return self.model.tokenizer.encode(text, add_special_tokens=False).ids
 
     def check_request(self, prompt_tokens: int, params: SamplingParams) -> None:
         """What only the engine can check: the context length, and logit_bias ids in the vocabulary."""
         self.check_fits(prompt_tokens, params.max_tokens)
+        if params.n > self.max_batch:
+            raise InvalidRequest(f"n must be at most {self.max_batch} on this worker (its batch size), got {params.n}",
+                                 param="n")
         vocab = self.model.spec.vocab_size
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
             raise InvalidRequest(f"logit_bias names token {params.logit_bias[-1][0]}; this model's vocabulary has "
                                  f"{vocab} tokens (ids 0-{vocab - 1})", param="logit_bias")
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        """A client's own token ids must name tokens of this model."""
+        vocab = self.model.spec.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt token id {bad} is not in this model's vocabulary (ids 0-{vocab - 1})",
+                                 param="prompt")
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens < 1:
@@ -149,14 +226,17 @@ class Engine:
 
     def submit(self, req: GenerationRequest) -> Future:
         """Queue a request; the future resolves to a GenerationResult. Raises on requests that cannot fit."""
-        self.check_request(len(req.prompt_ids), req.params)
-        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
-        row = _Row(req, Future(), time.monotonic(), np.random.default_rng(seed))
-        row.future.set_running_or_notify_cancel()
+        p = req.params
+        self.check_request(len(req.prompt_ids), p)
+        seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
+        group = _Group(req, Future(), time.monotonic(), choices=[None] * p.n)
+        group.rows = [_Row(group, i, np.random.default_rng(seed + i),
+                           logprobs=[] if p.logprobs is not None else None) for i in range(p.n)]
+        group.future.set_running_or_notify_cancel()
         with self._wake:
-            self._waiting.append(row)
+            self._waiting.append(group)
             self._wake.notify()
-        return row.future
+        return group.future
 
     def generate(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
         """Run requests to completion on the calling thread (CLI, tests, benchmarks)."""
@@ -205,39 +285,65 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         with self._lock:
-            cancelled = [r for r in self._waiting if r.req.is_cancelled()]  # one poll per row a step
-            gone = {id(r) for r in cancelled}
-            self._waiting = deque(r for r in self._waiting if id(r) not in gone)
-        for r in cancelled:
-            self._finish(r, "cancelled")
-        for r in [r for r in self._active if r.req.is_cancelled()]:
+            cancelled = [g for g in self._waiting if g.req.is_cancelled()]  # one poll per request a step
+            gone = {id(g) for g in cancelled}
+            self._waiting = deque(g for g in self._waiting if id(g) not in gone)
+        for r in [r for g in cancelled for r in g.rows] + [r for r in self._active if r.req.is_cancelled()]:
             self._finish(r, "cancelled")
         self._compact()
 
-    def _admit(self) -> list[_Row]:
-        new: list[_Row] = []
-        budget = self.prefill_token_budget
+    def _admit(self) -> list[_Group]:
+        new: list[_Group] = []
+        budget, rows = self.prefill_token_budget, len(self._active)
         with self._lock:
-            while self._waiting and len(self._active) + len(new) < self.max_batch:
-                longest = max([len(r.req.prompt_ids) for r in new] + [len(self._waiting[0].req.prompt_ids)])
+            while self._waiting and rows + self._waiting[0].req.params.n <= self.max_batch:
+                longest = max([len(g.req.prompt_ids) for g in new] + [len(self._waiting[0].req.prompt_ids)])
                 if new and longest * (len(new) + 1) > budget:
                     break  # padded prefill would exceed the budget; the rest join next step
                 new.append(self._waiting.popleft())
+                rows += new[-1].req.params.n
         now = time.monotonic()
-        for r in new:
-            r.admitted = now
+        for g in new:
+            g.admitted = now
         return new
 
-    def _prefill(self, rows: list[_Row]) -> None:
-        """Run the prompts of `rows` (right-padded) into cache slots after the active rows."""
-        last, lengths = prefill_last(self.cache, [r.req.prompt_ids for r in rows], len(self._active))  # [m, V]
-        self._active.extend(rows)
+    def _prefill(self, groups: list[_Group]) -> None:
+        """Prefill each group's prompt once into the slots after the active rows (right-padded
+        together; a prompt to be scored on its own), then copy it to the group's other rows."""
+        plain = [g for g in groups if g.req.params.prompt_logprobs is None]
+        scored = [g for g in groups if g.req.params.prompt_logprobs is not None]
+        start = len(self._active)
+        last = []  # [V] per group, in plain + scored order
+        if plain:
+            logits, _ = prefill_last(self.cache, [g.req.prompt_ids for g in plain], start)
+            last.extend(logits)
+        for i, g in enumerate(scored):
+            logits, g.prompt_logprobs = prefill_scored(self.cache, g.req.prompt_ids, start + len(plain) + i,
+                                                       g.req.params.prompt_logprobs)
+            last.append(logits)
+        groups = plain + scored
+        self._active.extend(g.rows[0] for g in groups)
+        for b, g in enumerate(groups):
+            for r in g.rows[1:]:
+                self.cache.copy_row(start + b, len(self._active))
+                self._active.append(r)
         now = time.monotonic()
-        for b, r in enumerate(rows):
-            r.length = int(lengths[b])
-            r.first_token = now
-            r.seen = np.unique(np.asarray(r.req.prompt_ids, np.int64))
-        self._accept(rows, last)
+        rows, logits = [], []
+        for g, x in zip(groups, last):
+            g.first_token = now
+            seen = np.unique(np.asarray(g.req.prompt_ids, np.int64))
+            for r in g.rows:
+                r.length, r.seen = len(g.req.prompt_ids), seen
+            if g.req.params.max_tokens == 0:  # echo only: the prompt was the work
+                for r in g.rows:
+                    self._finish(r, "length")
+                continue
+            rows.extend(g.rows)
+            logits.extend([x] * len(g.rows))
+        if rows:
+            self._accept(rows, np.stack(logits))
+        else:
+            self._compact()
 
     def _decode(self) -> None:
         rows = self._active
@@ -251,14 +357,16 @@ class Engine:
         """Sample one token per row, record it, and finish rows that are done."""
         tokens = sample(logits, [r.req.params for r in rows], [r.seen for r in rows], [r.rng for r in rows],
                         [r.out for r in rows])
-        for r, tok in zip(rows, tokens):
+        for b, (r, tok) in enumerate(zip(rows, tokens)):
             p = r.req.params
+            if r.logprobs is not None:  # the end-of-sequence token too: it was generated (vLLM's way)
+                r.logprobs.append(TokenLogprob(*token_logprobs(logits[b:b + 1], np.array([tok]), p.logprobs)[0]))
             if tok in self._eos and not p.ignore_eos:
                 self._finish(r, "stop")
                 continue
             r.out.append(tok)
             r.pending = tok
-            if r.req.on_token is not None:
+            if r.req.on_token is not None and r.index == 0:
                 r.req.on_token(tok)
             if p.repetition_penalty != 1.0 and tok not in r.seen:
                 r.seen = np.append(r.seen, tok)
@@ -273,20 +381,33 @@ class Engine:
         return any(s in text for s in r.req.params.stop)
 
     def _finish(self, r: _Row, reason: str) -> None:
-        now = time.monotonic()
-        text = self.model.tokenizer.decode(r.out, skip_special_tokens=True)
+        """Record a row's choice; the last row of its group resolves the group's future."""
+        if r.finished:
+            return
+        decode = self.model.tokenizer.decode
+        text = decode(r.out, skip_special_tokens=True)
+        full = len(text)
         for s in r.req.params.stop:
             cut = text.find(s)
             if cut >= 0:
                 text = text[:cut]
-        first = r.first_token or now
-        timings = Timings(queue_s=(r.admitted or now) - r.submitted, ttft_s=first - r.submitted,
-                          decode_s=now - first, total_s=now - r.submitted)
-        result = GenerationResult(r.req.request_id, list(r.out), text, reason,
-                                  Usage(len(r.req.prompt_ids), len(r.out)), timings)
+        logprobs = r.logprobs
+        if logprobs is not None and len(text) < full:  # cut at a stop string: the tokens up to it
+            keep = next(k for k in range(len(r.out) + 1) if len(decode(r.out[:k], skip_special_tokens=True)) >= len(text))
+            logprobs = logprobs[:keep]
         r.finished = True
-        if not r.future.done():
-            r.future.set_result(result)
+        g = r.group
+        g.choices[r.index] = Choice(list(r.out), text, reason, logprobs)
+        if any(c is None for c in g.choices):
+            return
+        now = time.monotonic()
+        first = g.first_token or now
+        timings = Timings(queue_s=(g.admitted or now) - g.submitted, ttft_s=first - g.submitted,
+                          decode_s=now - first, total_s=now - g.submitted)
+        usage = Usage(len(g.req.prompt_ids), sum(len(c.token_ids) for c in g.choices))
+        if not g.future.done():
+            g.future.set_result(GenerationResult(g.req.request_id, list(g.choices), usage, timings,
+                                                 g.prompt_logprobs))
 
     def _compact(self) -> None:
         """Remove finished rows, moving the last live row into each hole so rows stay 0..n-1."""

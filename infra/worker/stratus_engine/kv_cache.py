@@ -29,6 +29,7 @@ class KVCache(Protocol):
                 keep: int = 0) -> np.ndarray: ...
     def decode(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
     def move_row(self, src: int, dst: int, length: int) -> None: ...
+    def copy_row(self, src: int, dst: int) -> None: ...  # dst: the next free row (n > 1 siblings)
     def truncate(self, rows: int) -> None: ...
 
 
@@ -115,6 +116,9 @@ class InPlaceCache:
     def move_row(self, src: int, dst: int, length: int) -> None:
         for buf in self.buffers:
             self._copy.copy(self.device, self._row_ptr(buf, src), self._row_ptr(buf, dst), (1,) + self.shape[1:])
+
+    def copy_row(self, src: int, dst: int) -> None:
+        self.move_row(src, dst, 0)  # every slot exists: the copy is the move
 
     def truncate(self, rows: int) -> None:
         pass  # slots past the live rows are simply unused
@@ -215,6 +219,12 @@ class ConcatCache:
         for p in self.past:
             p[dst] = p[src]
         self.valid[dst] = self.valid[src]
+
+    def copy_row(self, src: int, dst: int) -> None:
+        if dst != self.valid.shape[0]:
+            raise RuntimeError(f"copy_row must append after the {self.valid.shape[0]} live rows, got {dst}")
+        self.past = [np.concatenate([p, p[src:src + 1]]) for p in self.past]
+        self.valid = np.concatenate([self.valid, self.valid[src:src + 1]])
 
     def truncate(self, rows: int) -> None:
         self.past = [p[:rows] for p in self.past]

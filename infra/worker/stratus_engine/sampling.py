@@ -89,3 +89,28 @@ def sample(logits: np.ndarray, params: list[SamplingParams], seen: list[np.ndarr
         return [int(t) for t in logits.argmax(-1)]
     generated = generated or [[] for _ in params]
     return [sample_row(logits[b], params[b], seen[b], rngs[b], generated[b]) for b in range(len(params))]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:  # [..., V] float32 -> [..., V] float32
+    x = x.astype(np.float32, copy=False)
+    m = x.max(-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
+
+
+def top_logprobs(lp: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:  # [V] -> k (id, logprob), best first
+    if k <= 0:
+        return ()
+    ids = np.argpartition(-lp, k - 1)[:k]
+    ids = ids[np.lexsort((ids, -lp[ids]))]  # by log-probability, ties by id: the same on every host
+    return tuple((int(i), float(lp[i])) for i in ids)
+
+
+def token_logprobs(logits: np.ndarray, tokens: np.ndarray, k: int) -> list[tuple[int, float, tuple]]:
+    """Log-probabilities of `tokens` under the model's own distribution (float32 log-softmax of the
+    raw logits: before bias, penalties, temperature, top-k/top-p or a grammar's mask).
+    logits [T, V], tokens [T] -> T of (token, logprob, the k most likely as (id, logprob))."""
+    out = []
+    for t in range(len(tokens)):
+        lp = log_softmax(logits[t])
+        out.append((int(tokens[t]), float(lp[tokens[t]]), top_logprobs(lp, k)))
+    return out

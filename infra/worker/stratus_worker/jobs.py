@@ -7,7 +7,7 @@
   RUNNING (ours) ──requeue──▶ QUEUED      a retryable failure, or this worker stopping
 
 `start` decides what to do with a received message before any compute:
-  (GENERATE, token ids) | (DONE_WITH_MESSAGE, None) | (LEAVE_MESSAGE, None)
+  (GENERATE, each prompt's token ids) | (DONE_WITH_MESSAGE, None) | (LEAVE_MESSAGE, None)
 Replies a finished job owes (requests-queue messages) are posted whenever a job is seen finished.
 """
 
@@ -17,10 +17,11 @@ from typing import Callable
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from stratus.contracts import InferenceRequest, Job, QueueMessage, Status
+from stratus.contracts import Job, QueueMessage, Status
 from stratus.errors import InvalidRequest
 from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
+from stratus_worker.choices import encode_prompts
 
 GENERATE, DONE_WITH_MESSAGE, LEAVE_MESSAGE = "generate", "done", "leave"
 
@@ -31,7 +32,7 @@ class JobStates:
         self.store, self.worker_id, self.engine = store, worker_id, engine
         self.heartbeat_s, self.notify, self.clock = heartbeat_s, notify, clock
 
-    def start(self, msg: QueueMessage, receive_count: int) -> tuple[str, list[int] | None]:
+    def start(self, msg: QueueMessage, receive_count: int) -> tuple[str, list[list[int]] | None]:
         """Everything before compute: expiry, claim, tokenizing and the exact context check."""
         job_id, now = msg.job_id, self.clock()
         logger.thread_safe_append_keys(job_id=job_id, tenant=msg.tenant)  # this thread's lines only
@@ -47,14 +48,13 @@ class JobStates:
         if not claimed:
             return self._skip(seen), None
         try:
-            ids = self._encode(msg.request)
-            self.engine.check_request(len(ids), msg.request.params)
+            prompts = encode_prompts(self.engine, msg.request)
         except InvalidRequest as exc:  # permanent: the model cannot serve this request
             self.notify(self.store.transition(job_id, [Status.RUNNING], Status.FAILED, owner=self.worker_id, error={
                 "message": exc.message, "type": exc.error_type, "code": exc.code or "invalid_request"}))
             logger.info("rejected", extra={"code": exc.code})
             return DONE_WITH_MESSAGE, None
-        return GENERATE, ids
+        return GENERATE, prompts
 
     def claim(self, msg: QueueMessage, receive_count: int) -> tuple[bool, Job | None]:
         """QUEUED -> RUNNING (ours), or take over a RUNNING job whose worker went silent.
@@ -85,8 +85,3 @@ class JobStates:
             self.notify(job)  # replies a finished job still owes (e.g. its writer died before posting)
             return DONE_WITH_MESSAGE
         return LEAVE_MESSAGE
-
-    def _encode(self, req: InferenceRequest) -> list[int]:
-        if req.route == "chat":
-            return self.engine.encode_chat(list(req.messages))
-        return self.engine.encode(req.prompt)

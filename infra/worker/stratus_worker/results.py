@@ -13,13 +13,16 @@ from stratus.contracts import Job, QueueMessage
 from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
 from stratus_engine.engine import GenerationResult
+from stratus_worker import choices
 from stratus_worker.streams import ChunkWriter
 
 
 class Results:
     def __init__(self, store: JobStore, chunks: ChunkWriter, worker_id: str, s3, bucket: str,
-                 notify: Callable[[Job | None], None]) -> None:
+                 notify: Callable[[Job | None], None], token_bytes: list[bytes],
+                 decode: Callable[[list[int]], str]) -> None:
         self.store, self.chunks, self.worker_id = store, chunks, worker_id
+        self.token_bytes, self.decode = token_bytes, decode
         self.s3, self.bucket, self.notify = s3, bucket, notify
 
     def open(self, msg: QueueMessage, attempt: int, now: float) -> Callable[[int], None]:
@@ -31,10 +34,12 @@ class Results:
         """The generation will not finish here (requeued, released, failed to start)."""
         self.chunks.close(job_id)
 
-    def record(self, msg: QueueMessage, received: float, r: GenerationResult) -> None:
-        """Write a finished generation: RUNNING (ours) -> DONE, the final chunk, replies, metrics."""
+    def record(self, msg: QueueMessage, received: float, results: list[GenerationResult]) -> None:
+        """Write a finished generation (one result per prompt): RUNNING (ours) -> DONE, the final
+        chunk, replies, metrics."""
         job_id = msg.job_id
-        if r.finish_reason == "cancelled":
+        r = max(results, key=lambda x: x.timings.total_s)  # the timings of the slowest prompt
+        if any(c.finish_reason == "cancelled" for x in results for c in x.choices):
             self.chunks.close(job_id)
             metrics.add_metric(name="requests_cancelled", unit=MetricUnit.Count, value=1)
             self.notify(self.store.get(job_id))
@@ -43,29 +48,29 @@ class Results:
         timings = {"queue_s": round(queued_s, 4), "ttft_s": round(r.timings.ttft_s, 4),
                    "decode_s": round(r.timings.decode_s, 4), "total_s": round(r.timings.total_s, 4),
                    "decode_tokens_per_s": round(r.timings.decode_tokens_per_s(r.usage.completion_tokens), 2)}
-        usage = {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
-                 "total_tokens": r.usage.total_tokens}
+        usage = choices.usage(results)
+        result = choices.result_body(msg.request, results, self.token_bytes, self.decode)
         try:
-            written = self.store.complete(job_id, self.worker_id, {"text": r.text, "finish_reason": r.finish_reason},
+            written = self.store.complete(job_id, self.worker_id, result,
                                           s3=self.s3, bucket=self.bucket, usage=usage, timings=timings,
                                           request_bytes=msg.request.stored_bytes)
         except BaseException:
             self.chunks.close(job_id)
             raise
         try:  # the final chunk only speeds readers up: they also see DONE on the job item
-            self.chunks.close(job_id, r if written else None)
+            self.chunks.close(job_id, results[0] if written else None)
         except Exception as exc:  # noqa: BLE001
             chunk_error(exc)
         self.notify(written)
         if written:
-            logger.info("generated", extra={"job_id": job_id, "completion_tokens": r.usage.completion_tokens,
+            logger.info("generated", extra={"job_id": job_id, "completion_tokens": usage["completion_tokens"],
                                             "ttft_s": timings["ttft_s"], "finish_reason": r.finish_reason})
         else:  # cancelled meanwhile, or another worker took it over: never a second result
             logger.info("result not written: the job is no longer ours", extra={"job_id": job_id})
         for name, value, unit in (("time_to_first_token_seconds", r.timings.ttft_s, MetricUnit.Seconds),
                                   ("request_queue_time_seconds", queued_s, MetricUnit.Seconds),
                                   ("e2e_request_latency_seconds", r.timings.total_s, MetricUnit.Seconds),
-                                  ("generation_tokens", r.usage.completion_tokens, MetricUnit.Count),
+                                  ("generation_tokens", usage["completion_tokens"], MetricUnit.Count),
                                   ("generation_tokens_per_second", timings["decode_tokens_per_s"],
                                    MetricUnit.CountPerSecond)):
             metrics.add_metric(name=name, unit=unit, value=value)

@@ -26,6 +26,8 @@ from stratus.errors import InvalidRequest, StratusError
 from stratus.observability import logger
 from stratus.shapes import completion_body, error_body, job_view
 from stratus_engine.engine import GenerationRequest
+from stratus_worker import choices
+from stratus_worker.choices import encode_prompts, gather
 from stratus_worker.results import chunk_error
 from stratus_worker.worker import Worker
 
@@ -49,13 +51,13 @@ def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
     route = "chat" if "messages" in body else "completion"
     s = worker.settings
     req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
-    ids = worker.engine.encode_chat(list(req.messages)) if route == "chat" else worker.engine.encode(req.prompt)
-    r = worker.engine.submit(GenerationRequest(ids, req.params)).result()
+    engine = worker.engine
+    results = gather([engine.submit(GenerationRequest(ids, req.params)) for ids in encode_prompts(engine, req)]).result()
     now = time.time()
-    job = Job("sm" + uuid.uuid4().hex, "sagemaker", Status.DONE, req, False, now, int(now),
-              result={"text": r.text, "finish_reason": r.finish_reason},
-              usage={"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
-                     "total_tokens": r.usage.total_tokens})
+    result = choices.result_body(req, results, engine.token_bytes,
+                                 lambda ids: engine.model.tokenizer.decode(ids, skip_special_tokens=False))
+    job = Job("sm" + uuid.uuid4().hex, "sagemaker", Status.DONE, req, False, now, int(now), result=result,
+              usage=choices.usage(results))
     return 200, completion_body(job)
 
 

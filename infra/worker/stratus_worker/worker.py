@@ -44,6 +44,7 @@ from stratus.replies import post_replies
 from stratus.settings import Settings
 from stratus_engine.engine import Engine, GenerationRequest
 from stratus_worker import health
+from stratus_worker.choices import gather
 from stratus_worker.jobs import DONE_WITH_MESSAGE, GENERATE, JobStates
 from stratus_worker.leases import Leases
 from stratus_worker.results import Results, chunk_error
@@ -77,7 +78,8 @@ class Worker:
                                   settings.stream_flush_s)
         self.leases = Leases(sqs, settings.queue_url, settings.visibility_s)
         self.jobs = JobStates(self.store, self.worker_id, engine, settings.heartbeat_s, self._notify, clock)
-        self.results = Results(self.store, self.chunks, self.worker_id, s3, settings.bucket, self._notify)
+        self.results = Results(self.store, self.chunks, self.worker_id, s3, settings.bucket, self._notify,
+                               engine.token_bytes, lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
         self.held: dict[str, Held] = {}
         self.cancelled: set[str] = set()
         self.stopping = threading.Event()  # set by SIGTERM: take no new work
@@ -167,7 +169,7 @@ class Worker:
                 held.receipt = m["ReceiptHandle"]  # extends and deletes it (SQS ignores older ones)
                 return
         attempt = int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1))
-        outcome, ids = self.jobs.start(msg, attempt)
+        outcome, prompts = self.jobs.start(msg, attempt)
         if outcome == DONE_WITH_MESSAGE:
             self.leases.delete(m["ReceiptHandle"])
         if outcome != GENERATE:
@@ -175,25 +177,27 @@ class Worker:
         held = Held(msg, m["ReceiptHandle"], self.clock(), attempt)
         with self._lock:
             self.held[msg.job_id] = held
-        held.future = self._submit(msg, ids, attempt)
+        held.future = self._submit(msg, prompts, attempt)
         held.future.add_done_callback(lambda _f: self._finished.put(held))
 
     def run_one(self, msg: QueueMessage) -> Job | None:
         """Serve one job synchronously, without the queue (SageMaker's /invocations); the engine
         thread must be running. Returns the job as it ends up."""
-        outcome, ids = self.jobs.start(msg, 1)
+        outcome, prompts = self.jobs.start(msg, 1)
         if outcome == GENERATE:
             received = self.clock()
-            self.results.record(msg, received, self._submit(msg, ids, 1).result())
+            self.results.record(msg, received, self._submit(msg, prompts, 1).result())
         return self.store.get(msg.job_id)
 
-    def _submit(self, msg: QueueMessage, ids: list[int], attempt: int) -> Future:
+    def _submit(self, msg: QueueMessage, prompts: list[list[int]], attempt: int) -> Future:
+        """-> a future of the GenerationResults, one per prompt (the text of the first is streamed)."""
         job_id = msg.job_id
         on_token = self.results.open(msg, attempt, self.clock())
         try:
-            return self.engine.submit(GenerationRequest(ids, msg.request.params, request_id=job_id,
-                                                        is_cancelled=lambda: job_id in self.cancelled,
-                                                        on_token=on_token))
+            return gather([self.engine.submit(GenerationRequest(ids, msg.request.params, request_id=job_id,
+                                                                is_cancelled=lambda: job_id in self.cancelled,
+                                                                on_token=on_token if i == 0 else None))
+                           for i, ids in enumerate(prompts)])
         except BaseException:
             self.results.abandon(job_id)
             raise

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
 from stratus.errors import InvalidRequest
-from stratus.params import SamplingParams
+from stratus.params import MAX_TOP_LOGPROBS, SamplingParams
 
 ROUTES = ("chat", "completion")
 # Job ids, in one place: a cacheable request's is its cache key, "c" + SHA-256; any other's is
@@ -38,21 +38,22 @@ class Status(str, Enum):
 # Fields of the OpenAI API the engine does not implement: a request that uses them gets a 400
 # naming the field instead of a silently different answer. value -> is it harmless?
 _UNSUPPORTED = {
-    "n": lambda v: v in (None, 1),
     "stream": lambda v: v in (None, False),
     "tools": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"),
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
-    "logprobs": lambda v: v in (None, False, 0),
-    "top_logprobs": lambda v: v in (None, 0),
     "response_format": lambda v: v in (None, {"type": "text"}),
     "best_of": lambda v: v in (None, 1),
-    "echo": lambda v: v in (None, False),
     "suffix": lambda v: v in (None, ""),
 }
+_NO_TOOLS = ("this server runs a 135M-parameter model that has no tool-calling format, so it cannot honour "
+             "tools; describe the output you want in the prompt (or use response_format for JSON)")
 _WHY = {"stream": "stream: true is for POST /v1/chat/completions and /v1/completions; batch lines, jobs and "
-                  "queue messages are answered whole (send stream: false or omit it)"}
+                  "queue messages are answered whole (send stream: false or omit it)",
+        "tools": _NO_TOOLS, "tool_choice": _NO_TOOLS, "functions": _NO_TOOLS, "function_call": _NO_TOOLS}
+MAX_PROMPTS = 16  # prompts in one completions request (each gives n choices)
+Prompt = str | tuple[int, ...]  # text, or the client's own token ids (used exactly: no BOS, no re-tokenizing)
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,30 @@ class InferenceRequest:
     model: str
     params: SamplingParams
     messages: tuple[dict, ...] = ()
-    prompt: str = ""
+    prompt: str | tuple[Prompt, ...] = ""  # one text (most requests), or several prompts / token ids
 
     def to_json(self) -> dict:
+        prompt = self.prompt if isinstance(self.prompt, str) else [p if isinstance(p, str) else list(p)
+                                                                   for p in self.prompt]
         return {"route": self.route, "model": self.model, "params": self.params.to_json(),
-                "messages": [dict(m) for m in self.messages], "prompt": self.prompt}
+                "messages": [dict(m) for m in self.messages], "prompt": prompt}
 
     @classmethod
     def from_json(cls, d: dict) -> InferenceRequest:
+        prompt = d.get("prompt", "")
+        if not isinstance(prompt, str):
+            prompt = tuple(p if isinstance(p, str) else tuple(p) for p in prompt)
         return cls(d["route"], d["model"], SamplingParams.from_json(d["params"]),
-                   tuple(d.get("messages", ())), d.get("prompt", ""))
+                   tuple(d.get("messages", ())), prompt)
+
+    @property
+    def prompts(self) -> tuple[Prompt, ...]:
+        """Completions: each prompt, in order (choice index = prompt index * n + i)."""
+        return (self.prompt,) if isinstance(self.prompt, str) else self.prompt
+
+    @property
+    def choices(self) -> int:
+        return (len(self.prompts) if self.route == "completion" else 1) * self.params.n
 
     @property
     def stored_bytes(self) -> int:
@@ -79,7 +94,13 @@ class InferenceRequest:
 
     @property
     def text_bytes(self) -> int:
-        return len(self.prompt.encode()) + sum(len(m["content"].encode()) for m in self.messages)
+        prompts = sum(len(p.encode()) if isinstance(p, str) else 0 for p in self.prompts)
+        return prompts + sum(len(m["content"].encode()) for m in self.messages)
+
+    @property
+    def prompt_token_ids(self) -> int:
+        """Tokens the client sent as ids (known exactly without a tokenizer)."""
+        return sum(len(p) for p in self.prompts if not isinstance(p, str))
 
 
 def _integral(value):
@@ -160,16 +181,15 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
             raise InvalidRequest(f"messages must have at most {max_messages} entries, got {len(raw)}", param="messages")
         messages = tuple(_message(i, m) for i, m in enumerate(raw))
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequest("prompt must be a non-empty string", param="prompt")
+        prompt = _prompt_field(body.get("prompt"))
+    logprobs, echo = _logprobs_fields(route, body)
+    least = 0 if echo else 1  # echo with max_tokens 0 scores the prompt and generates nothing
     for name in ("max_tokens", "max_completion_tokens"):  # each is checked; the newer name wins
         value = _integral(body.get(name))
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or not 1 <= value <= max_tokens_limit):
-            raise InvalidRequest(f"{name} must be an integer in [1, {max_tokens_limit}], got {value!r}", param=name)
+                                  or not least <= value <= max_tokens_limit):
+            raise InvalidRequest(f"{name} must be an integer in [{least}, {max_tokens_limit}], got {value!r}",
+                                 param=name)
     max_tokens = _integral(body.get("max_completion_tokens"))
     max_tokens = _integral(body.get("max_tokens")) if max_tokens is None else max_tokens
     max_tokens = 256 if max_tokens is None else max_tokens
@@ -186,9 +206,73 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
         presence_penalty=_number(body, "presence_penalty", 0.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0),
         logit_bias=_logit_bias_field(body.get("logit_bias")),
+        n=_number(body, "n", 1, int),
+        logprobs=logprobs,
+        echo=echo,
         stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop,
     )
-    return InferenceRequest(route, model, params, messages, prompt)
+    request = InferenceRequest(route, model, params, messages, prompt)
+    if request.choices > MAX_PROMPTS:
+        raise InvalidRequest(f"a request gives at most {MAX_PROMPTS} choices (prompts x n), got {request.choices}",
+                             param="n")
+    if streaming and body.get("stream") and (request.choices > 1 or echo):
+        raise InvalidRequest("stream: true serves one choice without echo; send n: 1 and one prompt, or stream: "
+                             "false", param="n" if request.choices > 1 else "echo")
+    return request
+
+
+def _prompt_field(value) -> str | tuple[Prompt, ...]:
+    """A string, token ids, or a list of either -> one string or a tuple of prompts."""
+    what = "prompt must be a non-empty string, a list of token ids, or a list of those"
+    if isinstance(value, list) and value and all(_token_id(t) for t in value):
+        return (tuple(int(t) for t in value),)
+    items = value if isinstance(value, list) else [value]
+    if not items or len(items) > MAX_PROMPTS:
+        raise InvalidRequest(f"{what} (1 to {MAX_PROMPTS} prompts)", param="prompt")
+    out: list[Prompt] = []
+    for p in items:
+        if isinstance(p, str) and p:
+            out.append(p)
+        elif isinstance(p, list) and p and all(_token_id(t) for t in p):
+            out.append(tuple(int(t) for t in p))
+        else:
+            raise InvalidRequest(what, param="prompt")
+    return out[0] if len(out) == 1 and isinstance(out[0], str) else tuple(out)
+
+
+def _token_id(t) -> bool:
+    t = _integral(t)
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31
+
+
+def _logprobs_fields(route: str, body: dict) -> tuple[int | None, bool]:
+    """-> (logprobs: None or how many alternatives per token, echo). Chat: logprobs true/false with
+    top_logprobs 0-20; completions: logprobs 0-20 and echo."""
+    logprobs, top = body.get("logprobs"), _integral(body.get("top_logprobs"))
+    if route == "chat":
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise InvalidRequest(f"logprobs must be true or false, got {logprobs!r}", param="logprobs")
+        if top is not None and not logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        if logprobs and top is not None and (not isinstance(top, int) or isinstance(top, bool)
+                                             or not 0 <= top <= MAX_TOP_LOGPROBS):
+            raise InvalidRequest(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}",
+                                 param="top_logprobs")
+        if body.get("echo") not in (None, False):
+            raise InvalidRequest("echo is for /v1/completions", param="echo")
+        return ((top or 0) if logprobs else None), False
+    if top is not None:
+        raise InvalidRequest("top_logprobs is for /v1/chat/completions; on /v1/completions logprobs is the "
+                             "number of alternatives", param="top_logprobs")
+    logprobs = _integral(logprobs)
+    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise InvalidRequest(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}",
+                             param="logprobs")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise InvalidRequest(f"echo must be true or false, got {echo!r}", param="echo")
+    return logprobs, bool(echo)
 
 
 @dataclass(frozen=True)

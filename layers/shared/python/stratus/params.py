@@ -11,9 +11,12 @@ from stratus.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (completions: 5; we allow 20 on both, as vLLM does)
+MAX_N = 16  # choices per prompt; at most the engine's batch (Engine.check_request)
 # Fields added after the first queue-message format: left out of to_json() at their defaults, so
 # requests that do not use them keep their cache keys and older workers still read them.
-OPTIONAL = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": ()}
+OPTIONAL = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": (), "n": 1, "logprobs": None,
+            "echo": False}
 # The engine's sampling arithmetic (stratus_engine.sampling, the engine's stop and EOS handling):
 # bump it with any change that can change a seeded or greedy request's tokens. It is part of every
 # cache key, so results of the old sampling are never served for the new.
@@ -40,6 +43,9 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: minus this for every token already generated
     frequency_penalty: float = 0.0  # OpenAI: minus this times how often a token was generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), sorted by id
+    n: int = 1  # choices, each its own row after one shared prefill; seeds seed, seed + 1, ...
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
+    echo: bool = False  # completions: the prompt comes back before the text (with its logprobs, if asked)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,8 +54,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", ())
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", param="max_tokens")
+        if (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
+                or self.max_tokens < (0 if self.echo else 1)):  # echo + max_tokens 0: score the prompt only
+            raise InvalidRequest(f"max_tokens must be an integer >= 1 (0 with echo), got {self.max_tokens!r}",
+                                 param="max_tokens")
         _check_range("temperature", self.temperature, 0.0, 2.0)
         _check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -63,6 +71,16 @@ class SamplingParams:
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        _check_int("n", self.n, 1, MAX_N)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
+        if not isinstance(self.echo, bool):
+            raise InvalidRequest(f"echo must be true or false, got {self.echo!r}", param="echo")
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """echo with logprobs: the prompt's tokens get log-probabilities too (k alternatives each)."""
+        return self.logprobs if self.echo else None
 
     @property
     def greedy(self) -> bool:
@@ -92,6 +110,11 @@ class SamplingParams:
     @classmethod
     def from_json(cls, d: dict) -> SamplingParams:
         return cls(**d)  # an unknown field raises TypeError: never sample by rules this code lacks
+
+
+def _check_int(name: str, value, lo: int, hi: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise InvalidRequest(f"{name} must be an integer in [{lo}, {hi}], got {value!r}", param=name)
 
 
 def _logit_bias(value) -> tuple[tuple[int, float], ...]:

@@ -20,17 +20,35 @@ def job_view(job: Job) -> dict:
 
 
 def completion_body(job: Job) -> dict:
-    """The OpenAI response body for a DONE job."""
+    """The OpenAI response body for a DONE job (its result: stratus_worker.choices)."""
     result, req = job.result or {}, job.request
     common = {"created": int(job.created_at), "model": req.model,
               "usage": job.usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+    choices = result.get("choices") or [result]
     if req.route == "chat":
         return {"id": f"chatcmpl-{job.job_id}", "object": "chat.completion", **common,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.get("text", "")},
-                             "finish_reason": result.get("finish_reason", "stop"), "logprobs": None}]}
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c.get("text", "")},
+                             "finish_reason": c.get("finish_reason", "stop"),
+                             "logprobs": {"content": c["logprobs"]} if "logprobs" in c else None}
+                            for i, c in enumerate(choices)]}
     return {"id": f"cmpl-{job.job_id}", "object": "text_completion", **common,
-            "choices": [{"index": 0, "text": result.get("text", ""), "finish_reason": result.get("finish_reason", "stop"),
-                         "logprobs": None}]}
+            "choices": [{"index": i, "text": c.get("text", ""), "finish_reason": c.get("finish_reason", "stop"),
+                         "logprobs": completion_logprobs(c["logprobs"]) if "logprobs" in c else None}
+                        for i, c in enumerate(choices)]}
+
+
+def completion_logprobs(entries: list[dict]) -> dict:
+    """Chat-shaped entries -> /v1/completions' logprobs: tokens, token_logprobs, top_logprobs
+    ({token: logprob}; null for an echoed prompt's first token) and text_offset (each token's
+    start in the choice's text)."""
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                             for e in entries],
+            "text_offset": offsets}
 
 
 def models_body(settings: Settings) -> dict:

@@ -68,15 +68,22 @@ class Submission:
     message: QueueMessage | None = None  # its queue message (sent unless How.send is False)
 
 
+def _fewest_prompt_tokens(req: InferenceRequest) -> int:
+    """The longest prompt's token count, at least (text: bytes / MAX_BYTES_PER_TOKEN; ids: exact)."""
+    if req.route == "chat":
+        return req.text_bytes // MAX_BYTES_PER_TOKEN
+    return max(len(p.encode()) // MAX_BYTES_PER_TOKEN if isinstance(p, str) else len(p) for p in req.prompts)
+
+
 def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: How) -> Submission:
     s = deps.settings
     req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens,
                         streaming=how.streaming)
     if req.model != s.model_id:
         raise NotFound(f"model {req.model!r} does not exist; this deployment serves {s.model_id!r}", param="model")
-    min_tokens = req.text_bytes // MAX_BYTES_PER_TOKEN  # no tokenizer here: a sure lower bound
+    min_tokens = _fewest_prompt_tokens(req)  # no tokenizer here: a sure lower bound
     if min_tokens + req.params.max_tokens > s.context_length:
-        raise InvalidRequest(f"the prompt ({req.text_bytes} bytes, at least {min_tokens} tokens) + max_tokens "
+        raise InvalidRequest(f"the prompt (at least {min_tokens} tokens) + max_tokens "
                              f"({req.params.max_tokens}) exceeds the model's context length of {s.context_length}",
                              param="messages" if route == "chat" else "prompt")
     directives = {d.strip().lower() for d in how.cache_control.split(",") if d.strip()}
@@ -97,7 +104,8 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: How) -> Subm
                            stream=how.streaming)
     check_sizes(job, message.to_body())  # a 413 before anything is written or charged
     if how.charge:  # limits guard GPU time: only work that may reach a worker is charged
-        charge(deps.table, tenant, req.text_bytes // 4 + req.params.max_tokens, now=now)
+        tokens = req.text_bytes // 4 + req.prompt_token_ids + req.params.max_tokens * req.choices
+        charge(deps.table, tenant, tokens, now=now)
     held, created = deps.store.create(job, refresh=refresh)
     if not created:
         metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)

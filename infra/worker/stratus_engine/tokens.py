@@ -1,0 +1,43 @@
+"""Each token's bytes: what logprobs report as `bytes`, and what a grammar engine walks.
+
+Our tokenizers are byte-level BPE (GPT-2's scheme): a vocabulary entry spells its bytes with one
+printable character per byte. Inverting that map gives each token's exact bytes, including tokens
+that hold part of a UTF-8 character (which decode() can only show as U+FFFD).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from tokenizers import Tokenizer
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: printable Latin-1 bytes map to themselves, the rest to
+    U+0100 onwards in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
+    """-> bytes of every token id (added tokens: their text in UTF-8)."""
+    byte_level = json.loads(tokenizer.to_str()).get("decoder", {}) or {}
+    table = _unicode_to_byte()
+    added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    out = []
+    for i in range(tokenizer.get_vocab_size()):
+        piece = tokenizer.id_to_token(i) or ""
+        if byte_level.get("type") == "ByteLevel" and piece not in added and all(c in table for c in piece):
+            out.append(bytes(table[c] for c in piece))
+        else:
+            out.append(tokenizer.decode([i], skip_special_tokens=False).encode())
+    return out
