@@ -344,3 +344,43 @@ def test_a_message_redelivered_while_held_is_deleted_with_its_newest_receipt(sta
     assert w.held[msg.job_id].receipt == again["ReceiptHandle"] != first["ReceiptHandle"]
     w.leases.delete(w.held.pop(msg.job_id).receipt)
     assert queue_depth(stack) == 0
+
+
+def test_several_prompts_echo_logprobs_and_n_come_back_as_openai_choices(stack, key, make_worker, monkeypatch):
+    # Given a completions request with a text prompt and a token-id prompt, echo, logprobs and n=2,
+    # and a chat request asking for top_logprobs
+    make_worker()
+    long_wait(stack, monkeypatch)
+    ids = [1, 40, 90, 120]
+    body = {"model": MODEL, "prompt": ["Once upon", ids], "max_tokens": 3, "temperature": 0, "echo": True,
+            "logprobs": 2, "n": 2}
+    status, reply, _ = stack.call("api_completion.json", key=key, body=body)
+    assert status == 200, reply
+    # then there are prompts x n choices in order, each echoing its prompt with a logprob per token
+    choices = reply["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert choices[0]["text"].startswith("Once upon") and choices[0]["text"] == choices[1]["text"]
+    by_id = choices[2]["logprobs"]
+    assert by_id["token_logprobs"][0] is None and by_id["top_logprobs"][0] is None
+    assert len(by_id["tokens"]) == len(ids) + 3 and all(len(t) == 2 for t in by_id["top_logprobs"][1:])
+    assert "".join(by_id["tokens"]) == choices[2]["text"]
+    assert by_id["text_offset"][1] == len(by_id["tokens"][0])
+    assert reply["usage"]["completion_tokens"] == 12
+    # and max_tokens 0 with echo scores the prompt alone
+    status, scored, _ = stack.call("api_completion.json", key=key,
+                                   body={"model": MODEL, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert status == 200 and scored["choices"][0]["logprobs"]["token_logprobs"][1:] == by_id["token_logprobs"][1:4]
+    status, reply, _ = stack.call("api_chat_completion.json", key=key, body=chat("hello", logprobs=True, top_logprobs=3))
+    content = reply["choices"][0]["logprobs"]["content"]
+    assert status == 200 and len(content) >= 1
+    assert {"token", "logprob", "bytes", "top_logprobs"} <= set(content[0]) and len(content[0]["top_logprobs"]) == 3
+    assert bytes(b for e in content for b in e["bytes"]).decode(errors="replace").startswith(
+        reply["choices"][0]["message"]["content"])
+
+
+def test_token_ids_outside_the_vocabulary_fail_the_job_with_a_400(stack, key, make_worker, monkeypatch):
+    make_worker()
+    long_wait(stack, monkeypatch)
+    status, reply, _ = stack.call("api_completion.json", key=key,
+                                  body={"model": MODEL, "prompt": [1, 10**9], "max_tokens": 2})
+    assert status == 400 and "token id 1000000000 is not in this model's vocabulary" in reply["error"]["message"], reply

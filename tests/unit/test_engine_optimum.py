@@ -66,3 +66,14 @@ def test_greedy_equals_pytorch_batched_with_joins_and_leaves(engine):
     assert first[1].result().token_ids == r1[:7]
     assert late.result().token_ids == r2
     assert engine.num_running == 0 and engine.cache.valid.shape[0] == 0
+
+
+def test_n_choices_and_echo_on_the_concat_cache(engine):
+    # n > 1 copies the prefilled row by appending it; an echo prompt is prefilled on its own
+    (p0, p1, _), (r0, r1, _) = REFERENCE["prompts"], REFERENCE["greedy"]
+    n3 = SamplingParams(max_tokens=len(r0), temperature=0, ignore_eos=True, n=3)
+    echo = SamplingParams(max_tokens=len(r1), temperature=0, ignore_eos=True, echo=True, logprobs=1)
+    got = engine.generate([GenerationRequest(p0, n3), GenerationRequest(p1, echo)])
+    assert [c.token_ids for c in got[0].choices] == [r0] * 3
+    assert got[1].token_ids == r1 and len(got[1].prompt_logprobs) == len(p1)
+    assert engine.num_running == 0 and engine.cache.valid.shape[0] == 0
