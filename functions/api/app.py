@@ -19,7 +19,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from stratus import batches, openapi, service, shapes, streaming
+from stratus import batches, openapi, service, shapes, streaming, tokenizer
 from stratus.deps import deps_from_env
 from stratus.contracts import require_unicode
 from stratus.errors import InvalidRequest, PayloadTooLarge, RateLimited, StratusError, Unavailable
@@ -138,6 +138,30 @@ def file_content(file_id: str) -> Response:
 def models() -> Response:
     _tenant()
     return _reply(service.Reply(200, shapes.models_body(get_deps().settings)))
+
+
+@functools.cache
+def get_tokenizer() -> tokenizer.ModelTokenizer:  # read from the published model once per container
+    s = get_deps().settings
+    return tokenizer.fetch(s.model_uri, get_deps().s3, s.model_digest)
+
+
+@app.post("/tokenize")
+def tokenize() -> Response:
+    _tenant()
+    return _reply(service.Reply(200, get_tokenizer().tokenize(_body())))
+
+
+@app.post("/detokenize")
+def detokenize() -> Response:
+    _tenant()
+    return _reply(service.Reply(200, get_tokenizer().detokenize(_body())))
+
+
+@app.get("/tokenizer_info")
+def tokenizer_info() -> Response:
+    _tenant()
+    return _reply(service.Reply(200, get_tokenizer().info()))
 
 
 @app.get("/openapi.json")

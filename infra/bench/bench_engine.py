@@ -156,7 +156,7 @@ def main() -> None:
 
     from tokenizers import Tokenizer
 
-    from stratus_engine.chat import render_chat
+    from stratus.chat_template import render_chat
     from stratus_engine.model_dir import read_spec
     from stratus_engine.numerics import configurations, host_description
     from stratus_model.build import default_gguf

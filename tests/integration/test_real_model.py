@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stratus_cli.main import main as stratus
-from stratus_engine.chat import render_chat
+from stratus.chat_template import render_chat
 from stratus_engine.engine import Engine
 from stratus_engine.numerics import load_verified
 from stratus_engine.quality import agreement, greedy_tokens, perplexity

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stratus import tokenizer
+from stratus_engine.artifact import publish
 from stratus_local.template import ROOT, active, create_resources, function_environment, load_template, web_adapter
 
 def log_dir() -> Path:
@@ -95,6 +97,8 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
         template = active(load_template(), params)  # resources whose Condition holds (no SageMaker dispatcher)
         stack.model_id = params["ModelId"]
         stack.refs = refs = create_resources(template, session=session, parameters=params)
+        # the API's tokenizer routes read the published model; the workers load model_dir itself
+        refs["ModelUri"] = publish(model_dir, session.client("s3"), refs["ResultsBucket"], only=tokenizer.FILES)
         table = session.resource("dynamodb").Table(refs["JobsTable"])
         stack.api_key = create_key(table, DEV_TENANT, rpm=100_000, tpm=100_000_000, key=api_key)
 

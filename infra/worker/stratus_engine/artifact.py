@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 from stratus.errors import ModelLoadError
+from stratus.manifest import MANIFEST, artifact_digest
 
-MANIFEST = "manifest.json"
 COMPLETE = ".complete"  # written after every file of a fetched model is verified
 
 
@@ -30,12 +30,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def artifact_digest(files: dict[str, dict]) -> str:
-    """One digest for the whole directory: SHA-256 of the sorted file -> sha256 map."""
-    canon = json.dumps({k: v["sha256"] for k, v in sorted(files.items())}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()
 
 
 def verify(model_dir: Path, manifest: dict | None = None) -> dict:
@@ -58,11 +52,13 @@ def _split(uri: str) -> tuple[str, str]:
     return bucket, prefix.rstrip("/") + "/"
 
 
-def publish(model_dir: Path, s3, bucket: str, prefix: str = "models/") -> str:
-    """Upload a verified model directory; returns its URI (the workers' MODEL_URI)."""
+def publish(model_dir: Path, s3, bucket: str, prefix: str = "models/", only: tuple[str, ...] | None = None) -> str:
+    """Upload a verified model directory; returns its URI (the workers' MODEL_URI). only: upload
+    just these files (and the manifest): `stratus serve` gives the API the tokenizer this way while
+    its workers load the directory itself."""
     manifest = verify(model_dir)
     base = f"{prefix.strip('/')}/{manifest['model_id']}/{manifest['digest'][:16]}/"
-    for name in sorted(manifest["files"]):
+    for name in sorted(n for n in manifest["files"] if only is None or n in only):
         s3.upload_file(str(model_dir / name), bucket, base + name)
     s3.upload_file(str(model_dir / MANIFEST), bucket, base + MANIFEST)
     return f"s3://{bucket}/{base}"

@@ -33,7 +33,7 @@ import numpy as np
 
 from stratus.errors import ContextLengthExceeded, InvalidRequest
 from stratus.params import SamplingParams
-from stratus_engine.chat import render_chat
+from stratus.chat_template import render_chat
 from stratus_engine.kv_cache import make_cache
 from stratus_engine.model_dir import LoadedModel, load
 from stratus_engine.sampling import sample, token_logprobs

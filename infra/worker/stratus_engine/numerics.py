@@ -104,7 +104,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:  # [..., V] -> [..., V] float
 
 
 def golden_prompts(model: LoadedModel) -> list[list[int]]:
-    from stratus_engine.chat import render_chat
+    from stratus.chat_template import render_chat
 
     tok = model.tokenizer
     if model.spec.chat_template:

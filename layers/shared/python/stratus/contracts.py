@@ -179,7 +179,7 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
             raise InvalidRequest("messages must be a non-empty list", param="messages")
         if len(raw) > max_messages:
             raise InvalidRequest(f"messages must have at most {max_messages} entries, got {len(raw)}", param="messages")
-        messages = tuple(_message(i, m) for i, m in enumerate(raw))
+        messages = tuple(chat_message(i, m) for i, m in enumerate(raw))
     else:
         prompt = _prompt_field(body.get("prompt"))
     logprobs, echo = _logprobs_fields(route, body)
@@ -307,7 +307,8 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
                                                                                               # name for system
 
 
-def _message(i: int, m) -> dict:
+def chat_message(i: int, m) -> dict:
+    """messages[i] -> {role, content: str} (InvalidRequest naming the field)."""
     if not isinstance(m, dict):
         raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
     role, content = m.get("role"), m.get("content")

@@ -90,3 +90,11 @@ class Unavailable(StratusError):
     error_type = "server_error"
     code = "service_unavailable"
     retry_after_s = 2  # every 503 says when to come back
+
+
+class NotConfigured(StratusError):
+    """A route this deployment cannot serve until an operator sets something (named in the message)."""
+
+    status = 501
+    error_type = "server_error"
+    code = "not_configured"

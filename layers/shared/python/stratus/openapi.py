@@ -5,8 +5,8 @@ says what the code enforces.
 
 from __future__ import annotations
 
-from stratus.contracts import ROLES, ROUTE_PATHS
-from stratus.params import MAX_LOGIT_BIAS, MAX_STOP_STRINGS
+from stratus.contracts import MAX_PROMPTS, ROLES, ROUTE_PATHS
+from stratus.params import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from stratus.settings import Settings
 
 JSON = "application/json"
@@ -23,6 +23,7 @@ def _errors(*statuses: int) -> dict:
 DESCRIPTIONS = {400: "invalid request (the field is named)", 401: "missing or unknown API key",
                 404: "not found (or another tenant's)", 409: "conflicts with the job's state",
                 413: "too large for the body limit, SQS or DynamoDB", 429: "a tenant limit (Retry-After)",
+                501: "not configured on this deployment (the message says what to set)",
                 503: "unavailable for a moment (Retry-After)"}
 COMMON = (400, 401, 413, 429, 503)
 
@@ -49,6 +50,8 @@ def _sampling(s: Settings, streams: bool = True) -> dict:
                        "description": "token id (a decimal string) -> bias added to its logit; ids must be in "
                                       "the model's vocabulary (checked by the worker: a FAILED job, 400)"},
         "stop": stop,
+        "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "nullable": True,
+              "description": f"choices per prompt (at most {MAX_PROMPTS} choices in all; stream: true serves one)"},
         "stream": {"type": "boolean", "nullable": True} if streams else
                   {"type": "boolean", "enum": [False, None], "nullable": True},  # jobs are answered whole
         "stream_options": {"type": "object", "nullable": True, "additionalProperties": False,
@@ -57,28 +60,52 @@ def _sampling(s: Settings, streams: bool = True) -> dict:
     }
 
 
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
+MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
+    "role": {"type": "string", "enum": list(ROLES)},
+    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}
+IDS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}, "minItems": 1}
+
+
 def _schemas(s: Settings) -> dict:
-    text_part = {"type": "object", "required": ["type", "text"],
-                 "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
-    message = {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"type": "string", "enum": list(ROLES)},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]}}}
     usage = {"type": "object", "properties": {k: {"type": "integer"} for k in
                                               ("prompt_tokens", "completion_tokens", "total_tokens")}}
-    choice = {"type": "object", "properties": {"index": {"type": "integer"}, "finish_reason": {"type": "string"}}}
+    choice = {"type": "object", "properties": {"index": {"type": "integer"}, "finish_reason": {"type": "string"},
+                                               "logprobs": {"type": "object", "nullable": True}}}
+    top = {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS, "nullable": True}
+    chat_only = {"logprobs": {"type": "boolean", "nullable": True}, "top_logprobs": top}
+    ids = IDS
+    prompt = {"oneOf": [{"type": "string", "minLength": 1}, ids,
+                        {"type": "array", "items": {"oneOf": [{"type": "string", "minLength": 1}, ids]},
+                         "minItems": 1, "maxItems": MAX_PROMPTS}],
+              "description": "text, token ids (used exactly: no BOS added), or a list of either (a choice each)"}
+    completion_only = {
+        "logprobs": {**top, "description": "log-probabilities of each token and this many alternatives"},
+        "echo": {"type": "boolean", "nullable": True, "description": "return the prompt before the text (with "
+                 "logprobs: each prompt token's log-probability, the first null); max_tokens may then be 0"},
+        "max_tokens": {"type": "integer", "minimum": 0, "maximum": s.max_tokens, "nullable": True},
+        "prompt": prompt}
     return {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {
             "type": "object", "required": ["message", "type"], "properties": {
                 "message": {"type": "string"}, "type": {"type": "string"},
                 "param": {"type": "string", "nullable": True}, "code": {"type": "string", "nullable": True}}}}},
         **{f"{kind}Request": {"type": "object", "required": ["model", "messages"], "properties": {
-            **_sampling(s, streams), "messages": {"type": "array", "items": message, "minItems": 1,
-                                                  "maxItems": s.max_messages}}}
+            **_sampling(s, streams), **chat_only,
+            "messages": {"type": "array", "items": MESSAGE, "minItems": 1, "maxItems": s.max_messages}},
+            "allOf": [_when("top_logprobs", {"type": "integer"}, {"logprobs": {"const": True}}, required=True),
+                      _when("stream", {"const": True}, {"n": {"enum": [1, None]}})]}
            for kind, streams in (("Chat", True), ("JobChat", False))},
         **{f"{kind}Request": {"type": "object", "required": ["model", "prompt"], "properties": {
-            **_sampling(s, streams), "prompt": {"oneOf": [{"type": "string", "minLength": 1},
-                                                          {"type": "array", "items": {"type": "string", "minLength": 1},
-                                                           "minItems": 1, "maxItems": 1}]}}}
+            **_sampling(s, streams), **completion_only},
+            "allOf": [_unless("echo", {"const": True}, {"max_tokens": {"minimum": 1},
+                                                         "max_completion_tokens": {"minimum": 1}}),
+                      _when("prompt", {"type": "array", "minItems": 2, "items": {"not": {"type": "integer"}}},
+                            {"n": {"enum": [1, None]}}),  # prompts x n <= MAX_PROMPTS, simply
+                      _when("stream", {"const": True}, {"n": {"enum": [1, None]}, "echo": {"enum": [False, None]},
+                                                        "prompt": {"oneOf": [{"type": "string"}, ids, {
+                                                            "type": "array", "maxItems": 1}]}})]}
            for kind, streams in (("Completion", True), ("JobCompletion", False))},
         "Chunk": {"type": "object", "required": ["id", "object", "choices"], "properties": {
             "id": {"type": "string"}, "object": {"type": "string", "enum": ["chat.completion.chunk", "text_completion"]},
@@ -102,6 +129,17 @@ def _schemas(s: Settings) -> dict:
         "List": {"type": "object", "required": ["object", "data"], "properties": {
             "object": {"type": "string", "enum": ["list"]}, "data": {"type": "array", "items": {"type": "object"}}}},
     }
+
+
+def _when(name: str, schema: dict, then: dict, *, required: bool = False) -> dict:
+    """When field `name` matches `schema`, the other fields must match `then` (JSON Schema if/then):
+    the combinations the code refuses with a 400 are outside the document."""
+    return {"if": {"required": [name], "properties": {name: schema}},
+            "then": {"properties": then, **({"required": list(then)} if required else {})}}
+
+
+def _unless(name: str, schema: dict, otherwise: dict) -> dict:
+    return {"if": {"required": [name], "properties": {name: schema}}, "else": {"properties": otherwise}}
 
 
 def _completion_route(summary: str, request: str) -> dict:
@@ -193,6 +231,30 @@ def _spec(s: Settings) -> dict:
             "/v1/models": {"get": {"summary": "The model this deployment serves", "security": [{"bearer": []}],
                                    "responses": {"200": {"description": "a list", "content": {JSON: {"schema": _ref("List")}}},
                                                  **_errors(401, 503)}}},
+            "/tokenize": {"post": {
+                "summary": "Token ids of a prompt, or of messages in the chat template (vLLM's shape)",
+                "security": [{"bearer": []}],
+                "requestBody": {"required": True, "content": {JSON: {"schema": {"oneOf": [
+                    {"type": "object", "required": ["prompt"], "not": {"required": ["messages"]}, "properties": {
+                        "prompt": {"type": "string"}, "add_special_tokens": {"type": "boolean"},
+                        "return_token_strs": {"type": "boolean"}}},
+                    {"type": "object", "required": ["messages"], "not": {"required": ["prompt"]}, "properties": {
+                        "messages": {"type": "array", "items": MESSAGE}, "add_generation_prompt": {"type": "boolean"},
+                        "add_special_tokens": {"type": "boolean"}, "return_token_strs": {"type": "boolean"}}}]}}}},
+                "responses": {"200": {"description": "{count, max_model_len, tokens, token_strs}",
+                                      "content": {JSON: {"schema": {"type": "object"}}}},
+                              **_errors(400, 401, 413, 501, 503)}}},
+            "/detokenize": {"post": {
+                "summary": "The text of token ids", "security": [{"bearer": []}],
+                "requestBody": {"required": True, "content": {JSON: {"schema": {
+                    "type": "object", "required": ["tokens"], "properties": {"tokens": {**IDS, "minItems": 0}}}}}},
+                "responses": {"200": {"description": "{prompt}", "content": {JSON: {"schema": {"type": "object"}}}},
+                              **_errors(400, 401, 413, 501, 503)}}},
+            "/tokenizer_info": {"get": {
+                "summary": "The tokenizer's special tokens, chat template and limits", "security": [{"bearer": []}],
+                "responses": {"200": {"description": "eos_token, bos_token, chat_template, model_max_length",
+                                      "content": {JSON: {"schema": {"type": "object"}}}},
+                              **_errors(401, 501, 503)}}},
             "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok",
                                                                           "content": {JSON: {"schema": {"type": "object"}}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {
