@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 import pytest
 from openai import OpenAI
+from pydantic import BaseModel
 
 from stratus_local.serve import free_port
 
@@ -411,3 +412,31 @@ def test_the_same_message_delivered_twice_at_once_is_generated_once(stack):
     assert stack.wait_status(job["id"], {"DONE", "FAILED"}, timeout=120)["status"] == "DONE"
     time.sleep(2)  # the duplicates are drained
     assert stack.generated(job["id"]) == 1
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+ASK_PERSON = "Give me a person as JSON with name and age."
+
+
+def test_openai_sdk_parse_returns_a_schema_valid_object(stack):
+    # the openai SDK's structured-output helper sends response_format json_schema (strict) from the model class
+    done = stack.client.chat.completions.parse(model=stack.model, messages=[{"role": "user", "content": ASK_PERSON}],
+                                               response_format=Person, temperature=0, max_tokens=64)
+    person = done.choices[0].message.parsed
+    assert isinstance(person, Person) and person.name and done.choices[0].finish_reason == "stop"
+    sampled = [stack.client.chat.completions.parse(model=stack.model, messages=[{"role": "user", "content": ASK_PERSON}],
+                                                   response_format=Person, temperature=1.0, seed=s, max_tokens=64)
+               for s in range(3)]
+    assert all(isinstance(r.choices[0].message.parsed, Person) for r in sampled)
+
+
+def test_langchain_with_structured_output_returns_a_valid_object(stack):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=stack.url, api_key=KEY, model=stack.model, temperature=0, max_tokens=64, max_retries=0)
+    person = llm.with_structured_output(Person).invoke(ASK_PERSON)
+    assert isinstance(person, Person) and person.name

@@ -10,7 +10,9 @@ A request with n > 1 is admitted as one group of n rows: its prompt is prefilled
 KV row copied to its siblings, which then sample apart (seeds seed, seed + 1, ...). The group's
 future resolves when its last row finishes. Log-probabilities (params.logprobs) are those of the
 model's raw distribution at each step; echo + logprobs also scores every prompt token, which needs
-the logits of every prompt position (such a prompt is prefilled on its own).
+the logits of every prompt position (such a prompt is prefilled on its own). A row with a JSON
+schema (response_format) has its own grammar matcher (guide.py): tokens that would leave the
+schema are masked out of its logits before sampling.
 
 Rows 0..n-1 of the KV cache are live (kv_cache.py): our GroupQueryAttention builds update one
 buffer in place, so no step copies the cache; standard-attention exports (Hugging Face Optimum)
@@ -34,6 +36,7 @@ import numpy as np
 from stratus.errors import ContextLengthExceeded, InvalidRequest
 from stratus.params import SamplingParams
 from stratus.chat_template import render_chat
+from stratus_engine.guide import Guides
 from stratus_engine.kv_cache import make_cache
 from stratus_engine.model_dir import LoadedModel, load
 from stratus_engine.sampling import sample, token_logprobs
@@ -160,6 +163,7 @@ class _Row:
     pending: int = -1  # sampled token not yet fed to the model
     out: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    matcher: object | None = None  # llguidance LLMatcher when the output must match a JSON schema
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     finished: bool = False
 
@@ -192,6 +196,10 @@ class Engine:
         return self.encode(render_chat(self.spec.chat_template, messages))
 
     @cached_property
+    def guides(self) -> Guides:
+        return Guides(self.model.tokenizer.to_str(), list(self.spec.eos_token_ids), self.spec.vocab_size)
+
+    @cached_property
     def token_bytes(self) -> list[bytes]:
         """Every token id's exact bytes (logprobs report them)."""
         return token_bytes(self.model.tokenizer)
@@ -209,6 +217,8 @@ class Engine:
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
             raise InvalidRequest(f"logit_bias names token {params.logit_bias[-1][0]}; this model's vocabulary has "
                                  f"{vocab} tokens (ids 0-{vocab - 1})", param="logit_bias")
+        if params.json_schema:
+            self.guides.check(params.json_schema)
 
     def check_token_ids(self, ids: list[int]) -> None:
         """A client's own token ids must name tokens of this model."""
@@ -230,8 +240,8 @@ class Engine:
         self.check_request(len(req.prompt_ids), p)
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
         group = _Group(req, Future(), time.monotonic(), choices=[None] * p.n)
-        group.rows = [_Row(group, i, np.random.default_rng(seed + i),
-                           logprobs=[] if p.logprobs is not None else None) for i in range(p.n)]
+        group.rows = [_Row(group, i, np.random.default_rng(seed + i), logprobs=[] if p.logprobs is not None else None,
+                           matcher=self.guides.matcher(p.json_schema) if p.json_schema else None) for i in range(p.n)]
         group.future.set_running_or_notify_cancel()
         with self._wake:
             self._waiting.append(group)
@@ -355,8 +365,8 @@ class Engine:
 
     def _accept(self, rows: list[_Row], logits: np.ndarray) -> None:
         """Sample one token per row, record it, and finish rows that are done."""
-        tokens = sample(logits, [r.req.params for r in rows], [r.seen for r in rows], [r.rng for r in rows],
-                        [r.out for r in rows])
+        tokens = sample(self._guided(rows, logits), [r.req.params for r in rows], [r.seen for r in rows],
+                        [r.rng for r in rows], [r.out for r in rows])
         for b, (r, tok) in enumerate(zip(rows, tokens)):
             p = r.req.params
             if r.logprobs is not None:  # the end-of-sequence token too: it was generated (vLLM's way)
@@ -370,11 +380,23 @@ class Engine:
                 r.req.on_token(tok)
             if p.repetition_penalty != 1.0 and tok not in r.seen:
                 r.seen = np.append(r.seen, tok)
-            if p.stop and self._stop_hit(r):
+            if r.matcher is not None and (not r.matcher.consume_token(tok) or r.matcher.is_stopped()):
+                self._finish(r, "stop")  # the document is complete (nothing but its end could follow)
+            elif p.stop and self._stop_hit(r):
                 self._finish(r, "stop")
             elif len(r.out) >= p.max_tokens:
                 self._finish(r, "length")
         self._compact()
+
+    def _guided(self, rows: list[_Row], logits: np.ndarray) -> np.ndarray:  # [B, V] -> [B, V]
+        """Mask the tokens each guided row's grammar forbids (-inf); other rows are untouched."""
+        guided = [b for b, r in enumerate(rows) if r.matcher is not None]
+        if not guided:
+            return logits
+        out = logits.copy()
+        allowed = self.guides.allowed([rows[b].matcher for b in guided])
+        out[guided] = np.where(allowed, out[guided], -np.inf)
+        return out
 
     def _stop_hit(self, r: _Row) -> bool:
         text = self.model.tokenizer.decode(r.out, skip_special_tokens=True)

@@ -43,7 +43,6 @@ _UNSUPPORTED = {
     "tool_choice": lambda v: v in (None, "none"),
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
-    "response_format": lambda v: v in (None, {"type": "text"}),
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: v in (None, ""),
 }
@@ -209,6 +208,7 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
         n=_number(body, "n", 1, int),
         logprobs=logprobs,
         echo=echo,
+        json_schema=_response_format(body.get("response_format")),
         stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop,
     )
     request = InferenceRequest(route, model, params, messages, prompt)
@@ -219,6 +219,31 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
         raise InvalidRequest("stream: true serves one choice without echo; send n: 1 and one prompt, or stream: "
                              "false", param="n" if request.choices > 1 else "echo")
     return request
+
+
+MAX_SCHEMA_BYTES = 32_768  # a response_format schema, as canonical JSON
+
+
+def _response_format(value) -> str:
+    """response_format -> the JSON schema the output must match, as compact JSON ("" for text).
+    {"type": "json_object"}: any JSON object; {"type": "json_schema", "json_schema": {"name",
+    "schema", "strict"}}: that schema (compiled by the worker, which refuses one it cannot enforce)."""
+    if value is None or value == {"type": "text"}:
+        return ""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return json.dumps({"type": "object"}, separators=(",", ":"))
+    if kind != "json_schema" or not isinstance(value.get("json_schema"), dict):
+        raise InvalidRequest('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
+                             '"json_schema", "json_schema": {"name": ..., "schema": {...}}}', param="response_format")
+    schema = value["json_schema"].get("schema", {})
+    if not isinstance(schema, dict):
+        raise InvalidRequest("response_format.json_schema.schema must be a JSON Schema object", param="response_format")
+    text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)  # key order kept: it orders the output
+    if len(text.encode()) > MAX_SCHEMA_BYTES:
+        raise InvalidRequest(f"response_format's schema must be at most {MAX_SCHEMA_BYTES} bytes as JSON",
+                             param="response_format")
+    return text
 
 
 def _prompt_field(value) -> str | tuple[Prompt, ...]:

@@ -16,7 +16,7 @@ MAX_N = 16  # choices per prompt; at most the engine's batch (Engine.check_reque
 # Fields added after the first queue-message format: left out of to_json() at their defaults, so
 # requests that do not use them keep their cache keys and older workers still read them.
 OPTIONAL = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": (), "n": 1, "logprobs": None,
-            "echo": False}
+            "echo": False, "json_schema": ""}
 # The engine's sampling arithmetic (stratus_engine.sampling, the engine's stop and EOS handling):
 # bump it with any change that can change a seeded or greedy request's tokens. It is part of every
 # cache key, so results of the old sampling are never served for the new.
@@ -46,6 +46,7 @@ class SamplingParams:
     n: int = 1  # choices, each its own row after one shared prefill; seeds seed, seed + 1, ...
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
     echo: bool = False  # completions: the prompt comes back before the text (with its logprobs, if asked)
+    json_schema: str = ""  # response_format: the output must be JSON valid for this schema (compact JSON text)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
