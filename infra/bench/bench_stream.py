@@ -99,7 +99,7 @@ def measure_bare(model_dir: Path, threads: int, requests: int) -> dict:
         stamps: list[float] = []
         req = GenerationRequest(engine.encode_chat([{"role": "user", "content": p}]),
                                 SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
-                                on_token=lambda _t, s=stamps: s.append(time.perf_counter()))
+                                on_token=lambda _t, _lp, s=stamps: s.append(time.perf_counter()))
         started = time.perf_counter()
         engine.generate([req])
         if p != "warm-up" and len(stamps) > 1:

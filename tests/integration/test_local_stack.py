@@ -440,3 +440,13 @@ def test_langchain_with_structured_output_returns_a_valid_object(stack):
     llm = ChatOpenAI(base_url=stack.url, api_key=KEY, model=stack.model, temperature=0, max_tokens=64, max_retries=0)
     person = llm.with_structured_output(Person).invoke(ASK_PERSON)
     assert isinstance(person, Person) and person.name
+
+
+def test_openai_sdk_streams_the_same_logprobs_as_the_whole_response(stack):
+    kw = dict(model=stack.model, messages=[{"role": "user", "content": "Name a fruit."}], temperature=0,
+              max_tokens=12, logprobs=True, top_logprobs=2)
+    streamed = [e for chunk in stack.client.chat.completions.create(stream=True, **kw) for c in chunk.choices
+                if c.logprobs and c.logprobs.content for e in c.logprobs.content]
+    whole = stack.client.chat.completions.create(**kw).choices[0].logprobs.content
+    assert [(e.token, e.logprob, e.bytes) for e in streamed] == [(e.token, e.logprob, e.bytes) for e in whole]
+    assert len(whole) >= 2 and all(len(e.top_logprobs) == 2 for e in whole)

@@ -188,3 +188,52 @@ def test_the_event_handler_answers_a_stream_whole(stack, key, make_worker):
     assert out["statusCode"] == 200 and out["headers"]["Content-Type"] == "text/event-stream"
     evs = events([out["body"].encode()])
     assert evs[0]["choices"][0]["delta"]["role"] == "assistant" and evs[-1] == "[DONE]" and text_of(evs)
+
+
+def logprobs_of(evs: list, route: str = "chat") -> list:
+    out = []
+    for e in evs:
+        for c in (e.get("choices", []) if isinstance(e, dict) else []):
+            lp = c.get("logprobs")
+            if lp:
+                out += lp["content"] if route == "chat" else [
+                    {"token": t, "logprob": v, "offset": o} for t, v, o in zip(lp["tokens"], lp["token_logprobs"],
+                                                                                lp["text_offset"])]
+    return out
+
+
+@pytest.mark.parametrize("stop", [None, "stop-inside"])
+def test_streamed_logprobs_equal_the_whole_responses(stack, key, deps, tenant, make_worker, stop):
+    # Given a worker, a streamed chat asking for logprobs (and, once, cut at a stop string)
+    make_worker(stream_flush_s=0.0)
+    body = chat("stream my logprobs", max_tokens=16, logprobs=True, top_logprobs=2)
+    if stop:
+        whole_text = text_of(stream("chat", {**body, "stream": True}, tenant, deps))
+        body["stop"] = [whole_text[3:5]]
+    evs = stream("chat", {**body, "stream": True}, tenant, deps)
+    streamed = logprobs_of(evs)
+    # then the entries across chunks are the whole response's, each once, in order
+    status, whole, _ = stack.call("api_chat_completion.json", key=key, body=body)
+    assert status == 200 and streamed == whole["choices"][0]["logprobs"]["content"]
+    assert text_of(evs) == whole["choices"][0]["message"]["content"]
+    assert len(streamed) >= 1 and all(len(e["top_logprobs"]) == 2 for e in streamed)
+    # and each chunk's entries spell no more than the text sent up to it
+    sent, spelled = b"", b""
+    for e in evs[:-1]:
+        c = e["choices"][0] if e.get("choices") else None
+        if c is None:
+            continue
+        sent += c["delta"].get("content", "").encode()
+        spelled += b"".join(bytes(x["bytes"]) for x in (c["logprobs"] or {"content": []})["content"])
+        assert len(spelled) <= len(sent) or c["finish_reason"] is not None
+
+
+def test_a_streamed_completion_carries_logprobs_with_text_offsets(stack, key, deps, tenant, make_worker):
+    make_worker(stream_flush_s=0.0)
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "logprobs": 1}
+    evs = stream("completion", {**body, "stream": True}, tenant, deps)
+    streamed = logprobs_of(evs, "completion")
+    status, whole, _ = stack.call("api_completion.json", key=key, body=body)
+    lp = whole["choices"][0]["logprobs"]
+    assert [e["token"] for e in streamed] == lp["tokens"] and [e["offset"] for e in streamed] == lp["text_offset"]
+    assert [e["logprob"] for e in streamed] == lp["token_logprobs"]

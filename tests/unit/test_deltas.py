@@ -48,7 +48,7 @@ def test_deltas_joined_are_the_engines_text(engine, stop):
         deltas = TextDeltas(lambda ids: tok.decode(ids, skip_special_tokens=True), stop)
         taken = []
 
-        def on_token(t, d=deltas, out=taken):
+        def on_token(t, _logprob, d=deltas, out=taken):
             d.push(t)
             out.append(d.take())
         params = SamplingParams(max_tokens=24, temperature=1.0, seed=seed, stop=stop)

@@ -25,6 +25,16 @@ def visible_text(text: str, stop: tuple[str, ...] | list[str]) -> str:
     return text[:len(text) - hold]
 
 
+def tokens_within(decode: Callable[[list[int]], str], ids: list[int], start: int, chars: int) -> int:
+    """How many of `ids` (at least `start`) fit in the first `chars` characters of their text: the
+    largest k whose decoded prefix, less a trailing partial character, is no longer than `chars`.
+    It says which tokens' log-probabilities go with a text cut at a stop string, or streamed so far."""
+    k = start
+    while k < len(ids) and len(visible_text(decode(ids[:k + 1]), ())) <= chars:
+        k += 1
+    return k
+
+
 class TextDeltas:
     """Token ids in, text deltas out. push() from the engine thread, take() from a writer thread
     (list.append and a slice copy are atomic under the GIL)."""
@@ -40,6 +50,10 @@ class TextDeltas:
     @property
     def tokens(self) -> int:
         return len(self._ids)
+
+    @property
+    def ids(self) -> list[int]:
+        return self._ids[:]
 
     def take(self) -> str:
         """The visible text not yet taken ("" when nothing new)."""

@@ -36,6 +36,7 @@ import numpy as np
 from stratus.errors import ContextLengthExceeded, InvalidRequest
 from stratus.params import SamplingParams
 from stratus.chat_template import render_chat
+from stratus_engine.deltas import tokens_within
 from stratus_engine.guide import Guides
 from stratus_engine.kv_cache import make_cache
 from stratus_engine.model_dir import LoadedModel, load
@@ -53,7 +54,8 @@ class GenerationRequest:
     params: SamplingParams
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     is_cancelled: Callable[[], bool] = _never  # polled between steps
-    on_token: Callable[[int], None] | None = None  # each generated token, as it is sampled (streaming)
+    # each generated token of the first choice as it is sampled, with its TokenLogprob when asked (streaming)
+    on_token: Callable[[int, TokenLogprob | None], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -377,7 +379,7 @@ class Engine:
             r.out.append(tok)
             r.pending = tok
             if r.req.on_token is not None and r.index == 0:
-                r.req.on_token(tok)
+                r.req.on_token(tok, r.logprobs[-1] if r.logprobs else None)
             if p.repetition_penalty != 1.0 and tok not in r.seen:
                 r.seen = np.append(r.seen, tok)
             if r.matcher is not None and (not r.matcher.consume_token(tok) or r.matcher.is_stopped()):
@@ -414,9 +416,8 @@ class Engine:
             if cut >= 0:
                 text = text[:cut]
         logprobs = r.logprobs
-        if logprobs is not None and len(text) < full:  # cut at a stop string: the tokens up to it
-            keep = next(k for k in range(len(r.out) + 1) if len(decode(r.out[:k], skip_special_tokens=True)) >= len(text))
-            logprobs = logprobs[:keep]
+        if logprobs is not None and len(text) < full:  # cut at a stop string: the tokens within the text
+            logprobs = logprobs[:tokens_within(lambda ids: decode(ids, skip_special_tokens=True), r.out, 0, len(text))]
         r.finished = True
         g = r.group
         g.choices[r.index] = Choice(list(r.out), text, reason, logprobs)

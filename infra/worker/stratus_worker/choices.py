@@ -66,7 +66,7 @@ def result_body(req: InferenceRequest, results: list[GenerationResult], token_by
             choice = {"text": echo + c.text, "finish_reason": c.finish_reason}
             if p.logprobs is not None:
                 scored = (r.prompt_logprobs or []) if p.echo else []
-                choice["logprobs"] = [_entry(t, token_bytes) for t in scored + (c.logprobs or [])]
+                choice["logprobs"] = [entry(t, token_bytes) for t in scored + (c.logprobs or [])]
             choices.append(choice)
     return choices[0] if len(choices) == 1 else {"choices": choices}
 
@@ -77,7 +77,8 @@ def usage(results: list[GenerationResult]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _entry(t: TokenLogprob, token_bytes: list[bytes]) -> dict:
+def entry(t: TokenLogprob, token_bytes: list[bytes]) -> dict:
+    """One token's log-probability in OpenAI's chat shape: {token, logprob, bytes, top_logprobs}."""
     def one(token: int, logprob) -> dict:
         raw = token_bytes[token]
         return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}

@@ -28,7 +28,7 @@ class Results:
     def open(self, msg: QueueMessage, attempt: int, now: float) -> Callable[[int], None]:
         """Start collecting the job's tokens -> the engine's on_token callback."""
         return self.chunks.open(msg.job_id, attempt, msg.request.params.stop, int(max(msg.deadline, now) + 3600),
-                                streamed=msg.stream)
+                                streamed=msg.stream, logprobs=msg.request.params.logprobs is not None)
 
     def abandon(self, job_id: str) -> None:
         """The generation will not finish here (requeued, released, failed to start)."""

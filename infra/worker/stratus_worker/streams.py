@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from stratus.chunks import Chunk, ChunkStore, first_seq
-from stratus_engine.deltas import TextDeltas
+from stratus_engine.deltas import TextDeltas, tokens_within
 
 
 @dataclass(eq=False)
@@ -26,27 +26,42 @@ class _Stream:
     expires_at: int
     seq: int  # the next chunk's sequence number
     streamed: bool
+    entries: list[dict] | None = None  # log-probability entries, when the request asked for them
+    entries_sent: int = 0
     last_flush: float = 0.0
     wrote: bool = False
+
+    def take_entries(self, decode: Callable[[list[int]], str]) -> tuple[int, list[dict] | None]:
+        """-> (offset, the entries of the tokens the text sent so far holds)"""
+        if self.entries is None:
+            return 0, None
+        start = self.entries_sent
+        end = min(len(self.entries), tokens_within(decode, self.deltas.ids, start, len(self.deltas.sent)))
+        self.entries_sent = max(start, end)
+        return start, self.entries[start:self.entries_sent]
 
 
 class ChunkWriter:
     def __init__(self, store: ChunkStore, decode: Callable[[list[int]], str], flush_s: float = 0.15,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.store, self.decode, self.flush_s, self.clock = store, decode, flush_s, clock
+                 clock: Callable[[], float] = time.monotonic, render: Callable[[object], dict] | None = None) -> None:
+        """render: an engine TokenLogprob -> its entry (stratus_worker.choices.entry)"""
+        self.store, self.decode, self.flush_s, self.clock, self.render = store, decode, flush_s, clock, render
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
 
     def open(self, job_id: str, attempt: int, stop: tuple[str, ...], expires_at: int,
-             streamed: bool) -> Callable[[int], None]:
+             streamed: bool, logprobs: bool = False) -> Callable[[int, object], None]:
         """Start collecting a job's tokens -> the engine's on_token callback for it."""
-        s = _Stream(job_id, TextDeltas(self.decode, stop), expires_at, first_seq(attempt), streamed)
+        s = _Stream(job_id, TextDeltas(self.decode, stop), expires_at, first_seq(attempt), streamed,
+                    entries=[] if logprobs and self.render is not None else None)
         with self._lock:
             self._streams[job_id] = s
 
-        def on_token(token_id: int) -> None:
+        def on_token(token_id: int, logprob=None) -> None:
             s.deltas.push(token_id)
+            if s.entries is not None and logprob is not None:
+                s.entries.append(self.render(logprob))
             if s.streamed and not s.wrote:
                 self._wake.set()  # the first delta goes out at once
         return on_token
@@ -72,7 +87,10 @@ class ChunkWriter:
                  "usage": {"prompt_tokens": result.usage.prompt_tokens,
                            "completion_tokens": result.usage.completion_tokens,
                            "total_tokens": result.usage.total_tokens}}
-        self.store.put([(Chunk(job_id, s.seq, len(sent), rest, final), s.expires_at)])
+        entries = None
+        if s.entries is not None:  # the result's own entries (cut at a stop string), past those sent
+            entries = [self.render(t) for t in result.choices[0].logprobs or []][s.entries_sent:]
+        self.store.put([(Chunk(job_id, s.seq, len(sent), rest, final, entries, s.entries_sent), s.expires_at)])
 
     def flush(self) -> int:
         """Write one chunk for each streamed job that is due and has new text -> chunks written."""
@@ -85,7 +103,9 @@ class ChunkWriter:
             offset = len(s.deltas.sent)
             delta = s.deltas.take()
             if delta:
-                batch.append((Chunk(s.job_id, s.seq, offset, delta), s.expires_at))
+                lp_offset, entries = s.take_entries(self.decode)
+                batch.append((Chunk(s.job_id, s.seq, offset, delta, logprobs=entries, lp_offset=lp_offset),
+                              s.expires_at))
                 s.seq, s.wrote, s.last_flush = s.seq + 1, True, now
         if batch:
             self.store.put(batch)

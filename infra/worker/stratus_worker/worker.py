@@ -43,7 +43,7 @@ from stratus.observability import logger, metrics
 from stratus.replies import post_replies
 from stratus.settings import Settings
 from stratus_engine.engine import Engine, GenerationRequest
-from stratus_worker import health
+from stratus_worker import choices, health
 from stratus_worker.choices import gather
 from stratus_worker.jobs import DONE_WITH_MESSAGE, GENERATE, JobStates
 from stratus_worker.leases import Leases
@@ -75,7 +75,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         tokenizer = engine.model.tokenizer
         self.chunks = ChunkWriter(ChunkStore(stream_table), lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                                  settings.stream_flush_s)
+                                  settings.stream_flush_s, render=lambda t: choices.entry(t, engine.token_bytes))
         self.leases = Leases(sqs, settings.queue_url, settings.visibility_s)
         self.jobs = JobStates(self.store, self.worker_id, engine, settings.heartbeat_s, self._notify, clock)
         self.results = Results(self.store, self.chunks, self.worker_id, s3, settings.bucket, self._notify,

@@ -7,6 +7,8 @@ would bill at the whole item's size on every write):
   seq (RANGE)     attempt * 10**6 + n: a takeover (a later delivery, a higher attempt) sorts after
                   every chunk of the attempts before it
   offset, text    this chunk is the job's output text[offset : offset + len(text)]
+  logprobs        (requests with logprobs) entries[lp_offset : lp_offset + n] of the job's
+  lp_offset       log-probability entries (JSON), for the tokens this chunk's text completes
   final           on the chunk written after the job's result: {"finish_reason", "usage"} (JSON)
   expires_at      TTL, the job's own
 
@@ -32,18 +34,24 @@ class Chunk:
     offset: int
     text: str
     final: dict | None = None  # the last chunk: {"finish_reason", "usage"}
+    logprobs: list[dict] | None = None  # chat-shaped entries (stratus_worker.choices), when asked for
+    lp_offset: int = 0
 
     def to_item(self, expires_at: int) -> dict:
         item = {"job_id": self.job_id, "seq": self.seq, "offset": self.offset, "text": self.text,
                 "expires_at": expires_at}
         if self.final is not None:
             item["final"] = json.dumps(self.final, separators=(",", ":"))
+        if self.logprobs is not None:
+            item["logprobs"] = json.dumps(self.logprobs, separators=(",", ":"), ensure_ascii=False)
+            item["lp_offset"] = self.lp_offset
         return item
 
     @classmethod
     def from_item(cls, item: dict) -> Chunk:
         return cls(item["job_id"], int(item["seq"]), int(item["offset"]), item.get("text", ""),
-                   json.loads(item["final"]) if "final" in item else None)
+                   json.loads(item["final"]) if "final" in item else None,
+                   json.loads(item["logprobs"]) if "logprobs" in item else None, int(item.get("lp_offset", 0)))
 
 
 def first_seq(attempt: int) -> int:
@@ -86,22 +94,31 @@ class Assembler:
 
     sent: str = ""
     last_seq: int = 0
+    entries_sent: int = 0  # log-probability entries sent
 
-    def apply(self, chunk: Chunk) -> str:
+    def apply(self, chunk: Chunk) -> tuple[str, list[dict]]:
+        """-> (new text, new log-probability entries)"""
         self.last_seq = max(self.last_seq, chunk.seq)
         if chunk.offset > len(self.sent):  # cannot happen within one attempt; wait for the result
-            return ""
+            return "", []
         self._agree(chunk.offset, chunk.text)
         new = chunk.text[len(self.sent) - chunk.offset:]
         self.sent += new
-        return new
+        return new, self._entries(chunk.logprobs or [], chunk.lp_offset)
 
-    def finish(self, text: str) -> str:
-        """The job's final text -> what is left to send."""
+    def finish(self, text: str, entries: list[dict] | None = None) -> tuple[str, list[dict]]:
+        """The job's final text (and log-probability entries) -> what is left to send."""
         if not text.startswith(self.sent):
             raise Diverged("the job's result differs from the text already sent")
         new = text[len(self.sent):]
         self.sent += new
+        return new, self._entries(entries or [], 0)
+
+    def _entries(self, entries: list[dict], offset: int) -> list[dict]:
+        if offset > self.entries_sent:  # a gap: the rest comes with the result
+            return []
+        new = entries[self.entries_sent - offset:]
+        self.entries_sent += len(new)
         return new
 
     def _agree(self, offset: int, text: str) -> None:

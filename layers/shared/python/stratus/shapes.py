@@ -37,11 +37,11 @@ def completion_body(job: Job) -> dict:
                         for i, c in enumerate(choices)]}
 
 
-def completion_logprobs(entries: list[dict]) -> dict:
+def completion_logprobs(entries: list[dict], start: int = 0) -> dict:
     """Chat-shaped entries -> /v1/completions' logprobs: tokens, token_logprobs, top_logprobs
     ({token: logprob}; null for an echoed prompt's first token) and text_offset (each token's
-    start in the choice's text)."""
-    offsets, at = [], 0
+    start in the choice's text; the first at `start`, for a streamed chunk)."""
+    offsets, at = [], start
     for e in entries:
         offsets.append(at)
         at += len(e["token"])

@@ -32,6 +32,7 @@ from stratus.observability import logger
 from stratus import submission
 from stratus.deps import Deps
 from stratus.service import with_result
+from stratus.shapes import completion_logprobs
 
 CONTENT_TYPE = "text/event-stream"
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -64,13 +65,18 @@ class Shape:
             body["usage"] = None
         return body
 
-    def text(self, text: str, *, role: bool = False, finish_reason: str | None = None) -> bytes:
+    def text(self, text: str, *, role: bool = False, finish_reason: str | None = None,
+             logprobs: list[dict] | None = None, offset: int = 0) -> bytes:
+        """logprobs: this chunk's log-probability entries (requests that asked); offset: where
+        `text` starts in the whole output (completions' text_offset)."""
         if self.route == "chat":
             delta = {"role": "assistant", "content": text} if role else ({"content": text} if text or
                                                                           finish_reason is None else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
+                      "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason,
+                      "logprobs": None if logprobs is None else completion_logprobs(logprobs, offset)}
         return sse({**self._base(), "choices": [choice]})
 
     def usage(self, usage: dict) -> bytes:
@@ -87,6 +93,7 @@ class Stream:
         self.deps, self.tenant, self.req, self.job, self.hit = deps, tenant, req, job, hit
         self.shape = Shape(req.route, job.job_id, int(job.created_at), req.model, options.include_usage)
         self.chunks = ChunkStore(deps.stream_table)
+        self.logprobs = req.params.logprobs is not None
         self.finished = False
 
     def events(self) -> Iterator[bytes]:
@@ -101,9 +108,10 @@ class Stream:
         while True:
             try:
                 for chunk in self.chunks.after(self.job.job_id, asm.last_seq):
-                    piece = asm.apply(chunk)
-                    if piece:
-                        yield s.text(piece)
+                    at = len(asm.sent)
+                    piece, entries = asm.apply(chunk)
+                    if piece or entries:
+                        yield s.text(piece, logprobs=entries if self.logprobs else None, offset=at)
                         last_sent, pause = clock(), self.deps.settings.poll_interval_s
                     if chunk.final and len(asm.sent) == chunk.offset + len(chunk.text):
                         yield from self._finish(chunk.final["finish_reason"], chunk.final["usage"])
@@ -150,9 +158,10 @@ class Stream:
             yield from self._done()
             return
         result = job.result or {}
-        rest = asm.finish(result.get("text", ""))  # raises Diverged when the result disagrees
-        if rest:
-            yield self.shape.text(rest)
+        at = len(asm.sent)
+        rest, entries = asm.finish(result.get("text", ""), result.get("logprobs"))  # Diverged when it disagrees
+        if rest or entries:
+            yield self.shape.text(rest, logprobs=entries if self.logprobs else None, offset=at)
         yield from self._finish(result.get("finish_reason", "stop"), job.usage or {})
 
     def _finish(self, finish_reason: str, usage: dict) -> Iterator[bytes]:
