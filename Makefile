@@ -94,7 +94,7 @@ bench-e2e: venv model ## local stack over HTTP: cache hits, overhead, throughput
 	$(PY) infra/bench/bench_stream.py --model $(MODELS)/smollm2-$(QUANT) --llama-server $$(cat build/llama-server-path) \
 		--out build/bench
 
-bench-quality: models ## perplexity and greedy agreement of fp32/int8/int4 (vs Hugging Face and fp32)
+bench-quality: models $(EVAL_VENV)/.installed ## perplexity, greedy agreement (vs Hugging Face and fp32) and lm-eval accuracy of fp32/int8/int4
 	$(PY) infra/bench/bench_quality.py --models $(MODELS) --out build/bench
 
 clean: ## remove build outputs (keeps .venv)

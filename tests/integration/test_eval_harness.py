@@ -8,8 +8,6 @@ The harness runs from its own environment (.venv-eval, which `make test` install
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,11 +15,10 @@ from tokenizers import Tokenizer
 
 from stratus_engine.engine import Engine
 from stratus_engine.sampling import log_softmax
+from stratus_local import evaluate
 from test_local_stack import KEY, stack  # noqa: F401 - the running `stratus serve` (module scope)
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-LM_EVAL = ROOT / ".venv-eval/bin/lm_eval"
 
 QUESTIONS = [
     {"question": "What is the capital of France?", "choices": ["Paris", "London", "Berlin", "Madrid"], "answer": 0},
@@ -30,21 +27,6 @@ QUESTIONS = [
     {"question": "What do bees make?", "choices": ["honey", "milk", "silk"], "answer": 0},
     {"question": "What colour is the sky on a clear day?", "choices": ["green", "blue", "red"], "answer": 1},
 ]
-MC_TASK = """task: stratus_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: choices
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 GEN_TASK = """task: stratus_gen
 dataset_path: json
 dataset_kwargs:
@@ -67,49 +49,23 @@ metric_list:
 
 
 def run_harness(tmp: Path, model_type: str, model_args: str, task: str, *extra: str) -> tuple[dict, list[dict]]:
-    """-> (the results JSON, the logged samples)"""
-    if not LM_EVAL.is_file():
-        pytest.fail("lm-eval is not installed: `make test` installs it into .venv-eval")
-    out = tmp / f"out-{task}"
-    env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([str(LM_EVAL), "--model", model_type, "--model_args", model_args, "--tasks", task,
-                           "--include_path", str(tmp), "--output_path", str(out), "--log_samples", "--seed", "0",
-                           *extra], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    [results] = list(out.rglob("results_*.json"))
-    [samples] = list(out.rglob(f"samples_{task}_*.jsonl"))
-    return json.loads(results.read_text()), [json.loads(line) for line in samples.read_text().splitlines()]
-
-
-def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """The harness's own split (lm_eval.api.model._encode_pair): trailing spaces move to the
-    continuation; the whole is encoded and the context's tokens cut off."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tok.encode(context + continuation, add_special_tokens=False).ids
-    ctx = tok.encode(context, add_special_tokens=False).ids
-    return ctx, whole[len(ctx):]
+    try:
+        return evaluate.run(model_type, model_args, KEY, tmp, task, *extra, timeout_s=600)
+    except evaluate.HarnessMissing as exc:
+        pytest.fail(str(exc))
 
 
 def test_loglikelihoods_the_harness_reports_equal_the_bare_engines(stack, real_models, tmp_path):  # noqa: F811
-    data = tmp_path / "mc.jsonl"
-    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    (tmp_path / "stratus_mc.yaml").write_text(MC_TASK.format(data=data))
-    base = stack.url.removesuffix("/v1")
-    results, samples = run_harness(
-        tmp_path, "local-completions",
-        f"base_url={base}/v1/completions,model={stack.model},tokenized_requests=True,tokenizer_backend=remote,"
-        f"auth_token={KEY},num_concurrent=1,max_retries=1", "stratus_mc")
+    evaluate.write_mc_task(tmp_path, "stratus_mc", QUESTIONS)
+    results, samples = run_harness(tmp_path, "local-completions",
+                                   evaluate.completions_args(stack.url.removesuffix("/v1"), stack.model, KEY), "stratus_mc")
     model = real_models["int8"]
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     engine = Engine.from_dir(model, threads=1)
     compared, worst = 0, 0.0
     for s in samples:
-        pairs = [(a["arg_0"], a["arg_1"]) for _, a in sorted(s["arguments"].items(), key=lambda kv: int(kv[0][9:]))]
-        for (context, continuation), [[ll, _greedy]] in zip(pairs, s["resps"]):
-            ctx, cont = encode_pair(tok, context, continuation)
+        for (context, continuation), [[ll, _greedy]] in zip(evaluate.request_pairs(s), s["resps"]):
+            ctx, cont = evaluate.encode_pair(tok, context, continuation)
             lp = log_softmax(engine.score(ctx + cont))  # [S, V]
             expected = sum(float(lp[len(ctx) - 1 + j][t]) for j, t in enumerate(cont))
             assert abs(float(ll) - expected) < 1e-3, (context, continuation, ll, expected)
