@@ -119,3 +119,15 @@ def test_a_requests_queue_serves_one_tenant(stack, trigger):
     assert send({**request(), "tenant": "queue"}) == {"batchItemFailures": []}
     [queued] = stack.queued()
     assert queued["tenant"] == "queue"
+
+
+def test_a_message_takes_the_same_openai_fields_as_the_api(stack, trigger):
+    # logprobs, n and response_format reach the job (and its cache key) exactly as through the API
+    send, _ = trigger
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+    assert send(request(logprobs=True, top_logprobs=3, n=2, response_format=fmt, seed=1)) == {"batchItemFailures": []}
+    assert send(request(seed=1)) == {"batchItemFailures": []}
+    first, plain = stack.queued()
+    p = JobStore(stack.table).get(first["job_id"]).request.params
+    assert (p.logprobs, p.n, p.json_schema) == (3, 2, '{"type":"object"}')
+    assert first["job_id"] != plain["job_id"]  # a different cache key

@@ -64,7 +64,7 @@ class Guides:
                 return self._compiled[key]
         try:
             grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=COMPILE)
-        except ValueError as exc:
+        except (ValueError, TypeError, RuntimeError) as exc:  # llguidance's words for a schema it cannot read
             raise InvalidRequest(f"response_format: the JSON schema is not valid: {exc}", param="response_format") from None
         m = llg.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if m.is_error():
