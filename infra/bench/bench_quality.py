@@ -95,13 +95,16 @@ def main() -> None:
                 "agreement_with_hf": [agreement(a, p["greedy_ids"]) for a, p in zip(tokens, ref["prompts"])],
                 "agreement_with_fp32": [agreement(a, b) for a, b in zip(tokens, fp32)],
             }
-    for quant in ("fp32", "int8", "int4"):
-        report[quant]["harness"] = harness_accuracy(Path(args.models) / f"smollm2-{quant}", args.threads)
-    for quant, r in report.items():
+    harness = {quant: harness_accuracy(Path(args.models) / f"smollm2-{quant}", args.threads)
+               for quant in ("fp32", "int8", "int4")}  # each build as a worker serves it
+    for name, r in report.items():
         r["perplexity_vs_fp32"] = r["perplexity"] / report["fp32"]["perplexity"] - 1
-        acc = f"  harness accuracy {r['harness']['acc']:.3f} ± {r['harness']['acc_stderr']:.3f}" if "harness" in r else ""
-        print(f"{quant:28} perplexity {r['perplexity']:.2f} ({r['perplexity_vs_fp32']:+.1%} vs fp32)  "
-              f"agreement with HF {r['agreement_with_hf']}  with fp32 {r['agreement_with_fp32']}{acc}")
+        print(f"{name:28} perplexity {r['perplexity']:.2f} ({r['perplexity_vs_fp32']:+.1%} vs fp32)  "
+              f"agreement with HF {r['agreement_with_hf']}  with fp32 {r['agreement_with_fp32']}")
+    for quant, h in harness.items():
+        print(f"{quant:28} lm-eval accuracy {h['acc']:.3f} ± {h['acc_stderr']:.3f} ({h['questions']} questions, "
+              "stratus serve)")
+    report = {"configurations": report, "harness_accuracy": harness}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(report, indent=2))
