@@ -40,6 +40,7 @@ from stratus_engine.deltas import tokens_within
 from stratus_engine.guide import Guides
 from stratus_engine.kv_cache import make_cache
 from stratus_engine.model_dir import LoadedModel, load
+from stratus_engine.prefix_cache import MIN_TOKENS, PrefixCache
 from stratus_engine.sampling import sample, token_logprobs
 from stratus_engine.tokens import token_bytes
 
@@ -54,6 +55,7 @@ class GenerationRequest:
     params: SamplingParams
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     is_cancelled: Callable[[], bool] = _never  # polled between steps
+    priority: int = 0  # waiting requests are admitted lowest first: 0 interactive, 1 batch (tiers)
     # each generated token of the first choice as it is sampled, with its TokenLogprob when asked (streaming)
     on_token: Callable[[int, TokenLogprob | None], None] | None = None
 
@@ -116,6 +118,12 @@ class GenerationResult:
         return self.choices[0].finish_reason
 
 
+def _shared(a: list[int], b: list[int]) -> bool:
+    """Do two prompts share a prefix worth reusing (at least MIN_TOKENS, before both their ends)?"""
+    n = min(len(a), len(b), MIN_TOKENS)
+    return n == MIN_TOKENS and a[:n] == b[:n] and min(len(a), len(b)) > MIN_TOKENS
+
+
 def prefill_scored(cache, prompt: list[int], start: int, k: int) -> tuple[np.ndarray, list[TokenLogprob]]:
     """Prefill one prompt into cache row `start` keeping every position's logits -> (logits at its
     last token [V], each prompt token's log-probability given the tokens before it)."""
@@ -176,12 +184,16 @@ class _Row:
 
 class Engine:
     def __init__(self, model: LoadedModel, max_batch: int = 16, prefill_token_budget: int = 4096,
-                 initial_capacity: int = 256) -> None:
+                 initial_capacity: int = 256, prefix_cache_bytes: int = 0) -> None:
+        """prefix_cache_bytes: memory for stored prompt prefixes (prefix_cache.py); 0 turns reuse off"""
         self.model = model
         self.spec = model.spec
         self.max_batch = max_batch
         self.prefill_token_budget = prefill_token_budget
         self.cache = make_cache(model, max_batch, initial_capacity)
+        per_token = 2 * self.spec.num_layers * self.spec.num_kv_heads * self.spec.head_dim * np.dtype(model.kv_dtype).itemsize
+        self.prefixes = (PrefixCache(prefix_cache_bytes, per_token)
+                         if prefix_cache_bytes > 0 and hasattr(self.cache, "save_prefix") else None)
         self._eos = set(self.spec.eos_token_ids)
         self._waiting: deque[_Group] = deque()
         self._active: list[_Row] = []
@@ -305,35 +317,31 @@ class Engine:
         self._compact()
 
     def _admit(self) -> list[_Group]:
+        """Waiting groups into free slots: lower priority values first (interactive before batch),
+        in arrival order within a priority, while the padded prefill fits the token budget."""
         new: list[_Group] = []
         budget, rows = self.prefill_token_budget, len(self._active)
         with self._lock:
-            while self._waiting and rows + self._waiting[0].req.params.n <= self.max_batch:
-                longest = max([len(g.req.prompt_ids) for g in new] + [len(self._waiting[0].req.prompt_ids)])
+            for g in sorted(self._waiting, key=lambda g: g.req.priority):  # stable: arrival order kept
+                if rows + g.req.params.n > self.max_batch:
+                    break
+                longest = max([len(x.req.prompt_ids) for x in new] + [len(g.req.prompt_ids)])
                 if new and longest * (len(new) + 1) > budget:
                     break  # padded prefill would exceed the budget; the rest join next step
-                new.append(self._waiting.popleft())
-                rows += new[-1].req.params.n
+                new.append(g)
+                rows += g.req.params.n
+            chosen = {id(g) for g in new}
+            self._waiting = deque(g for g in self._waiting if id(g) not in chosen)
         now = time.monotonic()
         for g in new:
             g.admitted = now
         return new
 
     def _prefill(self, groups: list[_Group]) -> None:
-        """Prefill each group's prompt once into the slots after the active rows (right-padded
-        together; a prompt to be scored on its own), then copy it to the group's other rows."""
-        plain = [g for g in groups if g.req.params.prompt_logprobs is None]
-        scored = [g for g in groups if g.req.params.prompt_logprobs is not None]
+        """Prefill each group's prompt once into the slots after the active rows, then copy it to
+        the group's other rows."""
         start = len(self._active)
-        last = []  # [V] per group, in plain + scored order
-        if plain:
-            logits, _ = prefill_last(self.cache, [g.req.prompt_ids for g in plain], start)
-            last.extend(logits)
-        for i, g in enumerate(scored):
-            logits, g.prompt_logprobs = prefill_scored(self.cache, g.req.prompt_ids, start + len(plain) + i,
-                                                       g.req.params.prompt_logprobs)
-            last.append(logits)
-        groups = plain + scored
+        groups, last = self._run_prompts(groups, start)  # last: [V] per group, in the returned order
         self._active.extend(g.rows[0] for g in groups)
         for b, g in enumerate(groups):
             for r in g.rows[1:]:
@@ -356,6 +364,58 @@ class Engine:
             self._accept(rows, np.stack(logits))
         else:
             self._compact()
+
+    def _run_prompts(self, groups: list[_Group], start: int) -> tuple[list[_Group], list[np.ndarray]]:
+        """Run each group's prompt into row start + i (i: its place in the returned order) -> the
+        groups in that order and each one's logits at its last prompt token.
+          a stored prefix   load it, run only the rest of the prompt (one row at a time)
+          otherwise         right-padded together; a prompt sharing a prefix with one run in this
+                            step waits for it to be stored, then reuses it
+          echo + logprobs   alone, keeping every position's logits"""
+        plain = [g for g in groups if g.req.params.prompt_logprobs is None]
+        scored = [g for g in groups if g.req.params.prompt_logprobs is not None]
+        prefixes = self.prefixes
+        hits, fresh, later = [], [], []
+        for g in plain:
+            entry, length = prefixes.lookup(g.req.prompt_ids) if prefixes else (None, 0)
+            if entry is not None:
+                hits.append((g, entry, length))
+            elif prefixes and any(_shared(g.req.prompt_ids, f.req.prompt_ids) for f in fresh):
+                later.append(g)
+            else:
+                fresh.append(g)
+        out, last = [], []
+        if fresh:
+            logits, _ = prefill_last(self.cache, [g.req.prompt_ids for g in fresh], start)
+            out, last = list(fresh), list(logits)
+            self._store_prefixes(fresh, start)
+        for g in later:
+            entry, length = prefixes.lookup(g.req.prompt_ids)
+            if entry is not None:
+                hits.append((g, entry, length))
+            else:
+                last.append(prefill_last(self.cache, [g.req.prompt_ids], start + len(out))[0][0])
+                out.append(g)
+                self._store_prefixes([g], start + len(out) - 1)
+        for g, entry, length in hits:
+            ids = g.req.prompt_ids
+            row = start + len(out)
+            self.cache.load_prefix(entry.kv, row, len(ids) + 1)
+            last.append(self.cache.prefill_after(row, np.asarray(ids[length:], np.int64), length))
+            out.append(g)
+        for g in scored:
+            logits, g.prompt_logprobs = prefill_scored(self.cache, g.req.prompt_ids, start + len(out),
+                                                       g.req.params.prompt_logprobs)
+            last.append(logits)
+            out.append(g)
+        return out, last
+
+    def _store_prefixes(self, groups: list[_Group], start: int) -> None:
+        """Keep the prompt prefixes of freshly prefilled rows (prefix_cache.py)."""
+        for i, g in enumerate(groups):
+            length = self.prefixes.storable(g.req.prompt_ids) if self.prefixes else 0
+            if length:
+                self.prefixes.add(g.req.prompt_ids, length, self.cache.save_prefix(start + i, length))
 
     def _decode(self) -> None:
         rows = self._active

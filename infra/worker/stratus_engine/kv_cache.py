@@ -62,17 +62,34 @@ class _DeviceCopy:
         self.identity = session(helper.make_node("Identity", ["x"], ["y"]))
         pads = helper.make_tensor_value_info("pads", TensorProto.INT64, [8])
         self.pad = session(helper.make_node("Pad", ["x", "pads"], ["y"]), [pads])
+        ends = helper.make_tensor_value_info("ends", TensorProto.INT64, [1])
+        starts = helper.make_tensor("starts", TensorProto.INT64, [1], [0])
+        axes = helper.make_tensor("axes", TensorProto.INT64, [1], [2])
+        node = helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"])
+        x = helper.make_tensor_value_info("x", elem, ["a", "b", "c", "d"])
+        y = helper.make_tensor_value_info("y", elem, ["e", "f", "g", "h"])
+        graph = helper.make_graph([node], "take", [x, ends], [y], initializer=[starts, axes])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 9
+        self.slice = ort.InferenceSession(model.SerializeToString(), providers=providers)
 
-    def _run(self, sess, device, src, src_shape, dst, dst_shape, pads=None) -> None:
+    def _run(self, sess, device, src, src_shape, dst, dst_shape, pads=None, ends=None) -> None:
         io = sess.io_binding()
         io.bind_input("x", device, 0, self.dtype, list(src_shape), src)
         if pads is not None:
             io.bind_cpu_input("pads", pads)
+        if ends is not None:
+            io.bind_cpu_input("ends", ends)
         io.bind_output("y", device, 0, self.dtype, list(dst_shape), dst)
         sess.run_with_iobinding(io)
 
     def copy(self, device: str, src: int, dst: int, shape: tuple[int, ...]) -> None:
         self._run(self.identity, device, src, shape, dst, shape)
+
+    def take(self, device: str, src: int, shape: tuple[int, ...], dst: int, length: int) -> None:
+        """[B, kv, cap, hd] at src -> its first `length` positions, [B, kv, length, hd] at dst."""
+        self._run(self.slice, device, src, shape, dst, (shape[0], shape[1], length, shape[3]),
+                  ends=np.array([length], np.int64))
 
     def grow(self, device: str, src: int, shape: tuple[int, ...], dst: int, capacity: int) -> None:
         """[B, kv, cap, hd] at src -> [B, kv, capacity, hd] at dst, zero-filled on the right of axis 2."""
@@ -119,6 +136,36 @@ class InPlaceCache:
 
     def copy_row(self, src: int, dst: int) -> None:
         self.move_row(src, dst, 0)  # every slot exists: the copy is the move
+
+    # ---- prompt prefixes (prefix_cache.py) ---------------------------------------------------
+
+    def save_prefix(self, row: int, length: int) -> list:
+        """A copy of row `row`'s first `length` positions: one [1, kv, length, hd] tensor a buffer."""
+        one = (1,) + self.shape[1:]
+        out = []
+        for buf in self.buffers:
+            t = ort.OrtValue.ortvalue_from_shape_and_type((1, self.shape[1], length, self.shape[3]), self.dtype,
+                                                           self.device, 0)
+            self._copy.take(self.device, self._row_ptr(buf, row), one, t.data_ptr(), length)
+            out.append(t)
+        return out
+
+    def load_prefix(self, tensors: list, row: int, room: int) -> None:
+        """Write a saved prefix into row `row` (positions past it are zeroed); room: the positions
+        the row will need (the buffers grow first, so the write lands in the final buffers)."""
+        self._ensure(room)
+        for t, buf in zip(tensors, self.buffers):
+            shape = tuple(t.shape())
+            self._copy.grow(self.device, t.data_ptr(), shape, self._row_ptr(buf, row), self.capacity)
+
+    def prefill_after(self, row: int, ids: np.ndarray, past: int) -> np.ndarray:
+        """Prefill `ids` [S] into row `row` after its first `past` positions (a loaded prefix):
+        attention covers them, positions continue from `past` -> logits at the last token [V]."""
+        s = len(ids)
+        self._ensure(past + s + 1)
+        mask = np.ones((1, past + s), np.int64)
+        positions = np.arange(past, past + s, dtype=np.int64)[None]
+        return self._run(np.asarray([ids], np.int64), mask, positions, row, row + 1, 1)[0, -1]
 
     def truncate(self, rows: int) -> None:
         pass  # slots past the live rows are simply unused

@@ -1,0 +1,74 @@
+"""Shared-prefix reuse (prefix_cache.py) and request priority in the engine, on the tiny model."""
+
+import numpy as np
+import pytest
+
+from stratus.params import SamplingParams
+from stratus_engine.engine import Engine, GenerationRequest
+from stratus_engine.prefix_cache import BLOCK, MIN_TOKENS, PrefixCache
+
+SHARED = [1] + [int(t) for t in np.random.default_rng(1).integers(3, 260, 70)]  # a 71-token "system prompt"
+QUESTIONS = [[int(t) for t in np.random.default_rng(10 + i).integers(3, 260, 5 + i)] for i in range(6)]
+
+
+def greedy(n=12):
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int8"])
+def test_greedy_tokens_are_the_same_with_and_without_reuse(tiny, quant):
+    plain = Engine.from_dir(tiny.dirs[quant], threads=1, initial_capacity=16)
+    reuse = Engine.from_dir(tiny.dirs[quant], threads=1, initial_capacity=16, prefix_cache_bytes=64 << 20)
+    prompts = [SHARED + q for q in QUESTIONS]
+    expected = [r.token_ids for r in plain.generate([GenerationRequest(p, greedy()) for p in prompts])]
+    # one at a time (each later prompt hits the first one's stored prefix) ...
+    assert [reuse.generate([GenerationRequest(p, greedy())])[0].token_ids for p in prompts] == expected
+    # ... and all in one step (the first runs, the rest wait for its prefix and reuse it)
+    assert [r.token_ids for r in reuse.generate([GenerationRequest(p, greedy()) for p in prompts])] == expected
+    report = reuse.prefixes.report()
+    assert report["hits"] >= 2 * len(prompts) - 1 and report["tokens_reused"] >= 64 * (2 * len(prompts) - 1)
+    assert report["bytes"] <= report["budget_bytes"]
+
+
+def test_n_choices_and_logprobs_on_a_reused_prefix(tiny):
+    engine = Engine.from_dir(tiny.dirs["fp32"], threads=1, prefix_cache_bytes=64 << 20)
+    plain = Engine.from_dir(tiny.dirs["fp32"], threads=1)
+    engine.generate([GenerationRequest(SHARED + QUESTIONS[0], greedy())])  # stores the prefix
+    params = SamplingParams(max_tokens=6, temperature=0.8, seed=3, n=3, logprobs=2)
+    [got] = engine.generate([GenerationRequest(SHARED + QUESTIONS[1], params)])
+    [want] = plain.generate([GenerationRequest(SHARED + QUESTIONS[1], params)])
+    assert engine.prefixes.stats.hits >= 1
+    assert [c.token_ids for c in got.choices] == [c.token_ids for c in want.choices]
+    assert [e.logprob for e in got.choices[0].logprobs] == pytest.approx([e.logprob for e in want.choices[0].logprobs],
+                                                                         abs=1e-4)
+
+
+def test_stored_prefixes_stay_within_the_budget():
+    per_token = 1000
+    cache = PrefixCache(budget_bytes=100 * per_token, bytes_per_token=per_token)
+    a, b = list(range(1, 90)), list(range(500, 590))
+    cache.add(a, cache.storable(a), kv=[])
+    assert cache.lookup(a[:40] + [7, 7, 7]) == (cache.index[tuple(a[:32])], 32)  # any block-aligned prefix
+    cache.add(b, cache.storable(b), kv=[])  # 80 + 80 tokens > 100: the older entry goes
+    assert cache.used_bytes <= 100 * per_token and cache.stats.evictions == 1
+    assert cache.lookup(a)[0] is None and cache.lookup(b)[1] == 80
+    assert cache.storable(list(range(MIN_TOKENS))) == 0  # too short to be worth a copy
+    assert cache.storable(b) == 0  # already held
+    assert (len(b) - 1) // BLOCK * BLOCK == 80
+
+
+def test_interactive_requests_are_admitted_before_waiting_batch_requests(tiny):
+    # Given one slot, running batch work, and more batch work waiting
+    engine = Engine.from_dir(tiny.dirs["fp32"], threads=1, max_batch=1)
+    order = []
+
+    def request(name, priority):
+        return GenerationRequest([1, 40, 90], greedy(4), priority=priority,
+                                 on_token=lambda _t, _lp: order.append(name) if name not in order else None)
+    futures = [engine.submit(request("batch-1", 1))]
+    engine.step()
+    futures += [engine.submit(request("batch-2", 1)), engine.submit(request("interactive", 0))]
+    while not all(f.done() for f in futures):
+        engine.step()
+    # then the interactive request, though it came last, runs before the waiting batch request
+    assert order == ["batch-1", "interactive", "batch-2"]
