@@ -88,6 +88,7 @@ class Worker:
         self._halt = threading.Event()
         self._lock = threading.Lock()
         self._next = {"heartbeat": 0.0, "cancel": 0.0, "metrics": 0.0, "alive": 0.0}
+        self._prefix_seen: dict = {}  # the prefix cache's counters at the last metrics report
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -284,4 +285,11 @@ class Worker:
         metrics.add_metric(name="num_requests_running", unit=MetricUnit.Count, value=self.engine.num_running)
         metrics.add_metric(name="num_requests_waiting", unit=MetricUnit.Count, value=self.engine.num_waiting)
         metrics.add_metric(name="batch_size", unit=MetricUnit.Count, value=self.engine.num_running)
+        if self.engine.prefixes is not None:  # shared-prefix reuse: its memory (bounded) and, since the last
+            report = self.engine.prefixes.report()  # report, its hits and the prompt tokens it saved
+            metrics.add_metric(name="prefix_cache_bytes", unit=MetricUnit.Bytes, value=report["bytes"])
+            for name in ("hits", "misses", "tokens_reused"):
+                metrics.add_metric(name=f"prefix_cache_{name}", unit=MetricUnit.Count,
+                                   value=report[name] - self._prefix_seen.get(name, 0))
+            self._prefix_seen = report
         metrics.flush_metrics()

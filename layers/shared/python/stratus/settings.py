@@ -55,6 +55,7 @@ class Settings:
     model_uri: str = ""  # ... or s3://bucket/prefix/ of a published model (`stratus model publish`)
     model_cache: str = "/tmp/stratus-models"  # where fetched models are kept, one folder per digest
     max_batch: int = 16  # rows in the engine's continuous batch
+    prefix_cache_mb: int = 512  # the engine's stored prompt prefixes (shared-prefix reuse); 0 turns it off
     visibility_s: int = 120  # how long a received message stays hidden (the queue's VisibilityTimeout)
     heartbeat_s: float = 30.0  # how often held messages get their visibility extended
     cancel_check_s: float = 0.5  # how often held jobs are re-read for cancellation
@@ -77,6 +78,7 @@ class Settings:
         "sagemaker_endpoint": ("STRATUS_SAGEMAKER_ENDPOINT", str),
         "model_dir": ("STRATUS_MODEL_DIR", str), "model_uri": ("STRATUS_MODEL_URI", str),
         "model_cache": ("STRATUS_MODEL_CACHE", str), "max_batch": ("STRATUS_MAX_BATCH", int),
+        "prefix_cache_mb": ("STRATUS_PREFIX_CACHE_MB", int),
         "visibility_s": ("STRATUS_VISIBILITY_S", int), "heartbeat_s": ("STRATUS_HEARTBEAT_S", float),
         "cancel_check_s": ("STRATUS_CANCEL_CHECK_S", float), "drain_s": ("STRATUS_DRAIN_S", float),
         "ort_spinning": ("STRATUS_ORT_SPINNING", _bool),
