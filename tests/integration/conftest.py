@@ -47,8 +47,9 @@ class Stack:
         out = self.handler(self.event(name, **kwargs), LambdaContext())
         return out["statusCode"], json.loads(out["body"]), {k.lower(): v for k, v in out.get("headers", {}).items()}
 
-    def queued(self) -> list[dict]:
-        url = self.refs["JobsQueue"]
+    def queued(self, queue: str = "JobsQueue") -> list[dict]:
+        """The messages waiting in a jobs queue (JobsQueue: interactive; BatchJobsQueue: batch)."""
+        url = self.refs[queue]
         msgs = []
         while True:
             got = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=300).get("Messages", [])

@@ -13,6 +13,7 @@ import boto3
 import pytest
 
 from stratus.contracts import Status
+from stratus.errors import InvalidRequest
 from stratus.jobstore import JobStore
 from stratus.keys import create_key, revoke_key
 from stratus_local.template import ROOT, LambdaContext, apply_environment, load_handler, load_template
@@ -416,3 +417,19 @@ def test_storage_that_cannot_be_reached_is_a_503_with_retry_after(stack, key, mo
     status, body, headers = stack.call("api_chat_completion.json", key=key, body=CHAT)
     assert status == 503 and headers["retry-after"] == "2" and body["error"]["code"] == "service_unavailable"
     assert "dynamodb" not in body["error"]["message"]
+
+
+def test_a_batch_tier_tenants_requests_wait_in_the_batch_queue_with_the_batch_window(stack):
+    # Given a tenant whose key record puts it in the batch tier
+    slow = create_key(stack.table, "nightly", rpm=100, tpm=1_000_000, tier="batch")
+    status, body, _ = stack.call("api_create_job.json", key=slow)
+    # then its job waits in the batch tier's queue, expiring after a batch window, not the API deadline
+    assert status == 202
+    [msg] = stack.queued("BatchJobsQueue")
+    assert stack.queued() == [] and msg["tier"] == "batch"
+    assert msg["deadline"] - msg["enqueued_at"] == pytest.approx(86400)
+
+
+def test_a_key_tier_must_be_a_known_tier(stack):
+    with pytest.raises(InvalidRequest, match="tier must be one of interactive, batch"):
+        create_key(stack.table, "x", rpm=1, tpm=1, tier="urgent")

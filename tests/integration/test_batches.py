@@ -60,7 +60,7 @@ def batch_fn(stack):
 def work_all(stack, text: str = "4") -> int:
     """Play the worker for every queued job."""
     store, n = JobStore(stack.table), 0
-    for m in stack.queued():
+    for m in stack.queued("BatchJobsQueue"):
         store.transition(m["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
         store.complete(m["job_id"], "w", {"text": f"{text}:{m['job_id'][:6]}", "finish_reason": "stop"},
                        usage={"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6})
@@ -72,6 +72,7 @@ def test_an_uploaded_file_becomes_a_batch_with_output_and_error_files(stack, bat
     upload, tick, read = batch_fn
     created = upload("batches/input/acme/questions.jsonl", FILE)
     assert created["status"] == "in_progress" and created["request_counts"] == {"total": 6, "completed": 0, "failed": 2}
+    assert stack.queued() == []  # batch lines wait in the batch tier's queue, never the interactive one
     assert work_all(stack) == 3  # q1 and q2 share one job; the bad JSON and bad temperature never queue
     assert tick()["completed"] == [created["batch"]]
     key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
@@ -94,7 +95,7 @@ def test_a_redelivered_upload_event_does_not_create_a_second_batch(stack, batch_
     upload, _, _ = batch_fn
     first = upload("batches/input/acme/a.jsonl", line("x", "hello") + "\n")
     again = upload("batches/input/acme/a.jsonl", line("x", "hello") + "\n")
-    assert first["batch"] == again["batch"] and len(stack.queued()) == 1
+    assert first["batch"] == again["batch"] and len(stack.queued("BatchJobsQueue")) == 1
 
 
 def test_identical_lines_reuse_the_cache(stack, batch_fn):
@@ -103,14 +104,14 @@ def test_identical_lines_reuse_the_cache(stack, batch_fn):
     work_all(stack, "first")
     tick()
     second = upload("batches/input/acme/second.jsonl", line("b", "cached?") + "\n")
-    assert stack.queued() == []  # answered from the cache
+    assert stack.queued("BatchJobsQueue") == []  # answered from the cache
     assert tick()["completed"] == [second["batch"]]
 
 
 def test_a_batch_is_pending_until_its_last_line_finishes(stack, batch_fn):
     upload, tick, _ = batch_fn
     created = upload("batches/input/acme/slow.jsonl", line("a", "one") + "\n" + line("b", "two") + "\n")
-    msgs = stack.queued()
+    msgs = stack.queued("BatchJobsQueue")
     store = JobStore(stack.table)
     store.transition(msgs[0]["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
     store.complete(msgs[0]["job_id"], "w", {"text": "1", "finish_reason": "stop"})
@@ -129,7 +130,7 @@ def test_post_batches_points_at_a_tenant_file_and_other_tenants_get_404(stack, b
     acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
     status, view, _ = stack.call("api_create_batch.json", key=acme)
     # answered at once: the file was copied under the input prefix, where the batch function ingests it
-    assert status == 200 and view["status"] == "validating" and stack.queued() == []
+    assert status == 200 and view["status"] == "validating" and stack.queued("BatchJobsQueue") == []
     copied = view["input_file_uri"].removeprefix(f"s3://{bucket}/")
     assert copied.startswith("batches/input/acme/posted/") and copied.endswith("/questions.jsonl")
     assert view["input_file_id"] == "questions.jsonl"
@@ -154,7 +155,7 @@ def test_a_file_over_the_line_limit_fails_with_a_clear_error(stack, batch_fn, mo
     monkeypatch.setattr(batches, "MAX_LINES", 3)
     upload, _, _ = batch_fn
     created = upload("batches/input/acme/big.jsonl", "\n".join(line(f"q{i}", f"question {i}") for i in range(4)))
-    assert created["status"] == "failed" and stack.queued() == []
+    assert created["status"] == "failed" and stack.queued("BatchJobsQueue") == []
     key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
     view = stack.call("api_get_batch.json", key=key, job_id=created["batch"])[1]
     assert view["errors"]["data"] == [{"code": "too_many_lines",
@@ -231,7 +232,7 @@ def test_a_line_too_big_to_queue_is_an_error_line(stack, batch_fn):
 def test_uploads_under_a_malformed_tenant_folder_are_ignored(stack, batch_fn, tenant):
     upload, _, _ = batch_fn
     out = upload(f"batches/input/{tenant}/q.jsonl", line("q1", "Hi"))
-    assert out.get("status") != "in_progress" and stack.queued() == []
+    assert out.get("status") != "in_progress" and stack.queued("BatchJobsQueue") == []
 
 
 def test_a_redelivered_upload_after_a_crash_between_writes_resumes_the_batch(stack, batch_fn, monkeypatch):
@@ -242,7 +243,7 @@ def test_a_redelivered_upload_after_a_crash_between_writes_resumes_the_batch(sta
     monkeypatch.setattr(batches, "_send", lambda outbox, deps: (_ for _ in ()).throw(RuntimeError("killed")))
     with pytest.raises(RuntimeError):
         upload("batches/input/acme/crash.jsonl", line("a", "One?") + "\n" + line("b", "Two?") + "\n")
-    assert stack.queued() == []
+    assert stack.queued("BatchJobsQueue") == []
     monkeypatch.undo()
     # When the event is delivered again
     again = upload("batches/input/acme/crash.jsonl", None)

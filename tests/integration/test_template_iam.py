@@ -16,15 +16,17 @@ from stratus_local.template import ROOT, load_template
 
 # role -> the logical ids its statements may name (in this template, or the nested stack's parameters)
 EXPECTED = {
-    "ApiRole": {"ApiLogs", "JobsTable", "StreamTable", "JobsQueue", "ResultsBucket"},
-    "DlqRole": {"DlqLogs", "JobsDeadLetterQueue", "JobsTable", "ReplyQueuePattern", "ResultsBucket"},
-    "BatchRole": {"BatchLogs", "JobsTable", "JobsQueue", "BatchEventsDeadLetterQueue", "ResultsBucket"},
-    "TriggerRole": {"TriggerLogs", "RequestsQueue", "JobsTable", "JobsQueue", "ReplyQueuePattern", "ResultsBucket"},
-    "DispatchRole": {"DispatchLogs", "JobsQueue", "ResultsBucket", "SageMakerWorkers"},
+    "ApiRole": {"ApiLogs", "JobsTable", "StreamTable", "JobsQueue", "BatchJobsQueue", "ResultsBucket"},
+    "DlqRole": {"DlqLogs", "JobsDeadLetterQueue", "BatchJobsDeadLetterQueue", "JobsTable", "ReplyQueuePattern",
+                "ResultsBucket"},
+    "BatchRole": {"BatchLogs", "JobsTable", "BatchJobsQueue", "BatchEventsDeadLetterQueue", "ResultsBucket"},
+    "TriggerRole": {"TriggerLogs", "RequestsQueue", "JobsTable", "JobsQueue", "BatchJobsQueue", "ReplyQueuePattern",
+                    "ResultsBucket"},
+    "DispatchRole": {"DispatchLogs", "JobsQueue", "BatchJobsQueue", "ResultsBucket", "SageMakerWorkers"},
 }
 NESTED_EXPECTED = {
-    "ecs-workers.yaml": {"TaskRole": {"JobsQueueArn", "ReplyQueuePattern", "JobsTableArn", "StreamTableArn",
-                                      "BucketName"}},
+    "ecs-workers.yaml": {"TaskRole": {"JobsQueueArn", "BatchJobsQueueArn", "ReplyQueuePattern", "JobsTableArn",
+                                      "StreamTableArn", "BucketName"}},
     "sagemaker-async.yaml": {"ExecutionRole": {"ReplyQueuePattern", "JobsTableArn", "StreamTableArn", "BucketName"}},
 }
 # actions that have no resource-level permissions in IAM, so "*" is the only possible resource

@@ -21,6 +21,7 @@ from stratus.keys import create_key
 from stratus.settings import Settings
 from stratus_engine.engine import Engine
 from stratus_local.template import ROOT, LambdaContext, load_handler, load_template
+from stratus_worker.leases import Receipt
 from stratus_worker.worker import Worker
 
 MODEL = "smollm2-135m-instruct-int4"
@@ -268,11 +269,12 @@ def test_a_lease_sqs_refuses_to_extend_is_reported_not_ignored(stack, key, make_
     from stratus_worker.worker import Held
 
     w = make_worker()
-    assert w.leases.extend(["not-a-receipt"]) == ["not-a-receipt"]
+    bad = Receipt(stack.refs["JobsQueue"], "not-a-receipt")
+    assert w.leases.extend([bad]) == [bad]
     msg = QueueMessage("j" + "2" * 32, "acme", parse_request("chat", chat("held"), max_messages=8, max_tokens_limit=64),
                        enqueued_at=time.time(), deadline=time.time() + 60)
     with w._lock:
-        w.held[msg.job_id] = Held(msg, "not-a-receipt", time.time())  # a message whose lease SQS refuses
+        w.held[msg.job_id] = Held(msg, bad, time.time())  # a message whose lease SQS refuses
     w.heartbeat()
     with w._lock:
         w.held.pop(msg.job_id)
@@ -336,12 +338,13 @@ def test_a_message_redelivered_while_held_is_deleted_with_its_newest_receipt(sta
     first = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], VisibilityTimeout=1)["Messages"][0]
     again = wait_until(lambda: stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], VisibilityTimeout=30,
                                                          AttributeNames=["All"]).get("Messages"), timeout=10)[0]
+    url = stack.refs["JobsQueue"]
     with w._lock:
-        w.held[msg.job_id] = Held(msg, first["ReceiptHandle"], time.time())
+        w.held[msg.job_id] = Held(msg, Receipt(url, first["ReceiptHandle"]), time.time())
     # When the worker sees the second delivery
-    w.admit(again)
+    w.admit(again, Receipt(url, again["ReceiptHandle"]))
     # Then the held generation owns the newest receipt, whose delete removes the message
-    assert w.held[msg.job_id].receipt == again["ReceiptHandle"] != first["ReceiptHandle"]
+    assert w.held[msg.job_id].receipt.handle == again["ReceiptHandle"] != first["ReceiptHandle"]
     w.leases.delete(w.held.pop(msg.job_id).receipt)
     assert queue_depth(stack) == 0
 
@@ -384,3 +387,49 @@ def test_token_ids_outside_the_vocabulary_fail_the_job_with_a_400(stack, key, ma
     status, reply, _ = stack.call("api_completion.json", key=key,
                                   body={"model": MODEL, "prompt": [1, 10**9], "max_tokens": 2})
     assert status == 400 and "token id 1000000000 is not in this model's vocabulary" in reply["error"]["message"], reply
+
+
+def test_a_worker_takes_interactive_work_first_and_batch_work_into_spare_room(stack, key, make_worker):
+    from stratus import submission
+    from stratus.deps import deps_from_env
+    from stratus.keys import Tenant
+
+    # Given a worker (driven by hand) and batch lines queued before an interactive request
+    w = make_worker(max_batch=2)
+    w.stop()
+    wait_until(lambda: not w.held and w.stopping.is_set())
+    deps = deps_from_env()
+    for i in range(4):
+        sub = submission.submit("chat", chat(f"line {i}"), Tenant("acme", 10**6, 10**9), deps,
+                                submission.batch_line(deps.settings))
+        submission.send(sub.message, deps)
+    interactive = submit(stack, key, chat("me first"))
+    # When it polls: the interactive queue first; the batch queue only when that had nothing
+    w.poll()
+    assert [h.message.job_id for h in w.held.values()] == [interactive]
+    w.poll()
+    tiers = [h.message.tier for h in w.held.values()]
+    assert tiers == ["interactive", "batch", "batch", "batch"]  # 2 x max_batch held in all
+    assert queue_depth(stack, "BatchJobsQueue") == 4  # one still waiting (the others are in flight)
+    # and the engine orders its waiting rows by tier
+    assert [g.req.priority for g in w.engine._waiting] == [0, 1, 1, 1]
+    w.release_all()
+
+
+def test_a_running_worker_serves_both_tiers(stack, key, make_worker):
+    from stratus import submission
+    from stratus.deps import deps_from_env
+    from stratus.keys import Tenant
+
+    deps = deps_from_env()
+    lines = []
+    for i in range(3):
+        sub = submission.submit("chat", chat(f"batch {i}"), Tenant("acme", 10**6, 10**9), deps,
+                                submission.batch_line(deps.settings))
+        submission.send(sub.message, deps)
+        lines.append(sub.job_id)
+        assert sub.message.deadline - sub.message.enqueued_at == deps.settings.batch_window_s
+    ids = lines + [submit(stack, key, chat("interactive"))]
+    make_worker()
+    assert wait_until(lambda: all(job(stack, j).status == Status.DONE for j in ids), timeout=60)
+    assert wait_until(lambda: queue_depth(stack) == queue_depth(stack, "BatchJobsQueue") == 0)

@@ -4,7 +4,7 @@
   stratus model verify --model DIR [--configuration NAME] [--threads N]
   stratus model publish --model DIR --bucket B [--prefix models/]
   stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
-  stratus keys create --tenant NAME [--rpm N] [--tpm N]      stratus keys revoke KEY
+  stratus keys create --tenant NAME [--rpm N] [--tpm N] [--tier interactive|batch]   stratus keys revoke KEY
   stratus invoke api --event events/api_health.json [--env-vars FILE]
   stratus serve [--model DIR] [--port 3000] [--workers 1] [--api-key KEY]
   stratus worker [--threads N]
@@ -103,10 +103,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     from stratus.keys import check_tenant, create_key
 
     tenant = check_tenant(args.tenant)  # before any AWS call
-    key = create_key(_keys_table(args), tenant, args.rpm, args.tpm)
+    key = create_key(_keys_table(args), tenant, args.rpm, args.tpm, tier=args.tier)
     print(key)
-    print(f"tenant {args.tenant}: {args.rpm} requests/min, {args.tpm} tokens/min. The key is shown once; "
-          "only its SHA-256 is stored.", file=sys.stderr)
+    print(f"tenant {args.tenant}: {args.rpm} requests/min, {args.tpm} tokens/min, {args.tier} tier. The key is "
+          "shown once; only its SHA-256 is stored.", file=sys.stderr)
     return 0
 
 
@@ -276,6 +276,9 @@ def _parser() -> argparse.ArgumentParser:
     kc.add_argument("--tenant", required=True)
     kc.add_argument("--rpm", type=int, default=600, help="requests per minute")
     kc.add_argument("--tpm", type=int, default=200_000, help="tokens per minute")
+    kc.add_argument("--tier", choices=["interactive", "batch"], default="interactive",
+                    help="where the tenant's API requests are scheduled (batch: behind interactive work, "
+                         "with the batch window as deadline)")
     kr = keys.add_parser("revoke", help="revoke a key")
     kr.add_argument("key")
     for k in (kc, kr):

@@ -2,7 +2,8 @@
 
 Four threads share one Engine:
 
-  main    receive up to 10 messages while the batch has room, and admit each (jobs.JobStates:
+  main    receive from the interactive queue first, and from the batch queue only while it left room
+          (tiers: see poll), up to 10 messages a call, and admit each (jobs.JobStates:
             past its deadline -> EXPIRED;  finished or cancelled -> drop;  otherwise claim it
             (QUEUED -> RUNNING, conditional) -> render + tokenize -> exact context check -> submit).
           every heartbeat_s: extend the held messages' leases (leases.py) and touch their jobs;
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.chunks import ChunkStore
-from stratus.contracts import Job, NewerMessage, QueueMessage, Status
+from stratus.contracts import TIERS, Job, NewerMessage, QueueMessage, Status
 from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
 from stratus.replies import post_replies
@@ -46,7 +47,7 @@ from stratus_engine.engine import Engine, GenerationRequest
 from stratus_worker import choices, health
 from stratus_worker.choices import gather
 from stratus_worker.jobs import DONE_WITH_MESSAGE, GENERATE, JobStates
-from stratus_worker.leases import Leases
+from stratus_worker.leases import Leases, Receipt
 from stratus_worker.results import Results, chunk_error
 from stratus_worker.streams import ChunkWriter
 
@@ -61,7 +62,7 @@ class Held:
     """A message this worker holds and the generation it feeds."""
 
     message: QueueMessage
-    receipt: str
+    receipt: Receipt
     received: float
     attempt: int = 1  # the message's receive count
     future: Future | None = None
@@ -76,7 +77,8 @@ class Worker:
         tokenizer = engine.model.tokenizer
         self.chunks = ChunkWriter(ChunkStore(stream_table), lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                                   settings.stream_flush_s, render=lambda t: choices.entry(t, engine.token_bytes))
-        self.leases = Leases(sqs, settings.queue_url, settings.visibility_s)
+        self.leases = Leases(sqs, settings.visibility_s)
+        self._batch_backlog = False  # the last batch receive found messages: more are likely waiting
         self.jobs = JobStates(self.store, self.worker_id, engine, settings.heartbeat_s, self._notify, clock)
         self.results = Results(self.store, self.chunks, self.worker_id, s3, settings.bucket, self._notify,
                                engine.token_bytes, lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
@@ -136,46 +138,63 @@ class Worker:
     # ---- receiving ----------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Receive while there is room for a full batch running and a full batch waiting."""
-        room = 2 * self.settings.max_batch - len(self.held)
-        if room <= 0:
-            time.sleep(0.02)
-            return
-        try:
-            got = self.sqs.receive_message(
-                QueueUrl=self.settings.queue_url, MaxNumberOfMessages=min(10, room), AttributeNames=["All"],
-                VisibilityTimeout=self.settings.visibility_s, WaitTimeSeconds=1 if self.held else IDLE_WAIT_S)
-        except Exception:  # noqa: BLE001 - throttled or unreachable: what we hold keeps generating
-            logger.exception("could not receive from the jobs queue")
-            metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
-            time.sleep(RECEIVE_BACKOFF_S)
-            return
-        for m in got.get("Messages", []):
+        """Receive interactive work first, batch work only into spare room.
+
+        Room: held messages up to two batches' worth (one running, one waiting in the engine); the
+        interactive queue may also use a third, so batch work held never keeps interactive work
+        out. The engine admits waiting interactive rows first (priority), so an interactive job
+        joins the running batch at its next step. The interactive queue is long-polled unless
+        batch work is waiting to fill the room; the batch queue is read without waiting, and only
+        when the interactive queue had nothing."""
+        s = self.settings
+        room = 2 * s.max_batch - len(self.held)
+        batch_url = s.queue_for("batch")
+        batches = batch_url != s.queue_url
+        wait = 0 if batches and self._batch_backlog and room > 0 else (1 if self.held else IDLE_WAIT_S)
+        got = self._receive(s.queue_url, room + s.max_batch, wait)
+        if batches and not got and room > 0:
+            got = self._receive(batch_url, room, 0)
+            self._batch_backlog = bool(got)
+        for receipt, m in got:
             try:
-                self.admit(m)
+                self.admit(m, receipt)
             except NewerMessage as exc:  # a newer API ahead of this worker: leave it for a newer worker
                 logger.warning("message from a newer version; left for a newer worker", extra={"reason": str(exc)})
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
-                self.leases.hide(m["ReceiptHandle"], NEWER_MESSAGE_HIDE_S)
+                self.leases.hide(receipt, NEWER_MESSAGE_HIDE_S)
             except Exception as exc:  # noqa: BLE001 - retryable: back to the queue, the DLQ bounds retries
                 logger.exception("could not admit a message")
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
-                self._retry_later(m, exc)
+                self._retry_later(receipt, m["Body"], exc)
 
-    def admit(self, m: dict) -> None:
+    def _receive(self, url: str, room: int, wait: int) -> list[tuple[Receipt, dict]]:
+        if room <= 0:
+            time.sleep(0.02)
+            return []
+        try:
+            got = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=min(10, room), AttributeNames=["All"],
+                                           VisibilityTimeout=self.settings.visibility_s, WaitTimeSeconds=wait)
+        except Exception:  # noqa: BLE001 - throttled or unreachable: what we hold keeps generating
+            logger.exception("could not receive from a jobs queue")
+            metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+            time.sleep(RECEIVE_BACKOFF_S)
+            return []
+        return [(Receipt(url, m["ReceiptHandle"]), m) for m in got.get("Messages", [])]
+
+    def admit(self, m: dict, receipt: Receipt) -> None:
         msg = QueueMessage.from_body(m["Body"])
         with self._lock:
             held = self.held.get(msg.job_id)
             if held is not None:  # our own message again (its lease lapsed): only the newest receipt
-                held.receipt = m["ReceiptHandle"]  # extends and deletes it (SQS ignores older ones)
+                held.receipt = receipt  # extends and deletes it (SQS ignores older ones)
                 return
         attempt = int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1))
         outcome, prompts = self.jobs.start(msg, attempt)
         if outcome == DONE_WITH_MESSAGE:
-            self.leases.delete(m["ReceiptHandle"])
+            self.leases.delete(receipt)
         if outcome != GENERATE:
             return
-        held = Held(msg, m["ReceiptHandle"], self.clock(), attempt)
+        held = Held(msg, receipt, self.clock(), attempt)
         with self._lock:
             self.held[msg.job_id] = held
         held.future = self._submit(msg, prompts, attempt)
@@ -195,9 +214,11 @@ class Worker:
         job_id = msg.job_id
         on_token = self.results.open(msg, attempt, self.clock())
         try:
+            priority = TIERS.index(msg.tier) if msg.tier in TIERS else len(TIERS)
             return gather([self.engine.submit(GenerationRequest(ids, msg.request.params, request_id=job_id,
                                                                 is_cancelled=lambda: job_id in self.cancelled,
-                                                                on_token=on_token if i == 0 else None))
+                                                                on_token=on_token if i == 0 else None,
+                                                                priority=priority))
                            for i, ids in enumerate(prompts)])
         except BaseException:
             self.results.abandon(job_id)
@@ -244,7 +265,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - retryable: the message comes back
                 logger.exception("could not write a result")
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
-                self._retry_later({"ReceiptHandle": held.receipt, "Body": held.message.to_body()}, exc)
+                self._retry_later(held.receipt, held.message.to_body(), exc)
             finally:
                 with self._lock:
                     self.held.pop(held.message.job_id, None)
@@ -259,15 +280,15 @@ class Worker:
 
     # ---- giving messages back -----------------------------------------------------------------
 
-    def _retry_later(self, m: dict, exc: BaseException) -> None:
+    def _retry_later(self, receipt: Receipt, body: str, exc: BaseException) -> None:
         """Put the job back to QUEUED (if ours) and make its message visible again now."""
         try:
-            job_id = QueueMessage.from_body(m["Body"]).job_id
+            job_id = QueueMessage.from_body(body).job_id
             self.results.abandon(job_id)
             self.jobs.requeue(job_id, last_error=f"{type(exc).__name__}: {exc}"[:500])
         except Exception:  # noqa: BLE001 - an unreadable message still goes back, towards the DLQ
             logger.warning("could not requeue the job of a failed message")
-        self.leases.release(m["ReceiptHandle"])
+        self.leases.release(receipt)
 
     def release_all(self) -> None:
         for h in self._snapshot():

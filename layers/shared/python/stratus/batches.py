@@ -9,7 +9,8 @@
 Lines are OpenAI batch lines ({"custom_id", "method": "POST", "url", "body"}) or Bedrock batch
 records ({"recordId", "modelInput"}). Each valid line becomes a job exactly like an API request
 (same cache key, so identical lines and earlier requests reuse one result); jobs are sent to the
-jobs queue ten per SendMessageBatch. Invalid lines go to the error file with their line number.
+batch tier's queue ten per SendMessageBatch (workers take them into spare slots only). Invalid
+lines go to the error file with their line number.
 A scheduled pass (advance) counts finished lines and writes the output once nothing is pending.
 
 Batch item: pk "batch#<id>", with `batch_tenant` (always) and `open_batch` (until it completes or
@@ -227,7 +228,7 @@ def _send(messages: list[QueueMessage], deps: Deps) -> None:
     """Fan out ten per SendMessageBatch; a job whose message was refused fails visibly."""
     for i in range(0, len(messages), 10):
         chunk = messages[i:i + 10]
-        out = deps.sqs.send_message_batch(QueueUrl=deps.settings.queue_url, Entries=[
+        out = deps.sqs.send_message_batch(QueueUrl=deps.settings.queue_for("batch"), Entries=[
             {"Id": str(n), "MessageBody": m.to_body()} for n, m in enumerate(chunk)])
         for f in out.get("Failed", []):
             deps.store.transition(chunk[int(f["Id"])].job_id, [Status.QUEUED], Status.FAILED, error={

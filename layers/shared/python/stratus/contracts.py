@@ -16,6 +16,9 @@ from stratus.errors import InvalidRequest
 from stratus.params import MAX_TOP_LOGPROBS, SamplingParams
 
 ROUTES = ("chat", "completion")
+# Scheduling tiers: a worker takes interactive jobs first and fills spare slots with batch jobs;
+# its engine admits waiting interactive rows before waiting batch rows (Engine priority = index).
+TIERS = ("interactive", "batch")
 # Job ids, in one place: a cacheable request's is its cache key, "c" + SHA-256; any other's is
 # "j" + a random uuid (kept only to be polled or streamed; its prompt is dropped when it finishes).
 CACHED_PREFIX, UNCACHED_PREFIX = "c", "j"
@@ -431,6 +434,7 @@ class QueueMessage:
     deadline: float  # epoch seconds; workers drop the job (EXPIRED) after it
     version: int = 1
     stream: bool = False  # a client streams the text: the worker writes chunk items (stratus.chunks)
+    tier: str = "interactive"  # TIERS: which queue carries it and how the engine orders it
 
     def to_body(self) -> str:
         d = asdict(self)

@@ -27,6 +27,7 @@ class Tenant:
     name: str
     rpm: int
     tpm: int
+    tier: str = "interactive"  # stratus.contracts.TIERS: where this tenant's API requests are scheduled
 
 
 def hash_key(key: str) -> str:
@@ -45,12 +46,17 @@ def check_tenant(name) -> str:
     return name
 
 
-def create_key(table, tenant: str, rpm: int, tpm: int, *, key: str | None = None) -> str:
+def create_key(table, tenant: str, rpm: int, tpm: int, *, key: str | None = None, tier: str = "interactive") -> str:
     """Store a new key's hash for `tenant`; returns the key itself (shown once, never stored).
-    `key` registers a chosen key instead (local mode's STRATUS_API_KEY)."""
+    `key` registers a chosen key instead (local mode's STRATUS_API_KEY); `tier`: the scheduling
+    tier of the tenant's API requests (a batch tenant's requests wait behind interactive work)."""
+    from stratus.contracts import TIERS
+
     check_tenant(tenant)
+    if tier not in TIERS:
+        raise InvalidRequest(f"tier must be one of {', '.join(TIERS)}, got {tier!r}", param="tier")
     key = key or KEY_PREFIX + secrets.token_urlsafe(32)
-    table.put_item(Item={"pk": f"key#{hash_key(key)}", "tenant": tenant, "rpm": rpm, "tpm": tpm,
+    table.put_item(Item={"pk": f"key#{hash_key(key)}", "tenant": tenant, "rpm": rpm, "tpm": tpm, "tier": tier,
                          "created_at": int(time.time())},
                    ConditionExpression="attribute_not_exists(pk)")
     return key
@@ -83,7 +89,8 @@ def authenticate(table, authorization: str | None, cache: KeyCache | None = None
         tenant = cached[1]
     else:
         item = table.get_item(Key={"pk": f"key#{digest}"}).get("Item")
-        tenant = None if item is None or item.get("revoked") else Tenant(item["tenant"], int(item["rpm"]), int(item["tpm"]))
+        tenant = None if item is None or item.get("revoked") else Tenant(
+            item["tenant"], int(item["rpm"]), int(item["tpm"]), item.get("tier", "interactive"))
         if len(cache) > 10_000:
             cache.clear()
         cache[digest] = (now, tenant)

@@ -39,6 +39,10 @@ class Settings:
     default_rpm: int
     default_tpm: int
     batch_window_s: int = 86400  # a batch line's job expires unstarted after this (BatchWindowSeconds)
+    # tiers (stratus.contracts.TIERS): interactive jobs go to queue_url, batch jobs to batch_queue_url
+    # (the same queue when unset); requests-queue messages take requests_tier
+    batch_queue_url: str = ""
+    requests_tier: str = "interactive"
     poll_interval_s: float = 0.025  # how often a waiting request re-reads its job (a strongly consistent read)
     # streaming (stratus.chunks): the table of chunk items, how often a worker flushes a job's text,
     # how often an idle stream sends a comment, and the longest a stream stays open
@@ -72,6 +76,7 @@ class Settings:
         "max_tokens": ("STRATUS_MAX_TOKENS", int), "shared_cache": ("STRATUS_SHARED_CACHE", _bool),
         "default_rpm": ("STRATUS_DEFAULT_RPM", int), "default_tpm": ("STRATUS_DEFAULT_TPM", int),
         "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float), "batch_window_s": ("STRATUS_BATCH_WINDOW_S", int),
+        "batch_queue_url": ("STRATUS_BATCH_QUEUE_URL", str), "requests_tier": ("STRATUS_REQUESTS_TIER", str),
         "stream_table": ("STRATUS_STREAM_TABLE", str), "stream_flush_s": ("STRATUS_STREAM_FLUSH_S", float),
         "stream_keepalive_s": ("STRATUS_STREAM_KEEPALIVE_S", float), "stream_max_s": ("STRATUS_STREAM_MAX_S", float),
         "trigger_tenant": ("STRATUS_TRIGGER_TENANT", str), "reply_queue_pattern": ("STRATUS_REPLY_QUEUE_PATTERN", str),
@@ -83,6 +88,14 @@ class Settings:
         "cancel_check_s": ("STRATUS_CANCEL_CHECK_S", float), "drain_s": ("STRATUS_DRAIN_S", float),
         "ort_spinning": ("STRATUS_ORT_SPINNING", _bool),
     }
+
+    def queue_for(self, tier: str) -> str:
+        """The jobs queue of a tier."""
+        return self.batch_queue_url or self.queue_url if tier == "batch" else self.queue_url
+
+    def deadline_for(self, tier: str) -> int:
+        """How long a job of this tier may wait unstarted: a batch window, or the interactive deadline."""
+        return self.batch_window_s if tier == "batch" else self.job_deadline_s
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:

@@ -189,7 +189,8 @@ def open_stream(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_con
         return None
     if deps.stream_table is None:
         raise InvalidRequest("streaming is not configured on this deployment (no stream table)", param="stream")
-    sub = submission.submit(route, body, tenant, deps, submission.api(deps.settings, cache_control, stream=True))
+    how = submission.api(deps.settings, cache_control, stream=True, tier=tenant.tier)
+    sub = submission.submit(route, body, tenant, deps, how)
     if sub.hit is not None:
         return Stream(deps, tenant, sub.req, sub.hit, options, hit=True)
     if not sub.created and not deps.store.mark_streamed(sub.job_id):

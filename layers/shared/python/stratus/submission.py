@@ -9,9 +9,11 @@ requests-queue messages.
     -> SendMessage (How.send; batch ingest collects the messages and sends ten at a time)
 
 What differs on purpose between callers is `How`:
-  API           deadline job_deadline_s, charged, sent at once, may stream
-  batch line    deadline batch_window_s (the batch's completion window), not charged, collected
-  queue message deadline job_deadline_s, not charged (its sender is trusted by IAM), sent at once
+  API           the tenant's tier (its key record; interactive by default), charged, sent at once, may stream
+  batch line    the batch tier, not charged, collected
+  queue message RequestsQueueTier (interactive by default), not charged (its sender is trusted by IAM), sent at once
+The tier picks the jobs queue (Settings.queue_for) and the deadline (Settings.deadline_for):
+interactive jobs expire unstarted after job_deadline_s, batch jobs after the batch window.
 Everything else is the same: a cacheable job is kept cache_ttl_s; one that is not, until its
 deadline + 1 h (it exists only to be polled or streamed).
 """
@@ -39,22 +41,24 @@ KEEP_AFTER_DEADLINE_S = 3600  # a job that is not cacheable stays readable this 
 @dataclass(frozen=True)
 class How:
     deadline_s: float  # the job expires unstarted after this
+    tier: str = "interactive"  # stratus.contracts.TIERS
     charge: bool = True  # tenant limits apply
     send: bool = True  # send the message now (False: the caller sends Submission.message)
     streaming: bool = False  # `stream: true` is allowed, and marks the message (the worker writes chunks)
     cache_control: str = ""  # the request's Cache-Control header
 
 
-def api(settings: Settings, cache_control: str = "", *, stream: bool = False) -> How:
-    return How(settings.job_deadline_s, charge=True, streaming=stream, cache_control=cache_control)
+def api(settings: Settings, cache_control: str = "", *, stream: bool = False, tier: str = "interactive") -> How:
+    return How(settings.deadline_for(tier), tier, charge=True, streaming=stream, cache_control=cache_control)
 
 
 def batch_line(settings: Settings) -> How:
-    return How(settings.batch_window_s, charge=False, send=False)
+    return How(settings.deadline_for("batch"), "batch", charge=False, send=False)
 
 
 def queue_message(settings: Settings) -> How:
-    return How(settings.job_deadline_s, charge=False)
+    tier = settings.requests_tier
+    return How(settings.deadline_for(tier), tier, charge=False)
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: How) -> Subm
     ttl = s.cache_ttl_s if cacheable else how.deadline_s + KEEP_AFTER_DEADLINE_S
     job = Job(job_id, tenant.name, Status.QUEUED, req, cacheable, created_at=now, expires_at=int(now + ttl))
     message = QueueMessage(job_id, tenant.name, req, enqueued_at=now, deadline=now + how.deadline_s,
-                           stream=how.streaming)
+                           stream=how.streaming, tier=how.tier)
     check_sizes(job, message.to_body())  # a 413 before anything is written or charged
     if how.charge:  # limits guard GPU time: only work that may reach a worker is charged
         tokens = req.text_bytes // 4 + req.prompt_token_ids + req.params.max_tokens * req.choices
@@ -120,7 +124,7 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: How) -> Subm
 def send(message: QueueMessage, deps: Deps) -> None:
     """SendMessage for a job just created; if it cannot go, the job fails (never stays QUEUED)."""
     try:
-        deps.sqs.send_message(QueueUrl=deps.settings.queue_url, MessageBody=message.to_body())
+        deps.sqs.send_message(QueueUrl=deps.settings.queue_for(message.tier), MessageBody=message.to_body())
     except Exception as exc:  # botocore raises many types
         deps.store.transition(message.job_id, [Status.QUEUED], Status.FAILED, error={
             "message": "could not enqueue the job", "type": "server_error", "code": "enqueue_failed"})
