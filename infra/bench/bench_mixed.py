@@ -28,6 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import report as report_file  # infra/bench/report.py
+
 from openai import OpenAI
 
 from stratus_local.serve import free_port, start
@@ -150,10 +152,7 @@ def main() -> None:
     print(f"batch of {args.lines} lines x {LINE_TOKENS} tokens: alone {alone_s:.0f} s ({args.lines / alone_s:.2f} lines/s), "
           f"as jobs in one queue {jobs_s:.0f} s ({args.lines / jobs_s:.2f}/s): "
           f"{report['batch_alone_over_one_queue_throughput']:.2f}x (target >= 0.9x); with interactive load {mixed_s:.0f} s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mixed.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {out / 'mixed.json'}")
+    report_file.write(args.out, "mixed", report)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ Also checks that every request's tokens are the same with and without reuse. Wri
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
+
+import report as report_file  # infra/bench/report.py
 
 NEW_TOKENS, REQUESTS = 32, 16
 RULES = [
@@ -109,10 +110,7 @@ def main() -> None:
           f"{cold['ttft_p90_s'] * 1000:7.0f} ms  aggregate {cold['aggregate_tok_s']:6.1f} tok/s")
     print(f"  TTFT p50 {ratio['ttft_p50']:.1f}x lower with reuse (target >= 3x); aggregate {ratio['aggregate_tok_s']:.2f}x;"
           f" tokens {'the same' if same else 'DIFFERENT'} with and without; cache {with_reuse['prefix_cache']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prefix.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {out / 'prefix.json'}")
+    report_file.write(args.out, "prefix", report)
 
 
 if __name__ == "__main__":
