@@ -138,18 +138,24 @@ def test_tenants_are_isolated(stack, key):
 
 def test_20_concurrent_identical_misses_queue_one_job(stack, key, monkeypatch):
     # 20 Lambda instances (each its own module, resolver and clients) get the same request at once.
-    # In-process moto applies an update's ADDs one after another without a lock, so a concurrent
-    # rate-limit condition can see `requests` without `tokens` and refuse (a 429 DynamoDB would
-    # never give): the counter updates take turns here; the job puts under test stay concurrent.
+    # In-process moto evaluates a write's condition and applies the write without a lock, so two
+    # threads can both pass "attribute_not_exists" (and a rate-limit condition can see `requests`
+    # without `tokens`): DynamoDB serializes writes to an item. Here each conditional write takes
+    # its turn, as DynamoDB's would; the 20 handlers around them stay concurrent.
     import stratus.keys
     import stratus.submission
 
-    turn, real_charge = threading.Lock(), stratus.keys.charge
+    turn, real_charge, real_create = threading.Lock(), stratus.keys.charge, JobStore.create
 
     def charge_in_turn(*args, **kwargs):
         with turn:
             return real_charge(*args, **kwargs)
+
+    def create_in_turn(self, *args, **kwargs):
+        with turn:
+            return real_create(self, *args, **kwargs)
     monkeypatch.setattr(stratus.submission, "charge", charge_in_turn)
+    monkeypatch.setattr(JobStore, "create", create_in_turn)
     results = []
     barrier = threading.Barrier(20)
     instances = [load_handler(load_template(), "ApiFunction")[0] for _ in range(20)]
