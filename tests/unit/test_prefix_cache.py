@@ -72,3 +72,21 @@ def test_interactive_requests_are_admitted_before_waiting_batch_requests(tiny):
         engine.step()
     # then the interactive request, though it came last, runs before the waiting batch request
     assert order == ["batch-1", "interactive", "batch-2"]
+
+
+def test_batch_rows_stay_few_while_interactive_requests_are_about(tiny):
+    # Given an engine whose clock we move, and interactive traffic
+    now = [100.0]
+    engine = Engine.from_dir(tiny.dirs["fp32"], threads=1, max_batch=8, batch_rows_beside_interactive=2,
+                             clock=lambda: now[0])
+    engine.submit(GenerationRequest([1, 40, 90], greedy(40), priority=0))
+    batch = [engine.submit(GenerationRequest([1, 50 + i, 90], greedy(40), priority=1)) for i in range(6)]
+    engine.step()
+    # then beside it only 2 batch rows run, though 7 slots are free
+    assert sum(1 for r in engine._active if r.req.priority == 1) == 2 and engine.num_running == 3
+    # and once no interactive request has come for the window, batch rows fill the batch again
+    now[0] += 10
+    engine.step()
+    assert sum(1 for r in engine._active if r.req.priority == 1) == 6
+    while not all(f.done() for f in batch):
+        engine.step()

@@ -45,6 +45,9 @@ from stratus_engine.sampling import sample, token_logprobs
 from stratus_engine.tokens import token_bytes
 
 
+INTERACTIVE_WINDOW_S = 5.0  # an interactive request this recent means more are likely: keep batch rows few
+
+
 def _never() -> bool:
     return False
 
@@ -184,11 +187,19 @@ class _Row:
 
 class Engine:
     def __init__(self, model: LoadedModel, max_batch: int = 16, prefill_token_budget: int = 4096,
-                 initial_capacity: int = 256, prefix_cache_bytes: int = 0) -> None:
-        """prefix_cache_bytes: memory for stored prompt prefixes (prefix_cache.py); 0 turns reuse off"""
+                 initial_capacity: int = 256, prefix_cache_bytes: int = 0, batch_rows_beside_interactive: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """prefix_cache_bytes: memory for stored prompt prefixes (prefix_cache.py); 0 turns reuse off.
+        batch_rows_beside_interactive: while interactive requests are about (one arrived in the last
+        INTERACTIVE_WINDOW_S), new batch rows are admitted only up to this many running batch rows
+        (default max_batch // 4), so interactive rows decode in a small batch's step time."""
         self.model = model
         self.spec = model.spec
         self.max_batch = max_batch
+        self.batch_rows_beside_interactive = (max_batch // 4 if batch_rows_beside_interactive is None
+                                              else batch_rows_beside_interactive)
+        self.clock = clock
+        self._last_interactive = float("-inf")
         self.prefill_token_budget = prefill_token_budget
         self.cache = make_cache(model, max_batch, initial_capacity)
         per_token = 2 * self.spec.num_layers * self.spec.num_kv_heads * self.spec.head_dim * np.dtype(model.kv_dtype).itemsize
@@ -257,6 +268,8 @@ class Engine:
         group.rows = [_Row(group, i, np.random.default_rng(seed + i), logprobs=[] if p.logprobs is not None else None,
                            matcher=self.guides.matcher(p.json_schema) if p.json_schema else None) for i in range(p.n)]
         group.future.set_running_or_notify_cancel()
+        if req.priority == 0:
+            self._last_interactive = self.clock()
         with self._wake:
             self._waiting.append(group)
             self._wake.notify()
@@ -318,13 +331,20 @@ class Engine:
 
     def _admit(self) -> list[_Group]:
         """Waiting groups into free slots: lower priority values first (interactive before batch),
-        in arrival order within a priority, while the padded prefill fits the token budget."""
+        in arrival order within a priority, while the padded prefill fits the token budget. While
+        interactive requests are about, batch rows are held to batch_rows_beside_interactive."""
         new: list[_Group] = []
         budget, rows = self.prefill_token_budget, len(self._active)
+        interactive_about = self.clock() - self._last_interactive < INTERACTIVE_WINDOW_S
+        batch_rows = sum(1 for r in self._active if r.req.priority > 0)
         with self._lock:
             for g in sorted(self._waiting, key=lambda g: g.req.priority):  # stable: arrival order kept
                 if rows + g.req.params.n > self.max_batch:
                     break
+                if g.req.priority > 0 and interactive_about:
+                    if batch_rows + g.req.params.n > self.batch_rows_beside_interactive:
+                        break
+                    batch_rows += g.req.params.n
                 longest = max([len(x.req.prompt_ids) for x in new] + [len(g.req.prompt_ids)])
                 if new and longest * (len(new) + 1) > budget:
                     break  # padded prefill would exceed the budget; the rest join next step
