@@ -224,7 +224,7 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
     return request
 
 
-MAX_SCHEMA_BYTES = 32_768  # a response_format schema, as canonical JSON
+MAX_SCHEMA_BYTES = 32_768  # a response_format schema, as compact JSON
 
 
 def _response_format(value) -> str:
