@@ -60,6 +60,8 @@ class Settings:
     model_cache: str = "/tmp/stratus-models"  # where fetched models are kept, one folder per digest
     max_batch: int = 16  # rows in the engine's continuous batch
     prefix_cache_mb: int = 512  # the engine's stored prompt prefixes (shared-prefix reuse); 0 turns it off
+    batch_rows_beside_interactive: int = -1  # batch rows the engine runs while interactive requests are about
+    #                                          (-1: max_batch // 4); see docs/scheduling.md
     visibility_s: int = 120  # how long a received message stays hidden (the queue's VisibilityTimeout)
     heartbeat_s: float = 30.0  # how often held messages get their visibility extended
     cancel_check_s: float = 0.5  # how often held jobs are re-read for cancellation
@@ -84,6 +86,7 @@ class Settings:
         "model_dir": ("STRATUS_MODEL_DIR", str), "model_uri": ("STRATUS_MODEL_URI", str),
         "model_cache": ("STRATUS_MODEL_CACHE", str), "max_batch": ("STRATUS_MAX_BATCH", int),
         "prefix_cache_mb": ("STRATUS_PREFIX_CACHE_MB", int),
+        "batch_rows_beside_interactive": ("STRATUS_BATCH_ROWS_BESIDE_INTERACTIVE", int),
         "visibility_s": ("STRATUS_VISIBILITY_S", int), "heartbeat_s": ("STRATUS_HEARTBEAT_S", float),
         "cancel_check_s": ("STRATUS_CANCEL_CHECK_S", float), "drain_s": ("STRATUS_DRAIN_S", float),
         "ort_spinning": ("STRATUS_ORT_SPINNING", _bool),
