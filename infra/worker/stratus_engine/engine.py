@@ -192,11 +192,11 @@ class Engine:
         """prefix_cache_bytes: memory for stored prompt prefixes (prefix_cache.py); 0 turns reuse off.
         batch_rows_beside_interactive: while interactive requests are about (one arrived in the last
         INTERACTIVE_WINDOW_S), new batch rows are admitted only up to this many running batch rows
-        (default max_batch // 4), so interactive rows decode in a small batch's step time."""
+        (default max_batch // 8), so interactive rows decode in a small batch's step time."""
         self.model = model
         self.spec = model.spec
         self.max_batch = max_batch
-        self.batch_rows_beside_interactive = (max_batch // 4 if batch_rows_beside_interactive is None
+        self.batch_rows_beside_interactive = (max_batch // 8 if batch_rows_beside_interactive is None
                                               else batch_rows_beside_interactive)
         self.clock = clock
         self._last_interactive = float("-inf")

@@ -61,7 +61,7 @@ class Settings:
     max_batch: int = 16  # rows in the engine's continuous batch
     prefix_cache_mb: int = 512  # the engine's stored prompt prefixes (shared-prefix reuse); 0 turns it off
     batch_rows_beside_interactive: int = -1  # batch rows the engine runs while interactive requests are about
-    #                                          (-1: max_batch // 4); see docs/scheduling.md
+    #                                          (-1: max_batch // 8); see docs/scheduling.md
     visibility_s: int = 120  # how long a received message stays hidden (the queue's VisibilityTimeout)
     heartbeat_s: float = 30.0  # how often held messages get their visibility extended
     cancel_check_s: float = 0.5  # how often held jobs are re-read for cancellation
