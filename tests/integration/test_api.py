@@ -439,3 +439,24 @@ def test_a_batch_tier_tenants_requests_wait_in_the_batch_queue_with_the_batch_wi
 def test_a_key_tier_must_be_a_known_tier(stack):
     with pytest.raises(InvalidRequest, match="tier must be one of interactive, batch"):
         create_key(stack.table, "x", rpm=1, tpm=1, tier="urgent")
+
+
+def test_an_interactive_request_joining_a_queued_batch_job_promotes_it(stack, key):
+    from stratus import submission
+    from stratus.deps import deps_from_env
+    from stratus.keys import Tenant
+
+    # Given a batch line's job waiting in the batch tier
+    deps = deps_from_env()
+    sub = submission.submit("chat", CHAT, Tenant("acme", 10**6, 10**9), deps, submission.batch_line(deps.settings))
+    submission.send(sub.message, deps)
+    assert JobStore(stack.table).get(sub.job_id).tier == "batch"
+    # When the same request comes through the API (it coalesces on that job), twice
+    for _ in range(2):
+        status, body, _ = stack.call("api_create_job.json", key=key, body=CHAT)
+        assert status == 202 and body["id"] == sub.job_id  # the live job it joined
+    # Then one interactive message jumps the queue for it, and the job is interactive now
+    [msg] = stack.queued()
+    assert msg["job_id"] == sub.job_id and msg["tier"] == "interactive"
+    assert JobStore(stack.table).get(sub.job_id).tier == "interactive"
+    assert len(stack.queued("BatchJobsQueue")) == 1  # the batch message is dropped once the job has run

@@ -376,6 +376,7 @@ class Job:
     last_error: str | None = None  # a worker's last retryable failure (shown when the job dies in the DLQ)
     notify: list[dict] = field(default_factory=list)  # replies to post when finished: {"queue_url", "id"}
     notified: bool = False
+    tier: str = "interactive"  # TIERS: the queue its message went to (stored only when "batch")
 
     def to_item(self) -> dict:
         """The prompt (messages / prompt) is its own attribute, so a finished job that is not
@@ -395,6 +396,8 @@ class Job:
             item["worker"] = self.worker
         if self.result_s3:
             item["result_s3"] = self.result_s3
+        if self.tier != "interactive":
+            item["tier"] = self.tier
         return item
 
     @classmethod
@@ -409,6 +412,7 @@ class Job:
             timings=load("timings"), attempts=int(item.get("attempts", 0)), error=load("error"),
             worker=item.get("worker"), result_s3=item.get("result_s3"), last_error=item.get("last_error"),
             notify=[json.loads(n) for n in item.get("notify", [])], notified=bool(item.get("notified", False)),
+            tier=item.get("tier", "interactive"),
         )
 
 

@@ -142,6 +142,19 @@ class JobStore:
             d = TypeDeserializer()
             return Job.from_item({k: d.deserialize(v) for k, v in old.items()}), False
 
+    def promote(self, job_id: str) -> bool:
+        """A QUEUED batch-tier job becomes interactive (an interactive request joined it): True for
+        the one caller that wins, who then queues an interactive message for it."""
+        try:
+            self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET tier = :i",
+                                   ConditionExpression="#s = :q AND tier = :b", ExpressionAttributeNames={"#s": "status"},
+                                   ExpressionAttributeValues={":i": "interactive", ":q": Status.QUEUED.value, ":b": "batch"})
+            return True
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+
     def transition(self, job_id: str, allowed_from: list[Status], to: Status, *, owner: str | None = None,
                    **fields) -> Job | None:
         """Conditionally move a job to `to`: the job as written, or None when its status (or its

@@ -103,7 +103,8 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: How) -> Subm
             return Submission(req, job_id, cacheable, hit=load_result(hit, deps.s3))
     now = deps.clock()
     ttl = s.cache_ttl_s if cacheable else how.deadline_s + KEEP_AFTER_DEADLINE_S
-    job = Job(job_id, tenant.name, Status.QUEUED, req, cacheable, created_at=now, expires_at=int(now + ttl))
+    job = Job(job_id, tenant.name, Status.QUEUED, req, cacheable, created_at=now, expires_at=int(now + ttl),
+              tier=how.tier)
     message = QueueMessage(job_id, tenant.name, req, enqueued_at=now, deadline=now + how.deadline_s,
                            stream=how.streaming, tier=how.tier)
     check_sizes(job, message.to_body())  # a 413 before anything is written or charged
@@ -114,6 +115,9 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: How) -> Subm
     if not created:
         metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
         logger.info("coalesced on a live job", extra={"status": held.status.value})
+        if how.tier == "interactive" and held.tier == "batch" and how.send and deps.store.promote(job_id):
+            send(message, deps)  # it waited in the batch tier: an interactive message jumps the queue
+            logger.info("promoted a batch job to interactive")  # (the batch message is dropped once it runs)
         return Submission(req, job_id, cacheable, job=held, created=False, message=message)
     if how.send:
         send(message, deps)
