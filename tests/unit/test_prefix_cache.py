@@ -15,7 +15,7 @@ def greedy(n=12):
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("quant", ["fp32", "int8"])
+@pytest.mark.parametrize("quant", ["fp32", "int4"])  # the builds whose batch invariance holds on AVX2 and AVX-512
 def test_greedy_tokens_are_the_same_with_and_without_reuse(tiny, quant):
     plain = Engine.from_dir(tiny.dirs[quant], threads=1, initial_capacity=16)
     reuse = Engine.from_dir(tiny.dirs[quant], threads=1, initial_capacity=16, prefix_cache_bytes=64 << 20)
