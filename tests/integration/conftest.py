@@ -95,15 +95,17 @@ def make_worker(stack, tiny):
     settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]), max_batch=4,
                                    visibility_s=3, heartbeat_s=0.5, cancel_check_s=0.05, drain_s=5.0)
 
-    def start(engine: Engine | None = None, sqs=None, **overrides) -> Worker:
+    def start(engine: Engine | None = None, sqs=None, run: bool = True, **overrides) -> Worker:
+        """A worker serving in a thread; with run=False, one the test drives by hand (poll, ...)."""
         engine = engine or Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16)
         w = Worker(engine, dataclasses.replace(settings, **overrides), sqs=sqs or boto3.client("sqs"),
                    table=boto3.resource("dynamodb").Table(stack.refs["JobsTable"]), s3=boto3.client("s3"),
                    stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]),
                    worker_id=f"w{len(started)}")
-        t = threading.Thread(target=w.run, daemon=True)
-        t.start()
-        started.append((w, t))
+        if run:
+            t = threading.Thread(target=w.run, daemon=True)
+            t.start()
+            started.append((w, t))
         return w
 
     yield start

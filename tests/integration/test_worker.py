@@ -328,9 +328,7 @@ def test_a_message_redelivered_while_held_is_deleted_with_its_newest_receipt(sta
     # Given a worker holding a message whose lease lapsed, so SQS delivered it again
     from stratus_worker.worker import Held
 
-    w = make_worker()
-    w.stop()  # its loop ends: this test drives admit() itself
-    wait_until(lambda: not w.held and w.stopping.is_set())
+    w = make_worker(run=False)  # this test drives admit() itself
     msg = QueueMessage("j" + "3" * 32, "acme", parse_request("chat", chat("held twice"), max_messages=8,
                                                              max_tokens_limit=64),
                        enqueued_at=time.time(), deadline=time.time() + 60)
@@ -395,9 +393,7 @@ def test_a_worker_takes_interactive_work_first_and_batch_work_into_spare_room(st
     from stratus.keys import Tenant
 
     # Given a worker (driven by hand) and batch lines queued before an interactive request
-    w = make_worker(max_batch=2)
-    w.stop()
-    wait_until(lambda: not w.held and w.stopping.is_set())
+    w = make_worker(max_batch=2, run=False)
     deps = deps_from_env()
     for i in range(4):
         sub = submission.submit("chat", chat(f"line {i}"), Tenant("acme", 10**6, 10**9), deps,
