@@ -1,5 +1,6 @@
 """The batch Lambda: an uploaded JSONL file (S3 "Object Created" via EventBridge) becomes a batch;
-a scheduled event advances open batches and writes their output files (logic in stratus.batches)."""
+a scheduled event advances open batches, writes their output files and releases their lines into
+the batch queue a few at a time, fairly between tenants (logic in stratus.batches and stratus.release)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def on_upload(event: dict) -> dict:
 
 
 def on_schedule(_event: dict) -> dict:
-    return {"completed": batches.advance(get_deps())}
+    return batches.run_pass(get_deps())
 
 
 HANDLERS = {"aws.s3": on_upload, "aws.events": on_schedule}  # EventBridge source -> handler

@@ -3,7 +3,6 @@ pass (events/batch_schedule.json) -> output and error files; the /v1/batches rou
 
 from __future__ import annotations
 
-import copy
 import json
 
 import boto3
@@ -236,11 +235,11 @@ def test_uploads_under_a_malformed_tenant_folder_are_ignored(stack, batch_fn, te
 
 
 def test_a_redelivered_upload_after_a_crash_between_writes_resumes_the_batch(stack, batch_fn, monkeypatch):
-    # Given a run that created the jobs and then died before sending their messages
-    from stratus import batches
+    # Given a run that created the jobs and then died before storing their messages
+    from stratus import release
 
     upload, tick, read = batch_fn
-    monkeypatch.setattr(batches, "_send", lambda outbox, deps: (_ for _ in ()).throw(RuntimeError("killed")))
+    monkeypatch.setattr(release, "write_outbox", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
     with pytest.raises(RuntimeError):
         upload("batches/input/acme/crash.jsonl", line("a", "One?") + "\n" + line("b", "Two?") + "\n")
     assert stack.queued("BatchJobsQueue") == []
@@ -296,3 +295,109 @@ def test_batches_are_listed_and_found_open_through_indexes_not_growing_items(sta
     work_all(stack)
     assert sorted(tick()["completed"]) == sorted(made + [upload("batches/input/other/f.jsonl", None)["batch"]])
     assert tick()["completed"] == []  # completed batches leave the open index
+
+
+# ---- metered release: the batch queue holds a few steps of work, shared evenly between tenants ----
+
+@pytest.fixture
+def batch_deps(stack, batch_fn, monkeypatch):
+    """The batch function's own Deps, with release settings a test sets (floor 20 by default)."""
+    import dataclasses
+    import sys
+
+    deps = sys.modules["stratus_fn_BatchFunction"].get_deps()
+
+    def configure(**settings):
+        monkeypatch.setattr(deps, "settings", dataclasses.replace(deps.settings, **settings))
+        return deps
+    configure(batch_release_floor=20)
+    return configure
+
+
+def take(stack, n: int) -> list[str]:
+    """Play a worker that takes up to n batch messages, finishes their jobs and deletes them:
+    the tenants of the jobs taken, in order."""
+    store, url, tenants = JobStore(stack.table), stack.refs["BatchJobsQueue"], []
+    while len(tenants) < n:
+        got = stack.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=min(10, n - len(tenants))).get("Messages", [])
+        if not got:
+            return tenants
+        for m in got:
+            body = json.loads(m["Body"])
+            if store.transition(body["job_id"], [Status.QUEUED], Status.RUNNING, worker="w"):
+                store.complete(body["job_id"], "w", {"text": "ok", "finish_reason": "stop"})
+                tenants.append(body["tenant"])
+            stack.sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+    return tenants
+
+
+def lines(prefix: str, n: int) -> str:
+    return "".join(line(f"{prefix}{i}", f"{prefix} question {i}?") + "\n" for i in range(n))
+
+
+def test_two_tenants_batch_files_share_the_queue_evenly(stack, batch_fn, batch_deps):
+    upload, tick, _ = batch_fn
+    # Given tenant acme's 200-line file (its first 20 lines released: the floor), of which workers
+    # took 10, then tenant other's 40-line file
+    first = upload("batches/input/acme/big.jsonl", lines("a", 200))
+    order = take(stack, 10)
+    second = upload("batches/input/other/small.jsonl", lines("b", 40))
+    # When workers take ten lines between scheduled passes
+    completed = []
+    while got := take(stack, 10):
+        order += got
+        completed += tick()["completed"]
+    # Then acme's lines queued before other's file came go first, and from then on the tenants take
+    # turns: other's 40 lines are done after ~100 lines in all, not after 240
+    assert order[:20] == ["acme"] * 20
+    last_other = max(i for i, t in enumerate(order) if t == "other")
+    assert last_other < 20 + 2 * 40 + 10, last_other
+    window = order[20:100]
+    assert 0.4 <= window.count("other") / len(window) <= 0.6, window
+    # and every line of both files ran exactly once, and both batches complete
+    assert sorted(order) == ["acme"] * 200 + ["other"] * 40
+    assert sorted(completed) == sorted([first["batch"], second["batch"]])
+
+
+def test_a_pass_keeps_stepping_and_sizes_the_queue_to_what_workers_take(stack, batch_fn, batch_deps):
+    from stratus import batches
+
+    upload, _, _ = batch_fn
+    upload("batches/input/acme/big.jsonl", lines("a", 150))  # 20 released (the floor)
+    # Given a pass of 40 s with a step every 10 s, and workers that take 30 lines between steps
+    deps = batch_deps(batch_release_floor=20, batch_release_every_s=10.0)
+    now = [1000.0]
+    taken = []
+    deps.clock = lambda: now[0]
+
+    def sleep(seconds):
+        now[0] += seconds
+        taken.append(len(take(stack, 30)))
+    deps.sleep = sleep
+    # When the pass runs
+    sent = batches.release_for(40, deps)
+    # Then it stepped at 0, 10, 20, 30 and 40 s: nothing at first (the floor's 20 were there); after
+    # workers took 20 (all there was) the target grew to 40, then to 60 (twice the 30 they took a
+    # step), topped up by 40, 50, 30 and the last 10 lines; the queue never ran dry after the first
+    assert taken == [20, 30, 30, 30]
+    assert sent == 0 + 40 + 50 + 30 + 10
+    assert len(take(stack, 1000)) == 20 + sent - sum(taken) == 150 - sum(taken)
+
+
+def test_a_step_that_dies_before_moving_the_cursor_sends_those_lines_again_and_they_run_once(
+        stack, batch_fn, batch_deps, monkeypatch):
+    from stratus import release
+
+    upload, tick, _ = batch_fn
+    # Given a batch whose first release step sent 20 lines and died before recording it
+    real = release._move_cursor
+    monkeypatch.setattr(release, "_move_cursor", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
+    created = upload("batches/input/acme/crash.jsonl", lines("a", 30))
+    monkeypatch.setattr(release, "_move_cursor", real)
+    # When the scheduled passes go on
+    done, completed = [], []
+    for _ in range(10):
+        done += take(stack, 100)
+        completed += tick()["completed"]
+    # Then those 20 lines were sent twice, each job ran once, and the batch completed
+    assert len(done) == 30 and completed == [created["batch"]]

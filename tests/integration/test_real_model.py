@@ -16,7 +16,7 @@ from stratus.chat_template import render_chat
 from stratus_engine.engine import Engine
 from stratus_engine.numerics import load_verified
 from stratus_engine.quality import agreement, greedy_tokens, perplexity
-from stratus_model.build import build_from_gguf, default_gguf
+from stratus_model.build import default_gguf
 from stratus_model.source import GGUFSource
 from stratus_model.tokenizer import build_tokenizer
 

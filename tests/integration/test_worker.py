@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 
 import boto3
-import pytest
 from botocore.exceptions import ClientError
 
 from stratus.contracts import QueueMessage, Status, parse_request
 from stratus.jobstore import JobStore
-from stratus.keys import create_key
-from stratus.settings import Settings
 from stratus_engine.engine import Engine
 from stratus_local.template import ROOT, LambdaContext, load_handler, load_template
 from stratus_worker.leases import Receipt
-from stratus_worker.worker import Worker
 
 MODEL = "smollm2-135m-instruct-int4"
 

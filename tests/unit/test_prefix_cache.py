@@ -90,3 +90,25 @@ def test_batch_rows_stay_few_while_interactive_requests_are_about(tiny):
     assert sum(1 for r in engine._active if r.req.priority == 1) == 6
     while not all(f.done() for f in batch):
         engine.step()
+
+
+def test_an_interactive_request_joins_a_batch_full_of_batch_rows_at_the_next_step(tiny):
+    # Given an engine of 4 rows full of long batch rows (no interactive traffic), one batch row waiting
+    engine = Engine.from_dir(tiny.dirs["fp32"], threads=1, max_batch=4)
+    batch = [engine.submit(GenerationRequest([1, 50 + i, 90], greedy(40), priority=1)) for i in range(5)]
+    engine.step()
+    assert engine.num_running == 4 and engine.interactive_headroom == 1
+    # When an interactive request arrives
+    interactive = engine.submit(GenerationRequest([1, 40, 90], greedy(3), priority=0))
+    engine.step()
+    # Then it runs at once in the headroom beside the 4 batch rows; the waiting batch row still waits
+    assert engine.num_running == 5 and sum(1 for r in engine._active if r.req.priority == 0) == 1
+    while not interactive.done():
+        engine.step()
+    assert not batch[4].done() and sum(1 for f in batch if f.done()) == 0
+    # and interactive requests alone never run more than max_batch rows
+    more = [engine.submit(GenerationRequest([1, 60 + i, 90], greedy(2), priority=0)) for i in range(6)]
+    engine.step()
+    assert sum(1 for r in engine._active if r.req.priority == 0) <= 4 and engine.num_running <= 5
+    while not all(f.done() for f in batch + more):
+        engine.step()

@@ -70,7 +70,9 @@ class LocalStack:
 
 
 def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers: int = 1,
-          api_key: str | None = None, threads: int | None = None, schedule_every_s: float = 2.0) -> LocalStack:
+          api_key: str | None = None, threads: int | None = None, schedule_every_s: float = 2.0,
+          environment: dict[str, str] | None = None) -> LocalStack:
+    """environment: variables over the template's for every function (benchmarks compare settings)."""
     import boto3
 
     from stratus.keys import create_key
@@ -103,7 +105,9 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
         stack.api_key = create_key(table, DEV_TENANT, rpm=100_000, tpm=100_000_000, key=api_key)
 
         functions = [n for n, r in template["Resources"].items() if r["Type"] == "AWS::Serverless::Function"]
-        pools = {fn: FunctionPool(fn, {**function_environment(template, fn, refs), **aws,
+        # schedules run every schedule_every_s here, not each minute: a batch pass is one release step
+        fast = {"STRATUS_BATCH_PASS_S": "0"} if schedule_every_s else {}
+        pools = {fn: FunctionPool(fn, {**function_environment(template, fn, refs), **aws, **fast, **(environment or {}),
                                        "STRATUS_LOCAL_LOG": str(logs / f"{fn}.log")}) for fn in functions}
         stack.pools = pools
         stack._stops.append(lambda: [p.close() for p in pools.values()])

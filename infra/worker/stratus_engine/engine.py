@@ -188,20 +188,24 @@ class _Row:
 class Engine:
     def __init__(self, model: LoadedModel, max_batch: int = 16, prefill_token_budget: int = 4096,
                  initial_capacity: int = 256, prefix_cache_bytes: int = 0, batch_rows_beside_interactive: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 interactive_headroom: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         """prefix_cache_bytes: memory for stored prompt prefixes (prefix_cache.py); 0 turns reuse off.
         batch_rows_beside_interactive: while interactive requests are about (one arrived in the last
         INTERACTIVE_WINDOW_S), new batch rows are admitted only up to this many running batch rows
-        (default max_batch // 8), so interactive rows decode in a small batch's step time."""
+        (default max_batch // 8), so interactive rows decode in a small batch's step time.
+        interactive_headroom: rows beyond max_batch that only interactive requests may take while
+        batch rows run (default max_batch // 8, at least 1), so one that arrives while batch rows
+        fill the batch joins it at the next step instead of waiting for a batch row to finish."""
         self.model = model
         self.spec = model.spec
         self.max_batch = max_batch
         self.batch_rows_beside_interactive = (max_batch // 8 if batch_rows_beside_interactive is None
                                               else batch_rows_beside_interactive)
+        self.interactive_headroom = max(1, max_batch // 8) if interactive_headroom is None else interactive_headroom
         self.clock = clock
         self._last_interactive = float("-inf")
         self.prefill_token_budget = prefill_token_budget
-        self.cache = make_cache(model, max_batch, initial_capacity)
+        self.cache = make_cache(model, max_batch + self.interactive_headroom, initial_capacity)
         per_token = 2 * self.spec.num_layers * self.spec.num_kv_heads * self.spec.head_dim * np.dtype(model.kv_dtype).itemsize
         self.prefixes = (PrefixCache(prefix_cache_bytes, per_token)
                          if prefix_cache_bytes > 0 and hasattr(self.cache, "save_prefix") else None)
@@ -331,25 +335,29 @@ class Engine:
 
     def _admit(self) -> list[_Group]:
         """Waiting groups into free slots: lower priority values first (interactive before batch),
-        in arrival order within a priority, while the padded prefill fits the token budget. While
-        interactive requests are about, batch rows are held to batch_rows_beside_interactive."""
+        in arrival order within a priority, while the padded prefill fits the token budget. Rows
+        of either tier number at most max_batch; batch rows fill the batch to max_batch at most,
+        interactive ones into the headroom beyond it; while interactive requests are about, batch
+        rows are held to batch_rows_beside_interactive."""
         new: list[_Group] = []
         budget, rows = self.prefill_token_budget, len(self._active)
         interactive_about = self.clock() - self._last_interactive < INTERACTIVE_WINDOW_S
         batch_rows = sum(1 for r in self._active if r.req.priority > 0)
         with self._lock:
             for g in sorted(self._waiting, key=lambda g: g.req.priority):  # stable: arrival order kept
-                if rows + g.req.params.n > self.max_batch:
-                    break
-                if g.req.priority > 0 and interactive_about:
-                    if batch_rows + g.req.params.n > self.batch_rows_beside_interactive:
+                n = g.req.params.n
+                if g.req.priority == 0:  # interactive: up to max_batch of its own, into the headroom
+                    if rows - batch_rows + n > self.max_batch or rows + n > self.max_batch + self.interactive_headroom:
                         break
-                    batch_rows += g.req.params.n
+                elif rows + n > self.max_batch or (interactive_about and batch_rows + n > self.batch_rows_beside_interactive):
+                    break
+                else:
+                    batch_rows += n
                 longest = max([len(x.req.prompt_ids) for x in new] + [len(g.req.prompt_ids)])
                 if new and longest * (len(new) + 1) > budget:
                     break  # padded prefill would exceed the budget; the rest join next step
                 new.append(g)
-                rows += g.req.params.n
+                rows += n
             chosen = {id(g) for g in new}
             self._waiting = deque(g for g in self._waiting if id(g) not in chosen)
         now = time.monotonic()

@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("model refused", extra={"model_dir": str(model_dir), "reason": exc.message})
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    beside = settings.batch_rows_beside_interactive
+    beside, headroom = settings.batch_rows_beside_interactive, settings.interactive_headroom
     engine = Engine(verified.model, max_batch=settings.max_batch, prefix_cache_bytes=settings.prefix_cache_mb << 20,
-                    batch_rows_beside_interactive=None if beside < 0 else beside)
+                    batch_rows_beside_interactive=None if beside < 0 else beside,
+                    interactive_headroom=None if headroom < 0 else headroom)
     worker = Worker(engine, settings, sqs=boto3.client("sqs"), table=boto3.resource("dynamodb").Table(settings.table),
                     s3=boto3.client("s3"), stream_table=boto3.resource("dynamodb").Table(settings.stream_table))
     logger.info("model loaded", extra={"model_id": manifest.get("model_id"), "digest": manifest.get("digest"),

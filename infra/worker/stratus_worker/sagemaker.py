@@ -40,7 +40,7 @@ def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
         msg = QueueMessage.from_body(json.dumps(body))
         try:
             job = worker.run_one(msg)
-        except Exception as exc:  # noqa: BLE001 - async endpoints do not redeliver: fail the job visibly
+        except Exception:  # noqa: BLE001 - async endpoints do not redeliver: fail the job visibly
             logger.exception("invocation failed", extra={"job_id": msg.job_id})
             worker.store.transition(msg.job_id, [Status.QUEUED, Status.RUNNING], Status.FAILED, error={
                 "message": "the worker failed on this job (its log has the cause)", "type": "server_error",

@@ -6,12 +6,16 @@
   batches/output/<batch id>/             output.jsonl, errors.jsonl, manifest.json when every line is done
   batches/state/<batch id>/lines.json    which job serves each line (written at ingest)
 
+  batches/state/<batch id>/outbox/       the lines' queue messages, sent a few at a time (stratus.release)
+
 Lines are OpenAI batch lines ({"custom_id", "method": "POST", "url", "body"}) or Bedrock batch
 records ({"recordId", "modelInput"}). Each valid line becomes a job exactly like an API request
-(same cache key, so identical lines and earlier requests reuse one result); jobs are sent to the
-batch tier's queue ten per SendMessageBatch (workers take them into spare slots only). Invalid
-lines go to the error file with their line number.
-A scheduled pass (advance) counts finished lines and writes the output once nothing is pending.
+(same cache key, so identical lines and earlier requests reuse one result); the new jobs' messages
+go to the batch's outbox, from which release steps send them to the batch tier's queue, sharing it
+fairly between tenants (workers take batch work into spare slots only). Invalid lines go to the
+error file with their line number.
+The scheduled pass (run_pass) counts finished lines, writes the output once nothing is pending,
+and keeps releasing lines for BatchPassSeconds.
 
 Batch item: pk "batch#<id>", with `batch_tenant` (always) and `open_batch` (until it completes or
 fails) keying two sparse indexes of the jobs table, both sorted by created_at: a tenant's batches
@@ -32,12 +36,12 @@ from dataclasses import dataclass, field
 from aws_lambda_powertools.metrics import MetricUnit
 from boto3.dynamodb.conditions import Key
 
-from stratus.contracts import ROUTE_PATHS, QueueMessage, Status, json_object, require_unicode
+from stratus.contracts import ROUTE_PATHS, Status, json_object, require_unicode
 from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge, StratusError
 from stratus.keys import Tenant, check_tenant
 from stratus.jobstore import load_result
 from stratus.observability import logger, metrics
-from stratus import submission
+from stratus import release, submission
 from stratus.deps import Deps
 from stratus.shapes import completion_body
 
@@ -73,12 +77,14 @@ class Batch:
     output_file: str | None = None
     error_file: str | None = None
     errors: list = field(default_factory=list)  # file-level problems (unreadable input)
+    outbox: int = 0  # queue messages to send (stratus.release) ...
+    released: int = 0  # ... and how many have gone
 
     def to_item(self) -> dict:
         item = {"pk": f"batch#{self.id}", "tenant": self.tenant, "input_file": self.input_file, "status": self.status,
                 "created_at": self.created_at, "counts": json.dumps(self.counts),
                 "errors": json.dumps(self.errors), "expires_at": self.created_at + KEEP_S,
-                "batch_tenant": self.tenant}
+                "batch_tenant": self.tenant, "outbox": self.outbox, "released": self.released}
         if self.status in ("validating", "in_progress"):
             item["open_batch"] = OPEN
         for name in ("completed_at", "output_file", "error_file"):
@@ -91,7 +97,7 @@ class Batch:
         return cls(item["pk"].removeprefix("batch#"), item["tenant"], item["input_file"], item["status"],
                    int(item["created_at"]), int(item["completed_at"]) if "completed_at" in item else None,
                    json.loads(item["counts"]), item.get("output_file"), item.get("error_file"),
-                   json.loads(item.get("errors", "[]")))
+                   json.loads(item.get("errors", "[]")), int(item.get("outbox", 0)), int(item.get("released", 0)))
 
     def view(self, bucket: str) -> dict:
         """The OpenAI batch object; file ids work with GET /v1/files/{id}/content, and the
@@ -213,7 +219,7 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
         if sub.created or (resumed and sub.job is not None and sub.job.status == Status.QUEUED):
             outbox.append(sub.message)  # new, or resumed: its message may never have gone
         lines.append(line)
-    _send(outbox, deps)
+    batch.outbox = release.write_outbox(batch_id, outbox, deps)
     state_key = f"batches/state/{batch_id}/lines.json"
     deps.s3.put_object(Bucket=s.bucket, Key=state_key, Body=json.dumps([l.__dict__ for l in lines]).encode())
     batch.status = "in_progress"
@@ -221,19 +227,11 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
     deps.table.put_item(Item=batch.to_item())
     metrics.add_metric(name="BatchLines", unit=MetricUnit.Count, value=len(lines))
     logger.info("batch created", extra={"batch_id": batch_id, "lines": len(lines), "queued": len(outbox)})
+    try:  # its first lines go now; if this step fails, the scheduled pass sends them
+        release_step(release.Meter(), deps)
+    except Exception:  # noqa: BLE001 - logged; the batch exists and the next pass releases its lines
+        logger.exception("could not release the new batch's lines")
     return batch
-
-
-def _send(messages: list[QueueMessage], deps: Deps) -> None:
-    """Fan out ten per SendMessageBatch; a job whose message was refused fails visibly."""
-    for i in range(0, len(messages), 10):
-        chunk = messages[i:i + 10]
-        out = deps.sqs.send_message_batch(QueueUrl=deps.settings.queue_for("batch"), Entries=[
-            {"Id": str(n), "MessageBody": m.to_body()} for n, m in enumerate(chunk)])
-        for f in out.get("Failed", []):
-            deps.store.transition(chunk[int(f["Id"])].job_id, [Status.QUEUED], Status.FAILED, error={
-                "message": f"could not enqueue the job: {f.get('Message', f.get('Code'))}", "type": "server_error",
-                "code": "enqueue_failed"})
 
 
 BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")  # batch_id_for_upload's shape
@@ -338,7 +336,35 @@ def file_content(file_id: str, tenant: str, deps: Deps) -> bytes:
     return deps.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-# ---- progress and output --------------------------------------------------------------------
+# ---- progress, release and output ----------------------------------------------------------
+
+def run_pass(deps: Deps) -> dict:
+    """The scheduled pass: finish what is done, then release lines for BatchPassSeconds."""
+    return {"completed": advance(deps), "released": release_for(deps.settings.batch_pass_s, deps)}
+
+
+def release_for(seconds: float, deps: Deps) -> int:
+    """Release steps every batch_release_every_s for `seconds` (one at least), while any open batch
+    has lines left to send; returns the lines sent."""
+    meter, until, sent = release.Meter(), deps.clock() + seconds, 0
+    while True:
+        step_sent = release_step(meter, deps)
+        sent += max(step_sent, 0)
+        if step_sent < 0 or deps.clock() + deps.settings.batch_release_every_s > until:
+            return sent
+        deps.sleep(deps.settings.batch_release_every_s)
+
+
+def release_step(meter: release.Meter, deps: Deps) -> int:
+    """One release step over the open batches with lines left; -1 when there are none."""
+    pending = []
+    for batch_id in _open_batch_ids(deps):  # oldest first
+        item = deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True).get("Item")
+        if item and item.get("status") == "in_progress" and int(item.get("released", 0)) < int(item.get("outbox", 0)):
+            pending.append(release.Pending(batch_id, item["tenant"], int(item["released"]), int(item["outbox"]),
+                                           int(item["created_at"])))
+    return release.step(pending, meter, deps) if pending else -1
+
 
 def advance(deps: Deps) -> list[str]:
     """Count finished lines of every open batch; finish the batches with nothing pending.
@@ -376,8 +402,9 @@ def _advance_one(batch: Batch, deps: Deps) -> bool:
     done = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.DONE)
     pending = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) in (Status.QUEUED, Status.RUNNING))
     batch.counts = {"total": len(lines), "completed": done, "failed": len(lines) - done - pending}
-    if pending:
-        deps.table.put_item(Item=batch.to_item())
+    if pending:  # counts only: a release step may be moving the cursor
+        deps.table.update_item(Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET counts = :c",
+                               ExpressionAttributeValues={":c": json.dumps(batch.counts)})
         return False
     _write_output(batch, lines, deps)
     return True

@@ -43,6 +43,11 @@ class Settings:
     # (the same queue when unset); requests-queue messages take requests_tier
     batch_queue_url: str = ""
     requests_tier: str = "interactive"
+    # metered release of batch lines (stratus.release): the fewest visible batch messages a step
+    # aims for, the time between steps, and how long a scheduled pass keeps stepping (0: one step)
+    batch_release_floor: int = 64
+    batch_release_every_s: float = 10.0
+    batch_pass_s: float = 0.0
     poll_interval_s: float = 0.025  # how often a waiting request re-reads its job (a strongly consistent read)
     # streaming (stratus.chunks): the table of chunk items, how often a worker flushes a job's text,
     # how often an idle stream sends a comment, and the longest a stream stays open
@@ -62,6 +67,7 @@ class Settings:
     prefix_cache_mb: int = 512  # the engine's stored prompt prefixes (shared-prefix reuse); 0 turns it off
     batch_rows_beside_interactive: int = -1  # batch rows the engine runs while interactive requests are about
     #                                          (-1: max_batch // 8); see docs/scheduling.md
+    interactive_headroom: int = -1  # rows beyond max_batch only interactive requests take (-1: max_batch // 8, ≥ 1)
     visibility_s: int = 120  # how long a received message stays hidden (the queue's VisibilityTimeout)
     heartbeat_s: float = 30.0  # how often held messages get their visibility extended
     cancel_check_s: float = 0.5  # how often held jobs are re-read for cancellation
@@ -79,6 +85,9 @@ class Settings:
         "default_rpm": ("STRATUS_DEFAULT_RPM", int), "default_tpm": ("STRATUS_DEFAULT_TPM", int),
         "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float), "batch_window_s": ("STRATUS_BATCH_WINDOW_S", int),
         "batch_queue_url": ("STRATUS_BATCH_QUEUE_URL", str), "requests_tier": ("STRATUS_REQUESTS_TIER", str),
+        "batch_release_floor": ("STRATUS_BATCH_RELEASE_FLOOR", int),
+        "batch_release_every_s": ("STRATUS_BATCH_RELEASE_EVERY_S", float),
+        "batch_pass_s": ("STRATUS_BATCH_PASS_S", float),
         "stream_table": ("STRATUS_STREAM_TABLE", str), "stream_flush_s": ("STRATUS_STREAM_FLUSH_S", float),
         "stream_keepalive_s": ("STRATUS_STREAM_KEEPALIVE_S", float), "stream_max_s": ("STRATUS_STREAM_MAX_S", float),
         "trigger_tenant": ("STRATUS_TRIGGER_TENANT", str), "reply_queue_pattern": ("STRATUS_REPLY_QUEUE_PATTERN", str),
@@ -87,6 +96,7 @@ class Settings:
         "model_cache": ("STRATUS_MODEL_CACHE", str), "max_batch": ("STRATUS_MAX_BATCH", int),
         "prefix_cache_mb": ("STRATUS_PREFIX_CACHE_MB", int),
         "batch_rows_beside_interactive": ("STRATUS_BATCH_ROWS_BESIDE_INTERACTIVE", int),
+        "interactive_headroom": ("STRATUS_INTERACTIVE_HEADROOM", int),
         "visibility_s": ("STRATUS_VISIBILITY_S", int), "heartbeat_s": ("STRATUS_HEARTBEAT_S", float),
         "cancel_check_s": ("STRATUS_CANCEL_CHECK_S", float), "drain_s": ("STRATUS_DRAIN_S", float),
         "ort_spinning": ("STRATUS_ORT_SPINNING", _bool),
@@ -94,7 +104,7 @@ class Settings:
 
     def queue_for(self, tier: str) -> str:
         """The jobs queue of a tier."""
-        return self.batch_queue_url or self.queue_url if tier == "batch" else self.queue_url
+        return (self.batch_queue_url or self.queue_url) if tier == "batch" else self.queue_url
 
     def deadline_for(self, tier: str) -> int:
         """How long a job of this tier may wait unstarted: a batch window, or the interactive deadline."""

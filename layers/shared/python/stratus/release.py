@@ -1,0 +1,189 @@
+"""Metered release of batch lines: the batch queue holds a few minutes of work, shared fairly
+between tenants, instead of every line of every file in arrival order.
+
+At ingest a batch's queue messages go to an outbox in S3, in line order, PART messages a file:
+
+  batches/state/<batch id>/outbox/<part, 5 digits>.jsonl    one QueueMessage body a line
+
+and the batch item counts them (`outbox`) and how many have been sent (`released`, a cursor). A
+release step (after each ingest, and every `batch_release_every_s` during the scheduled pass)
+reads the batch queue's depth, sizes a target of visible messages from what workers hold and took
+since the last step, and splits the room between the tenants with lines left, evenly (max-min fair:
+what one tenant cannot use goes to the others), then between each tenant's batches the same way.
+A tenant's new file therefore waits behind at most one target's worth of other files' lines (about
+two steps of work), not behind whole files; see docs/scheduling.md.
+
+Sending is at least once: messages go first, then the cursor moves with a condition on its old
+value; a step that dies in between, or a second step racing it, sends some lines twice, and the
+worker that finds a job already running or done drops the copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aws_lambda_powertools.metrics import MetricUnit
+
+from stratus.contracts import QueueMessage, Status
+from stratus.deps import Deps
+from stratus.jobstore import SQS_LIMIT_BYTES
+from stratus.observability import logger, metrics
+
+PART = 100  # messages per outbox file: a step reads only the files its lines are in
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An open batch with lines still to send."""
+
+    batch_id: str
+    tenant: str
+    released: int  # lines sent so far (the cursor)
+    outbox: int  # lines to send in all
+    created_at: int  # the batch's (epoch seconds)
+
+
+@dataclass
+class Meter:
+    """What the last step saw and did, to measure how many lines workers took since."""
+
+    visible: int | None = None
+    released: int = 0
+
+
+# ---- the outbox -----------------------------------------------------------------------------
+
+def _part_key(batch_id: str, part: int) -> str:
+    return f"batches/state/{batch_id}/outbox/{part:05d}.jsonl"
+
+
+def write_outbox(batch_id: str, messages: list[QueueMessage], deps: Deps) -> int:
+    """Store a batch's messages in line order; returns how many (the batch item's `outbox`)."""
+    bodies = [m.to_body() for m in messages]
+    for part in range(0, len(bodies), PART):
+        deps.s3.put_object(Bucket=deps.settings.bucket, Key=_part_key(batch_id, part // PART),
+                           Body="".join(b + "\n" for b in bodies[part:part + PART]).encode())
+    return len(bodies)
+
+
+def read_outbox(batch_id: str, start: int, stop: int, deps: Deps) -> list[str]:
+    """Message bodies [start, stop) of a batch's outbox."""
+    out: list[str] = []
+    for part in range(start // PART, (stop - 1) // PART + 1):
+        raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=_part_key(batch_id, part))["Body"].read()
+        lines = raw.decode().splitlines()
+        lo, hi = max(start - part * PART, 0), min(stop - part * PART, len(lines))
+        out += lines[lo:hi]
+    return out
+
+
+# ---- how much, and to whom ----------------------------------------------------------------------
+
+def target(floor: int, visible: int, in_flight: int, meter: Meter) -> int:
+    """Visible batch messages to keep: two steps of what workers took, twice what they hold, or the
+    floor, whichever is most (so workers never run dry between steps, and a new file waits little)."""
+    taken = meter.visible + meter.released - visible if meter.visible is not None else 0
+    return max(floor, 2 * in_flight, 2 * taken)
+
+
+def fair_shares(room: int, wants: dict[str, int]) -> dict[str, int]:
+    """Split `room` lines between claimants as evenly as their wants allow (max-min fair); what an
+    even split leaves over goes to the first claimants (dict order: oldest batch first).
+      fair_shares(10, {"a": 100, "b": 3, "c": 100}) == {"a": 4, "b": 3, "c": 3}"""
+    level, top = 0, max(wants.values(), default=0)  # the highest even level the room fills
+    while level < top:
+        mid = (level + top + 1) // 2
+        if sum(min(w, mid) for w in wants.values()) <= room:
+            level = mid
+        else:
+            top = mid - 1
+    shares = {k: min(w, level) for k, w in wants.items()}
+    extra = room - sum(shares.values())
+    for k, w in wants.items():  # one more line each, oldest first, for those who want more
+        if extra <= 0:
+            break
+        if w > level:
+            shares[k] += 1
+            extra -= 1
+    return shares
+
+
+def plan(room: int, pending: list[Pending]) -> dict[str, int]:
+    """Lines to send from each batch: tenants share the room evenly, then each tenant's batches."""
+    by_tenant: dict[str, list[Pending]] = {}
+    for p in pending:  # oldest batch first, so tenants are ordered by their oldest batch
+        by_tenant.setdefault(p.tenant, []).append(p)
+    tenant_share = fair_shares(room, {t: sum(p.outbox - p.released for p in ps) for t, ps in by_tenant.items()})
+    out: dict[str, int] = {}
+    for t, ps in by_tenant.items():
+        out.update(fair_shares(tenant_share[t], {p.batch_id: p.outbox - p.released for p in ps}))
+    return {b: n for b, n in out.items() if n}
+
+
+# ---- sending ------------------------------------------------------------------------------------
+
+def _groups(bodies: list[str]) -> list[list[int]]:
+    """Indexes of bodies in SendMessageBatch calls: at most ten, and their bodies' bytes within what
+    one call carries."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, body in enumerate(bodies):
+        n = len(body.encode())
+        if not groups or len(groups[-1]) == 10 or size + n > SQS_LIMIT_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
+
+
+def send(bodies: list[str], deps: Deps) -> None:
+    """Send batch-tier messages; a job whose message SQS refused fails visibly (never stays QUEUED)."""
+    for group in _groups(bodies):
+        out = deps.sqs.send_message_batch(QueueUrl=deps.settings.queue_for("batch"), Entries=[
+            {"Id": str(i), "MessageBody": bodies[i]} for i in group])
+        for f in out.get("Failed", []):
+            job_id = QueueMessage.from_body(bodies[int(f["Id"])]).job_id
+            deps.store.transition(job_id, [Status.QUEUED], Status.FAILED, error={
+                "message": f"could not enqueue the job: {f.get('Message', f.get('Code'))}", "type": "server_error",
+                "code": "enqueue_failed"})
+
+
+def _move_cursor(batch_id: str, old: int, new: int, deps: Deps) -> bool:
+    try:
+        deps.table.update_item(Key={"pk": f"batch#{batch_id}"}, UpdateExpression="SET released = :new",
+                               ConditionExpression="released = :old",
+                               ExpressionAttributeValues={":old": old, ":new": new})
+        return True
+    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
+        logger.info("another step moved the cursor first (some lines went twice)", extra={"batch_id": batch_id})
+        return False
+
+
+def step(pending: list[Pending], meter: Meter, deps: Deps) -> int:
+    """One release step over the open batches with lines left (oldest first); returns lines sent."""
+    s = deps.settings
+    attrs = deps.sqs.get_queue_attributes(
+        QueueUrl=s.queue_for("batch"),
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    visible, in_flight = int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+    goal = target(s.batch_release_floor, visible, in_flight, meter)
+    sent = 0
+    shares = plan(max(goal - visible, 0), pending)
+    for p in pending:
+        n = shares.get(p.batch_id, 0)
+        if not n:
+            continue
+        send(read_outbox(p.batch_id, p.released, p.released + n, deps), deps)
+        if _move_cursor(p.batch_id, p.released, p.released + n, deps):
+            sent += n
+    meter.visible, meter.released = visible, sent
+    unsent = sum(p.outbox - p.released for p in pending) - sent
+    metrics.add_metric(name="BatchLinesReleased", unit=MetricUnit.Count, value=sent)
+    metrics.add_metric(name="BatchLinesUnreleased", unit=MetricUnit.Count, value=unsent)
+    metrics.add_metric(name="OldestUnreleasedBatchAge", unit=MetricUnit.Seconds,
+                       value=max(deps.clock() - min(p.created_at for p in pending), 0))
+    logger.info("batch lines released", extra={"visible": visible, "in_flight": in_flight, "target": goal,
+                                               "released": sent, "unreleased": unsent,
+                                               "batches": len(pending), "shares": shares})
+    return sent

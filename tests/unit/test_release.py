@@ -1,0 +1,59 @@
+"""The pure parts of metered batch release (stratus.release): fair shares, plans, targets, send groups."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from stratus.jobstore import SQS_LIMIT_BYTES
+from stratus.release import Meter, Pending, _groups, fair_shares, plan, target
+
+
+@pytest.mark.parametrize("room, wants, expected", [
+    (10, {"a": 100, "b": 3, "c": 100}, {"a": 4, "b": 3, "c": 3}),  # b's unused share goes to the others
+    (9, {"a": 100, "b": 100, "c": 100}, {"a": 3, "b": 3, "c": 3}),
+    (2, {"a": 5, "b": 5, "c": 5}, {"a": 1, "b": 1, "c": 0}),  # leftovers: the oldest first
+    (100, {"a": 5, "b": 0, "c": 7}, {"a": 5, "b": 0, "c": 7}),  # room to spare: everyone's all
+    (0, {"a": 5}, {"a": 0}),
+    (7, {}, {}),
+])
+def test_fair_shares_split_the_room_evenly_as_far_as_wants_allow(room, wants, expected):
+    assert fair_shares(room, wants) == expected
+
+
+def test_fair_shares_are_max_min_fair_on_random_cases():
+    rng = random.Random(0)
+    for _ in range(500):
+        wants = {str(i): rng.choice([0, 1, 2, 5, 50, 1000]) for i in range(rng.randint(1, 6))}
+        room = rng.randint(0, 300)
+        got = fair_shares(room, wants)
+        assert sum(got.values()) == min(room, sum(wants.values()))
+        assert all(0 <= got[k] <= wants[k] for k in wants)
+        # nobody who got less than they wanted is more than one line behind anyone else
+        short = [got[k] for k in wants if got[k] < wants[k]]
+        if short:
+            assert max(got.values()) - min(short) <= 1
+
+
+def test_tenants_share_first_then_each_tenants_batches():
+    # Given tenant a with two batches and tenant b with one, all with plenty of lines left
+    pending = [Pending("a1", "a", 0, 500, 1), Pending("b1", "b", 10, 300, 2), Pending("a2", "a", 0, 500, 3)]
+    # When 40 lines fit: b gets half, and a's half is split between its batches
+    assert plan(40, pending) == {"a1": 10, "a2": 10, "b1": 20}
+    # and a batch nearly done leaves its room to the rest
+    assert plan(40, [Pending("a1", "a", 498, 500, 1), Pending("b1", "b", 0, 300, 2)]) == {"a1": 2, "b1": 38}
+
+
+def test_the_target_covers_what_workers_hold_and_took_or_the_floor():
+    assert target(64, visible=0, in_flight=0, meter=Meter()) == 64  # nothing known yet: the floor
+    assert target(64, visible=10, in_flight=48, meter=Meter()) == 96  # twice what workers hold
+    # last step saw 100 visible and sent 50; 30 are left: workers took 120 since
+    assert target(64, visible=30, in_flight=16, meter=Meter(visible=100, released=50)) == 240
+
+
+def test_send_groups_hold_ten_messages_and_fit_one_call():
+    assert [len(g) for g in _groups(["x"] * 25)] == [10, 10, 5]
+    big = "y" * (SQS_LIMIT_BYTES // 3)  # three fill a call to just under its limit; a fourth does not fit
+    groups = _groups([big] * 7)
+    assert [len(g) for g in groups] == [3, 3, 1] and sum(groups, []) == list(range(7))
