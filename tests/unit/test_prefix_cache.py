@@ -112,3 +112,20 @@ def test_an_interactive_request_joins_a_batch_full_of_batch_rows_at_the_next_ste
     assert sum(1 for r in engine._active if r.req.priority == 0) <= 4 and engine.num_running <= 5
     while not all(f.done() for f in batch + more):
         engine.step()
+
+
+def test_requests_that_reuse_a_prefix_count_only_their_suffix_against_the_prefill_budget(tiny):
+    # Given a stored 64-token prefix and a prefill budget of 200 tokens a step
+    engine = Engine.from_dir(tiny.dirs["fp32"], threads=1, prefill_token_budget=200, prefix_cache_bytes=64 << 20)
+    plain = Engine.from_dir(tiny.dirs["fp32"], threads=1)
+    engine.generate([GenerationRequest(SHARED + QUESTIONS[0], greedy(2))])
+    # When six ~80-token prompts sharing it arrive (480 tokens in all, ~100 after the prefix)
+    prompts = [SHARED + q for q in QUESTIONS]
+    futures = [engine.submit(GenerationRequest(p, greedy())) for p in prompts]
+    engine.step()
+    # Then all six are admitted in one step, and their tokens are what a plain engine gives
+    assert engine.num_running == 6
+    while not all(f.done() for f in futures):
+        engine.step()
+    want = plain.generate([GenerationRequest(p, greedy()) for p in prompts])
+    assert [f.result().token_ids for f in futures] == [w.token_ids for w in want]

@@ -340,7 +340,7 @@ class Engine:
         interactive ones into the headroom beyond it; while interactive requests are about, batch
         rows are held to batch_rows_beside_interactive."""
         new: list[_Group] = []
-        budget, rows = self.prefill_token_budget, len(self._active)
+        budget, rows, longest = self.prefill_token_budget, len(self._active), 0
         interactive_about = self.clock() - self._last_interactive < INTERACTIVE_WINDOW_S
         batch_rows = sum(1 for r in self._active if r.req.priority > 0)
         with self._lock:
@@ -353,17 +353,22 @@ class Engine:
                     break
                 else:
                     batch_rows += n
-                longest = max([len(x.req.prompt_ids) for x in new] + [len(g.req.prompt_ids)])
-                if new and longest * (len(new) + 1) > budget:
+                tokens = max(longest, self._prefill_tokens(g))
+                if new and tokens * (len(new) + 1) > budget:
                     break  # padded prefill would exceed the budget; the rest join next step
                 new.append(g)
-                rows += n
+                rows, longest = rows + n, tokens
             chosen = {id(g) for g in new}
             self._waiting = deque(g for g in self._waiting if id(g) not in chosen)
         now = time.monotonic()
         for g in new:
             g.admitted = now
         return new
+
+    def _prefill_tokens(self, g: _Group) -> int:
+        """Prompt tokens a group's prefill runs: those after a stored prefix it will reuse."""
+        ids = g.req.prompt_ids
+        return len(ids) - (self.prefixes.matched(ids) if self.prefixes and g.req.params.prompt_logprobs is None else 0)
 
     def _prefill(self, groups: list[_Group]) -> None:
         """Prefill each group's prompt once into the slots after the active rows, then copy it to

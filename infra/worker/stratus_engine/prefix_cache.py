@@ -48,15 +48,27 @@ class PrefixCache:
     used_bytes: int = 0
 
     def lookup(self, ids: list[int]) -> tuple[Entry | None, int]:
+        """The entry holding the longest stored prefix of `ids` and its length (counted, and made
+        most recently used), or (None, 0)."""
+        entry, length = self._find(ids)
+        if entry is None:
+            self.stats.misses += 1
+            return None, 0
+        self.entries.move_to_end(id(entry))
+        self.stats.hits += 1
+        self.stats.tokens_reused += length
+        return entry, length
+
+    def matched(self, ids: list[int]) -> int:
+        """How many of `ids`' first tokens a lookup would reuse now (nothing counted or moved)."""
+        return self._find(ids)[1]
+
+    def _find(self, ids: list[int]) -> tuple[Entry | None, int]:
         longest = (len(ids) - 1) // BLOCK * BLOCK
         for length in range(longest, MIN_TOKENS - 1, -BLOCK):
             entry = self.index.get(tuple(ids[:length]))
             if entry is not None:
-                self.entries.move_to_end(id(entry))
-                self.stats.hits += 1
-                self.stats.tokens_reused += length
                 return entry, length
-        self.stats.misses += 1
         return None, 0
 
     def storable(self, ids: list[int]) -> int:
