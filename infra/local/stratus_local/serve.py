@@ -70,9 +70,10 @@ class LocalStack:
 
 
 def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers: int = 1,
-          api_key: str | None = None, threads: int | None = None, schedule_every_s: float = 2.0,
+          api_key: str | None = None, threads: int | None = None, schedule_every_s: float = 5.0,
           environment: dict[str, str] | None = None) -> LocalStack:
-    """environment: variables over the template's for every function (benchmarks compare settings)."""
+    """environment: variables over the template's for every function and worker (benchmarks compare
+    settings)."""
     import boto3
 
     from stratus.keys import create_key
@@ -117,7 +118,8 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
 
         worker_env = {**os.environ, **function_environment(template, None, refs), **aws,
                       "STRATUS_MODEL_DIR": str(model_dir),
-                      "STRATUS_ORT_SPINNING": "false"}  # the workers share the machine with the rest
+                      "STRATUS_ORT_SPINNING": "false",  # the workers share the machine with the rest
+                      **(environment or {})}
         cmd = [sys.executable, "-m", "stratus_worker"] + (["--threads", str(threads)] if threads else [])
 
         def spawn(i: int) -> subprocess.Popen:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from stratus.errors import ModelLoadError
-from stratus.manifest import MANIFEST, artifact_digest
+from stratus.manifest import MANIFEST, artifact_digest, split_uri
 
 COMPLETE = ".complete"  # written after every file of a fetched model is verified
 
@@ -45,13 +45,6 @@ def verify(model_dir: Path, manifest: dict | None = None) -> dict:
     return manifest
 
 
-def _split(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://") or "/" not in uri[5:]:
-        raise ModelLoadError(f"model URI must look like s3://bucket/prefix/, got {uri!r}")
-    bucket, prefix = uri[5:].split("/", 1)
-    return bucket, prefix.rstrip("/") + "/"
-
-
 def publish(model_dir: Path, s3, bucket: str, prefix: str = "models/", only: tuple[str, ...] | None = None) -> str:
     """Upload a verified model directory; returns its URI (the workers' MODEL_URI). only: upload
     just these files (and the manifest): `stratus serve` gives the API the tokenizer this way while
@@ -66,7 +59,7 @@ def publish(model_dir: Path, s3, bucket: str, prefix: str = "models/", only: tup
 
 def fetch(uri: str, s3, cache_root: Path, *, expected_digest: str | None = None) -> Path:
     """Download (or reuse) the model at `uri` under cache_root/<digest>/, verified."""
-    bucket, prefix = _split(uri)
+    bucket, prefix = split_uri(uri)
     try:
         manifest = json.loads(s3.get_object(Bucket=bucket, Key=prefix + MANIFEST)["Body"].read())
     except Exception as exc:  # noqa: BLE001 - botocore's ClientError and friends

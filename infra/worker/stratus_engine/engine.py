@@ -185,6 +185,13 @@ class _Row:
         return self.group.req
 
 
+def default_batch_rows_beside_interactive(model: LoadedModel, max_batch: int) -> int:
+    """Batch rows beside interactive ones: on a GPU a decode step costs about the same for a few
+    rows as for one, so max_batch // 8; on a CPU it costs about in proportion to its rows, so one
+    (measured on 2 cores with the local stack: interactive p50 1.6x idle with two, docs/scheduling.md)."""
+    return max_batch // 8 if "CUDAExecutionProvider" in model.providers else 1
+
+
 class Engine:
     def __init__(self, model: LoadedModel, max_batch: int = 16, prefill_token_budget: int = 4096,
                  initial_capacity: int = 256, prefix_cache_bytes: int = 0, batch_rows_beside_interactive: int | None = None,
@@ -192,15 +199,15 @@ class Engine:
         """prefix_cache_bytes: memory for stored prompt prefixes (prefix_cache.py); 0 turns reuse off.
         batch_rows_beside_interactive: while interactive requests are about (one arrived in the last
         INTERACTIVE_WINDOW_S), new batch rows are admitted only up to this many running batch rows
-        (default max_batch // 8), so interactive rows decode in a small batch's step time.
+        (default_batch_rows_beside_interactive), so interactive rows decode in a small batch's step time.
         interactive_headroom: rows beyond max_batch that only interactive requests may take while
         batch rows run (default max_batch // 8, at least 1), so one that arrives while batch rows
         fill the batch joins it at the next step instead of waiting for a batch row to finish."""
         self.model = model
         self.spec = model.spec
         self.max_batch = max_batch
-        self.batch_rows_beside_interactive = (max_batch // 8 if batch_rows_beside_interactive is None
-                                              else batch_rows_beside_interactive)
+        self.batch_rows_beside_interactive = (default_batch_rows_beside_interactive(model, max_batch)
+                                              if batch_rows_beside_interactive is None else batch_rows_beside_interactive)
         self.interactive_headroom = max(1, max_batch // 8) if interactive_headroom is None else interactive_headroom
         self.clock = clock
         self._last_interactive = float("-inf")

@@ -33,12 +33,8 @@ def encode_prompts(engine: Engine, req: InferenceRequest) -> list[list[int]]:
 
 def gather(futures: list[Future]) -> Future:
     """Futures of GenerationResults -> one future of their list, in order (the first error wins)."""
-    if len(futures) == 1:
-        out: Future = Future()
-        futures[0].add_done_callback(lambda f: out.set_exception(f.exception()) if f.exception()
-                                     else out.set_result([f.result()]))
-        return out
-    out, lock, left = Future(), threading.Lock(), [len(futures)]
+    out: Future = Future()
+    lock, left = threading.Lock(), [len(futures)]
 
     def done(f: Future) -> None:
         if f.exception() is not None:

@@ -6,7 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 
+from stratus.errors import ModelLoadError
+
 MANIFEST = "manifest.json"
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """s3://bucket/prefix/ -> (bucket, "prefix/"); ModelLoadError for anything else."""
+    if not uri.startswith("s3://") or "/" not in uri[5:]:
+        raise ModelLoadError(f"model URI must look like s3://bucket/prefix/, got {uri!r}")
+    bucket, prefix = uri[5:].split("/", 1)
+    return bucket, prefix.rstrip("/") + "/"
 
 
 def artifact_digest(files: dict[str, dict]) -> str:

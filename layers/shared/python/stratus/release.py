@@ -168,16 +168,17 @@ def step(pending: list[Pending], meter: Meter, deps: Deps) -> int:
         AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
     visible, in_flight = int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
     goal = target(s.batch_release_floor, visible, in_flight, meter)
-    sent = 0
+    sent = queued = 0  # lines this step's cursor moves counted; lines it put in the queue
     shares = plan(max(goal - visible, 0), pending)
     for p in pending:
         n = shares.get(p.batch_id, 0)
         if not n:
             continue
         send(read_outbox(p.batch_id, p.released, p.released + n, deps), deps)
+        queued += n
         if _move_cursor(p.batch_id, p.released, p.released + n, deps):
             sent += n
-    meter.visible, meter.released = visible, sent
+    meter.visible, meter.released = visible, queued
     unsent = sum(p.outbox - p.released for p in pending) - sent
     metrics.add_metric(name="BatchLinesReleased", unit=MetricUnit.Count, value=sent)
     metrics.add_metric(name="BatchLinesUnreleased", unit=MetricUnit.Count, value=unsent)

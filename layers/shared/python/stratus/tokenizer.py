@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from stratus.chat_template import render_chat
 from stratus.contracts import chat_message
 from stratus.errors import InvalidRequest, ModelLoadError, NotConfigured
-from stratus.manifest import MANIFEST, artifact_digest
+from stratus.manifest import MANIFEST, artifact_digest, split_uri
 
 FILES = ("tokenizer.json", "config.json", "generation_config.json", "chat_template.jinja")
 MAX_DETOKENIZE = 1 << 17  # token ids in one /detokenize body
@@ -93,8 +93,7 @@ def fetch(uri: str, s3, expected_digest: str) -> ModelTokenizer:
     if not uri:
         raise NotConfigured("the tokenizer routes read the published model: set the ModelUri parameter "
                             "(`stratus model publish` prints it)")
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    prefix = prefix.rstrip("/") + "/"
+    bucket, prefix = split_uri(uri)
 
     def get(name: str) -> bytes:
         return s3.get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
