@@ -5,7 +5,6 @@
                                          to the input prefix (ingested like an upload) and answers at once
   batches/output/<batch id>/             output.jsonl, errors.jsonl, manifest.json when every line is done
   batches/state/<batch id>/lines.json    which job serves each line (written at ingest)
-
   batches/state/<batch id>/outbox/       the lines' queue messages, sent a few at a time (stratus.release)
 
 Lines are OpenAI batch lines ({"custom_id", "method": "POST", "url", "body"}) or Bedrock batch
@@ -348,7 +347,12 @@ def release_for(seconds: float, deps: Deps) -> int:
     has lines left to send; returns the lines sent."""
     meter, until, sent = release.Meter(), deps.clock() + seconds, 0
     while True:
-        step_sent = release_step(meter, deps)
+        try:
+            step_sent = release_step(meter, deps)
+        except Exception:  # noqa: BLE001 - logged and counted; the next pass steps again
+            logger.exception("a release step failed")
+            metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
+            return sent
         sent += max(step_sent, 0)
         if step_sent < 0 or deps.clock() + deps.settings.batch_release_every_s > until:
             return sent
