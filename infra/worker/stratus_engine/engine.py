@@ -187,9 +187,10 @@ class _Row:
 
 def default_batch_rows_beside_interactive(model: LoadedModel, max_batch: int) -> int:
     """Batch rows beside interactive ones: on a GPU a decode step costs about the same for a few
-    rows as for one, so max_batch // 8; on a CPU it costs about in proportion to its rows, so one
-    (measured on 2 cores with the local stack: interactive p50 1.6x idle with two, docs/scheduling.md)."""
-    return max_batch // 8 if "CUDAExecutionProvider" in model.providers else 1
+    rows as for one, so max_batch // 8 (at least one, so batch work never stops); on a CPU it costs
+    about in proportion to its rows, so one (measured on 2 cores with the local stack: interactive
+    p50 1.6x idle with two, docs/scheduling.md)."""
+    return max(1, max_batch // 8) if "CUDAExecutionProvider" in model.providers else 1
 
 
 class Engine:

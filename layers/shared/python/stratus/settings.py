@@ -66,7 +66,7 @@ class Settings:
     max_batch: int = 16  # rows in the engine's continuous batch
     prefix_cache_mb: int = 512  # the engine's stored prompt prefixes (shared-prefix reuse); 0 turns it off
     batch_rows_beside_interactive: int = -1  # batch rows the engine runs while interactive requests are about
-    #                                          (-1: 1 on a CPU, max_batch // 8 on a GPU); docs/scheduling.md
+    #                                          (-1: 1 on a CPU, max(1, max_batch // 8) on a GPU); docs/scheduling.md
     interactive_headroom: int = -1  # rows beyond max_batch only interactive requests take (-1: max_batch // 8, ≥ 1)
     visibility_s: int = 120  # how long a received message stays hidden (the queue's VisibilityTimeout)
     heartbeat_s: float = 30.0  # how often held messages get their visibility extended
