@@ -364,9 +364,9 @@ def release_step(meter: release.Meter, deps: Deps) -> int:
     pending = []
     for batch_id in _open_batch_ids(deps):  # oldest first
         item = deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True).get("Item")
-        if item and item.get("status") == "in_progress" and int(item.get("released", 0)) < int(item.get("outbox", 0)):
-            pending.append(release.Pending(batch_id, item["tenant"], int(item["released"]), int(item["outbox"]),
-                                           int(item["created_at"])))
+        b = Batch.from_item(item) if item else None
+        if b and b.status == "in_progress" and b.released < b.outbox:
+            pending.append(release.Pending(b.id, b.tenant, b.released, b.outbox, b.created_at))
     return release.step(pending, meter, deps) if pending else -1
 
 
