@@ -72,6 +72,29 @@ def test_an_echo_request_batched_with_others_gives_the_same_answers(engine):
         [e.logprob for e in alone[2].prompt_logprobs[1:]], abs=1e-5)
 
 
+def test_a_long_echo_prompt_is_scored_in_chunks_with_the_one_pass_answers(engine, monkeypatch):
+    # Given an engine that scores echoed prompts 16 tokens at a time, and a 100-token prompt
+    prompt = [1] + [int(t) for t in np.random.default_rng(7).integers(3, 200, 99)]
+    kept = []  # positions whose logits each prefill returned
+    for name in ("prefill", "prefill_after"):
+        run = getattr(engine.cache, name)
+        monkeypatch.setattr(engine.cache, name, lambda *a, run=run, **kw: kept.append((out := run(*a, **kw)).shape[-2]) or out)
+    monkeypatch.setattr(engine, "score_chunk", 16)
+    # When it echoes the prompt's log-probabilities and then generates
+    [r] = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                                                                    logprobs=1, echo=True))])
+    monkeypatch.undo()
+    # Then no prefill kept more than a chunk of logits, every prompt token is scored as in one pass,
+    # and the text is that of a plain run
+    assert kept == [16] * 6 + [4]  # ceil(100 / 16) chunks
+    lp = teacher_forced(engine, prompt)
+    assert [e.token for e in r.prompt_logprobs] == prompt and r.prompt_logprobs[0].logprob is None
+    assert [e.logprob for e in r.prompt_logprobs[1:]] == pytest.approx([lp[i - 1][prompt[i]] for i in range(1, 100)],
+                                                                       abs=1e-4)
+    [plain] = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))])
+    assert r.token_ids == plain.token_ids
+
+
 def test_n_choices_share_one_prefill_and_sample_with_seed_plus_i(engine):
     # Given n=4 seeded sampling
     params = dict(max_tokens=8, temperature=1.0, ignore_eos=True, seed=7)

@@ -45,6 +45,7 @@ from stratus_engine.sampling import sample, token_logprobs
 from stratus_engine.tokens import token_bytes
 
 
+SCORE_CHUNK = 512  # prompt tokens an echo-scoring prefill runs at a time (x 49,152 float32 logits: 100 MB)
 INTERACTIVE_WINDOW_S = 5.0  # an interactive request this recent means more are likely: keep batch rows few
 
 
@@ -127,14 +128,22 @@ def _shared(a: list[int], b: list[int]) -> bool:
     return n == MIN_TOKENS and a[:n] == b[:n] and min(len(a), len(b)) > MIN_TOKENS
 
 
-def prefill_scored(cache, prompt: list[int], start: int, k: int) -> tuple[np.ndarray, list[TokenLogprob]]:
+def prefill_scored(cache, prompt: list[int], start: int, k: int,
+                   chunk: int = SCORE_CHUNK) -> tuple[np.ndarray, list[TokenLogprob]]:
     """Prefill one prompt into cache row `start` keeping every position's logits -> (logits at its
-    last token [V], each prompt token's log-probability given the tokens before it)."""
-    ids = np.asarray([prompt], np.int64)
-    logits = cache.prefill(ids, np.ones_like(ids), np.arange(len(prompt), dtype=np.int64)[None], start,
-                           len(prompt))[0]  # [S, V]
-    scored = token_logprobs(logits[:-1], ids[0, 1:], k)
-    return logits[-1], [TokenLogprob(prompt[0], None, None)] + [TokenLogprob(*t) for t in scored]
+    last token [V], each prompt token's log-probability given the tokens before it).
+    A cache that can continue a row (prefill_after) runs the prompt `chunk` tokens at a time, so the
+    host holds chunk x V logits at once rather than S x V (an 8,192-token prompt: 1.6 GB)."""
+    ids = np.asarray(prompt, np.int64)
+    step = chunk if hasattr(cache, "prefill_after") else len(ids)
+    scored = [TokenLogprob(prompt[0], None, None)]
+    for a in range(0, len(ids), step):
+        part = ids[a:a + step]
+        logits = (cache.prefill(part[None], np.ones((1, len(part)), np.int64), np.arange(len(part), dtype=np.int64)[None], start)[0]
+                  if a == 0 else cache.prefill_after(start, part, a, keep=0))  # [len(part), V]
+        targets = ids[a + 1:a + 1 + len(part)]  # position a + j predicts token a + j + 1
+        scored += [TokenLogprob(*t) for t in token_logprobs(logits[:len(targets)], targets, k)]
+    return logits[-1], scored
 
 
 def prefill_last(cache, prompts: list[list[int]], start: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +203,8 @@ def default_batch_rows_beside_interactive(model: LoadedModel, max_batch: int) ->
 
 
 class Engine:
+    score_chunk = SCORE_CHUNK  # echo scoring's prefill chunk (prefill_scored)
+
     def __init__(self, model: LoadedModel, max_batch: int = 16, prefill_token_budget: int = 4096,
                  initial_capacity: int = 256, prefix_cache_bytes: int = 0, batch_rows_beside_interactive: int | None = None,
                  interactive_headroom: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -442,11 +453,11 @@ class Engine:
             ids = g.req.prompt_ids
             row = start + len(out)
             self.cache.load_prefix(entry.kv, row, len(ids) + 1)
-            last.append(self.cache.prefill_after(row, np.asarray(ids[length:], np.int64), length))
+            last.append(self.cache.prefill_after(row, np.asarray(ids[length:], np.int64), length)[-1])
             out.append(g)
         for g in scored:
             logits, g.prompt_logprobs = prefill_scored(self.cache, g.req.prompt_ids, start + len(out),
-                                                       g.req.params.prompt_logprobs)
+                                                       g.req.params.prompt_logprobs, self.score_chunk)
             last.append(logits)
             out.append(g)
         return out, last

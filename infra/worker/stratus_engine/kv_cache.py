@@ -158,14 +158,15 @@ class InPlaceCache:
             shape = tuple(t.shape())
             self._copy.grow(self.device, t.data_ptr(), shape, self._row_ptr(buf, row), self.capacity)
 
-    def prefill_after(self, row: int, ids: np.ndarray, past: int) -> np.ndarray:
-        """Prefill `ids` [S] into row `row` after its first `past` positions (a loaded prefix):
-        attention covers them, positions continue from `past` -> logits at the last token [V]."""
+    def prefill_after(self, row: int, ids: np.ndarray, past: int, keep: int = 1) -> np.ndarray:
+        """Prefill `ids` [S] into row `row` after its first `past` positions (a loaded prefix, or
+        the chunks before): attention covers them, positions continue from `past` -> logits of the
+        last `keep` tokens [keep, V] (keep=0: all S)."""
         s = len(ids)
         self._ensure(past + s + 1)
         mask = np.ones((1, past + s), np.int64)
         positions = np.arange(past, past + s, dtype=np.int64)[None]
-        return self._run(np.asarray([ids], np.int64), mask, positions, row, row + 1, 1)[0, -1]
+        return self._run(np.asarray([ids], np.int64), mask, positions, row, row + 1, keep)[0]
 
     def truncate(self, rows: int) -> None:
         pass  # slots past the live rows are simply unused
