@@ -48,7 +48,7 @@ def test_stored_prefixes_stay_within_the_budget():
     cache = PrefixCache(budget_bytes=100 * per_token, bytes_per_token=per_token)
     a, b = list(range(1, 90)), list(range(500, 590))
     cache.add(a, cache.storable(a), kv=[])
-    assert cache.lookup(a[:40] + [7, 7, 7]) == (cache.index[tuple(a[:32])], 32)  # any block-aligned prefix
+    assert cache.lookup(a[:40] + [7, 7, 7]) == (cache.entries[next(iter(cache.entries))], 32)  # any block-aligned prefix
     cache.add(b, cache.storable(b), kv=[])  # 80 + 80 tokens > 100: the older entry goes
     assert cache.used_bytes <= 100 * per_token and cache.stats.evictions == 1
     assert cache.lookup(a)[0] is None and cache.lookup(b)[1] == 80
@@ -129,3 +129,19 @@ def test_requests_that_reuse_a_prefix_count_only_their_suffix_against_the_prefil
         engine.step()
     want = plain.generate([GenerationRequest(p, greedy()) for p in prompts])
     assert [f.result().token_ids for f in futures] == [w.token_ids for w in want]
+
+
+def test_an_evicted_entrys_shorter_prefixes_stay_found_in_another():
+    # Given two stored prompts sharing their first 48 tokens, the shared boundaries indexed to the later one
+    cache = PrefixCache(budget_bytes=1000, bytes_per_token=1)
+    shared = list(range(1, 49))
+    a, b = shared + list(range(100, 140)), shared + list(range(200, 240))
+    cache.add(b, cache.storable(b), kv=[])
+    cache.add(a, cache.storable(a), kv=[])
+    cache.lookup(b)  # b most recent: a goes first
+    # When the older entry is evicted
+    cache._evict()
+    # Then the shared prefix is still found, in the survivor, and a's own tail is not
+    entry, length = cache.lookup(shared + [999] * 20)
+    assert length == 48 and entry.ids[:48] == tuple(shared)
+    assert cache.lookup(a)[1] == 48

@@ -8,7 +8,9 @@ batch file's shared instructions) prefill only what follows.
                         boundary inside it is indexed, so any shorter block-aligned prefix hits too
   evictions          least recently used first, keeping the stored KV within budget_bytes
 
-Keys are the token tuples themselves (Python's hash, then an equality check), so a hit is exact.
+Each block boundary is keyed by (length, a hash chained over the blocks before it), so finding the
+longest stored prefix of an L-token prompt costs O(L), not a tuple per boundary (O(L^2 / BLOCK));
+a hit is then checked token by token, so it is exact.
 A prefix's KV depends only on its own tokens and positions (causal attention), so a row built from
 it is the row a full prefill would have built; greedy tokens are the same with and without reuse
 (tests/unit/test_prefix_cache.py).
@@ -28,6 +30,17 @@ class Entry:
     ids: tuple[int, ...]
     kv: list  # one tensor per cache buffer: [1, kv heads, len(ids), head dim]
     nbytes: int
+    keys: list = field(default_factory=list)  # its boundaries' index keys, MIN_TOKENS first
+
+
+def boundary_keys(ids: list[int], longest: int) -> list[tuple[int, int]]:
+    """(length, chained hash of ids[:length]) for each block boundary from MIN_TOKENS to `longest`."""
+    keys, h = [], 0
+    for end in range(BLOCK, longest + 1, BLOCK):
+        h = hash((h, tuple(ids[end - BLOCK:end])))
+        if end >= MIN_TOKENS:
+            keys.append((end, h))
+    return keys
 
 
 @dataclass
@@ -43,7 +56,7 @@ class PrefixCache:
     budget_bytes: int
     bytes_per_token: int
     entries: OrderedDict = field(default_factory=OrderedDict)  # id(entry) -> Entry, least recent first
-    index: dict = field(default_factory=dict)  # token prefix (tuple) -> Entry holding it
+    index: dict = field(default_factory=dict)  # boundary key (boundary_keys) -> Entry holding that prefix
     stats: PrefixStats = field(default_factory=PrefixStats)
     used_bytes: int = 0
 
@@ -64,28 +77,31 @@ class PrefixCache:
         return self._find(ids)[1]
 
     def _find(self, ids: list[int]) -> tuple[Entry | None, int]:
-        longest = (len(ids) - 1) // BLOCK * BLOCK
-        for length in range(longest, MIN_TOKENS - 1, -BLOCK):
-            entry = self.index.get(tuple(ids[:length]))
+        for key in reversed(boundary_keys(ids, (len(ids) - 1) // BLOCK * BLOCK)):
+            entry = self._held(ids, key)
             if entry is not None:
-                return entry, length
+                return entry, key[0]
         return None, 0
+
+    def _held(self, ids: list[int], key: tuple[int, int]) -> Entry | None:
+        entry = self.index.get(key)
+        return entry if entry is not None and entry.ids[:key[0]] == tuple(ids[:key[0]]) else None
 
     def storable(self, ids: list[int]) -> int:
         """How many of `ids`' tokens a new entry would hold (0: not worth storing, or held already)."""
         length = (len(ids) - 1) // BLOCK * BLOCK
         if length < MIN_TOKENS or length * self.bytes_per_token > self.budget_bytes:
             return 0
-        return 0 if tuple(ids[:length]) in self.index else length
+        return 0 if self._held(ids, boundary_keys(ids, length)[-1]) else length
 
     def add(self, ids: list[int], length: int, kv: list) -> None:
-        entry = Entry(tuple(ids[:length]), kv, length * self.bytes_per_token)
+        entry = Entry(tuple(ids[:length]), kv, length * self.bytes_per_token, boundary_keys(ids, length))
         while self.entries and self.used_bytes + entry.nbytes > self.budget_bytes:
             self._evict()
         self.entries[id(entry)] = entry
         self.used_bytes += entry.nbytes
-        for end in range(MIN_TOKENS, length + 1, BLOCK):  # block boundaries from MIN_TOKENS (a multiple of BLOCK)
-            self.index[entry.ids[:end]] = entry
+        for key in entry.keys:
+            self.index[key] = entry
 
     def report(self) -> dict:
         return {"entries": len(self.entries), "bytes": self.used_bytes, "budget_bytes": self.budget_bytes,
@@ -96,12 +112,11 @@ class PrefixCache:
         _, entry = self.entries.popitem(last=False)
         self.used_bytes -= entry.nbytes
         self.stats.evictions += 1
-        for end in range(MIN_TOKENS, len(entry.ids) + 1, BLOCK):
-            key = entry.ids[:end]
+        for key in entry.keys:
             if self.index.get(key) is entry:
                 del self.index[key]
                 # a shorter prefix may still live in another entry
                 for other in reversed(self.entries.values()):
-                    if len(other.ids) >= end and other.ids[:end] == key:
+                    if key in other.keys and other.ids[:key[0]] == entry.ids[:key[0]]:
                         self.index[key] = other
                         break
