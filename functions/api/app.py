@@ -119,6 +119,12 @@ def get_batch(batch_id: str) -> Response:
     return _reply(service.Reply(200, batches.get(batch_id, tenant.name, deps).view(deps.settings.bucket)))
 
 
+@app.post("/v1/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str) -> Response:
+    tenant, deps = _tenant(), get_deps()
+    return _reply(service.Reply(200, batches.cancel(batch_id, tenant.name, deps).view(deps.settings.bucket)))
+
+
 @app.post("/v1/files")
 def upload_file() -> Response:
     tenant, deps, event = _tenant(), get_deps(), app.current_event

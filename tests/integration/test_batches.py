@@ -401,3 +401,134 @@ def test_a_step_that_dies_before_moving_the_cursor_sends_those_lines_again_and_t
         completed += tick()["completed"]
     # Then those 20 lines were sent twice, each job ran once, and the batch completed
     assert len(done) == 30 and completed == [created["batch"]]
+
+
+# ---- cancelling ------------------------------------------------------------------------------------
+
+def job_statuses(stack, created_batch: str) -> dict[str, str]:
+    """custom_id -> its job's status, from the batch's lines file."""
+    raw = boto3.client("s3").get_object(Bucket=stack.refs["ResultsBucket"],
+                                        Key=f"batches/state/{created_batch}/lines.json")["Body"].read()
+    store = JobStore(stack.table)
+    return {d["custom_id"]: store.get(d["job_id"]).status.value for d in json.loads(raw) if d["job_id"]}
+
+
+def test_cancelling_a_batch_stops_its_lines_and_writes_the_finished_ones(stack, batch_fn, batch_deps):
+    upload, tick, read = batch_fn
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    # Given a 30-line batch whose first 20 lines were released: workers finished 3 and hold one
+    created = upload("batches/input/acme/long.jsonl", lines("a", 30))
+    assert len(take(stack, 3)) == 3
+    url = stack.refs["BatchJobsQueue"]
+    [held] = stack.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1, VisibilityTimeout=300)["Messages"]
+    running = json.loads(held["Body"])["job_id"]
+    store = JobStore(stack.table)
+    assert store.transition(running, [Status.QUEUED], Status.RUNNING, worker="w")
+    # When its owner cancels it
+    status, view, _ = stack.call("api_cancel_batch.json", key=acme, job_id=created["batch"])
+    # Then it is cancelling at once, and the next pass cancels every line that has not started
+    # (released or not), waits for the running one and releases nothing more
+    assert status == 200 and view["status"] == "cancelling" and view["cancelling_at"] > 0
+    assert tick()["completed"] == []
+    states = job_statuses(stack, created["batch"])
+    assert sorted(states.values()) == ["CANCELLED"] * 26 + ["DONE"] * 3 + ["RUNNING"]
+    view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
+    assert view["status"] == "cancelling" and view["request_counts"] == {"total": 30, "completed": 3, "failed": 26}
+    assert len(take(stack, 100)) == 0  # the released messages left are dropped: their jobs are cancelled
+    # When the running line finishes
+    store.complete(running, "w", {"text": "late", "finish_reason": "stop"})
+    assert tick()["completed"] == [created["batch"]]
+    # Then the batch is cancelled with the 4 finished answers and an error line for each of the 26 others
+    view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
+    assert view["status"] == "cancelled" and view["cancelled_at"] >= view["cancelling_at"]
+    assert view["completed_at"] is None and view["request_counts"] == {"total": 30, "completed": 4, "failed": 26}
+    assert len(read(view["output_file_uri"])) == 4
+    errors = read(view["error_file_uri"])
+    assert len(errors) == 26 and {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    # and cancelling again answers the batch as it is
+    again = stack.call("api_cancel_batch.json", key=acme, job_id=created["batch"])
+    assert again[0] == 200 and again[1]["status"] == "cancelled"
+
+
+def test_only_the_owner_cancels_and_only_an_open_batch(stack, batch_fn):
+    upload, tick, _ = batch_fn
+    acme, other = (create_key(stack.table, t, rpm=100, tpm=100_000) for t in ("acme", "other"))
+    created = upload("batches/input/acme/one.jsonl", line("x", "hello") + "\n")
+    assert stack.call("api_cancel_batch.json", key=other, job_id=created["batch"])[0] == 404
+    assert stack.call("api_cancel_batch.json", key=acme, job_id="batch_nope")[0] == 404
+    work_all(stack)
+    assert tick()["completed"] == [created["batch"]]
+    status, body, _ = stack.call("api_cancel_batch.json", key=acme, job_id=created["batch"])
+    assert status == 409 and "already completed" in body["error"]["message"]
+
+
+def test_a_job_an_interactive_request_joined_is_not_cancelled_with_the_batch(stack, batch_fn, batch_deps):
+    upload, tick, _ = batch_fn
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    created = upload("batches/input/acme/shared.jsonl", lines("a", 3))
+    msgs = stack.queued("BatchJobsQueue")
+    store = JobStore(stack.table)
+    assert store.promote(msgs[0]["job_id"])  # an identical interactive request joined it
+    stack.call("api_cancel_batch.json", key=acme, job_id=created["batch"])
+    tick()
+    assert store.get(msgs[0]["job_id"]).status == Status.QUEUED  # still runs, for the interactive caller
+    assert [store.get(m["job_id"]).status for m in msgs[1:]] == [Status.CANCELLED] * 2
+
+
+def test_a_batch_cancelled_before_its_ingest_never_queues_a_line(stack, batch_fn):
+    upload, tick, read = batch_fn
+    bucket = stack.refs["ResultsBucket"]
+    boto3.client("s3").put_object(Bucket=bucket, Key="batches/files/acme/questions.jsonl", Body=lines("a", 5).encode())
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    # Given a posted batch (validating) cancelled before the batch function ingested it
+    view = stack.call("api_create_batch.json", key=acme)[1]
+    assert stack.call("api_cancel_batch.json", key=acme, job_id=view["id"])[1]["status"] == "cancelling"
+    # When its upload event arrives, and the pass runs
+    upload(view["input_file_uri"].removeprefix(f"s3://{bucket}/"), None)
+    assert tick()["completed"] == [view["id"]]
+    # Then no job was made, and the batch is cancelled with empty files
+    assert stack.queued("BatchJobsQueue") == []
+    view = stack.call("api_get_batch.json", key=acme, job_id=view["id"])[1]
+    assert view["status"] == "cancelled" and view["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    assert read(view["output_file_uri"]) == [] and read(view["error_file_uri"]) == []
+
+
+def test_a_batch_cancelled_while_ingesting_releases_nothing_and_cancels_its_jobs(stack, batch_fn, monkeypatch):
+    from stratus import batches, release
+
+    upload, tick, read = batch_fn
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    # Given an ingest during which the owner cancels (just before the outbox is written)
+    real = release.write_outbox
+
+    def cancel_then_write(batch_id, messages, deps):
+        assert stack.call("api_cancel_batch.json", key=acme, job_id=batch_id)[1]["status"] == "cancelling"
+        return real(batch_id, messages, deps)
+    monkeypatch.setattr(release, "write_outbox", cancel_then_write)
+    created = upload("batches/input/acme/racing.jsonl", lines("a", 4))
+    monkeypatch.setattr(release, "write_outbox", real)
+    # Then the ingest kept the cancel (released nothing), and the pass cancels all four jobs
+    assert created["status"] == "cancelling" and stack.queued("BatchJobsQueue") == []
+    assert tick()["completed"] == [created["batch"]]
+    assert sorted(job_statuses(stack, created["batch"]).values()) == ["CANCELLED"] * 4
+    view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
+    assert view["status"] == "cancelled" and len(read(view["error_file_uri"])) == 4
+
+
+def test_a_cancelled_batch_whose_ingest_died_is_closed_after_the_grace(stack, batch_fn, batch_deps):
+    from stratus import batches
+
+    upload, tick, _ = batch_fn
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/files/acme/questions.jsonl",
+                                  Body=lines("a", 2).encode())
+    # Given a batch whose ingest began (no longer pending), was cancelled, and never wrote its lines
+    view = stack.call("api_create_batch.json", key=acme)[1]
+    stack.table.update_item(Key={"pk": f"batch#{view['id']}"}, UpdateExpression="REMOVE pending")
+    stack.call("api_cancel_batch.json", key=acme, job_id=view["id"])
+    deps = batch_deps()
+    # Then passes wait for the ingest while it could still be running, and close the batch after
+    assert batches.advance(deps) == []
+    deps.clock = lambda: view["created_at"] + batches.INGEST_GRACE_S + 60
+    assert batches.advance(deps) == [view["id"]]
+    assert stack.call("api_get_batch.json", key=acme, job_id=view["id"])[1]["status"] == "cancelled"

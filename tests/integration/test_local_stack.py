@@ -335,6 +335,36 @@ def test_the_openai_sdk_batch_flow(stack, tmp_path):
     assert all(o["response"]["body"]["choices"][0]["message"]["content"] for o in out)
 
 
+def test_the_openai_sdk_cancels_a_batch(stack, tmp_path):
+    # Given a batch of 80 lines that are still running (files.create -> batches.create)
+    lines = [{"custom_id": f"k{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": stack.model, "messages": [{"role": "user", "content": f"Count to {i}."}],
+                       "max_tokens": 32, "temperature": 0}} for i in range(80)]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    batch = stack.client.batches.create(input_file_id=stack.client.files.create(file=path.open("rb"), purpose="batch").id,
+                                        endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 60
+    while batch.status == "validating" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        batch = stack.client.batches.retrieve(batch.id)
+    # When it is cancelled (batches.cancel)
+    batch = stack.client.batches.cancel(batch.id)
+    assert batch.status == "cancelling" and batch.cancelling_at
+    deadline = time.monotonic() + 120
+    while batch.status == "cancelling" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = stack.client.batches.retrieve(batch.id)
+    # Then it ends cancelled: the lines that ran are in its output, each of the others is an error line
+    assert batch.status == "cancelled" and batch.cancelled_at, batch
+    counts = batch.request_counts
+    assert counts.total == 80 and counts.failed > 0 and counts.completed + counts.failed == 80, counts
+    out = [json.loads(x) for x in stack.client.files.content(batch.output_file_id).text.splitlines()]
+    assert len(out) == counts.completed and all(o["response"]["body"]["choices"][0]["message"]["content"] for o in out)
+    errors = [json.loads(x) for x in stack.client.files.content(batch.error_file_id).text.splitlines()]
+    assert len(errors) == counts.failed and {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+
+
 def children(pid: int, needle: str) -> list[int]:
     """Child processes of `pid` whose command line holds `needle` (read from /proc)."""
     out = []

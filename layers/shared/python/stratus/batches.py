@@ -16,6 +16,11 @@ error file with their line number.
 The scheduled pass (run_pass) counts finished lines, writes the output once nothing is pending,
 and keeps releasing lines for BatchPassSeconds.
 
+Cancelling (POST /v1/batches/{id}/cancel): the batch becomes `cancelling` at once and no more of its
+lines are released; the next pass cancels the jobs the batch created that have not started (a job an
+interactive request joined is left to run), waits for its running lines, and writes the output of
+the finished ones and an error line (`batch_cancelled`) for each of the rest: `cancelled`.
+
 Batch item: pk "batch#<id>", with `batch_tenant` (always) and `open_batch` (until it completes or
 fails) keying two sparse indexes of the jobs table, both sorted by created_at: a tenant's batches
 (GET /v1/batches) and the open ones (the scheduled pass). No list or set item grows with the
@@ -36,7 +41,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from boto3.dynamodb.conditions import Key
 
 from stratus.contracts import ROUTE_PATHS, Status, json_object, require_unicode
-from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge, StratusError
+from stratus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, StratusError
 from stratus.keys import Tenant, check_tenant
 from stratus.jobstore import load_result
 from stratus.observability import logger, metrics
@@ -48,6 +53,8 @@ INPUT_PREFIX, FILES_PREFIX = "batches/input/", "batches/files/"
 POSTED = "posted"  # batches/input/<tenant>/posted/<nonce>/<file>: copies made by POST /v1/batches
 TENANT_INDEX, OPEN_INDEX = "tenant-batches", "open-batches"  # template.yaml: JobsTable's indexes
 OPEN = "open"  # open_batch's one value
+OPEN_STATUSES = ("validating", "in_progress", "cancelling")  # the scheduled pass still has work on these
+INGEST_GRACE_S = 600  # an ingest (the batch function's 300 s) has surely ended this long after a cancel
 ROUTES = ROUTE_PATHS
 KEEP_S = 30 * 86400  # batch records outlive their jobs' cache TTL: the output files are what matter
 MAX_LINES = 5000  # one ingest must fit the batch function's 5 minutes (a few DynamoDB calls a line)
@@ -62,6 +69,7 @@ class Line:
     job_id: str | None = None
     error: dict | None = None
     bedrock: bool = False
+    outbox: int | None = None  # its message's place in the batch's outbox: the batch created its job
 
 
 @dataclass
@@ -69,7 +77,7 @@ class Batch:
     id: str
     tenant: str
     input_file: str  # S3 key
-    status: str = "validating"  # validating -> in_progress -> completed | failed
+    status: str = "validating"  # validating -> in_progress -> completed | failed; cancelling -> cancelled
     created_at: int = field(default_factory=lambda: int(time.time()))
     completed_at: int | None = None
     counts: dict = field(default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
@@ -78,15 +86,17 @@ class Batch:
     errors: list = field(default_factory=list)  # file-level problems (unreadable input)
     outbox: int = 0  # queue messages to send (stratus.release) ...
     released: int = 0  # ... and how many have gone
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
 
     def to_item(self) -> dict:
         item = {"pk": f"batch#{self.id}", "tenant": self.tenant, "input_file": self.input_file, "status": self.status,
                 "created_at": self.created_at, "counts": json.dumps(self.counts),
                 "errors": json.dumps(self.errors), "expires_at": self.created_at + KEEP_S,
                 "batch_tenant": self.tenant, "outbox": self.outbox, "released": self.released}
-        if self.status in ("validating", "in_progress"):
+        if self.status in OPEN_STATUSES:
             item["open_batch"] = OPEN
-        for name in ("completed_at", "output_file", "error_file"):
+        for name in ("completed_at", "output_file", "error_file", "cancelling_at", "cancelled_at"):
             if getattr(self, name) is not None:
                 item[name] = getattr(self, name)
         return item
@@ -96,7 +106,8 @@ class Batch:
         return cls(item["pk"].removeprefix("batch#"), item["tenant"], item["input_file"], item["status"],
                    int(item["created_at"]), int(item["completed_at"]) if "completed_at" in item else None,
                    json.loads(item["counts"]), item.get("output_file"), item.get("error_file"),
-                   json.loads(item.get("errors", "[]")), int(item.get("outbox", 0)), int(item.get("released", 0)))
+                   json.loads(item.get("errors", "[]")), int(item.get("outbox", 0)), int(item.get("released", 0)),
+                   *(int(item[k]) if k in item else None for k in ("cancelling_at", "cancelled_at")))
 
     def view(self, bucket: str) -> dict:
         """The OpenAI batch object; file ids work with GET /v1/files/{id}/content, and the
@@ -106,7 +117,8 @@ class Batch:
         input_id = self.input_file.rsplit("/", 1)[-1] if posted else s3(self.input_file)
         return {"id": self.id, "object": "batch", "endpoint": "/v1/chat/completions", "input_file_id": input_id,
                 "completion_window": "24h", "status": self.status, "created_at": self.created_at,
-                "completed_at": self.completed_at,
+                "completed_at": self.completed_at, "cancelling_at": self.cancelling_at,
+                "cancelled_at": self.cancelled_at,
                 "output_file_id": f"file-{self.id}-output" if self.output_file else None,
                 "error_file_id": f"file-{self.id}-errors" if self.error_file else None,
                 "input_file_uri": s3(self.input_file), "output_file_uri": s3(self.output_file),
@@ -179,8 +191,8 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
     try:  # new, announced by POST /v1/batches (pending), or left "validating" by a crash (resumed);
         # a redelivered event finds it in progress or done
         existing = deps.table.put_item(
-            Item=batch.to_item(), ConditionExpression="attribute_not_exists(pk) OR pending = :t OR #s = :v",
-            ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues={":t": True, ":v": "validating"},
+            Item=batch.to_item(), ConditionExpression="attribute_not_exists(pk) OR #s = :v",  # (pending: validating)
+            ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues={":v": "validating"},
             ReturnValues="ALL_OLD").get("Attributes")
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         logger.info("batch exists already (a redelivered event)", extra={"batch_id": batch_id})
@@ -216,6 +228,7 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
             continue
         line.job_id = sub.job_id
         if sub.created or (resumed and sub.job is not None and sub.job.status == Status.QUEUED):
+            line.outbox = len(outbox)
             outbox.append(sub.message)  # new, or resumed: its message may never have gone
         lines.append(line)
     batch.outbox = release.write_outbox(batch_id, outbox, deps)
@@ -223,7 +236,14 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
     deps.s3.put_object(Bucket=s.bucket, Key=state_key, Body=json.dumps([l.__dict__ for l in lines]).encode())
     batch.status = "in_progress"
     batch.counts = {"total": len(lines), "completed": 0, "failed": sum(1 for l in lines if l.error)}
-    deps.table.put_item(Item=batch.to_item())
+    try:
+        deps.table.put_item(Item=batch.to_item(), ConditionExpression="#s = :v",
+                            ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues={":v": "validating"})
+    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:  # cancelled while ingesting
+        deps.table.update_item(Key={"pk": f"batch#{batch_id}"}, UpdateExpression="SET outbox = :o, counts = :c",
+                               ExpressionAttributeValues={":o": batch.outbox, ":c": json.dumps(batch.counts)})
+        logger.info("batch cancelled while ingesting: nothing released", extra={"batch_id": batch_id})
+        return get(batch_id, tenant, deps)
     metrics.add_metric(name="BatchLines", unit=MetricUnit.Count, value=len(lines))
     logger.info("batch created", extra={"batch_id": batch_id, "lines": len(lines), "queued": len(outbox)})
     try:  # its first lines go now; if this step fails, the scheduled pass sends them
@@ -250,6 +270,27 @@ def list_recent(tenant: str, deps: Deps, limit: int = 20) -> list[Batch]:
     got = deps.table.query(IndexName=TENANT_INDEX, KeyConditionExpression=Key("batch_tenant").eq(tenant),
                            ScanIndexForward=False, Limit=limit)
     return [Batch.from_item(i) for i in got.get("Items", [])]
+
+
+def cancel(batch_id: str, tenant: str, deps: Deps) -> Batch:
+    """POST /v1/batches/{id}/cancel: stop releasing the batch's lines; the scheduled pass does the
+    rest (module docstring). Cancelling a cancelling or cancelled batch answers it as it is."""
+    batch = get(batch_id, tenant, deps)
+    try:
+        item = deps.table.update_item(
+            Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET #s = :c, cancelling_at = :now",
+            ConditionExpression="#s IN (:v, :p)", ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":c": "cancelling", ":now": int(deps.clock()), ":v": "validating",
+                                       ":p": "in_progress"}, ReturnValues="ALL_NEW")["Attributes"]
+    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
+        batch = get(batch_id, tenant, deps)
+        if batch.status in ("cancelling", "cancelled"):
+            return batch
+        raise Conflict(f"batch {batch_id} is already {batch.status}; only validating or in-progress batches "
+                       "can be cancelled") from None
+    metrics.add_metric(name="BatchesCancelled", unit=MetricUnit.Count, value=1)
+    logger.info("batch cancelling", extra={"batch_id": batch.id})
+    return Batch.from_item(item)
 
 
 def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
@@ -371,15 +412,16 @@ def release_step(meter: release.Meter, deps: Deps) -> int:
 
 
 def advance(deps: Deps) -> list[str]:
-    """Count finished lines of every open batch; finish the batches with nothing pending.
-    Returns the ids of the batches completed by this pass."""
+    """Count finished lines of every open batch; finish the batches with nothing pending (and the
+    cancelling ones with nothing running). Returns the ids of the batches this pass finished."""
     completed = []
     for batch_id in _open_batch_ids(deps):
         try:  # one batch that fails (a missing state file, a throttled read) never stops the others
             item = deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True).get("Item")
-            if item is None or item.get("open_batch") != OPEN or item.get("status") != "in_progress":
+            step = PASS_STEPS.get(item.get("status")) if item and item.get("open_batch") == OPEN else None
+            if step is None:
                 continue  # the index lags, or the batch is still being ingested
-            if _advance_one(Batch.from_item(item), deps):  # its output written: no longer open
+            if step(Batch.from_item(item), deps):  # its output written: no longer open
                 completed.append(batch_id)
         except Exception:  # noqa: BLE001 - logged and counted; the next pass tries it again
             logger.exception("could not advance a batch", extra={"batch_id": batch_id})
@@ -398,10 +440,13 @@ def _open_batch_ids(deps: Deps) -> list[str]:
         kwargs["ExclusiveStartKey"] = got["LastEvaluatedKey"]
 
 
+def _read_lines(batch: Batch, deps: Deps) -> list[Line]:
+    raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=f"batches/state/{batch.id}/lines.json")["Body"].read()
+    return [Line(**d) for d in json.loads(raw)]
+
+
 def _advance_one(batch: Batch, deps: Deps) -> bool:
-    s = deps.settings
-    raw = deps.s3.get_object(Bucket=s.bucket, Key=f"batches/state/{batch.id}/lines.json")["Body"].read()
-    lines = [Line(**d) for d in json.loads(raw)]
+    lines = _read_lines(batch, deps)
     statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id}))
     done = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.DONE)
     pending = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) in (Status.QUEUED, Status.RUNNING))
@@ -414,7 +459,36 @@ def _advance_one(batch: Batch, deps: Deps) -> bool:
     return True
 
 
-def _write_output(batch: Batch, lines: list[Line], deps: Deps) -> None:
+def _cancel_one(batch: Batch, deps: Deps) -> bool:
+    """A cancelling batch: cancel the jobs it created that have not started, wait for its running
+    lines, then write what finished -> True once the batch is `cancelled`."""
+    try:
+        lines = _read_lines(batch, deps)
+    except deps.s3.exceptions.NoSuchKey:  # cancelled before its ingest wrote the lines
+        item = deps.table.get_item(Key={"pk": f"batch#{batch.id}"}, ConsistentRead=True).get("Item") or {}
+        if not item.get("pending") and deps.clock() - (batch.cancelling_at or 0) < INGEST_GRACE_S:
+            return False  # the ingest may still be running
+        lines = []  # never ingested (or the ingest died): nothing ran
+    statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id}))
+    for l in lines:
+        if l.outbox is not None and statuses.get(l.job_id) == Status.QUEUED:
+            # not cancelled: a worker took it meanwhile, or it was promoted; counted as running this pass
+            statuses[l.job_id] = Status.CANCELLED if deps.store.cancel_batch_job(l.job_id) else Status.RUNNING
+    running = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.RUNNING)
+    if running:  # in a worker's hands: their answers go in the output
+        done = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.DONE)
+        deps.table.update_item(Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET counts = :c",
+                               ExpressionAttributeValues={":c": json.dumps(
+                                   {"total": len(lines), "completed": done, "failed": len(lines) - done - running})})
+        return False
+    _write_output(batch, lines, deps, cancelled=True)
+    return True
+
+
+PASS_STEPS = {"in_progress": _advance_one, "cancelling": _cancel_one}  # status -> the pass's work on it
+
+
+def _write_output(batch: Batch, lines: list[Line], deps: Deps, *, cancelled: bool = False) -> None:
     s, store = deps.settings, deps.store
     jobs = {j: store.get(j) for j in {l.job_id for l in lines if l.job_id}}
     inputs = _bedrock_inputs(batch, lines, deps)
@@ -428,6 +502,7 @@ def _write_output(batch: Batch, lines: list[Line], deps: Deps) -> None:
                         "response": {"status_code": 200, "request_id": l.job_id, "body": body}, "error": None})
             continue
         error = l.error or (job.error if job is not None and job.error else
+                            CANCELLED_LINE if cancelled else
                             {"code": (job.status.value.lower() if job else "expired"),
                              "message": "the line's job did not finish" if job else "the line's job expired"})
         err.append({"recordId": l.custom_id, "modelInput": inputs.get(l.n), "error": error} if l.bedrock else
@@ -437,13 +512,20 @@ def _write_output(batch: Batch, lines: list[Line], deps: Deps) -> None:
     for key, rows in ((batch.output_file, out), (batch.error_file, err)):
         deps.s3.put_object(Bucket=s.bucket, Key=key, Body="".join(json.dumps(r) + "\n" for r in rows).encode(),
                            ContentType="application/jsonl")
-    batch.status, batch.completed_at = "completed", int(time.time())
+    if cancelled:
+        batch.status, batch.cancelled_at = "cancelled", int(time.time())
+    else:
+        batch.status, batch.completed_at = "completed", int(time.time())
     batch.counts = {"total": len(lines), "completed": len(out), "failed": len(err)}
-    manifest = {"batch_id": batch.id, "input_file": batch.input_file, "request_counts": batch.counts,
-                "output_file": batch.output_file, "error_file": batch.error_file, "completed_at": batch.completed_at}
+    manifest = {"batch_id": batch.id, "status": batch.status, "input_file": batch.input_file,
+                "request_counts": batch.counts, "output_file": batch.output_file, "error_file": batch.error_file,
+                "completed_at": batch.completed_at, "cancelled_at": batch.cancelled_at}
     deps.s3.put_object(Bucket=s.bucket, Key=prefix + "manifest.json", Body=json.dumps(manifest, indent=2).encode())
     deps.table.put_item(Item=batch.to_item())
-    logger.info("batch completed", extra={"batch_id": batch.id, **batch.counts})
+    logger.info(f"batch {batch.status}", extra={"batch_id": batch.id, **batch.counts})
+
+
+CANCELLED_LINE = {"code": "batch_cancelled", "message": "the batch was cancelled before this line ran"}
 
 
 def _bedrock_inputs(batch: Batch, lines: list[Line], deps: Deps) -> dict[int, dict]:

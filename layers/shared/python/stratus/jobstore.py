@@ -156,9 +156,9 @@ class JobStore:
             raise
 
     def transition(self, job_id: str, allowed_from: list[Status], to: Status, *, owner: str | None = None,
-                   **fields) -> Job | None:
+                   tier: str | None = None, **fields) -> Job | None:
         """Conditionally move a job to `to`: the job as written, or None when its status (or its
-        owning worker) did not match.
+        owning worker, or its tier) did not match.
 
         Extra fields are set too (worker=... claims the job); dicts (result, usage, timings, error)
         are stored as JSON.
@@ -176,6 +176,9 @@ class JobStore:
         if owner is not None:
             cond += " AND worker = :owner"
             values[":owner"] = owner
+        if tier is not None:
+            cond += " AND tier = :tier"
+            values[":tier"] = tier
         try:
             update = "SET " + ", ".join(sets) + (" REMOVE prompt" if forget else "")
             item = self.table.update_item(Key={"pk": job_id}, UpdateExpression=update,
@@ -224,6 +227,11 @@ class JobStore:
 
     def cancel(self, job_id: str) -> Job | None:
         return self.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.CANCELLED)
+
+    def cancel_batch_job(self, job_id: str) -> Job | None:
+        """A cancelled batch's job that has not started and that no interactive request joined
+        (promote() makes those interactive) -> CANCELLED; None otherwise."""
+        return self.transition(job_id, [Status.QUEUED], Status.CANCELLED, tier="batch")
 
 
 def _now():

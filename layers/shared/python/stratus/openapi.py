@@ -215,6 +215,12 @@ def _spec(s: Settings) -> dict:
                                          "responses": {"200": {"description": "the batch",
                                                                "content": {JSON: {"schema": _ref("Batch")}}},
                                                        **_errors(401, 404, 503)}}},
+            "/v1/batches/{id}/cancel": {"post": {
+                "summary": "Cancel a batch: no more lines start; finished lines go to its output",
+                "security": [{"bearer": []}], "parameters": [_id("batch id")],
+                "responses": {"200": {"description": "the batch, cancelling (or already cancelled)",
+                                      "content": {JSON: {"schema": _ref("Batch")}}},
+                              **_errors(401, 404, 409, 503)}}},
             "/v1/files": {"post": {"summary": "Upload a batch input file", "security": [{"bearer": []}],
                                    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                                        "type": "object", "required": ["file"], "properties": {
