@@ -359,6 +359,25 @@ def test_two_tenants_batch_files_share_the_queue_evenly(stack, batch_fn, batch_d
     assert sorted(completed) == sorted([first["batch"], second["batch"]])
 
 
+def test_a_pass_reads_the_status_of_released_lines_only(stack, batch_fn, batch_deps, monkeypatch):
+    from stratus import batches
+
+    upload, _, _ = batch_fn
+    # Given a 30-line batch of which 20 lines were released, 5 of them finished
+    upload("batches/input/acme/big.jsonl", lines("a", 30))
+    assert len(take(stack, 5)) == 5
+    deps = batch_deps(batch_release_floor=0)  # the pass releases nothing more
+    read = []
+    real = deps.store.statuses
+    monkeypatch.setattr(deps.store, "statuses", lambda ids: read.extend(ids) or real(ids))
+    # When the pass counts its lines
+    batches.advance(deps)
+    # Then it read 20 jobs, not 30, and the counts are right
+    assert len(read) == 20
+    [b] = batches.list_recent("acme", deps)
+    assert b.counts == {"total": 30, "completed": 5, "failed": 0}
+
+
 def test_a_pass_keeps_stepping_and_sizes_the_queue_to_what_workers_take(stack, batch_fn, batch_deps):
     from stratus import batches
 

@@ -447,7 +447,9 @@ def _read_lines(batch: Batch, deps: Deps) -> list[Line]:
 
 def _advance_one(batch: Batch, deps: Deps) -> bool:
     lines = _read_lines(batch, deps)
-    statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id}))
+    unsent = {l.job_id for l in lines if l.outbox is not None and l.outbox >= batch.released}  # queued: not read
+    statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id} - unsent))
+    statuses.update(dict.fromkeys(unsent, Status.QUEUED))
     done = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.DONE)
     pending = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) in (Status.QUEUED, Status.RUNNING))
     batch.counts = {"total": len(lines), "completed": done, "failed": len(lines) - done - pending}
