@@ -54,7 +54,7 @@ _NO_TOOLS = ("this server runs a 135M-parameter model that has no tool-calling f
 _WHY = {"stream": "stream: true is for POST /v1/chat/completions and /v1/completions; batch lines, jobs and "
                   "queue messages are answered whole (send stream: false or omit it)",
         "tools": _NO_TOOLS, "tool_choice": _NO_TOOLS, "functions": _NO_TOOLS, "function_call": _NO_TOOLS}
-MAX_PROMPTS = 16  # prompts in one completions request (each gives n choices)
+MAX_CHOICES = 16  # choices in one request (prompts x n): so also prompts in one completions request
 Prompt = str | tuple[int, ...]  # text, or the client's own token ids (used exactly: no BOS, no re-tokenizing)
 
 
@@ -215,8 +215,8 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
         stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop,
     )
     request = InferenceRequest(route, model, params, messages, prompt)
-    if request.choices > MAX_PROMPTS:
-        raise InvalidRequest(f"a request gives at most {MAX_PROMPTS} choices (prompts x n), got {request.choices}",
+    if request.choices > MAX_CHOICES:
+        raise InvalidRequest(f"a request gives at most {MAX_CHOICES} choices (prompts x n), got {request.choices}",
                              param="n")
     if streaming and body.get("stream") and (request.choices > 1 or echo):
         raise InvalidRequest("stream: true serves one choice without echo; send n: 1 and one prompt, or stream: "
@@ -255,8 +255,8 @@ def _prompt_field(value) -> str | tuple[Prompt, ...]:
     if isinstance(value, list) and value and all(_token_id(t) for t in value):
         return (tuple(int(t) for t in value),)
     items = value if isinstance(value, list) else [value]
-    if not items or len(items) > MAX_PROMPTS:
-        raise InvalidRequest(f"{what} (1 to {MAX_PROMPTS} prompts)", param="prompt")
+    if not items or len(items) > MAX_CHOICES:
+        raise InvalidRequest(f"{what} (1 to {MAX_CHOICES} prompts)", param="prompt")
     out: list[Prompt] = []
     for p in items:
         if isinstance(p, str) and p:

@@ -5,7 +5,7 @@ says what the code enforces.
 
 from __future__ import annotations
 
-from stratus.contracts import MAX_PROMPTS, ROLES, ROUTE_PATHS
+from stratus.contracts import MAX_CHOICES, ROLES, ROUTE_PATHS
 from stratus.params import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from stratus.settings import Settings
 
@@ -51,7 +51,7 @@ def _sampling(s: Settings, streams: bool = True) -> dict:
                                       "the model's vocabulary (checked by the worker: a FAILED job, 400)"},
         "stop": stop,
         "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "nullable": True,
-              "description": f"choices per prompt (at most {MAX_PROMPTS} choices in all; stream: true serves one)"},
+              "description": f"choices per prompt (at most {MAX_CHOICES} choices in all; stream: true serves one)"},
         "stream": {"type": "boolean", "nullable": True} if streams else
                   {"type": "boolean", "enum": [False, None], "nullable": True},  # jobs are answered whole
         "stream_options": {"type": "object", "nullable": True, "additionalProperties": False,
@@ -78,7 +78,7 @@ def _schemas(s: Settings) -> dict:
     ids = IDS
     prompt = {"oneOf": [{"type": "string", "minLength": 1}, ids,
                         {"type": "array", "items": {"oneOf": [{"type": "string", "minLength": 1}, ids]},
-                         "minItems": 1, "maxItems": MAX_PROMPTS}],
+                         "minItems": 1, "maxItems": MAX_CHOICES}],
               "description": "text, token ids (used exactly: no BOS added), or a list of either (a choice each)"}
     completion_only = {
         "logprobs": {**top, "description": "log-probabilities of each token and this many alternatives"},
@@ -102,7 +102,7 @@ def _schemas(s: Settings) -> dict:
             "allOf": [_unless("echo", {"const": True}, {"max_tokens": {"minimum": 1},
                                                          "max_completion_tokens": {"minimum": 1}}),
                       _when("prompt", {"type": "array", "minItems": 2, "items": {"not": {"type": "integer"}}},
-                            {"n": {"enum": [1, None]}}),  # prompts x n <= MAX_PROMPTS, simply
+                            {"n": {"enum": [1, None]}}),  # prompts x n <= MAX_CHOICES, simply
                       _when("stream", {"const": True}, {"n": {"enum": [1, None]}, "echo": {"enum": [False, None]},
                                                         "prompt": {"oneOf": [{"type": "string"}, ids, {
                                                             "type": "array", "maxItems": 1}]}})]}
