@@ -239,7 +239,7 @@ def test_a_redelivered_upload_after_a_crash_between_writes_resumes_the_batch(sta
     from stratus import release
 
     upload, tick, read = batch_fn
-    monkeypatch.setattr(release, "write_outbox", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
+    monkeypatch.setattr(release, "write_outbox", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("killed")))
     with pytest.raises(RuntimeError):
         upload("batches/input/acme/crash.jsonl", line("a", "One?") + "\n" + line("b", "Two?") + "\n")
     assert stack.queued("BatchJobsQueue") == []
@@ -279,7 +279,7 @@ def test_one_broken_batch_does_not_stop_the_scheduled_pass(stack, batch_fn):
     second = upload("batches/input/acme/two.jsonl", line("b", "Second?") + "\n")
     work_all(stack)
     boto3.client("s3").delete_object(Bucket=stack.refs["ResultsBucket"],
-                                     Key=f"batches/state/{min(first['batch'], second['batch'])}/lines.json")
+                                     Key=f"batches/state/{min(first['batch'], second['batch'])}/lines/00000.json")
     assert tick()["completed"] == [max(first["batch"], second["batch"])]  # the broken one stays open, logged
 
 
@@ -427,7 +427,7 @@ def test_a_step_that_dies_before_moving_the_cursor_sends_those_lines_again_and_t
 def job_statuses(stack, created_batch: str) -> dict[str, str]:
     """custom_id -> its job's status, from the batch's lines file."""
     raw = boto3.client("s3").get_object(Bucket=stack.refs["ResultsBucket"],
-                                        Key=f"batches/state/{created_batch}/lines.json")["Body"].read()
+                                        Key=f"batches/state/{created_batch}/lines/00000.json")["Body"].read()
     store = JobStore(stack.table)
     return {d["custom_id"]: store.get(d["job_id"]).status.value for d in json.loads(raw) if d["job_id"]}
 
@@ -505,11 +505,13 @@ def test_a_batch_cancelled_before_its_ingest_never_queues_a_line(stack, batch_fn
     # When its upload event arrives, and the pass runs
     upload(view["input_file_uri"].removeprefix(f"s3://{bucket}/"), None)
     assert tick()["completed"] == [view["id"]]
-    # Then no job was made, and the batch is cancelled with empty files
+    # Then no job was made, and the batch is cancelled with each line of the file an error line
     assert stack.queued("BatchJobsQueue") == []
     view = stack.call("api_get_batch.json", key=acme, job_id=view["id"])[1]
-    assert view["status"] == "cancelled" and view["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
-    assert read(view["output_file_uri"]) == [] and read(view["error_file_uri"]) == []
+    assert view["status"] == "cancelled" and view["request_counts"] == {"total": 5, "completed": 0, "failed": 5}
+    assert read(view["output_file_uri"]) == []
+    assert [(e["custom_id"], e["error"]["code"]) for e in read(view["error_file_uri"])] == [
+        (f"a{i}", "batch_cancelled") for i in range(5)]
 
 
 def test_a_batch_cancelled_while_ingesting_releases_nothing_and_cancels_its_jobs(stack, batch_fn, monkeypatch):
@@ -520,9 +522,9 @@ def test_a_batch_cancelled_while_ingesting_releases_nothing_and_cancels_its_jobs
     # Given an ingest during which the owner cancels (just before the outbox is written)
     real = release.write_outbox
 
-    def cancel_then_write(batch_id, messages, deps):
+    def cancel_then_write(batch_id, messages, deps, start=0):
         assert stack.call("api_cancel_batch.json", key=acme, job_id=batch_id)[1]["status"] == "cancelling"
-        return real(batch_id, messages, deps)
+        return real(batch_id, messages, deps, start)
     monkeypatch.setattr(release, "write_outbox", cancel_then_write)
     created = upload("batches/input/acme/racing.jsonl", lines("a", 4))
     monkeypatch.setattr(release, "write_outbox", real)
@@ -534,20 +536,140 @@ def test_a_batch_cancelled_while_ingesting_releases_nothing_and_cancels_its_jobs
     assert view["status"] == "cancelled" and len(read(view["error_file_uri"])) == 4
 
 
-def test_a_cancelled_batch_whose_ingest_died_is_closed_after_the_grace(stack, batch_fn, batch_deps):
+def test_a_cancelled_batch_waits_for_an_ingest_step_that_holds_it(stack, batch_fn, batch_deps):
     from stratus import batches
 
-    upload, tick, _ = batch_fn
     acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
     boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/files/acme/questions.jsonl",
                                   Body=lines("a", 2).encode())
-    # Given a batch whose ingest began (no longer pending), was cancelled, and never wrote its lines
+    # Given a batch whose ingest holds it (a run reading a slice), cancelled meanwhile
     view = stack.call("api_create_batch.json", key=acme)[1]
-    stack.table.update_item(Key={"pk": f"batch#{view['id']}"}, UpdateExpression="REMOVE pending")
-    stack.call("api_cancel_batch.json", key=acme, job_id=view["id"])
     deps = batch_deps()
-    # Then passes wait for the ingest while it could still be running, and close the batch after
+    held_until = int(deps.clock()) + batches.LEASE_S
+    stack.table.update_item(Key={"pk": f"batch#{view['id']}"}, UpdateExpression="SET ingest_until = :u REMOVE pending",
+                            ExpressionAttributeValues={":u": held_until})
+    stack.call("api_cancel_batch.json", key=acme, job_id=view["id"])
+    # Then passes wait while the lease lasts (that run may still record lines), and close it after
     assert batches.advance(deps) == []
-    deps.clock = lambda: view["created_at"] + batches.INGEST_GRACE_S + 60
+    deps.clock = lambda: held_until + 1
     assert batches.advance(deps) == [view["id"]]
     assert stack.call("api_get_batch.json", key=acme, job_id=view["id"])[1]["status"] == "cancelled"
+
+
+# ---- big files: read a slice at a time, over several runs ------------------------------------------
+
+def take_jobs(stack) -> list[str]:
+    """Play a worker that takes every batch message there is and finishes its job: the job ids."""
+    store, url, ids = JobStore(stack.table), stack.refs["BatchJobsQueue"], []
+    while got := stack.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", []):
+        for m in got:
+            job_id = json.loads(m["Body"])["job_id"]
+            if store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w"):
+                store.complete(job_id, "w", {"text": "ok", "finish_reason": "stop"})
+                ids.append(job_id)
+            stack.sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+    return ids
+
+
+def custom_ids(stack, batch_id: str) -> dict[str, str]:
+    """job id -> custom_id, from every lines file of the batch."""
+    s3, out = boto3.client("s3"), {}
+    for obj in s3.list_objects_v2(Bucket=stack.refs["ResultsBucket"], Prefix=f"batches/state/{batch_id}/lines/")["Contents"]:
+        for d in json.loads(s3.get_object(Bucket=stack.refs["ResultsBucket"], Key=obj["Key"])["Body"].read()):
+            out[d["job_id"]] = d["custom_id"]
+    return out
+
+
+def test_a_big_file_is_read_a_slice_a_run_and_its_lines_run_while_the_rest_is_read(stack, batch_fn, batch_deps,
+                                                                                   monkeypatch):
+    from stratus import batches
+
+    upload, tick, read = batch_fn
+    monkeypatch.setattr(batches, "SLICE", 10)
+    batch_deps(batch_ingest_s=0.0)  # one slice a run
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    # Given a 25-line file: the upload's run reads its first slice, and its lines are released
+    created = upload("batches/input/acme/big.jsonl", lines("a", 25))
+    view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
+    assert view["status"] == "in_progress" and view["request_counts"]["total"] == 25
+    ran = take_jobs(stack)
+    assert len(ran) == 10
+    # When passes go on with the file (a slice each) while workers take what is released
+    completed = []
+    for _ in range(4):
+        completed += tick()["completed"]
+        ran += take_jobs(stack)
+    completed += tick()["completed"]
+    # Then every line ran once, in file order, and the batch completed with 25 answers
+    names = custom_ids(stack, created["batch"])
+    assert [names[j] for j in ran] == [f"a{i}" for i in range(25)]
+    assert completed == [created["batch"]]
+    view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
+    assert view["status"] == "completed" and view["request_counts"] == {"total": 25, "completed": 25, "failed": 0}
+    assert [o["custom_id"] for o in read(view["output_file_uri"])] == [f"a{i}" for i in range(25)]
+
+
+def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack, batch_fn, batch_deps, monkeypatch):
+    from stratus import batches, release
+
+    upload, tick, read = batch_fn
+    monkeypatch.setattr(batches, "SLICE", 10)
+    deps = batch_deps(batch_ingest_s=1000.0)
+    # Given an upload's run that read one slice and died in the second, after creating its jobs
+    real, calls = release.write_outbox, []
+
+    def dies_second_time(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*a, **kw)
+    monkeypatch.setattr(release, "write_outbox", dies_second_time)
+    with pytest.raises(RuntimeError):
+        upload("batches/input/acme/crash.jsonl", lines("a", 18))
+    monkeypatch.setattr(release, "write_outbox", real)
+    batch_id = next(iter(batches.list_recent("acme", deps))).id
+    # When a pass goes on with it (the run let go of its lease as it died)
+    ran = take_jobs(stack)
+    assert batches.run_pass(deps)["ingested"] == [batch_id]
+    # Then the second slice is read again, its queued jobs go out once more, and each line runs once
+    ran += take_jobs(stack)
+    assert sorted(custom_ids(stack, batch_id)[j] for j in ran) == sorted(f"a{i}" for i in range(18))
+    assert tick()["completed"] == [batch_id]
+
+
+def test_a_run_finds_a_batch_another_run_is_reading_and_leaves_it(stack, batch_fn, batch_deps):
+    from stratus import batches
+
+    upload, _, _ = batch_fn
+    deps = batch_deps()
+    boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/files/acme/questions.jsonl",
+                                  Body=lines("a", 3).encode())
+    view = stack.call("api_create_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000))[1]
+    stack.table.update_item(Key={"pk": f"batch#{view['id']}"},
+                            UpdateExpression="SET ingest_until = :u, ingester = :other REMOVE pending",
+                            ExpressionAttributeValues={":u": int(deps.clock()) + batches.LEASE_S, ":other": "x"})
+    # When the upload event arrives while another run holds the batch
+    created = upload(view["input_file_uri"].removeprefix(f"s3://{stack.refs['ResultsBucket']}/"), None)
+    # Then this run reads nothing: no job, no message
+    assert created["status"] == "validating" and stack.queued("BatchJobsQueue") == []
+    assert batches.ingest_left(deps.clock() + 100, deps) == []  # nor does a pass while the lease lasts
+
+
+def test_cancelling_a_big_file_part_read_accounts_for_every_line(stack, batch_fn, batch_deps, monkeypatch):
+    from stratus import batches
+
+    upload, tick, read = batch_fn
+    monkeypatch.setattr(batches, "SLICE", 10)
+    batch_deps(batch_ingest_s=0.0, batch_release_floor=0)  # one slice a run; nothing released
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    # Given a 25-line file of which one slice was read
+    created = upload("batches/input/acme/big.jsonl", lines("a", 25))
+    # When it is cancelled
+    stack.call("api_cancel_batch.json", key=acme, job_id=created["batch"])
+    assert tick()["completed"] == [created["batch"]]
+    # Then the rest of the file is never read, and each of its 25 lines is an error line, in file order
+    assert batches.get_any(created["batch"], batch_deps()).ingested == 10
+    view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
+    assert view["status"] == "cancelled" and view["request_counts"] == {"total": 25, "completed": 0, "failed": 25}
+    assert [e["custom_id"] for e in read(view["error_file_uri"])] == [f"a{i}" for i in range(25)]
+    assert sorted(job_statuses(stack, created["batch"]).values()) == ["CANCELLED"] * 10

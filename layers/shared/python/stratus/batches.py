@@ -4,9 +4,10 @@
   batches/files/<tenant>/<name>.jsonl    POST /v1/batches {"input_file_id": "<name>.jsonl"} copies it
                                          to the input prefix (ingested like an upload) and answers at once
   batches/output/<batch id>/             output.jsonl, errors.jsonl, manifest.json when every line is done
-  batches/state/<batch id>/lines.json    which job serves each line (written at ingest)
+  batches/state/<batch id>/lines/        which job serves each line, a file per slice of SLICE lines
   batches/state/<batch id>/outbox/       the lines' queue messages, sent a few at a time (stratus.release)
 
+A file is read SLICE lines at a time, over as many runs as it takes (ingest()).
 Lines are OpenAI batch lines ({"custom_id", "method": "POST", "url", "body"}) or Bedrock batch
 records ({"recordId", "modelInput"}). Each valid line becomes a job exactly like an API request
 (same cache key, so identical lines and earlier requests reuse one result); the new jobs' messages
@@ -54,10 +55,11 @@ POSTED = "posted"  # batches/input/<tenant>/posted/<nonce>/<file>: copies made b
 TENANT_INDEX, OPEN_INDEX = "tenant-batches", "open-batches"  # template.yaml: JobsTable's indexes
 OPEN = "open"  # open_batch's one value
 OPEN_STATUSES = ("validating", "in_progress", "cancelling")  # the scheduled pass still has work on these
-INGEST_GRACE_S = 600  # an ingest (the batch function's 300 s) has surely ended this long after a cancel
+SLICE = 1000  # lines one ingest step reads into jobs and records (~10-20 s of DynamoDB calls)
+LEASE_S = 120  # an ingest step holds its batch this long; a dead one's batch is taken over after
 ROUTES = ROUTE_PATHS
 KEEP_S = 30 * 86400  # batch records outlive their jobs' cache TTL: the output files are what matter
-MAX_LINES = 5000  # one ingest must fit the batch function's 5 minutes (a few DynamoDB calls a line)
+MAX_LINES = 50_000  # lines in one file (OpenAI's limit); read SLICE at a time, over several invocations
 
 
 @dataclass
@@ -88,26 +90,35 @@ class Batch:
     released: int = 0  # ... and how many have gone
     cancelling_at: int | None = None
     cancelled_at: int | None = None
+    lines_total: int | None = None  # the file's non-blank lines (known from the first slice on) ...
+    ingested: int = 0  # ... and how many have been read into jobs (slices of SLICE)
+    ingest_until: int = 0  # an ingest step holds the batch until then (0: nobody)
 
     def to_item(self) -> dict:
         item = {"pk": f"batch#{self.id}", "tenant": self.tenant, "input_file": self.input_file, "status": self.status,
                 "created_at": self.created_at, "counts": json.dumps(self.counts),
                 "errors": json.dumps(self.errors), "expires_at": self.created_at + KEEP_S,
-                "batch_tenant": self.tenant, "outbox": self.outbox, "released": self.released}
+                "batch_tenant": self.tenant, "outbox": self.outbox, "released": self.released,
+                "ingested": self.ingested}
         if self.status in OPEN_STATUSES:
             item["open_batch"] = OPEN
-        for name in ("completed_at", "output_file", "error_file", "cancelling_at", "cancelled_at"):
+        for name in ("completed_at", "output_file", "error_file", "cancelling_at", "cancelled_at", "lines_total"):
             if getattr(self, name) is not None:
                 item[name] = getattr(self, name)
         return item
 
     @classmethod
     def from_item(cls, item: dict) -> Batch:
+        ints = {k: int(item[k]) for k in ("completed_at", "cancelling_at", "cancelled_at", "outbox", "released",
+                                          "lines_total", "ingested", "ingest_until") if k in item}
         return cls(item["pk"].removeprefix("batch#"), item["tenant"], item["input_file"], item["status"],
-                   int(item["created_at"]), int(item["completed_at"]) if "completed_at" in item else None,
-                   json.loads(item["counts"]), item.get("output_file"), item.get("error_file"),
-                   json.loads(item.get("errors", "[]")), int(item.get("outbox", 0)), int(item.get("released", 0)),
-                   *(int(item[k]) if k in item else None for k in ("cancelling_at", "cancelled_at")))
+                   int(item["created_at"]), counts=json.loads(item["counts"]), output_file=item.get("output_file"),
+                   error_file=item.get("error_file"), errors=json.loads(item.get("errors", "[]")), **ints)
+
+    @property
+    def ingesting(self) -> bool:
+        """Lines of its file are still to be read (or nobody has started)."""
+        return self.status in ("validating", "in_progress") and (self.lines_total is None or self.ingested < self.lines_total)
 
     def view(self, bucket: str) -> dict:
         """The OpenAI batch object; file ids work with GET /v1/files/{id}/content, and the
@@ -184,27 +195,77 @@ def tenant_of_upload(key: str) -> str:
 
 
 def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
-    """Ingest one input file: validate every line, create and enqueue the jobs, record the batch.
-    Runs in the batch function (up to 5 minutes), never in the API."""
-    s = deps.settings
+    """An uploaded file: record the batch (new, or announced by POST /v1/batches), then ingest it
+    for up to BatchIngestSeconds; the scheduled pass goes on with what is left. A redelivered event
+    finds the batch recorded and goes on with its ingest (or finds it done)."""
     batch = Batch(batch_id, tenant, key)
-    try:  # new, announced by POST /v1/batches (pending), or left "validating" by a crash (resumed);
-        # a redelivered event finds it in progress or done
-        existing = deps.table.put_item(
-            Item=batch.to_item(), ConditionExpression="attribute_not_exists(pk) OR #s = :v",  # (pending: validating)
-            ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues={":v": "validating"},
-            ReturnValues="ALL_OLD").get("Attributes")
+    try:
+        deps.table.put_item(Item=batch.to_item(), ConditionExpression="attribute_not_exists(pk) OR (pending = :t AND #s = :v)",
+                            ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues={":t": True, ":v": "validating"})
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         logger.info("batch exists already (a redelivered event)", extra={"batch_id": batch_id})
-        return get(batch_id, tenant, deps)
-    resumed = bool(existing) and existing.get("status") == "validating" and not existing.get("pending")
-    if resumed:
-        logger.info("resuming a batch an earlier run left validating", extra={"batch_id": batch_id})
+    return ingest(batch_id, deps, deps.clock() + deps.settings.batch_ingest_s)
+
+
+def ingest(batch_id: str, deps: Deps, until: float) -> Batch:
+    """Read slices of a batch's file into jobs while time is left (one at least), each under a
+    lease so that two runs never read the same batch at once -> the batch as it stands.
+
+    Each slice: its lines' jobs are created (submission.submit, not sent), their messages appended
+    to the outbox and the lines recorded (batches/state/<id>/lines/<slice>.json); then one
+    conditional write moves the cursor. A run that died mid-slice leaves the cursor where it was:
+    the next run redoes that slice, and puts the jobs it finds queued back in the outbox (their
+    messages may never have gone). The batch is in_progress from its first slice on, so its lines
+    are released while the rest is read."""
+    me, rows = uuid.uuid4().hex, None
+    batch = None
     try:
-        raw_lines = deps.s3.get_object(Bucket=s.bucket, Key=key)["Body"].read().decode("utf-8").splitlines()
-        count = sum(1 for raw in raw_lines if raw.strip())
-        if count > MAX_LINES:
-            raise InvalidRequest(f"the file has {count} lines; at most {MAX_LINES} per batch: split it")
+        while (held := _lease(batch_id, me, deps)) is not None:
+            batch, resumed = Batch.from_item(held), held.get("attempting") == held.get("ingested", 0)
+            if rows is None:
+                rows = _file_lines(batch, deps)
+                if rows is None:
+                    return get(batch_id, batch.tenant, deps)  # failed: the file cannot be a batch
+            if not _ingest_slice(batch, rows, resumed, me, deps) or deps.clock() >= until:
+                break
+    finally:
+        _unlease(batch_id, me, deps)
+    return get_any(batch_id, deps)
+
+
+def _lease(batch_id: str, me: str, deps: Deps) -> dict | None:
+    """Hold a batch that has lines to read and nobody else reading -> its item before (None: no)."""
+    now = int(deps.clock())
+    try:
+        return deps.table.update_item(
+            Key={"pk": f"batch#{batch_id}"},
+            UpdateExpression="SET ingest_until = :until, ingester = :me, attempting = ingested REMOVE pending",
+            ConditionExpression="#s IN (:v, :p) AND (attribute_not_exists(lines_total) OR ingested < lines_total) "
+                                "AND (attribute_not_exists(ingest_until) OR ingest_until < :now OR ingester = :me)",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":until": now + LEASE_S, ":me": me, ":now": now,
+                                       ":v": "validating", ":p": "in_progress"},
+            ReturnValues="ALL_OLD")["Attributes"]
+    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
+        return None
+
+
+def _unlease(batch_id: str, me: str, deps: Deps) -> None:
+    try:
+        deps.table.update_item(Key={"pk": f"batch#{batch_id}"}, UpdateExpression="REMOVE ingest_until, ingester",
+                               ConditionExpression="ingester = :me", ExpressionAttributeValues={":me": me})
+    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
+        pass  # not ours (never taken, or taken over)
+
+
+def _file_lines(batch: Batch, deps: Deps) -> list[tuple[int, str]] | None:
+    """The file's non-blank lines as (line number, text); None when it cannot be a batch (the batch
+    is then failed, saying why). Raises for a transient error (the run is retried)."""
+    try:
+        rows = _rows(batch, deps)
+        if len(rows) > MAX_LINES:
+            raise InvalidRequest(f"the file has {len(rows)} lines; at most {MAX_LINES} per batch: split it")
+        return rows
     except Exception as exc:
         if not _permanent(exc):  # throttled, a 5xx, the network: the event is retried and resumes
             raise
@@ -212,12 +273,22 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
         message = exc.message if isinstance(exc, InvalidRequest) else f"the input file cannot be read ({_code(exc)})"
         batch.status, batch.errors = "failed", [{"code": code, "message": message}]
         deps.table.put_item(Item=batch.to_item())
-        return batch
+        return None
+
+
+def _rows(batch: Batch, deps: Deps) -> list[tuple[int, str]]:
+    raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=batch.input_file)["Body"].read().decode("utf-8")
+    return [(n, text) for n, text in enumerate(raw.splitlines(), 1) if text.strip()]
+
+
+def _ingest_slice(batch: Batch, rows: list[tuple[int, str]], resumed: bool, me: str, deps: Deps) -> bool:
+    """Read the slice at the batch's cursor -> True when more is left to read by this run."""
+    s, start = deps.settings, batch.ingested
+    if resumed:
+        logger.info("redoing a slice an earlier run left unfinished", extra={"batch_id": batch.id, "start": start})
     lines, outbox = [], []
-    owner, how = Tenant(tenant, rpm=0, tpm=0), submission.batch_line(s)  # the file was the charge
-    for n, raw in enumerate(raw_lines, 1):
-        if not raw.strip():
-            continue
+    owner, how = Tenant(batch.tenant, rpm=0, tpm=0), submission.batch_line(s)  # the file was the charge
+    for n, raw in rows[start:start + SLICE]:
         line = Line(n, None)
         try:
             line.custom_id, route, body, line.bedrock = parse_line(raw, s.model_id)
@@ -228,29 +299,42 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
             continue
         line.job_id = sub.job_id
         if sub.created or (resumed and sub.job is not None and sub.job.status == Status.QUEUED):
-            line.outbox = len(outbox)
-            outbox.append(sub.message)  # new, or resumed: its message may never have gone
+            line.outbox = batch.outbox + len(outbox)
+            outbox.append(sub.message)  # new, or redone: its message may never have gone
         lines.append(line)
-    batch.outbox = release.write_outbox(batch_id, outbox, deps)
-    state_key = f"batches/state/{batch_id}/lines.json"
-    deps.s3.put_object(Bucket=s.bucket, Key=state_key, Body=json.dumps([l.__dict__ for l in lines]).encode())
-    batch.status = "in_progress"
-    batch.counts = {"total": len(lines), "completed": 0, "failed": sum(1 for l in lines if l.error)}
+    release.write_outbox(batch.id, outbox, deps, start=batch.outbox)
+    deps.s3.put_object(Bucket=s.bucket, Key=_lines_key(batch.id, start // SLICE),
+                       Body=json.dumps([l.__dict__ for l in lines]).encode())
+    failed = sum(1 for l in lines if l.error) + (batch.counts["failed"] if start else 0)
+    counts = {"total": len(rows), "completed": 0 if not start else batch.counts["completed"], "failed": failed}
+    done = start + len(lines)
     try:
-        deps.table.put_item(Item=batch.to_item(), ConditionExpression="#s = :v",
-                            ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues={":v": "validating"})
-    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:  # cancelled while ingesting
-        deps.table.update_item(Key={"pk": f"batch#{batch_id}"}, UpdateExpression="SET outbox = :o, counts = :c",
-                               ExpressionAttributeValues={":o": batch.outbox, ":c": json.dumps(batch.counts)})
-        logger.info("batch cancelled while ingesting: nothing released", extra={"batch_id": batch_id})
-        return get(batch_id, tenant, deps)
+        deps.table.update_item(
+            Key={"pk": f"batch#{batch.id}"},
+            UpdateExpression="SET ingested = :done, lines_total = :total, outbox = :o, counts = :c",
+            ConditionExpression="ingester = :me AND ingested = :start",
+            ExpressionAttributeValues={":done": done, ":total": len(rows), ":o": batch.outbox + len(outbox),
+                                       ":c": json.dumps(counts), ":me": me, ":start": start})
+    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
+        logger.warning("another run took this batch's ingest over", extra={"batch_id": batch.id})
+        return False
+    try:  # its lines may go from now on
+        deps.table.update_item(Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET #s = :p",
+                               ConditionExpression="#s = :v", ExpressionAttributeNames={"#s": "status"},
+                               ExpressionAttributeValues={":p": "in_progress", ":v": "validating"})
+    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
+        pass  # in progress already, or cancelled meanwhile (it keeps the cancel)
     metrics.add_metric(name="BatchLines", unit=MetricUnit.Count, value=len(lines))
-    logger.info("batch created", extra={"batch_id": batch_id, "lines": len(lines), "queued": len(outbox)})
-    try:  # its first lines go now; if this step fails, the scheduled pass sends them
+    logger.info("batch lines read", extra={"batch_id": batch.id, "lines": done, "of": len(rows), "queued": len(outbox)})
+    try:  # the slice's first lines go now; if this step fails, the scheduled pass sends them
         release_step(release.Meter(), deps)
     except Exception:  # noqa: BLE001 - logged; the batch exists and the next pass releases its lines
-        logger.exception("could not release the new batch's lines")
-    return batch
+        logger.exception("could not release the batch's lines")
+    return done < len(rows)
+
+
+def _lines_key(batch_id: str, part: int) -> str:
+    return f"batches/state/{batch_id}/lines/{part:05d}.json"
 
 
 BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")  # batch_id_for_upload's shape
@@ -263,6 +347,11 @@ def get(batch_id: str, tenant: str, deps: Deps) -> Batch:
     if item is None or item["tenant"] != tenant:
         raise NotFound(f"batch {batch_id!r} not found")
     return Batch.from_item(item)
+
+
+def get_any(batch_id: str, deps: Deps) -> Batch:
+    """A batch by id, whoever owns it (the batch function's own reads)."""
+    return Batch.from_item(deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True)["Item"])
 
 
 def list_recent(tenant: str, deps: Deps, limit: int = 20) -> list[Batch]:
@@ -379,8 +468,29 @@ def file_content(file_id: str, tenant: str, deps: Deps) -> bytes:
 # ---- progress, release and output ----------------------------------------------------------
 
 def run_pass(deps: Deps) -> dict:
-    """The scheduled pass: finish what is done, then release lines for BatchPassSeconds."""
-    return {"completed": advance(deps), "released": release_for(deps.settings.batch_pass_s, deps)}
+    """The scheduled pass: finish what is done, go on reading files an upload's run left (for up to
+    BatchIngestSeconds), then release lines for BatchPassSeconds."""
+    completed = advance(deps)
+    return {"completed": completed, "ingested": ingest_left(deps.clock() + deps.settings.batch_ingest_s, deps),
+            "released": release_for(deps.settings.batch_pass_s, deps)}
+
+
+def ingest_left(until: float, deps: Deps) -> list[str]:
+    """Go on reading the files of open batches with lines left and nobody reading them (an upload's
+    run ran out of time, or died) -> their ids."""
+    went_on = []
+    for batch_id in _open_batch_ids(deps):
+        if went_on and deps.clock() >= until:
+            break  # (one batch at least, a slice at least: a pass always makes progress)
+        try:
+            b = get_any(batch_id, deps)
+            if b.ingesting and b.ingest_until < deps.clock():
+                went_on.append(batch_id)
+                ingest(batch_id, deps, until)
+        except Exception:  # noqa: BLE001 - logged and counted; the next pass goes on with it
+            logger.exception("could not go on reading a batch", extra={"batch_id": batch_id})
+            metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
+    return went_on
 
 
 def release_for(seconds: float, deps: Deps) -> int:
@@ -441,8 +551,12 @@ def _open_batch_ids(deps: Deps) -> list[str]:
 
 
 def _read_lines(batch: Batch, deps: Deps) -> list[Line]:
-    raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=f"batches/state/{batch.id}/lines.json")["Body"].read()
-    return [Line(**d) for d in json.loads(raw)]
+    """The lines read so far, in file order."""
+    lines = []
+    for part in range(-(-batch.ingested // SLICE)):
+        raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=_lines_key(batch.id, part))["Body"].read()
+        lines += [Line(**d) for d in json.loads(raw)]
+    return lines
 
 
 def _advance_one(batch: Batch, deps: Deps) -> bool:
@@ -452,8 +566,9 @@ def _advance_one(batch: Batch, deps: Deps) -> bool:
     statuses.update(dict.fromkeys(unsent, Status.QUEUED))
     done = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.DONE)
     pending = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) in (Status.QUEUED, Status.RUNNING))
-    batch.counts = {"total": len(lines), "completed": done, "failed": len(lines) - done - pending}
-    if pending:  # counts only: a release step may be moving the cursor
+    unread = (batch.lines_total or 0) - len(lines)  # lines an ingest has still to read
+    batch.counts = {"total": batch.lines_total or len(lines), "completed": done, "failed": len(lines) - done - pending}
+    if pending or unread:  # counts only: a release step may be moving the cursor, an ingest reading
         deps.table.update_item(Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET counts = :c",
                                ExpressionAttributeValues={":c": json.dumps(batch.counts)})
         return False
@@ -463,14 +578,13 @@ def _advance_one(batch: Batch, deps: Deps) -> bool:
 
 def _cancel_one(batch: Batch, deps: Deps) -> bool:
     """A cancelling batch: cancel the jobs it created that have not started, wait for its running
-    lines, then write what finished -> True once the batch is `cancelled`."""
-    try:
-        lines = _read_lines(batch, deps)
-    except deps.s3.exceptions.NoSuchKey:  # cancelled before its ingest wrote the lines
-        item = deps.table.get_item(Key={"pk": f"batch#{batch.id}"}, ConsistentRead=True).get("Item") or {}
-        if not item.get("pending") and deps.clock() - (batch.cancelling_at or 0) < INGEST_GRACE_S:
-            return False  # the ingest may still be running
-        lines = []  # never ingested (or the ingest died): nothing ran
+    lines, then write what finished -> True once the batch is `cancelled`. (The cancel stopped its
+    ingest: lines not read by then never become jobs.)"""
+    if batch.ingest_until >= deps.clock():
+        return False  # an ingest step is finishing its slice
+    lines = _read_lines(batch, deps)
+    if batch.lines_total is None or batch.ingested < batch.lines_total:
+        lines += _unread_lines(batch, deps)
     statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id}))
     for l in lines:
         if l.outbox is not None and statuses.get(l.job_id) == Status.QUEUED:
@@ -487,12 +601,33 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
     return True
 
 
+def _unread_lines(batch: Batch, deps: Deps) -> list[Line]:
+    """The lines of a cancelled batch's file that were never read, each a `batch_cancelled` error
+    (so every line of the file is in its output or error file); none if the file cannot be read."""
+    try:
+        rows = _rows(batch, deps)[batch.ingested:]
+    except Exception:  # noqa: BLE001 - gone or unreadable: nothing to name
+        logger.exception("could not read a cancelled batch's file", extra={"batch_id": batch.id})
+        return []
+    out = []
+    for n, text in rows:
+        try:
+            d = json.loads(text)
+        except ValueError:
+            d = None
+        d = d if isinstance(d, dict) else {}
+        custom_id = d.get("custom_id", d.get("recordId"))
+        out.append(Line(n, custom_id if isinstance(custom_id, str) else None, error=CANCELLED_LINE,
+                        bedrock="recordId" in d))
+    return out
+
+
 PASS_STEPS = {"in_progress": _advance_one, "cancelling": _cancel_one}  # status -> the pass's work on it
 
 
 def _write_output(batch: Batch, lines: list[Line], deps: Deps, *, cancelled: bool = False) -> None:
     s, store = deps.settings, deps.store
-    jobs = {j: store.get(j) for j in {l.job_id for l in lines if l.job_id}}
+    jobs = store.get_many(sorted({l.job_id for l in lines if l.job_id}))
     inputs = _bedrock_inputs(batch, lines, deps)
     out, err = [], []
     for l in lines:

@@ -82,17 +82,29 @@ class JobStore:
         return {j: status for j, (status, _) in self.states(job_ids).items()}
 
     def states(self, job_ids: list[str]) -> dict[str, tuple[Status, bool]]:
-        """(status, streamed?) of each existing job, 100 ids per BatchGetItem (workers poll for
-        cancels, and for streaming requests that joined a job)."""
-        out: dict[str, tuple[Status, bool]] = {}
+        """(status, streamed?) of each existing job (workers poll for cancels, and for streaming
+        requests that joined a job)."""
+        return {i["pk"]: (Status(i["status"]), bool(i.get("streamed", False)))
+                for i in self._batch_get(job_ids, "pk, #s, streamed")}
+
+    def get_many(self, job_ids: list[str], *, now: float | None = None) -> dict[str, Job]:
+        """Each existing, unexpired job (get() for many: a batch's output reads its lines' jobs)."""
+        now = now or time.time()
+        jobs = (Job.from_item(i) for i in self._batch_get(job_ids) if "status" in i)
+        return {j.job_id: j for j in jobs if j.expires_at >= now}
+
+    def _batch_get(self, job_ids: list[str], projection: str | None = None) -> list[dict]:
+        """Strongly consistent items, 100 ids per BatchGetItem; unprocessed keys asked again after a back-off."""
+        out: list[dict] = []
         client, name = self.table.meta.client, self.table.name
         for i in range(0, len(job_ids), 100):
-            request = {name: {"Keys": [{"pk": j} for j in job_ids[i:i + 100]], "ConsistentRead": True,
-                              "ProjectionExpression": "pk, #s, streamed", "ExpressionAttributeNames": {"#s": "status"}}}
+            keys = {"Keys": [{"pk": j} for j in job_ids[i:i + 100]], "ConsistentRead": True}
+            if projection:
+                keys.update(ProjectionExpression=projection, ExpressionAttributeNames={"#s": "status"})
+            request = {name: keys}
             for attempt in range(UNPROCESSED_TRIES):
                 got = client.batch_get_item(RequestItems=request)
-                for item in got["Responses"].get(name, []):  # the resource's client deserializes
-                    out[item["pk"]] = (Status(item["status"]), bool(item.get("streamed", False)))
+                out += got["Responses"].get(name, [])  # the resource's client deserializes
                 request = got.get("UnprocessedKeys") or None
                 if not request:
                     break

@@ -57,13 +57,17 @@ def _part_key(batch_id: str, part: int) -> str:
     return f"batches/state/{batch_id}/outbox/{part:05d}.jsonl"
 
 
-def write_outbox(batch_id: str, messages: list[QueueMessage], deps: Deps) -> int:
-    """Store a batch's messages in line order; returns how many (the batch item's `outbox`)."""
+def write_outbox(batch_id: str, messages: list[QueueMessage], deps: Deps, start: int = 0) -> int:
+    """Store a batch's messages in line order after the `start` already stored (a part left short is
+    rewritten with the new ones appended); returns how many it stored."""
     bodies = [m.to_body() for m in messages]
-    for part in range(0, len(bodies), PART):
-        deps.s3.put_object(Bucket=deps.settings.bucket, Key=_part_key(batch_id, part // PART),
-                           Body="".join(b + "\n" for b in bodies[part:part + PART]).encode())
-    return len(bodies)
+    if start % PART and bodies:
+        bodies = read_outbox(batch_id, start - start % PART, start, deps) + bodies
+        start -= start % PART
+    for i in range(0, len(bodies), PART):
+        deps.s3.put_object(Bucket=deps.settings.bucket, Key=_part_key(batch_id, (start + i) // PART),
+                           Body="".join(b + "\n" for b in bodies[i:i + PART]).encode())
+    return len(messages)
 
 
 def read_outbox(batch_id: str, start: int, stop: int, deps: Deps) -> list[str]:

@@ -48,6 +48,7 @@ class Settings:
     batch_release_floor: int = 64
     batch_release_every_s: float = 10.0
     batch_pass_s: float = 0.0
+    batch_ingest_s: float = 150.0  # how long one run (an upload's, a pass's) reads a batch file's slices
     poll_interval_s: float = 0.025  # how often a waiting request re-reads its job (a strongly consistent read)
     # streaming (stratus.chunks): the table of chunk items, how often a worker flushes a job's text,
     # how often an idle stream sends a comment, and the longest a stream stays open
@@ -88,6 +89,7 @@ class Settings:
         "batch_release_floor": ("STRATUS_BATCH_RELEASE_FLOOR", int),
         "batch_release_every_s": ("STRATUS_BATCH_RELEASE_EVERY_S", float),
         "batch_pass_s": ("STRATUS_BATCH_PASS_S", float),
+        "batch_ingest_s": ("STRATUS_BATCH_INGEST_S", float),
         "stream_table": ("STRATUS_STREAM_TABLE", str), "stream_flush_s": ("STRATUS_STREAM_FLUSH_S", float),
         "stream_keepalive_s": ("STRATUS_STREAM_KEEPALIVE_S", float), "stream_max_s": ("STRATUS_STREAM_MAX_S", float),
         "trigger_tenant": ("STRATUS_TRIGGER_TENANT", str), "reply_queue_pattern": ("STRATUS_REPLY_QUEUE_PATTERN", str),
