@@ -12,7 +12,8 @@ file drains, with the openai SDK over loopback.
   mixed        the batch file again (new lines), and interactive requests at the same rate until it
                completes: interactive latency p50/p99 against idle, the batch's completion time
 
-One worker, all cores. Writes mixed.json. Targets (issue 13): interactive p50 under load <= 1.5x
+One worker on all cores by default (--workers N: N workers, --threads each). Writes mixed.json
+(mixed-<N>w.json for N workers). Targets (issue 13): interactive p50 under load <= 1.5x
 idle; the batch alone within 10% of the one-queue throughput.
 """
 
@@ -115,12 +116,14 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=500)
     ap.add_argument("--idle", type=int, default=20, help="interactive requests on the idle stack")
     ap.add_argument("--every", type=float, default=1.0, help="seconds between interactive requests")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="per worker (default: the cores / workers)")
     ap.add_argument("--out", default="build/bench")
     args = ap.parse_args()
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     from stratus_engine.numerics import host_description
 
-    stack = start(Path(args.model), port=free_port(), workers=1, threads=args.threads)
+    stack = start(Path(args.model), port=free_port(), workers=args.workers, threads=args.threads)
     try:
         client = OpenAI(base_url=stack.url, api_key=stack.api_key, max_retries=0, timeout=600)
         client.chat.completions.create(**chat(stack.model_id, "warm up", 2))
@@ -137,14 +140,15 @@ def main() -> None:
         stack.stop()
     report = {
         "host": host_description(), "lines": args.lines, "line_tokens": LINE_TOKENS,
-        "interactive_tokens": INTERACTIVE_TOKENS, "every_s": args.every, "threads": args.threads,
+        "interactive_tokens": INTERACTIVE_TOKENS, "every_s": args.every, "workers": args.workers,
+        "threads": args.threads,
         "interactive_idle": stats_ms(idle_lat), "interactive_mixed": stats_ms(mixed_lat),
         "mixed_over_idle_p50": statistics.median(mixed_lat) / statistics.median(idle_lat),
         "batch_alone_s": round(alone_s, 1), "batch_alone_lines_per_s": round(args.lines / alone_s, 2),
         "one_queue_s": round(jobs_s, 1), "one_queue_lines_per_s": round(args.lines / jobs_s, 2),
         "batch_alone_over_one_queue_throughput": jobs_s / alone_s, "batch_mixed_s": round(mixed_s, 1),
     }
-    print(f"host: {report['host']}; one worker, {args.threads} threads")
+    print(f"host: {report['host']}; {args.workers} worker(s), {args.threads} threads each")
     print(f"interactive ({INTERACTIVE_TOKENS} tokens, one every {args.every} s): idle p50 "
           f"{report['interactive_idle']['p50_ms']:.0f} ms p99 {report['interactive_idle']['p99_ms']:.0f} ms; while "
           f"a {args.lines}-line batch drains p50 {report['interactive_mixed']['p50_ms']:.0f} ms p99 "
@@ -152,7 +156,7 @@ def main() -> None:
     print(f"batch of {args.lines} lines x {LINE_TOKENS} tokens: alone {alone_s:.0f} s ({args.lines / alone_s:.2f} lines/s), "
           f"as jobs in one queue {jobs_s:.0f} s ({args.lines / jobs_s:.2f}/s): "
           f"{report['batch_alone_over_one_queue_throughput']:.2f}x (target >= 0.9x); with interactive load {mixed_s:.0f} s")
-    report_file.write(args.out, "mixed", report)
+    report_file.write(args.out, "mixed" if args.workers == 1 else f"mixed-{args.workers}w", report)
 
 
 if __name__ == "__main__":

@@ -315,16 +315,20 @@ def test_an_uploaded_batch_file_produces_output_and_error_files(stack):
     assert error["line"] == 4 and "not valid JSON" in error["error"]["message"]
 
 
-def test_the_openai_sdk_batch_flow(stack, tmp_path):
-    # files.create -> batches.create -> batches.retrieve until completed -> files.content
+def sdk_batch(stack, path: Path, questions: list[str], max_tokens: int):
+    """files.create -> batches.create for a file of chat lines (custom ids c0, c1, ...)."""
     lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": stack.model, "messages": [{"role": "user", "content": f"Name a colour, {i}."}],
-                       "max_tokens": 8, "temperature": 0}} for i in range(2)]
-    path = tmp_path / "colours.jsonl"
+              "body": {"model": stack.model, "messages": [{"role": "user", "content": q}],
+                       "max_tokens": max_tokens, "temperature": 0}} for i, q in enumerate(questions)]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     uploaded = stack.client.files.create(file=path.open("rb"), purpose="batch")
-    batch = stack.client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    return stack.client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                       completion_window="24h")
+
+
+def test_the_openai_sdk_batch_flow(stack, tmp_path):
+    # files.create -> batches.create -> batches.retrieve until completed -> files.content
+    batch = sdk_batch(stack, tmp_path / "colours.jsonl", [f"Name a colour, {i}." for i in range(2)], 8)
     deadline = time.monotonic() + 90
     while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -336,14 +340,8 @@ def test_the_openai_sdk_batch_flow(stack, tmp_path):
 
 
 def test_the_openai_sdk_cancels_a_batch(stack, tmp_path):
-    # Given a batch of 80 lines that are still running (files.create -> batches.create)
-    lines = [{"custom_id": f"k{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": stack.model, "messages": [{"role": "user", "content": f"Count to {i}."}],
-                       "max_tokens": 32, "temperature": 0}} for i in range(80)]
-    path = tmp_path / "long.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    batch = stack.client.batches.create(input_file_id=stack.client.files.create(file=path.open("rb"), purpose="batch").id,
-                                        endpoint="/v1/chat/completions", completion_window="24h")
+    # Given a batch of 80 lines that are still running
+    batch = sdk_batch(stack, tmp_path / "long.jsonl", [f"Count to {i}." for i in range(80)], 32)
     deadline = time.monotonic() + 60
     while batch.status == "validating" and time.monotonic() < deadline:
         time.sleep(0.2)
