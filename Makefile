@@ -88,11 +88,12 @@ bench-engine: models ## engine benchmark vs llama.cpp's llama-batched-bench (bui
 bench-api: venv ## api handler latency (cache hit, miss enqueue; in-process moto) and cold import time
 	$(PY) infra/bench/bench_api.py --calls 1000 --out build/bench
 
-bench-e2e: venv model ## local stack over HTTP: cache hits, overhead, throughput, mixed interactive + batch load, two tenants' batches; streaming TTFT/ITL vs llama-server (built once, ~10 min)
+bench-e2e: venv model ## local stack over HTTP: cache hits, overhead, throughput, mixed interactive + batch load, two tenants' batches, batch-file ingest; streaming TTFT/ITL vs llama-server (built once, ~10 min)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) infra/bench/bench_e2e.py --model $(MODELS)/smollm2-$(QUANT) --out build/bench
 	$(PY) infra/bench/bench_mixed.py --model $(MODELS)/smollm2-$(QUANT) --lines 500 --out build/bench
 	$(PY) infra/bench/bench_fair.py --model $(MODELS)/smollm2-$(QUANT) --lines 400 --other-lines 100 --out build/bench
+	$(PY) infra/bench/bench_ingest.py --model $(MODELS)/smollm2-$(QUANT) --lines 5000 --out build/bench
 	$(PY) infra/bench/build_llama.py --out build/llama --tool llama-server > build/llama-server-path
 	$(PY) infra/bench/bench_stream.py --model $(MODELS)/smollm2-$(QUANT) --llama-server $$(cat build/llama-server-path) \
 		--out build/bench
