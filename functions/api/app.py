@@ -109,8 +109,8 @@ def create_batch() -> Response:
 @app.get("/v1/batches")
 def list_batches() -> Response:
     tenant, deps = _tenant(), get_deps()
-    data = [b.view(deps.settings.bucket) for b in batches.list_recent(tenant.name, deps)]
-    return _reply(service.Reply(200, {"object": "list", "data": data, "has_more": False}))
+    query = app.current_event.query_string_parameters or {}
+    return _reply(service.Reply(200, batches.list_page(query, tenant.name, deps)))
 
 
 @app.get("/v1/batches/<batch_id>")

@@ -374,7 +374,7 @@ def test_a_pass_reads_the_status_of_released_lines_only(stack, batch_fn, batch_d
     batches.advance(deps)
     # Then it read 20 jobs, not 30, and the counts are right
     assert len(read) == 20
-    [b] = batches.list_recent("acme", deps)
+    [b], _ = batches.list_recent("acme", deps)
     assert b.counts == {"total": 30, "completed": 5, "failed": 0}
 
 
@@ -627,7 +627,7 @@ def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack,
     with pytest.raises(RuntimeError):
         upload("batches/input/acme/crash.jsonl", lines("a", 18))
     monkeypatch.setattr(release, "write_outbox", real)
-    batch_id = next(iter(batches.list_recent("acme", deps))).id
+    batch_id = batches.list_recent("acme", deps)[0][0].id
     # When a pass goes on with it (the run let go of its lease as it died)
     ran = take_jobs(stack)
     assert batches.run_pass(deps)["ingested"] == [batch_id]
@@ -673,3 +673,30 @@ def test_cancelling_a_big_file_part_read_accounts_for_every_line(stack, batch_fn
     assert view["status"] == "cancelled" and view["request_counts"] == {"total": 25, "completed": 0, "failed": 25}
     assert [e["custom_id"] for e in read(view["error_file_uri"])] == [f"a{i}" for i in range(25)]
     assert sorted(job_statuses(stack, created["batch"]).values()) == ["CANCELLED"] * 10
+
+
+def test_batches_are_listed_a_page_at_a_time(stack, batch_fn):
+    upload, _, _ = batch_fn
+    made = [upload(f"batches/input/acme/p{i}.jsonl", line(f"q{i}", f"Page {i}?") + "\n")["batch"] for i in range(5)]
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+
+    def page(query: dict) -> tuple[int, dict]:
+        event = stack.event("api_list_batches.json", key=key)
+        event["queryStringParameters"] = query
+        event["rawQueryString"] = "&".join(f"{k}={v}" for k, v in query.items())
+        out = stack.handler(event, LambdaContext())
+        return out["statusCode"], json.loads(out["body"])
+    # Pages of two, each from the last id of the one before, give every batch once, newest first
+    seen, after, pages = [], None, 0
+    while True:
+        status, body = page({"limit": "2", **({"after": after} if after else {})})
+        assert status == 200 and len(body["data"]) <= 2
+        seen += [b["id"] for b in body["data"]]
+        pages += 1
+        if not body["has_more"]:
+            break
+        after = body["last_id"]
+    assert pages == 3 and sorted(seen) == sorted(made) and len(seen) == 5
+    assert page({})[1]["has_more"] is False  # 20 by default
+    assert page({"limit": "0"})[0] == 400 and page({"limit": "101"})[0] == 400
+    assert page({"after": "batch_" + "0" * 24})[0] == 404

@@ -363,6 +363,14 @@ def test_the_openai_sdk_cancels_a_batch(stack, tmp_path):
     assert len(errors) == counts.failed and {e["error"]["code"] for e in errors} == {"batch_cancelled"}
 
 
+def test_the_openai_sdk_pages_through_batches(stack, tmp_path):
+    made = {sdk_batch(stack, tmp_path / f"p{i}.jsonl", [f"Say {i}."], 1).id for i in range(2)}
+    # auto-pagination: limit 1, then after=<the last id> until has_more is false
+    listed = [b.id for b in stack.client.batches.list(limit=1)]
+    assert made <= set(listed) and len(listed) == len(set(listed))
+    assert listed == [b.id for b in stack.client.batches.list(limit=100).data]  # newest first, as one page
+
+
 def children(pid: int, needle: str) -> list[int]:
     """Child processes of `pid` whose command line holds `needle` (read from /proc)."""
     out = []

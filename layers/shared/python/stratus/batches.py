@@ -59,6 +59,7 @@ SLICE = 1000  # lines one ingest step reads into jobs and records (~10-20 s of D
 LEASE_S = 120  # an ingest step holds its batch this long; a dead one's batch is taken over after
 ROUTES = ROUTE_PATHS
 KEEP_S = 30 * 86400  # batch records outlive their jobs' cache TTL: the output files are what matter
+MAX_PAGE = 100  # batches a GET /v1/batches page holds at most
 MAX_LINES = 50_000  # lines in one file (OpenAI's limit); read SLICE at a time, over several invocations
 
 
@@ -302,6 +303,7 @@ def _ingest_slice(batch: Batch, rows: list[tuple[int, str]], resumed: bool, me: 
             line.outbox = batch.outbox + len(outbox)
             outbox.append(sub.message)  # new, or redone: its message may never have gone
         lines.append(line)
+    logger.remove_keys(["job_id"])  # submit() tagged the log with each line's job in turn
     release.write_outbox(batch.id, outbox, deps, start=batch.outbox)
     deps.s3.put_object(Bucket=s.bucket, Key=_lines_key(batch.id, start // SLICE),
                        Body=json.dumps([l.__dict__ for l in lines]).encode())
@@ -354,11 +356,27 @@ def get_any(batch_id: str, deps: Deps) -> Batch:
     return Batch.from_item(deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True)["Item"])
 
 
-def list_recent(tenant: str, deps: Deps, limit: int = 20) -> list[Batch]:
-    """GET /v1/batches: the tenant's batches, newest first (one Query of the tenant index)."""
-    got = deps.table.query(IndexName=TENANT_INDEX, KeyConditionExpression=Key("batch_tenant").eq(tenant),
-                           ScanIndexForward=False, Limit=limit)
-    return [Batch.from_item(i) for i in got.get("Items", [])]
+def list_recent(tenant: str, deps: Deps, limit: int = 20, after: str | None = None) -> tuple[list[Batch], bool]:
+    """GET /v1/batches: the tenant's batches, newest first, `limit` a page from the one after batch
+    `after` (one Query of the tenant index) -> (the page, whether more follow)."""
+    kwargs = {"IndexName": TENANT_INDEX, "KeyConditionExpression": Key("batch_tenant").eq(tenant),
+              "ScanIndexForward": False, "Limit": limit + 1}  # one more says whether more follow
+    if after is not None:
+        start = get(after, tenant, deps)  # 404 for another tenant's or a malformed id
+        kwargs["ExclusiveStartKey"] = {"pk": f"batch#{start.id}", "batch_tenant": tenant, "created_at": start.created_at}
+    items = deps.table.query(**kwargs).get("Items", [])
+    return [Batch.from_item(i) for i in items[:limit]], len(items) > limit
+
+
+def list_page(query: dict, tenant: str, deps: Deps) -> dict:
+    """GET /v1/batches?limit=&after= -> the OpenAI list object."""
+    raw = query.get("limit") or "20"
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_PAGE}", param="limit")
+    page, more = list_recent(tenant, deps, int(raw), query.get("after"))
+    data = [b.view(deps.settings.bucket) for b in page]
+    return {"object": "list", "data": data, "has_more": more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
 def cancel(batch_id: str, tenant: str, deps: Deps) -> Batch:

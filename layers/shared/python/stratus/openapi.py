@@ -5,6 +5,7 @@ says what the code enforces.
 
 from __future__ import annotations
 
+from stratus.batches import MAX_PAGE
 from stratus.contracts import MAX_CHOICES, ROLES, ROUTE_PATHS
 from stratus.params import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from stratus.settings import Settings
@@ -208,9 +209,14 @@ def _spec(s: Settings) -> dict:
                          "requestBody": {"required": True, "content": {JSON: {"schema": _ref("BatchRequest")}}},
                          "responses": {"200": {"description": "the batch", "content": {JSON: {"schema": _ref("Batch")}}},
                                        **_errors(*COMMON, 404)}},
-                "get": {"summary": "This tenant's batches, newest first", "security": [{"bearer": []}],
+                "get": {"summary": "This tenant's batches, newest first, a page at a time", "security": [{"bearer": []}],
+                        "parameters": [
+                            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                        "maximum": MAX_PAGE}},
+                            {"name": "after", "in": "query", "schema": {"type": "string"},
+                             "description": "the last batch id of the page before"}],
                         "responses": {"200": {"description": "a list", "content": {JSON: {"schema": _ref("List")}}},
-                                      **_errors(401, 503)}}},
+                                      **_errors(400, 401, 404, 503)}}},
             "/v1/batches/{id}": {"get": {"summary": "A batch", "security": [{"bearer": []}], "parameters": [_id("batch id")],
                                          "responses": {"200": {"description": "the batch",
                                                                "content": {JSON: {"schema": _ref("Batch")}}},
