@@ -59,3 +59,57 @@ def test_deltas_joined_are_the_engines_text(engine, stop):
         assert result.text.startswith("".join(taken))
         assert "".join(taken) == deltas.sent
         assert deltas.tokens == len(result.token_ids)
+
+
+def test_byte_text_is_the_tokenizers_decode_token_by_token(engine):
+    # Given random outputs, half of their tokens single bytes of multi-byte characters, some special
+    import random
+
+    from stratus_engine.deltas import ByteText
+
+    tok = engine.model.tokenizer
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    special = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+    table = engine.token_bytes
+    partial = [i for i, b in enumerate(table) if b.decode("utf-8", "replace") != b.decode("utf-8", "ignore")]
+    assert len(partial) > 100
+    rng = random.Random(5)
+    for _ in range(500):
+        ids = [rng.choice(partial) if rng.random() < 0.5 else rng.randrange(len(table)) for _ in range(rng.randint(1, 30))]
+        ids.insert(rng.randrange(len(ids) + 1), rng.choice(sorted(special)))
+        t = ByteText(table, special)
+        for k, i in enumerate(ids, 1):
+            t.push(i)
+            # Then after each token its text is the decode of the tokens so far, less the unfinished
+            # character the decoder shows as U+FFFD, and the last token's text ends it
+            whole = decode(ids[:k])
+            assert whole.startswith(t.text) and set(whole[len(t.text):]) <= {"\ufffd"}
+            assert t.text.endswith(t.recent(0))
+        assert t.text + t._utf8.decode(b"", final=True) == decode(ids)
+
+
+@pytest.mark.parametrize("text", ["Hello, world!", "café au lait — ça va? 日本語 🙂🙂", "a\n\nb  c"])
+def test_byte_text_counts_the_tokens_within_a_text_as_whole_decodes_do(engine, text):
+    from stratus_engine.deltas import ByteText, WholeText
+
+    tok = engine.model.tokenizer
+    ids = engine.encode(text)
+    special = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+    fast, slow = ByteText(engine.token_bytes, special), WholeText(lambda x: tok.decode(x, skip_special_tokens=True))
+    for i in ids:
+        fast.push(i)
+        slow.push(i)
+    assert fast.text == slow.text == text
+    assert [fast.tokens_within(0, c) for c in range(len(text) + 1)] == [slow.tokens_within(0, c) for c in range(len(text) + 1)]
+
+
+def test_the_engine_picks_byte_text_only_where_it_agrees(engine):
+    from stratus_engine.deltas import ByteText, WholeText, text_factory
+
+    tok = engine.model.tokenizer
+    special = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+    assert isinstance(engine.new_text(), ByteText)  # our byte-level tokenizer
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    assert isinstance(text_factory(decode, engine.token_bytes, special, byte_level=False)(), WholeText)
+    strips = lambda ids: decode(ids).lstrip()  # a decoder that drops a leading space (sentencepiece's)  # noqa: E731
+    assert isinstance(text_factory(strips, engine.token_bytes, special, byte_level=True)(), WholeText)

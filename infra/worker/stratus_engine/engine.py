@@ -21,6 +21,7 @@ get the graph's past + new back each step, with unused columns masked out.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -36,7 +37,7 @@ import numpy as np
 from stratus.errors import ContextLengthExceeded, InvalidRequest
 from stratus.params import SamplingParams
 from stratus.chat_template import render_chat
-from stratus_engine.deltas import tokens_within
+from stratus_engine.deltas import TokenText, text_factory
 from stratus_engine.guide import Guides
 from stratus_engine.kv_cache import make_cache
 from stratus_engine.model_dir import LoadedModel, load
@@ -186,6 +187,7 @@ class _Row:
     out: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     matcher: object | None = None  # llguidance LLMatcher when the output must match a JSON schema
+    text: TokenText | None = None  # the output's text, kept as it grows when stop strings are watched
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     finished: bool = False
 
@@ -252,6 +254,15 @@ class Engine:
         """Every token id's exact bytes (logprobs report them)."""
         return token_bytes(self.model.tokenizer)
 
+    @cached_property
+    def new_text(self) -> Callable[[], TokenText]:
+        """A TokenText for an output (deltas.py): incremental for a byte-level tokenizer whose
+        decode it agrees with (checked here, once), else whole decodes."""
+        tok = self.model.tokenizer
+        special = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        byte_level = (json.loads(tok.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
+        return text_factory(lambda ids: tok.decode(ids, skip_special_tokens=True), self.token_bytes, special, byte_level)
+
     def encode(self, text: str) -> list[int]:
         return self.model.tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -289,7 +300,8 @@ class Engine:
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
         group = _Group(req, Future(), time.monotonic(), choices=[None] * p.n)
         group.rows = [_Row(group, i, np.random.default_rng(seed + i), logprobs=[] if p.logprobs is not None else None,
-                           matcher=self.guides.matcher(p.json_schema) if p.json_schema else None) for i in range(p.n)]
+                           matcher=self.guides.matcher(p.json_schema) if p.json_schema else None,
+                           text=self.new_text() if p.stop else None) for i in range(p.n)]
         group.future.set_running_or_notify_cancel()
         if req.priority == 0:
             self._last_interactive = self.clock()
@@ -490,6 +502,8 @@ class Engine:
                 continue
             r.out.append(tok)
             r.pending = tok
+            if r.text is not None:
+                r.text.push(tok)
             if r.req.on_token is not None and r.index == 0:
                 r.req.on_token(tok, r.logprobs[-1] if r.logprobs else None)
             if p.repetition_penalty != 1.0 and tok not in r.seen:
@@ -513,8 +527,11 @@ class Engine:
         return out
 
     def _stop_hit(self, r: _Row) -> bool:
-        text = self.model.tokenizer.decode(r.out, skip_special_tokens=True)
-        return any(s in text for s in r.req.params.stop)
+        """Whether a stop string is in the text: a new one ends in what the last token added, so
+        only that and the longest stop's length before it are searched."""
+        stop = r.req.params.stop
+        tail = r.text.recent(max(len(s) for s in stop) - 1)
+        return any(s in tail for s in stop)
 
     def _finish(self, r: _Row, reason: str) -> None:
         """Record a row's choice; the last row of its group resolves the group's future."""
@@ -529,7 +546,7 @@ class Engine:
                 text = text[:cut]
         logprobs = r.logprobs
         if logprobs is not None and len(text) < full:  # cut at a stop string: the tokens within the text
-            logprobs = logprobs[:tokens_within(lambda ids: decode(ids, skip_special_tokens=True), r.out, 0, len(text))]
+            logprobs = logprobs[:r.text.tokens_within(0, len(text))]
         r.finished = True
         g = r.group
         g.choices[r.index] = Choice(list(r.out), text, reason, logprobs)

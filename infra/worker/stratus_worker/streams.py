@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from stratus.chunks import Chunk, ChunkStore, first_seq
-from stratus_engine.deltas import TextDeltas, tokens_within
+from stratus_engine.deltas import TextDeltas, TokenText
 
 
 @dataclass(eq=False)
@@ -31,21 +31,22 @@ class _Stream:
     last_flush: float = 0.0
     wrote: bool = False
 
-    def take_entries(self, decode: Callable[[list[int]], str]) -> tuple[int, list[dict] | None]:
+    def take_entries(self) -> tuple[int, list[dict] | None]:
         """-> (offset, the entries of the tokens the text sent so far holds)"""
         if self.entries is None:
             return 0, None
         start = self.entries_sent
-        end = min(len(self.entries), tokens_within(decode, self.deltas.ids, start, len(self.deltas.sent)))
+        end = min(len(self.entries), self.deltas.tokens_sent(start))
         self.entries_sent = max(start, end)
         return start, self.entries[start:self.entries_sent]
 
 
 class ChunkWriter:
-    def __init__(self, store: ChunkStore, decode: Callable[[list[int]], str], flush_s: float = 0.15,
+    def __init__(self, store: ChunkStore, new_text: Callable[[], TokenText], flush_s: float = 0.15,
                  clock: Callable[[], float] = time.monotonic, render: Callable[[object], dict] | None = None) -> None:
-        """render: an engine TokenLogprob -> its entry (stratus_worker.choices.entry)"""
-        self.store, self.decode, self.flush_s, self.clock, self.render = store, decode, flush_s, clock, render
+        """new_text: a TokenText for each job's tokens (Engine.new_text); render: an engine
+        TokenLogprob -> its entry (stratus_worker.choices.entry)"""
+        self.store, self.new_text, self.flush_s, self.clock, self.render = store, new_text, flush_s, clock, render
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -53,7 +54,7 @@ class ChunkWriter:
     def open(self, job_id: str, attempt: int, stop: tuple[str, ...], expires_at: int,
              streamed: bool, logprobs: bool = False) -> Callable[[int, object], None]:
         """Start collecting a job's tokens -> the engine's on_token callback for it."""
-        s = _Stream(job_id, TextDeltas(self.decode, stop), expires_at, first_seq(attempt), streamed,
+        s = _Stream(job_id, TextDeltas(self.new_text(), stop), expires_at, first_seq(attempt), streamed,
                     entries=[] if logprobs and self.render is not None else None)
         with self._lock:
             self._streams[job_id] = s
@@ -103,7 +104,7 @@ class ChunkWriter:
             offset = len(s.deltas.sent)
             delta = s.deltas.take()
             if delta:
-                lp_offset, entries = s.take_entries(self.decode)
+                lp_offset, entries = s.take_entries()
                 batch.append((Chunk(s.job_id, s.seq, offset, delta, logprobs=entries, lp_offset=lp_offset),
                               s.expires_at))
                 s.seq, s.wrote, s.last_flush = s.seq + 1, True, now

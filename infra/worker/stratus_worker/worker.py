@@ -75,8 +75,8 @@ class Worker:
         self.store = JobStore(table)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         tokenizer = engine.model.tokenizer
-        self.chunks = ChunkWriter(ChunkStore(stream_table), lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                                  settings.stream_flush_s, render=lambda t: choices.entry(t, engine.token_bytes))
+        self.chunks = ChunkWriter(ChunkStore(stream_table), engine.new_text, settings.stream_flush_s,
+                                  render=lambda t: choices.entry(t, engine.token_bytes))
         self.leases = Leases(sqs, settings.visibility_s)
         self._batch_backlog = False  # the last batch receive found messages: more are likely waiting
         self.jobs = JobStates(self.store, self.worker_id, engine, settings.heartbeat_s, self._notify, clock)
