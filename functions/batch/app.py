@@ -26,7 +26,8 @@ def on_upload(event: dict) -> dict:
     except InvalidRequest as exc:
         logger.warning("upload ignored", extra={"key": key, "reason": exc.message})
         return {"ignored": key}
-    batch = batches.create(batches.batch_id_for_upload(bucket, key, obj.get("etag", "")), tenant, key, get_deps())
+    etag = obj.get("etag", "")
+    batch = batches.create(batches.batch_id_for_upload(bucket, key, etag), tenant, key, get_deps(), etag)
     return {"batch": batch.id, "status": batch.status, "request_counts": batch.counts}
 
 

@@ -700,3 +700,23 @@ def test_batches_are_listed_a_page_at_a_time(stack, batch_fn):
     assert page({})[1]["has_more"] is False  # 20 by default
     assert page({"limit": "0"})[0] == 400 and page({"limit": "101"})[0] == 400
     assert page({"after": "batch_" + "0" * 24})[0] == 404
+
+
+def test_a_file_replaced_while_it_is_read_fails_its_batch_instead_of_mixing_two_files(stack, batch_fn, batch_deps,
+                                                                                      monkeypatch):
+    from stratus import batches
+
+    upload, tick, _ = batch_fn
+    monkeypatch.setattr(batches, "SLICE", 10)
+    batch_deps(batch_ingest_s=0.0)  # one slice a run
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    # Given a 25-line file of which one slice was read, then a new version uploaded under its name
+    created = upload("batches/input/acme/v.jsonl", lines("a", 25))
+    boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/input/acme/v.jsonl",
+                                  Body=lines("b", 25).encode())
+    # When a pass goes on reading it
+    tick()
+    # Then the batch fails saying why, and no line of the new version became one of its jobs
+    view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
+    assert view["status"] == "failed" and view["errors"]["data"][0]["code"] == "input_changed"
+    assert set(custom_ids(stack, created["batch"]).values()) == {f"a{i}" for i in range(10)}

@@ -80,6 +80,7 @@ class Batch:
     id: str
     tenant: str
     input_file: str  # S3 key
+    input_etag: str = ""  # the version the batch reads (its upload event's); another version fails it
     status: str = "validating"  # validating -> in_progress -> completed | failed; cancelling -> cancelled
     created_at: int = field(default_factory=lambda: int(time.time()))
     completed_at: int | None = None
@@ -103,7 +104,8 @@ class Batch:
                 "ingested": self.ingested}
         if self.status in OPEN_STATUSES:
             item["open_batch"] = OPEN
-        for name in ("completed_at", "output_file", "error_file", "cancelling_at", "cancelled_at", "lines_total"):
+        for name in ("completed_at", "output_file", "error_file", "cancelling_at", "cancelled_at", "lines_total",
+                     "input_etag"):
             if getattr(self, name) is not None:
                 item[name] = getattr(self, name)
         return item
@@ -112,8 +114,8 @@ class Batch:
     def from_item(cls, item: dict) -> Batch:
         ints = {k: int(item[k]) for k in ("completed_at", "cancelling_at", "cancelled_at", "outbox", "released",
                                           "lines_total", "ingested", "ingest_until") if k in item}
-        return cls(item["pk"].removeprefix("batch#"), item["tenant"], item["input_file"], item["status"],
-                   int(item["created_at"]), counts=json.loads(item["counts"]), output_file=item.get("output_file"),
+        return cls(item["pk"].removeprefix("batch#"), item["tenant"], item["input_file"], item.get("input_etag", ""),
+                   item["status"], int(item["created_at"]), counts=json.loads(item["counts"]), output_file=item.get("output_file"),
                    error_file=item.get("error_file"), errors=json.loads(item.get("errors", "[]")), **ints)
 
     @property
@@ -176,7 +178,8 @@ def batch_id_for_upload(bucket: str, key: str, etag: str) -> str:
     return "batch_" + hashlib.sha256(f"{bucket}/{key}/{etag}".encode()).hexdigest()[:24]
 
 
-PERMANENT_S3 = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidObjectState", "404", "403"}
+CHANGED = {"PreconditionFailed", "412"}  # the object is not the version a batch was made for
+PERMANENT_S3 = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidObjectState", "404", "403", *CHANGED}
 
 
 def _code(exc: Exception) -> str:
@@ -195,11 +198,11 @@ def tenant_of_upload(key: str) -> str:
     return check_tenant(rest.split("/", 1)[0])
 
 
-def create(batch_id: str, tenant: str, key: str, deps: Deps) -> Batch:
+def create(batch_id: str, tenant: str, key: str, deps: Deps, etag: str = "") -> Batch:
     """An uploaded file: record the batch (new, or announced by POST /v1/batches), then ingest it
     for up to BatchIngestSeconds; the scheduled pass goes on with what is left. A redelivered event
     finds the batch recorded and goes on with its ingest (or finds it done)."""
-    batch = Batch(batch_id, tenant, key)
+    batch = Batch(batch_id, tenant, key, etag.strip('"'))
     try:
         deps.table.put_item(Item=batch.to_item(), ConditionExpression="attribute_not_exists(pk) OR (pending = :t AND #s = :v)",
                             ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues={":t": True, ":v": "validating"})
@@ -270,15 +273,20 @@ def _file_lines(batch: Batch, deps: Deps) -> list[tuple[int, str]] | None:
     except Exception as exc:
         if not _permanent(exc):  # throttled, a 5xx, the network: the event is retried and resumes
             raise
-        code = "too_many_lines" if isinstance(exc, InvalidRequest) else "input_unreadable"
-        message = exc.message if isinstance(exc, InvalidRequest) else f"the input file cannot be read ({_code(exc)})"
+        code, message = (("too_many_lines", exc.message) if isinstance(exc, InvalidRequest) else
+                         ("input_changed", "the input file was replaced while it was read: upload the new one as a "
+                                           "new batch (it is one: a new version is a new batch)")
+                         if _code(exc) in CHANGED else
+                         ("input_unreadable", f"the input file cannot be read ({_code(exc)})"))
         batch.status, batch.errors = "failed", [{"code": code, "message": message}]
         deps.table.put_item(Item=batch.to_item())
         return None
 
 
 def _rows(batch: Batch, deps: Deps) -> list[tuple[int, str]]:
-    raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=batch.input_file)["Body"].read().decode("utf-8")
+    """The file's non-blank lines, from the version the batch was made for (each run reads it again)."""
+    same = {"IfMatch": f'"{batch.input_etag}"'} if batch.input_etag else {}
+    raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=batch.input_file, **same)["Body"].read().decode("utf-8")
     return [(n, text) for n, text in enumerate(raw.splitlines(), 1) if text.strip()]
 
 
@@ -417,7 +425,7 @@ def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
     # The copy under the input prefix is an upload like any other: the batch function ingests it.
     key = f"{INPUT_PREFIX}{tenant}/{POSTED}/{uuid.uuid4().hex[:12]}/{name.rsplit('/', 1)[-1]}"
     etag = deps.s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": source})["CopyObjectResult"]["ETag"]
-    batch = Batch(batch_id_for_upload(bucket, key, etag.strip('"')), tenant, key)
+    batch = Batch(batch_id_for_upload(bucket, key, etag.strip('"')), tenant, key, etag.strip('"'))
     try:  # visible to GET at once; the ingest replaces it (or got there first)
         deps.table.put_item(Item={**batch.to_item(), "pending": True}, ConditionExpression="attribute_not_exists(pk)")
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
