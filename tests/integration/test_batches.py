@@ -580,14 +580,19 @@ def custom_ids(stack, batch_id: str) -> dict[str, str]:
     return out
 
 
-def test_a_big_file_is_read_a_slice_a_run_and_its_lines_run_while_the_rest_is_read(stack, batch_fn, batch_deps,
-                                                                                   monkeypatch):
+@pytest.fixture
+def sliced(stack, batch_deps, monkeypatch) -> str:
+    """Files read 10 lines a slice, one slice a run -> tenant acme's key."""
     from stratus import batches
 
-    upload, tick, read = batch_fn
     monkeypatch.setattr(batches, "SLICE", 10)
-    batch_deps(batch_ingest_s=0.0)  # one slice a run
-    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    batch_deps(batch_ingest_s=0.0)
+    return create_key(stack.table, "acme", rpm=100, tpm=100_000)
+
+
+def test_a_big_file_is_read_a_slice_a_run_and_its_lines_run_while_the_rest_is_read(stack, batch_fn, sliced):
+    upload, tick, read = batch_fn
+    acme = sliced
     # Given a 25-line file: the upload's run reads its first slice, and its lines are released
     created = upload("batches/input/acme/big.jsonl", lines("a", 25))
     view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
@@ -655,13 +660,12 @@ def test_a_run_finds_a_batch_another_run_is_reading_and_leaves_it(stack, batch_f
     assert batches.ingest_left(deps.clock() + 100, deps) == []  # nor does a pass while the lease lasts
 
 
-def test_cancelling_a_big_file_part_read_accounts_for_every_line(stack, batch_fn, batch_deps, monkeypatch):
+def test_cancelling_a_big_file_part_read_accounts_for_every_line(stack, batch_fn, batch_deps, sliced):
     from stratus import batches
 
     upload, tick, read = batch_fn
-    monkeypatch.setattr(batches, "SLICE", 10)
-    batch_deps(batch_ingest_s=0.0, batch_release_floor=0)  # one slice a run; nothing released
-    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    batch_deps(batch_ingest_s=0.0, batch_release_floor=0)  # nothing released
+    acme = sliced
     # Given a 25-line file of which one slice was read
     created = upload("batches/input/acme/big.jsonl", lines("a", 25))
     # When it is cancelled
@@ -702,14 +706,9 @@ def test_batches_are_listed_a_page_at_a_time(stack, batch_fn):
     assert page({"after": "batch_" + "0" * 24})[0] == 404
 
 
-def test_a_file_replaced_while_it_is_read_fails_its_batch_instead_of_mixing_two_files(stack, batch_fn, batch_deps,
-                                                                                      monkeypatch):
-    from stratus import batches
-
+def test_a_file_replaced_while_it_is_read_fails_its_batch_instead_of_mixing_two_files(stack, batch_fn, sliced):
     upload, tick, _ = batch_fn
-    monkeypatch.setattr(batches, "SLICE", 10)
-    batch_deps(batch_ingest_s=0.0)  # one slice a run
-    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    acme = sliced
     # Given a 25-line file of which one slice was read, then a new version uploaded under its name
     created = upload("batches/input/acme/v.jsonl", lines("a", 25))
     boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/input/acme/v.jsonl",
