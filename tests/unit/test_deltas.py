@@ -86,6 +86,11 @@ def test_byte_text_is_the_tokenizers_decode_token_by_token(engine):
             assert whole.startswith(t.text) and set(whole[len(t.text):]) <= {"\ufffd"}
             assert t.text.endswith(t.recent(0))
         assert t.text + t._utf8.decode(b"", final=True) == decode(ids)
+    # and an id past the tokenizer's vocabulary (a padded LM head) adds nothing, as decode() drops it
+    t = ByteText(table, special)
+    for i in (40, len(table) + 7, 41):
+        t.push(i)
+    assert t.text == decode([40, len(table) + 7, 41]) == decode([40, 41])
 
 
 @pytest.mark.parametrize("text", ["Hello, world!", "café au lait — ça va? 日本語 🙂🙂", "a\n\nb  c"])

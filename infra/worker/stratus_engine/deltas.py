@@ -89,7 +89,8 @@ class ByteText:
         self._ends: list[int] = []
 
     def push(self, token_id: int) -> None:
-        piece = "" if token_id in self._skip else self._utf8.decode(self._table[token_id])
+        known = token_id < len(self._table) and token_id not in self._skip  # decode() drops ids it lacks, as here
+        piece = self._utf8.decode(self._table[token_id]) if known else ""
         self._pieces.append(piece)
         self._ends.append((self._ends[-1] if self._ends else 0) + len(piece))
         self.ids.append(token_id)  # last: a reader sizes its view by len(ids)
