@@ -21,7 +21,6 @@ get the graph's past + new back each step, with unused columns masked out.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -43,7 +42,7 @@ from stratus_engine.kv_cache import make_cache
 from stratus_engine.model_dir import LoadedModel, load
 from stratus_engine.prefix_cache import MIN_TOKENS, PrefixCache
 from stratus_engine.sampling import sample, token_logprobs
-from stratus_engine.tokens import token_bytes
+from stratus_engine.tokens import is_byte_level, special_ids, token_bytes
 
 
 SCORE_CHUNK = 512  # prompt tokens an echo-scoring prefill runs at a time (x 49,152 float32 logits: 100 MB)
@@ -259,9 +258,8 @@ class Engine:
         """A TokenText for an output (deltas.py): incremental for a byte-level tokenizer whose
         decode it agrees with (checked here, once), else whole decodes."""
         tok = self.model.tokenizer
-        special = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
-        byte_level = (json.loads(tok.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
-        return text_factory(lambda ids: tok.decode(ids, skip_special_tokens=True), self.token_bytes, special, byte_level)
+        return text_factory(lambda ids: tok.decode(ids, skip_special_tokens=True), self.token_bytes, special_ids(tok),
+                            is_byte_level(tok))
 
     def encode(self, text: str) -> list[int]:
         return self.model.tokenizer.encode(text, add_special_tokens=False).ids

@@ -28,15 +28,25 @@ def _unicode_to_byte() -> dict[str, int]:
     return chars
 
 
+def is_byte_level(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer's decoder is GPT-2's byte-level one."""
+    return (json.loads(tokenizer.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
+
+
+def special_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """The ids decode(skip_special_tokens=True) leaves out."""
+    return frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+
+
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
     """-> bytes of every token id (added tokens: their text in UTF-8)."""
-    byte_level = json.loads(tokenizer.to_str()).get("decoder", {}) or {}
+    byte_level = is_byte_level(tokenizer)
     table = _unicode_to_byte()
     added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
     out = []
     for i in range(tokenizer.get_vocab_size()):
         piece = tokenizer.id_to_token(i) or ""
-        if byte_level.get("type") == "ByteLevel" and piece not in added and all(c in table for c in piece):
+        if byte_level and piece not in added and all(c in table for c in piece):
             out.append(bytes(table[c] for c in piece))
         else:
             out.append(tokenizer.decode([i], skip_special_tokens=False).encode())

@@ -495,26 +495,30 @@ def file_content(file_id: str, tenant: str, deps: Deps) -> bytes:
 
 def run_pass(deps: Deps) -> dict:
     """The scheduled pass: finish what is done, go on reading files an upload's run left (for up to
-    BatchIngestSeconds), then release lines for BatchPassSeconds."""
-    completed = advance(deps)
-    return {"completed": completed, "ingested": ingest_left(deps.clock() + deps.settings.batch_ingest_s, deps),
+    BatchIngestSeconds), then release lines for BatchPassSeconds. The open batches are read once
+    for the first two (the release steps read them afresh each step)."""
+    batches = _open_batches(deps)
+    completed = advance(deps, batches)
+    left = [b for b in batches if b.id not in completed]
+    return {"completed": completed, "ingested": ingest_left(deps.clock() + deps.settings.batch_ingest_s, deps, left),
             "released": release_for(deps.settings.batch_pass_s, deps)}
 
 
-def ingest_left(until: float, deps: Deps) -> list[str]:
+def ingest_left(until: float, deps: Deps, batches: list[Batch] | None = None) -> list[str]:
     """Go on reading the files of open batches with lines left and nobody reading them (an upload's
-    run ran out of time, or died) -> their ids."""
+    run ran out of time, or died) -> their ids. (Each ingest takes the batch's lease: a stale view
+    of it here only costs a refused lease.)"""
     went_on = []
-    for batch_id in _open_batch_ids(deps):
+    for b in _open_batches(deps) if batches is None else batches:
         if went_on and deps.clock() >= until:
             break  # (one batch at least, a slice at least: a pass always makes progress)
+        if not b.ingesting or b.ingest_until >= deps.clock():
+            continue
+        went_on.append(b.id)
         try:
-            b = get_any(batch_id, deps)
-            if b.ingesting and b.ingest_until < deps.clock():
-                went_on.append(batch_id)
-                ingest(batch_id, deps, until)
+            ingest(b.id, deps, until)
         except Exception:  # noqa: BLE001 - logged and counted; the next pass goes on with it
-            logger.exception("could not go on reading a batch", extra={"batch_id": batch_id})
+            logger.exception("could not go on reading a batch", extra={"batch_id": b.id})
             metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
     return went_on
 
@@ -538,31 +542,42 @@ def release_for(seconds: float, deps: Deps) -> int:
 
 def release_step(meter: release.Meter, deps: Deps) -> int:
     """One release step over the open batches with lines left; -1 when there are none."""
-    pending = []
-    for batch_id in _open_batch_ids(deps):  # oldest first
-        item = deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True).get("Item")
-        b = Batch.from_item(item) if item else None
-        if b and b.status == "in_progress" and b.released < b.outbox:
-            pending.append(release.Pending(b.id, b.tenant, b.released, b.outbox, b.created_at))
+    pending = [release.Pending(b.id, b.tenant, b.released, b.outbox, b.created_at) for b in _open_batches(deps)
+               if b.status == "in_progress" and b.released < b.outbox]  # oldest first
     return release.step(pending, meter, deps) if pending else -1
 
 
-def advance(deps: Deps) -> list[str]:
+def advance(deps: Deps, batches: list[Batch] | None = None) -> list[str]:
     """Count finished lines of every open batch; finish the batches with nothing pending (and the
     cancelling ones with nothing running). Returns the ids of the batches this pass finished."""
     completed = []
-    for batch_id in _open_batch_ids(deps):
+    for b in _open_batches(deps) if batches is None else batches:
+        step = PASS_STEPS.get(b.status)
+        if step is None:
+            continue  # still being ingested (validating)
         try:  # one batch that fails (a missing state file, a throttled read) never stops the others
-            item = deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True).get("Item")
-            step = PASS_STEPS.get(item.get("status")) if item and item.get("open_batch") == OPEN else None
-            if step is None:
-                continue  # the index lags, or the batch is still being ingested
-            if step(Batch.from_item(item), deps):  # its output written: no longer open
-                completed.append(batch_id)
+            if step(b, deps):  # its output written: no longer open
+                completed.append(b.id)
         except Exception:  # noqa: BLE001 - logged and counted; the next pass tries it again
-            logger.exception("could not advance a batch", extra={"batch_id": batch_id})
+            logger.exception("could not advance a batch", extra={"batch_id": b.id})
             metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
     return completed
+
+
+def _open_batches(deps: Deps) -> list[Batch]:
+    """Every open batch as it stands (a consistent read each), oldest first; one that cannot be
+    read is logged, counted and left for the next pass."""
+    out = []
+    for batch_id in _open_batch_ids(deps):
+        try:
+            item = deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True).get("Item")
+        except Exception:  # noqa: BLE001 - a throttled read
+            logger.exception("could not read a batch", extra={"batch_id": batch_id})
+            metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
+            continue
+        if item is not None and item.get("open_batch") == OPEN:  # (the index lags behind the items)
+            out.append(Batch.from_item(item))
+    return out
 
 
 def _open_batch_ids(deps: Deps) -> list[str]:
