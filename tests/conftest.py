@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Llama (seeded random weights) written as GGUF and built by the real pipeline."""
+"""Shared fixtures: moto with atomic DynamoDB requests; a tiny Llama (seeded random weights) written
+as GGUF and built by the real pipeline."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stratus_local.moto_server import serialize_dynamodb
 from stratus_model.build import build_from_gguf
 from stratus_model.config import LlamaConfig
 from stratus_model.synthetic import TINY, tiny_vocab, write_tiny_gguf
@@ -21,6 +23,13 @@ class Tiny:
     weights: dict[str, np.ndarray]  # float32, HF layout: what the GGUF blocks encode
     config: LlamaConfig
     dirs: dict[str, Path]  # quant -> built model directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def atomic_dynamodb() -> None:
+    """In-process moto handles one DynamoDB request at a time, as local mode's moto server does:
+    threaded workers rely on conditional writes being atomic (stratus_local.moto_server)."""
+    serialize_dynamodb()
 
 
 @pytest.fixture(scope="session")

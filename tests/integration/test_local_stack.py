@@ -412,7 +412,7 @@ def test_every_worker_killed_with_8_jobs_in_flight_each_job_finishes_once(stack)
 
 def test_storage_frozen_for_10_s_is_a_503_then_nothing_is_lost(stack):
     before = submit_jobs(stack, 3, "freeze", max_tokens=24)
-    [moto] = children(stack.proc.pid, "moto.server")
+    [moto] = children(stack.proc.pid, "stratus_local.moto_server")
     os.kill(moto, signal.SIGSTOP)
     try:
         started = time.monotonic()

@@ -59,3 +59,60 @@ def test_the_cache_key_names_the_sampling_version(monkeypatch):
     before = ck.cache_key(req, model_digest="d", scope="t")
     monkeypatch.setattr(ck, "SAMPLING_VERSION", ck.SAMPLING_VERSION + 1)
     assert ck.cache_key(req, model_digest="d", scope="t") != before
+
+
+def _touch_racing_a_result(monkeypatch) -> str:
+    """A worker's touch (RUNNING -> RUNNING if ours) passes its condition, then stalls inside moto
+    while the same worker's result (RUNNING -> DONE if ours) is written -> the status at the end."""
+    import threading
+    import time
+
+    import boto3
+    from moto import mock_aws
+    from moto.dynamodb.parsing.executors import UpdateExpressionExecutor
+
+    from stratus.contracts import Job, Status, parse_request
+    from stratus.jobstore import JobStore
+
+    execute = UpdateExpressionExecutor.execute
+
+    def stall_the_touch(self, node=None):
+        if node is None and threading.current_thread().name == "touch":
+            time.sleep(0.2)  # past its condition check, before its update
+        return execute(self, node)
+
+    monkeypatch.setattr(UpdateExpressionExecutor, "execute", stall_the_touch)
+    for k, v in {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t"}.items():
+        monkeypatch.setenv(k, v)
+    with mock_aws():
+        table = boto3.resource("dynamodb").create_table(
+            TableName="jobs", KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
+        req = parse_request("chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                            max_messages=8, max_tokens_limit=64)
+        table.put_item(Item=Job("c1", "acme", Status.RUNNING, req, True, created_at=0, expires_at=2**40,
+                                worker="w0").to_item())
+        store = JobStore(table)
+        touched = []
+        touch = threading.Thread(name="touch", target=lambda: touched.append(
+            store.transition("c1", [Status.RUNNING], Status.RUNNING, owner="w0")))
+        touch.start()
+        time.sleep(0.05)
+        assert store.transition("c1", [Status.RUNNING], Status.DONE, owner="w0", result={"text": "hi"})
+        touch.join()
+        assert touched[0] is not None  # both writes passed their conditions
+        return table.get_item(Key={"pk": "c1"})["Item"]["status"]
+
+
+def test_moto_applies_each_dynamodb_write_atomically_as_dynamodb_does(monkeypatch):
+    from moto.dynamodb.responses import DynamoHandler
+
+    from stratus_local.moto_server import serialize_dynamodb
+
+    serialize_dynamodb()  # what local mode's moto server and the test suite run under
+    # Given a touch that stalls between its condition and its update, When the result is written
+    # meanwhile, Then the result stays: the touch ran wholly before it
+    assert _touch_racing_a_result(monkeypatch) == "DONE"
+    # (moto alone lets the stalled touch overwrite it: the race the lock closes)
+    monkeypatch.setattr(DynamoHandler, "call_action", DynamoHandler.call_action.__wrapped__)
+    assert _touch_racing_a_result(monkeypatch) == "RUNNING"

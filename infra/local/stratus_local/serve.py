@@ -85,8 +85,10 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
     logs = log_dir()
     logs.mkdir(parents=True, exist_ok=True)
     moto_port = free_port()
-    # moto in its own process: its request handling does not share a GIL with the gateway
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
+    # moto in its own process (its request handling does not share a GIL with the gateway), each
+    # DynamoDB request atomic as on AWS (moto_server.py)
+    moto = subprocess.Popen([sys.executable, "-m", "stratus_local.moto_server",
+                             "-H", "127.0.0.1", "-p", str(moto_port)],
                             stdout=open(logs / "moto.log", "ab"), stderr=subprocess.STDOUT)
     stack = LocalStack(f"http://{host}:{port}/v1", "", "", f"http://127.0.0.1:{moto_port}", {}, logs)
     stack._stops.append(lambda: _stop_processes([moto], grace_s=5))

@@ -1,0 +1,50 @@
+"""moto with DynamoDB's one promise kept: each request is atomic.
+
+Stratus leans on conditional writes (a worker's touch is RUNNING -> RUNNING if ours; its result is
+RUNNING -> DONE if ours). DynamoDB applies each one atomically. moto checks the condition, then
+applies the update, with nothing between them held: two threads can both pass their checks and
+the later write wins, so a touch could turn a DONE job back into RUNNING and a client would wait
+for a result that was written. Local mode (moto server answers many clients at once) and the tests
+(in-process moto under threaded workers) therefore handle one DynamoDB request at a time.
+
+SQS and S3 stay concurrent: a long-polling ReceiveMessage waits inside moto, and every consumer of
+a queue already copes with a message delivered twice.
+
+    python -m stratus_local.moto_server -H 127.0.0.1 -p PORT    moto.server's own arguments
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+
+_LOCK = threading.Lock()
+
+
+def serialize_dynamodb() -> None:
+    """Make every DynamoDB request moto handles in this process atomic (idempotent)."""
+    from moto.dynamodb.responses import DynamoHandler
+
+    call = DynamoHandler.call_action
+    if getattr(call, "serialized", False):
+        return
+
+    @functools.wraps(call)
+    def one_at_a_time(self, *args, **kwargs):
+        with _LOCK:
+            return call(self, *args, **kwargs)
+
+    one_at_a_time.serialized = True
+    DynamoHandler.call_action = one_at_a_time
+
+
+def main(argv: list[str]) -> None:
+    from moto.server import main as moto_main
+
+    serialize_dynamodb()
+    moto_main(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
