@@ -378,6 +378,68 @@ def test_a_pass_reads_the_status_of_released_lines_only(stack, batch_fn, batch_d
     assert b.counts == {"total": 30, "completed": 5, "failed": 0}
 
 
+def test_a_pass_reads_only_the_lines_past_those_settled(stack, batch_fn, batch_deps, sliced, monkeypatch):
+    from stratus import batches
+
+    upload, tick, read = batch_fn
+    # Given a 30-line file read 10 lines a slice, 20 lines released, the first 15 of them finished
+    created = upload("batches/input/acme/big.jsonl", lines("a", 30))
+    tick(), tick()
+    assert len(take(stack, 15)) == 15
+    deps = batch_deps(batch_release_floor=0)
+    batches.advance(deps)  # counts them: the first 15 lines are settled
+    # When the next pass counts
+    statuses, parts = [], []
+    real_statuses, real_get = deps.store.statuses, deps.s3.get_object
+    monkeypatch.setattr(deps.store, "statuses", lambda ids: statuses.extend(ids) or real_statuses(ids))
+    monkeypatch.setattr(deps.s3, "get_object", lambda **kw: parts.append(kw["Key"]) or real_get(**kw))
+    batches.advance(deps)
+    # Then it reads the statuses of the 5 released lines in flight and the two lines files past the
+    # first, and the counts are those of every line
+    assert len(statuses) == 5 and [p.rsplit("/", 1)[1] for p in parts] == ["00001.json", "00002.json"]
+    b = batches.get_any(created["batch"], deps)
+    assert (b.settled, b.settled_done) == (15, 15)
+    assert b.counts == {"total": 30, "completed": 15, "failed": 0}
+    # and the batch completes with every line's answer, in file order
+    batch_deps(batch_release_floor=20)
+    completed = []
+    for _ in range(5):
+        take_jobs(stack)
+        completed += tick()["completed"]
+    assert completed == [created["batch"]]
+    view = stack.call("api_get_batch.json", key=sliced, job_id=created["batch"])[1]
+    assert view["request_counts"] == {"total": 30, "completed": 30, "failed": 0}
+    assert [o["custom_id"] for o in read(view["output_file_uri"])] == [f"a{i}" for i in range(30)]
+
+
+def test_a_settled_lines_job_run_again_holds_the_batch_until_it_finishes(stack, batch_fn, batch_deps):
+    from stratus import batches
+
+    upload, tick, read = batch_fn
+    deps = batch_deps()
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    created = upload("batches/input/acme/again.jsonl", lines("a", 3))
+    # Given a batch whose first line finished and was counted as settled
+    assert len(take(stack, 1)) == 1
+    batches.advance(deps)
+    assert batches.get_any(created["batch"], deps).settled == 1
+    # When a no-cache request runs that line's job again, and the other lines finish
+    job_id = {c: j for j, c in custom_ids(stack, created["batch"]).items()}["a0"]
+    body = json.loads(lines("a", 1))["body"]
+    status, reply, _ = stack.call("api_create_job.json", key=acme, body=body, headers={"cache-control": "no-cache"})
+    assert status == 202 and reply["id"] == job_id
+    assert len(take(stack, 2)) == 2
+    # Then the batch waits for it, and completes with its new answer
+    assert tick()["completed"] == []
+    store = JobStore(stack.table)
+    store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w")
+    store.complete(job_id, "w", {"text": "again", "finish_reason": "stop"})
+    assert tick()["completed"] == [created["batch"]]
+    output = read(stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]["output_file_uri"])
+    assert [o["custom_id"] for o in output] == ["a0", "a1", "a2"]
+    assert output[0]["response"]["body"]["choices"][0]["message"]["content"] == "again"
+
+
 def test_a_pass_keeps_stepping_and_sizes_the_queue_to_what_workers_take(stack, batch_fn, batch_deps):
     from stratus import batches
 

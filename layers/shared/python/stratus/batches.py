@@ -95,13 +95,15 @@ class Batch:
     lines_total: int | None = None  # the file's non-blank lines (known from the first slice on) ...
     ingested: int = 0  # ... and how many have been read into jobs (slices of SLICE)
     ingest_until: int = 0  # an ingest step holds the batch until then (0: nobody)
+    settled: int = 0  # the first lines (file order) whose jobs have finished: the pass reads past them ...
+    settled_done: int = 0  # ... and how many of those finished DONE
 
     def to_item(self) -> dict:
         item = {"pk": f"batch#{self.id}", "tenant": self.tenant, "input_file": self.input_file, "status": self.status,
                 "created_at": self.created_at, "counts": json.dumps(self.counts),
                 "errors": json.dumps(self.errors), "expires_at": self.created_at + KEEP_S,
                 "batch_tenant": self.tenant, "outbox": self.outbox, "released": self.released,
-                "ingested": self.ingested}
+                "ingested": self.ingested, "settled": self.settled, "settled_done": self.settled_done}
         if self.status in OPEN_STATUSES:
             item["open_batch"] = OPEN
         for name in ("completed_at", "output_file", "error_file", "cancelling_at", "cancelled_at", "lines_total",
@@ -113,7 +115,8 @@ class Batch:
     @classmethod
     def from_item(cls, item: dict) -> Batch:
         ints = {k: int(item[k]) for k in ("completed_at", "cancelling_at", "cancelled_at", "outbox", "released",
-                                          "lines_total", "ingested", "ingest_until") if k in item}
+                                          "lines_total", "ingested", "ingest_until", "settled", "settled_done")
+                if k in item}
         return cls(item["pk"].removeprefix("batch#"), item["tenant"], item["input_file"], item.get("input_etag", ""),
                    item["status"], int(item["created_at"]), counts=json.loads(item["counts"]), output_file=item.get("output_file"),
                    error_file=item.get("error_file"), errors=json.loads(item.get("errors", "[]")), **ints)
@@ -591,30 +594,57 @@ def _open_batch_ids(deps: Deps) -> list[str]:
         kwargs["ExclusiveStartKey"] = got["LastEvaluatedKey"]
 
 
-def _read_lines(batch: Batch, deps: Deps) -> list[Line]:
-    """The lines read so far, in file order."""
+def _read_lines(batch: Batch, deps: Deps, start: int = 0) -> list[Line]:
+    """The lines read so far from line index `start` on, in file order (the parts holding them)."""
     lines = []
-    for part in range(-(-batch.ingested // SLICE)):
+    for part in range(start // SLICE, -(-batch.ingested // SLICE)):
         raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=_lines_key(batch.id, part))["Body"].read()
         lines += [Line(**d) for d in json.loads(raw)]
-    return lines
+    return lines[start % SLICE:]
+
+
+DONE, PENDING, FAILED = "done", "pending", "failed"  # a line's outcome as a pass counts it
+
+
+def _outcomes(lines: list[Line], batch: Batch, deps: Deps) -> list[str]:
+    """Each line's outcome; a line whose message has not been released is pending without a read."""
+    unsent = {l.job_id for l in lines if l.outbox is not None and l.outbox >= batch.released}
+    statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id} - unsent))
+    statuses.update(dict.fromkeys(unsent, Status.QUEUED))
+    return [FAILED if not l.job_id else DONE if statuses.get(l.job_id) == Status.DONE else
+            PENDING if statuses.get(l.job_id) in (Status.QUEUED, Status.RUNNING) else FAILED for l in lines]
 
 
 def _advance_one(batch: Batch, deps: Deps) -> bool:
-    lines = _read_lines(batch, deps)
-    unsent = {l.job_id for l in lines if l.outbox is not None and l.outbox >= batch.released}  # queued: not read
-    statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id} - unsent))
-    statuses.update(dict.fromkeys(unsent, Status.QUEUED))
-    done = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.DONE)
-    pending = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) in (Status.QUEUED, Status.RUNNING))
-    unread = (batch.lines_total or 0) - len(lines)  # lines an ingest has still to read
-    batch.counts = {"total": batch.lines_total or len(lines), "completed": done, "failed": len(lines) - done - pending}
-    if pending or unread:  # counts only: a release step may be moving the cursor, an ingest reading
-        deps.table.update_item(Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET counts = :c",
-                               ExpressionAttributeValues={":c": json.dumps(batch.counts)})
-        return False
-    _write_output(batch, lines, deps)
-    return True
+    """Count the lines past the settled ones (those finished, each counted once, first in file
+    order), move the settled mark over the finished lines that now lead, and once nothing is
+    pending or unread write the output. A 50,000-line batch near its end reads the statuses of
+    the lines in flight, not of all 50,000."""
+    tail = _read_lines(batch, deps, start=batch.settled)
+    outcomes = _outcomes(tail, batch, deps)
+    lead = next((i for i, o in enumerate(outcomes) if o == PENDING), len(outcomes))
+    settled, settled_done = batch.settled + lead, batch.settled_done + outcomes[:lead].count(DONE)
+    read = batch.settled + len(tail)
+    done, pending = batch.settled_done + outcomes.count(DONE), outcomes.count(PENDING)
+    batch.counts = {"total": batch.lines_total or read, "completed": done, "failed": read - done - pending}
+    unread = (batch.lines_total or 0) - read  # lines an ingest has still to read
+    if not pending and not unread:
+        return _write_output(batch, _read_lines(batch, deps) if batch.settled else tail, deps)
+    _record_progress(batch, settled, settled_done, deps)
+    return False
+
+
+def _record_progress(batch: Batch, settled: int, settled_done: int, deps: Deps) -> None:
+    """Counts and the settled mark (which only moves on: a pass that ran beside a later one and
+    lost keeps its hands off)."""
+    try:
+        deps.table.update_item(Key={"pk": f"batch#{batch.id}"},
+                               UpdateExpression="SET counts = :c, settled = :s, settled_done = :d",
+                               ConditionExpression="attribute_not_exists(settled) OR settled <= :s",
+                               ExpressionAttributeValues={":c": json.dumps(batch.counts), ":s": settled,
+                                                          ":d": settled_done})
+    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
+        pass
 
 
 def _cancel_one(batch: Batch, deps: Deps) -> bool:
@@ -638,8 +668,7 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
                                ExpressionAttributeValues={":c": json.dumps(
                                    {"total": len(lines), "completed": done, "failed": len(lines) - done - running})})
         return False
-    _write_output(batch, lines, deps, cancelled=True)
-    return True
+    return _write_output(batch, lines, deps, cancelled=True)
 
 
 def _unread_lines(batch: Batch, deps: Deps) -> list[Line]:
@@ -666,9 +695,17 @@ def _unread_lines(batch: Batch, deps: Deps) -> list[Line]:
 PASS_STEPS = {"in_progress": _advance_one, "cancelling": _cancel_one}  # status -> the pass's work on it
 
 
-def _write_output(batch: Batch, lines: list[Line], deps: Deps, *, cancelled: bool = False) -> None:
+def _write_output(batch: Batch, lines: list[Line], deps: Deps, *, cancelled: bool = False) -> bool:
+    """Write the output and error files and finish the batch -> True; False (nothing written)
+    when a line's job is running again (a no-cache request re-ran a job a settled line counted):
+    the settled mark starts over and the next pass counts every line afresh."""
     s, store = deps.settings, deps.store
     jobs = store.get_many(sorted({l.job_id for l in lines if l.job_id}))
+    if not cancelled and any(j.status in (Status.QUEUED, Status.RUNNING) for j in jobs.values()):
+        logger.info("a finished line's job runs again: the batch waits for it", extra={"batch_id": batch.id})
+        deps.table.update_item(Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET settled = :z, settled_done = :z",
+                               ExpressionAttributeValues={":z": 0})
+        return False
     inputs = _bedrock_inputs(batch, lines, deps)
     out, err = [], []
     for l in lines:
@@ -701,6 +738,7 @@ def _write_output(batch: Batch, lines: list[Line], deps: Deps, *, cancelled: boo
     deps.s3.put_object(Bucket=s.bucket, Key=prefix + "manifest.json", Body=json.dumps(manifest, indent=2).encode())
     deps.table.put_item(Item=batch.to_item())
     logger.info(f"batch {batch.status}", extra={"batch_id": batch.id, **batch.counts})
+    return True
 
 
 CANCELLED_LINE = {"code": "batch_cancelled", "message": "the batch was cancelled before this line ran"}
