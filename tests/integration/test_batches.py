@@ -161,6 +161,42 @@ def test_a_file_over_the_line_limit_fails_with_a_clear_error(stack, batch_fn, mo
                                        "message": "the file has 4 lines; at most 3 per batch: split it"}]
 
 
+def test_a_file_over_the_size_limit_fails_before_a_line_is_read(stack, batch_fn, monkeypatch):
+    from stratus import batches
+
+    monkeypatch.setattr(batches, "MAX_FILE_BYTES", 100)
+    upload, _, _ = batch_fn
+    created = upload("batches/input/acme/big.jsonl", line("q1", "question") + "\n" + line("q2", "another"))
+    assert created["status"] == "failed" and stack.queued("BatchJobsQueue") == []
+    view = stack.call("api_get_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000),
+                      job_id=created["batch"])[1]
+    [error] = view["errors"]["data"]
+    assert error["code"] == "file_too_large" and "at most 100 per batch" in error["message"]
+
+
+def test_lines_end_at_newlines_only_and_keep_their_numbers(stack, batch_fn):
+    upload, tick, read = batch_fn
+    # Given a file with CRLF line ends, blank lines, a line whose JSON holds a raw U+2028 and U+0085
+    # (JSON allows both in strings), a line that is not UTF-8, and a last line with no line end
+    odd = json.dumps({"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": MODEL, "messages": [{"role": "user", "content": "two\u2028three\u0085four"}], "max_tokens": 4}},
+        ensure_ascii=False)
+    data = (line("a", "one") + "\r\n\r\n" + odd + "\n\n").encode() + b'{"custom_id": "c\xff"}\n' + line("d", "x").encode()
+    boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/input/acme/odd.jsonl", Body=data)
+    # When it is read
+    created = upload("batches/input/acme/odd.jsonl", None)
+    # Then it has four lines, numbered as the file's lines are, the one that is not UTF-8 an error line
+    assert created["request_counts"] == {"total": 4, "completed": 0, "failed": 1}
+    assert work_all(stack) == 3
+    assert tick()["completed"] == [created["batch"]]
+    view = stack.call("api_get_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000),
+                      job_id=created["batch"])[1]
+    assert [(o["id"], o["custom_id"]) for o in read(view["output_file_uri"])] == [
+        ("batch_req_1", "a"), ("batch_req_3", "b"), ("batch_req_6", "d")]
+    [error] = read(view["error_file_uri"])
+    assert error["line"] == 5 and "not UTF-8" in error["error"]["message"]
+
+
 def test_uploads_outside_a_tenant_folder_are_ignored(stack, batch_fn):
     upload, _, _ = batch_fn
     assert upload("batches/input/loose.jsonl", line("a", "b")) == {"ignored": "batches/input/loose.jsonl"}
@@ -674,6 +710,22 @@ def test_a_big_file_is_read_a_slice_a_run_and_its_lines_run_while_the_rest_is_re
     view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
     assert view["status"] == "completed" and view["request_counts"] == {"total": 25, "completed": 25, "failed": 0}
     assert [o["custom_id"] for o in read(view["output_file_uri"])] == [f"a{i}" for i in range(25)]
+
+
+def test_each_slice_reads_the_file_from_where_the_last_one_ended(stack, batch_fn, batch_deps, sliced, monkeypatch):
+    upload, tick, _ = batch_fn
+    deps = batch_deps()
+    reads, real = [], deps.s3.get_object
+    monkeypatch.setattr(deps.s3, "get_object", lambda **kw: (
+        reads.append(kw.get("Range", "whole")) if kw["Key"].startswith("batches/input/") else None) or real(**kw))
+    # Given a 25-line file read 10 lines a slice
+    text = lines("a", 25)
+    upload("batches/input/acme/big.jsonl", text)
+    tick(), tick()
+    # Then the first run streamed it once to count its lines and read the first slice from the
+    # start; each later slice asked S3 for the bytes from the end of the slice before
+    starts = [len("".join(text.splitlines(True)[:k]).encode()) for k in (10, 20)]
+    assert reads == ["whole", "whole"] + [f"bytes={b}-" for b in starts]
 
 
 def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack, batch_fn, batch_deps, monkeypatch):

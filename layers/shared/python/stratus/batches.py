@@ -7,7 +7,8 @@
   batches/state/<batch id>/lines/        which job serves each line, a file per slice of SLICE lines
   batches/state/<batch id>/outbox/       the lines' queue messages, sent a few at a time (stratus.release)
 
-A file is read SLICE lines at a time, over as many runs as it takes (ingest()).
+A file is streamed, never held whole: counted once, then read SLICE lines at a time (each slice an
+S3 range read from where the one before ended), over as many runs as it takes (ingest()).
 Lines are OpenAI batch lines ({"custom_id", "method": "POST", "url", "body"}) or Bedrock batch
 records ({"recordId", "modelInput"}). Each valid line becomes a job exactly like an API request
 (same cache key, so identical lines and earlier requests reuse one result); the new jobs' messages
@@ -36,7 +37,10 @@ import json
 import re
 import time
 import uuid
+from contextlib import closing
 from dataclasses import dataclass, field
+from itertools import islice
+from typing import Callable, Iterator, TypeVar
 
 from aws_lambda_powertools.metrics import MetricUnit
 from boto3.dynamodb.conditions import Key
@@ -61,6 +65,8 @@ ROUTES = ROUTE_PATHS
 KEEP_S = 30 * 86400  # batch records outlive their jobs' cache TTL: the output files are what matter
 MAX_PAGE = 100  # batches a GET /v1/batches page holds at most
 MAX_LINES = 50_000  # lines in one file (OpenAI's limit); read SLICE at a time, over several invocations
+MAX_FILE_BYTES = 200 * 1024 * 1024  # one file's size (OpenAI's limit); streamed, never held whole
+READ_CHUNK = 1 << 20  # bytes a read of the file takes from S3 at a time
 
 
 @dataclass
@@ -95,6 +101,8 @@ class Batch:
     lines_total: int | None = None  # the file's non-blank lines (known from the first slice on) ...
     ingested: int = 0  # ... and how many have been read into jobs (slices of SLICE)
     ingest_until: int = 0  # an ingest step holds the batch until then (0: nobody)
+    read_offset: int = 0  # where in the file (bytes) the next slice starts ...
+    read_line: int = 0  # ... and the number of the line before it (blank lines count)
     settled: int = 0  # the first lines (file order) whose jobs have finished: the pass reads past them ...
     settled_done: int = 0  # ... and how many of those finished DONE
 
@@ -103,7 +111,8 @@ class Batch:
                 "created_at": self.created_at, "counts": json.dumps(self.counts),
                 "errors": json.dumps(self.errors), "expires_at": self.created_at + KEEP_S,
                 "batch_tenant": self.tenant, "outbox": self.outbox, "released": self.released,
-                "ingested": self.ingested, "settled": self.settled, "settled_done": self.settled_done}
+                "ingested": self.ingested, "settled": self.settled, "settled_done": self.settled_done,
+                "read_offset": self.read_offset, "read_line": self.read_line}
         if self.status in OPEN_STATUSES:
             item["open_batch"] = OPEN
         for name in ("completed_at", "output_file", "error_file", "cancelling_at", "cancelled_at", "lines_total",
@@ -115,8 +124,8 @@ class Batch:
     @classmethod
     def from_item(cls, item: dict) -> Batch:
         ints = {k: int(item[k]) for k in ("completed_at", "cancelling_at", "cancelled_at", "outbox", "released",
-                                          "lines_total", "ingested", "ingest_until", "settled", "settled_done")
-                if k in item}
+                                          "lines_total", "ingested", "ingest_until", "settled", "settled_done",
+                                          "read_offset", "read_line") if k in item}
         return cls(item["pk"].removeprefix("batch#"), item["tenant"], item["input_file"], item.get("input_etag", ""),
                    item["status"], int(item["created_at"]), counts=json.loads(item["counts"]), output_file=item.get("output_file"),
                    error_file=item.get("error_file"), errors=json.loads(item.get("errors", "[]")), **ints)
@@ -174,6 +183,67 @@ def _error(exc: StratusError) -> dict:
     return {"code": exc.code or "invalid_request", "message": exc.message, "param": exc.param}
 
 
+@dataclass(frozen=True)
+class Row:
+    """A non-blank line of a batch file."""
+
+    n: int  # its number in the file, 1-based (blank lines count)
+    raw: bytes  # its bytes, without the line end
+    end: int  # the byte offset just past it: where the next line starts
+
+
+def _rows(batch: Batch, deps: Deps, *, offset: int = 0, line: int = 0, same_version: bool = True) -> Iterator[Row]:
+    """The file's non-blank lines from byte `offset` on (line `line` + 1 starts there), streamed a
+    READ_CHUNK at a time: memory holds the lines a caller keeps, never the file. Lines end at "\n"
+    (a "\r" before it is dropped), as JSONL says: a U+2028 inside a JSON string is not a line end.
+    same_version: from the version the batch was made for (IfMatch on its upload's ETag)."""
+    get = {"Bucket": deps.settings.bucket, "Key": batch.input_file}
+    if same_version and batch.input_etag:
+        get["IfMatch"] = f'"{batch.input_etag}"'
+    if offset:
+        get["Range"] = f"bytes={offset}-"
+    with closing(deps.s3.get_object(**get)["Body"]) as body:
+        parts, n, end = [], line, offset
+        for chunk in body.iter_chunks(READ_CHUNK):
+            *ended, rest = chunk.split(b"\n")
+            for piece in ended:
+                raw, parts = b"".join([*parts, piece]), []
+                n, end = n + 1, end + len(raw) + 1
+                if raw.strip():
+                    yield Row(n, raw.removesuffix(b"\r"), end)
+            parts.append(rest)
+        raw = b"".join(parts)
+        if raw.strip():  # a last line without a line end
+            yield Row(n + 1, raw.removesuffix(b"\r"), end + len(raw))
+
+
+def _text(row: Row) -> str:
+    try:
+        return row.raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"the line is not UTF-8 (a bad byte at {exc.start})") from None
+
+
+class UnusableFile(InvalidRequest):
+    """A file that cannot be a batch: the batch fails, saying why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _lines_in_file(batch: Batch, deps: Deps) -> int:
+    """The file's non-blank lines, counted as they stream by; UnusableFile past the limits."""
+    size = deps.s3.head_object(Bucket=deps.settings.bucket, Key=batch.input_file,
+                               **({"IfMatch": f'"{batch.input_etag}"'} if batch.input_etag else {}))["ContentLength"]
+    if size > MAX_FILE_BYTES:
+        raise UnusableFile("file_too_large", f"the file has {size} bytes; at most {MAX_FILE_BYTES} per batch: split it")
+    total = sum(1 for _ in _rows(batch, deps))
+    if total > MAX_LINES:
+        raise UnusableFile("too_many_lines", f"the file has {total} lines; at most {MAX_LINES} per batch: split it")
+    return total
+
+
 # ---- creating a batch -----------------------------------------------------------------------
 
 def batch_id_for_upload(bucket: str, key: str, etag: str) -> str:
@@ -190,8 +260,8 @@ def _code(exc: Exception) -> str:
 
 
 def _permanent(exc: Exception) -> bool:
-    """An input error that no retry can fix (a missing or forbidden object, bad content)."""
-    return isinstance(exc, (InvalidRequest, UnicodeDecodeError)) or _code(exc) in PERMANENT_S3
+    """An input error that no retry can fix (a missing, forbidden or replaced object, bad content)."""
+    return isinstance(exc, UnusableFile) or _code(exc) in PERMANENT_S3
 
 
 def tenant_of_upload(key: str) -> str:
@@ -224,15 +294,16 @@ def ingest(batch_id: str, deps: Deps, until: float) -> Batch:
     the next run redoes that slice, and puts the jobs it finds queued back in the outbox (their
     messages may never have gone). The batch is in_progress from its first slice on, so its lines
     are released while the rest is read."""
-    me, rows = uuid.uuid4().hex, None
-    batch = None
+    me = uuid.uuid4().hex
     try:
         while (held := _lease(batch_id, me, deps)) is not None:
             batch, resumed = Batch.from_item(held), held.get("attempting") == held.get("ingested", 0)
+            if batch.lines_total is None:  # the first slice: is the file one batch?
+                batch.lines_total = _read_or_fail(batch, deps, lambda: _lines_in_file(batch, deps))
+            rows = None if batch.lines_total is None else _read_or_fail(batch, deps, lambda: list(islice(
+                _rows(batch, deps, offset=batch.read_offset, line=batch.read_line), SLICE)))
             if rows is None:
-                rows = _file_lines(batch, deps)
-                if rows is None:
-                    return get(batch_id, batch.tenant, deps)  # failed: the file cannot be a batch
+                return get_any(batch_id, deps)  # failed: the file cannot be a batch
             if not _ingest_slice(batch, rows, resumed, me, deps) or deps.clock() >= until:
                 break
     finally:
@@ -265,18 +336,18 @@ def _unlease(batch_id: str, me: str, deps: Deps) -> None:
         pass  # not ours (never taken, or taken over)
 
 
-def _file_lines(batch: Batch, deps: Deps) -> list[tuple[int, str]] | None:
-    """The file's non-blank lines as (line number, text); None when it cannot be a batch (the batch
-    is then failed, saying why). Raises for a transient error (the run is retried)."""
+T = TypeVar("T")
+
+
+def _read_or_fail(batch: Batch, deps: Deps, read: Callable[[], T]) -> T | None:
+    """read() from the batch's file -> what it read; None when the file cannot be a batch (the batch
+    is then failed, saying why). Raises for a transient error (the run is retried and resumes)."""
     try:
-        rows = _rows(batch, deps)
-        if len(rows) > MAX_LINES:
-            raise InvalidRequest(f"the file has {len(rows)} lines; at most {MAX_LINES} per batch: split it")
-        return rows
+        return read()
     except Exception as exc:
-        if not _permanent(exc):  # throttled, a 5xx, the network: the event is retried and resumes
+        if not _permanent(exc):  # throttled, a 5xx, the network
             raise
-        code, message = (("too_many_lines", exc.message) if isinstance(exc, InvalidRequest) else
+        code, message = ((exc.code, exc.message) if isinstance(exc, UnusableFile) else
                          ("input_changed", "the input file was replaced while it was read: upload the new one as a "
                                            "new batch (it is one: a new version is a new batch)")
                          if _code(exc) in CHANGED else
@@ -286,24 +357,18 @@ def _file_lines(batch: Batch, deps: Deps) -> list[tuple[int, str]] | None:
         return None
 
 
-def _rows(batch: Batch, deps: Deps) -> list[tuple[int, str]]:
-    """The file's non-blank lines, from the version the batch was made for (each run reads it again)."""
-    same = {"IfMatch": f'"{batch.input_etag}"'} if batch.input_etag else {}
-    raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=batch.input_file, **same)["Body"].read().decode("utf-8")
-    return [(n, text) for n, text in enumerate(raw.splitlines(), 1) if text.strip()]
-
-
-def _ingest_slice(batch: Batch, rows: list[tuple[int, str]], resumed: bool, me: str, deps: Deps) -> bool:
-    """Read the slice at the batch's cursor -> True when more is left to read by this run."""
+def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: Deps) -> bool:
+    """Make the slice at the batch's cursor (`rows`, its lines) into jobs -> True when more is left
+    to read by this run."""
     s, start = deps.settings, batch.ingested
     if resumed:
         logger.info("redoing a slice an earlier run left unfinished", extra={"batch_id": batch.id, "start": start})
     lines, outbox = [], []
     owner, how = Tenant(batch.tenant, rpm=0, tpm=0), submission.batch_line(s)  # the file was the charge
-    for n, raw in rows[start:start + SLICE]:
-        line = Line(n, None)
+    for row in rows:
+        line = Line(row.n, None)
         try:
-            line.custom_id, route, body, line.bedrock = parse_line(raw, s.model_id)
+            line.custom_id, route, body, line.bedrock = parse_line(_text(row), s.model_id)
             sub = submission.submit(route, body, owner, deps, how)
         except (InvalidRequest, NotFound, PayloadTooLarge) as exc:
             line.error = _error(exc)
@@ -318,16 +383,20 @@ def _ingest_slice(batch: Batch, rows: list[tuple[int, str]], resumed: bool, me: 
     release.write_outbox(batch.id, outbox, deps, start=batch.outbox)
     deps.s3.put_object(Bucket=s.bucket, Key=_lines_key(batch.id, start // SLICE),
                        Body=json.dumps([l.__dict__ for l in lines]).encode())
+    total = batch.lines_total
     failed = sum(1 for l in lines if l.error) + (batch.counts["failed"] if start else 0)
-    counts = {"total": len(rows), "completed": 0 if not start else batch.counts["completed"], "failed": failed}
+    counts = {"total": total, "completed": 0 if not start else batch.counts["completed"], "failed": failed}
     done = start + len(lines)
+    end, last = (rows[-1].end, rows[-1].n) if rows else (batch.read_offset, batch.read_line)
     try:
         deps.table.update_item(
             Key={"pk": f"batch#{batch.id}"},
-            UpdateExpression="SET ingested = :done, lines_total = :total, outbox = :o, counts = :c",
+            UpdateExpression="SET ingested = :done, lines_total = :total, outbox = :o, counts = :c, "
+                             "read_offset = :end, read_line = :last",
             ConditionExpression="ingester = :me AND ingested = :start",
-            ExpressionAttributeValues={":done": done, ":total": len(rows), ":o": batch.outbox + len(outbox),
-                                       ":c": json.dumps(counts), ":me": me, ":start": start})
+            ExpressionAttributeValues={":done": done, ":total": total, ":o": batch.outbox + len(outbox),
+                                       ":c": json.dumps(counts), ":me": me, ":start": start, ":end": end,
+                                       ":last": last})
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         logger.warning("another run took this batch's ingest over", extra={"batch_id": batch.id})
         return False
@@ -338,12 +407,12 @@ def _ingest_slice(batch: Batch, rows: list[tuple[int, str]], resumed: bool, me: 
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         pass  # in progress already, or cancelled meanwhile (it keeps the cancel)
     metrics.add_metric(name="BatchLines", unit=MetricUnit.Count, value=len(lines))
-    logger.info("batch lines read", extra={"batch_id": batch.id, "lines": done, "of": len(rows), "queued": len(outbox)})
+    logger.info("batch lines read", extra={"batch_id": batch.id, "lines": done, "of": total, "queued": len(outbox)})
     try:  # the slice's first lines go now; if this step fails, the scheduled pass sends them
         release_step(release.Meter(), deps)
     except Exception:  # noqa: BLE001 - logged; the batch exists and the next pass releases its lines
         logger.exception("could not release the batch's lines")
-    return done < len(rows)
+    return done < total
 
 
 def _lines_key(batch_id: str, part: int) -> str:
@@ -673,22 +742,21 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
 
 def _unread_lines(batch: Batch, deps: Deps) -> list[Line]:
     """The lines of a cancelled batch's file that were never read, each a `batch_cancelled` error
-    (so every line of the file is in its output or error file); none if the file cannot be read."""
-    try:
-        rows = _rows(batch, deps)[batch.ingested:]
-    except Exception:  # noqa: BLE001 - gone or unreadable: nothing to name
-        logger.exception("could not read a cancelled batch's file", extra={"batch_id": batch.id})
-        return []
+    (so every line of the file is in its output or error file); those it could read if the file
+    cannot be read to its end."""
     out = []
-    for n, text in rows:
-        try:
-            d = json.loads(text)
-        except ValueError:
-            d = None
-        d = d if isinstance(d, dict) else {}
-        custom_id = d.get("custom_id", d.get("recordId"))
-        out.append(Line(n, custom_id if isinstance(custom_id, str) else None, error=CANCELLED_LINE,
-                        bedrock="recordId" in d))
+    try:
+        for row in _rows(batch, deps, offset=batch.read_offset, line=batch.read_line):
+            try:
+                d = json.loads(row.raw)
+            except ValueError:  # (not UTF-8 either)
+                d = None
+            d = d if isinstance(d, dict) else {}
+            custom_id = d.get("custom_id", d.get("recordId"))
+            out.append(Line(row.n, custom_id if isinstance(custom_id, str) else None, error=CANCELLED_LINE,
+                            bedrock="recordId" in d))
+    except Exception:  # noqa: BLE001 - gone or unreadable: nothing (more) to name
+        logger.exception("could not read a cancelled batch's file", extra={"batch_id": batch.id})
     return out
 
 
@@ -749,13 +817,12 @@ def _bedrock_inputs(batch: Batch, lines: list[Line], deps: Deps) -> dict[int, di
     wanted = {l.n for l in lines if l.bedrock}
     if not wanted:
         return {}
-    raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=batch.input_file)["Body"].read().decode()
     out = {}
-    for n, text in enumerate(raw.splitlines(), 1):
-        if n in wanted:
+    for row in _rows(batch, deps, same_version=False):
+        if row.n in wanted:
             try:
-                out[n] = json.loads(text).get("modelInput")
+                out[row.n] = json.loads(row.raw).get("modelInput")
             except ValueError:
-                out[n] = None
+                out[row.n] = None
     return out
 
