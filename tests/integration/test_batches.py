@@ -728,6 +728,30 @@ def test_each_slice_reads_the_file_from_where_the_last_one_ended(stack, batch_fn
     assert reads == ["whole", "whole"] + [f"bytes={b}-" for b in starts]
 
 
+def test_the_output_is_written_a_slice_of_lines_at_a_time(stack, batch_fn, batch_deps, sliced, monkeypatch):
+    upload, tick, read = batch_fn
+    deps = batch_deps()
+    jobs_read, real = [], deps.store.get_many
+    monkeypatch.setattr(deps.store, "get_many", lambda ids, **kw: jobs_read.append(len(ids)) or real(ids, **kw))
+    # Given a 25-line file read 10 lines a slice, every fourth line a Bedrock record
+    bedrock = lambda i: json.dumps({"recordId": f"r{i}", "modelInput": {"prompt": f"Story {i}", "max_gen_len": 4}})
+    text = "".join((bedrock(i) if i % 4 == 3 else line(f"a{i}", f"question {i}?")) + "\n" for i in range(25))
+    created = upload("batches/input/acme/mixed.jsonl", text)
+    # When every line has run
+    completed = []
+    for _ in range(6):
+        completed += tick()["completed"]
+        take_jobs(stack)
+    # Then the output was written reading the jobs of one slice at a time, and each Bedrock record
+    # carries its own modelInput, read back from the file as the output reached it
+    assert completed == [created["batch"]] and jobs_read == [10, 10, 5]
+    view = stack.call("api_get_batch.json", key=sliced, job_id=created["batch"])[1]
+    out = read(view["output_file_uri"])
+    assert [o.get("custom_id", o.get("recordId")) for o in out] == [
+        f"r{i}" if i % 4 == 3 else f"a{i}" for i in range(25)]
+    assert [o["modelInput"]["prompt"] for o in out if "recordId" in o] == [f"Story {i}" for i in range(3, 25, 4)]
+
+
 def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack, batch_fn, batch_deps, monkeypatch):
     from stratus import batches, release
 

@@ -40,7 +40,7 @@ import uuid
 from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from aws_lambda_powertools.metrics import MetricUnit
 from boto3.dynamodb.conditions import Key
@@ -52,6 +52,7 @@ from stratus.jobstore import load_result
 from stratus.observability import logger, metrics
 from stratus import release, submission
 from stratus.deps import Deps
+from stratus.s3parts import PartWriter
 from stratus.shapes import completion_body
 
 INPUT_PREFIX, FILES_PREFIX = "batches/input/", "batches/files/"
@@ -663,13 +664,20 @@ def _open_batch_ids(deps: Deps) -> list[str]:
         kwargs["ExclusiveStartKey"] = got["LastEvaluatedKey"]
 
 
-def _read_lines(batch: Batch, deps: Deps, start: int = 0) -> list[Line]:
-    """The lines read so far from line index `start` on, in file order (the parts holding them)."""
-    lines = []
-    for part in range(start // SLICE, -(-batch.ingested // SLICE)):
+def _line_parts(batch: Batch, deps: Deps, first: int = 0) -> Iterator[list[Line]]:
+    """The lines read so far, a lines file (a slice) at a time from part `first` on, in file order."""
+    for part in range(first, -(-batch.ingested // SLICE)):
         raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=_lines_key(batch.id, part))["Body"].read()
-        lines += [Line(**d) for d in json.loads(raw)]
-    return lines[start % SLICE:]
+        yield [Line(**d) for d in json.loads(raw)]
+
+
+def _read_lines(batch: Batch, deps: Deps, start: int = 0) -> list[Line]:
+    """The lines read so far from line index `start` on, in file order."""
+    return [l for part in _line_parts(batch, deps, start // SLICE) for l in part][start % SLICE:]
+
+
+def _slices(lines: list[Line]) -> list[list[Line]]:
+    return [lines[i:i + SLICE] for i in range(0, len(lines), SLICE)]
 
 
 DONE, PENDING, FAILED = "done", "pending", "failed"  # a line's outcome as a pass counts it
@@ -698,7 +706,7 @@ def _advance_one(batch: Batch, deps: Deps) -> bool:
     batch.counts = {"total": batch.lines_total or read, "completed": done, "failed": read - done - pending}
     unread = (batch.lines_total or 0) - read  # lines an ingest has still to read
     if not pending and not unread:
-        return _write_output(batch, _read_lines(batch, deps) if batch.settled else tail, deps)
+        return _write_output(batch, _line_parts(batch, deps) if batch.settled else _slices(tail), deps)
     _record_progress(batch, settled, settled_done, deps)
     return False
 
@@ -737,7 +745,7 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
                                ExpressionAttributeValues={":c": json.dumps(
                                    {"total": len(lines), "completed": done, "failed": len(lines) - done - running})})
         return False
-    return _write_output(batch, lines, deps, cancelled=True)
+    return _write_output(batch, _slices(lines), deps, cancelled=True)
 
 
 def _unread_lines(batch: Batch, deps: Deps) -> list[Line]:
@@ -763,66 +771,98 @@ def _unread_lines(batch: Batch, deps: Deps) -> list[Line]:
 PASS_STEPS = {"in_progress": _advance_one, "cancelling": _cancel_one}  # status -> the pass's work on it
 
 
-def _write_output(batch: Batch, lines: list[Line], deps: Deps, *, cancelled: bool = False) -> bool:
-    """Write the output and error files and finish the batch -> True; False (nothing written)
-    when a line's job is running again (a no-cache request re-ran a job a settled line counted):
-    the settled mark starts over and the next pass counts every line afresh."""
-    s, store = deps.settings, deps.store
-    jobs = store.get_many(sorted({l.job_id for l in lines if l.job_id}))
-    if not cancelled and any(j.status in (Status.QUEUED, Status.RUNNING) for j in jobs.values()):
-        logger.info("a finished line's job runs again: the batch waits for it", extra={"batch_id": batch.id})
-        deps.table.update_item(Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET settled = :z, settled_done = :z",
-                               ExpressionAttributeValues={":z": 0})
-        return False
-    inputs = _bedrock_inputs(batch, lines, deps)
-    out, err = [], []
-    for l in lines:
-        job = jobs.get(l.job_id) if l.job_id else None
-        if job is not None and job.status == Status.DONE:
-            body = completion_body(load_result(job, deps.s3))
-            out.append({"recordId": l.custom_id, "modelInput": inputs.get(l.n), "modelOutput": body} if l.bedrock else
-                       {"id": f"batch_req_{l.n}", "custom_id": l.custom_id,
-                        "response": {"status_code": 200, "request_id": l.job_id, "body": body}, "error": None})
-            continue
-        error = l.error or (job.error if job is not None and job.error else
-                            CANCELLED_LINE if cancelled else
-                            {"code": (job.status.value.lower() if job else "expired"),
-                             "message": "the line's job did not finish" if job else "the line's job expired"})
-        err.append({"recordId": l.custom_id, "modelInput": inputs.get(l.n), "error": error} if l.bedrock else
-                   {"id": f"batch_req_{l.n}", "custom_id": l.custom_id, "line": l.n, "response": None, "error": error})
+def _write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, cancelled: bool = False) -> bool:
+    """Write the output and error files a slice of lines at a time (one slice's jobs and one part of
+    each file in memory) and finish the batch -> True. False, and nothing written, when a line's
+    job is running again (a no-cache request re-ran a job a settled line counted): the settled mark
+    starts over and the next pass counts every line afresh."""
     prefix = f"batches/output/{batch.id}/"
-    batch.output_file, batch.error_file = prefix + "output.jsonl", prefix + "errors.jsonl"
-    for key, rows in ((batch.output_file, out), (batch.error_file, err)):
-        deps.s3.put_object(Bucket=s.bucket, Key=key, Body="".join(json.dumps(r) + "\n" for r in rows).encode(),
-                           ContentType="application/jsonl")
+    output, errors = prefix + "output.jsonl", prefix + "errors.jsonl"
+    files = {True: PartWriter(deps.s3, deps.settings.bucket, output, "application/jsonl"),
+             False: PartWriter(deps.s3, deps.settings.bucket, errors, "application/jsonl")}
+    inputs, counts = _BedrockInputs(batch, deps), {True: 0, False: 0}
+    try:
+        for lines in slices:
+            jobs = deps.store.get_many(sorted({l.job_id for l in lines if l.job_id}))
+            if not cancelled and any(j.status in (Status.QUEUED, Status.RUNNING) for j in jobs.values()):
+                logger.info("a finished line's job runs again: the batch waits for it", extra={"batch_id": batch.id})
+                deps.table.update_item(Key={"pk": f"batch#{batch.id}"},
+                                       UpdateExpression="SET settled = :z, settled_done = :z",
+                                       ExpressionAttributeValues={":z": 0})
+                for f in files.values():
+                    f.abort()
+                return False
+            for l in lines:
+                ok, row = _output_row(l, jobs.get(l.job_id) if l.job_id else None, inputs, cancelled, deps)
+                files[ok].write((json.dumps(row) + "\n").encode())
+                counts[ok] += 1
+        for f in files.values():
+            f.close()
+    except BaseException:
+        for f in files.values():
+            f.abort()
+        raise
+    finally:
+        inputs.close()
+    batch.output_file, batch.error_file = output, errors
     if cancelled:
         batch.status, batch.cancelled_at = "cancelled", int(time.time())
     else:
         batch.status, batch.completed_at = "completed", int(time.time())
-    batch.counts = {"total": len(lines), "completed": len(out), "failed": len(err)}
+    batch.counts = {"total": counts[True] + counts[False], "completed": counts[True], "failed": counts[False]}
     manifest = {"batch_id": batch.id, "status": batch.status, "input_file": batch.input_file,
                 "request_counts": batch.counts, "output_file": batch.output_file, "error_file": batch.error_file,
                 "completed_at": batch.completed_at, "cancelled_at": batch.cancelled_at}
-    deps.s3.put_object(Bucket=s.bucket, Key=prefix + "manifest.json", Body=json.dumps(manifest, indent=2).encode())
+    deps.s3.put_object(Bucket=deps.settings.bucket, Key=prefix + "manifest.json",
+                       Body=json.dumps(manifest, indent=2).encode())
     deps.table.put_item(Item=batch.to_item())
     logger.info(f"batch {batch.status}", extra={"batch_id": batch.id, **batch.counts})
     return True
 
 
+def _output_row(l: Line, job, inputs: _BedrockInputs, cancelled: bool, deps: Deps) -> tuple[bool, dict]:
+    """A line's row -> (answered?, the row of the output file if so, else of the error file)."""
+    if job is not None and job.status == Status.DONE:
+        body = completion_body(load_result(job, deps.s3))
+        return True, ({"recordId": l.custom_id, "modelInput": inputs.get(l.n), "modelOutput": body} if l.bedrock else
+                      {"id": f"batch_req_{l.n}", "custom_id": l.custom_id,
+                       "response": {"status_code": 200, "request_id": l.job_id, "body": body}, "error": None})
+    error = l.error or (job.error if job is not None and job.error else
+                        CANCELLED_LINE if cancelled else
+                        {"code": (job.status.value.lower() if job else "expired"),
+                         "message": "the line's job did not finish" if job else "the line's job expired"})
+    return False, ({"recordId": l.custom_id, "modelInput": inputs.get(l.n), "error": error} if l.bedrock else
+                   {"id": f"batch_req_{l.n}", "custom_id": l.custom_id, "line": l.n, "response": None, "error": error})
+
+
 CANCELLED_LINE = {"code": "batch_cancelled", "message": "the batch was cancelled before this line ran"}
 
 
-def _bedrock_inputs(batch: Batch, lines: list[Line], deps: Deps) -> dict[int, dict]:
-    """Bedrock output records repeat their modelInput: read those lines back from the input file."""
-    wanted = {l.n for l in lines if l.bedrock}
-    if not wanted:
-        return {}
-    out = {}
-    for row in _rows(batch, deps, same_version=False):
-        if row.n in wanted:
-            try:
-                out[row.n] = json.loads(row.raw).get("modelInput")
-            except ValueError:
-                out[row.n] = None
-    return out
+class _BedrockInputs:
+    """Bedrock output records repeat their modelInput: read back from the input file as the output
+    reaches each Bedrock line (lines come in file order, so the file is streamed once, and only
+    if a Bedrock line comes)."""
 
+    END = Row(2**62, b"", 0)
+
+    def __init__(self, batch: Batch, deps: Deps) -> None:
+        self.batch, self.deps = batch, deps
+        self._rows: Iterator[Row] | None = None
+        self._row: Row | None = None
+
+    def get(self, n: int) -> dict | None:
+        if self._rows is None:
+            self._rows = _rows(self.batch, self.deps, same_version=False)
+        while self._row is None or self._row.n < n:
+            self._row = next(self._rows, self.END)
+        if self._row.n != n:
+            return None
+        try:
+            d = json.loads(self._row.raw)
+        except ValueError:
+            return None
+        return d.get("modelInput") if isinstance(d, dict) else None
+
+    def close(self) -> None:
+        if self._rows is not None:
+            self._rows.close()
