@@ -592,6 +592,54 @@ def test_a_job_an_interactive_request_joined_is_not_cancelled_with_the_batch(sta
     assert [store.get(m["job_id"]).status for m in msgs[1:]] == [Status.CANCELLED] * 2
 
 
+def test_cancelling_a_batch_leaves_another_batchs_identical_lines_to_run(stack, batch_fn):
+    upload, tick, read = batch_fn
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    # Given two batches of one tenant with the same three lines: the second's lines joined the
+    # first's jobs (it made none)
+    first = upload("batches/input/acme/first.jsonl", lines("a", 3))
+    second = upload("batches/input/acme/second.jsonl", lines("a", 3))
+    assert len(stack.queued("BatchJobsQueue")) == 3  # (taken out of sight for 300 s)
+    # When the first is cancelled, its jobs with it
+    stack.call("api_cancel_batch.json", key=acme, job_id=first["batch"])
+    assert tick()["completed"] == [first["batch"]]
+    tick()  # (the pass may have counted the second batch's lines before it cancelled the first's jobs)
+    # Then the second batch runs those lines again, as jobs of its own, and completes with answers
+    again = stack.queued("BatchJobsQueue")
+    assert len(again) == 3 and {JobStore(stack.table).get(m["job_id"]).batch for m in again} == {second["batch"]}
+    work_all_of(stack, again)
+    assert tick()["completed"] == [second["batch"]]
+    views = {b: stack.call("api_get_batch.json", key=acme, job_id=b)[1] for b in (first["batch"], second["batch"])}
+    assert views[first["batch"]]["request_counts"] == {"total": 3, "completed": 0, "failed": 3}
+    assert views[second["batch"]]["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    assert [o["custom_id"] for o in read(views[second["batch"]]["output_file_uri"])] == ["a0", "a1", "a2"]
+
+
+def test_a_line_whose_shared_job_a_caller_deletes_runs_again(stack, batch_fn):
+    upload, tick, _ = batch_fn
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    # Given a batch line whose job an identical interactive request joined, then deleted
+    created = upload("batches/input/acme/one.jsonl", lines("a", 1))
+    [msg] = stack.queued("BatchJobsQueue")
+    status, reply, _ = stack.call("api_create_job.json", key=acme, body=json.loads(lines("a", 1))["body"])
+    assert status == 202 and reply["id"] == msg["job_id"]
+    assert stack.call("api_cancel_job.json", key=acme, job_id=msg["job_id"])[0] == 200
+    # When the pass counts the batch's lines
+    assert tick()["completed"] == []
+    # Then the line runs again, as the batch's own job
+    [again] = stack.queued("BatchJobsQueue")
+    job = JobStore(stack.table).get(again["job_id"])
+    assert again["job_id"] == msg["job_id"] and job.status == Status.QUEUED and job.batch == created["batch"]
+
+
+def work_all_of(stack, messages: list[dict]) -> None:
+    """Play the worker for these (already received) messages."""
+    store = JobStore(stack.table)
+    for m in messages:
+        assert store.transition(m["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
+        store.complete(m["job_id"], "w", {"text": "ok", "finish_reason": "stop"})
+
+
 def test_a_batch_cancelled_before_its_ingest_never_queues_a_line(stack, batch_fn):
     upload, tick, read = batch_fn
     bucket = stack.refs["ResultsBucket"]

@@ -365,7 +365,7 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
     if resumed:
         logger.info("redoing a slice an earlier run left unfinished", extra={"batch_id": batch.id, "start": start})
     lines, outbox = [], []
-    owner, how = Tenant(batch.tenant, rpm=0, tpm=0), submission.batch_line(s)  # the file was the charge
+    owner, how = Tenant(batch.tenant, rpm=0, tpm=0), submission.batch_line(s, batch.id)  # the file was the charge
     for row in rows:
         line = Line(row.n, None)
         try:
@@ -376,9 +376,10 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
             lines.append(line)
             continue
         line.job_id = sub.job_id
-        if sub.created or (resumed and sub.job is not None and sub.job.status == Status.QUEUED):
+        if sub.created or (resumed and sub.job is not None and sub.job.status == Status.QUEUED
+                           and sub.job.batch == batch.id):
             line.outbox = batch.outbox + len(outbox)
-            outbox.append(sub.message)  # new, or redone: its message may never have gone
+            outbox.append(sub.message)  # new, or made by the run that died: its message may never have gone
         lines.append(line)
     logger.remove_keys(["job_id"])  # submit() tagged the log with each line's job in turn
     release.write_outbox(batch.id, outbox, deps, start=batch.outbox)
@@ -688,8 +689,32 @@ def _outcomes(lines: list[Line], batch: Batch, deps: Deps) -> list[str]:
     unsent = {l.job_id for l in lines if l.outbox is not None and l.outbox >= batch.released}
     statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id} - unsent))
     statuses.update(dict.fromkeys(unsent, Status.QUEUED))
+    statuses.update(_run_again(sorted({j for j, status in statuses.items() if status == Status.CANCELLED}), batch, deps))
     return [FAILED if not l.job_id else DONE if statuses.get(l.job_id) == Status.DONE else
             PENDING if statuses.get(l.job_id) in (Status.QUEUED, Status.RUNNING) else FAILED for l in lines]
+
+
+def _run_again(job_ids: list[str], batch: Batch, deps: Deps) -> dict[str, Status]:
+    """Jobs of an in-progress batch's lines that were cancelled, not by this batch: another batch
+    whose line created the job was cancelled, or a DELETE /v1/jobs named a job an interactive
+    request shared. Each is queued again for this batch (Job.batch: its cancel would cancel it)
+    -> {job id: its status now}."""
+    if not job_ids:
+        return {}
+    owner, how, out = Tenant(batch.tenant, rpm=0, tpm=0), submission.batch_line(deps.settings, batch.id), {}
+    for job in deps.store.get_many(job_ids).values():
+        if job.status != Status.CANCELLED:
+            continue  # queued again meanwhile (another batch's pass)
+        sub = submission.enqueue(job.request, owner, deps, how)
+        if sub.job_id != job.job_id:  # (not cacheable: only the batch that made it could have cancelled it)
+            continue
+        if sub.created:
+            submission.send(sub.message, deps)
+        out[job.job_id] = Status.DONE if sub.hit else sub.job.status
+    logger.remove_keys(["job_id"])
+    metrics.add_metric(name="BatchLinesRunAgain", unit=MetricUnit.Count, value=len(out))
+    logger.info("lines whose jobs were cancelled elsewhere run again", extra={"batch_id": batch.id, "jobs": len(out)})
+    return out
 
 
 def _advance_one(batch: Batch, deps: Deps) -> bool:
@@ -735,9 +760,11 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
         lines += _unread_lines(batch, deps)
     statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id}))
     for l in lines:
-        if l.outbox is not None and statuses.get(l.job_id) == Status.QUEUED:
-            # not cancelled: a worker took it meanwhile, or it was promoted; counted as running this pass
-            statuses[l.job_id] = Status.CANCELLED if deps.store.cancel_batch_job(l.job_id) else Status.RUNNING
+        if statuses.get(l.job_id) == Status.QUEUED:  # cancelled if this batch made it (Job.batch)
+            if deps.store.cancel_batch_job(l.job_id, batch.id):
+                statuses[l.job_id] = Status.CANCELLED
+            elif l.outbox is not None:  # ours, but a worker took it meanwhile or it was promoted
+                statuses[l.job_id] = Status.RUNNING  # (counted as running this pass)
     running = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.RUNNING)
     if running:  # in a worker's hands: their answers go in the output
         done = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.DONE)

@@ -377,6 +377,7 @@ class Job:
     notify: list[dict] = field(default_factory=list)  # replies to post when finished: {"queue_url", "id"}
     notified: bool = False
     tier: str = "interactive"  # TIERS: the queue its message went to (stored only when "batch")
+    batch: str | None = None  # the batch whose line created it (its cancel cancels only those)
 
     def to_item(self) -> dict:
         """The prompt (messages / prompt) is its own attribute, so a finished job that is not
@@ -398,6 +399,8 @@ class Job:
             item["result_s3"] = self.result_s3
         if self.tier != "interactive":
             item["tier"] = self.tier
+        if self.batch:
+            item["batch_id"] = self.batch
         return item
 
     @classmethod
@@ -412,7 +415,7 @@ class Job:
             timings=load("timings"), attempts=int(item.get("attempts", 0)), error=load("error"),
             worker=item.get("worker"), result_s3=item.get("result_s3"), last_error=item.get("last_error"),
             notify=[json.loads(n) for n in item.get("notify", [])], notified=bool(item.get("notified", False)),
-            tier=item.get("tier", "interactive"),
+            tier=item.get("tier", "interactive"), batch=item.get("batch_id"),
         )
 
 

@@ -168,7 +168,7 @@ class JobStore:
             raise
 
     def transition(self, job_id: str, allowed_from: list[Status], to: Status, *, owner: str | None = None,
-                   tier: str | None = None, **fields) -> Job | None:
+                   tier: str | None = None, batch: str | None = None, **fields) -> Job | None:
         """Conditionally move a job to `to`: the job as written, or None when its status (or its
         owning worker, or its tier) did not match.
 
@@ -191,6 +191,9 @@ class JobStore:
         if tier is not None:
             cond += " AND tier = :tier"
             values[":tier"] = tier
+        if batch is not None:
+            cond += " AND #batch = :batch"
+            names["#batch"], values[":batch"] = "batch_id", batch
         try:
             update = "SET " + ", ".join(sets) + (" REMOVE prompt" if forget else "")
             item = self.table.update_item(Key={"pk": job_id}, UpdateExpression=update,
@@ -240,10 +243,10 @@ class JobStore:
     def cancel(self, job_id: str) -> Job | None:
         return self.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.CANCELLED)
 
-    def cancel_batch_job(self, job_id: str) -> Job | None:
-        """A cancelled batch's job that has not started and that no interactive request joined
-        (promote() makes those interactive) -> CANCELLED; None otherwise."""
-        return self.transition(job_id, [Status.QUEUED], Status.CANCELLED, tier="batch")
+    def cancel_batch_job(self, job_id: str, batch_id: str) -> Job | None:
+        """A job the cancelled batch's line created, that has not started and that no interactive
+        request joined (promote() makes those interactive) -> CANCELLED; None otherwise."""
+        return self.transition(job_id, [Status.QUEUED], Status.CANCELLED, tier="batch", batch=batch_id)
 
 
 def _now():

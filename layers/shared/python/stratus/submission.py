@@ -3,7 +3,7 @@ requests-queue messages.
 
   submit(route, body, tenant, deps, how) -> Submission
     validate (fields, the model, a sure lower bound of the prompt's tokens vs the context length)
-    -> job id (the cache key when cacheable) -> a cached result? (Submission.hit: nothing written)
+    -> enqueue(request, ...): job id (the cache key when cacheable) -> a cached result? (Submission.hit: nothing written)
     -> the job item and queue message, checked against DynamoDB's and SQS's sizes (413)
     -> charge the tenant's limits (How.charge) -> conditional put (identical live jobs coalesce)
     -> SendMessage (How.send; batch ingest collects the messages and sends ten at a time)
@@ -46,14 +46,15 @@ class How:
     send: bool = True  # send the message now (False: the caller sends Submission.message)
     streaming: bool = False  # `stream: true` is allowed, and marks the message (the worker writes chunks)
     cache_control: str = ""  # the request's Cache-Control header
+    batch: str | None = None  # the batch whose line this is (Job.batch)
 
 
 def api(settings: Settings, cache_control: str = "", *, stream: bool = False, tier: str = "interactive") -> How:
     return How(settings.deadline_for(tier), tier, charge=True, streaming=stream, cache_control=cache_control)
 
 
-def batch_line(settings: Settings) -> How:
-    return How(settings.deadline_for("batch"), "batch", charge=False, send=False)
+def batch_line(settings: Settings, batch_id: str | None = None) -> How:
+    return How(settings.deadline_for("batch"), "batch", charge=False, send=False, batch=batch_id)
 
 
 def queue_message(settings: Settings) -> How:
@@ -90,6 +91,12 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: How) -> Subm
         raise InvalidRequest(f"the prompt (at least {min_tokens} tokens) + max_tokens "
                              f"({req.params.max_tokens}) exceeds the model's context length of {s.context_length}",
                              param="messages" if route == "chat" else "prompt")
+    return enqueue(req, tenant, deps, how)
+
+
+def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Submission:
+    """A valid request -> a cached result, the live job it joins, or a new job and its message."""
+    s = deps.settings
     directives = {d.strip().lower() for d in how.cache_control.split(",") if d.strip()}
     no_store, refresh = "no-store" in directives, "no-cache" in directives
     cacheable = req.params.deterministic and not no_store
@@ -104,7 +111,7 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: How) -> Subm
     now = deps.clock()
     ttl = s.cache_ttl_s if cacheable else how.deadline_s + KEEP_AFTER_DEADLINE_S
     job = Job(job_id, tenant.name, Status.QUEUED, req, cacheable, created_at=now, expires_at=int(now + ttl),
-              tier=how.tier)
+              tier=how.tier, batch=how.batch)
     message = QueueMessage(job_id, tenant.name, req, enqueued_at=now, deadline=now + how.deadline_s,
                            stream=how.streaming, tier=how.tier)
     check_sizes(job, message.to_body())  # a 413 before anything is written or charged
