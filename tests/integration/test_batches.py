@@ -476,6 +476,34 @@ def test_a_settled_lines_job_run_again_holds_the_batch_until_it_finishes(stack, 
     assert output[0]["response"]["body"]["choices"][0]["message"]["content"] == "again"
 
 
+def test_the_jobs_a_batch_reads_outlive_a_short_cache_ttl(stack, batch_fn, batch_deps):
+    import time
+
+    from stratus import submission
+    from stratus.keys import Tenant
+
+    upload, tick, read = batch_fn
+    deps = batch_deps(cache_ttl_s=1)
+    store = JobStore(stack.table)
+    # Given results that stay cache hits for a second: one asked before the batch came, ...
+    asked = submission.submit("chat", json.loads(lines("a", 1))["body"], Tenant("acme", 100, 10**6), deps,
+                              submission.api(deps.settings))
+    store.transition(asked.job_id, [Status.QUEUED], Status.RUNNING, worker="w")
+    store.complete(asked.job_id, "w", {"text": "cached", "finish_reason": "stop"})
+    # ... and a batch whose first line hits it and whose second line runs
+    created = upload("batches/input/acme/slow.jsonl", lines("a", 2))
+    assert work_all(stack) == 1
+    # When its output is written after the cache TTL has passed
+    time.sleep(2.5)
+    assert tick()["completed"] == [created["batch"]]
+    # Then both answers are in it (the batch kept the jobs it read for its window and a day)
+    view = stack.call("api_get_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000),
+                      job_id=created["batch"])[1]
+    assert view["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+    assert [o["response"]["body"]["choices"][0]["message"]["content"] for o in read(view["output_file_uri"])][0] == "cached"
+    assert store.get(asked.job_id).expires_at >= time.time() + deps.settings.batch_window_s
+
+
 def test_a_pass_keeps_stepping_and_sizes_the_queue_to_what_workers_take(stack, batch_fn, batch_deps):
     from stratus import batches
 

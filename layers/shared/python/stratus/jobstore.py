@@ -154,6 +154,16 @@ class JobStore:
             d = TypeDeserializer()
             return Job.from_item({k: d.deserialize(v) for k, v in old.items()}), False
 
+    def keep(self, job_id: str, until: int) -> None:
+        """Keep a job (its item and TTL) at least until `until`, epoch seconds."""
+        try:
+            self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET expires_at = :u",
+                                   ConditionExpression="attribute_exists(pk) AND expires_at < :u",
+                                   ExpressionAttributeValues={":u": until})
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+
     def promote(self, job_id: str) -> bool:
         """A QUEUED batch-tier job becomes interactive (an interactive request joined it): True for
         the one caller that wins, who then queues an interactive message for it."""

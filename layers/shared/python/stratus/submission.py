@@ -15,7 +15,8 @@ What differs on purpose between callers is `How`:
 The tier picks the jobs queue (Settings.queue_for) and the deadline (Settings.deadline_for):
 interactive jobs expire unstarted after job_deadline_s, batch jobs after the batch window.
 Everything else is the same: a cacheable job is kept cache_ttl_s; one that is not, until its
-deadline + 1 h (it exists only to be polled or streamed).
+deadline + 1 h (it exists only to be polled or streamed). A job a batch file's line made, joined or
+hit is kept at least the batch window + BATCH_KEEP_S: the batch's output is written from it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from stratus.settings import Settings
 
 MAX_BYTES_PER_TOKEN = 32  # no token of a byte-level BPE vocabulary we serve is longer; workers check exactly
 KEEP_AFTER_DEADLINE_S = 3600  # a job that is not cacheable stays readable this long after its deadline
+BATCH_KEEP_S = 86400  # a job a batch file's line made, joined or hit outlives the line's window by this:
+                      # the batch's output, written once its last line finishes, reads it
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,12 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
         if hit is not None and hit.status == Status.DONE:
             metrics.add_metric(name="CacheHits", unit=MetricUnit.Count, value=1)
             logger.info("cache hit")
+            _keep_for_batch(job_id, how, deps)
             return Submission(req, job_id, cacheable, hit=load_result(hit, deps.s3))
     now = deps.clock()
     ttl = s.cache_ttl_s if cacheable else how.deadline_s + KEEP_AFTER_DEADLINE_S
+    if how.batch:  # whatever CacheTtlSeconds says, the batch's output must find the result
+        ttl = max(ttl, how.deadline_s + BATCH_KEEP_S)
     job = Job(job_id, tenant.name, Status.QUEUED, req, cacheable, created_at=now, expires_at=int(now + ttl),
               tier=how.tier, batch=how.batch)
     message = QueueMessage(job_id, tenant.name, req, enqueued_at=now, deadline=now + how.deadline_s,
@@ -122,6 +128,7 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
     if not created:
         metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
         logger.info("coalesced on a live job", extra={"status": held.status.value})
+        _keep_for_batch(job_id, how, deps)
         if how.tier == "interactive" and held.tier == "batch" and how.send and deps.store.promote(job_id):
             send(message, deps)  # it waited in the batch tier: an interactive message jumps the queue
             logger.info("promoted a batch job to interactive")  # (the batch message is dropped once it runs)
@@ -130,6 +137,12 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
         send(message, deps)
     metrics.add_metric(name="CacheMisses", unit=MetricUnit.Count, value=1)
     return Submission(req, job_id, cacheable, job=job, created=True, message=message)
+
+
+def _keep_for_batch(job_id: str, how: How, deps: Deps) -> None:
+    """A batch line that hit or joined a job keeps it as long as a job the line made would live."""
+    if how.batch:
+        deps.store.keep(job_id, int(deps.clock() + how.deadline_s + BATCH_KEEP_S))
 
 
 def send(message: QueueMessage, deps: Deps) -> None:
