@@ -109,6 +109,16 @@ def test_no_cache_refreshes_and_no_store_does_not_keep(stack, key):
     assert status == 202 and other["id"] != first["id"] and other["id"].startswith("j")
 
 
+def test_a_short_cache_ttl_never_drops_a_job_before_its_deadline(stack, key, monkeypatch):
+    import dataclasses
+
+    deps = stack.module.get_deps()
+    monkeypatch.setattr(deps, "settings", dataclasses.replace(deps.settings, cache_ttl_s=1))
+    _, reply, _ = stack.call("api_chat_completion.json", key=key, body=CHAT)
+    job = JobStore(stack.table).get(reply["id"])
+    assert job.expires_at >= job.created_at + deps.settings.job_deadline_s + 3600 - 1  # still there to run and poll
+
+
 def test_sampling_without_seed_is_not_cached(stack, key):
     body = {**CHAT, "temperature": 0.8}
     ids = {stack.call("api_chat_completion.json", key=key, body=body)[1]["id"] for _ in range(2)}

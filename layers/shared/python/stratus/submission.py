@@ -14,9 +14,9 @@ What differs on purpose between callers is `How`:
   queue message RequestsQueueTier (interactive by default), not charged (its sender is trusted by IAM), sent at once
 The tier picks the jobs queue (Settings.queue_for) and the deadline (Settings.deadline_for):
 interactive jobs expire unstarted after job_deadline_s, batch jobs after the batch window.
-Everything else is the same: a cacheable job is kept cache_ttl_s; one that is not, until its
-deadline + 1 h (it exists only to be polled or streamed). A job a batch file's line made, joined or
-hit is kept at least the batch window + BATCH_KEEP_S: the batch's output is written from it.
+Everything else is the same: a job is kept until its deadline + 1 h (it is polled or streamed), a
+cacheable one cache_ttl_s if that is longer. A job a batch file's line made, joined or hit is kept
+at least the batch window + BATCH_KEEP_S: the batch's output is written from it.
 """
 
 from __future__ import annotations
@@ -113,9 +113,9 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
             _keep_for_batch(job_id, how, deps)
             return Submission(req, job_id, cacheable, hit=load_result(hit, deps.s3))
     now = deps.clock()
-    ttl = s.cache_ttl_s if cacheable else how.deadline_s + KEEP_AFTER_DEADLINE_S
-    if how.batch:  # whatever CacheTtlSeconds says, the batch's output must find the result
-        ttl = max(ttl, how.deadline_s + BATCH_KEEP_S)
+    # readable until its deadline + a margin whatever CacheTtlSeconds says (a poller, a batch's output)
+    keep = how.deadline_s + (BATCH_KEEP_S if how.batch else KEEP_AFTER_DEADLINE_S)
+    ttl = max(s.cache_ttl_s, keep) if cacheable else keep
     job = Job(job_id, tenant.name, Status.QUEUED, req, cacheable, created_at=now, expires_at=int(now + ttl),
               tier=how.tier, batch=how.batch)
     message = QueueMessage(job_id, tenant.name, req, enqueued_at=now, deadline=now + how.deadline_s,
