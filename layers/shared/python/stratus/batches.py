@@ -37,6 +37,7 @@ import json
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import islice
@@ -45,7 +46,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from aws_lambda_powertools.metrics import MetricUnit
 from boto3.dynamodb.conditions import Key
 
-from stratus.contracts import ROUTE_PATHS, Status, json_object, require_unicode
+from stratus.contracts import ROUTE_PATHS, QueueMessage, Status, json_object, require_unicode
 from stratus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, StratusError
 from stratus.keys import Tenant, check_tenant
 from stratus.jobstore import load_result
@@ -68,6 +69,7 @@ MAX_PAGE = 100  # batches a GET /v1/batches page holds at most
 MAX_LINES = 50_000  # lines in one file (OpenAI's limit); read SLICE at a time, over several invocations
 MAX_FILE_BYTES = 200 * 1024 * 1024  # one file's size (OpenAI's limit); streamed, never held whole
 READ_CHUNK = 1 << 20  # bytes a read of the file takes from S3 at a time
+AT_ONCE = 16  # lines whose DynamoDB calls run at once (ingest, cancel): each line's are independent
 
 
 @dataclass
@@ -337,7 +339,7 @@ def _unlease(batch_id: str, me: str, deps: Deps) -> None:
         pass  # not ours (never taken, or taken over)
 
 
-T = TypeVar("T")
+T, U = TypeVar("T"), TypeVar("U")
 
 
 def _read_or_fail(batch: Batch, deps: Deps, read: Callable[[], T]) -> T | None:
@@ -364,22 +366,27 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
     s, start = deps.settings, batch.ingested
     if resumed:
         logger.info("redoing a slice an earlier run left unfinished", extra={"batch_id": batch.id, "start": start})
-    lines, outbox = [], []
     owner, how = Tenant(batch.tenant, rpm=0, tpm=0), submission.batch_line(s, batch.id)  # the file was the charge
-    for row in rows:
+
+    def job_of(row: Row) -> tuple[Line, QueueMessage | None]:
+        """A line's job -> (the line, the message to send when this batch made the job)."""
         line = Line(row.n, None)
         try:
             line.custom_id, route, body, line.bedrock = parse_line(_text(row), s.model_id)
             sub = submission.submit(route, body, owner, deps, how)
         except (InvalidRequest, NotFound, PayloadTooLarge) as exc:
             line.error = _error(exc)
-            lines.append(line)
-            continue
+            return line, None
         line.job_id = sub.job_id
-        if sub.created or (resumed and sub.job is not None and sub.job.status == Status.QUEUED
-                           and sub.job.batch == batch.id):
+        mine = sub.created or (resumed and sub.job is not None and sub.job.status == Status.QUEUED
+                               and sub.job.batch == batch.id)  # made by the run that died: may never have gone
+        return line, sub.message if mine else None
+
+    lines, outbox = [], []
+    for line, message in _at_once(job_of, rows):
+        if message is not None:
             line.outbox = batch.outbox + len(outbox)
-            outbox.append(sub.message)  # new, or made by the run that died: its message may never have gone
+            outbox.append(message)
         lines.append(line)
     logger.remove_keys(["job_id"])  # submit() tagged the log with each line's job in turn
     release.write_outbox(batch.id, outbox, deps, start=batch.outbox)
@@ -415,6 +422,14 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
     except Exception:  # noqa: BLE001 - logged; the batch exists and the next pass releases its lines
         logger.exception("could not release the batch's lines")
     return done < total
+
+
+def _at_once(fn: Callable[[T], U], items: list[T]) -> list[U]:
+    """[fn(item) for item in items], AT_ONCE calls at a time (they wait on DynamoDB, not the CPU)."""
+    if len(items) < 2:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(AT_ONCE) as pool:
+        return list(pool.map(fn, items))
 
 
 def _lines_key(batch_id: str, part: int) -> str:
@@ -759,12 +774,14 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
     if batch.lines_total is None or batch.ingested < batch.lines_total:
         lines += _unread_lines(batch, deps)
     statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id}))
+    queued = sorted({l.job_id for l in lines if statuses.get(l.job_id) == Status.QUEUED})
+    cancelled = {j for j, job in zip(queued, _at_once(lambda j: deps.store.cancel_batch_job(j, batch.id), queued))
+                 if job is not None}  # those this batch made (Job.batch)
     for l in lines:
-        if statuses.get(l.job_id) == Status.QUEUED:  # cancelled if this batch made it (Job.batch)
-            if deps.store.cancel_batch_job(l.job_id, batch.id):
-                statuses[l.job_id] = Status.CANCELLED
-            elif l.outbox is not None:  # ours, but a worker took it meanwhile or it was promoted
-                statuses[l.job_id] = Status.RUNNING  # (counted as running this pass)
+        if l.job_id in cancelled:
+            statuses[l.job_id] = Status.CANCELLED
+        elif l.outbox is not None and statuses.get(l.job_id) == Status.QUEUED:
+            statuses[l.job_id] = Status.RUNNING  # ours, but a worker took it meanwhile or it was promoted
     running = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.RUNNING)
     if running:  # in a worker's hands: their answers go in the output
         done = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.DONE)
