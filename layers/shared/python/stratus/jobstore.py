@@ -180,7 +180,7 @@ class JobStore:
     def transition(self, job_id: str, allowed_from: list[Status], to: Status, *, owner: str | None = None,
                    tier: str | None = None, batch: str | None = None, **fields) -> Job | None:
         """Conditionally move a job to `to`: the job as written, or None when its status (or its
-        owning worker, or its tier) did not match.
+        owning worker, its tier, the batch that made it) did not match.
 
         Extra fields are set too (worker=... claims the job); dicts (result, usage, timings, error)
         are stored as JSON.

@@ -36,7 +36,7 @@ from stratus.observability import logger, metrics
 from stratus.settings import Settings
 
 MAX_BYTES_PER_TOKEN = 32  # no token of a byte-level BPE vocabulary we serve is longer; workers check exactly
-KEEP_AFTER_DEADLINE_S = 3600  # a job that is not cacheable stays readable this long after its deadline
+KEEP_AFTER_DEADLINE_S = 3600  # a job stays readable at least this long after its deadline
 BATCH_KEEP_S = 86400  # a job a batch file's line made, joined or hit outlives the line's window by this:
                       # the batch's output, written once its last line finishes, reads it
 
