@@ -660,6 +660,30 @@ def test_a_line_whose_shared_job_a_caller_deletes_runs_again(stack, batch_fn):
     assert again["job_id"] == msg["job_id"] and job.status == Status.QUEUED and job.batch == created["batch"]
 
 
+def test_a_line_whose_job_expired_unstarted_runs_again_while_its_batch_is_young(stack, batch_fn, batch_deps):
+    upload, tick, read = batch_fn
+    deps = batch_deps()
+    # Given an old batch (its window has passed) and a young one with the same line, which joined
+    # the old one's job; the job expired unstarted
+    old = upload("batches/input/acme/old.jsonl", lines("a", 1))
+    young = upload("batches/input/acme/young.jsonl", lines("a", 1))
+    stack.table.update_item(Key={"pk": f"batch#{old['batch']}"}, UpdateExpression="SET created_at = :t",
+                            ExpressionAttributeValues={":t": int(deps.clock()) - deps.settings.batch_window_s - 60})
+    [msg] = stack.queued("BatchJobsQueue")
+    store = JobStore(stack.table)
+    assert store.transition(msg["job_id"], [Status.QUEUED], Status.EXPIRED,
+                            error={"message": "waited past its deadline", "type": "server_error", "code": "expired"})
+    # When the pass counts their lines
+    completed = tick()["completed"]
+    # Then the old batch reports its line expired, and the young one runs it again as its own job
+    assert completed == [old["batch"]]
+    [again] = stack.queued("BatchJobsQueue")
+    job = store.get(again["job_id"])
+    assert again["job_id"] == msg["job_id"] and job.status == Status.QUEUED and job.batch == young["batch"]
+    work_all_of(stack, [again])
+    assert tick()["completed"] == [young["batch"]]
+
+
 def work_all_of(stack, messages: list[dict]) -> None:
     """Play the worker for these (already received) messages."""
     store = JobStore(stack.table)

@@ -704,21 +704,30 @@ def _outcomes(lines: list[Line], batch: Batch, deps: Deps) -> list[str]:
     unsent = {l.job_id for l in lines if l.outbox is not None and l.outbox >= batch.released}
     statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id} - unsent))
     statuses.update(dict.fromkeys(unsent, Status.QUEUED))
-    statuses.update(_run_again(sorted({j for j, status in statuses.items() if status == Status.CANCELLED}), batch, deps))
+    statuses.update(_run_again(sorted({j for j, status in statuses.items() if status in _ended_elsewhere(batch, deps)}),
+                               batch, deps))
     return [FAILED if not l.job_id else DONE if statuses.get(l.job_id) == Status.DONE else
             PENDING if statuses.get(l.job_id) in (Status.QUEUED, Status.RUNNING) else FAILED for l in lines]
 
 
+def _ended_elsewhere(batch: Batch, deps: Deps) -> set[Status]:
+    """How an in-progress batch's line's job can end without an answer, not by this batch's doing:
+    cancelled (another batch whose line made it was cancelled, or a DELETE /v1/jobs named a job an
+    interactive request shared), or expired unstarted while this batch's window is still open (an
+    older batch made it, or an older request)."""
+    young = deps.clock() < batch.created_at + deps.settings.batch_window_s
+    return {Status.CANCELLED, Status.EXPIRED} if young else {Status.CANCELLED}
+
+
 def _run_again(job_ids: list[str], batch: Batch, deps: Deps) -> dict[str, Status]:
-    """Jobs of an in-progress batch's lines that were cancelled, not by this batch: another batch
-    whose line created the job was cancelled, or a DELETE /v1/jobs named a job an interactive
-    request shared. Each is queued again for this batch (Job.batch: its cancel would cancel it)
+    """Jobs of an in-progress batch's lines that ended elsewhere without an answer (_ended_elsewhere):
+    each is queued again for this batch (Job.batch: its cancel would cancel it)
     -> {job id: its status now}."""
     if not job_ids:
         return {}
     owner, how, out = Tenant(batch.tenant, rpm=0, tpm=0), submission.batch_line(deps.settings, batch.id), {}
     for job in deps.store.get_many(job_ids).values():
-        if job.status != Status.CANCELLED:
+        if job.status not in _ended_elsewhere(batch, deps):
             continue  # queued again meanwhile (another batch's pass)
         sub = submission.enqueue(job.request, owner, deps, how)
         if sub.job_id != job.job_id:  # (not cacheable: only the batch that made it could have cancelled it)
@@ -728,7 +737,7 @@ def _run_again(job_ids: list[str], batch: Batch, deps: Deps) -> dict[str, Status
         out[job.job_id] = Status.DONE if sub.hit else sub.job.status
     logger.remove_keys(["job_id"])
     metrics.add_metric(name="BatchLinesRunAgain", unit=MetricUnit.Count, value=len(out))
-    logger.info("lines whose jobs were cancelled elsewhere run again", extra={"batch_id": batch.id, "jobs": len(out)})
+    logger.info("lines whose jobs ended elsewhere run again", extra={"batch_id": batch.id, "jobs": len(out)})
     return out
 
 
