@@ -109,7 +109,7 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
         hit = deps.store.get(job_id, now=deps.clock())
         if hit is not None and hit.status == Status.DONE:
             metrics.add_metric(name="CacheHits", unit=MetricUnit.Count, value=1)
-            logger.info("cache hit")
+            logger.info("cache hit", extra={"job_id": job_id})  # (named: batch lines submit from threads)
             _keep_for_batch(job_id, how, deps)
             return Submission(req, job_id, cacheable, hit=load_result(hit, deps.s3))
     now = deps.clock()
@@ -127,7 +127,7 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
     held, created = deps.store.create(job, refresh=refresh)
     if not created:
         metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
-        logger.info("coalesced on a live job", extra={"status": held.status.value})
+        logger.info("coalesced on a live job", extra={"job_id": job_id, "status": held.status.value})
         _keep_for_batch(job_id, how, deps)
         if how.tier == "interactive" and held.tier == "batch" and how.send and deps.store.promote(job_id):
             send(message, deps)  # it waited in the batch tier: an interactive message jumps the queue
