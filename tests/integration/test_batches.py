@@ -395,6 +395,25 @@ def test_two_tenants_batch_files_share_the_queue_evenly(stack, batch_fn, batch_d
     assert sorted(completed) == sorted([first["batch"], second["batch"]])
 
 
+def test_tenants_share_the_queue_by_tokens_not_lines(stack, batch_fn, batch_deps):
+    upload, tick, _ = batch_fn
+    # Given tenant acme's file of long answers (max_tokens 160) draining, then tenant other's file of
+    # short ones (max_tokens 16): a line of acme's weighs ~8.6 of other's
+    upload("batches/input/acme/long.jsonl", "".join(line(f"a{i}", f"a question {i}?", max_tokens=160) + "\n"
+                                                    for i in range(200)))
+    order = take(stack, 10)
+    upload("batches/input/other/short.jsonl", lines("b", 100))
+    # When workers take ten lines between scheduled passes
+    while got := take(stack, 10):
+        order += got
+        tick()
+    # Then, once acme's lines queued before other's file are gone, other gets most of the lines
+    # (about as many tokens as acme), and every line of both files ran once
+    window = order[30:90]
+    assert window.count("other") / len(window) >= 0.75, window
+    assert sorted(order) == ["acme"] * 200 + ["other"] * 100
+
+
 def test_a_pass_reads_the_status_of_released_lines_only(stack, batch_fn, batch_deps, monkeypatch):
     from stratus import batches
 

@@ -36,6 +36,32 @@ def test_fair_shares_are_max_min_fair_on_random_cases():
             assert max(got.values()) - min(short) <= 1
 
 
+@pytest.mark.parametrize("room, wants, weights, expected", [
+    (11, {"a": 100, "b": 100}, {"a": 10.0, "b": 1.0}, {"a": 1, "b": 10}),  # the same tokens each
+    (20, {"a": 100, "b": 5}, {"a": 10.0, "b": 1.0}, {"a": 15, "b": 5}),  # b's unused share goes to a
+    (3, {"a": 100, "b": 100}, {"a": 10.0, "b": 1.0}, {"a": 0, "b": 3}),  # too little room for a's first line yet
+    (10, {"a": 100, "b": 100}, {"a": 2.0, "b": 2.0}, {"a": 5, "b": 5}),  # equal weights: as unweighted
+])
+def test_weighted_shares_give_each_claimant_the_same_tokens(room, wants, weights, expected):
+    assert fair_shares(room, wants, weights) == expected
+
+
+def test_weighted_shares_are_max_min_fair_on_random_cases():
+    rng = random.Random(1)
+    for _ in range(500):
+        keys = [str(i) for i in range(rng.randint(1, 6))]
+        wants = {k: rng.choice([0, 1, 2, 5, 50, 1000]) for k in keys}
+        weights = {k: rng.choice([1.0, 3.5, 16.0, 200.0, 2048.0]) for k in keys}
+        room = rng.randint(0, 300)
+        got = fair_shares(room, wants, weights)
+        assert sum(got.values()) == min(room, sum(wants.values()))
+        assert all(0 <= got[k] <= wants[k] for k in keys)
+        # nobody who got less than they wanted would have more tokens than anyone else with one more line
+        for k in keys:
+            if got[k] < wants[k]:
+                assert all(got[j] * weights[j] <= (got[k] + 1) * weights[k] + 1e-6 for j in keys), (k, got)
+
+
 def test_tenants_share_first_then_each_tenants_batches():
     # Given tenant a with two batches and tenant b with one, all with plenty of lines left
     pending = [Pending("a1", "a", 0, 500, 1), Pending("b1", "b", 10, 300, 2), Pending("a2", "a", 0, 500, 3)]
@@ -43,6 +69,13 @@ def test_tenants_share_first_then_each_tenants_batches():
     assert plan(40, pending) == {"a1": 10, "a2": 10, "b1": 20}
     # and a batch nearly done leaves its room to the rest
     assert plan(40, [Pending("a1", "a", 498, 500, 1), Pending("b1", "b", 0, 300, 2)]) == {"a1": 2, "b1": 38}
+
+
+def test_tenants_share_tokens_not_lines():
+    # Given tenant a whose lines are ten times longer than tenant b's
+    pending = [Pending("a1", "a", 0, 500, 1, line_tokens=2000.0), Pending("b1", "b", 0, 500, 2, line_tokens=200.0)]
+    # When 44 lines fit, each tenant gets about the same tokens: a 4 lines, b 40
+    assert plan(44, pending) == {"a1": 4, "b1": 40}
 
 
 def test_the_target_covers_what_workers_hold_and_took_or_the_floor():

@@ -99,6 +99,7 @@ class Batch:
     errors: list = field(default_factory=list)  # file-level problems (unreadable input)
     outbox: int = 0  # queue messages to send (stratus.release) ...
     released: int = 0  # ... and how many have gone
+    outbox_tokens: int = 0  # the outbox's requests' estimated tokens (a line's weight in a fair share)
     cancelling_at: int | None = None
     cancelled_at: int | None = None
     lines_total: int | None = None  # the file's non-blank lines (known from the first slice on) ...
@@ -114,6 +115,7 @@ class Batch:
                 "created_at": self.created_at, "counts": json.dumps(self.counts),
                 "errors": json.dumps(self.errors), "expires_at": self.created_at + KEEP_S,
                 "batch_tenant": self.tenant, "outbox": self.outbox, "released": self.released,
+                "outbox_tokens": self.outbox_tokens,
                 "ingested": self.ingested, "settled": self.settled, "settled_done": self.settled_done,
                 "read_offset": self.read_offset, "read_line": self.read_line}
         if self.status in OPEN_STATUSES:
@@ -128,10 +130,15 @@ class Batch:
     def from_item(cls, item: dict) -> Batch:
         ints = {k: int(item[k]) for k in ("completed_at", "cancelling_at", "cancelled_at", "outbox", "released",
                                           "lines_total", "ingested", "ingest_until", "settled", "settled_done",
-                                          "read_offset", "read_line") if k in item}
+                                          "read_offset", "read_line", "outbox_tokens") if k in item}
         return cls(item["pk"].removeprefix("batch#"), item["tenant"], item["input_file"], item.get("input_etag", ""),
                    item["status"], int(item["created_at"]), counts=json.loads(item["counts"]), output_file=item.get("output_file"),
                    error_file=item.get("error_file"), errors=json.loads(item.get("errors", "[]")), **ints)
+
+    @property
+    def line_tokens(self) -> float:
+        """A line's estimated tokens, the mean over the outbox."""
+        return self.outbox_tokens / self.outbox if self.outbox else 1.0
 
     @property
     def ingesting(self) -> bool:
@@ -401,11 +408,12 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
         deps.table.update_item(
             Key={"pk": f"batch#{batch.id}"},
             UpdateExpression="SET ingested = :done, lines_total = :total, outbox = :o, counts = :c, "
-                             "read_offset = :end, read_line = :last",
+                             "read_offset = :end, read_line = :last, outbox_tokens = :ot",
             ConditionExpression="ingester = :me AND ingested = :start",
             ExpressionAttributeValues={":done": done, ":total": total, ":o": batch.outbox + len(outbox),
                                        ":c": json.dumps(counts), ":me": me, ":start": start, ":end": end,
-                                       ":last": last})
+                                       ":last": last, ":ot": batch.outbox_tokens + sum(
+                                           submission.estimated_tokens(m.request) for m in outbox)})
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         logger.warning("another run took this batch's ingest over", extra={"batch_id": batch.id})
         return False
@@ -631,8 +639,8 @@ def release_for(seconds: float, deps: Deps) -> int:
 
 def release_step(meter: release.Meter, deps: Deps) -> int:
     """One release step over the open batches with lines left; -1 when there are none."""
-    pending = [release.Pending(b.id, b.tenant, b.released, b.outbox, b.created_at) for b in _open_batches(deps)
-               if b.status == "in_progress" and b.released < b.outbox]  # oldest first
+    pending = [release.Pending(b.id, b.tenant, b.released, b.outbox, b.created_at, b.line_tokens)
+               for b in _open_batches(deps) if b.status == "in_progress" and b.released < b.outbox]  # oldest first
     return release.step(pending, meter, deps) if pending else -1
 
 

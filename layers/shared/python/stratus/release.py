@@ -8,10 +8,12 @@ At ingest a batch's queue messages go to an outbox in S3, in line order, PART me
 and the batch item counts them (`outbox`) and how many have been sent (`released`, a cursor). A
 release step (after each ingest, and every `batch_release_every_s` during the scheduled pass)
 reads the batch queue's depth, sizes a target of visible messages from what workers hold and took
-since the last step, and splits the room between the tenants with lines left, evenly (max-min fair:
-what one tenant cannot use goes to the others), then between each tenant's batches the same way.
-A tenant's new file therefore waits behind at most one target's worth of other files' lines (about
-two steps of work), not behind whole files; see docs/scheduling.md.
+since the last step, and splits the room between the tenants with lines left so that each gets the
+same tokens (max-min fair: what one tenant cannot use goes to the others; a line weighs its
+batch's mean estimated tokens, prompt and max_tokens, so a tenant whose lines are ten times longer
+gets a tenth of the lines), then between each tenant's batches the same way. A tenant's new file
+therefore waits behind at most one target's worth of other files' lines (about two steps of work),
+not behind whole files; see docs/scheduling.md.
 
 Sending is at least once: messages go first, then the cursor moves with a condition on its old
 value; a step that dies in between, or a second step racing it, sends some lines twice, and the
@@ -41,6 +43,7 @@ class Pending:
     released: int  # lines sent so far (the cursor)
     outbox: int  # lines to send in all
     created_at: int  # the batch's (epoch seconds)
+    line_tokens: float = 1.0  # a line's estimated tokens, the batch's mean: what a line weighs in a share
 
 
 @dataclass
@@ -90,25 +93,24 @@ def target(floor: int, visible: int, in_flight: int, meter: Meter) -> int:
     return max(floor, 2 * in_flight, 2 * taken)
 
 
-def fair_shares(room: int, wants: dict[str, int]) -> dict[str, int]:
-    """Split `room` lines between claimants as evenly as their wants allow (max-min fair); what an
-    even split leaves over goes to the first claimants (dict order: oldest batch first).
-      fair_shares(10, {"a": 100, "b": 3, "c": 100}) == {"a": 4, "b": 3, "c": 3}"""
-    level, top = 0, max(wants.values(), default=0)  # the highest even level the room fills
-    while level < top:
-        mid = (level + top + 1) // 2
-        if sum(min(w, mid) for w in wants.values()) <= room:
-            level = mid
-        else:
-            top = mid - 1
-    shares = {k: min(w, level) for k, w in wants.items()}
+def fair_shares(room: int, wants: dict[str, int], weights: dict[str, float] | None = None) -> dict[str, int]:
+    """Split `room` lines between claimants so that each gets the same weight of lines (a line of
+    claimant k weighs weights[k], 1 by default) as far as their wants allow (max-min fair); lines
+    the split leaves over go one each to those who would take the next line soonest, the first
+    claimants first (dict order: oldest batch first).
+      fair_shares(10, {"a": 100, "b": 3, "c": 100}) == {"a": 4, "b": 3, "c": 3}
+      fair_shares(11, {"a": 100, "b": 100}, {"a": 10.0, "b": 1.0}) == {"a": 1, "b": 10}"""
+    weight = {k: (weights or {}).get(k, 1.0) for k in wants}
+    lines_at = lambda level: {k: min(w, int(level / weight[k] + 1e-9)) for k, w in wants.items()}  # noqa: E731
+    level, top = 0.0, max((w * weight[k] for k, w in wants.items()), default=0.0)  # the highest level the room fills
+    for _ in range(100):
+        mid = (level + top) / 2
+        level, top = (mid, top) if sum(lines_at(mid).values()) <= room else (level, mid)
+    shares = lines_at(level)
     extra = room - sum(shares.values())
-    for k, w in wants.items():  # one more line each, oldest first, for those who want more
-        if extra <= 0:
-            break
-        if w > level:
-            shares[k] += 1
-            extra -= 1
+    order = sorted((k for k in wants if wants[k] > shares[k]), key=lambda k: (shares[k] + 1) * weight[k])
+    for k in order[:max(extra, 0)]:  # (sorted is stable: ties keep dict order, oldest first)
+        shares[k] += 1
     return shares
 
 
@@ -117,10 +119,14 @@ def plan(room: int, pending: list[Pending]) -> dict[str, int]:
     by_tenant: dict[str, list[Pending]] = {}
     for p in pending:  # oldest batch first, so tenants are ordered by their oldest batch
         by_tenant.setdefault(p.tenant, []).append(p)
-    tenant_share = fair_shares(room, {t: sum(p.outbox - p.released for p in ps) for t, ps in by_tenant.items()})
+    left = lambda ps: sum(p.outbox - p.released for p in ps)  # noqa: E731
+    tenant_share = fair_shares(room, {t: left(ps) for t, ps in by_tenant.items()},  # a tenant's line: its mean
+                               {t: sum((p.outbox - p.released) * p.line_tokens for p in ps) / max(left(ps), 1)
+                                for t, ps in by_tenant.items()})
     out: dict[str, int] = {}
     for t, ps in by_tenant.items():
-        out.update(fair_shares(tenant_share[t], {p.batch_id: p.outbox - p.released for p in ps}))
+        out.update(fair_shares(tenant_share[t], {p.batch_id: p.outbox - p.released for p in ps},
+                               {p.batch_id: p.line_tokens for p in ps}))
     return {b: n for b, n in out.items() if n}
 
 

@@ -122,8 +122,7 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
                            stream=how.streaming, tier=how.tier)
     check_sizes(job, message.to_body())  # a 413 before anything is written or charged
     if how.charge:  # limits guard GPU time: only work that may reach a worker is charged
-        tokens = req.text_bytes // 4 + req.prompt_token_ids + req.params.max_tokens * req.choices
-        charge(deps.table, tenant, tokens, now=now)
+        charge(deps.table, tenant, estimated_tokens(req), now=now)
     held, created = deps.store.create(job, refresh=refresh)
     if not created:
         metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
@@ -137,6 +136,12 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
         send(message, deps)
     metrics.add_metric(name="CacheMisses", unit=MetricUnit.Count, value=1)
     return Submission(req, job_id, cacheable, job=job, created=True, message=message)
+
+
+def estimated_tokens(req: InferenceRequest) -> int:
+    """The tokens a request may cost, before a tokenizer has seen it: what a tenant is charged, and
+    what a batch line weighs in a fair share."""
+    return req.text_bytes // 4 + req.prompt_token_ids + req.params.max_tokens * req.choices
 
 
 def _keep_for_batch(job_id: str, how: How, deps: Deps) -> None:
