@@ -137,8 +137,8 @@ class Batch:
 
     @property
     def line_tokens(self) -> float:
-        """A line's estimated tokens, the mean over the outbox."""
-        return self.outbox_tokens / self.outbox if self.outbox else 1.0
+        """A line's estimated tokens, the mean over the outbox (one at least: a line is a forward pass)."""
+        return max(self.outbox_tokens / self.outbox, 1.0) if self.outbox else 1.0
 
     @property
     def ingesting(self) -> bool:

@@ -100,7 +100,7 @@ def fair_shares(room: int, wants: dict[str, int], weights: dict[str, float] | No
     claimants first (dict order: oldest batch first).
       fair_shares(10, {"a": 100, "b": 3, "c": 100}) == {"a": 4, "b": 3, "c": 3}
       fair_shares(11, {"a": 100, "b": 100}, {"a": 10.0, "b": 1.0}) == {"a": 1, "b": 10}"""
-    weight = {k: (weights or {}).get(k, 1.0) for k in wants}
+    weight = {k: max((weights or {}).get(k, 1.0), 1e-9) for k in wants}
     lines_at = lambda level: {k: min(w, int(level / weight[k] + 1e-9)) for k, w in wants.items()}  # noqa: E731
     level, top = 0.0, max((w * weight[k] for k, w in wants.items()), default=0.0)  # the highest level the room fills
     for _ in range(100):
