@@ -88,6 +88,14 @@ def test_an_uploaded_file_becomes_a_batch_with_output_and_error_files(stack, bat
     errors = read(view["error_file_uri"])
     assert [(e["line"], e["custom_id"]) for e in errors] == [(3, None), (4, "q4")]
     assert "not valid JSON" in errors[0]["error"]["message"] and "temperature" in errors[1]["error"]["message"]
+    # and its outbox (the lines' queued prompts) is gone; the record of which job served each line stays
+    assert state_files(stack, created["batch"]) == ["lines/00000.json"]
+
+
+def state_files(stack, batch_id: str) -> list[str]:
+    prefix = f"batches/state/{batch_id}/"
+    listed = boto3.client("s3").list_objects_v2(Bucket=stack.refs["ResultsBucket"], Prefix=prefix)
+    return sorted(o["Key"].removeprefix(prefix) for o in listed.get("Contents", []))
 
 
 def test_a_redelivered_upload_event_does_not_create_a_second_batch(stack, batch_fn):
@@ -609,6 +617,7 @@ def test_cancelling_a_batch_stops_its_lines_and_writes_the_finished_ones(stack, 
     assert len(read(view["output_file_uri"])) == 4
     errors = read(view["error_file_uri"])
     assert len(errors) == 26 and {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    assert state_files(stack, created["batch"]) == ["lines/00000.json"]  # the unsent lines' prompts too
     # and cancelling again answers the batch as it is
     again = stack.call("api_cancel_batch.json", key=acme, job_id=created["batch"])
     assert again[0] == 200 and again[1]["status"] == "cancelled"

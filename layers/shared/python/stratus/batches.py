@@ -878,6 +878,10 @@ def _write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, can
                        Body=json.dumps(manifest, indent=2).encode())
     deps.table.put_item(Item=batch.to_item())
     logger.info(f"batch {batch.status}", extra={"batch_id": batch.id, **batch.counts})
+    try:  # no line will be released again: its copy of the prompts goes now, not in 30 days
+        release.delete_outbox(batch.id, batch.outbox, deps)
+    except Exception:  # noqa: BLE001 - the lifecycle rule deletes it in 30 days
+        logger.exception("could not delete a finished batch's outbox", extra={"batch_id": batch.id})
     return True
 
 

@@ -73,6 +73,13 @@ def write_outbox(batch_id: str, messages: list[QueueMessage], deps: Deps, start:
     return len(messages)
 
 
+def delete_outbox(batch_id: str, messages: int, deps: Deps) -> None:
+    """Delete a finished batch's outbox (its messages carry the lines' prompts)."""
+    keys = [{"Key": _part_key(batch_id, part)} for part in range(-(-messages // PART))]
+    for i in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a call
+        deps.s3.delete_objects(Bucket=deps.settings.bucket, Delete={"Objects": keys[i:i + 1000], "Quiet": True})
+
+
 def read_outbox(batch_id: str, start: int, stop: int, deps: Deps) -> list[str]:
     """Message bodies [start, stop) of a batch's outbox."""
     out: list[str] = []
