@@ -207,9 +207,7 @@ def _rows(batch: Batch, deps: Deps, *, offset: int = 0, line: int = 0, same_vers
     READ_CHUNK at a time: memory holds the lines a caller keeps, never the file. Lines end at "\n"
     (a "\r" before it is dropped), as JSONL says: a U+2028 inside a JSON string is not a line end.
     same_version: from the version the batch was made for (IfMatch on its upload's ETag)."""
-    get = {"Bucket": deps.settings.bucket, "Key": batch.input_file}
-    if same_version and batch.input_etag:
-        get["IfMatch"] = f'"{batch.input_etag}"'
+    get = {"Bucket": deps.settings.bucket, "Key": batch.input_file, **(_its_version(batch) if same_version else {})}
     if offset:
         get["Range"] = f"bytes={offset}-"
     with closing(deps.s3.get_object(**get)["Body"]) as body:
@@ -225,6 +223,11 @@ def _rows(batch: Batch, deps: Deps, *, offset: int = 0, line: int = 0, same_vers
         raw = b"".join(parts)
         if raw.strip():  # a last line without a line end
             yield Row(n + 1, raw.removesuffix(b"\r"), end + len(raw))
+
+
+def _its_version(batch: Batch) -> dict:
+    """S3 read arguments for the version of the file the batch was made for (its upload's ETag)."""
+    return {"IfMatch": f'"{batch.input_etag}"'} if batch.input_etag else {}
 
 
 def _text(row: Row) -> str:
@@ -244,8 +247,7 @@ class UnusableFile(InvalidRequest):
 
 def _lines_in_file(batch: Batch, deps: Deps) -> int:
     """The file's non-blank lines, counted as they stream by; UnusableFile past the limits."""
-    size = deps.s3.head_object(Bucket=deps.settings.bucket, Key=batch.input_file,
-                               **({"IfMatch": f'"{batch.input_etag}"'} if batch.input_etag else {}))["ContentLength"]
+    size = deps.s3.head_object(Bucket=deps.settings.bucket, Key=batch.input_file, **_its_version(batch))["ContentLength"]
     if size > MAX_FILE_BYTES:
         raise UnusableFile("file_too_large", f"the file has {size} bytes; at most {MAX_FILE_BYTES} per batch: split it")
     total = sum(1 for _ in _rows(batch, deps))
@@ -712,8 +714,8 @@ def _outcomes(lines: list[Line], batch: Batch, deps: Deps) -> list[str]:
     unsent = {l.job_id for l in lines if l.outbox is not None and l.outbox >= batch.released}
     statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id} - unsent))
     statuses.update(dict.fromkeys(unsent, Status.QUEUED))
-    statuses.update(_run_again(sorted({j for j, status in statuses.items() if status in _ended_elsewhere(batch, deps)}),
-                               batch, deps))
+    ended = _ended_elsewhere(batch, deps)
+    statuses.update(_run_again(sorted({j for j, status in statuses.items() if status in ended}), ended, batch, deps))
     return [FAILED if not l.job_id else DONE if statuses.get(l.job_id) == Status.DONE else
             PENDING if statuses.get(l.job_id) in (Status.QUEUED, Status.RUNNING) else FAILED for l in lines]
 
@@ -727,15 +729,15 @@ def _ended_elsewhere(batch: Batch, deps: Deps) -> set[Status]:
     return {Status.CANCELLED, Status.EXPIRED} if young else {Status.CANCELLED}
 
 
-def _run_again(job_ids: list[str], batch: Batch, deps: Deps) -> dict[str, Status]:
-    """Jobs of an in-progress batch's lines that ended elsewhere without an answer (_ended_elsewhere):
-    each is queued again for this batch (Job.batch: its cancel would cancel it)
+def _run_again(job_ids: list[str], ended: set[Status], batch: Batch, deps: Deps) -> dict[str, Status]:
+    """Jobs of an in-progress batch's lines that ended elsewhere without an answer (`ended`, from
+    _ended_elsewhere): each is queued again for this batch (Job.batch: its cancel would cancel it)
     -> {job id: its status now}."""
     if not job_ids:
         return {}
     owner, how, out = Tenant(batch.tenant, rpm=0, tpm=0), submission.batch_line(deps.settings, batch.id), {}
     for job in deps.store.get_many(job_ids).values():
-        if job.status not in _ended_elsewhere(batch, deps):
+        if job.status not in ended:
             continue  # queued again meanwhile (another batch's pass)
         sub = submission.enqueue(job.request, owner, deps, how)
         if sub.job_id != job.job_id:  # (not cacheable: only the batch that made it could have cancelled it)
