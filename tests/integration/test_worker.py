@@ -182,7 +182,8 @@ def test_sigterm_releases_unfinished_work_at_once(stack, key, make_worker, tiny)
     wait_until(lambda: job(stack, job_id).status == Status.RUNNING)
     w.stop()
     wait_until(lambda: job(stack, job_id).status == Status.QUEUED)
-    got = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], WaitTimeSeconds=1).get("Messages", [])
+    # (short receives: moto's long poll wakes for new messages, not for one made visible again)
+    got = wait_until(lambda: stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"]).get("Messages"), timeout=1.5)
     assert [QueueMessage.from_body(m["Body"]).job_id for m in got] == [job_id]  # visible again, not in 3 s
 
 
