@@ -43,10 +43,17 @@ class Running:
     def item(self, job_id: str) -> dict:
         return self.table().get_item(Key={"pk": job_id}, ConsistentRead=True)["Item"]
 
-    def generated(self, job_id: str) -> int:
-        """How many times any worker wrote a result for this job (its logs say "generated")."""
-        lines = [ln for f in self.logs.glob("worker-*.log") for ln in f.read_text().splitlines()]
-        return sum(1 for ln in lines if '"generated"' in ln and job_id in ln)
+    def generated(self, job_id: str, wait_s: float = 10.0) -> int:
+        """How many times any worker wrote a result for this job (its logs say "generated"). The
+        worker logs just after its DONE write lands, so a caller that has just seen DONE waits up
+        to wait_s for the first line."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            lines = [ln for f in self.logs.glob("worker-*.log") for ln in f.read_text().splitlines()]
+            count = sum(1 for ln in lines if '"generated"' in ln and job_id in ln)
+            if count or time.monotonic() >= deadline:
+                return count
+            time.sleep(0.05)
 
     def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         """Our own routes (/v1/jobs ...) over plain HTTP."""
@@ -147,7 +154,7 @@ def test_cancel_a_running_job(stack):
     stack.wait_status(job_id, {"RUNNING"})
     assert stack.call("DELETE", f"/jobs/{job_id}")[1]["status"] == "CANCELLED"
     time.sleep(2)
-    assert stack.job(job_id)["status"] == "CANCELLED" and stack.generated(job_id) == 0
+    assert stack.job(job_id)["status"] == "CANCELLED" and stack.generated(job_id, wait_s=1.0) == 0
 
 
 def streamed(stack, content: str, route: str = "chat", **kw) -> tuple[list[str], list]:
@@ -413,7 +420,9 @@ def test_every_worker_killed_with_8_jobs_in_flight_each_job_finishes_once(stack)
 
 
 def test_storage_frozen_for_10_s_is_a_503_then_nothing_is_lost(stack):
-    before = submit_jobs(stack, 3, "freeze", max_tokens=24)
+    before = submit_jobs(stack, 3, "freeze", max_tokens=160)
+    for j in before:  # generating (160 tokens take seconds) when storage freezes
+        stack.wait_status(j, {"RUNNING", "DONE"})
     [moto] = children(stack.proc.pid, "stratus_local.moto_server")
     os.kill(moto, signal.SIGSTOP)
     try:

@@ -11,7 +11,7 @@ import json
 import time
 
 import boto3
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ReadTimeoutError
 
 from stratus.contracts import QueueMessage, Status, parse_request
 from stratus.jobstore import JobStore
@@ -157,22 +157,51 @@ def test_a_duplicate_delivery_generates_once(stack, key, make_worker, tiny):
     assert generated == [job_id] and job(stack, job_id).status == Status.DONE
 
 
-def test_a_failed_write_goes_back_to_the_queue_and_completes_later(stack, key, make_worker):
-    job_id = submit(stack, key, chat("retry me"))
-    w = make_worker()
+def generating(engine: Engine) -> list[str]:
+    """-> the job ids the engine is asked to generate, in order (a regeneration shows twice)."""
+    asked, real = [], engine.submit
+    engine.submit = lambda r: asked.append(r.request_id) or real(r)
+    return asked
+
+
+def test_a_failed_result_write_is_tried_again_with_the_result_in_hand(stack, key, make_worker, tiny):
+    engine = Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16)
+    asked = generating(engine)
+    w = make_worker(engine)
     real_complete, calls = w.store.complete, []
 
-    def flaky_complete(*args, **kwargs):
+    def throttled_twice(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) <= 2:
             raise ClientError({"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow down"}},
                               "UpdateItem")
         return real_complete(*args, **kwargs)
 
-    w.store.complete = flaky_complete
+    w.store.complete = throttled_twice
+    job_id = submit(stack, key, chat("retry me"))
     j = wait_until(lambda: (x := job(stack, job_id)).status == Status.DONE and x)
-    assert len(calls) == 2 and j.attempts == 2 and "ProvisionedThroughputExceeded" in j.last_error
     wait_until(lambda: queue_depth(stack) == 0)
+    assert len(calls) == 3 and asked == [job_id] and j.attempts == 1  # generated once, written on the third try
+
+
+def test_a_result_write_that_landed_though_its_call_failed_counts_once(stack, key, make_worker, caplog):
+    w = make_worker()
+    real_complete, calls = w.store.complete, []
+
+    def answer_lost(*args, **kwargs):
+        calls.append(1)
+        written = real_complete(*args, **kwargs)
+        if len(calls) == 1:  # the write landed; its answer did not
+            raise ReadTimeoutError(endpoint_url="http://dynamodb")
+        return written
+
+    w.store.complete = answer_lost
+    job_id = submit(stack, key, chat("did it land?"))
+    wait_until(lambda: job(stack, job_id).status == Status.DONE)
+    wait_until(lambda: queue_depth(stack) == 0)
+    said = [r.getMessage() for r in caplog.records if getattr(r, "job_id", None) == job_id]
+    assert len(calls) == 2 and job(stack, job_id).attempts == 1
+    assert said.count("generated") == 1 and "result not written: the job is no longer ours" not in said
 
 
 def test_sigterm_releases_unfinished_work_at_once(stack, key, make_worker, tiny):

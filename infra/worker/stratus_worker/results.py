@@ -9,7 +9,7 @@ from typing import Callable
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from stratus.contracts import Job, QueueMessage
+from stratus.contracts import Job, QueueMessage, Status
 from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
 from stratus_engine.engine import GenerationResult
@@ -34,6 +34,11 @@ class Results:
         """The generation will not finish here (requeued, released, failed to start)."""
         self.chunks.close(job_id)
 
+    def _landed(self, job_id: str) -> Job | None:
+        """The job, when an earlier write of ours already finished it (DONE, owned by this worker)."""
+        job = self.store.get(job_id)
+        return job if job is not None and job.status == Status.DONE and job.worker == self.worker_id else None
+
     def record(self, msg: QueueMessage, received: float, results: list[GenerationResult]) -> None:
         """Write a finished generation (one result per prompt): RUNNING (ours) -> DONE, the final
         chunk, replies, metrics."""
@@ -57,6 +62,8 @@ class Results:
         except BaseException:
             self.chunks.close(job_id)
             raise
+        if written is None:  # an earlier try's write may have landed though its call failed
+            written = self._landed(job_id)
         try:  # the final chunk only speeds readers up: they also see DONE on the job item
             self.chunks.close(job_id, results[0] if written else None)
         except Exception as exc:  # noqa: BLE001

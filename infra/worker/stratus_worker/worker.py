@@ -12,7 +12,8 @@ Four threads share one Engine:
           marks it streamed).
   engine  Engine.run(): prefill and decode steps; a finished row resolves its future.
   writer  each finished future: RUNNING (ours) -> DONE with the result (results.py), then delete
-          the message.
+          the message. A write that fails is tried again with the result in hand for up to
+          WRITE_RETRY_S (a write that landed though its call failed counts as written).
   chunks  streamed jobs' text as it is generated -> StreamTable chunk items (streams.py).
 
 Failures: a request the model cannot serve (too long, bad chat) -> FAILED at once. Anything else
@@ -54,6 +55,8 @@ from stratus_worker.streams import ChunkWriter
 IDLE_WAIT_S = 2  # long-poll length when idle: also how quickly an idle worker notices SIGTERM
 RECEIVE_BACKOFF_S = 1.0  # after a failed ReceiveMessage
 METRICS_EVERY_S = 10.0
+WRITE_RETRY_S = 60.0  # how long a finished result's failed write is tried again (half the default lease)
+WRITE_RETRY_FIRST_S, WRITE_RETRY_MAX_S = 0.25, 4.0  # the pause between tries: doubling, capped
 NEWER_MESSAGE_HIDE_S = 60  # a message this worker is too old for comes back after this (to the DLQ in the end)
 
 
@@ -272,8 +275,26 @@ class Worker:
                 self.cancelled.discard(held.message.job_id)
 
     def finish(self, held: Held) -> None:
-        self.results.record(held.message, held.received, held.future.result())
+        results = held.future.result()  # a generation that failed goes straight back to the queue
+        self._keep_trying(lambda: self.results.record(held.message, held.received, results), held.message.job_id)
         self.leases.delete(held.receipt)
+
+    def _keep_trying(self, write, job_id: str) -> None:
+        """A finished generation is worth keeping: a result write that fails (throttled, storage
+        unreachable) is tried again with backoff for up to WRITE_RETRY_S, while the heartbeat keeps
+        the message's lease, before the job goes back to the queue to be generated again."""
+        give_up, pause = time.monotonic() + WRITE_RETRY_S, WRITE_RETRY_FIRST_S
+        while True:
+            try:
+                return write()
+            except Exception as exc:  # noqa: BLE001
+                if self._halt.is_set() or time.monotonic() + pause > give_up:
+                    raise
+                logger.warning("could not write a result; trying again",
+                               extra={"job_id": job_id, "error": type(exc).__name__, "retry_in_s": pause})
+                metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+                self._halt.wait(pause)
+                pause = min(2 * pause, WRITE_RETRY_MAX_S)
 
     def _notify(self, job) -> None:
         post_replies(job, sqs=self.sqs, s3=self.s3, store=self.store)
