@@ -184,6 +184,24 @@ def test_a_failed_result_write_is_tried_again_with_the_result_in_hand(stack, key
     assert len(calls) == 3 and asked == [job_id] and j.attempts == 1  # generated once, written on the third try
 
 
+def test_a_result_write_refused_as_invalid_goes_back_to_the_queue_at_once(stack, key, make_worker, tiny):
+    engine = Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16)
+    asked = generating(engine)
+    w = make_worker(engine)
+    real_complete, calls = w.store.complete, []
+
+    def refused_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # trying the same write again cannot help
+            raise ClientError({"Error": {"Code": "ValidationException", "Message": "bad item"}}, "UpdateItem")
+        return real_complete(*args, **kwargs)
+
+    w.store.complete = refused_once
+    job_id = submit(stack, key, chat("refuse me"))
+    j = wait_until(lambda: (x := job(stack, job_id)).status == Status.DONE and x)
+    assert len(calls) == 2 and asked == [job_id, job_id] and j.attempts == 2 and "ValidationException" in j.last_error
+
+
 def test_a_result_write_that_landed_though_its_call_failed_counts_once(stack, key, make_worker, caplog):
     w = make_worker()
     real_complete, calls = w.store.complete, []

@@ -12,8 +12,8 @@ Four threads share one Engine:
           marks it streamed).
   engine  Engine.run(): prefill and decode steps; a finished row resolves its future.
   writer  each finished future: RUNNING (ours) -> DONE with the result (results.py), then delete
-          the message. A write that fails is tried again with the result in hand for up to
-          WRITE_RETRY_S (a write that landed though its call failed counts as written).
+          the message. A write that fails for a passing reason is tried again with the result
+          in hand for up to WRITE_RETRY_S (one that landed though its call failed counts as written).
   chunks  streamed jobs' text as it is generated -> StreamTable chunk items (streams.py).
 
 Failures: a request the model cannot serve (too long, bad chat) -> FAILED at once. Anything else
@@ -40,6 +40,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.chunks import ChunkStore
 from stratus.contracts import TIERS, Job, NewerMessage, QueueMessage, Status
+from stratus.errors import transient
 from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
 from stratus.replies import post_replies
@@ -280,15 +281,16 @@ class Worker:
         self.leases.delete(held.receipt)
 
     def _keep_trying(self, write, job_id: str) -> None:
-        """A finished generation is worth keeping: a result write that fails (throttled, storage
-        unreachable) is tried again with backoff for up to WRITE_RETRY_S, while the heartbeat keeps
-        the message's lease, before the job goes back to the queue to be generated again."""
+        """A finished generation is worth keeping: a result write that fails for a passing reason
+        (throttled, a 5xx, storage unreachable) is tried again with backoff for up to WRITE_RETRY_S,
+        while the heartbeat keeps the message's lease, before the job goes back to the queue to be
+        generated again. Any other failure goes back at once."""
         give_up, pause = time.monotonic() + WRITE_RETRY_S, WRITE_RETRY_FIRST_S
         while True:
             try:
                 return write()
             except Exception as exc:  # noqa: BLE001
-                if self._halt.is_set() or time.monotonic() + pause > give_up:
+                if not transient(exc) or self._halt.is_set() or time.monotonic() + pause > give_up:
                     raise
                 logger.warning("could not write a result; trying again",
                                extra={"job_id": job_id, "error": type(exc).__name__, "retry_in_s": pause})

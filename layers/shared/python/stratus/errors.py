@@ -98,3 +98,23 @@ class NotConfigured(StratusError):
     status = 501
     error_type = "server_error"
     code = "not_configured"
+
+
+# Codes AWS answers when the same call may succeed later (botocore's throttling and transient classes).
+TRANSIENT_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "RequestLimitExceeded",
+    "LimitExceededException", "SlowDown", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
+    "InternalServerError", "InternalError", "ServiceUnavailable", "TransactionInProgressException",
+})
+
+
+def transient(exc: BaseException) -> bool:
+    """A storage call that may succeed if tried again (throttled, a 5xx, a timeout, a dropped
+    connection), not one the service refused as invalid (ValidationException, AccessDenied...)."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return exc.response.get("Error", {}).get("Code") in TRANSIENT_CODES or status >= 500
+    return isinstance(exc, (ConnectionError, HTTPClientError))
