@@ -985,3 +985,6 @@ def test_a_file_replaced_while_it_is_read_fails_its_batch_instead_of_mixing_two_
     view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
     assert view["status"] == "failed" and view["errors"]["data"][0]["code"] == "input_changed"
     assert set(custom_ids(stack, created["batch"]).values()) == {f"a{i}" for i in range(10)}
+    # and the jobs its first slice made are cancelled, their queued prompts (the outbox) deleted
+    assert sorted(job_statuses(stack, created["batch"]).values()) == ["CANCELLED"] * 10
+    assert state_files(stack, created["batch"]) == ["lines/00000.json"]

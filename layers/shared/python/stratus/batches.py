@@ -366,7 +366,31 @@ def _read_or_fail(batch: Batch, deps: Deps, read: Callable[[], T]) -> T | None:
                          ("input_unreadable", f"the input file cannot be read ({_code(exc)})"))
         batch.status, batch.errors = "failed", [{"code": code, "message": message}]
         deps.table.put_item(Item=batch.to_item())
+        logger.info("batch failed", extra={"batch_id": batch.id, "code": code})
+        _stand_down(batch, deps)
         return None
+
+
+def _stand_down(batch: Batch, deps: Deps) -> None:
+    """A batch failed after some of its lines became jobs: nobody will read their answers, so the
+    jobs it made that have not started are cancelled and its outbox (their prompts) deleted; running
+    ones finish (cached). Best effort: what is left expires (jobs) or goes by the lifecycle rule."""
+    if not batch.ingested:
+        return
+    try:
+        lines = _read_lines(batch, deps)
+        _cancel_queued(lines, deps.store.statuses(sorted({l.job_id for l in lines if l.job_id})), batch, deps)
+        release.delete_outbox(batch.id, batch.outbox, deps)
+    except Exception:  # noqa: BLE001 - the batch has failed either way
+        logger.exception("could not cancel a failed batch's jobs", extra={"batch_id": batch.id})
+
+
+def _cancel_queued(lines: list[Line], statuses: dict[str, Status], batch: Batch, deps: Deps) -> set[str]:
+    """Cancel the lines' QUEUED jobs that this batch made (Job.batch; the condition refuses the
+    others: another batch's, a request's, a promoted one) -> the ids cancelled."""
+    queued = sorted({l.job_id for l in lines if statuses.get(l.job_id) == Status.QUEUED})
+    return {j for j, job in zip(queued, _at_once(lambda j: deps.store.cancel_batch_job(j, batch.id), queued))
+            if job is not None}
 
 
 def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: Deps) -> bool:
@@ -793,9 +817,7 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
     if batch.lines_total is None or batch.ingested < batch.lines_total:
         lines += _unread_lines(batch, deps)
     statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id}))
-    queued = sorted({l.job_id for l in lines if statuses.get(l.job_id) == Status.QUEUED})
-    cancelled = {j for j, job in zip(queued, _at_once(lambda j: deps.store.cancel_batch_job(j, batch.id), queued))
-                 if job is not None}  # those this batch made (Job.batch)
+    cancelled = _cancel_queued(lines, statuses, batch, deps)
     for l in lines:
         if l.job_id in cancelled:
             statuses[l.job_id] = Status.CANCELLED
