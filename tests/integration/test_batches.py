@@ -945,6 +945,37 @@ def test_cancelling_a_big_file_part_read_accounts_for_every_line(stack, batch_fn
     assert sorted(job_statuses(stack, created["batch"]).values()) == ["CANCELLED"] * 10
 
 
+def test_a_cancelled_batch_reads_the_rest_of_its_file_once_when_it_writes_the_output(stack, batch_fn, batch_deps,
+                                                                                     sliced, monkeypatch):
+    from stratus import batches
+
+    upload, _, read = batch_fn
+    # Given a 25-line file of which one slice was read, one of its lines running, and a cancel
+    created = upload("batches/input/acme/big.jsonl", lines("a", 25))
+    [held] = stack.sqs.receive_message(QueueUrl=stack.refs["BatchJobsQueue"], MaxNumberOfMessages=1,
+                                       VisibilityTimeout=300)["Messages"]
+    running, store = json.loads(held["Body"])["job_id"], JobStore(stack.table)
+    assert store.transition(running, [Status.QUEUED], Status.RUNNING, worker="w")
+    stack.call("api_cancel_batch.json", key=sliced, job_id=created["batch"])
+    deps = batch_deps()
+    reads, real_get = [], deps.s3.get_object
+    monkeypatch.setattr(deps.s3, "get_object", lambda **kw: reads.append(kw["Key"]) or real_get(**kw))
+    # When passes run while the line runs
+    for _ in range(3):
+        assert batches.advance(deps) == []
+    # Then none reads the input file, and the counts name every line of it
+    assert not [k for k in reads if k.startswith("batches/input/")]
+    view = stack.call("api_get_batch.json", key=sliced, job_id=created["batch"])[1]
+    assert view["request_counts"] == {"total": 25, "completed": 0, "failed": 24}
+    # When it finishes: the rest of the file is read once, and the output names all 25 lines
+    store.complete(running, "w", {"text": "late", "finish_reason": "stop"})
+    assert batches.advance(deps) == [created["batch"]]
+    assert len([k for k in reads if k.startswith("batches/input/")]) == 1
+    view = stack.call("api_get_batch.json", key=sliced, job_id=created["batch"])[1]
+    assert view["request_counts"] == {"total": 25, "completed": 1, "failed": 24}
+    assert len(read(view["output_file_uri"])) == 1 and len(read(view["error_file_uri"])) == 24
+
+
 def test_batches_are_listed_a_page_at_a_time(stack, batch_fn):
     upload, _, _ = batch_fn
     made = [upload(f"batches/input/acme/p{i}.jsonl", line(f"q{i}", f"Page {i}?") + "\n")["batch"] for i in range(5)]

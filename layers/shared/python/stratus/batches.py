@@ -813,9 +813,7 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
     ingest: lines not read by then never become jobs.)"""
     if batch.ingest_until >= deps.clock():
         return False  # an ingest step is finishing its slice
-    lines = _read_lines(batch, deps)
-    if batch.lines_total is None or batch.ingested < batch.lines_total:
-        lines += _unread_lines(batch, deps)
+    lines = _read_lines(batch, deps)  # the lines never read are added when the output is written
     statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id}))
     cancelled = _cancel_queued(lines, statuses, batch, deps)
     for l in lines:
@@ -826,10 +824,13 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
     running = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.RUNNING)
     if running:  # in a worker's hands: their answers go in the output
         done = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.DONE)
+        total = max(batch.lines_total or 0, len(lines))  # (the file was counted before it was read)
         deps.table.update_item(Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET counts = :c",
                                ExpressionAttributeValues={":c": json.dumps(
-                                   {"total": len(lines), "completed": done, "failed": len(lines) - done - running})})
+                                   {"total": total, "completed": done, "failed": total - done - running})})
         return False
+    if batch.lines_total is None or batch.ingested < batch.lines_total:
+        lines += _unread_lines(batch, deps)
     return _write_output(batch, _slices(lines), deps, cancelled=True)
 
 
