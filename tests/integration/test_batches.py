@@ -475,6 +475,81 @@ def test_a_pass_reads_only_the_lines_past_those_settled(stack, batch_fn, batch_d
     assert [o["custom_id"] for o in read(view["output_file_uri"])] == [f"a{i}" for i in range(30)]
 
 
+def test_a_line_that_stays_pending_holds_back_the_reads_of_its_own_lines_file_only(stack, batch_fn, batch_deps,
+                                                                                   sliced, monkeypatch):
+    from stratus import batches
+
+    upload, tick, read = batch_fn
+    deps = batch_deps(batch_release_floor=100)  # every line goes as it is read
+    # Given a 25-line file read 10 lines a slice (files of 10, 10 and 5 lines): a worker holds its
+    # first line, and every other line has finished (one of them FAILED)
+    created = upload("batches/input/acme/big.jsonl", lines("a", 25))
+    tick(), tick()
+    store = JobStore(stack.table)
+    for job_id, custom_id in custom_ids(stack, created["batch"]).items():
+        assert store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w")
+        if custom_id == "a7":
+            store.transition(job_id, [Status.RUNNING], Status.FAILED, error={"message": "no", "code": "x"})
+        elif custom_id != "a0":
+            store.complete(job_id, "w", {"text": "ok", "finish_reason": "stop"})
+    batches.advance(deps)  # counts them: the second and third files are settled
+    # When the next passes count
+    statuses, parts = [], []
+    real_statuses, real_get = deps.store.statuses, deps.s3.get_object
+    monkeypatch.setattr(deps.store, "statuses", lambda ids: statuses.extend(ids) or real_statuses(ids))
+    monkeypatch.setattr(deps.s3, "get_object", lambda **kw: parts.append(kw["Key"]) or real_get(**kw))
+    for _ in range(2):
+        assert batches.advance(deps) == []
+    # Then each reads the first lines file only, and the statuses of its 10 lines, and the counts
+    # are those of every line
+    assert [p.rsplit("/", 1)[1] for p in parts] == ["00000.json"] * 2 and len(statuses) == 20
+    b = batches.get_any(created["batch"], deps)
+    assert (b.settled, b.settled_parts) == (0, {1: 10, 2: 5})
+    assert b.counts == {"total": 25, "completed": 23, "failed": 1}
+    # When the held line finishes: the marks move over everything and the batch completes, in file order
+    [first] = [j for j, c in custom_ids(stack, created["batch"]).items() if c == "a0"]
+    store.complete(first, "w", {"text": "ok", "finish_reason": "stop"})
+    assert batches.advance(deps) == [created["batch"]]
+    view = stack.call("api_get_batch.json", key=sliced, job_id=created["batch"])[1]
+    assert view["request_counts"] == {"total": 25, "completed": 24, "failed": 1}
+    assert [o["custom_id"] for o in read(view["output_file_uri"])] == [f"a{i}" for i in range(25) if i != 7]
+    assert [e["custom_id"] for e in read(view["error_file_uri"])] == ["a7"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_counts_are_exact_whatever_order_lines_finish_in(stack, batch_fn, batch_deps, sliced, seed):
+    import random
+
+    from stratus import batches
+
+    upload, tick, read = batch_fn
+    deps = batch_deps(batch_release_floor=100)
+    created = upload("batches/input/acme/big.jsonl", lines("a", 25))
+    tick(), tick()
+    store, rng = JobStore(stack.table), random.Random(seed)
+    jobs = list(custom_ids(stack, created["batch"]).items())
+    rng.shuffle(jobs)
+    done, failed = set(), set()
+    # Lines finish five at a time in a random order, DONE or FAILED; a pass counts after each round
+    for round_start in range(0, 25, 5):
+        for job_id, custom_id in jobs[round_start:round_start + 5]:
+            store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w")
+            if rng.random() < 0.2:
+                store.transition(job_id, [Status.RUNNING], Status.FAILED, error={"message": "no", "code": "x"})
+                failed.add(custom_id)
+            else:
+                store.complete(job_id, "w", {"text": "ok", "finish_reason": "stop"})
+                done.add(custom_id)
+        finished = batches.advance(deps)
+        b = batches.get_any(created["batch"], deps)
+        assert b.counts == {"total": 25, "completed": len(done), "failed": len(failed)}
+        assert finished == ([created["batch"]] if round_start == 20 else [])
+    view = stack.call("api_get_batch.json", key=sliced, job_id=created["batch"])[1]
+    order = [f"a{i}" for i in range(25)]
+    assert [o["custom_id"] for o in read(view["output_file_uri"])] == [c for c in order if c in done]
+    assert [e["custom_id"] for e in read(view["error_file_uri"])] == [c for c in order if c in failed]
+
+
 def test_a_settled_lines_job_run_again_holds_the_batch_until_it_finishes(stack, batch_fn, batch_deps):
     from stratus import batches
 

@@ -109,6 +109,8 @@ class Batch:
     read_line: int = 0  # ... and the number of the line before it (blank lines count)
     settled: int = 0  # the first lines (file order) whose jobs have finished: the pass reads past them ...
     settled_done: int = 0  # ... and how many of those finished DONE
+    settled_parts: dict = field(default_factory=dict)  # lines files past that mark whose every line has
+                                                       # finished -> how many DONE: not read again
 
     def to_item(self) -> dict:
         item = {"pk": f"batch#{self.id}", "tenant": self.tenant, "input_file": self.input_file, "status": self.status,
@@ -117,7 +119,8 @@ class Batch:
                 "batch_tenant": self.tenant, "outbox": self.outbox, "released": self.released,
                 "outbox_tokens": self.outbox_tokens,
                 "ingested": self.ingested, "settled": self.settled, "settled_done": self.settled_done,
-                "read_offset": self.read_offset, "read_line": self.read_line}
+                "read_offset": self.read_offset, "read_line": self.read_line,
+                "settled_parts": json.dumps(self.settled_parts)}
         if self.status in OPEN_STATUSES:
             item["open_batch"] = OPEN
         for name in ("completed_at", "output_file", "error_file", "cancelling_at", "cancelled_at", "lines_total",
@@ -133,7 +136,9 @@ class Batch:
                                           "read_offset", "read_line", "outbox_tokens") if k in item}
         return cls(item["pk"].removeprefix("batch#"), item["tenant"], item["input_file"], item.get("input_etag", ""),
                    item["status"], int(item["created_at"]), counts=json.loads(item["counts"]), output_file=item.get("output_file"),
-                   error_file=item.get("error_file"), errors=json.loads(item.get("errors", "[]")), **ints)
+                   error_file=item.get("error_file"), errors=json.loads(item.get("errors", "[]")),
+                   settled_parts={int(p): int(d) for p, d in json.loads(item.get("settled_parts", "{}")).items()},
+                   **ints)
 
     @property
     def line_tokens(self) -> float:
@@ -717,8 +722,12 @@ def _open_batch_ids(deps: Deps) -> list[str]:
 def _line_parts(batch: Batch, deps: Deps, first: int = 0) -> Iterator[list[Line]]:
     """The lines read so far, a lines file (a slice) at a time from part `first` on, in file order."""
     for part in range(first, -(-batch.ingested // SLICE)):
-        raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=_lines_key(batch.id, part))["Body"].read()
-        yield [Line(**d) for d in json.loads(raw)]
+        yield _line_part(batch, part, deps)
+
+
+def _line_part(batch: Batch, part: int, deps: Deps) -> list[Line]:
+    raw = deps.s3.get_object(Bucket=deps.settings.bucket, Key=_lines_key(batch.id, part))["Body"].read()
+    return [Line(**d) for d in json.loads(raw)]
 
 
 def _read_lines(batch: Batch, deps: Deps, start: int = 0) -> list[Line]:
@@ -776,33 +785,50 @@ def _run_again(job_ids: list[str], ended: set[Status], batch: Batch, deps: Deps)
 
 
 def _advance_one(batch: Batch, deps: Deps) -> bool:
-    """Count the lines past the settled ones (those finished, each counted once, first in file
-    order), move the settled mark over the finished lines that now lead, and once nothing is
-    pending or unread write the output. A 50,000-line batch near its end reads the statuses of
-    the lines in flight, not of all 50,000."""
-    tail = _read_lines(batch, deps, start=batch.settled)
-    outcomes = _outcomes(tail, batch, deps)
-    lead = next((i for i, o in enumerate(outcomes) if o == PENDING), len(outcomes))
-    settled, settled_done = batch.settled + lead, batch.settled_done + outcomes[:lead].count(DONE)
-    read = batch.settled + len(tail)
-    done, pending = batch.settled_done + outcomes.count(DONE), outcomes.count(PENDING)
-    batch.counts = {"total": batch.lines_total or read, "completed": done, "failed": read - done - pending}
-    unread = (batch.lines_total or 0) - read  # lines an ingest has still to read
+    """Count the lines, and once nothing is pending or unread write the output. Two marks keep a
+    pass's reads to the lines in flight: `settled`, the finished lines that lead the file (each
+    counted once), and `settled_parts`, the lines files past it whose every line has finished, so
+    a line that stays pending holds back the reads of its own file of SLICE lines, not of the rest
+    of the batch. A 50,000-line batch near its end reads the statuses of the lines in flight."""
+    first, stop = batch.settled // SLICE, -(-batch.ingested // SLICE)
+    known = {p: d for p, d in batch.settled_parts.items() if first <= p < stop}
+    tail = {p: _line_part(batch, p, deps)[batch.settled - p * SLICE if p == first else 0:]
+            for p in range(first, stop) if p not in known}
+    flat = [l for p in sorted(tail) for l in tail[p]]
+    outcomes = iter(_outcomes(flat, batch, deps))
+    settled, settled_done, leading, parts = batch.settled, batch.settled_done, True, {}
+    done, pending = batch.settled_done, 0
+    for p in range(first, stop):
+        if p in known:  # every line finished, known[p] of them DONE (a file's last part may be short)
+            n = min(SLICE, batch.ingested - p * SLICE)
+            o = [DONE] * known[p] + [FAILED] * (n - known[p])
+        else:
+            o = [next(outcomes) for _ in tail[p]]
+        ended = o.index(PENDING) if PENDING in o else len(o)  # the finished lines that lead the part
+        done, pending = done + o.count(DONE), pending + o.count(PENDING)
+        if leading:  # the mark moves over the finished lines that lead the file
+            settled, settled_done, leading = settled + ended, settled_done + o[:ended].count(DONE), ended == len(o)
+        elif ended == len(o) and ((p + 1) * SLICE <= batch.ingested or batch.ingested == batch.lines_total):
+            parts[p] = o.count(DONE)  # a whole part (no more lines to come), every line finished
+    batch.counts = {"total": batch.lines_total or batch.ingested, "completed": done,
+                    "failed": batch.ingested - done - pending}
+    unread = (batch.lines_total or 0) - batch.ingested  # lines an ingest has still to read
     if not pending and not unread:
-        return _write_output(batch, _line_parts(batch, deps) if batch.settled else _slices(tail), deps)
-    _record_progress(batch, settled, settled_done, deps)
+        whole_tail = not batch.settled and not known
+        return _write_output(batch, _slices(flat) if whole_tail else _line_parts(batch, deps), deps)
+    _record_progress(batch, settled, settled_done, parts, deps)
     return False
 
 
-def _record_progress(batch: Batch, settled: int, settled_done: int, deps: Deps) -> None:
-    """Counts and the settled mark (which only moves on: a pass that ran beside a later one and
-    lost keeps its hands off)."""
+def _record_progress(batch: Batch, settled: int, settled_done: int, parts: dict[int, int], deps: Deps) -> None:
+    """Counts and the settled marks (the leading one only moves on: a pass that ran beside a later
+    one and lost keeps its hands off)."""
     try:
         deps.table.update_item(Key={"pk": f"batch#{batch.id}"},
-                               UpdateExpression="SET counts = :c, settled = :s, settled_done = :d",
+                               UpdateExpression="SET counts = :c, settled = :s, settled_done = :d, settled_parts = :p",
                                ConditionExpression="attribute_not_exists(settled) OR settled <= :s",
                                ExpressionAttributeValues={":c": json.dumps(batch.counts), ":s": settled,
-                                                          ":d": settled_done})
+                                                          ":d": settled_done, ":p": json.dumps(parts)})
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         pass
 
@@ -860,8 +886,8 @@ PASS_STEPS = {"in_progress": _advance_one, "cancelling": _cancel_one}  # status 
 def _write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, cancelled: bool = False) -> bool:
     """Write the output and error files a slice of lines at a time (one slice's jobs and one part of
     each file in memory) and finish the batch -> True. False, and nothing written, when a line's
-    job is running again (a no-cache request re-ran a job a settled line counted): the settled mark
-    starts over and the next pass counts every line afresh."""
+    job is running again (a no-cache request re-ran a job a settled line counted): the settled marks
+    start over and the next pass counts every line afresh."""
     prefix = f"batches/output/{batch.id}/"
     output, errors = prefix + "output.jsonl", prefix + "errors.jsonl"
     files = {True: PartWriter(deps.s3, deps.settings.bucket, output, "application/jsonl"),
@@ -873,8 +899,8 @@ def _write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, can
             if not cancelled and any(j.status in (Status.QUEUED, Status.RUNNING) for j in jobs.values()):
                 logger.info("a finished line's job runs again: the batch waits for it", extra={"batch_id": batch.id})
                 deps.table.update_item(Key={"pk": f"batch#{batch.id}"},
-                                       UpdateExpression="SET settled = :z, settled_done = :z",
-                                       ExpressionAttributeValues={":z": 0})
+                                       UpdateExpression="SET settled = :z, settled_done = :z, settled_parts = :none",
+                                       ExpressionAttributeValues={":z": 0, ":none": "{}"})
                 for f in files.values():
                     f.abort()
                 return False
