@@ -1051,6 +1051,26 @@ def test_a_cancelled_batch_reads_the_rest_of_its_file_once_when_it_writes_the_ou
     assert len(read(view["output_file_uri"])) == 1 and len(read(view["error_file_uri"])) == 24
 
 
+def test_a_pass_reads_the_open_batches_a_hundred_at_a_time_oldest_first(stack, batch_fn, batch_deps, monkeypatch):
+    from stratus import batches
+
+    upload, _, _ = batch_fn
+    made = []
+    for i in range(3):
+        made.append(upload(f"batches/input/acme/o{i}.jsonl", lines(f"o{i}-", 2))["batch"])
+        stack.table.update_item(Key={"pk": f"batch#{made[-1]}"}, UpdateExpression="SET created_at = :t",
+                                ExpressionAttributeValues={":t": 1_000 + i})  # distinct ages
+    deps = batch_deps()
+    calls = {"get_item": 0, "batch_get_item": 0}
+    client = deps.table.meta.client
+    for name in calls:
+        real = getattr(client, name)
+        monkeypatch.setattr(client, name, lambda real=real, name=name, **kw: calls.__setitem__(name, calls[name] + 1)
+                            or real(**kw))
+    assert [b.id for b in batches._open_batches(deps)] == made
+    assert calls == {"get_item": 0, "batch_get_item": 1}
+
+
 def test_batches_are_listed_a_page_at_a_time(stack, batch_fn):
     upload, _, _ = batch_fn
     made = [upload(f"batches/input/acme/p{i}.jsonl", line(f"q{i}", f"Page {i}?") + "\n")["batch"] for i in range(5)]

@@ -693,19 +693,18 @@ def advance(deps: Deps, batches: list[Batch] | None = None) -> list[str]:
 
 
 def _open_batches(deps: Deps) -> list[Batch]:
-    """Every open batch as it stands (a consistent read each), oldest first; one that cannot be
-    read is logged, counted and left for the next pass."""
-    out = []
-    for batch_id in _open_batch_ids(deps):
-        try:
-            item = deps.table.get_item(Key={"pk": f"batch#{batch_id}"}, ConsistentRead=True).get("Item")
-        except Exception:  # noqa: BLE001 - a throttled read
-            logger.exception("could not read a batch", extra={"batch_id": batch_id})
-            metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
-            continue
-        if item is not None and item.get("open_batch") == OPEN:  # (the index lags behind the items)
-            out.append(Batch.from_item(item))
-    return out
+    """Every open batch as it stands (strongly consistent reads, 100 a call), oldest first; none
+    when they cannot be read (logged and counted: the next pass or step reads them again)."""
+    ids = _open_batch_ids(deps)
+    try:
+        items = {i["pk"]: i for i in deps.store.items([f"batch#{b}" for b in ids])}
+    except Exception:  # noqa: BLE001 - throttled past the retries
+        logger.exception("could not read the open batches")
+        metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
+        return []
+    # (the index lags behind the items: a batch just finished is still listed)
+    return [Batch.from_item(item) for b in ids
+            if (item := items.get(f"batch#{b}")) is not None and item.get("open_batch") == OPEN]
 
 
 def _open_batch_ids(deps: Deps) -> list[str]:

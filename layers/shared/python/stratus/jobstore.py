@@ -85,20 +85,21 @@ class JobStore:
         """(status, streamed?) of each existing job (workers poll for cancels, and for streaming
         requests that joined a job)."""
         return {i["pk"]: (Status(i["status"]), bool(i.get("streamed", False)))
-                for i in self._batch_get(job_ids, "pk, #s, streamed")}
+                for i in self.items(job_ids, "pk, #s, streamed")}
 
     def get_many(self, job_ids: list[str], *, now: float | None = None) -> dict[str, Job]:
         """Each existing, unexpired job (get() for many: a batch's output reads its lines' jobs)."""
         now = now or time.time()
-        jobs = (Job.from_item(i) for i in self._batch_get(job_ids) if "status" in i)
+        jobs = (Job.from_item(i) for i in self.items(job_ids) if "status" in i)
         return {j.job_id: j for j in jobs if j.expires_at >= now}
 
-    def _batch_get(self, job_ids: list[str], projection: str | None = None) -> list[dict]:
-        """Strongly consistent items, 100 ids per BatchGetItem; unprocessed keys asked again after a back-off."""
+    def items(self, pks: list[str], projection: str | None = None) -> list[dict]:
+        """The table's items with these keys (jobs, batches), strongly consistent, in no order: 100 keys
+        per BatchGetItem; unprocessed keys asked again after a back-off."""
         out: list[dict] = []
         client, name = self.table.meta.client, self.table.name
-        for i in range(0, len(job_ids), 100):
-            keys = {"Keys": [{"pk": j} for j in job_ids[i:i + 100]], "ConsistentRead": True}
+        for i in range(0, len(pks), 100):
+            keys = {"Keys": [{"pk": j} for j in pks[i:i + 100]], "ConsistentRead": True}
             if projection:
                 keys.update(ProjectionExpression=projection, ExpressionAttributeNames={"#s": "status"})
             request = {name: keys}
