@@ -21,8 +21,8 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from stratus import batches, openapi, service, shapes, streaming, tokenizer
 from stratus.deps import deps_from_env
-from stratus.contracts import require_unicode
-from stratus.errors import InvalidRequest, PayloadTooLarge, RateLimited, StratusError, Unavailable
+from stratus.contracts import parse_json, require_unicode
+from stratus.errors import PayloadTooLarge, RateLimited, StratusError, Unavailable
 from stratus.keys import Tenant, authenticate
 from stratus.observability import logger, metrics, tracer
 
@@ -47,11 +47,7 @@ def parse_body(raw: str | bytes, limit: int):
     """A request body -> its JSON value (PayloadTooLarge, InvalidRequest)."""
     if len(raw.encode() if isinstance(raw, str) else raw) > limit:
         raise PayloadTooLarge(f"request body must be at most {limit} bytes")
-    try:
-        value = json.loads(raw or "null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f": {exc.msg} at position {exc.pos}" if isinstance(exc, json.JSONDecodeError) else " (not UTF-8)"
-        raise InvalidRequest(f"the request body is not valid JSON{where}") from exc
+    value = parse_json(raw or "null", "the request body")
     require_unicode(value, "the request body")
     return value
 
@@ -137,7 +133,15 @@ def upload_file() -> Response:
 @app.get("/v1/files/<file_id>/content")
 def file_content(file_id: str) -> Response:
     content = batches.file_content(file_id, _tenant().name, get_deps())
-    return Response(200, "application/jsonl", content.decode())
+    try:
+        return Response(200, "application/jsonl", content.decode())
+    except UnicodeDecodeError:  # an upload that is not UTF-8 comes back as it was, base64 to the gateway
+        if len(content) * 4 > batches.MAX_CONTENT_BYTES * 3:
+            raise PayloadTooLarge(f"file {file_id!r} is not UTF-8 text and too big for an API response base64-"
+                                  "encoded: read it from S3") from None
+        out = Response(200, "application/jsonl", base64.b64encode(content).decode())
+        out.base64_encoded = True
+        return out
 
 
 @app.get("/v1/models")

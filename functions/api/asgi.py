@@ -102,7 +102,7 @@ def _wants_stream(body: bytes) -> bool:
         return False
     try:
         value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return False
     return isinstance(value, dict) and value.get("stream") is True
 

@@ -269,6 +269,17 @@ def test_bad_json_and_oversized_bodies(stack, key):
     assert status == 413 and body["error"]["code"] == "request_too_large"
 
 
+@pytest.mark.parametrize("depth", [129, 5_000])  # past MAX_JSON_DEPTH; past Python's own recursion limit
+def test_json_nested_too_deep_is_a_400(stack, key, depth):
+    raw = '{"model": "m", "messages": ' + "[" * depth + "]" * depth + "}"
+    for event in ("api_chat_completion.json", "api_create_job.json"):
+        status, body, _ = stack.call(event, key=key, body=raw)
+        assert status == 400 and "nests arrays and objects more than 128 deep" in body["error"]["message"]
+    ok = '{"model": "m", "messages": ' + "[" * 100 + "]" * 100 + "}"  # deep but allowed: refused for its content
+    status, body, _ = stack.call("api_chat_completion.json", key=key, body=ok)
+    assert status in (400, 404) and "deep" not in body["error"]["message"]
+
+
 def test_keys_cli_creates_a_working_key_and_revokes_it(stack, capsys):
     from stratus_cli.main import main as stratus
 

@@ -205,6 +205,18 @@ def test_lines_end_at_newlines_only_and_keep_their_numbers(stack, batch_fn):
     assert error["line"] == 5 and "not UTF-8" in error["error"]["message"]
 
 
+def test_a_line_nested_past_the_recursion_limit_is_an_error_line_not_a_stuck_batch(stack, batch_fn):
+    upload, tick, read = batch_fn
+    deep = '{"custom_id": "deep", "body": ' + "[" * 5000 + "]" * 5000 + "}"
+    created = upload("batches/input/acme/deep.jsonl", line("ok", "Fine.") + "\n" + deep + "\n")
+    assert created["status"] == "in_progress" and created["request_counts"] == {"total": 2, "completed": 0, "failed": 1}
+    work_all(stack)
+    assert tick()["completed"] == [created["batch"]]
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    [error] = read(stack.call("api_get_batch.json", key=key, job_id=created["batch"])[1]["error_file_uri"])
+    assert error["line"] == 2 and "more than 128 deep" in error["error"]["message"]
+
+
 def test_uploads_outside_a_tenant_folder_are_ignored(stack, batch_fn):
     upload, _, _ = batch_fn
     assert upload("batches/input/loose.jsonl", line("a", "b")) == {"ignored": "batches/input/loose.jsonl"}
@@ -245,6 +257,37 @@ def test_uploads_must_be_batch_files_within_the_size_limit(stack):
     assert status == 400 and "purpose must be 'batch'" in body["error"]["message"]
     status, body, _ = stack.call("api_upload_file.json", key=acme, headers={"content-type": "application/json"})
     assert status == 400 and "multipart/form-data" in body["error"]["message"]
+    # a purpose field of another content type is read as text, or refused as unreadable (was a 500)
+    for part_type, wanted in (("text/plain; charset=bogus-xx", {200}), ("message/rfc822", {400}),
+                              ("multipart/mixed; boundary=zz", {200, 400})):  # (a defective multipart reads as text)
+        odd = base64.b64decode(event["body"]).replace(
+            b'name="purpose"\r\n\r\n', f'name="purpose"\r\nContent-Type: {part_type}\r\n\r\n'.encode())
+        status, body, _ = stack.call("api_upload_file.json", key=acme, body=base64.b64encode(odd).decode())
+        assert status in wanted, (part_type, body)
+
+
+def test_any_filename_and_any_bytes_upload_and_come_back_as_they_were(stack):
+    import base64
+
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    event = stack.event("api_upload_file.json", key=acme)
+    raw = base64.b64decode(event["body"])
+    name = raw.split(b'filename="', 1)[1].split(b'"', 1)[0]
+    content = b'\xff\xfe{"not": "utf-8"}\n'
+    start = raw.index(b"\r\n\r\n", raw.index(b'name="file"')) + 4
+    body = raw.replace(name, "données-月.jsonl".encode()).replace(raw[start:raw.index(b"\r\n--", start)], content)
+    status, file, _ = stack.call("api_upload_file.json", key=acme, body=base64.b64encode(body).decode())
+    assert status == 200 and file["filename"] == "données-月.jsonl" and file["bytes"] == len(content)
+    out = stack.handler(stack.event("api_file_content.json", key=acme, job_id=file["id"]), LambdaContext())
+    assert out["statusCode"] == 200 and out["isBase64Encoded"] and base64.b64decode(out["body"]) == content
+
+
+def test_a_list_limit_in_other_digits_is_a_400(stack):
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    event = stack.event("api_list_batches.json", key=acme)
+    event["queryStringParameters"], event["rawQueryString"] = {"limit": "²"}, "limit=%C2%B2"
+    out = stack.handler(event, LambdaContext())
+    assert out["statusCode"] == 400 and "limit" in json.loads(out["body"])["error"]["message"]
 
 
 def test_a_line_with_a_lone_surrogate_is_an_error_line_not_a_failed_batch(stack, batch_fn):

@@ -42,6 +42,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Iterable, Iterator, TypeVar
+from urllib.parse import quote
 
 from aws_lambda_powertools.metrics import MetricUnit
 from boto3.dynamodb.conditions import Key
@@ -507,7 +508,7 @@ def list_recent(tenant: str, deps: Deps, limit: int = 20, after: str | None = No
 def list_page(query: dict, tenant: str, deps: Deps) -> dict:
     """GET /v1/batches?limit=&after= -> the OpenAI list object."""
     raw = query.get("limit") or "20"
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE:  # ("²" is a digit to str.isdigit)
         raise InvalidRequest(f"limit must be an integer from 1 to {MAX_PAGE}", param="limit")
     page, more = list_recent(tenant, deps, int(raw), query.get("after"))
     data = [b.view(deps.settings.bucket) for b in page]
@@ -577,22 +578,35 @@ def read_upload(content_type: str, body: bytes, limit: int) -> tuple[str, bytes]
         raise PayloadTooLarge(f"the upload must be at most {limit} bytes; put bigger files in S3 under {FILES_PREFIX}")
     if not content_type.startswith("multipart/form-data"):
         raise InvalidRequest(f"send multipart/form-data with fields purpose and file, got {content_type or 'none'!r}")
-    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
-    fields = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
-    purpose = fields["purpose"].get_content().strip() if "purpose" in fields else None
+    try:
+        message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+        fields = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
+        purpose = _field_text(fields["purpose"]) if "purpose" in fields else None
+        file = fields.get("file")
+        filename, data = (file.get_filename() or "upload.jsonl", file.get_payload(decode=True)) if file else (None, None)
+    except Exception as exc:  # noqa: BLE001 - the email package raises many types on odd parts
+        raise InvalidRequest(f"the multipart body cannot be read ({type(exc).__name__})") from None
     if purpose != "batch":
         raise InvalidRequest(f"purpose must be 'batch', got {purpose!r}", param="purpose")
-    if "file" not in fields:
+    if file is None:
         raise InvalidRequest("the file field is missing", param="file")
-    part = fields["file"]
-    return part.get_filename() or "upload.jsonl", part.get_payload(decode=True) or b""
+    if not isinstance(data, bytes):
+        raise InvalidRequest("the file field must hold the file's bytes, not further parts", param="file")
+    return filename, data
+
+
+def _field_text(part) -> str | None:
+    """A form field's value as text (whatever its content type says)."""
+    raw = part.get_payload(decode=True)
+    return raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else None
 
 
 def upload_file(filename: str, data: bytes, tenant: str, deps: Deps) -> dict:
     """POST /v1/files (purpose "batch"): keep the file under the tenant's files prefix."""
     file_id = "file-" + uuid.uuid4().hex[:24]
     deps.s3.put_object(Bucket=deps.settings.bucket, Key=f"{FILES_PREFIX}{tenant}/{file_id}", Body=data,
-                       ContentType="application/jsonl", Metadata={"filename": filename[:200]})
+                       ContentType="application/jsonl",
+                       Metadata={"filename": quote(filename[:200])})  # (S3 metadata is ASCII: percent-encoded)
     return {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
             "filename": filename, "purpose": "batch", "status": "processed"}
 

@@ -121,12 +121,33 @@ def _number(body: dict, name: str, default, kind=float):
     return kind(value)
 
 
-def json_object(raw: str, what: str) -> dict:
-    """Parse `raw` as a JSON object; InvalidRequest says which `what` ("the line", ...) is wrong and where."""
+MAX_JSON_DEPTH = 128  # arrays and objects within each other: far past any real request, far short of
+                     # the recursion limit of the code that walks a parsed value
+
+
+def parse_json(raw: str | bytes, what: str):
+    """JSON text -> its value; InvalidRequest says which `what` ("the line", ...) is wrong and
+    where: not JSON, not UTF-8, or nesting arrays and objects deeper than MAX_JSON_DEPTH."""
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"{what} is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+        raise InvalidRequest(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"{what} is not valid JSON (not UTF-8)") from exc
+    except RecursionError:
+        raise InvalidRequest(f"{what} nests arrays and objects more than {MAX_JSON_DEPTH} deep") from None
+    level, depth = [value], 0
+    while level := [v for v in level if isinstance(v, (dict, list))]:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"{what} nests arrays and objects more than {MAX_JSON_DEPTH} deep")
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)]
+    return value
+
+
+def json_object(raw: str, what: str) -> dict:
+    """Parse `raw` as a JSON object (parse_json's errors, or one saying it is not an object)."""
+    value = parse_json(raw, what)
     if not isinstance(value, dict):
         raise InvalidRequest(f"{what} must be a JSON object")
     return value
