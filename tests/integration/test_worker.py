@@ -209,6 +209,123 @@ def test_a_result_write_that_landed_though_its_call_failed_counts_once(stack, ke
     assert said.count("generated") == 1 and "result not written: the job is no longer ours" not in said
 
 
+def test_requests_a_client_may_send_never_stop_a_worker(stack, key, make_worker):
+    # (a negative seed made numpy refuse the generator; a tiny temperature gave NaN probabilities
+    # and the engine thread died, with every job it held)
+    w = make_worker()
+    ids = [submit(stack, key, chat("negative seed", seed=-1, temperature=0.9)),
+           submit(stack, key, chat("tiny temperature", temperature=1e-320)),
+           submit(stack, key, chat("tiny penalty", temperature=0.7, repetition_penalty=1e-300))]
+    wait_until(lambda: all(job(stack, j).status == Status.DONE for j in ids), timeout=30)
+    assert w.failure is None and not w.stopping.is_set()
+
+
+def test_a_job_the_engine_refuses_to_start_goes_back_and_is_not_held(stack, key, make_worker, tiny):
+    engine = Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16)
+    real, calls = engine.submit, []
+
+    def refuses_once(r):
+        calls.append(r.request_id)
+        if len(calls) == 1:
+            raise ValueError("cannot start")
+        return real(r)
+
+    engine.submit = refuses_once
+    w = make_worker(engine)
+    job_id = submit(stack, key, chat("start me"))
+    wait_until(lambda: job(stack, job_id).status == Status.DONE)  # the message came back at once
+    assert calls == [job_id, job_id] and "ValueError: cannot start" in job(stack, job_id).last_error
+    wait_until(lambda: not w.held)  # (was held for ever: the message, re-received, was taken for its own)
+
+
+def test_a_message_back_after_its_deadline_leaves_a_job_another_worker_runs(stack, key, make_worker):
+    job_id = submit(stack, key, chat("long running"))
+    assert JobStore(stack.table).transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w-alive")
+    w = make_worker(run=False)
+    w.jobs.clock = lambda: time.time() + 1000  # its lease lapsed: the message is back, past its deadline
+    m = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], AttributeNames=["All"])["Messages"][0]
+    w.admit(m, Receipt(stack.refs["JobsQueue"], m["ReceiptHandle"]))
+    # Then the message is kept (was deleted: had that worker died, nothing would take the job over)
+    assert job(stack, job_id).status == Status.RUNNING and queue_depth(stack) == 1
+
+
+def test_a_job_made_again_after_a_cancel_is_run_from_its_own_message(stack, key, make_worker, tiny):
+    engine = slow(Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16), 0.02)
+    body = chat("cancel and send again", max_tokens=60, stop=None)  # greedy: the same id both times
+    job_id = submit(stack, key, body)
+    w = make_worker(engine)
+    enqueued, deleted, real_admit, real_delete = {}, [], w.admit, w.leases.delete
+
+    def admit(m, receipt):
+        enqueued[receipt.handle] = json.loads(m["Body"])["enqueued_at"]
+        return real_admit(m, receipt)
+
+    w.admit = admit
+    w.leases.delete = lambda receipt: deleted.append(enqueued.get(receipt.handle)) or real_delete(receipt)
+    wait_until(lambda: job(stack, job_id).status == Status.RUNNING)
+    assert stack.call("api_cancel_job.json", key=key, job_id=job_id)[0] == 200
+    assert submit(stack, key, body) == job_id  # made again: same id, a new message
+    done = wait_until(lambda: (x := job(stack, job_id)).status == Status.DONE and x, timeout=30)
+    # Then the new job ran from the new message, soon (was: the old generation deleted the new
+    # message, and the job waited for the old one to come back a lease later, past its deadline)
+    wait_until(lambda: len(deleted) == 2)
+    first, second = sorted(set(enqueued.values()))
+    assert deleted == [first, second] and done.attempts >= 1
+
+
+def test_a_cancel_read_as_the_writer_lets_go_does_not_stop_the_job_made_again(stack, key, make_worker, tiny):
+    engine = slow(Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16), 0.05)
+    body = chat("cancel then ask again", max_tokens=200, stop=None)  # greedy: the same id both times
+    job_id = submit(stack, key, body)
+    w = make_worker(engine)
+    real_states, real_record = w.store.states, w.results.record
+
+    def late_states(ids):  # a read of the cancel still in flight when the writer lets the job go
+        got = real_states(ids)
+        if job_id in ids and job_id in w.cancelled:
+            wait_until(lambda: job_id not in w.held and job_id not in w.cancelled, timeout=5)
+        return got
+
+    def slow_record(*args, **kwargs):
+        time.sleep(1.5)
+        return real_record(*args, **kwargs)
+
+    w.store.states, w.results.record = late_states, slow_record
+    wait_until(lambda: job(stack, job_id).status == Status.RUNNING)
+    assert stack.call("api_cancel_job.json", key=key, job_id=job_id)[0] == 200
+    wait_until(lambda: queue_depth(stack) == 0 and not w.held)
+    time.sleep(0.3)
+    w.store.states, w.results.record = real_states, real_record
+    assert job_id not in w.cancelled  # (was left there by the late read)
+    # When the client asks again: the job is made again under the same id, and runs to its end
+    assert submit(stack, key, body) == job_id
+    wait_until(lambda: job(stack, job_id).status == Status.DONE, timeout=30)
+
+
+def test_sigterm_leaves_the_job_whose_result_is_being_written_to_the_writer(stack, key, make_worker):
+    import threading
+
+    w = make_worker(drain_s=0.2)
+    store, real_complete, real_release = JobStore(stack.table), w.store.complete, w.release_all
+    writing, released = threading.Event(), threading.Event()
+
+    def slow_complete(*args, **kwargs):  # a write that outlasts the drain and the writer's join (10 s)
+        writing.set()
+        released.wait(30)
+        return real_complete(*args, **kwargs)
+
+    w.store.complete = slow_complete
+    w.release_all = lambda: (real_release(), released.set())
+    job_id = submit(stack, key, chat("drain me"))
+    writing.wait(20)
+    w.stop()
+    # Then the job is not given back under the write (was: requeued, the write refused, and the
+    # message deleted anyway: QUEUED with no message for ever)
+    done = wait_until(lambda: (x := store.get(job_id)).status == Status.DONE and x, timeout=20)
+    assert done.attempts == 1
+    wait_until(lambda: queue_depth(stack) == 0)  # (its message is deleted just after the write)
+
+
 def test_sigterm_releases_unfinished_work_at_once(stack, key, make_worker, tiny):
     engine = slow(Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16), 0.05)
     job_id = submit(stack, key, chat("interrupted", max_tokens=200))
@@ -368,8 +485,9 @@ def test_a_message_redelivered_while_held_is_deleted_with_its_newest_receipt(sta
                                                          AttributeNames=["All"]).get("Messages"), timeout=10)[0]
     url = stack.refs["JobsQueue"]
     with w._lock:
-        w.held[msg.job_id] = Held(msg, Receipt(url, first["ReceiptHandle"]), time.time())
-    # When the worker sees the second delivery
+        w.held[msg.job_id] = Held(msg, Receipt(url, first["ReceiptHandle"]), time.time(),
+                                  message_id=first["MessageId"])
+    # When the worker sees the second delivery (the same message: its MessageId)
     w.admit(again, Receipt(url, again["ReceiptHandle"]))
     # Then the held generation owns the newest receipt, whose delete removes the message
     assert w.held[msg.job_id].receipt.handle == again["ReceiptHandle"] != first["ReceiptHandle"]

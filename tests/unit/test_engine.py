@@ -89,6 +89,40 @@ def test_seeded_sampling_is_reproducible(engines):
     assert run(11) != run(12)
 
 
+def test_any_integer_seed_and_a_tiny_temperature_generate(engines):
+    engine = engines["fp32"]
+    run = lambda **kw: engine.generate([GenerationRequest(PROMPTS[3], SamplingParams(
+        max_tokens=12, ignore_eos=True, **kw))])[0].token_ids
+    assert run(temperature=1.0, seed=-1) == run(temperature=1.0, seed=-1) == run(temperature=1.0, seed=2**64 - 1)
+    assert run(temperature=1e-320, seed=3) == run(temperature=0)  # (was NaN probabilities: the engine died)
+
+
+def test_a_request_whose_sampling_fails_fails_alone(engines, monkeypatch):
+    from stratus_engine import sampling
+
+    engine, real = engines["fp32"], sampling.sample_row
+
+    def fails_for_penalised(logits, params, *args):
+        if params.repetition_penalty == 1.5:
+            raise FloatingPointError("this request's sampling failed")
+        return real(logits, params, *args)
+
+    monkeypatch.setattr(sampling, "sample_row", fails_for_penalised)
+    ok = [engine.submit(GenerationRequest(PROMPTS[i], SamplingParams(max_tokens=8, temperature=1.0, seed=i,
+                                                                      ignore_eos=True))) for i in range(2)]
+    bad = engine.submit(GenerationRequest(PROMPTS[5], SamplingParams(max_tokens=8, temperature=1.0, seed=9,
+                                                                     repetition_penalty=1.5, n=2)))
+    while not all(f.done() for f in ok + [bad]):
+        engine.step()
+    with pytest.raises(FloatingPointError):
+        bad.result()
+    assert [len(f.result().token_ids) for f in ok] == [8, 8] and engine.num_running == 0
+    monkeypatch.undo()
+    alone = [engine.generate([GenerationRequest(PROMPTS[i], SamplingParams(
+        max_tokens=8, temperature=1.0, seed=i, ignore_eos=True))])[0].token_ids for i in range(2)]
+    assert [f.result().token_ids for f in ok] == alone
+
+
 def test_stop_string_truncates_and_finishes(engines):
     engine = engines["fp32"]
     full = engine.generate([GenerationRequest(PROMPTS[0], greedy(20))])[0]

@@ -3,7 +3,8 @@ import pytest
 
 from stratus.errors import InvalidRequest
 from stratus.params import SamplingParams
-from stratus_engine.sampling import apply_repetition_penalty, sample, sample_row, top_k_filter, top_p_filter
+from stratus_engine.sampling import (apply_repetition_penalty, sample, sample_row, tempered, top_k_filter,
+                                     top_p_filter)
 
 
 def test_top_k_keeps_k_largest():
@@ -30,6 +31,41 @@ def test_same_seed_same_draws_and_greedy_fast_path():
     assert draws[0] == draws[1] == draws[2]
     greedy = SamplingParams(temperature=0)
     assert sample(logits, [greedy] * 3, [np.zeros(0, np.int64)] * 3, [None] * 3) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-320),  # x / t overflowed to inf, and inf - inf is NaN
+    SamplingParams(temperature=0.7, repetition_penalty=1e-320),  # a seen positive logit / 1e-320 = inf
+    SamplingParams(temperature=1e-320, repetition_penalty=1e-320),
+])
+def test_extreme_but_valid_parameters_draw_a_token_not_a_nan(params):
+    logits = np.random.default_rng(1).standard_normal(50).astype(np.float32) * 10
+    seen = np.array([int(np.argsort(logits)[-3])])  # the third most likely, positive
+    got = sample_row(logits, params, seen, np.random.default_rng(0))
+    expected = int(seen[0]) if params.repetition_penalty != 1.0 else int(logits.argmax())  # pushed up / argmax
+    assert got == expected
+
+
+def test_tempering_is_the_same_distribution_shifted():
+    x = np.random.default_rng(2).standard_normal(100) * 5
+    for t in (0.3, 1.0, 1.7):
+        e = np.exp(x / t - (x / t).max())
+        np.testing.assert_allclose(np.exp(tempered(x, t)), e, rtol=1e-12)
+
+
+def test_a_row_whose_sampling_fails_fails_alone():
+    logits = np.random.default_rng(3).standard_normal((3, 50)).astype(np.float32)
+    p, rngs = SamplingParams(temperature=1.0, seed=5), [np.random.default_rng(5) for _ in range(3)]
+    bad = np.zeros(0, np.int64)
+    seen = [bad, np.array([10**6]), bad]  # row 1: an index past the vocabulary raises inside the penalty
+    failed = {}
+    tokens = sample(logits, [p, SamplingParams(temperature=1.0, repetition_penalty=1.5), p], seen, rngs,
+                    on_error=failed.__setitem__)
+    assert list(failed) == [1] and tokens[1] == -1
+    alone = [sample_row(logits[b], p, bad, np.random.default_rng(5)) for b in (0, 2)]
+    assert [tokens[0], tokens[2]] == alone  # the others drew what they would have drawn anyway
+    with pytest.raises(IndexError):
+        sample(logits, [SamplingParams(temperature=1.0, repetition_penalty=1.5)], [seen[1]], rngs[:1])
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -297,7 +297,8 @@ class Engine:
         self.check_request(len(req.prompt_ids), p)
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
         group = _Group(req, Future(), time.monotonic(), choices=[None] * p.n)
-        group.rows = [_Row(group, i, np.random.default_rng(seed + i), logprobs=[] if p.logprobs is not None else None,
+        rng = lambda i: np.random.default_rng((seed + i) % 2**64)  # noqa: E731 (any int seed: numpy takes >= 0)
+        group.rows = [_Row(group, i, rng(i), logprobs=[] if p.logprobs is not None else None,
                            matcher=self.guides.matcher(p.json_schema) if p.json_schema else None,
                            text=self.new_text() if p.stop else None) for i in range(p.n)]
         group.future.set_running_or_notify_cancel()
@@ -489,9 +490,14 @@ class Engine:
 
     def _accept(self, rows: list[_Row], logits: np.ndarray) -> None:
         """Sample one token per row, record it, and finish rows that are done."""
+        failed: dict[int, Exception] = {}
         tokens = sample(self._guided(rows, logits), [r.req.params for r in rows], [r.seen for r in rows],
-                        [r.rng for r in rows], [r.out for r in rows])
+                        [r.rng for r in rows], [r.out for r in rows], on_error=failed.__setitem__)
         for b, (r, tok) in enumerate(zip(rows, tokens)):
+            if b in failed:
+                self._fail(r, failed[b])
+            if r.finished:  # (its request failed)
+                continue
             p = r.req.params
             if r.logprobs is not None:  # the end-of-sequence token too: it was generated (vLLM's way)
                 r.logprobs.append(TokenLogprob(*token_logprobs(logits[b:b + 1], np.array([tok]), p.logprobs)[0]))
@@ -523,6 +529,13 @@ class Engine:
         allowed = self.guides.allowed([rows[b].matcher for b in guided])
         out[guided] = np.where(allowed, out[guided], -np.inf)
         return out
+
+    def _fail(self, r: _Row, exc: Exception) -> None:
+        """A row that cannot go on fails its whole request; the other requests go on."""
+        for row in r.group.rows:
+            row.finished = True
+        if not r.group.future.done():
+            r.group.future.set_exception(exc)
 
     def _stop_hit(self, r: _Row) -> bool:
         """Whether a stop string is in the text: a new one ends in what the last token added, so

@@ -7,6 +7,8 @@ tokens bumps stratus.params.SAMPLING_VERSION (cache keys name it).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from stratus.params import SamplingParams
@@ -18,7 +20,8 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
         return logits
     out = logits.copy()
     vals = out[seen]
-    out[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    with np.errstate(over="ignore"):  # (a tiny penalty -> +-inf: tempered() holds +inf at the largest float)
+        out[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
     return out
 
 
@@ -77,18 +80,39 @@ def sample_row(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng
     x = apply_presence_frequency(x, list(generated), params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return int(np.argmax(x))
-    x = top_p_filter(top_k_filter(x / params.temperature, params.top_k), params.top_p)
+    x = top_p_filter(top_k_filter(tempered(x, params.temperature), params.top_k), params.top_p)
     probs = softmax(x)
     return int(rng.choice(probs.shape[-1], p=probs))
 
 
+def tempered(x: np.ndarray, temperature: float) -> np.ndarray:  # [V] float64 -> [V], max 0
+    """x / temperature without overflow: shifted by the max first (the same distribution), and a
+    logit a tiny repetition_penalty pushed to +inf held at the largest float. (Plain x / 1e-320
+    overflows to inf, and inf - inf is NaN.)"""
+    x = np.minimum(x, np.finfo(x.dtype).max)
+    with np.errstate(over="ignore"):  # (far below the max -> -inf: probability 0, as it should be)
+        return (x - x.max()) / temperature
+
+
 def sample(logits: np.ndarray, params: list[SamplingParams], seen: list[np.ndarray],
-           rngs: list[np.random.Generator], generated: list[list[int]] | None = None) -> list[int]:
-    """logits [B, V] -> B token ids; generated: each row's tokens so far (presence/frequency)."""
+           rngs: list[np.random.Generator], generated: list[list[int]] | None = None,
+           on_error: Callable[[int, Exception], None] | None = None) -> list[int]:
+    """logits [B, V] -> B token ids; generated: each row's tokens so far (presence/frequency).
+    With on_error, a row whose sampling raises is reported (row, error) and gets -1, and the
+    other rows are sampled as ever (one request's parameters never fail the batch)."""
     if all(p.greedy and not p.edits_logits for p in params):
         return [int(t) for t in logits.argmax(-1)]
     generated = generated or [[] for _ in params]
-    return [sample_row(logits[b], params[b], seen[b], rngs[b], generated[b]) for b in range(len(params))]
+    out = []
+    for b in range(len(params)):
+        try:
+            out.append(sample_row(logits[b], params[b], seen[b], rngs[b], generated[b]))
+        except Exception as exc:
+            if on_error is None:
+                raise
+            on_error(b, exc)
+            out.append(-1)
+    return out
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:  # [..., V] float32 -> [..., V] float32

@@ -43,8 +43,10 @@ class JobStates:
             if expired:
                 metrics.add_metric(name="requests_expired", unit=MetricUnit.Count, value=1)
                 self.notify(expired)
-            return DONE_WITH_MESSAGE, None
-        claimed, seen = self.claim(msg, receive_count)
+                return DONE_WITH_MESSAGE, None
+            # not QUEUED: finished, or started before its deadline (running, or its worker went
+            # silent): as any other message, but never started now
+        claimed, seen = self.claim(msg, receive_count, may_start=now <= msg.deadline)
         if not claimed:
             return self._skip(seen), None
         try:
@@ -56,11 +58,11 @@ class JobStates:
             return DONE_WITH_MESSAGE, None
         return GENERATE, prompts
 
-    def claim(self, msg: QueueMessage, receive_count: int) -> tuple[bool, Job | None]:
-        """QUEUED -> RUNNING (ours), or take over a RUNNING job whose worker went silent.
-        -> (claimed?, the job as read when not claimed)"""
-        if self.store.transition(msg.job_id, [Status.QUEUED], Status.RUNNING, worker=self.worker_id,
-                                 attempts=receive_count):
+    def claim(self, msg: QueueMessage, receive_count: int, may_start: bool = True) -> tuple[bool, Job | None]:
+        """QUEUED -> RUNNING (ours) if it may start, or take over a RUNNING job whose worker went
+        silent. -> (claimed?, the job as read when not claimed)"""
+        if may_start and self.store.transition(msg.job_id, [Status.QUEUED], Status.RUNNING, worker=self.worker_id,
+                                               attempts=receive_count):
             return True, None
         job = self.store.get(msg.job_id)
         if job is None or job.status != Status.RUNNING:

@@ -20,8 +20,9 @@ from stratus_worker.streams import ChunkWriter
 class Results:
     def __init__(self, store: JobStore, chunks: ChunkWriter, worker_id: str, s3, bucket: str,
                  notify: Callable[[Job | None], None], token_bytes: list[bytes],
-                 decode: Callable[[list[int]], str]) -> None:
-        self.store, self.chunks, self.worker_id = store, chunks, worker_id
+                 decode: Callable[[list[int]], str],
+                 keep_trying: Callable[[Callable[[], Job | None], str], Job | None] = lambda write, _: write()) -> None:
+        self.store, self.chunks, self.worker_id, self.keep_trying = store, chunks, worker_id, keep_trying
         self.token_bytes, self.decode = token_bytes, decode
         self.s3, self.bucket, self.notify = s3, bucket, notify
 
@@ -55,25 +56,24 @@ class Results:
                    "decode_tokens_per_s": round(r.timings.decode_tokens_per_s(r.usage.completion_tokens), 2)}
         usage = choices.usage(results)
         result = choices.result_body(msg.request, results, self.token_bytes, self.decode)
+        def write() -> Job | None:  # (an earlier try's write may have landed though its call failed)
+            return self.store.complete(job_id, self.worker_id, result, s3=self.s3, bucket=self.bucket, usage=usage,
+                                       timings=timings, request_bytes=msg.request.stored_bytes) or self._landed(job_id)
         try:
-            written = self.store.complete(job_id, self.worker_id, result,
-                                          s3=self.s3, bucket=self.bucket, usage=usage, timings=timings,
-                                          request_bytes=msg.request.stored_bytes)
+            written = self.keep_trying(write, job_id)  # only the write: replies and metrics follow once
         except BaseException:
             self.chunks.close(job_id)
             raise
-        if written is None:  # an earlier try's write may have landed though its call failed
-            written = self._landed(job_id)
-        try:  # the final chunk only speeds readers up: they also see DONE on the job item
-            self.chunks.close(job_id, results[0] if written else None)
-        except Exception as exc:  # noqa: BLE001
-            chunk_error(exc)
-        self.notify(written)
         if written:
             logger.info("generated", extra={"job_id": job_id, "completion_tokens": usage["completion_tokens"],
                                             "ttft_s": timings["ttft_s"], "finish_reason": r.finish_reason})
         else:  # cancelled meanwhile, or another worker took it over: never a second result
             logger.info("result not written: the job is no longer ours", extra={"job_id": job_id})
+        try:  # the final chunk only speeds readers up: they also see DONE on the job item
+            self.chunks.close(job_id, results[0] if written else None)
+        except Exception as exc:  # noqa: BLE001
+            chunk_error(exc)
+        self.notify(written)
         for name, value, unit in (("time_to_first_token_seconds", r.timings.ttft_s, MetricUnit.Seconds),
                                   ("request_queue_time_seconds", queued_s, MetricUnit.Seconds),
                                   ("e2e_request_latency_seconds", r.timings.total_s, MetricUnit.Seconds),

@@ -35,6 +35,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 from aws_lambda_powertools.metrics import MetricUnit
 
@@ -53,11 +54,13 @@ from stratus_worker.leases import Leases, Receipt
 from stratus_worker.results import Results, chunk_error
 from stratus_worker.streams import ChunkWriter
 
+T = TypeVar("T")
 IDLE_WAIT_S = 2  # long-poll length when idle: also how quickly an idle worker notices SIGTERM
 RECEIVE_BACKOFF_S = 1.0  # after a failed ReceiveMessage
 METRICS_EVERY_S = 10.0
 WRITE_RETRY_S = 60.0  # how long a finished result's failed write is tried again (half the default lease)
 WRITE_RETRY_FIRST_S, WRITE_RETRY_MAX_S = 0.25, 4.0  # the pause between tries: doubling, capped
+HELD_HERE_HIDE_S = 1  # a new message for a job whose stale generation is being dropped here waits this long
 NEWER_MESSAGE_HIDE_S = 60  # a message this worker is too old for comes back after this (to the DLQ in the end)
 
 
@@ -70,6 +73,7 @@ class Held:
     received: float
     attempt: int = 1  # the message's receive count
     future: Future | None = None
+    message_id: str = ""  # SQS's MessageId: the same on every delivery of one message
 
 
 class Worker:
@@ -85,7 +89,8 @@ class Worker:
         self._batch_backlog = False  # the last batch receive found messages: more are likely waiting
         self.jobs = JobStates(self.store, self.worker_id, engine, settings.heartbeat_s, self._notify, clock)
         self.results = Results(self.store, self.chunks, self.worker_id, s3, settings.bucket, self._notify,
-                               engine.token_bytes, lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+                               engine.token_bytes, lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                               keep_trying=self._keep_trying)
         self.held: dict[str, Held] = {}
         self.cancelled: set[str] = set()
         self.stopping = threading.Event()  # set by SIGTERM: take no new work
@@ -93,6 +98,7 @@ class Worker:
         self._finished: queue.Queue[Held | None] = queue.Queue()
         self._halt = threading.Event()
         self._lock = threading.Lock()
+        self._writing: str | None = None  # the job whose result the writer thread is writing
         self._next = {"heartbeat": 0.0, "cancel": 0.0, "metrics": 0.0, "alive": 0.0}
         self._prefix_seen: dict = {}  # the prefix cache's counters at the last metrics report
 
@@ -186,23 +192,45 @@ class Worker:
         return [(Receipt(url, m["ReceiptHandle"]), m) for m in got.get("Messages", [])]
 
     def admit(self, m: dict, receipt: Receipt) -> None:
-        msg = QueueMessage.from_body(m["Body"])
+        msg, message_id = QueueMessage.from_body(m["Body"]), m.get("MessageId", "")
         with self._lock:
             held = self.held.get(msg.job_id)
-            if held is not None:  # our own message again (its lease lapsed): only the newest receipt
-                held.receipt = receipt  # extends and deletes it (SQS ignores older ones)
+            if held is not None and held.message_id == message_id:  # ours again (its lease lapsed):
+                held.receipt = receipt  # only the newest receipt extends and deletes it
                 return
+        if held is not None:
+            self._another_message(msg.job_id, receipt)
+            return
         attempt = int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1))
         outcome, prompts = self.jobs.start(msg, attempt)
         if outcome == DONE_WITH_MESSAGE:
             self.leases.delete(receipt)
         if outcome != GENERATE:
             return
-        held = Held(msg, receipt, self.clock(), attempt)
+        held = Held(msg, receipt, self.clock(), attempt, message_id=message_id)
         with self._lock:
             self.held[msg.job_id] = held
-        held.future = self._submit(msg, prompts, attempt)
+        try:
+            held.future = self._submit(msg, prompts, attempt)
+        except BaseException:  # (the caller gives the message back)
+            with self._lock:
+                self.held.pop(msg.job_id, None)
+            raise
         held.future.add_done_callback(lambda _f: self._finished.put(held))
+
+    def _another_message(self, job_id: str, receipt: Receipt) -> None:
+        """A second message for a job held here. The job still ours and running: it was promoted
+        (an interactive message beside its batch one), which this generation serves -> delete it.
+        Otherwise the job was made again after a cancel (or ended): this generation is stale ->
+        drop it at the engine's next step, and take the message afresh in a moment."""
+        job = self.store.get(job_id)
+        if job is not None and job.status == Status.RUNNING and job.worker == self.worker_id:
+            self.leases.delete(receipt)
+            return
+        with self._lock:
+            if job_id in self.held:
+                self.cancelled.add(job_id)
+        self.leases.hide(receipt, HELD_HERE_HIDE_S)
 
     def run_one(self, msg: QueueMessage) -> Job | None:
         """Serve one job synchronously, without the queue (SageMaker's /invocations); the engine
@@ -257,7 +285,9 @@ class Worker:
         held = [h.message.job_id for h in self._snapshot()]
         if held:
             states = self.store.states(held)
-            self.cancelled.update(j for j, (status, _) in states.items() if status == Status.CANCELLED)
+            with self._lock:  # only jobs still held: one the writer let go of meanwhile may be made again
+                self.cancelled.update(j for j, (status, _) in states.items()
+                                      if status == Status.CANCELLED and j in self.held)
             self.chunks.mark_streamed(j for j, (_, streamed) in states.items() if streamed)
 
     # ---- finishing ----------------------------------------------------------------------------
@@ -267,20 +297,22 @@ class Worker:
             try:
                 self.finish(held)
             except Exception as exc:  # noqa: BLE001 - retryable: the message comes back
-                logger.exception("could not write a result")
+                logger.exception("could not finish a job (its generation or its result write failed)")
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
                 self._retry_later(held.receipt, held.message.to_body(), exc)
             finally:
                 with self._lock:
                     self.held.pop(held.message.job_id, None)
-                self.cancelled.discard(held.message.job_id)
+                    self.cancelled.discard(held.message.job_id)
+                    self._writing = None
 
     def finish(self, held: Held) -> None:
-        results = held.future.result()  # a generation that failed goes straight back to the queue
-        self._keep_trying(lambda: self.results.record(held.message, held.received, results), held.message.job_id)
+        with self._lock:
+            self._writing = held.message.job_id  # release_all leaves it to this thread
+        self.results.record(held.message, held.received, held.future.result())  # (a failed generation raises)
         self.leases.delete(held.receipt)
 
-    def _keep_trying(self, write, job_id: str) -> None:
+    def _keep_trying(self, write: Callable[[], T], job_id: str) -> T:
         """A finished generation is worth keeping: a result write that fails for a passing reason
         (throttled, a 5xx, storage unreachable) is tried again with backoff for up to WRITE_RETRY_S,
         while the heartbeat keeps the message's lease, before the job goes back to the queue to be
@@ -314,12 +346,20 @@ class Worker:
         self.leases.release(receipt)
 
     def release_all(self) -> None:
-        for h in self._snapshot():
-            self.results.abandon(h.message.job_id)
-            self.jobs.requeue(h.message.job_id)
-            self.leases.release(h.receipt)
+        """Give back every held job but the one the writer is writing (it deletes or releases it)."""
         with self._lock:
-            self.held.clear()
+            writing = self._writing
+        for h in self._snapshot():
+            if h.message.job_id == writing:
+                continue
+            try:
+                self.results.abandon(h.message.job_id)
+                self.jobs.requeue(h.message.job_id)
+                self.leases.release(h.receipt)
+            except Exception:  # noqa: BLE001 - the rest still go back; this one's lease lapses
+                logger.exception("could not give a job back", extra={"job_id": h.message.job_id})
+        with self._lock:
+            self.held = {j: h for j, h in self.held.items() if j == writing}
 
     def _snapshot(self) -> list[Held]:
         with self._lock:

@@ -20,7 +20,7 @@ OPTIONAL = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": (),
 # The engine's sampling arithmetic (stratus_engine.sampling, the engine's stop and EOS handling):
 # bump it with any change that can change a seeded or greedy request's tokens. It is part of every
 # cache key, so results of the old sampling are never served for the new.
-SAMPLING_VERSION = 1
+SAMPLING_VERSION = 2  # 2: temperature divides logits shifted by their max (no overflow)
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
