@@ -217,6 +217,25 @@ def test_a_line_nested_past_the_recursion_limit_is_an_error_line_not_a_stuck_bat
     assert error["line"] == 2 and "more than 128 deep" in error["error"]["message"]
 
 
+@pytest.mark.parametrize("then", ["replaced", "deleted"])
+def test_bedrock_records_never_carry_another_files_input(stack, batch_fn, then):
+    upload, tick, read = batch_fn
+    record = lambda i, text: json.dumps({"recordId": f"r{i}", "modelInput": {"prompt": text, "max_gen_len": 4}})
+    key = "batches/input/acme/daily.jsonl"
+    created = upload(key, record(1, "first file, line one") + "\n" + record(2, "first file, line two") + "\n")
+    # Given its input file replaced under the same name (the next day's file), or deleted, before the output
+    if then == "replaced":
+        upload(key, record(1, "the second file's prompt") + "\n")
+    else:
+        boto3.client("s3").delete_object(Bucket=stack.refs["ResultsBucket"], Key=key)
+    work_all(stack)
+    # Then the batch completes, its records without a modelInput it can no longer read (was: another
+    # file's prompt under this batch's recordIds, or a batch stuck in progress on NoSuchKey)
+    assert created["batch"] in tick()["completed"]
+    out = read(f"s3://{stack.refs['ResultsBucket']}/batches/output/{created['batch']}/output.jsonl")
+    assert [(o["recordId"], o["modelInput"]) for o in out] == [("r1", None), ("r2", None)]
+
+
 def test_uploads_outside_a_tenant_folder_are_ignored(stack, batch_fn):
     upload, _, _ = batch_fn
     assert upload("batches/input/loose.jsonl", line("a", "b")) == {"ignored": "batches/input/loose.jsonl"}
@@ -591,6 +610,29 @@ def test_counts_are_exact_whatever_order_lines_finish_in(stack, batch_fn, batch_
     order = [f"a{i}" for i in range(25)]
     assert [o["custom_id"] for o in read(view["output_file_uri"])] == [c for c in order if c in done]
     assert [e["custom_id"] for e in read(view["error_file_uri"])] == [c for c in order if c in failed]
+
+
+def test_a_slower_pass_never_overwrites_a_finished_batchs_counts(stack, batch_fn, batch_deps, monkeypatch):
+    from stratus import batches
+
+    upload, _, read = batch_fn
+    deps = batch_deps()
+    created = upload("batches/input/acme/f.jsonl", lines("a", 6))
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    real, fired = batches._record_progress, []
+
+    def another_pass_finishes_first(batch, *args):
+        if not fired:  # this pass has counted (6 pending); another runs to the end before it writes
+            fired.append(1)
+            take_jobs(stack)
+            assert batches.advance(deps) == [created["batch"]]
+        return real(batch, *args)
+
+    monkeypatch.setattr(batches, "_record_progress", another_pass_finishes_first)
+    assert batches.advance(deps) == []
+    view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
+    assert view["status"] == "completed" and len(read(view["output_file_uri"])) == 6
+    assert view["request_counts"] == {"total": 6, "completed": 6, "failed": 0}  # (was 0 of 6 completed)
 
 
 def test_a_settled_lines_job_run_again_holds_the_batch_until_it_finishes(stack, batch_fn, batch_deps):

@@ -208,12 +208,12 @@ class Row:
     end: int  # the byte offset just past it: where the next line starts
 
 
-def _rows(batch: Batch, deps: Deps, *, offset: int = 0, line: int = 0, same_version: bool = True) -> Iterator[Row]:
+def _rows(batch: Batch, deps: Deps, *, offset: int = 0, line: int = 0) -> Iterator[Row]:
     """The file's non-blank lines from byte `offset` on (line `line` + 1 starts there), streamed a
     READ_CHUNK at a time: memory holds the lines a caller keeps, never the file. Lines end at "\n"
     (a "\r" before it is dropped), as JSONL says: a U+2028 inside a JSON string is not a line end.
-    same_version: from the version the batch was made for (IfMatch on its upload's ETag)."""
-    get = {"Bucket": deps.settings.bucket, "Key": batch.input_file, **(_its_version(batch) if same_version else {})}
+    Always the version the batch was made for (IfMatch on its upload's ETag)."""
+    get = {"Bucket": deps.settings.bucket, "Key": batch.input_file, **_its_version(batch)}
     if offset:
         get["Range"] = f"bytes={offset}-"
     with closing(deps.s3.get_object(**get)["Body"]) as body:
@@ -834,14 +834,16 @@ def _advance_one(batch: Batch, deps: Deps) -> bool:
 
 
 def _record_progress(batch: Batch, settled: int, settled_done: int, parts: dict[int, int], deps: Deps) -> None:
-    """Counts and the settled marks (the leading one only moves on: a pass that ran beside a later
-    one and lost keeps its hands off)."""
+    """Counts and the settled marks (the leading one only moves on, and only while the batch is in
+    progress: a pass that ran beside a later one and lost, or one that finished it, keeps its hands off)."""
     try:
         deps.table.update_item(Key={"pk": f"batch#{batch.id}"},
                                UpdateExpression="SET counts = :c, settled = :s, settled_done = :d, settled_parts = :p",
-                               ConditionExpression="attribute_not_exists(settled) OR settled <= :s",
+                               ConditionExpression="#st = :in AND (attribute_not_exists(settled) OR settled <= :s)",
+                               ExpressionAttributeNames={"#st": "status"},
                                ExpressionAttributeValues={":c": json.dumps(batch.counts), ":s": settled,
-                                                          ":d": settled_done, ":p": json.dumps(parts)})
+                                                          ":d": settled_done, ":p": json.dumps(parts),
+                                                          ":in": "in_progress"})
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         pass
 
@@ -864,9 +866,14 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
     if running:  # in a worker's hands: their answers go in the output
         done = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.DONE)
         total = max(batch.lines_total or 0, len(lines))  # (the file was counted before it was read)
-        deps.table.update_item(Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET counts = :c",
-                               ExpressionAttributeValues={":c": json.dumps(
-                                   {"total": total, "completed": done, "failed": total - done - running})})
+        try:  # (only while it is cancelling: a pass that finished it meanwhile wrote the final counts)
+            deps.table.update_item(Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET counts = :c",
+                                   ConditionExpression="#st = :cancelling", ExpressionAttributeNames={"#st": "status"},
+                                   ExpressionAttributeValues={":c": json.dumps(
+                                       {"total": total, "completed": done, "failed": total - done - running}),
+                                       ":cancelling": "cancelling"})
+        except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
+            pass
         return False
     if batch.lines_total is None or batch.ingested < batch.lines_total:
         lines += _unread_lines(batch, deps)
@@ -981,9 +988,16 @@ class _BedrockInputs:
 
     def get(self, n: int) -> dict | None:
         if self._rows is None:
-            self._rows = _rows(self.batch, self.deps, same_version=False)
+            self._rows = _rows(self.batch, self.deps)  # the version the batch read, never a newer file's
         while self._row is None or self._row.n < n:
-            self._row = next(self._rows, self.END)
+            try:
+                self._row = next(self._rows, self.END)
+            except Exception as exc:
+                if not _permanent(exc):
+                    raise  # (the pass writes the output again)
+                logger.warning("the batch's input file was replaced or deleted: its Bedrock records carry no "
+                               "modelInput", extra={"batch_id": self.batch.id, "error": _code(exc)})
+                self._rows, self._row = (r for r in ()), self.END
         if self._row.n != n:
             return None
         try:
