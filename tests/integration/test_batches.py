@@ -1068,6 +1068,29 @@ def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack,
     assert tick()["completed"] == [batch_id]
 
 
+def test_a_run_that_dies_before_its_last_write_leaves_a_batch_the_pass_starts(stack, batch_fn, batch_deps,
+                                                                             monkeypatch):
+    upload, tick, read = batch_fn
+    deps = batch_deps()
+    real = deps.table.update_item
+
+    def dies_before_the_status(**kw):
+        if kw.get("UpdateExpression") == "SET #s = :p":
+            raise RuntimeError("the run was killed")
+        return real(**kw)
+
+    # Given a run that read the whole file (cursor at the end) and died before the batch went in progress
+    monkeypatch.setattr(deps.table, "update_item", dies_before_the_status)
+    with pytest.raises(RuntimeError):
+        upload("batches/input/acme/small.jsonl", lines("a", 5))
+    monkeypatch.setattr(deps.table, "update_item", real)
+    # When passes run (was: validating for ever, nothing to read, nothing released)
+    tick()
+    assert len(take_jobs(stack)) == 5
+    done = tick()["completed"]
+    assert len(done) == 1 and len(read(f"s3://{stack.refs['ResultsBucket']}/batches/output/{done[0]}/output.jsonl")) == 5
+
+
 def test_a_run_finds_a_batch_another_run_is_reading_and_leaves_it(stack, batch_fn, batch_deps):
     from stratus import batches
 
@@ -1154,6 +1177,28 @@ def test_a_pass_reads_the_open_batches_a_hundred_at_a_time_oldest_first(stack, b
                             or real(**kw))
     assert [b.id for b in batches._open_batches(deps)] == made
     assert calls == {"get_item": 0, "batch_get_item": 1}
+
+
+def test_a_file_past_the_limits_cancelled_before_it_was_read_is_not_read_whole(stack, batch_fn, monkeypatch):
+    from stratus import batches
+
+    upload, tick, _ = batch_fn
+    monkeypatch.setattr(batches, "MAX_LINES", 5)  # (the limits scaled down)
+    monkeypatch.setattr(batches, "MAX_FILE_BYTES", 1000)
+    bucket = stack.refs["ResultsBucket"]
+    boto3.client("s3").put_object(Bucket=bucket, Key="batches/files/acme/big.jsonl", Body=lines("a", 60).encode())
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    view = stack.call("api_create_batch.json", key=acme, body={"input_file_id": "big.jsonl"})[1]
+    assert stack.call("api_cancel_batch.json", key=acme, job_id=view["id"])[1]["status"] == "cancelling"
+    upload(view["input_file_uri"].removeprefix(f"s3://{bucket}/"), None)
+    read_rows = []
+    real = batches._rows
+    monkeypatch.setattr(batches, "_rows", lambda *a, **kw: (read_rows.append(1) or r for r in real(*a, **kw)))
+    tick()
+    # Then the batch is cancelled without its lines read one by one (was: all 60 into one list,
+    # past both limits: a 5 GB file copied into the files folder would stop every pass)
+    view = stack.call("api_get_batch.json", key=acme, job_id=view["id"])[1]
+    assert view["status"] == "cancelled" and view["request_counts"]["total"] == 0 and read_rows == []
 
 
 def test_batches_are_listed_a_page_at_a_time(stack, batch_fn):

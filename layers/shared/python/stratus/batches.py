@@ -449,12 +449,7 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         logger.warning("another run took this batch's ingest over", extra={"batch_id": batch.id})
         return False
-    try:  # its lines may go from now on
-        deps.table.update_item(Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET #s = :p",
-                               ConditionExpression="#s = :v", ExpressionAttributeNames={"#s": "status"},
-                               ExpressionAttributeValues={":p": "in_progress", ":v": "validating"})
-    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
-        pass  # in progress already, or cancelled meanwhile (it keeps the cancel)
+    _begin(batch.id, deps)  # its lines may go from now on
     metrics.add_metric(name="BatchLines", unit=MetricUnit.Count, value=len(lines))
     logger.info("batch lines read", extra={"batch_id": batch.id, "lines": done, "of": total, "queued": len(outbox)})
     try:  # the slice's first lines go now; if this step fails, the scheduled pass sends them
@@ -462,6 +457,16 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
     except Exception:  # noqa: BLE001 - logged; the batch exists and the next pass releases its lines
         logger.exception("could not release the batch's lines")
     return done < total
+
+
+def _begin(batch_id: str, deps: Deps) -> None:
+    """validating -> in_progress: its lines may be released."""
+    try:
+        deps.table.update_item(Key={"pk": f"batch#{batch_id}"}, UpdateExpression="SET #s = :p",
+                               ConditionExpression="#s = :v", ExpressionAttributeNames={"#s": "status"},
+                               ExpressionAttributeValues={":p": "in_progress", ":v": "validating"})
+    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
+        pass  # in progress already, or cancelled meanwhile (it keeps the cancel)
 
 
 def _at_once(fn: Callable[[T], U], items: list[T]) -> list[U]:
@@ -654,7 +659,11 @@ def ingest_left(until: float, deps: Deps, batches: list[Batch] | None = None) ->
     for b in _open_batches(deps) if batches is None else batches:
         if went_on and deps.clock() >= until:
             break  # (one batch at least, a slice at least: a pass always makes progress)
-        if not b.ingesting or b.ingest_until >= deps.clock():
+        if b.ingest_until >= deps.clock():
+            continue
+        if not b.ingesting:
+            if b.status == "validating" and b.ingested:  # a run read it all but died before its last write
+                _begin(b.id, deps)
             continue
         went_on.append(b.id)
         try:
@@ -883,9 +892,11 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
 def _unread_lines(batch: Batch, deps: Deps) -> list[Line]:
     """The lines of a cancelled batch's file that were never read, each a `batch_cancelled` error
     (so every line of the file is in its output or error file); those it could read if the file
-    cannot be read to its end."""
+    cannot be read to its end, and none if it was never counted and is past the limits."""
     out = []
     try:
+        if batch.lines_total is None:  # never read: within the limits an ingest applies, or none is named
+            _lines_in_file(batch, deps)
         for row in _rows(batch, deps, offset=batch.read_offset, line=batch.read_line):
             try:
                 d = json.loads(row.raw)
