@@ -783,6 +783,32 @@ def test_cancelling_a_batch_stops_its_lines_and_writes_the_finished_ones(stack, 
     assert again[0] == 200 and again[1]["status"] == "cancelled"
 
 
+def test_a_batch_tier_request_that_joined_a_lines_job_keeps_it_through_the_batchs_cancel(stack, batch_fn,
+                                                                                         batch_deps):
+    from stratus.trigger import handle_request
+
+    upload, tick, _ = batch_fn
+    deps = batch_deps(requests_tier="batch", trigger_tenant="acme", batch_release_floor=5)
+    created = upload("batches/input/acme/f.jsonl", lines("a", 30))  # 5 lines released, 25 in the outbox
+    replies = stack.sqs.create_queue(QueueName="orders-replies")["QueueUrl"]
+    # Given a requests-queue message (batch tier) identical to a line not yet released
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "a question 25?"}], "max_tokens": 16,
+            "temperature": 0}
+    job_id = handle_request(json.dumps({"id": "order-1", "url": "/v1/chat/completions", "body": body,
+                                        "reply_to": replies}), deps)
+    store = JobStore(stack.table)
+    assert store.get(job_id).batch is None  # adopted: the batch no longer owns it, and it has its own message
+    # When the batch is cancelled, and workers take what is queued
+    stack.call("api_cancel_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000),
+               job_id=created["batch"])
+    tick()
+    assert job_id in take_jobs(stack)
+    # Then the request's job ran, its reply still owed to the caller (was: CANCELLED under it, with
+    # no message left for a worker to run it or post the reply)
+    done = store.get(job_id)
+    assert done.status == Status.DONE and [n["id"] for n in done.notify] == ["order-1"]
+
+
 def test_only_the_owner_cancels_and_only_an_open_batch(stack, batch_fn):
     upload, tick, _ = batch_fn
     acme, other = (create_key(stack.table, t, rpm=100, tpm=100_000) for t in ("acme", "other"))

@@ -165,6 +165,21 @@ class JobStore:
             if not _conditional_failed(exc):
                 raise
 
+    def adopt(self, job_id: str) -> bool:
+        """A QUEUED job a batch file's line made, joined by a request of the batch tier: it no
+        longer belongs to the batch (whose cancel would cancel it under the request) -> True for
+        the one caller that wins, who then queues a message for it."""
+        try:
+            self.table.update_item(Key={"pk": job_id}, UpdateExpression="REMOVE batch_id",
+                                   ConditionExpression="#s = :q AND attribute_exists(batch_id)",
+                                   ExpressionAttributeNames={"#s": "status"},
+                                   ExpressionAttributeValues={":q": Status.QUEUED.value})
+            return True
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+
     def promote(self, job_id: str) -> bool:
         """A QUEUED batch-tier job becomes interactive (an interactive request joined it): True for
         the one caller that wins, who then queues an interactive message for it."""

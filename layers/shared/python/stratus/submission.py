@@ -131,6 +131,9 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
         if how.tier == "interactive" and held.tier == "batch" and how.send and deps.store.promote(job_id):
             send(message, deps)  # it waited in the batch tier: an interactive message jumps the queue
             logger.info("promoted a batch job to interactive")  # (the batch message is dropped once it runs)
+        elif how.tier == "batch" and how.send and held.batch and deps.store.adopt(job_id):
+            send(message, deps)  # a batch file's line made it: its cancel must not take the answer away
+            logger.info("adopted a batch file's job")  # (the line's own message is dropped once it runs)
         return Submission(req, job_id, cacheable, job=held, created=False, message=message)
     if how.send:
         send(message, deps)
