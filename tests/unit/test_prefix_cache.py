@@ -92,6 +92,23 @@ def test_batch_rows_stay_few_while_interactive_requests_are_about(tiny):
         engine.step()
 
 
+def test_a_batch_request_with_more_choices_than_the_cap_still_runs_beside_interactive_traffic(tiny):
+    now = [100.0]
+    engine = Engine.from_dir(tiny.dirs["fp32"], threads=1, max_batch=8, batch_rows_beside_interactive=1,
+                             clock=lambda: now[0])
+    wide = engine.submit(GenerationRequest([5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                                                                      n=2), priority=1))
+    behind = engine.submit(GenerationRequest([5, 6, 8], greedy(4), priority=1))
+    # When interactive requests keep coming (one every 5 steps, well inside the window)
+    for i in range(40):
+        if i % 5 == 0:
+            engine.submit(GenerationRequest([9, 10], greedy(3), priority=0))
+        now[0] += 0.1
+        engine.step()
+    # Then both batch requests finished (was: n=2 over a cap of 1 never admitted, and the other behind it)
+    assert wide.done() and behind.done() and len(wide.result().choices) == 2
+
+
 def test_an_interactive_request_joins_a_batch_full_of_batch_rows_at_the_next_step(tiny):
     # Given an engine of 4 rows full of long batch rows (no interactive traffic), one batch row waiting
     engine = Engine.from_dir(tiny.dirs["fp32"], threads=1, max_batch=4)

@@ -379,8 +379,9 @@ class Engine:
                 if g.req.priority == 0:  # interactive: up to max_batch of its own, into the headroom
                     if rows - batch_rows + n > self.max_batch or rows + n > self.max_batch + self.interactive_headroom:
                         break
-                elif rows + n > self.max_batch or (interactive_about and batch_rows + n > self.batch_rows_beside_interactive):
-                    break
+                elif rows + n > self.max_batch or (interactive_about and batch_rows
+                                                   and batch_rows + n > self.batch_rows_beside_interactive):
+                    break  # (with no batch row running, one batch request goes whatever its n: never starved)
                 else:
                     batch_rows += n
                 tokens = max(longest, self._prefill_tokens(g))
