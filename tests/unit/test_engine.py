@@ -133,6 +133,19 @@ def test_stop_string_truncates_and_finishes(engines):
     assert len(got.token_ids) < 20
 
 
+def test_stops_cut_at_the_earliest_whatever_their_order_and_keep_the_split_tokens_logprob(engines):
+    engine = engines["fp32"]
+    the = engine.model.tokenizer.token_to_id("Ġthe")  # forced: " the" " the" " the"
+
+    def run(stop):
+        p = SamplingParams(max_tokens=3, temperature=0, logit_bias={the: 100}, stop=stop, logprobs=0)
+        r = engine.generate([GenerationRequest([5, 6, 7], p)])[0]
+        return r.text, [t.token for t in r.choices[0].logprobs]
+
+    # (was " th" for ["e", "he"] and " t" for ["he", "e"], and no log-probability at all)
+    assert run(["e", "he"]) == run(["he", "e"]) == (" t", [the])
+
+
 def test_eos_from_generation_config_stops(tiny, tmp_path):
     # Given a model whose EOS is a token greedy decoding first produces at step k > 0,
     # then generation stops there with finish_reason "stop" and k completion tokens.

@@ -219,3 +219,15 @@ def test_completion_logprobs_shape():
                 "top_logprobs": [{"token": "lo", "logprob": -0.5, "bytes": [108, 111]}]}]
     assert completion_logprobs(entries) == {"tokens": ["Hel", "lo"], "token_logprobs": [None, -0.5],
                                             "top_logprobs": [None, {"lo": -0.5}], "text_offset": [0, 3]}
+
+
+def test_text_offsets_count_characters_not_token_pieces():
+    # "é a" + "日本": é's two bytes and 日's three come split over tokens; each piece is "\ufffd" alone
+    pieces = [b"\xc3", b"\xa9", b" a", b"\xe6\x97", b"\xa5\xe6", b"\x9c\xac"]
+    entries = [{"token": p.decode("utf-8", "replace"), "logprob": -1.0, "bytes": list(p), "top_logprobs": None}
+               for p in pieces]
+    text = b"".join(pieces).decode()
+    assert text == "é a日本"
+    offsets = completion_logprobs(entries)["text_offset"]
+    assert offsets == [0, 0, 1, 3, 3, 4]  # each token's start: where its first whole character is
+    assert completion_logprobs(entries, start=7)["text_offset"] == [7 + o for o in offsets]

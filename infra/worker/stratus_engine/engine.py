@@ -203,6 +203,14 @@ def default_batch_rows_beside_interactive(model: LoadedModel, max_batch: int) ->
     return max(1, max_batch // 8) if "CUDAExecutionProvider" in model.providers else 1
 
 
+def _tokens_starting_before(text: TokenText, chars: int) -> int:
+    """How many tokens start within the first `chars` characters of their text: those wholly in it,
+    and the one a cut at `chars` splits (its text is partly kept, so its log-probability goes too)."""
+    whole = text.tokens_within(0, chars)
+    split = chars > 0 and whole < len(text.ids) and text.tokens_within(0, chars - 1) == whole
+    return whole + split
+
+
 class Engine:
     score_chunk = SCORE_CHUNK  # echo scoring's prefill chunk (prefill_scored)
 
@@ -552,13 +560,11 @@ class Engine:
         decode = self.model.tokenizer.decode
         text = decode(r.out, skip_special_tokens=True)
         full = len(text)
-        for s in r.req.params.stop:
-            cut = text.find(s)
-            if cut >= 0:
-                text = text[:cut]
+        cuts = [i for i in (text.find(s) for s in r.req.params.stop) if i >= 0]
+        text = text[:min(cuts)] if cuts else text  # at the earliest stop, whatever their order (as streamed)
         logprobs = r.logprobs
-        if logprobs is not None and len(text) < full:  # cut at a stop string: the tokens within the text
-            logprobs = logprobs[:r.text.tokens_within(0, len(text))]
+        if logprobs is not None and len(text) < full:  # cut at a stop string: the tokens with text in it
+            logprobs = logprobs[:_tokens_starting_before(r.text, len(text))]
         r.finished = True
         g = r.group
         g.choices[r.index] = Choice(list(r.out), text, reason, logprobs)

@@ -3,6 +3,8 @@ files, queue replies and SageMaker's /invocations."""
 
 from __future__ import annotations
 
+import codecs
+
 from stratus.contracts import Job, Status
 from stratus.errors import StratusError
 from stratus.settings import Settings
@@ -41,10 +43,10 @@ def completion_logprobs(entries: list[dict], start: int = 0) -> dict:
     """Chat-shaped entries -> /v1/completions' logprobs: tokens, token_logprobs, top_logprobs
     ({token: logprob}; null for an echoed prompt's first token) and text_offset (each token's
     start in the choice's text; the first at `start`, for a streamed chunk)."""
-    offsets, at = [], start
-    for e in entries:
+    offsets, at, utf8 = [], start, codecs.getincrementaldecoder("utf-8")("replace")
+    for e in entries:  # (a token may hold part of a character: its text counts once the character ends)
         offsets.append(at)
-        at += len(e["token"])
+        at += len(utf8.decode(bytes(e["bytes"])))
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
                              for e in entries],
