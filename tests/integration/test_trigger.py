@@ -62,6 +62,10 @@ def test_a_reply_queue_outside_the_allowed_pattern_is_refused(stack, trigger):
     assert send({**request(), "reply_to": "https://sqs.us-east-1.amazonaws.com/1/someone-elses-queue"}) == {
         "batchItemFailures": []}
     assert stack.queued() == []
+    # and one that is not a string, whatever its text says (was read through str(): a list passed)
+    assert send({**request(), "reply_to": ["https://sqs.us-east-1.amazonaws.com/1/x-replies"]}) == {
+        "batchItemFailures": []}
+    assert stack.queued() == []
 
 
 def test_a_cached_result_is_replied_at_once(stack, trigger):

@@ -45,7 +45,9 @@ class RequestMessage:
             raise InvalidRequest(f"url must be one of {', '.join(ROUTES)}, got {url!r}", param="url")
         reply_to = msg.get("reply_to")
         if reply_to is not None:
-            name = str(reply_to).rstrip("/").rsplit("/", 1)[-1]
+            if not isinstance(reply_to, str):
+                raise InvalidRequest(f"reply_to must be a queue URL (a string), got {reply_to!r}", param="reply_to")
+            name = reply_to.rstrip("/").rsplit("/", 1)[-1]
             if not fnmatch.fnmatch(name, reply_pattern):
                 raise InvalidRequest(f"reply_to must name a queue matching {reply_pattern!r}, got {name!r}",
                                      param="reply_to")
