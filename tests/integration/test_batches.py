@@ -236,6 +236,29 @@ def test_bedrock_records_never_carry_another_files_input(stack, batch_fn, then):
     assert [(o["recordId"], o["modelInput"]) for o in out] == [("r1", None), ("r2", None)]
 
 
+def test_a_line_past_the_line_limit_is_an_error_line_never_held_whole(stack, batch_fn, monkeypatch):
+    from stratus import batches
+
+    upload, tick, read = batch_fn
+    monkeypatch.setattr(batches, "MAX_LINE_BYTES", 300)  # (scaled down, with reads of 64 bytes: a line
+    monkeypatch.setattr(batches, "READ_CHUNK", 64)        # spans many reads)
+    long = json.dumps({"custom_id": "long", "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": MODEL, "messages": [{"role": "user", "content": "x" * 500}]}})
+    seen = []
+    real = batches._rows
+    monkeypatch.setattr(batches, "_rows", lambda *a, **kw: (seen.append(len(r.raw)) or r for r in real(*a, **kw)))
+    created = upload("batches/input/acme/long.jsonl", line("a", "Short?") + "\n" + long + "\n" + line("b", "Also?"))
+    assert created["request_counts"] == {"total": 3, "completed": 0, "failed": 1}
+    assert max(seen) == 301  # the long line's first 301 bytes only
+    work_all(stack)
+    assert tick()["completed"] == [created["batch"]]
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    view = stack.call("api_get_batch.json", key=key, job_id=created["batch"])[1]
+    [error] = read(view["error_file_uri"])
+    assert error["line"] == 2 and "more than 300 bytes" in error["error"]["message"]
+    assert [o["custom_id"] for o in read(view["output_file_uri"])] == ["a", "b"]
+
+
 def test_uploads_outside_a_tenant_folder_are_ignored(stack, batch_fn):
     upload, _, _ = batch_fn
     assert upload("batches/input/loose.jsonl", line("a", "b")) == {"ignored": "batches/input/loose.jsonl"}

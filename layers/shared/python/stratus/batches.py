@@ -70,6 +70,7 @@ MAX_PAGE = 100  # batches a GET /v1/batches page holds at most
 MAX_LINES = 50_000  # lines in one file (OpenAI's limit); read SLICE at a time, over several invocations
 MAX_FILE_BYTES = 200 * 1024 * 1024  # one file's size (OpenAI's limit); streamed, never held whole
 READ_CHUNK = 1 << 20  # bytes a read of the file takes from S3 at a time
+MAX_LINE_BYTES = 4 << 20  # one line: no request that fits a queue message (256 KiB) comes near it
 AT_ONCE = 16  # lines whose DynamoDB calls run at once (ingest, cancel): each line's are independent
 
 
@@ -204,8 +205,9 @@ class Row:
     """A non-blank line of a batch file."""
 
     n: int  # its number in the file, 1-based (blank lines count)
-    raw: bytes  # its bytes, without the line end
+    raw: bytes  # its bytes, without the line end (the first MAX_LINE_BYTES + 1 of a longer line)
     end: int  # the byte offset just past it: where the next line starts
+    too_long: bool = False  # longer than MAX_LINE_BYTES: an error line, never held whole
 
 
 def _rows(batch: Batch, deps: Deps, *, offset: int = 0, line: int = 0) -> Iterator[Row]:
@@ -217,18 +219,25 @@ def _rows(batch: Batch, deps: Deps, *, offset: int = 0, line: int = 0) -> Iterat
     if offset:
         get["Range"] = f"bytes={offset}-"
     with closing(deps.s3.get_object(**get)["Body"]) as body:
-        parts, n, end = [], line, offset
+        parts, size, n, end = [], 0, line, offset  # size: the line's bytes so far, kept or not
         for chunk in body.iter_chunks(READ_CHUNK):
             *ended, rest = chunk.split(b"\n")
             for piece in ended:
-                raw, parts = b"".join([*parts, piece]), []
-                n, end = n + 1, end + len(raw) + 1
+                raw, size = b"".join([*parts, piece[:_room(size)]]), size + len(piece)
+                n, end = n + 1, end + size + 1
                 if raw.strip():
-                    yield Row(n, raw.removesuffix(b"\r"), end)
-            parts.append(rest)
+                    yield Row(n, raw.removesuffix(b"\r"), end, too_long=size > MAX_LINE_BYTES)
+                parts, size = [], 0
+            parts.append(rest[:_room(size)])  # (past MAX_LINE_BYTES, the rest of a line is only counted)
+            size += len(rest)
         raw = b"".join(parts)
         if raw.strip():  # a last line without a line end
-            yield Row(n + 1, raw.removesuffix(b"\r"), end + len(raw))
+            yield Row(n + 1, raw.removesuffix(b"\r"), end + size, too_long=size > MAX_LINE_BYTES)
+
+
+def _room(size: int) -> int:
+    """How many more bytes a line of `size` bytes so far keeps: up to MAX_LINE_BYTES + 1 in all."""
+    return max(0, MAX_LINE_BYTES + 1 - size)
 
 
 def _its_version(batch: Batch) -> dict:
@@ -237,6 +246,8 @@ def _its_version(batch: Batch) -> dict:
 
 
 def _text(row: Row) -> str:
+    if row.too_long:
+        raise InvalidRequest(f"the line has more than {MAX_LINE_BYTES} bytes: no request that big can be queued")
     try:
         return row.raw.decode("utf-8")
     except UnicodeDecodeError as exc:
