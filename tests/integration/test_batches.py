@@ -1140,6 +1140,40 @@ def test_a_run_that_dies_before_its_last_write_leaves_a_batch_the_pass_starts(st
     assert len(done) == 1 and len(read(f"s3://{stack.refs['ResultsBucket']}/batches/output/{done[0]}/output.jsonl")) == 5
 
 
+def test_a_cancel_before_a_dead_slice_is_redone_cancels_that_slices_jobs(stack, batch_fn, batch_deps, monkeypatch):
+    from stratus import batches, release
+
+    upload, tick, read = batch_fn
+    monkeypatch.setattr(batches, "SLICE", 10)
+    deps = batch_deps(batch_ingest_s=1000.0)
+    real, calls = release.write_outbox, []
+
+    def dies_on_the_second_slice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the run was killed")
+        return real(*args, **kwargs)
+
+    # Given a run that made the second slice's jobs and died before recording them
+    monkeypatch.setattr(release, "write_outbox", dies_on_the_second_slice)
+    with pytest.raises(RuntimeError):
+        upload("batches/input/acme/crash.jsonl", lines("a", 18))
+    monkeypatch.setattr(release, "write_outbox", real)
+    first = batches.list_recent("acme", deps)[0][0].id
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    # When its owner cancels it before any pass redoes that slice
+    assert stack.call("api_cancel_batch.json", key=acme, job_id=first)[1]["status"] == "cancelling"
+    take_jobs(stack)
+    assert tick()["completed"] == [first]
+    # Then none of the jobs that slice made is left QUEUED (was: 8, never sent, never cancelled)
+    made = [i for i in stack.table.scan()["Items"] if i.get("batch_id") == first]
+    assert not [i for i in made if i["status"] == "QUEUED"] and len(made) == 18
+    # and another batch's identical line runs as its own (was: joined an orphan, pending for days)
+    later = upload("batches/input/acme/later.jsonl", line("b", "a question 12?") + "\n")
+    take_jobs(stack)
+    assert tick()["completed"] == [later["batch"]]
+
+
 def test_a_run_finds_a_batch_another_run_is_reading_and_leaves_it(stack, batch_fn, batch_deps):
     from stratus import batches
 

@@ -47,7 +47,7 @@ from urllib.parse import quote
 from aws_lambda_powertools.metrics import MetricUnit
 from boto3.dynamodb.conditions import Key
 
-from stratus.contracts import ROUTE_PATHS, QueueMessage, Status, json_object, require_unicode
+from stratus.contracts import ROUTE_PATHS, QueueMessage, Status, json_object, parse_request, require_unicode
 from stratus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, StratusError
 from stratus.keys import Tenant, check_tenant
 from stratus.jobstore import load_result
@@ -107,6 +107,7 @@ class Batch:
     lines_total: int | None = None  # the file's non-blank lines (known from the first slice on) ...
     ingested: int = 0  # ... and how many have been read into jobs (slices of SLICE)
     ingest_until: int = 0  # an ingest step holds the batch until then (0: nobody)
+    attempting: int | None = None  # `ingested` when the last step took the lease: equal, a slice began and never ended
     read_offset: int = 0  # where in the file (bytes) the next slice starts ...
     read_line: int = 0  # ... and the number of the line before it (blank lines count)
     settled: int = 0  # the first lines (file order) whose jobs have finished: the pass reads past them ...
@@ -135,7 +136,7 @@ class Batch:
     def from_item(cls, item: dict) -> Batch:
         ints = {k: int(item[k]) for k in ("completed_at", "cancelling_at", "cancelled_at", "outbox", "released",
                                           "lines_total", "ingested", "ingest_until", "settled", "settled_done",
-                                          "read_offset", "read_line", "outbox_tokens") if k in item}
+                                          "read_offset", "read_line", "outbox_tokens", "attempting") if k in item}
         return cls(item["pk"].removeprefix("batch#"), item["tenant"], item["input_file"], item.get("input_etag", ""),
                    item["status"], int(item["created_at"]), counts=json.loads(item["counts"]), output_file=item.get("output_file"),
                    error_file=item.get("error_file"), errors=json.loads(item.get("errors", "[]")),
@@ -392,14 +393,40 @@ def _stand_down(batch: Batch, deps: Deps) -> None:
     """A batch failed after some of its lines became jobs: nobody will read their answers, so the
     jobs it made that have not started are cancelled and its outbox (their prompts) deleted; running
     ones finish (cached). Best effort: what is left expires (jobs) or goes by the lifecycle rule."""
-    if not batch.ingested:
+    if not batch.ingested and batch.attempting is None:
         return
     try:
         lines = _read_lines(batch, deps)
         _cancel_queued(lines, deps.store.statuses(sorted({l.job_id for l in lines if l.job_id})), batch, deps)
-        release.delete_outbox(batch.id, batch.outbox, deps)
+        _cancel_dead_slice(batch, deps)
+        release.delete_outbox(batch.id, batch.outbox + SLICE, deps)  # (+ a dead slice's part, if any)
     except Exception:  # noqa: BLE001 - the batch has failed either way
         logger.exception("could not cancel a failed batch's jobs", extra={"batch_id": batch.id})
+
+
+def _cancel_dead_slice(batch: Batch, deps: Deps) -> None:
+    """A run that died mid-slice may have made jobs that no lines file names (a redo of the slice
+    finds them again; a cancel or failure first would leave them QUEUED for ever, with a request or
+    another batch's line that joined one waiting on it). The slice's cacheable lines name their
+    jobs' ids: those this batch made are cancelled. (The others' ids are random: nothing can join
+    them, and they expire.)"""
+    if batch.attempting != batch.ingested or batch.lines_total is None or batch.ingested >= batch.lines_total:
+        return
+    s, ids = deps.settings, []
+    try:
+        for row in islice(_rows(batch, deps, offset=batch.read_offset, line=batch.read_line), SLICE):
+            try:
+                _, route, body, _ = parse_line(_text(row), s.model_id)
+                req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
+            except InvalidRequest:
+                continue  # (an error line made no job)
+            if req.params.deterministic:
+                ids.append(submission.job_id_for(req, batch.tenant, s, cacheable=True))
+    except Exception:  # noqa: BLE001 - the file changed or went: those jobs expire at their deadline
+        logger.exception("could not read the slice a run left unfinished", extra={"batch_id": batch.id})
+        return
+    cancelled = sum(1 for job in _at_once(lambda j: deps.store.cancel_batch_job(j, batch.id), ids) if job)
+    logger.info("cancelled the jobs of a slice a run left unfinished", extra={"batch_id": batch.id, "jobs": cancelled})
 
 
 def _cancel_queued(lines: list[Line], statuses: dict[str, Status], batch: Batch, deps: Deps) -> set[str]:
@@ -877,6 +904,7 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
     lines = _read_lines(batch, deps)  # the lines never read are added when the output is written
     statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id}))
     cancelled = _cancel_queued(lines, statuses, batch, deps)
+    _cancel_dead_slice(batch, deps)
     for l in lines:
         if l.job_id in cancelled:
             statuses[l.job_id] = Status.CANCELLED
@@ -972,7 +1000,7 @@ def _write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, can
     deps.table.put_item(Item=batch.to_item())
     logger.info(f"batch {batch.status}", extra={"batch_id": batch.id, **batch.counts})
     try:  # no line will be released again: its copy of the prompts goes now, not in 30 days
-        release.delete_outbox(batch.id, batch.outbox, deps)
+        release.delete_outbox(batch.id, batch.outbox + SLICE, deps)  # (+ a dead slice's part, if any)
     except Exception:  # noqa: BLE001 - the lifecycle rule deletes it in 30 days
         logger.exception("could not delete a finished batch's outbox", extra={"batch_id": batch.id})
     return True
