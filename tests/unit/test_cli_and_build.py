@@ -34,6 +34,25 @@ def test_bad_input_fails_cleanly_and_leaves_nothing(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.gguf"]  # no output, no temp dir
 
 
+def test_a_build_never_replaces_a_folder_that_is_not_a_model(tiny, tmp_path, monkeypatch, capsys):
+    # Given a folder with the user's files, worked in
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work / "notes.txt"), str(work / "sub" / ".."), str(work)):
+        # When a build is asked to write there: refused, and nothing touched (was: `--out .` emptied it)
+        assert stratus(["model", "build", "--gguf", str(tiny.gguf), "--out", out]) == 2
+        assert "--out" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine too")
+    assert stratus(["model", "build", "--gguf", str(tiny.gguf), "--out", str(tmp_path / "other")]) == 2
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt", "sub"] and (tmp_path / "other" / "keep.txt").exists()
+    # and a model folder an earlier build wrote is replaced as before
+    assert stratus(["model", "build", "--gguf", str(tiny.gguf), "--quant", "fp32", "--out", str(tmp_path / "m")]) == 0
+    assert stratus(["model", "build", "--gguf", str(tiny.gguf), "--quant", "fp32", "--out", str(tmp_path / "m")]) == 0
+
+
 def test_generate_prints_only_completion(tiny, capsys):
     rc = stratus(["generate", "--model", str(tiny.dirs["fp32"]), "--max-tokens", "5", "--seed", "3",
                   "--temperature", "0.8", "--threads", "1", "hello"])

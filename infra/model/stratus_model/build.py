@@ -86,6 +86,17 @@ def _smoke_test(model_path: Path, cfg, activations: str = "fp32") -> None:
         raise ModelBuildError(f"the built graph produced bad logits (shape {logits.shape})")
 
 
+def _check_replaceable(out: Path) -> None:
+    """The build replaces `out` whole: refuse anything but a missing or empty folder, or a model
+    folder an earlier build wrote (it has a manifest.json), and never the working folder or one
+    above it (`--out .` would delete what the user is standing in)."""
+    if Path.cwd().absolute().is_relative_to(out):
+        raise ModelBuildError(f"--out {out} is the working folder or holds it; name a folder for the model")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
+        raise ModelBuildError(f"--out {out} exists and is not a model folder (no manifest.json): the build replaces "
+                              "its folder whole, so name a new or empty one")
+
+
 def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = None, accuracy_level: int = 4,
           progress: Callable[[str], None] = lambda _msg: None, activations: str = "fp32") -> dict:
     """Convert `src` into a model directory at `out`; returns the manifest. activations="fp16-attn"
@@ -96,7 +107,8 @@ def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = No
         raise ModelBuildError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     cfg = src.config
     started = time.monotonic()
-    out = Path(out)
+    out = Path(out).absolute()
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -198,6 +210,7 @@ def _check_build(model_dir: Path, progress: Callable[[str], None]) -> None:
 
 
 def build_from_gguf(gguf: Path | None, quant: str, out: Path, **kwargs) -> dict:
+    _check_replaceable(Path(out).absolute())  # (before the source is read)
     return build(GGUFSource(gguf or default_gguf()), quant, out, **kwargs)
 
 
