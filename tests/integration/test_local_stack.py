@@ -86,7 +86,8 @@ def stack(real_models, tmp_path_factory):
            "STRATUS_VISIBILITY_S": "4", "STRATUS_HEARTBEAT_S": "1", "STRATUS_SYNC_WAIT_S": "20"}
     proc = subprocess.Popen([sys.executable, "-m", "stratus_cli.main", "serve", "--model", str(real_models["int8"]),
                              "--port", str(port), "--workers", "2", "--threads", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
     out, deadline = [], time.monotonic() + 300
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -100,8 +101,44 @@ def stack(real_models, tmp_path_factory):
     aws = re.search(r"AWS \(moto\) (\S+)", text).group(1)
     model = re.search(r"model (\S+)\)", text).group(1)
     yield Running(proc, f"http://127.0.0.1:{port}/v1", aws, logs, model)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
+    before = {log: log.stat().st_size for log in logs.glob("worker-*.log")}
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
+    assert proc.wait(timeout=60) == 0
+    # Then every worker stopped in order, storage still up while they drained (was: moto killed at
+    # once by the same Ctrl-C, and the workers' writes failing), and nothing is left running
+    for log, size in before.items():
+        said = log.read_bytes()[size:].decode()
+        assert '"worker stopped"' in said and "could not" not in said, said
+    assert started_with(logs) == []
+
+
+def started_with(logs: Path) -> list[int]:
+    """Processes whose environment names this log folder (what `stratus serve` started)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and str(logs).encode() in (d / "environ").read_bytes():
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+def test_sigterm_while_starting_stops_what_was_started(real_models, tmp_path):
+    env = {**os.environ, "STRATUS_LOCAL_LOG_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "stratus_cli.main", "serve", "--model", str(real_models["int8"]),
+                             "--port", str(free_port()), "--workers", "1", "--threads", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("worker-*.log")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # moto is up, a worker is loading the model
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    # (was: moto and the worker left running, adopted by init)
+    deadline = time.monotonic() + 10
+    while started_with(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert started_with(tmp_path) == []
 
 
 def chat(stack, content: str, **kw):

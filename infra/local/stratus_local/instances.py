@@ -17,6 +17,9 @@ MAX_INSTANCES = 64  # per function, like a reserved-concurrency cap
 def _instance_main(conn, function: str, env: dict[str, str]) -> None:
     """Child process: load the handler once, then answer events until the pipe closes."""
     import os
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: `stratus serve` stops it in order
 
     from stratus_local.template import LambdaContext, apply_environment, load_handler, load_template
 

@@ -89,7 +89,8 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
     # DynamoDB request atomic as on AWS (moto_server.py)
     moto = subprocess.Popen([sys.executable, "-m", "stratus_local.moto_server",
                              "-H", "127.0.0.1", "-p", str(moto_port)],
-                            stdout=open(logs / "moto.log", "ab"), stderr=subprocess.STDOUT)
+                            stdout=open(logs / "moto.log", "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # (Ctrl-C reaches this process only: it stops them in order)
     stack = LocalStack(f"http://{host}:{port}/v1", "", "", f"http://127.0.0.1:{moto_port}", {}, logs)
     stack._stops.append(lambda: _stop_processes([moto], grace_s=5))
     try:
@@ -126,7 +127,7 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
 
         def spawn(i: int) -> subprocess.Popen:
             return subprocess.Popen(cmd, env=worker_env, stdout=open(logs / f"worker-{i}.log", "ab"),
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         procs = [spawn(i) for i in range(workers)]
         supervising = threading.Event()
         stack._stops.append(lambda: (supervising.set(), _stop_processes(procs)))
@@ -251,22 +252,30 @@ Ready on {stack.url} — Ctrl-C stops everything.
 """
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def main(model_dir: Path, *, port: int, workers: int, api_key: str | None, threads: int | None) -> int:
     if not (model_dir / "manifest.json").is_file():
         print(f"error: {model_dir} is not a built model (run `make model`)", file=sys.stderr)
         return 2
     print(f"starting: moto, the resources of template.yaml, {workers} worker(s) loading {model_dir.name}, "
           f"the gateway on 127.0.0.1:{port} …", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # while starting: start() stops what it started, then we exit
     try:
         stack = start(model_dir, port=port, workers=workers, api_key=api_key, threads=threads)
-    except RuntimeError as exc:  # a worker refused the model, or something did not start
+    except (RuntimeError, OSError) as exc:  # a worker refused the model, a port is taken, something did not start
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped while starting", file=sys.stderr)
+        return 130
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
     print(banner(stack, workers), flush=True)
     stopping.wait()
-    print("stopping: workers drain, then the gateway, functions and moto stop", flush=True)
+    print("stopping: the gateway takes no more requests, workers drain, then the functions and moto stop", flush=True)
     stack.stop()
     return 0

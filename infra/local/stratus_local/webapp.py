@@ -28,7 +28,8 @@ class WebApp:
                     "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
         self.log = log
         self.process = subprocess.Popen(["sh", props["Handler"]], cwd=function_dir(template, function), env=full_env,
-                                        stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+                                        stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # (stopped by `stratus serve`, not by Ctrl-C)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Until GET <readiness path> answers (any status below 500), as the adapter waits."""
