@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from stratus_cli.main import main as stratus
 from stratus_model.build import artifact_digest, sha256_file
 
@@ -63,3 +65,22 @@ def test_generate_prints_only_completion(tiny, capsys):
 def test_generate_rejects_bad_parameters_with_a_message(tiny, capsys):
     rc = stratus(["generate", "--model", str(tiny.dirs["fp32"]), "--temperature", "3", "hi"])
     assert rc == 2 and "temperature must be in [0.0, 2.0], got 3.0" in capsys.readouterr().err
+
+
+def test_a_model_whose_files_were_changed_is_refused_by_the_worker_and_verify(tiny, tmp_path, capsys):
+    import json
+    import shutil
+
+    from stratus.errors import ModelLoadError
+    from stratus_worker.__main__ import check_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny.dirs["int8"], model)
+    digest = json.loads((model / "manifest.json").read_text())["digest"]
+    assert check_model(model, digest)["digest"] == digest
+    # When its chat template is changed (the golden check replays recorded token ids: it cannot see this)
+    (model / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    with pytest.raises(ModelLoadError, match="chat_template.jinja: missing or different"):
+        check_model(model, digest)
+    assert stratus(["model", "verify", "--model", str(model), "--threads", "1"]) == 2
+    assert "chat_template.jinja" in capsys.readouterr().err

@@ -42,12 +42,16 @@ def cmd_model_build(args: argparse.Namespace) -> int:
 
 
 def cmd_model_verify(args: argparse.Namespace) -> int:
-    """The start-up check a worker runs, printed: each configuration against the golden outputs."""
-    from stratus_engine.numerics import NumericsError, load_verified
+    """The start-up check a worker runs, printed: every file against the manifest, then each
+    configuration against the golden outputs."""
+    from stratus.errors import ModelLoadError
+    from stratus_engine.artifact import verify
+    from stratus_engine.numerics import load_verified
 
     try:
+        verify(args.model)
         result = load_verified(args.model, threads=args.threads, only=args.configuration)
-    except NumericsError as exc:
+    except ModelLoadError as exc:  # (NumericsError is one)
         print(f"stratus: error: {exc.message}", file=sys.stderr)
         return 2
     print(result.report())

@@ -20,7 +20,11 @@ from stratus.observability import logger
 from stratus.settings import get_settings
 
 
-def check_model(model_dir: Path, expected_digest: str) -> dict:
+def check_model(model_dir: Path, expected_digest: str, *, files_checked: bool = False) -> dict:
+    """The model is the one STRATUS_MODEL_DIGEST names: its manifest says so, and every file matches
+    the manifest (files_checked: fetch() did that already)."""
+    from stratus_engine.artifact import verify
+
     manifest_path = model_dir / "manifest.json"
     if not manifest_path.is_file():
         raise ModelLoadError(f"{model_dir} is not a model directory (no manifest.json); set STRATUS_MODEL_DIR")
@@ -32,7 +36,7 @@ def check_model(model_dir: Path, expected_digest: str) -> dict:
     if manifest.get("digest") != expected_digest:
         raise ModelLoadError(f"model digest {manifest.get('digest')} differs from STRATUS_MODEL_DIGEST "
                              f"{expected_digest}: cache keys would name the wrong model")
-    return manifest
+    return manifest if files_checked else verify(model_dir, manifest)  # (a changed tokenizer or template too)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                               expected_digest=settings.model_digest)
         else:
             model_dir = Path(settings.model_dir)
-        manifest = check_model(model_dir, settings.model_digest)
+        manifest = check_model(model_dir, settings.model_digest, files_checked=bool(settings.model_uri))
         verified = load_verified(model_dir, threads=threads, spin=settings.ort_spinning)
     except ModelLoadError as exc:  # NumericsError included: it names the host, the model and the errors
         logger.error("model refused", extra={"model_dir": str(model_dir), "reason": exc.message})
