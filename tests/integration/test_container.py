@@ -28,7 +28,7 @@ from stratus_engine.engine import Engine
 from stratus_local.serve import free_port
 from stratus_worker.sagemaker import invoke
 from stratus_worker.worker import Worker
-from support.graphs import corrupt
+from support.graphs import corrupt, rehash
 
 
 def test_a_published_model_is_fetched_verified_and_reused(stack, tiny, tmp_path):
@@ -133,6 +133,7 @@ def test_a_model_that_misses_its_golden_outputs_never_gets_a_healthy_container(t
     broken = tmp_path / "broken"
     shutil.copytree(tiny.dirs["int4"], broken)
     corrupt(broken, "model.embed_tokens.weight", 1.5)
+    rehash(broken)  # (its manifest describing the damaged files: only the golden outputs can tell)
     port = free_port()
     proc = subprocess.run([sys.executable, "-m", "stratus_worker", "serve", "--threads", "1"],
                           env=container_env(port, broken), capture_output=True, text=True, timeout=120)

@@ -9,7 +9,7 @@ import pytest
 
 from stratus_cli.main import main as stratus
 from stratus_engine.numerics import NumericsError, configurations, host_description, load_verified
-from support.graphs import PROMPT, corrupt, empty_past, run
+from support.graphs import PROMPT, corrupt, empty_past, rehash, run
 from support.llama_ref import forward
 
 
@@ -78,6 +78,9 @@ def test_stratus_model_verify_prints_each_configuration(tiny, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(tiny.dirs["int8"], broken)
     corrupt(broken, "model.embed_tokens.weight", -1.0)
+    assert stratus(["model", "verify", "--model", str(broken), "--threads", "1"]) == 2
+    assert "model.onnx.data: missing or different from the manifest" in capsys.readouterr().err
+    rehash(broken)  # described consistently: the golden outputs refuse it
     assert stratus(["model", "verify", "--model", str(broken), "--threads", "1"]) == 2
     assert "stratus: error: model tiny-int8" in capsys.readouterr().err
 
