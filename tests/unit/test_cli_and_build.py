@@ -84,3 +84,18 @@ def test_a_model_whose_files_were_changed_is_refused_by_the_worker_and_verify(ti
         check_model(model, digest)
     assert stratus(["model", "verify", "--model", str(model), "--threads", "1"]) == 2
     assert "chat_template.jinja" in capsys.readouterr().err
+
+
+def test_ordinary_cli_mistakes_are_one_error_line(tmp_path, capsys):
+    import dataclasses
+
+    from stratus_model.synthetic import TINY, write_tiny_gguf
+
+    # a model folder that is not there
+    assert stratus(["model", "publish", "--model", str(tmp_path / "nope"), "--bucket", "b"]) == 2
+    assert "is not a built model" in capsys.readouterr().err
+    # widths the 32-weight quantization blocks do not divide: int8 refused by name, fp32 builds
+    write_tiny_gguf(tmp_path / "w48.gguf", cfg=dataclasses.replace(TINY, hidden=48, ffn=96), matrix_type="F16")
+    assert stratus(["model", "build", "--gguf", str(tmp_path / "w48.gguf"), "--quant", "int8",
+                    "--out", str(tmp_path / "m")]) == 2
+    assert "not a multiple of the 32-weight quantization block" in capsys.readouterr().err

@@ -61,9 +61,17 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
 def cmd_model_publish(args: argparse.Namespace) -> int:
     import boto3
 
+    from stratus.errors import ModelLoadError
     from stratus_engine.artifact import publish
 
-    uri = publish(args.model, boto3.client("s3"), args.bucket, args.prefix)
+    if not (Path(args.model) / "manifest.json").is_file():
+        print(f"stratus: error: {args.model} is not a built model (no manifest.json)", file=sys.stderr)
+        return 2
+    try:
+        uri = publish(Path(args.model), boto3.client("s3"), args.bucket, args.prefix)
+    except ModelLoadError as exc:  # a file differs from the manifest
+        print(f"stratus: error: {exc.message}", file=sys.stderr)
+        return 2
     print(uri)
     print("set the stack's ModelUri parameter (and ModelId/ModelDigest from the manifest) to serve it",
           file=sys.stderr)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
 
+from stratus.errors import ModelBuildError
 from stratus_model.source import SourceTensor
 
 BLOCK = 32
@@ -90,6 +91,9 @@ def quantize_blocks(w: np.ndarray, bits: int) -> NBits:
 
 def to_nbits(w: SourceTensor, bits: int) -> NBits:
     rows, cols = w.shape
+    if cols % BLOCK:
+        raise ModelBuildError(f"tensor {w.name}: {cols} inputs is not a multiple of the {BLOCK}-weight quantization "
+                              "block; build fp32 instead")
     if bits == 8 and w.qtype == "Q8_0":
         return q8_0_to_nbits(w.raw, rows, cols)
     return quantize_blocks(w.dense(), bits)
