@@ -4,7 +4,8 @@ Every job a worker runs collects its tokens (TextDeltas.push: a list append per 
 streamed when its message asks for it, or when a streaming request joins it later (the job item's
 `streamed` flag, seen by the worker's periodic job read). The flusher thread writes each streamed
 job's new visible text as one chunk item: the first as soon as there is any, then at most every
-flush_s; all due jobs go out in one BatchWriteItem. After the job's result is written, a final
+flush_s; all due jobs go out in one BatchWriteItem (a chunk whose write fails stays, and is written
+before the job's next: a reader never sees a gap). After the job's result is written, a final
 chunk carries the rest of the text, the finish reason and the usage.
 """
 
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from stratus.chunks import Chunk, ChunkStore, first_seq
+from stratus.errors import transient
 from stratus_engine.deltas import TextDeltas, TokenText
 
 
@@ -30,6 +32,7 @@ class _Stream:
     entries_sent: int = 0
     last_flush: float = 0.0
     wrote: bool = False
+    unsent: list = field(default_factory=list)  # (chunk, expires_at) made but not yet written: tried again
 
     def take_entries(self) -> tuple[int, list[dict] | None]:
         """-> (offset, the entries of the tokens the text sent so far holds)"""
@@ -91,7 +94,8 @@ class ChunkWriter:
         entries = None
         if s.entries is not None:  # the result's own entries (cut at a stop string), past those sent
             entries = [self.render(t) for t in result.choices[0].logprobs or []][s.entries_sent:]
-        self.store.put([(Chunk(job_id, s.seq, len(sent), rest, final, entries, s.entries_sent), s.expires_at)])
+        self.store.put([*s.unsent, (Chunk(job_id, s.seq, len(sent), rest, final, entries, s.entries_sent),
+                                    s.expires_at)])  # (chunks a failed write left go first, in order)
 
     def flush(self) -> int:
         """Write one chunk for each streamed job that is due and has new text -> chunks written."""
@@ -99,18 +103,49 @@ class ChunkWriter:
         with self._lock:
             due = [s for s in self._streams.values()
                    if s.streamed and (not s.wrote or now - s.last_flush >= self.flush_s)]
-        batch = []
         for s in due:
             offset = len(s.deltas.sent)
             delta = s.deltas.take()
             if delta:
                 lp_offset, entries = s.take_entries()
-                batch.append((Chunk(s.job_id, s.seq, offset, delta, logprobs=entries, lp_offset=lp_offset),
-                              s.expires_at))
+                s.unsent.append((Chunk(s.job_id, s.seq, offset, delta, logprobs=entries, lp_offset=lp_offset),
+                                 s.expires_at))
                 s.seq, s.wrote, s.last_flush = s.seq + 1, True, now
-        if batch:
-            self.store.put(batch)
-        return len(batch)
+        with self._lock:
+            waiting = [s for s in self._streams.values() if s.unsent]  # (a failed round's too)
+        return self._write(waiting)
+
+    def _write(self, streams: list[_Stream]) -> int:
+        """Write the streams' unsent chunks in one call -> chunks written. If it fails, each stream's
+        alone, so one stream's trouble never holds back the others' text; what fails stays unsent,
+        tried next round (the first error is raised after trying every stream)."""
+        chunks = [c for s in streams for c in s.unsent]
+        if not chunks:
+            return 0
+        try:
+            self.store.put(chunks)
+        except Exception as exc:
+            if len(streams) > 1:
+                return self._write_each(streams)
+            _give_up_if_refused(streams[0], exc)
+            raise
+        for s in streams:
+            s.unsent = []
+        return len(chunks)
+
+    def _write_each(self, streams: list[_Stream]) -> int:
+        written, error = 0, None
+        for s in streams:
+            try:
+                self.store.put(s.unsent)
+            except Exception as exc:  # noqa: BLE001 - raised once every stream was tried
+                _give_up_if_refused(s, exc)
+                error = error or exc
+                continue
+            written, s.unsent = written + len(s.unsent), []
+        if error is not None:
+            raise error
+        return written
 
     def run(self, halt: threading.Event, on_error: Callable[[BaseException], None]) -> None:
         """The flusher thread: wake on a first token or every flush_s / 3, flush what is due."""
@@ -119,5 +154,12 @@ class ChunkWriter:
             self._wake.clear()
             try:
                 self.flush()
-            except Exception as exc:  # noqa: BLE001 - a throttled write: the text is kept, tried next round
+            except Exception as exc:  # noqa: BLE001 - a throttled write: its chunks are kept, tried next round
                 on_error(exc)
+
+
+def _give_up_if_refused(s: _Stream, exc: BaseException) -> None:
+    """Storage refused a stream's chunk outright (past the item size, say), so trying again cannot
+    help: the stream stops here, and its readers take the text from the job's result."""
+    if not transient(exc):
+        s.streamed, s.unsent = False, []

@@ -1,0 +1,83 @@
+"""The worker's chunk writer (stratus_worker.streams) when chunk writes fail."""
+
+from __future__ import annotations
+
+import pytest
+from botocore.exceptions import ClientError
+
+from stratus.chunks import Assembler
+from stratus_engine.deltas import WholeText
+from stratus_worker.streams import ChunkWriter
+
+LETTERS = {i: c for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}
+
+
+def aws_error(code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "..."}}, "BatchWriteItem")
+
+
+class Store:
+    """A chunk table whose writes fail as told: a write carrying a job of `once` fails once, one
+    carrying a job of `always` every time."""
+
+    def __init__(self) -> None:
+        self.items, self.once, self.always = [], {}, {}
+
+    def put(self, chunks) -> None:
+        jobs = {c.job_id for c, _ in chunks}
+        bad = next((self.once.pop(j) for j in jobs if j in self.once), None) or next(
+            (self.always[j] for j in jobs if j in self.always), None)
+        if bad is not None:
+            raise bad
+        self.items += [c for c, _ in chunks]
+
+    def shown(self, job_id: str) -> str:
+        asm, text = Assembler(), ""
+        for c in self.items:
+            if c.job_id == job_id:
+                text += asm.apply(c)[0]
+        return text
+
+
+def writer(store: Store, now: list[float]) -> ChunkWriter:
+    return ChunkWriter(store, lambda: WholeText(lambda ids: "".join(LETTERS[i] for i in ids)), flush_s=0.1,
+                       clock=lambda: now[0])
+
+
+def feed(on_token, text: str) -> None:
+    for ch in text:
+        on_token(next(i for i, c in LETTERS.items() if c == ch))
+
+
+def test_a_failed_chunk_write_keeps_its_text_for_the_next_round():
+    store, now = Store(), [0.0]
+    w = writer(store, now)
+    on_token = w.open("j1", 1, (), 10**10, streamed=True)
+    feed(on_token, "he")
+    assert w.flush() == 1
+    feed(on_token, "ll")
+    now[0] += 1
+    store.once["j1"] = aws_error("ProvisionedThroughputExceededException")
+    with pytest.raises(ClientError):
+        w.flush()
+    feed(on_token, "o w")
+    now[0] += 1
+    w.flush()
+    assert store.shown("j1") == "hello w"  # (was "he": the failed chunk's text was gone, later ones gaps)
+
+
+def test_one_streams_refused_chunk_never_holds_the_others_text():
+    store, now = Store(), [0.0]
+    w = writer(store, now)
+    a, b = w.open("a", 1, (), 10**10, streamed=True), w.open("b", 1, (), 10**10, streamed=True)
+    feed(a, "abc")
+    feed(b, "xyz")
+    store.always["a"] = aws_error("ValidationException")  # (an item past DynamoDB's size, say)
+    with pytest.raises(ClientError):
+        w.flush()
+    assert store.shown("b") == "xyz" and store.shown("a") == ""
+    # and the refused stream stops streaming: its readers take the job's result at the end
+    feed(a, "d")
+    feed(b, "w")
+    now[0] += 1
+    assert w.flush() == 1 and store.shown("b") == "xyzw"
