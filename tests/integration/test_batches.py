@@ -1089,25 +1089,34 @@ def test_the_output_is_written_a_slice_of_lines_at_a_time(stack, batch_fn, batch
     assert [o["modelInput"]["prompt"] for o in out if "recordId" in o] == [f"Story {i}" for i in range(3, 25, 4)]
 
 
-def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack, batch_fn, batch_deps, monkeypatch):
+def a_run_dies_in_the_second_slice(upload, deps, monkeypatch) -> str:
+    """An upload's run that read the first slice of an 18-line file and died in the second, after
+    making its jobs and before recording them -> the batch id."""
     from stratus import batches, release
+
+    real, calls = release.write_outbox, []
+
+    def dies_the_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the run was killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(release, "write_outbox", dies_the_second_time)
+    with pytest.raises(RuntimeError):
+        upload("batches/input/acme/crash.jsonl", lines("a", 18))
+    monkeypatch.setattr(release, "write_outbox", real)
+    return batches.list_recent("acme", deps)[0][0].id
+
+
+def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack, batch_fn, batch_deps, monkeypatch):
+    from stratus import batches
 
     upload, tick, read = batch_fn
     monkeypatch.setattr(batches, "SLICE", 10)
     deps = batch_deps(batch_ingest_s=1000.0)
     # Given an upload's run that read one slice and died in the second, after creating its jobs
-    real, calls = release.write_outbox, []
-
-    def dies_second_time(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real(*a, **kw)
-    monkeypatch.setattr(release, "write_outbox", dies_second_time)
-    with pytest.raises(RuntimeError):
-        upload("batches/input/acme/crash.jsonl", lines("a", 18))
-    monkeypatch.setattr(release, "write_outbox", real)
-    batch_id = batches.list_recent("acme", deps)[0][0].id
+    batch_id = a_run_dies_in_the_second_slice(upload, deps, monkeypatch)
     # When a pass goes on with it (the run let go of its lease as it died)
     ran = take_jobs(stack)
     assert batches.run_pass(deps)["ingested"] == [batch_id]
@@ -1141,25 +1150,13 @@ def test_a_run_that_dies_before_its_last_write_leaves_a_batch_the_pass_starts(st
 
 
 def test_a_cancel_before_a_dead_slice_is_redone_cancels_that_slices_jobs(stack, batch_fn, batch_deps, monkeypatch):
-    from stratus import batches, release
+    from stratus import batches
 
     upload, tick, read = batch_fn
     monkeypatch.setattr(batches, "SLICE", 10)
     deps = batch_deps(batch_ingest_s=1000.0)
-    real, calls = release.write_outbox, []
-
-    def dies_on_the_second_slice(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("the run was killed")
-        return real(*args, **kwargs)
-
     # Given a run that made the second slice's jobs and died before recording them
-    monkeypatch.setattr(release, "write_outbox", dies_on_the_second_slice)
-    with pytest.raises(RuntimeError):
-        upload("batches/input/acme/crash.jsonl", lines("a", 18))
-    monkeypatch.setattr(release, "write_outbox", real)
-    first = batches.list_recent("acme", deps)[0][0].id
+    first = a_run_dies_in_the_second_slice(upload, deps, monkeypatch)
     acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
     # When its owner cancels it before any pass redoes that slice
     assert stack.call("api_cancel_batch.json", key=acme, job_id=first)[1]["status"] == "cancelling"
