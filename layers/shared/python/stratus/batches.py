@@ -904,7 +904,6 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
     lines = _read_lines(batch, deps)  # the lines never read are added when the output is written
     statuses = deps.store.statuses(sorted({l.job_id for l in lines if l.job_id}))
     cancelled = _cancel_queued(lines, statuses, batch, deps)
-    _cancel_dead_slice(batch, deps)
     for l in lines:
         if l.job_id in cancelled:
             statuses[l.job_id] = Status.CANCELLED
@@ -924,6 +923,7 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
             pass
         return False
     if batch.lines_total is None or batch.ingested < batch.lines_total:
+        _cancel_dead_slice(batch, deps)  # (once, here: those jobs have no message, so none runs meanwhile)
         lines += _unread_lines(batch, deps)
     return _write_output(batch, _slices(lines), deps, cancelled=True)
 
