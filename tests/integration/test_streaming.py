@@ -14,6 +14,7 @@ from stratus.contracts import Status, parse_request
 from stratus.errors import InvalidRequest
 from stratus.jobstore import JobStore
 from stratus.keys import authenticate
+from stratus.shapes import completion_logprobs
 from stratus.streaming import open_stream
 from stratus_local.template import LambdaContext
 
@@ -57,7 +58,11 @@ def stream(route, body, tenant, deps, **kw) -> list:
 
 def test_a_streamed_chat_is_the_whole_response_in_chunks(stack, key, deps, tenant, make_worker):
     make_worker()
-    evs = stream("chat", chat("stream me", stream=True, stream_options={"include_usage": True}), tenant, deps)
+    s = open_stream("chat", chat("stream me", stream=True, stream_options={"include_usage": True}), tenant, deps)
+    evs = events(list(s.events()))
+    # (the worker wrote the text to this run's stream, which the reader read: not the job item at the end)
+    written = ChunkStore(deps.stream_table).after(s.stream, 0)
+    assert written and written[-1].final is not None and "".join(c.text for c in written) == text_of(evs)
     chunks, done = evs[:-1], evs[-1]
     assert done == "[DONE]"
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -112,13 +117,14 @@ def test_a_stream_joining_a_job_created_without_streaming_marks_it(stack, key, d
     assert JobStore(stack.table).states([reply["id"]])[reply["id"]] == (Status.QUEUED, True)
 
 
-def write(deps, job_id: str, chunks: list[tuple[int, int, str]], final: dict | None = None) -> None:
-    """(attempt, offset, text) chunk items, as workers write them."""
+def write(deps, stream: str, chunks: list[tuple], final: dict | None = None) -> None:
+    """(attempt, offset, text[, log-probability entries, their offset]) chunk items, as workers write
+    them to a stream (Stream.stream: the job's run)."""
     store, seqs = ChunkStore(deps.stream_table), {}
-    for attempt, offset, text in chunks:
+    for attempt, offset, text, *logprobs in chunks:
         seq = seqs.get(attempt, first_seq(attempt))
         seqs[attempt] = seq + 1
-        store.put([(Chunk(job_id, seq, offset, text), int(time.time()) + 600)])
+        store.put([(Chunk(stream, seq, offset, text, None, *logprobs), int(time.time()) + 600)])
 
 
 def test_a_takeover_that_regenerates_shows_the_text_once(stack, deps, tenant):
@@ -126,7 +132,7 @@ def test_a_takeover_that_regenerates_shows_the_text_once(stack, deps, tenant):
     # worker that regenerated the same tokens from the start, then finished
     s = open_stream("chat", chat("x", stream=True, temperature=1.0), tenant, deps)
     job_id = s.job.job_id
-    write(deps, job_id, [(1, 0, "The "), (1, 4, "capital "), (2, 0, "The capital of"), (2, 14, " France")])
+    write(deps, s.stream, [(1, 0, "The "), (1, 4, "capital "), (2, 0, "The capital of"), (2, 14, " France")])
     store = JobStore(stack.table)
     store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w2")
     store.complete(job_id, "w2", {"text": "The capital of France.", "finish_reason": "stop"},
@@ -139,7 +145,7 @@ def test_a_takeover_that_regenerates_shows_the_text_once(stack, deps, tenant):
 
 def test_a_takeover_that_diverges_ends_with_an_error_not_garbled_text(stack, deps, tenant):
     s = open_stream("chat", chat("y", stream=True, temperature=1.0), tenant, deps)
-    write(deps, s.job.job_id, [(1, 0, "Hello there"), (2, 0, "Goodbye")])
+    write(deps, s.stream, [(1, 0, "Hello there"), (2, 0, "Goodbye")])
     evs = events(list(s.events()))
     assert text_of(evs) == "Hello there"
     assert evs[-2]["error"]["code"] == "stream_diverged" and evs[-1] == "[DONE]"
@@ -238,3 +244,44 @@ def test_a_streamed_completion_carries_logprobs_with_text_offsets(stack, key, de
     lp = whole["choices"][0]["logprobs"]
     assert [e["token"] for e in streamed] == lp["tokens"] and [e["offset"] for e in streamed] == lp["text_offset"]
     assert [e["logprob"] for e in streamed] == lp["token_logprobs"]
+
+
+def finish(store: JobStore, job_id: str, text: str, **result) -> None:
+    """A worker's run of the job, start to end (no chunks written)."""
+    store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w1")
+    store.complete(job_id, "w1", {"text": text, "finish_reason": "stop", **result},
+                   usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+
+
+def test_a_job_made_again_under_its_id_never_replays_the_earlier_runs_chunks(stack, deps, tenant):
+    # Given a cacheable streamed job whose run streamed "Old words" and then failed
+    body = chat("made twice", stream=True)
+    first = open_stream("chat", body, tenant, deps)
+    write(deps, first.stream, [(1, 0, "Old "), (1, 4, "words")])
+    store = JobStore(stack.table)
+    store.transition(first.job.job_id, [Status.QUEUED], Status.FAILED, error={"message": "x", "code": "worker_failed"})
+    # When the same request makes the job again under its id, and that run finishes "New words."
+    again = open_stream("chat", body, tenant, deps)
+    assert again.job.job_id == first.job.job_id and again.stream != first.stream
+    finish(store, again.job.job_id, "New words.")
+    # Then its stream is the new run's text alone: no earlier chunk, no divergence error
+    evs = events(list(again.events()))
+    assert text_of(evs) == "New words." and evs[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streamed_text_offsets_are_the_whole_responses_when_a_chunk_starts_inside_a_token(stack, deps, tenant):
+    # Given a streamed completion with logprobs whose worker held back part of a token (" wo" of
+    # " world" could begin the stop string " wol"): its first chunk sends "Hello " with the entries of
+    # "He" and "llo" only, its second " world" from inside the third token
+    entries = [{"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": None}
+               for t in ["He", "llo", " wor", "ld"]]
+    body = {"model": MODEL, "prompt": "Say hello", "max_tokens": 4, "temperature": 0, "logprobs": 0,
+            "stop": [" wol"], "stream": True}
+    s = open_stream("completion", body, tenant, deps)
+    write(deps, s.stream, [(1, 0, "Hello ", entries[:2], 0), (1, 6, "world", entries[2:], 2)])
+    finish(JobStore(stack.table), s.job.job_id, "Hello world", logprobs=entries)
+    # Then the offsets across chunks are the whole response's: each token's own start
+    evs = events(list(s.events()))
+    offsets = [o for e in evs[:-1] for c in e["choices"] if c["logprobs"] for o in c["logprobs"]["text_offset"]]
+    assert text_of(evs, "completion") == "Hello world"
+    assert offsets == completion_logprobs(entries)["text_offset"] == [0, 2, 5, 9]

@@ -7,7 +7,7 @@ import pytest
 from stratus.contracts import InferenceRequest, parse_request
 from stratus.errors import InvalidRequest
 from stratus.params import SamplingParams
-from stratus.shapes import completion_logprobs
+from stratus.shapes import TextOffsets, completion_logprobs
 from stratus_engine.engine import Engine, GenerationRequest
 from stratus_engine.sampling import log_softmax
 
@@ -230,4 +230,9 @@ def test_text_offsets_count_characters_not_token_pieces():
     assert text == "é a日本"
     offsets = completion_logprobs(entries)["text_offset"]
     assert offsets == [0, 0, 1, 3, 3, 4]  # each token's start: where its first whole character is
-    assert completion_logprobs(entries, start=7)["text_offset"] == [7 + o for o in offsets]
+    # and a stream's chunks, sharing one TextOffsets, give the same offsets wherever they are split
+    # (here inside 日, whose bytes come in two calls)
+    for cut in range(len(entries) + 1):
+        shared = TextOffsets()
+        assert (completion_logprobs(entries[:cut], shared)["text_offset"]
+                + completion_logprobs(entries[cut:], shared)["text_offset"]) == offsets

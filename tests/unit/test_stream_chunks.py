@@ -24,7 +24,7 @@ class Store:
         self.items, self.once, self.always = [], {}, {}
 
     def put(self, chunks) -> None:
-        jobs = {c.job_id for c, _ in chunks}
+        jobs = {c.stream for c, _ in chunks}
         bad = next((self.once.pop(j) for j in jobs if j in self.once), None) or next(
             (self.always[j] for j in jobs if j in self.always), None)
         if bad is not None:
@@ -34,7 +34,7 @@ class Store:
     def shown(self, job_id: str) -> str:
         asm, text = Assembler(), ""
         for c in self.items:
-            if c.job_id == job_id:
+            if c.stream == job_id:
                 text += asm.apply(c)[0]
         return text
 
@@ -52,7 +52,7 @@ def feed(on_token, text: str) -> None:
 def test_a_failed_chunk_write_keeps_its_text_for_the_next_round():
     store, now = Store(), [0.0]
     w = writer(store, now)
-    on_token = w.open("j1", 1, (), 10**10, streamed=True)
+    on_token = w.open("j1", "", 1, (), 10**10, streamed=True)
     feed(on_token, "he")
     assert w.flush() == 1
     feed(on_token, "ll")
@@ -69,7 +69,7 @@ def test_a_failed_chunk_write_keeps_its_text_for_the_next_round():
 def test_one_streams_refused_chunk_never_holds_the_others_text():
     store, now = Store(), [0.0]
     w = writer(store, now)
-    a, b = w.open("a", 1, (), 10**10, streamed=True), w.open("b", 1, (), 10**10, streamed=True)
+    a, b = w.open("a", "", 1, (), 10**10, streamed=True), w.open("b", "", 1, (), 10**10, streamed=True)
     feed(a, "abc")
     feed(b, "xyz")
     store.always["a"] = aws_error("ValidationException")  # (an item past DynamoDB's size, say)

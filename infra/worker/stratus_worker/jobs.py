@@ -7,12 +7,13 @@
   RUNNING (ours) ──requeue──▶ QUEUED      a retryable failure, or this worker stopping
 
 `start` decides what to do with a received message before any compute:
-  (GENERATE, each prompt's token ids) | (DONE_WITH_MESSAGE, None) | (LEAVE_MESSAGE, None)
+  (GENERATE, Started) | (DONE_WITH_MESSAGE, None) | (LEAVE_MESSAGE, None)
 Replies a finished job owes (requests-queue messages) are posted whenever a job is seen finished.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -26,13 +27,22 @@ from stratus_worker.choices import encode_prompts
 GENERATE, DONE_WITH_MESSAGE, LEAVE_MESSAGE = "generate", "done", "leave"
 
 
+@dataclass(frozen=True)
+class Started:
+    """A job this worker claimed: what it generates from, and the run its stream chunks belong to
+    (the claimed item's, never the message's: a message may outlive the job it was sent for)."""
+
+    prompts: list[list[int]]  # each prompt's token ids
+    run: str  # Job.run
+
+
 class JobStates:
     def __init__(self, store: JobStore, worker_id: str, engine, heartbeat_s: float,
                  notify: Callable[[Job | None], None], clock: Callable[[], float]) -> None:
         self.store, self.worker_id, self.engine = store, worker_id, engine
         self.heartbeat_s, self.notify, self.clock = heartbeat_s, notify, clock
 
-    def start(self, msg: QueueMessage, receive_count: int) -> tuple[str, list[list[int]] | None]:
+    def start(self, msg: QueueMessage, receive_count: int) -> tuple[str, Started | None]:
         """Everything before compute: expiry, claim, tokenizing and the exact context check."""
         job_id, now = msg.job_id, self.clock()
         logger.thread_safe_append_keys(job_id=job_id, tenant=msg.tenant)  # this thread's lines only
@@ -46,9 +56,9 @@ class JobStates:
                 return DONE_WITH_MESSAGE, None
             # not QUEUED: finished, or started before its deadline (running, or its worker went
             # silent): as any other message, but never started now
-        claimed, seen = self.claim(msg, receive_count, may_start=now <= msg.deadline)
+        claimed, job = self.claim(msg, receive_count, may_start=now <= msg.deadline)
         if not claimed:
-            return self._skip(seen), None
+            return self._skip(job), None
         try:
             prompts = encode_prompts(self.engine, msg.request)
         except InvalidRequest as exc:  # permanent: the model cannot serve this request
@@ -56,14 +66,15 @@ class JobStates:
                 "message": exc.message, "type": exc.error_type, "code": exc.code or "invalid_request"}))
             logger.info("rejected", extra={"code": exc.code})
             return DONE_WITH_MESSAGE, None
-        return GENERATE, prompts
+        return GENERATE, Started(prompts, job.run)
 
     def claim(self, msg: QueueMessage, receive_count: int, may_start: bool = True) -> tuple[bool, Job | None]:
         """QUEUED -> RUNNING (ours) if it may start, or take over a RUNNING job whose worker went
-        silent. -> (claimed?, the job as read when not claimed)"""
-        if may_start and self.store.transition(msg.job_id, [Status.QUEUED], Status.RUNNING, worker=self.worker_id,
-                                               attempts=receive_count):
-            return True, None
+        silent. -> (claimed?, the job: as claimed, or as read when not)"""
+        claimed = may_start and self.store.transition(msg.job_id, [Status.QUEUED], Status.RUNNING,
+                                                      worker=self.worker_id, attempts=receive_count)
+        if claimed:
+            return True, claimed
         job = self.store.get(msg.job_id)
         if job is None or job.status != Status.RUNNING:
             return False, job
@@ -71,7 +82,7 @@ class JobStates:
         taken = (job.worker == self.worker_id or silent) and self.store.transition(
             msg.job_id, [Status.RUNNING], Status.RUNNING, owner=job.worker, worker=self.worker_id,
             attempts=receive_count)
-        return bool(taken), job
+        return (True, taken) if taken else (False, job)
 
     def touch(self, job_id: str) -> None:
         self.store.transition(job_id, [Status.RUNNING], Status.RUNNING, owner=self.worker_id)

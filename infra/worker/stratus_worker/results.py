@@ -27,9 +27,9 @@ class Results:
         self.token_bytes, self.decode = token_bytes, decode
         self.s3, self.bucket, self.notify = s3, bucket, notify
 
-    def open(self, msg: QueueMessage, attempt: int, now: float) -> Callable[[int], None]:
-        """Start collecting the job's tokens -> the engine's on_token callback."""
-        return self.chunks.open(msg.job_id, attempt, msg.request.params.stop, int(max(msg.deadline, now) + 3600),
+    def open(self, msg: QueueMessage, run: str, attempt: int, now: float) -> Callable[[int], None]:
+        """Start collecting the job's tokens (the claimed job's `run`) -> the engine's on_token callback."""
+        return self.chunks.open(msg.job_id, run, attempt, msg.request.params.stop, int(max(msg.deadline, now) + 3600),
                                 streamed=msg.stream, logprobs=msg.request.params.logprobs is not None)
 
     def abandon(self, job_id: str) -> None:

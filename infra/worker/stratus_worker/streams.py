@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from stratus.chunks import Chunk, ChunkStore, first_seq
+from stratus.chunks import Chunk, ChunkStore, first_seq, stream_key
 from stratus.errors import transient
 from stratus_engine.deltas import TextDeltas, TokenText
 
 
 @dataclass(eq=False)
 class _Stream:
-    job_id: str
+    key: str  # stream_key(job id, run): the partition its chunks go to
     deltas: TextDeltas
     expires_at: int
     seq: int  # the next chunk's sequence number
@@ -54,11 +54,11 @@ class ChunkWriter:
         self._lock = threading.Lock()
         self._wake = threading.Event()
 
-    def open(self, job_id: str, attempt: int, stop: tuple[str, ...], expires_at: int,
+    def open(self, job_id: str, run: str, attempt: int, stop: tuple[str, ...], expires_at: int,
              streamed: bool, logprobs: bool = False) -> Callable[[int, object], None]:
-        """Start collecting a job's tokens -> the engine's on_token callback for it."""
-        s = _Stream(job_id, TextDeltas(self.new_text(), stop), expires_at, first_seq(attempt), streamed,
-                    entries=[] if logprobs and self.render is not None else None)
+        """Start collecting a job's tokens (its run: Job.run) -> the engine's on_token callback for it."""
+        s = _Stream(stream_key(job_id, run), TextDeltas(self.new_text(), stop), expires_at, first_seq(attempt),
+                    streamed, entries=[] if logprobs and self.render is not None else None)
         with self._lock:
             self._streams[job_id] = s
 
@@ -94,7 +94,7 @@ class ChunkWriter:
         entries = None
         if s.entries is not None:  # the result's own entries (cut at a stop string), past those sent
             entries = [self.render(t) for t in result.choices[0].logprobs or []][s.entries_sent:]
-        self.store.put([*s.unsent, (Chunk(job_id, s.seq, len(sent), rest, final, entries, s.entries_sent),
+        self.store.put([*s.unsent, (Chunk(s.key, s.seq, len(sent), rest, final, entries, s.entries_sent),
                                     s.expires_at)])  # (chunks a failed write left go first, in order)
 
     def flush(self) -> int:
@@ -108,7 +108,7 @@ class ChunkWriter:
             delta = s.deltas.take()
             if delta:
                 lp_offset, entries = s.take_entries()
-                s.unsent.append((Chunk(s.job_id, s.seq, offset, delta, logprobs=entries, lp_offset=lp_offset),
+                s.unsent.append((Chunk(s.key, s.seq, offset, delta, logprobs=entries, lp_offset=lp_offset),
                                  s.expires_at))
                 s.seq, s.wrote, s.last_flush = s.seq + 1, True, now
         with self._lock:

@@ -49,7 +49,7 @@ from stratus.settings import Settings
 from stratus_engine.engine import Engine, GenerationRequest
 from stratus_worker import choices, health
 from stratus_worker.choices import gather
-from stratus_worker.jobs import DONE_WITH_MESSAGE, GENERATE, JobStates
+from stratus_worker.jobs import DONE_WITH_MESSAGE, GENERATE, JobStates, Started
 from stratus_worker.leases import Leases, Receipt
 from stratus_worker.results import Results, chunk_error
 from stratus_worker.streams import ChunkWriter
@@ -202,7 +202,7 @@ class Worker:
             self._another_message(msg.job_id, receipt)
             return
         attempt = int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1))
-        outcome, prompts = self.jobs.start(msg, attempt)
+        outcome, started = self.jobs.start(msg, attempt)
         if outcome == DONE_WITH_MESSAGE:
             self.leases.delete(receipt)
         if outcome != GENERATE:
@@ -211,7 +211,7 @@ class Worker:
         with self._lock:
             self.held[msg.job_id] = held
         try:
-            held.future = self._submit(msg, prompts, attempt)
+            held.future = self._submit(msg, started, attempt)
         except BaseException:  # (the caller gives the message back)
             with self._lock:
                 self.held.pop(msg.job_id, None)
@@ -235,23 +235,23 @@ class Worker:
     def run_one(self, msg: QueueMessage) -> Job | None:
         """Serve one job synchronously, without the queue (SageMaker's /invocations); the engine
         thread must be running. Returns the job as it ends up."""
-        outcome, prompts = self.jobs.start(msg, 1)
+        outcome, started = self.jobs.start(msg, 1)
         if outcome == GENERATE:
             received = self.clock()
-            self.results.record(msg, received, self._submit(msg, prompts, 1).result())
+            self.results.record(msg, received, self._submit(msg, started, 1).result())
         return self.store.get(msg.job_id)
 
-    def _submit(self, msg: QueueMessage, prompts: list[list[int]], attempt: int) -> Future:
+    def _submit(self, msg: QueueMessage, started: Started, attempt: int) -> Future:
         """-> a future of the GenerationResults, one per prompt (the text of the first is streamed)."""
         job_id = msg.job_id
-        on_token = self.results.open(msg, attempt, self.clock())
+        on_token = self.results.open(msg, started.run, attempt, self.clock())
         try:
             priority = TIERS.index(msg.tier) if msg.tier in TIERS else len(TIERS)
             return gather([self.engine.submit(GenerationRequest(ids, msg.request.params, request_id=job_id,
                                                                 is_cancelled=lambda: job_id in self.cancelled,
                                                                 on_token=on_token if i == 0 else None,
                                                                 priority=priority))
-                           for i, ids in enumerate(prompts)])
+                           for i, ids in enumerate(started.prompts)])
         except BaseException:
             self.results.abandon(job_id)
             raise

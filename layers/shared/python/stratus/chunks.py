@@ -3,7 +3,8 @@ back together.
 
 StreamTable items (one per flush of one job; never an append to the job item, which DynamoDB
 would bill at the whole item's size on every write):
-  job_id (HASH)   the job
+  job_id (HASH)   the stream: stream_key(job id, the job's run), so a job made again under its id
+                  (a retry after it failed, no-cache) never shows a new reader the earlier run's chunks
   seq (RANGE)     attempt * 10**6 + n: a takeover (a later delivery, a higher attempt) sorts after
                   every chunk of the attempts before it
   offset, text    this chunk is the job's output text[offset : offset + len(text)]
@@ -27,9 +28,14 @@ from boto3.dynamodb.conditions import Key
 ATTEMPT_STRIDE = 10**6  # chunks per attempt: more than any job writes (max_tokens <= context length)
 
 
+def stream_key(job_id: str, run: str) -> str:
+    """The partition of one run of a job (Job.run; "" for a job stored before runs existed)."""
+    return f"{job_id}.{run}" if run else job_id
+
+
 @dataclass(frozen=True)
 class Chunk:
-    job_id: str
+    stream: str  # stream_key(job id, run)
     seq: int
     offset: int
     text: str
@@ -38,7 +44,7 @@ class Chunk:
     lp_offset: int = 0
 
     def to_item(self, expires_at: int) -> dict:
-        item = {"job_id": self.job_id, "seq": self.seq, "offset": self.offset, "text": self.text,
+        item = {"job_id": self.stream, "seq": self.seq, "offset": self.offset, "text": self.text,
                 "expires_at": expires_at}
         if self.final is not None:
             item["final"] = json.dumps(self.final, separators=(",", ":"))
@@ -69,10 +75,10 @@ class ChunkStore:
             for chunk, expires_at in chunks:
                 batch.put_item(Item=chunk.to_item(expires_at))
 
-    def after(self, job_id: str, seq: int) -> list[Chunk]:
-        """The job's chunks with a sequence number above `seq`, in order (strongly consistent)."""
+    def after(self, stream: str, seq: int) -> list[Chunk]:
+        """The stream's chunks with a sequence number above `seq`, in order (strongly consistent)."""
         out: list[Chunk] = []
-        kwargs = {"KeyConditionExpression": Key("job_id").eq(job_id) & Key("seq").gt(seq), "ConsistentRead": True}
+        kwargs = {"KeyConditionExpression": Key("job_id").eq(stream) & Key("seq").gt(seq), "ConsistentRead": True}
         while True:
             got = self.table.query(**kwargs)
             out.extend(Chunk.from_item(i) for i in got.get("Items", []))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
@@ -399,6 +400,10 @@ class Job:
     notified: bool = False
     tier: str = "interactive"  # TIERS: the queue its message went to (stored only when "batch")
     batch: str | None = None  # the batch whose line created it (its cancel cancels only those)
+    # this making of the job: a job made again under its id (a retry after it failed, no-cache)
+    # gets a new run, so its stream never shows the earlier run's chunks (stratus.chunks.stream_key);
+    # "" for items written before runs existed
+    run: str = field(default_factory=lambda: secrets.token_hex(6))
 
     def to_item(self) -> dict:
         """The prompt (messages / prompt) is its own attribute, so a finished job that is not
@@ -422,6 +427,8 @@ class Job:
             item["tier"] = self.tier
         if self.batch:
             item["batch_id"] = self.batch
+        if self.run:
+            item["run"] = self.run
         return item
 
     @classmethod
@@ -436,7 +443,7 @@ class Job:
             timings=load("timings"), attempts=int(item.get("attempts", 0)), error=load("error"),
             worker=item.get("worker"), result_s3=item.get("result_s3"), last_error=item.get("last_error"),
             notify=[json.loads(n) for n in item.get("notify", [])], notified=bool(item.get("notified", False)),
-            tier=item.get("tier", "interactive"), batch=item.get("batch_id"),
+            tier=item.get("tier", "interactive"), batch=item.get("batch_id"), run=item.get("run", ""),
         )
 
 

@@ -39,18 +39,30 @@ def completion_body(job: Job) -> dict:
                         for i, c in enumerate(choices)]}
 
 
-def completion_logprobs(entries: list[dict], start: int = 0) -> dict:
+class TextOffsets:
+    """Each log-probability entry's start in the choice's text, entry after entry. A stream keeps
+    one for all its chunks, so a chunk whose text starts inside a token (the worker held part of it
+    back) still gives that token's own start: the offsets are the whole response's."""
+
+    def __init__(self) -> None:
+        self.at, self._utf8 = 0, codecs.getincrementaldecoder("utf-8")("replace")
+
+    def of(self, entries: list[dict]) -> list[int]:
+        out = []
+        for e in entries:  # (a token may hold part of a character: its text counts once the character ends)
+            out.append(self.at)
+            self.at += len(self._utf8.decode(bytes(e["bytes"])))
+        return out
+
+
+def completion_logprobs(entries: list[dict], offsets: TextOffsets | None = None) -> dict:
     """Chat-shaped entries -> /v1/completions' logprobs: tokens, token_logprobs, top_logprobs
     ({token: logprob}; null for an echoed prompt's first token) and text_offset (each token's
-    start in the choice's text; the first at `start`, for a streamed chunk)."""
-    offsets, at, utf8 = [], start, codecs.getincrementaldecoder("utf-8")("replace")
-    for e in entries:  # (a token may hold part of a character: its text counts once the character ends)
-        offsets.append(at)
-        at += len(utf8.decode(bytes(e["bytes"])))
+    start in the choice's text; `offsets` carries on from the entries before, for a streamed chunk)."""
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
                              for e in entries],
-            "text_offset": offsets}
+            "text_offset": (offsets or TextOffsets()).of(entries)}
 
 
 def models_body(settings: Settings) -> dict:

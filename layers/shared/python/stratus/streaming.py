@@ -19,12 +19,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from stratus.chunks import Assembler, ChunkStore, Diverged
+from stratus.chunks import Assembler, ChunkStore, Diverged, stream_key
 from stratus.contracts import InferenceRequest, Job, Status, StreamOptions, stream_options
 from stratus.errors import InvalidRequest
 from stratus.keys import Tenant
@@ -32,7 +32,7 @@ from stratus.observability import logger
 from stratus import submission
 from stratus.deps import Deps
 from stratus.service import with_result
-from stratus.shapes import completion_logprobs
+from stratus.shapes import TextOffsets, completion_logprobs
 
 CONTENT_TYPE = "text/event-stream"
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -55,6 +55,7 @@ class Shape:
     created: int
     model: str
     include_usage: bool
+    offsets: TextOffsets = field(default_factory=TextOffsets)  # completions' text_offset, across chunks
 
     def _base(self) -> dict:
         chat = self.route == "chat"
@@ -66,9 +67,9 @@ class Shape:
         return body
 
     def text(self, text: str, *, role: bool = False, finish_reason: str | None = None,
-             logprobs: list[dict] | None = None, offset: int = 0) -> bytes:
-        """logprobs: this chunk's log-probability entries (requests that asked); offset: where
-        `text` starts in the whole output (completions' text_offset)."""
+             logprobs: list[dict] | None = None) -> bytes:
+        """logprobs: this chunk's log-probability entries (requests that asked), the ones after
+        those already sent."""
         if self.route == "chat":
             delta = {"role": "assistant", "content": text} if role else ({"content": text} if text or
                                                                           finish_reason is None else {})
@@ -76,7 +77,7 @@ class Shape:
                       "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish_reason,
-                      "logprobs": None if logprobs is None else completion_logprobs(logprobs, offset)}
+                      "logprobs": None if logprobs is None else completion_logprobs(logprobs, self.offsets)}
         return sse({**self._base(), "choices": [choice]})
 
     def usage(self, usage: dict) -> bytes:
@@ -92,7 +93,7 @@ class Stream:
                  hit: bool) -> None:
         self.deps, self.tenant, self.req, self.job, self.hit = deps, tenant, req, job, hit
         self.shape = Shape(req.route, job.job_id, int(job.created_at), req.model, options.include_usage)
-        self.chunks = ChunkStore(deps.stream_table)
+        self.chunks, self.stream = ChunkStore(deps.stream_table), stream_key(job.job_id, job.run)
         self.logprobs = req.params.logprobs is not None
         self.finished = False
 
@@ -107,11 +108,10 @@ class Stream:
         pause = self.deps.settings.poll_interval_s
         while True:
             try:
-                for chunk in self.chunks.after(self.job.job_id, asm.last_seq):
-                    at = len(asm.sent)
+                for chunk in self.chunks.after(self.stream, asm.last_seq):
                     piece, entries = asm.apply(chunk)
                     if piece or entries:
-                        yield s.text(piece, logprobs=entries if self.logprobs else None, offset=at)
+                        yield s.text(piece, logprobs=entries if self.logprobs else None)
                         last_sent, pause = clock(), self.deps.settings.poll_interval_s
                     if chunk.final and len(asm.sent) == chunk.offset + len(chunk.text):
                         yield from self._finish(chunk.final["finish_reason"], chunk.final["usage"])
@@ -158,10 +158,9 @@ class Stream:
             yield from self._done()
             return
         result = job.result or {}
-        at = len(asm.sent)
         rest, entries = asm.finish(result.get("text", ""), result.get("logprobs"))  # Diverged when it disagrees
         if rest or entries:
-            yield self.shape.text(rest, logprobs=entries if self.logprobs else None, offset=at)
+            yield self.shape.text(rest, logprobs=entries if self.logprobs else None)
         yield from self._finish(result.get("finish_reason", "stop"), job.usage or {})
 
     def _finish(self, finish_reason: str, usage: dict) -> Iterator[bytes]:
