@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from stratus.chunks import ChunkStore, stream_key
 from stratus.contracts import Status
 from stratus.errors import ModelLoadError
 from stratus.jobstore import JobStore
@@ -26,6 +28,7 @@ from stratus.settings import Settings
 from stratus_engine.artifact import fetch, publish
 from stratus_engine.engine import Engine
 from stratus_local.serve import free_port
+from stratus_worker import sagemaker
 from stratus_worker.sagemaker import invoke
 from stratus_worker.worker import Worker
 from support.graphs import corrupt, rehash
@@ -178,3 +181,138 @@ def test_a_worker_whose_model_digest_is_unset_or_wrong_refuses_to_start(tiny, di
     proc = subprocess.run([sys.executable, "-m", "stratus_worker", "--threads", "1"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and says in proc.stderr
+
+
+@pytest.fixture
+def container(stack, tiny, monkeypatch):
+    """The SageMaker container in-process: serve() on a free port (engine, housekeeping, /ping,
+    /invocations) over moto -> (worker, port, a queued message maker). Stopped at the end."""
+    port = free_port()
+    monkeypatch.setenv("SAGEMAKER_BIND_TO_PORT", str(port))
+    settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]), cancel_check_s=0.05,
+                                   stream_flush_s=0.02)
+    worker = Worker(Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=2), settings, sqs=boto3.client("sqs"),
+                    table=stack.table, s3=boto3.client("s3"), worker_id="sm-1",
+                    stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]))
+    stop = threading.Event()
+    server = threading.Thread(target=sagemaker.serve, args=(worker, stop), daemon=True)
+    server.start()
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+
+    def queued(max_tokens: int = 5, **params) -> dict:
+        """A job as the API queues it (its message, as the dispatcher would invoke the endpoint)."""
+        body = {"model": "smollm2-135m-instruct-int4", "prompt": f"p{time.monotonic_ns()}", "max_tokens": max_tokens,
+                "temperature": 0}
+        assert stack.call("api_create_job.json", key=key, body=body)[0] == 202
+        [message] = stack.queued()
+        message["request"]["params"].update(params)
+        return message
+
+    deadline = time.monotonic() + 30
+    while _ping(port) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    yield worker, port, queued, server
+    stop.set()
+    server.join(timeout=30)
+
+
+def _ping(port: int) -> int | None:
+    try:
+        return _call(port, "GET", "/ping")[0]
+    except OSError:
+        return None
+
+
+def _slow_tokens(worker: Worker, after: int, then) -> list[int]:
+    """Each job's tokens come 5 ms apart; after `after` of them, then(job_id) once -> the tokens seen."""
+    seen, real_open = [], worker.results.open
+
+    def open_(msg, run, attempt, now):
+        on_token = real_open(msg, run, attempt, now)
+
+        def counted(token_id, logprob=None):
+            seen.append(token_id)
+            if len(seen) == after:
+                then(msg.job_id)
+            time.sleep(0.005)
+            on_token(token_id, logprob)
+        return counted
+    worker.results.open = open_
+    return seen
+
+
+@pytest.mark.parametrize("event", ["cancel", "stream"])
+def test_a_sagemaker_container_keeps_its_jobs_housekeeping(stack, container, event):
+    # Given the container generating a 200-token job, when a client cancels it (DELETE /v1/jobs/{id})
+    # or a streaming request joins it after its 3rd token
+    worker, _, queued, _ = container
+    store = JobStore(stack.table)
+    message = queued(max_tokens=200, ignore_eos=True)
+    act = {"cancel": store.cancel, "stream": store.mark_streamed}[event]
+    seen = _slow_tokens(worker, 3, act)
+    status, view = invoke(worker, message)
+    job = store.get(message["job_id"])
+    if event == "cancel":  # then the engine drops the row at its next step: the job ends CANCELLED
+        assert status == 200 and view["status"] == job.status.value == "CANCELLED"
+        assert len(seen) < 200
+    else:  # then its text is written as chunks from the first token, ending with the final chunk
+        chunks = ChunkStore(boto3.resource("dynamodb").Table(stack.refs["StreamTable"])).after(
+            stream_key(job.job_id, job.run), 0)
+        assert view["status"] == "DONE" and chunks and chunks[-1].final["usage"]["completion_tokens"] == 200
+        assert "".join(c.text for c in chunks) == view["response"]["choices"][0]["text"]
+
+
+def test_a_second_invocation_for_a_job_generating_here_waits_for_its_result(stack, container):
+    # Given one job invoked twice at once (a promoted or adopted job has two queue messages)
+    worker, _, queued, _ = container
+    message = queued(max_tokens=20, ignore_eos=True)
+    submitted, real_submit = [], worker.engine.submit
+    worker.engine.submit = lambda r: submitted.append(r) or real_submit(r)
+    _slow_tokens(worker, 1, lambda _job: None)
+    replies = [None, None]
+    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, invoke(worker, message))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    # Then it is generated once, and both invocations answer with its one result
+    assert len(submitted) == 1
+    assert [r[0] for r in replies] == [200, 200] and replies[0][1] == replies[1][1]
+    assert replies[0][1]["status"] == "DONE"
+
+
+def test_a_message_from_a_newer_api_fails_its_job_with_a_clear_error(stack, container):
+    worker, _, queued, _ = container
+    message = {**queued(), "version": 99}
+    status, reply = invoke(worker, message)
+    job = JobStore(stack.table).get(message["job_id"])
+    assert status == 500 and job.status == Status.FAILED and job.error == reply["error"]
+    assert job.error["code"] == "worker_outdated" and "new worker image" in job.error["message"]
+
+
+def test_an_engine_that_dies_fails_its_jobs_turns_ping_unhealthy_and_stops_the_server(stack, container,
+                                                                                      monkeypatch):
+    # Given a serving container whose engine's next step raises
+    worker, port, queued, server = container
+    waiting = queued(max_tokens=200, ignore_eos=True)
+    monkeypatch.setattr(worker.engine, "step", lambda: (_ for _ in ()).throw(MemoryError("out of GPU memory")))
+    # When a job is invoked: its job fails visibly (no async invocation is ever retried)
+    status, reply = invoke(worker, waiting)
+    job = JobStore(stack.table).get(waiting["job_id"])
+    assert status == 500 and job.status == Status.FAILED and job.error["code"] == "worker_failed"
+    # and the next one fails at once, not waiting for ever
+    started = time.monotonic()
+    again = queued()
+    assert invoke(worker, again)[0] == 500 and time.monotonic() - started < 5
+    assert JobStore(stack.table).get(again["job_id"]).status == Status.FAILED
+    # and the server stops (the process exits 1 and SageMaker replaces the instance); /ping said 503 meanwhile
+    server.join(timeout=10)
+    assert not server.is_alive() and isinstance(worker.failure, MemoryError)
+    probe = sagemaker.make_server(worker, free_port(), host="127.0.0.1")
+    threading.Thread(target=probe.serve_forever, daemon=True).start()
+    try:
+        assert _ping(probe.server_address[1]) == 503
+    finally:
+        probe.shutdown()
+        probe.server_close()

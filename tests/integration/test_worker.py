@@ -238,6 +238,25 @@ def test_a_job_the_engine_refuses_to_start_goes_back_and_is_not_held(stack, key,
     wait_until(lambda: not w.held)  # (was held for ever: the message, re-received, was taken for its own)
 
 
+def test_a_worker_whose_engine_dies_gives_its_jobs_back_and_stops(stack, key, make_worker, tiny):
+    # Given a worker generating a job, whose engine's next step raises
+    engine = Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16)
+    real_step, steps = engine.step, []
+
+    def dies_on_the_third_step():
+        steps.append(1)
+        if len(steps) == 3:
+            raise MemoryError("out of memory")
+        return real_step()
+    engine.step = dies_on_the_third_step
+    w = make_worker(engine)
+    job_id = submit(stack, key, chat("the engine dies under me", max_tokens=40))
+    # Then the worker stops with the failure, and the job is QUEUED again with its message visible
+    wait_until(lambda: isinstance(w.failure, MemoryError) and not w.held, timeout=30)
+    assert job(stack, job_id).status == Status.QUEUED and wait_until(lambda: queue_depth(stack) == 1)
+    assert "EngineFailed" in (job(stack, job_id).last_error or "")
+
+
 def test_a_message_back_after_its_deadline_leaves_a_job_another_worker_runs(stack, key, make_worker):
     job_id = submit(stack, key, chat("long running"))
     assert JobStore(stack.table).transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w-alive")

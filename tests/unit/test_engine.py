@@ -9,7 +9,7 @@ import pytest
 
 from stratus.errors import ContextLengthExceeded
 from stratus.params import SamplingParams
-from stratus_engine.engine import Engine, GenerationRequest
+from stratus_engine.engine import Engine, EngineFailed, GenerationRequest
 
 PROMPTS = [[1, 40 + 7 * i, 90 + i, 120 + 3 * i, 200 - i][: 3 + i % 3] for i in range(16)]
 
@@ -121,6 +121,27 @@ def test_a_request_whose_sampling_fails_fails_alone(engines, monkeypatch):
     alone = [engine.generate([GenerationRequest(PROMPTS[i], SamplingParams(
         max_tokens=8, temperature=1.0, seed=i, ignore_eos=True))])[0].token_ids for i in range(2)]
     assert [f.result().token_ids for f in ok] == alone
+
+
+def test_an_engine_whose_loop_dies_fails_every_request_and_refuses_new_ones(tiny, monkeypatch):
+    # Given an engine with a request decoding and more waiting, whose next step raises
+    import threading
+
+    engine = Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=1, interactive_headroom=0)
+    futures = [engine.submit(GenerationRequest(PROMPTS[0], greedy(50)))]
+    engine.step()
+    futures += [engine.submit(GenerationRequest(PROMPTS[i], greedy(5))) for i in (1, 2)]
+    assert engine.num_running == 1 and engine.num_waiting == 2
+    monkeypatch.setattr(engine, "step", lambda: (_ for _ in ()).throw(MemoryError("out of memory")))
+    # When its loop runs: the error is raised to the loop's thread
+    with pytest.raises(MemoryError):
+        engine.run(threading.Event())
+    # Then every request fails with EngineFailed (none waits for ever), and so does a new one
+    for f in futures:
+        with pytest.raises(EngineFailed, match="MemoryError"):
+            f.result(timeout=1)
+    with pytest.raises(EngineFailed):
+        engine.submit(GenerationRequest(PROMPTS[3], greedy(5)))
 
 
 def test_stop_string_truncates_and_finishes(engines):

@@ -162,6 +162,13 @@ def prefill_last(cache, prompts: list[list[int]], start: int) -> tuple[np.ndarra
     return logits[np.arange(len(prompts)), lengths - 1 - (width - logits.shape[1])], lengths
 
 
+class EngineFailed(RuntimeError):
+    """The engine's loop died (a kernel error, out of memory): the request cannot be served here."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"the engine stopped: {type(cause).__name__}")
+
+
 @dataclass(eq=False)  # compared by identity
 class _Group:
     """One GenerationRequest: its n rows, admitted together, resolved together."""
@@ -240,6 +247,7 @@ class Engine:
         self._eos = set(self.spec.eos_token_ids)
         self._waiting: deque[_Group] = deque()
         self._active: list[_Row] = []
+        self.failure: BaseException | None = None  # what stopped run(): no request is taken after it
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
 
@@ -313,6 +321,8 @@ class Engine:
         if req.priority == 0:
             self._last_interactive = self.clock()
         with self._wake:
+            if self.failure is not None:
+                raise EngineFailed(self.failure)
             self._waiting.append(group)
             self._wake.notify()
         return group.future
@@ -325,12 +335,27 @@ class Engine:
         return [f.result() for f in futures]
 
     def run(self, stop: threading.Event, idle_wait_s: float = 0.05) -> None:
-        """Scheduler loop for a worker thread: step while there is work, sleep when idle."""
-        while not stop.is_set():
-            if not self.step():
-                with self._wake:
-                    if not self._waiting:
-                        self._wake.wait(idle_wait_s)
+        """Scheduler loop for a worker thread: step while there is work, sleep when idle. If a step
+        raises, every request waiting or running fails with EngineFailed, as does every later
+        submit, and the error is raised: nobody waits on a result that can never come."""
+        try:
+            while not stop.is_set():
+                if not self.step():
+                    with self._wake:
+                        if not self._waiting:
+                            self._wake.wait(idle_wait_s)
+        except BaseException as exc:
+            self._die(exc)
+            raise
+
+    def _die(self, exc: BaseException) -> None:
+        with self._wake:
+            self.failure = exc
+            groups = [*self._waiting, *{id(r.group): r.group for r in self._active}.values()]
+            self._waiting.clear()
+        for g in groups:
+            if not g.future.done():
+                g.future.set_exception(EngineFailed(exc))
 
     def score(self, ids: list[int]) -> np.ndarray:
         """Teacher-forced logits for one sequence: ids [S] -> [S, V]. Needs an idle engine."""

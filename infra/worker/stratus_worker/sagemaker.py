@@ -3,13 +3,18 @@
 
   GET  /ping          200 once the model is loaded and has computed its golden outputs on this
                       host (the server starts listening only then; a model that fails the check
-                      never gets a listening server, so SageMaker's health check fails)
+                      never gets a listening server, so SageMaker's health check fails); 503 once
+                      the engine has died
   POST /invocations   a queue message {"job_id", "request", ...} (what the dispatcher sends an async
                       endpoint): the job is run through the job store like any worker's -> job view;
                       or a plain OpenAI chat/completion body -> the OpenAI response (no store)
 
 Port 8080 (SAGEMAKER_BIND_TO_PORT overrides). Requests run concurrently in the engine's continuous
-batch. SIGTERM: stop accepting, let in-flight requests finish, exit 0.
+batch. The main thread keeps the queue worker's housekeeping for the jobs it runs: heartbeat,
+cancels (DELETE /v1/jobs/{id}, a streaming client that left), streaming requests that joined,
+metrics. SIGTERM: stop accepting, let in-flight requests finish, exit 0. The engine dying: its
+requests' jobs fail (async endpoints never redeliver), /ping says 503, the server stops, exit 1
+(SageMaker replaces the instance).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from stratus.contracts import Job, QueueMessage, Status, parse_request
+from stratus.contracts import JOB_ID, Job, NewerMessage, QueueMessage, Status, parse_request
 from stratus.errors import InvalidRequest, StratusError
 from stratus.observability import logger
 from stratus.shapes import completion_body, error_body, job_view
@@ -32,21 +37,32 @@ from stratus_worker.results import chunk_error
 from stratus_worker.worker import Worker
 
 DEFAULT_PORT = 8080
+HOUSEKEEP_EVERY_S = 0.1  # how often the main thread looks for due chores (each has its own period)
+
+
+def _fail(worker: Worker, job_id: str, message: str, code: str) -> tuple[int, dict]:
+    """A job this container cannot serve -> FAILED with `message` (no queue redelivers it) -> 500."""
+    error = {"message": message, "type": "server_error", "code": code}
+    if JOB_ID.fullmatch(job_id):
+        worker.store.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.FAILED, error=error)
+    return 500, {"error": error}
 
 
 def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
     """One /invocations body -> (HTTP status, JSON body)."""
     if "job_id" in body and "request" in body:
-        msg = QueueMessage.from_body(json.dumps(body))
+        job_id = str(body["job_id"])
+        try:
+            msg = QueueMessage.from_body(json.dumps(body))
+        except NewerMessage as exc:  # a newer API queued it: this image cannot serve it, and nothing retries
+            logger.warning("message from a newer version", extra={"job_id": job_id, "reason": str(exc)})
+            return _fail(worker, job_id, f"the worker is older than the API that queued this job ({exc}); "
+                                         "the endpoint needs the new worker image", "worker_outdated")
         try:
             job = worker.run_one(msg)
         except Exception:  # noqa: BLE001 - async endpoints do not redeliver: fail the job visibly
             logger.exception("invocation failed", extra={"job_id": msg.job_id})
-            worker.store.transition(msg.job_id, [Status.QUEUED, Status.RUNNING], Status.FAILED, error={
-                "message": "the worker failed on this job (its log has the cause)", "type": "server_error",
-                "code": "worker_failed"})
-            return 500, {"error": {"message": "the worker failed on this job", "type": "server_error",
-                                   "code": "worker_failed"}}
+            return _fail(worker, msg.job_id, "the worker failed on this job (its log has the cause)", "worker_failed")
         return (200, job_view(job)) if job is not None else (404, {"error": {"message": "job not found"}})
     route = "chat" if "messages" in body else "completion"
     s = worker.settings
@@ -68,6 +84,8 @@ def make_server(worker: Worker, port: int, host: str = "0.0.0.0") -> ThreadingHT
 
         def do_GET(self) -> None:
             if self.path.split("?")[0] == "/ping":
+                if worker.failure is not None:
+                    return self._send(503, {"status": "engine failed"})
                 return self._send(200, {"status": "ok"})
             self._send(404, {"error": {"message": f"no route GET {self.path}"}})
 
@@ -101,15 +119,16 @@ def make_server(worker: Worker, port: int, host: str = "0.0.0.0") -> ThreadingHT
 
 
 def serve(worker: Worker, stop: threading.Event) -> None:
-    """Run the engine and the HTTP server until `stop` (SIGTERM) is set."""
+    """Run the engine and the HTTP server until `stop` (SIGTERM) is set or the engine dies
+    (worker.failure); the main thread does the housekeeping meanwhile."""
     port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or DEFAULT_PORT)
-    halt = threading.Event()
-    threading.Thread(target=worker.engine.run, args=(halt,), daemon=True, name="engine").start()
-    threading.Thread(target=worker.chunks.run, args=(halt, chunk_error), daemon=True, name="chunks").start()
+    threading.Thread(target=worker.run_engine, daemon=True, name="engine").start()
+    threading.Thread(target=worker.chunks.run, args=(worker.halt, chunk_error), daemon=True, name="chunks").start()
     server = make_server(worker, port)
     threading.Thread(target=server.serve_forever, daemon=True, name="http").start()
     print(json.dumps({"message": "sagemaker server listening", "port": port}), flush=True)
-    stop.wait()
+    while not stop.wait(HOUSEKEEP_EVERY_S) and worker.failure is None:
+        worker.housekeep()
     server.shutdown()
-    server.server_close()  # joins in-flight request threads
-    halt.set()
+    server.server_close()  # joins in-flight request threads (an engine failure has failed their jobs)
+    worker.halt.set()

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -69,11 +69,12 @@ class Held:
     """A message this worker holds and the generation it feeds."""
 
     message: QueueMessage
-    receipt: Receipt
+    receipt: Receipt | None  # None: an invocation's (SageMaker), which no queue redelivers
     received: float
     attempt: int = 1  # the message's receive count
     future: Future | None = None
     message_id: str = ""  # SQS's MessageId: the same on every delivery of one message
+    settled: threading.Event = field(default_factory=threading.Event)  # run_one: its result is written or given up
 
 
 class Worker:
@@ -96,7 +97,7 @@ class Worker:
         self.stopping = threading.Event()  # set by SIGTERM: take no new work
         self.failure: BaseException | None = None  # the engine thread died with this
         self._finished: queue.Queue[Held | None] = queue.Queue()
-        self._halt = threading.Event()
+        self.halt = threading.Event()
         self._lock = threading.Lock()
         self._writing: str | None = None  # the job whose result the writer thread is writing
         self._next = {"heartbeat": 0.0, "cancel": 0.0, "metrics": 0.0, "alive": 0.0}
@@ -106,9 +107,9 @@ class Worker:
 
     def run(self) -> None:
         """Serve until stop() and then drain (or until the engine fails)."""
-        threads = [threading.Thread(target=self._run_engine, name="engine", daemon=True),
+        threads = [threading.Thread(target=self.run_engine, name="engine", daemon=True),
                    threading.Thread(target=self._write_results, name="writer", daemon=True),
-                   threading.Thread(target=self.chunks.run, args=(self._halt, chunk_error), name="chunks",
+                   threading.Thread(target=self.chunks.run, args=(self.halt, chunk_error), name="chunks",
                                     daemon=True)]
         for t in threads:
             t.start()
@@ -125,7 +126,7 @@ class Worker:
                     self.poll()
                 self.housekeep()
         finally:
-            self._halt.set()
+            self.halt.set()
             self._finished.put(None)
             for t in threads:
                 t.join(timeout=10)
@@ -136,9 +137,9 @@ class Worker:
     def stop(self) -> None:
         self.stopping.set()
 
-    def _run_engine(self) -> None:
+    def run_engine(self) -> None:
         try:
-            self.engine.run(self._halt)
+            self.engine.run(self.halt)
         except BaseException as exc:  # noqa: BLE001 - the main thread releases our messages and exits
             logger.exception("engine failed")
             metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
@@ -234,11 +235,26 @@ class Worker:
 
     def run_one(self, msg: QueueMessage) -> Job | None:
         """Serve one job synchronously, without the queue (SageMaker's /invocations); the engine
-        thread must be running. Returns the job as it ends up."""
-        outcome, started = self.jobs.start(msg, 1)
-        if outcome == GENERATE:
-            received = self.clock()
-            self.results.record(msg, received, self._submit(msg, started, 1).result())
+        thread must be running, and housekeep() keeps the job's heartbeat, cancel and streaming
+        checks as for a queue message. A second invocation for a job held here (a promoted or
+        adopted job has two messages) waits for the first's result instead of generating again.
+        Returns the job as it ends up."""
+        held = Held(msg, None, self.clock())
+        with self._lock:
+            first = self.held.setdefault(msg.job_id, held)
+        if first is not held:
+            first.settled.wait()
+            return self.store.get(msg.job_id)
+        try:
+            outcome, started = self.jobs.start(msg, 1)
+            if outcome == GENERATE:
+                held.future = self._submit(msg, started, 1)
+                self.results.record(msg, held.received, held.future.result())
+        finally:
+            with self._lock:
+                self.held.pop(msg.job_id, None)
+                self.cancelled.discard(msg.job_id)
+            held.settled.set()
         return self.store.get(msg.job_id)
 
     def _submit(self, msg: QueueMessage, started: Started, attempt: int) -> Future:
@@ -274,7 +290,7 @@ class Worker:
 
     def heartbeat(self) -> None:
         held = self._snapshot()
-        lost = set(self.leases.extend([h.receipt for h in held]))
+        lost = set(self.leases.extend([h.receipt for h in held if h.receipt is not None]))
         for h in held:
             if h.receipt in lost:  # the message may come back to another worker; the job item says we run it
                 logger.warning("could not extend a message's visibility", extra={"job_id": h.message.job_id})
@@ -322,12 +338,12 @@ class Worker:
             try:
                 return write()
             except Exception as exc:  # noqa: BLE001
-                if not transient(exc) or self._halt.is_set() or time.monotonic() + pause > give_up:
+                if not transient(exc) or self.halt.is_set() or time.monotonic() + pause > give_up:
                     raise
                 logger.warning("could not write a result; trying again",
                                extra={"job_id": job_id, "error": type(exc).__name__, "retry_in_s": pause})
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
-                self._halt.wait(pause)
+                self.halt.wait(pause)
                 pause = min(2 * pause, WRITE_RETRY_MAX_S)
 
     def _notify(self, job) -> None:
