@@ -168,7 +168,7 @@ def test_a_failed_invocation_fails_its_job_visibly(stack, tiny, monkeypatch):
     worker = Worker(Engine.from_dir(tiny.dirs["int4"], threads=1), settings, sqs=boto3.client("sqs"),
                     table=stack.table, s3=boto3.client("s3"), worker_id="sm",
                     stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]))
-    monkeypatch.setattr(worker, "run_one", lambda msg: (_ for _ in ()).throw(RuntimeError("GPU fell off")))
+    monkeypatch.setattr(worker.engine, "submit", lambda req: (_ for _ in ()).throw(RuntimeError("GPU fell off")))
     status, reply = invoke(worker, message)
     job = JobStore(stack.table).get(message["job_id"])
     assert status == 500 and job.status == Status.FAILED and job.error["code"] == "worker_failed"
@@ -316,3 +316,57 @@ def test_an_engine_that_dies_fails_its_jobs_turns_ping_unhealthy_and_stops_the_s
     finally:
         probe.shutdown()
         probe.server_close()
+
+
+def test_a_job_made_again_while_its_stale_generation_runs_here_is_generated_anew(stack, container):
+    # Given the container generating a 200-token job that a client cancels at its 3rd token, and an
+    # identical request that then makes the job again (a new run, QUEUED, a new message)
+    worker, _, _, _ = container
+    key = create_key(stack.table, "acme2", rpm=100, tpm=100_000)
+    body = {"model": "smollm2-135m-instruct-int4", "prompt": "twice made", "max_tokens": 200, "temperature": 0}
+    assert stack.call("api_create_job.json", key=key, body=body)[0] == 202
+    [first] = stack.queued()
+    first["request"]["params"]["ignore_eos"] = True
+    store, again = JobStore(stack.table), []
+
+    def cancel_and_ask_again(job_id):
+        store.cancel(job_id)
+        assert stack.call("api_create_job.json", key=key, body={**body, "max_tokens": 200})[0] == 202
+        again.extend(stack.queued())
+    seen = _slow_tokens(worker, 3, cancel_and_ask_again)
+    replies = []
+    t = threading.Thread(target=lambda: replies.append(invoke(worker, first)))
+    t.start()
+    deadline = time.monotonic() + 30
+    while not again:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    remade = store.get(first["job_id"])
+    # When its new message is invoked while the stale generation is still held here
+    status, view = invoke(worker, again[0])
+    t.join(timeout=30)
+    # Then the stale generation is dropped early and the new run is generated and written
+    job = store.get(first["job_id"])
+    assert status == 200 and view["status"] == job.status.value == "DONE" and job.run == remade.run
+    assert job.usage["completion_tokens"] == 200 and len(seen) < 400
+
+
+def test_an_invocation_waiting_on_a_job_that_fails_reports_it_failed(stack, container, monkeypatch):
+    worker, _, queued, _ = container
+    message = queued()
+    calls = []
+
+    def fails_slowly(req):
+        calls.append(1)
+        time.sleep(0.3)  # (the second invocation is waiting by now)
+        raise RuntimeError("GPU fell off")
+    monkeypatch.setattr(worker.engine, "submit", fails_slowly)
+    replies = [None, None]
+    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, invoke(worker, message))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(calls) == 1 and JobStore(stack.table).get(message["job_id"]).status == Status.FAILED
+    assert sorted(r[0] for r in replies) == [200, 500]
+    assert [r[1]["status"] for r in replies if r[0] == 200] == ["FAILED"]  # (was RUNNING: read before the fail)

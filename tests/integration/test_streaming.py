@@ -4,6 +4,7 @@ and the reader putting them back together (stratus.streaming, stratus.chunks).""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -285,3 +286,30 @@ def test_streamed_text_offsets_are_the_whole_responses_when_a_chunk_starts_insid
     offsets = [o for e in evs[:-1] for c in e["choices"] if c["logprobs"] for o in c["logprobs"]["text_offset"]]
     assert text_of(evs, "completion") == "Hello world"
     assert offsets == completion_logprobs(entries)["text_offset"] == [0, 2, 5, 9]
+
+
+def test_a_stream_whose_job_is_made_again_reads_the_new_runs_chunks_as_they_come(stack, deps, tenant):
+    # Given a stream that has sent "The capital " of a cacheable job's run, which then failed
+    body = chat("remade while read", stream=True)
+    s = open_stream("chat", body, tenant, deps)
+    write(deps, s.stream, [(1, 0, "The capital ")])
+    got, events_ = [], s.events()
+    while "The capital " not in text_of(events([b"".join(got)])):
+        got.append(next(events_))
+    store = JobStore(stack.table)
+    store.transition(s.job.job_id, [Status.QUEUED], Status.FAILED, error={"message": "x", "code": "worker_failed"})
+    # When an identical request makes it again and its run streams the same text further (still running)
+    again = open_stream("chat", body, tenant, deps)
+    store.transition(again.job.job_id, [Status.QUEUED], Status.RUNNING, worker="w2")
+    write(deps, again.stream, [(1, 0, "The capital of France")])
+    # Then the first stream goes on with the new run's text as it comes, not only at the job's end
+    reader = threading.Thread(target=lambda: [got.append(e) for e in events_], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 5
+    while "of France" not in text_of(events([b"".join(got)])):
+        assert time.monotonic() < deadline, text_of(events([b"".join(got)]))
+        time.sleep(0.05)
+    store.complete(again.job.job_id, "w2", {"text": "The capital of France.", "finish_reason": "stop"},
+                   usage={"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9})
+    reader.join(timeout=10)
+    assert text_of(events([b"".join(got)])) == "The capital of France."

@@ -123,16 +123,18 @@ def test_a_request_whose_sampling_fails_fails_alone(engines, monkeypatch):
     assert [f.result().token_ids for f in ok] == alone
 
 
-def test_an_engine_whose_loop_dies_fails_every_request_and_refuses_new_ones(tiny, monkeypatch):
-    # Given an engine with a request decoding and more waiting, whose next step raises
+@pytest.mark.parametrize("dies_in", ["step", "_run_prompts"])
+def test_an_engine_whose_loop_dies_fails_every_request_and_refuses_new_ones(tiny, monkeypatch, dies_in):
+    # Given an engine with a request decoding and more waiting, whose next step (or the prefill of
+    # the requests it admits, out of the waiting list and not yet running) raises
     import threading
 
-    engine = Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=1, interactive_headroom=0)
+    engine = Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=2, interactive_headroom=0)
     futures = [engine.submit(GenerationRequest(PROMPTS[0], greedy(50)))]
     engine.step()
     futures += [engine.submit(GenerationRequest(PROMPTS[i], greedy(5))) for i in (1, 2)]
     assert engine.num_running == 1 and engine.num_waiting == 2
-    monkeypatch.setattr(engine, "step", lambda: (_ for _ in ()).throw(MemoryError("out of memory")))
+    monkeypatch.setattr(engine, dies_in, lambda *_: (_ for _ in ()).throw(MemoryError("out of memory")))
     # When its loop runs: the error is raised to the loop's thread
     with pytest.raises(MemoryError):
         engine.run(threading.Event())

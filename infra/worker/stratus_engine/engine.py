@@ -248,6 +248,7 @@ class Engine:
         self._waiting: deque[_Group] = deque()
         self._active: list[_Row] = []
         self.failure: BaseException | None = None  # what stopped run(): no request is taken after it
+        self._starting: list[_Group] = []  # admitted, in prefill
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
 
@@ -351,7 +352,7 @@ class Engine:
     def _die(self, exc: BaseException) -> None:
         with self._wake:
             self.failure = exc
-            groups = [*self._waiting, *{id(r.group): r.group for r in self._active}.values()]
+            groups = [*self._waiting, *self._starting, *{id(r.group): r.group for r in self._active}.values()]
             self._waiting.clear()
         for g in groups:
             if not g.future.done():
@@ -382,7 +383,9 @@ class Engine:
         self._drop_cancelled()
         new = self._admit()
         if new:
+            self._starting = new  # (out of the waiting list, not yet active: _die must still find them)
             self._prefill(new)
+            self._starting = []
         if self._active:
             self._decode()
         return bool(new or self._active)

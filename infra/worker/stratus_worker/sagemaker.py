@@ -12,9 +12,9 @@
 Port 8080 (SAGEMAKER_BIND_TO_PORT overrides). Requests run concurrently in the engine's continuous
 batch. The main thread keeps the queue worker's housekeeping for the jobs it runs: heartbeat,
 cancels (DELETE /v1/jobs/{id}, a streaming client that left), streaming requests that joined,
-metrics. SIGTERM: stop accepting, let in-flight requests finish, exit 0. The engine dying: its
-requests' jobs fail (async endpoints never redeliver), /ping says 503, the server stops, exit 1
-(SageMaker replaces the instance).
+metrics. SIGTERM: stop accepting, let in-flight requests finish (still housekept), exit 0. The engine
+dying: its requests' jobs fail (async endpoints never redeliver), /ping says 503 while they end,
+then the server stops and the process exits 1 (SageMaker replaces the instance).
 """
 
 from __future__ import annotations
@@ -34,18 +34,10 @@ from stratus_engine.engine import GenerationRequest
 from stratus_worker import choices
 from stratus_worker.choices import encode_prompts, gather
 from stratus_worker.results import chunk_error
-from stratus_worker.worker import Worker
+from stratus_worker.worker import INVOCATION_FAILED, Worker
 
 DEFAULT_PORT = 8080
 HOUSEKEEP_EVERY_S = 0.1  # how often the main thread looks for due chores (each has its own period)
-
-
-def _fail(worker: Worker, job_id: str, message: str, code: str) -> tuple[int, dict]:
-    """A job this container cannot serve -> FAILED with `message` (no queue redelivers it) -> 500."""
-    error = {"message": message, "type": "server_error", "code": code}
-    if JOB_ID.fullmatch(job_id):
-        worker.store.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.FAILED, error=error)
-    return 500, {"error": error}
 
 
 def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
@@ -56,13 +48,16 @@ def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
             msg = QueueMessage.from_body(json.dumps(body))
         except NewerMessage as exc:  # a newer API queued it: this image cannot serve it, and nothing retries
             logger.warning("message from a newer version", extra={"job_id": job_id, "reason": str(exc)})
-            return _fail(worker, job_id, f"the worker is older than the API that queued this job ({exc}); "
-                                         "the endpoint needs the new worker image", "worker_outdated")
+            error = {"message": f"the worker is older than the API that queued this job ({exc}); the endpoint "
+                                "needs the new worker image", "type": "server_error", "code": "worker_outdated"}
+            if JOB_ID.fullmatch(job_id):  # (only a QUEUED one: a newer instance may be running it)
+                worker.store.transition(job_id, [Status.QUEUED], Status.FAILED, error=error)
+            return 500, {"error": error}
         try:
             job = worker.run_one(msg)
-        except Exception:  # noqa: BLE001 - async endpoints do not redeliver: fail the job visibly
+        except Exception:  # noqa: BLE001 - run_one failed the job (async endpoints do not redeliver)
             logger.exception("invocation failed", extra={"job_id": msg.job_id})
-            return _fail(worker, msg.job_id, "the worker failed on this job (its log has the cause)", "worker_failed")
+            return 500, {"error": INVOCATION_FAILED}
         return (200, job_view(job)) if job is not None else (404, {"error": {"message": "job not found"}})
     route = "chat" if "messages" in body else "completion"
     s = worker.settings
@@ -101,6 +96,9 @@ def make_server(worker: Worker, port: int, host: str = "0.0.0.0") -> ThreadingHT
                 self._send(400, error_body(InvalidRequest(f"the body is not valid JSON: {exc.msg}")))
             except StratusError as exc:
                 self._send(exc.status, error_body(exc))
+            except Exception:  # noqa: BLE001 - the engine died, say: an answer, not a dropped connection
+                logger.exception("invocation failed")
+                self._send(500, {"error": INVOCATION_FAILED})
 
         def _send(self, status: int, body: dict) -> None:
             data = json.dumps(body).encode()
@@ -129,6 +127,11 @@ def serve(worker: Worker, stop: threading.Event) -> None:
     print(json.dumps({"message": "sagemaker server listening", "port": port}), flush=True)
     while not stop.wait(HOUSEKEEP_EVERY_S) and worker.failure is None:
         worker.housekeep()
-    server.shutdown()
-    server.server_close()  # joins in-flight request threads (an engine failure has failed their jobs)
+    server.shutdown()  # no new request; the ones in flight finish, with their housekeeping
+    closing = threading.Thread(target=server.server_close, name="drain")  # joins in-flight request threads
+    closing.start()
+    while closing.is_alive():
+        if worker.failure is None:
+            worker.housekeep()
+        closing.join(HOUSEKEEP_EVERY_S)
     worker.halt.set()

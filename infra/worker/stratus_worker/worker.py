@@ -62,6 +62,8 @@ WRITE_RETRY_S = 60.0  # how long a finished result's failed write is tried again
 WRITE_RETRY_FIRST_S, WRITE_RETRY_MAX_S = 0.25, 4.0  # the pause between tries: doubling, capped
 HELD_HERE_HIDE_S = 1  # a new message for a job whose stale generation is being dropped here waits this long
 NEWER_MESSAGE_HIDE_S = 60  # a message this worker is too old for comes back after this (to the DLQ in the end)
+INVOCATION_FAILED = {"message": "the worker failed on this job (its log has the cause)", "type": "server_error",
+                     "code": "worker_failed"}
 
 
 @dataclass(eq=False)
@@ -75,6 +77,7 @@ class Held:
     future: Future | None = None
     message_id: str = ""  # SQS's MessageId: the same on every delivery of one message
     settled: threading.Event = field(default_factory=threading.Event)  # run_one: its result is written or given up
+    run: str = ""  # run_one: the run it generates (Job.run), once claimed
 
 
 class Worker:
@@ -117,9 +120,9 @@ class Worker:
         drain_until = None
         try:
             while True:
-                if self.stopping.is_set():
+                if self.stopping.is_set() or self.engine.failure is not None:
                     drain_until = drain_until or time.monotonic() + self.settings.drain_s
-                    if not self.held or time.monotonic() > drain_until or self.failure:
+                    if not self.held or time.monotonic() > drain_until or self.engine.failure is not None:
                         break
                     time.sleep(0.05)
                 else:
@@ -193,6 +196,9 @@ class Worker:
         return [(Receipt(url, m["ReceiptHandle"]), m) for m in got.get("Messages", [])]
 
     def admit(self, m: dict, receipt: Receipt) -> None:
+        if self.engine.failure is not None:  # dead: the message goes back untouched (the worker is stopping)
+            self.leases.release(receipt)
+            return
         msg, message_id = QueueMessage.from_body(m["Body"]), m.get("MessageId", "")
         with self._lock:
             held = self.held.get(msg.job_id)
@@ -236,20 +242,40 @@ class Worker:
     def run_one(self, msg: QueueMessage) -> Job | None:
         """Serve one job synchronously, without the queue (SageMaker's /invocations); the engine
         thread must be running, and housekeep() keeps the job's heartbeat, cancel and streaming
-        checks as for a queue message. A second invocation for a job held here (a promoted or
-        adopted job has two messages) waits for the first's result instead of generating again.
-        Returns the job as it ends up."""
-        held = Held(msg, None, self.clock())
-        with self._lock:
-            first = self.held.setdefault(msg.job_id, held)
-        if first is not held:
+        checks as for a queue message. Returns the job as it ends up; raises, with the job FAILED
+        (INVOCATION_FAILED), when it cannot be served here (nothing redelivers an invocation).
+
+        A second invocation for a job held here waits for the first. The first served it (a
+        promoted or adopted job has two messages) -> its result. The job was made again meanwhile
+        (cancelled, then asked for again: a new run, QUEUED) -> the stale generation is dropped at
+        the engine's next step, and this invocation generates the new run."""
+        while True:
+            held = Held(msg, None, self.clock())
+            with self._lock:
+                first = self.held.setdefault(msg.job_id, held)
+            if first is held:
+                return self._serve_invoked(held)
+            job = self.store.get(msg.job_id)
+            with self._lock:
+                if first.run and job is not None and job.run != first.run and self.held.get(msg.job_id) is first:
+                    self.cancelled.add(msg.job_id)
             first.settled.wait()
-            return self.store.get(msg.job_id)
+            job = self.store.get(msg.job_id)
+            if job is None or job.status != Status.QUEUED:
+                return job
+
+    def _serve_invoked(self, held: Held) -> Job | None:
+        msg = held.message
         try:
             outcome, started = self.jobs.start(msg, 1)
             if outcome == GENERATE:
+                held.run = started.run
                 held.future = self._submit(msg, started, 1)
                 self.results.record(msg, held.received, held.future.result())
+        except Exception:
+            self.results.abandon(msg.job_id)
+            self.jobs.fail(msg.job_id, INVOCATION_FAILED)  # (before a waiting invocation reads it)
+            raise
         finally:
             with self._lock:
                 self.held.pop(msg.job_id, None)

@@ -126,6 +126,9 @@ class Stream:
                         yield error_event("the job is gone (expired or removed)", "job_gone")
                         yield from self._done()
                         return
+                    if job.run != self.job.run:  # made again (the run waited on failed): read the new
+                        self.job, self.stream = job, stream_key(job.job_id, job.run)  # run's chunks, which
+                        asm.last_seq = 0  # start over from offset 0: the Assembler skips what was sent
                     if job.status.finished:
                         yield from self._end(asm, with_result(job, self.deps))
                         return
