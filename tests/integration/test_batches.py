@@ -460,8 +460,8 @@ def take(stack, n: int) -> list[str]:
     return tenants
 
 
-def lines(prefix: str, n: int) -> str:
-    return "".join(line(f"{prefix}{i}", f"{prefix} question {i}?") + "\n" for i in range(n))
+def lines(prefix: str, n: int, **kw) -> str:
+    return "".join(line(f"{prefix}{i}", f"{prefix} question {i}?", **kw) + "\n" for i in range(n))
 
 
 def test_two_tenants_batch_files_share_the_queue_evenly(stack, batch_fn, batch_deps):
@@ -1089,9 +1089,12 @@ def test_the_output_is_written_a_slice_of_lines_at_a_time(stack, batch_fn, batch
     assert [o["modelInput"]["prompt"] for o in out if "recordId" in o] == [f"Story {i}" for i in range(3, 25, 4)]
 
 
-def a_run_dies_in_the_second_slice(upload, deps, monkeypatch) -> str:
-    """An upload's run that read the first slice of an 18-line file and died in the second, after
-    making its jobs and before recording them -> the batch id."""
+SAMPLED = {"temperature": 0.8}  # lines that are not cacheable: their jobs' ids come from the batch and the line
+
+
+def a_run_dies_in_the_second_slice(upload, deps, monkeypatch, **kw) -> str:
+    """An upload's run that read the first slice of an 18-line file (lines with `kw`) and died in
+    the second, after making its jobs and before recording them -> the batch id."""
     from stratus import batches, release
 
     real, calls = release.write_outbox, []
@@ -1104,19 +1107,21 @@ def a_run_dies_in_the_second_slice(upload, deps, monkeypatch) -> str:
 
     monkeypatch.setattr(release, "write_outbox", dies_the_second_time)
     with pytest.raises(RuntimeError):
-        upload("batches/input/acme/crash.jsonl", lines("a", 18))
+        upload("batches/input/acme/crash.jsonl", lines("a", 18, **kw))
     monkeypatch.setattr(release, "write_outbox", real)
     return batches.list_recent("acme", deps)[0][0].id
 
 
-def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack, batch_fn, batch_deps, monkeypatch):
+@pytest.mark.parametrize("kw", [{}, SAMPLED], ids=["cacheable", "sampled"])
+def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack, batch_fn, batch_deps, monkeypatch,
+                                                                           kw):
     from stratus import batches
 
     upload, tick, read = batch_fn
     monkeypatch.setattr(batches, "SLICE", 10)
     deps = batch_deps(batch_ingest_s=1000.0)
     # Given an upload's run that read one slice and died in the second, after creating its jobs
-    batch_id = a_run_dies_in_the_second_slice(upload, deps, monkeypatch)
+    batch_id = a_run_dies_in_the_second_slice(upload, deps, monkeypatch, **kw)
     # When a pass goes on with it (the run let go of its lease as it died)
     ran = take_jobs(stack)
     assert batches.run_pass(deps)["ingested"] == [batch_id]
@@ -1124,6 +1129,9 @@ def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack,
     ran += take_jobs(stack)
     assert sorted(custom_ids(stack, batch_id)[j] for j in ran) == sorted(f"a{i}" for i in range(18))
     assert tick()["completed"] == [batch_id]
+    # and no job the dead run made is left behind (was, for sampled lines: 8 QUEUED, their prompts kept a day)
+    made = [i for i in stack.table.scan()["Items"] if i.get("batch_id") == batch_id]
+    assert len(made) == 18 and {i["status"] for i in made} == {"DONE"}
 
 
 def test_a_run_that_dies_before_its_last_write_leaves_a_batch_the_pass_starts(stack, batch_fn, batch_deps,
@@ -1149,14 +1157,16 @@ def test_a_run_that_dies_before_its_last_write_leaves_a_batch_the_pass_starts(st
     assert len(done) == 1 and len(read(f"s3://{stack.refs['ResultsBucket']}/batches/output/{done[0]}/output.jsonl")) == 5
 
 
-def test_a_cancel_before_a_dead_slice_is_redone_cancels_that_slices_jobs(stack, batch_fn, batch_deps, monkeypatch):
+@pytest.mark.parametrize("kw", [{}, SAMPLED], ids=["cacheable", "sampled"])
+def test_a_cancel_before_a_dead_slice_is_redone_cancels_that_slices_jobs(stack, batch_fn, batch_deps, monkeypatch,
+                                                                          kw):
     from stratus import batches
 
     upload, tick, read = batch_fn
     monkeypatch.setattr(batches, "SLICE", 10)
     deps = batch_deps(batch_ingest_s=1000.0)
     # Given a run that made the second slice's jobs and died before recording them
-    first = a_run_dies_in_the_second_slice(upload, deps, monkeypatch)
+    first = a_run_dies_in_the_second_slice(upload, deps, monkeypatch, **kw)
     acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
     # When its owner cancels it before any pass redoes that slice
     assert stack.call("api_cancel_batch.json", key=acme, job_id=first)[1]["status"] == "cancelling"

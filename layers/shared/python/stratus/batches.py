@@ -39,7 +39,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Callable, Iterable, Iterator, TypeVar
 from urllib.parse import quote
@@ -407,9 +407,8 @@ def _stand_down(batch: Batch, deps: Deps) -> None:
 def _cancel_dead_slice(batch: Batch, deps: Deps) -> None:
     """A run that died mid-slice may have made jobs that no lines file names (a redo of the slice
     finds them again; a cancel or failure first would leave them QUEUED for ever, with a request or
-    another batch's line that joined one waiting on it). The slice's cacheable lines name their
-    jobs' ids: those this batch made are cancelled. (The others' ids are random: nothing can join
-    them, and they expire.)"""
+    another batch's line that joined one waiting on it). Each line names its job's id (its cache key,
+    or one derived from the batch and the line): those this batch made are cancelled."""
     if batch.attempting != batch.ingested or batch.lines_total is None or batch.ingested >= batch.lines_total:
         return
     s, ids = deps.settings, []
@@ -420,8 +419,8 @@ def _cancel_dead_slice(batch: Batch, deps: Deps) -> None:
                 req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
             except InvalidRequest:
                 continue  # (an error line made no job)
-            if req.params.deterministic:
-                ids.append(submission.job_id_for(req, batch.tenant, s, cacheable=True))
+            ids.append(submission.job_id_for(req, batch.tenant, s, cacheable=req.params.deterministic,
+                                             line_of=(batch.id, row.n)))
     except Exception:  # noqa: BLE001 - the file changed or went: those jobs expire at their deadline
         logger.exception("could not read the slice a run left unfinished", extra={"batch_id": batch.id})
         return
@@ -450,7 +449,7 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
         line = Line(row.n, None)
         try:
             line.custom_id, route, body, line.bedrock = parse_line(_text(row), s.model_id)
-            sub = submission.submit(route, body, owner, deps, how)
+            sub = submission.submit(route, body, owner, deps, replace(how, line=row.n))
         except (InvalidRequest, NotFound, PayloadTooLarge) as exc:
             line.error = _error(exc)
             return line, None

@@ -21,6 +21,7 @@ at least the batch window + BATCH_KEEP_S: the batch's output is written from it.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ class How:
     streaming: bool = False  # `stream: true` is allowed, and marks the message (the worker writes chunks)
     cache_control: str = ""  # the request's Cache-Control header
     batch: str | None = None  # the batch whose line this is (Job.batch)
+    line: int | None = None  # that line's number: a job that is not cacheable gets an id from (batch, line)
 
 
 def api(settings: Settings, cache_control: str = "", *, stream: bool = False, tier: str = "interactive") -> How:
@@ -103,7 +105,8 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
     directives = {d.strip().lower() for d in how.cache_control.split(",") if d.strip()}
     no_store, refresh = "no-store" in directives, "no-cache" in directives
     cacheable = req.params.deterministic and not no_store
-    job_id = job_id_for(req, tenant.name, s, cacheable)
+    line_of = (how.batch, how.line) if how.batch and how.line is not None else None
+    job_id = job_id_for(req, tenant.name, s, cacheable, line_of)
     logger.append_keys(job_id=job_id, tenant=tenant.name)
     if cacheable and not refresh:
         hit = deps.store.get(job_id, now=deps.clock())
@@ -165,8 +168,14 @@ def send(message: QueueMessage, deps: Deps) -> None:
     logger.info("queued")
 
 
-def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool) -> str:
-    """Cacheable requests meet on their cache key ("c" + SHA-256); others get a random id ("j" + uuid)."""
+def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool,
+               line_of: tuple[str, int] | None = None) -> str:
+    """Cacheable requests meet on their cache key ("c" + SHA-256); others get a random id ("j" + uuid),
+    or, for a batch file's line (line_of: batch id, line number), one derived from the line, so a run
+    that redoes a slice (or cancels it) finds the jobs a run that died made for it. (Batch ids are
+    random: such an id is no easier to guess than a random one.)"""
     if cacheable:
         return CACHED_PREFIX + cache_key(req, model_digest=s.model_digest, scope="*" if s.shared_cache else tenant)
+    if line_of is not None:
+        return UNCACHED_PREFIX + hashlib.sha256(f"{line_of[0]}/{line_of[1]}".encode()).hexdigest()[:32]
     return UNCACHED_PREFIX + uuid.uuid4().hex
