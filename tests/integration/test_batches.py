@@ -3,6 +3,7 @@ pass (events/batch_schedule.json) -> output and error files; the /v1/batches rou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import boto3
@@ -1334,3 +1335,43 @@ def test_a_file_replaced_while_it_is_read_fails_its_batch_instead_of_mixing_two_
     # and the jobs its first slice made are cancelled, their queued prompts (the outbox) deleted
     assert sorted(job_statuses(stack, created["batch"]).values()) == ["CANCELLED"] * 10
     assert state_files(stack, created["batch"]) == ["lines/00000.json"]
+
+
+def test_a_sampled_lines_job_its_tenant_cancelled_ends_its_line_and_leaves_no_other_job(stack, batch_fn, batch_deps):
+    upload, tick, read = batch_fn
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    created = upload("batches/input/acme/sampled.jsonl", lines("s", 3, **SAMPLED))
+    batch_id = created["batch"]
+    # Given a sampled line's job, which its tenant cancels (its id is the line's own: the tenant may work it out)
+    job_id = {c: j for j, c in custom_ids(stack, batch_id).items()}["s1"]
+    assert stack.call("api_cancel_job.json", key=acme, job_id=job_id)[0] == 200
+    # When the other lines finish and passes run
+    assert len(take(stack, 3)) == 2
+    for _ in range(2):
+        tick()
+    # Then the batch completes, that line an error, and no other job was made for it (was: a job with
+    # an empty prompt on every pass: a finished sampled job keeps no prompt to run again)
+    view = stack.call("api_get_batch.json", key=acme, job_id=batch_id)[1]
+    assert view["status"] == "completed" and view["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    made = [i for i in stack.table.scan()["Items"] if i.get("batch_id") == batch_id]
+    assert sorted(i["status"] for i in made) == ["CANCELLED", "DONE", "DONE"]
+
+
+def test_a_run_that_lags_behind_never_makes_a_finished_line_job_again(stack, batch_fn, batch_deps):
+    from stratus import submission
+    from stratus.keys import Tenant
+
+    upload, tick, read = batch_fn
+    deps = batch_deps()
+    created = upload("batches/input/acme/lagging.jsonl", lines("s", 2, **SAMPLED))
+    job_id = {c: j for j, c in custom_ids(stack, created["batch"]).items()}["s0"]
+    store = JobStore(stack.table)
+    store.transition(job_id, [Status.QUEUED], Status.FAILED, error={"message": "x", "code": "worker_failed"})
+    # When a run that lost its lease long ago submits that line again
+    how = submission.batch_line(deps.settings, created["batch"])
+    sub = submission.submit("chat", json.loads(lines("s", 1, **SAMPLED))["body"], Tenant("acme", 0, 0), deps,
+                            dataclasses.replace(how, line=1))
+    # Then it joins the finished job, which keeps its failure (was: a fresh QUEUED job with no message,
+    # and the batch in progress until it expired)
+    assert sub.job_id == job_id and not sub.created
+    assert store.get(job_id).status == Status.FAILED and store.get(job_id).error["code"] == "worker_failed"

@@ -370,3 +370,65 @@ def test_an_invocation_waiting_on_a_job_that_fails_reports_it_failed(stack, cont
     assert len(calls) == 1 and JobStore(stack.table).get(message["job_id"]).status == Status.FAILED
     assert sorted(r[0] for r in replies) == [200, 500]
     assert [r[1]["status"] for r in replies if r[0] == 200] == ["FAILED"]  # (was RUNNING: read before the fail)
+
+
+def test_only_a_generation_whose_run_was_made_again_is_dropped(stack, container):
+    # Given a job held here by an invocation that has not claimed it yet, then by one that claimed run r1
+    from stratus.contracts import QueueMessage
+    from stratus_worker.worker import Held
+
+    worker, _, queued, _ = container
+    message = queued()
+    msg, job = QueueMessage.from_body(json.dumps(message)), JobStore(stack.table).get(message["job_id"])
+    first = Held(msg, None, 0.0)
+    worker.held[msg.job_id] = first
+    # When a second invocation looks: not claimed, nothing is stale (it will claim whatever run the job has)
+    worker._drop_if_stale(first)
+    assert msg.job_id not in worker.cancelled
+    first.run = job.run
+    worker._drop_if_stale(first)  # its run is the job's own
+    assert msg.job_id not in worker.cancelled
+    first.run = "an-earlier-run"  # the job was made again after it claimed
+    worker._drop_if_stale(first)
+    assert msg.job_id in worker.cancelled
+    worker.held.pop(msg.job_id)
+    worker.cancelled.clear()
+
+
+def test_a_failed_invocation_of_a_run_made_again_leaves_the_new_run_queued(stack, container, monkeypatch):
+    # Given an invocation generating run r1 when the job is cancelled and made again (r2, QUEUED, its own
+    # invocation to come), and whose result write then fails
+    worker, _, _, _ = container
+    key = create_key(stack.table, "acme3", rpm=100, tpm=100_000)
+    body = {"model": "smollm2-135m-instruct-int4", "prompt": "fails after a remake", "max_tokens": 20,
+            "temperature": 0}
+    assert stack.call("api_create_job.json", key=key, body=body)[0] == 202
+    [first] = stack.queued()
+    store = JobStore(stack.table)
+
+    def cancel_and_ask_again(job_id):
+        store.cancel(job_id)
+        assert stack.call("api_create_job.json", key=key, body=body)[0] == 202
+    _slow_tokens(worker, 3, cancel_and_ask_again)
+    monkeypatch.setattr(worker.results, "record", lambda *a: (_ for _ in ()).throw(RuntimeError("S3 is down")))
+    # When that invocation fails
+    assert invoke(worker, first)[0] == 500
+    # Then the new run stays QUEUED for its own invocation (was: FAILED by the old one)
+    assert store.get(first["job_id"]).status == Status.QUEUED
+
+
+def test_a_waiting_invocation_that_cannot_read_the_job_fails_it_only_when_queued(stack, container, monkeypatch):
+    from stratus.contracts import QueueMessage
+    from stratus_worker.worker import Held
+
+    worker, _, queued, _ = container
+    message = queued()
+    msg = QueueMessage.from_body(json.dumps(message))
+    first = Held(msg, None, 0.0)
+    first.settled.set()  # (it has ended, and not yet let go of the job)
+    worker.held[msg.job_id] = first
+    monkeypatch.setattr(worker.store, "get", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("throttled")))
+    status, reply = invoke(worker, message)
+    worker.held.pop(msg.job_id)
+    monkeypatch.undo()
+    assert status == 500 and JobStore(stack.table).get(msg.job_id).status == Status.FAILED  # (was: QUEUED for ever)

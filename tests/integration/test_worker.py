@@ -596,3 +596,30 @@ def test_a_running_worker_serves_both_tiers(stack, key, make_worker):
     make_worker()
     assert wait_until(lambda: all(job(stack, j).status == Status.DONE for j in ids), timeout=60)
     assert wait_until(lambda: queue_depth(stack) == queue_depth(stack, "BatchJobsQueue") == 0)
+
+
+def test_a_cancel_read_for_one_generation_never_stops_the_next(stack, key, make_worker):
+    # Given a worker holding a generation of a job that was then cancelled
+    from stratus_worker.worker import Held
+
+    w = make_worker(run=False)
+    job_id = submit(stack, key, chat("held twice"))
+    [message] = stack.queued()
+    msg = QueueMessage.from_body(json.dumps(message))
+    first, second = Held(msg, None, 0.0), Held(msg, None, 0.0)
+    w.held[job_id] = first
+    JobStore(stack.table).cancel(job_id)
+    real = w.store.states
+
+    def read_then_swapped(ids):
+        got = real(ids)
+        w.held[job_id] = second  # meanwhile that generation ended, and the job, made again, is held anew
+        return got
+    # When the cancel check's read (CANCELLED) lands after the swap
+    w.store.states = read_then_swapped
+    w.check_cancelled()
+    # Then the new generation goes on; a cancel read while it is held does stop it
+    assert job_id not in w.cancelled
+    w.store.states = real
+    w.check_cancelled()
+    assert job_id in w.cancelled

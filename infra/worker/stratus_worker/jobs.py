@@ -87,11 +87,12 @@ class JobStates:
     def touch(self, job_id: str) -> None:
         self.store.transition(job_id, [Status.RUNNING], Status.RUNNING, owner=self.worker_id)
 
-    def fail(self, job_id: str, error: dict) -> Job | None:
-        """A job nothing will retry (an invocation) -> FAILED with `error`: from QUEUED, or from
-        RUNNING when it is ours (never a job another worker runs)."""
-        return (self.store.transition(job_id, [Status.QUEUED], Status.FAILED, error=error)
-                or self.store.transition(job_id, [Status.RUNNING], Status.FAILED, owner=self.worker_id, error=error))
+    def fail(self, job_id: str, error: dict, *, queued: bool = True, running: bool = True) -> Job | None:
+        """A job nothing will retry (an invocation) -> FAILED with `error`: from QUEUED (queued), or
+        from RUNNING when it is ours (running); never a job another worker runs."""
+        return ((queued and self.store.transition(job_id, [Status.QUEUED], Status.FAILED, error=error))
+                or (running and self.store.transition(job_id, [Status.RUNNING], Status.FAILED, owner=self.worker_id,
+                                                      error=error)) or None)
 
     def requeue(self, job_id: str, **fields) -> None:
         self.store.transition(job_id, [Status.RUNNING], Status.QUEUED, owner=self.worker_id, **fields)

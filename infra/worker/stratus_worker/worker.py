@@ -255,14 +255,26 @@ class Worker:
                 first = self.held.setdefault(msg.job_id, held)
             if first is held:
                 return self._serve_invoked(held)
-            job = self.store.get(msg.job_id)
-            with self._lock:
-                if first.run and job is not None and job.run != first.run and self.held.get(msg.job_id) is first:
-                    self.cancelled.add(msg.job_id)
-            first.settled.wait()
-            job = self.store.get(msg.job_id)
+            try:
+                self._drop_if_stale(first)
+                first.settled.wait()
+                job = self.store.get(msg.job_id)
+            except Exception:
+                self.jobs.fail(msg.job_id, INVOCATION_FAILED, running=False)  # (the first's run, if any, goes on)
+                raise
             if job is None or job.status != Status.QUEUED:
                 return job
+
+    def _drop_if_stale(self, first: Held) -> None:
+        """The generation `first` holds is stale when the job, read after it claimed its run, has
+        another run (made again meanwhile): the engine drops it at its next step."""
+        claimed = first.run
+        if not claimed:
+            return  # (not claimed yet: it will claim whatever run the job has)
+        job = self.store.get(first.message.job_id)
+        with self._lock:
+            if job is not None and job.run != claimed and self.held.get(first.message.job_id) is first:
+                self.cancelled.add(first.message.job_id)
 
     def _serve_invoked(self, held: Held) -> Job | None:
         msg = held.message
@@ -274,7 +286,9 @@ class Worker:
                 self.results.record(msg, held.received, held.future.result())
         except Exception:
             self.results.abandon(msg.job_id)
-            self.jobs.fail(msg.job_id, INVOCATION_FAILED)  # (before a waiting invocation reads it)
+            # (before a waiting invocation reads it; once a run is claimed, only that run: the job
+            # may have been made again meanwhile, for another invocation)
+            self.jobs.fail(msg.job_id, INVOCATION_FAILED, queued=not held.run)
             raise
         finally:
             with self._lock:
@@ -324,12 +338,12 @@ class Worker:
             self.jobs.touch(h.message.job_id)  # a fresh updated_at tells other workers this job is alive
 
     def check_cancelled(self) -> None:
-        held = [h.message.job_id for h in self._snapshot()]
+        held = {h.message.job_id: h for h in self._snapshot()}
         if held:
-            states = self.store.states(held)
-            with self._lock:  # only jobs still held: one the writer let go of meanwhile may be made again
-                self.cancelled.update(j for j, (status, _) in states.items()
-                                      if status == Status.CANCELLED and j in self.held)
+            states = self.store.states(list(held))
+            with self._lock:  # only generations still held: one let go of meanwhile may be made again,
+                self.cancelled.update(j for j, (status, _) in states.items()  # and held by another
+                                      if status == Status.CANCELLED and self.held.get(j) is held[j])
             self.chunks.mark_streamed(j for j, (_, streamed) in states.items() if streamed)
 
     # ---- finishing ----------------------------------------------------------------------------

@@ -829,10 +829,11 @@ def _run_again(job_ids: list[str], ended: set[Status], batch: Batch, deps: Deps)
         return {}
     owner, how, out = Tenant(batch.tenant, rpm=0, tpm=0), submission.batch_line(deps.settings, batch.id), {}
     for job in deps.store.get_many(job_ids).values():
-        if job.status not in ended:
-            continue  # queued again meanwhile (another batch's pass)
+        if job.status not in ended or not job.cacheable:
+            continue  # queued again meanwhile (another batch's pass), or not cacheable: its finished job
+                      # kept no prompt to run again, and a new one would have another id
         sub = submission.enqueue(job.request, owner, deps, how)
-        if sub.job_id != job.job_id:  # (not cacheable: only the batch that made it could have cancelled it)
+        if sub.job_id != job.job_id:  # (made under another model digest)
             continue
         if sub.created:
             submission.send(sub.message, deps)

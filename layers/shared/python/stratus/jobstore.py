@@ -128,20 +128,21 @@ class JobStore:
                 return False
             raise
 
-    def create(self, job: Job, *, refresh: bool = False) -> tuple[Job, bool]:
+    def create(self, job: Job, *, refresh: bool = False, once: bool = False) -> tuple[Job, bool]:
         """Put `job` unless a live one holds the id: returns (the job that holds it, created?).
 
         Replaces an absent, expired, failed, cancelled or expired item; with refresh (no-cache)
         also a DONE one. A QUEUED/RUNNING job is never replaced: identical requests coalesce on it.
+        once: only where no item holds the id (a batch line's own id: its job is made once, and a
+        run that lags behind the one that took its batch over never makes a finished one again).
         """
-        replaceable = FINISHED if refresh else RETRYABLE
-        names = {"#s": "status"}
-        values = {":now": int(time.time())}
-        values.update({f":s{i}": s for i, s in enumerate(replaceable)})
-        cond = f"attribute_not_exists(pk) OR expires_at < :now OR #s IN ({', '.join(f':s{i}' for i in range(len(replaceable)))})"
+        replaceable = {f":s{i}": s for i, s in enumerate(FINISHED if refresh else RETRYABLE)}
+        condition = {"ConditionExpression": "attribute_not_exists(pk)"} if once else {
+            "ConditionExpression": f"attribute_not_exists(pk) OR expires_at < :now OR #s IN ({', '.join(replaceable)})",
+            "ExpressionAttributeNames": {"#s": "status"},
+            "ExpressionAttributeValues": {":now": int(time.time()), **replaceable}}
         try:
-            self.table.put_item(Item=job.to_item(), ConditionExpression=cond, ExpressionAttributeNames=names,
-                                ExpressionAttributeValues=values, ReturnValuesOnConditionCheckFailure="ALL_OLD")
+            self.table.put_item(Item=job.to_item(), ReturnValuesOnConditionCheckFailure="ALL_OLD", **condition)
             return job, True
         except ClientError as exc:
             if not _conditional_failed(exc):

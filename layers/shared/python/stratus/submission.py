@@ -126,7 +126,7 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
     check_sizes(job, message.to_body())  # a 413 before anything is written or charged
     if how.charge:  # limits guard GPU time: only work that may reach a worker is charged
         charge(deps.table, tenant, estimated_tokens(req), now=now)
-    held, created = deps.store.create(job, refresh=refresh)
+    held, created = deps.store.create(job, refresh=refresh, once=line_of is not None and not cacheable)
     if not created:
         metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
         logger.info("coalesced on a live job", extra={"job_id": job_id, "status": held.status.value})
@@ -172,8 +172,9 @@ def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool,
                line_of: tuple[str, int] | None = None) -> str:
     """Cacheable requests meet on their cache key ("c" + SHA-256); others get a random id ("j" + uuid),
     or, for a batch file's line (line_of: batch id, line number), one derived from the line, so a run
-    that redoes a slice (or cancels it) finds the jobs a run that died made for it. (Batch ids are
-    random: such an id is no easier to guess than a random one.)"""
+    that redoes a slice (or cancels it) finds the jobs a run that died made for it. (Its tenant may
+    work such an id out, an upload's batch id being a hash of the file; GET and DELETE /v1/jobs
+    answer only the job's own tenant.)"""
     if cacheable:
         return CACHED_PREFIX + cache_key(req, model_digest=s.model_digest, scope="*" if s.shared_cache else tenant)
     if line_of is not None:
