@@ -242,6 +242,17 @@ def _slow_tokens(worker: Worker, after: int, then) -> list[int]:
     return seen
 
 
+def invoked_at_once(worker: Worker, message: dict) -> list[tuple[int, dict]]:
+    """Two invocations of one message at once -> their (status, body) replies."""
+    replies: list = [None, None]
+    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, invoke(worker, message))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return replies
+
+
 @pytest.mark.parametrize("event", ["cancel", "stream"])
 def test_a_sagemaker_container_keeps_its_jobs_housekeeping(stack, container, event):
     # Given the container generating a 200-token job, when a client cancels it (DELETE /v1/jobs/{id})
@@ -270,12 +281,7 @@ def test_a_second_invocation_for_a_job_generating_here_waits_for_its_result(stac
     submitted, real_submit = [], worker.engine.submit
     worker.engine.submit = lambda r: submitted.append(r) or real_submit(r)
     _slow_tokens(worker, 1, lambda _job: None)
-    replies = [None, None]
-    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, invoke(worker, message))) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    replies = invoked_at_once(worker, message)
     # Then it is generated once, and both invocations answer with its one result
     assert len(submitted) == 1
     assert [r[0] for r in replies] == [200, 200] and replies[0][1] == replies[1][1]
@@ -361,12 +367,7 @@ def test_an_invocation_waiting_on_a_job_that_fails_reports_it_failed(stack, cont
         time.sleep(0.3)  # (the second invocation is waiting by now)
         raise RuntimeError("GPU fell off")
     monkeypatch.setattr(worker.engine, "submit", fails_slowly)
-    replies = [None, None]
-    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, invoke(worker, message))) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    replies = invoked_at_once(worker, message)
     assert len(calls) == 1 and JobStore(stack.table).get(message["job_id"]).status == Status.FAILED
     assert sorted(r[0] for r in replies) == [200, 500]
     assert [r[1]["status"] for r in replies if r[0] == 200] == ["FAILED"]  # (was RUNNING: read before the fail)
