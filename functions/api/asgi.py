@@ -102,7 +102,7 @@ def _wants_stream(body: bytes) -> bool:
         return False
     try:
         value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # (not JSON, not UTF-8, an integer too long, too deep)
         return False
     return isinstance(value, dict) and value.get("stream") is True
 

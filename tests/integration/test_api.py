@@ -280,6 +280,14 @@ def test_json_nested_too_deep_is_a_400(stack, key, depth):
     assert status in (400, 404) and "deep" not in body["error"]["message"]
 
 
+def test_an_integer_too_long_to_read_is_a_400(stack, key):
+    # (json.loads refuses integers past 4,300 digits with a ValueError: it was a 500)
+    raw = '{"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": ' + "1" * 5000 + "}"
+    for event in ("api_chat_completion.json", "api_create_job.json"):
+        status, body, _ = stack.call(event, key=key, body=raw)
+        assert status == 400 and "not valid JSON here" in body["error"]["message"]
+
+
 def test_keys_cli_creates_a_working_key_and_revokes_it(stack, capsys):
     from stratus_cli.main import main as stratus
 

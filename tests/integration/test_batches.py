@@ -206,16 +206,19 @@ def test_lines_end_at_newlines_only_and_keep_their_numbers(stack, batch_fn):
     assert error["line"] == 5 and "not UTF-8" in error["error"]["message"]
 
 
-def test_a_line_nested_past_the_recursion_limit_is_an_error_line_not_a_stuck_batch(stack, batch_fn):
+@pytest.mark.parametrize("bad, says", [
+    ('{"custom_id": "deep", "body": ' + "[" * 5000 + "]" * 5000 + "}", "more than 128 deep"),
+    ('{"custom_id": "long", "body": {"seed": ' + "7" * 5000 + "}}", "not valid JSON here"),  # past 4,300 digits
+])
+def test_a_line_python_cannot_read_is_an_error_line_not_a_stuck_batch(stack, batch_fn, bad, says):
     upload, tick, read = batch_fn
-    deep = '{"custom_id": "deep", "body": ' + "[" * 5000 + "]" * 5000 + "}"
-    created = upload("batches/input/acme/deep.jsonl", line("ok", "Fine.") + "\n" + deep + "\n")
+    created = upload("batches/input/acme/deep.jsonl", line("ok", "Fine.") + "\n" + bad + "\n")
     assert created["status"] == "in_progress" and created["request_counts"] == {"total": 2, "completed": 0, "failed": 1}
     work_all(stack)
     assert tick()["completed"] == [created["batch"]]
     key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
     [error] = read(stack.call("api_get_batch.json", key=key, job_id=created["batch"])[1]["error_file_uri"])
-    assert error["line"] == 2 and "more than 128 deep" in error["error"]["message"]
+    assert error["line"] == 2 and says in error["error"]["message"]
 
 
 @pytest.mark.parametrize("then", ["replaced", "deleted"])

@@ -87,3 +87,19 @@ def test_no_input_gets_a_5xx_or_a_response_outside_the_document(case, web_app):
     refused_by_content = ("POST /v1/files", "POST /detokenize")
     excluded = [unsupported_method] + ([positive_data_acceptance] if case.operation.label in refused_by_content else [])
     case.call_and_validate(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, excluded_checks=excluded)
+
+
+def test_a_streamed_body_python_cannot_read_is_refused_not_a_500(web_app):
+    # (the web app reads `stream` before anything else: an integer past 4,300 digits raised there)
+    import urllib.error
+    import urllib.request
+
+    base_url, key = web_app
+    raw = ('{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}], "seed": '
+           + "1" * 5000 + "}").encode()
+    for auth, expected in ((None, 401), (f"Bearer {key}", 400)):
+        req = urllib.request.Request(f"{base_url}/v1/chat/completions", data=raw, method="POST",
+                                     headers={"content-type": "application/json", **({"authorization": auth} if auth else {})})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert refused.value.code == expected

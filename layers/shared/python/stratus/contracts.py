@@ -129,7 +129,8 @@ MAX_JSON_DEPTH = 128  # arrays and objects within each other: far past any real 
 
 def parse_json(raw: str | bytes, what: str):
     """JSON text -> its value; InvalidRequest says which `what` ("the line", ...) is wrong and
-    where: not JSON, not UTF-8, or nesting arrays and objects deeper than MAX_JSON_DEPTH."""
+    where: not JSON, not UTF-8, an integer too long to read, or nesting arrays and objects deeper
+    than MAX_JSON_DEPTH."""
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -138,6 +139,8 @@ def parse_json(raw: str | bytes, what: str):
         raise InvalidRequest(f"{what} is not valid JSON (not UTF-8)") from exc
     except RecursionError:
         raise InvalidRequest(f"{what} nests arrays and objects more than {MAX_JSON_DEPTH} deep") from None
+    except ValueError as exc:  # an integer past Python's 4,300 digits
+        raise InvalidRequest(f"{what} is not valid JSON here: {exc}") from None
     level, depth = [value], 0
     while level := [v for v in level if isinstance(v, (dict, list))]:
         depth += 1
