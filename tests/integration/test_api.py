@@ -382,6 +382,32 @@ def test_shared_cache_lets_tenants_meet_on_one_job(stack, key, monkeypatch):
     assert status == 200 and headers["x-stratus-cache"] == "hit"
 
 
+def test_a_cancel_checked_against_one_tenants_job_never_cancels_anothers_made_since(stack, key, monkeypatch):
+    # Given SharedCache=true and a job its tenant cancelled, which another tenant's identical request
+    # then made again under the same id
+    from stratus import service
+
+    monkeypatch.setenv("STRATUS_SHARED_CACHE", "true")
+    apply_environment({})
+    stack.module.get_deps.cache_clear()
+    other = create_key(stack.table, "globex", rpm=1000, tpm=1_000_000)
+    _, mine, _ = stack.call("api_create_job.json", key=key, body=CHAT)
+    assert stack.call("api_cancel_job.json", key=key, job_id=mine["id"])[0] == 200
+    store, checked = JobStore(stack.table), service.get_job
+
+    def made_again_after_the_check(job_id, tenant, deps, **kw):
+        job = checked(job_id, tenant, deps, **kw)  # the first tenant's own (cancelled) job passes the check
+        assert stack.call("api_create_job.json", key=other, body=CHAT)[1]["id"] == job_id
+        monkeypatch.setattr(service, "get_job", checked)
+        return job
+    # When the first tenant's second DELETE is checked just before the other's request makes it again
+    monkeypatch.setattr(service, "get_job", made_again_after_the_check)
+    status, _, _ = stack.call("api_cancel_job.json", key=key, job_id=mine["id"])
+    # Then the other tenant's job stays QUEUED (was: cancelled by a tenant that no longer owns the id)
+    job = store.get(mine["id"])
+    assert status in (404, 409) and job.status == Status.QUEUED and job.tenant == "globex"
+
+
 @pytest.mark.parametrize("change, where", [
     ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
     ({"stop": ["x\udfff"]}, "stop[0]"),

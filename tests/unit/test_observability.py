@@ -41,3 +41,14 @@ def test_metrics_added_from_many_threads_are_each_emitted_once(capsys):
                 values = blob[m["Name"]]
                 emitted += len(values) if isinstance(values, list) else 1
     assert errors == [] and emitted == 8 * 3000
+
+
+def test_traces_never_record_a_handlers_response():
+    # (Powertools' capture_lambda_handler records the response as trace metadata by default, and the
+    # api function's responses carry outputs and echoed prompts)
+    from aws_lambda_powertools.shared import constants
+
+    from stratus_local.template import load_template
+
+    env = load_template()["Globals"]["Function"]["Environment"]["Variables"]
+    assert env[constants.TRACER_CAPTURE_RESPONSE_ENV] == "false"

@@ -195,9 +195,10 @@ class JobStore:
             raise
 
     def transition(self, job_id: str, allowed_from: list[Status], to: Status, *, owner: str | None = None,
-                   tier: str | None = None, batch: str | None = None, **fields) -> Job | None:
+                   tier: str | None = None, batch: str | None = None, tenant: str | None = None,
+                   **fields) -> Job | None:
         """Conditionally move a job to `to`: the job as written, or None when its status (or its
-        owning worker, its tier, the batch that made it) did not match.
+        owning worker, its tier, the batch that made it, its tenant) did not match.
 
         Extra fields are set too (worker=... claims the job); dicts (result, usage, timings, error)
         are stored as JSON.
@@ -221,6 +222,9 @@ class JobStore:
         if batch is not None:
             cond += " AND #batch = :batch"
             names["#batch"], values[":batch"] = "batch_id", batch
+        if tenant is not None:
+            cond += " AND tenant = :tenant"
+            values[":tenant"] = tenant
         try:
             update = "SET " + ", ".join(sets) + (" REMOVE prompt" if forget else "")
             item = self.table.update_item(Key={"pk": job_id}, UpdateExpression=update,
@@ -267,8 +271,10 @@ class JobStore:
         return self.transition(job_id, [Status.RUNNING], Status.DONE, owner=owner,
                                result_s3=f"s3://{bucket}/{key}", **fields)
 
-    def cancel(self, job_id: str) -> Job | None:
-        return self.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.CANCELLED)
+    def cancel(self, job_id: str, tenant: str | None = None) -> Job | None:
+        """QUEUED or RUNNING -> CANCELLED; with `tenant`, only that tenant's job (the one the caller
+        checked: with a shared cache, another tenant may have made the id's job again since)."""
+        return self.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.CANCELLED, tenant=tenant)
 
     def cancel_batch_job(self, job_id: str, batch_id: str) -> Job | None:
         """A job the cancelled batch's line created, that has not started and that no interactive

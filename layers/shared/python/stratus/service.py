@@ -89,7 +89,7 @@ def get_job(job_id: str, tenant: Tenant, deps: Deps, *, owner_only: bool = False
 
 def cancel_job(job_id: str, tenant: Tenant, deps: Deps) -> Reply:
     job = get_job(job_id, tenant, deps, owner_only=True)  # a shared job is cancelled only by its creator
-    if not deps.store.cancel(job_id):
+    if not deps.store.cancel(job_id, tenant.name):
         job = get_job(job_id, tenant, deps)
         raise Conflict(f"job {job_id} is already {job.status.value}; only QUEUED or RUNNING jobs can be cancelled")
     metrics.add_metric(name="JobsCancelled", unit=MetricUnit.Count, value=1)

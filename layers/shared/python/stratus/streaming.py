@@ -180,7 +180,7 @@ class Stream:
         """The client went away before the end."""
         if self.finished or self.hit or self.job.cacheable:
             return  # a cacheable job finishes and is cached (identical requests may be waiting on it)
-        if self.deps.store.cancel(self.job.job_id):
+        if self.deps.store.cancel(self.job.job_id, self.tenant.name):
             logger.info("stream abandoned: job cancelled", extra={"job_id": self.job.job_id})
 
 
