@@ -52,8 +52,10 @@ def test_a_request_message_becomes_a_watched_job(stack, trigger):
 def test_an_invalid_request_is_answered_with_an_error_and_not_retried(stack, trigger):
     send, replied = trigger
     assert send(request(max_tokens=0), {"id": "x", "url": "/v1/embeddings", "body": {}}) == {"batchItemFailures": []}
-    [reply] = replied()
-    assert reply["id"] == "order-42" and reply["status"] == "FAILED" and "max_tokens" in reply["error"]["message"]
+    # (each answered: a body refused, and, before the body was read, a message refused for its url)
+    replies = {r["id"]: r for r in replied()}
+    assert set(replies) == {"order-42", "x"} and {r["status"] for r in replies.values()} == {"FAILED"}
+    assert "max_tokens" in replies["order-42"]["error"]["message"] and replies["x"]["error"]["param"] == "url"
     assert stack.queued() == []
 
 
@@ -135,3 +137,53 @@ def test_a_message_takes_the_same_openai_fields_as_the_api(stack, trigger):
     p = JobStore(stack.table).get(first["job_id"]).request.params
     assert (p.logprobs, p.n, p.json_schema) == (3, 2, '{"type":"object"}')
     assert first["job_id"] != plain["job_id"]  # a different cache key
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["cacheable", "sampled"])
+def test_a_redelivered_request_message_makes_one_job_and_one_reply(stack, trigger, sampled):
+    # Given one request message delivered twice (SQS delivers at least once; same MessageId), the
+    # first time in a batch with the second delivery failing at its watch, say
+    send, replied = trigger
+    msg = request(**({"temperature": 0.7} if sampled else {}))
+    assert send(msg) == {"batchItemFailures": []}
+    assert send(msg) == {"batchItemFailures": []}
+    # Then one job was made and queued (was, sampled: two), and it is watched once
+    [queued] = stack.queued()
+    store = JobStore(stack.table)
+    assert len(store.get(queued["job_id"]).notify) == 1
+    # and its end posts one reply (was: one per delivery)
+    store.transition(queued["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
+    from stratus.replies import post_replies
+    post_replies(store.complete(queued["job_id"], "w", {"text": "Shipped.", "finish_reason": "stop"}),
+                 sqs=stack.sqs, s3=boto3.client("s3"), store=store)
+    assert [r["id"] for r in replied()] == ["order-42"]
+
+
+def test_a_reply_that_fails_for_a_passing_reason_is_posted_when_its_message_comes_back(stack, trigger, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    from stratus.replies import post_replies
+
+    send, replied = trigger
+    send(request())
+    [queued] = stack.queued()
+    store = JobStore(stack.table)
+    store.transition(queued["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
+    done = store.complete(queued["job_id"], "w", {"text": "Shipped.", "finish_reason": "stop"})
+    # Given a reply queue that throttles once
+    real, calls = stack.sqs.send_message, []
+
+    def throttled_once(**kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"},
+                               "ResponseMetadata": {"HTTPStatusCode": 400}}, "SendMessage")
+        return real(**kw)
+    monkeypatch.setattr(stack.sqs, "send_message", throttled_once)
+    # When the job's replies are posted: the failure is raised and the job is not marked notified
+    with pytest.raises(ClientError):
+        post_replies(done, sqs=stack.sqs, s3=boto3.client("s3"), store=store)
+    assert not store.get(queued["job_id"]).notified
+    # Then the next try (its message came back) posts it (was: lost, the job marked notified)
+    assert post_replies(store.get(queued["job_id"]), sqs=stack.sqs, s3=boto3.client("s3"), store=store) == 1
+    assert [r["id"] for r in replied()] == ["order-42"]

@@ -420,7 +420,7 @@ def _cancel_dead_slice(batch: Batch, deps: Deps) -> None:
             except InvalidRequest:
                 continue  # (an error line made no job)
             ids.append(submission.job_id_for(req, batch.tenant, s, cacheable=req.params.deterministic,
-                                             line_of=(batch.id, row.n)))
+                                             origin=submission.line_origin(batch.id, row.n)))
     except Exception:  # noqa: BLE001 - the file changed or went: those jobs expire at their deadline
         logger.exception("could not read the slice a run left unfinished", extra={"batch_id": batch.id})
         return
@@ -449,7 +449,7 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
         line = Line(row.n, None)
         try:
             line.custom_id, route, body, line.bedrock = parse_line(_text(row), s.model_id)
-            sub = submission.submit(route, body, owner, deps, replace(how, line=row.n))
+            sub = submission.submit(route, body, owner, deps, replace(how, origin=submission.line_origin(batch.id, row.n)))
         except (InvalidRequest, NotFound, PayloadTooLarge) as exc:
             line.error = _error(exc)
             return line, None

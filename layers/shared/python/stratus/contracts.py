@@ -21,8 +21,9 @@ ROUTES = ("chat", "completion")
 # its engine admits waiting interactive rows before waiting batch rows (Engine priority = index).
 TIERS = ("interactive", "batch")
 # Job ids, in one place: a cacheable request's is its cache key, "c" + SHA-256; any other's is
-# "j" + a random uuid, or for a batch file's line 32 hex digits of SHA-256(batch id, line) (kept only
-# to be polled or streamed; its prompt is dropped when it finishes).
+# "j" + a random uuid, or where the request may come again (a batch file's line, a requests-queue
+# message) 32 hex digits of SHA-256(tenant, its origin) (kept only to be polled or streamed; its
+# prompt is dropped when it finishes).
 CACHED_PREFIX, UNCACHED_PREFIX = "c", "j"
 JOB_ID = re.compile(r"c[0-9a-f]{64}|j[0-9a-f]{32}")
 

@@ -238,18 +238,27 @@ class JobStore:
 
     def watch(self, job_id: str, reply: dict) -> bool:
         """Ask for `reply` ({"queue_url", "id"}) to be posted when the job finishes; False when it
-        already has (then the caller replies itself). Conditional, so no finish slips between."""
+        already has (then the caller replies itself). Conditional, so no finish slips between; a
+        reply already asked for (a redelivered request message) is not added twice."""
+        one = json.dumps(reply, separators=(",", ":"))
         try:
             self.table.update_item(
                 Key={"pk": job_id}, UpdateExpression="SET notify = list_append(if_not_exists(notify, :empty), :r)",
-                ConditionExpression="#s IN (:q, :r0)", ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={":empty": [], ":r": [json.dumps(reply, separators=(",", ":"))],
-                                           ":q": Status.QUEUED.value, ":r0": Status.RUNNING.value})
+                ConditionExpression="#s IN (:q, :r0) AND (attribute_not_exists(notify) OR NOT contains(notify, :one))",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={":empty": [], ":r": [one], ":one": one, ":q": Status.QUEUED.value,
+                                           ":r0": Status.RUNNING.value},
+                ReturnValuesOnConditionCheckFailure="ALL_OLD")
             return True
         except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
+            if not _conditional_failed(exc):
+                raise
+            old = exc.response.get("Item")
+            status = old["status"]["S"] if old and "status" in old else None
+            if old is None:  # older DynamoDB implementations do not return the item
+                job = self.get(job_id)
+                status = job.status.value if job else None
+            return status in (Status.QUEUED.value, Status.RUNNING.value)  # live: asked for already
 
     def mark_notified(self, job_id: str) -> None:
         self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET notified = :t",

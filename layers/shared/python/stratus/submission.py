@@ -51,7 +51,9 @@ class How:
     streaming: bool = False  # `stream: true` is allowed, and marks the message (the worker writes chunks)
     cache_control: str = ""  # the request's Cache-Control header
     batch: str | None = None  # the batch whose line this is (Job.batch)
-    line: int | None = None  # that line's number: a job that is not cacheable gets an id from (batch, line)
+    # where a request that is not cacheable comes from, when it may come again (a batch file's line,
+    # line_origin; a requests-queue message, "sqs/<MessageId>"): its job's id is derived from it, made once
+    origin: str | None = None
 
 
 def api(settings: Settings, cache_control: str = "", *, stream: bool = False, tier: str = "interactive") -> How:
@@ -62,9 +64,14 @@ def batch_line(settings: Settings, batch_id: str | None = None) -> How:
     return How(settings.deadline_for("batch"), "batch", charge=False, send=False, batch=batch_id)
 
 
-def queue_message(settings: Settings) -> How:
+def queue_message(settings: Settings, origin: str | None = None) -> How:
     tier = settings.requests_tier
-    return How(settings.deadline_for(tier), tier, charge=False)
+    return How(settings.deadline_for(tier), tier, charge=False, origin=origin)
+
+
+def line_origin(batch_id: str, line: int) -> str:
+    """How.origin of a batch file's line (its number in the file)."""
+    return f"{batch_id}/{line}"
 
 
 @dataclass(frozen=True)
@@ -105,8 +112,7 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
     directives = {d.strip().lower() for d in how.cache_control.split(",") if d.strip()}
     no_store, refresh = "no-store" in directives, "no-cache" in directives
     cacheable = req.params.deterministic and not no_store
-    line_of = (how.batch, how.line) if how.batch and how.line is not None else None
-    job_id = job_id_for(req, tenant.name, s, cacheable, line_of)
+    job_id = job_id_for(req, tenant.name, s, cacheable, how.origin)
     logger.append_keys(job_id=job_id, tenant=tenant.name)
     if cacheable and not refresh:
         hit = deps.store.get(job_id, now=deps.clock())
@@ -126,7 +132,7 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
     check_sizes(job, message.to_body())  # a 413 before anything is written or charged
     if how.charge:  # limits guard GPU time: only work that may reach a worker is charged
         charge(deps.table, tenant, estimated_tokens(req), now=now)
-    held, created = deps.store.create(job, refresh=refresh, once=line_of is not None and not cacheable)
+    held, created = deps.store.create(job, refresh=refresh, once=how.origin is not None and not cacheable)
     if not created:
         metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
         logger.info("coalesced on a live job", extra={"job_id": job_id, "status": held.status.value})
@@ -168,15 +174,14 @@ def send(message: QueueMessage, deps: Deps) -> None:
     logger.info("queued")
 
 
-def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool,
-               line_of: tuple[str, int] | None = None) -> str:
+def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool, origin: str | None = None) -> str:
     """Cacheable requests meet on their cache key ("c" + SHA-256); others get a random id ("j" + uuid),
-    or, for a batch file's line (line_of: batch id, line number), one derived from the line, so a run
-    that redoes a slice (or cancels it) finds the jobs a run that died made for it. (Its tenant may
-    work such an id out, an upload's batch id being a hash of the file; GET and DELETE /v1/jobs
-    answer only the job's own tenant.)"""
+    or, with an origin (How.origin), one derived from it: a run that redoes a batch slice (or cancels
+    it) finds the jobs a run that died made for it, and a redelivered requests-queue message the job
+    its first delivery made. (Its tenant may work such an id out, an upload's batch id being a hash
+    of the file; GET and DELETE /v1/jobs answer only the job's own tenant.)"""
     if cacheable:
         return CACHED_PREFIX + cache_key(req, model_digest=s.model_digest, scope="*" if s.shared_cache else tenant)
-    if line_of is not None:
-        return UNCACHED_PREFIX + hashlib.sha256(f"{line_of[0]}/{line_of[1]}".encode()).hexdigest()[:32]
+    if origin is not None:
+        return UNCACHED_PREFIX + hashlib.sha256(f"{tenant}/{origin}".encode()).hexdigest()[:32]
     return UNCACHED_PREFIX + uuid.uuid4().hex

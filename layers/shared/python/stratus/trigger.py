@@ -7,13 +7,14 @@ Each becomes a job through the same path as the API (cache hit, coalescing, cond
 SendMessage); with reply_to, the result is posted there when the job finishes (stratus.replies).
 Senders are trusted by IAM (they may write to the queue), so tenant limits are not charged.
 A request that can never succeed (bad JSON, invalid body, reply queue not allowed) is answered
-with an error when it can be and is not retried; anything else raises so SQS redelivers it.
+with an error when it names an allowed reply queue, and is not retried; anything else raises so
+SQS redelivers it. A redelivered message never makes a second job (a job that is not cacheable
+has an id derived from SQS's MessageId) nor a second reply (JobStore.watch keeps one per reply).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass
 
 from stratus import submission
@@ -23,7 +24,7 @@ from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge
 from stratus.jobstore import load_result
 from stratus.keys import Tenant
 from stratus.observability import logger
-from stratus.replies import send_reply
+from stratus.replies import send, send_reply
 
 ROUTES = ROUTE_PATHS
 
@@ -40,17 +41,10 @@ class RequestMessage:
     def parse(cls, raw: str, *, default_tenant: str, reply_pattern: str) -> RequestMessage:
         msg = json_object(raw, "the message")
         require_unicode({k: v for k, v in msg.items() if k != "body"}, "the message")  # the body: parse_request
+        reply_to = _reply_to(msg, reply_pattern)
         url = msg.get("url", "/v1/chat/completions")
         if url not in ROUTES:
             raise InvalidRequest(f"url must be one of {', '.join(ROUTES)}, got {url!r}", param="url")
-        reply_to = msg.get("reply_to")
-        if reply_to is not None:
-            if not isinstance(reply_to, str):
-                raise InvalidRequest(f"reply_to must be a queue URL (a string), got {reply_to!r}", param="reply_to")
-            name = reply_to.rstrip("/").rsplit("/", 1)[-1]
-            if not fnmatch.fnmatch(name, reply_pattern):
-                raise InvalidRequest(f"reply_to must name a queue matching {reply_pattern!r}, got {name!r}",
-                                     param="reply_to")
         tenant = msg.get("tenant")
         if tenant not in (None, default_tenant):  # one tenant per requests queue: the sender's IAM grant
             raise InvalidRequest(f"this requests queue serves tenant {default_tenant!r} (TriggerTenant); "
@@ -58,27 +52,61 @@ class RequestMessage:
         return cls(msg.get("id"), ROUTES[url], msg.get("body"), reply_to, default_tenant)
 
 
-def handle_request(raw: str, deps: Deps) -> str:
-    """One requests-queue message -> a job (and a reply when it is already known); returns the job id."""
+def _reply_to(msg: dict, reply_pattern: str) -> str | None:
+    """The message's reply queue (None when it has none); InvalidRequest when it names one outside
+    the pattern the senders' replies are allowed to."""
+    reply_to = msg.get("reply_to")
+    if reply_to is not None:
+        if not isinstance(reply_to, str):
+            raise InvalidRequest(f"reply_to must be a queue URL (a string), got {reply_to!r}", param="reply_to")
+        name = reply_to.rstrip("/").rsplit("/", 1)[-1]
+        if not fnmatch.fnmatch(name, reply_pattern):
+            raise InvalidRequest(f"reply_to must name a queue matching {reply_pattern!r}, got {name!r}",
+                                 param="reply_to")
+    return reply_to
+
+
+def _where_to_answer(raw: str, tenant: str, reply_pattern: str) -> tuple[str | None, str | None]:
+    """A refused message's (id, allowed reply queue), as far as they can be read; (None, None) when
+    they cannot, or when it claims another tenant (not trusted: no reply)."""
+    try:
+        msg = json_object(raw, "the message")
+        require_unicode({k: msg.get(k) for k in ("id", "reply_to")}, "the message")
+        if msg.get("tenant") not in (None, tenant):
+            return None, None
+        return msg.get("id") if isinstance(msg.get("id"), str) else None, _reply_to(msg, reply_pattern)
+    except InvalidRequest:
+        return None, None
+
+
+def _refuse(exc: InvalidRequest | NotFound | PayloadTooLarge, request_id: str | None, reply_to: str | None,
+            deps: Deps) -> None:
+    """A request that can never succeed: answered with its error when it names a reply queue, not retried."""
+    logger.info("request message refused", extra={"reason": exc.message})
+    if reply_to:
+        send(reply_to, {"id": request_id, "job_id": None, "status": Status.FAILED.value, "error": {
+            "message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}, deps.sqs)
+
+
+def handle_request(raw: str, deps: Deps, message_id: str | None = None) -> str:
+    """One requests-queue message (SQS's MessageId: the same on each delivery of it) -> a job (and a
+    reply when it is already known); returns the job id. A request that is not cacheable gets a job
+    id derived from the message, so a redelivery joins the job the first delivery made."""
     s = deps.settings
     try:
         msg = RequestMessage.parse(raw, default_tenant=s.trigger_tenant, reply_pattern=s.reply_queue_pattern)
     except InvalidRequest as exc:
-        logger.warning("request message refused", extra={"reason": exc.message})
+        _refuse(exc, *_where_to_answer(raw, s.trigger_tenant, s.reply_queue_pattern), deps)
         return ""
     tenant = Tenant(msg.tenant, rpm=0, tpm=0)
+    how = submission.queue_message(s, origin=f"sqs/{message_id}" if message_id else None)
     try:
-        job_id = submission.submit(msg.route, msg.body, tenant, deps, submission.queue_message(s)).job_id
+        job_id = submission.submit(msg.route, msg.body, tenant, deps, how).job_id
     except (InvalidRequest, NotFound, PayloadTooLarge) as exc:  # answered, not retried
-        if msg.reply_to:
-            error = {"id": msg.id, "job_id": None, "status": Status.FAILED.value,
-                     "error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
-            deps.sqs.send_message(QueueUrl=msg.reply_to, MessageBody=json.dumps(error, separators=(",", ":")))
-        logger.info("request message invalid", extra={"reason": exc.message})
+        _refuse(exc, msg.id, msg.reply_to, deps)
         return ""
     if msg.reply_to:
         reply = {"queue_url": msg.reply_to, "id": msg.id}
         if not deps.store.watch(job_id, reply):  # finished already (a cache hit, or just now)
             send_reply(load_result(deps.store.get(job_id, now=deps.clock()), deps.s3), reply, deps.sqs)
     return job_id
-
