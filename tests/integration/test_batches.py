@@ -1378,3 +1378,46 @@ def test_a_run_that_lags_behind_never_makes_a_finished_line_job_again(stack, bat
     # and the batch in progress until it expired)
     assert sub.job_id == job_id and not sub.created
     assert store.get(job_id).status == Status.FAILED and store.get(job_id).error["code"] == "worker_failed"
+
+
+def test_a_batch_message_sqs_fails_on_its_side_is_sent_again_and_one_it_refuses_fails_its_job(
+        stack, batch_fn, batch_deps, monkeypatch):
+    from stratus import release
+    from stratus.contracts import QueueMessage
+    from stratus.errors import Unavailable
+
+    deps = batch_deps()
+    upload, _, _ = batch_fn
+    created = upload("batches/input/acme/sent.jsonl", lines("s", 3))
+    while take(stack, 10):  # (the upload released the lines: drain them, they are sent again below)
+        pass
+    store = JobStore(stack.table)
+    jobs = sorted(custom_ids(stack, created["batch"]), key=lambda j: custom_ids(stack, created["batch"])[j])
+    for j in jobs:  # back to QUEUED, as lines not yet sent
+        stack.table.update_item(Key={"pk": j}, UpdateExpression="SET #s = :q", ExpressionAttributeNames={"#s": "status"},
+                                ExpressionAttributeValues={":q": "QUEUED"})
+    bodies = [QueueMessage(j, "acme", store.get(j).request, 0.0, 10**10, tier="batch").to_body() for j in jobs]
+    real, rounds = deps.sqs.send_message_batch, []
+
+    def faults(QueueUrl, Entries):
+        rounds.append([e["Id"] for e in Entries])
+        failed = [{"Id": "0", "SenderFault": False, "Code": "InternalError"}] if len(rounds) == 1 else []
+        failed += [{"Id": "1", "SenderFault": True, "Code": "InvalidMessageContents"}] if len(rounds) == 1 else []
+        sent = real(QueueUrl=QueueUrl, Entries=[e for e in Entries if e["Id"] not in {f["Id"] for f in failed}])
+        return {**sent, "Failed": failed}
+    monkeypatch.setattr(deps.sqs, "send_message_batch", faults)
+    monkeypatch.setattr(deps, "sleep", lambda s: None)
+    # When SQS fails line 0's message on its side once and refuses line 1's as the sender's fault
+    release.send(bodies, deps)
+    # Then line 0's is sent again (was: its job FAILED, and the line an error), line 1's job fails visibly
+    assert rounds == [["0", "1", "2"], ["0"]]
+    assert [store.get(j).status for j in jobs] == [Status.QUEUED, Status.FAILED, Status.QUEUED]
+    assert store.get(jobs[1]).error["code"] == "enqueue_failed"
+    assert sorted(json.loads(m["Body"])["job_id"] for m in stack.sqs.receive_message(
+        QueueUrl=stack.refs["BatchJobsQueue"], MaxNumberOfMessages=10)["Messages"]) == sorted([jobs[0], jobs[2]])
+    # and one that keeps failing raises: the step's cursor stays, the next step sends it again
+    monkeypatch.setattr(deps.sqs, "send_message_batch", lambda QueueUrl, Entries: {
+        "Successful": [], "Failed": [{"Id": e["Id"], "SenderFault": False, "Code": "InternalError"} for e in Entries]})
+    with pytest.raises(Unavailable):
+        release.send(bodies[2:], deps)
+    assert store.get(jobs[2]).status == Status.QUEUED

@@ -28,10 +28,12 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.contracts import QueueMessage, Status
 from stratus.deps import Deps
+from stratus.errors import Unavailable
 from stratus.jobstore import SQS_LIMIT_BYTES
 from stratus.observability import logger, metrics
 
 PART = 100  # messages per outbox file: a step reads only the files its lines are in
+SEND_ROUNDS, SEND_PAUSE_S = 4, 0.1  # SendMessageBatch rounds for entries SQS failed on its side, pause doubling
 
 
 @dataclass(frozen=True)
@@ -155,15 +157,25 @@ def _groups(bodies: list[str]) -> list[list[int]]:
 
 
 def send(bodies: list[str], deps: Deps) -> None:
-    """Send batch-tier messages; a job whose message SQS refused fails visibly (never stays QUEUED)."""
+    """Send batch-tier messages. A message SQS refused as the sender's fault fails its job visibly
+    (never stays QUEUED); one SQS failed on its own side is sent again, SEND_ROUNDS rounds, and
+    raises if it still fails, so the step's cursor stays and the next step sends it again."""
     for group in _groups(bodies):
-        out = deps.sqs.send_message_batch(QueueUrl=deps.settings.queue_for("batch"), Entries=[
-            {"Id": str(i), "MessageBody": bodies[i]} for i in group])
-        for f in out.get("Failed", []):
-            job_id = QueueMessage.from_body(bodies[int(f["Id"])]).job_id
-            deps.store.transition(job_id, [Status.QUEUED], Status.FAILED, error={
-                "message": f"could not enqueue the job: {f.get('Message', f.get('Code'))}", "type": "server_error",
-                "code": "enqueue_failed"})
+        for attempt in range(SEND_ROUNDS):
+            out = deps.sqs.send_message_batch(QueueUrl=deps.settings.queue_for("batch"), Entries=[
+                {"Id": str(i), "MessageBody": bodies[i]} for i in group])
+            failed = out.get("Failed", [])
+            for f in (f for f in failed if f.get("SenderFault", True)):
+                job_id = QueueMessage.from_body(bodies[int(f["Id"])]).job_id
+                deps.store.transition(job_id, [Status.QUEUED], Status.FAILED, error={
+                    "message": f"could not enqueue the job: {f.get('Message', f.get('Code'))}",
+                    "type": "server_error", "code": "enqueue_failed"})
+            group = [int(f["Id"]) for f in failed if not f.get("SenderFault", True)]
+            if not group:
+                break
+            deps.sleep(SEND_PAUSE_S * 2 ** attempt)
+        else:
+            raise Unavailable(f"SQS failed {len(group)} batch messages on its side {SEND_ROUNDS} times running")
 
 
 def _move_cursor(batch_id: str, old: int, new: int, deps: Deps) -> bool:
