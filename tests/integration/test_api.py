@@ -216,6 +216,9 @@ def test_rate_limit_is_429_with_retry_after(stack):
     status, body, headers = stack.call("api_create_job.json", key=slow)
     assert status == 429 and body["error"]["type"] == "rate_limit_error"
     assert 1 <= int(headers["retry-after"]) <= 60
+    # and a key allowed no requests gets none (was: the first of each minute)
+    none = create_key(stack.table, "suspended", rpm=0, tpm=1_000_000)
+    assert stack.call("api_create_job.json", key=none)[0] == 429
 
 
 def test_cache_hits_are_not_charged_to_the_tenant(stack):

@@ -105,6 +105,8 @@ def charge(table, tenant: Tenant, tokens: int, *, now: float | None = None) -> N
     now = now or time.time()
     minute = int(now // 60)
     retry_after = 60 - int(now % 60)
+    if tenant.rpm < 1:  # (the condition below lets a minute's first request through unchecked)
+        raise RateLimited(f"tenant {tenant.name} may send no requests (0 requests per minute)", retry_after_s=60)
     if tokens > tenant.tpm:
         raise RateLimited(f"request needs ~{tokens} tokens, above the {tenant.tpm} tokens-per-minute limit",
                           retry_after_s=retry_after)
