@@ -11,6 +11,7 @@ import time
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from stratus.contracts import Status
 from stratus.errors import InvalidRequest
@@ -481,6 +482,25 @@ def test_storage_that_cannot_be_reached_is_a_503_with_retry_after(stack, key, mo
     status, body, headers = stack.call("api_chat_completion.json", key=key, body=CHAT)
     assert status == 503 and headers["retry-after"] == "2" and body["error"]["code"] == "service_unavailable"
     assert "dynamodb" not in body["error"]["message"]
+
+
+def test_a_request_the_queue_could_not_take_costs_the_tenant_nothing(stack, monkeypatch):
+    # Given a tenant allowed one request a minute, and a jobs queue that fails once
+    within_one_minute()
+    one = create_key(stack.table, "one-a-minute", rpm=1, tpm=1_000_000)
+    deps = stack.module.get_deps()
+    real, calls = deps.sqs.send_message, []
+
+    def down_once(**kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "down"},
+                               "ResponseMetadata": {"HTTPStatusCode": 503}}, "SendMessage")
+        return real(**kw)
+    monkeypatch.setattr(deps.sqs, "send_message", down_once)
+    # When its request is a 503, then its retry is taken (was: a 429, the minute's request used up)
+    assert stack.call("api_create_job.json", key=one, body=CHAT)[0] == 503
+    assert stack.call("api_create_job.json", key=one, body=CHAT)[0] == 202
 
 
 def test_a_batch_tier_tenants_requests_wait_in_the_batch_queue_with_the_batch_window(stack):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from botocore.exceptions import ClientError
 
 from stratus.errors import InvalidRequest, RateLimited, Unauthorized
+from stratus.observability import logger
 
 KEY_PREFIX = "sk-stratus-"
 COUNTER_TTL_S = 120
@@ -123,3 +124,14 @@ def charge(table, tenant: Tenant, tokens: int, *, now: float | None = None) -> N
             raise
         raise RateLimited(f"rate limit reached for tenant {tenant.name}: {tenant.rpm} requests or {tenant.tpm} "
                           "tokens per minute", retry_after_s=retry_after) from exc
+
+
+def refund(table, tenant: Tenant, tokens: int, *, now: float) -> None:
+    """Give back what charge(now=now) counted: the request failed before any work was queued (a 503).
+    Best effort: a refund that fails is logged, and the minute's counter expires anyway."""
+    try:
+        table.update_item(Key={"pk": f"rl#{tenant.name}#{int(now // 60)}"}, UpdateExpression="ADD requests :one, tokens :n",
+                          ConditionExpression="attribute_exists(requests)",
+                          ExpressionAttributeValues={":one": -1, ":n": -tokens})
+    except Exception:  # noqa: BLE001 - storage is failing already (that is why we refund)
+        logger.warning("could not refund a failed request's charge", extra={"tenant": tenant.name})

@@ -32,7 +32,7 @@ from stratus.contracts import CACHED_PREFIX, UNCACHED_PREFIX, InferenceRequest, 
 from stratus.deps import Deps
 from stratus.errors import InvalidRequest, NotFound, Unavailable
 from stratus.jobstore import check_sizes, load_result
-from stratus.keys import Tenant, charge
+from stratus.keys import Tenant, charge, refund
 from stratus.observability import logger, metrics
 from stratus.settings import Settings
 
@@ -132,6 +132,18 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
     check_sizes(job, message.to_body())  # a 413 before anything is written or charged
     if how.charge:  # limits guard GPU time: only work that may reach a worker is charged
         charge(deps.table, tenant, estimated_tokens(req), now=now)
+    try:
+        return _create(job, message, req, cacheable, refresh, how, deps)
+    except Exception:  # nothing was queued (a 503): the tenant gets the charge back
+        if how.charge:
+            refund(deps.table, tenant, estimated_tokens(req), now=now)
+        raise
+
+
+def _create(job: Job, message: QueueMessage, req: InferenceRequest, cacheable: bool, refresh: bool, how: How,
+            deps: Deps) -> Submission:
+    """The job made (and its message sent), or the live job it joins."""
+    job_id = job.job_id
     held, created = deps.store.create(job, refresh=refresh, once=how.origin is not None and not cacheable)
     if not created:
         metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
