@@ -20,7 +20,8 @@ get_deps = functools.cache(deps_from_env)  # clients created once per container
 
 
 def record_handler(record: SQSRecord) -> None:
-    handle_request(record.body, get_deps(), record.message_id)
+    received = int(record.raw_event.get("attributes", {}).get("ApproximateReceiveCount", 1))
+    handle_request(record.body, get_deps(), record.message_id, received)
 
 
 @logger.inject_lambda_context(clear_state=True)  # a warm container never logs under the last request's keys

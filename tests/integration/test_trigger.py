@@ -20,11 +20,14 @@ def trigger(stack):
     handler, _ = load_handler(load_template(), "TriggerFunction")
     replies = stack.sqs.create_queue(QueueName="orders-replies")["QueueUrl"]
 
-    def send(*messages: dict) -> dict:
+    def send(*messages: dict, receive_count: int = 1, ids: list[str] | None = None) -> dict:
+        """Deliver messages (each with reply_to the test's reply queue unless it names one), their
+        MessageIds m0, m1, ... (or `ids`), each delivered for the receive_count-th time."""
         event = copy.deepcopy(EVENT)
         template = event["Records"][0]
-        event["Records"] = [{**template, "messageId": f"m{i}", "body": json.dumps({**m, "reply_to": replies}
-                                                                                  if "reply_to" not in m else m)}
+        event["Records"] = [{**template, "messageId": (ids or [f"m{i}" for i in range(len(messages))])[i],
+                             "attributes": {**template["attributes"], "ApproximateReceiveCount": str(receive_count)},
+                             "body": json.dumps({**m, "reply_to": replies} if "reply_to" not in m else m)}
                             for i, m in enumerate(messages)]
         return handler(event, LambdaContext())
 
@@ -146,9 +149,11 @@ def test_a_redelivered_request_message_makes_one_job_and_one_reply(stack, trigge
     send, replied = trigger
     msg = request(**({"temperature": 0.7} if sampled else {}))
     assert send(msg) == {"batchItemFailures": []}
-    assert send(msg) == {"batchItemFailures": []}
-    # Then one job was made and queued (was, sampled: two), and it is watched once
-    [queued] = stack.queued()
+    assert send(msg, receive_count=2) == {"batchItemFailures": []}
+    messages = stack.queued()  # (the redelivery sent the QUEUED job's message again: workers run it once)
+    assert len(messages) == 2 and len({m["job_id"] for m in messages}) == 1
+    # Then one job was made (was, sampled: two), and it is watched once
+    queued = messages[0]
     store = JobStore(stack.table)
     assert len(store.get(queued["job_id"]).notify) == 1
     # and its end posts one reply (was: one per delivery)
@@ -187,3 +192,49 @@ def test_a_reply_that_fails_for_a_passing_reason_is_posted_when_its_message_come
     # Then the next try (its message came back) posts it (was: lost, the job marked notified)
     assert post_replies(store.get(queued["job_id"]), sqs=stack.sqs, s3=boto3.client("s3"), store=store) == 1
     assert [r["id"] for r in replied()] == ["order-42"]
+
+
+@pytest.mark.parametrize("how", ["queue unavailable", "died before sending"])
+def test_a_redelivery_after_a_first_delivery_that_failed_to_queue_its_job_queues_it(stack, trigger, monkeypatch, how):
+    from stratus import submission
+
+    send, replied = trigger
+    msg = request(temperature=0.7)  # not cacheable: its job id comes from the message
+    real = submission.send
+    if how == "queue unavailable":  # the job FAILED (enqueue_failed), the message comes back
+        def once(message, deps):
+            monkeypatch.setattr(submission, "send", real)
+            deps.sqs.send_message = lambda **kw: (_ for _ in ()).throw(RuntimeError("SQS is down"))
+            try:
+                return real(message, deps)
+            finally:
+                del deps.sqs.send_message
+        monkeypatch.setattr(submission, "send", once)
+        with pytest.raises(Exception, match="All records failed"):  # (Powertools: the whole batch failed)
+            send(msg)
+    else:  # the invocation died between making the job and sending its message
+        def dies(message, deps):
+            monkeypatch.setattr(submission, "send", real)
+            raise SystemExit("the function timed out")
+        monkeypatch.setattr(submission, "send", dies)
+        with pytest.raises(SystemExit):
+            send(msg)
+    assert stack.queued() == []
+    # When the message comes back: its job is queued (was: FAILED for good, or QUEUED with no message)
+    assert send(msg, receive_count=2) == {"batchItemFailures": []}
+    [queued] = stack.queued()
+    assert JobStore(stack.table).get(queued["job_id"]).status == Status.QUEUED and replied() == []
+
+
+def test_two_messages_asking_the_same_thing_of_one_reply_queue_get_two_replies(stack, trigger):
+    from stratus.replies import post_replies
+
+    send, replied = trigger
+    ask = {k: v for k, v in request().items() if k != "id"}  # (no id: the sender tells them apart by order)
+    assert send(ask, ask) == {"batchItemFailures": []}
+    [queued] = stack.queued()
+    store = JobStore(stack.table)
+    store.transition(queued["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
+    post_replies(store.complete(queued["job_id"], "w", {"text": "Shipped.", "finish_reason": "stop"}),
+                 sqs=stack.sqs, s3=boto3.client("s3"), store=store)
+    assert len(replied()) == 2

@@ -449,7 +449,7 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
         line = Line(row.n, None)
         try:
             line.custom_id, route, body, line.bedrock = parse_line(_text(row), s.model_id)
-            sub = submission.submit(route, body, owner, deps, replace(how, origin=submission.line_origin(batch.id, row.n)))
+            sub = submission.submit(route, body, owner, deps, replace(how, origin=submission.line_origin(batch.id, row.n), once=True))
         except (InvalidRequest, NotFound, PayloadTooLarge) as exc:
             line.error = _error(exc)
             return line, None

@@ -52,8 +52,12 @@ class How:
     cache_control: str = ""  # the request's Cache-Control header
     batch: str | None = None  # the batch whose line this is (Job.batch)
     # where a request that is not cacheable comes from, when it may come again (a batch file's line,
-    # line_origin; a requests-queue message, "sqs/<MessageId>"): its job's id is derived from it, made once
+    # line_origin; a requests-queue message, "sqs/<MessageId>"): its job's id is derived from it
     origin: str | None = None
+    once: bool = False  # its job is made once, never again under its id (a batch line: a run that lags
+                        # behind the one that took its batch over must not make a finished line's job again)
+    redelivered: bool = False  # it may have been handled before, up to making its job: a QUEUED job it
+                               # joins gets its message again (a duplicate message is harmless)
 
 
 def api(settings: Settings, cache_control: str = "", *, stream: bool = False, tier: str = "interactive") -> How:
@@ -64,9 +68,11 @@ def batch_line(settings: Settings, batch_id: str | None = None) -> How:
     return How(settings.deadline_for("batch"), "batch", charge=False, send=False, batch=batch_id)
 
 
-def queue_message(settings: Settings, origin: str | None = None) -> How:
+def queue_message(settings: Settings, message_id: str | None = None, redelivered: bool = False) -> How:
+    """A requests-queue message (SQS's MessageId, the same on each of its deliveries)."""
     tier = settings.requests_tier
-    return How(settings.deadline_for(tier), tier, charge=False, origin=origin)
+    return How(settings.deadline_for(tier), tier, charge=False, origin=f"sqs/{message_id}" if message_id else None,
+               redelivered=redelivered)
 
 
 def line_origin(batch_id: str, line: int) -> str:
@@ -144,7 +150,7 @@ def _create(job: Job, message: QueueMessage, req: InferenceRequest, cacheable: b
             deps: Deps) -> Submission:
     """The job made (and its message sent), or the live job it joins."""
     job_id = job.job_id
-    held, created = deps.store.create(job, refresh=refresh, once=how.origin is not None and not cacheable)
+    held, created = deps.store.create(job, refresh=refresh, once=how.once and not cacheable)
     if not created:
         metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
         logger.info("coalesced on a live job", extra={"job_id": job_id, "status": held.status.value})
@@ -155,6 +161,9 @@ def _create(job: Job, message: QueueMessage, req: InferenceRequest, cacheable: b
         elif how.tier == "batch" and how.send and held.batch and deps.store.adopt(job_id):
             send(message, deps)  # a batch file's line made it: its cancel must not take the answer away
             logger.info("adopted a batch file's job")  # (the line's own message is dropped once it runs)
+        elif how.redelivered and how.send and held.status == Status.QUEUED:
+            send(message, deps)  # an earlier delivery may have died between making the job and sending
+            logger.info("sent a queued job's message again for a redelivered request")
         return Submission(req, job_id, cacheable, job=held, created=False, message=message)
     if how.send:
         send(message, deps)

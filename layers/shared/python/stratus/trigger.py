@@ -88,10 +88,12 @@ def _refuse(exc: InvalidRequest | NotFound | PayloadTooLarge, request_id: str | 
             "message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}, deps.sqs)
 
 
-def handle_request(raw: str, deps: Deps, message_id: str | None = None) -> str:
+def handle_request(raw: str, deps: Deps, message_id: str | None = None, receive_count: int = 1) -> str:
     """One requests-queue message (SQS's MessageId: the same on each delivery of it) -> a job (and a
     reply when it is already known); returns the job id. A request that is not cacheable gets a job
-    id derived from the message, so a redelivery joins the job the first delivery made."""
+    id derived from the message, so a redelivery joins the job the first delivery made (made again
+    if it failed; its message sent again if it is still QUEUED: that delivery may have died before
+    sending it)."""
     s = deps.settings
     try:
         msg = RequestMessage.parse(raw, default_tenant=s.trigger_tenant, reply_pattern=s.reply_queue_pattern)
@@ -99,14 +101,14 @@ def handle_request(raw: str, deps: Deps, message_id: str | None = None) -> str:
         _refuse(exc, *_where_to_answer(raw, s.trigger_tenant, s.reply_queue_pattern), deps)
         return ""
     tenant = Tenant(msg.tenant, rpm=0, tpm=0)
-    how = submission.queue_message(s, origin=f"sqs/{message_id}" if message_id else None)
+    how = submission.queue_message(s, message_id, redelivered=receive_count > 1)
     try:
         job_id = submission.submit(msg.route, msg.body, tenant, deps, how).job_id
     except (InvalidRequest, NotFound, PayloadTooLarge) as exc:  # answered, not retried
         _refuse(exc, msg.id, msg.reply_to, deps)
         return ""
     if msg.reply_to:
-        reply = {"queue_url": msg.reply_to, "id": msg.id}
+        reply = {"queue_url": msg.reply_to, "id": msg.id, "message": message_id}  # (one per message: watch)
         if not deps.store.watch(job_id, reply):  # finished already (a cache hit, or just now)
             send_reply(load_result(deps.store.get(job_id, now=deps.clock()), deps.s3), reply, deps.sqs)
     return job_id
