@@ -623,3 +623,37 @@ def test_a_cancel_read_for_one_generation_never_stops_the_next(stack, key, make_
     w.store.states = real
     w.check_cancelled()
     assert job_id in w.cancelled
+
+
+def test_replies_that_cannot_be_posted_now_are_posted_when_the_message_comes_back(stack, key, make_worker,
+                                                                                  monkeypatch, caplog):
+    # Given a job watched by a reply queue that throttles the first reply
+    from stratus_worker import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "REPLIES_AGAIN_S", 1)
+    replies = stack.sqs.create_queue(QueueName="late-replies")["QueueUrl"]
+    job_id = submit(stack, key, chat("reply to me later"))
+    JobStore(stack.table).watch(job_id, {"queue_url": replies, "id": "r1"})
+    sqs, calls = boto3.client("sqs"), []
+    real = sqs.send_message
+
+    def throttled_once(**kw):
+        if kw["QueueUrl"] == replies:
+            calls.append(time.monotonic())
+            if len(calls) == 1:
+                raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"},
+                                   "ResponseMetadata": {"HTTPStatusCode": 400}}, "SendMessage")
+        return real(**kw)
+    sqs.send_message = throttled_once
+    make_worker(sqs=sqs)
+    # Then the job is generated once, its message comes back a moment later and the reply is posted
+    # (was: the reply lost, the job marked notified)
+    assert wait_until(lambda: job(stack, job_id).notified, timeout=20)
+    got = stack.sqs.receive_message(QueueUrl=replies, MaxNumberOfMessages=10).get("Messages", [])
+    assert [json.loads(m["Body"])["id"] for m in got] == ["r1"] and len(calls) == 2
+    assert calls[1] - calls[0] >= 0.9  # (kept hidden a while, not given back at once to a throttled queue)
+    said = [r.getMessage() for r in caplog.records]  # (was: a failed finish, its generation given back)
+    assert "replies not posted; the message comes back for them" in said
+    assert not [m for m in said if m.startswith("could not finish a job")]
+    assert job(stack, job_id).status == Status.DONE and job(stack, job_id).attempts == 1
+    assert wait_until(lambda: queue_depth(stack) == 0)

@@ -74,7 +74,6 @@ class Results:
             self.chunks.close(job_id, results[0] if written else None)
         except Exception as exc:  # noqa: BLE001
             chunk_error(exc)
-        self.notify(written)
         for name, value, unit in (("time_to_first_token_seconds", r.timings.ttft_s, MetricUnit.Seconds),
                                   ("request_queue_time_seconds", queued_s, MetricUnit.Seconds),
                                   ("e2e_request_latency_seconds", r.timings.total_s, MetricUnit.Seconds),
@@ -82,6 +81,7 @@ class Results:
                                   ("generation_tokens_per_second", timings["decode_tokens_per_s"],
                                    MetricUnit.CountPerSecond)):
             metrics.add_metric(name=name, unit=unit, value=value)
+        self.notify(written)  # last: replies that cannot be posted now raise (worker.RepliesOwed)
 
 
 def chunk_error(exc: BaseException) -> None:

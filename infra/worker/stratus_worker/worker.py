@@ -62,8 +62,14 @@ WRITE_RETRY_S = 60.0  # how long a finished result's failed write is tried again
 WRITE_RETRY_FIRST_S, WRITE_RETRY_MAX_S = 0.25, 4.0  # the pause between tries: doubling, capped
 HELD_HERE_HIDE_S = 1  # a new message for a job whose stale generation is being dropped here waits this long
 NEWER_MESSAGE_HIDE_S = 60  # a message this worker is too old for comes back after this (to the DLQ in the end)
+REPLIES_AGAIN_S = 30  # a message whose finished job's replies could not be posted comes back after this for them
 INVOCATION_FAILED = {"message": "the worker failed on this job (its log has the cause)", "type": "server_error",
                      "code": "worker_failed"}
+
+
+class RepliesOwed(Exception):
+    """A finished job's replies could not be posted for now (stratus.replies): its message is kept,
+    and comes back in REPLIES_AGAIN_S to post them (its job is finished, so nothing runs again)."""
 
 
 @dataclass(eq=False)
@@ -176,6 +182,8 @@ class Worker:
                 logger.warning("message from a newer version; left for a newer worker", extra={"reason": str(exc)})
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
                 self.leases.hide(receipt, NEWER_MESSAGE_HIDE_S)
+            except RepliesOwed as exc:  # (a finished job's replies, seen as its message came back)
+                self._owe_replies(receipt, "", exc)
             except Exception as exc:  # noqa: BLE001 - retryable: back to the queue, the DLQ bounds retries
                 logger.exception("could not admit a message")
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
@@ -284,6 +292,12 @@ class Worker:
                 held.run = started.run
                 held.future = self._submit(msg, started, 1)
                 self.results.record(msg, held.received, held.future.result())
+        except RepliesOwed:  # the job is finished; no message comes back for its replies: try a while longer
+            try:
+                self._keep_trying(lambda: post_replies(self.store.get(msg.job_id), sqs=self.sqs, s3=self.s3,
+                                                       store=self.store), msg.job_id)
+            except Exception:  # noqa: BLE001 - the job stands; its replies are lost (logged)
+                logger.exception("replies not posted", extra={"job_id": msg.job_id})
         except Exception:
             self.results.abandon(msg.job_id)
             # (before a waiting invocation reads it; once a run is claimed, only that run: the job
@@ -352,6 +366,8 @@ class Worker:
         while (held := self._finished.get()) is not None:
             try:
                 self.finish(held)
+            except RepliesOwed as exc:
+                self._owe_replies(held.receipt, held.message.job_id, exc)
             except Exception as exc:  # noqa: BLE001 - retryable: the message comes back
                 logger.exception("could not finish a job (its generation or its result write failed)")
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
@@ -387,9 +403,24 @@ class Worker:
                 pause = min(2 * pause, WRITE_RETRY_MAX_S)
 
     def _notify(self, job) -> None:
-        post_replies(job, sqs=self.sqs, s3=self.s3, store=self.store)
+        try:
+            post_replies(job, sqs=self.sqs, s3=self.s3, store=self.store)
+        except Exception as exc:
+            raise RepliesOwed(f"{type(exc).__name__}: {exc}") from exc
 
     # ---- giving messages back -----------------------------------------------------------------
+
+    def _owe_replies(self, receipt: Receipt, job_id: str, exc: RepliesOwed) -> None:
+        """A finished job whose replies could not be posted: its message comes back for them later
+        (not at once: the reply queue is throttled or down), and after the queue's maxReceiveCount
+        the dlq function posts them."""
+        logger.warning("replies not posted; the message comes back for them",
+                       extra={"job_id": job_id, "error": str(exc), "retry_in_s": REPLIES_AGAIN_S})
+        metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+        try:
+            self.leases.hide(receipt, REPLIES_AGAIN_S)
+        except Exception:  # noqa: BLE001 - its lease lapses instead
+            logger.exception("could not hide a message", extra={"job_id": job_id})
 
     def _retry_later(self, receipt: Receipt, body: str, exc: BaseException) -> None:
         """Put the job back to QUEUED (if ours) and make its message visible again now."""
