@@ -11,13 +11,13 @@ import time
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError
 
 from stratus.contracts import Status
 from stratus.errors import InvalidRequest
 from stratus.jobstore import JobStore
 from stratus.keys import create_key, revoke_key
 from stratus_local.template import ROOT, LambdaContext, apply_environment, load_handler, load_template
+from support.faults import aws_error, failing_first
 
 MODEL = "smollm2-135m-instruct-int4"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -489,15 +489,8 @@ def test_a_request_the_queue_could_not_take_costs_the_tenant_nothing(stack, monk
     within_one_minute()
     one = create_key(stack.table, "one-a-minute", rpm=1, tpm=1_000_000)
     deps = stack.module.get_deps()
-    real, calls = deps.sqs.send_message, []
-
-    def down_once(**kw):
-        calls.append(1)
-        if len(calls) == 1:
-            raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "down"},
-                               "ResponseMetadata": {"HTTPStatusCode": 503}}, "SendMessage")
-        return real(**kw)
-    monkeypatch.setattr(deps.sqs, "send_message", down_once)
+    monkeypatch.setattr(deps.sqs, "send_message", failing_first(
+        deps.sqs.send_message, aws_error("ServiceUnavailable", 503, "SendMessage"), []))
     # When its request is a 503, then its retry is taken (was: a 429, the minute's request used up)
     assert stack.call("api_create_job.json", key=one, body=CHAT)[0] == 503
     assert stack.call("api_create_job.json", key=one, body=CHAT)[0] == 202

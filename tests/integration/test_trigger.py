@@ -168,6 +168,7 @@ def test_a_reply_that_fails_for_a_passing_reason_is_posted_when_its_message_come
     from botocore.exceptions import ClientError
 
     from stratus.replies import post_replies
+    from support.faults import aws_error, failing_first
 
     send, replied = trigger
     send(request())
@@ -176,15 +177,8 @@ def test_a_reply_that_fails_for_a_passing_reason_is_posted_when_its_message_come
     store.transition(queued["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
     done = store.complete(queued["job_id"], "w", {"text": "Shipped.", "finish_reason": "stop"})
     # Given a reply queue that throttles once
-    real, calls = stack.sqs.send_message, []
-
-    def throttled_once(**kw):
-        calls.append(1)
-        if len(calls) == 1:
-            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"},
-                               "ResponseMetadata": {"HTTPStatusCode": 400}}, "SendMessage")
-        return real(**kw)
-    monkeypatch.setattr(stack.sqs, "send_message", throttled_once)
+    monkeypatch.setattr(stack.sqs, "send_message", failing_first(
+        stack.sqs.send_message, aws_error("ThrottlingException", 400, "SendMessage"), []))
     # When the job's replies are posted: the failure is raised and the job is not marked notified
     with pytest.raises(ClientError):
         post_replies(done, sqs=stack.sqs, s3=boto3.client("s3"), store=store)

@@ -634,17 +634,11 @@ def test_replies_that_cannot_be_posted_now_are_posted_when_the_message_comes_bac
     replies = stack.sqs.create_queue(QueueName="late-replies")["QueueUrl"]
     job_id = submit(stack, key, chat("reply to me later"))
     JobStore(stack.table).watch(job_id, {"queue_url": replies, "id": "r1"})
-    sqs, calls = boto3.client("sqs"), []
-    real = sqs.send_message
+    from support.faults import aws_error, failing_first
 
-    def throttled_once(**kw):
-        if kw["QueueUrl"] == replies:
-            calls.append(time.monotonic())
-            if len(calls) == 1:
-                raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"},
-                                   "ResponseMetadata": {"HTTPStatusCode": 400}}, "SendMessage")
-        return real(**kw)
-    sqs.send_message = throttled_once
+    sqs, calls = boto3.client("sqs"), []
+    sqs.send_message = failing_first(sqs.send_message, aws_error("ThrottlingException", 400, "SendMessage"), calls,
+                                     when=lambda kw: kw["QueueUrl"] == replies)
     make_worker(sqs=sqs)
     # Then the job is generated once, its message comes back a moment later and the reply is posted
     # (was: the reply lost, the job marked notified)
