@@ -139,17 +139,16 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
     if how.charge:  # limits guard GPU time: only work that may reach a worker is charged
         charge(deps.table, tenant, estimated_tokens(req), now=now)
     try:
-        return _create(job, message, req, cacheable, refresh, how, deps)
+        return _create(job, message, refresh, how, deps)
     except Exception:  # nothing was queued (a 503): the tenant gets the charge back
         if how.charge:
             refund(deps.table, tenant, estimated_tokens(req), now=now)
         raise
 
 
-def _create(job: Job, message: QueueMessage, req: InferenceRequest, cacheable: bool, refresh: bool, how: How,
-            deps: Deps) -> Submission:
+def _create(job: Job, message: QueueMessage, refresh: bool, how: How, deps: Deps) -> Submission:
     """The job made (and its message sent), or the live job it joins."""
-    job_id = job.job_id
+    job_id, req, cacheable = job.job_id, job.request, job.cacheable
     held, created = deps.store.create(job, refresh=refresh, once=how.once and not cacheable)
     if not created:
         metrics.add_metric(name="CacheCoalesced", unit=MetricUnit.Count, value=1)
