@@ -3,7 +3,6 @@ pass (events/batch_schedule.json) -> output and error files; the /v1/batches rou
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import boto3
@@ -1371,9 +1370,8 @@ def test_a_run_that_lags_behind_never_makes_a_finished_line_job_again(stack, bat
     store = JobStore(stack.table)
     store.transition(job_id, [Status.QUEUED], Status.FAILED, error={"message": "x", "code": "worker_failed"})
     # When a run that lost its lease long ago submits that line again
-    how = submission.batch_line(deps.settings, created["batch"])
     sub = submission.submit("chat", json.loads(lines("s", 1, **SAMPLED))["body"], Tenant("acme", 0, 0), deps,
-                            dataclasses.replace(how, origin=submission.line_origin(created["batch"], 1), once=True))
+                            submission.batch_line(deps.settings, created["batch"], 1))
     # Then it joins the finished job, which keeps its failure (was: a fresh QUEUED job with no message,
     # and the batch in progress until it expired)
     assert sub.job_id == job_id and not sub.created

@@ -352,7 +352,7 @@ class Engine:
     def _die(self, exc: BaseException) -> None:
         with self._wake:
             self.failure = exc
-            groups = [*self._waiting, *self._starting, *{id(r.group): r.group for r in self._active}.values()]
+            groups = [*self._waiting, *self._starting, *(r.group for r in self._active)]  # (n rows: once each below)
             self._waiting.clear()
         for g in groups:
             if not g.future.done():

@@ -51,7 +51,7 @@ def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
             error = {"message": f"the worker is older than the API that queued this job ({exc}); the endpoint "
                                 "needs the new worker image", "type": "server_error", "code": "worker_outdated"}
             if JOB_ID.fullmatch(job_id):  # (only a QUEUED one: a newer instance may be running it)
-                worker.store.transition(job_id, [Status.QUEUED], Status.FAILED, error=error)
+                worker.jobs.fail(job_id, error, running=False)
             return 500, {"error": error}
         try:
             job = worker.run_one(msg)

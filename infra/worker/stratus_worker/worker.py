@@ -104,7 +104,6 @@ class Worker:
         self.held: dict[str, Held] = {}
         self.cancelled: set[str] = set()
         self.stopping = threading.Event()  # set by SIGTERM: take no new work
-        self.failure: BaseException | None = None  # the engine thread died with this
         self._finished: queue.Queue[Held | None] = queue.Queue()
         self.halt = threading.Event()
         self._lock = threading.Lock()
@@ -126,9 +125,11 @@ class Worker:
         drain_until = None
         try:
             while True:
-                if self.stopping.is_set() or self.engine.failure is not None:
+                if self.failure is not None:
+                    break
+                if self.stopping.is_set():
                     drain_until = drain_until or time.monotonic() + self.settings.drain_s
-                    if not self.held or time.monotonic() > drain_until or self.engine.failure is not None:
+                    if not self.held or time.monotonic() > drain_until:
                         break
                     time.sleep(0.05)
                 else:
@@ -146,13 +147,17 @@ class Worker:
     def stop(self) -> None:
         self.stopping.set()
 
+    @property
+    def failure(self) -> BaseException | None:
+        """What the engine thread died with (Engine.failure), or None."""
+        return self.engine.failure
+
     def run_engine(self) -> None:
         try:
             self.engine.run(self.halt)
         except BaseException as exc:  # noqa: BLE001 - the main thread releases our messages and exits
             logger.exception("engine failed")
             metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
-            self.failure = exc
             self.stopping.set()
 
     # ---- receiving ----------------------------------------------------------------------------
@@ -204,7 +209,7 @@ class Worker:
         return [(Receipt(url, m["ReceiptHandle"]), m) for m in got.get("Messages", [])]
 
     def admit(self, m: dict, receipt: Receipt) -> None:
-        if self.engine.failure is not None:  # dead: the message goes back untouched (the worker is stopping)
+        if self.failure is not None:  # dead: the message goes back untouched (the worker is stopping)
             self.leases.release(receipt)
             return
         msg, message_id = QueueMessage.from_body(m["Body"]), m.get("MessageId", "")

@@ -39,7 +39,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Iterable, Iterator, TypeVar
 from urllib.parse import quote
@@ -442,14 +442,14 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
     s, start = deps.settings, batch.ingested
     if resumed:
         logger.info("redoing a slice an earlier run left unfinished", extra={"batch_id": batch.id, "start": start})
-    owner, how = Tenant(batch.tenant, rpm=0, tpm=0), submission.batch_line(s, batch.id)  # the file was the charge
+    owner = Tenant(batch.tenant, rpm=0, tpm=0)  # (the file was the charge)
 
     def job_of(row: Row) -> tuple[Line, QueueMessage | None]:
         """A line's job -> (the line, the message to send when this batch made the job)."""
         line = Line(row.n, None)
         try:
             line.custom_id, route, body, line.bedrock = parse_line(_text(row), s.model_id)
-            sub = submission.submit(route, body, owner, deps, replace(how, origin=submission.line_origin(batch.id, row.n), once=True))
+            sub = submission.submit(route, body, owner, deps, submission.batch_line(s, batch.id, row.n))
         except (InvalidRequest, NotFound, PayloadTooLarge) as exc:
             line.error = _error(exc)
             return line, None

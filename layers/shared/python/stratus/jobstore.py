@@ -147,14 +147,18 @@ class JobStore:
         except ClientError as exc:
             if not _conditional_failed(exc):
                 raise
-            old = exc.response.get("Item")
-            if old is None:  # older DynamoDB implementations do not return the item
-                existing = self.get(job.job_id)
-                return (existing, False) if existing else (job, False)
-            from boto3.dynamodb.types import TypeDeserializer
+            return self._held(exc, job.job_id) or job, False
 
-            d = TypeDeserializer()
-            return Job.from_item({k: d.deserialize(v) for k, v in old.items()}), False
+    def _held(self, exc: ClientError, job_id: str) -> Job | None:
+        """The job whose item failed a write's condition (ReturnValuesOnConditionCheckFailure=ALL_OLD;
+        read again where an older DynamoDB implementation does not return it)."""
+        old = exc.response.get("Item")
+        if old is None:
+            return self.get(job_id)
+        from boto3.dynamodb.types import TypeDeserializer
+
+        d = TypeDeserializer()
+        return Job.from_item({k: d.deserialize(v) for k, v in old.items()})
 
     def keep(self, job_id: str, until: int) -> None:
         """Keep a job (its item and TTL) at least until `until`, epoch seconds."""
@@ -253,12 +257,8 @@ class JobStore:
         except ClientError as exc:
             if not _conditional_failed(exc):
                 raise
-            old = exc.response.get("Item")
-            status = old["status"]["S"] if old and "status" in old else None
-            if old is None:  # older DynamoDB implementations do not return the item
-                job = self.get(job_id)
-                status = job.status.value if job else None
-            return status in (Status.QUEUED.value, Status.RUNNING.value)  # live: asked for already
+            job = self._held(exc, job_id)
+            return job is not None and job.status in (Status.QUEUED, Status.RUNNING)  # live: asked for already
 
     def mark_notified(self, job_id: str) -> None:
         self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET notified = :t",

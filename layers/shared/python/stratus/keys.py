@@ -100,11 +100,15 @@ def authenticate(table, authorization: str | None, cache: KeyCache | None = None
     return tenant
 
 
+def _counter(tenant: Tenant, now: float) -> dict:
+    """The key of the tenant's rate-limit counter for the minute `now` is in."""
+    return {"pk": f"rl#{tenant.name}#{int(now // 60)}"}
+
+
 def charge(table, tenant: Tenant, tokens: int, *, now: float | None = None) -> None:
     """Count one request and `tokens` against this minute's limits in one conditional update;
     raises RateLimited (429) with the seconds until the next window."""
     now = now or time.time()
-    minute = int(now // 60)
     retry_after = 60 - int(now % 60)
     if tenant.rpm < 1:  # (the condition below lets a minute's first request through unchecked)
         raise RateLimited(f"tenant {tenant.name} may send no requests (0 requests per minute)", retry_after_s=60)
@@ -113,7 +117,7 @@ def charge(table, tenant: Tenant, tokens: int, *, now: float | None = None) -> N
                           retry_after_s=retry_after)
     try:
         table.update_item(
-            Key={"pk": f"rl#{tenant.name}#{minute}"},
+            Key=_counter(tenant, now),
             UpdateExpression="ADD requests :one, tokens :n SET expires_at = :exp",
             ConditionExpression="attribute_not_exists(requests) OR (requests < :rpm AND tokens <= :room)",
             ExpressionAttributeValues={":one": 1, ":n": tokens, ":rpm": tenant.rpm, ":room": tenant.tpm - tokens,
@@ -130,7 +134,7 @@ def refund(table, tenant: Tenant, tokens: int, *, now: float) -> None:
     """Give back what charge(now=now) counted: the request failed before any work was queued (a 503).
     Best effort: a refund that fails is logged, and the minute's counter expires anyway."""
     try:
-        table.update_item(Key={"pk": f"rl#{tenant.name}#{int(now // 60)}"}, UpdateExpression="ADD requests :one, tokens :n",
+        table.update_item(Key=_counter(tenant, now), UpdateExpression="ADD requests :one, tokens :n",
                           ConditionExpression="attribute_exists(requests)",
                           ExpressionAttributeValues={":one": -1, ":n": -tokens})
     except Exception:  # noqa: BLE001 - storage is failing already (that is why we refund)

@@ -162,6 +162,8 @@ def send(bodies: list[str], deps: Deps) -> None:
     raises if it still fails, so the step's cursor stays and the next step sends it again."""
     for group in _groups(bodies):
         for attempt in range(SEND_ROUNDS):
+            if attempt:
+                deps.sleep(SEND_PAUSE_S * 2 ** (attempt - 1))
             out = deps.sqs.send_message_batch(QueueUrl=deps.settings.queue_for("batch"), Entries=[
                 {"Id": str(i), "MessageBody": bodies[i]} for i in group])
             failed = out.get("Failed", [])
@@ -173,7 +175,6 @@ def send(bodies: list[str], deps: Deps) -> None:
             group = [int(f["Id"]) for f in failed if not f.get("SenderFault", True)]
             if not group:
                 break
-            deps.sleep(SEND_PAUSE_S * 2 ** attempt)
         else:
             raise Unavailable(f"SQS failed {len(group)} batch messages on its side {SEND_ROUNDS} times running")
 

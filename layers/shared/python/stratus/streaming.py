@@ -93,9 +93,14 @@ class Stream:
                  hit: bool) -> None:
         self.deps, self.tenant, self.req, self.job, self.hit = deps, tenant, req, job, hit
         self.shape = Shape(req.route, job.job_id, int(job.created_at), req.model, options.include_usage)
-        self.chunks, self.stream = ChunkStore(deps.stream_table), stream_key(job.job_id, job.run)
+        self.chunks = ChunkStore(deps.stream_table)
         self.logprobs = req.params.logprobs is not None
         self.finished = False
+
+    @property
+    def stream(self) -> str:
+        """The chunk partition of the job's run (stratus.chunks.stream_key)."""
+        return stream_key(self.job.job_id, self.job.run)
 
     def events(self) -> Iterator[bytes]:
         s = self.shape
@@ -126,9 +131,8 @@ class Stream:
                         yield error_event("the job is gone (expired or removed)", "job_gone")
                         yield from self._done()
                         return
-                    if job.run != self.job.run:  # made again (the run waited on failed): read the new
-                        self.job, self.stream = job, stream_key(job.job_id, job.run)  # run's chunks, which
-                        asm.last_seq = 0  # start over from offset 0: the Assembler skips what was sent
+                    if job.run != self.job.run:  # made again (the run waited on failed): read the new run's
+                        self.job, asm.last_seq = job, 0  # chunks, from offset 0: the Assembler skips what was sent
                     if job.status.finished:
                         yield from self._end(asm, with_result(job, self.deps))
                         return

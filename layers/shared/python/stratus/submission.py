@@ -64,8 +64,11 @@ def api(settings: Settings, cache_control: str = "", *, stream: bool = False, ti
     return How(settings.deadline_for(tier), tier, charge=True, streaming=stream, cache_control=cache_control)
 
 
-def batch_line(settings: Settings, batch_id: str | None = None) -> How:
-    return How(settings.deadline_for("batch"), "batch", charge=False, send=False, batch=batch_id)
+def batch_line(settings: Settings, batch_id: str | None = None, line: int | None = None) -> How:
+    """A batch file's line (its number in the file, when its job's id is to come from it: made once)."""
+    origin = line_origin(batch_id, line) if batch_id and line is not None else None
+    return How(settings.deadline_for("batch"), "batch", charge=False, send=False, batch=batch_id, origin=origin,
+               once=origin is not None)
 
 
 def queue_message(settings: Settings, message_id: str | None = None, redelivered: bool = False) -> How:

@@ -25,6 +25,7 @@ from stratus.jobstore import load_result
 from stratus.keys import Tenant
 from stratus.observability import logger
 from stratus.replies import send, send_reply
+from stratus.shapes import error_body
 
 ROUTES = ROUTE_PATHS
 
@@ -84,8 +85,7 @@ def _refuse(exc: InvalidRequest | NotFound | PayloadTooLarge, request_id: str | 
     """A request that can never succeed: answered with its error when it names a reply queue, not retried."""
     logger.info("request message refused", extra={"reason": exc.message})
     if reply_to:
-        send(reply_to, {"id": request_id, "job_id": None, "status": Status.FAILED.value, "error": {
-            "message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}, deps.sqs)
+        send(reply_to, {"id": request_id, "job_id": None, "status": Status.FAILED.value, **error_body(exc)}, deps.sqs)
 
 
 def handle_request(raw: str, deps: Deps, message_id: str | None = None, receive_count: int = 1) -> str:
@@ -103,12 +103,14 @@ def handle_request(raw: str, deps: Deps, message_id: str | None = None, receive_
     tenant = Tenant(msg.tenant, rpm=0, tpm=0)
     how = submission.queue_message(s, message_id, redelivered=receive_count > 1)
     try:
-        job_id = submission.submit(msg.route, msg.body, tenant, deps, how).job_id
+        sub = submission.submit(msg.route, msg.body, tenant, deps, how)
     except (InvalidRequest, NotFound, PayloadTooLarge) as exc:  # answered, not retried
         _refuse(exc, msg.id, msg.reply_to, deps)
         return ""
     if msg.reply_to:
         reply = {"queue_url": msg.reply_to, "id": msg.id, "message": message_id}  # (one per message: watch)
-        if not deps.store.watch(job_id, reply):  # finished already (a cache hit, or just now)
-            send_reply(load_result(deps.store.get(job_id, now=deps.clock()), deps.s3), reply, deps.sqs)
-    return job_id
+        if sub.hit is not None:  # a cache hit: its result is loaded already
+            send_reply(sub.hit, reply, deps.sqs)
+        elif not deps.store.watch(sub.job_id, reply):  # finished just now
+            send_reply(load_result(deps.store.get(sub.job_id, now=deps.clock()), deps.s3), reply, deps.sqs)
+    return sub.job_id
