@@ -155,7 +155,7 @@ class Worker:
     def run_engine(self) -> None:
         try:
             self.engine.run(self.halt)
-        except BaseException as exc:  # noqa: BLE001 - the main thread releases our messages and exits
+        except BaseException:  # noqa: BLE001 - the main thread releases our messages and exits
             logger.exception("engine failed")
             metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
             self.stopping.set()
