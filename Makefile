@@ -17,7 +17,7 @@ DOCKERFILES := infra/worker/Dockerfile infra/worker/Dockerfile.cpu
 export SAM_CLI_TELEMETRY := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help venv serve test test-fast iac-check model models verify bench-engine bench-quality bench-api bench-e2e clean
+.PHONY: help venv serve test test-fast lint lint-check iac-check model models verify bench-engine bench-quality bench-api bench-e2e clean
 
 help: ## show this help
 	@echo "Stratus — serverless LLM inference on AWS"
@@ -37,8 +37,16 @@ venv: $(VENV)/.installed ## create .venv with everything the project needs
 serve: venv model ## run the whole system locally (moto, gateway, functions, workers); PORT=3000 WORKERS=1 STRATUS_API_KEY=
 	$(STRATUS) serve --model $(MODELS)/smollm2-$(QUANT)
 
-test: venv iac-check $(EVAL_VENV)/.installed ## the template checks, then the whole test suite (unit, integration, real model, local stack)
+test: venv lint-check iac-check $(EVAL_VENV)/.installed ## ruff, the template checks, then the whole test suite (unit, integration, real model, local stack)
 	$(PY) -m pytest -q
+
+lint-check: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+lint: venv ## fix what ruff can (imports, formatting), then show what is left
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 $(IAC_VENV)/.installed:
 	python3 -m venv $(IAC_VENV)
@@ -65,7 +73,7 @@ iac-check: $(IAC_VENV)/.installed $(CHECKOV_VENV)/.installed ## cfn-lint (info i
 	$(CHECKOV_VENV)/bin/checkov --skip-download --quiet --compact --framework dockerfile $(addprefix -f ,$(DOCKERFILES))
 	$(IAC_VENV)/bin/hadolint $(DOCKERFILES)
 
-test-fast: venv ## everything but the real-model tests (tiny synthetic models and moto, under a minute)
+test-fast: venv lint-check ## ruff, then everything but the real-model tests (tiny synthetic models and moto, under a minute)
 	$(PY) -m pytest -q -m "not slow"
 
 model: venv ## build the default int8 SmolLM2 model into build/models/ (skipped if present)

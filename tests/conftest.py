@@ -47,7 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _pipeline_hash() -> str:
     h = hashlib.sha256()
-    for f in [*sorted((ROOT / "infra/model/stratus_model").glob("*.py")), ROOT / "infra/worker/stratus_engine/numerics.py"]:
+    for f in [
+        *sorted((ROOT / "infra/model/stratus_model").glob("*.py")),
+        ROOT / "infra/worker/stratus_engine/numerics.py",
+    ]:
         h.update(f.read_bytes())  # the graph builder and the golden outputs the build records
     return h.hexdigest()[:12]
 

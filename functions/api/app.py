@@ -12,16 +12,15 @@ import base64
 import functools
 import json
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.exceptions import BotoCoreError, ClientError
 
 from stratus import batches, openapi, service, shapes, streaming, tokenizer
-from stratus.deps import deps_from_env
 from stratus.contracts import parse_json, require_unicode
+from stratus.deps import deps_from_env
 from stratus.errors import PayloadTooLarge, RateLimited, StratusError, Unavailable
 from stratus.keys import Tenant, authenticate
 from stratus.observability import logger, metrics, tracer
@@ -99,7 +98,9 @@ def cancel_job(job_id: str) -> Response:
 @app.post("/v1/batches")
 def create_batch() -> Response:
     tenant, deps = _tenant(), get_deps()
-    return _reply(service.Reply(200, batches.create_from_request(_body(), tenant.name, deps).view(deps.settings.bucket)))
+    return _reply(
+        service.Reply(200, batches.create_from_request(_body(), tenant.name, deps).view(deps.settings.bucket))
+    )
 
 
 @app.get("/v1/batches")
@@ -137,8 +138,9 @@ def file_content(file_id: str) -> Response:
         return Response(200, "application/jsonl", content.decode())
     except UnicodeDecodeError:  # an upload that is not UTF-8 comes back as it was, base64 to the gateway
         if len(content) * 4 > batches.MAX_CONTENT_BYTES * 3:
-            raise PayloadTooLarge(f"file {file_id!r} is not UTF-8 text and too big for an API response base64-"
-                                  "encoded: read it from S3") from None
+            raise PayloadTooLarge(
+                f"file {file_id!r} is not UTF-8 text and too big for an API response base64-encoded: read it from S3"
+            ) from None
         out = Response(200, "application/jsonl", base64.b64encode(content).decode())
         out.base64_encoded = True
         return out
@@ -204,9 +206,19 @@ def storage_unreachable(exc: Exception) -> Response:
 
 @app.not_found
 def not_found(_exc) -> Response:
-    return _reply(service.Reply(404, {"error": {"message": f"no route {app.current_event.http_method} "
-                                                f"{app.current_event.path}", "type": "invalid_request_error",
-                                                "param": None, "code": "not_found"}}))
+    return _reply(
+        service.Reply(
+            404,
+            {
+                "error": {
+                    "message": f"no route {app.current_event.http_method} {app.current_event.path}",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "not_found",
+                }
+            },
+        )
+    )
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True)

@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl
 
 import app as handlers
 from botocore.exceptions import BotoCoreError, ClientError
+
 from stratus import streaming
 from stratus.errors import StratusError
 from stratus.keys import authenticate
@@ -65,13 +66,28 @@ def http_event(scope: dict, headers: dict[str, str], body: bytes) -> dict:
     now = time.time()
     client = scope.get("client") or ("127.0.0.1", 0)
     event = {
-        "version": "2.0", "routeKey": f"{method} {path}", "rawPath": path, "rawQueryString": query, "headers": headers,
+        "version": "2.0",
+        "routeKey": f"{method} {path}",
+        "rawPath": path,
+        "rawQueryString": query,
+        "headers": headers,
         "requestContext": {
-            "accountId": "-", "apiId": "-", "domainName": headers.get("host", "localhost"), "stage": "$default",
-            "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": client[0],
-                     "userAgent": headers.get("user-agent", "")},
-            "requestId": uuid.uuid4().hex, "routeKey": f"{method} {path}",
-            "time": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)), "timeEpoch": int(now * 1000)},
+            "accountId": "-",
+            "apiId": "-",
+            "domainName": headers.get("host", "localhost"),
+            "stage": "$default",
+            "http": {
+                "method": method,
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": client[0],
+                "userAgent": headers.get("user-agent", ""),
+            },
+            "requestId": uuid.uuid4().hex,
+            "routeKey": f"{method} {path}",
+            "time": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)),
+            "timeEpoch": int(now * 1000),
+        },
         "isBase64Encoded": encoded,
     }
     if body:
@@ -89,8 +105,9 @@ async def app(scope, receive, send) -> None:
     route = STREAM_ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
     if route is not None and _wants_stream(body):
         return await _stream(route, headers, body, receive, send)
-    out = await asyncio.to_thread(handlers.lambda_handler, http_event(scope, headers, body),
-                                  LambdaContext.from_headers(headers))
+    out = await asyncio.to_thread(
+        handlers.lambda_handler, http_event(scope, headers, body), LambdaContext.from_headers(headers)
+    )
     raw = out.get("body") or ""
     data = base64.b64decode(raw) if out.get("isBase64Encoded") else raw.encode()
     await _respond(send, out.get("statusCode", 200), out.get("headers") or {}, data)
@@ -124,8 +141,13 @@ async def _stream(route: str, headers: dict[str, str], body: bytes, receive, sen
         return await _respond(send, refused.status_code, refused.headers, refused.body.encode())
     gone = asyncio.Event()
     watcher = asyncio.create_task(_watch_disconnect(receive, gone))
-    await send({"type": "http.response.start", "status": 200,
-                "headers": _header_list({"content-type": streaming.CONTENT_TYPE, **streaming.HEADERS})})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": _header_list({"content-type": streaming.CONTENT_TYPE, **streaming.HEADERS}),
+        }
+    )
     events = stream.events()
     try:
         while not gone.is_set():
@@ -168,8 +190,13 @@ async def _read_body(receive) -> bytes:
 
 async def _respond(send, status: int, headers: dict, data: bytes) -> None:
     headers = {k: v for k, v in headers.items() if k.lower() not in ("content-length", "connection")}
-    await send({"type": "http.response.start", "status": status,
-                "headers": _header_list({**headers, "content-length": str(len(data))})})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": _header_list({**headers, "content-length": str(len(data))}),
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 

@@ -14,7 +14,6 @@ from stratus.deps import deps_from_env
 from stratus.errors import InvalidRequest
 from stratus.observability import logger, metrics, tracer
 
-
 get_deps = functools.cache(deps_from_env)  # clients created once per container
 
 

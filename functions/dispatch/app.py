@@ -12,8 +12,8 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from stratus.deps import deps_from_env
 from stratus.contracts import QueueMessage
+from stratus.deps import deps_from_env
 from stratus.observability import logger, metrics, tracer
 
 processor = BatchProcessor(event_type=EventType.SQS)
@@ -30,12 +30,13 @@ def record_handler(record: SQSRecord) -> None:
     deps = get_deps()
     job_id = QueueMessage.from_body(record.body).job_id  # refuse what the container could not read
     key = f"sagemaker/in/{job_id}/{record.message_id}.json"
-    deps.s3.put_object(Bucket=deps.settings.bucket, Key=key, Body=record.body.encode(),
-                       ContentType="application/json")
-    sagemaker().invoke_endpoint_async(EndpointName=deps.settings.sagemaker_endpoint,
-                                      InputLocation=f"s3://{deps.settings.bucket}/{key}",
-                                      ContentType="application/json",
-                                      InvocationTimeoutSeconds=INVOCATION_TIMEOUT_S)
+    deps.s3.put_object(Bucket=deps.settings.bucket, Key=key, Body=record.body.encode(), ContentType="application/json")
+    sagemaker().invoke_endpoint_async(
+        EndpointName=deps.settings.sagemaker_endpoint,
+        InputLocation=f"s3://{deps.settings.bucket}/{key}",
+        ContentType="application/json",
+        InvocationTimeoutSeconds=INVOCATION_TIMEOUT_S,
+    )
     logger.info("dispatched", extra={"job_id": job_id})
 
 

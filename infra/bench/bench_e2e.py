@@ -38,8 +38,11 @@ def pct(samples: list[float], q: float) -> float:
 
 
 def summary_ms(samples: list[float]) -> dict:
-    return {"p50_ms": round(1000 * pct(samples, 0.5), 2), "p99_ms": round(1000 * pct(samples, 0.99), 2),
-            "n": len(samples)}
+    return {
+        "p50_ms": round(1000 * pct(samples, 0.5), 2),
+        "p99_ms": round(1000 * pct(samples, 0.99), 2),
+        "n": len(samples),
+    }
 
 
 class Client:
@@ -61,8 +64,7 @@ class Client:
 
 
 def chat(model: str, text: str, max_tokens: int = MAX_TOKENS) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "temperature": 0}
+    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
 
 
 def measure_hit(client: Client, model: str, calls: int) -> dict:
@@ -101,8 +103,12 @@ def measure_overhead(client: Client, model: str, model_dir: Path, threads: int, 
         bare.append(time.perf_counter() - t)
     vs_bare = [a - b for a, b in zip(e2e, bare)]
     vs_worker = [a - b for a, b in zip(e2e, worker_engine)]
-    return {"e2e": summary_ms(e2e), "bare_engine": summary_ms(bare), "minus_bare_engine": summary_ms(vs_bare),
-            "minus_worker_engine_time": summary_ms(vs_worker)}
+    return {
+        "e2e": summary_ms(e2e),
+        "bare_engine": summary_ms(bare),
+        "minus_bare_engine": summary_ms(vs_bare),
+        "minus_worker_engine_time": summary_ms(vs_worker),
+    }
 
 
 def measure_throughput(port: int, key: str, model: str, clients: int, seconds: float, tag: str) -> dict:
@@ -112,8 +118,9 @@ def measure_throughput(port: int, key: str, model: str, clients: int, seconds: f
     def run(c: int) -> None:
         client, i = Client(port, key), 0
         while time.monotonic() < stop:
-            status, body, _ = client.post("/v1/chat/completions",
-                                          chat(model, f"[{tag}] client {c} request {i}: name a city.", 32))
+            status, body, _ = client.post(
+                "/v1/chat/completions", chat(model, f"[{tag}] client {c} request {i}: name a city.", 32)
+            )
             i += 1
             if status == 200:
                 done.append(time.monotonic())
@@ -128,8 +135,14 @@ def measure_throughput(port: int, key: str, model: str, clients: int, seconds: f
     for t in threads:
         t.join()
     wall = time.monotonic() - started
-    return {"clients": clients, "seconds": round(wall, 1), "requests": len(done), "errors": len(errors),
-            "requests_per_s": round(len(done) / wall, 2), "completion_tokens_per_s": round(sum(tokens) / wall, 1)}
+    return {
+        "clients": clients,
+        "seconds": round(wall, 1),
+        "requests": len(done),
+        "errors": len(errors),
+        "requests_per_s": round(len(done) / wall, 2),
+        "completion_tokens_per_s": round(sum(tokens) / wall, 1),
+    }
 
 
 def main() -> None:
@@ -151,20 +164,32 @@ def main() -> None:
             client = Client(port, stack.api_key)
             if workers == 1:
                 report["hit"] = measure_hit(client, stack.model_id, args.hits)
-                print(f"cache hit over HTTP   p50 {report['hit']['p50_ms']:.1f} ms  p99 {report['hit']['p99_ms']:.1f} ms"
-                      "  (target p50 <= 10 ms)", flush=True)
+                print(
+                    f"cache hit over HTTP   p50 {report['hit']['p50_ms']:.1f} ms  p99 {report['hit']['p99_ms']:.1f} ms"
+                    "  (target p50 <= 10 ms)",
+                    flush=True,
+                )
                 report["overhead"] = measure_overhead(client, stack.model_id, args.model, threads, args.misses)
                 o = report["overhead"]
-                print(f"miss end to end       p50 {o['e2e']['p50_ms']:.0f} ms; bare engine p50 "
-                      f"{o['bare_engine']['p50_ms']:.0f} ms", flush=True)
-                print(f"pipeline overhead     p50 {o['minus_bare_engine']['p50_ms']:.1f} ms vs the bare engine, "
-                      f"{o['minus_worker_engine_time']['p50_ms']:.1f} ms vs the worker's engine time"
-                      "  (target p50 <= 30 ms)", flush=True)
+                print(
+                    f"miss end to end       p50 {o['e2e']['p50_ms']:.0f} ms; bare engine p50 "
+                    f"{o['bare_engine']['p50_ms']:.0f} ms",
+                    flush=True,
+                )
+                print(
+                    f"pipeline overhead     p50 {o['minus_bare_engine']['p50_ms']:.1f} ms vs the bare engine, "
+                    f"{o['minus_worker_engine_time']['p50_ms']:.1f} ms vs the worker's engine time"
+                    "  (target p50 <= 30 ms)",
+                    flush=True,
+                )
             t = measure_throughput(port, stack.api_key, stack.model_id, 16, args.seconds, f"w{workers}")
             t.update(workers=workers, threads_per_worker=threads)
             report["throughput"].append(t)
-            print(f"throughput {workers} worker(s) x {threads} threads, 16 clients: {t['requests_per_s']} req/s, "
-                  f"{t['completion_tokens_per_s']} tok/s ({t['requests']} requests, {t['errors']} errors)", flush=True)
+            print(
+                f"throughput {workers} worker(s) x {threads} threads, 16 clients: {t['requests_per_s']} req/s, "
+                f"{t['completion_tokens_per_s']} tok/s ({t['requests']} requests, {t['errors']} errors)",
+                flush=True,
+            )
         finally:
             stack.stop()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,11 @@ NEW_TOKENS = 128
 CONCURRENCY = "1,4,16"  # --concurrency: the request counts submitted together (1 also gives TTFT and decode)
 MESSAGES = [
     {"role": "system", "content": "You are a concise assistant for a cloud engineering team."},
-    {"role": "user", "content": "Explain in a few paragraphs how a message queue helps a web service absorb bursts "
-                                "of traffic, and what a dead-letter queue is for."},
+    {
+        "role": "user",
+        "content": "Explain in a few paragraphs how a message queue helps a web service absorb bursts "
+        "of traffic, and what a dead-letter queue is for.",
+    },
 ]
 
 
@@ -48,6 +51,7 @@ def peak_rss_mb() -> float:
 
 
 # ---- contenders (run inside child processes) ---------------------------------------------------
+
 
 def run_onnx(target: str, prompt: list[int], threads: int, runs: int, levels: list[int]) -> dict:
     """target: "<model dir>:<configuration>" (see stratus_engine.numerics)."""
@@ -87,9 +91,32 @@ def run_llama(binary: str, gguf: str, prompt_tokens: int, threads: int, runs: in
     """llama-batched-bench, once per run, all concurrencies in one call (it prints JSON lines)."""
     out: dict[str, list[float]] = {"ttft_s": [], "decode_tok_s@1": [], "peak_rss_mb": []}
     for _ in range(runs):
-        cmd = ["/usr/bin/time", "-f", "maxrss_kb=%M", binary, "-m", gguf, "-c", "8192", "-b", "2048", "-ub", "512",
-               "-npp", str(prompt_tokens), "-ntg", str(NEW_TOKENS), "-npl", ",".join(map(str, levels)),
-               "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl"]
+        cmd = [
+            "/usr/bin/time",
+            "-f",
+            "maxrss_kb=%M",
+            binary,
+            "-m",
+            gguf,
+            "-c",
+            "8192",
+            "-b",
+            "2048",
+            "-ub",
+            "512",
+            "-npp",
+            str(prompt_tokens),
+            "-ntg",
+            str(NEW_TOKENS),
+            "-npl",
+            ",".join(map(str, levels)),
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "--output-format",
+            "jsonl",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         for line in proc.stdout.splitlines():
             if line.startswith("{"):
@@ -105,6 +132,7 @@ def run_llama(binary: str, gguf: str, prompt_tokens: int, threads: int, runs: in
 
 
 # ---- driver ------------------------------------------------------------------------------------
+
 
 def child(args) -> None:
     prompt = json.loads(args.prompt)
@@ -122,8 +150,22 @@ def summarize(raw: dict, prompt_tokens: int, rss_mb: float | None = None) -> dic
 
 def spawn(target: str, prompt: list[int], args) -> dict:
     threads = args.threads
-    cmd = [sys.executable, __file__, "--child", "onnx", "--target", target, "--prompt", json.dumps(prompt),
-           "--threads", str(threads), "--runs", str(args.runs), "--concurrency", args.concurrency]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "onnx",
+        "--target",
+        target,
+        "--prompt",
+        json.dumps(prompt),
+        "--threads",
+        str(threads),
+        "--runs",
+        str(args.runs),
+        "--concurrency",
+        args.concurrency,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -136,8 +178,13 @@ def levels(args) -> list[int]:
 
 
 def figures(args) -> list[str]:
-    return ["decode_tok_s@1", *(f"aggregate_tok_s@{c}" for c in levels(args) if c > 1),
-            "ttft_s", "prefill_tok_s", "peak_rss_mb"]
+    return [
+        "decode_tok_s@1",
+        *(f"aggregate_tok_s@{c}" for c in levels(args) if c > 1),
+        "ttft_s",
+        "prefill_tok_s",
+        "peak_rss_mb",
+    ]
 
 
 def main() -> None:
@@ -169,8 +216,7 @@ def main() -> None:
     print(f"prompt {len(prompt)} tokens, {NEW_TOKENS} new tokens greedy, {args.threads} threads, {args.runs} runs")
     results = {}
     if args.llama_bench:
-        raw = run_llama(args.llama_bench, str(default_gguf()), len(prompt), args.threads, args.runs,
-                        levels(args))
+        raw = run_llama(args.llama_bench, str(default_gguf()), len(prompt), args.threads, args.runs, levels(args))
         rss = raw.pop("peak_rss_mb")
         results["llama.cpp"] = summarize(raw, len(prompt), statistics.median(rss))
     for q in args.quants.split(","):
@@ -180,11 +226,17 @@ def main() -> None:
             results[name] = spawn(f"{model}:{conf.name}", prompt, args)
     base = results.get("llama.cpp", {}).get("median")
     shown = figures(args)
-    for name, r in results.items():
+    for r in results.values():
         if "median" in r and base:
             r["ratio_to_llama_cpp"] = {k: r["median"][k] / base[k] for k in shown if base.get(k)}
-    report = {"host": host, "prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS, "threads": args.threads,
-              "runs": args.runs, "results": results}
+    report = {
+        "host": host,
+        "prompt_tokens": len(prompt),
+        "new_tokens": NEW_TOKENS,
+        "threads": args.threads,
+        "runs": args.runs,
+        "results": results,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine.json").write_text(json.dumps(report, indent=2))
@@ -198,8 +250,11 @@ def main() -> None:
             ratio = r.get("ratio_to_llama_cpp", {}).get(k)
             cells.append(f"{r['median'][k]:.3g}" + (f" ({ratio:.2f}x)" if ratio and name != "llama.cpp" else ""))
         med = r["median"]
-        text = "" if "text_right" not in med else (
-            f"{'right' if med['text_right'] else 'WRONG'} (max logprob error {med['max_logprob_error']:.3f})")
+        text = (
+            ""
+            if "text_right" not in med
+            else (f"{'right' if med['text_right'] else 'WRONG'} (max logprob error {med['max_logprob_error']:.3f})")
+        )
         where = f"   on {r['host']}" if r.get("host", host) != host else ""
         print(f"{name:28}" + "".join(f"{c:>20}" for c in cells) + f"   {text}{where}")
     plot(report, out / "engine.png", shown)
@@ -217,17 +272,26 @@ def plot(report: dict, path: Path, keys_shown: list[str]) -> None:
         return
     names = [n for n, r in report["results"].items() if "median" in r]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, keys, title in ((axes[0], [k for k in keys_shown if "tok_s@" in k], "tokens/s (higher is better)"),
-                            (axes[1], ["ttft_s"], "time to first token, s (lower is better)"),
-                            (axes[2], ["peak_rss_mb"], "peak RSS, MB")):
+    for ax, keys, title in (
+        (axes[0], [k for k in keys_shown if "tok_s@" in k], "tokens/s (higher is better)"),
+        (axes[1], ["ttft_s"], "time to first token, s (lower is better)"),
+        (axes[2], ["peak_rss_mb"], "peak RSS, MB"),
+    ):
         width = 0.8 / len(names)
         for i, n in enumerate(names):
-            ax.bar([j + i * width for j in range(len(keys))], [report["results"][n]["median"][k] for k in keys], width, label=n)
+            ax.bar(
+                [j + i * width for j in range(len(keys))],
+                [report["results"][n]["median"][k] for k in keys],
+                width,
+                label=n,
+            )
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys, fontsize=8)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M, {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, "
-                 f"{report['threads']} threads")
+    fig.suptitle(
+        f"SmolLM2-135M, {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, "
+        f"{report['threads']} threads"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

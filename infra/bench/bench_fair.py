@@ -37,9 +37,18 @@ FIFO = {"STRATUS_BATCH_RELEASE_FLOOR": "1000000"}
 
 
 def upload(client: OpenAI, model: str, tag: str, lines: int) -> str:
-    body = "".join(json.dumps({"custom_id": f"{tag}-{i}", "method": "POST", "url": "/v1/chat/completions",
-                               "body": chat(model, f"{tag} item {i}: write one sentence about a river.",
-                                            LINE_TOKENS)}) + "\n" for i in range(lines))
+    body = "".join(
+        json.dumps(
+            {
+                "custom_id": f"{tag}-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": chat(model, f"{tag} item {i}: write one sentence about a river.", LINE_TOKENS),
+            }
+        )
+        + "\n"
+        for i in range(lines)
+    )
     f = client.files.create(file=(f"{tag}.jsonl", io.BytesIO(body.encode())), purpose="batch")
     return client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id
 
@@ -58,20 +67,31 @@ def summarize(samples: list[tuple], after: float, total_s: float) -> dict:
     both_end = min(other_done, acme_done, key=lambda x: x[0])  # while both files were open
     a_both, b_both = both_end[1][1] - samples[0][1][1], both_end[2][1] - samples[0][2][1]
     a_run, b_run = other_done[1][1] - other_first[1][1], other_done[2][1] - other_first[2][1]
-    return {"other_s": round(other_done[0], 1), "other_first_line_s": round(other_first[0], 1),
-            "acme_s": round(acme_done[0] + after, 1), "total_s": round(total_s, 1),
-            "other_share_while_both_open": round(b_both / max(a_both + b_both, 1), 3),
-            "other_share_from_its_first_line": round(b_run / max(a_run + b_run, 1), 3)}
+    return {
+        "other_s": round(other_done[0], 1),
+        "other_first_line_s": round(other_first[0], 1),
+        "acme_s": round(acme_done[0] + after, 1),
+        "total_s": round(total_s, 1),
+        "other_share_while_both_open": round(b_both / max(a_both + b_both, 1), 3),
+        "other_share_from_its_first_line": round(b_run / max(a_run + b_run, 1), 3),
+    }
 
 
 def run(model_dir: Path, threads: int, lines: int, other_lines: int, after: float, env: dict) -> dict:
     stack = start(model_dir, port=free_port(), workers=1, threads=threads, environment=env)
     try:
         acme = OpenAI(base_url=stack.url, api_key=stack.api_key, max_retries=0, timeout=600)
-        table = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=REGION).resource(
-            "dynamodb", endpoint_url=stack.aws_endpoint).Table(stack.refs["JobsTable"])
-        other = OpenAI(base_url=stack.url, api_key=create_key(table, "other", rpm=100_000, tpm=100_000_000),
-                       max_retries=0, timeout=600)
+        table = (
+            boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=REGION)
+            .resource("dynamodb", endpoint_url=stack.aws_endpoint)
+            .Table(stack.refs["JobsTable"])
+        )
+        other = OpenAI(
+            base_url=stack.url,
+            api_key=create_key(table, "other", rpm=100_000, tpm=100_000_000),
+            max_retries=0,
+            timeout=600,
+        )
         acme.chat.completions.create(**chat(stack.model_id, "warm up", 2))
         began = time.perf_counter()
         a = upload(acme, stack.model_id, "acme", lines)
@@ -102,17 +122,28 @@ def main() -> None:
     args = ap.parse_args()
     from stratus_engine.numerics import host_description
 
-    runs = {name: run(Path(args.model), args.threads, args.lines, args.other_lines, args.after, env)
-            for name, env in (("metered", {}), ("arrival", FIFO))}
-    report = {"host": host_description(), "threads": args.threads, "lines": args.lines,
-              "other_lines": args.other_lines, "after_s": args.after, "line_tokens": LINE_TOKENS, **runs,
-              "other_faster": runs["arrival"]["other_s"] / runs["metered"]["other_s"]}
+    runs = {
+        name: run(Path(args.model), args.threads, args.lines, args.other_lines, args.after, env)
+        for name, env in (("metered", {}), ("arrival", FIFO))
+    }
+    report = {
+        "host": host_description(),
+        "threads": args.threads,
+        "lines": args.lines,
+        "other_lines": args.other_lines,
+        "after_s": args.after,
+        "line_tokens": LINE_TOKENS,
+        **runs,
+        "other_faster": runs["arrival"]["other_s"] / runs["metered"]["other_s"],
+    }
     print(f"host: {report['host']}; one worker, {args.threads} threads")
     for name, r in runs.items():
-        print(f"{name:8s} other's {args.other_lines} lines: first done {r['other_first_line_s']:.0f} s, all done "
-              f"{r['other_s']:.0f} s after its upload; its share of the lines finished while both files were open "
-              f"{r['other_share_while_both_open']:.2f} ({r['other_share_from_its_first_line']:.2f} from its first "
-              f"line on); acme's {args.lines} lines {r['acme_s']:.0f} s")
+        print(
+            f"{name:8s} other's {args.other_lines} lines: first done {r['other_first_line_s']:.0f} s, all done "
+            f"{r['other_s']:.0f} s after its upload; its share of the lines finished while both files were open "
+            f"{r['other_share_while_both_open']:.2f} ({r['other_share_from_its_first_line']:.2f} from its first "
+            f"line on); acme's {args.lines} lines {r['acme_s']:.0f} s"
+        )
     print(f"other's file finishes {report['other_faster']:.2f}x sooner with metered release")
     report_file.write(args.out, "fair", report)
 

@@ -35,11 +35,22 @@ def main() -> None:
     stack = start(Path(args.model), port=free_port(), workers=0)
     try:
         session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=REGION)
-        s3, table = session.client("s3", endpoint_url=stack.aws_endpoint), session.resource(
-            "dynamodb", endpoint_url=stack.aws_endpoint).Table(stack.refs["JobsTable"])
-        body = "".join(json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
-                                   "body": chat(stack.model_id, f"item {i}: one sentence about a river.", LINE_TOKENS)})
-                       + "\n" for i in range(args.lines)).encode()
+        s3, table = (
+            session.client("s3", endpoint_url=stack.aws_endpoint),
+            session.resource("dynamodb", endpoint_url=stack.aws_endpoint).Table(stack.refs["JobsTable"]),
+        )
+        body = "".join(
+            json.dumps(
+                {
+                    "custom_id": f"q{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": chat(stack.model_id, f"item {i}: one sentence about a river.", LINE_TOKENS),
+                }
+            )
+            + "\n"
+            for i in range(args.lines)
+        ).encode()
         bucket, key = stack.refs["ResultsBucket"], f"batches/input/{DEV_TENANT}/ingest.jsonl"
         began = time.perf_counter()
         etag = s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"].strip('"')
@@ -55,13 +66,21 @@ def main() -> None:
         read_s = time.perf_counter() - began
     finally:
         stack.stop()
-    report = {"host": host_description(), "lines": args.lines, "slice": SLICE, "first_slice_s": round(first, 1),
-              "read_s": round(read_s, 1), "lines_per_s": round(args.lines / read_s, 1),
-              "slice_s": round(read_s / -(-args.lines // SLICE), 1)}
+    report = {
+        "host": host_description(),
+        "lines": args.lines,
+        "slice": SLICE,
+        "first_slice_s": round(first, 1),
+        "read_s": round(read_s, 1),
+        "lines_per_s": round(args.lines / read_s, 1),
+        "slice_s": round(read_s / -(-args.lines // SLICE), 1),
+    }
     print(f"host: {report['host']}")
-    print(f"a {args.lines}-line file: first slice of {SLICE} in after {first:.1f} s (its lines releasable), "
-          f"the whole file read after {read_s:.1f} s = {report['lines_per_s']} lines/s, {report['slice_s']} s a slice "
-          f"(local moto over loopback; no workers)")
+    print(
+        f"a {args.lines}-line file: first slice of {SLICE} in after {first:.1f} s (its lines releasable), "
+        f"the whole file read after {read_s:.1f} s = {report['lines_per_s']} lines/s, {report['slice_s']} s a slice "
+        f"(local moto over loopback; no workers)"
+    )
     report_file.write(args.out, "ingest", report)
 
 

@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import report as report_file  # infra/bench/report.py
-
 from openai import OpenAI
 
 from stratus_local.serve import free_port, start
@@ -44,13 +43,15 @@ def pct(samples: list[float], q: float) -> float:
 
 
 def stats_ms(samples: list[float]) -> dict:
-    return {"p50_ms": round(1000 * statistics.median(samples), 1), "p99_ms": round(1000 * pct(samples, 0.99), 1),
-            "n": len(samples)}
+    return {
+        "p50_ms": round(1000 * statistics.median(samples), 1),
+        "p99_ms": round(1000 * pct(samples, 0.99), 1),
+        "n": len(samples),
+    }
 
 
 def chat(model: str, text: str, max_tokens: int) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "temperature": 0}
+    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
 
 
 class Interactive:
@@ -75,8 +76,9 @@ class Interactive:
         n = 0
         while not self._stop.is_set():
             began = time.perf_counter()
-            self.client.chat.completions.create(**chat(self.model, f"{self.tag} question {n}: name a colour.",
-                                                       INTERACTIVE_TOKENS))
+            self.client.chat.completions.create(
+                **chat(self.model, f"{self.tag} question {n}: name a colour.", INTERACTIVE_TOKENS)
+            )
             self.latencies.append(time.perf_counter() - began)
             n += 1
             self._stop.wait(max(0.0, self.every - (time.perf_counter() - began)))
@@ -84,9 +86,18 @@ class Interactive:
 
 def run_batch(client: OpenAI, model: str, tag: str, lines: int) -> float:
     """Upload a batch file of distinct lines and wait for it to complete -> seconds."""
-    body = "".join(json.dumps({"custom_id": f"{tag}-{i}", "method": "POST", "url": "/v1/chat/completions",
-                               "body": chat(model, f"{tag} item {i}: write one sentence about a river.",
-                                            LINE_TOKENS)}) + "\n" for i in range(lines))
+    body = "".join(
+        json.dumps(
+            {
+                "custom_id": f"{tag}-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": chat(model, f"{tag} item {i}: write one sentence about a river.", LINE_TOKENS),
+            }
+        )
+        + "\n"
+        for i in range(lines)
+    )
     began = time.perf_counter()
     f = client.files.create(file=(f"{tag}.jsonl", io.BytesIO(body.encode())), purpose="batch")
     batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
@@ -102,8 +113,16 @@ def run_jobs(client: OpenAI, model: str, tag: str, lines: int) -> float:
     """The same lines as jobs in the interactive queue -> seconds until every one is done."""
     began = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
-        ids = list(pool.map(lambda i: client.post("/jobs", cast_to=dict, body=chat(
-            model, f"{tag} item {i}: write one sentence about a river.", LINE_TOKENS))["id"], range(lines)))
+        ids = list(
+            pool.map(
+                lambda i: client.post(
+                    "/jobs",
+                    cast_to=dict,
+                    body=chat(model, f"{tag} item {i}: write one sentence about a river.", LINE_TOKENS),
+                )["id"],
+                range(lines),
+            )
+        )
     for job_id in ids:
         while client.get(f"/jobs/{job_id}", cast_to=dict)["status"] not in ("DONE", "FAILED", "EXPIRED"):
             time.sleep(0.5)
@@ -139,23 +158,35 @@ def main() -> None:
     finally:
         stack.stop()
     report = {
-        "host": host_description(), "lines": args.lines, "line_tokens": LINE_TOKENS,
-        "interactive_tokens": INTERACTIVE_TOKENS, "every_s": args.every, "workers": args.workers,
+        "host": host_description(),
+        "lines": args.lines,
+        "line_tokens": LINE_TOKENS,
+        "interactive_tokens": INTERACTIVE_TOKENS,
+        "every_s": args.every,
+        "workers": args.workers,
         "threads": args.threads,
-        "interactive_idle": stats_ms(idle_lat), "interactive_mixed": stats_ms(mixed_lat),
+        "interactive_idle": stats_ms(idle_lat),
+        "interactive_mixed": stats_ms(mixed_lat),
         "mixed_over_idle_p50": statistics.median(mixed_lat) / statistics.median(idle_lat),
-        "batch_alone_s": round(alone_s, 1), "batch_alone_lines_per_s": round(args.lines / alone_s, 2),
-        "one_queue_s": round(jobs_s, 1), "one_queue_lines_per_s": round(args.lines / jobs_s, 2),
-        "batch_alone_over_one_queue_throughput": jobs_s / alone_s, "batch_mixed_s": round(mixed_s, 1),
+        "batch_alone_s": round(alone_s, 1),
+        "batch_alone_lines_per_s": round(args.lines / alone_s, 2),
+        "one_queue_s": round(jobs_s, 1),
+        "one_queue_lines_per_s": round(args.lines / jobs_s, 2),
+        "batch_alone_over_one_queue_throughput": jobs_s / alone_s,
+        "batch_mixed_s": round(mixed_s, 1),
     }
     print(f"host: {report['host']}; {args.workers} worker(s), {args.threads} threads each")
-    print(f"interactive ({INTERACTIVE_TOKENS} tokens, one every {args.every} s): idle p50 "
-          f"{report['interactive_idle']['p50_ms']:.0f} ms p99 {report['interactive_idle']['p99_ms']:.0f} ms; while "
-          f"a {args.lines}-line batch drains p50 {report['interactive_mixed']['p50_ms']:.0f} ms p99 "
-          f"{report['interactive_mixed']['p99_ms']:.0f} ms = {report['mixed_over_idle_p50']:.2f}x idle (target <= 1.5x)")
-    print(f"batch of {args.lines} lines x {LINE_TOKENS} tokens: alone {alone_s:.0f} s ({args.lines / alone_s:.2f} lines/s), "
-          f"as jobs in one queue {jobs_s:.0f} s ({args.lines / jobs_s:.2f}/s): "
-          f"{report['batch_alone_over_one_queue_throughput']:.2f}x (target >= 0.9x); with interactive load {mixed_s:.0f} s")
+    print(
+        f"interactive ({INTERACTIVE_TOKENS} tokens, one every {args.every} s): idle p50 "
+        f"{report['interactive_idle']['p50_ms']:.0f} ms p99 {report['interactive_idle']['p99_ms']:.0f} ms; while "
+        f"a {args.lines}-line batch drains p50 {report['interactive_mixed']['p50_ms']:.0f} ms p99 "
+        f"{report['interactive_mixed']['p99_ms']:.0f} ms = {report['mixed_over_idle_p50']:.2f}x idle (target <= 1.5x)"
+    )
+    print(
+        f"batch of {args.lines} lines x {LINE_TOKENS} tokens: alone {alone_s:.0f} s ({args.lines / alone_s:.2f} lines/s), "
+        f"as jobs in one queue {jobs_s:.0f} s ({args.lines / jobs_s:.2f}/s): "
+        f"{report['batch_alone_over_one_queue_throughput']:.2f}x (target >= 0.9x); with interactive load {mixed_s:.0f} s"
+    )
     report_file.write(args.out, "mixed" if args.workers == 1 else f"mixed-{args.workers}w", report)
 
 

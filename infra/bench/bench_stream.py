@@ -35,8 +35,10 @@ LEVELS = (1, 8)
 
 
 def prompts(n: int, tag: str) -> list[str]:
-    return [f"[{tag} {i}] In two or three sentences, explain why the sky looks blue during the day to a child."
-            for i in range(n)]
+    return [
+        f"[{tag} {i}] In two or three sentences, explain why the sky looks blue during the day to a child."
+        for i in range(n)
+    ]
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -48,8 +50,11 @@ def summarize(samples: list[dict]) -> dict:
     out = {}
     for k in ("ttft", "itl"):
         values = [s[k] for s in samples if s[k] is not None]
-        out[k] = {"p50_ms": round(1000 * pct(values, 0.5), 1), "p99_ms": round(1000 * pct(values, 0.99), 1),
-                  "n": len(values)}
+        out[k] = {
+            "p50_ms": round(1000 * pct(values, 0.5), 1),
+            "p99_ms": round(1000 * pct(values, 0.99), 1),
+            "n": len(values),
+        }
     out["tokens"] = round(statistics.mean(s["tokens"] for s in samples), 1)
     return out
 
@@ -58,9 +63,14 @@ def one_stream(client, model: str, prompt: str) -> dict:
     started = time.perf_counter()
     first = last = None
     tokens = 0
-    for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                temperature=0, max_tokens=MAX_TOKENS, stream=True,
-                                                stream_options={"include_usage": True}):
+    for chunk in client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         if chunk.choices and chunk.choices[0].delta.content:
             last = time.perf_counter()
             first = first or last
@@ -82,9 +92,12 @@ def measure_server(base_url: str, key: str, model: str, requests: int, tag: str)
         with ThreadPoolExecutor(c) as pool:
             samples = list(pool.map(lambda p: one_stream(client, model, p), todo))
         out[f"c{c}"] = summarize(samples)
-        print(f"  {tag:12s} concurrency {c}: TTFT p50 {out[f'c{c}']['ttft']['p50_ms']} ms "
-              f"p99 {out[f'c{c}']['ttft']['p99_ms']} ms; ITL p50 {out[f'c{c}']['itl']['p50_ms']} ms "
-              f"p99 {out[f'c{c}']['itl']['p99_ms']} ms ({out[f'c{c}']['tokens']} tokens a request)", flush=True)
+        print(
+            f"  {tag:12s} concurrency {c}: TTFT p50 {out[f'c{c}']['ttft']['p50_ms']} ms "
+            f"p99 {out[f'c{c}']['ttft']['p99_ms']} ms; ITL p50 {out[f'c{c}']['itl']['p50_ms']} ms "
+            f"p99 {out[f'c{c}']['itl']['p99_ms']} ms ({out[f'c{c}']['tokens']} tokens a request)",
+            flush=True,
+        )
     return out
 
 
@@ -97,25 +110,53 @@ def measure_bare(model_dir: Path, threads: int, requests: int) -> dict:
     samples = []
     for p in ["warm-up"] + prompts(requests, "bare"):
         stamps: list[float] = []
-        req = GenerationRequest(engine.encode_chat([{"role": "user", "content": p}]),
-                                SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
-                                on_token=lambda _t, _lp, s=stamps: s.append(time.perf_counter()))
+        req = GenerationRequest(
+            engine.encode_chat([{"role": "user", "content": p}]),
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
+            on_token=lambda _t, _lp, s=stamps: s.append(time.perf_counter()),
+        )
         started = time.perf_counter()
         engine.generate([req])
         if p != "warm-up" and len(stamps) > 1:
-            samples.append({"ttft": stamps[0] - started, "itl": (stamps[-1] - stamps[0]) / (len(stamps) - 1),
-                            "tokens": len(stamps)})
+            samples.append(
+                {
+                    "ttft": stamps[0] - started,
+                    "itl": (stamps[-1] - stamps[0]) / (len(stamps) - 1),
+                    "tokens": len(stamps),
+                }
+            )
     out = {"c1": summarize(samples)}
-    print(f"  {'bare engine':12s} concurrency 1: TTFT p50 {out['c1']['ttft']['p50_ms']} ms; "
-          f"ITL p50 {out['c1']['itl']['p50_ms']} ms", flush=True)
+    print(
+        f"  {'bare engine':12s} concurrency 1: TTFT p50 {out['c1']['ttft']['p50_ms']} ms; "
+        f"ITL p50 {out['c1']['itl']['p50_ms']} ms",
+        flush=True,
+    )
     return out
 
 
 def run_llama_server(binary: str, gguf: str, threads: int, requests: int) -> dict:
     port = free_port()
-    proc = subprocess.Popen([binary, "-m", gguf, "-t", str(threads), "-tb", str(threads), "-c", "8192",
-                             "-np", str(max(LEVELS)), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            binary,
+            "-m",
+            gguf,
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "-c",
+            "8192",
+            "-np",
+            str(max(LEVELS)),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -143,27 +184,38 @@ def main() -> None:
 
     threads = os.cpu_count() or 1
     os.environ.setdefault("STRATUS_LOCAL_LOG_DIR", str(args.out / "stream-logs"))
-    report: dict = {"host": host_description(), "model": str(args.model), "threads": threads,
-                    "max_tokens": MAX_TOKENS, "results": {}}
+    report: dict = {
+        "host": host_description(),
+        "model": str(args.model),
+        "threads": threads,
+        "max_tokens": MAX_TOKENS,
+        "results": {},
+    }
     print(f"host: {report['host']}; {threads} threads; {MAX_TOKENS} new tokens, greedy", flush=True)
     stack = start(args.model, port=free_port(), workers=1, threads=threads)
     try:
-        report["results"]["stratus"] = measure_server(stack.url, stack.api_key, stack.model_id, args.requests,
-                                                      "stratus")
+        report["results"]["stratus"] = measure_server(
+            stack.url, stack.api_key, stack.model_id, args.requests, "stratus"
+        )
     finally:
         stack.stop()
     if args.llama_server:
-        report["results"]["llama-server"] = run_llama_server(args.llama_server, str(default_gguf()), threads,
-                                                             args.requests)
+        report["results"]["llama-server"] = run_llama_server(
+            args.llama_server, str(default_gguf()), threads, args.requests
+        )
     report["results"]["bare engine"] = measure_bare(args.model, threads, args.requests)
     r = report["results"]
-    ratios = {"itl_p50_vs_bare_engine_c1": r["stratus"]["c1"]["itl"]["p50_ms"] / r["bare engine"]["c1"]["itl"]["p50_ms"]}
+    ratios = {
+        "itl_p50_vs_bare_engine_c1": r["stratus"]["c1"]["itl"]["p50_ms"] / r["bare engine"]["c1"]["itl"]["p50_ms"]
+    }
     if "llama-server" in r:
         for c in LEVELS:
-            ratios[f"ttft_p50_vs_llama_server_c{c}"] = (r["stratus"][f"c{c}"]["ttft"]["p50_ms"]
-                                                        / r["llama-server"][f"c{c}"]["ttft"]["p50_ms"])
-            ratios[f"itl_p50_vs_llama_server_c{c}"] = (r["stratus"][f"c{c}"]["itl"]["p50_ms"]
-                                                       / r["llama-server"][f"c{c}"]["itl"]["p50_ms"])
+            ratios[f"ttft_p50_vs_llama_server_c{c}"] = (
+                r["stratus"][f"c{c}"]["ttft"]["p50_ms"] / r["llama-server"][f"c{c}"]["ttft"]["p50_ms"]
+            )
+            ratios[f"itl_p50_vs_llama_server_c{c}"] = (
+                r["stratus"][f"c{c}"]["itl"]["p50_ms"] / r["llama-server"][f"c{c}"]["itl"]["p50_ms"]
+            )
     report["ratios"] = {k: round(v, 2) for k, v in ratios.items()}
     for k, v in report["ratios"].items():
         print(f"  {k}: {v:.2f}x", flush=True)

@@ -56,10 +56,24 @@ def main() -> None:
     if not (tree / "CMakeLists.txt").is_file():
         with tarfile.open(sdist) as tar:
             tar.extractall(out, filter="data")
-    subprocess.run(["cmake", "-S", str(tree), "-B", str(build), "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
-                    "-DCMAKE_BUILD_TYPE=Release"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(tree),
+            "-B",
+            str(build),
+            "-DGGML_NATIVE=ON",
+            "-DLLAMA_CURL=OFF",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     print("building llama.cpp (~10 minutes on 2 cores)", file=sys.stderr, flush=True)
-    subprocess.run(["cmake", "--build", str(build), "--target", args.tool, "-j2"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["cmake", "--build", str(build), "--target", args.tool, "-j2"], check=True, stdout=subprocess.DEVNULL
+    )
     print(build / "bin" / args.tool)
 
 

@@ -15,8 +15,15 @@ import pytest
 from stratus.keys import create_key
 from stratus.settings import Settings
 from stratus_engine.engine import Engine
-from stratus_local.template import (ROOT, LambdaContext, apply_environment, create_resources, function_environment,
-                                    load_handler, load_template)
+from stratus_local.template import (
+    ROOT,
+    LambdaContext,
+    apply_environment,
+    create_resources,
+    function_environment,
+    load_handler,
+    load_template,
+)
 
 EVENTS = ROOT / "events"
 
@@ -29,8 +36,9 @@ class Stack:
     handler: object
     module: object
 
-    def event(self, name: str, *, body=None, key: str | None = None, job_id: str | None = None,
-              headers: dict | None = None) -> dict:
+    def event(
+        self, name: str, *, body=None, key: str | None = None, job_id: str | None = None, headers: dict | None = None
+    ) -> dict:
         e = copy.deepcopy(json.loads((EVENTS / name).read_text()))
         if body is not None:
             e["body"] = json.dumps(body) if not isinstance(body, str) else body
@@ -52,7 +60,9 @@ class Stack:
         url = self.refs[queue]
         msgs = []
         while True:
-            got = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=300).get("Messages", [])
+            got = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=300).get(
+                "Messages", []
+            )
             if not got:
                 return msgs
             msgs += [json.loads(m["Body"]) for m in got]
@@ -63,9 +73,14 @@ def stack(monkeypatch):
     from moto import mock_aws
 
     region = "us-east-1"
-    for k, v in {"AWS_DEFAULT_REGION": region, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "POWERTOOLS_TRACE_DISABLED": "1", "POWERTOOLS_METRICS_NAMESPACE": "Stratus",
-                 "POWERTOOLS_SERVICE_NAME": "stratus"}.items():
+    for k, v in {
+        "AWS_DEFAULT_REGION": region,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "POWERTOOLS_TRACE_DISABLED": "1",
+        "POWERTOOLS_METRICS_NAMESPACE": "Stratus",
+        "POWERTOOLS_SERVICE_NAME": "stratus",
+    }.items():
         monkeypatch.setenv(k, v)
     with mock_aws():
         template = load_template()
@@ -92,16 +107,28 @@ def make_worker(stack, tiny):
     from stratus_worker.worker import Worker
 
     started: list[tuple[Worker, threading.Thread]] = []
-    settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]), max_batch=4,
-                                   visibility_s=3, heartbeat_s=0.5, cancel_check_s=0.05, drain_s=5.0)
+    settings = dataclasses.replace(
+        Settings.from_env(),
+        model_dir=str(tiny.dirs["int4"]),
+        max_batch=4,
+        visibility_s=3,
+        heartbeat_s=0.5,
+        cancel_check_s=0.05,
+        drain_s=5.0,
+    )
 
     def start(engine: Engine | None = None, sqs=None, run: bool = True, **overrides) -> Worker:
         """A worker serving in a thread; with run=False, one the test drives by hand (poll, ...)."""
         engine = engine or Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16)
-        w = Worker(engine, dataclasses.replace(settings, **overrides), sqs=sqs or boto3.client("sqs"),
-                   table=boto3.resource("dynamodb").Table(stack.refs["JobsTable"]), s3=boto3.client("s3"),
-                   stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]),
-                   worker_id=f"w{len(started)}")
+        w = Worker(
+            engine,
+            dataclasses.replace(settings, **overrides),
+            sqs=sqs or boto3.client("sqs"),
+            table=boto3.resource("dynamodb").Table(stack.refs["JobsTable"]),
+            s3=boto3.client("s3"),
+            stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]),
+            worker_id=f"w{len(started)}",
+        )
         if run:
             t = threading.Thread(target=w.run, daemon=True)
             t.start()

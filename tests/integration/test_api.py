@@ -20,8 +20,12 @@ from stratus_local.template import ROOT, LambdaContext, apply_environment, load_
 from support.faults import aws_error, failing_first
 
 MODEL = "smollm2-135m-instruct-int4"
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "temperature": 0, "max_tokens": 32}
+CHAT = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    "temperature": 0,
+    "max_tokens": 32,
+}
 
 
 @pytest.fixture
@@ -35,8 +39,14 @@ def finish(stack, job_id: str, text: str = "Paris.") -> None:
     assert store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w1")
     s3, bucket = boto3.client("s3"), stack.refs["ResultsBucket"]
     assert not store.complete(job_id, "w2", {"text": "x"}, s3=s3, bucket=bucket)
-    assert store.complete(job_id, "w1", {"text": text, "finish_reason": "stop"}, s3=s3, bucket=bucket,
-                          usage={"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23})
+    assert store.complete(
+        job_id,
+        "w1",
+        {"text": text, "finish_reason": "stop"},
+        s3=s3,
+        bucket=bucket,
+        usage={"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23},
+    )
     assert not store.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.DONE, result={"text": "again"})
 
 
@@ -126,11 +136,20 @@ def test_sampling_without_seed_is_not_cached(stack, key):
     assert len(ids) == 2 and len(stack.queued()) == 2
 
 
-@pytest.mark.parametrize("change", [
-    {"temperature": 0.5, "seed": 1}, {"seed": 2}, {"top_p": 0.9}, {"top_k": 5}, {"max_tokens": 31},
-    {"stop": ["\n"]}, {"repetition_penalty": 1.1}, {"messages": [{"role": "user", "content": "What is the capital of Spain?"}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, *CHAT["messages"]]},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"temperature": 0.5, "seed": 1},
+        {"seed": 2},
+        {"top_p": 0.9},
+        {"top_k": 5},
+        {"max_tokens": 31},
+        {"stop": ["\n"]},
+        {"repetition_penalty": 1.1},
+        {"messages": [{"role": "user", "content": "What is the capital of Spain?"}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, *CHAT["messages"]]},
+    ],
+)
 def test_every_parameter_is_in_the_cache_key(stack, key, change):
     base = stack.call("api_chat_completion.json", key=key, body=CHAT)[1]["id"]
     changed = stack.call("api_chat_completion.json", key=key, body={**CHAT, **change})[1]["id"]
@@ -143,7 +162,7 @@ def test_tenants_are_isolated(stack, key):
     finish(stack, mine["id"])
     status, body, _ = stack.call("api_get_job.json", key=other, job_id=mine["id"])
     assert status == 404 and body["error"]["code"] == "not_found"
-    status, theirs, headers = stack.call("api_chat_completion.json", key=other, body=CHAT)
+    status, theirs, _headers = stack.call("api_chat_completion.json", key=other, body=CHAT)
     assert status == 202 and theirs["id"] != mine["id"]  # same request, their own cache scope
 
 
@@ -165,6 +184,7 @@ def test_20_concurrent_identical_misses_queue_one_job(stack, key, monkeypatch):
     def create_in_turn(self, *args, **kwargs):
         with turn:
             return real_create(self, *args, **kwargs)
+
     monkeypatch.setattr(stratus.submission, "charge", charge_in_turn)
     monkeypatch.setattr(JobStore, "create", create_in_turn)
     results = []
@@ -240,25 +260,36 @@ def test_refusals_are_counted_by_status_and_reason(stack, key, capsys):
     stack.call("api_chat_completion.json", key=key, body={**CHAT, "n": 99})
     stack.call("api_chat_completion.json", key="sk-wrong", body=CHAT)
     blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"Refused"' in line]
-    reasons = {(b["status"], b["reason"]) for b in blobs if b["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"] == "Refused"}
+    reasons = {
+        (b["status"], b["reason"])
+        for b in blobs
+        if b["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"] == "Refused"
+    }
     assert reasons == {("400", "bad_n"), ("401", "invalid_api_key")}
     assert all(b["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "Stratus" for b in blobs)
 
 
-@pytest.mark.parametrize("change,status,message", [
-    ({"n": 17}, 400, "n must be an integer in [1, 16], got 17"),
-    ({"stream": "yes"}, 400, "stream must be true or false"),
-    ({"tools": [{"type": "function"}]}, 400, "has no tool-calling format"),
-    ({"temperature": 3}, 400, "temperature must be in [0.0, 2.0], got 3"),
-    ({"top_p": 1.5}, 400, "top_p must be in (0.0, 1.0], got 1.5"),
-    ({"max_tokens": 0}, 400, "max_tokens must be an integer in [1, 4096], got 0"),
-    ({"max_tokens": 5000}, 400, "max_tokens must be an integer in [1, 4096], got 5000"),
-    ({"model": None}, 400, "model is required"),
-    ({"model": "gpt-4"}, 404, "model 'gpt-4' does not exist"),
-    ({"messages": []}, 400, "messages must be a non-empty list"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role must be one of"),
-    ({"messages": [{"role": "user", "content": "x"}] * 300}, 400, "messages must have at most 256 entries, got 300"),
-])
+@pytest.mark.parametrize(
+    "change,status,message",
+    [
+        ({"n": 17}, 400, "n must be an integer in [1, 16], got 17"),
+        ({"stream": "yes"}, 400, "stream must be true or false"),
+        ({"tools": [{"type": "function"}]}, 400, "has no tool-calling format"),
+        ({"temperature": 3}, 400, "temperature must be in [0.0, 2.0], got 3"),
+        ({"top_p": 1.5}, 400, "top_p must be in (0.0, 1.0], got 1.5"),
+        ({"max_tokens": 0}, 400, "max_tokens must be an integer in [1, 4096], got 0"),
+        ({"max_tokens": 5000}, 400, "max_tokens must be an integer in [1, 4096], got 5000"),
+        ({"model": None}, 400, "model is required"),
+        ({"model": "gpt-4"}, 404, "model 'gpt-4' does not exist"),
+        ({"messages": []}, 400, "messages must be a non-empty list"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role must be one of"),
+        (
+            {"messages": [{"role": "user", "content": "x"}] * 300},
+            400,
+            "messages must have at most 256 entries, got 300",
+        ),
+    ],
+)
 def test_validation_errors_name_the_field(stack, key, change, status, message):
     got, body, _ = stack.call("api_chat_completion.json", key=key, body={**CHAT, **change})
     assert got == status and message in body["error"]["message"]
@@ -340,8 +371,11 @@ def test_a_prompt_that_cannot_fit_the_context_is_400(stack, key):
 def test_a_failed_job_answers_with_its_error(stack, key, monkeypatch):
     # Given a worker that rejects the prompt as too long while the request waits,
     # then the caller gets that 400 error body, and polling shows the same error.
-    error = {"message": "prompt (9000 tokens) + max_tokens (32) exceeds the model's context length of 8192",
-             "type": "invalid_request_error", "code": "context_length_exceeded"}
+    error = {
+        "message": "prompt (9000 tokens) + max_tokens (32) exceeds the model's context length of 8192",
+        "type": "invalid_request_error",
+        "code": "context_length_exceeded",
+    }
     real_sleep = stack.module.get_deps().sleep
 
     def worker_rejects(seconds):
@@ -382,7 +416,7 @@ def test_shared_cache_lets_tenants_meet_on_one_job(stack, key, monkeypatch):
     assert status == 202 and theirs["id"] == mine["id"] and len(stack.queued()) == 1
     assert stack.call("api_cancel_job.json", key=other, job_id=mine["id"])[0] == 404
     finish(stack, mine["id"])
-    status, reply, headers = stack.call("api_chat_completion.json", key=other, body=CHAT)
+    status, _reply, headers = stack.call("api_chat_completion.json", key=other, body=CHAT)
     assert status == 200 and headers["x-stratus-cache"] == "hit"
 
 
@@ -404,6 +438,7 @@ def test_a_cancel_checked_against_one_tenants_job_never_cancels_anothers_made_si
         assert stack.call("api_create_job.json", key=other, body=CHAT)[1]["id"] == job_id
         monkeypatch.setattr(service, "get_job", checked)
         return job
+
     # When the first tenant's second DELETE is checked just before the other's request makes it again
     monkeypatch.setattr(service, "get_job", made_again_after_the_check)
     status, _, _ = stack.call("api_cancel_job.json", key=key, job_id=mine["id"])
@@ -412,11 +447,14 @@ def test_a_cancel_checked_against_one_tenants_job_never_cancels_anothers_made_si
     assert status in (404, 409) and job.status == Status.QUEUED and job.tenant == "globex"
 
 
-@pytest.mark.parametrize("change, where", [
-    ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
-    ({"stop": ["x\udfff"]}, "stop[0]"),
-    ({"metadata": {"k\ud801": "v"}}, "metadata (a key)"),
-])
+@pytest.mark.parametrize(
+    "change, where",
+    [
+        ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+        ({"stop": ["x\udfff"]}, "stop[0]"),
+        ({"metadata": {"k\ud801": "v"}}, "metadata (a key)"),
+    ],
+)
 def test_text_that_is_valid_json_but_not_unicode_is_a_400(stack, key, change, where):
     # json.dumps escapes a lone surrogate as \ud800: valid JSON that no UTF-8 encoder accepts
     status, body, _ = stack.call("api_chat_completion.json", key=key, body={**CHAT, **change})
@@ -425,8 +463,10 @@ def test_text_that_is_valid_json_but_not_unicode_is_a_400(stack, key, change, wh
     assert status == 400
 
 
-@pytest.mark.parametrize("job_id", ["batch#batch_0123456789abcdef01234567", "key#" + "0" * 64, "c" + "0" * 63,
-                                    "j" + "Z" * 32, "rl#acme#29000000"])
+@pytest.mark.parametrize(
+    "job_id",
+    ["batch#batch_0123456789abcdef01234567", "key#" + "0" * 64, "c" + "0" * 63, "j" + "Z" * 32, "rl#acme#29000000"],
+)
 def test_ids_of_another_shape_are_404_without_a_read(stack, key, job_id, monkeypatch):
     reads = []
     deps = stack.module.get_deps()
@@ -438,7 +478,7 @@ def test_ids_of_another_shape_are_404_without_a_read(stack, key, job_id, monkeyp
     assert status == 404 and reads == []
 
 
-@pytest.mark.parametrize("content", ["é" * 50_000, "\U0001F600" * 25_000])  # stored as 6- and 12-byte escapes
+@pytest.mark.parametrize("content", ["é" * 50_000, "\U0001f600" * 25_000])  # stored as 6- and 12-byte escapes
 def test_a_request_too_big_for_the_queue_or_the_item_is_a_413_before_anything_is_written(stack, key, content):
     body = {**CHAT, "messages": [{"role": "user", "content": content}], "max_tokens": 4}
     status, reply, _ = stack.call("api_chat_completion.json", key=key, body=body)
@@ -453,12 +493,22 @@ def test_invoke_works_on_its_own_against_an_in_process_moto(tmp_path):
     # A newcomer's first command: no stack running, no env file, no credentials
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "STRATUS_"))}
     env["STRATUS_LOCAL_LOG_DIR"] = str(tmp_path / "logs")  # no running stack's state file there
-    proc = subprocess.run([sys.executable, "-m", "stratus_cli.main", "invoke", "api", "--event",
-                           str(ROOT / "events/api_models.json")], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stratus_cli.main", "invoke", "api", "--event", str(ROOT / "events/api_models.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["statusCode"] == 200 and "in-process moto" in proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "stratus_cli.main", "invoke", "api", "--event", str(tmp_path / "none")],
-                         env=env, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "stratus_cli.main", "invoke", "api", "--event", str(tmp_path / "none")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "cannot read the event" in bad.stderr
 
 
@@ -478,6 +528,7 @@ def test_storage_that_cannot_be_reached_is_a_503_with_retry_after(stack, key, mo
 
     def timeout(*_a, **_kw):
         raise ReadTimeoutError(endpoint_url="http://dynamodb")
+
     monkeypatch.setattr(deps.table, "get_item", timeout)
     status, body, headers = stack.call("api_chat_completion.json", key=key, body=CHAT)
     assert status == 503 and headers["retry-after"] == "2" and body["error"]["code"] == "service_unavailable"
@@ -489,8 +540,11 @@ def test_a_request_the_queue_could_not_take_costs_the_tenant_nothing(stack, monk
     within_one_minute()
     one = create_key(stack.table, "one-a-minute", rpm=1, tpm=1_000_000)
     deps = stack.module.get_deps()
-    monkeypatch.setattr(deps.sqs, "send_message", failing_first(
-        deps.sqs.send_message, aws_error("ServiceUnavailable", 503, "SendMessage"), []))
+    monkeypatch.setattr(
+        deps.sqs,
+        "send_message",
+        failing_first(deps.sqs.send_message, aws_error("ServiceUnavailable", 503, "SendMessage"), []),
+    )
     # When its request is a 503, then its retry is taken (was: a 429, the minute's request used up)
     assert stack.call("api_create_job.json", key=one, body=CHAT)[0] == 503
     assert stack.call("api_create_job.json", key=one, body=CHAT)[0] == 202
@@ -499,7 +553,7 @@ def test_a_request_the_queue_could_not_take_costs_the_tenant_nothing(stack, monk
 def test_a_batch_tier_tenants_requests_wait_in_the_batch_queue_with_the_batch_window(stack):
     # Given a tenant whose key record puts it in the batch tier
     slow = create_key(stack.table, "nightly", rpm=100, tpm=1_000_000, tier="batch")
-    status, body, _ = stack.call("api_create_job.json", key=slow)
+    status, _body, _ = stack.call("api_create_job.json", key=slow)
     # then its job waits in the batch tier's queue, expiring after a batch window, not the API deadline
     assert status == 202
     [msg] = stack.queued("BatchJobsQueue")

@@ -18,18 +18,37 @@ EVENTS = ROOT / "events"
 
 
 def line(custom_id: str, content: str, **kw) -> str:
-    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": {
-        "model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 16, "temperature": 0, **kw}})
+    return json.dumps(
+        {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": content}],
+                "max_tokens": 16,
+                "temperature": 0,
+                **kw,
+            },
+        }
+    )
 
 
-FILE = "\n".join([
-    line("q1", "What is 2+2?"),
-    line("q2", "What is 2+2?"),  # identical to q1: one job serves both
-    "{not json",
-    line("q4", "Too hot", temperature=9),
-    json.dumps({"recordId": "r5", "modelInput": {"prompt": "Once upon a time", "max_gen_len": 8, "temperature": 0}}),
-    line("q6", "Name a colour."),
-]) + "\n"
+FILE = (
+    "\n".join(
+        [
+            line("q1", "What is 2+2?"),
+            line("q2", "What is 2+2?"),  # identical to q1: one job serves both
+            "{not json",
+            line("q4", "Too hot", temperature=9),
+            json.dumps(
+                {"recordId": "r5", "modelInput": {"prompt": "Once upon a time", "max_gen_len": 8, "temperature": 0}}
+            ),
+            line("q6", "Name a colour."),
+        ]
+    )
+    + "\n"
+)
 
 
 @pytest.fixture
@@ -61,8 +80,12 @@ def work_all(stack, text: str = "4") -> int:
     store, n = JobStore(stack.table), 0
     for m in stack.queued("BatchJobsQueue"):
         store.transition(m["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
-        store.complete(m["job_id"], "w", {"text": f"{text}:{m['job_id'][:6]}", "finish_reason": "stop"},
-                       usage={"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6})
+        store.complete(
+            m["job_id"],
+            "w",
+            {"text": f"{text}:{m['job_id'][:6]}", "finish_reason": "stop"},
+            usage={"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+        )
         n += 1
     return n
 
@@ -82,7 +105,9 @@ def test_an_uploaded_file_becomes_a_batch_with_output_and_error_files(stack, bat
     by_id = {o.get("custom_id") or o.get("recordId"): o for o in out}
     assert set(by_id) == {"q1", "q2", "r5", "q6"}
     assert by_id["q1"]["response"]["body"] == by_id["q2"]["response"]["body"]
-    assert by_id["q1"]["response"]["status_code"] == 200 and by_id["q1"]["response"]["body"]["object"] == "chat.completion"
+    assert (
+        by_id["q1"]["response"]["status_code"] == 200 and by_id["q1"]["response"]["body"]["object"] == "chat.completion"
+    )
     assert by_id["r5"]["modelInput"]["prompt"] == "Once upon a time"
     assert by_id["r5"]["modelOutput"]["object"] == "text_completion"
     errors = read(view["error_file_uri"])
@@ -106,7 +131,7 @@ def test_a_redelivered_upload_event_does_not_create_a_second_batch(stack, batch_
 
 
 def test_identical_lines_reuse_the_cache(stack, batch_fn):
-    upload, tick, read = batch_fn
+    upload, tick, _read = batch_fn
     upload("batches/input/acme/first.jsonl", line("a", "cached?") + "\n")
     work_all(stack, "first")
     tick()
@@ -165,8 +190,9 @@ def test_a_file_over_the_line_limit_fails_with_a_clear_error(stack, batch_fn, mo
     assert created["status"] == "failed" and stack.queued("BatchJobsQueue") == []
     key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
     view = stack.call("api_get_batch.json", key=key, job_id=created["batch"])[1]
-    assert view["errors"]["data"] == [{"code": "too_many_lines",
-                                       "message": "the file has 4 lines; at most 3 per batch: split it"}]
+    assert view["errors"]["data"] == [
+        {"code": "too_many_lines", "message": "the file has 4 lines; at most 3 per batch: split it"}
+    ]
 
 
 def test_a_file_over_the_size_limit_fails_before_a_line_is_read(stack, batch_fn, monkeypatch):
@@ -176,8 +202,9 @@ def test_a_file_over_the_size_limit_fails_before_a_line_is_read(stack, batch_fn,
     upload, _, _ = batch_fn
     created = upload("batches/input/acme/big.jsonl", line("q1", "question") + "\n" + line("q2", "another"))
     assert created["status"] == "failed" and stack.queued("BatchJobsQueue") == []
-    view = stack.call("api_get_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000),
-                      job_id=created["batch"])[1]
+    view = stack.call(
+        "api_get_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000), job_id=created["batch"]
+    )[1]
     [error] = view["errors"]["data"]
     assert error["code"] == "file_too_large" and "at most 100 per batch" in error["message"]
 
@@ -186,10 +213,22 @@ def test_lines_end_at_newlines_only_and_keep_their_numbers(stack, batch_fn):
     upload, tick, read = batch_fn
     # Given a file with CRLF line ends, blank lines, a line whose JSON holds a raw U+2028 and U+0085
     # (JSON allows both in strings), a line that is not UTF-8, and a last line with no line end
-    odd = json.dumps({"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {
-        "model": MODEL, "messages": [{"role": "user", "content": "two\u2028three\u0085four"}], "max_tokens": 4}},
-        ensure_ascii=False)
-    data = (line("a", "one") + "\r\n\r\n" + odd + "\n\n").encode() + b'{"custom_id": "c\xff"}\n' + line("d", "x").encode()
+    odd = json.dumps(
+        {
+            "custom_id": "b",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "two\u2028three\u0085four"}],
+                "max_tokens": 4,
+            },
+        },
+        ensure_ascii=False,
+    )
+    data = (
+        (line("a", "one") + "\r\n\r\n" + odd + "\n\n").encode() + b'{"custom_id": "c\xff"}\n' + line("d", "x").encode()
+    )
     boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/input/acme/odd.jsonl", Body=data)
     # When it is read
     created = upload("batches/input/acme/odd.jsonl", None)
@@ -197,18 +236,25 @@ def test_lines_end_at_newlines_only_and_keep_their_numbers(stack, batch_fn):
     assert created["request_counts"] == {"total": 4, "completed": 0, "failed": 1}
     assert work_all(stack) == 3
     assert tick()["completed"] == [created["batch"]]
-    view = stack.call("api_get_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000),
-                      job_id=created["batch"])[1]
+    view = stack.call(
+        "api_get_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000), job_id=created["batch"]
+    )[1]
     assert [(o["id"], o["custom_id"]) for o in read(view["output_file_uri"])] == [
-        ("batch_req_1", "a"), ("batch_req_3", "b"), ("batch_req_6", "d")]
+        ("batch_req_1", "a"),
+        ("batch_req_3", "b"),
+        ("batch_req_6", "d"),
+    ]
     [error] = read(view["error_file_uri"])
     assert error["line"] == 5 and "not UTF-8" in error["error"]["message"]
 
 
-@pytest.mark.parametrize("bad, says", [
-    ('{"custom_id": "deep", "body": ' + "[" * 5000 + "]" * 5000 + "}", "more than 128 deep"),
-    ('{"custom_id": "long", "body": {"seed": ' + "7" * 5000 + "}}", "not valid JSON here"),  # past 4,300 digits
-])
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ('{"custom_id": "deep", "body": ' + "[" * 5000 + "]" * 5000 + "}", "more than 128 deep"),
+        ('{"custom_id": "long", "body": {"seed": ' + "7" * 5000 + "}}", "not valid JSON here"),  # past 4,300 digits
+    ],
+)
 def test_a_line_python_cannot_read_is_an_error_line_not_a_stuck_batch(stack, batch_fn, bad, says):
     upload, tick, read = batch_fn
     created = upload("batches/input/acme/deep.jsonl", line("ok", "Fine.") + "\n" + bad + "\n")
@@ -244,9 +290,15 @@ def test_a_line_past_the_line_limit_is_an_error_line_never_held_whole(stack, bat
 
     upload, tick, read = batch_fn
     monkeypatch.setattr(batches, "MAX_LINE_BYTES", 300)  # (scaled down, with reads of 64 bytes: a line
-    monkeypatch.setattr(batches, "READ_CHUNK", 64)        # spans many reads)
-    long = json.dumps({"custom_id": "long", "method": "POST", "url": "/v1/chat/completions",
-                       "body": {"model": MODEL, "messages": [{"role": "user", "content": "x" * 500}]}})
+    monkeypatch.setattr(batches, "READ_CHUNK", 64)  # spans many reads)
+    long = json.dumps(
+        {
+            "custom_id": "long",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": "x" * 500}]},
+        }
+    )
     seen = []
     real = batches._rows
     monkeypatch.setattr(batches, "_rows", lambda *a, **kw: (seen.append(len(r.raw)) or r for r in real(*a, **kw)))
@@ -274,8 +326,11 @@ def test_the_files_api_carries_a_batch_in_and_out(stack, batch_fn):
     acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
     status, file, _ = stack.call("api_upload_file.json", key=acme)
     assert status == 200 and file["id"].startswith("file-") and file["purpose"] == "batch" and file["bytes"] > 100
-    status, batch, _ = stack.call("api_create_batch.json", key=acme, body={
-        "input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    status, batch, _ = stack.call(
+        "api_create_batch.json",
+        key=acme,
+        body={"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+    )
     assert status == 200 and batch["input_file_id"] == file["id"]
     upload(batch["input_file_uri"].removeprefix(f"s3://{stack.refs['ResultsBucket']}/"), None)
     work_all(stack)
@@ -303,10 +358,14 @@ def test_uploads_must_be_batch_files_within_the_size_limit(stack):
     status, body, _ = stack.call("api_upload_file.json", key=acme, headers={"content-type": "application/json"})
     assert status == 400 and "multipart/form-data" in body["error"]["message"]
     # a purpose field of another content type is read as text, or refused as unreadable (was a 500)
-    for part_type, wanted in (("text/plain; charset=bogus-xx", {200}), ("message/rfc822", {400}),
-                              ("multipart/mixed; boundary=zz", {200, 400})):  # (a defective multipart reads as text)
+    for part_type, wanted in (
+        ("text/plain; charset=bogus-xx", {200}),
+        ("message/rfc822", {400}),
+        ("multipart/mixed; boundary=zz", {200, 400}),
+    ):  # (a defective multipart reads as text)
         odd = base64.b64decode(event["body"]).replace(
-            b'name="purpose"\r\n\r\n', f'name="purpose"\r\nContent-Type: {part_type}\r\n\r\n'.encode())
+            b'name="purpose"\r\n\r\n', f'name="purpose"\r\nContent-Type: {part_type}\r\n\r\n'.encode()
+        )
         status, body, _ = stack.call("api_upload_file.json", key=acme, body=base64.b64encode(odd).decode())
         assert status in wanted, (part_type, body)
 
@@ -320,7 +379,7 @@ def test_any_filename_and_any_bytes_upload_and_come_back_as_they_were(stack):
     name = raw.split(b'filename="', 1)[1].split(b'"', 1)[0]
     content = b'\xff\xfe{"not": "utf-8"}\n'
     start = raw.index(b"\r\n\r\n", raw.index(b'name="file"')) + 4
-    body = raw.replace(name, "données-月.jsonl".encode()).replace(raw[start:raw.index(b"\r\n--", start)], content)
+    body = raw.replace(name, "données-月.jsonl".encode()).replace(raw[start : raw.index(b"\r\n--", start)], content)
     status, file, _ = stack.call("api_upload_file.json", key=acme, body=base64.b64encode(body).decode())
     assert status == 200 and file["filename"] == "données-月.jsonl" and file["bytes"] == len(content)
     out = stack.handler(stack.event("api_file_content.json", key=acme, job_id=file["id"]), LambdaContext())
@@ -370,7 +429,7 @@ def test_a_redelivered_upload_after_a_crash_between_writes_resumes_the_batch(sta
     # Given a run that created the jobs and then died before storing their messages
     from stratus import release
 
-    upload, tick, read = batch_fn
+    upload, tick, _read = batch_fn
     monkeypatch.setattr(release, "write_outbox", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("killed")))
     with pytest.raises(RuntimeError):
         upload("batches/input/acme/crash.jsonl", line("a", "One?") + "\n" + line("b", "Two?") + "\n")
@@ -388,7 +447,7 @@ def test_a_transient_s3_error_is_retried_not_a_failed_batch(stack, batch_fn, mon
 
     from botocore.exceptions import ClientError
 
-    upload, tick, read = batch_fn
+    upload, _tick, _read = batch_fn
     deps = sys.modules["stratus_fn_BatchFunction"].get_deps()  # the batch function's own clients
     calls = []
     original = deps.s3.get_object
@@ -398,6 +457,7 @@ def test_a_transient_s3_error_is_retried_not_a_failed_batch(stack, batch_fn, mon
         if len(calls) == 1:
             raise ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your request rate"}}, "GetObject")
         return original(**kw)
+
     monkeypatch.setattr(deps.s3, "get_object", flaky)
     with pytest.raises(ClientError):  # the function fails: EventBridge retries the event
         upload("batches/input/acme/flaky.jsonl", line("a", "Hello?") + "\n")
@@ -406,23 +466,26 @@ def test_a_transient_s3_error_is_retried_not_a_failed_batch(stack, batch_fn, mon
 
 
 def test_one_broken_batch_does_not_stop_the_scheduled_pass(stack, batch_fn):
-    upload, tick, read = batch_fn
+    upload, tick, _read = batch_fn
     first = upload("batches/input/acme/one.jsonl", line("a", "First?") + "\n")
     second = upload("batches/input/acme/two.jsonl", line("b", "Second?") + "\n")
     work_all(stack)
-    boto3.client("s3").delete_object(Bucket=stack.refs["ResultsBucket"],
-                                     Key=f"batches/state/{min(first['batch'], second['batch'])}/lines/00000.json")
+    boto3.client("s3").delete_object(
+        Bucket=stack.refs["ResultsBucket"], Key=f"batches/state/{min(first['batch'], second['batch'])}/lines/00000.json"
+    )
     assert tick()["completed"] == [max(first["batch"], second["batch"])]  # the broken one stays open, logged
 
 
 def test_batches_are_listed_and_found_open_through_indexes_not_growing_items(stack, batch_fn):
-    upload, tick, read = batch_fn
+    upload, tick, _read = batch_fn
     made = [upload(f"batches/input/acme/f{i}.jsonl", line(f"q{i}", f"Question {i}?") + "\n")["batch"] for i in range(3)]
     upload("batches/input/other/f.jsonl", line("x", "Other tenant?") + "\n")
     key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
     status, listing, _ = stack.call("api_list_batches.json", key=key)
     assert status == 200 and {b["id"] for b in listing["data"]} == set(made)  # only this tenant's
-    assert [b["created_at"] for b in listing["data"]] == sorted((b["created_at"] for b in listing["data"]), reverse=True)
+    assert [b["created_at"] for b in listing["data"]] == sorted(
+        (b["created_at"] for b in listing["data"]), reverse=True
+    )
     assert not [i for i in stack.table.scan()["Items"] if i["pk"].startswith("batches#")]  # no list or set items
     work_all(stack)
     assert sorted(tick()["completed"]) == sorted(made + [upload("batches/input/other/f.jsonl", None)["batch"]])
@@ -430,6 +493,7 @@ def test_batches_are_listed_and_found_open_through_indexes_not_growing_items(sta
 
 
 # ---- metered release: the batch queue holds a few steps of work, shared evenly between tenants ----
+
 
 @pytest.fixture
 def batch_deps(stack, batch_fn, monkeypatch):
@@ -442,6 +506,7 @@ def batch_deps(stack, batch_fn, monkeypatch):
     def configure(**settings):
         monkeypatch.setattr(deps, "settings", dataclasses.replace(deps.settings, **settings))
         return deps
+
     configure(batch_release_floor=20)
     return configure
 
@@ -495,8 +560,10 @@ def test_tenants_share_the_queue_by_tokens_not_lines(stack, batch_fn, batch_deps
     upload, tick, _ = batch_fn
     # Given tenant acme's file of long answers (max_tokens 160) draining, then tenant other's file of
     # short ones (max_tokens 16): a line of acme's weighs ~8.6 of other's
-    upload("batches/input/acme/long.jsonl", "".join(line(f"a{i}", f"a question {i}?", max_tokens=160) + "\n"
-                                                    for i in range(200)))
+    upload(
+        "batches/input/acme/long.jsonl",
+        "".join(line(f"a{i}", f"a question {i}?", max_tokens=160) + "\n" for i in range(200)),
+    )
     order = take(stack, 10)
     upload("batches/input/other/short.jsonl", lines("b", 100))
     # When workers take ten lines between scheduled passes
@@ -563,8 +630,9 @@ def test_a_pass_reads_only_the_lines_past_those_settled(stack, batch_fn, batch_d
     assert [o["custom_id"] for o in read(view["output_file_uri"])] == [f"a{i}" for i in range(30)]
 
 
-def test_a_line_that_stays_pending_holds_back_the_reads_of_its_own_lines_file_only(stack, batch_fn, batch_deps,
-                                                                                   sliced, monkeypatch):
+def test_a_line_that_stays_pending_holds_back_the_reads_of_its_own_lines_file_only(
+    stack, batch_fn, batch_deps, sliced, monkeypatch
+):
     from stratus import batches
 
     upload, tick, read = batch_fn
@@ -620,7 +688,7 @@ def test_counts_are_exact_whatever_order_lines_finish_in(stack, batch_fn, batch_
     done, failed = set(), set()
     # Lines finish five at a time in a random order, DONE or FAILED; a pass counts after each round
     for round_start in range(0, 25, 5):
-        for job_id, custom_id in jobs[round_start:round_start + 5]:
+        for job_id, custom_id in jobs[round_start : round_start + 5]:
             store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w")
             if rng.random() < 0.2:
                 store.transition(job_id, [Status.RUNNING], Status.FAILED, error={"message": "no", "code": "x"})
@@ -699,8 +767,9 @@ def test_the_jobs_a_batch_reads_outlive_a_short_cache_ttl(stack, batch_fn, batch
     deps = batch_deps(cache_ttl_s=1)
     store = JobStore(stack.table)
     # Given results that stay cache hits for a second: one asked before the batch came, ...
-    asked = submission.submit("chat", json.loads(lines("a", 1))["body"], Tenant("acme", 100, 10**6), deps,
-                              submission.api(deps.settings))
+    asked = submission.submit(
+        "chat", json.loads(lines("a", 1))["body"], Tenant("acme", 100, 10**6), deps, submission.api(deps.settings)
+    )
     store.transition(asked.job_id, [Status.QUEUED], Status.RUNNING, worker="w")
     store.complete(asked.job_id, "w", {"text": "cached", "finish_reason": "stop"})
     # ... and a batch whose first line hits it and whose second line runs
@@ -710,10 +779,14 @@ def test_the_jobs_a_batch_reads_outlive_a_short_cache_ttl(stack, batch_fn, batch
     time.sleep(2.5)
     assert tick()["completed"] == [created["batch"]]
     # Then both answers are in it (the batch kept the jobs it read for its window and a day)
-    view = stack.call("api_get_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000),
-                      job_id=created["batch"])[1]
+    view = stack.call(
+        "api_get_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000), job_id=created["batch"]
+    )[1]
     assert view["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
-    assert [o["response"]["body"]["choices"][0]["message"]["content"] for o in read(view["output_file_uri"])][0] == "cached"
+    assert (
+        next(o["response"]["body"]["choices"][0]["message"]["content"] for o in read(view["output_file_uri"]))
+        == "cached"
+    )
     assert store.get(asked.job_id).expires_at >= time.time() + deps.settings.batch_window_s
 
 
@@ -731,6 +804,7 @@ def test_a_pass_keeps_stepping_and_sizes_the_queue_to_what_workers_take(stack, b
     def sleep(seconds):
         now[0] += seconds
         taken.append(len(take(stack, 30)))
+
     deps.sleep = sleep
     # When the pass runs
     sent = batches.release_for(40, deps)
@@ -743,7 +817,8 @@ def test_a_pass_keeps_stepping_and_sizes_the_queue_to_what_workers_take(stack, b
 
 
 def test_a_step_that_dies_before_moving_the_cursor_sends_those_lines_again_and_they_run_once(
-        stack, batch_fn, batch_deps, monkeypatch):
+    stack, batch_fn, batch_deps, monkeypatch
+):
     from stratus import release
 
     upload, tick, _ = batch_fn
@@ -763,10 +838,14 @@ def test_a_step_that_dies_before_moving_the_cursor_sends_those_lines_again_and_t
 
 # ---- cancelling ------------------------------------------------------------------------------------
 
+
 def job_statuses(stack, created_batch: str) -> dict[str, str]:
     """custom_id -> its job's status, from the batch's lines file."""
-    raw = boto3.client("s3").get_object(Bucket=stack.refs["ResultsBucket"],
-                                        Key=f"batches/state/{created_batch}/lines/00000.json")["Body"].read()
+    raw = (
+        boto3.client("s3")
+        .get_object(Bucket=stack.refs["ResultsBucket"], Key=f"batches/state/{created_batch}/lines/00000.json")["Body"]
+        .read()
+    )
     store = JobStore(stack.table)
     return {d["custom_id"]: store.get(d["job_id"]).status.value for d in json.loads(raw) if d["job_id"]}
 
@@ -809,8 +888,7 @@ def test_cancelling_a_batch_stops_its_lines_and_writes_the_finished_ones(stack, 
     assert again[0] == 200 and again[1]["status"] == "cancelled"
 
 
-def test_a_batch_tier_request_that_joined_a_lines_job_keeps_it_through_the_batchs_cancel(stack, batch_fn,
-                                                                                         batch_deps):
+def test_a_batch_tier_request_that_joined_a_lines_job_keeps_it_through_the_batchs_cancel(stack, batch_fn, batch_deps):
     from stratus.trigger import handle_request
 
     upload, tick, _ = batch_fn
@@ -818,15 +896,21 @@ def test_a_batch_tier_request_that_joined_a_lines_job_keeps_it_through_the_batch
     created = upload("batches/input/acme/f.jsonl", lines("a", 30))  # 5 lines released, 25 in the outbox
     replies = stack.sqs.create_queue(QueueName="orders-replies")["QueueUrl"]
     # Given a requests-queue message (batch tier) identical to a line not yet released
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "a question 25?"}], "max_tokens": 16,
-            "temperature": 0}
-    job_id = handle_request(json.dumps({"id": "order-1", "url": "/v1/chat/completions", "body": body,
-                                        "reply_to": replies}), deps)
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "a question 25?"}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
+    job_id = handle_request(
+        json.dumps({"id": "order-1", "url": "/v1/chat/completions", "body": body, "reply_to": replies}), deps
+    )
     store = JobStore(stack.table)
     assert store.get(job_id).batch is None  # adopted: the batch no longer owns it, and it has its own message
     # When the batch is cancelled, and workers take what is queued
-    stack.call("api_cancel_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000),
-               job_id=created["batch"])
+    stack.call(
+        "api_cancel_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000), job_id=created["batch"]
+    )
     tick()
     assert job_id in take_jobs(stack)
     # Then the request's job ran, its reply still owed to the caller (was: CANCELLED under it, with
@@ -901,18 +985,25 @@ def test_a_line_whose_shared_job_a_caller_deletes_runs_again(stack, batch_fn):
 
 
 def test_a_line_whose_job_expired_unstarted_runs_again_while_its_batch_is_young(stack, batch_fn, batch_deps):
-    upload, tick, read = batch_fn
+    upload, tick, _read = batch_fn
     deps = batch_deps()
     # Given an old batch (its window has passed) and a young one with the same line, which joined
     # the old one's job; the job expired unstarted
     old = upload("batches/input/acme/old.jsonl", lines("a", 1))
     young = upload("batches/input/acme/young.jsonl", lines("a", 1))
-    stack.table.update_item(Key={"pk": f"batch#{old['batch']}"}, UpdateExpression="SET created_at = :t",
-                            ExpressionAttributeValues={":t": int(deps.clock()) - deps.settings.batch_window_s - 60})
+    stack.table.update_item(
+        Key={"pk": f"batch#{old['batch']}"},
+        UpdateExpression="SET created_at = :t",
+        ExpressionAttributeValues={":t": int(deps.clock()) - deps.settings.batch_window_s - 60},
+    )
     [msg] = stack.queued("BatchJobsQueue")
     store = JobStore(stack.table)
-    assert store.transition(msg["job_id"], [Status.QUEUED], Status.EXPIRED,
-                            error={"message": "waited past its deadline", "type": "server_error", "code": "expired"})
+    assert store.transition(
+        msg["job_id"],
+        [Status.QUEUED],
+        Status.EXPIRED,
+        error={"message": "waited past its deadline", "type": "server_error", "code": "expired"},
+    )
     # When the pass counts their lines
     completed = tick()["completed"]
     # Then the old batch reports its line expired, and the young one runs it again as its own job
@@ -949,11 +1040,12 @@ def test_a_batch_cancelled_before_its_ingest_never_queues_a_line(stack, batch_fn
     assert view["status"] == "cancelled" and view["request_counts"] == {"total": 5, "completed": 0, "failed": 5}
     assert read(view["output_file_uri"]) == []
     assert [(e["custom_id"], e["error"]["code"]) for e in read(view["error_file_uri"])] == [
-        (f"a{i}", "batch_cancelled") for i in range(5)]
+        (f"a{i}", "batch_cancelled") for i in range(5)
+    ]
 
 
 def test_a_batch_cancelled_while_ingesting_releases_nothing_and_cancels_its_jobs(stack, batch_fn, monkeypatch):
-    from stratus import batches, release
+    from stratus import release
 
     upload, tick, read = batch_fn
     acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
@@ -963,6 +1055,7 @@ def test_a_batch_cancelled_while_ingesting_releases_nothing_and_cancels_its_jobs
     def cancel_then_write(batch_id, messages, deps, start=0):
         assert stack.call("api_cancel_batch.json", key=acme, job_id=batch_id)[1]["status"] == "cancelling"
         return real(batch_id, messages, deps, start)
+
     monkeypatch.setattr(release, "write_outbox", cancel_then_write)
     created = upload("batches/input/acme/racing.jsonl", lines("a", 4))
     monkeypatch.setattr(release, "write_outbox", real)
@@ -978,14 +1071,18 @@ def test_a_cancelled_batch_waits_for_an_ingest_step_that_holds_it(stack, batch_f
     from stratus import batches
 
     acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
-    boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/files/acme/questions.jsonl",
-                                  Body=lines("a", 2).encode())
+    boto3.client("s3").put_object(
+        Bucket=stack.refs["ResultsBucket"], Key="batches/files/acme/questions.jsonl", Body=lines("a", 2).encode()
+    )
     # Given a batch whose ingest holds it (a run reading a slice), cancelled meanwhile
     view = stack.call("api_create_batch.json", key=acme)[1]
     deps = batch_deps()
     held_until = int(deps.clock()) + batches.LEASE_S
-    stack.table.update_item(Key={"pk": f"batch#{view['id']}"}, UpdateExpression="SET ingest_until = :u REMOVE pending",
-                            ExpressionAttributeValues={":u": held_until})
+    stack.table.update_item(
+        Key={"pk": f"batch#{view['id']}"},
+        UpdateExpression="SET ingest_until = :u REMOVE pending",
+        ExpressionAttributeValues={":u": held_until},
+    )
     stack.call("api_cancel_batch.json", key=acme, job_id=view["id"])
     # Then passes wait while the lease lasts (that run may still record lines), and close it after
     assert batches.advance(deps) == []
@@ -995,6 +1092,7 @@ def test_a_cancelled_batch_waits_for_an_ingest_step_that_holds_it(stack, batch_f
 
 
 # ---- big files: read a slice at a time, over several runs ------------------------------------------
+
 
 def take_jobs(stack) -> list[str]:
     """Play a worker that takes every batch message there is and finishes its job: the job ids."""
@@ -1012,7 +1110,9 @@ def take_jobs(stack) -> list[str]:
 def custom_ids(stack, batch_id: str) -> dict[str, str]:
     """job id -> custom_id, from every lines file of the batch."""
     s3, out = boto3.client("s3"), {}
-    for obj in s3.list_objects_v2(Bucket=stack.refs["ResultsBucket"], Prefix=f"batches/state/{batch_id}/lines/")["Contents"]:
+    for obj in s3.list_objects_v2(Bucket=stack.refs["ResultsBucket"], Prefix=f"batches/state/{batch_id}/lines/")[
+        "Contents"
+    ]:
         for d in json.loads(s3.get_object(Bucket=stack.refs["ResultsBucket"], Key=obj["Key"])["Body"].read()):
             out[d["job_id"]] = d["custom_id"]
     return out
@@ -1056,8 +1156,13 @@ def test_each_slice_reads_the_file_from_where_the_last_one_ended(stack, batch_fn
     upload, tick, _ = batch_fn
     deps = batch_deps()
     reads, real = [], deps.s3.get_object
-    monkeypatch.setattr(deps.s3, "get_object", lambda **kw: (
-        reads.append(kw.get("Range", "whole")) if kw["Key"].startswith("batches/input/") else None) or real(**kw))
+    monkeypatch.setattr(
+        deps.s3,
+        "get_object",
+        lambda **kw: (
+            (reads.append(kw.get("Range", "whole")) if kw["Key"].startswith("batches/input/") else None) or real(**kw)
+        ),
+    )
     # Given a 25-line file read 10 lines a slice
     text = lines("a", 25)
     upload("batches/input/acme/big.jsonl", text)
@@ -1088,7 +1193,8 @@ def test_the_output_is_written_a_slice_of_lines_at_a_time(stack, batch_fn, batch
     view = stack.call("api_get_batch.json", key=sliced, job_id=created["batch"])[1]
     out = read(view["output_file_uri"])
     assert [o.get("custom_id", o.get("recordId")) for o in out] == [
-        f"r{i}" if i % 4 == 3 else f"a{i}" for i in range(25)]
+        f"r{i}" if i % 4 == 3 else f"a{i}" for i in range(25)
+    ]
     assert [o["modelInput"]["prompt"] for o in out if "recordId" in o] == [f"Story {i}" for i in range(3, 25, 4)]
 
 
@@ -1116,11 +1222,10 @@ def a_run_dies_in_the_second_slice(upload, deps, monkeypatch, **kw) -> str:
 
 
 @pytest.mark.parametrize("kw", [{}, SAMPLED], ids=["cacheable", "sampled"])
-def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack, batch_fn, batch_deps, monkeypatch,
-                                                                           kw):
+def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack, batch_fn, batch_deps, monkeypatch, kw):
     from stratus import batches
 
-    upload, tick, read = batch_fn
+    upload, tick, _read = batch_fn
     monkeypatch.setattr(batches, "SLICE", 10)
     deps = batch_deps(batch_ingest_s=1000.0)
     # Given an upload's run that read one slice and died in the second, after creating its jobs
@@ -1137,8 +1242,7 @@ def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack,
     assert len(made) == 18 and {i["status"] for i in made} == {"DONE"}
 
 
-def test_a_run_that_dies_before_its_last_write_leaves_a_batch_the_pass_starts(stack, batch_fn, batch_deps,
-                                                                             monkeypatch):
+def test_a_run_that_dies_before_its_last_write_leaves_a_batch_the_pass_starts(stack, batch_fn, batch_deps, monkeypatch):
     upload, tick, read = batch_fn
     deps = batch_deps()
     real = deps.table.update_item
@@ -1157,15 +1261,16 @@ def test_a_run_that_dies_before_its_last_write_leaves_a_batch_the_pass_starts(st
     tick()
     assert len(take_jobs(stack)) == 5
     done = tick()["completed"]
-    assert len(done) == 1 and len(read(f"s3://{stack.refs['ResultsBucket']}/batches/output/{done[0]}/output.jsonl")) == 5
+    assert (
+        len(done) == 1 and len(read(f"s3://{stack.refs['ResultsBucket']}/batches/output/{done[0]}/output.jsonl")) == 5
+    )
 
 
 @pytest.mark.parametrize("kw", [{}, SAMPLED], ids=["cacheable", "sampled"])
-def test_a_cancel_before_a_dead_slice_is_redone_cancels_that_slices_jobs(stack, batch_fn, batch_deps, monkeypatch,
-                                                                          kw):
+def test_a_cancel_before_a_dead_slice_is_redone_cancels_that_slices_jobs(stack, batch_fn, batch_deps, monkeypatch, kw):
     from stratus import batches
 
-    upload, tick, read = batch_fn
+    upload, tick, _read = batch_fn
     monkeypatch.setattr(batches, "SLICE", 10)
     deps = batch_deps(batch_ingest_s=1000.0)
     # Given a run that made the second slice's jobs and died before recording them
@@ -1189,12 +1294,15 @@ def test_a_run_finds_a_batch_another_run_is_reading_and_leaves_it(stack, batch_f
 
     upload, _, _ = batch_fn
     deps = batch_deps()
-    boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/files/acme/questions.jsonl",
-                                  Body=lines("a", 3).encode())
+    boto3.client("s3").put_object(
+        Bucket=stack.refs["ResultsBucket"], Key="batches/files/acme/questions.jsonl", Body=lines("a", 3).encode()
+    )
     view = stack.call("api_create_batch.json", key=create_key(stack.table, "acme", rpm=100, tpm=100_000))[1]
-    stack.table.update_item(Key={"pk": f"batch#{view['id']}"},
-                            UpdateExpression="SET ingest_until = :u, ingester = :other REMOVE pending",
-                            ExpressionAttributeValues={":u": int(deps.clock()) + batches.LEASE_S, ":other": "x"})
+    stack.table.update_item(
+        Key={"pk": f"batch#{view['id']}"},
+        UpdateExpression="SET ingest_until = :u, ingester = :other REMOVE pending",
+        ExpressionAttributeValues={":u": int(deps.clock()) + batches.LEASE_S, ":other": "x"},
+    )
     # When the upload event arrives while another run holds the batch
     created = upload(view["input_file_uri"].removeprefix(f"s3://{stack.refs['ResultsBucket']}/"), None)
     # Then this run reads nothing: no job, no message
@@ -1221,15 +1329,17 @@ def test_cancelling_a_big_file_part_read_accounts_for_every_line(stack, batch_fn
     assert sorted(job_statuses(stack, created["batch"]).values()) == ["CANCELLED"] * 10
 
 
-def test_a_cancelled_batch_reads_the_rest_of_its_file_once_when_it_writes_the_output(stack, batch_fn, batch_deps,
-                                                                                     sliced, monkeypatch):
+def test_a_cancelled_batch_reads_the_rest_of_its_file_once_when_it_writes_the_output(
+    stack, batch_fn, batch_deps, sliced, monkeypatch
+):
     from stratus import batches
 
     upload, _, read = batch_fn
     # Given a 25-line file of which one slice was read, one of its lines running, and a cancel
     created = upload("batches/input/acme/big.jsonl", lines("a", 25))
-    [held] = stack.sqs.receive_message(QueueUrl=stack.refs["BatchJobsQueue"], MaxNumberOfMessages=1,
-                                       VisibilityTimeout=300)["Messages"]
+    [held] = stack.sqs.receive_message(
+        QueueUrl=stack.refs["BatchJobsQueue"], MaxNumberOfMessages=1, VisibilityTimeout=300
+    )["Messages"]
     running, store = json.loads(held["Body"])["job_id"], JobStore(stack.table)
     assert store.transition(running, [Status.QUEUED], Status.RUNNING, worker="w")
     stack.call("api_cancel_batch.json", key=sliced, job_id=created["batch"])
@@ -1259,15 +1369,19 @@ def test_a_pass_reads_the_open_batches_a_hundred_at_a_time_oldest_first(stack, b
     made = []
     for i in range(3):
         made.append(upload(f"batches/input/acme/o{i}.jsonl", lines(f"o{i}-", 2))["batch"])
-        stack.table.update_item(Key={"pk": f"batch#{made[-1]}"}, UpdateExpression="SET created_at = :t",
-                                ExpressionAttributeValues={":t": 1_000 + i})  # distinct ages
+        stack.table.update_item(
+            Key={"pk": f"batch#{made[-1]}"},
+            UpdateExpression="SET created_at = :t",
+            ExpressionAttributeValues={":t": 1_000 + i},
+        )  # distinct ages
     deps = batch_deps()
     calls = {"get_item": 0, "batch_get_item": 0}
     client = deps.table.meta.client
     for name in calls:
         real = getattr(client, name)
-        monkeypatch.setattr(client, name, lambda real=real, name=name, **kw: calls.__setitem__(name, calls[name] + 1)
-                            or real(**kw))
+        monkeypatch.setattr(
+            client, name, lambda real=real, name=name, **kw: calls.__setitem__(name, calls[name] + 1) or real(**kw)
+        )
     assert [b.id for b in batches._open_batches(deps)] == made
     assert calls == {"get_item": 0, "batch_get_item": 1}
 
@@ -1305,6 +1419,7 @@ def test_batches_are_listed_a_page_at_a_time(stack, batch_fn):
         event["rawQueryString"] = "&".join(f"{k}={v}" for k, v in query.items())
         out = stack.handler(event, LambdaContext())
         return out["statusCode"], json.loads(out["body"])
+
     # Pages of two, each from the last id of the one before, give every batch once, newest first
     seen, after, pages = [], None, 0
     while True:
@@ -1326,8 +1441,9 @@ def test_a_file_replaced_while_it_is_read_fails_its_batch_instead_of_mixing_two_
     acme = sliced
     # Given a 25-line file of which one slice was read, then a new version uploaded under its name
     created = upload("batches/input/acme/v.jsonl", lines("a", 25))
-    boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/input/acme/v.jsonl",
-                                  Body=lines("b", 25).encode())
+    boto3.client("s3").put_object(
+        Bucket=stack.refs["ResultsBucket"], Key="batches/input/acme/v.jsonl", Body=lines("b", 25).encode()
+    )
     # When a pass goes on reading it
     tick()
     # Then the batch fails saying why, and no line of the new version became one of its jobs
@@ -1340,7 +1456,7 @@ def test_a_file_replaced_while_it_is_read_fails_its_batch_instead_of_mixing_two_
 
 
 def test_a_sampled_lines_job_its_tenant_cancelled_ends_its_line_and_leaves_no_other_job(stack, batch_fn, batch_deps):
-    upload, tick, read = batch_fn
+    upload, tick, _read = batch_fn
     acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
     created = upload("batches/input/acme/sampled.jsonl", lines("s", 3, **SAMPLED))
     batch_id = created["batch"]
@@ -1363,15 +1479,20 @@ def test_a_run_that_lags_behind_never_makes_a_finished_line_job_again(stack, bat
     from stratus import submission
     from stratus.keys import Tenant
 
-    upload, tick, read = batch_fn
+    upload, _tick, _read = batch_fn
     deps = batch_deps()
     created = upload("batches/input/acme/lagging.jsonl", lines("s", 2, **SAMPLED))
     job_id = {c: j for j, c in custom_ids(stack, created["batch"]).items()}["s0"]
     store = JobStore(stack.table)
     store.transition(job_id, [Status.QUEUED], Status.FAILED, error={"message": "x", "code": "worker_failed"})
     # When a run that lost its lease long ago submits that line again
-    sub = submission.submit("chat", json.loads(lines("s", 1, **SAMPLED))["body"], Tenant("acme", 0, 0), deps,
-                            submission.batch_line(deps.settings, created["batch"], 1))
+    sub = submission.submit(
+        "chat",
+        json.loads(lines("s", 1, **SAMPLED))["body"],
+        Tenant("acme", 0, 0),
+        deps,
+        submission.batch_line(deps.settings, created["batch"], 1),
+    )
     # Then it joins the finished job, which keeps its failure (was: a fresh QUEUED job with no message,
     # and the batch in progress until it expired)
     assert sub.job_id == job_id and not sub.created
@@ -1379,7 +1500,8 @@ def test_a_run_that_lags_behind_never_makes_a_finished_line_job_again(stack, bat
 
 
 def test_a_batch_message_sqs_fails_on_its_side_is_sent_again_and_one_it_refuses_fails_its_job(
-        stack, batch_fn, batch_deps, monkeypatch):
+    stack, batch_fn, batch_deps, monkeypatch
+):
     from stratus import release
     from stratus.contracts import QueueMessage
     from stratus.errors import Unavailable
@@ -1392,8 +1514,12 @@ def test_a_batch_message_sqs_fails_on_its_side_is_sent_again_and_one_it_refuses_
     store = JobStore(stack.table)
     jobs = sorted(custom_ids(stack, created["batch"]), key=lambda j: custom_ids(stack, created["batch"])[j])
     for j in jobs:  # back to QUEUED, as lines not yet sent
-        stack.table.update_item(Key={"pk": j}, UpdateExpression="SET #s = :q", ExpressionAttributeNames={"#s": "status"},
-                                ExpressionAttributeValues={":q": "QUEUED"})
+        stack.table.update_item(
+            Key={"pk": j},
+            UpdateExpression="SET #s = :q",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":q": "QUEUED"},
+        )
     bodies = [QueueMessage(j, "acme", store.get(j).request, 0.0, 10**10, tier="batch").to_body() for j in jobs]
     real, rounds = deps.sqs.send_message_batch, []
 
@@ -1403,6 +1529,7 @@ def test_a_batch_message_sqs_fails_on_its_side_is_sent_again_and_one_it_refuses_
         failed += [{"Id": "1", "SenderFault": True, "Code": "InvalidMessageContents"}] if len(rounds) == 1 else []
         sent = real(QueueUrl=QueueUrl, Entries=[e for e in Entries if e["Id"] not in {f["Id"] for f in failed}])
         return {**sent, "Failed": failed}
+
     monkeypatch.setattr(deps.sqs, "send_message_batch", faults)
     monkeypatch.setattr(deps, "sleep", lambda s: None)
     # When SQS fails line 0's message on its side once and refuses line 1's as the sender's fault
@@ -1411,11 +1538,19 @@ def test_a_batch_message_sqs_fails_on_its_side_is_sent_again_and_one_it_refuses_
     assert rounds == [["0", "1", "2"], ["0"]]
     assert [store.get(j).status for j in jobs] == [Status.QUEUED, Status.FAILED, Status.QUEUED]
     assert store.get(jobs[1]).error["code"] == "enqueue_failed"
-    assert sorted(json.loads(m["Body"])["job_id"] for m in stack.sqs.receive_message(
-        QueueUrl=stack.refs["BatchJobsQueue"], MaxNumberOfMessages=10)["Messages"]) == sorted([jobs[0], jobs[2]])
+    assert sorted(
+        json.loads(m["Body"])["job_id"]
+        for m in stack.sqs.receive_message(QueueUrl=stack.refs["BatchJobsQueue"], MaxNumberOfMessages=10)["Messages"]
+    ) == sorted([jobs[0], jobs[2]])
     # and one that keeps failing raises: the step's cursor stays, the next step sends it again
-    monkeypatch.setattr(deps.sqs, "send_message_batch", lambda QueueUrl, Entries: {
-        "Successful": [], "Failed": [{"Id": e["Id"], "SenderFault": False, "Code": "InternalError"} for e in Entries]})
+    monkeypatch.setattr(
+        deps.sqs,
+        "send_message_batch",
+        lambda QueueUrl, Entries: {
+            "Successful": [],
+            "Failed": [{"Id": e["Id"], "SenderFault": False, "Code": "InternalError"} for e in Entries],
+        },
+    )
     with pytest.raises(Unavailable):
         release.send(bodies[2:], deps)
     assert store.get(jobs[2]).status == Status.QUEUED

@@ -40,7 +40,10 @@ def test_a_published_model_is_fetched_verified_and_reused(stack, tiny, tmp_path)
     manifest = json.loads((tiny.dirs["int4"] / "manifest.json").read_text())
     assert uri == f"s3://{bucket}/models/{manifest['model_id']}/{manifest['digest'][:16]}/"
     local = fetch(uri, s3, tmp_path / "cache", expected_digest=manifest["digest"])
-    assert local.name == manifest["digest"] and (local / "model.onnx").read_bytes() == (tiny.dirs["int4"] / "model.onnx").read_bytes()
+    assert (
+        local.name == manifest["digest"]
+        and (local / "model.onnx").read_bytes() == (tiny.dirs["int4"] / "model.onnx").read_bytes()
+    )
     Engine.from_dir(local, threads=1)  # loads
     before = (local / "model.onnx").stat().st_mtime_ns
     assert fetch(uri, s3, tmp_path / "cache") == local and (local / "model.onnx").stat().st_mtime_ns == before
@@ -60,15 +63,25 @@ def test_a_corrupted_upload_is_refused(stack, tiny, tmp_path):
 
 def test_invocations_runs_a_queue_message_through_the_job_store(stack, tiny):
     key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
-    body = {"model": "smollm2-135m-instruct-int4", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
-            "temperature": 0}
+    body = {
+        "model": "smollm2-135m-instruct-int4",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "temperature": 0,
+    }
     assert stack.call("api_create_job.json", key=key, body=body)[0] == 202
     [message] = stack.queued()
     settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]))
     engine = Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=2)
-    worker = Worker(engine, settings, sqs=boto3.client("sqs"), table=stack.table, s3=boto3.client("s3"),
-                    stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]),
-                    worker_id="sagemaker-1")
+    worker = Worker(
+        engine,
+        settings,
+        sqs=boto3.client("sqs"),
+        table=stack.table,
+        s3=boto3.client("s3"),
+        stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]),
+        worker_id="sagemaker-1",
+    )
     import threading
 
     halt = threading.Event()
@@ -84,8 +97,9 @@ def test_invocations_runs_a_queue_message_through_the_job_store(stack, tiny):
 
 
 def _call(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                 data=json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", method=method, data=json.dumps(body).encode() if body is not None else None
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -94,20 +108,39 @@ def _call(port: int, method: str, path: str, body: dict | None = None) -> tuple[
 
 
 def container_env(port: int, model_dir) -> dict:
-    return {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "STRATUS_MODEL_DIR": str(model_dir),
-           "AWS_DEFAULT_REGION": "us-east-1", "STRATUS_TABLE": "t", "STRATUS_QUEUE_URL": "q", "STRATUS_BUCKET": "b",
-           "STRATUS_MODEL_ID": "tiny", "STRATUS_CONTEXT_LENGTH": "256",
-           "STRATUS_MODEL_DIGEST": json.loads((Path(model_dir) / "manifest.json").read_text())["digest"],
-           "STRATUS_CACHE_TTL_S": "60", "STRATUS_SYNC_WAIT_S": "1", "STRATUS_JOB_DEADLINE_S": "60",
-           "STRATUS_MAX_BODY_BYTES": "100000", "STRATUS_MAX_MESSAGES": "8", "STRATUS_MAX_TOKENS": "64",
-           "STRATUS_SHARED_CACHE": "false", "STRATUS_DEFAULT_RPM": "10", "STRATUS_DEFAULT_TPM": "1000"}
+    return {
+        **os.environ,
+        "SAGEMAKER_BIND_TO_PORT": str(port),
+        "STRATUS_MODEL_DIR": str(model_dir),
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "STRATUS_TABLE": "t",
+        "STRATUS_QUEUE_URL": "q",
+        "STRATUS_BUCKET": "b",
+        "STRATUS_MODEL_ID": "tiny",
+        "STRATUS_CONTEXT_LENGTH": "256",
+        "STRATUS_MODEL_DIGEST": json.loads((Path(model_dir) / "manifest.json").read_text())["digest"],
+        "STRATUS_CACHE_TTL_S": "60",
+        "STRATUS_SYNC_WAIT_S": "1",
+        "STRATUS_JOB_DEADLINE_S": "60",
+        "STRATUS_MAX_BODY_BYTES": "100000",
+        "STRATUS_MAX_MESSAGES": "8",
+        "STRATUS_MAX_TOKENS": "64",
+        "STRATUS_SHARED_CACHE": "false",
+        "STRATUS_DEFAULT_RPM": "10",
+        "STRATUS_DEFAULT_TPM": "1000",
+    }
 
 
 def test_the_container_serves_sagemakers_contract_and_stops_on_sigterm(tiny, tmp_path):
     port = free_port()
     env = container_env(port, tiny.dirs["int4"])
-    proc = subprocess.Popen([sys.executable, "-m", "stratus_worker", "serve", "--threads", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stratus_worker", "serve", "--threads", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -118,8 +151,9 @@ def test_the_container_serves_sagemakers_contract_and_stops_on_sigterm(tiny, tmp
                 pass
             assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
             time.sleep(0.1)
-        status, body = _call(port, "POST", "/invocations", {"model": "tiny", "prompt": "hello", "max_tokens": 4,
-                                                            "temperature": 0})
+        status, body = _call(
+            port, "POST", "/invocations", {"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}
+        )
         assert status == 200 and body["object"] == "text_completion" and body["usage"]["completion_tokens"] >= 1
         status, body = _call(port, "POST", "/invocations", {"model": "tiny", "prompt": "x", "max_tokens": 0})
         assert status == 400 and "max_tokens" in body["error"]["message"]
@@ -138,8 +172,13 @@ def test_a_model_that_misses_its_golden_outputs_never_gets_a_healthy_container(t
     corrupt(broken, "model.embed_tokens.weight", 1.5)
     rehash(broken)  # (its manifest describing the damaged files: only the golden outputs can tell)
     port = free_port()
-    proc = subprocess.run([sys.executable, "-m", "stratus_worker", "serve", "--threads", "1"],
-                          env=container_env(port, broken), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stratus_worker", "serve", "--threads", "1"],
+        env=container_env(port, broken),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "error: model tiny-int4" in proc.stderr and "does not compute its golden outputs" in proc.stderr
     assert "max logprob error" in proc.stderr and "sagemaker server listening" not in proc.stdout
@@ -165,9 +204,15 @@ def test_a_failed_invocation_fails_its_job_visibly(stack, tiny, monkeypatch):
     assert stack.call("api_create_job.json", key=key, body=body)[0] == 202
     [message] = stack.queued()
     settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]))
-    worker = Worker(Engine.from_dir(tiny.dirs["int4"], threads=1), settings, sqs=boto3.client("sqs"),
-                    table=stack.table, s3=boto3.client("s3"), worker_id="sm",
-                    stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]))
+    worker = Worker(
+        Engine.from_dir(tiny.dirs["int4"], threads=1),
+        settings,
+        sqs=boto3.client("sqs"),
+        table=stack.table,
+        s3=boto3.client("s3"),
+        worker_id="sm",
+        stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]),
+    )
     monkeypatch.setattr(worker.engine, "submit", lambda req: (_ for _ in ()).throw(RuntimeError("GPU fell off")))
     status, reply = invoke(worker, message)
     job = JobStore(stack.table).get(message["job_id"])
@@ -178,8 +223,9 @@ def test_a_failed_invocation_fails_its_job_visibly(stack, tiny, monkeypatch):
 @pytest.mark.parametrize("digest, says", [("unset", "STRATUS_MODEL_DIGEST is unset"), ("0" * 64, "differs from")])
 def test_a_worker_whose_model_digest_is_unset_or_wrong_refuses_to_start(tiny, digest, says):
     env = {**container_env(free_port(), tiny.dirs["int4"]), "STRATUS_MODEL_DIGEST": digest}
-    proc = subprocess.run([sys.executable, "-m", "stratus_worker", "--threads", "1"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stratus_worker", "--threads", "1"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and says in proc.stderr
 
 
@@ -189,11 +235,18 @@ def container(stack, tiny, monkeypatch):
     /invocations) over moto -> (worker, port, a queued message maker). Stopped at the end."""
     port = free_port()
     monkeypatch.setenv("SAGEMAKER_BIND_TO_PORT", str(port))
-    settings = dataclasses.replace(Settings.from_env(), model_dir=str(tiny.dirs["int4"]), cancel_check_s=0.05,
-                                   stream_flush_s=0.02)
-    worker = Worker(Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=2), settings, sqs=boto3.client("sqs"),
-                    table=stack.table, s3=boto3.client("s3"), worker_id="sm-1",
-                    stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]))
+    settings = dataclasses.replace(
+        Settings.from_env(), model_dir=str(tiny.dirs["int4"]), cancel_check_s=0.05, stream_flush_s=0.02
+    )
+    worker = Worker(
+        Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=2),
+        settings,
+        sqs=boto3.client("sqs"),
+        table=stack.table,
+        s3=boto3.client("s3"),
+        worker_id="sm-1",
+        stream_table=boto3.resource("dynamodb").Table(stack.refs["StreamTable"]),
+    )
     stop = threading.Event()
     server = threading.Thread(target=sagemaker.serve, args=(worker, stop), daemon=True)
     server.start()
@@ -201,8 +254,12 @@ def container(stack, tiny, monkeypatch):
 
     def queued(max_tokens: int = 5, **params) -> dict:
         """A job as the API queues it (its message, as the dispatcher would invoke the endpoint)."""
-        body = {"model": "smollm2-135m-instruct-int4", "prompt": f"p{time.monotonic_ns()}", "max_tokens": max_tokens,
-                "temperature": 0}
+        body = {
+            "model": "smollm2-135m-instruct-int4",
+            "prompt": f"p{time.monotonic_ns()}",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
         assert stack.call("api_create_job.json", key=key, body=body)[0] == 202
         [message] = stack.queued()
         message["request"]["params"].update(params)
@@ -237,7 +294,9 @@ def _slow_tokens(worker: Worker, after: int, then) -> list[int]:
                 then(msg.job_id)
             time.sleep(0.005)
             on_token(token_id, logprob)
+
         return counted
+
     worker.results.open = open_
     return seen
 
@@ -269,7 +328,8 @@ def test_a_sagemaker_container_keeps_its_jobs_housekeeping(stack, container, eve
         assert len(seen) < 200
     else:  # then its text is written as chunks from the first token, ending with the final chunk
         chunks = ChunkStore(boto3.resource("dynamodb").Table(stack.refs["StreamTable"])).after(
-            stream_key(job.job_id, job.run), 0)
+            stream_key(job.job_id, job.run), 0
+        )
         assert view["status"] == "DONE" and chunks and chunks[-1].final["usage"]["completion_tokens"] == 200
         assert "".join(c.text for c in chunks) == view["response"]["choices"][0]["text"]
 
@@ -297,14 +357,13 @@ def test_a_message_from_a_newer_api_fails_its_job_with_a_clear_error(stack, cont
     assert job.error["code"] == "worker_outdated" and "new worker image" in job.error["message"]
 
 
-def test_an_engine_that_dies_fails_its_jobs_turns_ping_unhealthy_and_stops_the_server(stack, container,
-                                                                                      monkeypatch):
+def test_an_engine_that_dies_fails_its_jobs_turns_ping_unhealthy_and_stops_the_server(stack, container, monkeypatch):
     # Given a serving container whose engine's next step raises
-    worker, port, queued, server = container
+    worker, _port, queued, server = container
     waiting = queued(max_tokens=200, ignore_eos=True)
     monkeypatch.setattr(worker.engine, "step", lambda: (_ for _ in ()).throw(MemoryError("out of GPU memory")))
     # When a job is invoked: its job fails visibly (no async invocation is ever retried)
-    status, reply = invoke(worker, waiting)
+    status, _reply = invoke(worker, waiting)
     job = JobStore(stack.table).get(waiting["job_id"])
     assert status == 500 and job.status == Status.FAILED and job.error["code"] == "worker_failed"
     # and the next one fails at once, not waiting for ever
@@ -339,6 +398,7 @@ def test_a_job_made_again_while_its_stale_generation_runs_here_is_generated_anew
         store.cancel(job_id)
         assert stack.call("api_create_job.json", key=key, body={**body, "max_tokens": 200})[0] == 202
         again.extend(stack.queued())
+
     seen = _slow_tokens(worker, 3, cancel_and_ask_again)
     replies = []
     t = threading.Thread(target=lambda: replies.append(invoke(worker, first)))
@@ -366,6 +426,7 @@ def test_an_invocation_waiting_on_a_job_that_fails_reports_it_failed(stack, cont
         calls.append(1)
         time.sleep(0.3)  # (the second invocation is waiting by now)
         raise RuntimeError("GPU fell off")
+
     monkeypatch.setattr(worker.engine, "submit", fails_slowly)
     replies = invoked_at_once(worker, message)
     assert len(calls) == 1 and JobStore(stack.table).get(message["job_id"]).status == Status.FAILED
@@ -401,8 +462,7 @@ def test_a_failed_invocation_of_a_run_made_again_leaves_the_new_run_queued(stack
     # invocation to come), and whose result write then fails
     worker, _, _, _ = container
     key = create_key(stack.table, "acme3", rpm=100, tpm=100_000)
-    body = {"model": "smollm2-135m-instruct-int4", "prompt": "fails after a remake", "max_tokens": 20,
-            "temperature": 0}
+    body = {"model": "smollm2-135m-instruct-int4", "prompt": "fails after a remake", "max_tokens": 20, "temperature": 0}
     assert stack.call("api_create_job.json", key=key, body=body)[0] == 202
     [first] = stack.queued()
     store = JobStore(stack.table)
@@ -410,6 +470,7 @@ def test_a_failed_invocation_of_a_run_made_again_leaves_the_new_run_queued(stack
     def cancel_and_ask_again(job_id):
         store.cancel(job_id)
         assert stack.call("api_create_job.json", key=key, body=body)[0] == 202
+
     _slow_tokens(worker, 3, cancel_and_ask_again)
     monkeypatch.setattr(worker.results, "record", lambda *a: (_ for _ in ()).throw(RuntimeError("S3 is down")))
     # When that invocation fails
@@ -429,7 +490,7 @@ def test_a_waiting_invocation_that_cannot_read_the_job_fails_it_only_when_queued
     first.settled.set()  # (it has ended, and not yet let go of the job)
     worker.held[msg.job_id] = first
     monkeypatch.setattr(worker.store, "get", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("throttled")))
-    status, reply = invoke(worker, message)
+    status, _reply = invoke(worker, message)
     worker.held.pop(msg.job_id)
     monkeypatch.undo()
     assert status == 500 and JobStore(stack.table).get(msg.job_id).status == Status.FAILED  # (was: QUEUED for ever)

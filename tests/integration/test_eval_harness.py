@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 
 import pytest
+from test_local_stack import KEY, stack  # noqa: F401 - the running `stratus serve` (module scope)
 from tokenizers import Tokenizer
 
 from stratus_engine.engine import Engine
 from stratus_engine.sampling import log_softmax
 from stratus_local import evaluate
-from test_local_stack import KEY, stack  # noqa: F401 - the running `stratus serve` (module scope)
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +57,12 @@ def run_harness(tmp: Path, model_type: str, model_args: str, task: str, *extra: 
 
 def test_loglikelihoods_the_harness_reports_equal_the_bare_engines(stack, real_models, tmp_path):  # noqa: F811
     evaluate.write_mc_task(tmp_path, "stratus_mc", QUESTIONS)
-    results, samples = run_harness(tmp_path, "local-completions",
-                                   evaluate.completions_args(stack.url.removesuffix("/v1"), stack.model, KEY), "stratus_mc")
+    results, samples = run_harness(
+        tmp_path,
+        "local-completions",
+        evaluate.completions_args(stack.url.removesuffix("/v1"), stack.model, KEY),
+        "stratus_mc",
+    )
     model = real_models["int8"]
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     engine = Engine.from_dir(model, threads=1)
@@ -73,19 +77,24 @@ def test_loglikelihoods_the_harness_reports_equal_the_bare_engines(stack, real_m
     assert compared == sum(len(q["choices"]) for q in QUESTIONS)
     acc = results["results"]["stratus_mc"]["acc,none"]
     assert 0.0 <= acc <= 1.0
-    print(f"stratus_mc: accuracy {acc:.2f} over {len(QUESTIONS)} questions; {compared} log-likelihoods within "
-          f"{worst:.1e} of the bare engine's")
+    print(
+        f"stratus_mc: accuracy {acc:.2f} over {len(QUESTIONS)} questions; {compared} log-likelihoods within "
+        f"{worst:.1e} of the bare engine's"
+    )
 
 
 def test_chat_completions_run_a_generation_task(stack, tmp_path):  # noqa: F811
     data = tmp_path / "gen.jsonl"
-    data.write_text(json.dumps({"question": "What is the capital of France?",
-                                "target": "The capital of France is Paris."}) + "\n")
+    data.write_text(
+        json.dumps({"question": "What is the capital of France?", "target": "The capital of France is Paris."}) + "\n"
+    )
     (tmp_path / "stratus_gen.yaml").write_text(GEN_TASK.format(data=data))
     results, [sample] = run_harness(
-        tmp_path, "local-chat-completions",
+        tmp_path,
+        "local-chat-completions",
         f"base_url={stack.url}/chat/completions,model={stack.model},num_concurrent=1,max_retries=1",
-        "stratus_gen", "--apply_chat_template")
+        "stratus_gen",
+        "--apply_chat_template",
+    )
     assert sample["resps"] == [["The capital of France is Paris."]]  # the model's greedy answer on every host
     assert results["results"]["stratus_gen"]["exact_match,none"] == 1.0
-

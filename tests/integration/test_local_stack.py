@@ -14,13 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
-import urllib.error
-import urllib.request
 import pytest
 from openai import OpenAI
 from pydantic import BaseModel
@@ -57,8 +57,12 @@ class Running:
 
     def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         """Our own routes (/v1/jobs ...) over plain HTTP."""
-        req = urllib.request.Request(self.url + path, method=method, data=json.dumps(body).encode() if body else None,
-                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path,
+            method=method,
+            data=json.dumps(body).encode() if body else None,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, json.loads(r.read())
@@ -82,12 +86,35 @@ class Running:
 def stack(real_models, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     port = free_port()
-    env = {**os.environ, "STRATUS_API_KEY": KEY, "STRATUS_LOCAL_LOG_DIR": str(logs),
-           "STRATUS_VISIBILITY_S": "4", "STRATUS_HEARTBEAT_S": "1", "STRATUS_SYNC_WAIT_S": "20"}
-    proc = subprocess.Popen([sys.executable, "-m", "stratus_cli.main", "serve", "--model", str(real_models["int8"]),
-                             "--port", str(port), "--workers", "2", "--threads", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    env = {
+        **os.environ,
+        "STRATUS_API_KEY": KEY,
+        "STRATUS_LOCAL_LOG_DIR": str(logs),
+        "STRATUS_VISIBILITY_S": "4",
+        "STRATUS_HEARTBEAT_S": "1",
+        "STRATUS_SYNC_WAIT_S": "20",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stratus_cli.main",
+            "serve",
+            "--model",
+            str(real_models["int8"]),
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--threads",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # its own process group, as a terminal's foreground job
     out, deadline = [], time.monotonic() + 300
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -141,9 +168,26 @@ def started_with(logs: Path) -> list[int]:
 
 def test_sigterm_while_starting_stops_what_was_started(real_models, tmp_path):
     env = {**os.environ, "STRATUS_LOCAL_LOG_DIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "stratus_cli.main", "serve", "--model", str(real_models["int8"]),
-                             "--port", str(free_port()), "--workers", "1", "--threads", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stratus_cli.main",
+            "serve",
+            "--model",
+            str(real_models["int8"]),
+            "--port",
+            str(free_port()),
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob("worker-*.log")) and time.monotonic() < deadline:
         time.sleep(0.05)  # moto is up, a worker is loading the model
@@ -154,7 +198,8 @@ def test_sigterm_while_starting_stops_what_was_started(real_models, tmp_path):
 
 def chat(stack, content: str, **kw):
     return stack.client.chat.completions.with_raw_response.create(
-        model=stack.model, messages=[{"role": "user", "content": content}], temperature=0, **kw)
+        model=stack.model, messages=[{"role": "user", "content": content}], temperature=0, **kw
+    )
 
 
 def test_openai_sdk_models_chat_and_completion(stack):
@@ -195,8 +240,16 @@ def test_errors_use_openai_bodies(stack):
 
 
 def test_cancel_a_running_job(stack):
-    status, job = stack.call("POST", "/jobs", {"model": stack.model, "max_tokens": 400, "temperature": 0, "messages": [
-        {"role": "user", "content": "Write a long story about a lighthouse."}]})
+    status, job = stack.call(
+        "POST",
+        "/jobs",
+        {
+            "model": stack.model,
+            "max_tokens": 400,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
+        },
+    )
     assert status == 202
     job_id = job["id"]
     stack.wait_status(job_id, {"RUNNING"})
@@ -208,16 +261,24 @@ def test_cancel_a_running_job(stack):
 def streamed(stack, content: str, route: str = "chat", **kw) -> tuple[list[str], list]:
     """Stream one request through the openai SDK -> (text deltas, every chunk)."""
     if route == "chat":
-        chunks = list(stack.client.chat.completions.create(
-            model=stack.model, messages=[{"role": "user", "content": content}], stream=True, **kw))
+        chunks = list(
+            stack.client.chat.completions.create(
+                model=stack.model, messages=[{"role": "user", "content": content}], stream=True, **kw
+            )
+        )
         return [c.choices[0].delta.content or "" for c in chunks if c.choices], chunks
     chunks = list(stack.client.completions.create(model=stack.model, prompt=content, stream=True, **kw))
     return [c.choices[0].text for c in chunks if c.choices], chunks
 
 
 def test_streamed_chat_and_completion_are_the_whole_text_in_pieces(stack):
-    parts, chunks = streamed(stack, "Write three sentences about rivers.", temperature=0, max_tokens=60,
-                             stream_options={"include_usage": True})
+    parts, chunks = streamed(
+        stack,
+        "Write three sentences about rivers.",
+        temperature=0,
+        max_tokens=60,
+        stream_options={"include_usage": True},
+    )
     whole = chat(stack, "Write three sentences about rivers.", max_tokens=60).parse()  # the cached result
     assert "".join(parts) == whole.choices[0].message.content and len([p for p in parts if p]) >= 2
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -248,18 +309,23 @@ def test_multibyte_characters_and_stop_strings_stream_intact(stack):
     parts, _ = streamed(stack, prompt, temperature=0, max_tokens=40)
     text = "".join(parts)
     assert any(ord(ch) > 127 for ch in text) and not any("\ufffd" in p for p in parts)
-    stop = text[len(text) // 2: len(text) // 2 + 3]  # a stop string in the middle of the answer
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # a stop string in the middle of the answer
     cut, chunks = streamed(stack, prompt, temperature=0, max_tokens=40, stop=[stop])
     fresh = chat(stack, prompt, max_tokens=40, stop=[stop], extra_headers={"Cache-Control": "no-store"}).parse()
-    assert "".join(cut) == fresh.choices[0].message.content == text[:text.index(stop)]
+    assert "".join(cut) == fresh.choices[0].message.content == text[: text.index(stop)]
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_a_client_that_disconnects_cancels_its_job(stack):
     # (end-of-text and end-of-turn barred: a sampled answer could otherwise end before the client goes)
-    stream = stack.client.chat.completions.create(model=stack.model, temperature=0.9, max_tokens=400, stream=True,
-                                                  logit_bias={"0": -100, "2": -100},
-                                                  messages=[{"role": "user", "content": "Tell a very long story."}])
+    stream = stack.client.chat.completions.create(
+        model=stack.model,
+        temperature=0.9,
+        max_tokens=400,
+        stream=True,
+        logit_bias={"0": -100, "2": -100},
+        messages=[{"role": "user", "content": "Tell a very long story."}],
+    )
     first = next(iter(stream))
     job_id = first.id.removeprefix("chatcmpl-")
     stream.close()  # the client goes away: nobody else can be waiting on an unseeded sampled job
@@ -295,8 +361,12 @@ def test_a_poison_job_reaches_the_dlq_and_is_failed_for_the_client(stack):
     from stratus.contracts import Job, Status, parse_request
     from stratus.jobstore import JobStore
 
-    req = parse_request("chat", {"model": stack.model, "messages": [{"role": "user", "content": "poison"}], "max_tokens": 8},
-                        max_messages=8, max_tokens_limit=64)
+    req = parse_request(
+        "chat",
+        {"model": stack.model, "messages": [{"role": "user", "content": "poison"}], "max_tokens": 8},
+        max_messages=8,
+        max_tokens_limit=64,
+    )
     now, poison = time.time(), "j" + uuid.uuid4().hex  # a job id of the real shape
     JobStore(stack.table()).create(Job(poison, "local", Status.QUEUED, req, False, now, int(now + 3600)))
     session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name="us-east-1")
@@ -312,12 +382,20 @@ def test_a_message_on_the_requests_queue_gets_a_reply(stack):
     sqs = session.client("sqs", endpoint_url=stack.aws)
     replies = sqs.create_queue(QueueName="stratus-replies-test")["QueueUrl"]
     requests = sqs.get_queue_url(QueueName="stratus-RequestsQueue")["QueueUrl"]
-    body = {"model": stack.model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 12,
-            "temperature": 0}
-    sqs.send_message(QueueUrl=requests, MessageBody=json.dumps(
-        {"id": "req-1", "url": "/v1/chat/completions", "body": body, "reply_to": replies}))
-    sqs.send_message(QueueUrl=requests, MessageBody=json.dumps(
-        {"id": "req-2", "body": {**body, "temperature": 7}, "reply_to": replies}))
+    body = {
+        "model": stack.model,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 12,
+        "temperature": 0,
+    }
+    sqs.send_message(
+        QueueUrl=requests,
+        MessageBody=json.dumps({"id": "req-1", "url": "/v1/chat/completions", "body": body, "reply_to": replies}),
+    )
+    sqs.send_message(
+        QueueUrl=requests,
+        MessageBody=json.dumps({"id": "req-2", "body": {**body, "temperature": 7}, "reply_to": replies}),
+    )
     got: dict[str, dict] = {}
     deadline = time.monotonic() + 60
     while len(got) < 2 and time.monotonic() < deadline:
@@ -327,8 +405,10 @@ def test_a_message_on_the_requests_queue_gets_a_reply(stack):
     assert got["req-1"]["status"] == "DONE" and got["req-1"]["response"]["choices"][0]["message"]["content"]
     assert got["req-2"]["status"] == "FAILED" and "temperature" in got["req-2"]["error"]["message"]
     # the same request again is answered from the cache, straight from the trigger function
-    sqs.send_message(QueueUrl=requests, MessageBody=json.dumps(
-        {"id": "req-3", "url": "/v1/chat/completions", "body": body, "reply_to": replies}))
+    sqs.send_message(
+        QueueUrl=requests,
+        MessageBody=json.dumps({"id": "req-3", "url": "/v1/chat/completions", "body": body, "reply_to": replies}),
+    )
     again = wait_for_message(sqs, replies)
     assert again["id"] == "req-3" and again["response"] == got["req-1"]["response"]
 
@@ -345,10 +425,21 @@ def wait_for_message(sqs, url: str, timeout: float = 30.0) -> dict:
 def test_an_uploaded_batch_file_produces_output_and_error_files(stack):
     session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name="us-east-1")
     s3 = session.client("s3", endpoint_url=stack.aws)
-    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": stack.model, "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}],
-                       "max_tokens": 12, "temperature": 0}} for i in range(3)]
-    body = "\n".join(json.dumps(x) for x in lines) + "\n{\"custom_id\": \"broken\"\n"
+    lines = [
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": stack.model,
+                "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+                "max_tokens": 12,
+                "temperature": 0,
+            },
+        }
+        for i in range(3)
+    ]
+    body = "\n".join(json.dumps(x) for x in lines) + '\n{"custom_id": "broken"\n'
     s3.put_object(Bucket="stratus-resultsbucket", Key="batches/input/local/sums.jsonl", Body=body.encode())
     deadline, batch = time.monotonic() + 90, None
     while time.monotonic() < deadline:
@@ -366,21 +457,34 @@ def test_an_uploaded_batch_file_produces_output_and_error_files(stack):
 
     out = read(batch["output_file_uri"])
     assert sorted(o["custom_id"] for o in out) == ["q0", "q1", "q2"]
-    assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["choices"][0]["message"]["content"]
-               for o in out)
+    assert all(
+        o["response"]["status_code"] == 200 and o["response"]["body"]["choices"][0]["message"]["content"] for o in out
+    )
     [error] = read(batch["error_file_uri"])
     assert error["line"] == 4 and "not valid JSON" in error["error"]["message"]
 
 
 def sdk_batch(stack, path: Path, questions: list[str], max_tokens: int):
     """files.create -> batches.create for a file of chat lines (custom ids c0, c1, ...)."""
-    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": stack.model, "messages": [{"role": "user", "content": q}],
-                       "max_tokens": max_tokens, "temperature": 0}} for i, q in enumerate(questions)]
+    lines = [
+        {
+            "custom_id": f"c{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": stack.model,
+                "messages": [{"role": "user", "content": q}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        }
+        for i, q in enumerate(questions)
+    ]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     uploaded = stack.client.files.create(file=path.open("rb"), purpose="batch")
-    return stack.client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                       completion_window="24h")
+    return stack.client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
 
 
 def test_the_openai_sdk_batch_flow(stack, tmp_path):
@@ -447,8 +551,16 @@ def children(pid: int, needle: str) -> list[int]:
 def submit_jobs(stack, n: int, tag: str, max_tokens: int = 48) -> list[str]:
     ids = []
     for i in range(n):
-        status, job = stack.call("POST", "/jobs", {"model": stack.model, "max_tokens": max_tokens, "temperature": 0,
-                                                   "messages": [{"role": "user", "content": f"[{tag} {i}] Describe a harbour."}]})
+        status, job = stack.call(
+            "POST",
+            "/jobs",
+            {
+                "model": stack.model,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": f"[{tag} {i}] Describe a harbour."}],
+            },
+        )
         assert status == 202, job
         ids.append(job["id"])
     return ids
@@ -475,9 +587,14 @@ def test_storage_frozen_for_10_s_is_a_503_then_nothing_is_lost(stack):
     os.kill(moto, signal.SIGSTOP)
     try:
         started = time.monotonic()
-        req = urllib.request.Request(stack.url + "/chat/completions", method="POST", data=json.dumps(
-            {"model": stack.model, "messages": [{"role": "user", "content": "During the freeze?"}]}).encode(),
-            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            stack.url + "/chat/completions",
+            method="POST",
+            data=json.dumps(
+                {"model": stack.model, "messages": [{"role": "user", "content": "During the freeze?"}]}
+            ).encode(),
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=30)
         assert err.value.code == 503 and err.value.headers["Retry-After"]
@@ -495,13 +612,18 @@ def test_storage_frozen_for_10_s_is_a_503_then_nothing_is_lost(stack):
 def test_the_same_message_delivered_twice_at_once_is_generated_once(stack):
     from stratus.contracts import Job, QueueMessage
 
-    status, job = stack.call("POST", "/jobs", {"model": stack.model, "max_tokens": 32, "temperature": 0,
-                                               "messages": [{"role": "user", "content": "Twice?"}]})
+    _status, job = stack.call(
+        "POST",
+        "/jobs",
+        {"model": stack.model, "max_tokens": 32, "temperature": 0, "messages": [{"role": "user", "content": "Twice?"}]},
+    )
     item = Job.from_item(stack.item(job["id"]))
-    body = QueueMessage(item.job_id, item.tenant, item.request, enqueued_at=time.time(),
-                        deadline=time.time() + 600).to_body()
-    sqs = boto3.client("sqs", endpoint_url=stack.aws, region_name="us-east-1", aws_access_key_id="local",
-                       aws_secret_access_key="local")
+    body = QueueMessage(
+        item.job_id, item.tenant, item.request, enqueued_at=time.time(), deadline=time.time() + 600
+    ).to_body()
+    sqs = boto3.client(
+        "sqs", endpoint_url=stack.aws, region_name="us-east-1", aws_access_key_id="local", aws_secret_access_key="local"
+    )
     url = sqs.get_queue_url(QueueName="stratus-JobsQueue")["QueueUrl"]
     sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": "a", "MessageBody": body}, {"Id": "b", "MessageBody": body}])
     assert stack.wait_status(job["id"], {"DONE", "FAILED"}, timeout=120)["status"] == "DONE"
@@ -519,13 +641,26 @@ ASK_PERSON = "Give me a person as JSON with name and age."
 
 def test_openai_sdk_parse_returns_a_schema_valid_object(stack):
     # the openai SDK's structured-output helper sends response_format json_schema (strict) from the model class
-    done = stack.client.chat.completions.parse(model=stack.model, messages=[{"role": "user", "content": ASK_PERSON}],
-                                               response_format=Person, temperature=0, max_tokens=64)
+    done = stack.client.chat.completions.parse(
+        model=stack.model,
+        messages=[{"role": "user", "content": ASK_PERSON}],
+        response_format=Person,
+        temperature=0,
+        max_tokens=64,
+    )
     person = done.choices[0].message.parsed
     assert isinstance(person, Person) and person.name and done.choices[0].finish_reason == "stop"
-    sampled = [stack.client.chat.completions.parse(model=stack.model, messages=[{"role": "user", "content": ASK_PERSON}],
-                                                   response_format=Person, temperature=1.0, seed=s, max_tokens=64)
-               for s in range(3)]
+    sampled = [
+        stack.client.chat.completions.parse(
+            model=stack.model,
+            messages=[{"role": "user", "content": ASK_PERSON}],
+            response_format=Person,
+            temperature=1.0,
+            seed=s,
+            max_tokens=64,
+        )
+        for s in range(3)
+    ]
     assert all(isinstance(r.choices[0].message.parsed, Person) for r in sampled)
 
 
@@ -538,10 +673,21 @@ def test_langchain_with_structured_output_returns_a_valid_object(stack):
 
 
 def test_openai_sdk_streams_the_same_logprobs_as_the_whole_response(stack):
-    kw = dict(model=stack.model, messages=[{"role": "user", "content": "Name a fruit."}], temperature=0,
-              max_tokens=12, logprobs=True, top_logprobs=2)
-    streamed = [e for chunk in stack.client.chat.completions.create(stream=True, **kw) for c in chunk.choices
-                if c.logprobs and c.logprobs.content for e in c.logprobs.content]
+    kw = dict(
+        model=stack.model,
+        messages=[{"role": "user", "content": "Name a fruit."}],
+        temperature=0,
+        max_tokens=12,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    streamed = [
+        e
+        for chunk in stack.client.chat.completions.create(stream=True, **kw)
+        for c in chunk.choices
+        if c.logprobs and c.logprobs.content
+        for e in c.logprobs.content
+    ]
     whole = stack.client.chat.completions.create(**kw).choices[0].logprobs.content
     assert [(e.token, e.logprob, e.bytes) for e in streamed] == [(e.token, e.logprob, e.bytes) for e in whole]
     assert len(whole) >= 2 and all(len(e.top_logprobs) == 2 for e in whole)

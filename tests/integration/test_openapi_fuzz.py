@@ -48,9 +48,13 @@ def web_app(stack, tiny, monkeypatch):
 
     model = tiny.dirs["int4"]  # the tokenizer routes read the published model's tokenizer files
     uri = publish(model, boto3.client("s3"), stack.refs["ResultsBucket"], only=tokenizer.FILES)
-    for k, v in {"STRATUS_SYNC_WAIT_S": "0.2", "STRATUS_STREAM_MAX_S": "0.3", "STRATUS_POLL_INTERVAL_S": "0.05",
-                 "STRATUS_MODEL_URI": uri,
-                 "STRATUS_MODEL_DIGEST": json.loads((model / "manifest.json").read_text())["digest"]}.items():
+    for k, v in {
+        "STRATUS_SYNC_WAIT_S": "0.2",
+        "STRATUS_STREAM_MAX_S": "0.3",
+        "STRATUS_POLL_INTERVAL_S": "0.05",
+        "STRATUS_MODEL_URI": uri,
+        "STRATUS_MODEL_DIGEST": json.loads((model / "manifest.json").read_text())["digest"],
+    }.items():
         monkeypatch.setenv(k, v)
     from stratus.settings import get_settings
 
@@ -95,11 +99,16 @@ def test_a_streamed_body_python_cannot_read_is_refused_not_a_500(web_app):
     import urllib.request
 
     base_url, key = web_app
-    raw = ('{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}], "seed": '
-           + "1" * 5000 + "}").encode()
+    raw = (
+        '{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}], "seed": ' + "1" * 5000 + "}"
+    ).encode()
     for auth, expected in ((None, 401), (f"Bearer {key}", 400)):
-        req = urllib.request.Request(f"{base_url}/v1/chat/completions", data=raw, method="POST",
-                                     headers={"content-type": "application/json", **({"authorization": auth} if auth else {})})
+        req = urllib.request.Request(
+            f"{base_url}/v1/chat/completions",
+            data=raw,
+            method="POST",
+            headers={"content-type": "application/json", **({"authorization": auth} if auth else {})},
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(req, timeout=10)
         assert refused.value.code == expected

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stratus_cli.main import main as stratus
 from stratus.chat_template import render_chat
+from stratus_cli.main import main as stratus
 from stratus_engine.engine import Engine
 from stratus_engine.numerics import load_verified
 from stratus_engine.quality import agreement, greedy_tokens, perplexity
@@ -91,8 +91,18 @@ def test_batch_invariance_on_the_real_model(engines):
 
 
 def test_generate_cli_prints_only_the_completion(real_models, capsys):
-    rc = stratus(["generate", "--model", str(real_models["int8"]), "--max-tokens", "24", "--threads", "2",
-                  "What is the capital of France?"])
+    rc = stratus(
+        [
+            "generate",
+            "--model",
+            str(real_models["int8"]),
+            "--max-tokens",
+            "24",
+            "--threads",
+            "2",
+            "What is the capital of France?",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert out == "The capital of France is Paris.\n"

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from stratus.deps import deps_from_env
 from stratus.chunks import Chunk, ChunkStore, first_seq
 from stratus.contracts import Status, parse_request
+from stratus.deps import deps_from_env
 from stratus.errors import InvalidRequest
 from stratus.jobstore import JobStore
 from stratus.keys import authenticate
@@ -98,7 +98,7 @@ def test_a_stop_string_never_reaches_the_client(stack, key, deps, tenant, make_w
     assert len(text) >= 4
     stop = text[2:4]  # inside the text: the stream must end before it
     cut = stream("chat", chat("tell me", stream=True, stop=[stop]), tenant, deps)
-    assert text_of(cut) == text[:text.index(stop)]
+    assert text_of(cut) == text[: text.index(stop)]
     assert cut[-2]["choices"][0]["finish_reason"] == "stop"
 
 
@@ -136,8 +136,12 @@ def test_a_takeover_that_regenerates_shows_the_text_once(stack, deps, tenant):
     write(deps, s.stream, [(1, 0, "The "), (1, 4, "capital "), (2, 0, "The capital of"), (2, 14, " France")])
     store = JobStore(stack.table)
     store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w2")
-    store.complete(job_id, "w2", {"text": "The capital of France.", "finish_reason": "stop"},
-                   usage={"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9})
+    store.complete(
+        job_id,
+        "w2",
+        {"text": "The capital of France.", "finish_reason": "stop"},
+        usage={"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9},
+    )
     # Then the client gets each character once, and the result's tail from the job item
     evs = events(list(s.events()))
     assert text_of(evs) == "The capital of France."
@@ -154,12 +158,19 @@ def test_a_takeover_that_diverges_ends_with_an_error_not_garbled_text(stack, dep
 
 def test_a_failed_job_is_an_in_band_error(stack, deps, tenant):
     s = open_stream("chat", chat("z", stream=True, temperature=1.0), tenant, deps)
-    JobStore(stack.table).transition(s.job.job_id, [Status.QUEUED], Status.FAILED,
-                                     error={"message": "the worker ran out of memory", "type": "server_error",
-                                            "code": "worker_failed"})
+    JobStore(stack.table).transition(
+        s.job.job_id,
+        [Status.QUEUED],
+        Status.FAILED,
+        error={"message": "the worker ran out of memory", "type": "server_error", "code": "worker_failed"},
+    )
     evs = events(list(s.events()))
-    assert evs[-2]["error"] == {"message": "the worker ran out of memory", "type": "server_error", "param": None,
-                                "code": "worker_failed"}
+    assert evs[-2]["error"] == {
+        "message": "the worker ran out of memory",
+        "type": "server_error",
+        "param": None,
+        "code": "worker_failed",
+    }
 
 
 def test_a_client_that_leaves_cancels_a_job_nobody_else_waits_on(stack, deps, tenant):
@@ -172,11 +183,14 @@ def test_a_client_that_leaves_cancels_a_job_nobody_else_waits_on(stack, deps, te
     assert JobStore(stack.table).get(cached.job.job_id).status == Status.QUEUED
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"stream": "yes"}, "stream"),
-    ({"stream": True, "stream_options": {"include_usage": "no"}}, "stream_options"),
-    ({"stream": True, "stream_options": {"include_usage": True, "unknown": 1}}, "stream_options"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"stream": "yes"}, "stream"),
+        ({"stream": True, "stream_options": {"include_usage": "no"}}, "stream_options"),
+        ({"stream": True, "stream_options": {"include_usage": True, "unknown": 1}}, "stream_options"),
+    ],
+)
 def test_bad_stream_fields_are_refused_before_any_byte(deps, tenant, body, param):
     with pytest.raises(InvalidRequest) as err:
         open_stream("chat", chat("q", **body), tenant, deps)
@@ -200,12 +214,17 @@ def test_the_event_handler_answers_a_stream_whole(stack, key, make_worker):
 def logprobs_of(evs: list, route: str = "chat") -> list:
     out = []
     for e in evs:
-        for c in (e.get("choices", []) if isinstance(e, dict) else []):
+        for c in e.get("choices", []) if isinstance(e, dict) else []:
             lp = c.get("logprobs")
             if lp:
-                out += lp["content"] if route == "chat" else [
-                    {"token": t, "logprob": v, "offset": o} for t, v, o in zip(lp["tokens"], lp["token_logprobs"],
-                                                                                lp["text_offset"])]
+                out += (
+                    lp["content"]
+                    if route == "chat"
+                    else [
+                        {"token": t, "logprob": v, "offset": o}
+                        for t, v, o in zip(lp["tokens"], lp["token_logprobs"], lp["text_offset"])
+                    ]
+                )
     return out
 
 
@@ -241,7 +260,7 @@ def test_a_streamed_completion_carries_logprobs_with_text_offsets(stack, key, de
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "logprobs": 1}
     evs = stream("completion", {**body, "stream": True}, tenant, deps)
     streamed = logprobs_of(evs, "completion")
-    status, whole, _ = stack.call("api_completion.json", key=key, body=body)
+    _status, whole, _ = stack.call("api_completion.json", key=key, body=body)
     lp = whole["choices"][0]["logprobs"]
     assert [e["token"] for e in streamed] == lp["tokens"] and [e["offset"] for e in streamed] == lp["text_offset"]
     assert [e["logprob"] for e in streamed] == lp["token_logprobs"]
@@ -250,8 +269,12 @@ def test_a_streamed_completion_carries_logprobs_with_text_offsets(stack, key, de
 def finish(store: JobStore, job_id: str, text: str, **result) -> None:
     """A worker's run of the job, start to end (no chunks written)."""
     store.transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w1")
-    store.complete(job_id, "w1", {"text": text, "finish_reason": "stop", **result},
-                   usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+    store.complete(
+        job_id,
+        "w1",
+        {"text": text, "finish_reason": "stop", **result},
+        usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    )
 
 
 def test_a_job_made_again_under_its_id_never_replays_the_earlier_runs_chunks(stack, deps, tenant):
@@ -274,10 +297,19 @@ def test_streamed_text_offsets_are_the_whole_responses_when_a_chunk_starts_insid
     # Given a streamed completion with logprobs whose worker held back part of a token (" wo" of
     # " world" could begin the stop string " wol"): its first chunk sends "Hello " with the entries of
     # "He" and "llo" only, its second " world" from inside the third token
-    entries = [{"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": None}
-               for t in ["He", "llo", " wor", "ld"]]
-    body = {"model": MODEL, "prompt": "Say hello", "max_tokens": 4, "temperature": 0, "logprobs": 0,
-            "stop": [" wol"], "stream": True}
+    entries = [
+        {"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": None}
+        for t in ["He", "llo", " wor", "ld"]
+    ]
+    body = {
+        "model": MODEL,
+        "prompt": "Say hello",
+        "max_tokens": 4,
+        "temperature": 0,
+        "logprobs": 0,
+        "stop": [" wol"],
+        "stream": True,
+    }
     s = open_stream("completion", body, tenant, deps)
     write(deps, s.stream, [(1, 0, "Hello ", entries[:2], 0), (1, 6, "world", entries[2:], 2)])
     finish(JobStore(stack.table), s.job.job_id, "Hello world", logprobs=entries)
@@ -309,7 +341,11 @@ def test_a_stream_whose_job_is_made_again_reads_the_new_runs_chunks_as_they_come
     while "of France" not in text_of(events([b"".join(got)])):
         assert time.monotonic() < deadline, text_of(events([b"".join(got)]))
         time.sleep(0.05)
-    store.complete(again.job.job_id, "w2", {"text": "The capital of France.", "finish_reason": "stop"},
-                   usage={"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9})
+    store.complete(
+        again.job.job_id,
+        "w2",
+        {"text": "The capital of France.", "finish_reason": "stop"},
+        usage={"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9},
+    )
     reader.join(timeout=10)
     assert text_of(events([b"".join(got)])) == "The capital of France."

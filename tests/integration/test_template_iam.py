@@ -17,21 +17,41 @@ from stratus_local.template import ROOT, load_template
 # role -> the logical ids its statements may name (in this template, or the nested stack's parameters)
 EXPECTED = {
     "ApiRole": {"ApiLogs", "JobsTable", "StreamTable", "JobsQueue", "BatchJobsQueue", "ResultsBucket"},
-    "DlqRole": {"DlqLogs", "JobsDeadLetterQueue", "BatchJobsDeadLetterQueue", "JobsTable", "ReplyQueuePattern",
-                "ResultsBucket"},
+    "DlqRole": {
+        "DlqLogs",
+        "JobsDeadLetterQueue",
+        "BatchJobsDeadLetterQueue",
+        "JobsTable",
+        "ReplyQueuePattern",
+        "ResultsBucket",
+    },
     "BatchRole": {"BatchLogs", "JobsTable", "BatchJobsQueue", "BatchEventsDeadLetterQueue", "ResultsBucket"},
-    "TriggerRole": {"TriggerLogs", "RequestsQueue", "JobsTable", "JobsQueue", "BatchJobsQueue", "ReplyQueuePattern",
-                    "ResultsBucket"},
+    "TriggerRole": {
+        "TriggerLogs",
+        "RequestsQueue",
+        "JobsTable",
+        "JobsQueue",
+        "BatchJobsQueue",
+        "ReplyQueuePattern",
+        "ResultsBucket",
+    },
     "DispatchRole": {"DispatchLogs", "JobsQueue", "BatchJobsQueue", "ResultsBucket", "SageMakerWorkers"},
 }
 NESTED_EXPECTED = {
-    "ecs-workers.yaml": {"TaskRole": {"JobsQueueArn", "BatchJobsQueueArn", "ReplyQueuePattern", "JobsTableArn",
-                                      "StreamTableArn", "BucketName"}},
+    "ecs-workers.yaml": {
+        "TaskRole": {
+            "JobsQueueArn",
+            "BatchJobsQueueArn",
+            "ReplyQueuePattern",
+            "JobsTableArn",
+            "StreamTableArn",
+            "BucketName",
+        }
+    },
     "sagemaker-async.yaml": {"ExecutionRole": {"ReplyQueuePattern", "JobsTableArn", "StreamTableArn", "BucketName"}},
 }
 # actions that have no resource-level permissions in IAM, so "*" is the only possible resource
-STAR_OK = {"xray:PutTraceSegments", "xray:PutTelemetryRecords", "ecr:GetAuthorizationToken",
-           "cloudwatch:PutMetricData"}
+STAR_OK = {"xray:PutTraceSegments", "xray:PutTelemetryRecords", "ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"}
 
 
 def translate(template: dict) -> dict:
@@ -58,7 +78,7 @@ def names(value) -> set[str]:
     if isinstance(value, list):
         return set().union(*(names(v) for v in value)) if value else set()
     if isinstance(value, dict):
-        (k, v), = value.items()
+        ((k, v),) = value.items()
         if k == "Ref":
             return {v}
         if k == "Fn::GetAtt":
@@ -124,7 +144,13 @@ def test_data_is_encrypted_and_the_bucket_private(translated):
     r = translated["Resources"]
     for table in ("JobsTable", "StreamTable"):
         assert r[table]["Properties"]["SSESpecification"] == {"SSEEnabled": True}
-    for q in ("JobsQueue", "JobsDeadLetterQueue", "RequestsQueue", "RequestsDeadLetterQueue", "BatchEventsDeadLetterQueue"):
+    for q in (
+        "JobsQueue",
+        "JobsDeadLetterQueue",
+        "RequestsQueue",
+        "RequestsDeadLetterQueue",
+        "BatchEventsDeadLetterQueue",
+    ):
         assert r[q]["Properties"]["SqsManagedSseEnabled"] is True
     bucket = r["ResultsBucket"]["Properties"]
     assert bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"]
@@ -141,9 +167,14 @@ def test_every_route_streams_through_the_web_adapter(translated):
     # function with response streaming, and the function runs under the Lambda Web Adapter.
     r = translated["Resources"]
     [api] = [v for v in r.values() if v["Type"] == "AWS::ApiGateway::RestApi"]
-    integrations = [op["x-amazon-apigateway-integration"] for path in api["Properties"]["Body"]["paths"].values()
-                    for op in path.values()]
-    routes = [e for e in load_template()["Resources"]["ApiFunction"]["Properties"]["Events"].values() if e["Type"] == "Api"]
+    integrations = [
+        op["x-amazon-apigateway-integration"]
+        for path in api["Properties"]["Body"]["paths"].values()
+        for op in path.values()
+    ]
+    routes = [
+        e for e in load_template()["Resources"]["ApiFunction"]["Properties"]["Events"].values() if e["Type"] == "Api"
+    ]
     assert len(integrations) == len(routes) >= 17
     for i in integrations:
         assert i["responseTransferMode"] == "STREAM" and i["uri"]["Fn::Sub"].endswith("/response-streaming-invocations")

@@ -28,7 +28,7 @@ def published(stack, tiny, monkeypatch):
 
 
 def test_tokenize_and_detokenize_round_trip_with_the_models_tokenizer(stack, key, published):
-    model, tok = published
+    _model, tok = published
     text = "héllo wörld, the cat"
     status, body, _ = stack.call("api_tokenize.json", key=key, body={"prompt": text, "add_special_tokens": False})
     assert status == 200 and body["tokens"] == tok.encode(text, add_special_tokens=False).ids
@@ -53,15 +53,18 @@ def test_tokenizer_info_names_the_special_tokens_and_template(stack, key, publis
     assert info["chat_template"] == (model / "chat_template.jinja").read_text()
 
 
-@pytest.mark.parametrize("event, body, param", [
-    ("api_tokenize.json", {}, None),
-    ("api_tokenize.json", {"prompt": "a", "messages": []}, None),
-    ("api_tokenize.json", {"prompt": 5}, "prompt"),
-    ("api_tokenize.json", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ("api_tokenize.json", {"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens"),
-    ("api_detokenize.json", {"tokens": [1, 10**6]}, "tokens"),
-    ("api_detokenize.json", {"tokens": "12"}, "tokens"),
-])
+@pytest.mark.parametrize(
+    "event, body, param",
+    [
+        ("api_tokenize.json", {}, None),
+        ("api_tokenize.json", {"prompt": "a", "messages": []}, None),
+        ("api_tokenize.json", {"prompt": 5}, "prompt"),
+        ("api_tokenize.json", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ("api_tokenize.json", {"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens"),
+        ("api_detokenize.json", {"tokens": [1, 10**6]}, "tokens"),
+        ("api_detokenize.json", {"tokens": "12"}, "tokens"),
+    ],
+)
 def test_bad_bodies_are_400s_naming_the_field(stack, key, published, event, body, param):
     status, reply, _ = stack.call(event, key=key, body=body)
     assert status == 400 and reply["error"]["param"] == param

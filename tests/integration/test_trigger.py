@@ -25,10 +25,15 @@ def trigger(stack):
         MessageIds m0, m1, ... (or `ids`), each delivered for the receive_count-th time."""
         event = copy.deepcopy(EVENT)
         template = event["Records"][0]
-        event["Records"] = [{**template, "messageId": (ids or [f"m{i}" for i in range(len(messages))])[i],
-                             "attributes": {**template["attributes"], "ApproximateReceiveCount": str(receive_count)},
-                             "body": json.dumps({**m, "reply_to": replies} if "reply_to" not in m else m)}
-                            for i, m in enumerate(messages)]
+        event["Records"] = [
+            {
+                **template,
+                "messageId": (ids or [f"m{i}" for i in range(len(messages))])[i],
+                "attributes": {**template["attributes"], "ApproximateReceiveCount": str(receive_count)},
+                "body": json.dumps({**m, "reply_to": replies} if "reply_to" not in m else m),
+            }
+            for i, m in enumerate(messages)
+        ]
         return handler(event, LambdaContext())
 
     def replied() -> list[dict]:
@@ -65,11 +70,13 @@ def test_an_invalid_request_is_answered_with_an_error_and_not_retried(stack, tri
 def test_a_reply_queue_outside_the_allowed_pattern_is_refused(stack, trigger):
     send, _ = trigger
     assert send({**request(), "reply_to": "https://sqs.us-east-1.amazonaws.com/1/someone-elses-queue"}) == {
-        "batchItemFailures": []}
+        "batchItemFailures": []
+    }
     assert stack.queued() == []
     # and one that is not a string, whatever its text says (was read through str(): a list passed)
     assert send({**request(), "reply_to": ["https://sqs.us-east-1.amazonaws.com/1/x-replies"]}) == {
-        "batchItemFailures": []}
+        "batchItemFailures": []
+    }
     assert stack.queued() == []
 
 
@@ -95,8 +102,13 @@ def test_replies_survive_a_missing_queue_and_stay_under_the_sqs_limit(stack, tri
     store = JobStore(stack.table)
     store.watch(queued["job_id"], {"queue_url": stack.refs["JobsQueue"] + "-gone", "id": "lost"})
     store.transition(queued["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
-    done = store.complete(queued["job_id"], "w", {"text": "x" * 400_000, "finish_reason": "length"},
-                          s3=boto3.client("s3"), bucket=stack.refs["ResultsBucket"])
+    done = store.complete(
+        queued["job_id"],
+        "w",
+        {"text": "x" * 400_000, "finish_reason": "length"},
+        s3=boto3.client("s3"),
+        bucket=stack.refs["ResultsBucket"],
+    )
     assert post_replies(done, sqs=stack.sqs, s3=boto3.client("s3"), store=store) == 1
     [reply] = replied()
     assert reply["status"] == "DONE" and "response" not in reply
@@ -159,8 +171,13 @@ def test_a_redelivered_request_message_makes_one_job_and_one_reply(stack, trigge
     # and its end posts one reply (was: one per delivery)
     store.transition(queued["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
     from stratus.replies import post_replies
-    post_replies(store.complete(queued["job_id"], "w", {"text": "Shipped.", "finish_reason": "stop"}),
-                 sqs=stack.sqs, s3=boto3.client("s3"), store=store)
+
+    post_replies(
+        store.complete(queued["job_id"], "w", {"text": "Shipped.", "finish_reason": "stop"}),
+        sqs=stack.sqs,
+        s3=boto3.client("s3"),
+        store=store,
+    )
     assert [r["id"] for r in replied()] == ["order-42"]
 
 
@@ -177,8 +194,11 @@ def test_a_reply_that_fails_for_a_passing_reason_is_posted_when_its_message_come
     store.transition(queued["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
     done = store.complete(queued["job_id"], "w", {"text": "Shipped.", "finish_reason": "stop"})
     # Given a reply queue that throttles once
-    monkeypatch.setattr(stack.sqs, "send_message", failing_first(
-        stack.sqs.send_message, aws_error("ThrottlingException", 400, "SendMessage"), []))
+    monkeypatch.setattr(
+        stack.sqs,
+        "send_message",
+        failing_first(stack.sqs.send_message, aws_error("ThrottlingException", 400, "SendMessage"), []),
+    )
     # When the job's replies are posted: the failure is raised and the job is not marked notified
     with pytest.raises(ClientError):
         post_replies(done, sqs=stack.sqs, s3=boto3.client("s3"), store=store)
@@ -196,6 +216,7 @@ def test_a_redelivery_after_a_first_delivery_that_failed_to_queue_its_job_queues
     msg = request(temperature=0.7)  # not cacheable: its job id comes from the message
     real = submission.send
     if how == "queue unavailable":  # the job FAILED (enqueue_failed), the message comes back
+
         def once(message, deps):
             monkeypatch.setattr(submission, "send", real)
             deps.sqs.send_message = lambda **kw: (_ for _ in ()).throw(RuntimeError("SQS is down"))
@@ -203,13 +224,16 @@ def test_a_redelivery_after_a_first_delivery_that_failed_to_queue_its_job_queues
                 return real(message, deps)
             finally:
                 del deps.sqs.send_message
+
         monkeypatch.setattr(submission, "send", once)
         with pytest.raises(Exception, match="All records failed"):  # (Powertools: the whole batch failed)
             send(msg)
     else:  # the invocation died between making the job and sending its message
+
         def dies(message, deps):
             monkeypatch.setattr(submission, "send", real)
             raise SystemExit("the function timed out")
+
         monkeypatch.setattr(submission, "send", dies)
         with pytest.raises(SystemExit):
             send(msg)
@@ -229,6 +253,10 @@ def test_two_messages_asking_the_same_thing_of_one_reply_queue_get_two_replies(s
     [queued] = stack.queued()
     store = JobStore(stack.table)
     store.transition(queued["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
-    post_replies(store.complete(queued["job_id"], "w", {"text": "Shipped.", "finish_reason": "stop"}),
-                 sqs=stack.sqs, s3=boto3.client("s3"), store=store)
+    post_replies(
+        store.complete(queued["job_id"], "w", {"text": "Shipped.", "finish_reason": "stop"}),
+        sqs=stack.sqs,
+        s3=boto3.client("s3"),
+        store=store,
+    )
     assert len(replied()) == 2

@@ -91,8 +91,9 @@ def test_expired_and_cancelled_jobs_never_run(stack, key, make_worker):
             late = dataclasses.replace(qm, deadline=time.time() - 1)
             stack.sqs.send_message(QueueUrl=stack.refs["JobsQueue"], MessageBody=late.to_body())
         else:
-            stack.sqs.change_message_visibility(QueueUrl=stack.refs["JobsQueue"], ReceiptHandle=m["ReceiptHandle"],
-                                                VisibilityTimeout=0)
+            stack.sqs.change_message_visibility(
+                QueueUrl=stack.refs["JobsQueue"], ReceiptHandle=m["ReceiptHandle"], VisibilityTimeout=0
+            )
     engine_calls = []
     w = make_worker()
     real_submit = w.engine.submit
@@ -148,8 +149,9 @@ def test_a_duplicate_delivery_generates_once(stack, key, make_worker, tiny):
     for _ in range(2):  # the same message twice (SQS delivers at least once)
         stack.sqs.send_message(QueueUrl=stack.refs["JobsQueue"], MessageBody=original["Body"])
     generated = []
-    engines = [slow(Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16), 0.01)
-               for _ in range(2)]
+    engines = [
+        slow(Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16), 0.01) for _ in range(2)
+    ]
     for e in engines:
         real = e.submit
         e.submit = lambda r, real=real: generated.append(r.request_id) or real(r)
@@ -165,12 +167,16 @@ def generating(engine: Engine) -> list[str]:
     return asked
 
 
-@pytest.mark.parametrize("code, failures, generations", [
-    ("ProvisionedThroughputExceededException", 2, 1),  # passing: tried again with the result in hand
-    ("ValidationException", 1, 2),  # the same write cannot pass: back to the queue at once, generated again
-])
-def test_a_failed_result_write_is_tried_again_only_when_it_may_pass(stack, key, make_worker, tiny, code, failures,
-                                                                    generations):
+@pytest.mark.parametrize(
+    "code, failures, generations",
+    [
+        ("ProvisionedThroughputExceededException", 2, 1),  # passing: tried again with the result in hand
+        ("ValidationException", 1, 2),  # the same write cannot pass: back to the queue at once, generated again
+    ],
+)
+def test_a_failed_result_write_is_tried_again_only_when_it_may_pass(
+    stack, key, make_worker, tiny, code, failures, generations
+):
     engine = Engine.from_dir(tiny.dirs["int4"], threads=1, max_batch=4, initial_capacity=16)
     asked = generating(engine)
     w = make_worker(engine)
@@ -213,9 +219,11 @@ def test_requests_a_client_may_send_never_stop_a_worker(stack, key, make_worker)
     # (a negative seed made numpy refuse the generator; a tiny temperature gave NaN probabilities
     # and the engine thread died, with every job it held)
     w = make_worker()
-    ids = [submit(stack, key, chat("negative seed", seed=-1, temperature=0.9)),
-           submit(stack, key, chat("tiny temperature", temperature=1e-320)),
-           submit(stack, key, chat("tiny penalty", temperature=0.7, repetition_penalty=1e-300))]
+    ids = [
+        submit(stack, key, chat("negative seed", seed=-1, temperature=0.9)),
+        submit(stack, key, chat("tiny temperature", temperature=1e-320)),
+        submit(stack, key, chat("tiny penalty", temperature=0.7, repetition_penalty=1e-300)),
+    ]
     wait_until(lambda: all(job(stack, j).status == Status.DONE for j in ids), timeout=30)
     assert w.failure is None and not w.stopping.is_set()
 
@@ -248,6 +256,7 @@ def test_a_worker_whose_engine_dies_gives_its_jobs_back_and_stops(stack, key, ma
         if len(steps) == 3:
             raise MemoryError("out of memory")
         return real_step()
+
     engine.step = dies_on_the_third_step
     w = make_worker(engine)
     job_id = submit(stack, key, chat("the engine dies under me", max_tokens=40))
@@ -362,17 +371,23 @@ def test_a_poison_job_reaches_the_dlq_and_fails_visibly(stack, key, make_worker)
     job_id = submit(stack, key, chat("poison"))
     good = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"])["Messages"][0]  # take the good one away
     stack.sqs.delete_message(QueueUrl=stack.refs["JobsQueue"], ReceiptHandle=good["ReceiptHandle"])
-    stack.sqs.send_message(QueueUrl=stack.refs["JobsQueue"],
-                           MessageBody=json.dumps({"job_id": job_id, "tenant": "acme", "request": {"route": "chat"}}))
+    stack.sqs.send_message(
+        QueueUrl=stack.refs["JobsQueue"],
+        MessageBody=json.dumps({"job_id": job_id, "tenant": "acme", "request": {"route": "chat"}}),
+    )
     make_worker()
-    dead = wait_until(lambda: stack.sqs.receive_message(QueueUrl=stack.refs["JobsDeadLetterQueue"],
-                                                        AttributeNames=["All"]).get("Messages"), timeout=30)
+    dead = wait_until(
+        lambda: stack.sqs.receive_message(QueueUrl=stack.refs["JobsDeadLetterQueue"], AttributeNames=["All"]).get(
+            "Messages"
+        ),
+        timeout=30,
+    )
     handler, _ = load_handler(load_template(), "DlqFunction")
     event = json.loads((ROOT / "events/dlq_message.json").read_text())
     record = event["Records"][0]
     record.update(body=dead[0]["Body"], messageId=dead[0]["MessageId"], receiptHandle=dead[0]["ReceiptHandle"])
     assert handler(event, LambdaContext()) == {"batchItemFailures": []}
-    status, view, _ = stack.call("api_get_job.json", key=key, job_id=job_id)
+    _status, view, _ = stack.call("api_get_job.json", key=key, job_id=job_id)
     assert view["status"] == "FAILED" and view["error"]["code"] == "job_failed"
     assert "dead-letter queue" in view["error"]["message"]
 
@@ -405,8 +420,14 @@ def test_a_result_that_does_not_fit_beside_its_request_goes_to_s3(stack):
     store.create(Job("j" + "1" * 32, "acme", Status.QUEUED, req, False, created_at=now, expires_at=int(now + 600)))
     store.transition("j" + "1" * 32, [Status.QUEUED], Status.RUNNING, worker="w")
     # When a 200 KB result is written (under the 300 KB inline cap, but not beside the request)
-    done = store.complete("j" + "1" * 32, "w", {"text": "x" * 200_000, "finish_reason": "length"},
-                          s3=boto3.client("s3"), bucket=stack.refs["ResultsBucket"], request_bytes=req.stored_bytes)
+    done = store.complete(
+        "j" + "1" * 32,
+        "w",
+        {"text": "x" * 200_000, "finish_reason": "length"},
+        s3=boto3.client("s3"),
+        bucket=stack.refs["ResultsBucket"],
+        request_bytes=req.stored_bytes,
+    )
     # Then it went to S3 and the item kept a pointer
     assert done.result is None and done.result_s3.endswith("/results/j" + "1" * 32 + ".json")
 
@@ -420,13 +441,21 @@ def test_the_dlq_never_fails_a_job_a_worker_is_still_running(stack, key):
     event = json.loads((ROOT / "events/dlq_message.json").read_text())
     event["Records"][0]["body"] = json.dumps({"job_id": job_id})
     # Then the dead letter is kept for later (a partial failure) and the job goes on
-    assert handler(event, LambdaContext()) == {"batchItemFailures": [{"itemIdentifier": event["Records"][0]["messageId"]}]}
+    assert handler(event, LambdaContext()) == {
+        "batchItemFailures": [{"itemIdentifier": event["Records"][0]["messageId"]}]
+    }
     assert job(stack, job_id).status == Status.RUNNING
     # And once its heartbeat is stale (the worker died), the same dead letter fails it
     from stratus.deadletter import fail_dead_letter
 
-    assert fail_dead_letter(json.dumps({"job_id": job_id}), store, sqs=stack.sqs, s3=boto3.client("s3"),
-                            heartbeat_s=30.0, now=time.time() + 120)
+    assert fail_dead_letter(
+        json.dumps({"job_id": job_id}),
+        store,
+        sqs=stack.sqs,
+        s3=boto3.client("s3"),
+        heartbeat_s=30.0,
+        now=time.time() + 120,
+    )
     assert job(stack, job_id).status == Status.FAILED and "Traceback" not in job(stack, job_id).error["message"]
 
 
@@ -437,8 +466,13 @@ def test_a_lease_sqs_refuses_to_extend_is_reported_not_ignored(stack, key, make_
     w = make_worker()
     bad = Receipt(stack.refs["JobsQueue"], "not-a-receipt")
     assert w.leases.extend([bad]) == [bad]
-    msg = QueueMessage("j" + "2" * 32, "acme", parse_request("chat", chat("held"), max_messages=8, max_tokens_limit=64),
-                       enqueued_at=time.time(), deadline=time.time() + 60)
+    msg = QueueMessage(
+        "j" + "2" * 32,
+        "acme",
+        parse_request("chat", chat("held"), max_messages=8, max_tokens_limit=64),
+        enqueued_at=time.time(),
+        deadline=time.time() + 60,
+    )
     with w._lock:
         w.held[msg.job_id] = Held(msg, bad, time.time())  # a message whose lease SQS refuses
     w.heartbeat()
@@ -447,8 +481,7 @@ def test_a_lease_sqs_refuses_to_extend_is_reported_not_ignored(stack, key, make_
     assert any(r.getMessage() == "could not extend a message's visibility" for r in caplog.records)
 
 
-def test_messages_from_a_newer_api_are_left_for_a_newer_worker_and_optional_fields_are_ignored(stack, key,
-                                                                                              make_worker):
+def test_messages_from_a_newer_api_are_left_for_a_newer_worker_and_optional_fields_are_ignored(stack, key, make_worker):
     job_id = submit(stack, key, chat("from the future"))
     [body] = stack.queued()
     newer = {**body, "version": 2, "priority": "interactive"}  # a version this worker does not know
@@ -473,6 +506,7 @@ def test_throttled_batch_reads_back_off_and_finish(stack, key, monkeypatch):
         if len(calls) == 1:  # the first round: every key comes back unprocessed
             return {"Responses": {}, "UnprocessedKeys": RequestItems}
         return got
+
     monkeypatch.setattr(client, "batch_get_item", throttled)
     monkeypatch.setattr("stratus.jobstore.time.sleep", pauses.append)
     assert set(store.states(ids)) == set(ids) and len(calls) == 2 and pauses == [0.05]
@@ -495,17 +529,24 @@ def test_a_message_redelivered_while_held_is_deleted_with_its_newest_receipt(sta
     from stratus_worker.worker import Held
 
     w = make_worker(run=False)  # this test drives admit() itself
-    msg = QueueMessage("j" + "3" * 32, "acme", parse_request("chat", chat("held twice"), max_messages=8,
-                                                             max_tokens_limit=64),
-                       enqueued_at=time.time(), deadline=time.time() + 60)
+    msg = QueueMessage(
+        "j" + "3" * 32,
+        "acme",
+        parse_request("chat", chat("held twice"), max_messages=8, max_tokens_limit=64),
+        enqueued_at=time.time(),
+        deadline=time.time() + 60,
+    )
     stack.sqs.send_message(QueueUrl=stack.refs["JobsQueue"], MessageBody=msg.to_body())
     first = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], VisibilityTimeout=1)["Messages"][0]
-    again = wait_until(lambda: stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], VisibilityTimeout=30,
-                                                         AttributeNames=["All"]).get("Messages"), timeout=10)[0]
+    again = wait_until(
+        lambda: stack.sqs.receive_message(
+            QueueUrl=stack.refs["JobsQueue"], VisibilityTimeout=30, AttributeNames=["All"]
+        ).get("Messages"),
+        timeout=10,
+    )[0]
     url = stack.refs["JobsQueue"]
     with w._lock:
-        w.held[msg.job_id] = Held(msg, Receipt(url, first["ReceiptHandle"]), time.time(),
-                                  message_id=first["MessageId"])
+        w.held[msg.job_id] = Held(msg, Receipt(url, first["ReceiptHandle"]), time.time(), message_id=first["MessageId"])
     # When the worker sees the second delivery (the same message: its MessageId)
     w.admit(again, Receipt(url, again["ReceiptHandle"]))
     # Then the held generation owns the newest receipt, whose delete removes the message
@@ -520,8 +561,15 @@ def test_several_prompts_echo_logprobs_and_n_come_back_as_openai_choices(stack, 
     make_worker()
     long_wait(stack, monkeypatch)
     ids = [1, 40, 90, 120]
-    body = {"model": MODEL, "prompt": ["Once upon", ids], "max_tokens": 3, "temperature": 0, "echo": True,
-            "logprobs": 2, "n": 2}
+    body = {
+        "model": MODEL,
+        "prompt": ["Once upon", ids],
+        "max_tokens": 3,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 2,
+        "n": 2,
+    }
     status, reply, _ = stack.call("api_completion.json", key=key, body=body)
     assert status == 200, reply
     # then there are prompts x n choices in order, each echoing its prompt with a logprob per token
@@ -535,22 +583,31 @@ def test_several_prompts_echo_logprobs_and_n_come_back_as_openai_choices(stack, 
     assert by_id["text_offset"][1] == len(by_id["tokens"][0])
     assert reply["usage"]["completion_tokens"] == 12
     # and max_tokens 0 with echo scores the prompt alone
-    status, scored, _ = stack.call("api_completion.json", key=key,
-                                   body={"model": MODEL, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0})
+    status, scored, _ = stack.call(
+        "api_completion.json",
+        key=key,
+        body={"model": MODEL, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0},
+    )
     assert status == 200 and scored["choices"][0]["logprobs"]["token_logprobs"][1:] == by_id["token_logprobs"][1:4]
-    status, reply, _ = stack.call("api_chat_completion.json", key=key, body=chat("hello", logprobs=True, top_logprobs=3))
+    status, reply, _ = stack.call(
+        "api_chat_completion.json", key=key, body=chat("hello", logprobs=True, top_logprobs=3)
+    )
     content = reply["choices"][0]["logprobs"]["content"]
     assert status == 200 and len(content) >= 1
     assert {"token", "logprob", "bytes", "top_logprobs"} <= set(content[0]) and len(content[0]["top_logprobs"]) == 3
-    assert bytes(b for e in content for b in e["bytes"]).decode(errors="replace").startswith(
-        reply["choices"][0]["message"]["content"])
+    assert (
+        bytes(b for e in content for b in e["bytes"])
+        .decode(errors="replace")
+        .startswith(reply["choices"][0]["message"]["content"])
+    )
 
 
 def test_token_ids_outside_the_vocabulary_fail_the_job_with_a_400(stack, key, make_worker, monkeypatch):
     make_worker()
     long_wait(stack, monkeypatch)
-    status, reply, _ = stack.call("api_completion.json", key=key,
-                                  body={"model": MODEL, "prompt": [1, 10**9], "max_tokens": 2})
+    status, reply, _ = stack.call(
+        "api_completion.json", key=key, body={"model": MODEL, "prompt": [1, 10**9], "max_tokens": 2}
+    )
     assert status == 400 and "token id 1000000000 is not in this model's vocabulary" in reply["error"]["message"], reply
 
 
@@ -563,8 +620,9 @@ def test_a_worker_takes_interactive_work_first_and_batch_work_into_spare_room(st
     w = make_worker(max_batch=2, run=False)
     deps = deps_from_env()
     for i in range(4):
-        sub = submission.submit("chat", chat(f"line {i}"), Tenant("acme", 10**6, 10**9), deps,
-                                submission.batch_line(deps.settings))
+        sub = submission.submit(
+            "chat", chat(f"line {i}"), Tenant("acme", 10**6, 10**9), deps, submission.batch_line(deps.settings)
+        )
         submission.send(sub.message, deps)
     interactive = submit(stack, key, chat("me first"))
     # When it polls: the interactive queue first; the batch queue only when that had nothing
@@ -587,8 +645,9 @@ def test_a_running_worker_serves_both_tiers(stack, key, make_worker):
     deps = deps_from_env()
     lines = []
     for i in range(3):
-        sub = submission.submit("chat", chat(f"batch {i}"), Tenant("acme", 10**6, 10**9), deps,
-                                submission.batch_line(deps.settings))
+        sub = submission.submit(
+            "chat", chat(f"batch {i}"), Tenant("acme", 10**6, 10**9), deps, submission.batch_line(deps.settings)
+        )
         submission.send(sub.message, deps)
         lines.append(sub.job_id)
         assert sub.message.deadline - sub.message.enqueued_at == deps.settings.batch_window_s
@@ -615,6 +674,7 @@ def test_a_cancel_read_for_one_generation_never_stops_the_next(stack, key, make_
         got = real(ids)
         w.held[job_id] = second  # meanwhile that generation ended, and the job, made again, is held anew
         return got
+
     # When the cancel check's read (CANCELLED) lands after the swap
     w.store.states = read_then_swapped
     w.check_cancelled()
@@ -625,8 +685,9 @@ def test_a_cancel_read_for_one_generation_never_stops_the_next(stack, key, make_
     assert job_id in w.cancelled
 
 
-def test_replies_that_cannot_be_posted_now_are_posted_when_the_message_comes_back(stack, key, make_worker,
-                                                                                  monkeypatch, caplog):
+def test_replies_that_cannot_be_posted_now_are_posted_when_the_message_comes_back(
+    stack, key, make_worker, monkeypatch, caplog
+):
     # Given a job watched by a reply queue that throttles the first reply
     from stratus_worker import worker as worker_module
 
@@ -637,8 +698,12 @@ def test_replies_that_cannot_be_posted_now_are_posted_when_the_message_comes_bac
     from support.faults import aws_error, failing_first
 
     sqs, calls = boto3.client("sqs"), []
-    sqs.send_message = failing_first(sqs.send_message, aws_error("ThrottlingException", 400, "SendMessage"), calls,
-                                     when=lambda kw: kw["QueueUrl"] == replies)
+    sqs.send_message = failing_first(
+        sqs.send_message,
+        aws_error("ThrottlingException", 400, "SendMessage"),
+        calls,
+        when=lambda kw: kw["QueueUrl"] == replies,
+    )
     make_worker(sqs=sqs)
     # Then the job is generated once, its message comes back a moment later and the reply is posted
     # (was: the reply lost, the job marked notified)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from botocore.exceptions import ClientError
 
 
 def aws_error(code: str, status: int, operation: str) -> ClientError:
     """The ClientError botocore raises for an error response (ThrottlingException 400, ServiceUnavailable 503...)."""
-    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                       operation)
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, operation
+    )
 
 
 def failing_first(call: Callable, error: Exception, calls: list, when: Callable[[dict], bool] = lambda kw: True):
@@ -24,4 +25,5 @@ def failing_first(call: Callable, error: Exception, calls: list, when: Callable[
             if len(calls) == 1:
                 raise error
         return call(**kw)
+
     return wrapped

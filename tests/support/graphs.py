@@ -7,14 +7,24 @@ PROMPT = [1, 50, 60, 70, 80, 90, 100, 110]
 
 
 def empty_past(cfg, batch):
-    return {f"past_key_values.{i}.{k}": np.zeros((batch, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
-            for i in range(cfg.num_layers) for k in ("key", "value")}
+    return {
+        f"past_key_values.{i}.{k}": np.zeros((batch, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+        for i in range(cfg.num_layers)
+        for k in ("key", "value")
+    }
 
 
 def run(sess, ids, mask, positions, past):
     names = [o.name for o in sess.get_outputs()]
-    out = sess.run(None, {"input_ids": np.asarray(ids, np.int64), "attention_mask": np.asarray(mask, np.int64),
-                          "position_ids": np.asarray(positions, np.int64), **past})
+    out = sess.run(
+        None,
+        {
+            "input_ids": np.asarray(ids, np.int64),
+            "attention_mask": np.asarray(mask, np.int64),
+            "position_ids": np.asarray(positions, np.int64),
+            **past,
+        },
+    )
     return out[0], {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], out[1:])}
 
 
@@ -39,7 +49,9 @@ def rehash(model_dir) -> None:
     from stratus_model.build import artifact_digest, sha256_file
 
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    manifest["files"] = {name: {"sha256": sha256_file(model_dir / name), "bytes": (model_dir / name).stat().st_size}
-                         for name in manifest["files"]}
+    manifest["files"] = {
+        name: {"sha256": sha256_file(model_dir / name), "bytes": (model_dir / name).stat().st_size}
+        for name in manifest["files"]
+    }
     manifest["digest"] = artifact_digest(manifest["files"])
     (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))

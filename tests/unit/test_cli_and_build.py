@@ -56,8 +56,22 @@ def test_a_build_never_replaces_a_folder_that_is_not_a_model(tiny, tmp_path, mon
 
 
 def test_generate_prints_only_completion(tiny, capsys):
-    rc = stratus(["generate", "--model", str(tiny.dirs["fp32"]), "--max-tokens", "5", "--seed", "3",
-                  "--temperature", "0.8", "--threads", "1", "hello"])
+    rc = stratus(
+        [
+            "generate",
+            "--model",
+            str(tiny.dirs["fp32"]),
+            "--max-tokens",
+            "5",
+            "--seed",
+            "3",
+            "--temperature",
+            "0.8",
+            "--threads",
+            "1",
+            "hello",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and out.endswith("\n") and "<|im_" not in out
 
@@ -96,6 +110,10 @@ def test_ordinary_cli_mistakes_are_one_error_line(tmp_path, capsys):
     assert "is not a built model" in capsys.readouterr().err
     # widths the 32-weight quantization blocks do not divide: int8 refused by name, fp32 builds
     write_tiny_gguf(tmp_path / "w48.gguf", cfg=dataclasses.replace(TINY, hidden=48, ffn=96), matrix_type="F16")
-    assert stratus(["model", "build", "--gguf", str(tmp_path / "w48.gguf"), "--quant", "int8",
-                    "--out", str(tmp_path / "m")]) == 2
+    assert (
+        stratus(
+            ["model", "build", "--gguf", str(tmp_path / "w48.gguf"), "--quant", "int8", "--out", str(tmp_path / "m")]
+        )
+        == 2
+    )
     assert "not a multiple of the 32-weight quantization block" in capsys.readouterr().err

@@ -22,12 +22,22 @@ def plain_greedy_loop(model_dir, cfg, prompt, n):
     """Reference: one sequence, cache copied through session.run, no batching or binding."""
     sess = ort.InferenceSession(str(model_dir / "model.onnx"))
     names = [o.name for o in sess.get_outputs()]
-    past = {f"past_key_values.{i}.{k}": np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
-            for i in range(cfg.num_layers) for k in ("key", "value")}
+    past = {
+        f"past_key_values.{i}.{k}": np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+        for i in range(cfg.num_layers)
+        for k in ("key", "value")
+    }
     ids, pos, out = list(prompt), 0, []
     for _ in range(n):
-        o = sess.run(None, {"input_ids": np.array([ids]), "attention_mask": np.ones((1, pos + len(ids)), np.int64),
-                            "position_ids": np.arange(pos, pos + len(ids))[None], **past})
+        o = sess.run(
+            None,
+            {
+                "input_ids": np.array([ids]),
+                "attention_mask": np.ones((1, pos + len(ids)), np.int64),
+                "position_ids": np.arange(pos, pos + len(ids))[None],
+                **past,
+            },
+        )
         past = {k.replace("present", "past_key_values"): v for k, v in zip(names[1:], o[1:])}
         pos += len(ids)
         ids = [int(o[0][0, -1].argmax())]
@@ -62,13 +72,17 @@ def test_requests_join_and_leave_between_decode_steps(engines):
     # Given one long request running, when two short ones arrive mid-way,
     # then they run alongside it, finish first, and every result equals its solo run.
     engine = engines["fp32"]
-    solo = {i: engine.generate([GenerationRequest(PROMPTS[i], greedy(n))])[0].token_ids
-            for i, n in ((0, 30), (1, 5), (2, 8))}
+    solo = {
+        i: engine.generate([GenerationRequest(PROMPTS[i], greedy(n))])[0].token_ids
+        for i, n in ((0, 30), (1, 5), (2, 8))
+    }
     long = engine.submit(GenerationRequest(PROMPTS[0], greedy(30)))
     for _ in range(4):
         engine.step()
-    short = [engine.submit(GenerationRequest(PROMPTS[1], greedy(5))),
-             engine.submit(GenerationRequest(PROMPTS[2], greedy(8)))]
+    short = [
+        engine.submit(GenerationRequest(PROMPTS[1], greedy(5))),
+        engine.submit(GenerationRequest(PROMPTS[2], greedy(8))),
+    ]
     engine.step()
     assert engine.num_running == 3
     while not all(f.done() for f in short):
@@ -83,16 +97,22 @@ def test_requests_join_and_leave_between_decode_steps(engines):
 
 def test_seeded_sampling_is_reproducible(engines):
     engine = engines["fp32"]
-    run = lambda seed: engine.generate([GenerationRequest(PROMPTS[3], SamplingParams(
-        max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True))])[0].token_ids
+    run = lambda seed: (
+        engine.generate(
+            [GenerationRequest(PROMPTS[3], SamplingParams(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True))]
+        )[0].token_ids
+    )
     assert run(11) == run(11)
     assert run(11) != run(12)
 
 
 def test_any_integer_seed_and_a_tiny_temperature_generate(engines):
     engine = engines["fp32"]
-    run = lambda **kw: engine.generate([GenerationRequest(PROMPTS[3], SamplingParams(
-        max_tokens=12, ignore_eos=True, **kw))])[0].token_ids
+    run = lambda **kw: (
+        engine.generate([GenerationRequest(PROMPTS[3], SamplingParams(max_tokens=12, ignore_eos=True, **kw))])[
+            0
+        ].token_ids
+    )
     assert run(temperature=1.0, seed=-1) == run(temperature=1.0, seed=-1) == run(temperature=1.0, seed=2**64 - 1)
     assert run(temperature=1e-320, seed=3) == run(temperature=0)  # (was NaN probabilities: the engine died)
 
@@ -108,18 +128,29 @@ def test_a_request_whose_sampling_fails_fails_alone(engines, monkeypatch):
         return real(logits, params, *args)
 
     monkeypatch.setattr(sampling, "sample_row", fails_for_penalised)
-    ok = [engine.submit(GenerationRequest(PROMPTS[i], SamplingParams(max_tokens=8, temperature=1.0, seed=i,
-                                                                      ignore_eos=True))) for i in range(2)]
-    bad = engine.submit(GenerationRequest(PROMPTS[5], SamplingParams(max_tokens=8, temperature=1.0, seed=9,
-                                                                     repetition_penalty=1.5, n=2)))
+    ok = [
+        engine.submit(
+            GenerationRequest(PROMPTS[i], SamplingParams(max_tokens=8, temperature=1.0, seed=i, ignore_eos=True))
+        )
+        for i in range(2)
+    ]
+    bad = engine.submit(
+        GenerationRequest(
+            PROMPTS[5], SamplingParams(max_tokens=8, temperature=1.0, seed=9, repetition_penalty=1.5, n=2)
+        )
+    )
     while not all(f.done() for f in ok + [bad]):
         engine.step()
     with pytest.raises(FloatingPointError):
         bad.result()
     assert [len(f.result().token_ids) for f in ok] == [8, 8] and engine.num_running == 0
     monkeypatch.undo()
-    alone = [engine.generate([GenerationRequest(PROMPTS[i], SamplingParams(
-        max_tokens=8, temperature=1.0, seed=i, ignore_eos=True))])[0].token_ids for i in range(2)]
+    alone = [
+        engine.generate(
+            [GenerationRequest(PROMPTS[i], SamplingParams(max_tokens=8, temperature=1.0, seed=i, ignore_eos=True))]
+        )[0].token_ids
+        for i in range(2)
+    ]
     assert [f.result().token_ids for f in ok] == alone
 
 
@@ -180,7 +211,9 @@ def test_eos_from_generation_config_stops(tiny, tmp_path):
     gen = json.loads((model / "generation_config.json").read_text())
     gen["eos_token_ids"] = [ids[k]]
     (model / "generation_config.json").write_text(json.dumps(gen))
-    got = Engine.from_dir(model, threads=1).generate([GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=10, temperature=0))])[0]
+    got = Engine.from_dir(model, threads=1).generate(
+        [GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=10, temperature=0))]
+    )[0]
     assert got.finish_reason == "stop" and got.token_ids == ids[:k]
 
 
@@ -238,7 +271,9 @@ def test_providers_prefer_cuda_when_onnxruntime_has_it(monkeypatch):
 
     from stratus_engine.model_dir import pick_providers
 
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     assert pick_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert pick_providers() == ["CPUExecutionProvider"]
@@ -251,4 +286,9 @@ def test_reused_row_bindings_accept_a_new_logits_shape(tiny):
     engine = Engine.from_dir(tiny.dirs["fp32"], threads=1)
     engine.score(PROMPTS[0] * 3)
     got = engine.generate([GenerationRequest(PROMPTS[1], greedy(4))])[0].token_ids
-    assert got == Engine.from_dir(tiny.dirs["fp32"], threads=1).generate([GenerationRequest(PROMPTS[1], greedy(4))])[0].token_ids
+    assert (
+        got
+        == Engine.from_dir(tiny.dirs["fp32"], threads=1)
+        .generate([GenerationRequest(PROMPTS[1], greedy(4))])[0]
+        .token_ids
+    )

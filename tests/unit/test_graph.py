@@ -36,12 +36,18 @@ def test_decoding_with_cache_matches_full_recompute(tiny, fp32):
 def test_right_padded_rows_of_different_lengths(tiny, fp32):
     short = [1, 33, 44]
     s = len(PROMPT)
-    ids = np.zeros((2, s)); ids[0] = PROMPT; ids[1, :3] = short
-    mask = np.zeros((2, s)); mask[0] = 1; mask[1, :3] = 1
+    ids = np.zeros((2, s))
+    ids[0] = PROMPT
+    ids[1, :3] = short
+    mask = np.zeros((2, s))
+    mask[0] = 1
+    mask[1, :3] = 1
     logits, past = run(fp32, ids, mask, np.tile(np.arange(s), (2, 1)), empty_past(tiny.config, 2))
     np.testing.assert_allclose(logits[1, :3], forward(tiny.weights, tiny.config, short), atol=1e-3 * 60)
     # one decode step: each row appends at its own length
-    mask = np.zeros((2, s + 1)); mask[0] = 1; mask[1, :4] = 1
+    mask = np.zeros((2, s + 1))
+    mask[0] = 1
+    mask[1, :4] = 1
     logits, _ = run(fp32, [[5], [6]], mask, [[s], [3]], past)
     np.testing.assert_allclose(logits[0, -1], forward(tiny.weights, tiny.config, PROMPT + [5])[-1], atol=0.06)
     np.testing.assert_allclose(logits[1, -1], forward(tiny.weights, tiny.config, short + [6])[-1], atol=0.06)
@@ -78,8 +84,13 @@ def test_num_logits_to_keep_returns_the_last_positions(tiny, fp32):
     s = len(PROMPT)
     args = ([PROMPT], np.ones((1, s)), [np.arange(s)], empty_past(tiny.config, 1))
     full, _ = run(fp32, *args)
-    feed = {"input_ids": np.asarray([PROMPT], np.int64), "attention_mask": np.ones((1, s), np.int64),
-            "position_ids": np.arange(s)[None], "num_logits_to_keep": np.array([3]), **empty_past(tiny.config, 1)}
+    feed = {
+        "input_ids": np.asarray([PROMPT], np.int64),
+        "attention_mask": np.ones((1, s), np.int64),
+        "position_ids": np.arange(s)[None],
+        "num_logits_to_keep": np.array([3]),
+        **empty_past(tiny.config, 1),
+    }
     kept = fp32.run(["logits"], feed)[0]
     assert kept.shape == (1, 3, full.shape[-1])
     np.testing.assert_array_equal(kept, full[:, -3:])

@@ -15,8 +15,14 @@ def template():
 def test_routes_come_from_the_templates_http_api_events(template):
     routes = {r.key: r.function for r in http_routes(template)}
     assert routes["POST /v1/chat/completions"] == "ApiFunction"
-    assert {"GET /v1/jobs/{id}", "DELETE /v1/jobs/{id}", "POST /v1/files", "GET /v1/files/{id}/content",
-            "GET /v1/batches/{id}", "GET /health"} <= set(routes)
+    assert {
+        "GET /v1/jobs/{id}",
+        "DELETE /v1/jobs/{id}",
+        "POST /v1/files",
+        "GET /v1/files/{id}/content",
+        "GET /v1/batches/{id}",
+        "GET /health",
+    } <= set(routes)
     route, params = match(http_routes(template), "GET", "/v1/files/file-abc/content")
     assert route.key == "GET /v1/files/{id}/content" and params == {"id": "file-abc"}
     assert match(http_routes(template), "PATCH", "/v1/jobs/x") is None
@@ -35,8 +41,12 @@ def test_a_request_becomes_a_payload_v2_event(template):
 
 def test_event_sources_follow_the_templates_conditions(template):
     by_default = {(s.function, s.kind) for s in subscriptions(active(template))}
-    assert by_default == {("DlqFunction", "SQS"), ("TriggerFunction", "SQS"), ("BatchFunction", "EventBridgeRule"),
-                          ("BatchFunction", "Schedule")}
+    assert by_default == {
+        ("DlqFunction", "SQS"),
+        ("TriggerFunction", "SQS"),
+        ("BatchFunction", "EventBridgeRule"),
+        ("BatchFunction", "Schedule"),
+    }
     sagemaker = {(s.function, s.kind) for s in subscriptions(active(template, {"WorkerTarget": "sagemaker"}))}
     assert ("DispatchFunction", "SQS") in sagemaker
 
@@ -47,15 +57,21 @@ def test_schedules_and_references(template):
         rate_seconds("cron(0 12 * * ? *)")
     refs = {"JobsTable": "t", ("JobsQueue", "Arn"): "arn:aws:sqs:us-east-1:0:q"}
     assert resolve({"A": {"Ref": "JobsTable"}, "B": [{"Fn::GetAtt": ["JobsQueue", "Arn"]}]}, refs) == {
-        "A": "t", "B": ["arn:aws:sqs:us-east-1:0:q"]}
+        "A": "t",
+        "B": ["arn:aws:sqs:us-east-1:0:q"],
+    }
 
 
 def test_the_cache_key_names_the_sampling_version(monkeypatch):
     from stratus import cache_key as ck
     from stratus.contracts import parse_request
 
-    req = parse_request("chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
-                        max_messages=8, max_tokens_limit=64)
+    req = parse_request(
+        "chat",
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+        max_messages=8,
+        max_tokens_limit=64,
+    )
     before = ck.cache_key(req, model_digest="d", scope="t")
     monkeypatch.setattr(ck, "SAMPLING_VERSION", ck.SAMPLING_VERSION + 1)
     assert ck.cache_key(req, model_digest="d", scope="t") != before
@@ -86,16 +102,23 @@ def _touch_racing_a_result(monkeypatch) -> str:
         monkeypatch.setenv(k, v)
     with mock_aws():
         table = boto3.resource("dynamodb").create_table(
-            TableName="jobs", KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
-        req = parse_request("chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-                            max_messages=8, max_tokens_limit=64)
-        table.put_item(Item=Job("c1", "acme", Status.RUNNING, req, True, created_at=0, expires_at=2**40,
-                                worker="w0").to_item())
+            TableName="jobs",
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        req = parse_request(
+            "chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}, max_messages=8, max_tokens_limit=64
+        )
+        table.put_item(
+            Item=Job("c1", "acme", Status.RUNNING, req, True, created_at=0, expires_at=2**40, worker="w0").to_item()
+        )
         store = JobStore(table)
         touched = []
-        touch = threading.Thread(name="touch", target=lambda: touched.append(
-            store.transition("c1", [Status.RUNNING], Status.RUNNING, owner="w0")))
+        touch = threading.Thread(
+            name="touch",
+            target=lambda: touched.append(store.transition("c1", [Status.RUNNING], Status.RUNNING, owner="w0")),
+        )
         touch.start()
         time.sleep(0.05)
         assert store.transition("c1", [Status.RUNNING], Status.DONE, owner="w0", result={"text": "hi"})

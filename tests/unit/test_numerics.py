@@ -53,8 +53,10 @@ def test_the_build_records_golden_outputs_of_the_reference(tiny):
 def test_a_worker_serves_a_configuration_that_passes(tiny):
     result = load_verified(tiny.dirs["int4"], threads=1)
     assert result.checks[-1].passed and result.checks[-1].configuration == result.configuration
-    assert result.model.graph == {"int8-activations": "model.int8act.onnx", "split-activations": "model.onnx"}[
-        result.configuration]
+    assert (
+        result.model.graph
+        == {"int8-activations": "model.int8act.onnx", "split-activations": "model.onnx"}[result.configuration]
+    )
     split = load_verified(tiny.dirs["int4"], threads=1, only="split-activations").checks[0]
     assert split.passed and split.max_logprob_error < 1e-3 and split.tokens_agree == split.positions == 64
 

@@ -39,8 +39,9 @@ def test_n_choices_and_logprobs_on_a_reused_prefix(tiny):
     [want] = plain.generate([GenerationRequest(SHARED + QUESTIONS[1], params)])
     assert engine.prefixes.stats.hits >= 1
     assert [c.token_ids for c in got.choices] == [c.token_ids for c in want.choices]
-    assert [e.logprob for e in got.choices[0].logprobs] == pytest.approx([e.logprob for e in want.choices[0].logprobs],
-                                                                         abs=1e-4)
+    assert [e.logprob for e in got.choices[0].logprobs] == pytest.approx(
+        [e.logprob for e in want.choices[0].logprobs], abs=1e-4
+    )
 
 
 def test_stored_prefixes_stay_within_the_budget():
@@ -48,7 +49,10 @@ def test_stored_prefixes_stay_within_the_budget():
     cache = PrefixCache(budget_bytes=100 * per_token, bytes_per_token=per_token)
     a, b = list(range(1, 90)), list(range(500, 590))
     cache.add(a, cache.storable(a), kv=[])
-    assert cache.lookup(a[:40] + [7, 7, 7]) == (cache.entries[next(iter(cache.entries))], 32)  # any block-aligned prefix
+    assert cache.lookup(a[:40] + [7, 7, 7]) == (
+        cache.entries[next(iter(cache.entries))],
+        32,
+    )  # any block-aligned prefix
     cache.add(b, cache.storable(b), kv=[])  # 80 + 80 tokens > 100: the older entry goes
     assert cache.used_bytes <= 100 * per_token and cache.stats.evictions == 1
     assert cache.lookup(a)[0] is None and cache.lookup(b)[1] == 80
@@ -63,8 +67,13 @@ def test_interactive_requests_are_admitted_before_waiting_batch_requests(tiny):
     order = []
 
     def request(name, priority):
-        return GenerationRequest([1, 40, 90], greedy(4), priority=priority,
-                                 on_token=lambda _t, _lp: order.append(name) if name not in order else None)
+        return GenerationRequest(
+            [1, 40, 90],
+            greedy(4),
+            priority=priority,
+            on_token=lambda _t, _lp: order.append(name) if name not in order else None,
+        )
+
     futures = [engine.submit(request("batch-1", 1))]
     engine.step()
     futures += [engine.submit(request("batch-2", 1)), engine.submit(request("interactive", 0))]
@@ -77,8 +86,9 @@ def test_interactive_requests_are_admitted_before_waiting_batch_requests(tiny):
 def test_batch_rows_stay_few_while_interactive_requests_are_about(tiny):
     # Given an engine whose clock we move, and interactive traffic
     now = [100.0]
-    engine = Engine.from_dir(tiny.dirs["fp32"], threads=1, max_batch=8, batch_rows_beside_interactive=2,
-                             clock=lambda: now[0])
+    engine = Engine.from_dir(
+        tiny.dirs["fp32"], threads=1, max_batch=8, batch_rows_beside_interactive=2, clock=lambda: now[0]
+    )
     engine.submit(GenerationRequest([1, 40, 90], greedy(40), priority=0))
     batch = [engine.submit(GenerationRequest([1, 50 + i, 90], greedy(40), priority=1)) for i in range(6)]
     engine.step()
@@ -94,10 +104,12 @@ def test_batch_rows_stay_few_while_interactive_requests_are_about(tiny):
 
 def test_a_batch_request_with_more_choices_than_the_cap_still_runs_beside_interactive_traffic(tiny):
     now = [100.0]
-    engine = Engine.from_dir(tiny.dirs["fp32"], threads=1, max_batch=8, batch_rows_beside_interactive=1,
-                             clock=lambda: now[0])
-    wide = engine.submit(GenerationRequest([5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
-                                                                      n=2), priority=1))
+    engine = Engine.from_dir(
+        tiny.dirs["fp32"], threads=1, max_batch=8, batch_rows_beside_interactive=1, clock=lambda: now[0]
+    )
+    wide = engine.submit(
+        GenerationRequest([5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, n=2), priority=1)
+    )
     behind = engine.submit(GenerationRequest([5, 6, 8], greedy(4), priority=1))
     # When interactive requests keep coming (one every 5 steps, well inside the window)
     for i in range(40):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import random
 
 import pytest
@@ -10,14 +12,17 @@ from stratus.jobstore import SQS_LIMIT_BYTES
 from stratus.release import Meter, Pending, _groups, fair_shares, plan, target
 
 
-@pytest.mark.parametrize("room, wants, expected", [
-    (10, {"a": 100, "b": 3, "c": 100}, {"a": 4, "b": 3, "c": 3}),  # b's unused share goes to the others
-    (9, {"a": 100, "b": 100, "c": 100}, {"a": 3, "b": 3, "c": 3}),
-    (2, {"a": 5, "b": 5, "c": 5}, {"a": 1, "b": 1, "c": 0}),  # leftovers: the oldest first
-    (100, {"a": 5, "b": 0, "c": 7}, {"a": 5, "b": 0, "c": 7}),  # room to spare: everyone's all
-    (0, {"a": 5}, {"a": 0}),
-    (7, {}, {}),
-])
+@pytest.mark.parametrize(
+    "room, wants, expected",
+    [
+        (10, {"a": 100, "b": 3, "c": 100}, {"a": 4, "b": 3, "c": 3}),  # b's unused share goes to the others
+        (9, {"a": 100, "b": 100, "c": 100}, {"a": 3, "b": 3, "c": 3}),
+        (2, {"a": 5, "b": 5, "c": 5}, {"a": 1, "b": 1, "c": 0}),  # leftovers: the oldest first
+        (100, {"a": 5, "b": 0, "c": 7}, {"a": 5, "b": 0, "c": 7}),  # room to spare: everyone's all
+        (0, {"a": 5}, {"a": 0}),
+        (7, {}, {}),
+    ],
+)
 def test_fair_shares_split_the_room_evenly_as_far_as_wants_allow(room, wants, expected):
     assert fair_shares(room, wants) == expected
 
@@ -36,12 +41,15 @@ def test_fair_shares_are_max_min_fair_on_random_cases():
             assert max(got.values()) - min(short) <= 1
 
 
-@pytest.mark.parametrize("room, wants, weights, expected", [
-    (11, {"a": 100, "b": 100}, {"a": 10.0, "b": 1.0}, {"a": 1, "b": 10}),  # the same tokens each
-    (20, {"a": 100, "b": 5}, {"a": 10.0, "b": 1.0}, {"a": 15, "b": 5}),  # b's unused share goes to a
-    (3, {"a": 100, "b": 100}, {"a": 10.0, "b": 1.0}, {"a": 0, "b": 3}),  # too little room for a's first line yet
-    (10, {"a": 100, "b": 100}, {"a": 2.0, "b": 2.0}, {"a": 5, "b": 5}),  # equal weights: as unweighted
-])
+@pytest.mark.parametrize(
+    "room, wants, weights, expected",
+    [
+        (11, {"a": 100, "b": 100}, {"a": 10.0, "b": 1.0}, {"a": 1, "b": 10}),  # the same tokens each
+        (20, {"a": 100, "b": 5}, {"a": 10.0, "b": 1.0}, {"a": 15, "b": 5}),  # b's unused share goes to a
+        (3, {"a": 100, "b": 100}, {"a": 10.0, "b": 1.0}, {"a": 0, "b": 3}),  # too little room for a's first line yet
+        (10, {"a": 100, "b": 100}, {"a": 2.0, "b": 2.0}, {"a": 5, "b": 5}),  # equal weights: as unweighted
+    ],
+)
 def test_weighted_shares_give_each_claimant_the_same_tokens(room, wants, weights, expected):
     assert fair_shares(room, wants, weights) == expected
 
@@ -89,4 +97,4 @@ def test_send_groups_hold_ten_messages_and_fit_one_call():
     assert [len(g) for g in _groups(["x"] * 25)] == [10, 10, 5]
     big = "y" * (SQS_LIMIT_BYTES // 3)  # three fill a call to just under its limit; a fourth does not fit
     groups = _groups([big] * 7)
-    assert [len(g) for g in groups] == [3, 3, 1] and sum(groups, []) == list(range(7))
+    assert [len(g) for g in groups] == [3, 3, 1] and functools.reduce(operator.iadd, groups, []) == list(range(7))

@@ -3,8 +3,7 @@ import pytest
 
 from stratus.errors import InvalidRequest
 from stratus.params import SamplingParams
-from stratus_engine.sampling import (apply_repetition_penalty, sample, sample_row, tempered, top_k_filter,
-                                     top_p_filter)
+from stratus_engine.sampling import apply_repetition_penalty, sample, sample_row, tempered, top_k_filter, top_p_filter
 
 
 def test_top_k_keeps_k_largest():
@@ -27,17 +26,22 @@ def test_repetition_penalty_pushes_seen_tokens_down():
 def test_same_seed_same_draws_and_greedy_fast_path():
     logits = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)
     p = SamplingParams(temperature=1.0, seed=7)
-    draws = [[sample_row(logits[0], p, np.zeros(0, np.int64), np.random.default_rng(7)) for _ in range(1)] for _ in range(3)]
+    draws = [
+        [sample_row(logits[0], p, np.zeros(0, np.int64), np.random.default_rng(7)) for _ in range(1)] for _ in range(3)
+    ]
     assert draws[0] == draws[1] == draws[2]
     greedy = SamplingParams(temperature=0)
     assert sample(logits, [greedy] * 3, [np.zeros(0, np.int64)] * 3, [None] * 3) == logits.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=1e-320),  # x / t overflowed to inf, and inf - inf is NaN
-    SamplingParams(temperature=0.7, repetition_penalty=1e-320),  # a seen positive logit / 1e-320 = inf
-    SamplingParams(temperature=1e-320, repetition_penalty=1e-320),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-320),  # x / t overflowed to inf, and inf - inf is NaN
+        SamplingParams(temperature=0.7, repetition_penalty=1e-320),  # a seen positive logit / 1e-320 = inf
+        SamplingParams(temperature=1e-320, repetition_penalty=1e-320),
+    ],
+)
 def test_extreme_but_valid_parameters_draw_a_token_not_a_nan(params):
     logits = np.random.default_rng(1).standard_normal(50).astype(np.float32) * 10
     seen = np.array([int(np.argsort(logits)[-3])])  # the third most likely, positive
@@ -59,8 +63,9 @@ def test_a_row_whose_sampling_fails_fails_alone():
     bad = np.zeros(0, np.int64)
     seen = [bad, np.array([10**6]), bad]  # row 1: an index past the vocabulary raises inside the penalty
     failed = {}
-    tokens = sample(logits, [p, SamplingParams(temperature=1.0, repetition_penalty=1.5), p], seen, rngs,
-                    on_error=failed.__setitem__)
+    tokens = sample(
+        logits, [p, SamplingParams(temperature=1.0, repetition_penalty=1.5), p], seen, rngs, on_error=failed.__setitem__
+    )
     assert list(failed) == [1] and tokens[1] == -1
     alone = [sample_row(logits[b], p, bad, np.random.default_rng(5)) for b in (0, 2)]
     assert [tokens[0], tokens[2]] == alone  # the others drew what they would have drawn anyway
@@ -68,13 +73,16 @@ def test_a_row_whose_sampling_fails_fails_alone():
         sample(logits, [SamplingParams(temperature=1.0, repetition_penalty=1.5)], [seen[1]], rngs[:1])
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"top_p": 1.5}, "top_p must be in (0.0, 1.0], got 1.5"),
-    ({"temperature": -1}, "temperature must be in [0.0, 2.0], got -1"),
-    ({"max_tokens": 0}, "max_tokens must be an integer >= 1 (0 with echo), got 0"),
-    ({"top_k": -2}, "top_k must be an integer >= 0, got -2"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop must be up to 4 non-empty strings"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"top_p": 1.5}, "top_p must be in (0.0, 1.0], got 1.5"),
+        ({"temperature": -1}, "temperature must be in [0.0, 2.0], got -1"),
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1 (0 with echo), got 0"),
+        ({"top_k": -2}, "top_k must be an integer >= 0, got -2"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop must be up to 4 non-empty strings"),
+    ],
+)
 def test_params_name_field_range_and_value(kwargs, message):
     with pytest.raises(InvalidRequest) as err:
         SamplingParams(**kwargs)

@@ -26,7 +26,8 @@ class Store:
     def put(self, chunks) -> None:
         jobs = {c.stream for c, _ in chunks}
         bad = next((self.once.pop(j) for j in jobs if j in self.once), None) or next(
-            (self.always[j] for j in jobs if j in self.always), None)
+            (self.always[j] for j in jobs if j in self.always), None
+        )
         if bad is not None:
             raise bad
         self.items += [c for c, _ in chunks]
@@ -40,8 +41,9 @@ class Store:
 
 
 def writer(store: Store, now: list[float]) -> ChunkWriter:
-    return ChunkWriter(store, lambda: WholeText(lambda ids: "".join(LETTERS[i] for i in ids)), flush_s=0.1,
-                       clock=lambda: now[0])
+    return ChunkWriter(
+        store, lambda: WholeText(lambda ids: "".join(LETTERS[i] for i in ids)), flush_s=0.1, clock=lambda: now[0]
+    )
 
 
 def feed(on_token, text: str) -> None:

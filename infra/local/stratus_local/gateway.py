@@ -1,23 +1,24 @@
 """A local stand-in for API Gateway. Routes come from the template's Api and HttpApi events.
 
-  a function run by the Lambda Web Adapter   the request goes to its web app (webapp.py) and the
-                                             response comes back as it is produced, chunk by
-                                             chunk (API Gateway's response streaming)
-  any other function                         HTTP request -> payload format 2.0 event -> the
-                                             function -> HTTP response
+a function run by the Lambda Web Adapter   the request goes to its web app (webapp.py) and the
+                                           response comes back as it is produced, chunk by
+                                           chunk (API Gateway's response streaming)
+any other function                         HTTP request -> payload format 2.0 event -> the
+                                           function -> HTTP response
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 from urllib.parse import urlsplit
 
 Invoke = Callable[[str, dict], dict]  # (function, event) -> result
@@ -63,14 +64,28 @@ def to_event(route: Route, params: dict, method: str, url: str, headers: dict, b
     except UnicodeDecodeError:
         text, encoded = base64.b64encode(body).decode(), True
     event = {
-        "version": "2.0", "routeKey": route.key, "rawPath": parts.path, "rawQueryString": parts.query,
+        "version": "2.0",
+        "routeKey": route.key,
+        "rawPath": parts.path,
+        "rawQueryString": parts.query,
         "headers": {k.lower(): v for k, v in headers.items()},
         "requestContext": {
-            "accountId": "000000000000", "apiId": "local", "domainName": headers.get("Host", "localhost"),
-            "http": {"method": method, "path": parts.path, "protocol": "HTTP/1.1", "sourceIp": source_ip,
-                     "userAgent": headers.get("User-Agent", "")},
-            "requestId": uuid.uuid4().hex, "routeKey": route.key, "stage": "$default",
-            "time": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)), "timeEpoch": int(now * 1000)},
+            "accountId": "000000000000",
+            "apiId": "local",
+            "domainName": headers.get("Host", "localhost"),
+            "http": {
+                "method": method,
+                "path": parts.path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": source_ip,
+                "userAgent": headers.get("User-Agent", ""),
+            },
+            "requestId": uuid.uuid4().hex,
+            "routeKey": route.key,
+            "stage": "$default",
+            "time": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)),
+            "timeEpoch": int(now * 1000),
+        },
         "isBase64Encoded": encoded,
     }
     if params:
@@ -78,12 +93,15 @@ def to_event(route: Route, params: dict, method: str, url: str, headers: dict, b
     if body:
         event["body"] = text
     if parts.query:
-        event["queryStringParameters"] = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in parts.query.split("&"))
+        event["queryStringParameters"] = dict(
+            kv.split("=", 1) if "=" in kv else (kv, "") for kv in parts.query.split("&")
+        )
     return event
 
 
-def make_server(host: str, port: int, routes: list[Route], invoke: Invoke,
-                web_apps: dict[str, str] | None = None) -> ThreadingHTTPServer:
+def make_server(
+    host: str, port: int, routes: list[Route], invoke: Invoke, web_apps: dict[str, str] | None = None
+) -> ThreadingHTTPServer:
     """web_apps: function -> base URL of its web app (functions run by the Web Adapter)."""
     web_apps = web_apps or {}
 
@@ -103,9 +121,10 @@ def make_server(host: str, port: int, routes: list[Route], invoke: Invoke,
             event = to_event(route, params, self.command, self.path, dict(self.headers), body, self.client_address[0])
             try:
                 out = invoke(route.function, event)
-            except Exception:  # noqa: BLE001 - API Gateway answers 500 when the integration fails
-                return self._send(500, {"content-type": "application/json"},
-                                  json.dumps({"message": "Internal Server Error"}))
+            except Exception:
+                return self._send(
+                    500, {"content-type": "application/json"}, json.dumps({"message": "Internal Server Error"})
+                )
             raw = out.get("body") or ""
             data = base64.b64decode(raw) if out.get("isBase64Encoded") else raw.encode()
             self._send(out.get("statusCode", 200), out.get("headers") or {}, data)
@@ -135,10 +154,8 @@ def make_server(host: str, port: int, routes: list[Route], invoke: Invoke,
             except OSError:  # the client left (or the web app died): closing upstream tells the app
                 self.close_connection = True
                 if not started:
-                    try:
+                    with contextlib.suppress(OSError):
                         self._send(502, {"content-type": "application/json"}, json.dumps({"message": "Bad Gateway"}))
-                    except OSError:
-                        pass
             finally:
                 upstream.close()
 
@@ -160,4 +177,3 @@ def make_server(host: str, port: int, routes: list[Route], invoke: Invoke,
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     return server
-

@@ -37,7 +37,7 @@ def _instance_main(conn, function: str, env: dict[str, str]) -> None:
             return
         try:
             conn.send(("ok", handler(event, LambdaContext(function_name=function))))
-        except Exception:  # noqa: BLE001 - reported to the caller like Lambda's Unhandled error
+        except Exception:
             conn.send(("error", traceback.format_exc()))
 
 
@@ -99,8 +99,12 @@ class FunctionPool:
             if self._idle:
                 return self._idle.pop()
             parent, child = self._ctx.Pipe()
-            proc = self._ctx.Process(target=_instance_main, args=(child, self.function, self.env), daemon=True,
-                                     name=f"{self.function}-{len(self._all)}")
+            proc = self._ctx.Process(
+                target=_instance_main,
+                args=(child, self.function, self.env),
+                daemon=True,
+                name=f"{self.function}-{len(self._all)}",
+            )
             inst = _Instance(proc, parent)
             self._all.append(inst)  # counted now; its init (a cold start) runs outside the lock
         proc.start()

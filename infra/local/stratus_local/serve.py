@@ -29,8 +29,11 @@ from stratus import tokenizer
 from stratus_engine.artifact import publish
 from stratus_local.template import ROOT, active, create_resources, function_environment, load_template, web_adapter
 
+
 def log_dir() -> Path:
     return Path(os.environ.get("STRATUS_LOCAL_LOG_DIR") or ROOT / "build/local/logs")
+
+
 REGION = "us-east-1"
 DEV_TENANT = "local"
 
@@ -46,8 +49,11 @@ def model_parameters(model_dir: Path) -> dict[str, str]:
     from stratus_engine.model_dir import read_spec
 
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    return {"ModelId": manifest["model_id"], "ModelDigest": manifest["digest"],
-            "ModelContextLength": str(read_spec(model_dir).context_length)}
+    return {
+        "ModelId": manifest["model_id"],
+        "ModelDigest": manifest["digest"],
+        "ModelContextLength": str(read_spec(model_dir).context_length),
+    }
 
 
 @dataclass
@@ -65,13 +71,21 @@ class LocalStack:
         while self._stops:
             try:
                 self._stops.pop()()
-            except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+            except Exception as exc:
                 print(f"stratus serve: while stopping: {exc}", file=sys.stderr)
 
 
-def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers: int = 1,
-          api_key: str | None = None, threads: int | None = None, schedule_every_s: float = 5.0,
-          environment: dict[str, str] | None = None) -> LocalStack:
+def start(
+    model_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 3000,
+    workers: int = 1,
+    api_key: str | None = None,
+    threads: int | None = None,
+    schedule_every_s: float = 5.0,
+    environment: dict[str, str] | None = None,
+) -> LocalStack:
     """environment: variables over the template's for every function and worker (benchmarks compare
     settings)."""
     import boto3
@@ -87,16 +101,24 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
     moto_port = free_port()
     # moto in its own process (its request handling does not share a GIL with the gateway), each
     # DynamoDB request atomic as on AWS (moto_server.py)
-    moto = subprocess.Popen([sys.executable, "-m", "stratus_local.moto_server",
-                             "-H", "127.0.0.1", "-p", str(moto_port)],
-                            stdout=open(logs / "moto.log", "ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # (Ctrl-C reaches this process only: it stops them in order)
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "stratus_local.moto_server", "-H", "127.0.0.1", "-p", str(moto_port)],
+        stdout=open(logs / "moto.log", "ab"),  # noqa: SIM115 — the child keeps the file
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # (Ctrl-C reaches this process only: it stops them in order)
     stack = LocalStack(f"http://{host}:{port}/v1", "", "", f"http://127.0.0.1:{moto_port}", {}, logs)
     stack._stops.append(lambda: _stop_processes([moto], grace_s=5))
     try:
         _wait_for_port(moto_port, moto, logs / "moto.log")
-        aws = {"AWS_ENDPOINT_URL": stack.aws_endpoint, "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
-               "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION, "POWERTOOLS_TRACE_DISABLED": "true"}
+        aws = {
+            "AWS_ENDPOINT_URL": stack.aws_endpoint,
+            "AWS_ACCESS_KEY_ID": "local",
+            "AWS_SECRET_ACCESS_KEY": "local",
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_REGION": REGION,
+            "POWERTOOLS_TRACE_DISABLED": "true",
+        }
         session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=REGION)
         os.environ["AWS_ENDPOINT_URL"] = stack.aws_endpoint  # this process's clients talk to moto too
         params = model_parameters(model_dir)
@@ -111,36 +133,68 @@ def start(model_dir: Path, *, host: str = "127.0.0.1", port: int = 3000, workers
         functions = [n for n, r in template["Resources"].items() if r["Type"] == "AWS::Serverless::Function"]
         # schedules run every schedule_every_s here, not each minute: a batch pass is one release step
         fast = {"STRATUS_BATCH_PASS_S": "0"} if schedule_every_s else {}
-        pools = {fn: FunctionPool(fn, {**function_environment(template, fn, refs), **aws, **fast, **(environment or {}),
-                                       "STRATUS_LOCAL_LOG": str(logs / f"{fn}.log")}) for fn in functions}
+        pools = {
+            fn: FunctionPool(
+                fn,
+                {
+                    **function_environment(template, fn, refs),
+                    **aws,
+                    **fast,
+                    **(environment or {}),
+                    "STRATUS_LOCAL_LOG": str(logs / f"{fn}.log"),
+                },
+            )
+            for fn in functions
+        }
         stack.pools = pools
         stack._stops.append(lambda: [p.close() for p in pools.values()])
 
         def invoke(function: str, event: dict) -> dict:
             return pools[function].invoke(event)
 
-        worker_env = {**os.environ, **function_environment(template, None, refs), **aws,
-                      "STRATUS_MODEL_DIR": str(model_dir),
-                      "STRATUS_ORT_SPINNING": "false",  # the workers share the machine with the rest
-                      **(environment or {})}
+        worker_env = {
+            **os.environ,
+            **function_environment(template, None, refs),
+            **aws,
+            "STRATUS_MODEL_DIR": str(model_dir),
+            "STRATUS_ORT_SPINNING": "false",  # the workers share the machine with the rest
+            **(environment or {}),
+        }
         cmd = [sys.executable, "-m", "stratus_worker"] + (["--threads", str(threads)] if threads else [])
 
         def spawn(i: int) -> subprocess.Popen:
-            return subprocess.Popen(cmd, env=worker_env, stdout=open(logs / f"worker-{i}.log", "ab"),
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                cmd,
+                env=worker_env,
+                stdout=open(logs / f"worker-{i}.log", "ab"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
         procs = [spawn(i) for i in range(workers)]
         supervising = threading.Event()
         stack._stops.append(lambda: (supervising.set(), _stop_processes(procs)))
         _wait_for_workers(procs, [logs / f"worker-{i}.log" for i in range(workers)])
         threading.Thread(target=_supervise, args=(procs, spawn, supervising), daemon=True, name="supervisor").start()
 
-        sources = EventSources(template, refs, invoke, session, schedule_every_s=schedule_every_s,
-                               log=lambda m: print(f"stratus serve: {m}", file=sys.stderr))
+        sources = EventSources(
+            template,
+            refs,
+            invoke,
+            session,
+            schedule_every_s=schedule_every_s,
+            log=lambda m: print(f"stratus serve: {m}", file=sys.stderr),
+        )
         sources.start()
         stack._stops.append(sources.stop)
 
-        apps = {fn: WebApp(template, fn, {**function_environment(template, fn, refs), **aws}, free_port(),
-                           logs / f"{fn}.log") for fn in functions if web_adapter(template, fn)}
+        apps = {
+            fn: WebApp(
+                template, fn, {**function_environment(template, fn, refs), **aws}, free_port(), logs / f"{fn}.log"
+            )
+            for fn in functions
+            if web_adapter(template, fn)
+        }
         stack._stops.append(lambda: [a.stop() for a in apps.values()])
         for a in apps.values():
             a.wait_ready()
@@ -161,9 +215,18 @@ def state_file() -> Path:
 
 def write_state(stack: LocalStack, params: dict) -> None:
     path = state_file()
-    path.write_text(json.dumps({"pid": os.getpid(), "url": stack.url, "aws_endpoint": stack.aws_endpoint,
-                                "refs": {".".join(k) if isinstance(k, tuple) else k: v for k, v in stack.refs.items()},
-                                "parameters": params, "api_key": stack.api_key}))
+    path.write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "url": stack.url,
+                "aws_endpoint": stack.aws_endpoint,
+                "refs": {".".join(k) if isinstance(k, tuple) else k: v for k, v in stack.refs.items()},
+                "parameters": params,
+                "api_key": stack.api_key,
+            }
+        )
+    )
     stack._stops.append(lambda: path.unlink(missing_ok=True))
 
 
@@ -210,8 +273,9 @@ def _wait_for_workers(procs: list[subprocess.Popen], logs: list[Path], timeout_s
         for i in list(pending):
             if procs[i].poll() is not None:
                 said = [ln for ln in logs[i].read_text(errors="replace").splitlines() if ln.startswith("error:")]
-                raise RuntimeError(f"worker {i} exited with {procs[i].returncode}"
-                                   f"{': ' + said[-1] if said else ''}; see {logs[i]}")
+                raise RuntimeError(
+                    f"worker {i} exited with {procs[i].returncode}{': ' + said[-1] if said else ''}; see {logs[i]}"
+                )
             with open(logs[i], "rb") as f:
                 f.seek(offsets[i])
                 if b'"worker started"' in f.read():
@@ -235,7 +299,7 @@ def _stop_processes(procs: list[subprocess.Popen], grace_s: float = 30.0) -> Non
 
 def banner(stack: LocalStack, workers: int) -> str:
     return f"""
-Stratus is running locally ({workers} worker{'s' if workers != 1 else ''}, model {stack.model_id}).
+Stratus is running locally ({workers} worker{"s" if workers != 1 else ""}, model {stack.model_id}).
   base URL   {stack.url}
   API key    {stack.api_key}
   AWS (moto) {stack.aws_endpoint}
@@ -260,8 +324,11 @@ def main(model_dir: Path, *, port: int, workers: int, api_key: str | None, threa
     if not (model_dir / "manifest.json").is_file():
         print(f"error: {model_dir} is not a built model (run `make model`)", file=sys.stderr)
         return 2
-    print(f"starting: moto, the resources of template.yaml, {workers} worker(s) loading {model_dir.name}, "
-          f"the gateway on 127.0.0.1:{port} …", flush=True)
+    print(
+        f"starting: moto, the resources of template.yaml, {workers} worker(s) loading {model_dir.name}, "
+        f"the gateway on 127.0.0.1:{port} …",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, _interrupt)  # while starting: start() stops what it started, then we exit
     try:
         stack = start(model_dir, port=port, workers=workers, api_key=api_key, threads=threads)

@@ -17,8 +17,8 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from stratus_local.template import resolve
 
@@ -44,32 +44,63 @@ def subscriptions(template: dict) -> list[Subscription]:
 
 def _ref_name(value) -> str:
     """!GetAtt Queue.Arn / !Ref Bucket -> the logical name."""
-    (k, v), = value.items()
+    ((k, v),) = value.items()
     return v[0] if k == "Fn::GetAtt" else v
 
 
 def sqs_event(messages: list[dict], arn: str, region: str) -> dict:
-    return {"Records": [{
-        "messageId": m["MessageId"], "receiptHandle": m["ReceiptHandle"], "body": m["Body"],
-        "attributes": {k: v for k, v in m.get("Attributes", {}).items()},
-        "messageAttributes": m.get("MessageAttributes", {}), "md5OfBody": m.get("MD5OfBody", ""),
-        "eventSource": "aws:sqs", "eventSourceARN": arn, "awsRegion": region} for m in messages]}
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": {k: v for k, v in m.get("Attributes", {}).items()},
+                "messageAttributes": m.get("MessageAttributes", {}),
+                "md5OfBody": m.get("MD5OfBody", ""),
+                "eventSource": "aws:sqs",
+                "eventSourceARN": arn,
+                "awsRegion": region,
+            }
+            for m in messages
+        ]
+    }
 
 
 def s3_object_created(bucket: str, key: str, size: int, etag: str, region: str) -> dict:
     """What S3 sends EventBridge for a new object."""
-    return {"version": "0", "id": uuid.uuid4().hex, "detail-type": "Object Created", "source": "aws.s3",
-            "account": "000000000000", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "region": region,
-            "resources": [f"arn:aws:s3:::{bucket}"],
-            "detail": {"version": "0", "bucket": {"name": bucket},
-                       "object": {"key": key, "size": size, "etag": etag, "sequencer": uuid.uuid4().hex[:16]},
-                       "request-id": uuid.uuid4().hex, "requester": "000000000000", "reason": "PutObject"}}
+    return {
+        "version": "0",
+        "id": uuid.uuid4().hex,
+        "detail-type": "Object Created",
+        "source": "aws.s3",
+        "account": "000000000000",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "region": region,
+        "resources": [f"arn:aws:s3:::{bucket}"],
+        "detail": {
+            "version": "0",
+            "bucket": {"name": bucket},
+            "object": {"key": key, "size": size, "etag": etag, "sequencer": uuid.uuid4().hex[:16]},
+            "request-id": uuid.uuid4().hex,
+            "requester": "000000000000",
+            "reason": "PutObject",
+        },
+    }
 
 
 def scheduled_event(function: str, region: str) -> dict:
-    return {"version": "0", "id": uuid.uuid4().hex, "detail-type": "Scheduled Event", "source": "aws.events",
-            "account": "000000000000", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "region": region,
-            "resources": [f"arn:aws:events:{region}:000000000000:rule/{function}"], "detail": {}}
+    return {
+        "version": "0",
+        "id": uuid.uuid4().hex,
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "000000000000",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "region": region,
+        "resources": [f"arn:aws:events:{region}:000000000000:rule/{function}"],
+        "detail": {},
+    }
 
 
 def rate_seconds(expression: str) -> float:
@@ -82,15 +113,25 @@ def rate_seconds(expression: str) -> float:
 class EventSources:
     """One thread per subscription; stop() ends them all."""
 
-    def __init__(self, template: dict, refs: dict, invoke: Invoke, session, *, schedule_every_s: float | None = None,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        template: dict,
+        refs: dict,
+        invoke: Invoke,
+        session,
+        *,
+        schedule_every_s: float | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.refs, self.invoke, self.log = refs, invoke, log
         self.sqs, self.s3 = session.client("sqs"), session.client("s3")
         self.region = session.region_name
         self.schedule_every_s = schedule_every_s  # local mode runs schedules faster than AWS would
         self.stopped = threading.Event()
-        self.threads = [threading.Thread(target=self._guard, args=(s,), daemon=True, name=f"{s.kind}->{s.function}")
-                        for s in subscriptions(template)]
+        self.threads = [
+            threading.Thread(target=self._guard, args=(s,), daemon=True, name=f"{s.kind}->{s.function}")
+            for s in subscriptions(template)
+        ]
 
     def start(self) -> None:
         for t in self.threads:
@@ -106,7 +147,7 @@ class EventSources:
         while not self.stopped.is_set():
             try:
                 loop(sub)
-            except Exception as exc:  # noqa: BLE001 - keep delivering; the function's own logs say more
+            except Exception as exc:
                 self.log(f"event source {sub.kind} -> {sub.function}: {exc}")
                 self.stopped.wait(1)
 
@@ -115,21 +156,29 @@ class EventSources:
         url, arn = self.refs[name], self.refs[(name, "Arn")]
         report = "ReportBatchItemFailures" in sub.props.get("FunctionResponseTypes", [])
         while not self.stopped.is_set():
-            got = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=min(10, sub.props.get("BatchSize", 10)),
-                                           WaitTimeSeconds=IDLE_WAIT_S, AttributeNames=["All"],
-                                           MessageAttributeNames=["All"]).get("Messages", [])
+            got = self.sqs.receive_message(
+                QueueUrl=url,
+                MaxNumberOfMessages=min(10, sub.props.get("BatchSize", 10)),
+                WaitTimeSeconds=IDLE_WAIT_S,
+                AttributeNames=["All"],
+                MessageAttributeNames=["All"],
+            ).get("Messages", [])
             if not got:
                 continue
             try:
                 out = self.invoke(sub.function, sqs_event(got, arn, self.region)) or {}
-            except Exception as exc:  # noqa: BLE001 - the whole batch comes back after the visibility timeout
+            except Exception as exc:
                 self.log(f"{sub.function} failed on {len(got)} messages: {exc}")
                 continue
             failed = {f["itemIdentifier"] for f in out.get("batchItemFailures", [])} if report else set()
             done = [m for m in got if m["MessageId"] not in failed]
             for i in range(0, len(done), 10):
-                self.sqs.delete_message_batch(QueueUrl=url, Entries=[
-                    {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(done[i:i + 10])])
+                self.sqs.delete_message_batch(
+                    QueueUrl=url,
+                    Entries=[
+                        {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(done[i : i + 10])
+                    ],
+                )
 
     def _s3(self, sub: Subscription) -> None:
         pattern = resolve(sub.props["Pattern"], self.refs)
@@ -146,8 +195,10 @@ class EventSources:
                 if tag in seen or not obj["Key"].endswith(suffix):
                     continue
                 seen.add(tag)
-                self.invoke(sub.function, s3_object_created(bucket, obj["Key"], obj["Size"], obj["ETag"].strip('"'),
-                                                            self.region))
+                self.invoke(
+                    sub.function,
+                    s3_object_created(bucket, obj["Key"], obj["Size"], obj["ETag"].strip('"'), self.region),
+                )
             self.stopped.wait(0.5)
 
     def _schedule(self, sub: Subscription) -> None:

@@ -47,7 +47,7 @@ def load_template(path: Path = ROOT / "template.yaml") -> dict:
 def resolve(value, refs: dict):
     """Replace {"Ref": X} / {"Fn::GetAtt": [X, A]} with refs[X] / refs[(X, A)]."""
     if isinstance(value, dict) and len(value) == 1:
-        (k, v), = value.items()
+        ((k, v),) = value.items()
         if k == "Ref":
             return refs[v]
         if k == "Fn::GetAtt":
@@ -62,13 +62,15 @@ def resolve(value, refs: dict):
 def _condition(expr, template: dict, params: dict) -> bool | str:
     """Evaluate a Conditions expression (Equals, Not, And, Or, Condition, Ref to parameters)."""
     if isinstance(expr, dict):
-        (k, v), = expr.items()
-        ops = {"Fn::Equals": lambda a: _condition(a[0], template, params) == _condition(a[1], template, params),
-               "Fn::Not": lambda a: not _condition(a[0], template, params),
-               "Fn::And": lambda a: all(_condition(x, template, params) for x in a),
-               "Fn::Or": lambda a: any(_condition(x, template, params) for x in a),
-               "Condition": lambda a: _condition(template["Conditions"][a], template, params),
-               "Ref": lambda a: params[a]}
+        ((k, v),) = expr.items()
+        ops = {
+            "Fn::Equals": lambda a: _condition(a[0], template, params) == _condition(a[1], template, params),
+            "Fn::Not": lambda a: not _condition(a[0], template, params),
+            "Fn::And": lambda a: all(_condition(x, template, params) for x in a),
+            "Fn::Or": lambda a: any(_condition(x, template, params) for x in a),
+            "Condition": lambda a: _condition(template["Conditions"][a], template, params),
+            "Ref": lambda a: params[a],
+        }
         return ops[k](v)
     return str(expr)
 
@@ -78,8 +80,11 @@ def active(template: dict, params: dict | None = None) -> dict:
     (defaults overlaid with `params`), as CloudFormation would deploy it."""
     values = {**parameter_defaults(template), **(params or {})}
     out = dict(template)
-    out["Resources"] = {n: r for n, r in template["Resources"].items()
-                        if "Condition" not in r or _condition(template["Conditions"][r["Condition"]], template, values)}
+    out["Resources"] = {
+        n: r
+        for n, r in template["Resources"].items()
+        if "Condition" not in r or _condition(template["Conditions"][r["Condition"]], template, values)
+    }
     return out
 
 
@@ -109,19 +114,30 @@ def create_resources(template: dict, *, prefix: str = "stratus", session=None, p
             refs[name], refs[(name, "Arn")], refs[(name, "QueueName")] = url, arn, f"{prefix}-{name}"
         elif res["Type"] == "AWS::DynamoDB::Table":
             table = f"{prefix}-{name}"
-            extra = {"GlobalSecondaryIndexes": props["GlobalSecondaryIndexes"]} if "GlobalSecondaryIndexes" in props else {}
-            ddb.create_table(TableName=table, KeySchema=props["KeySchema"], BillingMode=props["BillingMode"],
-                             AttributeDefinitions=props["AttributeDefinitions"], **extra)
+            extra = (
+                {"GlobalSecondaryIndexes": props["GlobalSecondaryIndexes"]} if "GlobalSecondaryIndexes" in props else {}
+            )
+            ddb.create_table(
+                TableName=table,
+                KeySchema=props["KeySchema"],
+                BillingMode=props["BillingMode"],
+                AttributeDefinitions=props["AttributeDefinitions"],
+                **extra,
+            )
             ttl = props.get("TimeToLiveSpecification")
             if ttl:
-                ddb.update_time_to_live(TableName=table, TimeToLiveSpecification={
-                    "AttributeName": ttl["AttributeName"], "Enabled": ttl["Enabled"]})
+                ddb.update_time_to_live(
+                    TableName=table,
+                    TimeToLiveSpecification={"AttributeName": ttl["AttributeName"], "Enabled": ttl["Enabled"]},
+                )
             refs[name] = table
         elif res["Type"] == "AWS::S3::Bucket":
             bucket = f"{prefix}-{name}".lower()
             region = s3.meta.region_name
-            s3.create_bucket(Bucket=bucket, **({} if region == "us-east-1" else
-                                               {"CreateBucketConfiguration": {"LocationConstraint": region}}))
+            s3.create_bucket(
+                Bucket=bucket,
+                **({} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}),
+            )
             refs[name], refs[(name, "Arn")] = bucket, f"arn:aws:s3:::{bucket}"
     return refs
 
@@ -140,7 +156,7 @@ def function_dir(template: dict, function: str) -> Path:
 
 
 def event_handler(template: dict, function: str) -> str:
-    """"module.function" that takes the function's events: its Handler, or for a function run by
+    """ "module.function" that takes the function's events: its Handler, or for a function run by
     the Lambda Web Adapter (whose Handler is a start script) its Metadata Stratus.EventHandler."""
     res = template["Resources"][function]
     return res.get("Metadata", {}).get("Stratus", {}).get("EventHandler") or res["Properties"]["Handler"]

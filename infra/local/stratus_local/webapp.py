@@ -24,12 +24,22 @@ class WebApp:
         self.function, self.url = function, f"http://127.0.0.1:{port}"
         self.ready_path = env.get("AWS_LWA_READINESS_CHECK_PATH", "/")
         bin_dir = str(Path(sys.executable).parent)
-        full_env = {**os.environ, **env, "AWS_LWA_PORT": str(port), "PYTHONUNBUFFERED": "1",
-                    "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+        full_env = {
+            **os.environ,
+            **env,
+            "AWS_LWA_PORT": str(port),
+            "PYTHONUNBUFFERED": "1",
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        }
         self.log = log
-        self.process = subprocess.Popen(["sh", props["Handler"]], cwd=function_dir(template, function), env=full_env,
-                                        stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)  # (stopped by `stratus serve`, not by Ctrl-C)
+        self.process = subprocess.Popen(
+            ["sh", props["Handler"]],
+            cwd=function_dir(template, function),
+            env=full_env,
+            stdout=open(log, "ab"),  # noqa: SIM115 — the child keeps the file
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # (stopped by `stratus serve`, not by Ctrl-C)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Until GET <readiness path> answers (any status below 500), as the adapter waits."""

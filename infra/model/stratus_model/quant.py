@@ -18,6 +18,7 @@ zero point 128): the same weights for onnxruntime's 8-bit kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 from stratus.errors import ModelBuildError
@@ -92,8 +93,10 @@ def quantize_blocks(w: np.ndarray, bits: int) -> NBits:
 def to_nbits(w: SourceTensor, bits: int) -> NBits:
     rows, cols = w.shape
     if cols % BLOCK:
-        raise ModelBuildError(f"tensor {w.name}: {cols} inputs is not a multiple of the {BLOCK}-weight quantization "
-                              "block; build fp32 instead")
+        raise ModelBuildError(
+            f"tensor {w.name}: {cols} inputs is not a multiple of the {BLOCK}-weight quantization "
+            "block; build fp32 instead"
+        )
     if bits == 8 and w.qtype == "Q8_0":
         return q8_0_to_nbits(w.raw, rows, cols)
     return quantize_blocks(w.dense(), bits)
@@ -129,6 +132,16 @@ class QuantScheme:
 
 QUANT_SCHEMES: dict[str, QuantScheme] = {
     "fp32": QuantScheme("fp32", None, None, "float32 weights, MatMul"),
-    "int8": QuantScheme("int8", 8, 8, "8-bit block-wise (32) MatMulNBits holding the GGUF's Q4_1 values exactly (other types re-quantized); LM head from GGUF Q8_0 exactly"),
-    "int4": QuantScheme("int4", 4, 8, "4-bit block-wise (32) MatMulNBits, int8 activations; LM head 8-bit (GGUF Q8_0 blocks reused exactly)"),
+    "int8": QuantScheme(
+        "int8",
+        8,
+        8,
+        "8-bit block-wise (32) MatMulNBits holding the GGUF's Q4_1 values exactly (other types re-quantized); LM head from GGUF Q8_0 exactly",
+    ),
+    "int4": QuantScheme(
+        "int4",
+        4,
+        8,
+        "4-bit block-wise (32) MatMulNBits, int8 activations; LM head 8-bit (GGUF Q8_0 blocks reused exactly)",
+    ),
 }

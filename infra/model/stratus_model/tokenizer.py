@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -35,7 +35,9 @@ def build_tokenizer(spec: TokenizerSpec) -> Tokenizer:
         raise ModelBuildError(f"tokenizer model {spec.model!r} is not supported (supported: gpt2 byte-level BPE)")
     make_pre = PRE_TOKENIZERS.get(spec.pre)
     if make_pre is None:
-        raise ModelBuildError(f"pre-tokenizer {spec.pre!r} is not supported (supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+        raise ModelBuildError(
+            f"pre-tokenizer {spec.pre!r} is not supported (supported: {', '.join(sorted(PRE_TOKENIZERS))})"
+        )
     vocab = {tok: i for i, tok in enumerate(spec.tokens)}
     merges = [tuple(m.split(" ", 1)) for m in spec.merges]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))

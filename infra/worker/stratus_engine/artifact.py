@@ -41,7 +41,9 @@ def verify(model_dir: Path, manifest: dict | None = None) -> dict:
     for name, meta in files.items():
         path = model_dir / name
         if not path.is_file() or path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
-            raise ModelLoadError(f"{model_dir}/{name}: missing or different from the manifest (sha256 {meta['sha256'][:12]}…)")
+            raise ModelLoadError(
+                f"{model_dir}/{name}: missing or different from the manifest (sha256 {meta['sha256'][:12]}…)"
+            )
     return manifest
 
 
@@ -62,7 +64,7 @@ def fetch(uri: str, s3, cache_root: Path, *, expected_digest: str | None = None)
     bucket, prefix = split_uri(uri)
     try:
         manifest = json.loads(s3.get_object(Bucket=bucket, Key=prefix + MANIFEST)["Body"].read())
-    except Exception as exc:  # noqa: BLE001 - botocore's ClientError and friends
+    except Exception as exc:
         raise ModelLoadError(f"cannot read {uri}{MANIFEST}: {exc}") from exc
     digest = manifest.get("digest", "")
     if expected_digest not in (None, "", "unset") and digest != expected_digest:

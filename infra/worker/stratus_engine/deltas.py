@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import codecs
 import random
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 REPLACEMENT = "\ufffd"
 
@@ -26,10 +27,10 @@ def visible_text(text: str, stop: tuple[str, ...] | list[str]) -> str:
     """The part of `text` (decoded so far) that no later token can change."""
     cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     if cuts:
-        return text[:min(cuts)]
+        return text[: min(cuts)]
     text = text.rstrip(REPLACEMENT)
     hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[:len(text) - hold]
+    return text[: len(text) - hold]
 
 
 def tokens_within(decode: Callable[[list[int]], str], ids: list[int], start: int, chars: int) -> int:
@@ -37,7 +38,7 @@ def tokens_within(decode: Callable[[list[int]], str], ids: list[int], start: int
     largest k whose decoded prefix, less a trailing partial character, is no longer than `chars`.
     It says which tokens' log-probabilities go with a text cut at a stop string, or streamed so far."""
     k = start
-    while k < len(ids) and len(visible_text(decode(ids[:k + 1]), ())) <= chars:
+    while k < len(ids) and len(visible_text(decode(ids[: k + 1]), ())) <= chars:
         k += 1
     return k
 
@@ -97,10 +98,10 @@ class ByteText:
 
     @property
     def text(self) -> str:
-        return "".join(self._pieces[:len(self.ids)])
+        return "".join(self._pieces[: len(self.ids)])
 
     def tokens_within(self, start: int, chars: int) -> int:
-        ends, k = self._ends[:len(self.ids)], start
+        ends, k = self._ends[: len(self.ids)], start
         while k < len(ends) and ends[k] <= chars:
             k += 1
         return k
@@ -116,8 +117,9 @@ class ByteText:
         return "".join(reversed(pieces))
 
 
-def text_factory(decode: Callable[[list[int]], str], table: list[bytes], skip: frozenset[int],
-                 byte_level: bool, checks: int = 300) -> Callable[[], TokenText]:
+def text_factory(
+    decode: Callable[[list[int]], str], table: list[bytes], skip: frozenset[int], byte_level: bool, checks: int = 300
+) -> Callable[[], TokenText]:
     """-> a new TokenText per stream: ByteText when the tokenizer is byte-level and `checks` seeded
     sequences (half of their tokens partial UTF-8 characters, some skipped) decode the same both
     ways; WholeText otherwise. decode: ids -> text, skipping the `skip` ids."""
@@ -127,7 +129,9 @@ def text_factory(decode: Callable[[list[int]], str], table: list[bytes], skip: f
 
 
 def _agrees(decode: Callable[[list[int]], str], table: list[bytes], skip: frozenset[int], checks: int) -> bool:
-    partial = [i for i, b in enumerate(table) if i not in skip and b.decode("utf-8", "replace") != b.decode("utf-8", "ignore")]
+    partial = [
+        i for i, b in enumerate(table) if i not in skip and b.decode("utf-8", "replace") != b.decode("utf-8", "ignore")
+    ]
     rng, pool = random.Random(0), partial or list(range(len(table)))
     for _ in range(checks):
         ids = [rng.choice(pool) if rng.random() < 0.5 else rng.randrange(len(table)) for _ in range(rng.randint(1, 24))]
@@ -167,7 +171,7 @@ class TextDeltas:
         text = visible_text(self.text.text, self._stop)
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return ""  # nothing new (a decoder that rewrote earlier text shows nothing until the end)
-        delta, self.sent = text[len(self.sent):], text
+        delta, self.sent = text[len(self.sent) :], text
         return delta
 
     def tokens_sent(self, start: int) -> int:

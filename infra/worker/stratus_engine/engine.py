@@ -26,16 +26,16 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable
 
 import numpy as np
 
+from stratus.chat_template import render_chat
 from stratus.errors import ContextLengthExceeded, InvalidRequest
 from stratus.params import SamplingParams
-from stratus.chat_template import render_chat
 from stratus_engine.deltas import TokenText, text_factory
 from stratus_engine.guide import Guides
 from stratus_engine.kv_cache import make_cache
@@ -43,7 +43,6 @@ from stratus_engine.model_dir import LoadedModel, load
 from stratus_engine.prefix_cache import MIN_TOKENS, PrefixCache
 from stratus_engine.sampling import sample, token_logprobs
 from stratus_engine.tokens import is_byte_level, special_ids, token_bytes
-
 
 SCORE_CHUNK = 512  # prompt tokens an echo-scoring prefill runs at a time (x 49,152 float32 logits: 100 MB)
 INTERACTIVE_WINDOW_S = 5.0  # an interactive request this recent means more are likely: keep batch rows few
@@ -128,8 +127,9 @@ def _shared(a: list[int], b: list[int]) -> bool:
     return n == MIN_TOKENS and a[:n] == b[:n] and min(len(a), len(b)) > MIN_TOKENS
 
 
-def prefill_scored(cache, prompt: list[int], start: int, k: int,
-                   chunk: int = SCORE_CHUNK) -> tuple[np.ndarray, list[TokenLogprob]]:
+def prefill_scored(
+    cache, prompt: list[int], start: int, k: int, chunk: int = SCORE_CHUNK
+) -> tuple[np.ndarray, list[TokenLogprob]]:
     """Prefill one prompt into cache row `start` keeping every position's logits -> (logits at its
     last token [V], each prompt token's log-probability given the tokens before it).
     A cache that can continue a row (prefill_after) runs the prompt `chunk` tokens at a time, so the
@@ -138,11 +138,16 @@ def prefill_scored(cache, prompt: list[int], start: int, k: int,
     step = chunk if hasattr(cache, "prefill_after") else len(ids)
     scored = [TokenLogprob(prompt[0], None, None)]
     for a in range(0, len(ids), step):
-        part = ids[a:a + step]
-        logits = (cache.prefill(part[None], np.ones((1, len(part)), np.int64), np.arange(len(part), dtype=np.int64)[None], start)[0]
-                  if a == 0 else cache.prefill_after(start, part, a, keep=0))  # [len(part), V]
-        targets = ids[a + 1:a + 1 + len(part)]  # position a + j predicts token a + j + 1
-        scored += [TokenLogprob(*t) for t in token_logprobs(logits[:len(targets)], targets, k)]
+        part = ids[a : a + step]
+        logits = (
+            cache.prefill(
+                part[None], np.ones((1, len(part)), np.int64), np.arange(len(part), dtype=np.int64)[None], start
+            )[0]
+            if a == 0
+            else cache.prefill_after(start, part, a, keep=0)
+        )  # [len(part), V]
+        targets = ids[a + 1 : a + 1 + len(part)]  # position a + j predicts token a + j + 1
+        scored += [TokenLogprob(*t) for t in token_logprobs(logits[: len(targets)], targets, k)]
     return logits[-1], scored
 
 
@@ -221,9 +226,17 @@ def _tokens_starting_before(text: TokenText, chars: int) -> int:
 class Engine:
     score_chunk = SCORE_CHUNK  # echo scoring's prefill chunk (prefill_scored)
 
-    def __init__(self, model: LoadedModel, max_batch: int = 16, prefill_token_budget: int = 4096,
-                 initial_capacity: int = 256, prefix_cache_bytes: int = 0, batch_rows_beside_interactive: int | None = None,
-                 interactive_headroom: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        max_batch: int = 16,
+        prefill_token_budget: int = 4096,
+        initial_capacity: int = 256,
+        prefix_cache_bytes: int = 0,
+        batch_rows_beside_interactive: int | None = None,
+        interactive_headroom: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """prefix_cache_bytes: memory for stored prompt prefixes (prefix_cache.py); 0 turns reuse off.
         batch_rows_beside_interactive: while interactive requests are about (one arrived in the last
         INTERACTIVE_WINDOW_S), new batch rows are admitted only up to this many running batch rows
@@ -234,16 +247,24 @@ class Engine:
         self.model = model
         self.spec = model.spec
         self.max_batch = max_batch
-        self.batch_rows_beside_interactive = (default_batch_rows_beside_interactive(model, max_batch)
-                                              if batch_rows_beside_interactive is None else batch_rows_beside_interactive)
+        self.batch_rows_beside_interactive = (
+            default_batch_rows_beside_interactive(model, max_batch)
+            if batch_rows_beside_interactive is None
+            else batch_rows_beside_interactive
+        )
         self.interactive_headroom = max(1, max_batch // 8) if interactive_headroom is None else interactive_headroom
         self.clock = clock
         self._last_interactive = float("-inf")
         self.prefill_token_budget = prefill_token_budget
         self.cache = make_cache(model, max_batch + self.interactive_headroom, initial_capacity)
-        per_token = 2 * self.spec.num_layers * self.spec.num_kv_heads * self.spec.head_dim * np.dtype(model.kv_dtype).itemsize
-        self.prefixes = (PrefixCache(prefix_cache_bytes, per_token)
-                         if prefix_cache_bytes > 0 and hasattr(self.cache, "save_prefix") else None)
+        per_token = (
+            2 * self.spec.num_layers * self.spec.num_kv_heads * self.spec.head_dim * np.dtype(model.kv_dtype).itemsize
+        )
+        self.prefixes = (
+            PrefixCache(prefix_cache_bytes, per_token)
+            if prefix_cache_bytes > 0 and hasattr(self.cache, "save_prefix")
+            else None
+        )
         self._eos = set(self.spec.eos_token_ids)
         self._waiting: deque[_Group] = deque()
         self._active: list[_Row] = []
@@ -275,8 +296,12 @@ class Engine:
         """A TokenText for an output (deltas.py): incremental for a byte-level tokenizer whose
         decode it agrees with (checked here, once), else whole decodes."""
         tok = self.model.tokenizer
-        return text_factory(lambda ids: tok.decode(ids, skip_special_tokens=True), self.token_bytes, special_ids(tok),
-                            is_byte_level(tok))
+        return text_factory(
+            lambda ids: tok.decode(ids, skip_special_tokens=True),
+            self.token_bytes,
+            special_ids(tok),
+            is_byte_level(tok),
+        )
 
     def encode(self, text: str) -> list[int]:
         return self.model.tokenizer.encode(text, add_special_tokens=False).ids
@@ -285,12 +310,16 @@ class Engine:
         """What only the engine can check: the context length, and logit_bias ids in the vocabulary."""
         self.check_fits(prompt_tokens, params.max_tokens)
         if params.n > self.max_batch:
-            raise InvalidRequest(f"n must be at most {self.max_batch} on this worker (its batch size), got {params.n}",
-                                 param="n")
+            raise InvalidRequest(
+                f"n must be at most {self.max_batch} on this worker (its batch size), got {params.n}", param="n"
+            )
         vocab = self.model.spec.vocab_size
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
-            raise InvalidRequest(f"logit_bias names token {params.logit_bias[-1][0]}; this model's vocabulary has "
-                                 f"{vocab} tokens (ids 0-{vocab - 1})", param="logit_bias")
+            raise InvalidRequest(
+                f"logit_bias names token {params.logit_bias[-1][0]}; this model's vocabulary has "
+                f"{vocab} tokens (ids 0-{vocab - 1})",
+                param="logit_bias",
+            )
         if params.json_schema:
             self.guides.check(params.json_schema)
 
@@ -299,8 +328,9 @@ class Engine:
         vocab = self.model.spec.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise InvalidRequest(f"prompt token id {bad} is not in this model's vocabulary (ids 0-{vocab - 1})",
-                                 param="prompt")
+            raise InvalidRequest(
+                f"prompt token id {bad} is not in this model's vocabulary (ids 0-{vocab - 1})", param="prompt"
+            )
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens < 1:
@@ -315,9 +345,17 @@ class Engine:
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
         group = _Group(req, Future(), time.monotonic(), choices=[None] * p.n)
         rng = lambda i: np.random.default_rng((seed + i) % 2**64)  # noqa: E731 (any int seed: numpy takes >= 0)
-        group.rows = [_Row(group, i, rng(i), logprobs=[] if p.logprobs is not None else None,
-                           matcher=self.guides.matcher(p.json_schema) if p.json_schema else None,
-                           text=self.new_text() if p.stop else None) for i in range(p.n)]
+        group.rows = [
+            _Row(
+                group,
+                i,
+                rng(i),
+                logprobs=[] if p.logprobs is not None else None,
+                matcher=self.guides.matcher(p.json_schema) if p.json_schema else None,
+                text=self.new_text() if p.stop else None,
+            )
+            for i in range(p.n)
+        ]
         group.future.set_running_or_notify_cancel()
         if req.priority == 0:
             self._last_interactive = self.clock()
@@ -415,8 +453,9 @@ class Engine:
                 if g.req.priority == 0:  # interactive: up to max_batch of its own, into the headroom
                     if rows - batch_rows + n > self.max_batch or rows + n > self.max_batch + self.interactive_headroom:
                         break
-                elif rows + n > self.max_batch or (interactive_about and batch_rows
-                                                   and batch_rows + n > self.batch_rows_beside_interactive):
+                elif rows + n > self.max_batch or (
+                    interactive_about and batch_rows and batch_rows + n > self.batch_rows_beside_interactive
+                ):
                     break  # (with no batch row running, one batch request goes whatever its n: never starved)
                 else:
                     batch_rows += n
@@ -504,8 +543,9 @@ class Engine:
             last.append(self.cache.prefill_after(row, np.asarray(ids[length:], np.int64), length)[-1])
             out.append(g)
         for g in scored:
-            logits, g.prompt_logprobs = prefill_scored(self.cache, g.req.prompt_ids, start + len(out),
-                                                       g.req.params.prompt_logprobs, self.score_chunk)
+            logits, g.prompt_logprobs = prefill_scored(
+                self.cache, g.req.prompt_ids, start + len(out), g.req.params.prompt_logprobs, self.score_chunk
+            )
             last.append(logits)
             out.append(g)
         return out, last
@@ -528,8 +568,14 @@ class Engine:
     def _accept(self, rows: list[_Row], logits: np.ndarray) -> None:
         """Sample one token per row, record it, and finish rows that are done."""
         failed: dict[int, Exception] = {}
-        tokens = sample(self._guided(rows, logits), [r.req.params for r in rows], [r.seen for r in rows],
-                        [r.rng for r in rows], [r.out for r in rows], on_error=failed.__setitem__)
+        tokens = sample(
+            self._guided(rows, logits),
+            [r.req.params for r in rows],
+            [r.seen for r in rows],
+            [r.rng for r in rows],
+            [r.out for r in rows],
+            on_error=failed.__setitem__,
+        )
         for b, (r, tok) in enumerate(zip(rows, tokens)):
             if b in failed:
                 self._fail(r, failed[b])
@@ -537,7 +583,7 @@ class Engine:
                 continue
             p = r.req.params
             if r.logprobs is not None:  # the end-of-sequence token too: it was generated (vLLM's way)
-                r.logprobs.append(TokenLogprob(*token_logprobs(logits[b:b + 1], np.array([tok]), p.logprobs)[0]))
+                r.logprobs.append(TokenLogprob(*token_logprobs(logits[b : b + 1], np.array([tok]), p.logprobs)[0]))
             if tok in self._eos and not p.ignore_eos:
                 self._finish(r, "stop")
                 continue
@@ -589,10 +635,10 @@ class Engine:
         text = decode(r.out, skip_special_tokens=True)
         full = len(text)
         cuts = [i for i in (text.find(s) for s in r.req.params.stop) if i >= 0]
-        text = text[:min(cuts)] if cuts else text  # at the earliest stop, whatever their order (as streamed)
+        text = text[: min(cuts)] if cuts else text  # at the earliest stop, whatever their order (as streamed)
         logprobs = r.logprobs
         if logprobs is not None and len(text) < full:  # cut at a stop string: the tokens with text in it
-            logprobs = logprobs[:_tokens_starting_before(r.text, len(text))]
+            logprobs = logprobs[: _tokens_starting_before(r.text, len(text))]
         r.finished = True
         g = r.group
         g.choices[r.index] = Choice(list(r.out), text, reason, logprobs)
@@ -600,12 +646,15 @@ class Engine:
             return
         now = time.monotonic()
         first = g.first_token or now
-        timings = Timings(queue_s=(g.admitted or now) - g.submitted, ttft_s=first - g.submitted,
-                          decode_s=now - first, total_s=now - g.submitted)
+        timings = Timings(
+            queue_s=(g.admitted or now) - g.submitted,
+            ttft_s=first - g.submitted,
+            decode_s=now - first,
+            total_s=now - g.submitted,
+        )
         usage = Usage(len(g.req.prompt_ids), sum(len(c.token_ids) for c in g.choices))
         if not g.future.done():
-            g.future.set_result(GenerationResult(g.req.request_id, list(g.choices), usage, timings,
-                                                 g.prompt_logprobs))
+            g.future.set_result(GenerationResult(g.req.request_id, list(g.choices), usage, timings, g.prompt_logprobs))
 
     def _compact(self) -> None:
         """Remove finished rows, moving the last live row into each hole so rows stay 0..n-1."""

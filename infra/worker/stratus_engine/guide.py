@@ -65,11 +65,14 @@ class Guides:
         try:
             grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=COMPILE)
         except (ValueError, TypeError, RuntimeError) as exc:  # llguidance's words for a schema it cannot read
-            raise InvalidRequest(f"response_format: the JSON schema is not valid: {exc}", param="response_format") from None
+            raise InvalidRequest(
+                f"response_format: the JSON schema is not valid: {exc}", param="response_format"
+            ) from None
         m = llg.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if m.is_error():
-            raise InvalidRequest(f"response_format: this JSON schema cannot be enforced: {m.get_error()}",
-                                 param="response_format")
+            raise InvalidRequest(
+                f"response_format: this JSON schema cannot be enforced: {m.get_error()}", param="response_format"
+            )
         with self._lock:
             self._compiled[key] = m
             while len(self._compiled) > CACHE_SIZE:

@@ -20,13 +20,13 @@ import onnxruntime as ort
 
 from stratus_engine.model_dir import LoadedModel
 
-
 KEEP = "num_logits_to_keep"  # optional input of our builds: logits for the last k positions only
 
 
 class KVCache(Protocol):
-    def prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, start: int,
-                keep: int = 0) -> np.ndarray: ...
+    def prefill(
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, start: int, keep: int = 0
+    ) -> np.ndarray: ...
     def decode(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
     def move_row(self, src: int, dst: int, length: int) -> None: ...
     def copy_row(self, src: int, dst: int) -> None: ...  # dst: the next free row (n > 1 siblings)
@@ -34,7 +34,9 @@ class KVCache(Protocol):
 
 
 def _kv_names(model: LoadedModel) -> list[tuple[str, str]]:
-    return [(f"past_key_values.{i}.{k}", f"present.{i}.{k}") for i in range(model.spec.num_layers) for k in ("key", "value")]
+    return [
+        (f"past_key_values.{i}.{k}", f"present.{i}.{k}") for i in range(model.spec.num_layers) for k in ("key", "value")
+    ]
 
 
 class _DeviceCopy:
@@ -88,8 +90,15 @@ class _DeviceCopy:
 
     def take(self, device: str, src: int, shape: tuple[int, ...], dst: int, length: int) -> None:
         """[B, kv, cap, hd] at src -> its first `length` positions, [B, kv, length, hd] at dst."""
-        self._run(self.slice, device, src, shape, dst, (shape[0], shape[1], length, shape[3]),
-                  ends=np.array([length], np.int64))
+        self._run(
+            self.slice,
+            device,
+            src,
+            shape,
+            dst,
+            (shape[0], shape[1], length, shape[3]),
+            ends=np.array([length], np.int64),
+        )
 
     def grow(self, device: str, src: int, shape: tuple[int, ...], dst: int, capacity: int) -> None:
         """[B, kv, cap, hd] at src -> [B, kv, capacity, hd] at dst, zero-filled on the right of axis 2."""
@@ -144,8 +153,9 @@ class InPlaceCache:
         one = (1,) + self.shape[1:]
         out = []
         for buf in self.buffers:
-            t = ort.OrtValue.ortvalue_from_shape_and_type((1, self.shape[1], length, self.shape[3]), self.dtype,
-                                                           self.device, 0)
+            t = ort.OrtValue.ortvalue_from_shape_and_type(
+                (1, self.shape[1], length, self.shape[3]), self.dtype, self.device, 0
+            )
             self._copy.take(self.device, self._row_ptr(buf, row), one, t.data_ptr(), length)
             out.append(t)
         return out
@@ -218,8 +228,9 @@ class InPlaceCache:
             cap *= 2
         grown = []
         for buf in self.buffers:
-            new = ort.OrtValue.ortvalue_from_shape_and_type((self.shape[0], self.shape[1], cap, self.shape[3]),
-                                                            self.dtype, self.device, 0)
+            new = ort.OrtValue.ortvalue_from_shape_and_type(
+                (self.shape[0], self.shape[1], cap, self.shape[3]), self.dtype, self.device, 0
+            )
             self._copy.grow(self.device, buf.data_ptr(), self.shape, new.data_ptr(), cap)
             grown.append(new)
         self.buffers, self.shape = grown, (self.shape[0], self.shape[1], cap, self.shape[3])
@@ -271,8 +282,8 @@ class ConcatCache:
     def copy_row(self, src: int, dst: int) -> None:
         if dst != self.valid.shape[0]:
             raise RuntimeError(f"copy_row must append after the {self.valid.shape[0]} live rows, got {dst}")
-        self.past = [np.concatenate([p, p[src:src + 1]]) for p in self.past]
-        self.valid = np.concatenate([self.valid, self.valid[src:src + 1]])
+        self.past = [np.concatenate([p, p[src : src + 1]]) for p in self.past]
+        self.valid = np.concatenate([self.valid, self.valid[src : src + 1]])
 
     def truncate(self, rows: int) -> None:
         self.past = [p[:rows] for p in self.past]

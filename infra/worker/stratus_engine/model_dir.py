@@ -36,7 +36,9 @@ class ModelSpec:
 def read_spec(path: Path) -> ModelSpec:
     path = Path(path)
     if not path.is_dir():
-        raise ModelLoadError(f"model directory not found: {path} (build one with `stratus model build` or `make model`)")
+        raise ModelLoadError(
+            f"model directory not found: {path} (build one with `stratus model build` or `make model`)"
+        )
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
         raise ModelLoadError(f"{path}: missing {', '.join(missing)}")
@@ -60,7 +62,9 @@ def read_spec(path: Path) -> ModelSpec:
             num_kv_heads=int(kv_heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             vocab_size=int(cfg["vocab_size"]),
-            context_length=int(gen.get("context_length", cfg.get("context_length", cfg.get("max_position_embeddings", 2048)))),
+            context_length=int(
+                gen.get("context_length", cfg.get("context_length", cfg.get("max_position_embeddings", 2048)))
+            ),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
             chat_template=template,
             kv_layout=cfg.get("kv_layout"),
@@ -128,14 +132,19 @@ class LoadedModel:
         return Tokenizer.from_file(str(self.path / "tokenizer.json"))
 
 
-def load(path: Path | str, threads: int | None = None, providers: list[str] | None = None, *,
-         spin: bool = True, graph: str = "model.onnx") -> LoadedModel:
+def load(
+    path: Path | str,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    *,
+    spin: bool = True,
+    graph: str = "model.onnx",
+) -> LoadedModel:
     """spin=False suits a process that shares its cores (a worker beside the local stack)."""
     path = Path(path)
     spec = read_spec(path)
     if not (path / graph).is_file():
         raise ModelLoadError(f"{path}: missing {graph}")
     model = LoadedModel(path, spec, threads or os.cpu_count() or 1, pick_providers(providers), spin, graph)
-    model.session  # load once, now, so errors surface at start-up
-    model.tokenizer
+    _ = model.session, model.tokenizer  # load once, now, so errors surface at start-up
     return model

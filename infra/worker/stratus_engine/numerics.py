@@ -17,6 +17,7 @@ alone a lucky host could pass; with (2) alone an unlucky but accurate one could 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -44,8 +45,10 @@ MAX_LOGPROB_ERROR = 0.03
 GOLDEN_CHATS: tuple[tuple[dict, ...], ...] = (
     ({"role": "user", "content": "What is the capital of France?"},),
     ({"role": "user", "content": "Compute 17 + 25 and then multiply the result by 3."},),
-    ({"role": "system", "content": "You are a terse assistant who answers in one sentence."},
-     {"role": "user", "content": "Why is the sky blue?"}),
+    (
+        {"role": "system", "content": "You are a terse assistant who answers in one sentence."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ),
     ({"role": "user", "content": "Write a short poem about the sea."},),
 )
 
@@ -75,8 +78,10 @@ def configurations(model_dir: Path) -> tuple[Configuration, ...]:
 
 # ---- running one case ---------------------------------------------------------------------------
 
-def run_cases(model: LoadedModel, prompts: list[list[int]], steps: int,
-              forced: list[list[int]] | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
+
+def run_cases(
+    model: LoadedModel, prompts: list[list[int]], steps: int, forced: list[list[int]] | None = None
+) -> tuple[list[list[int]], list[np.ndarray]]:
     """Prefill the prompts (one batch, right-padded), then `steps - 1` decode steps over all rows
     -> (tokens per row, logits [steps, V] per row), as the engine runs them.
 
@@ -119,15 +124,27 @@ def record(model: LoadedModel, reference: str, steps: int = NEW_TOKENS) -> dict:
     cases = []
     prompts = golden_prompts(model)
     for prompt, tokens, logits in zip(prompts, *run_cases(model, prompts, steps)):  # one batch: the
-        logp = log_softmax(logits)                                                   # reference is slow
+        logp = log_softmax(logits)  # reference is slow
         top = np.argsort(-logp, axis=-1, kind="stable")[:, :TOP_K]  # [steps, k]
-        cases.append({"prompt_ids": prompt, "tokens": tokens, "top_ids": top.tolist(),
-                      "top_logprobs": np.round(np.take_along_axis(logp, top, axis=-1), 5).tolist()})
-    return {"version": GOLDEN_VERSION, "reference": reference, "host": host_description(model.providers),
-            "max_logprob_error": MAX_LOGPROB_ERROR, "cases": cases}
+        cases.append(
+            {
+                "prompt_ids": prompt,
+                "tokens": tokens,
+                "top_ids": top.tolist(),
+                "top_logprobs": np.round(np.take_along_axis(logp, top, axis=-1), 5).tolist(),
+            }
+        )
+    return {
+        "version": GOLDEN_VERSION,
+        "reference": reference,
+        "host": host_description(model.providers),
+        "max_logprob_error": MAX_LOGPROB_ERROR,
+        "cases": cases,
+    }
 
 
 # ---- checking -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Check:
@@ -141,8 +158,10 @@ class Check:
 
     def line(self) -> str:
         verdict = "pass" if self.passed else "FAIL"
-        return (f"{self.configuration:18s} {verdict}  max logprob error {self.max_logprob_error:.4f} ({self.worst}), "
-                f"top token {self.tokens_agree}/{self.positions}, {self.seconds:.1f}s")
+        return (
+            f"{self.configuration:18s} {verdict}  max logprob error {self.max_logprob_error:.4f} ({self.worst}), "
+            f"top token {self.tokens_agree}/{self.positions}, {self.seconds:.1f}s"
+        )
 
 
 def check(model: LoadedModel, golden: dict, configuration: str = "default") -> Check:
@@ -164,8 +183,7 @@ def check(model: LoadedModel, golden: dict, configuration: str = "default") -> C
         chosen = logp[np.arange(len(case["tokens"])), case["tokens"]]
         agree += int((chosen >= logp.max(-1) - 2 * tol).sum())
         total += len(case["tokens"])
-    return Check(configuration, worst <= tol and agree == total, worst, where, agree, total,
-                 time.monotonic() - started)
+    return Check(configuration, worst <= tol and agree == total, worst, where, agree, total, time.monotonic() - started)
 
 
 @dataclass(frozen=True)
@@ -176,8 +194,7 @@ class Verification:
     host: str
 
     def report(self) -> str:
-        return "\n".join([f"host: {self.host}", *(c.line() for c in self.checks),
-                          f"serving: {self.configuration}"])
+        return "\n".join([f"host: {self.host}", *(c.line() for c in self.checks), f"serving: {self.configuration}"])
 
     def as_dict(self) -> dict:
         return {"host": self.host, "configuration": self.configuration, "checks": [asdict(c) for c in self.checks]}
@@ -188,16 +205,27 @@ def read_golden(path: Path) -> dict | None:
     manifest = _manifest(path)
     golden = manifest.get("golden")
     if manifest and not golden:
-        raise ModelLoadError(f"{path}: built without golden outputs (manifest version "
-                             f"{manifest.get('manifest_version')}): rebuild it with `stratus model build` (or `make model`)")
+        raise ModelLoadError(
+            f"{path}: built without golden outputs (manifest version "
+            f"{manifest.get('manifest_version')}): rebuild it with `stratus model build` (or `make model`)"
+        )
     if golden and golden.get("version") != GOLDEN_VERSION:
-        raise ModelLoadError(f"{path}: golden outputs of version {golden.get('version')}, this worker reads "
-                             f"version {GOLDEN_VERSION}: rebuild the model with `stratus model build`")
+        raise ModelLoadError(
+            f"{path}: golden outputs of version {golden.get('version')}, this worker reads "
+            f"version {GOLDEN_VERSION}: rebuild the model with `stratus model build`"
+        )
     return golden
 
 
-def load_checked(path: Path, conf: Configuration, golden: dict | None, threads: int | None = None,
-                 providers: list[str] | None = None, *, spin: bool = True) -> tuple[LoadedModel, Check]:
+def load_checked(
+    path: Path,
+    conf: Configuration,
+    golden: dict | None,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    *,
+    spin: bool = True,
+) -> tuple[LoadedModel, Check]:
     """Load one configuration and check it (a foreign export without golden outputs: unchecked)."""
     model = load(path, threads=threads, providers=providers, spin=spin, graph=conf.graph)
     if not golden:
@@ -205,8 +233,14 @@ def load_checked(path: Path, conf: Configuration, golden: dict | None, threads: 
     return model, check(model, golden, conf.name)
 
 
-def load_verified(path: Path | str, threads: int | None = None, providers: list[str] | None = None, *,
-                  spin: bool = True, only: str | None = None) -> Verification:
+def load_verified(
+    path: Path | str,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    *,
+    spin: bool = True,
+    only: str | None = None,
+) -> Verification:
     """Load the fastest configuration of the model at `path` that computes its golden outputs here.
 
     Raises NumericsError (naming the host, the model and each configuration's disagreement) when
@@ -228,14 +262,26 @@ def load_verified(path: Path | str, threads: int | None = None, providers: list[
     raise NumericsError(
         f"model {spec.model_id} ({path}) does not compute its golden outputs on this host, so this worker "
         f"will not serve it. Host: {host_description(model.providers)}. Tolerance "
-        f"{golden.get('max_logprob_error', MAX_LOGPROB_ERROR)} (log-probability). Measured: {lines}")
+        f"{golden.get('max_logprob_error', MAX_LOGPROB_ERROR)} (log-probability). Measured: {lines}"
+    )
 
 
 # ---- the host -----------------------------------------------------------------------------------
 
 # What decides onnxruntime's kernels (MLAS picks AVX2, AVX-512 or AVX-512 VNNI code by CPUID).
-CPU_FEATURES = ("AVX2", "FMA3", "AVX512F", "AVX512BW", "AVX512VL", "AVX512VNNI", "AVX512BF16", "AVX512FP16",
-                "ASIMD", "ASIMDDP", "SVE")
+CPU_FEATURES = (
+    "AVX2",
+    "FMA3",
+    "AVX512F",
+    "AVX512BW",
+    "AVX512VL",
+    "AVX512VNNI",
+    "AVX512BF16",
+    "AVX512FP16",
+    "ASIMD",
+    "ASIMDDP",
+    "SVE",
+)
 
 
 def cpu_features() -> list[str]:
@@ -252,11 +298,15 @@ def host_description(providers: list[str] | None = None) -> str:
     """'Intel(R) Xeon(R) ... (AVX2 AVX512F ... AVX512VNNI), 2 cores; CPUExecutionProvider' (or the GPU first)."""
     providers = providers or ["CPUExecutionProvider"]
     name = platform.processor() or platform.machine()
-    try:
-        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), name)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        name = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            name,
+        )
     cpu = f"{name} ({' '.join(cpu_features()) or 'no listed SIMD features'}), {os.cpu_count()} cores"
     if providers[0] == "CUDAExecutionProvider":
         return f"{_gpu_name()}; {cpu}; CUDAExecutionProvider"
@@ -265,8 +315,12 @@ def host_description(providers: list[str] | None = None) -> str:
 
 def _gpu_name() -> str:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return "GPU " + out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "a GPU"
     except (OSError, subprocess.SubprocessError):
         return "a GPU"

@@ -37,7 +37,7 @@ def boundary_keys(ids: list[int], longest: int) -> list[tuple[int, int]]:
     """(length, chained hash of ids[:length]) for each block boundary from MIN_TOKENS to `longest`."""
     keys, h = [], 0
     for end in range(BLOCK, longest + 1, BLOCK):
-        h = hash((h, tuple(ids[end - BLOCK:end])))
+        h = hash((h, tuple(ids[end - BLOCK : end])))
         if end >= MIN_TOKENS:
             keys.append((end, h))
     return keys
@@ -85,7 +85,7 @@ class PrefixCache:
 
     def _held(self, ids: list[int], key: tuple[int, int]) -> Entry | None:
         entry = self.index.get(key)
-        return entry if entry is not None and entry.ids[:key[0]] == tuple(ids[:key[0]]) else None
+        return entry if entry is not None and entry.ids[: key[0]] == tuple(ids[: key[0]]) else None
 
     def storable(self, ids: list[int]) -> int:
         """How many of `ids`' tokens a new entry would hold (0: not worth storing, or held already)."""
@@ -104,9 +104,15 @@ class PrefixCache:
             self.index[key] = entry
 
     def report(self) -> dict:
-        return {"entries": len(self.entries), "bytes": self.used_bytes, "budget_bytes": self.budget_bytes,
-                "hits": self.stats.hits, "misses": self.stats.misses, "tokens_reused": self.stats.tokens_reused,
-                "evictions": self.stats.evictions}
+        return {
+            "entries": len(self.entries),
+            "bytes": self.used_bytes,
+            "budget_bytes": self.budget_bytes,
+            "hits": self.stats.hits,
+            "misses": self.stats.misses,
+            "tokens_reused": self.stats.tokens_reused,
+            "evictions": self.stats.evictions,
+        }
 
     def _evict(self) -> None:
         _, entry = self.entries.popitem(last=False)
@@ -117,6 +123,6 @@ class PrefixCache:
                 del self.index[key]
                 # a shorter prefix may still live in another entry
                 for other in reversed(self.entries.values()):
-                    if key in other.keys and other.ids[:key[0]] == entry.ids[:key[0]]:
+                    if key in other.keys and other.ids[: key[0]] == entry.ids[: key[0]]:
                         self.index[key] = other
                         break

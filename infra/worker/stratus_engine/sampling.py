@@ -7,7 +7,7 @@ tokens bumps stratus.params.SAMPLING_VERSION (cache keys name it).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -36,8 +36,9 @@ def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) ->
     return out
 
 
-def apply_presence_frequency(logits: np.ndarray, generated: list[int], presence: float,
-                             frequency: float) -> np.ndarray:  # [V] -> [V]
+def apply_presence_frequency(
+    logits: np.ndarray, generated: list[int], presence: float, frequency: float
+) -> np.ndarray:  # [V] -> [V]
     """OpenAI/vLLM: logit[j] -= frequency * count[j] + presence * (count[j] > 0), counting the
     tokens generated so far (not the prompt)."""
     if (presence == 0.0 and frequency == 0.0) or not generated:
@@ -72,8 +73,9 @@ def softmax(x: np.ndarray) -> np.ndarray:  # [V] -> [V]
     return e / e.sum()
 
 
-def sample_row(logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: np.random.Generator,
-               generated: list[int] = ()) -> int:
+def sample_row(
+    logits: np.ndarray, params: SamplingParams, seen: np.ndarray, rng: np.random.Generator, generated: list[int] = ()
+) -> int:
     """logits [V] float32 -> one token id. Edits in vLLM's order: bias, then penalties."""
     x = apply_logit_bias(logits.astype(np.float64), params.logit_bias)
     x = apply_repetition_penalty(x, seen, params.repetition_penalty)
@@ -94,9 +96,14 @@ def tempered(x: np.ndarray, temperature: float) -> np.ndarray:  # [V] float64 ->
         return (x - x.max()) / temperature
 
 
-def sample(logits: np.ndarray, params: list[SamplingParams], seen: list[np.ndarray],
-           rngs: list[np.random.Generator], generated: list[list[int]] | None = None,
-           on_error: Callable[[int, Exception], None] | None = None) -> list[int]:
+def sample(
+    logits: np.ndarray,
+    params: list[SamplingParams],
+    seen: list[np.ndarray],
+    rngs: list[np.random.Generator],
+    generated: list[list[int]] | None = None,
+    on_error: Callable[[int, Exception], None] | None = None,
+) -> list[int]:
     """logits [B, V] -> B token ids; generated: each row's tokens so far (presence/frequency).
     With on_error, a row whose sampling raises is reported (row, error) and gets -1, and the
     other rows are sampled as ever (one request's parameters never fail the batch)."""

@@ -30,12 +30,16 @@ def check_model(model_dir: Path, expected_digest: str, *, files_checked: bool = 
         raise ModelLoadError(f"{model_dir} is not a model directory (no manifest.json); set STRATUS_MODEL_DIR")
     manifest = json.loads(manifest_path.read_text())
     if expected_digest in ("", "unset"):
-        raise ModelLoadError(f"STRATUS_MODEL_DIGEST is unset: set the ModelDigest parameter to this model's digest "
-                             f"{manifest.get('digest')} (manifest.json; `stratus model publish` prints it), so cache "
-                             f"keys name the model that computed them")
+        raise ModelLoadError(
+            f"STRATUS_MODEL_DIGEST is unset: set the ModelDigest parameter to this model's digest "
+            f"{manifest.get('digest')} (manifest.json; `stratus model publish` prints it), so cache "
+            f"keys name the model that computed them"
+        )
     if manifest.get("digest") != expected_digest:
-        raise ModelLoadError(f"model digest {manifest.get('digest')} differs from STRATUS_MODEL_DIGEST "
-                             f"{expected_digest}: cache keys would name the wrong model")
+        raise ModelLoadError(
+            f"model digest {manifest.get('digest')} differs from STRATUS_MODEL_DIGEST "
+            f"{expected_digest}: cache keys would name the wrong model"
+        )
     return manifest if files_checked else verify(model_dir, manifest)  # (a changed tokenizer or template too)
 
 
@@ -48,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     from stratus_engine.numerics import load_verified
     from stratus_worker.worker import Worker
 
-    ap = argparse.ArgumentParser(prog="stratus_worker", description="Serve the jobs queue (default) or, with "
-                                 "`serve`, SageMaker's /ping and /invocations on port 8080.")
+    ap = argparse.ArgumentParser(
+        prog="stratus_worker",
+        description="Serve the jobs queue (default) or, with `serve`, SageMaker's /ping and /invocations on port 8080.",
+    )
     ap.add_argument("mode", nargs="?", choices=["queue", "serve"], default="queue")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     args = ap.parse_args(argv)
@@ -59,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         if settings.model_uri:  # AWS: the published model, verified and cached on local disk
             from stratus_engine.artifact import fetch
 
-            model_dir = fetch(settings.model_uri, boto3.client("s3"), Path(settings.model_cache),
-                              expected_digest=settings.model_digest)
+            model_dir = fetch(
+                settings.model_uri,
+                boto3.client("s3"),
+                Path(settings.model_cache),
+                expected_digest=settings.model_digest,
+            )
         else:
             model_dir = Path(settings.model_dir)
         manifest = check_model(model_dir, settings.model_digest, files_checked=bool(settings.model_uri))
@@ -70,13 +80,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     beside, headroom = settings.batch_rows_beside_interactive, settings.interactive_headroom
-    engine = Engine(verified.model, max_batch=settings.max_batch, prefix_cache_bytes=settings.prefix_cache_mb << 20,
-                    batch_rows_beside_interactive=None if beside < 0 else beside,
-                    interactive_headroom=None if headroom < 0 else headroom)
-    worker = Worker(engine, settings, sqs=boto3.client("sqs"), table=boto3.resource("dynamodb").Table(settings.table),
-                    s3=boto3.client("s3"), stream_table=boto3.resource("dynamodb").Table(settings.stream_table))
-    logger.info("model loaded", extra={"model_id": manifest.get("model_id"), "digest": manifest.get("digest"),
-                                       "numerics": verified.as_dict()})
+    engine = Engine(
+        verified.model,
+        max_batch=settings.max_batch,
+        prefix_cache_bytes=settings.prefix_cache_mb << 20,
+        batch_rows_beside_interactive=None if beside < 0 else beside,
+        interactive_headroom=None if headroom < 0 else headroom,
+    )
+    worker = Worker(
+        engine,
+        settings,
+        sqs=boto3.client("sqs"),
+        table=boto3.resource("dynamodb").Table(settings.table),
+        s3=boto3.client("s3"),
+        stream_table=boto3.resource("dynamodb").Table(settings.stream_table),
+    )
+    logger.info(
+        "model loaded",
+        extra={"model_id": manifest.get("model_id"), "digest": manifest.get("digest"), "numerics": verified.as_dict()},
+    )
     if args.mode == "serve":
         import threading
 

@@ -46,13 +46,13 @@ def gather(futures: list[Future]) -> Future:
             last = left[0] == 0
         if last and not out.done():
             out.set_result([g.result() for g in futures])
+
     for f in futures:
         f.add_done_callback(done)
     return out
 
 
-def result_body(req: InferenceRequest, results: list[GenerationResult], token_bytes: list[bytes],
-                decode) -> dict:
+def result_body(req: InferenceRequest, results: list[GenerationResult], token_bytes: list[bytes], decode) -> dict:
     """The job's result (see the module docstring); decode: token ids -> text (echoed id prompts)."""
     p = req.params
     choices = []
@@ -75,10 +75,11 @@ def usage(results: list[GenerationResult]) -> dict:
 
 def entry(t: TokenLogprob, token_bytes: list[bytes]) -> dict:
     """One token's log-probability in OpenAI's chat shape: {token, logprob, bytes, top_logprobs}."""
+
     def one(token: int, logprob) -> dict:
         raw = token_bytes[token]
         return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
     entry = one(t.token, t.logprob)
     entry["top_logprobs"] = None if t.top is None else [one(i, lp) for i, lp in t.top]
     return entry
-

@@ -13,8 +13,8 @@ Replies a finished job owes (requests-queue messages) are posted whenever a job 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from aws_lambda_powertools.metrics import MetricUnit
 
@@ -37,8 +37,15 @@ class Started:
 
 
 class JobStates:
-    def __init__(self, store: JobStore, worker_id: str, engine, heartbeat_s: float,
-                 notify: Callable[[Job | None], None], clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        worker_id: str,
+        engine,
+        heartbeat_s: float,
+        notify: Callable[[Job | None], None],
+        clock: Callable[[], float],
+    ) -> None:
         self.store, self.worker_id, self.engine = store, worker_id, engine
         self.heartbeat_s, self.notify, self.clock = heartbeat_s, notify, clock
 
@@ -47,9 +54,16 @@ class JobStates:
         job_id, now = msg.job_id, self.clock()
         logger.thread_safe_append_keys(job_id=job_id, tenant=msg.tenant)  # this thread's lines only
         if now > msg.deadline:
-            expired = self.store.transition(job_id, [Status.QUEUED], Status.EXPIRED, error={
-                "message": f"the job waited {now - msg.enqueued_at:.0f} s in the queue, past its deadline",
-                "type": "server_error", "code": "expired"})
+            expired = self.store.transition(
+                job_id,
+                [Status.QUEUED],
+                Status.EXPIRED,
+                error={
+                    "message": f"the job waited {now - msg.enqueued_at:.0f} s in the queue, past its deadline",
+                    "type": "server_error",
+                    "code": "expired",
+                },
+            )
             if expired:
                 metrics.add_metric(name="requests_expired", unit=MetricUnit.Count, value=1)
                 self.notify(expired)
@@ -62,8 +76,15 @@ class JobStates:
         try:
             prompts = encode_prompts(self.engine, msg.request)
         except InvalidRequest as exc:  # permanent: the model cannot serve this request
-            self.notify(self.store.transition(job_id, [Status.RUNNING], Status.FAILED, owner=self.worker_id, error={
-                "message": exc.message, "type": exc.error_type, "code": exc.code or "invalid_request"}))
+            self.notify(
+                self.store.transition(
+                    job_id,
+                    [Status.RUNNING],
+                    Status.FAILED,
+                    owner=self.worker_id,
+                    error={"message": exc.message, "type": exc.error_type, "code": exc.code or "invalid_request"},
+                )
+            )
             logger.info("rejected", extra={"code": exc.code})
             return DONE_WITH_MESSAGE, None
         return GENERATE, Started(prompts, job.run)
@@ -71,8 +92,9 @@ class JobStates:
     def claim(self, msg: QueueMessage, receive_count: int, may_start: bool = True) -> tuple[bool, Job | None]:
         """QUEUED -> RUNNING (ours) if it may start, or take over a RUNNING job whose worker went
         silent. -> (claimed?, the job: as claimed, or as read when not)"""
-        claimed = may_start and self.store.transition(msg.job_id, [Status.QUEUED], Status.RUNNING,
-                                                      worker=self.worker_id, attempts=receive_count)
+        claimed = may_start and self.store.transition(
+            msg.job_id, [Status.QUEUED], Status.RUNNING, worker=self.worker_id, attempts=receive_count
+        )
         if claimed:
             return True, claimed
         job = self.store.get(msg.job_id)
@@ -80,8 +102,13 @@ class JobStates:
             return False, job
         silent = self.clock() - job.updated_at > 2 * self.heartbeat_s
         taken = (job.worker == self.worker_id or silent) and self.store.transition(
-            msg.job_id, [Status.RUNNING], Status.RUNNING, owner=job.worker, worker=self.worker_id,
-            attempts=receive_count)
+            msg.job_id,
+            [Status.RUNNING],
+            Status.RUNNING,
+            owner=job.worker,
+            worker=self.worker_id,
+            attempts=receive_count,
+        )
         return (True, taken) if taken else (False, job)
 
     def touch(self, job_id: str) -> None:
@@ -90,9 +117,14 @@ class JobStates:
     def fail(self, job_id: str, error: dict, *, queued: bool = True, running: bool = True) -> Job | None:
         """A job nothing will retry (an invocation) -> FAILED with `error`: from QUEUED (queued), or
         from RUNNING when it is ours (running); never a job another worker runs."""
-        return ((queued and self.store.transition(job_id, [Status.QUEUED], Status.FAILED, error=error))
-                or (running and self.store.transition(job_id, [Status.RUNNING], Status.FAILED, owner=self.worker_id,
-                                                      error=error)) or None)
+        return (
+            (queued and self.store.transition(job_id, [Status.QUEUED], Status.FAILED, error=error))
+            or (
+                running
+                and self.store.transition(job_id, [Status.RUNNING], Status.FAILED, owner=self.worker_id, error=error)
+            )
+            or None
+        )
 
     def requeue(self, job_id: str, **fields) -> None:
         self.store.transition(job_id, [Status.RUNNING], Status.QUEUED, owner=self.worker_id, **fields)

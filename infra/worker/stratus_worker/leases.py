@@ -28,9 +28,11 @@ class Leases:
         for url in dict.fromkeys(r.queue_url for r in receipts):
             mine = [r for r in receipts if r.queue_url == url]
             for i in range(0, len(mine), 10):
-                chunk = mine[i:i + 10]
-                entries = [{"Id": str(n), "ReceiptHandle": r.handle, "VisibilityTimeout": self.visibility_s}
-                           for n, r in enumerate(chunk)]
+                chunk = mine[i : i + 10]
+                entries = [
+                    {"Id": str(n), "ReceiptHandle": r.handle, "VisibilityTimeout": self.visibility_s}
+                    for n, r in enumerate(chunk)
+                ]
                 got = self.sqs.change_message_visibility_batch(QueueUrl=url, Entries=entries)
                 lost += [chunk[int(f["Id"])] for f in got.get("Failed", [])]
         return lost
@@ -42,5 +44,6 @@ class Leases:
         self.hide(receipt, 0)
 
     def hide(self, receipt: Receipt, seconds: int) -> None:
-        self.sqs.change_message_visibility(QueueUrl=receipt.queue_url, ReceiptHandle=receipt.handle,
-                                           VisibilityTimeout=seconds)
+        self.sqs.change_message_visibility(
+            QueueUrl=receipt.queue_url, ReceiptHandle=receipt.handle, VisibilityTimeout=seconds
+        )

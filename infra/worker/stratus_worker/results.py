@@ -5,7 +5,7 @@ replies it owes and the per-request metrics.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from aws_lambda_powertools.metrics import MetricUnit
 
@@ -18,10 +18,18 @@ from stratus_worker.streams import ChunkWriter
 
 
 class Results:
-    def __init__(self, store: JobStore, chunks: ChunkWriter, worker_id: str, s3, bucket: str,
-                 notify: Callable[[Job | None], None], token_bytes: list[bytes],
-                 decode: Callable[[list[int]], str],
-                 keep_trying: Callable[[Callable[[], Job | None], str], Job | None]) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        chunks: ChunkWriter,
+        worker_id: str,
+        s3,
+        bucket: str,
+        notify: Callable[[Job | None], None],
+        token_bytes: list[bytes],
+        decode: Callable[[list[int]], str],
+        keep_trying: Callable[[Callable[[], Job | None], str], Job | None],
+    ) -> None:
         """keep_trying(write, job id): runs the result write, trying again while it may pass (Worker._keep_trying)."""
         self.store, self.chunks, self.worker_id, self.keep_trying = store, chunks, worker_id, keep_trying
         self.token_bytes, self.decode = token_bytes, decode
@@ -29,8 +37,15 @@ class Results:
 
     def open(self, msg: QueueMessage, run: str, attempt: int, now: float) -> Callable[[int], None]:
         """Start collecting the job's tokens (the claimed job's `run`) -> the engine's on_token callback."""
-        return self.chunks.open(msg.job_id, run, attempt, msg.request.params.stop, int(max(msg.deadline, now) + 3600),
-                                streamed=msg.stream, logprobs=msg.request.params.logprobs is not None)
+        return self.chunks.open(
+            msg.job_id,
+            run,
+            attempt,
+            msg.request.params.stop,
+            int(max(msg.deadline, now) + 3600),
+            streamed=msg.stream,
+            logprobs=msg.request.params.logprobs is not None,
+        )
 
     def abandon(self, job_id: str) -> None:
         """The generation will not finish here (requeued, released, failed to start)."""
@@ -52,34 +67,56 @@ class Results:
             self.notify(self.store.get(job_id))
             return
         queued_s = received - msg.enqueued_at + r.timings.queue_s
-        timings = {"queue_s": round(queued_s, 4), "ttft_s": round(r.timings.ttft_s, 4),
-                   "decode_s": round(r.timings.decode_s, 4), "total_s": round(r.timings.total_s, 4),
-                   "decode_tokens_per_s": round(r.timings.decode_tokens_per_s(r.usage.completion_tokens), 2)}
+        timings = {
+            "queue_s": round(queued_s, 4),
+            "ttft_s": round(r.timings.ttft_s, 4),
+            "decode_s": round(r.timings.decode_s, 4),
+            "total_s": round(r.timings.total_s, 4),
+            "decode_tokens_per_s": round(r.timings.decode_tokens_per_s(r.usage.completion_tokens), 2),
+        }
         usage = choices.usage(results)
         result = choices.result_body(msg.request, results, self.token_bytes, self.decode)
+
         def write() -> Job | None:  # (an earlier try's write may have landed though its call failed)
-            return self.store.complete(job_id, self.worker_id, result, s3=self.s3, bucket=self.bucket, usage=usage,
-                                       timings=timings, request_bytes=msg.request.stored_bytes) or self._landed(job_id)
+            return self.store.complete(
+                job_id,
+                self.worker_id,
+                result,
+                s3=self.s3,
+                bucket=self.bucket,
+                usage=usage,
+                timings=timings,
+                request_bytes=msg.request.stored_bytes,
+            ) or self._landed(job_id)
+
         try:
             written = self.keep_trying(write, job_id)  # only the write: replies and metrics follow once
         except BaseException:
             self.chunks.close(job_id)
             raise
         if written:
-            logger.info("generated", extra={"job_id": job_id, "completion_tokens": usage["completion_tokens"],
-                                            "ttft_s": timings["ttft_s"], "finish_reason": r.finish_reason})
+            logger.info(
+                "generated",
+                extra={
+                    "job_id": job_id,
+                    "completion_tokens": usage["completion_tokens"],
+                    "ttft_s": timings["ttft_s"],
+                    "finish_reason": r.finish_reason,
+                },
+            )
         else:  # cancelled meanwhile, or another worker took it over: never a second result
             logger.info("result not written: the job is no longer ours", extra={"job_id": job_id})
         try:  # the final chunk only speeds readers up: they also see DONE on the job item
             self.chunks.close(job_id, results[0] if written else None)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             chunk_error(exc)
-        for name, value, unit in (("time_to_first_token_seconds", r.timings.ttft_s, MetricUnit.Seconds),
-                                  ("request_queue_time_seconds", queued_s, MetricUnit.Seconds),
-                                  ("e2e_request_latency_seconds", r.timings.total_s, MetricUnit.Seconds),
-                                  ("generation_tokens", usage["completion_tokens"], MetricUnit.Count),
-                                  ("generation_tokens_per_second", timings["decode_tokens_per_s"],
-                                   MetricUnit.CountPerSecond)):
+        for name, value, unit in (
+            ("time_to_first_token_seconds", r.timings.ttft_s, MetricUnit.Seconds),
+            ("request_queue_time_seconds", queued_s, MetricUnit.Seconds),
+            ("e2e_request_latency_seconds", r.timings.total_s, MetricUnit.Seconds),
+            ("generation_tokens", usage["completion_tokens"], MetricUnit.Count),
+            ("generation_tokens_per_second", timings["decode_tokens_per_s"], MetricUnit.CountPerSecond),
+        ):
             metrics.add_metric(name=name, unit=unit, value=value)
         self.notify(written)  # last: replies that cannot be posted now raise (worker.RepliesOwed)
 

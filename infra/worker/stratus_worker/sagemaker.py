@@ -48,14 +48,18 @@ def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
             msg = QueueMessage.from_body(json.dumps(body))
         except NewerMessage as exc:  # a newer API queued it: this image cannot serve it, and nothing retries
             logger.warning("message from a newer version", extra={"job_id": job_id, "reason": str(exc)})
-            error = {"message": f"the worker is older than the API that queued this job ({exc}); the endpoint "
-                                "needs the new worker image", "type": "server_error", "code": "worker_outdated"}
+            error = {
+                "message": f"the worker is older than the API that queued this job ({exc}); the endpoint "
+                "needs the new worker image",
+                "type": "server_error",
+                "code": "worker_outdated",
+            }
             if JOB_ID.fullmatch(job_id):  # (only a QUEUED one: a newer instance may be running it)
                 worker.jobs.fail(job_id, error, running=False)
             return 500, {"error": error}
         try:
             job = worker.run_one(msg)
-        except Exception:  # noqa: BLE001 - run_one failed the job (async endpoints do not redeliver)
+        except Exception:
             logger.exception("invocation failed", extra={"job_id": msg.job_id})
             return 500, {"error": INVOCATION_FAILED}
         return (200, job_view(job)) if job is not None else (404, {"error": {"message": "job not found"}})
@@ -63,12 +67,24 @@ def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
     s = worker.settings
     req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
     engine = worker.engine
-    results = gather([engine.submit(GenerationRequest(ids, req.params)) for ids in encode_prompts(engine, req)]).result()
+    results = gather(
+        [engine.submit(GenerationRequest(ids, req.params)) for ids in encode_prompts(engine, req)]
+    ).result()
     now = time.time()
-    result = choices.result_body(req, results, engine.token_bytes,
-                                 lambda ids: engine.model.tokenizer.decode(ids, skip_special_tokens=False))
-    job = Job("sm" + uuid.uuid4().hex, "sagemaker", Status.DONE, req, False, now, int(now), result=result,
-              usage=choices.usage(results))
+    result = choices.result_body(
+        req, results, engine.token_bytes, lambda ids: engine.model.tokenizer.decode(ids, skip_special_tokens=False)
+    )
+    job = Job(
+        "sm" + uuid.uuid4().hex,
+        "sagemaker",
+        Status.DONE,
+        req,
+        False,
+        now,
+        int(now),
+        result=result,
+        usage=choices.usage(results),
+    )
     return 200, completion_body(job)
 
 
@@ -96,7 +112,7 @@ def make_server(worker: Worker, port: int, host: str = "0.0.0.0") -> ThreadingHT
                 self._send(400, error_body(InvalidRequest(f"the body is not valid JSON: {exc.msg}")))
             except StratusError as exc:
                 self._send(exc.status, error_body(exc))
-            except Exception:  # noqa: BLE001 - the engine died, say: an answer, not a dropped connection
+            except Exception:
                 logger.exception("invocation failed")
                 self._send(500, {"error": INVOCATION_FAILED})
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from stratus.chunks import Chunk, ChunkStore, first_seq, stream_key
 from stratus.errors import transient
@@ -41,12 +41,18 @@ class _Stream:
         start = self.entries_sent
         end = min(len(self.entries), self.deltas.tokens_sent(start))
         self.entries_sent = max(start, end)
-        return start, self.entries[start:self.entries_sent]
+        return start, self.entries[start : self.entries_sent]
 
 
 class ChunkWriter:
-    def __init__(self, store: ChunkStore, new_text: Callable[[], TokenText], flush_s: float = 0.15,
-                 clock: Callable[[], float] = time.monotonic, render: Callable[[object], dict] | None = None) -> None:
+    def __init__(
+        self,
+        store: ChunkStore,
+        new_text: Callable[[], TokenText],
+        flush_s: float = 0.15,
+        clock: Callable[[], float] = time.monotonic,
+        render: Callable[[object], dict] | None = None,
+    ) -> None:
         """new_text: a TokenText for each job's tokens (Engine.new_text); render: an engine
         TokenLogprob -> its entry (stratus_worker.choices.entry)"""
         self.store, self.new_text, self.flush_s, self.clock, self.render = store, new_text, flush_s, clock, render
@@ -54,11 +60,25 @@ class ChunkWriter:
         self._lock = threading.Lock()
         self._wake = threading.Event()
 
-    def open(self, job_id: str, run: str, attempt: int, stop: tuple[str, ...], expires_at: int,
-             streamed: bool, logprobs: bool = False) -> Callable[[int, object], None]:
+    def open(
+        self,
+        job_id: str,
+        run: str,
+        attempt: int,
+        stop: tuple[str, ...],
+        expires_at: int,
+        streamed: bool,
+        logprobs: bool = False,
+    ) -> Callable[[int, object], None]:
         """Start collecting a job's tokens (its run: Job.run) -> the engine's on_token callback for it."""
-        s = _Stream(stream_key(job_id, run), TextDeltas(self.new_text(), stop), expires_at, first_seq(attempt),
-                    streamed, entries=[] if logprobs and self.render is not None else None)
+        s = _Stream(
+            stream_key(job_id, run),
+            TextDeltas(self.new_text(), stop),
+            expires_at,
+            first_seq(attempt),
+            streamed,
+            entries=[] if logprobs and self.render is not None else None,
+        )
         with self._lock:
             self._streams[job_id] = s
 
@@ -68,6 +88,7 @@ class ChunkWriter:
                 s.entries.append(self.render(logprob))
             if s.streamed and not s.wrote:
                 self._wake.set()  # the first delta goes out at once
+
         return on_token
 
     def mark_streamed(self, job_ids) -> None:
@@ -86,30 +107,37 @@ class ChunkWriter:
         if s is None or not s.streamed or result is None:
             return
         sent = s.deltas.sent
-        rest = result.text[len(sent):] if result.text.startswith(sent) else ""
-        final = {"finish_reason": result.finish_reason,
-                 "usage": {"prompt_tokens": result.usage.prompt_tokens,
-                           "completion_tokens": result.usage.completion_tokens,
-                           "total_tokens": result.usage.total_tokens}}
+        rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
+        final = {
+            "finish_reason": result.finish_reason,
+            "usage": {
+                "prompt_tokens": result.usage.prompt_tokens,
+                "completion_tokens": result.usage.completion_tokens,
+                "total_tokens": result.usage.total_tokens,
+            },
+        }
         entries = None
         if s.entries is not None:  # the result's own entries (cut at a stop string), past those sent
-            entries = [self.render(t) for t in result.choices[0].logprobs or []][s.entries_sent:]
-        self.store.put([*s.unsent, (Chunk(s.key, s.seq, len(sent), rest, final, entries, s.entries_sent),
-                                    s.expires_at)])  # (chunks a failed write left go first, in order)
+            entries = [self.render(t) for t in result.choices[0].logprobs or []][s.entries_sent :]
+        self.store.put(
+            [*s.unsent, (Chunk(s.key, s.seq, len(sent), rest, final, entries, s.entries_sent), s.expires_at)]
+        )  # (chunks a failed write left go first, in order)
 
     def flush(self) -> int:
         """Write one chunk for each streamed job that is due and has new text -> chunks written."""
         now = self.clock()
         with self._lock:
-            due = [s for s in self._streams.values()
-                   if s.streamed and (not s.wrote or now - s.last_flush >= self.flush_s)]
+            due = [
+                s for s in self._streams.values() if s.streamed and (not s.wrote or now - s.last_flush >= self.flush_s)
+            ]
         for s in due:
             offset = len(s.deltas.sent)
             delta = s.deltas.take()
             if delta:
                 lp_offset, entries = s.take_entries()
-                s.unsent.append((Chunk(s.key, s.seq, offset, delta, logprobs=entries, lp_offset=lp_offset),
-                                 s.expires_at))
+                s.unsent.append(
+                    (Chunk(s.key, s.seq, offset, delta, logprobs=entries, lp_offset=lp_offset), s.expires_at)
+                )
                 s.seq, s.wrote, s.last_flush = s.seq + 1, True, now
         with self._lock:
             waiting = [s for s in self._streams.values() if s.unsent]  # (a failed round's too)
@@ -138,7 +166,7 @@ class ChunkWriter:
         for s in streams:
             try:
                 self.store.put(s.unsent)
-            except Exception as exc:  # noqa: BLE001 - raised once every stream was tried
+            except Exception as exc:
                 _give_up_if_refused(s, exc)
                 error = error or exc
                 continue
@@ -154,7 +182,7 @@ class ChunkWriter:
             self._wake.clear()
             try:
                 self.flush()
-            except Exception as exc:  # noqa: BLE001 - a throttled write: its chunks are kept, tried next round
+            except Exception as exc:
                 on_error(exc)
 
 

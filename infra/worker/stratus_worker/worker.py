@@ -33,9 +33,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from aws_lambda_powertools.metrics import MetricUnit
 
@@ -63,8 +64,11 @@ WRITE_RETRY_FIRST_S, WRITE_RETRY_MAX_S = 0.25, 4.0  # the pause between tries: d
 HELD_HERE_HIDE_S = 1  # a new message for a job whose stale generation is being dropped here waits this long
 NEWER_MESSAGE_HIDE_S = 60  # a message this worker is too old for comes back after this (to the DLQ in the end)
 REPLIES_AGAIN_S = 30  # a message whose finished job's replies could not be posted comes back after this for them
-INVOCATION_FAILED = {"message": "the worker failed on this job (its log has the cause)", "type": "server_error",
-                     "code": "worker_failed"}
+INVOCATION_FAILED = {
+    "message": "the worker failed on this job (its log has the cause)",
+    "type": "server_error",
+    "code": "worker_failed",
+}
 
 
 class RepliesOwed(Exception):
@@ -87,20 +91,42 @@ class Held:
 
 
 class Worker:
-    def __init__(self, engine: Engine, settings: Settings, *, sqs, table, s3, stream_table,
-                 worker_id: str | None = None, clock=time.time) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        *,
+        sqs,
+        table,
+        s3,
+        stream_table,
+        worker_id: str | None = None,
+        clock=time.time,
+    ) -> None:
         self.engine, self.settings, self.sqs, self.s3, self.clock = engine, settings, sqs, s3, clock
         self.store = JobStore(table)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         tokenizer = engine.model.tokenizer
-        self.chunks = ChunkWriter(ChunkStore(stream_table), engine.new_text, settings.stream_flush_s,
-                                  render=lambda t: choices.entry(t, engine.token_bytes))
+        self.chunks = ChunkWriter(
+            ChunkStore(stream_table),
+            engine.new_text,
+            settings.stream_flush_s,
+            render=lambda t: choices.entry(t, engine.token_bytes),
+        )
         self.leases = Leases(sqs, settings.visibility_s)
         self._batch_backlog = False  # the last batch receive found messages: more are likely waiting
         self.jobs = JobStates(self.store, self.worker_id, engine, settings.heartbeat_s, self._notify, clock)
-        self.results = Results(self.store, self.chunks, self.worker_id, s3, settings.bucket, self._notify,
-                               engine.token_bytes, lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                               keep_trying=self._keep_trying)
+        self.results = Results(
+            self.store,
+            self.chunks,
+            self.worker_id,
+            s3,
+            settings.bucket,
+            self._notify,
+            engine.token_bytes,
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+            keep_trying=self._keep_trying,
+        )
         self.held: dict[str, Held] = {}
         self.cancelled: set[str] = set()
         self.stopping = threading.Event()  # set by SIGTERM: take no new work
@@ -115,10 +141,11 @@ class Worker:
 
     def run(self) -> None:
         """Serve until stop() and then drain (or until the engine fails)."""
-        threads = [threading.Thread(target=self.run_engine, name="engine", daemon=True),
-                   threading.Thread(target=self._write_results, name="writer", daemon=True),
-                   threading.Thread(target=self.chunks.run, args=(self.halt, chunk_error), name="chunks",
-                                    daemon=True)]
+        threads = [
+            threading.Thread(target=self.run_engine, name="engine", daemon=True),
+            threading.Thread(target=self._write_results, name="writer", daemon=True),
+            threading.Thread(target=self.chunks.run, args=(self.halt, chunk_error), name="chunks", daemon=True),
+        ]
         for t in threads:
             t.start()
         logger.info("worker started", extra={"worker": self.worker_id, "max_batch": self.settings.max_batch})
@@ -155,7 +182,7 @@ class Worker:
     def run_engine(self) -> None:
         try:
             self.engine.run(self.halt)
-        except BaseException:  # noqa: BLE001 - the main thread releases our messages and exits
+        except BaseException:
             logger.exception("engine failed")
             metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
             self.stopping.set()
@@ -189,7 +216,7 @@ class Worker:
                 self.leases.hide(receipt, NEWER_MESSAGE_HIDE_S)
             except RepliesOwed as exc:  # (a finished job's replies, seen as its message came back)
                 self._owe_replies(receipt, "", exc)
-            except Exception as exc:  # noqa: BLE001 - retryable: back to the queue, the DLQ bounds retries
+            except Exception as exc:
                 logger.exception("could not admit a message")
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
                 self._retry_later(receipt, m["Body"], exc)
@@ -199,9 +226,14 @@ class Worker:
             time.sleep(0.02)
             return []
         try:
-            got = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=min(10, room), AttributeNames=["All"],
-                                           VisibilityTimeout=self.settings.visibility_s, WaitTimeSeconds=wait)
-        except Exception:  # noqa: BLE001 - throttled or unreachable: what we hold keeps generating
+            got = self.sqs.receive_message(
+                QueueUrl=url,
+                MaxNumberOfMessages=min(10, room),
+                AttributeNames=["All"],
+                VisibilityTimeout=self.settings.visibility_s,
+                WaitTimeSeconds=wait,
+            )
+        except Exception:
             logger.exception("could not receive from a jobs queue")
             metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
             time.sleep(RECEIVE_BACKOFF_S)
@@ -299,9 +331,11 @@ class Worker:
                 self.results.record(msg, held.received, held.future.result())
         except RepliesOwed:  # the job is finished; no message comes back for its replies: try a while longer
             try:
-                self._keep_trying(lambda: post_replies(self.store.get(msg.job_id), sqs=self.sqs, s3=self.s3,
-                                                       store=self.store), msg.job_id)
-            except Exception:  # noqa: BLE001 - the job stands; its replies are lost (logged)
+                self._keep_trying(
+                    lambda: post_replies(self.store.get(msg.job_id), sqs=self.sqs, s3=self.s3, store=self.store),
+                    msg.job_id,
+                )
+            except Exception:
                 logger.exception("replies not posted", extra={"job_id": msg.job_id})
         except Exception:
             self.results.abandon(msg.job_id)
@@ -322,11 +356,21 @@ class Worker:
         on_token = self.results.open(msg, started.run, attempt, self.clock())
         try:
             priority = TIERS.index(msg.tier) if msg.tier in TIERS else len(TIERS)
-            return gather([self.engine.submit(GenerationRequest(ids, msg.request.params, request_id=job_id,
-                                                                is_cancelled=lambda: job_id in self.cancelled,
-                                                                on_token=on_token if i == 0 else None,
-                                                                priority=priority))
-                           for i, ids in enumerate(started.prompts)])
+            return gather(
+                [
+                    self.engine.submit(
+                        GenerationRequest(
+                            ids,
+                            msg.request.params,
+                            request_id=job_id,
+                            is_cancelled=lambda: job_id in self.cancelled,
+                            on_token=on_token if i == 0 else None,
+                            priority=priority,
+                        )
+                    )
+                    for i, ids in enumerate(started.prompts)
+                ]
+            )
         except BaseException:
             self.results.abandon(job_id)
             raise
@@ -336,15 +380,17 @@ class Worker:
     def housekeep(self) -> None:
         """Periodic chores; one that fails (a throttled call) is logged and tried again next time."""
         now = time.monotonic()
-        for chore, every, run in (("heartbeat", self.settings.heartbeat_s, self.heartbeat),
-                                  ("cancel", self.settings.cancel_check_s, self.check_cancelled),
-                                  ("metrics", METRICS_EVERY_S, self.publish_metrics),
-                                  ("alive", METRICS_EVERY_S, health.touch)):  # the container health check
+        for chore, every, run in (
+            ("heartbeat", self.settings.heartbeat_s, self.heartbeat),
+            ("cancel", self.settings.cancel_check_s, self.check_cancelled),
+            ("metrics", METRICS_EVERY_S, self.publish_metrics),
+            ("alive", METRICS_EVERY_S, health.touch),
+        ):  # the container health check
             if now >= self._next[chore]:
                 self._next[chore] = now + every
                 try:
                     run()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     logger.exception(f"{chore} failed")
 
     def heartbeat(self) -> None:
@@ -361,8 +407,11 @@ class Worker:
         if held:
             states = self.store.states(list(held))
             with self._lock:  # only generations still held: one let go of meanwhile may be made again,
-                self.cancelled.update(j for j, (status, _) in states.items()  # and held by another
-                                      if status == Status.CANCELLED and self.held.get(j) is held[j])
+                self.cancelled.update(
+                    j
+                    for j, (status, _) in states.items()  # and held by another
+                    if status == Status.CANCELLED and self.held.get(j) is held[j]
+                )
             self.chunks.mark_streamed(j for j, (_, streamed) in states.items() if streamed)
 
     # ---- finishing ----------------------------------------------------------------------------
@@ -373,7 +422,7 @@ class Worker:
                 self.finish(held)
             except RepliesOwed as exc:
                 self._owe_replies(held.receipt, held.message.job_id, exc)
-            except Exception as exc:  # noqa: BLE001 - retryable: the message comes back
+            except Exception as exc:
                 logger.exception("could not finish a job (its generation or its result write failed)")
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
                 self._retry_later(held.receipt, held.message.to_body(), exc)
@@ -398,11 +447,13 @@ class Worker:
         while True:
             try:
                 return write()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if not transient(exc) or self.halt.is_set() or time.monotonic() + pause > give_up:
                     raise
-                logger.warning("could not write a result; trying again",
-                               extra={"job_id": job_id, "error": type(exc).__name__, "retry_in_s": pause})
+                logger.warning(
+                    "could not write a result; trying again",
+                    extra={"job_id": job_id, "error": type(exc).__name__, "retry_in_s": pause},
+                )
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
                 self.halt.wait(pause)
                 pause = min(2 * pause, WRITE_RETRY_MAX_S)
@@ -419,12 +470,14 @@ class Worker:
         """A finished job whose replies could not be posted: its message comes back for them later
         (not at once: the reply queue is throttled or down), and after the queue's maxReceiveCount
         the dlq function posts them."""
-        logger.warning("replies not posted; the message comes back for them",
-                       extra={"job_id": job_id, "error": str(exc), "retry_in_s": REPLIES_AGAIN_S})
+        logger.warning(
+            "replies not posted; the message comes back for them",
+            extra={"job_id": job_id, "error": str(exc), "retry_in_s": REPLIES_AGAIN_S},
+        )
         metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
         try:
             self.leases.hide(receipt, REPLIES_AGAIN_S)
-        except Exception:  # noqa: BLE001 - its lease lapses instead
+        except Exception:
             logger.exception("could not hide a message", extra={"job_id": job_id})
 
     def _retry_later(self, receipt: Receipt, body: str, exc: BaseException) -> None:
@@ -433,7 +486,7 @@ class Worker:
             job_id = QueueMessage.from_body(body).job_id
             self.results.abandon(job_id)
             self.jobs.requeue(job_id, last_error=f"{type(exc).__name__}: {exc}"[:500])
-        except Exception:  # noqa: BLE001 - an unreadable message still goes back, towards the DLQ
+        except Exception:
             logger.warning("could not requeue the job of a failed message")
         self.leases.release(receipt)
 
@@ -448,7 +501,7 @@ class Worker:
                 self.results.abandon(h.message.job_id)
                 self.jobs.requeue(h.message.job_id)
                 self.leases.release(h.receipt)
-            except Exception:  # noqa: BLE001 - the rest still go back; this one's lease lapses
+            except Exception:
                 logger.exception("could not give a job back", extra={"job_id": h.message.job_id})
         with self._lock:
             self.held = {j: h for j, h in self.held.items() if j == writing}
@@ -465,7 +518,10 @@ class Worker:
             report = self.engine.prefixes.report()  # report, its hits and the prompt tokens it saved
             metrics.add_metric(name="prefix_cache_bytes", unit=MetricUnit.Bytes, value=report["bytes"])
             for name in ("hits", "misses", "tokens_reused"):
-                metrics.add_metric(name=f"prefix_cache_{name}", unit=MetricUnit.Count,
-                                   value=report[name] - self._prefix_seen.get(name, 0))
+                metrics.add_metric(
+                    name=f"prefix_cache_{name}",
+                    unit=MetricUnit.Count,
+                    value=report[name] - self._prefix_seen.get(name, 0),
+                )
             self._prefix_seen = report
         metrics.flush_metrics()

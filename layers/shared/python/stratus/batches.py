@@ -37,23 +37,24 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 from urllib.parse import quote
 
 from aws_lambda_powertools.metrics import MetricUnit
 from boto3.dynamodb.conditions import Key
 
-from stratus.contracts import ROUTE_PATHS, QueueMessage, Status, json_object, parse_request, require_unicode
-from stratus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, StratusError
-from stratus.keys import Tenant, check_tenant
-from stratus.jobstore import load_result
-from stratus.observability import logger, metrics
 from stratus import release, submission
+from stratus.contracts import ROUTE_PATHS, QueueMessage, Status, json_object, parse_request, require_unicode
 from stratus.deps import Deps
+from stratus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, StratusError
+from stratus.jobstore import load_result
+from stratus.keys import Tenant, check_tenant
+from stratus.observability import logger, metrics
 from stratus.s3parts import PartWriter
 from stratus.shapes import completion_body
 
@@ -113,35 +114,80 @@ class Batch:
     settled: int = 0  # the first lines (file order) whose jobs have finished: the pass reads past them ...
     settled_done: int = 0  # ... and how many of those finished DONE
     settled_parts: dict = field(default_factory=dict)  # lines files past that mark whose every line has
-                                                       # finished -> how many DONE: not read again
+    # finished -> how many DONE: not read again
 
     def to_item(self) -> dict:
-        item = {"pk": f"batch#{self.id}", "tenant": self.tenant, "input_file": self.input_file, "status": self.status,
-                "created_at": self.created_at, "counts": json.dumps(self.counts),
-                "errors": json.dumps(self.errors), "expires_at": self.created_at + KEEP_S,
-                "batch_tenant": self.tenant, "outbox": self.outbox, "released": self.released,
-                "outbox_tokens": self.outbox_tokens,
-                "ingested": self.ingested, "settled": self.settled, "settled_done": self.settled_done,
-                "read_offset": self.read_offset, "read_line": self.read_line,
-                "settled_parts": json.dumps(self.settled_parts)}
+        item = {
+            "pk": f"batch#{self.id}",
+            "tenant": self.tenant,
+            "input_file": self.input_file,
+            "status": self.status,
+            "created_at": self.created_at,
+            "counts": json.dumps(self.counts),
+            "errors": json.dumps(self.errors),
+            "expires_at": self.created_at + KEEP_S,
+            "batch_tenant": self.tenant,
+            "outbox": self.outbox,
+            "released": self.released,
+            "outbox_tokens": self.outbox_tokens,
+            "ingested": self.ingested,
+            "settled": self.settled,
+            "settled_done": self.settled_done,
+            "read_offset": self.read_offset,
+            "read_line": self.read_line,
+            "settled_parts": json.dumps(self.settled_parts),
+        }
         if self.status in OPEN_STATUSES:
             item["open_batch"] = OPEN
-        for name in ("completed_at", "output_file", "error_file", "cancelling_at", "cancelled_at", "lines_total",
-                     "input_etag"):
+        for name in (
+            "completed_at",
+            "output_file",
+            "error_file",
+            "cancelling_at",
+            "cancelled_at",
+            "lines_total",
+            "input_etag",
+        ):
             if getattr(self, name) is not None:
                 item[name] = getattr(self, name)
         return item
 
     @classmethod
     def from_item(cls, item: dict) -> Batch:
-        ints = {k: int(item[k]) for k in ("completed_at", "cancelling_at", "cancelled_at", "outbox", "released",
-                                          "lines_total", "ingested", "ingest_until", "settled", "settled_done",
-                                          "read_offset", "read_line", "outbox_tokens", "attempting") if k in item}
-        return cls(item["pk"].removeprefix("batch#"), item["tenant"], item["input_file"], item.get("input_etag", ""),
-                   item["status"], int(item["created_at"]), counts=json.loads(item["counts"]), output_file=item.get("output_file"),
-                   error_file=item.get("error_file"), errors=json.loads(item.get("errors", "[]")),
-                   settled_parts={int(p): int(d) for p, d in json.loads(item.get("settled_parts", "{}")).items()},
-                   **ints)
+        ints = {
+            k: int(item[k])
+            for k in (
+                "completed_at",
+                "cancelling_at",
+                "cancelled_at",
+                "outbox",
+                "released",
+                "lines_total",
+                "ingested",
+                "ingest_until",
+                "settled",
+                "settled_done",
+                "read_offset",
+                "read_line",
+                "outbox_tokens",
+                "attempting",
+            )
+            if k in item
+        }
+        return cls(
+            item["pk"].removeprefix("batch#"),
+            item["tenant"],
+            item["input_file"],
+            item.get("input_etag", ""),
+            item["status"],
+            int(item["created_at"]),
+            counts=json.loads(item["counts"]),
+            output_file=item.get("output_file"),
+            error_file=item.get("error_file"),
+            errors=json.loads(item.get("errors", "[]")),
+            settled_parts={int(p): int(d) for p, d in json.loads(item.get("settled_parts", "{}")).items()},
+            **ints,
+        )
 
     @property
     def line_tokens(self) -> float:
@@ -151,7 +197,9 @@ class Batch:
     @property
     def ingesting(self) -> bool:
         """Lines of its file are still to be read (or nobody has started)."""
-        return self.status in ("validating", "in_progress") and (self.lines_total is None or self.ingested < self.lines_total)
+        return self.status in ("validating", "in_progress") and (
+            self.lines_total is None or self.ingested < self.lines_total
+        )
 
     def view(self, bucket: str) -> dict:
         """The OpenAI batch object; file ids work with GET /v1/files/{id}/content, and the
@@ -159,18 +207,29 @@ class Batch:
         s3 = lambda key: f"s3://{bucket}/{key}" if key else None  # noqa: E731
         posted = f"{INPUT_PREFIX}{self.tenant}/{POSTED}/" in self.input_file  # a copy made by POST /v1/batches
         input_id = self.input_file.rsplit("/", 1)[-1] if posted else s3(self.input_file)
-        return {"id": self.id, "object": "batch", "endpoint": "/v1/chat/completions", "input_file_id": input_id,
-                "completion_window": "24h", "status": self.status, "created_at": self.created_at,
-                "completed_at": self.completed_at, "cancelling_at": self.cancelling_at,
-                "cancelled_at": self.cancelled_at,
-                "output_file_id": f"file-{self.id}-output" if self.output_file else None,
-                "error_file_id": f"file-{self.id}-errors" if self.error_file else None,
-                "input_file_uri": s3(self.input_file), "output_file_uri": s3(self.output_file),
-                "error_file_uri": s3(self.error_file), "request_counts": self.counts,
-                "errors": {"object": "list", "data": self.errors} if self.errors else None}
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": "/v1/chat/completions",
+            "input_file_id": input_id,
+            "completion_window": "24h",
+            "status": self.status,
+            "created_at": self.created_at,
+            "completed_at": self.completed_at,
+            "cancelling_at": self.cancelling_at,
+            "cancelled_at": self.cancelled_at,
+            "output_file_id": f"file-{self.id}-output" if self.output_file else None,
+            "error_file_id": f"file-{self.id}-errors" if self.error_file else None,
+            "input_file_uri": s3(self.input_file),
+            "output_file_uri": s3(self.output_file),
+            "error_file_uri": s3(self.error_file),
+            "request_counts": self.counts,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+        }
 
 
 # ---- reading lines --------------------------------------------------------------------------
+
 
 def parse_line(raw: str, default_model: str) -> tuple[str | None, str, dict, bool]:
     """A JSONL line -> (custom id, route, OpenAI body, is Bedrock); InvalidRequest names the problem."""
@@ -224,12 +283,12 @@ def _rows(batch: Batch, deps: Deps, *, offset: int = 0, line: int = 0) -> Iterat
         for chunk in body.iter_chunks(READ_CHUNK):
             *ended, rest = chunk.split(b"\n")
             for piece in ended:
-                raw, size = b"".join([*parts, piece[:_room(size)]]), size + len(piece)
+                raw, size = b"".join([*parts, piece[: _room(size)]]), size + len(piece)
                 n, end = n + 1, end + size + 1
                 if raw.strip():
                     yield Row(n, raw.removesuffix(b"\r"), end, too_long=size > MAX_LINE_BYTES)
                 parts, size = [], 0
-            parts.append(rest[:_room(size)])  # (past MAX_LINE_BYTES, the rest of a line is only counted)
+            parts.append(rest[: _room(size)])  # (past MAX_LINE_BYTES, the rest of a line is only counted)
             size += len(rest)
         raw = b"".join(parts)
         if raw.strip():  # a last line without a line end
@@ -265,7 +324,9 @@ class UnusableFile(InvalidRequest):
 
 def _lines_in_file(batch: Batch, deps: Deps) -> int:
     """The file's non-blank lines, counted as they stream by; UnusableFile past the limits."""
-    size = deps.s3.head_object(Bucket=deps.settings.bucket, Key=batch.input_file, **_its_version(batch))["ContentLength"]
+    size = deps.s3.head_object(Bucket=deps.settings.bucket, Key=batch.input_file, **_its_version(batch))[
+        "ContentLength"
+    ]
     if size > MAX_FILE_BYTES:
         raise UnusableFile("file_too_large", f"the file has {size} bytes; at most {MAX_FILE_BYTES} per batch: split it")
     total = sum(1 for _ in _rows(batch, deps))
@@ -275,6 +336,7 @@ def _lines_in_file(batch: Batch, deps: Deps) -> int:
 
 
 # ---- creating a batch -----------------------------------------------------------------------
+
 
 def batch_id_for_upload(bucket: str, key: str, etag: str) -> str:
     """The same upload (a redelivered event) always maps to the same batch."""
@@ -307,8 +369,12 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps, etag: str = "") -> 
     finds the batch recorded and goes on with its ingest (or finds it done)."""
     batch = Batch(batch_id, tenant, key, etag.strip('"'))
     try:
-        deps.table.put_item(Item=batch.to_item(), ConditionExpression="attribute_not_exists(pk) OR (pending = :t AND #s = :v)",
-                            ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues={":t": True, ":v": "validating"})
+        deps.table.put_item(
+            Item=batch.to_item(),
+            ConditionExpression="attribute_not_exists(pk) OR (pending = :t AND #s = :v)",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":t": True, ":v": "validating"},
+        )
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         logger.info("batch exists already (a redelivered event)", extra={"batch_id": batch_id})
     return ingest(batch_id, deps, deps.clock() + deps.settings.batch_ingest_s)
@@ -329,9 +395,16 @@ def ingest(batch_id: str, deps: Deps, until: float) -> Batch:
         while (held := _lease(batch_id, me, deps)) is not None:
             batch, resumed = Batch.from_item(held), held.get("attempting") == held.get("ingested", 0)
             if batch.lines_total is None:  # the first slice: is the file one batch?
-                batch.lines_total = _read_or_fail(batch, deps, lambda: _lines_in_file(batch, deps))
-            rows = None if batch.lines_total is None else _read_or_fail(batch, deps, lambda: list(islice(
-                _rows(batch, deps, offset=batch.read_offset, line=batch.read_line), SLICE)))
+                batch.lines_total = _read_or_fail(batch, deps, lambda: _lines_in_file(batch, deps))  # noqa: B023 — called at once
+            rows = (
+                None
+                if batch.lines_total is None
+                else _read_or_fail(
+                    batch,
+                    deps,
+                    lambda: list(islice(_rows(batch, deps, offset=batch.read_offset, line=batch.read_line), SLICE)),  # noqa: B023
+                )
+            )
             if rows is None:
                 return get_any(batch_id, deps)  # failed: the file cannot be a batch
             if not _ingest_slice(batch, rows, resumed, me, deps) or deps.clock() >= until:
@@ -349,19 +422,29 @@ def _lease(batch_id: str, me: str, deps: Deps) -> dict | None:
             Key={"pk": f"batch#{batch_id}"},
             UpdateExpression="SET ingest_until = :until, ingester = :me, attempting = ingested REMOVE pending",
             ConditionExpression="#s IN (:v, :p) AND (attribute_not_exists(lines_total) OR ingested < lines_total) "
-                                "AND (attribute_not_exists(ingest_until) OR ingest_until < :now OR ingester = :me)",
+            "AND (attribute_not_exists(ingest_until) OR ingest_until < :now OR ingester = :me)",
             ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={":until": now + LEASE_S, ":me": me, ":now": now,
-                                       ":v": "validating", ":p": "in_progress"},
-            ReturnValues="ALL_OLD")["Attributes"]
+            ExpressionAttributeValues={
+                ":until": now + LEASE_S,
+                ":me": me,
+                ":now": now,
+                ":v": "validating",
+                ":p": "in_progress",
+            },
+            ReturnValues="ALL_OLD",
+        )["Attributes"]
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         return None
 
 
 def _unlease(batch_id: str, me: str, deps: Deps) -> None:
     try:
-        deps.table.update_item(Key={"pk": f"batch#{batch_id}"}, UpdateExpression="REMOVE ingest_until, ingester",
-                               ConditionExpression="ingester = :me", ExpressionAttributeValues={":me": me})
+        deps.table.update_item(
+            Key={"pk": f"batch#{batch_id}"},
+            UpdateExpression="REMOVE ingest_until, ingester",
+            ConditionExpression="ingester = :me",
+            ExpressionAttributeValues={":me": me},
+        )
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         pass  # not ours (never taken, or taken over)
 
@@ -377,11 +460,17 @@ def _read_or_fail(batch: Batch, deps: Deps, read: Callable[[], T]) -> T | None:
     except Exception as exc:
         if not _permanent(exc):  # throttled, a 5xx, the network
             raise
-        code, message = ((exc.code, exc.message) if isinstance(exc, UnusableFile) else
-                         ("input_changed", "the input file was replaced while it was read: upload the new one as a "
-                                           "new batch (it is one: a new version is a new batch)")
-                         if _code(exc) in CHANGED else
-                         ("input_unreadable", f"the input file cannot be read ({_code(exc)})"))
+        code, message = (
+            (exc.code, exc.message)
+            if isinstance(exc, UnusableFile)
+            else (
+                "input_changed",
+                "the input file was replaced while it was read: upload the new one as a "
+                "new batch (it is one: a new version is a new batch)",
+            )
+            if _code(exc) in CHANGED
+            else ("input_unreadable", f"the input file cannot be read ({_code(exc)})")
+        )
         batch.status, batch.errors = "failed", [{"code": code, "message": message}]
         deps.table.put_item(Item=batch.to_item())
         logger.info("batch failed", extra={"batch_id": batch.id, "code": code})
@@ -400,7 +489,7 @@ def _stand_down(batch: Batch, deps: Deps) -> None:
         _cancel_queued(lines, deps.store.statuses(sorted({l.job_id for l in lines if l.job_id})), batch, deps)
         _cancel_dead_slice(batch, deps)
         release.delete_outbox(batch.id, batch.outbox + SLICE, deps)  # (+ a dead slice's part, if any)
-    except Exception:  # noqa: BLE001 - the batch has failed either way
+    except Exception:
         logger.exception("could not cancel a failed batch's jobs", extra={"batch_id": batch.id})
 
 
@@ -419,9 +508,16 @@ def _cancel_dead_slice(batch: Batch, deps: Deps) -> None:
                 req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
             except InvalidRequest:
                 continue  # (an error line made no job)
-            ids.append(submission.job_id_for(req, batch.tenant, s, cacheable=req.params.deterministic,
-                                             origin=submission.line_origin(batch.id, row.n)))
-    except Exception:  # noqa: BLE001 - the file changed or went: those jobs expire at their deadline
+            ids.append(
+                submission.job_id_for(
+                    req,
+                    batch.tenant,
+                    s,
+                    cacheable=req.params.deterministic,
+                    origin=submission.line_origin(batch.id, row.n),
+                )
+            )
+    except Exception:
         logger.exception("could not read the slice a run left unfinished", extra={"batch_id": batch.id})
         return
     cancelled = sum(1 for job in _at_once(lambda j: deps.store.cancel_batch_job(j, batch.id), ids) if job)
@@ -432,8 +528,11 @@ def _cancel_queued(lines: list[Line], statuses: dict[str, Status], batch: Batch,
     """Cancel the lines' QUEUED jobs that this batch made (Job.batch; the condition refuses the
     others: another batch's, a request's, a promoted one) -> the ids cancelled."""
     queued = sorted({l.job_id for l in lines if statuses.get(l.job_id) == Status.QUEUED})
-    return {j for j, job in zip(queued, _at_once(lambda j: deps.store.cancel_batch_job(j, batch.id), queued))
-            if job is not None}
+    return {
+        j
+        for j, job in zip(queued, _at_once(lambda j: deps.store.cancel_batch_job(j, batch.id), queued))
+        if job is not None
+    }
 
 
 def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: Deps) -> bool:
@@ -454,8 +553,9 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
             line.error = _error(exc)
             return line, None
         line.job_id = sub.job_id
-        mine = sub.created or (resumed and sub.job is not None and sub.job.status == Status.QUEUED
-                               and sub.job.batch == batch.id)  # made by the run that died: may never have gone
+        mine = sub.created or (
+            resumed and sub.job is not None and sub.job.status == Status.QUEUED and sub.job.batch == batch.id
+        )  # made by the run that died: may never have gone
         return line, sub.message if mine else None
 
     lines, outbox = [], []
@@ -466,8 +566,9 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
         lines.append(line)
     logger.remove_keys(["job_id"])  # submit() tagged the log with each line's job in turn
     release.write_outbox(batch.id, outbox, deps, start=batch.outbox)
-    deps.s3.put_object(Bucket=s.bucket, Key=_lines_key(batch.id, start // SLICE),
-                       Body=json.dumps([l.__dict__ for l in lines]).encode())
+    deps.s3.put_object(
+        Bucket=s.bucket, Key=_lines_key(batch.id, start // SLICE), Body=json.dumps([l.__dict__ for l in lines]).encode()
+    )
     total = batch.lines_total
     failed = sum(1 for l in lines if l.error) + (batch.counts["failed"] if start else 0)
     counts = {"total": total, "completed": 0 if not start else batch.counts["completed"], "failed": failed}
@@ -477,12 +578,20 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
         deps.table.update_item(
             Key={"pk": f"batch#{batch.id}"},
             UpdateExpression="SET ingested = :done, lines_total = :total, outbox = :o, counts = :c, "
-                             "read_offset = :end, read_line = :last, outbox_tokens = :ot",
+            "read_offset = :end, read_line = :last, outbox_tokens = :ot",
             ConditionExpression="ingester = :me AND ingested = :start",
-            ExpressionAttributeValues={":done": done, ":total": total, ":o": batch.outbox + len(outbox),
-                                       ":c": json.dumps(counts), ":me": me, ":start": start, ":end": end,
-                                       ":last": last, ":ot": batch.outbox_tokens + sum(
-                                           submission.estimated_tokens(m.request) for m in outbox)})
+            ExpressionAttributeValues={
+                ":done": done,
+                ":total": total,
+                ":o": batch.outbox + len(outbox),
+                ":c": json.dumps(counts),
+                ":me": me,
+                ":start": start,
+                ":end": end,
+                ":last": last,
+                ":ot": batch.outbox_tokens + sum(submission.estimated_tokens(m.request) for m in outbox),
+            },
+        )
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         logger.warning("another run took this batch's ingest over", extra={"batch_id": batch.id})
         return False
@@ -491,7 +600,7 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
     logger.info("batch lines read", extra={"batch_id": batch.id, "lines": done, "of": total, "queued": len(outbox)})
     try:  # the slice's first lines go now; if this step fails, the scheduled pass sends them
         release_step(release.Meter(), deps)
-    except Exception:  # noqa: BLE001 - logged; the batch exists and the next pass releases its lines
+    except Exception:
         logger.exception("could not release the batch's lines")
     return done < total
 
@@ -499,9 +608,13 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
 def _begin(batch_id: str, deps: Deps) -> None:
     """validating -> in_progress: its lines may be released."""
     try:
-        deps.table.update_item(Key={"pk": f"batch#{batch_id}"}, UpdateExpression="SET #s = :p",
-                               ConditionExpression="#s = :v", ExpressionAttributeNames={"#s": "status"},
-                               ExpressionAttributeValues={":p": "in_progress", ":v": "validating"})
+        deps.table.update_item(
+            Key={"pk": f"batch#{batch_id}"},
+            UpdateExpression="SET #s = :p",
+            ConditionExpression="#s = :v",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":p": "in_progress", ":v": "validating"},
+        )
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         pass  # in progress already, or cancelled meanwhile (it keeps the cancel)
 
@@ -538,11 +651,19 @@ def get_any(batch_id: str, deps: Deps) -> Batch:
 def list_recent(tenant: str, deps: Deps, limit: int = 20, after: str | None = None) -> tuple[list[Batch], bool]:
     """GET /v1/batches: the tenant's batches, newest first, `limit` a page from the one after batch
     `after` (one Query of the tenant index) -> (the page, whether more follow)."""
-    kwargs = {"IndexName": TENANT_INDEX, "KeyConditionExpression": Key("batch_tenant").eq(tenant),
-              "ScanIndexForward": False, "Limit": limit + 1}  # one more says whether more follow
+    kwargs = {
+        "IndexName": TENANT_INDEX,
+        "KeyConditionExpression": Key("batch_tenant").eq(tenant),
+        "ScanIndexForward": False,
+        "Limit": limit + 1,
+    }  # one more says whether more follow
     if after is not None:
         start = get(after, tenant, deps)  # 404 for another tenant's or a malformed id
-        kwargs["ExclusiveStartKey"] = {"pk": f"batch#{start.id}", "batch_tenant": tenant, "created_at": start.created_at}
+        kwargs["ExclusiveStartKey"] = {
+            "pk": f"batch#{start.id}",
+            "batch_tenant": tenant,
+            "created_at": start.created_at,
+        }
     items = deps.table.query(**kwargs).get("Items", [])
     return [Batch.from_item(i) for i in items[:limit]], len(items) > limit
 
@@ -554,8 +675,13 @@ def list_page(query: dict, tenant: str, deps: Deps) -> dict:
         raise InvalidRequest(f"limit must be an integer from 1 to {MAX_PAGE}", param="limit")
     page, more = list_recent(tenant, deps, int(raw), query.get("after"))
     data = [b.view(deps.settings.bucket) for b in page]
-    return {"object": "list", "data": data, "has_more": more,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 def cancel(batch_id: str, tenant: str, deps: Deps) -> Batch:
@@ -564,16 +690,25 @@ def cancel(batch_id: str, tenant: str, deps: Deps) -> Batch:
     batch = get(batch_id, tenant, deps)
     try:
         item = deps.table.update_item(
-            Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET #s = :c, cancelling_at = :now",
-            ConditionExpression="#s IN (:v, :p)", ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={":c": "cancelling", ":now": int(deps.clock()), ":v": "validating",
-                                       ":p": "in_progress"}, ReturnValues="ALL_NEW")["Attributes"]
+            Key={"pk": f"batch#{batch.id}"},
+            UpdateExpression="SET #s = :c, cancelling_at = :now",
+            ConditionExpression="#s IN (:v, :p)",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={
+                ":c": "cancelling",
+                ":now": int(deps.clock()),
+                ":v": "validating",
+                ":p": "in_progress",
+            },
+            ReturnValues="ALL_NEW",
+        )["Attributes"]
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         batch = get(batch_id, tenant, deps)
         if batch.status in ("cancelling", "cancelled"):
             return batch
-        raise Conflict(f"batch {batch_id} is already {batch.status}; only validating or in-progress batches "
-                       "can be cancelled") from None
+        raise Conflict(
+            f"batch {batch_id} is already {batch.status}; only validating or in-progress batches can be cancelled"
+        ) from None
     metrics.add_metric(name="BatchesCancelled", unit=MetricUnit.Count, value=1)
     logger.info("batch cancelling", extra={"batch_id": batch.id})
     return Batch.from_item(item)
@@ -582,8 +717,10 @@ def cancel(batch_id: str, tenant: str, deps: Deps) -> Batch:
 def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
     """POST /v1/batches: {"input_file_id": "<name under batches/files/<tenant>/>", "endpoint", ...}."""
     if not isinstance(body, dict) or not isinstance(body.get("input_file_id"), str) or not body["input_file_id"]:
-        raise InvalidRequest("input_file_id is required: the name of a file under "
-                             f"s3://{deps.settings.bucket}/{FILES_PREFIX}{tenant}/", param="input_file_id")
+        raise InvalidRequest(
+            f"input_file_id is required: the name of a file under s3://{deps.settings.bucket}/{FILES_PREFIX}{tenant}/",
+            param="input_file_id",
+        )
     endpoint = body.get("endpoint", "/v1/chat/completions")
     if not isinstance(endpoint, str) or endpoint not in ROUTES:
         raise InvalidRequest(f"endpoint must be one of {', '.join(ROUTES)}", param="endpoint")
@@ -591,11 +728,13 @@ def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
     source = f"{FILES_PREFIX}{tenant}/{name}"
     try:
         deps.s3.head_object(Bucket=bucket, Key=source)
-    except Exception as exc:  # noqa: BLE001 - botocore's ClientError for a 404
+    except Exception as exc:
         raise NotFound(f"no file {name!r} under {FILES_PREFIX}{tenant}/", param="input_file_id") from exc
     # The copy under the input prefix is an upload like any other: the batch function ingests it.
     key = f"{INPUT_PREFIX}{tenant}/{POSTED}/{uuid.uuid4().hex[:12]}/{name.rsplit('/', 1)[-1]}"
-    etag = deps.s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": source})["CopyObjectResult"]["ETag"]
+    etag = deps.s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": source})[
+        "CopyObjectResult"
+    ]["ETag"]
     batch = Batch(batch_id_for_upload(bucket, key, etag.strip('"')), tenant, key, etag.strip('"'))
     try:  # visible to GET at once; the ingest replaces it (or got there first)
         deps.table.put_item(Item={**batch.to_item(), "pending": True}, ConditionExpression="attribute_not_exists(pk)")
@@ -625,8 +764,10 @@ def read_upload(content_type: str, body: bytes, limit: int) -> tuple[str, bytes]
         fields = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
         purpose = _field_text(fields["purpose"]) if "purpose" in fields else None
         file = fields.get("file")
-        filename, data = (file.get_filename() or "upload.jsonl", file.get_payload(decode=True)) if file else (None, None)
-    except Exception as exc:  # noqa: BLE001 - the email package raises many types on odd parts
+        filename, data = (
+            (file.get_filename() or "upload.jsonl", file.get_payload(decode=True)) if file else (None, None)
+        )
+    except Exception as exc:
         raise InvalidRequest(f"the multipart body cannot be read ({type(exc).__name__})") from None
     if purpose != "batch":
         raise InvalidRequest(f"purpose must be 'batch', got {purpose!r}", param="purpose")
@@ -646,11 +787,22 @@ def _field_text(part) -> str | None:
 def upload_file(filename: str, data: bytes, tenant: str, deps: Deps) -> dict:
     """POST /v1/files (purpose "batch"): keep the file under the tenant's files prefix."""
     file_id = "file-" + uuid.uuid4().hex[:24]
-    deps.s3.put_object(Bucket=deps.settings.bucket, Key=f"{FILES_PREFIX}{tenant}/{file_id}", Body=data,
-                       ContentType="application/jsonl",
-                       Metadata={"filename": quote(filename[:200])})  # (S3 metadata is ASCII: percent-encoded)
-    return {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-            "filename": filename, "purpose": "batch", "status": "processed"}
+    deps.s3.put_object(
+        Bucket=deps.settings.bucket,
+        Key=f"{FILES_PREFIX}{tenant}/{file_id}",
+        Body=data,
+        ContentType="application/jsonl",
+        Metadata={"filename": quote(filename[:200])},
+    )  # (S3 metadata is ASCII: percent-encoded)
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": len(data),
+        "created_at": int(time.time()),
+        "filename": filename,
+        "purpose": "batch",
+        "status": "processed",
+    }
 
 
 def file_content(file_id: str, tenant: str, deps: Deps) -> bytes:
@@ -667,15 +819,18 @@ def file_content(file_id: str, tenant: str, deps: Deps) -> bytes:
     bucket = deps.settings.bucket
     try:
         size = deps.s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
-    except Exception as exc:  # noqa: BLE001 - botocore's ClientError for a 404
+    except Exception as exc:
         raise NotFound(f"file {file_id!r} not found") from exc
     if size > MAX_CONTENT_BYTES:
-        raise PayloadTooLarge(f"file {file_id!r} has {size} bytes, over the {MAX_CONTENT_BYTES} an API response "
-                              f"carries: read s3://{bucket}/{key}")
+        raise PayloadTooLarge(
+            f"file {file_id!r} has {size} bytes, over the {MAX_CONTENT_BYTES} an API response "
+            f"carries: read s3://{bucket}/{key}"
+        )
     return deps.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 # ---- progress, release and output ----------------------------------------------------------
+
 
 def run_pass(deps: Deps) -> dict:
     """The scheduled pass: finish what is done, go on reading files an upload's run left (for up to
@@ -684,8 +839,11 @@ def run_pass(deps: Deps) -> dict:
     batches = _open_batches(deps)
     completed = advance(deps, batches)
     left = [b for b in batches if b.id not in completed]
-    return {"completed": completed, "ingested": ingest_left(deps.clock() + deps.settings.batch_ingest_s, deps, left),
-            "released": release_for(deps.settings.batch_pass_s, deps)}
+    return {
+        "completed": completed,
+        "ingested": ingest_left(deps.clock() + deps.settings.batch_ingest_s, deps, left),
+        "released": release_for(deps.settings.batch_pass_s, deps),
+    }
 
 
 def ingest_left(until: float, deps: Deps, batches: list[Batch] | None = None) -> list[str]:
@@ -705,7 +863,7 @@ def ingest_left(until: float, deps: Deps, batches: list[Batch] | None = None) ->
         went_on.append(b.id)
         try:
             ingest(b.id, deps, until)
-        except Exception:  # noqa: BLE001 - logged and counted; the next pass goes on with it
+        except Exception:
             logger.exception("could not go on reading a batch", extra={"batch_id": b.id})
             metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
     return went_on
@@ -718,7 +876,7 @@ def release_for(seconds: float, deps: Deps) -> int:
     while True:
         try:
             step_sent = release_step(meter, deps)
-        except Exception:  # noqa: BLE001 - logged and counted; the next pass steps again
+        except Exception:
             logger.exception("a release step failed")
             metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
             return sent
@@ -730,8 +888,11 @@ def release_for(seconds: float, deps: Deps) -> int:
 
 def release_step(meter: release.Meter, deps: Deps) -> int:
     """One release step over the open batches with lines left; -1 when there are none."""
-    pending = [release.Pending(b.id, b.tenant, b.released, b.outbox, b.created_at, b.line_tokens)
-               for b in _open_batches(deps) if b.status == "in_progress" and b.released < b.outbox]  # oldest first
+    pending = [
+        release.Pending(b.id, b.tenant, b.released, b.outbox, b.created_at, b.line_tokens)
+        for b in _open_batches(deps)
+        if b.status == "in_progress" and b.released < b.outbox
+    ]  # oldest first
     return release.step(pending, meter, deps) if pending else -1
 
 
@@ -746,7 +907,7 @@ def advance(deps: Deps, batches: list[Batch] | None = None) -> list[str]:
         try:  # one batch that fails (a missing state file, a throttled read) never stops the others
             if step(b, deps):  # its output written: no longer open
                 completed.append(b.id)
-        except Exception:  # noqa: BLE001 - logged and counted; the next pass tries it again
+        except Exception:
             logger.exception("could not advance a batch", extra={"batch_id": b.id})
             metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
     return completed
@@ -758,13 +919,16 @@ def _open_batches(deps: Deps) -> list[Batch]:
     ids = _open_batch_ids(deps)
     try:
         items = {i["pk"]: i for i in deps.store.items([f"batch#{b}" for b in ids])}
-    except Exception:  # noqa: BLE001 - throttled past the retries
+    except Exception:
         logger.exception("could not read the open batches")
         metrics.add_metric(name="batch_pass_errors", unit=MetricUnit.Count, value=1)
         return []
     # (the index lags behind the items: a batch just finished is still listed)
-    return [Batch.from_item(item) for b in ids
-            if (item := items.get(f"batch#{b}")) is not None and item.get("open_batch") == OPEN]
+    return [
+        Batch.from_item(item)
+        for b in ids
+        if (item := items.get(f"batch#{b}")) is not None and item.get("open_batch") == OPEN
+    ]
 
 
 def _open_batch_ids(deps: Deps) -> list[str]:
@@ -791,11 +955,11 @@ def _line_part(batch: Batch, part: int, deps: Deps) -> list[Line]:
 
 def _read_lines(batch: Batch, deps: Deps, start: int = 0) -> list[Line]:
     """The lines read so far from line index `start` on, in file order."""
-    return [l for part in _line_parts(batch, deps, start // SLICE) for l in part][start % SLICE:]
+    return [l for part in _line_parts(batch, deps, start // SLICE) for l in part][start % SLICE :]
 
 
 def _slices(lines: list[Line]) -> list[list[Line]]:
-    return [lines[i:i + SLICE] for i in range(0, len(lines), SLICE)]
+    return [lines[i : i + SLICE] for i in range(0, len(lines), SLICE)]
 
 
 DONE, PENDING, FAILED = "done", "pending", "failed"  # a line's outcome as a pass counts it
@@ -808,8 +972,16 @@ def _outcomes(lines: list[Line], batch: Batch, deps: Deps) -> list[str]:
     statuses.update(dict.fromkeys(unsent, Status.QUEUED))
     ended = _ended_elsewhere(batch, deps)
     statuses.update(_run_again(sorted({j for j, status in statuses.items() if status in ended}), ended, batch, deps))
-    return [FAILED if not l.job_id else DONE if statuses.get(l.job_id) == Status.DONE else
-            PENDING if statuses.get(l.job_id) in (Status.QUEUED, Status.RUNNING) else FAILED for l in lines]
+    return [
+        FAILED
+        if not l.job_id
+        else DONE
+        if statuses.get(l.job_id) == Status.DONE
+        else PENDING
+        if statuses.get(l.job_id) in (Status.QUEUED, Status.RUNNING)
+        else FAILED
+        for l in lines
+    ]
 
 
 def _ended_elsewhere(batch: Batch, deps: Deps) -> set[Status]:
@@ -831,7 +1003,7 @@ def _run_again(job_ids: list[str], ended: set[Status], batch: Batch, deps: Deps)
     for job in deps.store.get_many(job_ids).values():
         if job.status not in ended or not job.cacheable:
             continue  # queued again meanwhile (another batch's pass), or not cacheable: its finished job
-                      # kept no prompt to run again, and a new one would have another id
+            # kept no prompt to run again, and a new one would have another id
         sub = submission.enqueue(job.request, owner, deps, how)
         if sub.job_id != job.job_id:  # (made under another model digest)
             continue
@@ -852,8 +1024,11 @@ def _advance_one(batch: Batch, deps: Deps) -> bool:
     of the batch. A 50,000-line batch near its end reads the statuses of the lines in flight."""
     first, stop = batch.settled // SLICE, -(-batch.ingested // SLICE)
     known = {p: d for p, d in batch.settled_parts.items() if first <= p < stop}
-    tail = {p: _line_part(batch, p, deps)[batch.settled - p * SLICE if p == first else 0:]
-            for p in range(first, stop) if p not in known}
+    tail = {
+        p: _line_part(batch, p, deps)[batch.settled - p * SLICE if p == first else 0 :]
+        for p in range(first, stop)
+        if p not in known
+    }
     flat = [l for p in sorted(tail) for l in tail[p]]
     outcomes = iter(_outcomes(flat, batch, deps))
     settled, settled_done, leading, parts = batch.settled, batch.settled_done, True, {}
@@ -870,8 +1045,11 @@ def _advance_one(batch: Batch, deps: Deps) -> bool:
             settled, settled_done, leading = settled + ended, settled_done + o[:ended].count(DONE), ended == len(o)
         elif ended == len(o) and ((p + 1) * SLICE <= batch.ingested or batch.ingested == batch.lines_total):
             parts[p] = o.count(DONE)  # a whole part (no more lines to come), every line finished
-    batch.counts = {"total": batch.lines_total or batch.ingested, "completed": done,
-                    "failed": batch.ingested - done - pending}
+    batch.counts = {
+        "total": batch.lines_total or batch.ingested,
+        "completed": done,
+        "failed": batch.ingested - done - pending,
+    }
     unread = (batch.lines_total or 0) - batch.ingested  # lines an ingest has still to read
     if not pending and not unread:
         whole_tail = not batch.settled and not known
@@ -883,16 +1061,20 @@ def _advance_one(batch: Batch, deps: Deps) -> bool:
 def _record_progress(batch: Batch, settled: int, settled_done: int, parts: dict[int, int], deps: Deps) -> None:
     """Counts and the settled marks (the leading one only moves on, and only while the batch is in
     progress: a pass that ran beside a later one and lost, or one that finished it, keeps its hands off)."""
-    try:
-        deps.table.update_item(Key={"pk": f"batch#{batch.id}"},
-                               UpdateExpression="SET counts = :c, settled = :s, settled_done = :d, settled_parts = :p",
-                               ConditionExpression="#st = :in AND (attribute_not_exists(settled) OR settled <= :s)",
-                               ExpressionAttributeNames={"#st": "status"},
-                               ExpressionAttributeValues={":c": json.dumps(batch.counts), ":s": settled,
-                                                          ":d": settled_done, ":p": json.dumps(parts),
-                                                          ":in": "in_progress"})
-    except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
-        pass
+    with suppress(deps.table.meta.client.exceptions.ConditionalCheckFailedException):
+        deps.table.update_item(
+            Key={"pk": f"batch#{batch.id}"},
+            UpdateExpression="SET counts = :c, settled = :s, settled_done = :d, settled_parts = :p",
+            ConditionExpression="#st = :in AND (attribute_not_exists(settled) OR settled <= :s)",
+            ExpressionAttributeNames={"#st": "status"},
+            ExpressionAttributeValues={
+                ":c": json.dumps(batch.counts),
+                ":s": settled,
+                ":d": settled_done,
+                ":p": json.dumps(parts),
+                ":in": "in_progress",
+            },
+        )
 
 
 def _cancel_one(batch: Batch, deps: Deps) -> bool:
@@ -914,11 +1096,16 @@ def _cancel_one(batch: Batch, deps: Deps) -> bool:
         done = sum(1 for l in lines if l.job_id and statuses.get(l.job_id) == Status.DONE)
         total = max(batch.lines_total or 0, len(lines))  # (the file was counted before it was read)
         try:  # (only while it is cancelling: a pass that finished it meanwhile wrote the final counts)
-            deps.table.update_item(Key={"pk": f"batch#{batch.id}"}, UpdateExpression="SET counts = :c",
-                                   ConditionExpression="#st = :cancelling", ExpressionAttributeNames={"#st": "status"},
-                                   ExpressionAttributeValues={":c": json.dumps(
-                                       {"total": total, "completed": done, "failed": total - done - running}),
-                                       ":cancelling": "cancelling"})
+            deps.table.update_item(
+                Key={"pk": f"batch#{batch.id}"},
+                UpdateExpression="SET counts = :c",
+                ConditionExpression="#st = :cancelling",
+                ExpressionAttributeNames={"#st": "status"},
+                ExpressionAttributeValues={
+                    ":c": json.dumps({"total": total, "completed": done, "failed": total - done - running}),
+                    ":cancelling": "cancelling",
+                },
+            )
         except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
             pass
         return False
@@ -943,9 +1130,15 @@ def _unread_lines(batch: Batch, deps: Deps) -> list[Line]:
                 d = None
             d = d if isinstance(d, dict) else {}
             custom_id = d.get("custom_id", d.get("recordId"))
-            out.append(Line(row.n, custom_id if isinstance(custom_id, str) else None, error=CANCELLED_LINE,
-                            bedrock="recordId" in d))
-    except Exception:  # noqa: BLE001 - gone or unreadable: nothing (more) to name
+            out.append(
+                Line(
+                    row.n,
+                    custom_id if isinstance(custom_id, str) else None,
+                    error=CANCELLED_LINE,
+                    bedrock="recordId" in d,
+                )
+            )
+    except Exception:
         logger.exception("could not read a cancelled batch's file", extra={"batch_id": batch.id})
     return out
 
@@ -960,17 +1153,21 @@ def _write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, can
     start over and the next pass counts every line afresh."""
     prefix = f"batches/output/{batch.id}/"
     output, errors = prefix + "output.jsonl", prefix + "errors.jsonl"
-    files = {True: PartWriter(deps.s3, deps.settings.bucket, output, "application/jsonl"),
-             False: PartWriter(deps.s3, deps.settings.bucket, errors, "application/jsonl")}
+    files = {
+        True: PartWriter(deps.s3, deps.settings.bucket, output, "application/jsonl"),
+        False: PartWriter(deps.s3, deps.settings.bucket, errors, "application/jsonl"),
+    }
     inputs, counts = _BedrockInputs(batch, deps), {True: 0, False: 0}
     try:
         for lines in slices:
             jobs = deps.store.get_many(sorted({l.job_id for l in lines if l.job_id}))
             if not cancelled and any(j.status in (Status.QUEUED, Status.RUNNING) for j in jobs.values()):
                 logger.info("a finished line's job runs again: the batch waits for it", extra={"batch_id": batch.id})
-                deps.table.update_item(Key={"pk": f"batch#{batch.id}"},
-                                       UpdateExpression="SET settled = :z, settled_done = :z, settled_parts = :none",
-                                       ExpressionAttributeValues={":z": 0, ":none": "{}"})
+                deps.table.update_item(
+                    Key={"pk": f"batch#{batch.id}"},
+                    UpdateExpression="SET settled = :z, settled_done = :z, settled_parts = :none",
+                    ExpressionAttributeValues={":z": 0, ":none": "{}"},
+                )
                 for f in files.values():
                     f.abort()
                 return False
@@ -992,16 +1189,24 @@ def _write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, can
     else:
         batch.status, batch.completed_at = "completed", int(time.time())
     batch.counts = {"total": counts[True] + counts[False], "completed": counts[True], "failed": counts[False]}
-    manifest = {"batch_id": batch.id, "status": batch.status, "input_file": batch.input_file,
-                "request_counts": batch.counts, "output_file": batch.output_file, "error_file": batch.error_file,
-                "completed_at": batch.completed_at, "cancelled_at": batch.cancelled_at}
-    deps.s3.put_object(Bucket=deps.settings.bucket, Key=prefix + "manifest.json",
-                       Body=json.dumps(manifest, indent=2).encode())
+    manifest = {
+        "batch_id": batch.id,
+        "status": batch.status,
+        "input_file": batch.input_file,
+        "request_counts": batch.counts,
+        "output_file": batch.output_file,
+        "error_file": batch.error_file,
+        "completed_at": batch.completed_at,
+        "cancelled_at": batch.cancelled_at,
+    }
+    deps.s3.put_object(
+        Bucket=deps.settings.bucket, Key=prefix + "manifest.json", Body=json.dumps(manifest, indent=2).encode()
+    )
     deps.table.put_item(Item=batch.to_item())
     logger.info(f"batch {batch.status}", extra={"batch_id": batch.id, **batch.counts})
     try:  # no line will be released again: its copy of the prompts goes now, not in 30 days
         release.delete_outbox(batch.id, batch.outbox + SLICE, deps)  # (+ a dead slice's part, if any)
-    except Exception:  # noqa: BLE001 - the lifecycle rule deletes it in 30 days
+    except Exception:
         logger.exception("could not delete a finished batch's outbox", extra={"batch_id": batch.id})
     return True
 
@@ -1010,15 +1215,31 @@ def _output_row(l: Line, job, inputs: _BedrockInputs, cancelled: bool, deps: Dep
     """A line's row -> (answered?, the row of the output file if so, else of the error file)."""
     if job is not None and job.status == Status.DONE:
         body = completion_body(load_result(job, deps.s3))
-        return True, ({"recordId": l.custom_id, "modelInput": inputs.get(l.n), "modelOutput": body} if l.bedrock else
-                      {"id": f"batch_req_{l.n}", "custom_id": l.custom_id,
-                       "response": {"status_code": 200, "request_id": l.job_id, "body": body}, "error": None})
-    error = l.error or (job.error if job is not None and job.error else
-                        CANCELLED_LINE if cancelled else
-                        {"code": (job.status.value.lower() if job else "expired"),
-                         "message": "the line's job did not finish" if job else "the line's job expired"})
-    return False, ({"recordId": l.custom_id, "modelInput": inputs.get(l.n), "error": error} if l.bedrock else
-                   {"id": f"batch_req_{l.n}", "custom_id": l.custom_id, "line": l.n, "response": None, "error": error})
+        return True, (
+            {"recordId": l.custom_id, "modelInput": inputs.get(l.n), "modelOutput": body}
+            if l.bedrock
+            else {
+                "id": f"batch_req_{l.n}",
+                "custom_id": l.custom_id,
+                "response": {"status_code": 200, "request_id": l.job_id, "body": body},
+                "error": None,
+            }
+        )
+    error = l.error or (
+        job.error
+        if job is not None and job.error
+        else CANCELLED_LINE
+        if cancelled
+        else {
+            "code": (job.status.value.lower() if job else "expired"),
+            "message": "the line's job did not finish" if job else "the line's job expired",
+        }
+    )
+    return False, (
+        {"recordId": l.custom_id, "modelInput": inputs.get(l.n), "error": error}
+        if l.bedrock
+        else {"id": f"batch_req_{l.n}", "custom_id": l.custom_id, "line": l.n, "response": None, "error": error}
+    )
 
 
 CANCELLED_LINE = {"code": "batch_cancelled", "message": "the batch was cancelled before this line ran"}
@@ -1045,8 +1266,10 @@ class _BedrockInputs:
             except Exception as exc:
                 if not _permanent(exc):
                     raise  # (the pass writes the output again)
-                logger.warning("the batch's input file was replaced or deleted: its Bedrock records carry no "
-                               "modelInput", extra={"batch_id": self.batch.id, "error": _code(exc)})
+                logger.warning(
+                    "the batch's input file was replaced or deleted: its Bedrock records carry no modelInput",
+                    extra={"batch_id": self.batch.id, "error": _code(exc)},
+                )
                 self._rows, self._row = (r for r in ()), self.END
         if self._row.n != n:
             return None

@@ -22,8 +22,10 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
         raise InvalidRequest("this model has no chat template; use /v1/completions with a prompt", param="messages")
     for i, m in enumerate(messages):
         if m.get("role") not in ROLES:
-            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}",
-                                 param=f"messages[{i}].role")
+            raise InvalidRequest(
+                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}",
+                param=f"messages[{i}].role",
+            )
         if not isinstance(m.get("content"), str):
             raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
     return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt)

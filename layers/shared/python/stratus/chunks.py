@@ -44,8 +44,13 @@ class Chunk:
     lp_offset: int = 0
 
     def to_item(self, expires_at: int) -> dict:
-        item = {"job_id": self.stream, "seq": self.seq, "offset": self.offset, "text": self.text,
-                "expires_at": expires_at}
+        item = {
+            "job_id": self.stream,
+            "seq": self.seq,
+            "offset": self.offset,
+            "text": self.text,
+            "expires_at": expires_at,
+        }
         if self.final is not None:
             item["final"] = json.dumps(self.final, separators=(",", ":"))
         if self.logprobs is not None:
@@ -55,9 +60,15 @@ class Chunk:
 
     @classmethod
     def from_item(cls, item: dict) -> Chunk:
-        return cls(item["job_id"], int(item["seq"]), int(item["offset"]), item.get("text", ""),
-                   json.loads(item["final"]) if "final" in item else None,
-                   json.loads(item["logprobs"]) if "logprobs" in item else None, int(item.get("lp_offset", 0)))
+        return cls(
+            item["job_id"],
+            int(item["seq"]),
+            int(item["offset"]),
+            item.get("text", ""),
+            json.loads(item["final"]) if "final" in item else None,
+            json.loads(item["logprobs"]) if "logprobs" in item else None,
+            int(item.get("lp_offset", 0)),
+        )
 
 
 def first_seq(attempt: int) -> int:
@@ -108,7 +119,7 @@ class Assembler:
         if chunk.offset > len(self.sent):  # cannot happen within one attempt; wait for the result
             return "", []
         self._agree(chunk.offset, chunk.text)
-        new = chunk.text[len(self.sent) - chunk.offset:]
+        new = chunk.text[len(self.sent) - chunk.offset :]
         self.sent += new
         return new, self._entries(chunk.logprobs or [], chunk.lp_offset)
 
@@ -116,18 +127,18 @@ class Assembler:
         """The job's final text (and log-probability entries) -> what is left to send."""
         if not text.startswith(self.sent):
             raise Diverged("the job's result differs from the text already sent")
-        new = text[len(self.sent):]
+        new = text[len(self.sent) :]
         self.sent += new
         return new, self._entries(entries or [], 0)
 
     def _entries(self, entries: list[dict], offset: int) -> list[dict]:
         if offset > self.entries_sent:  # a gap: the rest comes with the result
             return []
-        new = entries[self.entries_sent - offset:]
+        new = entries[self.entries_sent - offset :]
         self.entries_sent += len(new)
         return new
 
     def _agree(self, offset: int, text: str) -> None:
-        overlap = self.sent[offset:offset + len(text)]
-        if text[:len(overlap)] != overlap:
+        overlap = self.sent[offset : offset + len(text)]
+        if text[: len(overlap)] != overlap:
             raise Diverged(f"a restarted attempt produced different text at character {offset}")

@@ -1,8 +1,8 @@
 """Typed contracts shared by the API, the ingest functions and the workers.
 
-  InferenceRequest  a validated, normalized OpenAI chat or completion request
-  Job               one DynamoDB item: job store and result cache entry
-  QueueMessage      what the jobs queue carries (exactly one definition)
+InferenceRequest  a validated, normalized OpenAI chat or completion request
+Job               one DynamoDB item: job store and result cache entry
+QueueMessage      what the jobs queue carries (exactly one definition)
 """
 
 from __future__ import annotations
@@ -52,11 +52,18 @@ _UNSUPPORTED = {
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: v in (None, ""),
 }
-_NO_TOOLS = ("this server runs a 135M-parameter model that has no tool-calling format, so it cannot honour "
-             "tools; describe the output you want in the prompt (or use response_format for JSON)")
-_WHY = {"stream": "stream: true is for POST /v1/chat/completions and /v1/completions; batch lines, jobs and "
-                  "queue messages are answered whole (send stream: false or omit it)",
-        "tools": _NO_TOOLS, "tool_choice": _NO_TOOLS, "functions": _NO_TOOLS, "function_call": _NO_TOOLS}
+_NO_TOOLS = (
+    "this server runs a 135M-parameter model that has no tool-calling format, so it cannot honour "
+    "tools; describe the output you want in the prompt (or use response_format for JSON)"
+)
+_WHY = {
+    "stream": "stream: true is for POST /v1/chat/completions and /v1/completions; batch lines, jobs and "
+    "queue messages are answered whole (send stream: false or omit it)",
+    "tools": _NO_TOOLS,
+    "tool_choice": _NO_TOOLS,
+    "functions": _NO_TOOLS,
+    "function_call": _NO_TOOLS,
+}
 MAX_CHOICES = 16  # choices in one request (prompts x n): so also prompts in one completions request
 Prompt = str | tuple[int, ...]  # text, or the client's own token ids (used exactly: no BOS, no re-tokenizing)
 
@@ -70,18 +77,23 @@ class InferenceRequest:
     prompt: str | tuple[Prompt, ...] = ""  # one text (most requests), or several prompts / token ids
 
     def to_json(self) -> dict:
-        prompt = self.prompt if isinstance(self.prompt, str) else [p if isinstance(p, str) else list(p)
-                                                                   for p in self.prompt]
-        return {"route": self.route, "model": self.model, "params": self.params.to_json(),
-                "messages": [dict(m) for m in self.messages], "prompt": prompt}
+        prompt = (
+            self.prompt if isinstance(self.prompt, str) else [p if isinstance(p, str) else list(p) for p in self.prompt]
+        )
+        return {
+            "route": self.route,
+            "model": self.model,
+            "params": self.params.to_json(),
+            "messages": [dict(m) for m in self.messages],
+            "prompt": prompt,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> InferenceRequest:
         prompt = d.get("prompt", "")
         if not isinstance(prompt, str):
             prompt = tuple(p if isinstance(p, str) else tuple(p) for p in prompt)
-        return cls(d["route"], d["model"], SamplingParams.from_json(d["params"]),
-                   tuple(d.get("messages", ())), prompt)
+        return cls(d["route"], d["model"], SamplingParams.from_json(d["params"]), tuple(d.get("messages", ())), prompt)
 
     @property
     def prompts(self) -> tuple[Prompt, ...]:
@@ -125,7 +137,7 @@ def _number(body: dict, name: str, default, kind=float):
 
 
 MAX_JSON_DEPTH = 128  # arrays and objects within each other: far past any real request, far short of
-                     # the recursion limit of the code that walks a parsed value
+# the recursion limit of the code that walks a parsed value
 
 
 def parse_json(raw: str | bytes, what: str):
@@ -169,11 +181,13 @@ def require_unicode(value, what: str) -> None:
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise InvalidRequest(f"{where} holds a lone UTF-16 surrogate at character {exc.start}: "
-                                     f"not valid Unicode text") from None
+                raise InvalidRequest(
+                    f"{where} holds a lone UTF-16 surrogate at character {exc.start}: not valid Unicode text"
+                ) from None
         elif isinstance(v, dict):
-            stack.extend((item, f"{where}.{k}" if isinstance(k, str) and k.isidentifier() else where)
-                         for k, item in v.items())
+            stack.extend(
+                (item, f"{where}.{k}" if isinstance(k, str) and k.isidentifier() else where) for k, item in v.items()
+            )
             stack.extend((k, f"{where} (a key)") for k in v)
         elif isinstance(v, list):
             stack.extend((item, f"{where}[{i}]") for i, item in enumerate(v))
@@ -183,8 +197,9 @@ def require_unicode(value, what: str) -> None:
 ROUTE_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 
-def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit: int,
-                  streaming: bool = False) -> InferenceRequest:
+def parse_request(
+    route: str, body: dict, *, max_messages: int, max_tokens_limit: int, streaming: bool = False
+) -> InferenceRequest:
     """An OpenAI request body -> InferenceRequest; raises InvalidRequest naming the field.
     streaming: the caller can stream (the API's completion routes): `stream` is not refused here
     (stream_options() reads it; it is not part of the request, so it never changes the cache key)."""
@@ -215,10 +230,12 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
     least = 0 if echo else 1  # echo with max_tokens 0 scores the prompt and generates nothing
     for name in ("max_tokens", "max_completion_tokens"):  # each is checked; the newer name wins
         value = _integral(body.get(name))
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or not least <= value <= max_tokens_limit):
-            raise InvalidRequest(f"{name} must be an integer in [{least}, {max_tokens_limit}], got {value!r}",
-                                 param=name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not least <= value <= max_tokens_limit
+        ):
+            raise InvalidRequest(
+                f"{name} must be an integer in [{least}, {max_tokens_limit}], got {value!r}", param=name
+            )
     max_tokens = _integral(body.get("max_completion_tokens"))
     max_tokens = _integral(body.get("max_tokens")) if max_tokens is None else max_tokens
     max_tokens = 256 if max_tokens is None else max_tokens
@@ -239,15 +256,24 @@ def parse_request(route: str, body: dict, *, max_messages: int, max_tokens_limit
         logprobs=logprobs,
         echo=echo,
         json_schema=_response_format(body.get("response_format")),
-        stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else stop,
+        stop=()
+        if stop is None
+        else (stop,)
+        if isinstance(stop, str)
+        else tuple(stop)
+        if isinstance(stop, list)
+        else stop,
     )
     request = InferenceRequest(route, model, params, messages, prompt)
     if request.choices > MAX_CHOICES:
-        raise InvalidRequest(f"a request gives at most {MAX_CHOICES} choices (prompts x n), got {request.choices}",
-                             param="n")
+        raise InvalidRequest(
+            f"a request gives at most {MAX_CHOICES} choices (prompts x n), got {request.choices}", param="n"
+        )
     if streaming and body.get("stream") and (request.choices > 1 or echo):
-        raise InvalidRequest("stream: true serves one choice without echo; send n: 1 and one prompt, or stream: "
-                             "false", param="n" if request.choices > 1 else "echo")
+        raise InvalidRequest(
+            "stream: true serves one choice without echo; send n: 1 and one prompt, or stream: false",
+            param="n" if request.choices > 1 else "echo",
+        )
     return request
 
 
@@ -264,15 +290,19 @@ def _response_format(value) -> str:
     if kind == "json_object":
         return json.dumps({"type": "object"}, separators=(",", ":"))
     if kind != "json_schema" or not isinstance(value.get("json_schema"), dict):
-        raise InvalidRequest('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
-                             '"json_schema", "json_schema": {"name": ..., "schema": {...}}}', param="response_format")
+        raise InvalidRequest(
+            'response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
+            '"json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+            param="response_format",
+        )
     schema = value["json_schema"].get("schema", {})
     if not isinstance(schema, dict):
         raise InvalidRequest("response_format.json_schema.schema must be a JSON Schema object", param="response_format")
     text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)  # key order kept: it orders the output
     if len(text.encode()) > MAX_SCHEMA_BYTES:
-        raise InvalidRequest(f"response_format's schema must be at most {MAX_SCHEMA_BYTES} bytes as JSON",
-                             param="response_format")
+        raise InvalidRequest(
+            f"response_format's schema must be at most {MAX_SCHEMA_BYTES} bytes as JSON", param="response_format"
+        )
     return text
 
 
@@ -309,21 +339,29 @@ def _logprobs_fields(route: str, body: dict) -> tuple[int | None, bool]:
             raise InvalidRequest(f"logprobs must be true or false, got {logprobs!r}", param="logprobs")
         if top is not None and not logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-        if logprobs and top is not None and (not isinstance(top, int) or isinstance(top, bool)
-                                             or not 0 <= top <= MAX_TOP_LOGPROBS):
-            raise InvalidRequest(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}",
-                                 param="top_logprobs")
+        if (
+            logprobs
+            and top is not None
+            and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS)
+        ):
+            raise InvalidRequest(
+                f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}", param="top_logprobs"
+            )
         if body.get("echo") not in (None, False):
             raise InvalidRequest("echo is for /v1/completions", param="echo")
         return ((top or 0) if logprobs else None), False
     if top is not None:
-        raise InvalidRequest("top_logprobs is for /v1/chat/completions; on /v1/completions logprobs is the "
-                             "number of alternatives", param="top_logprobs")
+        raise InvalidRequest(
+            "top_logprobs is for /v1/chat/completions; on /v1/completions logprobs is the number of alternatives",
+            param="top_logprobs",
+        )
     logprobs = _integral(logprobs)
-    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
-                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
-        raise InvalidRequest(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}",
-                             param="logprobs")
+    if logprobs is not None and (
+        not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= MAX_TOP_LOGPROBS
+    ):
+        raise InvalidRequest(
+            f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}", param="logprobs"
+        )
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise InvalidRequest(f"echo must be true or false, got {echo!r}", param="echo")
@@ -345,21 +383,22 @@ def stream_options(body: dict) -> StreamOptions | None:
         usage = options.get("include_usage", False) if isinstance(options, dict) else None
         flags = [usage, options.get("include_obfuscation", False)] if isinstance(options, dict) else [None]
         if not all(isinstance(f, bool) for f in flags) or set(options) - {"include_usage", "include_obfuscation"}:
-            raise InvalidRequest("stream_options must be {\"include_usage\": true|false}", param="stream_options")
+            raise InvalidRequest('stream_options must be {"include_usage": true|false}', param="stream_options")
     return StreamOptions(usage) if stream else None
 
 
 def _logit_bias_field(value) -> dict:
     if value is None:
         return {}
-    if not isinstance(value, dict) or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                              for b in value.values()):
+    if not isinstance(value, dict) or not all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) for b in value.values()
+    ):
         raise InvalidRequest("logit_bias must be an object of token ids to numbers in [-100, 100]", param="logit_bias")
     return value
 
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: newer SDKs'
-                                                                                              # name for system
+# name for system
 
 
 def chat_message(i: int, m) -> dict:
@@ -368,15 +407,19 @@ def chat_message(i: int, m) -> dict:
         raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
     role, content = m.get("role"), m.get("content")
     if not isinstance(role, str) or role not in ROLES:
-        raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
-                             param=f"messages[{i}].role")
+        raise InvalidRequest(
+            f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", param=f"messages[{i}].role"
+        )
     role = ROLES[role]
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            raise InvalidRequest(f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content")
+            raise InvalidRequest(
+                f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content"
+            )
         if not all(isinstance(p.get("text"), str) for p in content):
-            raise InvalidRequest(f"messages[{i}].content: each text part needs a string `text`",
-                                 param=f"messages[{i}].content")
+            raise InvalidRequest(
+                f"messages[{i}].content: each text part needs a string `text`", param=f"messages[{i}].content"
+            )
         content = "".join(p.get("text", "") for p in content)
     if not isinstance(content, str):
         raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
@@ -415,11 +458,18 @@ class Job:
         cacheable can drop it (JobStore.transition) and keep the rest for GET /v1/jobs."""
         request = self.request.to_json()
         prompt = {"messages": request.pop("messages"), "prompt": request.pop("prompt")}
-        item = {"pk": self.job_id, "tenant": self.tenant, "status": self.status.value, "cacheable": self.cacheable,
-                "created_at": _dec(self.created_at), "updated_at": _dec(self.updated_at or self.created_at),
-                "expires_at": self.expires_at, "attempts": self.attempts,
-                "request": json.dumps(request, separators=(",", ":")),
-                "prompt": json.dumps(prompt, separators=(",", ":"))}
+        item = {
+            "pk": self.job_id,
+            "tenant": self.tenant,
+            "status": self.status.value,
+            "cacheable": self.cacheable,
+            "created_at": _dec(self.created_at),
+            "updated_at": _dec(self.updated_at or self.created_at),
+            "expires_at": self.expires_at,
+            "attempts": self.attempts,
+            "request": json.dumps(request, separators=(",", ":")),
+            "prompt": json.dumps(prompt, separators=(",", ":")),
+        }
         for name in ("result", "usage", "timings", "error"):
             value = getattr(self, name)
             if value is not None:
@@ -440,15 +490,27 @@ class Job:
     def from_item(cls, item: dict) -> Job:
         load = lambda k: json.loads(item[k]) if k in item else None  # noqa: E731
         return cls(
-            job_id=item["pk"], tenant=item["tenant"], status=Status(item["status"]),
+            job_id=item["pk"],
+            tenant=item["tenant"],
+            status=Status(item["status"]),
             request=InferenceRequest.from_json({**json.loads(item.get("prompt", "{}")), **json.loads(item["request"])}),
             cacheable=bool(item["cacheable"]),
-            created_at=float(item["created_at"]), expires_at=int(item["expires_at"]),
-            updated_at=float(item.get("updated_at", 0)), result=load("result"), usage=load("usage"),
-            timings=load("timings"), attempts=int(item.get("attempts", 0)), error=load("error"),
-            worker=item.get("worker"), result_s3=item.get("result_s3"), last_error=item.get("last_error"),
-            notify=[json.loads(n) for n in item.get("notify", [])], notified=bool(item.get("notified", False)),
-            tier=item.get("tier", "interactive"), batch=item.get("batch_id"), run=item.get("run", ""),
+            created_at=float(item["created_at"]),
+            expires_at=int(item["expires_at"]),
+            updated_at=float(item.get("updated_at", 0)),
+            result=load("result"),
+            usage=load("usage"),
+            timings=load("timings"),
+            attempts=int(item.get("attempts", 0)),
+            error=load("error"),
+            worker=item.get("worker"),
+            result_s3=item.get("result_s3"),
+            last_error=item.get("last_error"),
+            notify=[json.loads(n) for n in item.get("notify", [])],
+            notified=bool(item.get("notified", False)),
+            tier=item.get("tier", "interactive"),
+            batch=item.get("batch_id"),
+            run=item.get("run", ""),
         )
 
 

@@ -18,8 +18,9 @@ class StillRunning(Exception):
     record fails) and looked at again after the DLQ's visibility timeout."""
 
 
-def fail_dead_letter(body: str, store: JobStore, *, sqs, s3, heartbeat_s: float = 30.0,
-                     now: float | None = None) -> bool:
+def fail_dead_letter(
+    body: str, store: JobStore, *, sqs, s3, heartbeat_s: float = 30.0, now: float | None = None
+) -> bool:
     """Mark the message's job FAILED (unless it finished meanwhile, or a worker is still running
     it: StillRunning); True when this call failed it.
 
@@ -35,8 +36,16 @@ def fail_dead_letter(body: str, store: JobStore, *, sqs, s3, heartbeat_s: float 
         logger.info("dead letter of a running job: kept for later", extra={"job_id": job_id, "worker": job.worker})
         raise StillRunning(job_id)
     last = " The last attempt failed on the worker." if job is not None and job.last_error else ""
-    failed = store.transition(job_id, [Status.QUEUED, Status.RUNNING], Status.FAILED, error={
-        "message": f"the job failed on every delivery to the workers and was moved to the dead-letter queue.{last}", "type": "server_error", "code": "job_failed"})
+    failed = store.transition(
+        job_id,
+        [Status.QUEUED, Status.RUNNING],
+        Status.FAILED,
+        error={
+            "message": f"the job failed on every delivery to the workers and was moved to the dead-letter queue.{last}",
+            "type": "server_error",
+            "code": "job_failed",
+        },
+    )
     metrics.add_metric(name="DeadLetters", unit=MetricUnit.Count, value=1)
     logger.warning("dead letter", extra={"job_id": job_id, "failed_now": bool(failed)})
     post_replies(failed or store.get(job_id), sqs=sqs, s3=s3, store=store)

@@ -5,8 +5,8 @@ injected (tests pass their own). Handlers cache it once per container:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import boto3  # imported at init, as the handlers' cold start should pay it
 from botocore.config import Config
@@ -39,6 +39,10 @@ def deps_from_env() -> Deps:
     """Deps for a function: settings from its environment, boto3 clients (AWS_ENDPOINT_URL honoured)."""
     settings = get_settings()
     ddb = boto3.resource("dynamodb", config=CLIENT_CONFIG)
-    return Deps(settings, ddb.Table(settings.table), boto3.client("sqs", config=CLIENT_CONFIG),
-                boto3.client("s3", config=CLIENT_CONFIG),
-                ddb.Table(settings.stream_table) if settings.stream_table else None)
+    return Deps(
+        settings,
+        ddb.Table(settings.table),
+        boto3.client("sqs", config=CLIENT_CONFIG),
+        boto3.client("s3", config=CLIENT_CONFIG),
+        ddb.Table(settings.stream_table) if settings.stream_table else None,
+    )

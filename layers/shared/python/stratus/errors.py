@@ -101,12 +101,27 @@ class NotConfigured(StratusError):
 
 
 # Codes AWS answers when the same call may succeed later (botocore's throttling and transient classes).
-TRANSIENT_CODES = frozenset({
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestThrottledException",
-    "TooManyRequestsException", "ProvisionedThroughputExceededException", "RequestLimitExceeded",
-    "LimitExceededException", "SlowDown", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
-    "InternalServerError", "InternalError", "ServiceUnavailable", "TransactionInProgressException",
-})
+TRANSIENT_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "LimitExceededException",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "InternalServerError",
+        "InternalError",
+        "ServiceUnavailable",
+        "TransactionInProgressException",
+    }
+)
 
 
 def transient(exc: BaseException) -> bool:

@@ -20,7 +20,7 @@ from stratus.errors import PayloadTooLarge
 FINISHED = [s.value for s in Status if s.finished]
 ITEM_LIMIT_BYTES = 400 * 1024  # DynamoDB's item size limit (attribute names and values)
 JOB_ITEM_BUDGET = 360_000  # a job item as created, and later with its inline result; the rest is for
-                           # usage, timings, an error and reply addresses
+# usage, timings, an error and reply addresses
 SQS_LIMIT_BYTES = 256 * 1024  # SQS's message size limit
 INLINE_RESULT_BYTES = 300_000  # a result over this (or over what the item has room for) goes to S3
 RETRYABLE = [Status.FAILED.value, Status.CANCELLED.value, Status.EXPIRED.value]
@@ -30,6 +30,7 @@ UNPROCESSED_TRIES = 6  # BatchGetItem rounds for throttled keys, 50 ms doubling 
 def item_bytes(item: dict) -> int:
     """An upper bound of DynamoDB's size of `item`: names and values (UTF-8 strings, numbers at
     their 21-byte maximum, sets and lists with their overhead)."""
+
     def size(v) -> int:
         if isinstance(v, str):
             return len(v.encode())
@@ -42,6 +43,7 @@ def item_bytes(item: dict) -> int:
         if isinstance(v, (list, set, tuple)):
             return 3 + sum(1 + size(x) for x in v)
         return len(str(v).encode())
+
     return sum(len(k.encode()) + size(v) for k, v in item.items())
 
 
@@ -51,12 +53,16 @@ def check_sizes(job: Job, message_body: str) -> None:
     Raises PayloadTooLarge (413) naming the limit; such a request could never succeed."""
     body = len(message_body.encode())
     if body > SQS_LIMIT_BYTES:
-        raise PayloadTooLarge(f"the request needs a {body}-byte queue message; SQS carries at most {SQS_LIMIT_BYTES} "
-                              f"bytes (256 KiB, non-ASCII text counts 6 bytes a character): shorten the prompt")
+        raise PayloadTooLarge(
+            f"the request needs a {body}-byte queue message; SQS carries at most {SQS_LIMIT_BYTES} "
+            f"bytes (256 KiB, non-ASCII text counts 6 bytes a character): shorten the prompt"
+        )
     item = item_bytes(job.to_item())
     if item > JOB_ITEM_BUDGET:
-        raise PayloadTooLarge(f"the request needs a {item}-byte job item; the job store keeps at most {JOB_ITEM_BUDGET} "
-                              f"bytes of it (DynamoDB items stop at 400 KB): shorten the prompt")
+        raise PayloadTooLarge(
+            f"the request needs a {item}-byte job item; the job store keeps at most {JOB_ITEM_BUDGET} "
+            f"bytes of it (DynamoDB items stop at 400 KB): shorten the prompt"
+        )
 
 
 def _conditional_failed(exc: ClientError) -> bool:
@@ -84,8 +90,10 @@ class JobStore:
     def states(self, job_ids: list[str]) -> dict[str, tuple[Status, bool]]:
         """(status, streamed?) of each existing job (workers poll for cancels, and for streaming
         requests that joined a job)."""
-        return {i["pk"]: (Status(i["status"]), bool(i.get("streamed", False)))
-                for i in self.items(job_ids, "pk, #s, streamed")}
+        return {
+            i["pk"]: (Status(i["status"]), bool(i.get("streamed", False)))
+            for i in self.items(job_ids, "pk, #s, streamed")
+        }
 
     def get_many(self, job_ids: list[str], *, now: float | None = None) -> dict[str, Job]:
         """Each existing, unexpired job (get() for many: a batch's output reads its lines' jobs)."""
@@ -99,7 +107,7 @@ class JobStore:
         out: list[dict] = []
         client, name = self.table.meta.client, self.table.name
         for i in range(0, len(pks), 100):
-            keys = {"Keys": [{"pk": j} for j in pks[i:i + 100]], "ConsistentRead": True}
+            keys = {"Keys": [{"pk": j} for j in pks[i : i + 100]], "ConsistentRead": True}
             if projection:
                 keys.update(ProjectionExpression=projection, ExpressionAttributeNames={"#s": "status"})
             request = {name: keys}
@@ -109,7 +117,7 @@ class JobStore:
                 request = got.get("UnprocessedKeys") or None
                 if not request:
                     break
-                time.sleep(min(1.0, 0.05 * 2 ** attempt))  # throttled: back off before asking again
+                time.sleep(min(1.0, 0.05 * 2**attempt))  # throttled: back off before asking again
             else:
                 raise RuntimeError(f"BatchGetItem left keys unprocessed after {UNPROCESSED_TRIES} tries")
         return out
@@ -118,10 +126,13 @@ class JobStore:
         """A streaming request waits on this live job: its worker writes chunks from now on.
         False when the job already finished (the caller reads its result instead)."""
         try:
-            self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET streamed = :t",
-                                   ConditionExpression="#s IN (:q, :r)", ExpressionAttributeNames={"#s": "status"},
-                                   ExpressionAttributeValues={":t": True, ":q": Status.QUEUED.value,
-                                                              ":r": Status.RUNNING.value})
+            self.table.update_item(
+                Key={"pk": job_id},
+                UpdateExpression="SET streamed = :t",
+                ConditionExpression="#s IN (:q, :r)",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={":t": True, ":q": Status.QUEUED.value, ":r": Status.RUNNING.value},
+            )
             return True
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -137,10 +148,15 @@ class JobStore:
         run that lags behind the one that took its batch over never makes a finished one again).
         """
         replaceable = {f":s{i}": s for i, s in enumerate(FINISHED if refresh else RETRYABLE)}
-        condition = {"ConditionExpression": "attribute_not_exists(pk)"} if once else {
-            "ConditionExpression": f"attribute_not_exists(pk) OR expires_at < :now OR #s IN ({', '.join(replaceable)})",
-            "ExpressionAttributeNames": {"#s": "status"},
-            "ExpressionAttributeValues": {":now": int(time.time()), **replaceable}}
+        condition = (
+            {"ConditionExpression": "attribute_not_exists(pk)"}
+            if once
+            else {
+                "ConditionExpression": f"attribute_not_exists(pk) OR expires_at < :now OR #s IN ({', '.join(replaceable)})",
+                "ExpressionAttributeNames": {"#s": "status"},
+                "ExpressionAttributeValues": {":now": int(time.time()), **replaceable},
+            }
+        )
         try:
             self.table.put_item(Item=job.to_item(), ReturnValuesOnConditionCheckFailure="ALL_OLD", **condition)
             return job, True
@@ -163,9 +179,12 @@ class JobStore:
     def keep(self, job_id: str, until: int) -> None:
         """Keep a job (its item and TTL) at least until `until`, epoch seconds."""
         try:
-            self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET expires_at = :u",
-                                   ConditionExpression="attribute_exists(pk) AND expires_at < :u",
-                                   ExpressionAttributeValues={":u": until})
+            self.table.update_item(
+                Key={"pk": job_id},
+                UpdateExpression="SET expires_at = :u",
+                ConditionExpression="attribute_exists(pk) AND expires_at < :u",
+                ExpressionAttributeValues={":u": until},
+            )
         except ClientError as exc:
             if not _conditional_failed(exc):
                 raise
@@ -175,10 +194,13 @@ class JobStore:
         longer belongs to the batch (whose cancel would cancel it under the request) -> True for
         the one caller that wins, who then queues a message for it."""
         try:
-            self.table.update_item(Key={"pk": job_id}, UpdateExpression="REMOVE batch_id",
-                                   ConditionExpression="#s = :q AND attribute_exists(batch_id)",
-                                   ExpressionAttributeNames={"#s": "status"},
-                                   ExpressionAttributeValues={":q": Status.QUEUED.value})
+            self.table.update_item(
+                Key={"pk": job_id},
+                UpdateExpression="REMOVE batch_id",
+                ConditionExpression="#s = :q AND attribute_exists(batch_id)",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={":q": Status.QUEUED.value},
+            )
             return True
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -189,18 +211,31 @@ class JobStore:
         """A QUEUED batch-tier job becomes interactive (an interactive request joined it): True for
         the one caller that wins, who then queues an interactive message for it."""
         try:
-            self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET tier = :i",
-                                   ConditionExpression="#s = :q AND tier = :b", ExpressionAttributeNames={"#s": "status"},
-                                   ExpressionAttributeValues={":i": "interactive", ":q": Status.QUEUED.value, ":b": "batch"})
+            self.table.update_item(
+                Key={"pk": job_id},
+                UpdateExpression="SET tier = :i",
+                ConditionExpression="#s = :q AND tier = :b",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={":i": "interactive", ":q": Status.QUEUED.value, ":b": "batch"},
+            )
             return True
         except ClientError as exc:
             if _conditional_failed(exc):
                 return False
             raise
 
-    def transition(self, job_id: str, allowed_from: list[Status], to: Status, *, owner: str | None = None,
-                   tier: str | None = None, batch: str | None = None, tenant: str | None = None,
-                   **fields) -> Job | None:
+    def transition(
+        self,
+        job_id: str,
+        allowed_from: list[Status],
+        to: Status,
+        *,
+        owner: str | None = None,
+        tier: str | None = None,
+        batch: str | None = None,
+        tenant: str | None = None,
+        **fields,
+    ) -> Job | None:
         """Conditionally move a job to `to`: the job as written, or None when its status (or its
         owning worker, its tier, the batch that made it, its tenant) did not match.
 
@@ -231,9 +266,14 @@ class JobStore:
             values[":tenant"] = tenant
         try:
             update = "SET " + ", ".join(sets) + (" REMOVE prompt" if forget else "")
-            item = self.table.update_item(Key={"pk": job_id}, UpdateExpression=update,
-                                          ConditionExpression=cond, ExpressionAttributeNames=names,
-                                          ExpressionAttributeValues=values, ReturnValues="ALL_NEW")["Attributes"]
+            item = self.table.update_item(
+                Key={"pk": job_id},
+                UpdateExpression=update,
+                ConditionExpression=cond,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",
+            )["Attributes"]
             return Job.from_item(item)
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -247,12 +287,19 @@ class JobStore:
         one = json.dumps(reply, separators=(",", ":"))
         try:
             self.table.update_item(
-                Key={"pk": job_id}, UpdateExpression="SET notify = list_append(if_not_exists(notify, :empty), :r)",
+                Key={"pk": job_id},
+                UpdateExpression="SET notify = list_append(if_not_exists(notify, :empty), :r)",
                 ConditionExpression="#s IN (:q, :r0) AND (attribute_not_exists(notify) OR NOT contains(notify, :one))",
                 ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={":empty": [], ":r": [one], ":one": one, ":q": Status.QUEUED.value,
-                                           ":r0": Status.RUNNING.value},
-                ReturnValuesOnConditionCheckFailure="ALL_OLD")
+                ExpressionAttributeValues={
+                    ":empty": [],
+                    ":r": [one],
+                    ":one": one,
+                    ":q": Status.QUEUED.value,
+                    ":r0": Status.RUNNING.value,
+                },
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
             return True
         except ClientError as exc:
             if not _conditional_failed(exc):
@@ -261,11 +308,21 @@ class JobStore:
             return job is not None and job.status in (Status.QUEUED, Status.RUNNING)  # live: asked for already
 
     def mark_notified(self, job_id: str) -> None:
-        self.table.update_item(Key={"pk": job_id}, UpdateExpression="SET notified = :t",
-                               ExpressionAttributeValues={":t": True})
+        self.table.update_item(
+            Key={"pk": job_id}, UpdateExpression="SET notified = :t", ExpressionAttributeValues={":t": True}
+        )
 
-    def complete(self, job_id: str, owner: str, result: dict, *, s3=None, bucket: str | None = None,
-                 request_bytes: int = 0, **fields) -> Job | None:
+    def complete(
+        self,
+        job_id: str,
+        owner: str,
+        result: dict,
+        *,
+        s3=None,
+        bucket: str | None = None,
+        request_bytes: int = 0,
+        **fields,
+    ) -> Job | None:
         """RUNNING (owned by `owner`) -> DONE with the result; a result too big for the item (beside
         a request of `request_bytes` stored bytes) goes to S3 first (s3://bucket/results/<job id>.json)
         and the item keeps the pointer."""
@@ -277,8 +334,9 @@ class JobStore:
             raise ValueError(f"result of {len(blob)} bytes needs S3 (pass s3= and bucket=)")
         key = f"results/{job_id}.json"
         s3.put_object(Bucket=bucket, Key=key, Body=blob.encode(), ContentType="application/json")
-        return self.transition(job_id, [Status.RUNNING], Status.DONE, owner=owner,
-                               result_s3=f"s3://{bucket}/{key}", **fields)
+        return self.transition(
+            job_id, [Status.RUNNING], Status.DONE, owner=owner, result_s3=f"s3://{bucket}/{key}", **fields
+        )
 
     def cancel(self, job_id: str, tenant: str | None = None) -> Job | None:
         """QUEUED or RUNNING -> CANCELLED; with `tenant`, only that tenant's job (the one the caller
@@ -300,6 +358,6 @@ def _now():
 def load_result(job: Job, s3) -> Job:
     """Fill in a result stored in S3 (s3://bucket/key) so a response can carry it."""
     if job.result is None and job.result_s3:
-        bucket, key = job.result_s3[len("s3://"):].split("/", 1)
+        bucket, key = job.result_s3[len("s3://") :].split("/", 1)
         job.result = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     return job

@@ -42,8 +42,9 @@ def check_tenant(name) -> str:
     """A tenant name becomes an S3 path segment (batches/input/<tenant>/) and part of table keys:
     1-64 letters, digits, '.', '_' or '-', starting with a letter or digit. InvalidRequest otherwise."""
     if not isinstance(name, str) or not TENANT.fullmatch(name):
-        raise InvalidRequest("a tenant name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
-                             "digit", param="tenant")
+        raise InvalidRequest(
+            "a tenant name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", param="tenant"
+        )
     return name
 
 
@@ -57,16 +58,28 @@ def create_key(table, tenant: str, rpm: int, tpm: int, *, key: str | None = None
     if tier not in TIERS:
         raise InvalidRequest(f"tier must be one of {', '.join(TIERS)}, got {tier!r}", param="tier")
     key = key or KEY_PREFIX + secrets.token_urlsafe(32)
-    table.put_item(Item={"pk": f"key#{hash_key(key)}", "tenant": tenant, "rpm": rpm, "tpm": tpm, "tier": tier,
-                         "created_at": int(time.time())},
-                   ConditionExpression="attribute_not_exists(pk)")
+    table.put_item(
+        Item={
+            "pk": f"key#{hash_key(key)}",
+            "tenant": tenant,
+            "rpm": rpm,
+            "tpm": tpm,
+            "tier": tier,
+            "created_at": int(time.time()),
+        },
+        ConditionExpression="attribute_not_exists(pk)",
+    )
     return key
 
 
 def revoke_key(table, key: str) -> bool:
     try:
-        table.update_item(Key={"pk": f"key#{hash_key(key)}"}, UpdateExpression="SET revoked = :t",
-                          ConditionExpression="attribute_exists(pk)", ExpressionAttributeValues={":t": True})
+        table.update_item(
+            Key={"pk": f"key#{hash_key(key)}"},
+            UpdateExpression="SET revoked = :t",
+            ConditionExpression="attribute_exists(pk)",
+            ExpressionAttributeValues={":t": True},
+        )
         return True
     except ClientError as exc:
         if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
@@ -78,8 +91,9 @@ KEY_CACHE_TTL_S = 30.0  # a revoked key stops working within this long on warm i
 KeyCache = dict  # sha256 of key -> (looked up at, Tenant or None); one per container, in Deps
 
 
-def authenticate(table, authorization: str | None, cache: KeyCache | None = None, *,
-                 now: float | None = None) -> Tenant:
+def authenticate(
+    table, authorization: str | None, cache: KeyCache | None = None, *, now: float | None = None
+) -> Tenant:
     if not authorization or not authorization.lower().startswith("bearer "):
         raise Unauthorized("missing API key: send Authorization: Bearer <key>")
     digest = hash_key(authorization[7:].strip())
@@ -90,8 +104,11 @@ def authenticate(table, authorization: str | None, cache: KeyCache | None = None
         tenant = cached[1]
     else:
         item = table.get_item(Key={"pk": f"key#{digest}"}).get("Item")
-        tenant = None if item is None or item.get("revoked") else Tenant(
-            item["tenant"], int(item["rpm"]), int(item["tpm"]), item.get("tier", "interactive"))
+        tenant = (
+            None
+            if item is None or item.get("revoked")
+            else Tenant(item["tenant"], int(item["rpm"]), int(item["tpm"]), item.get("tier", "interactive"))
+        )
         if len(cache) > 10_000:
             cache.clear()
         cache[digest] = (now, tenant)
@@ -113,29 +130,40 @@ def charge(table, tenant: Tenant, tokens: int, *, now: float | None = None) -> N
     if tenant.rpm < 1:  # (the condition below lets a minute's first request through unchecked)
         raise RateLimited(f"tenant {tenant.name} may send no requests (0 requests per minute)", retry_after_s=60)
     if tokens > tenant.tpm:
-        raise RateLimited(f"request needs ~{tokens} tokens, above the {tenant.tpm} tokens-per-minute limit",
-                          retry_after_s=retry_after)
+        raise RateLimited(
+            f"request needs ~{tokens} tokens, above the {tenant.tpm} tokens-per-minute limit", retry_after_s=retry_after
+        )
     try:
         table.update_item(
             Key=_counter(tenant, now),
             UpdateExpression="ADD requests :one, tokens :n SET expires_at = :exp",
             ConditionExpression="attribute_not_exists(requests) OR (requests < :rpm AND tokens <= :room)",
-            ExpressionAttributeValues={":one": 1, ":n": tokens, ":rpm": tenant.rpm, ":room": tenant.tpm - tokens,
-                                       ":exp": int(now) + COUNTER_TTL_S},
+            ExpressionAttributeValues={
+                ":one": 1,
+                ":n": tokens,
+                ":rpm": tenant.rpm,
+                ":room": tenant.tpm - tokens,
+                ":exp": int(now) + COUNTER_TTL_S,
+            },
         )
     except ClientError as exc:
         if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
             raise
-        raise RateLimited(f"rate limit reached for tenant {tenant.name}: {tenant.rpm} requests or {tenant.tpm} "
-                          "tokens per minute", retry_after_s=retry_after) from exc
+        raise RateLimited(
+            f"rate limit reached for tenant {tenant.name}: {tenant.rpm} requests or {tenant.tpm} tokens per minute",
+            retry_after_s=retry_after,
+        ) from exc
 
 
 def refund(table, tenant: Tenant, tokens: int, *, now: float) -> None:
     """Give back what charge(now=now) counted: the request failed before any work was queued (a 503).
     Best effort: a refund that fails is logged, and the minute's counter expires anyway."""
     try:
-        table.update_item(Key=_counter(tenant, now), UpdateExpression="ADD requests :one, tokens :n",
-                          ConditionExpression="attribute_exists(requests)",
-                          ExpressionAttributeValues={":one": -1, ":n": -tokens})
-    except Exception:  # noqa: BLE001 - storage is failing already (that is why we refund)
+        table.update_item(
+            Key=_counter(tenant, now),
+            UpdateExpression="ADD requests :one, tokens :n",
+            ConditionExpression="attribute_exists(requests)",
+            ExpressionAttributeValues={":one": -1, ":n": -tokens},
+        )
+    except Exception:
         logger.warning("could not refund a failed request's charge", extra={"tenant": tenant.name})

@@ -29,6 +29,7 @@ def _one_thread_at_a_time(method):
     def locked(*args, **kwargs):
         with _METRIC_SET:
             return method(*args, **kwargs)
+
     return locked
 
 

@@ -21,18 +21,27 @@ def _errors(*statuses: int) -> dict:
     return {str(s): {"description": DESCRIPTIONS[s], "content": {JSON: {"schema": _ref("Error")}}} for s in statuses}
 
 
-DESCRIPTIONS = {400: "invalid request (the field is named)", 401: "missing or unknown API key",
-                404: "not found (or another tenant's)", 409: "conflicts with the job's state",
-                413: "too large for the body limit, SQS or DynamoDB", 429: "a tenant limit (Retry-After)",
-                501: "not configured on this deployment (the message says what to set)",
-                503: "unavailable for a moment (Retry-After)"}
+DESCRIPTIONS = {
+    400: "invalid request (the field is named)",
+    401: "missing or unknown API key",
+    404: "not found (or another tenant's)",
+    409: "conflicts with the job's state",
+    413: "too large for the body limit, SQS or DynamoDB",
+    429: "a tenant limit (Retry-After)",
+    501: "not configured on this deployment (the message says what to set)",
+    503: "unavailable for a moment (Retry-After)",
+}
 COMMON = (400, 401, 413, 429, 503)
 
 
 def _sampling(s: Settings, streams: bool = True) -> dict:
-    stop = {"oneOf": [{"type": "string", "minLength": 1},
-                      {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS}],
-            "nullable": True}
+    stop = {
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
+        ],
+        "nullable": True,
+    }
     return {
         "model": {"type": "string", "minLength": 1, "example": s.model_id},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": s.max_tokens, "nullable": True},
@@ -40,103 +49,234 @@ def _sampling(s: Settings, streams: bool = True) -> dict:
         "temperature": {"type": "number", "minimum": 0, "maximum": 2, "nullable": True},
         "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "nullable": True},
         "top_k": {"type": "integer", "minimum": 0, "nullable": True},
-        "repetition_penalty": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 10,
-                               "nullable": True},
+        "repetition_penalty": {
+            "type": "number",
+            "minimum": 0,
+            "exclusiveMinimum": True,
+            "maximum": 10,
+            "nullable": True,
+        },
         "seed": {"type": "integer", "nullable": True},
         "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True},
         "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True},
-        "logit_bias": {"type": "object", "nullable": True, "maxProperties": MAX_LOGIT_BIAS,
-                       "propertyNames": {"pattern": "^[0-9]{1,9}$"},
-                       "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
-                       "description": "token id (a decimal string) -> bias added to its logit; ids must be in "
-                                      "the model's vocabulary (checked by the worker: a FAILED job, 400)"},
+        "logit_bias": {
+            "type": "object",
+            "nullable": True,
+            "maxProperties": MAX_LOGIT_BIAS,
+            "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "description": "token id (a decimal string) -> bias added to its logit; ids must be in "
+            "the model's vocabulary (checked by the worker: a FAILED job, 400)",
+        },
         "stop": stop,
-        "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "nullable": True,
-              "description": f"choices per prompt (at most {MAX_CHOICES} choices in all; stream: true serves one)"},
-        "stream": {"type": "boolean", "nullable": True} if streams else
-                  {"type": "boolean", "enum": [False, None], "nullable": True},  # jobs are answered whole
-        "stream_options": {"type": "object", "nullable": True, "additionalProperties": False,
-                           "properties": {"include_usage": {"type": "boolean"},
-                                          "include_obfuscation": {"type": "boolean"}}},
+        "n": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_N,
+            "nullable": True,
+            "description": f"choices per prompt (at most {MAX_CHOICES} choices in all; stream: true serves one)",
+        },
+        "stream": {"type": "boolean", "nullable": True}
+        if streams
+        else {"type": "boolean", "enum": [False, None], "nullable": True},  # jobs are answered whole
+        "stream_options": {
+            "type": "object",
+            "nullable": True,
+            "additionalProperties": False,
+            "properties": {"include_usage": {"type": "boolean"}, "include_obfuscation": {"type": "boolean"}},
+        },
     }
 
 
-_TEXT_PART = {"type": "object", "required": ["type", "text"],
-              "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
-MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
-    "role": {"type": "string", "enum": list(ROLES)},
-    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}
+_TEXT_PART = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+}
+MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"type": "string", "enum": list(ROLES)},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]},
+    },
+}
 IDS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}, "minItems": 1}
 
 
 def _schemas(s: Settings) -> dict:
-    usage = {"type": "object", "properties": {k: {"type": "integer"} for k in
-                                              ("prompt_tokens", "completion_tokens", "total_tokens")}}
-    choice = {"type": "object", "properties": {"index": {"type": "integer"}, "finish_reason": {"type": "string"},
-                                               "logprobs": {"type": "object", "nullable": True}}}
+    usage = {
+        "type": "object",
+        "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    }
+    choice = {
+        "type": "object",
+        "properties": {
+            "index": {"type": "integer"},
+            "finish_reason": {"type": "string"},
+            "logprobs": {"type": "object", "nullable": True},
+        },
+    }
     top = {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS, "nullable": True}
     chat_only = {"logprobs": {"type": "boolean", "nullable": True}, "top_logprobs": top}
     ids = IDS
-    prompt = {"oneOf": [{"type": "string", "minLength": 1}, ids,
-                        {"type": "array", "items": {"oneOf": [{"type": "string", "minLength": 1}, ids]},
-                         "minItems": 1, "maxItems": MAX_CHOICES}],
-              "description": "text, token ids (used exactly: no BOS added), or a list of either (a choice each)"}
+    prompt = {
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            ids,
+            {
+                "type": "array",
+                "items": {"oneOf": [{"type": "string", "minLength": 1}, ids]},
+                "minItems": 1,
+                "maxItems": MAX_CHOICES,
+            },
+        ],
+        "description": "text, token ids (used exactly: no BOS added), or a list of either (a choice each)",
+    }
     completion_only = {
         "logprobs": {**top, "description": "log-probabilities of each token and this many alternatives"},
-        "echo": {"type": "boolean", "nullable": True, "description": "return the prompt before the text (with "
-                 "logprobs: each prompt token's log-probability, the first null); max_tokens may then be 0"},
+        "echo": {
+            "type": "boolean",
+            "nullable": True,
+            "description": "return the prompt before the text (with "
+            "logprobs: each prompt token's log-probability, the first null); max_tokens may then be 0",
+        },
         "max_tokens": {"type": "integer", "minimum": 0, "maximum": s.max_tokens, "nullable": True},
-        "prompt": prompt}
+        "prompt": prompt,
+    }
     return {
-        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-            "type": "object", "required": ["message", "type"], "properties": {
-                "message": {"type": "string"}, "type": {"type": "string"},
-                "param": {"type": "string", "nullable": True}, "code": {"type": "string", "nullable": True}}}}},
-        **{f"{kind}Request": {"type": "object", "required": ["model", "messages"], "properties": {
-            **_sampling(s, streams), **chat_only,
-            "messages": {"type": "array", "items": MESSAGE, "minItems": 1, "maxItems": s.max_messages}},
-            "allOf": [_when("top_logprobs", {"type": "integer"}, {"logprobs": {"const": True}}, required=True),
-                      _when("stream", {"const": True}, {"n": {"enum": [1, None]}})]}
-           for kind, streams in (("Chat", True), ("JobChat", False))},
-        **{f"{kind}Request": {"type": "object", "required": ["model", "prompt"], "properties": {
-            **_sampling(s, streams), **completion_only},
-            "allOf": [_unless("echo", {"const": True}, {"max_tokens": {"minimum": 1},
-                                                         "max_completion_tokens": {"minimum": 1}}),
-                      _when("prompt", {"type": "array", "minItems": 2, "items": {"not": {"type": "integer"}}},
-                            {"n": {"enum": [1, None]}}),  # prompts x n <= MAX_CHOICES, simply
-                      _when("stream", {"const": True}, {"n": {"enum": [1, None]}, "echo": {"enum": [False, None]},
-                                                        "prompt": {"oneOf": [{"type": "string"}, ids, {
-                                                            "type": "array", "maxItems": 1}]}})]}
-           for kind, streams in (("Completion", True), ("JobCompletion", False))},
-        "Chunk": {"type": "object", "required": ["id", "object", "choices"], "properties": {
-            "id": {"type": "string"}, "object": {"type": "string", "enum": ["chat.completion.chunk", "text_completion"]},
-            "created": {"type": "integer"}, "model": {"type": "string"}, "choices": {"type": "array"},
-            "usage": {"type": "object", "nullable": True}}},
-        "Completion": {"type": "object", "required": ["id", "object", "choices"], "properties": {
-            "id": {"type": "string"}, "object": {"type": "string", "enum": ["chat.completion", "text_completion"]},
-            "created": {"type": "integer"}, "model": {"type": "string"},
-            "choices": {"type": "array", "items": choice}, "usage": usage}},
-        "Job": {"type": "object", "required": ["id", "object", "status"], "properties": {
-            "id": {"type": "string"}, "object": {"type": "string", "enum": ["job"]},
-            "status": {"type": "string", "enum": ["QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "EXPIRED"]},
-            "created_at": {"type": "integer"}, "model": {"type": "string"}, "endpoint": {"type": "string"}}},
-        "Batch": {"type": "object", "required": ["id", "object", "status"], "properties": {
-            "id": {"type": "string"}, "object": {"type": "string", "enum": ["batch"]},
-            "status": {"type": "string"}, "request_counts": {"type": "object"}}},
-        "BatchRequest": {"type": "object", "required": ["input_file_id"], "properties": {
-            "input_file_id": {"type": "string", "minLength": 1},
-            "endpoint": {"type": "string", "enum": list(ROUTE_PATHS)},
-            "completion_window": {"type": "string"}}},
-        "List": {"type": "object", "required": ["object", "data"], "properties": {
-            "object": {"type": "string", "enum": ["list"]}, "data": {"type": "array", "items": {"type": "object"}}}},
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": "string", "nullable": True},
+                        "code": {"type": "string", "nullable": True},
+                    },
+                }
+            },
+        },
+        **{
+            f"{kind}Request": {
+                "type": "object",
+                "required": ["model", "messages"],
+                "properties": {
+                    **_sampling(s, streams),
+                    **chat_only,
+                    "messages": {"type": "array", "items": MESSAGE, "minItems": 1, "maxItems": s.max_messages},
+                },
+                "allOf": [
+                    _when("top_logprobs", {"type": "integer"}, {"logprobs": {"const": True}}, required=True),
+                    _when("stream", {"const": True}, {"n": {"enum": [1, None]}}),
+                ],
+            }
+            for kind, streams in (("Chat", True), ("JobChat", False))
+        },
+        **{
+            f"{kind}Request": {
+                "type": "object",
+                "required": ["model", "prompt"],
+                "properties": {**_sampling(s, streams), **completion_only},
+                "allOf": [
+                    _unless(
+                        "echo", {"const": True}, {"max_tokens": {"minimum": 1}, "max_completion_tokens": {"minimum": 1}}
+                    ),
+                    _when(
+                        "prompt",
+                        {"type": "array", "minItems": 2, "items": {"not": {"type": "integer"}}},
+                        {"n": {"enum": [1, None]}},
+                    ),  # prompts x n <= MAX_CHOICES, simply
+                    _when(
+                        "stream",
+                        {"const": True},
+                        {
+                            "n": {"enum": [1, None]},
+                            "echo": {"enum": [False, None]},
+                            "prompt": {"oneOf": [{"type": "string"}, ids, {"type": "array", "maxItems": 1}]},
+                        },
+                    ),
+                ],
+            }
+            for kind, streams in (("Completion", True), ("JobCompletion", False))
+        },
+        "Chunk": {
+            "type": "object",
+            "required": ["id", "object", "choices"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"type": "string", "enum": ["chat.completion.chunk", "text_completion"]},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {"type": "array"},
+                "usage": {"type": "object", "nullable": True},
+            },
+        },
+        "Completion": {
+            "type": "object",
+            "required": ["id", "object", "choices"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"type": "string", "enum": ["chat.completion", "text_completion"]},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {"type": "array", "items": choice},
+                "usage": usage,
+            },
+        },
+        "Job": {
+            "type": "object",
+            "required": ["id", "object", "status"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"type": "string", "enum": ["job"]},
+                "status": {"type": "string", "enum": ["QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "EXPIRED"]},
+                "created_at": {"type": "integer"},
+                "model": {"type": "string"},
+                "endpoint": {"type": "string"},
+            },
+        },
+        "Batch": {
+            "type": "object",
+            "required": ["id", "object", "status"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"type": "string", "enum": ["batch"]},
+                "status": {"type": "string"},
+                "request_counts": {"type": "object"},
+            },
+        },
+        "BatchRequest": {
+            "type": "object",
+            "required": ["input_file_id"],
+            "properties": {
+                "input_file_id": {"type": "string", "minLength": 1},
+                "endpoint": {"type": "string", "enum": list(ROUTE_PATHS)},
+                "completion_window": {"type": "string"},
+            },
+        },
+        "List": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {
+                "object": {"type": "string", "enum": ["list"]},
+                "data": {"type": "array", "items": {"type": "object"}},
+            },
+        },
     }
 
 
 def _when(name: str, schema: dict, then: dict, *, required: bool = False) -> dict:
     """When field `name` matches `schema`, the other fields must match `then` (JSON Schema if/then):
     the combinations the code refuses with a 400 are outside the document."""
-    return {"if": {"required": [name], "properties": {name: schema}},
-            "then": {"properties": then, **({"required": list(then)} if required else {})}}
+    return {
+        "if": {"required": [name], "properties": {name: schema}},
+        "then": {"properties": then, **({"required": list(then)} if required else {})},
+    }
 
 
 def _unless(name: str, schema: dict, otherwise: dict) -> dict:
@@ -144,18 +284,33 @@ def _unless(name: str, schema: dict, otherwise: dict) -> dict:
 
 
 def _completion_route(summary: str, request: str) -> dict:
-    return {"post": {
-        "summary": summary, "security": [{"bearer": []}],
-        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(request)}}},
-        "responses": {
-            "200": {"description": "the completion (or, with stream: true, server-sent events)",
-                    "content": {JSON: {"schema": _ref("Completion")}, "text/event-stream": {"schema": {
-                        # each event: `data` is a JSON chunk (Chunk), an in-band Error, or "[DONE]"
-                        "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}}},
-            "202": {"description": "still running: poll Location", "content": {JSON: {"schema": _ref("Job")}}},
-            **_errors(*COMMON, 404), "409": {"description": "the job was cancelled",
-                                             "content": {JSON: {"schema": _ref("Error")}}},
-            "500": {"description": "the job failed on the workers", "content": {JSON: {"schema": _ref("Error")}}}}}}
+    return {
+        "post": {
+            "summary": summary,
+            "security": [{"bearer": []}],
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref(request)}}},
+            "responses": {
+                "200": {
+                    "description": "the completion (or, with stream: true, server-sent events)",
+                    "content": {
+                        JSON: {"schema": _ref("Completion")},
+                        "text/event-stream": {
+                            "schema": {
+                                # each event: `data` is a JSON chunk (Chunk), an in-band Error, or "[DONE]"
+                                "type": "object",
+                                "required": ["data"],
+                                "properties": {"data": {"type": "string"}},
+                            }
+                        },
+                    },
+                },
+                "202": {"description": "still running: poll Location", "content": {JSON: {"schema": _ref("Job")}}},
+                **_errors(*COMMON, 404),
+                "409": {"description": "the job was cancelled", "content": {JSON: {"schema": _ref("Error")}}},
+                "500": {"description": "the job failed on the workers", "content": {JSON: {"schema": _ref("Error")}}},
+            },
+        }
+    }
 
 
 def _id(name: str) -> dict:
@@ -188,88 +343,246 @@ def _spec(s: Settings) -> dict:
     job = {"content": {JSON: {"schema": _ref("Job")}}}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Stratus", "version": "1", "description": "OpenAI-compatible inference: chat and "
-                 "text completions (whole or streamed), jobs, batches, files, models."},
+        "info": {
+            "title": "Stratus",
+            "version": "1",
+            "description": "OpenAI-compatible inference: chat and "
+            "text completions (whole or streamed), jobs, batches, files, models.",
+        },
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": _schemas(s)},
         "paths": {
             "/v1/chat/completions": _completion_route("Chat completion", "ChatRequest"),
             "/v1/completions": _completion_route("Text completion", "CompletionRequest"),
-            "/v1/jobs": {"post": {"summary": "Submit a chat or completion request as a job", "security": [{"bearer": []}],
-                                  "requestBody": {"required": True, "content": {JSON: {"schema": {"oneOf": [
-                                      _ref("JobChatRequest"), _ref("JobCompletionRequest")]}}}},
-                                  "responses": {"202": {"description": "queued", **job},
-                                                "200": {"description": "already known", **job}, **_errors(*COMMON, 404)}}},
+            "/v1/jobs": {
+                "post": {
+                    "summary": "Submit a chat or completion request as a job",
+                    "security": [{"bearer": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            JSON: {"schema": {"oneOf": [_ref("JobChatRequest"), _ref("JobCompletionRequest")]}}
+                        },
+                    },
+                    "responses": {
+                        "202": {"description": "queued", **job},
+                        "200": {"description": "already known", **job},
+                        **_errors(*COMMON, 404),
+                    },
+                }
+            },
             "/v1/jobs/{id}": {
-                "get": {"summary": "A job", "security": [{"bearer": []}], "parameters": [_id("job id")],
-                        "responses": {"200": {"description": "the job", **job}, **_errors(401, 404, 503)}},
-                "delete": {"summary": "Cancel a job", "security": [{"bearer": []}], "parameters": [_id("job id")],
-                           "responses": {"200": {"description": "cancelled", **job}, **_errors(401, 404, 409, 503)}}},
+                "get": {
+                    "summary": "A job",
+                    "security": [{"bearer": []}],
+                    "parameters": [_id("job id")],
+                    "responses": {"200": {"description": "the job", **job}, **_errors(401, 404, 503)},
+                },
+                "delete": {
+                    "summary": "Cancel a job",
+                    "security": [{"bearer": []}],
+                    "parameters": [_id("job id")],
+                    "responses": {"200": {"description": "cancelled", **job}, **_errors(401, 404, 409, 503)},
+                },
+            },
             "/v1/batches": {
-                "post": {"summary": "Create a batch from an uploaded file", "security": [{"bearer": []}],
-                         "requestBody": {"required": True, "content": {JSON: {"schema": _ref("BatchRequest")}}},
-                         "responses": {"200": {"description": "the batch", "content": {JSON: {"schema": _ref("Batch")}}},
-                                       **_errors(*COMMON, 404)}},
-                "get": {"summary": "This tenant's batches, newest first, a page at a time", "security": [{"bearer": []}],
-                        "parameters": [
-                            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
-                                                                        "maximum": MAX_PAGE}},
-                            {"name": "after", "in": "query", "schema": {"type": "string"},
-                             "description": "the last batch id of the page before"}],
-                        "responses": {"200": {"description": "a list", "content": {JSON: {"schema": _ref("List")}}},
-                                      **_errors(400, 401, 404, 503)}}},
-            "/v1/batches/{id}": {"get": {"summary": "A batch", "security": [{"bearer": []}], "parameters": [_id("batch id")],
-                                         "responses": {"200": {"description": "the batch",
-                                                               "content": {JSON: {"schema": _ref("Batch")}}},
-                                                       **_errors(401, 404, 503)}}},
-            "/v1/batches/{id}/cancel": {"post": {
-                "summary": "Cancel a batch: no more lines start; finished lines go to its output",
-                "security": [{"bearer": []}], "parameters": [_id("batch id")],
-                "responses": {"200": {"description": "the batch, cancelling (or already cancelled)",
-                                      "content": {JSON: {"schema": _ref("Batch")}}},
-                              **_errors(401, 404, 409, 503)}}},
-            "/v1/files": {"post": {"summary": "Upload a batch input file", "security": [{"bearer": []}],
-                                   "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-                                       "type": "object", "required": ["file"], "properties": {
-                                           "file": {"type": "string", "format": "binary"},
-                                           "purpose": {"type": "string"}}}}}},
-                                   "responses": {"200": {"description": "the file",
-                                                         "content": {JSON: {"schema": {"type": "object"}}}},
-                                                 **_errors(*COMMON)}}},
-            "/v1/files/{id}/content": {"get": {"summary": "A file's content", "security": [{"bearer": []}],
-                                               "parameters": [_id("file id")],
-                                               "responses": {"200": {"description": "JSON lines",
-                                                                     "content": {"application/jsonl": {"schema": {"type": "string"}}}},
-                                                             **_errors(401, 404, 413, 503)}}},
-            "/v1/models": {"get": {"summary": "The model this deployment serves", "security": [{"bearer": []}],
-                                   "responses": {"200": {"description": "a list", "content": {JSON: {"schema": _ref("List")}}},
-                                                 **_errors(401, 503)}}},
-            "/tokenize": {"post": {
-                "summary": "Token ids of a prompt, or of messages in the chat template (vLLM's shape)",
-                "security": [{"bearer": []}],
-                "requestBody": {"required": True, "content": {JSON: {"schema": {"oneOf": [
-                    {"type": "object", "required": ["prompt"], "not": {"required": ["messages"]}, "properties": {
-                        "prompt": {"type": "string"}, "add_special_tokens": {"type": "boolean"},
-                        "return_token_strs": {"type": "boolean"}}},
-                    {"type": "object", "required": ["messages"], "not": {"required": ["prompt"]}, "properties": {
-                        "messages": {"type": "array", "items": MESSAGE}, "add_generation_prompt": {"type": "boolean"},
-                        "add_special_tokens": {"type": "boolean"}, "return_token_strs": {"type": "boolean"}}}]}}}},
-                "responses": {"200": {"description": "{count, max_model_len, tokens, token_strs}",
-                                      "content": {JSON: {"schema": {"type": "object"}}}},
-                              **_errors(400, 401, 413, 501, 503)}}},
-            "/detokenize": {"post": {
-                "summary": "The text of token ids", "security": [{"bearer": []}],
-                "requestBody": {"required": True, "content": {JSON: {"schema": {
-                    "type": "object", "required": ["tokens"], "properties": {"tokens": {**IDS, "minItems": 0}}}}}},
-                "responses": {"200": {"description": "{prompt}", "content": {JSON: {"schema": {"type": "object"}}}},
-                              **_errors(400, 401, 413, 501, 503)}}},
-            "/tokenizer_info": {"get": {
-                "summary": "The tokenizer's special tokens, chat template and limits", "security": [{"bearer": []}],
-                "responses": {"200": {"description": "eos_token, bos_token, chat_template, model_max_length",
-                                      "content": {JSON: {"schema": {"type": "object"}}}},
-                              **_errors(401, 501, 503)}}},
-            "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok",
-                                                                          "content": {JSON: {"schema": {"type": "object"}}}}}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {
-                "description": "OpenAPI 3.0", "content": {JSON: {"schema": {"type": "object"}}}}}}},
+                "post": {
+                    "summary": "Create a batch from an uploaded file",
+                    "security": [{"bearer": []}],
+                    "requestBody": {"required": True, "content": {JSON: {"schema": _ref("BatchRequest")}}},
+                    "responses": {
+                        "200": {"description": "the batch", "content": {JSON: {"schema": _ref("Batch")}}},
+                        **_errors(*COMMON, 404),
+                    },
+                },
+                "get": {
+                    "summary": "This tenant's batches, newest first, a page at a time",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                        },
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "schema": {"type": "string"},
+                            "description": "the last batch id of the page before",
+                        },
+                    ],
+                    "responses": {
+                        "200": {"description": "a list", "content": {JSON: {"schema": _ref("List")}}},
+                        **_errors(400, 401, 404, 503),
+                    },
+                },
+            },
+            "/v1/batches/{id}": {
+                "get": {
+                    "summary": "A batch",
+                    "security": [{"bearer": []}],
+                    "parameters": [_id("batch id")],
+                    "responses": {
+                        "200": {"description": "the batch", "content": {JSON: {"schema": _ref("Batch")}}},
+                        **_errors(401, 404, 503),
+                    },
+                }
+            },
+            "/v1/batches/{id}/cancel": {
+                "post": {
+                    "summary": "Cancel a batch: no more lines start; finished lines go to its output",
+                    "security": [{"bearer": []}],
+                    "parameters": [_id("batch id")],
+                    "responses": {
+                        "200": {
+                            "description": "the batch, cancelling (or already cancelled)",
+                            "content": {JSON: {"schema": _ref("Batch")}},
+                        },
+                        **_errors(401, 404, 409, 503),
+                    },
+                }
+            },
+            "/v1/files": {
+                "post": {
+                    "summary": "Upload a batch input file",
+                    "security": [{"bearer": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["file"],
+                                    "properties": {
+                                        "file": {"type": "string", "format": "binary"},
+                                        "purpose": {"type": "string"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {"description": "the file", "content": {JSON: {"schema": {"type": "object"}}}},
+                        **_errors(*COMMON),
+                    },
+                }
+            },
+            "/v1/files/{id}/content": {
+                "get": {
+                    "summary": "A file's content",
+                    "security": [{"bearer": []}],
+                    "parameters": [_id("file id")],
+                    "responses": {
+                        "200": {
+                            "description": "JSON lines",
+                            "content": {"application/jsonl": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(401, 404, 413, 503),
+                    },
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "The model this deployment serves",
+                    "security": [{"bearer": []}],
+                    "responses": {
+                        "200": {"description": "a list", "content": {JSON: {"schema": _ref("List")}}},
+                        **_errors(401, 503),
+                    },
+                }
+            },
+            "/tokenize": {
+                "post": {
+                    "summary": "Token ids of a prompt, or of messages in the chat template (vLLM's shape)",
+                    "security": [{"bearer": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            JSON: {
+                                "schema": {
+                                    "oneOf": [
+                                        {
+                                            "type": "object",
+                                            "required": ["prompt"],
+                                            "not": {"required": ["messages"]},
+                                            "properties": {
+                                                "prompt": {"type": "string"},
+                                                "add_special_tokens": {"type": "boolean"},
+                                                "return_token_strs": {"type": "boolean"},
+                                            },
+                                        },
+                                        {
+                                            "type": "object",
+                                            "required": ["messages"],
+                                            "not": {"required": ["prompt"]},
+                                            "properties": {
+                                                "messages": {"type": "array", "items": MESSAGE},
+                                                "add_generation_prompt": {"type": "boolean"},
+                                                "add_special_tokens": {"type": "boolean"},
+                                                "return_token_strs": {"type": "boolean"},
+                                            },
+                                        },
+                                    ]
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "{count, max_model_len, tokens, token_strs}",
+                            "content": {JSON: {"schema": {"type": "object"}}},
+                        },
+                        **_errors(400, 401, 413, 501, 503),
+                    },
+                }
+            },
+            "/detokenize": {
+                "post": {
+                    "summary": "The text of token ids",
+                    "security": [{"bearer": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            JSON: {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["tokens"],
+                                    "properties": {"tokens": {**IDS, "minItems": 0}},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {"description": "{prompt}", "content": {JSON: {"schema": {"type": "object"}}}},
+                        **_errors(400, 401, 413, 501, 503),
+                    },
+                }
+            },
+            "/tokenizer_info": {
+                "get": {
+                    "summary": "The tokenizer's special tokens, chat template and limits",
+                    "security": [{"bearer": []}],
+                    "responses": {
+                        "200": {
+                            "description": "eos_token, bos_token, chat_template, model_max_length",
+                            "content": {JSON: {"schema": {"type": "object"}}},
+                        },
+                        **_errors(401, 501, 503),
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "Liveness",
+                    "responses": {"200": {"description": "ok", "content": {JSON: {"schema": {"type": "object"}}}}},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {
+                        "200": {"description": "OpenAPI 3.0", "content": {JSON: {"schema": {"type": "object"}}}}
+                    },
+                }
+            },
         },
     }

@@ -15,8 +15,15 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (completions: 5; we allow 20 on
 MAX_N = 16  # choices per prompt; at most the engine's batch (Engine.check_request)
 # Fields added after the first queue-message format: left out of to_json() at their defaults, so
 # requests that do not use them keep their cache keys and older workers still read them.
-OPTIONAL = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": (), "n": 1, "logprobs": None,
-            "echo": False, "json_schema": ""}
+OPTIONAL = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logit_bias": (),
+    "n": 1,
+    "logprobs": None,
+    "echo": False,
+    "json_schema": "",
+}
 # The engine's sampling arithmetic (stratus_engine.sampling, the engine's stop and EOS handling):
 # bump it with any change that can change a seeded or greedy request's tokens. It is part of every
 # cache key, so results of the old sampling are never served for the new.
@@ -55,10 +62,14 @@ class SamplingParams:
             object.__setattr__(self, "stop", ())
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        if (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
-                or self.max_tokens < (0 if self.echo else 1)):  # echo + max_tokens 0: score the prompt only
-            raise InvalidRequest(f"max_tokens must be an integer >= 1 (0 with echo), got {self.max_tokens!r}",
-                                 param="max_tokens")
+        if (
+            not isinstance(self.max_tokens, int)
+            or isinstance(self.max_tokens, bool)
+            or self.max_tokens < (0 if self.echo else 1)
+        ):  # echo + max_tokens 0: score the prompt only
+            raise InvalidRequest(
+                f"max_tokens must be an integer >= 1 (0 with echo), got {self.max_tokens!r}", param="max_tokens"
+            )
         _check_range("temperature", self.temperature, 0.0, 2.0)
         _check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -67,8 +78,9 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise InvalidRequest(f"seed must be an integer, got {self.seed!r}", param="seed")
         if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
-            raise InvalidRequest(f"stop must be up to {MAX_STOP_STRINGS} non-empty strings, got {list(self.stop)!r}",
-                                 param="stop")
+            raise InvalidRequest(
+                f"stop must be up to {MAX_STOP_STRINGS} non-empty strings, got {list(self.stop)!r}", param="stop"
+            )
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
@@ -96,8 +108,12 @@ class SamplingParams:
     @property
     def edits_logits(self) -> bool:
         """Anything beyond temperature / top-k / top-p: the engine samples this row on its own."""
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or bool(self.logit_bias))
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or bool(self.logit_bias)
+        )
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -126,6 +142,8 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...]:
     except (TypeError, ValueError):
         raise InvalidRequest("logit_bias must map token ids to numbers in [-100, 100]", param="logit_bias") from None
     if len(out) > MAX_LOGIT_BIAS or any(t < 0 or not -100 <= b <= 100 for t, b in out):
-        raise InvalidRequest(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids (>= 0) to numbers in "
-                             "[-100, 100]", param="logit_bias")
+        raise InvalidRequest(
+            f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids (>= 0) to numbers in [-100, 100]",
+            param="logit_bias",
+        )
     return tuple(out)

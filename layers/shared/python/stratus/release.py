@@ -58,6 +58,7 @@ class Meter:
 
 # ---- the outbox -----------------------------------------------------------------------------
 
+
 def _part_key(batch_id: str, part: int) -> str:
     return f"batches/state/{batch_id}/outbox/{part:05d}.jsonl"
 
@@ -70,8 +71,11 @@ def write_outbox(batch_id: str, messages: list[QueueMessage], deps: Deps, start:
         bodies = read_outbox(batch_id, start - start % PART, start, deps) + bodies
         start -= start % PART
     for i in range(0, len(bodies), PART):
-        deps.s3.put_object(Bucket=deps.settings.bucket, Key=_part_key(batch_id, (start + i) // PART),
-                           Body="".join(b + "\n" for b in bodies[i:i + PART]).encode())
+        deps.s3.put_object(
+            Bucket=deps.settings.bucket,
+            Key=_part_key(batch_id, (start + i) // PART),
+            Body="".join(b + "\n" for b in bodies[i : i + PART]).encode(),
+        )
     return len(messages)
 
 
@@ -79,7 +83,7 @@ def delete_outbox(batch_id: str, messages: int, deps: Deps) -> None:
     """Delete a finished batch's outbox (its messages carry the lines' prompts)."""
     keys = [{"Key": _part_key(batch_id, part)} for part in range(-(-messages // PART))]
     for i in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a call
-        deps.s3.delete_objects(Bucket=deps.settings.bucket, Delete={"Objects": keys[i:i + 1000], "Quiet": True})
+        deps.s3.delete_objects(Bucket=deps.settings.bucket, Delete={"Objects": keys[i : i + 1000], "Quiet": True})
 
 
 def read_outbox(batch_id: str, start: int, stop: int, deps: Deps) -> list[str]:
@@ -94,6 +98,7 @@ def read_outbox(batch_id: str, start: int, stop: int, deps: Deps) -> list[str]:
 
 
 # ---- how much, and to whom ----------------------------------------------------------------------
+
 
 def target(floor: int, visible: int, in_flight: int, meter: Meter) -> int:
     """Visible batch messages to keep: two steps of what workers took, twice what they hold, or the
@@ -118,7 +123,7 @@ def fair_shares(room: int, wants: dict[str, int], weights: dict[str, float] | No
     shares = lines_at(level)
     extra = room - sum(shares.values())
     order = sorted((k for k in wants if wants[k] > shares[k]), key=lambda k: (shares[k] + 1) * weight[k])
-    for k in order[:max(extra, 0)]:  # (sorted is stable: ties keep dict order, oldest first)
+    for k in order[: max(extra, 0)]:  # (sorted is stable: ties keep dict order, oldest first)
         shares[k] += 1
     return shares
 
@@ -129,17 +134,25 @@ def plan(room: int, pending: list[Pending]) -> dict[str, int]:
     for p in pending:  # oldest batch first, so tenants are ordered by their oldest batch
         by_tenant.setdefault(p.tenant, []).append(p)
     left = lambda ps: sum(p.outbox - p.released for p in ps)  # noqa: E731
-    tenant_share = fair_shares(room, {t: left(ps) for t, ps in by_tenant.items()},  # a tenant's line: its mean
-                               {t: sum((p.outbox - p.released) * p.line_tokens for p in ps) / max(left(ps), 1)
-                                for t, ps in by_tenant.items()})
+    tenant_share = fair_shares(
+        room,
+        {t: left(ps) for t, ps in by_tenant.items()},  # a tenant's line: its mean
+        {t: sum((p.outbox - p.released) * p.line_tokens for p in ps) / max(left(ps), 1) for t, ps in by_tenant.items()},
+    )
     out: dict[str, int] = {}
     for t, ps in by_tenant.items():
-        out.update(fair_shares(tenant_share[t], {p.batch_id: p.outbox - p.released for p in ps},
-                               {p.batch_id: p.line_tokens for p in ps}))
+        out.update(
+            fair_shares(
+                tenant_share[t],
+                {p.batch_id: p.outbox - p.released for p in ps},
+                {p.batch_id: p.line_tokens for p in ps},
+            )
+        )
     return {b: n for b, n in out.items() if n}
 
 
 # ---- sending ------------------------------------------------------------------------------------
+
 
 def _groups(bodies: list[str]) -> list[list[int]]:
     """Indexes of bodies in SendMessageBatch calls: at most ten, and their bodies' bytes within what
@@ -164,14 +177,23 @@ def send(bodies: list[str], deps: Deps) -> None:
         for attempt in range(SEND_ROUNDS):
             if attempt:
                 deps.sleep(SEND_PAUSE_S * 2 ** (attempt - 1))
-            out = deps.sqs.send_message_batch(QueueUrl=deps.settings.queue_for("batch"), Entries=[
-                {"Id": str(i), "MessageBody": bodies[i]} for i in group])
+            out = deps.sqs.send_message_batch(
+                QueueUrl=deps.settings.queue_for("batch"),
+                Entries=[{"Id": str(i), "MessageBody": bodies[i]} for i in group],
+            )
             failed = out.get("Failed", [])
             for f in (f for f in failed if f.get("SenderFault", True)):
                 job_id = QueueMessage.from_body(bodies[int(f["Id"])]).job_id
-                deps.store.transition(job_id, [Status.QUEUED], Status.FAILED, error={
-                    "message": f"could not enqueue the job: {f.get('Message', f.get('Code'))}",
-                    "type": "server_error", "code": "enqueue_failed"})
+                deps.store.transition(
+                    job_id,
+                    [Status.QUEUED],
+                    Status.FAILED,
+                    error={
+                        "message": f"could not enqueue the job: {f.get('Message', f.get('Code'))}",
+                        "type": "server_error",
+                        "code": "enqueue_failed",
+                    },
+                )
             group = [int(f["Id"]) for f in failed if not f.get("SenderFault", True)]
             if not group:
                 break
@@ -181,9 +203,12 @@ def send(bodies: list[str], deps: Deps) -> None:
 
 def _move_cursor(batch_id: str, old: int, new: int, deps: Deps) -> bool:
     try:
-        deps.table.update_item(Key={"pk": f"batch#{batch_id}"}, UpdateExpression="SET released = :new",
-                               ConditionExpression="released = :old",
-                               ExpressionAttributeValues={":old": old, ":new": new})
+        deps.table.update_item(
+            Key={"pk": f"batch#{batch_id}"},
+            UpdateExpression="SET released = :new",
+            ConditionExpression="released = :old",
+            ExpressionAttributeValues={":old": old, ":new": new},
+        )
         return True
     except deps.table.meta.client.exceptions.ConditionalCheckFailedException:
         logger.info("another step moved the cursor first (some lines went twice)", extra={"batch_id": batch_id})
@@ -195,7 +220,8 @@ def step(pending: list[Pending], meter: Meter, deps: Deps) -> int:
     s = deps.settings
     attrs = deps.sqs.get_queue_attributes(
         QueueUrl=s.queue_for("batch"),
-        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
     visible, in_flight = int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
     goal = target(s.batch_release_floor, visible, in_flight, meter)
     sent = queued = 0  # lines this step's cursor moves counted; lines it put in the queue
@@ -212,9 +238,21 @@ def step(pending: list[Pending], meter: Meter, deps: Deps) -> int:
     unsent = sum(p.outbox - p.released for p in pending) - sent
     metrics.add_metric(name="BatchLinesReleased", unit=MetricUnit.Count, value=sent)
     metrics.add_metric(name="BatchLinesUnreleased", unit=MetricUnit.Count, value=unsent)
-    metrics.add_metric(name="OldestUnreleasedBatchAge", unit=MetricUnit.Seconds,
-                       value=max(deps.clock() - min(p.created_at for p in pending), 0))
-    logger.info("batch lines released", extra={"visible": visible, "in_flight": in_flight, "target": goal,
-                                               "released": sent, "unreleased": unsent,
-                                               "batches": len(pending), "shares": shares})
+    metrics.add_metric(
+        name="OldestUnreleasedBatchAge",
+        unit=MetricUnit.Seconds,
+        value=max(deps.clock() - min(p.created_at for p in pending), 0),
+    )
+    logger.info(
+        "batch lines released",
+        extra={
+            "visible": visible,
+            "in_flight": in_flight,
+            "target": goal,
+            "released": sent,
+            "unreleased": unsent,
+            "batches": len(pending),
+            "shares": shares,
+        },
+    )
     return sent

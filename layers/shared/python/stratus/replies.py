@@ -19,7 +19,6 @@ from stratus.errors import transient
 from stratus.jobstore import JobStore, load_result
 from stratus.observability import logger
 
-
 MAX_REPLY_BYTES = 250_000  # SQS takes 256 KiB a message; a bigger response is fetched by job id
 
 
@@ -33,8 +32,11 @@ def reply_body(job: Job, request_id: str | None) -> dict:
             del body["response"]
             body["response_omitted"] = f"over {MAX_REPLY_BYTES} bytes: GET /v1/jobs/{job.job_id}"
     else:
-        body["error"] = job.error or {"message": f"job {job.status.value.lower()}", "type": "server_error",
-                                      "code": job.status.value.lower()}
+        body["error"] = job.error or {
+            "message": f"job {job.status.value.lower()}",
+            "type": "server_error",
+            "code": job.status.value.lower(),
+        }
     return body
 
 
@@ -50,7 +52,7 @@ def post_replies(job: Job | None, *, sqs, s3, store: JobStore) -> int:
     for reply in job.notify:
         try:
             sent += send_reply(job, reply, sqs)
-        except Exception as exc:  # noqa: BLE001 - passing: raised once the others were tried
+        except Exception as exc:
             again = again or exc
     if again is not None:
         raise again
@@ -71,10 +73,12 @@ def send(queue_url: str, body: dict, sqs, *, job_id: str | None = None) -> bool:
     try:
         sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(body, separators=(",", ":")))
         return True
-    except Exception as exc:  # noqa: BLE001 - botocore's ClientError and friends
+    except Exception as exc:
         if transient(exc):
-            logger.warning("reply not posted; it will be tried again", extra={"job_id": job_id, "queue": queue_url,
-                                                                              "error": type(exc).__name__})
+            logger.warning(
+                "reply not posted; it will be tried again",
+                extra={"job_id": job_id, "queue": queue_url, "error": type(exc).__name__},
+            )
             raise
         logger.exception("reply not posted", extra={"job_id": job_id, "queue": queue_url})
         return False

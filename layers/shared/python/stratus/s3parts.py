@@ -29,13 +29,15 @@ class PartWriter:
 
     def close(self) -> None:
         if self._upload_id is None:
-            self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=b"".join(self._buffer),
-                               ContentType=self.content_type)
+            self.s3.put_object(
+                Bucket=self.bucket, Key=self.key, Body=b"".join(self._buffer), ContentType=self.content_type
+            )
             return
         if self._buffered:
             self._send_part()
-        self.s3.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id,
-                                          MultipartUpload={"Parts": self._parts})
+        self.s3.complete_multipart_upload(
+            Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
+        )
 
     def abort(self) -> None:
         if self._upload_id is not None:
@@ -44,10 +46,12 @@ class PartWriter:
 
     def _send_part(self) -> None:
         if self._upload_id is None:
-            self._upload_id = self.s3.create_multipart_upload(Bucket=self.bucket, Key=self.key,
-                                                              ContentType=self.content_type)["UploadId"]
+            self._upload_id = self.s3.create_multipart_upload(
+                Bucket=self.bucket, Key=self.key, ContentType=self.content_type
+            )["UploadId"]
         number = len(self._parts) + 1
-        etag = self.s3.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number,
-                                   Body=b"".join(self._buffer))["ETag"]
+        etag = self.s3.upload_part(
+            Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=b"".join(self._buffer)
+        )["ETag"]
         self._parts.append({"PartNumber": number, "ETag": etag})
         self._buffer, self._buffered = [], 0

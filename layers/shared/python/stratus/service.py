@@ -65,7 +65,11 @@ def with_result(job: Job, deps: Deps) -> Job:
 def finished_reply(job: Job) -> Reply:
     if job.status == Status.DONE:
         return Reply(200, completion_body(job), {"x-stratus-cache": "miss"})
-    err = job.error or {"message": f"job {job.status.value.lower()}", "type": "server_error", "code": job.status.value.lower()}
+    err = job.error or {
+        "message": f"job {job.status.value.lower()}",
+        "type": "server_error",
+        "code": job.status.value.lower(),
+    }
     status = 400 if err.get("type") == "invalid_request_error" else FINISHED_STATUS.get(job.status, 500)
     return Reply(status, {"error": {"param": None, **err}})
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
-from typing import Mapping
 
 
 class ConfigError(RuntimeError):
@@ -77,30 +77,47 @@ class Settings:
 
     # field name -> (environment variable, parser); every field without a default is required
     ENV = {
-        "table": ("STRATUS_TABLE", str), "queue_url": ("STRATUS_QUEUE_URL", str), "bucket": ("STRATUS_BUCKET", str),
-        "model_id": ("STRATUS_MODEL_ID", str), "model_digest": ("STRATUS_MODEL_DIGEST", str),
-        "context_length": ("STRATUS_CONTEXT_LENGTH", int), "cache_ttl_s": ("STRATUS_CACHE_TTL_S", int),
-        "sync_wait_s": ("STRATUS_SYNC_WAIT_S", float), "job_deadline_s": ("STRATUS_JOB_DEADLINE_S", int),
-        "max_body_bytes": ("STRATUS_MAX_BODY_BYTES", int), "max_messages": ("STRATUS_MAX_MESSAGES", int),
-        "max_tokens": ("STRATUS_MAX_TOKENS", int), "shared_cache": ("STRATUS_SHARED_CACHE", _bool),
-        "default_rpm": ("STRATUS_DEFAULT_RPM", int), "default_tpm": ("STRATUS_DEFAULT_TPM", int),
-        "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float), "batch_window_s": ("STRATUS_BATCH_WINDOW_S", int),
-        "batch_queue_url": ("STRATUS_BATCH_QUEUE_URL", str), "requests_tier": ("STRATUS_REQUESTS_TIER", str),
+        "table": ("STRATUS_TABLE", str),
+        "queue_url": ("STRATUS_QUEUE_URL", str),
+        "bucket": ("STRATUS_BUCKET", str),
+        "model_id": ("STRATUS_MODEL_ID", str),
+        "model_digest": ("STRATUS_MODEL_DIGEST", str),
+        "context_length": ("STRATUS_CONTEXT_LENGTH", int),
+        "cache_ttl_s": ("STRATUS_CACHE_TTL_S", int),
+        "sync_wait_s": ("STRATUS_SYNC_WAIT_S", float),
+        "job_deadline_s": ("STRATUS_JOB_DEADLINE_S", int),
+        "max_body_bytes": ("STRATUS_MAX_BODY_BYTES", int),
+        "max_messages": ("STRATUS_MAX_MESSAGES", int),
+        "max_tokens": ("STRATUS_MAX_TOKENS", int),
+        "shared_cache": ("STRATUS_SHARED_CACHE", _bool),
+        "default_rpm": ("STRATUS_DEFAULT_RPM", int),
+        "default_tpm": ("STRATUS_DEFAULT_TPM", int),
+        "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float),
+        "batch_window_s": ("STRATUS_BATCH_WINDOW_S", int),
+        "batch_queue_url": ("STRATUS_BATCH_QUEUE_URL", str),
+        "requests_tier": ("STRATUS_REQUESTS_TIER", str),
         "batch_release_floor": ("STRATUS_BATCH_RELEASE_FLOOR", int),
         "batch_release_every_s": ("STRATUS_BATCH_RELEASE_EVERY_S", float),
         "batch_pass_s": ("STRATUS_BATCH_PASS_S", float),
         "batch_ingest_s": ("STRATUS_BATCH_INGEST_S", float),
-        "stream_table": ("STRATUS_STREAM_TABLE", str), "stream_flush_s": ("STRATUS_STREAM_FLUSH_S", float),
-        "stream_keepalive_s": ("STRATUS_STREAM_KEEPALIVE_S", float), "stream_max_s": ("STRATUS_STREAM_MAX_S", float),
-        "trigger_tenant": ("STRATUS_TRIGGER_TENANT", str), "reply_queue_pattern": ("STRATUS_REPLY_QUEUE_PATTERN", str),
+        "stream_table": ("STRATUS_STREAM_TABLE", str),
+        "stream_flush_s": ("STRATUS_STREAM_FLUSH_S", float),
+        "stream_keepalive_s": ("STRATUS_STREAM_KEEPALIVE_S", float),
+        "stream_max_s": ("STRATUS_STREAM_MAX_S", float),
+        "trigger_tenant": ("STRATUS_TRIGGER_TENANT", str),
+        "reply_queue_pattern": ("STRATUS_REPLY_QUEUE_PATTERN", str),
         "sagemaker_endpoint": ("STRATUS_SAGEMAKER_ENDPOINT", str),
-        "model_dir": ("STRATUS_MODEL_DIR", str), "model_uri": ("STRATUS_MODEL_URI", str),
-        "model_cache": ("STRATUS_MODEL_CACHE", str), "max_batch": ("STRATUS_MAX_BATCH", int),
+        "model_dir": ("STRATUS_MODEL_DIR", str),
+        "model_uri": ("STRATUS_MODEL_URI", str),
+        "model_cache": ("STRATUS_MODEL_CACHE", str),
+        "max_batch": ("STRATUS_MAX_BATCH", int),
         "prefix_cache_mb": ("STRATUS_PREFIX_CACHE_MB", int),
         "batch_rows_beside_interactive": ("STRATUS_BATCH_ROWS_BESIDE_INTERACTIVE", int),
         "interactive_headroom": ("STRATUS_INTERACTIVE_HEADROOM", int),
-        "visibility_s": ("STRATUS_VISIBILITY_S", int), "heartbeat_s": ("STRATUS_HEARTBEAT_S", float),
-        "cancel_check_s": ("STRATUS_CANCEL_CHECK_S", float), "drain_s": ("STRATUS_DRAIN_S", float),
+        "visibility_s": ("STRATUS_VISIBILITY_S", int),
+        "heartbeat_s": ("STRATUS_HEARTBEAT_S", float),
+        "cancel_check_s": ("STRATUS_CANCEL_CHECK_S", float),
+        "drain_s": ("STRATUS_DRAIN_S", float),
         "ort_spinning": ("STRATUS_ORT_SPINNING", _bool),
     }
 

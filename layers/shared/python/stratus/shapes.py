@@ -11,8 +11,14 @@ from stratus.settings import Settings
 
 
 def job_view(job: Job) -> dict:
-    view = {"id": job.job_id, "object": "job", "status": job.status.value, "created_at": int(job.created_at),
-            "model": job.request.model, "endpoint": {"chat": "/v1/chat/completions", "completion": "/v1/completions"}[job.request.route]}
+    view = {
+        "id": job.job_id,
+        "object": "job",
+        "status": job.status.value,
+        "created_at": int(job.created_at),
+        "model": job.request.model,
+        "endpoint": {"chat": "/v1/chat/completions", "completion": "/v1/completions"}[job.request.route],
+    }
     if job.status == Status.DONE:
         view["response"] = completion_body(job)
     for name in ("usage", "timings", "error"):
@@ -24,19 +30,41 @@ def job_view(job: Job) -> dict:
 def completion_body(job: Job) -> dict:
     """The OpenAI response body for a DONE job (its result: stratus_worker.choices)."""
     result, req = job.result or {}, job.request
-    common = {"created": int(job.created_at), "model": req.model,
-              "usage": job.usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+    common = {
+        "created": int(job.created_at),
+        "model": req.model,
+        "usage": job.usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }
     choices = result.get("choices") or [result]
     if req.route == "chat":
-        return {"id": f"chatcmpl-{job.job_id}", "object": "chat.completion", **common,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": c.get("text", "")},
-                             "finish_reason": c.get("finish_reason", "stop"),
-                             "logprobs": {"content": c["logprobs"]} if "logprobs" in c else None}
-                            for i, c in enumerate(choices)]}
-    return {"id": f"cmpl-{job.job_id}", "object": "text_completion", **common,
-            "choices": [{"index": i, "text": c.get("text", ""), "finish_reason": c.get("finish_reason", "stop"),
-                         "logprobs": completion_logprobs(c["logprobs"]) if "logprobs" in c else None}
-                        for i, c in enumerate(choices)]}
+        return {
+            "id": f"chatcmpl-{job.job_id}",
+            "object": "chat.completion",
+            **common,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.get("text", "")},
+                    "finish_reason": c.get("finish_reason", "stop"),
+                    "logprobs": {"content": c["logprobs"]} if "logprobs" in c else None,
+                }
+                for i, c in enumerate(choices)
+            ],
+        }
+    return {
+        "id": f"cmpl-{job.job_id}",
+        "object": "text_completion",
+        **common,
+        "choices": [
+            {
+                "index": i,
+                "text": c.get("text", ""),
+                "finish_reason": c.get("finish_reason", "stop"),
+                "logprobs": completion_logprobs(c["logprobs"]) if "logprobs" in c else None,
+            }
+            for i, c in enumerate(choices)
+        ],
+    }
 
 
 class TextOffsets:
@@ -59,16 +87,31 @@ def completion_logprobs(entries: list[dict], offsets: TextOffsets | None = None)
     """Chat-shaped entries -> /v1/completions' logprobs: tokens, token_logprobs, top_logprobs
     ({token: logprob}; null for an echoed prompt's first token) and text_offset (each token's
     start in the choice's text; `offsets` carries on from the entries before, for a streamed chunk)."""
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
-                             for e in entries],
-            "text_offset": (offsets or TextOffsets()).of(entries)}
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [
+            None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+            for e in entries
+        ],
+        "text_offset": (offsets or TextOffsets()).of(entries),
+    }
 
 
 def models_body(settings: Settings) -> dict:
-    return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": 0,
-                                        "owned_by": "stratus", "digest": settings.model_digest,
-                                        "context_length": settings.context_length}]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": settings.model_id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "stratus",
+                "digest": settings.model_digest,
+                "context_length": settings.context_length,
+            }
+        ],
+    }
 
 
 def error_body(exc: StratusError) -> dict:

@@ -1,36 +1,36 @@
 """`stream: true`: OpenAI's server-sent events, read from the chunk items workers write.
 
-  open_stream(route, body, tenant, deps)   validate, authenticate (done by the caller), charge and
-                                           enqueue: errors here keep their HTTP status and JSON body
-  Stream.events()                          bytes to send, in order:
-      role chunk (chat; completions send an empty text) at once,
-      text chunks as they land (strongly consistent Query of the job's chunks; the pause between
-        reads starts at poll_interval_s and grows to MAX_PAUSE_S while nothing arrives),
-      the finish chunk, the usage chunk (stream_options.include_usage), `data: [DONE]`.
-  A cache hit streams its text at once. Identical requests share one job, so they stream the same
-  chunks (one that joins a job created without streaming marks it: its worker starts writing).
-  After the first byte an error is in-band, `data: {"error": {...}}` then `[DONE]`, which the
-  openai SDK raises as an APIError. `: keep-alive` comments go out every stream_keepalive_s of
-  silence (a job waiting in the queue, a worker starting).
-  Stream.close() when the client went away: a job nobody else can be waiting on (not cacheable) is
-  cancelled; a cacheable one finishes and its result is cached.
+open_stream(route, body, tenant, deps)   validate, authenticate (done by the caller), charge and
+                                         enqueue: errors here keep their HTTP status and JSON body
+Stream.events()                          bytes to send, in order:
+    role chunk (chat; completions send an empty text) at once,
+    text chunks as they land (strongly consistent Query of the job's chunks; the pause between
+      reads starts at poll_interval_s and grows to MAX_PAUSE_S while nothing arrives),
+    the finish chunk, the usage chunk (stream_options.include_usage), `data: [DONE]`.
+A cache hit streams its text at once. Identical requests share one job, so they stream the same
+chunks (one that joins a job created without streaming marks it: its worker starts writing).
+After the first byte an error is in-band, `data: {"error": {...}}` then `[DONE]`, which the
+openai SDK raises as an APIError. `: keep-alive` comments go out every stream_keepalive_s of
+silence (a job waiting in the queue, a worker starting).
+Stream.close() when the client went away: a job nobody else can be waiting on (not cacheable) is
+cancelled; a cacheable one finishes and its result is cached.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from stratus import submission
 from stratus.chunks import Assembler, ChunkStore, Diverged, stream_key
 from stratus.contracts import InferenceRequest, Job, Status, StreamOptions, stream_options
+from stratus.deps import Deps
 from stratus.errors import InvalidRequest
 from stratus.keys import Tenant
 from stratus.observability import logger
-from stratus import submission
-from stratus.deps import Deps
 from stratus.service import with_result
 from stratus.shapes import TextOffsets, completion_logprobs
 
@@ -59,25 +59,40 @@ class Shape:
 
     def _base(self) -> dict:
         chat = self.route == "chat"
-        body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{self.job_id}",
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": self.created, "model": self.model}
+        body = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{self.job_id}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+        }
         if self.include_usage:
             body["usage"] = None
         return body
 
-    def text(self, text: str, *, role: bool = False, finish_reason: str | None = None,
-             logprobs: list[dict] | None = None) -> bytes:
+    def text(
+        self, text: str, *, role: bool = False, finish_reason: str | None = None, logprobs: list[dict] | None = None
+    ) -> bytes:
         """logprobs: this chunk's log-probability entries (requests that asked), the ones after
         those already sent."""
         if self.route == "chat":
-            delta = {"role": "assistant", "content": text} if role else ({"content": text} if text or
-                                                                          finish_reason is None else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
-                      "finish_reason": finish_reason}
+            delta = (
+                {"role": "assistant", "content": text}
+                if role
+                else ({"content": text} if text or finish_reason is None else {})
+            )
+            choice = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None if logprobs is None else {"content": logprobs},
+                "finish_reason": finish_reason,
+            }
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason,
-                      "logprobs": None if logprobs is None else completion_logprobs(logprobs, self.offsets)}
+            choice = {
+                "index": 0,
+                "text": text,
+                "finish_reason": finish_reason,
+                "logprobs": None if logprobs is None else completion_logprobs(logprobs, self.offsets),
+            }
         return sse({**self._base(), "choices": [choice]})
 
     def usage(self, usage: dict) -> bytes:
@@ -89,8 +104,9 @@ def error_event(message: str, code: str, error_type: str = "server_error") -> by
 
 
 class Stream:
-    def __init__(self, deps: Deps, tenant: Tenant, req: InferenceRequest, job: Job, options: StreamOptions,
-                 hit: bool) -> None:
+    def __init__(
+        self, deps: Deps, tenant: Tenant, req: InferenceRequest, job: Job, options: StreamOptions, hit: bool
+    ) -> None:
         self.deps, self.tenant, self.req, self.job, self.hit = deps, tenant, req, job, hit
         self.shape = Shape(req.route, job.job_id, int(job.created_at), req.model, options.include_usage)
         self.chunks = ChunkStore(deps.stream_table)
@@ -137,8 +153,9 @@ class Stream:
                         yield from self._end(asm, with_result(job, self.deps))
                         return
             except (BotoCoreError, ClientError) as exc:  # storage unreachable for a moment: keep waiting
-                logger.warning("stream read failed; retrying", extra={"job_id": self.job.job_id,
-                                                                     "error": type(exc).__name__})
+                logger.warning(
+                    "stream read failed; retrying", extra={"job_id": self.job.job_id, "error": type(exc).__name__}
+                )
                 now = clock()
             except Diverged as exc:
                 logger.warning("stream diverged", extra={"job_id": self.job.job_id})
@@ -146,8 +163,11 @@ class Stream:
                 yield from self._done()
                 return
             if now - started > self.deps.settings.stream_max_s:
-                yield error_event(f"the stream stayed open {self.deps.settings.stream_max_s:.0f} s; the job "
-                                  f"goes on: GET /v1/jobs/{self.job.job_id}", "stream_timeout")
+                yield error_event(
+                    f"the stream stayed open {self.deps.settings.stream_max_s:.0f} s; the job "
+                    f"goes on: GET /v1/jobs/{self.job.job_id}",
+                    "stream_timeout",
+                )
                 yield from self._done()
                 return
             if now - last_sent >= self.deps.settings.stream_keepalive_s:
@@ -160,8 +180,9 @@ class Stream:
         """The job finished: the rest of its text and the finish, or an in-band error."""
         if job.status != Status.DONE:
             err = job.error or {"message": f"job {job.status.value.lower()}", "code": job.status.value.lower()}
-            yield error_event(err.get("message", ""), err.get("code") or "job_failed",
-                              err.get("type") or "server_error")
+            yield error_event(
+                err.get("message", ""), err.get("code") or "job_failed", err.get("type") or "server_error"
+            )
             yield from self._done()
             return
         result = job.result or {}

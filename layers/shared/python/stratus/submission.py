@@ -39,7 +39,7 @@ from stratus.settings import Settings
 MAX_BYTES_PER_TOKEN = 32  # no token of a byte-level BPE vocabulary we serve is longer; workers check exactly
 KEEP_AFTER_DEADLINE_S = 3600  # a job stays readable at least this long after its deadline
 BATCH_KEEP_S = 86400  # a job a batch file's line made, joined or hit outlives the line's window by this:
-                      # the batch's output, written once its last line finishes, reads it
+# the batch's output, written once its last line finishes, reads it
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,9 @@ class How:
     # line_origin; a requests-queue message, "sqs/<MessageId>"): its job's id is derived from it
     origin: str | None = None
     once: bool = False  # its job is made once, never again under its id (a batch line: a run that lags
-                        # behind the one that took its batch over must not make a finished line's job again)
+    # behind the one that took its batch over must not make a finished line's job again)
     redelivered: bool = False  # it may have been handled before, up to making its job: a QUEUED job it
-                               # joins gets its message again (a duplicate message is harmless)
+    # joins gets its message again (a duplicate message is harmless)
 
 
 def api(settings: Settings, cache_control: str = "", *, stream: bool = False, tier: str = "interactive") -> How:
@@ -67,15 +67,27 @@ def api(settings: Settings, cache_control: str = "", *, stream: bool = False, ti
 def batch_line(settings: Settings, batch_id: str | None = None, line: int | None = None) -> How:
     """A batch file's line (its number in the file, when its job's id is to come from it: made once)."""
     origin = line_origin(batch_id, line) if batch_id and line is not None else None
-    return How(settings.deadline_for("batch"), "batch", charge=False, send=False, batch=batch_id, origin=origin,
-               once=origin is not None)
+    return How(
+        settings.deadline_for("batch"),
+        "batch",
+        charge=False,
+        send=False,
+        batch=batch_id,
+        origin=origin,
+        once=origin is not None,
+    )
 
 
 def queue_message(settings: Settings, message_id: str | None = None, redelivered: bool = False) -> How:
     """A requests-queue message (SQS's MessageId, the same on each of its deliveries)."""
     tier = settings.requests_tier
-    return How(settings.deadline_for(tier), tier, charge=False, origin=f"sqs/{message_id}" if message_id else None,
-               redelivered=redelivered)
+    return How(
+        settings.deadline_for(tier),
+        tier,
+        charge=False,
+        origin=f"sqs/{message_id}" if message_id else None,
+        redelivered=redelivered,
+    )
 
 
 def line_origin(batch_id: str, line: int) -> str:
@@ -103,15 +115,18 @@ def _fewest_prompt_tokens(req: InferenceRequest) -> int:
 
 def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: How) -> Submission:
     s = deps.settings
-    req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens,
-                        streaming=how.streaming)
+    req = parse_request(
+        route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens, streaming=how.streaming
+    )
     if req.model != s.model_id:
         raise NotFound(f"model {req.model!r} does not exist; this deployment serves {s.model_id!r}", param="model")
     min_tokens = _fewest_prompt_tokens(req)  # no tokenizer here: a sure lower bound
     if min_tokens + req.params.max_tokens > s.context_length:
-        raise InvalidRequest(f"the prompt (at least {min_tokens} tokens) + max_tokens "
-                             f"({req.params.max_tokens}) exceeds the model's context length of {s.context_length}",
-                             param="messages" if route == "chat" else "prompt")
+        raise InvalidRequest(
+            f"the prompt (at least {min_tokens} tokens) + max_tokens "
+            f"({req.params.max_tokens}) exceeds the model's context length of {s.context_length}",
+            param="messages" if route == "chat" else "prompt",
+        )
     return enqueue(req, tenant, deps, how)
 
 
@@ -134,10 +149,20 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
     # readable until its deadline + a margin whatever CacheTtlSeconds says (a poller, a batch's output)
     keep = how.deadline_s + (BATCH_KEEP_S if how.batch else KEEP_AFTER_DEADLINE_S)
     ttl = max(s.cache_ttl_s, keep) if cacheable else keep
-    job = Job(job_id, tenant.name, Status.QUEUED, req, cacheable, created_at=now, expires_at=int(now + ttl),
-              tier=how.tier, batch=how.batch)
-    message = QueueMessage(job_id, tenant.name, req, enqueued_at=now, deadline=now + how.deadline_s,
-                           stream=how.streaming, tier=how.tier)
+    job = Job(
+        job_id,
+        tenant.name,
+        Status.QUEUED,
+        req,
+        cacheable,
+        created_at=now,
+        expires_at=int(now + ttl),
+        tier=how.tier,
+        batch=how.batch,
+    )
+    message = QueueMessage(
+        job_id, tenant.name, req, enqueued_at=now, deadline=now + how.deadline_s, stream=how.streaming, tier=how.tier
+    )
     check_sizes(job, message.to_body())  # a 413 before anything is written or charged
     if how.charge:  # limits guard GPU time: only work that may reach a worker is charged
         charge(deps.table, tenant, estimated_tokens(req), now=now)
@@ -190,8 +215,12 @@ def send(message: QueueMessage, deps: Deps) -> None:
     try:
         deps.sqs.send_message(QueueUrl=deps.settings.queue_for(message.tier), MessageBody=message.to_body())
     except Exception as exc:  # botocore raises many types
-        deps.store.transition(message.job_id, [Status.QUEUED], Status.FAILED, error={
-            "message": "could not enqueue the job", "type": "server_error", "code": "enqueue_failed"})
+        deps.store.transition(
+            message.job_id,
+            [Status.QUEUED],
+            Status.FAILED,
+            error={"message": "could not enqueue the job", "type": "server_error", "code": "enqueue_failed"},
+        )
         raise Unavailable("the jobs queue is unavailable; retry later") from exc
     metrics.add_metric(name="JobsQueued", unit=MetricUnit.Count, value=1)
     logger.info("queued")

@@ -33,7 +33,7 @@ class ModelTokenizer:
         """{"prompt": str, "add_special_tokens"?} or {"messages": [...], "add_generation_prompt"?}
         -> {"count", "max_model_len", "tokens", "token_strs"}"""
         if not isinstance(body, dict) or ("prompt" in body) == ("messages" in body):
-            raise InvalidRequest("send {\"prompt\": \"...\"} or {\"messages\": [...]}")
+            raise InvalidRequest('send {"prompt": "..."} or {"messages": [...]}')
         if "prompt" in body:
             text, special = body["prompt"], _flag(body, "add_special_tokens", True)
             if not isinstance(text, str):
@@ -53,16 +53,26 @@ class ModelTokenizer:
         """{"tokens": [ids]} -> {"prompt": text}"""
         tokens = body.get("tokens") if isinstance(body, dict) else None
         vocab = self.tokenizer.get_vocab_size()
-        if (not isinstance(tokens, list) or len(tokens) > MAX_DETOKENIZE
-                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)):
-            raise InvalidRequest(f"tokens must be a list of at most {MAX_DETOKENIZE} token ids in [0, {vocab - 1}]",
-                                 param="tokens")
+        if (
+            not isinstance(tokens, list)
+            or len(tokens) > MAX_DETOKENIZE
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)
+        ):
+            raise InvalidRequest(
+                f"tokens must be a list of at most {MAX_DETOKENIZE} token ids in [0, {vocab - 1}]", param="tokens"
+            )
         return {"prompt": self.tokenizer.decode(tokens, skip_special_tokens=False)}
 
     def info(self) -> dict:
-        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
-                "bos_token": self.bos_token, "pad_token": None, "chat_template": self.chat_template,
-                "model_max_length": self.context_length, "vocab_size": self.tokenizer.get_vocab_size()}
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": self.eos_token,
+            "bos_token": self.bos_token,
+            "pad_token": None,
+            "chat_template": self.chat_template,
+            "model_max_length": self.context_length,
+            "vocab_size": self.tokenizer.get_vocab_size(),
+        }
 
 
 def _flag(body: dict, name: str, default: bool) -> bool:
@@ -84,15 +94,22 @@ def load(files: dict[str, bytes]) -> ModelTokenizer:
     bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
     template = files.get("chat_template.jinja", b"").decode() or None
     context = gen.get("context_length", cfg.get("context_length", cfg.get("max_position_embeddings", 2048)))
-    return ModelTokenizer(tok, template, None if eos is None else tok.id_to_token(eos),
-                          None if bos is None else tok.id_to_token(bos), int(context))
+    return ModelTokenizer(
+        tok,
+        template,
+        None if eos is None else tok.id_to_token(eos),
+        None if bos is None else tok.id_to_token(bos),
+        int(context),
+    )
 
 
 def fetch(uri: str, s3, expected_digest: str) -> ModelTokenizer:
     """The tokenizer of the model published at `uri` (s3://bucket/prefix/), verified."""
     if not uri:
-        raise NotConfigured("the tokenizer routes read the published model: set the ModelUri parameter "
-                            "(`stratus model publish` prints it)")
+        raise NotConfigured(
+            "the tokenizer routes read the published model: set the ModelUri parameter "
+            "(`stratus model publish` prints it)"
+        )
     bucket, prefix = split_uri(uri)
 
     def get(name: str) -> bytes:
@@ -102,8 +119,9 @@ def fetch(uri: str, s3, expected_digest: str) -> ModelTokenizer:
     if artifact_digest(manifest.get("files", {})) != manifest.get("digest"):
         raise ModelLoadError(f"{uri}{MANIFEST}: its digest does not match its file list")
     if manifest.get("digest") != expected_digest:
-        raise ModelLoadError(f"{uri} holds model {manifest.get('digest')}, but this deployment serves "
-                             f"{expected_digest} (ModelDigest)")
+        raise ModelLoadError(
+            f"{uri} holds model {manifest.get('digest')}, but this deployment serves {expected_digest} (ModelDigest)"
+        )
     files = {}
     for name in FILES:
         meta = manifest.get("files", {}).get(name)

@@ -48,8 +48,11 @@ class RequestMessage:
             raise InvalidRequest(f"url must be one of {', '.join(ROUTES)}, got {url!r}", param="url")
         tenant = msg.get("tenant")
         if tenant not in (None, default_tenant):  # one tenant per requests queue: the sender's IAM grant
-            raise InvalidRequest(f"this requests queue serves tenant {default_tenant!r} (TriggerTenant); "
-                                 "send other tenants' requests to their own queue", param="tenant")
+            raise InvalidRequest(
+                f"this requests queue serves tenant {default_tenant!r} (TriggerTenant); "
+                "send other tenants' requests to their own queue",
+                param="tenant",
+            )
         return cls(msg.get("id"), ROUTES[url], msg.get("body"), reply_to, default_tenant)
 
 
@@ -62,8 +65,9 @@ def _reply_to(msg: dict, reply_pattern: str) -> str | None:
             raise InvalidRequest(f"reply_to must be a queue URL (a string), got {reply_to!r}", param="reply_to")
         name = reply_to.rstrip("/").rsplit("/", 1)[-1]
         if not fnmatch.fnmatch(name, reply_pattern):
-            raise InvalidRequest(f"reply_to must name a queue matching {reply_pattern!r}, got {name!r}",
-                                 param="reply_to")
+            raise InvalidRequest(
+                f"reply_to must name a queue matching {reply_pattern!r}, got {name!r}", param="reply_to"
+            )
     return reply_to
 
 
@@ -80,8 +84,9 @@ def _where_to_answer(raw: str, tenant: str, reply_pattern: str) -> tuple[str | N
         return None, None
 
 
-def _refuse(exc: InvalidRequest | NotFound | PayloadTooLarge, request_id: str | None, reply_to: str | None,
-            deps: Deps) -> None:
+def _refuse(
+    exc: InvalidRequest | NotFound | PayloadTooLarge, request_id: str | None, reply_to: str | None, deps: Deps
+) -> None:
     """A request that can never succeed: answered with its error when it names a reply queue, not retried."""
     logger.info("request message refused", extra={"reason": exc.message})
     if reply_to:
