@@ -19,11 +19,11 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import BotoCoreError, ClientError
 
 from stratus import batches, openapi, service, shapes, streaming, tokenizer
-from stratus.contracts import parse_json, require_unicode
 from stratus.deps import deps_from_env
 from stratus.errors import PayloadTooLarge, RateLimited, StratusError, Unavailable
 from stratus.keys import Tenant, authenticate
 from stratus.observability import logger, metrics, tracer
+from stratus.wire import parse_json, require_unicode
 
 app = APIGatewayHttpResolver()
 

@@ -31,8 +31,8 @@ from stratus import streaming
 from stratus.errors import StratusError
 from stratus.keys import authenticate
 from stratus.observability import logger, metrics
+from stratus.wire import ROUTE_PATHS
 
-STREAM_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 THREADS = 64  # blocking work (boto3 calls, a stream's waits) runs in threads: one per open stream
 
 
@@ -102,7 +102,7 @@ async def app(scope, receive, send) -> None:
         return await _lifespan(receive, send)
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     body = await _read_body(receive)
-    route = STREAM_ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
+    route = ROUTE_PATHS.get(scope["path"]) if scope["method"] == "POST" else None  # the routes that stream
     if route is not None and _wants_stream(body):
         return await _stream(route, headers, body, receive, send)
     out = await asyncio.to_thread(

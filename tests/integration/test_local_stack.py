@@ -358,8 +358,9 @@ def test_a_worker_killed_mid_stream_the_client_gets_the_whole_text_once(stack):
 
 
 def test_a_poison_job_reaches_the_dlq_and_is_failed_for_the_client(stack):
-    from stratus.contracts import Job, Status, parse_request
+    from stratus.contracts import Job, Status
     from stratus.jobstore import JobStore
+    from stratus.wire import parse_request
 
     req = parse_request(
         "chat",

@@ -10,13 +10,14 @@ import time
 import pytest
 
 from stratus.chunks import Chunk, ChunkStore, first_seq
-from stratus.contracts import Status, parse_request
+from stratus.contracts import Status
 from stratus.deps import deps_from_env
 from stratus.errors import InvalidRequest
 from stratus.jobstore import JobStore
 from stratus.keys import authenticate
 from stratus.shapes import completion_logprobs
 from stratus.streaming import open_stream
+from stratus.wire import parse_request
 from stratus_local.template import LambdaContext
 
 MODEL = "smollm2-135m-instruct-int4"

@@ -14,8 +14,9 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
 
-from stratus.contracts import QueueMessage, Status, parse_request
+from stratus.contracts import QueueMessage, Status
 from stratus.jobstore import JobStore
+from stratus.wire import parse_request
 from stratus_engine.engine import Engine
 from stratus_local.template import ROOT, LambdaContext, load_handler, load_template
 from stratus_worker.leases import Receipt

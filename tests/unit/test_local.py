@@ -64,7 +64,7 @@ def test_schedules_and_references(template):
 
 def test_the_cache_key_names_the_sampling_version(monkeypatch):
     from stratus import cache_key as ck
-    from stratus.contracts import parse_request
+    from stratus.wire import parse_request
 
     req = parse_request(
         "chat",
@@ -87,8 +87,9 @@ def _touch_racing_a_result(monkeypatch) -> str:
     from moto import mock_aws
     from moto.dynamodb.parsing.executors import UpdateExpressionExecutor
 
-    from stratus.contracts import Job, Status, parse_request
+    from stratus.contracts import Job, Status
     from stratus.jobstore import JobStore
+    from stratus.wire import parse_request
 
     execute = UpdateExpressionExecutor.execute
 

@@ -4,10 +4,11 @@ that carry them, on the tiny model."""
 import numpy as np
 import pytest
 
-from stratus.contracts import InferenceRequest, parse_request
+from stratus.contracts import InferenceRequest
 from stratus.errors import InvalidRequest
 from stratus.params import SamplingParams
 from stratus.shapes import TextOffsets, completion_logprobs
+from stratus.wire import parse_request
 from stratus_engine.engine import Engine, GenerationRequest
 from stratus_engine.sampling import log_softmax
 

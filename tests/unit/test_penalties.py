@@ -4,9 +4,9 @@ plain-Python reference, in the engine, and in the request contract."""
 import numpy as np
 import pytest
 
-from stratus.contracts import parse_request
 from stratus.errors import InvalidRequest
 from stratus.params import SamplingParams
+from stratus.wire import parse_request
 from stratus_engine.engine import Engine, GenerationRequest
 from stratus_engine.sampling import sample, sample_row
 

@@ -6,9 +6,9 @@ import json
 import jsonschema
 import pytest
 
-from stratus.contracts import parse_request
 from stratus.errors import InvalidRequest
 from stratus.params import SamplingParams
+from stratus.wire import parse_request
 from stratus_engine.engine import Engine, GenerationRequest
 
 SCHEMA = {

@@ -26,10 +26,11 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from stratus.contracts import JOB_ID, Job, NewerMessage, QueueMessage, Status, parse_request
+from stratus.contracts import JOB_ID, Job, NewerMessage, QueueMessage, Status
 from stratus.errors import InvalidRequest, StratusError
 from stratus.observability import logger
 from stratus.shapes import completion_body, error_body, job_view
+from stratus.wire import parse_request
 from stratus_engine.engine import GenerationRequest
 from stratus_worker import choices
 from stratus_worker.choices import encode_prompts, gather

@@ -49,7 +49,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from boto3.dynamodb.conditions import Key
 
 from stratus import release, submission
-from stratus.contracts import ROUTE_PATHS, QueueMessage, Status, json_object, parse_request, require_unicode
+from stratus.contracts import QueueMessage, Status
 from stratus.deps import Deps
 from stratus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, StratusError
 from stratus.jobstore import load_result
@@ -57,6 +57,7 @@ from stratus.keys import Tenant, check_tenant
 from stratus.observability import logger, metrics
 from stratus.s3parts import PartWriter
 from stratus.shapes import completion_body
+from stratus.wire import ROUTE_PATHS, json_object, parse_request, require_unicode
 
 INPUT_PREFIX, FILES_PREFIX = "batches/input/", "batches/files/"
 POSTED = "posted"  # batches/input/<tenant>/posted/<nonce>/<file>: copies made by POST /v1/batches
@@ -65,7 +66,6 @@ OPEN = "open"  # open_batch's one value
 OPEN_STATUSES = ("validating", "in_progress", "cancelling")  # the scheduled pass still has work on these
 SLICE = 1000  # lines one ingest step reads into jobs and records (~10-20 s of DynamoDB calls)
 LEASE_S = 120  # an ingest step holds its batch this long; a dead one's batch is taken over after
-ROUTES = ROUTE_PATHS
 KEEP_S = 30 * 86400  # batch records outlive their jobs' cache TTL: the output files are what matter
 MAX_PAGE = 100  # batches a GET /v1/batches page holds at most
 MAX_LINES = 50_000  # lines in one file (OpenAI's limit); read SLICE at a time, over several invocations
@@ -249,11 +249,11 @@ def parse_line(raw: str, default_model: str) -> tuple[str | None, str, dict, boo
         raise InvalidRequest("custom_id is required (a non-empty string)", param="custom_id")
     if d.get("method", "POST") != "POST":
         raise InvalidRequest(f"method must be POST, got {d.get('method')!r}", param="method")
-    if d.get("url") not in ROUTES:
-        raise InvalidRequest(f"url must be one of {', '.join(ROUTES)}, got {d.get('url')!r}", param="url")
+    if d.get("url") not in ROUTE_PATHS:
+        raise InvalidRequest(f"url must be one of {', '.join(ROUTE_PATHS)}, got {d.get('url')!r}", param="url")
     if not isinstance(d.get("body"), dict):
         raise InvalidRequest("body must be an object", param="body")
-    return custom_id, ROUTES[d["url"]], d["body"], False
+    return custom_id, ROUTE_PATHS[d["url"]], d["body"], False
 
 
 def _error(exc: StratusError) -> dict:
@@ -722,8 +722,8 @@ def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
             param="input_file_id",
         )
     endpoint = body.get("endpoint", "/v1/chat/completions")
-    if not isinstance(endpoint, str) or endpoint not in ROUTES:
-        raise InvalidRequest(f"endpoint must be one of {', '.join(ROUTES)}", param="endpoint")
+    if not isinstance(endpoint, str) or endpoint not in ROUTE_PATHS:
+        raise InvalidRequest(f"endpoint must be one of {', '.join(ROUTE_PATHS)}", param="endpoint")
     bucket, name = deps.settings.bucket, body["input_file_id"]
     source = f"{FILES_PREFIX}{tenant}/{name}"
     try:

@@ -6,9 +6,10 @@ says what the code enforces.
 from __future__ import annotations
 
 from stratus.batches import MAX_PAGE
-from stratus.contracts import MAX_CHOICES, ROLES, ROUTE_PATHS
+from stratus.contracts import MAX_CHOICES
 from stratus.params import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from stratus.settings import Settings
+from stratus.wire import ROLES, ROUTE_PATHS
 
 JSON = "application/json"
 

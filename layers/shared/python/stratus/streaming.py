@@ -26,13 +26,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from stratus import submission
 from stratus.chunks import Assembler, ChunkStore, Diverged, stream_key
-from stratus.contracts import InferenceRequest, Job, Status, StreamOptions, stream_options
+from stratus.contracts import InferenceRequest, Job, Status
 from stratus.deps import Deps
 from stratus.errors import InvalidRequest
 from stratus.keys import Tenant
 from stratus.observability import logger
 from stratus.service import with_result
 from stratus.shapes import TextOffsets, completion_logprobs
+from stratus.wire import StreamOptions, stream_options
 
 CONTENT_TYPE = "text/event-stream"
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}

@@ -28,13 +28,14 @@ from dataclasses import dataclass
 from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.cache_key import cache_key
-from stratus.contracts import CACHED_PREFIX, UNCACHED_PREFIX, InferenceRequest, Job, QueueMessage, Status, parse_request
+from stratus.contracts import CACHED_PREFIX, UNCACHED_PREFIX, InferenceRequest, Job, QueueMessage, Status
 from stratus.deps import Deps
 from stratus.errors import InvalidRequest, NotFound, Unavailable
 from stratus.jobstore import check_sizes, load_result
 from stratus.keys import Tenant, charge, refund
 from stratus.observability import logger, metrics
 from stratus.settings import Settings
+from stratus.wire import parse_request
 
 MAX_BYTES_PER_TOKEN = 32  # no token of a byte-level BPE vocabulary we serve is longer; workers check exactly
 KEEP_AFTER_DEADLINE_S = 3600  # a job stays readable at least this long after its deadline

@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass
 
 from stratus.chat_template import render_chat
-from stratus.contracts import chat_message
 from stratus.errors import InvalidRequest, ModelLoadError, NotConfigured
 from stratus.manifest import MANIFEST, artifact_digest, split_uri
+from stratus.wire import chat_message
 
 FILES = ("tokenizer.json", "config.json", "generation_config.json", "chat_template.jinja")
 MAX_DETOKENIZE = 1 << 17  # token ids in one /detokenize body

@@ -18,7 +18,7 @@ import fnmatch
 from dataclasses import dataclass
 
 from stratus import submission
-from stratus.contracts import ROUTE_PATHS, Status, json_object, require_unicode
+from stratus.contracts import Status
 from stratus.deps import Deps
 from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge
 from stratus.jobstore import load_result
@@ -26,8 +26,7 @@ from stratus.keys import Tenant
 from stratus.observability import logger
 from stratus.replies import send, send_reply
 from stratus.shapes import error_body
-
-ROUTES = ROUTE_PATHS
+from stratus.wire import ROUTE_PATHS, json_object, require_unicode
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,8 @@ class RequestMessage:
         require_unicode({k: v for k, v in msg.items() if k != "body"}, "the message")  # the body: parse_request
         reply_to = _reply_to(msg, reply_pattern)
         url = msg.get("url", "/v1/chat/completions")
-        if url not in ROUTES:
-            raise InvalidRequest(f"url must be one of {', '.join(ROUTES)}, got {url!r}", param="url")
+        if url not in ROUTE_PATHS:
+            raise InvalidRequest(f"url must be one of {', '.join(ROUTE_PATHS)}, got {url!r}", param="url")
         tenant = msg.get("tenant")
         if tenant not in (None, default_tenant):  # one tenant per requests queue: the sender's IAM grant
             raise InvalidRequest(
@@ -53,7 +52,7 @@ class RequestMessage:
                 "send other tenants' requests to their own queue",
                 param="tenant",
             )
-        return cls(msg.get("id"), ROUTES[url], msg.get("body"), reply_to, default_tenant)
+        return cls(msg.get("id"), ROUTE_PATHS[url], msg.get("body"), reply_to, default_tenant)
 
 
 def _reply_to(msg: dict, reply_pattern: str) -> str | None:
