@@ -42,10 +42,17 @@ from stratus_engine.kv_cache import make_cache
 from stratus_engine.model_dir import LoadedModel, load
 from stratus_engine.prefix_cache import MIN_TOKENS, PrefixCache
 from stratus_engine.sampling import sample, token_logprobs
+from stratus_engine.scheduler import (
+    Limits,
+    Waiting,
+    admit,
+    default_batch_rows_beside_interactive,
+    default_interactive_headroom,
+    reachable,
+)
 from stratus_engine.tokens import is_byte_level, special_ids, token_bytes
 
 SCORE_CHUNK = 512  # prompt tokens an echo-scoring prefill runs at a time (x 49,152 float32 logits: 100 MB)
-INTERACTIVE_WINDOW_S = 5.0  # an interactive request this recent means more are likely: keep batch rows few
 
 
 def _never() -> bool:
@@ -207,14 +214,6 @@ class _Row:
         return self.group.req
 
 
-def default_batch_rows_beside_interactive(model: LoadedModel, max_batch: int) -> int:
-    """Batch rows beside interactive ones: on a GPU a decode step costs about the same for a few
-    rows as for one, so max_batch // 8 (at least one, so batch work never stops); on a CPU it costs
-    about in proportion to its rows, so one (measured on 2 cores with the local stack: interactive
-    p50 1.6x idle with two, docs/scheduling.md)."""
-    return max(1, max_batch // 8) if "CUDAExecutionProvider" in model.providers else 1
-
-
 def _tokens_starting_before(text: TokenText, chars: int) -> int:
     """How many tokens start within the first `chars` characters of their text: those wholly in it,
     and the one a cut at `chars` splits (its text is partly kept, so its log-probability goes too)."""
@@ -238,21 +237,19 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """prefix_cache_bytes: memory for stored prompt prefixes (prefix_cache.py); 0 turns reuse off.
-        batch_rows_beside_interactive: while interactive requests are about (one arrived in the last
-        INTERACTIVE_WINDOW_S), new batch rows are admitted only up to this many running batch rows
-        (default_batch_rows_beside_interactive), so interactive rows decode in a small batch's step time.
-        interactive_headroom: rows beyond max_batch that only interactive requests may take while
-        batch rows run (default max_batch // 8, at least 1), so one that arrives while batch rows
-        fill the batch joins it at the next step instead of waiting for a batch row to finish."""
+        batch_rows_beside_interactive, interactive_headroom: admission's limits (scheduler.py; None:
+        its defaults). The KV cache holds max_batch + interactive_headroom rows."""
         self.model = model
         self.spec = model.spec
         self.max_batch = max_batch
         self.batch_rows_beside_interactive = (
-            default_batch_rows_beside_interactive(model, max_batch)
+            default_batch_rows_beside_interactive(max_batch, gpu="CUDAExecutionProvider" in model.providers)
             if batch_rows_beside_interactive is None
             else batch_rows_beside_interactive
         )
-        self.interactive_headroom = max(1, max_batch // 8) if interactive_headroom is None else interactive_headroom
+        self.interactive_headroom = (
+            default_interactive_headroom(max_batch) if interactive_headroom is None else interactive_headroom
+        )
         self.clock = clock
         self._last_interactive = float("-inf")
         self.prefill_token_budget = prefill_token_budget
@@ -438,32 +435,18 @@ class Engine:
         self._compact()
 
     def _admit(self) -> list[_Group]:
-        """Waiting groups into free slots: lower priority values first (interactive before batch),
-        in arrival order within a priority, while the padded prefill fits the token budget. Rows
-        of either tier number at most max_batch; batch rows fill the batch to max_batch at most,
-        interactive ones into the headroom beyond it; while interactive requests are about, batch
-        rows are held to batch_rows_beside_interactive."""
-        new: list[_Group] = []
-        budget, rows, longest = self.prefill_token_budget, len(self._active), 0
-        interactive_about = self.clock() - self._last_interactive < INTERACTIVE_WINDOW_S
-        batch_rows = sum(1 for r in self._active if r.req.priority > 0)
+        """Take the groups admission picks (scheduler.admit) out of the waiting list, in its order."""
+        limits = Limits(
+            self.max_batch, self.interactive_headroom, self.batch_rows_beside_interactive, self.prefill_token_budget
+        )
+        clock = self.clock()  # (the engine's clock, which tests move; admitted times are monotonic)
+        running = [r.req.priority for r in self._active]
         with self._lock:
-            for g in sorted(self._waiting, key=lambda g: g.req.priority):  # stable: arrival order kept
-                n = g.req.params.n
-                if g.req.priority == 0:  # interactive: up to max_batch of its own, into the headroom
-                    if rows - batch_rows + n > self.max_batch or rows + n > self.max_batch + self.interactive_headroom:
-                        break
-                elif rows + n > self.max_batch or (
-                    interactive_about and batch_rows and batch_rows + n > self.batch_rows_beside_interactive
-                ):
-                    break  # (with no batch row running, one batch request goes whatever its n: never starved)
-                else:
-                    batch_rows += n
-                tokens = max(longest, self._prefill_tokens(g))
-                if new and tokens * (len(new) + 1) > budget:
-                    break  # padded prefill would exceed the budget; the rest join next step
-                new.append(g)
-                rows, longest = rows + n, tokens
+            # only the groups admission can reach pay for a stored-prefix lookup
+            groups = [*self._waiting]
+            groups = [groups[i] for i in reachable([g.req.priority for g in groups], limits.rows - len(running))]
+            waiting = [Waiting(g.req.priority, g.req.params.n, self._prefill_tokens(g)) for g in groups]
+            new = [groups[i] for i in admit(waiting, running, limits, clock, self._last_interactive)]
             chosen = {id(g) for g in new}
             self._waiting = deque(g for g in self._waiting if id(g) not in chosen)
         now = time.monotonic()
