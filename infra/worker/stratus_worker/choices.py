@@ -15,7 +15,8 @@ import threading
 from concurrent.futures import Future
 
 from stratus.contracts import InferenceRequest
-from stratus_engine.engine import Engine, GenerationResult, TokenLogprob
+from stratus_engine.engine import Engine
+from stratus_engine.outputs import GenerationResult, TokenLogprob
 
 
 def encode_prompts(engine: Engine, req: InferenceRequest) -> list[list[int]]:

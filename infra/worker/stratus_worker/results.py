@@ -12,7 +12,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from stratus.contracts import Job, QueueMessage, Status
 from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
-from stratus_engine.engine import GenerationResult
+from stratus_engine.outputs import GenerationResult
 from stratus_worker import choices
 from stratus_worker.streams import ChunkWriter
 
