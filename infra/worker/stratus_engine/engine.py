@@ -41,7 +41,8 @@ from stratus_engine.guide import Guides
 from stratus_engine.kv_cache import make_cache
 from stratus_engine.model_dir import LoadedModel, load
 from stratus_engine.outputs import Choice, GenerationResult, Timings, TokenLogprob, Usage
-from stratus_engine.prefix_cache import MIN_TOKENS, PrefixCache
+from stratus_engine.prefill import SCORE_CHUNK, Prompt, run_prompts, tokens_to_run
+from stratus_engine.prefix_cache import PrefixCache
 from stratus_engine.sampling import sample, token_logprobs
 from stratus_engine.scheduler import (
     Limits,
@@ -52,8 +53,6 @@ from stratus_engine.scheduler import (
     reachable,
 )
 from stratus_engine.tokens import is_byte_level, special_ids, token_bytes
-
-SCORE_CHUNK = 512  # prompt tokens an echo-scoring prefill runs at a time (x 49,152 float32 logits: 100 MB)
 
 
 def _never() -> bool:
@@ -69,52 +68,6 @@ class GenerationRequest:
     priority: int = 0  # waiting requests are admitted lowest first: 0 interactive, 1 batch (tiers)
     # each generated token of the first choice as it is sampled, with its TokenLogprob when asked (streaming)
     on_token: Callable[[int, TokenLogprob | None], None] | None = None
-
-
-def _shared(a: list[int], b: list[int]) -> bool:
-    """Do two prompts share a prefix worth reusing (at least MIN_TOKENS, before both their ends)?"""
-    n = min(len(a), len(b), MIN_TOKENS)
-    return n == MIN_TOKENS and a[:n] == b[:n] and min(len(a), len(b)) > MIN_TOKENS
-
-
-def prefill_scored(
-    cache, prompt: list[int], start: int, k: int, chunk: int = SCORE_CHUNK
-) -> tuple[np.ndarray, list[TokenLogprob]]:
-    """Prefill one prompt into cache row `start` keeping every position's logits -> (logits at its
-    last token [V], each prompt token's log-probability given the tokens before it).
-    A cache that can continue a row (prefill_after) runs the prompt `chunk` tokens at a time, so the
-    host holds chunk x V logits at once rather than S x V (an 8,192-token prompt: 1.6 GB)."""
-    ids = np.asarray(prompt, np.int64)
-    step = chunk if hasattr(cache, "prefill_after") else len(ids)
-    scored = [TokenLogprob(prompt[0], None, None)]
-    for a in range(0, len(ids), step):
-        part = ids[a : a + step]
-        logits = (
-            cache.prefill(
-                part[None], np.ones((1, len(part)), np.int64), np.arange(len(part), dtype=np.int64)[None], start
-            )[0]
-            if a == 0
-            else cache.prefill_after(start, part, a, keep=0)
-        )  # [len(part), V]
-        targets = ids[a + 1 : a + 1 + len(part)]  # position a + j predicts token a + j + 1
-        scored += [TokenLogprob(*t) for t in token_logprobs(logits[: len(targets)], targets, k)]
-    return logits[-1], scored
-
-
-def prefill_last(cache, prompts: list[list[int]], start: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prefill prompts (right-padded) into cache rows from `start` -> (logits at each prompt's last
-    token [m, V], lengths [m]). Only the trailing columns that hold a last token pay the LM head."""
-    lengths = np.array([len(p) for p in prompts])
-    width = int(lengths.max())
-    ids = np.zeros((len(prompts), width), np.int64)
-    mask = np.zeros((len(prompts), width), np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, : lengths[b]] = p
-        mask[b, : lengths[b]] = 1
-    positions = np.ascontiguousarray(np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape))
-    keep = width - int(lengths.min()) + 1  # enough trailing columns to hold every row's last token
-    logits = cache.prefill(ids, mask, positions, start, keep)  # [m, keep, V]
-    return logits[np.arange(len(prompts)), lengths - 1 - (width - logits.shape[1])], lengths
 
 
 class EngineFailed(RuntimeError):
@@ -136,6 +89,10 @@ class _Group:
     prompt_logprobs: list[TokenLogprob] | None = None
     admitted: float = 0.0
     first_token: float = 0.0
+
+    @property
+    def prompt(self) -> Prompt:
+        return Prompt(self.req.prompt_ids, self.req.params.prompt_logprobs)
 
 
 @dataclass(eq=False)  # rows are compared by identity
@@ -166,7 +123,7 @@ def _tokens_starting_before(text: TokenText, chars: int) -> int:
 
 
 class Engine:
-    score_chunk = SCORE_CHUNK  # echo scoring's prefill chunk (prefill_scored)
+    score_chunk = SCORE_CHUNK  # echo scoring's prefill chunk (prefill.prefill_scored)
 
     def __init__(
         self,
@@ -388,7 +345,7 @@ class Engine:
             # only the groups admission can reach pay for a stored-prefix lookup
             groups = [*self._waiting]
             groups = [groups[i] for i in reachable([g.req.priority for g in groups], limits.rows - len(running))]
-            waiting = [Waiting(g.req.priority, g.req.params.n, self._prefill_tokens(g)) for g in groups]
+            waiting = [Waiting(g.req.priority, g.req.params.n, tokens_to_run(self.prefixes, g.prompt)) for g in groups]
             new = [groups[i] for i in admit(waiting, running, limits, clock, self._last_interactive)]
             chosen = {id(g) for g in new}
             self._waiting = deque(g for g in self._waiting if id(g) not in chosen)
@@ -396,11 +353,6 @@ class Engine:
         for g in new:
             g.admitted = now
         return new
-
-    def _prefill_tokens(self, g: _Group) -> int:
-        """Prompt tokens a group's prefill runs: those after a stored prefix it will reuse."""
-        ids = g.req.prompt_ids
-        return len(ids) - (self.prefixes.matched(ids) if self.prefixes and g.req.params.prompt_logprobs is None else 0)
 
     def _prefill(self, groups: list[_Group]) -> None:
         """Prefill each group's prompt once into the slots after the active rows, then copy it to
@@ -431,57 +383,12 @@ class Engine:
             self._compact()
 
     def _run_prompts(self, groups: list[_Group], start: int) -> tuple[list[_Group], list[np.ndarray]]:
-        """Run each group's prompt into row start + i (i: its place in the returned order) -> the
-        groups in that order and each one's logits at its last prompt token.
-          a stored prefix   load it, run only the rest of the prompt (one row at a time)
-          otherwise         right-padded together; a prompt sharing a prefix with one run in this
-                            step waits for it to be stored, then reuses it
-          echo + logprobs   alone, keeping every position's logits"""
-        plain = [g for g in groups if g.req.params.prompt_logprobs is None]
-        scored = [g for g in groups if g.req.params.prompt_logprobs is not None]
-        prefixes = self.prefixes
-        hits, fresh, later = [], [], []
-        for g in plain:
-            entry, length = prefixes.lookup(g.req.prompt_ids) if prefixes else (None, 0)
-            if entry is not None:
-                hits.append((g, entry, length))
-            elif prefixes and any(_shared(g.req.prompt_ids, f.req.prompt_ids) for f in fresh):
-                later.append(g)
-            else:
-                fresh.append(g)
-        out, last = [], []
-        if fresh:
-            logits, _ = prefill_last(self.cache, [g.req.prompt_ids for g in fresh], start)
-            out, last = list(fresh), list(logits)
-            self._store_prefixes(fresh, start)
-        for g in later:
-            entry, length = prefixes.lookup(g.req.prompt_ids)
-            if entry is not None:
-                hits.append((g, entry, length))
-            else:
-                last.append(prefill_last(self.cache, [g.req.prompt_ids], start + len(out))[0][0])
-                out.append(g)
-                self._store_prefixes([g], start + len(out) - 1)
-        for g, entry, length in hits:
-            ids = g.req.prompt_ids
-            row = start + len(out)
-            self.cache.load_prefix(entry.kv, row, len(ids) + 1)
-            last.append(self.cache.prefill_after(row, np.asarray(ids[length:], np.int64), length)[-1])
-            out.append(g)
-        for g in scored:
-            logits, g.prompt_logprobs = prefill_scored(
-                self.cache, g.req.prompt_ids, start + len(out), g.req.params.prompt_logprobs, self.score_chunk
-            )
-            last.append(logits)
-            out.append(g)
-        return out, last
-
-    def _store_prefixes(self, groups: list[_Group], start: int) -> None:
-        """Keep the prompt prefixes of freshly prefilled rows (prefix_cache.py)."""
-        for i, g in enumerate(groups):
-            length = self.prefixes.storable(g.req.prompt_ids) if self.prefixes else 0
-            if length:
-                self.prefixes.add(g.req.prompt_ids, length, self.cache.save_prefix(start + i, length))
+        """Run each group's prompt into row start + i (prefill.run_prompts; i: its place in the
+        returned order) -> the groups in that order and each one's logits at its last prompt token."""
+        done = run_prompts(self.cache, self.prefixes, [g.prompt for g in groups], start, self.score_chunk)
+        for i, scored in done.prompt_logprobs.items():
+            groups[i].prompt_logprobs = scored
+        return [groups[i] for i in done.order], done.last
 
     def _decode(self) -> None:
         rows = self._active

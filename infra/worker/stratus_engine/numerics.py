@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from stratus.errors import ModelLoadError
-from stratus_engine.engine import prefill_last
 from stratus_engine.kv_cache import make_cache
 from stratus_engine.model_dir import LoadedModel, load, read_spec
+from stratus_engine.prefill import prefill_last
 
 GOLDEN_VERSION = 2  # 2: log-probabilities
 TOP_K = 5
