@@ -52,6 +52,7 @@ from stratus_engine.scheduler import (
     default_interactive_headroom,
     reachable,
 )
+from stratus_engine.stops import stop_hit, trim
 from stratus_engine.tokens import is_byte_level, special_ids, token_bytes
 
 
@@ -112,14 +113,6 @@ class _Row:
     @property
     def req(self) -> GenerationRequest:
         return self.group.req
-
-
-def _tokens_starting_before(text: TokenText, chars: int) -> int:
-    """How many tokens start within the first `chars` characters of their text: those wholly in it,
-    and the one a cut at `chars` splits (its text is partly kept, so its log-probability goes too)."""
-    whole = text.tokens_within(0, chars)
-    split = chars > 0 and whole < len(text.ids) and text.tokens_within(0, chars - 1) == whole
-    return whole + split
 
 
 class Engine:
@@ -430,7 +423,7 @@ class Engine:
                 r.seen = np.append(r.seen, tok)
             if r.matcher is not None and (not r.matcher.consume_token(tok) or r.matcher.is_stopped()):
                 self._finish(r, "stop")  # the document is complete (nothing but its end could follow)
-            elif p.stop and self._stop_hit(r):
+            elif p.stop and stop_hit(r.text, p.stop):
                 self._finish(r, "stop")
             elif len(r.out) >= p.max_tokens:
                 self._finish(r, "length")
@@ -453,25 +446,12 @@ class Engine:
         if not r.group.future.done():
             r.group.future.set_exception(exc)
 
-    def _stop_hit(self, r: _Row) -> bool:
-        """Whether a stop string is in the text: a new one ends in what the last token added, so
-        only that and the longest stop's length before it are searched."""
-        stop = r.req.params.stop
-        tail = r.text.recent(max(len(s) for s in stop) - 1)
-        return any(s in tail for s in stop)
-
     def _finish(self, r: _Row, reason: str) -> None:
         """Record a row's choice; the last row of its group resolves the group's future."""
         if r.finished:
             return
-        decode = self.model.tokenizer.decode
-        text = decode(r.out, skip_special_tokens=True)
-        full = len(text)
-        cuts = [i for i in (text.find(s) for s in r.req.params.stop) if i >= 0]
-        text = text[: min(cuts)] if cuts else text  # at the earliest stop, whatever their order (as streamed)
-        logprobs = r.logprobs
-        if logprobs is not None and len(text) < full:  # cut at a stop string: the tokens with text in it
-            logprobs = logprobs[: _tokens_starting_before(r.text, len(text))]
+        decoded = self.model.tokenizer.decode(r.out, skip_special_tokens=True)
+        text, logprobs = trim(decoded, r.logprobs, r.req.params.stop, r.text)
         r.finished = True
         g = r.group
         g.choices[r.index] = Choice(list(r.out), text, reason, logprobs)
