@@ -29,6 +29,7 @@ from stratus_engine.artifact import fetch, publish
 from stratus_engine.engine import Engine
 from stratus_local.serve import free_port
 from stratus_worker import sagemaker
+from stratus_worker.invocations import drop_if_stale
 from stratus_worker.sagemaker import invoke
 from stratus_worker.worker import Worker
 from support.graphs import corrupt, rehash
@@ -445,13 +446,13 @@ def test_only_a_generation_whose_run_was_made_again_is_dropped(stack, container)
     first = Held(msg, None, 0.0)
     worker.held[msg.job_id] = first
     # When a second invocation looks: not claimed, nothing is stale (it will claim whatever run the job has)
-    worker._drop_if_stale(first)
+    drop_if_stale(worker, first)
     assert msg.job_id not in worker.cancelled
     first.run = job.run
-    worker._drop_if_stale(first)  # its run is the job's own
+    drop_if_stale(worker, first)  # its run is the job's own
     assert msg.job_id not in worker.cancelled
     first.run = "an-earlier-run"  # the job was made again after it claimed
-    worker._drop_if_stale(first)
+    drop_if_stale(worker, first)
     assert msg.job_id in worker.cancelled
     worker.held.pop(msg.job_id)
     worker.cancelled.clear()

@@ -30,7 +30,7 @@ class Results:
         decode: Callable[[list[int]], str],
         keep_trying: Callable[[Callable[[], Job | None], str], Job | None],
     ) -> None:
-        """keep_trying(write, job id): runs the result write, trying again while it may pass (Worker._keep_trying)."""
+        """keep_trying(write, job id): runs the result write, trying again while it may pass (Worker.keep_trying)."""
         self.store, self.chunks, self.worker_id, self.keep_trying = store, chunks, worker_id, keep_trying
         self.token_bytes, self.decode = token_bytes, decode
         self.s3, self.bucket, self.notify = s3, bucket, notify

@@ -6,8 +6,9 @@
                       never gets a listening server, so SageMaker's health check fails); 503 once
                       the engine has died
   POST /invocations   a queue message {"job_id", "request", ...} (what the dispatcher sends an async
-                      endpoint): the job is run through the job store like any worker's -> job view;
-                      or a plain OpenAI chat/completion body -> the OpenAI response (no store)
+                      endpoint): the job is run through the job store like any worker's
+                      (invocations.py) -> job view; or a plain OpenAI chat/completion body -> the
+                      OpenAI response (no store)
 
 Port 8080 (SAGEMAKER_BIND_TO_PORT overrides). Requests run concurrently in the engine's continuous
 batch. The main thread keeps the queue worker's housekeeping for the jobs it runs: heartbeat,
@@ -34,8 +35,9 @@ from stratus.wire import parse_request
 from stratus_engine.engine import GenerationRequest
 from stratus_worker import choices
 from stratus_worker.choices import encode_prompts, gather
+from stratus_worker.invocations import INVOCATION_FAILED, run_one
 from stratus_worker.results import chunk_error
-from stratus_worker.worker import INVOCATION_FAILED, Worker
+from stratus_worker.worker import Worker
 
 DEFAULT_PORT = 8080
 HOUSEKEEP_EVERY_S = 0.1  # how often the main thread looks for due chores (each has its own period)
@@ -44,26 +46,36 @@ HOUSEKEEP_EVERY_S = 0.1  # how often the main thread looks for due chores (each 
 def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
     """One /invocations body -> (HTTP status, JSON body)."""
     if "job_id" in body and "request" in body:
-        job_id = str(body["job_id"])
-        try:
-            msg = QueueMessage.from_body(json.dumps(body))
-        except NewerMessage as exc:  # a newer API queued it: this image cannot serve it, and nothing retries
-            logger.warning("message from a newer version", extra={"job_id": job_id, "reason": str(exc)})
-            error = {
-                "message": f"the worker is older than the API that queued this job ({exc}); the endpoint "
-                "needs the new worker image",
-                "type": "server_error",
-                "code": "worker_outdated",
-            }
-            if JOB_ID.fullmatch(job_id):  # (only a QUEUED one: a newer instance may be running it)
-                worker.jobs.fail(job_id, error, running=False)
-            return 500, {"error": error}
-        try:
-            job = worker.run_one(msg)
-        except Exception:
-            logger.exception("invocation failed", extra={"job_id": msg.job_id})
-            return 500, {"error": INVOCATION_FAILED}
-        return (200, job_view(job)) if job is not None else (404, {"error": {"message": "job not found"}})
+        return _invoke_job(worker, body)
+    return 200, _complete(worker, body)
+
+
+def _invoke_job(worker: Worker, body: dict) -> tuple[int, dict]:
+    """A queue message: its job run through the job store (invocations.run_one) -> the job view."""
+    job_id = str(body["job_id"])
+    try:
+        msg = QueueMessage.from_body(json.dumps(body))
+    except NewerMessage as exc:  # a newer API queued it: this image cannot serve it, and nothing retries
+        logger.warning("message from a newer version", extra={"job_id": job_id, "reason": str(exc)})
+        error = {
+            "message": f"the worker is older than the API that queued this job ({exc}); the endpoint "
+            "needs the new worker image",
+            "type": "server_error",
+            "code": "worker_outdated",
+        }
+        if JOB_ID.fullmatch(job_id):  # (only a QUEUED one: a newer instance may be running it)
+            worker.jobs.fail(job_id, error, running=False)
+        return 500, {"error": error}
+    try:
+        job = run_one(worker, msg)
+    except Exception:
+        logger.exception("invocation failed", extra={"job_id": msg.job_id})
+        return 500, {"error": INVOCATION_FAILED}
+    return (200, job_view(job)) if job is not None else (404, {"error": {"message": "job not found"}})
+
+
+def _complete(worker: Worker, body: dict) -> dict:
+    """A plain OpenAI chat/completion body -> the OpenAI response, generated without the job store."""
     route = "chat" if "messages" in body else "completion"
     s = worker.settings
     req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
@@ -86,7 +98,7 @@ def invoke(worker: Worker, body: dict) -> tuple[int, dict]:
         result=result,
         usage=choices.usage(results),
     )
-    return 200, completion_body(job)
+    return completion_body(job)
 
 
 def make_server(worker: Worker, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:

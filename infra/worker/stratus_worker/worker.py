@@ -23,6 +23,11 @@ FAILED. Every write is conditional on the job being ours, so a duplicate deliver
 that lost its message never writes a second result.
 
 SIGTERM: stop receiving, finish what is held for up to drain_s, release the rest, exit.
+
+SageMaker's server (sagemaker.py) serves the same Worker without the queue: each /invocations
+request runs its job on its own thread (invocations.py: claim, submit, write), held in Worker.held
+like a received message, and the server's main thread calls housekeep() for it. That is why the
+pieces both need are public here: submit, keep_trying, and hold / drop / let_go on what is held.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from typing import TypeVar
 from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.chunks import ChunkStore
-from stratus.contracts import TIERS, Job, NewerMessage, QueueMessage, Status
+from stratus.contracts import TIERS, NewerMessage, QueueMessage, Status
 from stratus.errors import transient
 from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
@@ -64,11 +69,6 @@ WRITE_RETRY_FIRST_S, WRITE_RETRY_MAX_S = 0.25, 4.0  # the pause between tries: d
 HELD_HERE_HIDE_S = 1  # a new message for a job whose stale generation is being dropped here waits this long
 NEWER_MESSAGE_HIDE_S = 60  # a message this worker is too old for comes back after this (to the DLQ in the end)
 REPLIES_AGAIN_S = 30  # a message whose finished job's replies could not be posted comes back after this for them
-INVOCATION_FAILED = {
-    "message": "the worker failed on this job (its log has the cause)",
-    "type": "server_error",
-    "code": "worker_failed",
-}
 
 
 class RepliesOwed(Exception):
@@ -81,13 +81,13 @@ class Held:
     """A message this worker holds and the generation it feeds."""
 
     message: QueueMessage
-    receipt: Receipt | None  # None: an invocation's (SageMaker), which no queue redelivers
+    receipt: Receipt | None  # None: an invocation's (invocations.py), which no queue redelivers
     received: float
     attempt: int = 1  # the message's receive count
     future: Future | None = None
     message_id: str = ""  # SQS's MessageId: the same on every delivery of one message
-    settled: threading.Event = field(default_factory=threading.Event)  # run_one: its result is written or given up
-    run: str = ""  # run_one: the run it generates (Job.run), once claimed
+    settled: threading.Event = field(default_factory=threading.Event)  # an invocation's: written or given up
+    run: str = ""  # an invocation's: the run it generates (Job.run), once claimed
 
 
 class Worker:
@@ -125,7 +125,7 @@ class Worker:
             self._notify,
             engine.token_bytes,
             lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-            keep_trying=self._keep_trying,
+            keep_trying=self.keep_trying,
         )
         self.held: dict[str, Held] = {}
         self.cancelled: set[str] = set()
@@ -263,7 +263,7 @@ class Worker:
         with self._lock:
             self.held[msg.job_id] = held
         try:
-            held.future = self._submit(msg, started, attempt)
+            held.future = self.submit(msg, started, attempt)
         except BaseException:  # (the caller gives the message back)
             with self._lock:
                 self.held.pop(msg.job_id, None)
@@ -284,74 +284,9 @@ class Worker:
                 self.cancelled.add(job_id)
         self.leases.hide(receipt, HELD_HERE_HIDE_S)
 
-    def run_one(self, msg: QueueMessage) -> Job | None:
-        """Serve one job synchronously, without the queue (SageMaker's /invocations); the engine
-        thread must be running, and housekeep() keeps the job's heartbeat, cancel and streaming
-        checks as for a queue message. Returns the job as it ends up; raises, with the job FAILED
-        (INVOCATION_FAILED), when it cannot be served here (nothing redelivers an invocation).
-
-        A second invocation for a job held here waits for the first. The first served it (a
-        promoted or adopted job has two messages) -> its result. The job was made again meanwhile
-        (cancelled, then asked for again: a new run, QUEUED) -> the stale generation is dropped at
-        the engine's next step, and this invocation generates the new run."""
-        while True:
-            held = Held(msg, None, self.clock())
-            with self._lock:
-                first = self.held.setdefault(msg.job_id, held)
-            if first is held:
-                return self._serve_invoked(held)
-            try:
-                self._drop_if_stale(first)
-                first.settled.wait()
-                job = self.store.get(msg.job_id)
-            except Exception:
-                self.jobs.fail(msg.job_id, INVOCATION_FAILED, running=False)  # (the first's run, if any, goes on)
-                raise
-            if job is None or job.status != Status.QUEUED:
-                return job
-
-    def _drop_if_stale(self, first: Held) -> None:
-        """The generation `first` holds is stale when the job, read after it claimed its run, has
-        another run (made again meanwhile): the engine drops it at its next step."""
-        claimed = first.run
-        if not claimed:
-            return  # (not claimed yet: it will claim whatever run the job has)
-        job = self.store.get(first.message.job_id)
-        with self._lock:
-            if job is not None and job.run != claimed and self.held.get(first.message.job_id) is first:
-                self.cancelled.add(first.message.job_id)
-
-    def _serve_invoked(self, held: Held) -> Job | None:
-        msg = held.message
-        try:
-            outcome, started = self.jobs.start(msg, 1)
-            if outcome == GENERATE:
-                held.run = started.run
-                held.future = self._submit(msg, started, 1)
-                self.results.record(msg, held.received, held.future.result())
-        except RepliesOwed:  # the job is finished; no message comes back for its replies: try a while longer
-            try:
-                self._keep_trying(
-                    lambda: post_replies(self.store.get(msg.job_id), sqs=self.sqs, s3=self.s3, store=self.store),
-                    msg.job_id,
-                )
-            except Exception:
-                logger.exception("replies not posted", extra={"job_id": msg.job_id})
-        except Exception:
-            self.results.abandon(msg.job_id)
-            # (before a waiting invocation reads it; once a run is claimed, only that run: the job
-            # may have been made again meanwhile, for another invocation)
-            self.jobs.fail(msg.job_id, INVOCATION_FAILED, queued=not held.run)
-            raise
-        finally:
-            with self._lock:
-                self.held.pop(msg.job_id, None)
-                self.cancelled.discard(msg.job_id)
-            held.settled.set()
-        return self.store.get(msg.job_id)
-
-    def _submit(self, msg: QueueMessage, started: Started, attempt: int) -> Future:
-        """-> a future of the GenerationResults, one per prompt (the text of the first is streamed)."""
+    def submit(self, msg: QueueMessage, started: Started, attempt: int) -> Future:
+        """A claimed job -> a future of its GenerationResults, one per prompt (the text of the first
+        is streamed). Its message is held (hold, or admit) until it is let go of (let_go)."""
         job_id = msg.job_id
         on_token = self.results.open(msg, started.run, attempt, self.clock())
         try:
@@ -374,6 +309,33 @@ class Worker:
         except BaseException:
             self.results.abandon(job_id)
             raise
+
+    # ---- what is held ---------------------------------------------------------------------------
+
+    def hold(self, held: Held) -> Held:
+        """Hold `held`'s job unless a generation of it is held already -> the one held for it."""
+        with self._lock:
+            return self.held.setdefault(held.message.job_id, held)
+
+    def drop(self, held: Held) -> None:
+        """Stop `held`'s generation at the engine's next step, if it is still the one held for its
+        job: one let go of meanwhile may be made again, and held anew by another generation."""
+        with self._lock:
+            if self.held.get(held.message.job_id) is held:
+                self.cancelled.add(held.message.job_id)
+
+    def let_go(self, job_id: str) -> None:
+        """The job's generation is over here (written, given back or failed): forget it and any
+        cancel read for it, so a generation held for it later starts clean."""
+        with self._lock:
+            self.held.pop(job_id, None)
+            self.cancelled.discard(job_id)
+            if self._writing == job_id:
+                self._writing = None
+
+    def _snapshot(self) -> list[Held]:
+        with self._lock:
+            return list(self.held.values())
 
     # ---- while generating ---------------------------------------------------------------------
 
@@ -406,12 +368,9 @@ class Worker:
         held = {h.message.job_id: h for h in self._snapshot()}
         if held:
             states = self.store.states(list(held))
-            with self._lock:  # only generations still held: one let go of meanwhile may be made again,
-                self.cancelled.update(
-                    j
-                    for j, (status, _) in states.items()  # and held by another
-                    if status == Status.CANCELLED and self.held.get(j) is held[j]
-                )
+            for j, (status, _) in states.items():
+                if status == Status.CANCELLED:
+                    self.drop(held[j])
             self.chunks.mark_streamed(j for j, (_, streamed) in states.items() if streamed)
 
     # ---- finishing ----------------------------------------------------------------------------
@@ -427,10 +386,7 @@ class Worker:
                 metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
                 self._retry_later(held.receipt, held.message.to_body(), exc)
             finally:
-                with self._lock:
-                    self.held.pop(held.message.job_id, None)
-                    self.cancelled.discard(held.message.job_id)
-                    self._writing = None
+                self.let_go(held.message.job_id)
 
     def finish(self, held: Held) -> None:
         with self._lock:
@@ -438,7 +394,7 @@ class Worker:
         self.results.record(held.message, held.received, held.future.result())  # (a failed generation raises)
         self.leases.delete(held.receipt)
 
-    def _keep_trying(self, write: Callable[[], T], job_id: str) -> T:
+    def keep_trying(self, write: Callable[[], T], job_id: str) -> T:
         """A finished generation is worth keeping: a result write that fails for a passing reason
         (throttled, a 5xx, storage unreachable) is tried again with backoff for up to WRITE_RETRY_S,
         while the heartbeat keeps the message's lease, before the job goes back to the queue to be
@@ -505,10 +461,6 @@ class Worker:
                 logger.exception("could not give a job back", extra={"job_id": h.message.job_id})
         with self._lock:
             self.held = {j: h for j, h in self.held.items() if j == writing}
-
-    def _snapshot(self) -> list[Held]:
-        with self._lock:
-            return list(self.held.values())
 
     def publish_metrics(self) -> None:
         metrics.add_metric(name="num_requests_running", unit=MetricUnit.Count, value=self.engine.num_running)
