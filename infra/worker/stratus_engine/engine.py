@@ -6,6 +6,10 @@ One scheduler thread calls `step()`; any thread may `submit()`. Each step:
   active  ──────────────────────────────────────────────▶ one decode step for every row ──▶ sample
   finished rows (EOS, stop string, max_tokens, cancelled) leave at once; their slot is reused.
 
+Admission is decided by scheduler.py (a pure function of the waiting and running rows, the limits and
+the time), prompts are run by prefill.py (with shared-prefix reuse), stop strings are matched and
+outputs trimmed by stops.py; this module executes those decisions step by step.
+
 A request with n > 1 is admitted as one group of n rows: its prompt is prefilled once and the
 KV row copied to its siblings, which then sample apart (seeds seed, seed + 1, ...). The group's
 future resolves when its last row finishes. Log-probabilities (params.logprobs) are those of the
