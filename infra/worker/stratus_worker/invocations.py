@@ -16,7 +16,7 @@ from __future__ import annotations
 from stratus.contracts import Job, QueueMessage, Status
 from stratus.observability import logger
 from stratus.replies import post_replies
-from stratus_worker.jobs import GENERATE
+from stratus_worker.jobs import Outcome
 from stratus_worker.worker import Held, RepliesOwed, Worker
 
 INVOCATION_FAILED = {
@@ -83,7 +83,7 @@ def _serve(worker: Worker, held: Held) -> Job | None:
 def _generate(worker: Worker, held: Held) -> None:
     msg = held.message
     outcome, started = worker.jobs.start(msg, 1)
-    if outcome == GENERATE:
+    if outcome is Outcome.GENERATE:
         held.run = started.run
         held.future = worker.submit(msg, started, 1)
         worker.results.record(msg, held.received, held.future.result())

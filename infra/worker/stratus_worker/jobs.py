@@ -6,8 +6,8 @@
   RUNNING (ours) ──touch──▶ RUNNING       a fresh updated_at tells other workers the job is alive
   RUNNING (ours) ──requeue──▶ QUEUED      a retryable failure, or this worker stopping
 
-`start` decides what to do with a received message before any compute:
-  (GENERATE, Started) | (DONE_WITH_MESSAGE, None) | (LEAVE_MESSAGE, None)
+`start` decides what to do with a received message before any compute (an Outcome):
+  (Outcome.GENERATE, Started) | (Outcome.DELETE_MESSAGE, None) | (Outcome.LEAVE_MESSAGE, None)
 Replies a finished job owes (requests-queue messages) are posted whenever a job is seen finished.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum, auto
 
 from aws_lambda_powertools.metrics import MetricUnit
 
@@ -24,7 +25,13 @@ from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
 from stratus_worker.choices import encode_prompts
 
-GENERATE, DONE_WITH_MESSAGE, LEAVE_MESSAGE = "generate", "done", "leave"
+
+class Outcome(Enum):
+    """What to do with a received message (JobStates.start), decided before any compute."""
+
+    GENERATE = auto()  # claimed and tokenized: generate it from its Started
+    DELETE_MESSAGE = auto()  # nothing left to do (expired, rejected, finished, gone): the message is spent
+    LEAVE_MESSAGE = auto()  # another worker runs it: leave the message hidden; it comes back if that worker dies
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class JobStates:
         self.store, self.worker_id, self.engine = store, worker_id, engine
         self.heartbeat_s, self.notify, self.clock = heartbeat_s, notify, clock
 
-    def start(self, msg: QueueMessage, receive_count: int) -> tuple[str, Started | None]:
+    def start(self, msg: QueueMessage, receive_count: int) -> tuple[Outcome, Started | None]:
         """Everything before compute: expiry, claim, tokenizing and the exact context check."""
         job_id, now = msg.job_id, self.clock()
         logger.thread_safe_append_keys(job_id=job_id, tenant=msg.tenant)  # this thread's lines only
@@ -67,7 +74,7 @@ class JobStates:
             if expired:
                 metrics.add_metric(name="requests_expired", unit=MetricUnit.Count, value=1)
                 self.notify(expired)
-                return DONE_WITH_MESSAGE, None
+                return Outcome.DELETE_MESSAGE, None
             # not QUEUED: finished, or started before its deadline (running, or its worker went
             # silent): as any other message, but never started now
         claimed, job = self.claim(msg, receive_count, may_start=now <= msg.deadline)
@@ -86,8 +93,8 @@ class JobStates:
                 )
             )
             logger.info("rejected", extra={"code": exc.code})
-            return DONE_WITH_MESSAGE, None
-        return GENERATE, Started(prompts, job.run)
+            return Outcome.DELETE_MESSAGE, None
+        return Outcome.GENERATE, Started(prompts, job.run)
 
     def claim(self, msg: QueueMessage, receive_count: int, may_start: bool = True) -> tuple[bool, Job | None]:
         """QUEUED -> RUNNING (ours) if it may start, or take over a RUNNING job whose worker went
@@ -129,11 +136,11 @@ class JobStates:
     def requeue(self, job_id: str, **fields) -> None:
         self.store.transition(job_id, [Status.RUNNING], Status.QUEUED, owner=self.worker_id, **fields)
 
-    def _skip(self, job: Job | None) -> str:
+    def _skip(self, job: Job | None) -> Outcome:
         """Not claimed: gone or finished -> done with the message; running elsewhere -> leave it hidden."""
         if job is None or job.status.finished:
             if job is not None and job.status == Status.CANCELLED:
                 metrics.add_metric(name="requests_cancelled", unit=MetricUnit.Count, value=1)
             self.notify(job)  # replies a finished job still owes (e.g. its writer died before posting)
-            return DONE_WITH_MESSAGE
-        return LEAVE_MESSAGE
+            return Outcome.DELETE_MESSAGE
+        return Outcome.LEAVE_MESSAGE

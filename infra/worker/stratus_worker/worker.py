@@ -55,7 +55,7 @@ from stratus.settings import Settings
 from stratus_engine.engine import Engine, GenerationRequest
 from stratus_worker import choices, health
 from stratus_worker.choices import gather
-from stratus_worker.jobs import DONE_WITH_MESSAGE, GENERATE, JobStates, Started
+from stratus_worker.jobs import JobStates, Outcome, Started
 from stratus_worker.leases import Leases, Receipt
 from stratus_worker.results import Results, chunk_error
 from stratus_worker.streams import ChunkWriter
@@ -255,9 +255,9 @@ class Worker:
             return
         attempt = int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1))
         outcome, started = self.jobs.start(msg, attempt)
-        if outcome == DONE_WITH_MESSAGE:
+        if outcome is Outcome.DELETE_MESSAGE:
             self.leases.delete(receipt)
-        if outcome != GENERATE:
+        if outcome is not Outcome.GENERATE:
             return
         held = Held(msg, receipt, self.clock(), attempt, message_id=message_id)
         with self._lock:
