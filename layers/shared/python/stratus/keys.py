@@ -30,6 +30,13 @@ class Tenant:
     tpm: int
     tier: str = "interactive"  # stratus.contracts.TIERS: where this tenant's API requests are scheduled
 
+    @classmethod
+    def trusted(cls, name: str) -> Tenant:
+        """A tenant whose work arrived by a path that does not charge its limits (no key, no rate):
+        a batch file's lines (the upload was the charge), a requests-queue message (the queue's IAM
+        policy is the gate). Its limits are zero, so a path that did charge it would refuse."""
+        return cls(name, rpm=0, tpm=0)
+
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()

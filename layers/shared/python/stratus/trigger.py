@@ -104,7 +104,7 @@ def handle_request(raw: str, deps: Deps, message_id: str | None = None, receive_
     except InvalidRequest as exc:
         _refuse(exc, *_where_to_answer(raw, s.trigger_tenant, s.reply_queue_pattern), deps)
         return ""
-    tenant = Tenant(msg.tenant, rpm=0, tpm=0)
+    tenant = Tenant.trusted(msg.tenant)
     how = submission.queue_message(s, message_id, redelivered=receive_count > 1)
     try:
         sub = submission.submit(msg.route, msg.body, tenant, deps, how)
