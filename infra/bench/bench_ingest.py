@@ -20,8 +20,11 @@ import boto3
 import report as report_file  # infra/bench/report.py
 from bench_mixed import LINE_TOKENS, chat
 
-from stratus.batches import SLICE, batch_id_for_upload
+from stratus.batches import batch_id_for_upload
+from stratus.settings import BatchLimits
 from stratus_local.serve import DEV_TENANT, REGION, free_port, start
+
+SLICE = BatchLimits().slice_lines
 
 
 def main() -> None:

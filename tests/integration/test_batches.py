@@ -181,10 +181,9 @@ def test_post_batches_points_at_a_tenant_file_and_other_tenants_get_404(stack, b
     assert bad[0] == 400 and "input_file_id is required" in bad[1]["error"]["message"]
 
 
-def test_a_file_over_the_line_limit_fails_with_a_clear_error(stack, batch_fn, monkeypatch):
-    from stratus import batches
+def test_a_file_over_the_line_limit_fails_with_a_clear_error(batch_limits, stack, batch_fn, monkeypatch):
 
-    monkeypatch.setattr(batches, "MAX_LINES", 3)
+    batch_limits(max_lines=3)
     upload, _, _ = batch_fn
     created = upload("batches/input/acme/big.jsonl", "\n".join(line(f"q{i}", f"question {i}") for i in range(4)))
     assert created["status"] == "failed" and stack.queued("BatchJobsQueue") == []
@@ -195,10 +194,9 @@ def test_a_file_over_the_line_limit_fails_with_a_clear_error(stack, batch_fn, mo
     ]
 
 
-def test_a_file_over_the_size_limit_fails_before_a_line_is_read(stack, batch_fn, monkeypatch):
-    from stratus import batches
+def test_a_file_over_the_size_limit_fails_before_a_line_is_read(batch_limits, stack, batch_fn, monkeypatch):
 
-    monkeypatch.setattr(batches, "MAX_FILE_BYTES", 100)
+    batch_limits(max_file_bytes=100)
     upload, _, _ = batch_fn
     created = upload("batches/input/acme/big.jsonl", line("q1", "question") + "\n" + line("q2", "another"))
     assert created["status"] == "failed" and stack.queued("BatchJobsQueue") == []
@@ -285,12 +283,11 @@ def test_bedrock_records_never_carry_another_files_input(stack, batch_fn, then):
     assert [(o["recordId"], o["modelInput"]) for o in out] == [("r1", None), ("r2", None)]
 
 
-def test_a_line_past_the_line_limit_is_an_error_line_never_held_whole(stack, batch_fn, monkeypatch):
-    from stratus import batches
+def test_a_line_past_the_line_limit_is_an_error_line_never_held_whole(batch_limits, stack, batch_fn, monkeypatch):
+    from stratus.batches import lines as batch_lines
 
     upload, tick, read = batch_fn
-    monkeypatch.setattr(batches, "MAX_LINE_BYTES", 300)  # (scaled down, with reads of 64 bytes: a line
-    monkeypatch.setattr(batches, "READ_CHUNK", 64)  # spans many reads)
+    batch_limits(max_line_bytes=300, read_chunk=64)  # (scaled down, with reads of 64 bytes: a line spans many)
     long = json.dumps(
         {
             "custom_id": "long",
@@ -300,8 +297,8 @@ def test_a_line_past_the_line_limit_is_an_error_line_never_held_whole(stack, bat
         }
     )
     seen = []
-    real = batches._rows
-    monkeypatch.setattr(batches, "_rows", lambda *a, **kw: (seen.append(len(r.raw)) or r for r in real(*a, **kw)))
+    real = batch_lines.rows
+    monkeypatch.setattr(batch_lines, "rows", lambda *a, **kw: (seen.append(len(r.raw)) or r for r in real(*a, **kw)))
     created = upload("batches/input/acme/long.jsonl", line("a", "Short?") + "\n" + long + "\n" + line("b", "Also?"))
     assert created["request_counts"] == {"total": 3, "completed": 0, "failed": 1}
     assert max(seen) == 301  # the long line's first 301 bytes only
@@ -511,6 +508,22 @@ def batch_deps(stack, batch_fn, monkeypatch):
     return configure
 
 
+@pytest.fixture
+def batch_limits(stack, batch_fn, monkeypatch):
+    """Scale the batch function's BatchLimits down for a test: batch_limits(slice_lines=10, ...)."""
+    import dataclasses
+    import sys
+
+    deps = sys.modules["stratus_fn_BatchFunction"].get_deps()
+
+    def scale(**limits):
+        scaled = dataclasses.replace(deps.settings.batches, **limits)
+        monkeypatch.setattr(deps, "settings", dataclasses.replace(deps.settings, batches=scaled))
+        return deps
+
+    return scale
+
+
 def take(stack, n: int) -> list[str]:
     """Play a worker that takes up to n batch messages, finishes their jobs and deletes them:
     the tenants of the jobs taken, in order."""
@@ -713,16 +726,16 @@ def test_a_slower_pass_never_overwrites_a_finished_batchs_counts(stack, batch_fn
     deps = batch_deps()
     created = upload("batches/input/acme/f.jsonl", lines("a", 6))
     acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
-    real, fired = batches._record_progress, []
+    real, fired = batches.BatchStore.record_progress, []
 
-    def another_pass_finishes_first(batch, *args):
+    def another_pass_finishes_first(store, batch, *args):
         if not fired:  # this pass has counted (6 pending); another runs to the end before it writes
             fired.append(1)
             take_jobs(stack)
             assert batches.advance(deps) == [created["batch"]]
-        return real(batch, *args)
+        return real(store, batch, *args)
 
-    monkeypatch.setattr(batches, "_record_progress", another_pass_finishes_first)
+    monkeypatch.setattr(batches.BatchStore, "record_progress", another_pass_finishes_first)
     assert batches.advance(deps) == []
     view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
     assert view["status"] == "completed" and len(read(view["output_file_uri"])) == 6
@@ -1077,7 +1090,7 @@ def test_a_cancelled_batch_waits_for_an_ingest_step_that_holds_it(stack, batch_f
     # Given a batch whose ingest holds it (a run reading a slice), cancelled meanwhile
     view = stack.call("api_create_batch.json", key=acme)[1]
     deps = batch_deps()
-    held_until = int(deps.clock()) + batches.LEASE_S
+    held_until = int(deps.clock()) + deps.settings.batches.lease_s
     stack.table.update_item(
         Key={"pk": f"batch#{view['id']}"},
         UpdateExpression="SET ingest_until = :u REMOVE pending",
@@ -1119,11 +1132,10 @@ def custom_ids(stack, batch_id: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def sliced(stack, batch_deps, monkeypatch) -> str:
+def sliced(batch_limits, stack, batch_deps, monkeypatch) -> str:
     """Files read 10 lines a slice, one slice a run -> tenant acme's key."""
-    from stratus import batches
 
-    monkeypatch.setattr(batches, "SLICE", 10)
+    batch_limits(slice_lines=10)
     batch_deps(batch_ingest_s=0.0)
     return create_key(stack.table, "acme", rpm=100, tpm=100_000)
 
@@ -1222,11 +1234,13 @@ def a_run_dies_in_the_second_slice(upload, deps, monkeypatch, **kw) -> str:
 
 
 @pytest.mark.parametrize("kw", [{}, SAMPLED], ids=["cacheable", "sampled"])
-def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(stack, batch_fn, batch_deps, monkeypatch, kw):
+def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(
+    batch_limits, stack, batch_fn, batch_deps, monkeypatch, kw
+):
     from stratus import batches
 
     upload, tick, _read = batch_fn
-    monkeypatch.setattr(batches, "SLICE", 10)
+    batch_limits(slice_lines=10)
     deps = batch_deps(batch_ingest_s=1000.0)
     # Given an upload's run that read one slice and died in the second, after creating its jobs
     batch_id = a_run_dies_in_the_second_slice(upload, deps, monkeypatch, **kw)
@@ -1267,11 +1281,12 @@ def test_a_run_that_dies_before_its_last_write_leaves_a_batch_the_pass_starts(st
 
 
 @pytest.mark.parametrize("kw", [{}, SAMPLED], ids=["cacheable", "sampled"])
-def test_a_cancel_before_a_dead_slice_is_redone_cancels_that_slices_jobs(stack, batch_fn, batch_deps, monkeypatch, kw):
-    from stratus import batches
+def test_a_cancel_before_a_dead_slice_is_redone_cancels_that_slices_jobs(
+    batch_limits, stack, batch_fn, batch_deps, monkeypatch, kw
+):
 
     upload, tick, _read = batch_fn
-    monkeypatch.setattr(batches, "SLICE", 10)
+    batch_limits(slice_lines=10)
     deps = batch_deps(batch_ingest_s=1000.0)
     # Given a run that made the second slice's jobs and died before recording them
     first = a_run_dies_in_the_second_slice(upload, deps, monkeypatch, **kw)
@@ -1301,7 +1316,7 @@ def test_a_run_finds_a_batch_another_run_is_reading_and_leaves_it(stack, batch_f
     stack.table.update_item(
         Key={"pk": f"batch#{view['id']}"},
         UpdateExpression="SET ingest_until = :u, ingester = :other REMOVE pending",
-        ExpressionAttributeValues={":u": int(deps.clock()) + batches.LEASE_S, ":other": "x"},
+        ExpressionAttributeValues={":u": int(deps.clock()) + deps.settings.batches.lease_s, ":other": "x"},
     )
     # When the upload event arrives while another run holds the batch
     created = upload(view["input_file_uri"].removeprefix(f"s3://{stack.refs['ResultsBucket']}/"), None)
@@ -1382,16 +1397,17 @@ def test_a_pass_reads_the_open_batches_a_hundred_at_a_time_oldest_first(stack, b
         monkeypatch.setattr(
             client, name, lambda real=real, name=name, **kw: calls.__setitem__(name, calls[name] + 1) or real(**kw)
         )
-    assert [b.id for b in batches._open_batches(deps)] == made
+    assert [b.id for b in batches.open_batches(deps)] == made
     assert calls == {"get_item": 0, "batch_get_item": 1}
 
 
-def test_a_file_past_the_limits_cancelled_before_it_was_read_is_not_read_whole(stack, batch_fn, monkeypatch):
-    from stratus import batches
+def test_a_file_past_the_limits_cancelled_before_it_was_read_is_not_read_whole(
+    batch_limits, stack, batch_fn, monkeypatch
+):
+    from stratus.batches import lines as batch_lines
 
     upload, tick, _ = batch_fn
-    monkeypatch.setattr(batches, "MAX_LINES", 5)  # (the limits scaled down)
-    monkeypatch.setattr(batches, "MAX_FILE_BYTES", 1000)
+    batch_limits(max_lines=5, max_file_bytes=1000)  # (the limits scaled down)
     bucket = stack.refs["ResultsBucket"]
     boto3.client("s3").put_object(Bucket=bucket, Key="batches/files/acme/big.jsonl", Body=lines("a", 60).encode())
     acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
@@ -1399,8 +1415,8 @@ def test_a_file_past_the_limits_cancelled_before_it_was_read_is_not_read_whole(s
     assert stack.call("api_cancel_batch.json", key=acme, job_id=view["id"])[1]["status"] == "cancelling"
     upload(view["input_file_uri"].removeprefix(f"s3://{bucket}/"), None)
     read_rows = []
-    real = batches._rows
-    monkeypatch.setattr(batches, "_rows", lambda *a, **kw: (read_rows.append(1) or r for r in real(*a, **kw)))
+    real = batch_lines.rows
+    monkeypatch.setattr(batch_lines, "rows", lambda *a, **kw: (read_rows.append(1) or r for r in real(*a, **kw)))
     tick()
     # Then the batch is cancelled without its lines read one by one (was: all 60 into one list,
     # past both limits: a 5 GB file copied into the files folder would stop every pass)

@@ -22,6 +22,19 @@ def _bool(value: str) -> bool:
 
 
 @dataclass(frozen=True)
+class BatchLimits:
+    """How batch files are read (stratus.batches): fixed by the code, not read from the environment.
+    A batch's lines files are numbered by slice_lines, so it must not change while batches are open."""
+
+    slice_lines: int = 1000  # lines one ingest step reads into jobs and records (~10-20 s of DynamoDB calls)
+    max_lines: int = 50_000  # lines in one file (OpenAI's limit); read a slice at a time, over several runs
+    max_file_bytes: int = 200 * 1024 * 1024  # one file's size (OpenAI's limit); streamed, never held whole
+    max_line_bytes: int = 4 << 20  # one line: no request that fits a queue message (256 KiB) comes near it
+    read_chunk: int = 1 << 20  # bytes a read of the file takes from S3 at a time
+    lease_s: int = 120  # an ingest step holds its batch this long; a dead one's batch is taken over after
+
+
+@dataclass(frozen=True)
 class Settings:
     table: str
     queue_url: str
@@ -74,8 +87,10 @@ class Settings:
     cancel_check_s: float = 0.5  # how often held jobs are re-read for cancellation
     drain_s: float = 25.0  # on SIGTERM: time to finish held jobs before releasing them
     ort_spinning: bool = True  # onnxruntime threads spin while idle: fastest on cores of their own
+    batches: BatchLimits = BatchLimits()  # (not from the environment: see BatchLimits)
 
-    # field name -> (environment variable, parser); every field without a default is required
+    # field name -> (environment variable, parser); every field without a default is required, and a
+    # field not named here is not read from the environment
     ENV = {
         "table": ("STRATUS_TABLE", str),
         "queue_url": ("STRATUS_QUEUE_URL", str),
@@ -133,6 +148,8 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         values = {}
         for f in fields(cls):
+            if f.name not in cls.ENV:
+                continue
             var, parse = cls.ENV[f.name]
             raw = env.get(var)
             if raw is None or raw == "":
