@@ -5,10 +5,10 @@ requests-queue messages.
     validate (fields, the model, a sure lower bound of the prompt's tokens vs the context length)
     -> enqueue(request, ...): job id (the cache key when cacheable) -> a cached result? (Submission.hit: nothing written)
     -> the job item and queue message, checked against DynamoDB's and SQS's sizes (413)
-    -> charge the tenant's limits (How.charge) -> conditional put (identical live jobs coalesce)
-    -> SendMessage (How.send; batch ingest collects the messages and sends ten at a time)
+    -> charge the tenant's limits (SubmitPolicy.charge) -> conditional put (identical live jobs coalesce)
+    -> SendMessage (SubmitPolicy.send; batch ingest collects the messages and sends ten at a time)
 
-What differs on purpose between callers is `How`:
+What differs on purpose between callers is `SubmitPolicy`:
   API           the tenant's tier (its key record; interactive by default), charged, sent at once, may stream
   batch line    the batch tier, not charged, collected
   queue message RequestsQueueTier (interactive by default), not charged (its sender is trusted by IAM), sent at once
@@ -44,7 +44,11 @@ BATCH_KEEP_S = 86400  # a job a batch file's line made, joined or hit outlives t
 
 
 @dataclass(frozen=True)
-class How:
+class SubmitPolicy:
+    """What differs on purpose between the paths a request arrives by (api, batch_line,
+    queue_message below make the three): its tier and deadline, whether it is charged, sent at once
+    or may stream, and where its job id comes from when it is not cacheable."""
+
     deadline_s: float  # the job expires unstarted after this
     tier: str = "interactive"  # stratus.contracts.TIERS
     charge: bool = True  # tenant limits apply
@@ -61,14 +65,16 @@ class How:
     # joins gets its message again (a duplicate message is harmless)
 
 
-def api(settings: Settings, cache_control: str = "", *, stream: bool = False, tier: str = "interactive") -> How:
-    return How(settings.deadline_for(tier), tier, charge=True, streaming=stream, cache_control=cache_control)
+def api(
+    settings: Settings, cache_control: str = "", *, stream: bool = False, tier: str = "interactive"
+) -> SubmitPolicy:
+    return SubmitPolicy(settings.deadline_for(tier), tier, charge=True, streaming=stream, cache_control=cache_control)
 
 
-def batch_line(settings: Settings, batch_id: str | None = None, line: int | None = None) -> How:
+def batch_line(settings: Settings, batch_id: str | None = None, line: int | None = None) -> SubmitPolicy:
     """A batch file's line (its number in the file, when its job's id is to come from it: made once)."""
     origin = line_origin(batch_id, line) if batch_id and line is not None else None
-    return How(
+    return SubmitPolicy(
         settings.deadline_for("batch"),
         "batch",
         charge=False,
@@ -79,10 +85,10 @@ def batch_line(settings: Settings, batch_id: str | None = None, line: int | None
     )
 
 
-def queue_message(settings: Settings, message_id: str | None = None, redelivered: bool = False) -> How:
+def queue_message(settings: Settings, message_id: str | None = None, redelivered: bool = False) -> SubmitPolicy:
     """A requests-queue message (SQS's MessageId, the same on each of its deliveries)."""
     tier = settings.requests_tier
-    return How(
+    return SubmitPolicy(
         settings.deadline_for(tier),
         tier,
         charge=False,
@@ -92,7 +98,7 @@ def queue_message(settings: Settings, message_id: str | None = None, redelivered
 
 
 def line_origin(batch_id: str, line: int) -> str:
-    """How.origin of a batch file's line (its number in the file)."""
+    """SubmitPolicy.origin of a batch file's line (its number in the file)."""
     return f"{batch_id}/{line}"
 
 
@@ -104,7 +110,7 @@ class Submission:
     hit: Job | None = None  # a DONE cached job, its result loaded: nothing was written
     job: Job | None = None  # the job as created, or the live job this request joined
     created: bool = False
-    message: QueueMessage | None = None  # its queue message (sent unless How.send is False)
+    message: QueueMessage | None = None  # its queue message (sent unless SubmitPolicy.send is False)
 
 
 def _fewest_prompt_tokens(req: InferenceRequest) -> int:
@@ -114,7 +120,7 @@ def _fewest_prompt_tokens(req: InferenceRequest) -> int:
     return max(len(p.encode()) // MAX_BYTES_PER_TOKEN if isinstance(p, str) else len(p) for p in req.prompts)
 
 
-def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: How) -> Submission:
+def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: SubmitPolicy) -> Submission:
     s = deps.settings
     req = parse_request(
         route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens, streaming=how.streaming
@@ -131,7 +137,7 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: How) -> Subm
     return enqueue(req, tenant, deps, how)
 
 
-def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Submission:
+def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: SubmitPolicy) -> Submission:
     """A valid request -> a cached result, the live job it joins, or a new job and its message."""
     s = deps.settings
     directives = {d.strip().lower() for d in how.cache_control.split(",") if d.strip()}
@@ -175,7 +181,7 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: How) -> Subm
         raise
 
 
-def _create(job: Job, message: QueueMessage, refresh: bool, how: How, deps: Deps) -> Submission:
+def _create(job: Job, message: QueueMessage, refresh: bool, how: SubmitPolicy, deps: Deps) -> Submission:
     """The job made (and its message sent), or the live job it joins."""
     job_id, req, cacheable = job.job_id, job.request, job.cacheable
     held, created = deps.store.create(job, refresh=refresh, once=how.once and not cacheable)
@@ -205,7 +211,7 @@ def estimated_tokens(req: InferenceRequest) -> int:
     return req.text_bytes // 4 + req.prompt_token_ids + req.params.max_tokens * req.choices
 
 
-def _keep_for_batch(job_id: str, how: How, deps: Deps) -> None:
+def _keep_for_batch(job_id: str, how: SubmitPolicy, deps: Deps) -> None:
     """A batch line that hit or joined a job keeps it as long as a job the line made would live."""
     if how.batch:
         deps.store.keep(job_id, int(deps.clock() + how.deadline_s + BATCH_KEEP_S))
@@ -229,7 +235,7 @@ def send(message: QueueMessage, deps: Deps) -> None:
 
 def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool, origin: str | None = None) -> str:
     """Cacheable requests meet on their cache key ("c" + SHA-256); others get a random id ("j" + uuid),
-    or, with an origin (How.origin), one derived from it: a run that redoes a batch slice (or cancels
+    or, with an origin (SubmitPolicy.origin), one derived from it: a run that redoes a batch slice (or cancels
     it) finds the jobs a run that died made for it, and a redelivered requests-queue message the job
     its first delivery made. (Its tenant may work such an id out, an upload's batch id being a hash
     of the file; GET and DELETE /v1/jobs answer only the job's own tenant.)"""
