@@ -447,15 +447,17 @@ class Worker:
         self.leases.release(receipt)
 
     def release_all(self) -> None:
-        """Give back every held job but the one the writer is writing (it deletes or releases it)."""
+        """Give back every held job but the one the writer is writing (it deletes or releases it).
+        After the engine died, each job names the failure (as the writer does for those it reached)."""
         with self._lock:
             writing = self._writing
+        why = {} if self.failure is None else {"last_error": f"EngineFailed: {self.failure}"[:500]}
         for h in self._snapshot():
             if h.message.job_id == writing:
                 continue
             try:
                 self.results.abandon(h.message.job_id)
-                self.jobs.requeue(h.message.job_id)
+                self.jobs.requeue(h.message.job_id, **why)
                 self.leases.release(h.receipt)
             except Exception:
                 logger.exception("could not give a job back", extra={"job_id": h.message.job_id})
