@@ -6,10 +6,8 @@ says what the code enforces.
 from __future__ import annotations
 
 from stratus.batches import MAX_PAGE
-from stratus.contracts import MAX_CHOICES
-from stratus.params import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
+from stratus.openapi_schemas import IDS, MESSAGE, schemas
 from stratus.settings import Settings
-from stratus.wire import ROLES, ROUTE_PATHS
 
 JSON = "application/json"
 
@@ -33,255 +31,6 @@ DESCRIPTIONS = {
     503: "unavailable for a moment (Retry-After)",
 }
 COMMON = (400, 401, 413, 429, 503)
-
-
-def _sampling(s: Settings, streams: bool = True) -> dict:
-    stop = {
-        "oneOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
-        ],
-        "nullable": True,
-    }
-    return {
-        "model": {"type": "string", "minLength": 1, "example": s.model_id},
-        "max_tokens": {"type": "integer", "minimum": 1, "maximum": s.max_tokens, "nullable": True},
-        "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": s.max_tokens, "nullable": True},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "nullable": True},
-        "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "nullable": True},
-        "top_k": {"type": "integer", "minimum": 0, "nullable": True},
-        "repetition_penalty": {
-            "type": "number",
-            "minimum": 0,
-            "exclusiveMinimum": True,
-            "maximum": 10,
-            "nullable": True,
-        },
-        "seed": {"type": "integer", "nullable": True},
-        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True},
-        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True},
-        "logit_bias": {
-            "type": "object",
-            "nullable": True,
-            "maxProperties": MAX_LOGIT_BIAS,
-            "propertyNames": {"pattern": "^[0-9]{1,9}$"},
-            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
-            "description": "token id (a decimal string) -> bias added to its logit; ids must be in "
-            "the model's vocabulary (checked by the worker: a FAILED job, 400)",
-        },
-        "stop": stop,
-        "n": {
-            "type": "integer",
-            "minimum": 1,
-            "maximum": MAX_N,
-            "nullable": True,
-            "description": f"choices per prompt (at most {MAX_CHOICES} choices in all; stream: true serves one)",
-        },
-        "stream": {"type": "boolean", "nullable": True}
-        if streams
-        else {"type": "boolean", "enum": [False, None], "nullable": True},  # jobs are answered whole
-        "stream_options": {
-            "type": "object",
-            "nullable": True,
-            "additionalProperties": False,
-            "properties": {"include_usage": {"type": "boolean"}, "include_obfuscation": {"type": "boolean"}},
-        },
-    }
-
-
-_TEXT_PART = {
-    "type": "object",
-    "required": ["type", "text"],
-    "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
-}
-MESSAGE = {
-    "type": "object",
-    "required": ["role", "content"],
-    "properties": {
-        "role": {"type": "string", "enum": list(ROLES)},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]},
-    },
-}
-IDS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}, "minItems": 1}
-
-
-def _schemas(s: Settings) -> dict:
-    usage = {
-        "type": "object",
-        "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
-    }
-    choice = {
-        "type": "object",
-        "properties": {
-            "index": {"type": "integer"},
-            "finish_reason": {"type": "string"},
-            "logprobs": {"type": "object", "nullable": True},
-        },
-    }
-    top = {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS, "nullable": True}
-    chat_only = {"logprobs": {"type": "boolean", "nullable": True}, "top_logprobs": top}
-    ids = IDS
-    prompt = {
-        "oneOf": [
-            {"type": "string", "minLength": 1},
-            ids,
-            {
-                "type": "array",
-                "items": {"oneOf": [{"type": "string", "minLength": 1}, ids]},
-                "minItems": 1,
-                "maxItems": MAX_CHOICES,
-            },
-        ],
-        "description": "text, token ids (used exactly: no BOS added), or a list of either (a choice each)",
-    }
-    completion_only = {
-        "logprobs": {**top, "description": "log-probabilities of each token and this many alternatives"},
-        "echo": {
-            "type": "boolean",
-            "nullable": True,
-            "description": "return the prompt before the text (with "
-            "logprobs: each prompt token's log-probability, the first null); max_tokens may then be 0",
-        },
-        "max_tokens": {"type": "integer", "minimum": 0, "maximum": s.max_tokens, "nullable": True},
-        "prompt": prompt,
-    }
-    return {
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "required": ["message", "type"],
-                    "properties": {
-                        "message": {"type": "string"},
-                        "type": {"type": "string"},
-                        "param": {"type": "string", "nullable": True},
-                        "code": {"type": "string", "nullable": True},
-                    },
-                }
-            },
-        },
-        **{
-            f"{kind}Request": {
-                "type": "object",
-                "required": ["model", "messages"],
-                "properties": {
-                    **_sampling(s, streams),
-                    **chat_only,
-                    "messages": {"type": "array", "items": MESSAGE, "minItems": 1, "maxItems": s.max_messages},
-                },
-                "allOf": [
-                    _when("top_logprobs", {"type": "integer"}, {"logprobs": {"const": True}}, required=True),
-                    _when("stream", {"const": True}, {"n": {"enum": [1, None]}}),
-                ],
-            }
-            for kind, streams in (("Chat", True), ("JobChat", False))
-        },
-        **{
-            f"{kind}Request": {
-                "type": "object",
-                "required": ["model", "prompt"],
-                "properties": {**_sampling(s, streams), **completion_only},
-                "allOf": [
-                    _unless(
-                        "echo", {"const": True}, {"max_tokens": {"minimum": 1}, "max_completion_tokens": {"minimum": 1}}
-                    ),
-                    _when(
-                        "prompt",
-                        {"type": "array", "minItems": 2, "items": {"not": {"type": "integer"}}},
-                        {"n": {"enum": [1, None]}},
-                    ),  # prompts x n <= MAX_CHOICES, simply
-                    _when(
-                        "stream",
-                        {"const": True},
-                        {
-                            "n": {"enum": [1, None]},
-                            "echo": {"enum": [False, None]},
-                            "prompt": {"oneOf": [{"type": "string"}, ids, {"type": "array", "maxItems": 1}]},
-                        },
-                    ),
-                ],
-            }
-            for kind, streams in (("Completion", True), ("JobCompletion", False))
-        },
-        "Chunk": {
-            "type": "object",
-            "required": ["id", "object", "choices"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"type": "string", "enum": ["chat.completion.chunk", "text_completion"]},
-                "created": {"type": "integer"},
-                "model": {"type": "string"},
-                "choices": {"type": "array"},
-                "usage": {"type": "object", "nullable": True},
-            },
-        },
-        "Completion": {
-            "type": "object",
-            "required": ["id", "object", "choices"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"type": "string", "enum": ["chat.completion", "text_completion"]},
-                "created": {"type": "integer"},
-                "model": {"type": "string"},
-                "choices": {"type": "array", "items": choice},
-                "usage": usage,
-            },
-        },
-        "Job": {
-            "type": "object",
-            "required": ["id", "object", "status"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"type": "string", "enum": ["job"]},
-                "status": {"type": "string", "enum": ["QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "EXPIRED"]},
-                "created_at": {"type": "integer"},
-                "model": {"type": "string"},
-                "endpoint": {"type": "string"},
-            },
-        },
-        "Batch": {
-            "type": "object",
-            "required": ["id", "object", "status"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"type": "string", "enum": ["batch"]},
-                "status": {"type": "string"},
-                "request_counts": {"type": "object"},
-            },
-        },
-        "BatchRequest": {
-            "type": "object",
-            "required": ["input_file_id"],
-            "properties": {
-                "input_file_id": {"type": "string", "minLength": 1},
-                "endpoint": {"type": "string", "enum": list(ROUTE_PATHS)},
-                "completion_window": {"type": "string"},
-            },
-        },
-        "List": {
-            "type": "object",
-            "required": ["object", "data"],
-            "properties": {
-                "object": {"type": "string", "enum": ["list"]},
-                "data": {"type": "array", "items": {"type": "object"}},
-            },
-        },
-    }
-
-
-def _when(name: str, schema: dict, then: dict, *, required: bool = False) -> dict:
-    """When field `name` matches `schema`, the other fields must match `then` (JSON Schema if/then):
-    the combinations the code refuses with a 400 are outside the document."""
-    return {
-        "if": {"required": [name], "properties": {name: schema}},
-        "then": {"properties": then, **({"required": list(then)} if required else {})},
-    }
-
-
-def _unless(name: str, schema: dict, otherwise: dict) -> dict:
-    return {"if": {"required": [name], "properties": {name: schema}}, "else": {"properties": otherwise}}
 
 
 def _completion_route(summary: str, request: str) -> dict:
@@ -319,7 +68,7 @@ def _id(name: str) -> dict:
 
 
 def _json_schema(node):
-    """The schemas above use OpenAPI 3.0's spellings (nullable, boolean exclusiveMinimum); 3.1 is
+    """The schemas (openapi_schemas.py) use OpenAPI 3.0's spellings (nullable, boolean exclusiveMinimum); 3.1 is
     JSON Schema: `type: [T, "null"]`, a numeric exclusiveMinimum (and propertyNames works)."""
     if isinstance(node, list):
         return [_json_schema(n) for n in node]
@@ -350,7 +99,7 @@ def _spec(s: Settings) -> dict:
             "description": "OpenAI-compatible inference: chat and "
             "text completions (whole or streamed), jobs, batches, files, models.",
         },
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": _schemas(s)},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": schemas(s)},
         "paths": {
             "/v1/chat/completions": _completion_route("Chat completion", "ChatRequest"),
             "/v1/completions": _completion_route("Text completion", "CompletionRequest"),
