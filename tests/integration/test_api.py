@@ -237,7 +237,7 @@ def test_rate_limit_is_429_with_retry_after(stack):
     status, body, headers = stack.call("api_create_job.json", key=slow)
     assert status == 429 and body["error"]["type"] == "rate_limit_error"
     assert 1 <= int(headers["retry-after"]) <= 60
-    # and a key allowed no requests gets none (was: the first of each minute)
+    # and a key allowed no requests gets none, not even the first of each minute
     none = create_key(stack.table, "suspended", rpm=0, tpm=1_000_000)
     assert stack.call("api_create_job.json", key=none)[0] == 429
 
@@ -316,7 +316,7 @@ def test_json_nested_too_deep_is_a_400(stack, key, depth):
 
 
 def test_an_integer_too_long_to_read_is_a_400(stack, key):
-    # (json.loads refuses integers past 4,300 digits with a ValueError: it was a 500)
+    # (json.loads refuses integers past 4,300 digits with a ValueError, which must not become a 500)
     raw = '{"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": ' + "1" * 5000 + "}"
     for event in ("api_chat_completion.json", "api_create_job.json"):
         status, body, _ = stack.call(event, key=key, body=raw)
@@ -442,7 +442,7 @@ def test_a_cancel_checked_against_one_tenants_job_never_cancels_anothers_made_si
     # When the first tenant's second DELETE is checked just before the other's request makes it again
     monkeypatch.setattr(service, "get_job", made_again_after_the_check)
     status, _, _ = stack.call("api_cancel_job.json", key=key, job_id=mine["id"])
-    # Then the other tenant's job stays QUEUED (was: cancelled by a tenant that no longer owns the id)
+    # Then the other tenant's job stays QUEUED, not cancelled by a tenant that no longer owns the id
     job = store.get(mine["id"])
     assert status in (404, 409) and job.status == Status.QUEUED and job.tenant == "globex"
 
@@ -545,7 +545,7 @@ def test_a_request_the_queue_could_not_take_costs_the_tenant_nothing(stack, monk
         "send_message",
         failing_first(deps.sqs.send_message, aws_error("ServiceUnavailable", 503, "SendMessage"), []),
     )
-    # When its request is a 503, then its retry is taken (was: a 429, the minute's request used up)
+    # When its request is a 503, then its retry is taken: the failed request did not use up the minute's one
     assert stack.call("api_create_job.json", key=one, body=CHAT)[0] == 503
     assert stack.call("api_create_job.json", key=one, body=CHAT)[0] == 202
 

@@ -276,8 +276,8 @@ def test_bedrock_records_never_carry_another_files_input(stack, batch_fn, then):
     else:
         boto3.client("s3").delete_object(Bucket=stack.refs["ResultsBucket"], Key=key)
     work_all(stack)
-    # Then the batch completes, its records without a modelInput it can no longer read (was: another
-    # file's prompt under this batch's recordIds, or a batch stuck in progress on NoSuchKey)
+    # Then the batch completes, its records without a modelInput it can no longer read (never another
+    # file's prompt under this batch's recordIds, nor a batch stuck in progress on NoSuchKey)
     assert created["batch"] in tick()["completed"]
     out = read(f"s3://{stack.refs['ResultsBucket']}/batches/output/{created['batch']}/output.jsonl")
     assert [(o["recordId"], o["modelInput"]) for o in out] == [("r1", None), ("r2", None)]
@@ -354,7 +354,7 @@ def test_uploads_must_be_batch_files_within_the_size_limit(stack):
     assert status == 400 and "purpose must be 'batch'" in body["error"]["message"]
     status, body, _ = stack.call("api_upload_file.json", key=acme, headers={"content-type": "application/json"})
     assert status == 400 and "multipart/form-data" in body["error"]["message"]
-    # a purpose field of another content type is read as text, or refused as unreadable (was a 500)
+    # a purpose field of another content type is read as text, or refused as unreadable (never a 500)
     for part_type, wanted in (
         ("text/plain; charset=bogus-xx", {200}),
         ("message/rfc822", {400}),
@@ -739,7 +739,7 @@ def test_a_slower_pass_never_overwrites_a_finished_batchs_counts(stack, batch_fn
     assert batches.advance(deps) == []
     view = stack.call("api_get_batch.json", key=acme, job_id=created["batch"])[1]
     assert view["status"] == "completed" and len(read(view["output_file_uri"])) == 6
-    assert view["request_counts"] == {"total": 6, "completed": 6, "failed": 0}  # (was 0 of 6 completed)
+    assert view["request_counts"] == {"total": 6, "completed": 6, "failed": 0}  # (not the slower pass's 0 of 6)
 
 
 def test_a_settled_lines_job_run_again_holds_the_batch_until_it_finishes(stack, batch_fn, batch_deps):
@@ -926,8 +926,8 @@ def test_a_batch_tier_request_that_joined_a_lines_job_keeps_it_through_the_batch
     )
     tick()
     assert job_id in take_jobs(stack)
-    # Then the request's job ran, its reply still owed to the caller (was: CANCELLED under it, with
-    # no message left for a worker to run it or post the reply)
+    # Then the request's job ran, its reply still owed to the caller (not CANCELLED under it, which
+    # would leave no message for a worker to run it or post the reply)
     done = store.get(job_id)
     assert done.status == Status.DONE and [n["id"] for n in done.notify] == ["order-1"]
 
@@ -1251,7 +1251,7 @@ def test_a_run_that_dies_mid_slice_is_taken_over_and_every_line_runs_once(
     ran += take_jobs(stack)
     assert sorted(custom_ids(stack, batch_id)[j] for j in ran) == sorted(f"a{i}" for i in range(18))
     assert tick()["completed"] == [batch_id]
-    # and no job the dead run made is left behind (was, for sampled lines: 8 QUEUED, their prompts kept a day)
+    # and no job the dead run made is left behind, sampled or not (none QUEUED, keeping its prompt a day)
     made = [i for i in stack.table.scan()["Items"] if i.get("batch_id") == batch_id]
     assert len(made) == 18 and {i["status"] for i in made} == {"DONE"}
 
@@ -1271,7 +1271,7 @@ def test_a_run_that_dies_before_its_last_write_leaves_a_batch_the_pass_starts(st
     with pytest.raises(RuntimeError):
         upload("batches/input/acme/small.jsonl", lines("a", 5))
     monkeypatch.setattr(deps.table, "update_item", real)
-    # When passes run (was: validating for ever, nothing to read, nothing released)
+    # When passes run, they start it, rather than leave it validating for ever with nothing released
     tick()
     assert len(take_jobs(stack)) == 5
     done = tick()["completed"]
@@ -1295,10 +1295,10 @@ def test_a_cancel_before_a_dead_slice_is_redone_cancels_that_slices_jobs(
     assert stack.call("api_cancel_batch.json", key=acme, job_id=first)[1]["status"] == "cancelling"
     take_jobs(stack)
     assert tick()["completed"] == [first]
-    # Then none of the jobs that slice made is left QUEUED (was: 8, never sent, never cancelled)
+    # Then none of the jobs that slice made is left QUEUED, never sent and never cancelled
     made = [i for i in stack.table.scan()["Items"] if i.get("batch_id") == first]
     assert not [i for i in made if i["status"] == "QUEUED"] and len(made) == 18
-    # and another batch's identical line runs as its own (was: joined an orphan, pending for days)
+    # and another batch's identical line runs as its own, not joined to an orphan pending for days
     later = upload("batches/input/acme/later.jsonl", line("b", "a question 12?") + "\n")
     take_jobs(stack)
     assert tick()["completed"] == [later["batch"]]
@@ -1418,8 +1418,8 @@ def test_a_file_past_the_limits_cancelled_before_it_was_read_is_not_read_whole(
     real = batch_lines.rows
     monkeypatch.setattr(batch_lines, "rows", lambda *a, **kw: (read_rows.append(1) or r for r in real(*a, **kw)))
     tick()
-    # Then the batch is cancelled without its lines read one by one (was: all 60 into one list,
-    # past both limits: a 5 GB file copied into the files folder would stop every pass)
+    # Then the batch is cancelled without its lines read one by one (were all 60 read into one list,
+    # past both limits, a 5 GB file copied into the files folder would stop every pass)
     view = stack.call("api_get_batch.json", key=acme, job_id=view["id"])[1]
     assert view["status"] == "cancelled" and view["request_counts"]["total"] == 0 and read_rows == []
 
@@ -1483,7 +1483,7 @@ def test_a_sampled_lines_job_its_tenant_cancelled_ends_its_line_and_leaves_no_ot
     assert len(take(stack, 3)) == 2
     for _ in range(2):
         tick()
-    # Then the batch completes, that line an error, and no other job was made for it (was: a job with
+    # Then the batch completes, that line an error, and no other job was made for it (not a job with
     # an empty prompt on every pass: a finished sampled job keeps no prompt to run again)
     view = stack.call("api_get_batch.json", key=acme, job_id=batch_id)[1]
     assert view["status"] == "completed" and view["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
@@ -1509,8 +1509,8 @@ def test_a_run_that_lags_behind_never_makes_a_finished_line_job_again(stack, bat
         deps,
         submission.batch_line(deps.settings, created["batch"], 1),
     )
-    # Then it joins the finished job, which keeps its failure (was: a fresh QUEUED job with no message,
-    # and the batch in progress until it expired)
+    # Then it joins the finished job, which keeps its failure (not a fresh QUEUED job with no message,
+    # which would hold the batch in progress until it expired)
     assert sub.job_id == job_id and not sub.created
     assert store.get(job_id).status == Status.FAILED and store.get(job_id).error["code"] == "worker_failed"
 
@@ -1550,7 +1550,7 @@ def test_a_batch_message_sqs_fails_on_its_side_is_sent_again_and_one_it_refuses_
     monkeypatch.setattr(deps, "sleep", lambda s: None)
     # When SQS fails line 0's message on its side once and refuses line 1's as the sender's fault
     release.send(bodies, deps)
-    # Then line 0's is sent again (was: its job FAILED, and the line an error), line 1's job fails visibly
+    # Then line 0's is sent again (its job not FAILED, the line not an error), line 1's job fails visibly
     assert rounds == [["0", "1", "2"], ["0"]]
     assert [store.get(j).status for j in jobs] == [Status.QUEUED, Status.FAILED, Status.QUEUED]
     assert store.get(jobs[1]).error["code"] == "enqueue_failed"

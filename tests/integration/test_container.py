@@ -432,7 +432,7 @@ def test_an_invocation_waiting_on_a_job_that_fails_reports_it_failed(stack, cont
     replies = invoked_at_once(worker, message)
     assert len(calls) == 1 and JobStore(stack.table).get(message["job_id"]).status == Status.FAILED
     assert sorted(r[0] for r in replies) == [200, 500]
-    assert [r[1]["status"] for r in replies if r[0] == 200] == ["FAILED"]  # (was RUNNING: read before the fail)
+    assert [r[1]["status"] for r in replies if r[0] == 200] == ["FAILED"]  # (read after the fail, not RUNNING)
 
 
 def test_only_a_generation_whose_run_was_made_again_is_dropped(stack, container):
@@ -476,7 +476,7 @@ def test_a_failed_invocation_of_a_run_made_again_leaves_the_new_run_queued(stack
     monkeypatch.setattr(worker.results, "record", lambda *a: (_ for _ in ()).throw(RuntimeError("S3 is down")))
     # When that invocation fails
     assert invoke(worker, first)[0] == 500
-    # Then the new run stays QUEUED for its own invocation (was: FAILED by the old one)
+    # Then the new run stays QUEUED for its own invocation, not FAILED by the old one
     assert store.get(first["job_id"]).status == Status.QUEUED
 
 
@@ -494,4 +494,4 @@ def test_a_waiting_invocation_that_cannot_read_the_job_fails_it_only_when_queued
     status, _reply = invoke(worker, message)
     worker.held.pop(msg.job_id)
     monkeypatch.undo()
-    assert status == 500 and JobStore(stack.table).get(msg.job_id).status == Status.FAILED  # (was: QUEUED for ever)
+    assert status == 500 and JobStore(stack.table).get(msg.job_id).status == Status.FAILED  # (not QUEUED for ever)

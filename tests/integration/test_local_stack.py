@@ -131,8 +131,8 @@ def stack(real_models, tmp_path_factory):
     before = {log: log.stat().st_size for log in logs.glob("worker-*.log")}
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
     assert proc.wait(timeout=60) == 0
-    # Then every worker stopped in order, storage still up while they drained (was: moto killed at
-    # once by the same Ctrl-C, and the workers' writes failing), and nothing is left running
+    # Then every worker stopped in order, storage (moto) still up while they drained so that their
+    # last writes succeed, and nothing is left running
     for log, size in before.items():
         said = log.read_bytes()[size:].decode()
         assert '"worker stopped"' in said and "could not" not in said, said
@@ -193,7 +193,7 @@ def test_sigterm_while_starting_stops_what_was_started(real_models, tmp_path):
         time.sleep(0.05)  # moto is up, a worker is loading the model
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 130
-    assert left_running(tmp_path) == []  # (was: moto and the worker left running, adopted by init)
+    assert left_running(tmp_path) == []  # (neither moto nor the worker is left running for init to adopt)
 
 
 def chat(stack, content: str, **kw):

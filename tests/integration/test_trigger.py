@@ -73,7 +73,7 @@ def test_a_reply_queue_outside_the_allowed_pattern_is_refused(stack, trigger):
         "batchItemFailures": []
     }
     assert stack.queued() == []
-    # and one that is not a string, whatever its text says (was read through str(): a list passed)
+    # and one that is not a string, whatever its text says (a list is refused, not read through str())
     assert send({**request(), "reply_to": ["https://sqs.us-east-1.amazonaws.com/1/x-replies"]}) == {
         "batchItemFailures": []
     }
@@ -164,11 +164,11 @@ def test_a_redelivered_request_message_makes_one_job_and_one_reply(stack, trigge
     assert send(msg, receive_count=2) == {"batchItemFailures": []}
     messages = stack.queued()  # (the redelivery sent the QUEUED job's message again: workers run it once)
     assert len(messages) == 2 and len({m["job_id"] for m in messages}) == 1
-    # Then one job was made (was, sampled: two), and it is watched once
+    # Then one job was made, sampled or not, and it is watched once
     queued = messages[0]
     store = JobStore(stack.table)
     assert len(store.get(queued["job_id"]).notify) == 1
-    # and its end posts one reply (was: one per delivery)
+    # and its end posts one reply, not one per delivery
     store.transition(queued["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
     from stratus.replies import post_replies
 
@@ -203,7 +203,7 @@ def test_a_reply_that_fails_for_a_passing_reason_is_posted_when_its_message_come
     with pytest.raises(ClientError):
         post_replies(done, sqs=stack.sqs, s3=boto3.client("s3"), store=store)
     assert not store.get(queued["job_id"]).notified
-    # Then the next try (its message came back) posts it (was: lost, the job marked notified)
+    # Then the next try (its message came back) posts it: the reply is not lost
     assert post_replies(store.get(queued["job_id"]), sqs=stack.sqs, s3=boto3.client("s3"), store=store) == 1
     assert [r["id"] for r in replied()] == ["order-42"]
 
@@ -238,7 +238,7 @@ def test_a_redelivery_after_a_first_delivery_that_failed_to_queue_its_job_queues
         with pytest.raises(SystemExit):
             send(msg)
     assert stack.queued() == []
-    # When the message comes back: its job is queued (was: FAILED for good, or QUEUED with no message)
+    # When the message comes back: its job is queued, with a message (not FAILED for good)
     assert send(msg, receive_count=2) == {"batchItemFailures": []}
     [queued] = stack.queued()
     assert JobStore(stack.table).get(queued["job_id"]).status == Status.QUEUED and replied() == []

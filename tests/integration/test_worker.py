@@ -244,7 +244,7 @@ def test_a_job_the_engine_refuses_to_start_goes_back_and_is_not_held(stack, key,
     job_id = submit(stack, key, chat("start me"))
     wait_until(lambda: job(stack, job_id).status == Status.DONE)  # the message came back at once
     assert calls == [job_id, job_id] and "ValueError: cannot start" in job(stack, job_id).last_error
-    wait_until(lambda: not w.held)  # (was held for ever: the message, re-received, was taken for its own)
+    wait_until(lambda: not w.held)  # let go: the message, received again, is not taken for the one held
 
 
 def test_a_worker_whose_engine_dies_gives_its_jobs_back_and_stops(stack, key, make_worker, tiny):
@@ -274,7 +274,7 @@ def test_a_message_back_after_its_deadline_leaves_a_job_another_worker_runs(stac
     w.jobs.clock = lambda: time.time() + 1000  # its lease lapsed: the message is back, past its deadline
     m = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], AttributeNames=["All"])["Messages"][0]
     w.admit(m, Receipt(stack.refs["JobsQueue"], m["ReceiptHandle"]))
-    # Then the message is kept (was deleted: had that worker died, nothing would take the job over)
+    # Then the message is kept: should the worker running the job die, another takes it over
     assert job(stack, job_id).status == Status.RUNNING and queue_depth(stack) == 1
 
 
@@ -295,8 +295,8 @@ def test_a_job_made_again_after_a_cancel_is_run_from_its_own_message(stack, key,
     assert stack.call("api_cancel_job.json", key=key, job_id=job_id)[0] == 200
     assert submit(stack, key, body) == job_id  # made again: same id, a new message
     done = wait_until(lambda: (x := job(stack, job_id)).status == Status.DONE and x, timeout=30)
-    # Then the new job ran from the new message, soon (was: the old generation deleted the new
-    # message, and the job waited for the old one to come back a lease later, past its deadline)
+    # Then the new job ran from the new message, soon: the old generation does not delete the new
+    # message, which would leave the job waiting a lease for the old one, past its deadline
     wait_until(lambda: len(deleted) == 2)
     first, second = sorted(set(enqueued.values()))
     assert deleted == [first, second] and done.attempts >= 1
@@ -325,7 +325,7 @@ def test_a_cancel_read_as_the_writer_lets_go_does_not_stop_the_job_made_again(st
     wait_until(lambda: queue_depth(stack) == 0 and not w.held)
     time.sleep(0.3)
     w.store.states, w.results.record = real_states, real_record
-    assert job_id not in w.cancelled  # (was left there by the late read)
+    assert job_id not in w.cancelled  # (the late read left nothing there)
     # When the client asks again: the job is made again under the same id, and runs to its end
     assert submit(stack, key, body) == job_id
     wait_until(lambda: job(stack, job_id).status == Status.DONE, timeout=30)
@@ -348,8 +348,8 @@ def test_sigterm_leaves_the_job_whose_result_is_being_written_to_the_writer(stac
     job_id = submit(stack, key, chat("drain me"))
     writing.wait(20)
     w.stop()
-    # Then the job is not given back under the write (was: requeued, the write refused, and the
-    # message deleted anyway: QUEUED with no message for ever)
+    # Then the job is not given back under the write (requeued, its write refused and its message
+    # deleted anyway, it would stay QUEUED with no message for ever)
     done = wait_until(lambda: (x := store.get(job_id)).status == Status.DONE and x, timeout=20)
     assert done.attempts == 1
     wait_until(lambda: queue_depth(stack) == 0)  # (its message is deleted just after the write)
@@ -707,12 +707,11 @@ def test_replies_that_cannot_be_posted_now_are_posted_when_the_message_comes_bac
     )
     make_worker(sqs=sqs)
     # Then the job is generated once, its message comes back a moment later and the reply is posted
-    # (was: the reply lost, the job marked notified)
     assert wait_until(lambda: job(stack, job_id).notified, timeout=20)
     got = stack.sqs.receive_message(QueueUrl=replies, MaxNumberOfMessages=10).get("Messages", [])
     assert [json.loads(m["Body"])["id"] for m in got] == ["r1"] and len(calls) == 2
     assert calls[1] - calls[0] >= 0.9  # (kept hidden a while, not given back at once to a throttled queue)
-    said = [r.getMessage() for r in caplog.records]  # (was: a failed finish, its generation given back)
+    said = [r.getMessage() for r in caplog.records]  # (not a failed finish, its generation given back)
     assert "replies not posted; the message comes back for them" in said
     assert not [m for m in said if m.startswith("could not finish a job")]
     assert job(stack, job_id).status == Status.DONE and job(stack, job_id).attempts == 1

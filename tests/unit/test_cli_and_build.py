@@ -43,14 +43,14 @@ def test_a_build_never_replaces_a_folder_that_is_not_a_model(tiny, tmp_path, mon
     (work / "notes.txt").write_text("mine")
     monkeypatch.chdir(work)
     for out in (".", "..", str(work / "notes.txt"), str(work / "sub" / ".."), str(work)):
-        # When a build is asked to write there: refused, and nothing touched (was: `--out .` emptied it)
+        # When a build is asked to write there: refused, and nothing touched (`--out .` would empty it)
         assert stratus(["model", "build", "--gguf", str(tiny.gguf), "--out", out]) == 2
         assert "--out" in capsys.readouterr().err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("mine too")
     assert stratus(["model", "build", "--gguf", str(tiny.gguf), "--out", str(tmp_path / "other")]) == 2
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt", "sub"] and (tmp_path / "other" / "keep.txt").exists()
-    # and a model folder an earlier build wrote is replaced as before
+    # and a model folder an earlier build wrote is replaced
     assert stratus(["model", "build", "--gguf", str(tiny.gguf), "--quant", "fp32", "--out", str(tmp_path / "m")]) == 0
     assert stratus(["model", "build", "--gguf", str(tiny.gguf), "--quant", "fp32", "--out", str(tmp_path / "m")]) == 0
 

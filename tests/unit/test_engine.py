@@ -114,7 +114,7 @@ def test_any_integer_seed_and_a_tiny_temperature_generate(engines):
         ].token_ids
     )
     assert run(temperature=1.0, seed=-1) == run(temperature=1.0, seed=-1) == run(temperature=1.0, seed=2**64 - 1)
-    assert run(temperature=1e-320, seed=3) == run(temperature=0)  # (was NaN probabilities: the engine died)
+    assert run(temperature=1e-320, seed=3) == run(temperature=0)  # (no NaN probabilities, which would kill the engine)
 
 
 def test_a_request_whose_sampling_fails_fails_alone(engines, monkeypatch):
@@ -196,7 +196,7 @@ def test_stops_cut_at_the_earliest_whatever_their_order_and_keep_the_split_token
         r = engine.generate([GenerationRequest([5, 6, 7], p)])[0]
         return r.text, [t.token for t in r.choices[0].logprobs]
 
-    # (was " th" for ["e", "he"] and " t" for ["he", "e"], and no log-probability at all)
+    # (the same cut whatever the stops' order, and the split token keeps its log-probability)
     assert run(["e", "he"]) == run(["he", "e"]) == (" t", [the])
 
 

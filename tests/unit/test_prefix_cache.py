@@ -117,7 +117,7 @@ def test_a_batch_request_with_more_choices_than_the_cap_still_runs_beside_intera
             engine.submit(GenerationRequest([9, 10], greedy(3), priority=0))
         now[0] += 0.1
         engine.step()
-    # Then both batch requests finished (was: n=2 over a cap of 1 never admitted, and the other behind it)
+    # Then both batch requests finished: n=2 over a cap of 1 is admitted, and so is the request behind it
     assert wide.done() and behind.done() and len(wide.result().choices) == 2
 
 

@@ -65,7 +65,7 @@ def test_a_failed_chunk_write_keeps_its_text_for_the_next_round():
     feed(on_token, "o w")
     now[0] += 1
     w.flush()
-    assert store.shown("j1") == "hello w"  # (was "he": the failed chunk's text was gone, later ones gaps)
+    assert store.shown("j1") == "hello w"  # (the failed chunk's text is kept, and the later ones leave no gap)
 
 
 def test_one_streams_refused_chunk_never_holds_the_others_text():
