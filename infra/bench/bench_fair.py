@@ -7,8 +7,8 @@ file (both 64 new tokens a line, distinct lines, through the openai SDK's batch 
 each on a fresh stack with one worker:
 
   metered      the default: release steps share the batch queue between the tenants (stratus.release)
-  arrival      every line released at once (STRATUS_BATCH_RELEASE_FLOOR above the lines), as before
-               metered release: the queue hands out lines in arrival order
+  arrival      every line released at once (STRATUS_BATCH_RELEASE_FLOOR above the lines), as if
+               there were no metered release: the queue hands out lines in arrival order
 
 For each (from 1-second samples of both batches): other's first and last line done after its
 upload, and its share of the lines finished while both files were open (0.5 is an even split, ~0

@@ -7,8 +7,8 @@ file drains, with the openai SDK over loopback.
                the idle stack: latency p50/p99
   batch alone  a --lines batch file (64 new tokens a line, distinct lines) through the batch API
                with no interactive work: completion time, lines/s
-  one queue    the same lines sent as jobs (POST /v1/jobs) into the interactive queue, as every
-               batch line was before tiers: completion time (the throughput the batch tier keeps)
+  one queue    the same lines sent as jobs (POST /v1/jobs) into the interactive queue, as if there
+               were no batch tier: completion time (the throughput the batch tier keeps)
   mixed        the batch file again (new lines), and interactive requests at the same rate until it
                completes: interactive latency p50/p99 against idle, the batch's completion time
 
