@@ -72,7 +72,7 @@ class JobStates:
                 },
             )
             if expired:
-                metrics.add_metric(name="requests_expired", unit=MetricUnit.Count, value=1)
+                metrics.add_metric(name="RequestsExpired", unit=MetricUnit.Count, value=1)
                 self.notify(expired)
                 return Outcome.DELETE_MESSAGE, None
             # not QUEUED: finished, or started before its deadline (running, or its worker went
@@ -140,7 +140,7 @@ class JobStates:
         """Not claimed: gone or finished -> done with the message; running elsewhere -> leave it hidden."""
         if job is None or job.status.finished:
             if job is not None and job.status == Status.CANCELLED:
-                metrics.add_metric(name="requests_cancelled", unit=MetricUnit.Count, value=1)
+                metrics.add_metric(name="RequestsCancelled", unit=MetricUnit.Count, value=1)
             self.notify(job)  # replies a finished job still owes (e.g. its writer died before posting)
             return Outcome.DELETE_MESSAGE
         return Outcome.LEAVE_MESSAGE

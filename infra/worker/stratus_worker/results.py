@@ -63,7 +63,7 @@ class Results:
         r = max(results, key=lambda x: x.timings.total_s)  # the timings of the slowest prompt
         if any(c.finish_reason == "cancelled" for x in results for c in x.choices):
             self.chunks.close(job_id)
-            metrics.add_metric(name="requests_cancelled", unit=MetricUnit.Count, value=1)
+            metrics.add_metric(name="RequestsCancelled", unit=MetricUnit.Count, value=1)
             self.notify(self.store.get(job_id))
             return
         queued_s = received - msg.enqueued_at + r.timings.queue_s
@@ -111,11 +111,11 @@ class Results:
         except Exception as exc:
             chunk_error(exc)
         for name, value, unit in (
-            ("time_to_first_token_seconds", r.timings.ttft_s, MetricUnit.Seconds),
-            ("request_queue_time_seconds", queued_s, MetricUnit.Seconds),
-            ("e2e_request_latency_seconds", r.timings.total_s, MetricUnit.Seconds),
-            ("generation_tokens", usage["completion_tokens"], MetricUnit.Count),
-            ("generation_tokens_per_second", timings["decode_tokens_per_s"], MetricUnit.CountPerSecond),
+            ("TimeToFirstToken", r.timings.ttft_s, MetricUnit.Seconds),
+            ("RequestQueueTime", queued_s, MetricUnit.Seconds),
+            ("RequestLatency", r.timings.total_s, MetricUnit.Seconds),
+            ("GenerationTokens", usage["completion_tokens"], MetricUnit.Count),
+            ("GenerationTokensPerSecond", timings["decode_tokens_per_s"], MetricUnit.CountPerSecond),
         ):
             metrics.add_metric(name=name, unit=unit, value=value)
         self.notify(written)  # last: replies that cannot be posted now raise (worker.RepliesOwed)
@@ -124,4 +124,4 @@ class Results:
 def chunk_error(exc: BaseException) -> None:
     """A chunk write failed: the text is kept and tried again; readers fall back to the job item."""
     logger.warning("could not write stream chunks; retrying", extra={"error": type(exc).__name__})
-    metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+    metrics.add_metric(name="WorkerErrors", unit=MetricUnit.Count, value=1)

@@ -184,7 +184,7 @@ class Worker:
             self.engine.run(self.halt)
         except BaseException:
             logger.exception("engine failed")
-            metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+            metrics.add_metric(name="WorkerErrors", unit=MetricUnit.Count, value=1)
             self.stopping.set()
 
     # ---- receiving ----------------------------------------------------------------------------
@@ -212,13 +212,13 @@ class Worker:
                 self.admit(m, receipt)
             except NewerMessage as exc:  # a newer API ahead of this worker: leave it for a newer worker
                 logger.warning("message from a newer version; left for a newer worker", extra={"reason": str(exc)})
-                metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+                metrics.add_metric(name="WorkerErrors", unit=MetricUnit.Count, value=1)
                 self.leases.hide(receipt, NEWER_MESSAGE_HIDE_S)
             except RepliesOwed as exc:  # (a finished job's replies, seen as its message came back)
                 self._owe_replies(receipt, "", exc)
             except Exception as exc:
                 logger.exception("could not admit a message")
-                metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+                metrics.add_metric(name="WorkerErrors", unit=MetricUnit.Count, value=1)
                 self._retry_later(receipt, m["Body"], exc)
 
     def _receive(self, url: str, room: int, wait: int) -> list[tuple[Receipt, dict]]:
@@ -235,7 +235,7 @@ class Worker:
             )
         except Exception:
             logger.exception("could not receive from a jobs queue")
-            metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+            metrics.add_metric(name="WorkerErrors", unit=MetricUnit.Count, value=1)
             time.sleep(RECEIVE_BACKOFF_S)
             return []
         return [(Receipt(url, m["ReceiptHandle"]), m) for m in got.get("Messages", [])]
@@ -361,7 +361,7 @@ class Worker:
         for h in held:
             if h.receipt in lost:  # the message may come back to another worker; the job item says we run it
                 logger.warning("could not extend a message's visibility", extra={"job_id": h.message.job_id})
-                metrics.add_metric(name="lease_extension_failed", unit=MetricUnit.Count, value=1)
+                metrics.add_metric(name="LeaseExtensionFailed", unit=MetricUnit.Count, value=1)
             self.jobs.touch(h.message.job_id)  # a fresh updated_at tells other workers this job is alive
 
     def check_cancelled(self) -> None:
@@ -383,7 +383,7 @@ class Worker:
                 self._owe_replies(held.receipt, held.message.job_id, exc)
             except Exception as exc:
                 logger.exception("could not finish a job (its generation or its result write failed)")
-                metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+                metrics.add_metric(name="WorkerErrors", unit=MetricUnit.Count, value=1)
                 self._retry_later(held.receipt, held.message.to_body(), exc)
             finally:
                 self.let_go(held.message.job_id)
@@ -410,7 +410,7 @@ class Worker:
                     "could not write a result; trying again",
                     extra={"job_id": job_id, "error": type(exc).__name__, "retry_in_s": pause},
                 )
-                metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+                metrics.add_metric(name="WorkerErrors", unit=MetricUnit.Count, value=1)
                 self.halt.wait(pause)
                 pause = min(2 * pause, WRITE_RETRY_MAX_S)
 
@@ -430,7 +430,7 @@ class Worker:
             "replies not posted; the message comes back for them",
             extra={"job_id": job_id, "error": str(exc), "retry_in_s": REPLIES_AGAIN_S},
         )
-        metrics.add_metric(name="worker_errors", unit=MetricUnit.Count, value=1)
+        metrics.add_metric(name="WorkerErrors", unit=MetricUnit.Count, value=1)
         try:
             self.leases.hide(receipt, REPLIES_AGAIN_S)
         except Exception:
@@ -465,15 +465,19 @@ class Worker:
             self.held = {j: h for j, h in self.held.items() if j == writing}
 
     def publish_metrics(self) -> None:
-        metrics.add_metric(name="num_requests_running", unit=MetricUnit.Count, value=self.engine.num_running)
-        metrics.add_metric(name="num_requests_waiting", unit=MetricUnit.Count, value=self.engine.num_waiting)
-        metrics.add_metric(name="batch_size", unit=MetricUnit.Count, value=self.engine.num_running)
+        metrics.add_metric(name="RequestsRunning", unit=MetricUnit.Count, value=self.engine.num_running)
+        metrics.add_metric(name="RequestsWaiting", unit=MetricUnit.Count, value=self.engine.num_waiting)
+        metrics.add_metric(name="BatchSize", unit=MetricUnit.Count, value=self.engine.num_running)
         if self.engine.prefixes is not None:  # shared-prefix reuse: its memory (bounded) and, since the last
             report = self.engine.prefixes.report()  # report, its hits and the prompt tokens it saved
-            metrics.add_metric(name="prefix_cache_bytes", unit=MetricUnit.Bytes, value=report["bytes"])
-            for name in ("hits", "misses", "tokens_reused"):
+            metrics.add_metric(name="PrefixCacheBytes", unit=MetricUnit.Bytes, value=report["bytes"])
+            for name, metric in (
+                ("hits", "PrefixCacheHits"),
+                ("misses", "PrefixCacheMisses"),
+                ("tokens_reused", "PrefixCacheTokensReused"),
+            ):
                 metrics.add_metric(
-                    name=f"prefix_cache_{name}",
+                    name=metric,
                     unit=MetricUnit.Count,
                     value=report[name] - self._prefix_seen.get(name, 0),
                 )
