@@ -323,6 +323,16 @@ def test_an_integer_too_long_to_read_is_a_400(stack, key):
         assert status == 400 and "not valid JSON here" in body["error"]["message"]
 
 
+@pytest.mark.parametrize("field", ["temperature", "top_p", "frequency_penalty"])
+def test_a_number_past_float_range_is_a_400_naming_the_field(stack, key, field):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: 10**400}  # a valid JSON integer
+    raw = json.dumps(body)
+    for event in ("api_chat_completion.json", "api_create_job.json"):
+        status, body, _ = stack.call(event, key=key, body=raw)
+        assert status == 400 and body["error"]["param"] == field
+        assert len(body["error"]["message"]) < 200  # the number is named, not echoed whole
+
+
 def test_keys_cli_creates_a_working_key_and_revokes_it(stack, capsys):
     from stratus_cli.main import main as stratus
 

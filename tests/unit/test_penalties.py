@@ -60,6 +60,10 @@ def test_defaults_leave_the_request_json_and_so_the_cache_key_unchanged():
         ("logit_bias", {"5": 101}),
         ("logit_bias", {"-1": 1}),
         ("logit_bias", [1]),
+        ("logit_bias", {"5": 10**400}),  # a JSON integer past float range
+        ("temperature", 10**400),
+        ("top_p", 10**400),
+        ("presence_penalty", -(10**400)),
     ],
 )
 def test_out_of_range_values_are_refused_naming_the_field(field, value):

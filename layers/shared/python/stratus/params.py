@@ -139,7 +139,7 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...]:
     pairs = value.items() if isinstance(value, dict) else value
     try:
         out = sorted((int(t), float(b)) for t, b in pairs)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (OverflowError: an integer bias past float range)
         raise InvalidRequest("logit_bias must map token ids to numbers in [-100, 100]", param="logit_bias") from None
     if len(out) > MAX_LOGIT_BIAS or any(t < 0 or not -100 <= b <= 100 for t, b in out):
         raise InvalidRequest(

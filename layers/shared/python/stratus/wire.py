@@ -55,8 +55,19 @@ def _number(body: dict, name: str, default, kind=float):
     if kind is int:
         value = _integral(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise InvalidRequest(f"{name} must be a{'n integer' if kind is int else ' number'}, got {value!r}", param=name)
-    return kind(value)
+        raise InvalidRequest(
+            f"{name} must be a{'n integer' if kind is int else ' number'}, got {shown(value)}", param=name
+        )
+    try:
+        return kind(value)
+    except OverflowError:  # an integer past float range (JSON integers have no bound)
+        raise InvalidRequest(f"{name} is out of range, got {shown(value)}", param=name) from None
+
+
+def shown(value, limit: int = 40) -> str:
+    """A bad value as an error message names it: its repr, cut to `limit` characters."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 4 * limit else f"{str(value)[:limit]}…"
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 MAX_JSON_DEPTH = 128  # arrays and objects within each other: far past any real request, far short of
