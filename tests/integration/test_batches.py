@@ -117,6 +117,35 @@ def test_an_uploaded_file_becomes_a_batch_with_output_and_error_files(stack, bat
     assert state_files(stack, created["batch"]) == ["lines/00000.json"]
 
 
+def test_lines_of_any_shape_become_error_lines_and_the_rest_of_the_file_goes_on(stack, batch_fn):
+    upload, tick, read = batch_fn
+    # Given a file whose lines put lists and objects where strings go, or a number past float range
+    shaped = [json.loads(line(f"q{i}", "What is 2+2?")) for i in range(6)]
+    shaped[1]["url"] = ["/v1/chat/completions"]
+    shaped[2]["url"] = {"path": "/v1/chat/completions"}
+    shaped[3]["method"] = ["POST"]
+    shaped[4]["custom_id"] = {"id": "q4"}
+    text = "".join(json.dumps(d) + "\n" for d in shaped)
+    text += line("q6", "hot", temperature=1).replace('"temperature": 1', '"temperature": 1' + "0" * 400) + "\n"
+    created = upload("batches/input/acme/shapes.jsonl", text)
+    # Then each bad line is an error line naming its field, and the good one runs
+    assert created["status"] == "in_progress"
+    assert created["request_counts"] == {"total": 7, "completed": 0, "failed": 5}
+    work_all(stack)
+    assert tick()["completed"] == [created["batch"]]
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    view = stack.call("api_get_batch.json", key=key, job_id=created["batch"])[1]
+    assert [o["custom_id"] for o in read(view["output_file_uri"])] == ["q0", "q5"]
+    errors = {e["line"]: e["error"] for e in read(view["error_file_uri"])}
+    assert {n: e["param"] for n, e in errors.items()} == {
+        2: "url",
+        3: "url",
+        4: "method",
+        5: "custom_id",
+        7: "temperature",
+    }
+
+
 def state_files(stack, batch_id: str) -> list[str]:
     prefix = f"batches/state/{batch_id}/"
     listed = boto3.client("s3").list_objects_v2(Bucket=stack.refs["ResultsBucket"], Prefix=prefix)

@@ -67,6 +67,19 @@ def test_an_invalid_request_is_answered_with_an_error_and_not_retried(stack, tri
     assert stack.queued() == []
 
 
+def test_a_message_of_any_shape_is_answered_with_an_error_and_not_retried(stack, trigger):
+    send, replied = trigger
+    # Given messages with a list or an object for the url, and a number past float range in the body
+    hot = request()
+    hot["body"]["temperature"] = 10**400
+    messages = [{**request(), "id": "list", "url": ["/v1/chat/completions"]}, {**request(), "id": "obj", "url": {}}]
+    # Then each gets an error reply naming its field, and none is retried or queued
+    assert send(*messages, {**hot, "id": "hot"}) == {"batchItemFailures": []}
+    replies = {r["id"]: r["error"]["param"] for r in replied()}
+    assert replies == {"list": "url", "obj": "url", "hot": "temperature"}
+    assert stack.queued() == []
+
+
 def test_a_reply_queue_outside_the_allowed_pattern_is_refused(stack, trigger):
     send, _ = trigger
     assert send({**request(), "reply_to": "https://sqs.us-east-1.amazonaws.com/1/someone-elses-queue"}) == {

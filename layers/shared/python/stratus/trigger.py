@@ -26,7 +26,7 @@ from stratus.keys import Tenant
 from stratus.observability import logger
 from stratus.replies import send, send_reply
 from stratus.shapes import error_body
-from stratus.wire import ROUTE_PATHS, json_object, require_unicode
+from stratus.wire import ROUTE_PATHS, json_object, require_unicode, shown
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class RequestMessage:
         require_unicode({k: v for k, v in msg.items() if k != "body"}, "the message")  # the body: parse_request
         reply_to = _reply_to(msg, reply_pattern)
         url = msg.get("url", "/v1/chat/completions")
-        if url not in ROUTE_PATHS:
-            raise InvalidRequest(f"url must be one of {', '.join(ROUTE_PATHS)}, got {url!r}", param="url")
+        if not isinstance(url, str) or url not in ROUTE_PATHS:  # (a list or an object is no path, nor hashable)
+            raise InvalidRequest(f"url must be one of {', '.join(ROUTE_PATHS)}, got {shown(url)}", param="url")
         tenant = msg.get("tenant")
         if tenant not in (None, default_tenant):  # one tenant per requests queue: the sender's IAM grant
             raise InvalidRequest(

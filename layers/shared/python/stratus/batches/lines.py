@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from stratus.batches.model import Batch, Line
 from stratus.errors import InvalidRequest, StratusError
-from stratus.wire import ROUTE_PATHS, json_object, require_unicode
+from stratus.wire import ROUTE_PATHS, json_object, require_unicode, shown
 
 if TYPE_CHECKING:
     from stratus.deps import Deps
@@ -39,12 +39,13 @@ def parse_line(raw: str, default_model: str) -> tuple[str | None, str, dict, boo
     if not isinstance(custom_id, str) or not custom_id:
         raise InvalidRequest("custom_id is required (a non-empty string)", param="custom_id")
     if d.get("method", "POST") != "POST":
-        raise InvalidRequest(f"method must be POST, got {d.get('method')!r}", param="method")
-    if d.get("url") not in ROUTE_PATHS:
-        raise InvalidRequest(f"url must be one of {', '.join(ROUTE_PATHS)}, got {d.get('url')!r}", param="url")
+        raise InvalidRequest(f"method must be POST, got {shown(d.get('method'))}", param="method")
+    url = d.get("url")
+    if not isinstance(url, str) or url not in ROUTE_PATHS:  # (a list or an object is no path, nor hashable)
+        raise InvalidRequest(f"url must be one of {', '.join(ROUTE_PATHS)}, got {shown(url)}", param="url")
     if not isinstance(d.get("body"), dict):
         raise InvalidRequest("body must be an object", param="body")
-    return custom_id, ROUTE_PATHS[d["url"]], d["body"], False
+    return custom_id, ROUTE_PATHS[url], d["body"], False
 
 
 def line_error(exc: StratusError) -> dict:
