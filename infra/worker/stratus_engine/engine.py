@@ -37,7 +37,7 @@ from functools import cached_property
 
 import numpy as np
 
-from stratus.chat_template import render_chat
+from stratus.chat_template import ChatTokenizer
 from stratus.errors import ContextLengthExceeded, InvalidRequest
 from stratus.params import SamplingParams
 from stratus_engine.deltas import TokenText, text_factory
@@ -174,7 +174,12 @@ class Engine:
         return cls(load(path, threads=threads, spin=spin), **kwargs)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.encode(render_chat(self.spec.chat_template, messages))
+        """A chat's prompt ids: its messages' text never becomes control tokens (chat_template.encode_chat)."""
+        return self.chat_tokenizer.encode(self.spec.chat_template, messages)
+
+    @cached_property
+    def chat_tokenizer(self) -> ChatTokenizer:
+        return ChatTokenizer(self.model.tokenizer)
 
     @cached_property
     def guides(self) -> Guides:

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from stratus.chat_template import render_chat
+from stratus.chat_template import ChatTokenizer
 from stratus.errors import InvalidRequest, ModelLoadError, NotConfigured
 from stratus.manifest import MANIFEST, artifact_digest, split_uri
 from stratus.wire import chat_message
@@ -28,6 +28,7 @@ class ModelTokenizer:
     eos_token: str | None
     bos_token: str | None
     context_length: int
+    chat: ChatTokenizer  # chats: control tokens only where the template put them
 
     def tokenize(self, body: dict) -> dict:
         """{"prompt": str, "add_special_tokens"?} or {"messages": [...], "add_generation_prompt"?}
@@ -35,19 +36,22 @@ class ModelTokenizer:
         if not isinstance(body, dict) or ("prompt" in body) == ("messages" in body):
             raise InvalidRequest('send {"prompt": "..."} or {"messages": [...]}')
         if "prompt" in body:
-            text, special = body["prompt"], _flag(body, "add_special_tokens", True)
-            if not isinstance(text, str):
+            if not isinstance(body["prompt"], str):
                 raise InvalidRequest("prompt must be a string", param="prompt")
-        else:
-            messages = body["messages"]
-            if not isinstance(messages, list):
-                raise InvalidRequest("messages must be a list", param="messages")
-            messages = [chat_message(i, m) for i, m in enumerate(messages)]
-            text = render_chat(self.chat_template, messages, _flag(body, "add_generation_prompt", True))
-            special = _flag(body, "add_special_tokens", False)
-        enc = self.tokenizer.encode(text, add_special_tokens=special)
-        strs = enc.tokens if _flag(body, "return_token_strs", False) else None
-        return {"count": len(enc.ids), "max_model_len": self.context_length, "tokens": enc.ids, "token_strs": strs}
+            special = _flag(body, "add_special_tokens", True)
+            return self._tokens(self.tokenizer.encode(body["prompt"], add_special_tokens=special).ids, body)
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            raise InvalidRequest("messages must be a list", param="messages")
+        messages = [chat_message(i, m) for i, m in enumerate(messages)]
+        ids = self.chat.encode(self.chat_template, messages, _flag(body, "add_generation_prompt", True))
+        if _flag(body, "add_special_tokens", False):  # the tokenizer's own (a BOS) lead the prompt
+            ids = self.tokenizer.encode("", add_special_tokens=True).ids + ids
+        return self._tokens(ids, body)
+
+    def _tokens(self, ids: list[int], body: dict) -> dict:
+        strs = [self.tokenizer.id_to_token(i) for i in ids] if _flag(body, "return_token_strs", False) else None
+        return {"count": len(ids), "max_model_len": self.context_length, "tokens": ids, "token_strs": strs}
 
     def detokenize(self, body: dict) -> dict:
         """{"tokens": [ids]} -> {"prompt": text}"""
@@ -100,6 +104,7 @@ def load(files: dict[str, bytes]) -> ModelTokenizer:
         None if eos is None else tok.id_to_token(eos),
         None if bos is None else tok.id_to_token(bos),
         int(context),
+        ChatTokenizer(tok),
     )
 
 
