@@ -140,3 +140,25 @@ def test_moto_applies_each_dynamodb_write_atomically_as_dynamodb_does(monkeypatc
     # (moto alone lets the stalled touch overwrite it: the race the lock closes)
     monkeypatch.setattr(DynamoHandler, "call_action", DynamoHandler.call_action.__wrapped__)
     assert _touch_racing_a_result(monkeypatch) == "RUNNING"
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "1e3"])
+def test_the_gateway_answers_a_bad_content_length_with_a_400_at_once(template, length):
+    import socket
+    import threading
+
+    from stratus_local.gateway import make_server
+
+    # Given the local gateway (its function never reached)
+    server = make_server("127.0.0.1", 0, http_routes(template), lambda fn, event: {"statusCode": 200, "body": "{}"})
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # When a request says its body has a length that is not one
+        with socket.create_connection(server.server_address, timeout=5) as s:
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{}}".encode())
+            reply = s.recv(4096).decode()  # (a hang ends the test at the socket's timeout)
+        # Then it is a 400 at once
+        assert reply.startswith("HTTP/1.1 400 ")
+    finally:
+        server.shutdown()
+        server.server_close()

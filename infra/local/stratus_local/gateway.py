@@ -111,7 +111,11 @@ def make_server(
 
         def _serve(self) -> None:
             path = urlsplit(self.path).path
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            length = (self.headers.get("Content-Length") or "0").strip()
+            if not (length.isascii() and length.isdigit()):  # (-1 would read to the end, which never comes)
+                self.close_connection = True  # its body cannot be told from the next request
+                return self._send(400, {"content-type": "application/json"}, json.dumps({"message": "Bad Request"}))
+            body = self.rfile.read(int(length))
             found = match(routes, self.command, path)
             if found is None:
                 return self._send(404, {"content-type": "application/json"}, json.dumps({"message": "Not Found"}))
