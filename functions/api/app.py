@@ -152,6 +152,12 @@ def models() -> Response:
     return _reply(service.Reply(200, shapes.models_body(get_deps().settings)))
 
 
+@app.get("/v1/models/<model_id>")
+def model(model_id: str) -> Response:
+    _tenant()
+    return _reply(service.get_model(model_id, get_deps().settings))
+
+
 @functools.cache
 def get_tokenizer() -> tokenizer.ModelTokenizer:  # read from the published model once per container
     s = get_deps().settings

@@ -56,6 +56,14 @@ def test_health_and_models(stack, key):
     assert status == 200 and body["data"][0]["id"] == MODEL
 
 
+def test_a_model_is_retrieved_by_its_id_and_any_other_is_an_openai_404(stack, key):
+    status, body, _ = stack.call("api_get_model.json", key=key, job_id=MODEL)
+    assert status == 200 and body == stack.call("api_models.json", key=key)[1]["data"][0]
+    status, body, _ = stack.call("api_get_model.json", key=key, job_id="gpt-4o")
+    assert status == 404 and body["error"]["param"] == "model" and "gpt-4o" in body["error"]["message"]
+    assert stack.call("api_get_model.json", key="sk-stratus-wrong", job_id=MODEL)[0] == 401
+
+
 def test_missing_or_bad_key_is_401(stack, key):
     status, body, _ = stack.call("api_models.json", key="sk-stratus-wrong")
     assert status == 401 and body["error"]["code"] == "invalid_api_key"

@@ -240,6 +240,17 @@ def _spec(s: Settings) -> dict:
                     },
                 }
             },
+            "/v1/models/{id}": {
+                "get": {
+                    "summary": "The model this deployment serves, by its id (404 for any other)",
+                    "security": [{"bearer": []}],
+                    "parameters": [_id("model id")],
+                    "responses": {
+                        "200": {"description": "the model object", "content": {JSON: {"schema": {"type": "object"}}}},
+                        **_errors(401, 404, 503),
+                    },
+                }
+            },
             "/tokenize": {
                 "post": {
                     "summary": "Token ids of a prompt, or of messages in the chat template (vLLM's shape)",

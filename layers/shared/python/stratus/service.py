@@ -17,7 +17,9 @@ from stratus.errors import Conflict, NotFound
 from stratus.jobstore import load_result
 from stratus.keys import Tenant
 from stratus.observability import metrics
-from stratus.shapes import completion_body, job_view
+from stratus.settings import Settings
+from stratus.shapes import completion_body, job_view, model_object
+from stratus.wire import shown
 
 RETRY_AFTER_S = 2
 POLL_FRACTION, POLL_MAX_S = 0.1, 1.0  # a waiting request notices a finished job within ~10% of its wait
@@ -98,3 +100,12 @@ def cancel_job(job_id: str, tenant: Tenant, deps: Deps) -> Reply:
         raise Conflict(f"job {job_id} is already {job.status.value}; only QUEUED or RUNNING jobs can be cancelled")
     metrics.add_metric(name="JobsCancelled", unit=MetricUnit.Count, value=1)
     return Reply(200, job_view(get_job(job_id, tenant, deps)))
+
+
+def get_model(model_id: str, settings: Settings) -> Reply:
+    """GET /v1/models/{id} (the openai SDK's models.retrieve): the model object, or a 404."""
+    if model_id != settings.model_id:
+        raise NotFound(
+            f"model {shown(model_id)} not found; this deployment serves {settings.model_id!r}", param="model"
+        )
+    return Reply(200, model_object(settings))

@@ -98,20 +98,20 @@ def completion_logprobs(entries: list[dict], offsets: TextOffsets | None = None)
     }
 
 
-def models_body(settings: Settings) -> dict:
+def model_object(settings: Settings) -> dict:
+    """The OpenAI model object of the model this deployment serves."""
     return {
-        "object": "list",
-        "data": [
-            {
-                "id": settings.model_id,
-                "object": "model",
-                "created": 0,
-                "owned_by": "stratus",
-                "digest": settings.model_digest,
-                "context_length": settings.context_length,
-            }
-        ],
+        "id": settings.model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "stratus",
+        "digest": settings.model_digest,
+        "context_length": settings.context_length,
     }
+
+
+def models_body(settings: Settings) -> dict:
+    return {"object": "list", "data": [model_object(settings)]}
 
 
 def error_body(exc: StratusError) -> dict:
