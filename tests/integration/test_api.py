@@ -364,6 +364,11 @@ def test_invoke_runs_a_handler_on_an_event_file(stack, key, tmp_path, capsys):
     assert stratus(["invoke", "api", "--event", str(path)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["statusCode"] == 200 and json.loads(out["body"])["data"][0]["id"] == MODEL
+    # and a route that logs and publishes metrics still prints the response alone on stdout
+    path.write_text(json.dumps(stack.event("api_create_job.json", key=key)))  # (queued: 202 at once)
+    assert stratus(["invoke", "api", "--event", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["statusCode"] == 202 and '"CloudWatchMetrics"' in captured.err
     assert stratus(["invoke", "nope", "--event", str(path)]) == 2
 
 

@@ -15,6 +15,7 @@ Heavy imports (onnx, onnxruntime) happen inside the commands, so `stratus --help
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -224,8 +225,23 @@ def cmd_invoke(args: argparse.Namespace) -> int:
             env.update(given.get(name, {}))
         apply_environment({**env, **aws})
         handler, _ = load_handler(template, name)
-        print(json.dumps(handler(event, LambdaContext(function_name=name)), indent=2))
+        with _logs_to_stderr():  # as sam local invoke: stdout carries the response alone (`| jq` works)
+            result = handler(event, LambdaContext(function_name=name))
+        print(json.dumps(result, indent=2))
     return 0
+
+
+@contextlib.contextmanager
+def _logs_to_stderr():
+    """The function's log lines and EMF metrics (both printed to stdout in Lambda) go to stderr."""
+    from stratus.observability import logger
+
+    before = logger.registered_handler.setStream(sys.stderr)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        logger.registered_handler.setStream(before)
 
 
 PLACEHOLDER_KEY = "sk-stratus-REPLACE_ME"  # what the events/ files carry
