@@ -1,0 +1,90 @@
+"""Every field of a request body, a batch line and a requests-queue message, given a value of the
+wrong type or magnitude, is refused with InvalidRequest (a 400, an error line, an error reply): never
+another exception, which would be a 500, a wedged batch slice or a message retried to the DLQ."""
+
+import json
+
+import pytest
+
+from stratus.batches.lines import parse_line
+from stratus.errors import InvalidRequest
+from stratus.trigger import RequestMessage
+from stratus.wire import parse_request
+
+ODD = [None, True, -1, 1.5, 10**400, -(10**400), 1e308, "", "x", [], [1], ["a"], {}, {"a": 1}, [{}], [[1]]]
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+COMPLETION = {"model": "m", "prompt": "hi", "max_tokens": 4}
+FIELDS = [
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "repetition_penalty", "seed", "stop", "n", "logprobs", "top_logprobs", "echo", "logit_bias",
+    "presence_penalty", "frequency_penalty", "response_format", "stream", "stream_options", "tools",
+    "tool_choice", "functions", "function_call", "best_of", "suffix",
+]  # fmt: skip
+
+
+def parse(route: str, body) -> None:
+    try:
+        parse_request(route, body, max_messages=8, max_tokens_limit=64, streaming=True)
+    except InvalidRequest:
+        pass
+
+
+@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize("route, base", [("chat", CHAT), ("completion", COMPLETION)])
+def test_a_body_field_of_any_type_is_refused_or_read(route, base, field):
+    for value in ODD:
+        parse(route, {**base, field: value})
+
+
+@pytest.mark.parametrize("key", ["role", "content"])
+def test_a_message_field_of_any_type_is_refused_or_read(key):
+    for value in [*ODD, [{"type": "text", "text": 5}], [{"type": "text", "text": []}], [{"type": []}]]:
+        parse("chat", {**CHAT, "messages": [{"role": "user", "content": "hi", key: value}]})
+        parse("chat", {**CHAT, "messages": [value]})
+
+
+@pytest.mark.parametrize(
+    "schema_field", ["type", "json_schema", "schema", "name", "strict"]
+)  # response_format's own fields
+def test_a_response_format_of_any_shape_is_refused_or_read(schema_field):
+    for value in ODD:
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+        target = fmt if schema_field == "type" else fmt["json_schema"]
+        target[schema_field] = value
+        parse("chat", {**CHAT, "response_format": fmt})
+
+
+def line_of(**fields) -> str:
+    return json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": CHAT, **fields})
+
+
+@pytest.mark.parametrize("field", ["custom_id", "method", "url", "body"])
+def test_a_batch_line_field_of_any_type_is_an_error_line(field):
+    for value in ODD:
+        try:
+            _, route, body, _ = parse_line(line_of(**{field: value}), "m")
+        except InvalidRequest:
+            continue
+        parse(route, body)
+
+
+@pytest.mark.parametrize("field", ["recordId", "modelInput"])
+def test_a_bedrock_record_field_of_any_type_is_an_error_line(field):
+    for value in ODD:
+        record = {"recordId": "r1", "modelInput": {"prompt": "hi", "max_gen_len": 4}, field: value}
+        try:
+            _, route, body, _ = parse_line(json.dumps(record), "m")
+        except InvalidRequest:
+            continue
+        parse(route, body)
+
+
+@pytest.mark.parametrize("field", ["id", "url", "body", "reply_to", "tenant"])
+def test_a_queue_message_field_of_any_type_is_an_error_reply(field):
+    for value in ODD:
+        message = {"id": "o1", "url": "/v1/chat/completions", "body": CHAT, field: value}
+        try:
+            msg = RequestMessage.parse(json.dumps(message), default_tenant="queue", reply_pattern="*-replies*")
+        except InvalidRequest:
+            continue
+        parse(msg.route, msg.body)
