@@ -64,6 +64,8 @@ def test_defaults_leave_the_request_json_and_so_the_cache_key_unchanged():
         ("temperature", 10**400),
         ("top_p", 10**400),
         ("presence_penalty", -(10**400)),
+        ("stop", "x" * 257),  # each stop string is matched against every flush of text: bounded
+        ("stop", ["ok", "x" * 257]),
     ],
 )
 def test_out_of_range_values_are_refused_naming_the_field(field, value):
@@ -123,3 +125,8 @@ def test_a_presence_penalty_stops_greedy_repetition(engine):
 def test_a_logit_bias_outside_the_vocabulary_is_refused_by_the_engine(engine):
     with pytest.raises(InvalidRequest, match="vocabulary"):
         engine.submit(GenerationRequest([1, 40], SamplingParams(max_tokens=2, logit_bias={"999999": 1})))
+
+
+def test_a_stop_string_of_the_longest_length_is_read():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 256]}
+    assert parse_request("chat", body, max_messages=8, max_tokens_limit=64).params.stop == ("x" * 256,)

@@ -133,3 +133,9 @@ def transient(exc: BaseException) -> bool:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return exc.response.get("Error", {}).get("Code") in TRANSIENT_CODES or status >= 500
     return isinstance(exc, (ConnectionError, HTTPClientError))
+
+
+def shown(value, limit: int = 40) -> str:
+    """A bad value as an error message names it: its repr, cut to `limit` characters."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 4 * limit else f"{str(value)[:limit]}…"
+    return text if len(text) <= limit else text[:limit] + "…"

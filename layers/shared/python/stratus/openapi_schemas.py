@@ -4,7 +4,7 @@ under components/schemas and writes the paths that use them). Built from the cod
 from __future__ import annotations
 
 from stratus.contracts import MAX_CHOICES
-from stratus.params import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
+from stratus.params import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from stratus.settings import Settings
 from stratus.wire import ROLES, ROUTE_PATHS
 
@@ -12,8 +12,12 @@ from stratus.wire import ROLES, ROUTE_PATHS
 def _sampling(s: Settings, streams: bool = True) -> dict:
     stop = {
         "oneOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
+            {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+            {
+                "type": "array",
+                "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                "maxItems": MAX_STOP_STRINGS,
+            },
         ],
         "nullable": True,
     }

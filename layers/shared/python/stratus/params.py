@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from stratus.errors import InvalidRequest
+from stratus.errors import InvalidRequest, shown
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # each stop string's length: a worker matches every stop against each flush of text
 MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (completions: 5; we allow 20 on both, as vLLM does)
 MAX_N = 16  # choices per prompt; at most the engine's batch (Engine.check_request)
@@ -79,7 +80,11 @@ class SamplingParams:
             raise InvalidRequest(f"seed must be an integer, got {self.seed!r}", param="seed")
         if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequest(
-                f"stop must be up to {MAX_STOP_STRINGS} non-empty strings, got {list(self.stop)!r}", param="stop"
+                f"stop must be up to {MAX_STOP_STRINGS} non-empty strings, got {shown(list(self.stop))}", param="stop"
+            )
+        if (longest := max((len(s) for s in self.stop), default=0)) > MAX_STOP_CHARS:
+            raise InvalidRequest(
+                f"each stop string must be at most {MAX_STOP_CHARS} characters, got one of {longest}", param="stop"
             )
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)

@@ -13,13 +13,12 @@ from aws_lambda_powertools.metrics import MetricUnit
 from stratus import submission
 from stratus.contracts import JOB_ID, Job, Status
 from stratus.deps import Deps
-from stratus.errors import Conflict, NotFound
+from stratus.errors import Conflict, NotFound, shown
 from stratus.jobstore import load_result
 from stratus.keys import Tenant
 from stratus.observability import metrics
 from stratus.settings import Settings
 from stratus.shapes import completion_body, job_view, model_object
-from stratus.wire import shown
 
 RETRY_AFTER_S = 2
 POLL_FRACTION, POLL_MAX_S = 0.1, 1.0  # a waiting request notices a finished job within ~10% of its wait

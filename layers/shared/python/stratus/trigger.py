@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from stratus import submission
 from stratus.contracts import Status
 from stratus.deps import Deps
-from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge
+from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge, shown
 from stratus.jobstore import load_result
 from stratus.keys import Tenant
 from stratus.observability import logger
 from stratus.replies import send, send_reply
 from stratus.shapes import error_body
-from stratus.wire import ROUTE_PATHS, json_object, require_unicode, shown
+from stratus.wire import ROUTE_PATHS, json_object, require_unicode
 
 
 @dataclass(frozen=True)

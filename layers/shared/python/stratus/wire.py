@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 
 from stratus.contracts import MAX_CHOICES, InferenceRequest, Prompt
-from stratus.errors import InvalidRequest
+from stratus.errors import InvalidRequest, shown
 from stratus.params import MAX_TOP_LOGPROBS, SamplingParams
 
 # Fields of the OpenAI API the engine does not implement: a request that uses them gets a 400
@@ -62,12 +62,6 @@ def _number(body: dict, name: str, default, kind=float):
         return kind(value)
     except OverflowError:  # an integer past float range (JSON integers have no bound)
         raise InvalidRequest(f"{name} is out of range, got {shown(value)}", param=name) from None
-
-
-def shown(value, limit: int = 40) -> str:
-    """A bad value as an error message names it: its repr, cut to `limit` characters."""
-    text = repr(value) if not isinstance(value, int) or value.bit_length() < 4 * limit else f"{str(value)[:limit]}…"
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 MAX_JSON_DEPTH = 128  # arrays and objects within each other: far past any real request, far short of

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from stratus.batches.model import Batch, Line
-from stratus.errors import InvalidRequest, StratusError
-from stratus.wire import ROUTE_PATHS, json_object, require_unicode, shown
+from stratus.errors import InvalidRequest, StratusError, shown
+from stratus.wire import ROUTE_PATHS, json_object, require_unicode
 
 if TYPE_CHECKING:
     from stratus.deps import Deps
