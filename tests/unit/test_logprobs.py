@@ -293,3 +293,15 @@ def test_text_offsets_count_characters_not_token_pieces():
             completion_logprobs(entries[:cut], shared)["text_offset"]
             + completion_logprobs(entries[cut:], shared)["text_offset"]
         ) == offsets
+
+
+def test_a_result_too_big_to_hold_is_refused_naming_what_to_lower():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}
+    parse = lambda body: parse_request("chat", body, max_messages=8, max_tokens_limit=4096)
+    # 16 choices x 4096 tokens x 21 entries: ~1.4 million, past the budget
+    with pytest.raises(InvalidRequest) as err:
+        parse({**chat, "n": 16, "max_tokens": 4096, "top_logprobs": 20})
+    assert err.value.param == "logprobs" and "200,000" in err.value.message
+    # one choice of the same is within it, as are 16 without alternatives
+    assert parse({**chat, "max_tokens": 4096, "top_logprobs": 20}).params.logprobs == 20
+    assert parse({**chat, "n": 16, "max_tokens": 4096, "logprobs": False}).params.n == 16

@@ -197,12 +197,31 @@ def parse_request(
         raise InvalidRequest(
             f"a request gives at most {MAX_CHOICES} choices (prompts x n), got {request.choices}", param="n"
         )
+    if (entries := result_entries(request)) > MAX_RESULT_ENTRIES:
+        raise InvalidRequest(
+            f"a result holds at most {MAX_RESULT_ENTRIES:,} tokens and log-probability alternatives (choices x "
+            f"max_tokens x (1 + logprobs)); this request could make {entries:,}: lower n, max_tokens or logprobs",
+            param="logprobs" if logprobs else "max_tokens",
+        )
     if streaming and body.get("stream") and (request.choices > 1 or echo):
         raise InvalidRequest(
             "stream: true serves one choice without echo; send n: 1 and one prompt, or stream: false",
             param="n" if request.choices > 1 else "echo",
         )
     return request
+
+
+# A result's token entries: each generated token, and each of its log-probability alternatives, is
+# ~50 bytes of JSON in the result a worker writes and an API function reads whole (~10 MB at most).
+MAX_RESULT_ENTRIES = 200_000
+
+
+def result_entries(request: InferenceRequest) -> int:
+    """The most token entries a request's result can hold: choices x (max_tokens + the prompt ids
+    it echoes) x (1 + logprobs alternatives)."""
+    p = request.params
+    echoed = request.prompt_token_ids if p.echo else 0
+    return request.choices * (p.max_tokens + echoed) * (1 + (p.logprobs or 0))
 
 
 MAX_SCHEMA_BYTES = 32_768  # a response_format schema, as compact JSON
