@@ -8,6 +8,7 @@ import json
 import boto3
 import pytest
 
+from stratus.batches import output
 from stratus.contracts import Status
 from stratus.jobstore import JobStore
 from stratus.keys import create_key
@@ -1214,7 +1215,7 @@ def test_each_slice_reads_the_file_from_where_the_last_one_ended(stack, batch_fn
     assert reads == ["whole", "whole"] + [f"bytes={b}-" for b in starts]
 
 
-def test_the_output_is_written_a_slice_of_lines_at_a_time(stack, batch_fn, batch_deps, sliced, monkeypatch):
+def test_the_output_is_written_a_few_lines_at_a_time(stack, batch_fn, batch_deps, sliced, monkeypatch):
     upload, tick, read = batch_fn
     deps = batch_deps()
     jobs_read, real = [], deps.store.get_many
@@ -1228,9 +1229,11 @@ def test_the_output_is_written_a_slice_of_lines_at_a_time(stack, batch_fn, batch
     for _ in range(6):
         completed += tick()["completed"]
         take_jobs(stack)
-    # Then the output was written reading the jobs of one slice at a time, and each Bedrock record
-    # carries its own modelInput, read back from the file as the output reached it
-    assert completed == [created["batch"]] and jobs_read == [10, 10, 5]
+    # Then the output was written reading the jobs of a few lines (output.GROUP) of a slice at a time,
+    # and each Bedrock record carries its own modelInput, read back from the file as the output reached it
+    group = output.GROUP
+    assert completed == [created["batch"]]
+    assert jobs_read == [min(group, n - i) for n in (10, 10, 5) for i in range(0, n, group)]
     view = stack.call("api_get_batch.json", key=sliced, job_id=created["batch"])[1]
     out = read(view["output_file_uri"])
     assert [o.get("custom_id", o.get("recordId")) for o in out] == [

@@ -1,6 +1,6 @@
 """Writing a finished batch's files: batches/output/<batch id>/output.jsonl, errors.jsonl and
-manifest.json, a slice of lines at a time (multipart uploads: one slice's jobs and one part of each
-file in memory)."""
+manifest.json, a few lines at a time (multipart uploads: a few lines' jobs and one part of each file
+in memory)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,16 @@ if TYPE_CHECKING:
     from stratus.deps import Deps
 
 CANCELLED_LINE = {"code": "batch_cancelled", "message": "the batch was cancelled before this line ran"}
+GROUP = 8  # lines whose jobs are in memory at once: an item's result (≤ 400 KB of JSON) is ~2 MB as objects
+
+
+def _groups(lines: list[Line]) -> list[list[Line]]:
+    return [lines[i : i + GROUP] for i in range(0, len(lines), GROUP)]
 
 
 def write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, cancelled: bool = False) -> bool:
-    """Write the output and error files a slice of lines at a time and finish the batch -> True.
+    """Write the output and error files GROUP lines at a time (their jobs, results loaded, and one
+    part of each file in memory, whatever the results' size) and finish the batch -> True.
     False, and nothing written, when a line's job is running again (a no-cache request re-ran a job
     a settled line counted): the settled marks start over and the next pass counts every line afresh."""
     prefix = f"batches/output/{batch.id}/"
@@ -38,7 +44,7 @@ def write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, canc
     files = (answered_file, error_file)
     inputs, answered, refused = BedrockInputs(batch, deps), 0, 0
     try:
-        for lines in slices:
+        for lines in (group for part in slices for group in _groups(part)):
             jobs = deps.store.get_many(sorted({l.job_id for l in lines if l.job_id}))
             if not cancelled and any(j.status in (Status.QUEUED, Status.RUNNING) for j in jobs.values()):
                 logger.info("a finished line's job runs again: the batch waits for it", extra={"batch_id": batch.id})
@@ -47,9 +53,12 @@ def write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, canc
                     f.abort()
                 return False
             for l in lines:
-                ok, row = output_row(l, jobs.get(l.job_id) if l.job_id else None, inputs, cancelled, deps)
+                job = jobs.get(l.job_id) if l.job_id else None
+                ok, row = output_row(l, job, inputs, cancelled, deps)
                 (answered_file if ok else error_file).write((json.dumps(row) + "\n").encode())
                 answered, refused = answered + ok, refused + (not ok)
+                if job is not None and job.result_s3:
+                    job.result = None  # a result from S3 (it may be MBs) is read again if another line shares it
         for f in files:
             f.close()
     except BaseException:
