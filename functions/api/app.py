@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from stratus import batches, openapi, service, shapes, streaming, tokenizer
 from stratus.deps import deps_from_env
-from stratus.errors import PayloadTooLarge, RateLimited, StratusError, Unavailable
+from stratus.errors import PayloadTooLarge, RateLimited, StratusError, Unavailable, refusal_reason
 from stratus.keys import Tenant, authenticate
 from stratus.observability import logger, metrics, tracer
 from stratus.wire import parse_json, require_unicode
@@ -196,7 +196,7 @@ def health() -> Response:
 def stratus_error(exc: StratusError) -> Response:
     with single_metric(name="Refused", unit=MetricUnit.Count, value=1) as metric:  # 4xx/5xx by reason
         metric.add_dimension(name="status", value=str(exc.status))
-        metric.add_dimension(name="reason", value=exc.code or (f"bad_{exc.param}" if exc.param else exc.error_type))
+        metric.add_dimension(name="reason", value=refusal_reason(exc))
     logger.info("request refused", extra={"status": exc.status, "code": exc.code})
     headers = {"retry-after": str(exc.retry_after_s)} if isinstance(exc, (RateLimited, Unavailable)) else {}
     return _reply(service.Reply(exc.status, shapes.error_body(exc), headers))

@@ -267,13 +267,16 @@ def test_cache_hits_are_not_charged_to_the_tenant(stack):
 def test_refusals_are_counted_by_status_and_reason(stack, key, capsys):
     stack.call("api_chat_completion.json", key=key, body={**CHAT, "n": 99})
     stack.call("api_chat_completion.json", key="sk-wrong", body=CHAT)
+    for i in (3, 17):  # a message's index is not a series of its own
+        bad = [{"role": "user", "content": "hi"}] * i + [{"role": "user", "content": 5}]
+        stack.call("api_chat_completion.json", key=key, body={**CHAT, "messages": bad})
     blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"Refused"' in line]
     reasons = {
         (b["status"], b["reason"])
         for b in blobs
         if b["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"] == "Refused"
     }
-    assert reasons == {("400", "bad_n"), ("401", "invalid_api_key")}
+    assert reasons == {("400", "bad_n"), ("401", "invalid_api_key"), ("400", "bad_messages[].content")}
     assert all(b["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "Stratus" for b in blobs)
 
 

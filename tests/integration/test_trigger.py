@@ -80,6 +80,16 @@ def test_a_message_of_any_shape_is_answered_with_an_error_and_not_retried(stack,
     assert stack.queued() == []
 
 
+def test_a_refused_message_logs_no_request_value(stack, trigger, caplog):
+    send, replied = trigger
+    # Given a message whose bad field holds text of the request (error messages echo bad values)
+    assert send(request(temperature="my secret plan")) == {"batchItemFailures": []}
+    # Then its reply names the value, and the log does not
+    assert "my secret plan" in replied()[0]["error"]["message"]
+    refused = [r for r in caplog.records if r.getMessage() == "request message refused"]
+    assert refused and not any("my secret plan" in str(vars(r)) for r in caplog.records)
+
+
 def test_a_reply_queue_outside_the_allowed_pattern_is_refused(stack, trigger):
     send, _ = trigger
     assert send({**request(), "reply_to": "https://sqs.us-east-1.amazonaws.com/1/someone-elses-queue"}) == {

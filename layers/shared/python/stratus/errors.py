@@ -6,6 +6,8 @@ Messages name the field, the allowed range and the bad value, e.g.
 
 from __future__ import annotations
 
+import re
+
 
 class StratusError(Exception):
     """Base class: every error the project raises on purpose."""
@@ -139,3 +141,14 @@ def shown(value, limit: int = 40) -> str:
     """A bad value as an error message names it: its repr, cut to `limit` characters."""
     text = repr(value) if not isinstance(value, int) or value.bit_length() < 4 * limit else f"{str(value)[:limit]}…"
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def refusal_reason(exc: StratusError) -> str:
+    """A bounded metric dimension for an error: its code, or the field it names with list indices
+    dropped (messages[17].content -> bad_messages[].content), or its type. Each distinct value is a
+    metric series of its own, so a request must not be able to make new ones."""
+    if exc.code:
+        return exc.code
+    if not exc.param:
+        return exc.error_type
+    return "bad_" + re.sub(r"\[\d+\]", "[]", exc.param)[:64]

@@ -87,7 +87,8 @@ def _refuse(
     exc: InvalidRequest | NotFound | PayloadTooLarge, request_id: str | None, reply_to: str | None, deps: Deps
 ) -> None:
     """A request that can never succeed: answered with its error when it names a reply queue, not retried."""
-    logger.info("request message refused", extra={"reason": exc.message})
+    logger.info("request message refused", extra={"error": type(exc).__name__, "param": exc.param})  # (messages
+    # echo request values: never logged)
     if reply_to:
         send(reply_to, {"id": request_id, "job_id": None, "status": Status.FAILED.value, **error_body(exc)}, deps.sqs)
 
