@@ -114,9 +114,8 @@ async def app(scope, receive, send) -> None:
 
 
 def _wants_stream(body: bytes) -> bool:
-    """Cheap pre-check; the real parse (and its errors) happens in the handler or the stream."""
-    if b'"stream"' not in body:
-        return False
+    """Whether the body asks for a stream, read as JSON (a key may be spelled with escapes, so no
+    byte search); the real parse (and its errors) happens in the handler or the stream."""
     try:
         value = json.loads(body)
     except (ValueError, RecursionError):  # (not JSON, not UTF-8, an integer too long, too deep)
