@@ -90,6 +90,24 @@ def test_a_refused_message_logs_no_request_value(stack, trigger, caplog):
     assert refused and not any("my secret plan" in str(vars(r)) for r in caplog.records)
 
 
+def test_a_long_id_is_refused_and_a_job_keeps_a_bounded_list_of_replies(stack, trigger, monkeypatch):
+    from stratus import jobstore
+
+    send, replied = trigger
+    # Given a message whose id is longer than any the job can keep
+    assert send({**request(), "id": "x" * 257}) == {"batchItemFailures": []}
+    assert stack.queued() == [] and replied()[0]["error"]["param"] == "id"  # (refused before any job)
+    # and, with room for two reply addresses, three messages asking the same (greedy: one job)
+    monkeypatch.setattr(jobstore, "MAX_REPLIES", 2)
+    ids = [f"m{i}" for i in range(3)]
+    assert send(*[{**request(temperature=0), "id": i} for i in ids], ids=ids) == {"batchItemFailures": []}
+    # Then the first two wait for its result and the third is answered at once: send it again later
+    [queued] = stack.queued()
+    assert [r["id"] for r in JobStore(stack.table).get(queued["job_id"]).notify] == ["m0", "m1"]
+    [refusal] = replied()
+    assert refusal["id"] == "m2" and refusal["error"]["code"] == "rate_limit_exceeded"
+
+
 def test_a_reply_queue_outside_the_allowed_pattern_is_refused(stack, trigger):
     send, _ = trigger
     assert send({**request(), "reply_to": "https://sqs.us-east-1.amazonaws.com/1/someone-elses-queue"}) == {

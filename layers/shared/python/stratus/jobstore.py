@@ -15,13 +15,14 @@ import time
 from botocore.exceptions import ClientError
 
 from stratus.contracts import UNCACHED_PREFIX, Job, Status
-from stratus.errors import PayloadTooLarge
+from stratus.errors import PayloadTooLarge, RateLimited
 
 FINISHED = [s.value for s in Status if s.finished]
 ITEM_LIMIT_BYTES = 400 * 1024  # DynamoDB's item size limit (attribute names and values)
 JOB_ITEM_BUDGET = 360_000  # a job item as created, and later with its inline result; the rest is for
 # usage, timings, an error and reply addresses
 SQS_LIMIT_BYTES = 256 * 1024  # SQS's message size limit
+MAX_REPLIES = 50  # reply addresses one job keeps (~450 bytes each, within the item's room beside the budget)
 INLINE_RESULT_BYTES = 300_000  # a result over this (or over what the item has room for) goes to S3
 RETRYABLE = [Status.FAILED.value, Status.CANCELLED.value, Status.EXPIRED.value]
 UNPROCESSED_TRIES = 6  # BatchGetItem rounds for throttled keys, 50 ms doubling to 1 s between them
@@ -289,12 +290,14 @@ class JobStore:
             self.table.update_item(
                 Key={"pk": job_id},
                 UpdateExpression="SET notify = list_append(if_not_exists(notify, :empty), :r)",
-                ConditionExpression="#s IN (:q, :r0) AND (attribute_not_exists(notify) OR NOT contains(notify, :one))",
+                ConditionExpression="#s IN (:q, :r0) AND (attribute_not_exists(notify) OR "
+                "(NOT contains(notify, :one) AND size(notify) < :most))",
                 ExpressionAttributeNames={"#s": "status"},
                 ExpressionAttributeValues={
                     ":empty": [],
                     ":r": [one],
                     ":one": one,
+                    ":most": MAX_REPLIES,
                     ":q": Status.QUEUED.value,
                     ":r0": Status.RUNNING.value,
                 },
@@ -305,7 +308,14 @@ class JobStore:
             if not _conditional_failed(exc):
                 raise
             job = self._held(exc, job_id)
-            return job is not None and job.status in (Status.QUEUED, Status.RUNNING)  # live: asked for already
+            if job is None or job.status not in (Status.QUEUED, Status.RUNNING):
+                return False  # finished
+            if reply not in job.notify and len(job.notify) >= MAX_REPLIES:
+                raise RateLimited(
+                    f"{MAX_REPLIES} requests already wait for this job's result; send this one again later",
+                    retry_after_s=30,
+                ) from None
+            return True  # live: asked for already
 
     def mark_notified(self, job_id: str) -> None:
         self.table.update_item(

@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from stratus import submission
 from stratus.contracts import Status
 from stratus.deps import Deps
-from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge, shown
+from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, StratusError, shown
 from stratus.jobstore import load_result
 from stratus.keys import Tenant
 from stratus.observability import logger
 from stratus.replies import send, send_reply
 from stratus.shapes import error_body
 from stratus.wire import ROUTE_PATHS, json_object, require_unicode
+
+MAX_ID_CHARS = 256  # a message's id: kept with its job (one of the job's reply addresses) and echoed in the reply
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,10 @@ class RequestMessage:
                 "send other tenants' requests to their own queue",
                 param="tenant",
             )
-        return cls(msg.get("id"), ROUTE_PATHS[url], msg.get("body"), reply_to, default_tenant)
+        request_id = msg.get("id")
+        if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_ID_CHARS):
+            raise InvalidRequest(f"id must be a string of at most {MAX_ID_CHARS} characters", param="id")
+        return cls(request_id, ROUTE_PATHS[url], msg.get("body"), reply_to, default_tenant)
 
 
 def _reply_to(msg: dict, reply_pattern: str) -> str | None:
@@ -83,9 +88,7 @@ def _where_to_answer(raw: str, tenant: str, reply_pattern: str) -> tuple[str | N
         return None, None
 
 
-def _refuse(
-    exc: InvalidRequest | NotFound | PayloadTooLarge, request_id: str | None, reply_to: str | None, deps: Deps
-) -> None:
+def _refuse(exc: StratusError, request_id: str | None, reply_to: str | None, deps: Deps) -> None:
     """A request that can never succeed: answered with its error when it names a reply queue, not retried."""
     logger.info("request message refused", extra={"error": type(exc).__name__, "param": exc.param})  # (messages
     # echo request values: never logged)
@@ -116,6 +119,12 @@ def handle_request(raw: str, deps: Deps, message_id: str | None = None, receive_
         reply = {"queue_url": msg.reply_to, "id": msg.id, "message": message_id}  # (one per message: watch)
         if sub.hit is not None:  # a cache hit: its result is loaded already
             send_reply(sub.hit, reply, deps.sqs)
-        elif not deps.store.watch(sub.job_id, reply):  # finished just now
-            send_reply(load_result(deps.store.get(sub.job_id, now=deps.clock()), deps.s3), reply, deps.sqs)
+        else:
+            try:
+                watched = deps.store.watch(sub.job_id, reply)
+            except RateLimited as exc:  # (the job keeps MAX_REPLIES reply addresses)
+                _refuse(exc, msg.id, msg.reply_to, deps)
+                return sub.job_id
+            if not watched:  # finished just now
+                send_reply(load_result(deps.store.get(sub.job_id, now=deps.clock()), deps.s3), reply, deps.sqs)
     return sub.job_id
