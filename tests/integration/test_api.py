@@ -102,6 +102,27 @@ def test_miss_queues_then_202_then_poll_then_hit(stack, key):
     assert stack.queued() == []
 
 
+def test_polls_read_a_job_without_its_prompt(stack, key, monkeypatch):
+    # Given a queued job with a long prompt
+    long = {**CHAT, "messages": [{"role": "user", "content": "word " * 20_000}]}
+    job_id = stack.call("api_create_job.json", key=key, body=long)[1]["id"]
+    table = stack.module.get_deps().table
+    read, real = [], table.get_item
+
+    def get_item(**kwargs):
+        got = real(**kwargs)
+        read.append(got.get("Item", {}))
+        return got
+
+    monkeypatch.setattr(table, "get_item", get_item)
+    # When it is polled, and a whole request waits on it
+    assert stack.call("api_get_job.json", key=key, job_id=job_id)[1]["status"] == "QUEUED"
+    assert stack.call("api_chat_completion.json", key=key, body=long)[0] == 202
+    # Then no read of the job carried its prompt (~100 KB a read)
+    job_reads = [item for item in read if item.get("pk") == job_id]
+    assert job_reads and not any("prompt" in item for item in job_reads)
+
+
 def test_completion_route_and_wait_for_result(stack, key, monkeypatch):
     # Given a worker that finishes the job while the request waits, the request answers 200 (miss).
     body = {"model": MODEL, "prompt": "Once upon a time", "temperature": 0, "max_tokens": 8}

@@ -48,6 +48,18 @@ def item_bytes(item: dict) -> int:
     return sum(len(k.encode()) + size(v) for k, v in item.items())
 
 
+# A job item's attributes but its prompt (Job.to_item), each by a placeholder (some are reserved words)
+_READ = (
+    "pk", "tenant", "status", "cacheable", "created_at", "updated_at", "expires_at", "attempts", "request",
+    "result", "result_s3", "usage", "timings", "error", "worker", "last_error", "notify", "notified", "tier",
+    "batch_id", "run",
+)  # fmt: skip
+WITHOUT_PROMPT = {
+    "ProjectionExpression": ", ".join(f"#a{i}" for i in range(len(_READ))),
+    "ExpressionAttributeNames": {f"#a{i}": name for i, name in enumerate(_READ)},
+}
+
+
 def check_sizes(job: Job, message_body: str) -> None:
     """Before anything is written: the job's queue message and item must fit SQS and DynamoDB
     (json.dumps writes non-ASCII text as 6-byte escapes, so a prompt's stored size is not its own).
@@ -74,9 +86,12 @@ class JobStore:
     def __init__(self, table) -> None:  # a boto3 DynamoDB Table resource
         self.table = table
 
-    def get(self, job_id: str, *, now: float | None = None) -> Job | None:
-        """The job, or None when absent or past its expiry (the TTL sweeper may lag by days)."""
-        item = self.table.get_item(Key={"pk": job_id}, ConsistentRead=True).get("Item")
+    def get(self, job_id: str, *, now: float | None = None, prompt: bool = True) -> Job | None:
+        """The job, or None when absent or past its expiry (the TTL sweeper may lag by days).
+        prompt=False: read without its prompt (a poll of its status or result: the prompt may be
+        hundreds of KB, and the read costs its size)."""
+        projection = {} if prompt else WITHOUT_PROMPT
+        item = self.table.get_item(Key={"pk": job_id}, ConsistentRead=True, **projection).get("Item")
         if item is None or "status" not in item:
             return None
         job = Job.from_item(item)

@@ -85,7 +85,7 @@ def get_job(job_id: str, tenant: Tenant, deps: Deps, *, owner_only: bool = False
     (the table holds keys, counters and batches beside jobs)."""
     if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
         raise NotFound("job not found: job ids are 'c' + 64 or 'j' + 32 hexadecimal digits")
-    job = deps.store.get(job_id, now=deps.clock())
+    job = deps.store.get(job_id, now=deps.clock(), prompt=False)  # (a poll: the prompt is not shown)
     shared = deps.settings.shared_cache and job is not None and job.cacheable and not owner_only
     if job is None or (job.tenant != tenant.name and not shared):
         raise NotFound(f"job {job_id!r} not found")

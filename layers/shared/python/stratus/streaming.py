@@ -143,7 +143,7 @@ class Stream:
                 now = clock()
                 if now - last_read >= JOB_READ_EVERY_S:
                     last_read = now
-                    job = self.deps.store.get(self.job.job_id, now=now)
+                    job = self.deps.store.get(self.job.job_id, now=now, prompt=False)
                     if job is None:
                         yield error_event("the job is gone (expired or removed)", "job_gone")
                         yield from self._done()

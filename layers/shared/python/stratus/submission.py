@@ -146,7 +146,7 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: SubmitPolicy
     job_id = job_id_for(req, tenant.name, s, cacheable, how.origin)
     logger.append_keys(job_id=job_id, tenant=tenant.name)
     if cacheable and not refresh:
-        hit = deps.store.get(job_id, now=deps.clock())
+        hit = deps.store.get(job_id, now=deps.clock(), prompt=False)  # (the key covers the prompt)
         if hit is not None and hit.status == Status.DONE:
             metrics.add_metric(name="CacheHits", unit=MetricUnit.Count, value=1)
             logger.info("cache hit", extra={"job_id": job_id})  # (named: batch lines submit from threads)
