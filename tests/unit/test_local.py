@@ -162,3 +162,22 @@ def test_the_gateway_answers_a_bad_content_length_with_a_400_at_once(template, l
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_no_job_outlives_the_result_it_points_at(template):
+    from stratus.submission import BATCH_KEEP_S, KEEP_AFTER_DEADLINE_S
+
+    # A job is kept for the longest of its cache TTL and its deadline plus a margin; a result too big
+    # for its item is under results/, which the bucket's lifecycle rule expires
+    params = template["Parameters"]
+    [rule] = [
+        r
+        for r in template["Resources"]["ResultsBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+        if r.get("Prefix") == "results/"
+    ]
+    kept = max(
+        params["CacheTtlSeconds"]["MaxValue"],
+        params["JobDeadlineSeconds"]["MaxValue"] + KEEP_AFTER_DEADLINE_S,
+        params["BatchWindowSeconds"]["MaxValue"] + BATCH_KEEP_S,
+    )
+    assert kept < rule["ExpirationInDays"] * 86400
