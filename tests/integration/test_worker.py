@@ -267,6 +267,23 @@ def test_a_worker_whose_engine_dies_gives_its_jobs_back_and_stops(stack, key, ma
     assert "EngineFailed" in (job(stack, job_id).last_error or "")
 
 
+def test_a_message_whose_request_is_not_its_jobs_is_dropped_not_generated(stack, key, make_worker):
+    # Given a queued job, and a message naming it that carries another request (forged, or a bug)
+    job_id = submit(stack, key, chat("what is 2+2?"))
+    m = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], AttributeNames=["All"])["Messages"][0]
+    forged = QueueMessage.from_body(m["Body"])
+    other = parse_request(
+        "chat", {**chat("say something else"), "model": forged.request.model}, max_messages=8, max_tokens_limit=64
+    )
+    m["Body"] = dataclasses.replace(forged, request=other).to_body()
+    w = make_worker(run=False)
+    # When a worker receives it
+    w.admit(m, Receipt(stack.refs["JobsQueue"], m["ReceiptHandle"]))
+    # Then nothing is generated under the job's key: it stays QUEUED, the message is spent
+    assert job(stack, job_id).status == Status.QUEUED and not w.held
+    assert wait_until(lambda: queue_depth(stack) == 0)
+
+
 def test_a_message_back_after_its_deadline_leaves_a_job_another_worker_runs(stack, key, make_worker):
     job_id = submit(stack, key, chat("long running"))
     assert JobStore(stack.table).transition(job_id, [Status.QUEUED], Status.RUNNING, worker="w-alive")

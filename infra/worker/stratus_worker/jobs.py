@@ -80,6 +80,12 @@ class JobStates:
         claimed, job = self.claim(msg, receive_count, may_start=now <= msg.deadline)
         if not claimed:
             return self._skip(job), None
+        if job.request.to_json() != msg.request.to_json():  # the item is the truth: never generate
+            # (and cache under its key) a request its job was not made for
+            self.requeue(job_id)
+            logger.warning("a message's request differs from its job's: the message is dropped")
+            metrics.add_metric(name="WorkerErrors", unit=MetricUnit.Count, value=1)
+            return Outcome.DELETE_MESSAGE, None
         try:
             prompts = encode_prompts(self.engine, msg.request)
         except InvalidRequest as exc:  # permanent: the model cannot serve this request
