@@ -71,6 +71,7 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     is_cancelled: Callable[[], bool] = _never  # polled between steps
     priority: int = 0  # waiting requests are admitted lowest first: 0 interactive, 1 batch (tiers)
+    cache_scope: str = ""  # whose stored prompt prefixes it may reuse (prefix_cache.py): "" shares them
     # each generated token of the first choice as it is sampled, with its TokenLogprob when asked (streaming)
     on_token: Callable[[int, TokenLogprob | None], None] | None = None
 
@@ -97,7 +98,7 @@ class _Group:
 
     @property
     def prompt(self) -> Prompt:
-        return Prompt(self.req.prompt_ids, self.req.params.prompt_logprobs)
+        return Prompt(self.req.prompt_ids, self.req.params.prompt_logprobs, self.req.cache_scope)
 
 
 @dataclass(eq=False)  # rows are compared by identity

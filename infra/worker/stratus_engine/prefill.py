@@ -28,6 +28,7 @@ SCORE_CHUNK = 512  # prompt tokens an echo-scoring prefill runs at a time (x 49,
 class Prompt:
     ids: list[int]
     scored: int | None = None  # echo + logprobs: each prompt token's log-probability and k alternatives
+    scope: str = ""  # whose stored prefixes it may reuse (prefix_cache.py): the tenant, or "" when shared
 
 
 @dataclass
@@ -37,15 +38,15 @@ class Prefilled:
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # scored prompts' (by index)
 
 
-def shares_prefix(a: list[int], b: list[int]) -> bool:
-    """Do two prompts share a prefix worth reusing (at least MIN_TOKENS, before both their ends)?"""
-    n = min(len(a), len(b), MIN_TOKENS)
-    return n == MIN_TOKENS and a[:n] == b[:n] and min(len(a), len(b)) > MIN_TOKENS
+def shares_prefix(a: Prompt, b: Prompt) -> bool:
+    """Do two prompts of one scope share a prefix worth reusing (at least MIN_TOKENS, before both their ends)?"""
+    n = min(len(a.ids), len(b.ids), MIN_TOKENS)
+    return a.scope == b.scope and n == MIN_TOKENS and a.ids[:n] == b.ids[:n] and min(len(a.ids), len(b.ids)) > n
 
 
 def tokens_to_run(prefixes: PrefixCache | None, prompt: Prompt) -> int:
     """Prompt tokens its prefill runs: those after a stored prefix it will reuse (nothing counted)."""
-    return len(prompt.ids) - (prefixes.matched(prompt.ids) if prefixes and prompt.scored is None else 0)
+    return len(prompt.ids) - (prefixes.matched(prompt.ids, prompt.scope) if prefixes and prompt.scored is None else 0)
 
 
 def prefill_scored(
@@ -97,10 +98,10 @@ def run_prompts(
     scored = [i for i, p in enumerate(prompts) if p.scored is not None]
     hits, fresh, later = [], [], []
     for i in plain:
-        entry, length = prefixes.lookup(prompts[i].ids) if prefixes else (None, 0)
+        entry, length = prefixes.lookup(prompts[i].ids, prompts[i].scope) if prefixes else (None, 0)
         if entry is not None:
             hits.append((i, entry, length))
-        elif prefixes and any(shares_prefix(prompts[i].ids, prompts[f].ids) for f in fresh):
+        elif prefixes and any(shares_prefix(prompts[i], prompts[f]) for f in fresh):
             later.append(i)
         else:
             fresh.append(i)
@@ -108,15 +109,15 @@ def run_prompts(
     if fresh:
         logits, _ = prefill_last(cache, [prompts[i].ids for i in fresh], start)
         out.order, out.last = list(fresh), list(logits)
-        store_prefixes(cache, prefixes, [prompts[i].ids for i in fresh], start)
+        store_prefixes(cache, prefixes, [prompts[i] for i in fresh], start)
     for i in later:
-        entry, length = prefixes.lookup(prompts[i].ids)
+        entry, length = prefixes.lookup(prompts[i].ids, prompts[i].scope)
         if entry is not None:
             hits.append((i, entry, length))
         else:
             out.last.append(prefill_last(cache, [prompts[i].ids], start + len(out.order))[0][0])
             out.order.append(i)
-            store_prefixes(cache, prefixes, [prompts[i].ids], start + len(out.order) - 1)
+            store_prefixes(cache, prefixes, [prompts[i]], start + len(out.order) - 1)
     for i, entry, length in hits:
         ids = prompts[i].ids
         row = start + len(out.order)
@@ -132,9 +133,9 @@ def run_prompts(
     return out
 
 
-def store_prefixes(cache, prefixes: PrefixCache | None, prompts: list[list[int]], start: int) -> None:
+def store_prefixes(cache, prefixes: PrefixCache | None, prompts: list[Prompt], start: int) -> None:
     """Keep the prefixes of prompts freshly prefilled into rows from `start` (prefix_cache.py)."""
-    for i, ids in enumerate(prompts):
-        length = prefixes.storable(ids) if prefixes else 0
+    for i, prompt in enumerate(prompts):
+        length = prefixes.storable(prompt.ids, prompt.scope) if prefixes else 0
         if length:
-            prefixes.add(ids, length, cache.save_prefix(start + i, length))
+            prefixes.add(prompt.ids, length, cache.save_prefix(start + i, length), prompt.scope)

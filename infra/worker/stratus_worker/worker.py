@@ -301,6 +301,8 @@ class Worker:
                             is_cancelled=lambda: job_id in self.cancelled,
                             on_token=on_token if i == 0 else None,
                             priority=priority,
+                            cache_scope="" if self.settings.shared_cache else msg.tenant,  # (a timing side
+                            # channel otherwise: a tenant could tell another's prompts by their prefill time)
                         )
                     )
                     for i, ids in enumerate(started.prompts)
