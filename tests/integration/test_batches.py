@@ -1336,6 +1336,29 @@ def test_a_cancel_before_a_dead_slice_is_redone_cancels_that_slices_jobs(
     assert tick()["completed"] == [later["batch"]]
 
 
+def test_a_slice_never_moves_a_cursor_past_an_outbox_another_run_wrote(stack, batch_fn, batch_deps, monkeypatch):
+    from stratus import batches, release
+
+    upload, _, _ = batch_fn
+    deps = batch_deps()
+    real = release.write_outbox
+
+    def another_run_appends_meanwhile(batch_id, messages, deps_, start):
+        real(batch_id, messages, deps_, start=start)
+        deps_.table.update_item(
+            Key={"pk": f"batch#{batch_id}"},
+            UpdateExpression="SET outbox = outbox + :n",
+            ExpressionAttributeValues={":n": 3},
+        )
+
+    monkeypatch.setattr(release, "write_outbox", another_run_appends_meanwhile)
+    # When a run's slice finds the outbox moved under it before it records the slice
+    created = upload("batches/input/acme/raced.jsonl", lines("a", 4))
+    # Then its cursor does not move: the slice is left to a run that sees the outbox as it is
+    b = batches.get_any(created["batch"], deps)
+    assert b.ingested == 0 and b.outbox == 3
+
+
 def test_a_run_finds_a_batch_another_run_is_reading_and_leaves_it(stack, batch_fn, batch_deps):
     from stratus import batches
 

@@ -181,3 +181,12 @@ def test_no_job_outlives_the_result_it_points_at(template):
         params["BatchWindowSeconds"]["MaxValue"] + BATCH_KEEP_S,
     )
     assert kept < rule["ExpirationInDays"] * 86400
+
+
+def test_an_ingest_lease_outlasts_the_batch_function(template):
+    from stratus.settings import BatchLimits
+
+    # A run holds a batch's lease for lease_s from each slice it starts; the function that runs it
+    # stops at its timeout, so a live run's lease never lapses under it
+    timeout = template["Resources"]["BatchFunction"]["Properties"]["Timeout"]
+    assert BatchLimits().lease_s >= timeout

@@ -31,7 +31,10 @@ class BatchLimits:
     max_file_bytes: int = 200 * 1024 * 1024  # one file's size (OpenAI's limit); streamed, never held whole
     max_line_bytes: int = 4 << 20  # one line: no request that fits a queue message (256 KiB) comes near it
     read_chunk: int = 1 << 20  # bytes a read of the file takes from S3 at a time
-    lease_s: int = 120  # an ingest step holds its batch this long; a dead one's batch is taken over after
+    # an ingest step holds its batch this long, renewed each slice; a dead run's batch is taken over
+    # after it. At least the batch function's timeout (300 s), so a live run, however slow a slice,
+    # never loses its batch to a second run that would redo the slice beside it
+    lease_s: int = 310
 
 
 @dataclass(frozen=True)

@@ -135,8 +135,10 @@ class BatchStore:
             self.table.update_item,
             Key=batch_key(batch.id),
             UpdateExpression="SET " + ", ".join(f"{k} = :{k}" for k in cursor),
-            ConditionExpression="ingester = :me AND ingested = :start",
-            ExpressionAttributeValues={**values, ":me": me, ":start": start},
+            # (the outbox as this slice found it: its messages went after batch.outbox, so a cursor
+            # that moved meanwhile must not move again over messages another run wrote there)
+            ConditionExpression="ingester = :me AND ingested = :start AND outbox = :was",
+            ExpressionAttributeValues={**values, ":me": me, ":start": start, ":was": batch.outbox},
         )
 
     def begin(self, batch_id: str) -> None:
