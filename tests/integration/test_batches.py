@@ -3,6 +3,7 @@ pass (events/batch_schedule.json) -> output and error files; the /v1/batches rou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import boto3
@@ -151,6 +152,28 @@ def state_files(stack, batch_id: str) -> list[str]:
     prefix = f"batches/state/{batch_id}/"
     listed = boto3.client("s3").list_objects_v2(Bucket=stack.refs["ResultsBucket"], Prefix=prefix)
     return sorted(o["Key"].removeprefix(prefix) for o in listed.get("Contents", []))
+
+
+def test_a_tenant_has_at_most_max_open_batches_open(stack, batch_fn, batch_deps, monkeypatch):
+    upload, _, _ = batch_fn
+    batch_deps(max_open_batches=2)
+    api = stack.module.get_deps()
+    monkeypatch.setattr(api, "settings", dataclasses.replace(api.settings, max_open_batches=2))
+    # Given a tenant with two batches open
+    for name in ("a", "b"):
+        assert upload(f"batches/input/acme/{name}.jsonl", lines(name, 3))["status"] == "in_progress"
+    # When it uploads a third, or posts one
+    third = upload("batches/input/acme/c.jsonl", lines("c", 3))
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    boto3.client("s3").put_object(Bucket=stack.refs["ResultsBucket"], Key="batches/files/acme/d.jsonl", Body=b"{}")
+    status, body, headers = stack.call("api_create_batch.json", key=key, body={"input_file_id": "d.jsonl"})
+    # Then the upload's batch fails saying why (none of its lines read), and the post is a 429
+    view = stack.call("api_get_batch.json", key=key, job_id=third["batch"])[1]
+    assert view["status"] == "failed" and view["errors"]["data"][0]["code"] == "too_many_open_batches"
+    assert view["request_counts"]["total"] == 0
+    assert status == 429 and body["error"]["code"] == "too_many_open_batches" and headers["retry-after"] == "60"
+    # and another tenant is not held back
+    assert upload("batches/input/initech/e.jsonl", lines("e", 3))["status"] == "in_progress"
 
 
 def test_a_redelivered_upload_event_does_not_create_a_second_batch(stack, batch_fn):

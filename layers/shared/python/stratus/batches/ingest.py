@@ -25,7 +25,7 @@ from stratus.batches.lines import CHANGED, Row, UnusableFile, error_code, perman
 from stratus.batches.model import FILES_PREFIX, INPUT_PREFIX, POSTED, Batch, BatchStatus, Line
 from stratus.batches.store import BatchStore, at_once
 from stratus.contracts import QueueMessage, Status
-from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge
+from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited
 from stratus.keys import Tenant, check_tenant
 from stratus.observability import logger, metrics
 from stratus.wire import ROUTE_PATHS
@@ -52,9 +52,32 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps, etag: str = "") -> 
     """An uploaded file: record the batch (new, or announced by POST /v1/batches), then ingest it
     for up to BatchIngestSeconds; the scheduled pass goes on with what is left. A redelivered event
     finds the batch recorded and goes on with its ingest (or finds it done)."""
-    if not BatchStore.of(deps).put_new(Batch(batch_id, tenant, key, etag.strip('"'))):
+    store, batch = BatchStore.of(deps), Batch(batch_id, tenant, key, etag.strip('"'))
+    if not store.put_new(batch):
         logger.info("batch exists already (a redelivered event)", extra={"batch_id": batch_id})
+    elif (error := too_many_open(tenant, batch_id, deps)) is not None:
+        batch.status, batch.errors = BatchStatus.FAILED, [{"code": error.code, "message": error.message}]
+        store.save(batch)  # (before a line is read: nothing to cancel)
+        logger.info("batch refused", extra={"batch_id": batch_id, "code": error.code})
+        return batch
     return ingest(batch_id, deps, deps.clock() + deps.settings.batch_ingest_s)
+
+
+class TooManyOpenBatches(RateLimited):
+    code = "too_many_open_batches"
+
+
+def too_many_open(tenant: str, batch_id: str, deps: Deps) -> TooManyOpenBatches | None:
+    """The error for a tenant's batch past MaxOpenBatches others open (None: within it)."""
+    cap = deps.settings.max_open_batches
+    others = BatchStore.of(deps).open_count(tenant, besides=batch_id)
+    if others < cap:
+        return None
+    return TooManyOpenBatches(
+        f"tenant {tenant} has {others} batches open, at most {cap} at once (MaxOpenBatches): "
+        "send this one when one of them finishes",
+        retry_after_s=60,
+    )
 
 
 def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
@@ -67,6 +90,8 @@ def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
     endpoint = body.get("endpoint", "/v1/chat/completions")
     if not isinstance(endpoint, str) or endpoint not in ROUTE_PATHS:
         raise InvalidRequest(f"endpoint must be one of {', '.join(ROUTE_PATHS)}", param="endpoint")
+    if (error := too_many_open(tenant, "", deps)) is not None:
+        raise error
     bucket, name = deps.settings.bucket, body["input_file_id"]
     source = f"{FILES_PREFIX}{tenant}/{name}"
     try:

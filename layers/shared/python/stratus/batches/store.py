@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
-from boto3.dynamodb.conditions import Key
+from boto3.dynamodb.conditions import Attr, Key
 
 from stratus.batches.model import OPEN, OPEN_INDEX, TENANT_INDEX, Batch, BatchStatus, batch_key
 
@@ -57,6 +57,22 @@ class BatchStore:
             }
         items = self.table.query(**kwargs).get("Items", [])
         return [Batch.from_item(i) for i in items[:limit]], len(items) > limit
+
+    def open_count(self, tenant: str, *, besides: str = "") -> int:
+        """A tenant's open batches but `besides` (the tenant index, which lags its items by moments)."""
+        kwargs = {
+            "IndexName": TENANT_INDEX,
+            "KeyConditionExpression": Key("batch_tenant").eq(tenant),
+            "FilterExpression": Attr("open_batch").exists(),
+            "ProjectionExpression": "pk",
+        }
+        count = 0
+        while True:
+            got = self.table.query(**kwargs)
+            count += sum(1 for i in got.get("Items", []) if i["pk"] != f"batch#{besides}")
+            if "LastEvaluatedKey" not in got:
+                return count
+            kwargs["ExclusiveStartKey"] = got["LastEvaluatedKey"]
 
     def open_ids(self) -> list[str]:
         """Every open batch, oldest first (the open index, all pages; it lags behind the items)."""
