@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -121,6 +122,25 @@ def test_polls_read_a_job_without_its_prompt(stack, key, monkeypatch):
     # Then no read of the job carried its prompt (~100 KB a read)
     job_reads = [item for item in read if item.get("pk") == job_id]
     assert job_reads and not any("prompt" in item for item in job_reads)
+
+
+def test_a_tenant_has_at_most_max_in_flight_requests_queued_or_running(stack, key, monkeypatch):
+    deps = stack.module.get_deps()
+    monkeypatch.setattr(deps, "settings", dataclasses.replace(deps.settings, max_in_flight=2))
+    ask = lambda q: {**CHAT, "messages": [{"role": "user", "content": q}]}
+    # Given a tenant with two requests queued
+    first, second = (stack.call("api_create_job.json", key=key, body=ask(q))[1]["id"] for q in ("one?", "two?"))
+    # When it sends a third: a 429 with Retry-After, nothing queued for it
+    status, body, headers = stack.call("api_create_job.json", key=key, body=ask("three?"))
+    assert status == 429 and body["error"]["code"] == "too_many_requests_in_flight" and headers["retry-after"] == "2"
+    assert len(stack.queued()) == 2
+    # but the same question as a queued one joins it (no new work), and another tenant is not held back
+    assert stack.call("api_create_job.json", key=key, body=ask("one?"))[1]["id"] == first
+    other = create_key(stack.table, "initech", rpm=100, tpm=100_000)
+    assert stack.call("api_create_job.json", key=other, body=ask("three?"))[0] == 202
+    # Then once one of its requests finishes, the third goes
+    finish(stack, second)
+    assert stack.call("api_create_job.json", key=key, body=ask("three?"))[0] == 202
 
 
 def test_completion_route_and_wait_for_result(stack, key, monkeypatch):

@@ -150,6 +150,8 @@ class Job:
             item["result_s3"] = self.result_s3
         if self.tier != "interactive":
             item["tier"] = self.tier
+        elif not self.status.finished:  # keys the tenant-live-jobs index while QUEUED or RUNNING
+            item["live_tenant"] = self.tenant
         if self.batch:
             item["batch_id"] = self.batch
         if self.run:

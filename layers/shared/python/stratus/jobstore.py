@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 
+from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
 from stratus.contracts import UNCACHED_PREFIX, Job, Status
@@ -22,6 +23,7 @@ ITEM_LIMIT_BYTES = 400 * 1024  # DynamoDB's item size limit (attribute names and
 JOB_ITEM_BUDGET = 360_000  # a job item as created, and later with its inline result; the rest is for
 # usage, timings, an error and reply addresses
 SQS_LIMIT_BYTES = 256 * 1024  # SQS's message size limit
+LIVE_INDEX = "tenant-live-jobs"  # template.yaml: JobsTable's index of live interactive jobs by tenant
 MAX_REPLIES = 50  # reply addresses one job keeps (~450 bytes each, within the item's room beside the budget)
 INLINE_RESULT_BYTES = 300_000  # a result over this (or over what the item has room for) goes to S3
 RETRYABLE = [Status.FAILED.value, Status.CANCELLED.value, Status.EXPIRED.value]
@@ -98,6 +100,19 @@ class JobStore:
         if job.expires_at < (now or time.time()):
             return None
         return job
+
+    def live_count(self, tenant: str, at_most: int) -> int:
+        """How many of the tenant's interactive jobs are QUEUED or RUNNING, counted up to `at_most`
+        (the tenant-live-jobs index, which lags the items by moments)."""
+        kwargs = {"IndexName": LIVE_INDEX, "KeyConditionExpression": Key("live_tenant").eq(tenant), "Select": "COUNT"}
+        count = 0
+        while count < at_most:
+            got = self.table.query(**kwargs, Limit=at_most - count)
+            count += got["Count"]
+            if "LastEvaluatedKey" not in got:
+                break
+            kwargs["ExclusiveStartKey"] = got["LastEvaluatedKey"]
+        return count
 
     def statuses(self, job_ids: list[str]) -> dict[str, Status]:
         """Current status of each existing job (batch files poll their lines)."""
@@ -229,7 +244,7 @@ class JobStore:
         try:
             self.table.update_item(
                 Key={"pk": job_id},
-                UpdateExpression="SET tier = :i",
+                UpdateExpression="SET tier = :i, live_tenant = tenant",  # (an interactive job: counted live)
                 ConditionExpression="#s = :q AND tier = :b",
                 ExpressionAttributeNames={"#s": "status"},
                 ExpressionAttributeValues={":i": "interactive", ":q": Status.QUEUED.value, ":b": "batch"},
@@ -281,7 +296,8 @@ class JobStore:
             cond += " AND tenant = :tenant"
             values[":tenant"] = tenant
         try:
-            update = "SET " + ", ".join(sets) + (" REMOVE prompt" if forget else "")
+            gone = ["live_tenant"] * to.finished + ["prompt"] * forget  # (a finished job leaves the live index)
+            update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(gone) if gone else "")
             item = self.table.update_item(
                 Key={"pk": job_id},
                 UpdateExpression=update,

@@ -30,13 +30,14 @@ from aws_lambda_powertools.metrics import MetricUnit
 from stratus.cache_key import cache_key
 from stratus.contracts import CACHED_PREFIX, UNCACHED_PREFIX, InferenceRequest, Job, QueueMessage, Status
 from stratus.deps import Deps
-from stratus.errors import InvalidRequest, NotFound, Unavailable
+from stratus.errors import InvalidRequest, NotFound, RateLimited, Unavailable
 from stratus.jobstore import check_sizes, load_result
 from stratus.keys import Tenant, charge, refund
 from stratus.observability import logger, metrics
 from stratus.settings import Settings
 from stratus.wire import parse_request
 
+IN_FLIGHT_RETRY_S = 2  # a tenant at its in-flight cap: about when one of its jobs may have finished
 MAX_BYTES_PER_TOKEN = 32  # no token of a byte-level BPE vocabulary we serve is longer; workers check exactly
 KEEP_AFTER_DEADLINE_S = 3600  # a job stays readable at least this long after its deadline
 BATCH_KEEP_S = 86400  # a job a batch file's line made, joined or hit outlives the line's window by this:
@@ -145,6 +146,7 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: SubmitPolicy
     cacheable = req.params.deterministic and not no_store
     job_id = job_id_for(req, tenant.name, s, cacheable, how.origin)
     logger.append_keys(job_id=job_id, tenant=tenant.name)
+    hit = None
     if cacheable and not refresh:
         hit = deps.store.get(job_id, now=deps.clock(), prompt=False)  # (the key covers the prompt)
         if hit is not None and hit.status == Status.DONE:
@@ -152,6 +154,9 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: SubmitPolicy
             logger.info("cache hit", extra={"job_id": job_id})  # (named: batch lines submit from threads)
             _keep_for_batch(job_id, how, deps)
             return Submission(req, job_id, cacheable, hit=load_result(hit, deps.s3))
+    joins = hit is not None and not hit.status.finished  # (no new work: never refused for the tenant's load)
+    if how.charge and how.tier == "interactive" and not joins:
+        _check_in_flight(tenant, deps)
     now = deps.clock()
     # readable until its deadline + a margin whatever CacheTtlSeconds says (a poller, a batch's output)
     keep = how.deadline_s + (BATCH_KEEP_S if how.batch else KEEP_AFTER_DEADLINE_S)
@@ -209,6 +214,22 @@ def estimated_tokens(req: InferenceRequest) -> int:
     """The tokens a request may cost, before a tokenizer has seen it: what a tenant is charged, and
     what a batch line weighs in a fair share."""
     return req.text_bytes // 4 + req.prompt_token_ids + req.params.max_tokens * req.choices
+
+
+class TooManyInFlight(RateLimited):
+    code = "too_many_requests_in_flight"
+
+
+def _check_in_flight(tenant: Tenant, deps: Deps) -> None:
+    """A tenant's interactive jobs QUEUED or RUNNING are at most MaxInFlightPerTenant, so one tenant
+    cannot fill the interactive queue and every worker; the next is a 429 until some finish."""
+    cap = deps.settings.max_in_flight
+    if deps.store.live_count(tenant.name, at_most=cap) >= cap:
+        raise TooManyInFlight(
+            f"tenant {tenant.name} has {cap} requests queued or running, at most {cap} at once "
+            "(MaxInFlightPerTenant): retry when some finish",
+            retry_after_s=IN_FLIGHT_RETRY_S,
+        )
 
 
 def _keep_for_batch(job_id: str, how: SubmitPolicy, deps: Deps) -> None:
