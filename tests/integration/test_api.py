@@ -143,6 +143,15 @@ def test_a_tenant_has_at_most_max_in_flight_requests_queued_or_running(stack, ke
     assert stack.call("api_create_job.json", key=key, body=ask("three?"))[0] == 202
 
 
+def test_each_job_message_names_its_tenant_for_sqs_fair_queues(stack, key):
+    # SQS fair queues keep a quiet tenant's dwell time low while another builds a backlog, if each
+    # message's MessageGroupId names its tenant
+    stack.call("api_create_job.json", key=key, body=CHAT)
+    got = stack.sqs.receive_message(QueueUrl=stack.refs["JobsQueue"], MessageSystemAttributeNames=["All"])
+    [message] = got["Messages"]
+    assert message["Attributes"]["MessageGroupId"] == "acme"
+
+
 def test_completion_route_and_wait_for_result(stack, key, monkeypatch):
     # Given a worker that finishes the job while the request waits, the request answers 200 (miss).
     body = {"model": MODEL, "prompt": "Once upon a time", "temperature": 0, "max_tokens": 8}

@@ -598,6 +598,15 @@ def lines(prefix: str, n: int, **kw) -> str:
     return "".join(line(f"{prefix}{i}", f"{prefix} question {i}?", **kw) + "\n" for i in range(n))
 
 
+def test_released_lines_name_their_tenant_for_sqs_fair_queues(stack, batch_fn):
+    upload, _, _ = batch_fn
+    upload("batches/input/acme/few.jsonl", lines("a", 3))
+    got = stack.sqs.receive_message(
+        QueueUrl=stack.refs["BatchJobsQueue"], MaxNumberOfMessages=10, MessageSystemAttributeNames=["All"]
+    )
+    assert [m["Attributes"]["MessageGroupId"] for m in got["Messages"]] == ["acme"] * 3
+
+
 def test_two_tenants_batch_files_share_the_queue_evenly(stack, batch_fn, batch_deps):
     upload, tick, _ = batch_fn
     # Given tenant acme's 200-line file (its first 20 lines released: the floor), of which workers

@@ -179,7 +179,11 @@ def send(bodies: list[str], deps: Deps) -> None:
                 deps.sleep(SEND_PAUSE_S * 2 ** (attempt - 1))
             out = deps.sqs.send_message_batch(
                 QueueUrl=deps.settings.queue_for("batch"),
-                Entries=[{"Id": str(i), "MessageBody": bodies[i]} for i in group],
+                Entries=[
+                    # MessageGroupId: SQS fair queues deliver a quiet tenant's lines ahead of a backlog
+                    {"Id": str(i), "MessageBody": bodies[i], "MessageGroupId": QueueMessage.from_body(bodies[i]).tenant}
+                    for i in group
+                ],
             )
             failed = out.get("Failed", [])
             for f in (f for f in failed if f.get("SenderFault", True)):

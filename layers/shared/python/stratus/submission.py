@@ -241,7 +241,11 @@ def _keep_for_batch(job_id: str, how: SubmitPolicy, deps: Deps) -> None:
 def send(message: QueueMessage, deps: Deps) -> None:
     """SendMessage for a job just created; if it cannot go, the job fails (never stays QUEUED)."""
     try:
-        deps.sqs.send_message(QueueUrl=deps.settings.queue_for(message.tier), MessageBody=message.to_body())
+        deps.sqs.send_message(
+            QueueUrl=deps.settings.queue_for(message.tier),
+            MessageBody=message.to_body(),
+            MessageGroupId=message.tenant,  # SQS fair queues: a tenant's backlog never delays the others'
+        )
     except Exception as exc:  # botocore raises many types
         deps.store.transition(
             message.job_id,
