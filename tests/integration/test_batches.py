@@ -1636,7 +1636,7 @@ def test_a_batch_message_sqs_fails_on_its_side_is_sent_again_and_one_it_refuses_
     monkeypatch.setattr(deps.sqs, "send_message_batch", faults)
     monkeypatch.setattr(deps, "sleep", lambda s: None)
     # When SQS fails line 0's message on its side once and refuses line 1's as the sender's fault
-    release.send(bodies, deps)
+    release.send(bodies, deps, "acme")
     # Then line 0's is sent again (its job not FAILED, the line not an error), line 1's job fails visibly
     assert rounds == [["0", "1", "2"], ["0"]]
     assert [store.get(j).status for j in jobs] == [Status.QUEUED, Status.FAILED, Status.QUEUED]
@@ -1655,5 +1655,5 @@ def test_a_batch_message_sqs_fails_on_its_side_is_sent_again_and_one_it_refuses_
         },
     )
     with pytest.raises(Unavailable):
-        release.send(bodies[2:], deps)
+        release.send(bodies[2:], deps, "acme")
     assert store.get(jobs[2]).status == Status.QUEUED

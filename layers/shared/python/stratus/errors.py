@@ -139,7 +139,7 @@ def transient(exc: BaseException) -> bool:
 
 def shown(value, limit: int = 40) -> str:
     """A bad value as an error message names it: its repr, cut to `limit` characters."""
-    text = repr(value) if not isinstance(value, int) or value.bit_length() < 4 * limit else f"{str(value)[:limit]}…"
+    text = repr(value)  # (JSON never gives an integer Python cannot print: 4,300 digits at most)
     return text if len(text) <= limit else text[:limit] + "…"
 
 

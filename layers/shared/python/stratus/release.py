@@ -169,8 +169,8 @@ def _groups(bodies: list[str]) -> list[list[int]]:
     return groups
 
 
-def send(bodies: list[str], deps: Deps) -> None:
-    """Send batch-tier messages. A message SQS refused as the sender's fault fails its job visibly
+def send(bodies: list[str], deps: Deps, tenant: str) -> None:
+    """Send a tenant's batch-tier messages. A message SQS refused as the sender's fault fails its job visibly
     (never stays QUEUED); one SQS failed on its own side is sent again, SEND_ROUNDS rounds, and
     raises if it still fails, so the step's cursor stays and the next step sends it again."""
     for group in _groups(bodies):
@@ -179,11 +179,8 @@ def send(bodies: list[str], deps: Deps) -> None:
                 deps.sleep(SEND_PAUSE_S * 2 ** (attempt - 1))
             out = deps.sqs.send_message_batch(
                 QueueUrl=deps.settings.queue_for("batch"),
-                Entries=[
-                    # MessageGroupId: SQS fair queues deliver a quiet tenant's lines ahead of a backlog
-                    {"Id": str(i), "MessageBody": bodies[i], "MessageGroupId": QueueMessage.from_body(bodies[i]).tenant}
-                    for i in group
-                ],
+                # MessageGroupId: SQS fair queues deliver a quiet tenant's lines ahead of a backlog
+                Entries=[{"Id": str(i), "MessageBody": bodies[i], "MessageGroupId": tenant} for i in group],
             )
             failed = out.get("Failed", [])
             for f in (f for f in failed if f.get("SenderFault", True)):
@@ -234,7 +231,7 @@ def step(pending: list[Pending], meter: Meter, deps: Deps) -> int:
         n = shares.get(p.batch_id, 0)
         if not n:
             continue
-        send(read_outbox(p.batch_id, p.released, p.released + n, deps), deps)
+        send(read_outbox(p.batch_id, p.released, p.released + n, deps), deps, p.tenant)
         queued += n
         if _move_cursor(p.batch_id, p.released, p.released + n, deps):
             sent += n

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from stratus import release
 from stratus.batches import bedrock
+from stratus.batches import lines as batch_lines
 from stratus.batches.bedrock import BedrockInputs
 from stratus.batches.model import Batch, BatchStatus, Line
 from stratus.batches.store import BatchStore
@@ -27,10 +28,6 @@ CANCELLED_LINE = {"code": "batch_cancelled", "message": "the batch was cancelled
 GROUP = 8  # lines whose jobs are in memory at once: an item's result (≤ 400 KB of JSON) is ~2 MB as objects
 
 
-def _groups(lines: list[Line]) -> list[list[Line]]:
-    return [lines[i : i + GROUP] for i in range(0, len(lines), GROUP)]
-
-
 def write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, cancelled: bool = False) -> bool:
     """Write the output and error files GROUP lines at a time (their jobs, results loaded, and one
     part of each file in memory, whatever the results' size) and finish the batch -> True.
@@ -44,7 +41,7 @@ def write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, canc
     files = (answered_file, error_file)
     inputs, answered, refused = BedrockInputs(batch, deps), 0, 0
     try:
-        for lines in (group for part in slices for group in _groups(part)):
+        for lines in (group for part in slices for group in batch_lines.slices(part, GROUP)):
             jobs = deps.store.get_many(sorted({l.job_id for l in lines if l.job_id}))
             if not cancelled and any(j.status in (Status.QUEUED, Status.RUNNING) for j in jobs.values()):
                 logger.info("a finished line's job runs again: the batch waits for it", extra={"batch_id": batch.id})
