@@ -405,6 +405,10 @@ def test_keys_cli_creates_a_working_key_and_revokes_it(stack, capsys):
     stack.module.get_deps().key_cache.clear()
     assert stack.call("api_models.json", key=key)[0] == 401
     assert stratus(["keys", "revoke", key + "x"]) == 2
+    # and --batch-tpm gives the tenant a batch budget of its own
+    assert stratus(["keys", "create", "--tenant", "initech", "--batch-tpm", "5000"]) == 0
+    assert stack.table.get_item(Key={"pk": "tenant#initech"})["Item"]["batch_tpm"] == 5000
+    assert stratus(["keys", "create", "--tenant", "initech", "--batch-tpm", "0"]) == 2
 
 
 def test_invoke_runs_a_handler_on_an_event_file(stack, key, tmp_path, capsys):

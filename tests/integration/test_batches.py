@@ -652,6 +652,33 @@ def test_tenants_share_the_queue_by_tokens_not_lines(stack, batch_fn, batch_deps
     assert sorted(order) == ["acme"] * 200 + ["other"] * 100
 
 
+def test_a_tenants_batch_budget_meters_its_lines_a_minute_at_a_time(stack, batch_fn, batch_deps, monkeypatch):
+    from stratus.keys import set_batch_tpm
+
+    upload, tick, _ = batch_fn
+    now = [1_800_000_000.0 + 5]  # five seconds into a minute
+    monkeypatch.setattr(batch_deps(), "clock", lambda: now[0])
+    # Given tenant acme with a batch budget of 1 token a minute (a line a minute: a fresh minute
+    # pays one line, whatever it costs) and tenant other on the stack's budget
+    set_batch_tpm(stack.table, "acme", 1)
+    upload("batches/input/acme/metered.jsonl", lines("a", 5))
+    upload("batches/input/other/free.jsonl", lines("b", 30))
+    # When workers take what is queued, and a pass runs within the same minute
+    order = take(stack, 100)
+    tick()
+    order += take(stack, 100)
+    # Then acme sent one line and other took the rest of the room
+    assert order.count("acme") == 1 and order.count("other") == 30
+    # and each new minute sends acme one line more
+    for minute in range(1, 5):
+        now[0] += 60
+        tick()
+        assert take(stack, 100) == ["acme"], minute
+    # and the charges stand in counters that expire
+    counter = stack.table.get_item(Key={"pk": f"brl#acme#{int(now[0] // 60)}"})["Item"]
+    assert counter["tokens"] >= 1 and counter["expires_at"] > now[0]
+
+
 def test_a_pass_reads_the_status_of_released_lines_only(stack, batch_fn, batch_deps, monkeypatch):
     from stratus import batches
 

@@ -9,7 +9,8 @@ import random
 import pytest
 
 from stratus.jobstore import SQS_LIMIT_BYTES
-from stratus.release import Meter, Pending, _groups, fair_shares, plan, target
+from stratus.keys import BatchRoom
+from stratus.release import Meter, Pending, _groups, affordable, fair_shares, plan, target
 
 
 @pytest.mark.parametrize(
@@ -84,6 +85,31 @@ def test_tenants_share_tokens_not_lines():
     pending = [Pending("a1", "a", 0, 500, 1, line_tokens=2000.0), Pending("b1", "b", 0, 500, 2, line_tokens=200.0)]
     # When 44 lines fit, each tenant gets about the same tokens: a 4 lines, b 40
     assert plan(44, pending) == {"a1": 4, "b1": 40}
+
+
+def test_a_tenants_batch_budget_caps_its_lines_and_the_others_take_the_room():
+    # Given tenants a and b with lines of 100 tokens, a with 450 of its 1,000 tokens a minute left
+    pending = [Pending("a1", "a", 0, 500, 1, line_tokens=100.0), Pending("b1", "b", 0, 500, 2, line_tokens=100.0)]
+    budgets = {"a": BatchRoom(1000, used=550), "b": BatchRoom(10**6, used=0)}
+    # When 40 lines fit: a gets the 4 its budget pays for, b the rest
+    assert plan(40, pending, budgets) == {"a1": 4, "b1": 36}
+    # and a tenant whose minute is spent gets none, while a fresh minute pays one line at least
+    assert plan(40, pending, {"a": BatchRoom(1000, used=1000), "b": budgets["b"]}) == {"b1": 40}
+    assert plan(40, pending, {"a": BatchRoom(50, used=0), "b": budgets["b"]}) == {"a1": 1, "b1": 39}
+
+
+@pytest.mark.parametrize(
+    "room, line_tokens, lines",
+    [
+        (BatchRoom(1000, 400), 100.0, 6),
+        (BatchRoom(1000, 0), 2000.0, 1),  # a fresh minute pays one line, however long
+        (BatchRoom(1000, 1), 2000.0, 0),
+        (BatchRoom(1000, 1200), 1.0, 0),  # over (a racing step): nothing, never negative
+        (BatchRoom(300, 0), 100.0, 3),  # exactly
+    ],
+)
+def test_affordable_lines(room, line_tokens, lines):
+    assert affordable(room, line_tokens) == lines
 
 
 def test_the_target_covers_what_workers_hold_and_took_or_the_floor():

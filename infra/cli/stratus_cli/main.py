@@ -4,7 +4,7 @@
   stratus model verify --model DIR [--configuration NAME] [--threads N]
   stratus model publish --model DIR --bucket B [--prefix models/]
   stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
-  stratus keys create --tenant NAME [--rpm N] [--tpm N] [--tier interactive|batch]   stratus keys revoke KEY
+  stratus keys create --tenant NAME [--rpm N] [--tpm N] [--tier interactive|batch] [--batch-tpm N]   stratus keys revoke KEY
   stratus invoke api --event events/api_health.json [--env-vars FILE]
   stratus serve [--model DIR] [--port 3000] [--workers 1] [--api-key KEY]
   stratus worker [--threads N]
@@ -128,14 +128,20 @@ def _keys_table(args: argparse.Namespace):
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from stratus.keys import check_tenant, create_key
+    from stratus.keys import check_tenant, create_key, set_batch_tpm
 
     tenant = check_tenant(args.tenant)  # before any AWS call
-    key = create_key(_keys_table(args), tenant, args.rpm, args.tpm, tier=args.tier)
+    if args.batch_tpm is not None and args.batch_tpm < 1:
+        raise StratusError("--batch-tpm is 1 or more tokens per minute")
+    table = _keys_table(args)
+    key = create_key(table, tenant, args.rpm, args.tpm, tier=args.tier)
+    if args.batch_tpm is not None:
+        set_batch_tpm(table, tenant, args.batch_tpm)
+    batch = f"{args.batch_tpm} batch tokens/min" if args.batch_tpm is not None else "the stack's batch budget"
     print(key)
     print(
-        f"tenant {args.tenant}: {args.rpm} requests/min, {args.tpm} tokens/min, {args.tier} tier. The key is "
-        "shown once; only its SHA-256 is stored.",
+        f"tenant {args.tenant}: {args.rpm} requests/min, {args.tpm} tokens/min, {args.tier} tier, {batch}. "
+        "The key is shown once; only its SHA-256 is stored.",
         file=sys.stderr,
     )
     return 0
@@ -365,6 +371,13 @@ def _parser() -> argparse.ArgumentParser:
         default="interactive",
         help="where the tenant's API requests are scheduled (batch: behind interactive work, "
         "with the batch window as deadline)",
+    )
+    kc.add_argument(
+        "--batch-tpm",
+        type=int,
+        default=None,
+        help="the tenant's batch budget: estimated tokens of batch lines released a minute "
+        "(default: the stack's BatchTokensPerMinute)",
     )
     kr = keys.add_parser("revoke", help="revoke a key")
     kr.add_argument("key")

@@ -2,7 +2,9 @@
 
 Limits are enforced with one conditional UpdateItem on a per-tenant, per-minute counter item, so
 they hold across every Lambda instance: requests per minute (1 a request) and tokens per minute
-(prompt bytes / 4 + max_tokens, an upper estimate charged up front). Key lookups are cached for
+(prompt bytes / 4 + max_tokens, an upper estimate charged up front). Batch lines have a budget of
+their own, charged when they are released to the batch queue (batch tokens per minute: the
+tenant item's batch_tpm, else BatchTokensPerMinute). Key lookups are cached for
 KEY_CACHE_TTL_S on a warm instance (revocation takes effect within that time).
 """
 
@@ -53,6 +55,18 @@ def check_tenant(name) -> str:
             "a tenant name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", param="tenant"
         )
     return name
+
+
+def set_batch_tpm(table, tenant: str, batch_tpm: int) -> None:
+    """Give `tenant` a batch budget of its own (tokens of batch lines released a minute)."""
+    check_tenant(tenant)
+    if not isinstance(batch_tpm, int) or batch_tpm < 1:
+        raise InvalidRequest("a batch budget is a whole number of tokens per minute, 1 or more", param="batch_tpm")
+    table.update_item(
+        Key={"pk": f"tenant#{tenant}"},
+        UpdateExpression="SET batch_tpm = :n",
+        ExpressionAttributeValues={":n": batch_tpm},
+    )
 
 
 def create_key(table, tenant: str, rpm: int, tpm: int, *, key: str | None = None, tier: str = "interactive") -> str:
@@ -124,9 +138,10 @@ def authenticate(
     return tenant
 
 
-def _counter(tenant: Tenant, now: float) -> dict:
-    """The key of the tenant's rate-limit counter for the minute `now` is in."""
-    return {"pk": f"rl#{tenant.name}#{int(now // 60)}"}
+def _counter(tenant: Tenant, now: float, kind: str = "rl") -> dict:
+    """The key of the tenant's rate-limit counter (kind rl: API requests; brl: batch lines) for the
+    minute `now` is in."""
+    return {"pk": f"{kind}#{tenant.name}#{int(now // 60)}"}
 
 
 def charge(table, tenant: Tenant, tokens: int, *, now: float | None = None) -> None:
@@ -174,3 +189,44 @@ def refund(table, tenant: Tenant, tokens: int, *, now: float) -> None:
         )
     except Exception:
         logger.warning("could not refund a failed request's charge", extra={"tenant": tenant.name})
+
+
+@dataclass(frozen=True)
+class BatchRoom:
+    """A tenant's batch budget this minute."""
+
+    budget: int  # batch tokens a minute
+    used: int  # charged so far this minute
+
+    @property
+    def left(self) -> int:
+        return max(self.budget - self.used, 0)
+
+
+def batch_room(table, tenants: list[str], default_tpm: int, *, now: float) -> dict[str, BatchRoom]:
+    """Each tenant's batch budget and what this minute's counter holds (2 reads a tenant: the
+    tenants with lines waiting, a few)."""
+    out = {}
+    for name in tenants:
+        item = table.get_item(Key={"pk": f"tenant#{name}"}, ProjectionExpression="batch_tpm").get("Item") or {}
+        used = table.get_item(Key=_counter(Tenant.trusted(name), now, "brl"), ProjectionExpression="tokens").get("Item")
+        out[name] = BatchRoom(int(item.get("batch_tpm", default_tpm)), int((used or {}).get("tokens", 0)))
+    return out
+
+
+def charge_batch(table, tenant: str, tokens: int, budget: int, *, now: float) -> bool:
+    """Count `tokens` of released batch lines against this minute's batch budget; False (nothing
+    counted) when they do not fit. A minute's first charge always fits, so a line larger than the
+    budget still goes, one a minute."""
+    try:
+        table.update_item(
+            Key=_counter(Tenant.trusted(tenant), now, "brl"),
+            UpdateExpression="ADD tokens :n SET expires_at = :exp",
+            ConditionExpression="attribute_not_exists(tokens) OR tokens <= :room",
+            ExpressionAttributeValues={":n": tokens, ":room": budget - tokens, ":exp": int(now) + COUNTER_TTL_S},
+        )
+        return True
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+            raise
+        return False

@@ -13,7 +13,9 @@ same tokens (max-min fair: what one tenant cannot use goes to the others; a line
 batch's mean estimated tokens, prompt and max_tokens, so a tenant whose lines are ten times longer
 gets a tenth of the lines), then between each tenant's batches the same way. A tenant's new file
 therefore waits behind at most one target's worth of other files' lines (about two steps of work),
-not behind whole files; see docs/scheduling.md.
+not behind whole files; see docs/scheduling.md. A tenant's lines also spend its batch budget
+(stratus.keys.charge_batch: estimated tokens a minute, charged as they are released): a tenant
+past it waits for the next minute, and its share of the room goes to the others.
 
 Sending is at least once: messages go first, then the cursor moves with a condition on its old
 value; a step that dies in between, or a second step racing it, sends some lines twice, and the
@@ -30,6 +32,7 @@ from stratus.contracts import QueueMessage, Status
 from stratus.deps import Deps
 from stratus.errors import Unavailable
 from stratus.jobstore import SQS_LIMIT_BYTES
+from stratus.keys import BatchRoom, batch_room, charge_batch
 from stratus.observability import logger, metrics
 
 PART = 100  # messages per outbox file: a step reads only the files its lines are in
@@ -128,17 +131,31 @@ def fair_shares(room: int, wants: dict[str, int], weights: dict[str, float] | No
     return shares
 
 
-def plan(room: int, pending: list[Pending]) -> dict[str, int]:
-    """Lines to send from each batch: tenants share the room evenly, then each tenant's batches."""
+def _line_tokens(ps: list[Pending]) -> float:
+    """A tenant's line weight: the mean estimated tokens of its lines left."""
+    left = sum(p.outbox - p.released for p in ps)
+    return sum((p.outbox - p.released) * p.line_tokens for p in ps) / max(left, 1)
+
+
+def affordable(room: BatchRoom, line_tokens: float) -> int:
+    """Lines a tenant's batch budget still pays for this minute (one at least in a fresh minute,
+    so a line larger than the whole budget still goes, one a minute).
+      affordable(BatchRoom(budget=1000, used=400), 100.0) == 6"""
+    lines = int(room.left / max(line_tokens, 1e-9) + 1e-9)
+    return max(lines, 1) if room.used == 0 else lines
+
+
+def plan(room: int, pending: list[Pending], budgets: dict[str, BatchRoom] | None = None) -> dict[str, int]:
+    """Lines to send from each batch: tenants share the room evenly, as far as their batch budgets
+    (`budgets`, none: unlimited) pay for, then each tenant's batches share the tenant's lines."""
     by_tenant: dict[str, list[Pending]] = {}
     for p in pending:  # oldest batch first, so tenants are ordered by their oldest batch
         by_tenant.setdefault(p.tenant, []).append(p)
-    left = lambda ps: sum(p.outbox - p.released for p in ps)  # noqa: E731
-    tenant_share = fair_shares(
-        room,
-        {t: left(ps) for t, ps in by_tenant.items()},  # a tenant's line: its mean
-        {t: sum((p.outbox - p.released) * p.line_tokens for p in ps) / max(left(ps), 1) for t, ps in by_tenant.items()},
-    )
+    weight = {t: _line_tokens(ps) for t, ps in by_tenant.items()}
+    wants = {t: sum(p.outbox - p.released for p in ps) for t, ps in by_tenant.items()}
+    if budgets is not None:
+        wants = {t: min(n, affordable(budgets[t], weight[t])) for t, n in wants.items()}
+    tenant_share = fair_shares(room, wants, weight)
     out: dict[str, int] = {}
     for t, ps in by_tenant.items():
         out.update(
@@ -149,6 +166,18 @@ def plan(room: int, pending: list[Pending]) -> dict[str, int]:
             )
         )
     return {b: n for b, n in out.items() if n}
+
+
+def charged(shares: dict[str, int], pending: list[Pending], budgets: dict[str, BatchRoom], deps: Deps) -> set[str]:
+    """Charge each tenant's planned lines to its batch budget -> the tenants whose charge went
+    through (a step racing this one may have spent the room: that tenant sends nothing now)."""
+    tokens: dict[str, float] = {}
+    for p in pending:
+        tokens[p.tenant] = tokens.get(p.tenant, 0.0) + shares.get(p.batch_id, 0) * p.line_tokens
+    now = deps.clock()
+    return {
+        t for t, n in tokens.items() if n and charge_batch(deps.table, t, max(round(n), 1), budgets[t].budget, now=now)
+    }
 
 
 # ---- sending ------------------------------------------------------------------------------------
@@ -226,10 +255,13 @@ def step(pending: list[Pending], meter: Meter, deps: Deps) -> int:
     visible, in_flight = int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
     goal = target(s.batch_release_floor, visible, in_flight, meter)
     sent = queued = 0  # lines this step's cursor moves counted; lines it put in the queue
-    shares = plan(max(goal - visible, 0), pending)
+    tenants = list(dict.fromkeys(p.tenant for p in pending))
+    budgets = batch_room(deps.table, tenants, s.batch_tpm, now=deps.clock())
+    shares = plan(max(goal - visible, 0), pending, budgets)
+    paid = charged(shares, pending, budgets, deps)
     for p in pending:
         n = shares.get(p.batch_id, 0)
-        if not n:
+        if not n or p.tenant not in paid:
             continue
         send(read_outbox(p.batch_id, p.released, p.released + n, deps), deps, p.tenant)
         queued += n
@@ -254,6 +286,7 @@ def step(pending: list[Pending], meter: Meter, deps: Deps) -> int:
             "unreleased": unsent,
             "batches": len(pending),
             "shares": shares,
+            "batch_budget_left": {t: budgets[t].left for t in tenants},  # before this step's charge
         },
     )
     return sent

@@ -56,6 +56,7 @@ class Settings:
     default_tpm: int
     batch_window_s: int = 86400  # a batch line's job expires unstarted after this (BatchWindowSeconds)
     max_open_batches: int = 20  # batches one tenant may have open at once (MaxOpenBatches)
+    batch_tpm: int = 1_000_000  # a tenant's batch lines' estimated tokens released a minute (BatchTokensPerMinute)
     max_in_flight: int = 64  # interactive jobs one tenant may have QUEUED or RUNNING (MaxInFlightPerTenant)
     # tiers (stratus.contracts.TIERS): interactive jobs go to queue_url, batch jobs to batch_queue_url
     # (the same queue when unset); requests-queue messages take requests_tier
@@ -116,6 +117,7 @@ class Settings:
         "batch_window_s": ("STRATUS_BATCH_WINDOW_S", int),
         "max_open_batches": ("STRATUS_MAX_OPEN_BATCHES", int),
         "max_in_flight": ("STRATUS_MAX_IN_FLIGHT", int),
+        "batch_tpm": ("STRATUS_BATCH_TPM", int),
         "batch_queue_url": ("STRATUS_BATCH_QUEUE_URL", str),
         "requests_tier": ("STRATUS_REQUESTS_TIER", str),
         "batch_release_floor": ("STRATUS_BATCH_RELEASE_FLOOR", int),
