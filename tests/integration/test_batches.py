@@ -1418,6 +1418,43 @@ def test_a_slice_never_moves_a_cursor_past_an_outbox_another_run_wrote(stack, ba
     assert b.ingested == 0 and b.outbox == 3
 
 
+def test_a_slice_that_outlasts_its_lease_writes_nothing_and_the_next_run_reads_it(
+    stack, batch_fn, batch_deps, monkeypatch
+):
+    from stratus import batches, submission
+
+    upload, tick, read = batch_fn
+    deps = batch_deps(batch_ingest_s=0.0)
+    now = [1_800_000_000.0]
+    monkeypatch.setattr(deps, "clock", lambda: now[0])
+    real = submission.submit
+
+    def slow(*args, **kwargs):  # reading the slice's lines takes most of the lease
+        now[0] += 6
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(submission, "submit", slow)
+    # When a slice of 45 lines takes 270 s of a 310 s lease, past the write margin
+    created = upload("batches/input/acme/slow.jsonl", lines("a", 45))
+    # Then it wrote no object and did not move the cursor
+    s3, prefix = boto3.client("s3"), f"batches/state/{created['batch']}/"
+    assert s3.list_objects_v2(Bucket=stack.refs["ResultsBucket"], Prefix=prefix).get("KeyCount", 0) == 0
+    assert batches.get_any(created["batch"], deps).ingested == 0
+    # and a pass after the lease reads it all, every line queued once, and the batch completes
+    monkeypatch.setattr(submission, "submit", real)
+    now[0] += deps.settings.batches.lease_s
+    tick()
+    ran, completed = [], []
+    while got := take_jobs(stack):
+        ran += got
+        completed += tick()["completed"]
+    assert len(ran) == len(set(ran)) == 45 and completed == [created["batch"]]
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    view = stack.call("api_get_batch.json", key=key, job_id=created["batch"])[1]
+    assert view["request_counts"] == {"total": 45, "completed": 45, "failed": 0}
+    assert len(read(view["output_file_uri"])) == 45
+
+
 def test_a_run_finds_a_batch_another_run_is_reading_and_leaves_it(stack, batch_fn, batch_deps):
     from stratus import batches
 

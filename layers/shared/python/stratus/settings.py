@@ -35,6 +35,9 @@ class BatchLimits:
     # after it. At least the batch function's timeout (300 s), so a live run, however slow a slice,
     # never loses its batch to a second run that would redo the slice beside it
     lease_s: int = 310
+    # a slice writes its outbox and lines objects only with this long left on its lease (the writes
+    # take seconds), so no run writes them after its lease ran out and a second run took the batch
+    write_margin_s: int = 60
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ def ingest(batch_id: str, deps: Deps, until: float) -> Batch:
     are released while the rest is read."""
     me, store, limits = uuid.uuid4().hex, BatchStore.of(deps), deps.settings.batches
     try:
-        while (held := store.lease(batch_id, me, int(deps.clock()), limits.lease_s)) is not None:
+        while (held := store.lease(batch_id, me, leased_at := int(deps.clock()), limits.lease_s)) is not None:
             batch, resumed = Batch.from_item(held), held.get("attempting") == held.get("ingested", 0)
             if batch.lines_total is None:  # the first slice: is the file one batch?
                 batch.lines_total = read_or_fail(batch, deps, lambda b=batch: lines.lines_in_file(b, deps))
@@ -130,7 +130,8 @@ def ingest(batch_id: str, deps: Deps, until: float) -> Batch:
             rows = read_or_fail(batch, deps, lambda b=batch: _next_slice(b, deps))
             if rows is None:
                 return get_any(batch_id, deps)
-            if not _ingest_slice(batch, rows, resumed, me, deps) or deps.clock() >= until:
+            lease_until = leased_at + limits.lease_s
+            if not _ingest_slice(batch, rows, resumed, me, lease_until, deps) or deps.clock() >= until:
                 break
     finally:
         store.unlease(batch_id, me)
@@ -169,9 +170,10 @@ def read_or_fail(batch: Batch, deps: Deps, read: Callable[[], T]) -> T | None:
         return None
 
 
-def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: Deps) -> bool:
+def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, lease_until: int, deps: Deps) -> bool:
     """Make the slice at the batch's cursor (`rows`, its lines) into jobs -> True when more is left
-    to read by this run."""
+    to read by this run. Its objects are written only while the lease has write_margin_s left: a
+    run past its lease (a second run may be redoing the slice) writes nothing and stops."""
     s, start = deps.settings, batch.ingested
     if resumed:
         logger.info("redoing a slice an earlier run left unfinished", extra={"batch_id": batch.id, "start": start})
@@ -201,6 +203,9 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, deps: D
             outbox.append(message)
         made.append(line)
     logger.remove_keys(["job_id"])  # submit() tagged the log with each line's job in turn
+    if deps.clock() > lease_until - s.batches.write_margin_s:
+        logger.warning("a slice outlasted its lease: left to the next run", extra={"batch_id": batch.id})
+        return False
     release.write_outbox(batch.id, outbox, deps, start=batch.outbox)
     lines.write_part(batch, start, made, deps)
     total = batch.lines_total
