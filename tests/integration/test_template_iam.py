@@ -35,7 +35,15 @@ EXPECTED = {
         "ReplyQueuePattern",
         "ResultsBucket",
     },
-    "DispatchRole": {"DispatchLogs", "JobsQueue", "BatchJobsQueue", "ResultsBucket", "SageMakerWorkers"},
+    "DispatchRole": {
+        "DispatchLogs",
+        "JobsQueue",
+        "BatchJobsQueue",
+        "ResultsBucket",
+        "SageMakerWorkers",
+        "JobsTable",
+        "ReplyQueuePattern",
+    },
 }
 NESTED_EXPECTED = {
     "ecs-workers.yaml": {

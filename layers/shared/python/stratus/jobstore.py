@@ -5,12 +5,16 @@ One table, partition key `pk`:
   <job id>                 jobs (= cache entries when the id is a cache key)
   key#<sha256 of API key>  API keys -> tenant and limits
   rl#<tenant>#<minute>     rate-limit counters (expire after two minutes)
+  brl#<tenant>#<minute>    batch-budget counters (the same)
+  tenant#<tenant>          a tenant's own settings (its batch budget)
+  batch#<batch id>         batches (stratus.batches.store)
 """
 
 from __future__ import annotations
 
 import json
 import time
+from decimal import Decimal
 
 from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
@@ -24,6 +28,7 @@ JOB_ITEM_BUDGET = 360_000  # a job item as created, and later with its inline re
 # usage, timings, an error and reply addresses
 SQS_LIMIT_BYTES = 256 * 1024  # SQS's message size limit
 LIVE_INDEX = "tenant-live-jobs"  # template.yaml: JobsTable's index of live interactive jobs by tenant
+DISPATCHED_INDEX = "dispatched-jobs"  # ... and of jobs handed to the SageMaker endpoint (stratus.reaper)
 MAX_REPLIES = 50  # reply addresses one job keeps (~450 bytes each, within the item's room beside the budget)
 INLINE_RESULT_BYTES = 300_000  # a result over this (or over what the item has room for) goes to S3
 RETRYABLE = [Status.FAILED.value, Status.CANCELLED.value, Status.EXPIRED.value]
@@ -265,10 +270,12 @@ class JobStore:
         tier: str | None = None,
         batch: str | None = None,
         tenant: str | None = None,
+        quiet_since: float | None = None,
         **fields,
     ) -> Job | None:
         """Conditionally move a job to `to`: the job as written, or None when its status (or its
-        owning worker, its tier, the batch that made it, its tenant) did not match.
+        owning worker, its tier, the batch that made it, its tenant, or its last write: before
+        `quiet_since`) did not match.
 
         Extra fields are set too (worker=... claims the job); dicts (result, usage, timings, error)
         are stored as JSON.
@@ -295,8 +302,12 @@ class JobStore:
         if tenant is not None:
             cond += " AND tenant = :tenant"
             values[":tenant"] = tenant
+        if quiet_since is not None:
+            cond += " AND updated_at < :quiet"
+            values[":quiet"] = Decimal(str(round(quiet_since, 6)))
         try:
-            gone = ["live_tenant"] * to.finished + ["prompt"] * forget  # (a finished job leaves the live index)
+            # a finished job leaves the live and dispatched indexes
+            gone = ["live_tenant", "dispatched", "dispatch_deadline"] * to.finished + ["prompt"] * forget
             update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(gone) if gone else "")
             item = self.table.update_item(
                 Key={"pk": job_id},
@@ -391,8 +402,6 @@ class JobStore:
 
 
 def _now():
-    from decimal import Decimal
-
     return Decimal(str(round(time.time(), 6)))
 
 
