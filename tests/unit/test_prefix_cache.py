@@ -95,6 +95,29 @@ def test_interactive_requests_are_admitted_before_waiting_batch_requests(tiny):
     assert order == ["batch-1", "interactive", "batch-2"]
 
 
+def test_a_light_tenants_request_runs_before_a_heavy_tenants_backlog(tiny):
+    # Given one slot, a heavy tenant's request running and four more of its requests waiting
+    engine = Engine.from_dir(tiny.dirs["fp32"], threads=1, max_batch=1, interactive_headroom=0)
+    order = []
+
+    def request(name, tenant):
+        return GenerationRequest(
+            [1, 40, 90],
+            greedy(4),
+            tenant=tenant,
+            on_token=lambda _t, _lp: order.append(name) if name not in order else None,
+        )
+
+    futures = [engine.submit(request("heavy-0", "heavy"))]
+    engine.step()
+    futures += [engine.submit(request(f"heavy-{i}", "heavy")) for i in range(1, 5)]
+    futures.append(engine.submit(request("light", "light")))
+    while not all(f.done() for f in futures):
+        engine.step()
+    # Then the light tenant's request, which came last, runs next
+    assert order == ["heavy-0", "light", "heavy-1", "heavy-2", "heavy-3", "heavy-4"]
+
+
 def test_batch_rows_stay_few_while_interactive_requests_are_about(tiny):
     # Given an engine whose clock we move, and interactive traffic
     now = [100.0]

@@ -81,13 +81,41 @@ def test_admit(waiting, running, changed, last_interactive, admitted):
 def test_the_requests_admission_can_reach_decide_as_all_do(waiting, running, changed, last_interactive, admitted):
     # the engine describes only these (a stored-prefix lookup each): the decision must not change
     limits = Limits(**{**LIMITS.__dict__, **changed})
-    near = reachable([w.priority for w in waiting], limits.rows - len(running))
+    near = reachable([(w.priority, w.tenant) for w in waiting], limits.rows - len(running))
     assert tuple(near[i] for i in admit([waiting[i] for i in near], running, limits, NOW, last_interactive)) == admitted
 
 
 def test_admission_order_is_by_priority_then_arrival():
-    assert admission_order([1, 0, 2, 0, 1]) == [1, 3, 0, 4, 2]
-    assert reachable([1, 0, 2, 0, 1], 2) == [1, 3] and reachable([1, 0], 0) == reachable([1, 0], -1) == []
+    one = lambda *ps: [(p, "") for p in ps]  # noqa: E731  (one tenant)
+    assert admission_order(one(1, 0, 2, 0, 1)) == [1, 3, 0, 4, 2]
+    assert reachable(one(1, 0, 2, 0, 1), 2) == [1, 3] and reachable(one(1, 0), 0) == reachable(one(1, 0), -1) == []
+
+
+@pytest.mark.parametrize(
+    "waiting, running_tenants, order",
+    [
+        # a light tenant's request arriving behind a heavy tenant's backlog goes first, not last
+        ([(0, "heavy")] * 6 + [(0, "light")], [], [6, 0, 1, 2, 3, 4, 5]),
+        # ... and before it, when the heavy tenant already holds rows
+        ([(0, "heavy")] * 3 + [(0, "light")], ["heavy", "heavy"], [3, 0, 1, 2]),
+        # tenants take turns; a tie goes to the tenant with fewer waiting, then to the first to arrive
+        ([(0, "a"), (0, "a"), (0, "b"), (0, "b"), (0, "c")], [], [4, 0, 2, 1, 3]),
+        ([(0, "a"), (0, "b")], [], [0, 1]),
+        # priority still comes first: a tenant's interactive request before anyone's batch work
+        ([(1, "light"), (0, "heavy"), (0, "heavy")], ["heavy"] * 4, [1, 2, 0]),
+        # a tenant's batch requests do not cost its interactive ones their turn
+        ([(1, "a"), (1, "a"), (0, "a"), (0, "b")], [], [2, 3, 0, 1]),
+    ],
+)
+def test_tenants_take_turns_within_a_priority(waiting, running_tenants, order):
+    assert admission_order(waiting, running_tenants) == order
+
+
+def test_admit_lets_a_light_tenant_past_a_heavy_tenants_backlog():
+    limits = Limits(max_batch=4, interactive_headroom=0, batch_rows_beside_interactive=1, prefill_token_budget=10_000)
+    waiting = [Waiting(0, 1, 10, "heavy")] * 5 + [Waiting(0, 1, 10, "light")]
+    # two rows free, heavy holds the other two: light's request is admitted first, then heavy's next
+    assert admit(waiting, [0, 0], limits, NOW, NOW, running_tenants=["heavy", "heavy"]) == (5, 0)
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,7 @@ class GenerationRequest:
     is_cancelled: Callable[[], bool] = _never  # polled between steps
     priority: int = 0  # waiting requests are admitted lowest first: 0 interactive, 1 batch (tiers)
     cache_scope: str = ""  # whose stored prompt prefixes it may reuse (prefix_cache.py): "" shares them
+    tenant: str = ""  # who asked: admission lets tenants take turns (scheduler.admission_order)
     # each generated token of the first choice as it is sampled, with its TokenLogprob when asked (streaming)
     on_token: Callable[[int, TokenLogprob | None], None] | None = None
 
@@ -343,13 +344,17 @@ class Engine:
             self.max_batch, self.interactive_headroom, self.batch_rows_beside_interactive, self.prefill_token_budget
         )
         clock = self.clock()  # (the engine's clock, which tests move; admitted times are monotonic)
-        running = [r.req.priority for r in self._active]
+        running, tenants = [r.req.priority for r in self._active], [r.req.tenant for r in self._active]
         with self._lock:
             # only the groups admission can reach pay for a stored-prefix lookup
             groups = [*self._waiting]
-            groups = [groups[i] for i in reachable([g.req.priority for g in groups], limits.rows - len(running))]
-            waiting = [Waiting(g.req.priority, g.req.params.n, tokens_to_run(self.prefixes, g.prompt)) for g in groups]
-            new = [groups[i] for i in admit(waiting, running, limits, clock, self._last_interactive)]
+            near = reachable([(g.req.priority, g.req.tenant) for g in groups], limits.rows - len(running), tenants)
+            groups = [groups[i] for i in near]
+            waiting = [
+                Waiting(g.req.priority, g.req.params.n, tokens_to_run(self.prefixes, g.prompt), g.req.tenant)
+                for g in groups
+            ]
+            new = [groups[i] for i in admit(waiting, running, limits, clock, self._last_interactive, tenants)]
             chosen = {id(g) for g in new}
             self._waiting = deque(g for g in self._waiting if id(g) not in chosen)
         now = time.monotonic()

@@ -301,6 +301,7 @@ class Worker:
                             is_cancelled=lambda: job_id in self.cancelled,
                             on_token=on_token if i == 0 else None,
                             priority=priority,
+                            tenant=msg.tenant,  # (tenants take turns at admission)
                             cache_scope="" if self.settings.shared_cache else msg.tenant,  # (a timing side
                             # channel otherwise: a tenant could tell another's prompts by their prefill time)
                         )
