@@ -98,6 +98,20 @@ def test_a_tenants_batch_budget_caps_its_lines_and_the_others_take_the_room():
     assert plan(40, pending, {"a": BatchRoom(50, used=0), "b": budgets["b"]}) == {"a1": 1, "b1": 39}
 
 
+def test_a_tenants_lines_never_cost_more_than_its_budget_has_left():
+    rng = random.Random(2)
+    for _ in range(300):
+        pending = [
+            Pending(f"b{i}", rng.choice("ab"), 0, rng.randint(1, 50), i, line_tokens=rng.choice([10.0, 100.0, 1000.0]))
+            for i in range(rng.randint(1, 5))
+        ]
+        budgets = {t: BatchRoom(5000, used=rng.randint(1, 5000)) for t in "ab"}  # (a used minute: no free line)
+        shares = plan(rng.randint(0, 100), pending, budgets)
+        for t in "ab":
+            spent = sum(shares.get(p.batch_id, 0) * p.line_tokens for p in pending if p.tenant == t)
+            assert spent <= budgets[t].left, (pending, budgets, shares)
+
+
 @pytest.mark.parametrize(
     "room, line_tokens, lines",
     [
