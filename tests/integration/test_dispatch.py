@@ -56,14 +56,18 @@ def marked(stack) -> set[str]:
         i["pk"]
         for shard in range(8)
         for i in stack.table.query(
-            IndexName=DISPATCHED_INDEX, KeyConditionExpression="dispatched = :s", ExpressionAttributeValues={":s": str(shard)}
+            IndexName=DISPATCHED_INDEX,
+            KeyConditionExpression="dispatched = :s",
+            ExpressionAttributeValues={":s": str(shard)},
         )["Items"]
     }
 
 
 def quiet_for(stack, job_id: str, seconds: float) -> None:
     stack.table.update_item(
-        Key={"pk": job_id}, UpdateExpression="SET updated_at = :t", ExpressionAttributeValues={":t": int(time.time() - seconds)}
+        Key={"pk": job_id},
+        UpdateExpression="SET updated_at = :t",
+        ExpressionAttributeValues={":t": int(time.time() - seconds)},
     )
 
 

@@ -86,7 +86,7 @@ def test_the_requests_admission_can_reach_decide_as_all_do(waiting, running, cha
 
 
 def test_admission_order_is_by_priority_then_arrival():
-    one = lambda *ps: [(p, "") for p in ps]  # noqa: E731  (one tenant)
+    one = lambda *ps: [(p, "") for p in ps]  # (one tenant)
     assert admission_order(one(1, 0, 2, 0, 1)) == [1, 3, 0, 4, 2]
     assert reachable(one(1, 0, 2, 0, 1), 2) == [1, 3] and reachable(one(1, 0), 0) == reachable(one(1, 0), -1) == []
 

@@ -7,7 +7,7 @@ RequestTTL, its own queue) leaves it QUEUED, each for good, and identical cachea
 join it until the cache TTL. So the dispatch function marks every job it hands over
 (`dispatched`), and a scheduled sweep (the same function, every minute) looks at the marked jobs:
 
-  RUNNING, no heartbeat for STALE_HEARTBEATS × heartbeat_s  -> FAILED (worker_lost)
+  RUNNING, no heartbeat for STALE_HEARTBEATS x heartbeat_s  -> FAILED (worker_lost)
   QUEUED past its message's deadline                        -> EXPIRED (as a worker would)
 
 and posts the replies each owes. A finished job leaves the index (JobStore.transition removes the
@@ -72,7 +72,7 @@ class Seen:
 
 def verdict(seen: Seen, now: float, heartbeat_s: float) -> tuple[Status, dict] | None:
     """What the sweep does with a marked job -> (the status it moves to, its error); None: leave it.
-      verdict(Seen("j", Status.RUNNING, 0.0, 10**10), now=100.0, heartbeat_s=30.0)[0] == Status.FAILED"""
+    verdict(Seen("j", Status.RUNNING, 0.0, 10**10), now=100.0, heartbeat_s=30.0)[0] == Status.FAILED"""
     if seen.status == Status.RUNNING and now - seen.updated_at > STALE_HEARTBEATS * heartbeat_s:
         return Status.FAILED, {
             "message": f"the worker running this job stopped answering ({now - seen.updated_at:.0f} s without a "
@@ -131,7 +131,9 @@ def reap(store: JobStore, *, sqs, s3, now: float, heartbeat_s: float) -> dict[st
             except Exception:  # a passing failure: marked again, so the next sweep posts them
                 logger.exception("could not post a reaped job's replies", extra={"job_id": job.job_id})
                 store.table.update_item(
-                    Key={"pk": job.job_id}, UpdateExpression="SET dispatched = :s", ExpressionAttributeValues={":s": shard}
+                    Key={"pk": job.job_id},
+                    UpdateExpression="SET dispatched = :s",
+                    ExpressionAttributeValues={":s": shard},
                 )
     metrics.add_metric(name="JobsReaped", unit=MetricUnit.Count, value=counts["failed"] + counts["expired"])
     return counts
