@@ -17,7 +17,7 @@ DOCKERFILES := infra/worker/Dockerfile infra/worker/Dockerfile.cpu
 export SAM_CLI_TELEMETRY := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help venv serve test test-fast lint lint-check iac-check model models verify bench-engine bench-quality bench-api bench-e2e clean
+.PHONY: help venv serve test test-fast lint lint-check iac-check model models verify bench-engine bench-quality bench-api bench-e2e bench-tenants clean
 
 help: ## show this help
 	@echo "Stratus — serverless LLM inference on AWS"
@@ -105,6 +105,10 @@ bench-e2e: venv model ## local stack over HTTP: cache hits, overhead, throughput
 	$(PY) infra/bench/build_llama.py --out build/llama --tool llama-server > build/llama-server-path
 	$(PY) infra/bench/bench_stream.py --model $(MODELS)/smollm2-$(QUANT) --llama-server $$(cat build/llama-server-path) \
 		--out build/bench
+
+bench-tenants: venv model ## local stack: a light tenant's interactive latency beside a tenant sending 10x as many, against solo
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) infra/bench/bench_tenants.py --model $(MODELS)/smollm2-$(QUANT) --ratio 10 --out build/bench
 
 bench-quality: models $(EVAL_VENV)/.installed ## perplexity, greedy agreement (vs Hugging Face and fp32) and lm-eval accuracy of fp32/int8/int4
 	$(PY) infra/bench/bench_quality.py --models $(MODELS) --out build/bench
