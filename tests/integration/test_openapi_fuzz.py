@@ -15,7 +15,8 @@ import time
 import boto3
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance, unsupported_method
 
 from stratus import tokenizer
@@ -137,3 +138,71 @@ def test_a_stream_flag_spelled_with_escapes_streams(web_app):
     with urllib.request.urlopen(request, timeout=30) as reply:
         assert reply.headers["content-type"].startswith("text/event-stream")
         assert reply.headers["transfer-encoding"] == "chunked" and reply.headers["content-length"] is None
+
+
+JSON_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**500), max_value=10**500)
+    | st.floats()  # NaN and ±Infinity included: Python's json reads them
+    | st.text(max_size=12)
+)
+JSON = st.recursive(
+    JSON_LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["role", "content", "x"]), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+EXTRA = ["stream", "n", "stop", "logprobs", "top_logprobs", "logit_bias", "response_format", "seed", "echo"]
+
+
+def bodies(model: str) -> dict[str, dict]:
+    """A valid body for every route that takes JSON."""
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    return {
+        "/v1/chat/completions": chat,
+        "/v1/completions": {"model": model, "prompt": "hi", "max_tokens": 2},
+        "/v1/jobs": chat,
+        "/v1/batches": {"input_file_id": "q.jsonl", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        "/tokenize": {"model": model, "prompt": "hi"},
+        "/detokenize": {"model": model, "tokens": [1, 2]},
+    }
+
+
+@pytest.fixture
+def batch_file(stack, web_app):
+    """A batch file of the fuzz tenant's, so POST /v1/batches gets past finding it."""
+    from stratus.settings import get_settings
+
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": bodies(get_settings().model_id)}
+    boto3.client("s3").put_object(
+        Bucket=stack.refs["ResultsBucket"], Key="batches/files/fuzz/q.jsonl", Body=json.dumps(line).encode()
+    )
+
+
+@settings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_any_json_value_in_any_field_of_any_route_is_never_a_5xx(web_app, batch_file, data):
+    import urllib.error
+    import urllib.request
+
+    from stratus.settings import get_settings
+
+    base_url, key = web_app
+    routes = bodies(get_settings().model_id)
+    path = data.draw(st.sampled_from(sorted(routes)), label="route")
+    body = json.loads(json.dumps(routes[path]))
+    body[data.draw(st.sampled_from(sorted(body) + EXTRA), label="field")] = data.draw(JSON, label="value")
+    raw = json.dumps(body, allow_nan=True).encode()
+    request = urllib.request.Request(
+        f"{base_url}{path}", raw, {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            status, text = reply.status, reply.read().decode()
+    except urllib.error.HTTPError as refused:
+        status, text = refused.code, refused.read().decode()
+    assert status < 500, (path, raw[:300], status, text[:300])
+    if status >= 400:
+        assert json.loads(text)["error"]["message"], text

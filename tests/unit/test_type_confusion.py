@@ -5,6 +5,8 @@ another exception, which would be a 500, a wedged batch slice or a message retri
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stratus.batches.lines import parse_line
 from stratus.errors import InvalidRequest
@@ -88,3 +90,59 @@ def test_a_queue_message_field_of_any_type_is_an_error_reply(field):
         except InvalidRequest:
             continue
         parse(msg.route, msg.body)
+
+
+# ---- the same, property-based: any JSON value, nested anywhere, of any magnitude ----------------
+
+JSON_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**500), max_value=10**500)
+    | st.floats()  # NaN and ±Infinity included: Python's json reads them
+    | st.text(max_size=12)
+)
+JSON = st.recursive(
+    JSON_LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["role", "content", "type", "text", "name", "x"]), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def mutate(data, base: dict, fields: list[str]) -> dict:
+    """`base` with one field (or one field of its first message) given any JSON value."""
+    body = json.loads(json.dumps(base))
+    if "messages" in body and data.draw(st.booleans(), label="in a message"):
+        body["messages"][0][data.draw(st.sampled_from(["role", "content", "name", "x"]), label="key")] = data.draw(JSON)
+    else:
+        body[data.draw(st.sampled_from(fields), label="field")] = data.draw(JSON, label="value")
+    return body
+
+
+def as_json(value) -> str:
+    return json.dumps(value, allow_nan=True)
+
+
+@settings(max_examples=400, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_any_json_in_a_body_a_batch_line_or_a_queue_message_is_read_or_refused(data):
+    route, base = data.draw(st.sampled_from([("chat", CHAT), ("completion", COMPLETION)]), label="route")
+    body = mutate(data, base, FIELDS)
+    parse(route, json.loads(as_json(body)))  # (through text, as every path reads it)
+    url = "/v1/chat/completions" if route == "chat" else "/v1/completions"
+    try:
+        _, line_route, line_body, _ = parse_line(
+            as_json({"custom_id": "a", "method": "POST", "url": url, "body": body}), "m"
+        )
+        parse(line_route, line_body)
+    except InvalidRequest:
+        pass
+    try:
+        msg = RequestMessage.parse(
+            as_json({"id": "o1", "url": url, "body": body}), default_tenant="queue", reply_pattern="*-replies*"
+        )
+        parse(msg.route, msg.body)
+    except InvalidRequest:
+        pass
