@@ -41,7 +41,7 @@ def forward(w: dict[str, np.ndarray], cfg: LlamaConfig, ids: list[int]) -> np.nd
         att = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + mask
         att = np.exp(att - att.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
-        o = (att @ v).transpose(1, 0, 2).reshape(s, cfg.hidden)
+        o = (att @ v).transpose(1, 0, 2).reshape(s, cfg.num_heads * hd)
         x = x + o @ w[f"layers.{i}.o"].T
         h = rms_norm(x, w[f"layers.{i}.mlp_norm"], cfg.rms_eps)
         gate = h @ w[f"layers.{i}.gate"].T

@@ -80,7 +80,7 @@ def _dir(tmp_path, tiny, **config):
         ({"attention_bias": True}, "sets attention_bias"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "sets rope_scaling"),
         ({"sliding_window": 4096}, "sets sliding_window"),
-        ({"head_dim": 32}, "sets head_dim 32, not hidden_size / num_attention_heads = 16"),
+        ({"head_dim": 7}, "do not fit together"),
         ({"num_hidden_layers": None}, "wrong type"),
         ({"num_key_value_heads": 3}, "do not fit together"),
     ],
@@ -131,3 +131,38 @@ def test_the_cli_builds_from_a_directory_and_refuses_two_sources(tmp_path, tiny,
     assert json.loads((tmp_path / "m/manifest.json").read_text())["model_id"] == "hf-int8"
     both = ["model", "build", "--hf", str(tmp_path / "hf"), "--gguf", str(tiny.gguf), "--out", str(tmp_path / "n")]
     assert stratus(both) == 2 and "name one source" in capsys.readouterr().err
+
+
+def test_a_head_dim_of_its_own_builds_from_either_source_and_matches_the_reference(tmp_path):
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from stratus_model.build import build_from_gguf
+    from stratus_model.synthetic import tiny_vocab
+    from support.graphs import PROMPT, empty_past, run
+    from support.llama_ref import forward
+
+    # Given a model whose heads are wider than hidden / heads (4 heads of 32 beside hidden 64: a
+    # 128-wide query, as Gemma 3's 4 heads of 256 beside hidden 640)
+    cfg = dataclasses.replace(TINY, head_dim=32)
+    encoded = write_tiny_gguf(tmp_path / "w.gguf", seed=4, cfg=cfg)
+    write_tiny_hf(tmp_path / "hf", encoded, cfg=cfg)
+    build_from_gguf(tmp_path / "w.gguf", "fp32", tmp_path / "from-gguf")
+    build_from_hf(tmp_path / "hf", "fp32", tmp_path / "from-hf")
+    # Then both sources build the same model, and it computes the reference's logits
+    same_model(tmp_path / "from-gguf", tmp_path / "from-hf")
+    full = dataclasses.replace(cfg, vocab_size=len(tiny_vocab()))
+    assert json.loads((tmp_path / "from-hf/config.json").read_text())["head_dim"] == 32
+    session = ort.InferenceSession(str(tmp_path / "from-hf/model.onnx"))
+    s = len(PROMPT)
+    logits, _ = run(session, [PROMPT], np.ones((1, s)), [np.arange(s)], empty_past(full, 1))
+    ref = forward(encoded, full, PROMPT)
+    np.testing.assert_allclose(logits[0], ref, atol=1e-3 * np.abs(ref).max())
+    # and the engine serves it (its KV cache takes the head_dim from config.json), greedy as the reference
+    from stratus.params import SamplingParams
+    from stratus_engine.engine import Engine, GenerationRequest
+
+    engine = Engine.from_dir(tmp_path / "from-hf", threads=1)
+    [out] = engine.generate([GenerationRequest(list(PROMPT), SamplingParams(max_tokens=1, temperature=0.0))])
+    assert out.choices[0].token_ids == [int(ref[-1].argmax())]

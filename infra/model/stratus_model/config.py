@@ -17,10 +17,16 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rms_eps: float = 1e-5
     tied_embeddings: bool = True
+    head_dim: int = 0  # 0: hidden // num_heads; some families set their own (Gemma 3: 256 beside hidden 640)
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden // self.num_heads)
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden // self.num_heads
+    def q_hidden(self) -> int:
+        """The query projection's width: num_heads x head_dim (hidden, unless head_dim is set apart)."""
+        return self.num_heads * self.head_dim
 
     @property
     def kv_hidden(self) -> int:

@@ -8,8 +8,8 @@ little-endian u64 header length, a JSON header ({name: {dtype, shape, data_offse
 tensors' bytes; each tensor is memory-mapped and widened to float32 when the builder asks for it.
 
 Families: Llama-architecture checkpoints (`model_type` llama, and mistral without a sliding
-window). Anything this builder does not implement (biases, a head_dim other than hidden/heads,
-RoPE scaling, another model_type) is refused, naming the field.
+window). Anything this builder does not implement (biases, RoPE scaling, sliding windows, another
+model_type) is refused, naming the field.
 """
 
 from __future__ import annotations
@@ -201,17 +201,12 @@ def _config(hf: dict, path: Path) -> LlamaConfig:
             rope_theta=float(hf.get("rope_theta", 10000.0)),
             rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            head_dim=int(hf.get("head_dim") or 0),
         )
     except KeyError as exc:
         raise ModelBuildError(f"{path}: config.json lacks {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
         raise ModelBuildError(f"{path}: config.json has a value of the wrong type ({exc})") from None
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) != cfg.head_dim:
-        raise ModelBuildError(
-            f"{path}: config.json sets head_dim {head_dim}, not hidden_size / num_attention_heads = {cfg.head_dim}, "
-            "which this builder does not implement"
-        )
-    if cfg.hidden % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads or min(cfg.num_layers, cfg.hidden) < 1:
+    if cfg.head_dim % 2 or cfg.num_heads % cfg.num_kv_heads or min(cfg.num_layers, cfg.hidden, cfg.head_dim) < 1:
         raise ModelBuildError(f"{path}: config.json's sizes do not fit together (hidden, heads, kv heads)")
     return cfg

@@ -151,6 +151,7 @@ class GGUFSource:
             rope_theta=float(self._field(f"{arch}.rope.freq_base", 10000.0)),
             rms_eps=float(self._field(f"{arch}.attention.layer_norm_rms_epsilon")),
             tied_embeddings="output.weight" not in {t.name for t in self._reader.tensors},
+            head_dim=int(self._field(f"{arch}.attention.key_length", 0)),
         )
 
     def _read_tokenizer(self) -> TokenizerSpec:

@@ -73,10 +73,10 @@ def tiny_weights(cfg: LlamaConfig, vocab_size: int, seed: int) -> dict[str, np.n
     for i in range(cfg.num_layers):
         w[f"layers.{i}.attn_norm"] = (1.0 + 0.1 * rng.standard_normal(cfg.hidden)).astype(np.float32)
         w[f"layers.{i}.mlp_norm"] = (1.0 + 0.1 * rng.standard_normal(cfg.hidden)).astype(np.float32)
-        w[f"layers.{i}.q"] = lin(cfg.hidden, cfg.hidden)
+        w[f"layers.{i}.q"] = lin(cfg.q_hidden, cfg.hidden)
         w[f"layers.{i}.k"] = lin(cfg.kv_hidden, cfg.hidden)
         w[f"layers.{i}.v"] = lin(cfg.kv_hidden, cfg.hidden)
-        w[f"layers.{i}.o"] = lin(cfg.hidden, cfg.hidden)
+        w[f"layers.{i}.o"] = lin(cfg.hidden, cfg.q_hidden)
         w[f"layers.{i}.gate"] = lin(cfg.ffn, cfg.hidden)
         w[f"layers.{i}.up"] = lin(cfg.ffn, cfg.hidden)
         w[f"layers.{i}.down"] = lin(cfg.hidden, cfg.ffn)
@@ -103,6 +103,9 @@ def write_tiny_gguf(
     writer.add_feed_forward_length(cfg.ffn)
     writer.add_head_count(cfg.num_heads)
     writer.add_head_count_kv(cfg.num_kv_heads)
+    if cfg.head_dim != cfg.hidden // cfg.num_heads:
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_eps)
     writer.add_vocab_size(len(vocab))
@@ -203,6 +206,7 @@ def write_tiny_hf(
         "intermediate_size": cfg.ffn,
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
         "vocab_size": len(vocab),
         "max_position_embeddings": cfg.context_length,
         "rope_theta": cfg.rope_theta,
