@@ -23,7 +23,17 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from stratus_model.config import LlamaConfig
-from stratus_model.quant import BLOCK, QUANT_SCHEMES, NBits, QuantScheme, q4_1_split, to_nbits
+from stratus_model.ggml import DECODERS
+from stratus_model.quant import (
+    BLOCK,
+    FOUR_BIT_TYPES,
+    QUANT_SCHEMES,
+    NBits,
+    QuantScheme,
+    exact_nbits,
+    q4_1_split,
+    to_nbits,
+)
 from stratus_model.source import SourceTensor, WeightSource
 
 MS = "com.microsoft"
@@ -125,8 +135,51 @@ def linear_nbits(bits: int, accuracy_level: int) -> Linear:
     return make
 
 
+def add_block_offsets(g: Graph, path: str, x: str, y: str, offsets: np.ndarray, k: int, block: int) -> str:
+    """y + (x's sums over each block of `block` inputs) @ offsets [K/block, N]: the per-block float
+    offset of an affine block type (w = s*q + offset), which MatMulNBits cannot hold."""
+    blocks = g.op(
+        "Reshape",
+        [x, g.init(f"{path}/block_shape", np.array([0, 0, k // block, block], np.int64))],
+        f"{path}/blocks/Reshape",
+    )
+    sums = g.op(
+        "ReduceSum",
+        [blocks, g.init(f"{path}/block_axis", np.array([-1], np.int64))],
+        f"{path}/blocks/ReduceSum",
+        keepdims=0,
+    )
+    corr = g.op("MatMul", [sums, g.init(f"{path}.block_offsets", offsets)], f"{path}/offsets/MatMul")
+    return g.op("Add", [y, corr], f"{path}/Add")
+
+
+def linear_exact(g: Graph, path: str, x: str, w: SourceTensor, bits: int, accuracy_level: int) -> str:
+    """A GGML block type's integers as they are (stratus_model.ggml, quant.exact_nbits): 4-bit where
+    the type's are and `bits` is 4, else 8-bit, at the type's block size, offsets added beside."""
+    n, k = w.shape
+    blocks = DECODERS[w.qtype](w.raw)
+    bits = 4 if bits == 4 and w.qtype in FOUR_BIT_TYPES else 8
+    q, offsets = exact_nbits(blocks, bits)
+    inputs = [x, g.init(f"{path}.qweight", q.B), g.init(f"{path}.scales", q.scales)]
+    if q.zero_points is not None:
+        inputs.append(g.init(f"{path}.qzeros", q.zero_points))
+    y = g.op(
+        "MatMulNBits",
+        inputs,
+        f"{path}/MatMulNBits",
+        domain=MS,
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=blocks.size,
+        accuracy_level=accuracy_level,
+    )
+    return y if offsets is None else add_block_offsets(g, path, x, y, offsets, k, blocks.size)
+
+
 def linear_q4_1(accuracy_level: int, bits: int = 4) -> Linear:
-    """Exact GGML Q4_1: W = d*(q - 8) + c per 32-weight block (q in 4 or 8 bits, quant.q4_1_split).
+    """Exact GGML Q4_1: W = d*(q - 8) + c per 32-weight block (q in 4 or 8 bits, quant.q4_1_split);
+    the other GGML block types exact too (linear_exact); float weights quantized (linear_nbits).
 
     x ─MatMulNBits(q, d, zero point 8)──────────────────────┐
     x ─Reshape[.., K/32, 32]─ReduceSum─MatMul(c [K/32, N])─ Add ─▶ y
@@ -134,6 +187,8 @@ def linear_q4_1(accuracy_level: int, bits: int = 4) -> Linear:
     fallback = linear_nbits(bits, accuracy_level)
 
     def make(g: Graph, path: str, x: str, w: SourceTensor) -> str:
+        if w.qtype in DECODERS:
+            return linear_exact(g, path, x, w, bits, accuracy_level)
         if w.qtype != "Q4_1":
             return fallback(g, path, x, w)
         n, k = w.shape
@@ -149,19 +204,7 @@ def linear_q4_1(accuracy_level: int, bits: int = 4) -> Linear:
             block_size=BLOCK,
             accuracy_level=accuracy_level,
         )
-        blocks = g.op(
-            "Reshape",
-            [x, g.init(f"{path}/block_shape", np.array([0, 0, k // BLOCK, BLOCK], np.int64))],
-            f"{path}/blocks/Reshape",
-        )
-        sums = g.op(
-            "ReduceSum",
-            [blocks, g.init(f"{path}/block_axis", np.array([-1], np.int64))],
-            f"{path}/blocks/ReduceSum",
-            keepdims=0,
-        )
-        corr = g.op("MatMul", [sums, g.init(f"{path}.block_offsets", c)], f"{path}/offsets/MatMul")
-        return g.op("Add", [y, corr], f"{path}/Add")
+        return add_block_offsets(g, path, x, y, c, k, BLOCK)
 
     return make
 

@@ -13,6 +13,10 @@ point 8 (the fast kernel, published nibbles unchanged), the second a small float
 input's per-block sums with c (see graph.linear_q4_1). Exact, and it keeps the weights
 bit for bit. The int8 build holds the same nibbles a byte each (q + 120 against the 8-bit default
 zero point 128): the same weights for onnxruntime's 8-bit kernels.
+
+The other GGML block types (stratus_model.ggml) go in as their integers too (exact_nbits): 4-bit
+where the type's are 4-bit and the scheme allows, else 8-bit, with the type's block size (Q6_K:
+16) and, for the affine types, a float offset per block computed beside (w = s*q + offset).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stratus.errors import ModelBuildError
+from stratus_model.ggml import Blocks
 from stratus_model.source import SourceTensor
 
 BLOCK = 32
@@ -102,16 +107,38 @@ def to_nbits(w: SourceTensor, bits: int) -> NBits:
     return quantize_blocks(w.dense(), bits)
 
 
-def dequantize_nbits(n: NBits, rows: int, cols: int) -> np.ndarray:
+FOUR_BIT_TYPES = ("Q4_0", "Q4_K")  # GGML types whose integers fit 4-bit MatMulNBits
+
+
+def exact_nbits(b: Blocks, bits: int) -> tuple[NBits, np.ndarray | None]:
+    """A GGML tensor's blocks (ggml.DECODERS) -> (MatMulNBits operands computing scale * q exactly,
+    the per-block offsets [k_blocks, rows] the graph adds beside, or None). bits: 4 or 8, the
+    caller's choice (4 only for FOUR_BIT_TYPES). Signed integers sit on the default zero point
+    (2^(bits-1)); an affine type's unsigned ones on zero point 0 in 4 bits, 128 in 8."""
+    rows, kb = b.scale.shape
+    affine = b.offset is not None
+    zero_points = None
+    if bits == 4:
+        q = b.q if affine else b.q + 8
+        B = _pack_nibbles(q.astype(np.uint8))
+        if affine:  # an explicit zero point 0 for every block, two a byte: [rows, ceil(kb/2)]
+            zero_points = np.zeros(rows * -(-kb // 2), np.uint8)
+    else:
+        B = (b.q + 128).astype(np.uint8)
+    offsets = np.ascontiguousarray(b.offset.T) if affine else None
+    return NBits(bits, B, np.ascontiguousarray(b.scale.reshape(-1), np.float32), zero_points), offsets
+
+
+def dequantize_nbits(n: NBits, rows: int, cols: int, block: int = BLOCK) -> np.ndarray:
     """Inverse of the encodings above (tests and error reports): -> W [rows, cols] float32."""
-    kb = cols // BLOCK
+    kb = cols // block
     if n.bits == 4:
-        packed = n.B.reshape(rows, kb, 16)
-        q = np.empty((rows, kb, 32), np.float32)
+        packed = n.B.reshape(rows, kb, block // 2)
+        q = np.empty((rows, kb, block), np.float32)
         q[..., 0::2] = packed & 0x0F
         q[..., 1::2] = packed >> 4
     else:
-        q = n.B.reshape(rows, kb, 32).astype(np.float32)
+        q = n.B.reshape(rows, kb, block).astype(np.float32)
     if n.zero_points is None:
         zp = np.full((rows, kb), 1 << (n.bits - 1), np.float32)
     elif n.bits == 4:
@@ -136,12 +163,14 @@ QUANT_SCHEMES: dict[str, QuantScheme] = {
         "int8",
         8,
         8,
-        "8-bit block-wise (32) MatMulNBits holding the GGUF's Q4_1 values exactly (other types re-quantized); LM head from GGUF Q8_0 exactly",
+        "8-bit block-wise MatMulNBits holding the GGUF's Q4_1, Q4_0, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K "
+        "values exactly (float and other types quantized); LM head from GGUF Q8_0 exactly",
     ),
     "int4": QuantScheme(
         "int4",
         4,
         8,
-        "4-bit block-wise (32) MatMulNBits, int8 activations; LM head 8-bit (GGUF Q8_0 blocks reused exactly)",
+        "4-bit block-wise MatMulNBits where the GGUF's blocks are 4-bit (Q4_1, Q4_0, Q4_K: exactly), 8-bit "
+        "for its wider types (exactly), float and other types quantized to 4 bits; LM head 8-bit",
     ),
 }

