@@ -91,7 +91,7 @@ def test_a_job_whose_instance_died_fails_with_its_replies_and_leaves_the_index(s
     assert store.watch(lost, {"queue_url": replies, "id": "req-1"})
     quiet_for(stack, lost, 95)
     # When the sweep runs
-    assert sweep() == {"failed": 1, "expired": 0, "live": 1}
+    assert sweep() == {"failed": 1, "expired": 0, "live": 1, "errors": 0}
     # Then the quiet one is FAILED, says why, and its reply is posted; the other is untouched
     failed = store.get(lost)
     assert failed.status == Status.FAILED and failed.error["code"] == "worker_lost" and failed.notified
@@ -100,7 +100,7 @@ def test_a_job_whose_instance_died_fails_with_its_replies_and_leaves_the_index(s
     assert store.get(alive).status == Status.RUNNING
     # and only the live one is still marked, so a sweep reads only jobs in flight
     assert marked(stack) == {alive}
-    assert sweep() == {"failed": 0, "expired": 0, "live": 1}
+    assert sweep() == {"failed": 0, "expired": 0, "live": 1, "errors": 0}
 
 
 def test_a_job_the_endpoint_dropped_expires_after_its_deadline(stack, dispatch):
@@ -152,6 +152,8 @@ def test_replies_a_sweep_could_not_post_are_posted_by_the_next(stack, dispatch, 
 
     monkeypatch.setattr(replies, "send", throttled)
     assert sweep()["failed"] == 1 and not store.get(lost).notified and marked(stack) == {lost}
+    # (and the next sweep, its reply queue still throttled, counts it an error and goes on)
+    assert sweep()["errors"] == 1 and marked(stack) == {lost}
     monkeypatch.setattr(replies, "send", real)
     sweep()
     assert store.get(lost).notified and marked(stack) == set()

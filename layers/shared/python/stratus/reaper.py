@@ -107,36 +107,46 @@ def marked(table, shard: str):
 
 
 def reap(store: JobStore, *, sqs, s3, now: float, heartbeat_s: float) -> dict[str, int]:
-    """One sweep over the marked jobs -> how many it failed, expired and left."""
-    counts = {"failed": 0, "expired": 0, "live": 0}
+    """One sweep over the marked jobs -> how many it failed, expired and left, and the jobs it could
+    not look after this time (logged; the next sweep sees them again)."""
+    counts = {"failed": 0, "expired": 0, "live": 0, "errors": 0}
     for shard in map(str, range(SHARDS)):
         for seen in marked(store.table, shard):
-            if seen.status.finished:  # replies a sweep could not post, or the index lagging a finish
-                settle(store, seen.job_id, sqs=sqs, s3=s3)
-                continue
-            decided = verdict(seen, now, heartbeat_s)
-            if decided is None:
-                counts["live"] += 1
-                continue
-            to, error = decided
-            # conditional on what was seen: a heartbeat or a claim since keeps the job as it is
-            quiet = {"quiet_since": now - STALE_HEARTBEATS * heartbeat_s} if to == Status.FAILED else {}
-            job = store.transition(seen.job_id, [seen.status], to, error=error, **quiet)
-            if job is None:
-                continue
-            counts["failed" if to == Status.FAILED else "expired"] += 1
-            logger.warning("reaped a job the endpoint left", extra={"job_id": job.job_id, "status": to.value})
-            try:
-                post_replies(job, sqs=sqs, s3=s3, store=store)
-            except Exception:  # a passing failure: marked again, so the next sweep posts them
-                logger.exception("could not post a reaped job's replies", extra={"job_id": job.job_id})
-                store.table.update_item(
-                    Key={"pk": job.job_id},
-                    UpdateExpression="SET dispatched = :s",
-                    ExpressionAttributeValues={":s": shard},
-                )
+            try:  # one job that cannot be handled (a throttled write, a reply queue) never stops the sweep
+                outcome = sweep_one(store, seen, shard, sqs=sqs, s3=s3, now=now, heartbeat_s=heartbeat_s)
+            except Exception:
+                logger.exception("could not sweep a dispatched job", extra={"job_id": seen.job_id})
+                outcome = "errors"
+            if outcome:
+                counts[outcome] += 1
     metrics.add_metric(name="JobsReaped", unit=MetricUnit.Count, value=counts["failed"] + counts["expired"])
     return counts
+
+
+def sweep_one(store: JobStore, seen: Seen, shard: str, *, sqs, s3, now: float, heartbeat_s: float) -> str | None:
+    """Look after one marked job -> what became of it ("failed", "expired", "live"; None: nothing
+    to count)."""
+    if seen.status.finished:  # replies a sweep could not post, or the index lagging a finish
+        settle(store, seen.job_id, sqs=sqs, s3=s3)
+        return None
+    decided = verdict(seen, now, heartbeat_s)
+    if decided is None:
+        return "live"
+    to, error = decided
+    # conditional on what was seen: a heartbeat or a claim since keeps the job as it is
+    quiet = {"quiet_since": now - STALE_HEARTBEATS * heartbeat_s} if to == Status.FAILED else {}
+    job = store.transition(seen.job_id, [seen.status], to, error=error, **quiet)
+    if job is None:
+        return None
+    logger.warning("reaped a job the endpoint left", extra={"job_id": job.job_id, "status": to.value})
+    try:
+        post_replies(job, sqs=sqs, s3=s3, store=store)
+    except Exception:  # a passing failure: marked again, so the next sweep posts them
+        logger.exception("could not post a reaped job's replies", extra={"job_id": job.job_id})
+        store.table.update_item(
+            Key={"pk": job.job_id}, UpdateExpression="SET dispatched = :s", ExpressionAttributeValues={":s": shard}
+        )
+    return "failed" if to == Status.FAILED else "expired"
 
 
 def settle(store: JobStore, job_id: str, *, sqs, s3) -> None:
