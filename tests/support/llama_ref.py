@@ -1,4 +1,5 @@
-"""A plain numpy Llama forward pass (Hugging Face semantics) to check the ONNX graph against."""
+"""A plain numpy Llama forward pass (Hugging Face semantics) to check the ONNX graph against; q/k/v
+biases are added where the weights have them (Qwen 2)."""
 
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ def forward(w: dict[str, np.ndarray], cfg: LlamaConfig, ids: list[int]) -> np.nd
     mask = np.triu(np.full((s, s), -np.inf), 1)
     for i in range(cfg.num_layers):
         h = rms_norm(x, w[f"layers.{i}.attn_norm"], cfg.rms_eps)
-        q = (h @ w[f"layers.{i}.q"].T).reshape(s, cfg.num_heads, hd).transpose(1, 0, 2)
-        k = (h @ w[f"layers.{i}.k"].T).reshape(s, cfg.num_kv_heads, hd).transpose(1, 0, 2)
-        v = (h @ w[f"layers.{i}.v"].T).reshape(s, cfg.num_kv_heads, hd).transpose(1, 0, 2)
+        proj = {n: h @ w[f"layers.{i}.{n}"].T + w.get(f"layers.{i}.{n}_bias", 0.0) for n in "qkv"}  # (Qwen 2: biases)
+        q = proj["q"].reshape(s, cfg.num_heads, hd).transpose(1, 0, 2)
+        k = proj["k"].reshape(s, cfg.num_kv_heads, hd).transpose(1, 0, 2)
+        v = proj["v"].reshape(s, cfg.num_kv_heads, hd).transpose(1, 0, 2)
         q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
         k, v = np.repeat(k, g, axis=0), np.repeat(v, g, axis=0)
         att = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + mask

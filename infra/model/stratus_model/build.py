@@ -156,7 +156,7 @@ def build(
         _write_json(
             tmp / "config.json",
             {
-                "architecture": "llama",
+                "architecture": cfg.family,
                 **cfg.to_json(),
                 "quantization": quant,
                 "quantization_detail": QUANT_SCHEMES[quant].description,

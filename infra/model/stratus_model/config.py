@@ -18,6 +18,7 @@ class LlamaConfig:
     rms_eps: float = 1e-5
     tied_embeddings: bool = True
     head_dim: int = 0  # 0: hidden // num_heads; some families set their own (Gemma 3: 256 beside hidden 640)
+    family: str = "llama"  # stratus_model.families: what the graph adds to the Llama blocks
 
     def __post_init__(self) -> None:
         if not self.head_dim:

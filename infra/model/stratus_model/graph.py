@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from stratus_model.config import LlamaConfig
+from stratus_model.families import FAMILIES
 from stratus_model.ggml import DECODERS
 from stratus_model.quant import (
     BLOCK,
@@ -282,7 +283,11 @@ def make_attention(
     """
     p = f"/model/layers.{i}/attn"
     qkv_w = concat_rows([src.tensor(f"layers.{i}.{n}") for n in ("q", "k", "v")], f"layers.{i}.qkv")
-    qkv = g.cast(linear(g, f"{p}/qkv_proj", h, qkv_w), g.kv_dtype, f"{p}/qkv_proj/Cast")
+    qkv = linear(g, f"{p}/qkv_proj", h, qkv_w)
+    if FAMILIES[cfg.family].qkv_bias:
+        bias = np.concatenate([src.tensor(f"layers.{i}.{n}_bias").dense() for n in ("q", "k", "v")])
+        qkv = g.op("Add", [qkv, g.init(f"model.layers.{i}.attn.qkv_proj.bias", bias)], f"{p}/qkv_proj/bias")
+    qkv = g.cast(qkv, g.kv_dtype, f"{p}/qkv_proj/Cast")
     name = f"{p}/GroupQueryAttention"
     g.nodes.append(
         helper.make_node(

@@ -7,8 +7,8 @@ bfloat16 (numpy has no such type), the type most checkpoints are published in. T
 little-endian u64 header length, a JSON header ({name: {dtype, shape, data_offsets}}), then the
 tensors' bytes; each tensor is memory-mapped and widened to float32 when the builder asks for it.
 
-Families: Llama-architecture checkpoints (`model_type` llama, and mistral without a sliding
-window). Anything this builder does not implement (biases, RoPE scaling, sliding windows, another
+Families (stratus_model.families): llama and mistral (without a sliding window), qwen2. Anything
+this builder does not implement (RoPE scaling, sliding windows, biases a family lacks, another
 model_type) is refused, naming the field.
 """
 
@@ -22,9 +22,9 @@ import numpy as np
 
 from stratus.errors import ModelBuildError
 from stratus_model.config import LlamaConfig
+from stratus_model.families import FAMILIES, for_hf_type
 from stratus_model.source import SourceTensor, TokenizerSpec
 
-FAMILIES = ("llama", "mistral")
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: the top half of a float32
 
 # canonical name -> Hugging Face name ("{i}": the layer)
@@ -38,6 +38,9 @@ _HF_NAMES = {
     "layers.{i}.k": "model.layers.{i}.self_attn.k_proj.weight",
     "layers.{i}.v": "model.layers.{i}.self_attn.v_proj.weight",
     "layers.{i}.o": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.q_bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "layers.{i}.k_bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "layers.{i}.v_bias": "model.layers.{i}.self_attn.v_proj.bias",
     "layers.{i}.gate": "model.layers.{i}.mlp.gate_proj.weight",
     "layers.{i}.up": "model.layers.{i}.mlp.up_proj.weight",
     "layers.{i}.down": "model.layers.{i}.mlp.down_proj.weight",
@@ -175,13 +178,16 @@ class HFSource:
 def _config(hf: dict, path: Path) -> LlamaConfig:
     """config.json -> LlamaConfig; ModelBuildError naming what this builder does not implement."""
     kind = hf.get("model_type")
-    if kind not in FAMILIES:
-        raise ModelBuildError(f"{path}: model_type {kind!r} is not supported (supported: {', '.join(FAMILIES)})")
+    family = for_hf_type(kind) if isinstance(kind, str) else None
+    if family is None:
+        known = ", ".join(t for f in FAMILIES.values() for t in f.hf_types)
+        raise ModelBuildError(f"{path}: model_type {kind!r} is not supported (supported: {known})")
+    sliding = hf.get("use_sliding_window") if "use_sliding_window" in hf else hf.get("sliding_window") is not None
     unsupported = {
-        "attention_bias": bool(hf.get("attention_bias")),
+        "attention_bias": bool(hf.get("attention_bias")) and not family.qkv_bias,
         "mlp_bias": bool(hf.get("mlp_bias")),
         "rope_scaling": hf.get("rope_scaling") is not None,
-        "sliding_window": hf.get("sliding_window") is not None,
+        "use_sliding_window" if "use_sliding_window" in hf else "sliding_window": bool(sliding),
     }
     for field, present in unsupported.items():
         if present:
@@ -202,6 +208,7 @@ def _config(hf: dict, path: Path) -> LlamaConfig:
             rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
             head_dim=int(hf.get("head_dim") or 0),
+            family=family.name,
         )
     except KeyError as exc:
         raise ModelBuildError(f"{path}: config.json lacks {exc.args[0]!r}") from None

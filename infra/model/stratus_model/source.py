@@ -4,6 +4,7 @@ Canonical tensor names (Hugging Face layout, linear weights [out, in]):
   embed                 [vocab, hidden]
   layers.{i}.attn_norm  [hidden]        layers.{i}.mlp_norm [hidden]
   layers.{i}.q|k|v|o    [out, in]       layers.{i}.gate|up|down [out, in]
+  layers.{i}.q_bias|k_bias|v_bias [out] (families with qkv_bias)
   final_norm            [hidden]        lm_head [vocab, hidden]  (absent when tied)
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from stratus.errors import ModelBuildError
 from stratus_model.config import LlamaConfig
+from stratus_model.families import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -91,15 +93,18 @@ _GGUF_NAMES = {
     "blk.{i}.attn_k.weight": "layers.{i}.k",
     "blk.{i}.attn_v.weight": "layers.{i}.v",
     "blk.{i}.attn_output.weight": "layers.{i}.o",
+    "blk.{i}.attn_q.bias": "layers.{i}.q_bias",
+    "blk.{i}.attn_k.bias": "layers.{i}.k_bias",
+    "blk.{i}.attn_v.bias": "layers.{i}.v_bias",
     "blk.{i}.ffn_gate.weight": "layers.{i}.gate",
     "blk.{i}.ffn_up.weight": "layers.{i}.up",
     "blk.{i}.ffn_down.weight": "layers.{i}.down",
 }
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 
 class GGUFSource:
-    """Reads a llama-architecture GGUF file (memory-mapped) into canonical tensors."""
+    """Reads a GGUF file of a family the builder implements (memory-mapped) into canonical tensors."""
 
     def __init__(self, path: Path) -> None:
         from gguf import GGUFReader
@@ -152,6 +157,7 @@ class GGUFSource:
             rms_eps=float(self._field(f"{arch}.attention.layer_norm_rms_epsilon")),
             tied_embeddings="output.weight" not in {t.name for t in self._reader.tensors},
             head_dim=int(self._field(f"{arch}.attention.key_length", 0)),
+            family=arch,
         )
 
     def _read_tokenizer(self) -> TokenizerSpec:
@@ -178,6 +184,8 @@ class GGUFSource:
             raw = raw.reshape(shape)
         src = SourceTensor(name, t.tensor_type.name, raw, shape)
         cfg = self.config
+        if not FAMILIES[cfg.family].permute_qk:
+            return src
         if name.endswith(".q"):
             src = src.take_rows(unpermute_rotary_rows(cfg.num_heads, shape[0]))
         elif name.endswith(".k"):

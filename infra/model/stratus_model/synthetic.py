@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from stratus_model.config import LlamaConfig
+from stratus_model.families import FAMILIES
 
 TINY = LlamaConfig(
     num_layers=2,
@@ -58,7 +59,7 @@ def permute_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def tiny_weights(cfg: LlamaConfig, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
-    """Canonical (HF-layout) float32 weights, seeded."""
+    """Canonical (HF-layout) float32 weights, seeded (q/k/v biases for a family that has them)."""
     rng = np.random.default_rng(seed)
 
     def lin(out: int, inp: int) -> np.ndarray:
@@ -80,6 +81,10 @@ def tiny_weights(cfg: LlamaConfig, vocab_size: int, seed: int) -> dict[str, np.n
         w[f"layers.{i}.gate"] = lin(cfg.ffn, cfg.hidden)
         w[f"layers.{i}.up"] = lin(cfg.ffn, cfg.hidden)
         w[f"layers.{i}.down"] = lin(cfg.hidden, cfg.ffn)
+    if FAMILIES[cfg.family].qkv_bias:  # (drawn last: the other weights stay what the seed made them)
+        for i in range(cfg.num_layers):
+            for n, width in (("q", cfg.q_hidden), ("k", cfg.kv_hidden), ("v", cfg.kv_hidden)):
+                w[f"layers.{i}.{n}_bias"] = (0.5 * rng.standard_normal(width)).astype(np.float32)
     return w
 
 
@@ -115,7 +120,7 @@ def write_tiny_gguf(
     rng = np.random.default_rng(seed + 1000)  # (K types: the blocks themselves)
     vocab = tiny_vocab()
     weights = tiny_weights(cfg, len(vocab), seed)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), cfg.family)
     writer.add_name("stratus-tiny")
     writer.add_block_count(cfg.num_layers)
     writer.add_context_length(cfg.context_length)
@@ -154,7 +159,8 @@ def write_tiny_gguf(
     for name, w in weights.items():
         if name.startswith("layers."):
             _, i, part = name.split(".")
-            gname = f"blk.{i}.{parts[part]}.weight"
+            bias = part.endswith("_bias")
+            gname = f"blk.{i}.{parts[part.removesuffix('_bias')]}.{'bias' if bias else 'weight'}"
         else:
             gname = gguf_names[name]
         if w.ndim == 1:
@@ -163,6 +169,8 @@ def write_tiny_gguf(
             continue
         qtype = Q[matrix_type] if matrix_type else Q.Q8_0 if name == "embed" else Q.Q4_1
         heads = cfg.num_heads if name.endswith(".q") else cfg.num_kv_heads if name.endswith(".k") else None
+        if not FAMILIES[cfg.family].permute_qk:  # (llama.cpp interleaves q/k rows for Llama-style RoPE only)
+            heads = None
         if matrix_type in K_SCALE_BYTES:  # whole rows move, so permuting the blocks is exact
             hf_blocks = random_blocks(*w.shape, matrix_type, rng, scale=1 / (K_SPAN[matrix_type] * np.sqrt(w.shape[1])))
             blocks = hf_blocks if heads is None else permute_rotary_rows(hf_blocks, heads)
@@ -220,8 +228,7 @@ def write_tiny_hf(
     path.mkdir(parents=True, exist_ok=True)
     vocab = tiny_vocab()
     config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": FAMILIES[cfg.family].hf_types[0],
         "num_hidden_layers": cfg.num_layers,
         "hidden_size": cfg.hidden,
         "intermediate_size": cfg.ffn,
@@ -236,6 +243,8 @@ def write_tiny_hf(
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
+    if cfg.family == "qwen2":  # (as Qwen 2's own configs say: a window is named but not used)
+        config.update(sliding_window=4096, use_sliding_window=False)
     (path / "config.json").write_text(json.dumps(config))
     names = {hf_name(k): w for k, w in weights.items()}
     keys = list(names)

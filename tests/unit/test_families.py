@@ -1,0 +1,61 @@
+"""Model families beside Llama's (stratus_model.families): each built from a tiny seeded model,
+written as GGUF and as a Hugging Face directory, against the numpy reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from stratus_model.build import build_from_gguf, build_from_hf
+from stratus_model.source import GGUFSource
+from stratus_model.synthetic import TINY, tiny_vocab, write_tiny_gguf, write_tiny_hf
+from support.graphs import PROMPT, empty_past, run
+from support.llama_ref import forward
+
+QWEN2 = dataclasses.replace(TINY, family="qwen2", rope_theta=1_000_000.0)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen2")
+    encoded = write_tiny_gguf(root / "q.gguf", seed=7, cfg=QWEN2)
+    return root, encoded
+
+
+def logits(model_dir, cfg) -> np.ndarray:
+    session = ort.InferenceSession(str(model_dir / "model.onnx"))
+    s = len(PROMPT)
+    out, _ = run(session, [PROMPT], np.ones((1, s)), [np.arange(s)], empty_past(cfg, 1))
+    return out[0]
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int8"])
+def test_qwen2_with_its_qkv_biases_and_unpermuted_rows_computes_the_reference(qwen2, tmp_path, quant):
+    root, encoded = qwen2
+    src = GGUFSource(root / "q.gguf")
+    assert src.config.family == "qwen2" and src.tensor("layers.1.k_bias").shape == (QWEN2.kv_hidden,)
+    # (llama.cpp interleaves q/k rows for Llama-style RoPE only: a Qwen 2 file's rows are as they are)
+    np.testing.assert_array_equal(src.tensor("layers.0.q").dense(), encoded["layers.0.q"])
+    build_from_gguf(root / "q.gguf", quant, tmp_path / "m")
+    assert json.loads((tmp_path / "m/config.json").read_text())["architecture"] == "qwen2"
+    full = dataclasses.replace(QWEN2, vocab_size=len(tiny_vocab()))
+    ref = forward(encoded, full, PROMPT)
+    got = logits(tmp_path / "m", full)
+    assert np.abs(got - ref).max() < (1e-3 if quant == "fp32" else 0.02) * np.abs(ref).max()
+    # and without its biases the model would be another one: the test can tell
+    plain = forward({k: v for k, v in encoded.items() if "_bias" not in k}, full, PROMPT)
+    assert np.abs(plain - ref).max() > 0.05 * np.abs(ref).max()
+
+
+def test_a_qwen2_directory_builds_the_model_its_gguf_builds(qwen2, tmp_path):
+    root, encoded = qwen2
+    write_tiny_hf(tmp_path / "hf", encoded, cfg=QWEN2)
+    hf = json.loads((tmp_path / "hf/config.json").read_text())
+    assert hf["model_type"] == "qwen2" and hf["use_sliding_window"] is False  # (named, not used: built)
+    build_from_hf(tmp_path / "hf", "fp32", tmp_path / "from-hf")
+    build_from_gguf(root / "q.gguf", "fp32", tmp_path / "from-gguf")
+    assert (tmp_path / "from-hf/model.onnx.data").read_bytes() == (tmp_path / "from-gguf/model.onnx.data").read_bytes()
