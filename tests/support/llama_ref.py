@@ -38,6 +38,8 @@ def forward(w: dict[str, np.ndarray], cfg: LlamaConfig, ids: list[int]) -> np.nd
         q = proj["q"].reshape(s, cfg.num_heads, hd).transpose(1, 0, 2)
         k = proj["k"].reshape(s, cfg.num_kv_heads, hd).transpose(1, 0, 2)
         v = proj["v"].reshape(s, cfg.num_kv_heads, hd).transpose(1, 0, 2)
+        if f"layers.{i}.q_norm" in w:  # (Qwen 3: per-head RMSNorm before RoPE)
+            q, k = rms_norm(q, w[f"layers.{i}.q_norm"], cfg.rms_eps), rms_norm(k, w[f"layers.{i}.k_norm"], cfg.rms_eps)
         q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
         k, v = np.repeat(k, g, axis=0), np.repeat(v, g, axis=0)
         att = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + mask

@@ -59,3 +59,24 @@ def test_a_qwen2_directory_builds_the_model_its_gguf_builds(qwen2, tmp_path):
     build_from_hf(tmp_path / "hf", "fp32", tmp_path / "from-hf")
     build_from_gguf(root / "q.gguf", "fp32", tmp_path / "from-gguf")
     assert (tmp_path / "from-hf/model.onnx.data").read_bytes() == (tmp_path / "from-gguf/model.onnx.data").read_bytes()
+
+
+QWEN3 = dataclasses.replace(TINY, family="qwen3", head_dim=32, rope_theta=1_000_000.0)  # (Qwen 3 sets its head_dim)
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_qwen3_normalizes_q_and_k_per_head_before_rope(tmp_path, quant):
+    encoded = write_tiny_gguf(tmp_path / "q3.gguf", seed=8, cfg=QWEN3)
+    assert GGUFSource(tmp_path / "q3.gguf").tensor("layers.1.k_norm").shape == (32,)
+    build_from_gguf(tmp_path / "q3.gguf", quant, tmp_path / "m")
+    full = dataclasses.replace(QWEN3, vocab_size=len(tiny_vocab()))
+    ref = forward(encoded, full, PROMPT)
+    got = logits(tmp_path / "m", full)
+    assert np.abs(got - ref).max() < (1e-3 if quant == "fp32" else 0.02) * np.abs(ref).max()
+    plain = forward({k: v for k, v in encoded.items() if not k.endswith((".q_norm", ".k_norm"))}, full, PROMPT)
+    assert np.abs(plain - ref).max() > 0.05 * np.abs(ref).max()  # (the norms matter: the test can tell)
+    # and its Hugging Face directory builds the same model
+    if quant == "fp32":
+        write_tiny_hf(tmp_path / "hf", encoded, cfg=QWEN3)
+        build_from_hf(tmp_path / "hf", "fp32", tmp_path / "from-hf")
+        assert (tmp_path / "from-hf/model.onnx.data").read_bytes() == (tmp_path / "m/model.onnx.data").read_bytes()

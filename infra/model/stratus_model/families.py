@@ -17,6 +17,7 @@ class Family:
     hf_types: tuple[str, ...]  # config.json model_type values it reads
     permute_qk: bool  # llama.cpp's converter interleaves q/k rows for Llama-style RoPE only
     qkv_bias: bool = False  # q, k and v projections carry biases (Qwen 2)
+    qk_norm: bool = False  # q and k are RMS-normalized per head before RoPE (Qwen 3)
 
 
 FAMILIES = {
@@ -24,6 +25,7 @@ FAMILIES = {
     for f in (
         Family("llama", hf_types=("llama", "mistral"), permute_qk=True),
         Family("qwen2", hf_types=("qwen2",), permute_qk=False, qkv_bias=True),
+        Family("qwen3", hf_types=("qwen3",), permute_qk=False, qk_norm=True),
     )
 }
 

@@ -288,14 +288,15 @@ def make_attention(
         bias = np.concatenate([src.tensor(f"layers.{i}.{n}_bias").dense() for n in ("q", "k", "v")])
         qkv = g.op("Add", [qkv, g.init(f"model.layers.{i}.attn.qkv_proj.bias", bias)], f"{p}/qkv_proj/bias")
     qkv = g.cast(qkv, g.kv_dtype, f"{p}/qkv_proj/Cast")
+    q, k, v = make_qk_norm(g, cfg, i, qkv, src) if FAMILIES[cfg.family].qk_norm else (qkv, "", "")
     name = f"{p}/GroupQueryAttention"
     g.nodes.append(
         helper.make_node(
             "GroupQueryAttention",
             [
-                qkv,
-                "",
-                "",
+                q,
+                k,
+                v,
                 f"past_key_values.{i}.key",
                 f"past_key_values.{i}.value",
                 seqlens,
@@ -315,6 +316,36 @@ def make_attention(
     )
     attn = g.cast(f"{name}/output_0", g.dtype, f"{name}/Cast")
     return linear(g, f"{p}/o_proj", attn, src.tensor(f"layers.{i}.o"))
+
+
+def make_qk_norm(g: Graph, cfg: LlamaConfig, i: int, qkv: str, src: WeightSource) -> tuple[str, str, str]:
+    """Packed qkv -> (q, k, v) with q and k RMS-normalized per head (Qwen 3), for GroupQueryAttention's
+    unpacked inputs, which then applies RoPE. An explicit node: the CPU kernel ignores GQA's own
+    q/k norm inputs.
+      qkv ─Split─ q ─Reshape [B, S, heads, head_dim]─SimplifiedLayerNormalization─Reshape─▶ q
+                  k ─(the same, kv heads)───────────────────────────────────────────────▶ k
+                  v ────────────────────────────────────────────────────────────────────▶ v"""
+    p = f"/model/layers.{i}/attn"
+    widths = g.init(f"{p}/qkv_split", np.array([cfg.q_hidden, cfg.kv_hidden, cfg.kv_hidden], np.int64))
+    q, k, v = g.op("Split", [qkv, widths], f"{p}/qkv_proj/Split", n_out=3, axis=-1)
+    flat = g.init(f"{p}/flat_heads", np.array([0, 0, -1], np.int64))
+    heads = g.init(f"{p}/heads", np.array([0, 0, -1, cfg.head_dim], np.int64))
+    out = []
+    for name, x in (("q", q), ("k", k)):
+        weight = g.init(
+            f"model.layers.{i}.self_attn.{name}_norm.weight", src.tensor(f"layers.{i}.{name}_norm").dense(), g.kv_dtype
+        )
+        per_head = g.op("Reshape", [x, heads], f"{p}/{name}_norm/Reshape_in")
+        normed = g.op(
+            "SimplifiedLayerNormalization",
+            [per_head, weight],
+            f"{p}/{name}_norm",
+            axis=-1,
+            epsilon=cfg.rms_eps,
+            stash_type=1,
+        )
+        out.append(g.op("Reshape", [normed, flat], f"{p}/{name}_norm/Reshape_out"))
+    return out[0], out[1], v
 
 
 def make_mlp(g: Graph, cfg: LlamaConfig, i: int, h: str, src: WeightSource, linear: Linear) -> str:

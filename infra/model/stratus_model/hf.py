@@ -7,7 +7,7 @@ bfloat16 (numpy has no such type), the type most checkpoints are published in. T
 little-endian u64 header length, a JSON header ({name: {dtype, shape, data_offsets}}), then the
 tensors' bytes; each tensor is memory-mapped and widened to float32 when the builder asks for it.
 
-Families (stratus_model.families): llama and mistral (without a sliding window), qwen2. Anything
+Families (stratus_model.families): llama and mistral (without a sliding window), qwen2, qwen3. Anything
 this builder does not implement (RoPE scaling, sliding windows, biases a family lacks, another
 model_type) is refused, naming the field.
 """
@@ -41,6 +41,8 @@ _HF_NAMES = {
     "layers.{i}.q_bias": "model.layers.{i}.self_attn.q_proj.bias",
     "layers.{i}.k_bias": "model.layers.{i}.self_attn.k_proj.bias",
     "layers.{i}.v_bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "layers.{i}.q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "layers.{i}.k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "layers.{i}.gate": "model.layers.{i}.mlp.gate_proj.weight",
     "layers.{i}.up": "model.layers.{i}.mlp.up_proj.weight",
     "layers.{i}.down": "model.layers.{i}.mlp.down_proj.weight",

@@ -5,6 +5,7 @@ Canonical tensor names (Hugging Face layout, linear weights [out, in]):
   layers.{i}.attn_norm  [hidden]        layers.{i}.mlp_norm [hidden]
   layers.{i}.q|k|v|o    [out, in]       layers.{i}.gate|up|down [out, in]
   layers.{i}.q_bias|k_bias|v_bias [out] (families with qkv_bias)
+  layers.{i}.q_norm|k_norm [head_dim]   (families with qk_norm)
   final_norm            [hidden]        lm_head [vocab, hidden]  (absent when tied)
 """
 
@@ -96,6 +97,8 @@ _GGUF_NAMES = {
     "blk.{i}.attn_q.bias": "layers.{i}.q_bias",
     "blk.{i}.attn_k.bias": "layers.{i}.k_bias",
     "blk.{i}.attn_v.bias": "layers.{i}.v_bias",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.q_norm",
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.k_norm",
     "blk.{i}.ffn_gate.weight": "layers.{i}.gate",
     "blk.{i}.ffn_up.weight": "layers.{i}.up",
     "blk.{i}.ffn_down.weight": "layers.{i}.down",

@@ -81,10 +81,12 @@ def tiny_weights(cfg: LlamaConfig, vocab_size: int, seed: int) -> dict[str, np.n
         w[f"layers.{i}.gate"] = lin(cfg.ffn, cfg.hidden)
         w[f"layers.{i}.up"] = lin(cfg.ffn, cfg.hidden)
         w[f"layers.{i}.down"] = lin(cfg.hidden, cfg.ffn)
-    if FAMILIES[cfg.family].qkv_bias:  # (drawn last: the other weights stay what the seed made them)
-        for i in range(cfg.num_layers):
-            for n, width in (("q", cfg.q_hidden), ("k", cfg.kv_hidden), ("v", cfg.kv_hidden)):
-                w[f"layers.{i}.{n}_bias"] = (0.5 * rng.standard_normal(width)).astype(np.float32)
+    family = FAMILIES[cfg.family]  # (its tensors drawn last: the others stay what the seed made them)
+    for i in range(cfg.num_layers):
+        for n, width in (("q", cfg.q_hidden), ("k", cfg.kv_hidden), ("v", cfg.kv_hidden)) if family.qkv_bias else ():
+            w[f"layers.{i}.{n}_bias"] = (0.5 * rng.standard_normal(width)).astype(np.float32)
+        for n in ("q", "k") if family.qk_norm else ():
+            w[f"layers.{i}.{n}_norm"] = (1.0 + 0.3 * rng.standard_normal(cfg.head_dim)).astype(np.float32)
     return w
 
 
@@ -154,6 +156,8 @@ def write_tiny_gguf(
         "gate": "ffn_gate",
         "up": "ffn_up",
         "down": "ffn_down",
+        "q_norm": "attn_q_norm",
+        "k_norm": "attn_k_norm",
     }
     encoded = {}
     for name, w in weights.items():
