@@ -76,7 +76,10 @@ def _dir(tmp_path, tiny, **config):
 @pytest.mark.parametrize(
     "change, says",
     [
-        ({"model_type": "gpt_neox"}, "model_type 'gpt_neox' is not supported (supported: llama, mistral, qwen2, qwen3)"),
+        (
+            {"model_type": "gpt_neox"},
+            "model_type 'gpt_neox' is not supported (supported: llama, mistral, qwen2, qwen3)",
+        ),
         ({"attention_bias": True}, "sets attention_bias"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "sets rope_scaling"),
         ({"sliding_window": 4096}, "sets sliding_window"),
