@@ -80,3 +80,50 @@ def test_a_model_of_each_type_builds_exactly_and_computes_the_reference(tmp_path
         got, _ = run(sess, [PROMPT], np.ones((1, s)), [np.arange(s)], empty_past(full, 1))
         assert np.abs(got[0] - ref).max() < 0.02 * np.abs(ref).max(), (quant, np.abs(got[0] - ref).max())
         assert (got[0].argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+
+
+def test_a_pack_of_different_types_keeps_every_value():
+    from stratus_model.ggml import PACKABLE, packed
+
+    raws = [blocks_of("Q4_K", 4, 512, 3), blocks_of("Q6_K", 2, 512, 4), quantize(np.ones((3, 512), np.float32), Q.Q4_1)]
+    kinds = ["Q4_K", "Q6_K", "Q4_1"]
+    b = packed([PACKABLE[t](r) for t, r in zip(kinds, raws)])
+    want = np.concatenate([dequantize(r, Q[t]).astype(np.float32) for t, r in zip(kinds, raws)])
+    assert b.size == 16 and b.offset is not None
+    np.testing.assert_array_equal(b.values(), want)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_q4_k_m_style_model_packs_q_k_v_of_two_types_exactly(tmp_path, quant):
+    # Given q and k in Q4_K and v and down in Q6_K, as a Q4_K_M file mixes them
+    encoded = write_tiny_gguf(
+        tmp_path / "m.gguf", seed=6, cfg=K_TINY, matrix_type="Q4_K", types={"v": "Q6_K", "down": "Q6_K"}
+    )
+    build_from_gguf(tmp_path / "m.gguf", quant, tmp_path / "m")
+    nodes = {n["name"]: n for n in matmulnbits_named(tmp_path / "m")}
+    # Then q/k/v go in as one 8-bit MatMulNBits on 16-weight blocks (their integers, not re-quantized),
+    # gate/up (both Q4_K) as the build's bits, down as Q6_K's 8 bits
+    qkv = nodes["/model/layers.0/attn/qkv_proj/MatMulNBits"]
+    assert (qkv["bits"], qkv["block_size"]) == (8, 16)
+    assert nodes["/model/layers.0/mlp/gate_up_proj/MatMulNBits"]["bits"] == (4 if quant == "int4" else 8)
+    assert (nodes["/model/layers.0/mlp/down_proj/MatMulNBits"]["block_size"]) == 16
+    full = dataclasses.replace(K_TINY, vocab_size=len(tiny_vocab()))
+    ref = forward(encoded, full, PROMPT)
+    s = len(PROMPT)
+    got, _ = run(
+        ort.InferenceSession(str(tmp_path / "m/model.onnx")),
+        [PROMPT],
+        np.ones((1, s)),
+        [np.arange(s)],
+        empty_past(full, 1),
+    )
+    assert np.abs(got[0] - ref).max() < 0.02 * np.abs(ref).max()
+
+
+def matmulnbits_named(model_dir) -> list[dict]:
+    proto = onnx.load(str(model_dir / "model.int8act.onnx"), load_external_data=False)
+    return [
+        {"name": n.name, **{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}}
+        for n in proto.graph.node
+        if n.op_type == "MatMulNBits"
+    ]

@@ -45,6 +45,28 @@ class Blocks:
             w = w + self.offset[..., None]
         return w.reshape(self.q.shape[0], -1)
 
+    def finer(self, size: int) -> Blocks:
+        """The same weights in blocks of `size` (a divisor of this size): each block's scale and
+        offset repeated over its parts, so the values stay bit for bit."""
+        k = self.size // size
+        rows = self.q.shape[0]
+        again = lambda a: None if a is None else np.repeat(a, k, axis=1)  # noqa: E731
+        return Blocks(self.q.reshape(rows, -1, size), again(self.scale), again(self.offset))
+
+
+def packed(parts: list[Blocks]) -> Blocks:
+    """Weights of different block types stacked along rows (q, k and v of a Q4_K_M file: Q4_K and
+    Q6_K): the finest block size, and a zero offset for the parts that have none (adding 0.0 is exact)."""
+    size = min(b.size for b in parts)
+    parts = [b.finer(size) for b in parts]
+    affine = any(b.offset is not None for b in parts)
+    offsets = [b.offset if b.offset is not None else np.zeros_like(b.scale) for b in parts] if affine else None
+    return Blocks(
+        np.concatenate([b.q for b in parts]),
+        np.concatenate([b.scale for b in parts]),
+        None if offsets is None else np.concatenate(offsets),
+    )
+
 
 def _f16(b: np.ndarray) -> np.ndarray:  # [..., 2] uint8 -> [...] float32
     return np.ascontiguousarray(b).view(np.float16).astype(np.float32)[..., 0]
@@ -81,6 +103,11 @@ def q5_1(raw: np.ndarray) -> Blocks:
     b = _blocks(raw, 24)
     low = _nibbles(b[..., 8:], 16)[..., 0, :].astype(np.int16)
     return Blocks(low | (_q5_high(b[..., 4:8]) << 4), _f16(b[..., 0:2]), _f16(b[..., 2:4]))
+
+
+def q4_1(raw: np.ndarray) -> Blocks:  # (packs beside other types; alone, Q4_1 has quant.q4_1_split)
+    b = _blocks(raw, 20)
+    return Blocks(_nibbles(b[..., 4:], 16)[..., 0, :].astype(np.int16), _f16(b[..., 0:2]), _f16(b[..., 2:4]))
 
 
 def q8_0(raw: np.ndarray) -> Blocks:
@@ -130,7 +157,7 @@ def q6_k(raw: np.ndarray) -> Blocks:
     return Blocks(q.reshape(rows, -1, 16), scale.reshape(rows, -1), None)
 
 
-DECODERS: dict[str, Callable[[np.ndarray], Blocks]] = {
+DECODERS: dict[str, Callable[[np.ndarray], Blocks]] = {  # (Q4_1: PACKABLE only)
     "Q4_0": q4_0,
     "Q5_0": q5_0,
     "Q5_1": q5_1,
@@ -139,3 +166,4 @@ DECODERS: dict[str, Callable[[np.ndarray], Blocks]] = {
     "Q5_K": q5_k,
     "Q6_K": q6_k,
 }
+PACKABLE = {**DECODERS, "Q4_1": q4_1}  # the types a mixed q/k/v or gate/up pack keeps exactly

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from stratus_model.config import LlamaConfig
 from stratus_model.families import FAMILIES
-from stratus_model.ggml import DECODERS
+from stratus_model.ggml import DECODERS, PACKABLE, Blocks, packed
 from stratus_model.quant import (
     BLOCK,
     FOUR_BIT_TYPES,
@@ -35,7 +35,7 @@ from stratus_model.quant import (
     q4_1_split,
     to_nbits,
 )
-from stratus_model.source import SourceTensor, WeightSource
+from stratus_model.source import PackedBlocks, SourceTensor, WeightSource
 
 MS = "com.microsoft"
 OPSET = 21
@@ -100,12 +100,16 @@ Linear = Callable[[Graph, str, str, SourceTensor], str]  # (graph, path, x, weig
 
 
 def concat_rows(tensors: list[SourceTensor], name: str) -> SourceTensor:
-    """Stack weights along the output dimension; keeps raw blocks when every part shares a type."""
+    """Stack weights along the output dimension; keeps raw blocks when every part shares a type,
+    and the parts' integers when they are block types that differ (ggml.packed)."""
     cols = tensors[0].shape[1]
     rows = sum(t.shape[0] for t in tensors)
     if len({t.qtype for t in tensors}) == 1 and tensors[0].raw.ndim == 2:
         raw = np.concatenate([t.raw for t in tensors], axis=0)
         return SourceTensor(name, tensors[0].qtype, raw, (rows, cols))
+    if all(t.qtype in PACKABLE for t in tensors):
+        blocks = packed([PACKABLE[t.qtype](t.raw) for t in tensors])
+        return PackedBlocks(name, "PACKED", np.empty(0, np.uint8), (rows, cols), blocks)
     dense = np.concatenate([t.dense() for t in tensors], axis=0)
     return SourceTensor(name, "F32", dense, (rows, cols))
 
@@ -156,9 +160,10 @@ def add_block_offsets(g: Graph, path: str, x: str, y: str, offsets: np.ndarray, 
 
 def linear_exact(g: Graph, path: str, x: str, w: SourceTensor, bits: int, accuracy_level: int) -> str:
     """A GGML block type's integers as they are (stratus_model.ggml, quant.exact_nbits): 4-bit where
-    the type's are and `bits` is 4, else 8-bit, at the type's block size, offsets added beside."""
+    the type's are and `bits` is 4, else 8-bit (a pack of mixed types: 8-bit), at the type's block
+    size, offsets added beside."""
     n, k = w.shape
-    blocks = DECODERS[w.qtype](w.raw)
+    blocks: Blocks = w.blocks if isinstance(w, PackedBlocks) else DECODERS[w.qtype](w.raw)
     bits = 4 if bits == 4 and w.qtype in FOUR_BIT_TYPES else 8
     q, offsets = exact_nbits(blocks, bits)
     inputs = [x, g.init(f"{path}.qweight", q.B), g.init(f"{path}.scales", q.scales)]
@@ -188,7 +193,7 @@ def linear_q4_1(accuracy_level: int, bits: int = 4) -> Linear:
     fallback = linear_nbits(bits, accuracy_level)
 
     def make(g: Graph, path: str, x: str, w: SourceTensor) -> str:
-        if w.qtype in DECODERS:
+        if w.qtype in DECODERS or isinstance(w, PackedBlocks):
             return linear_exact(g, path, x, w, bits, accuracy_level)
         if w.qtype != "Q4_1":
             return fallback(g, path, x, w)

@@ -52,6 +52,17 @@ class SourceTensor:
 
 
 @dataclass(frozen=True)
+class PackedBlocks(SourceTensor):
+    """Weights of different GGML block types stacked along rows (graph.concat_rows), held as their
+    integers, scales and offsets (stratus_model.ggml.packed): qtype "PACKED", raw unused."""
+
+    blocks: object = None  # stratus_model.ggml.Blocks
+
+    def dense(self) -> np.ndarray:
+        return self.blocks.values().reshape(self.shape)
+
+
+@dataclass(frozen=True)
 class TokenizerSpec:
     model: str  # "gpt2" = byte-level BPE
     pre: str  # pre-tokenizer name as GGUF spells it ("smollm", "gpt2", ...)

