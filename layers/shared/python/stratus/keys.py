@@ -203,15 +203,19 @@ class BatchRoom:
         return max(self.budget - self.used, 0)
 
 
-def batch_room(table, tenants: list[str], default_tpm: int, *, now: float) -> dict[str, BatchRoom]:
-    """Each tenant's batch budget and what this minute's counter holds (2 reads a tenant: the
-    tenants with lines waiting, a few)."""
-    out = {}
-    for name in tenants:
-        item = table.get_item(Key={"pk": f"tenant#{name}"}, ProjectionExpression="batch_tpm").get("Item") or {}
-        used = table.get_item(Key=_counter(Tenant.trusted(name), now, "brl"), ProjectionExpression="tokens").get("Item")
-        out[name] = BatchRoom(int(item.get("batch_tpm", default_tpm)), int((used or {}).get("tokens", 0)))
-    return out
+def batch_room(items, tenants: list[str], default_tpm: int, *, now: float) -> dict[str, BatchRoom]:
+    """Each tenant's batch budget and what this minute's counter holds, read together: items(pks)
+    -> the items there are (JobStore.items: a BatchGetItem per 50 tenants, not two reads a tenant)."""
+    settings = {t: f"tenant#{t}" for t in tenants}
+    counters = {t: _counter(Tenant.trusted(t), now, "brl")["pk"] for t in tenants}
+    found = {i["pk"]: i for i in items([*settings.values(), *counters.values()])}
+    return {
+        t: BatchRoom(
+            int(found.get(settings[t], {}).get("batch_tpm", default_tpm)),
+            int(found.get(counters[t], {}).get("tokens", 0)),
+        )
+        for t in tenants
+    }
 
 
 def charge_batch(table, tenant: str, tokens: int, budget: int, *, now: float) -> bool:

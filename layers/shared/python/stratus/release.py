@@ -256,7 +256,7 @@ def step(pending: list[Pending], meter: Meter, deps: Deps) -> int:
     goal = target(s.batch_release_floor, visible, in_flight, meter)
     sent = queued = 0  # lines this step's cursor moves counted; lines it put in the queue
     tenants = list(dict.fromkeys(p.tenant for p in pending))
-    budgets = batch_room(deps.table, tenants, s.batch_tpm, now=deps.clock())
+    budgets = batch_room(deps.store.items, tenants, s.batch_tpm, now=deps.clock())
     shares = plan(max(goal - visible, 0), pending, budgets)
     paid = charged(shares, pending, budgets, deps)
     for p in pending:
