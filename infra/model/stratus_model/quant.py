@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stratus.errors import ModelBuildError
+from stratus_model import ggml
 from stratus_model.ggml import Blocks
 from stratus_model.source import SourceTensor
 
@@ -49,11 +50,7 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:  # [..., 32] uint8 0..15 -> [...
 
 def q8_0_to_nbits(raw: np.ndarray, rows: int, cols: int) -> NBits:
     """GGML Q8_0 blocks [rows, k_blocks*34] -> 8-bit MatMulNBits, implicit zero point 128."""
-    kb = cols // BLOCK
-    blocks = raw.reshape(rows, kb, 34)
-    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
-    q = blocks[..., 2:34].view(np.int8).astype(np.int16) + 128
-    return NBits(8, q.astype(np.uint8), d.reshape(-1), None)
+    return exact_nbits(ggml.q8_0(raw.reshape(rows, -1)), 8)[0]
 
 
 def q4_1_split(raw: np.ndarray, rows: int, cols: int, bits: int = 4) -> tuple[NBits, np.ndarray]:
@@ -61,14 +58,10 @@ def q4_1_split(raw: np.ndarray, rows: int, cols: int, bits: int = 4) -> tuple[NB
 
     bits=4 packs the nibbles (default zero point 8); bits=8 stores q + 120 a byte (default zero
     point 128), the same values for the 8-bit kernels."""
-    kb = cols // BLOCK
-    blocks = raw.reshape(rows, kb, 20)
-    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]  # [rows, kb]
-    m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
-    qs = blocks[..., 4:20]  # low nibbles = weights 0..15 of the block, high nibbles = 16..31
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [rows, kb, 32]
+    b = ggml.q4_1(raw.reshape(rows, -1))  # q 0..15, scale d, offset m
+    q = b.q.astype(np.uint8)
     packed = _pack_nibbles(q) if bits == 4 else (q + 120).astype(np.uint8)
-    return NBits(bits, packed, d.reshape(-1), None), np.ascontiguousarray((m + 8 * d).T)
+    return NBits(bits, packed, b.scale.reshape(-1), None), np.ascontiguousarray((b.offset + 8 * b.scale).T)
 
 
 def quantize_blocks(w: np.ndarray, bits: int) -> NBits:
