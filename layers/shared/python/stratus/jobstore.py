@@ -281,7 +281,7 @@ class JobStore:
         are stored as JSON.
         """
         names = {"#s": "status"}
-        values = {":to": to.value, ":now": _now()}
+        values = {":to": to.value, ":now": _seconds(time.time())}
         values.update({f":f{i}": s.value for i, s in enumerate(allowed_from)})
         sets = ["#s = :to", "updated_at = :now"]
         forget = to.finished and job_id.startswith(UNCACHED_PREFIX)  # nobody can ask for this prompt again
@@ -304,7 +304,7 @@ class JobStore:
             values[":tenant"] = tenant
         if quiet_since is not None:
             cond += " AND updated_at < :quiet"
-            values[":quiet"] = Decimal(str(round(quiet_since, 6)))
+            values[":quiet"] = _seconds(quiet_since)
         try:
             # a finished job leaves the live and dispatched indexes
             gone = ["live_tenant", "dispatched", "dispatch_deadline"] * to.finished + ["prompt"] * forget
@@ -401,8 +401,9 @@ class JobStore:
         return self.transition(job_id, [Status.QUEUED], Status.CANCELLED, tier="batch", batch=batch_id)
 
 
-def _now():
-    return Decimal(str(round(time.time(), 6)))
+def _seconds(t: float) -> Decimal:
+    """An epoch time as the table stores it (a Decimal, to the microsecond)."""
+    return Decimal(str(round(t, 6)))
 
 
 def load_result(job: Job, s3) -> Job:
