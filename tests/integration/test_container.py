@@ -170,7 +170,7 @@ def test_a_model_that_misses_its_golden_outputs_never_gets_a_healthy_container(t
     # starts, then it exits 2 before /ping ever answers, naming the model, the host and the error.
     broken = tmp_path / "broken"
     shutil.copytree(tiny.dirs["int4"], broken)
-    corrupt(broken, "model.embed_tokens.weight", 1.5)
+    corrupt(broken, "model.embed_tokens.gather_scales", 1.5)
     rehash(broken)  # (its manifest describing the damaged files: only the golden outputs can tell)
     port = free_port()
     proc = subprocess.run(

@@ -66,7 +66,7 @@ def test_the_fp16_attn_build_is_float32_but_attention_and_its_cache(fp16_attn):
     assert manifest["model_id"].endswith("-int4-fp16-attn")
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     types = {t.name: t.data_type for t in graph.graph.initializer}
-    assert types["model.embed_tokens.weight"] == onnx.TensorProto.FLOAT  # the residual stream's type
+    assert types["model.embed_tokens.gather_scales"] == onnx.TensorProto.FLOAT  # the residual stream's type
     assert types["cos_cache"] == onnx.TensorProto.FLOAT16  # attention's
     casts = [n for n in graph.graph.node if n.op_type == "Cast" and "/attn/" in n.name]
     layers = sum(n.op_type == "GroupQueryAttention" for n in graph.graph.node)

@@ -78,7 +78,7 @@ def _dir(tmp_path, tiny, **config):
     [
         (
             {"model_type": "gpt_neox"},
-            "model_type 'gpt_neox' is not supported (supported: llama, mistral, qwen2, qwen3)",
+            "model_type 'gpt_neox' is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text)",
         ),
         ({"attention_bias": True}, "sets attention_bias"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "sets rope_scaling"),

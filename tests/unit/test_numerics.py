@@ -79,7 +79,7 @@ def test_stratus_model_verify_prints_each_configuration(tiny, tmp_path, capsys):
     assert out.startswith("host: ") and "serving: " in out and "max logprob error" in out
     broken = tmp_path / "broken"
     shutil.copytree(tiny.dirs["int8"], broken)
-    corrupt(broken, "model.embed_tokens.weight", -1.0)
+    corrupt(broken, "model.embed_tokens.gather_scales", -1.0)
     assert stratus(["model", "verify", "--model", str(broken), "--threads", "1"]) == 2
     assert "model.onnx.data: missing or different from the manifest" in capsys.readouterr().err
     rehash(broken)  # described consistently: the golden outputs refuse it

@@ -19,10 +19,22 @@ class LlamaConfig:
     tied_embeddings: bool = True
     head_dim: int = 0  # 0: hidden // num_heads; some families set their own (Gemma 3: 256 beside hidden 640)
     family: str = "llama"  # stratus_model.families: what the graph adds to the Llama blocks
+    sliding_window: int = 0  # local layers attend to this many positions, their own included (0: none)
+    global_every: int = 0  # with a window, every n-th layer attends to all (Gemma 3: 6, Gemma 2: 2; 0: none)
+    rope_local_theta: float = 0.0  # local layers' RoPE base (0: rope_theta)
+    rope_scale: float = 1.0  # linear RoPE scaling of the global layers: positions / rope_scale
+    attn_scale: float = 0.0  # scores = q.k * attn_scale (0: 1/sqrt(head_dim))
+    attn_softcap: float = 0.0  # scores -> c * tanh(scores / c) (Gemma 2; 0: none)
+    logit_softcap: float = 0.0  # logits -> c * tanh(logits / c) (Gemma 2; 0: none)
 
     def __post_init__(self) -> None:
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.hidden // self.num_heads)
+
+    def is_local(self, layer: int) -> bool:
+        """Whether layer attends through the sliding window only.
+        Gemma 3 (window 512, every 6th global): is_local(4) is True, is_local(5) False."""
+        return self.sliding_window > 0 and not (self.global_every and (layer + 1) % self.global_every == 0)
 
     @property
     def q_hidden(self) -> int:

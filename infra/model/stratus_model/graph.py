@@ -221,10 +221,36 @@ def linear_for(bits: int | None, accuracy_level: int) -> Linear:
     return linear_q4_1(accuracy_level, bits)
 
 
-def rotary_cache(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:  # -> 2 x [context, head_dim/2]
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
-    angles = np.outer(np.arange(cfg.context_length, dtype=np.float64), inv_freq)
+def rotary_cache(cfg: LlamaConfig, theta: float, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """-> cos, sin [context, head_dim/2] for RoPE base theta, positions divided by scale (linear scaling)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    angles = np.outer(np.arange(cfg.context_length, dtype=np.float64) / scale, inv_freq)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """The cos/sin initializers each kind of layer reads (local layers may have their own base)."""
+
+    global_: tuple[str, str]
+    local: tuple[str, str]
+
+    def of(self, cfg: LlamaConfig, layer: int) -> tuple[str, str]:
+        return self.local if cfg.is_local(layer) else self.global_
+
+
+def make_rotary(g: Graph, cfg: LlamaConfig) -> Rotary:
+    """One pair of tables for the global layers, and one for the local layers where they differ."""
+
+    def tables(prefix: str, theta: float, scale: float) -> tuple[str, str]:
+        cos, sin = rotary_cache(cfg, theta, scale)
+        return g.init(f"{prefix}cos_cache", cos, g.kv_dtype), g.init(f"{prefix}sin_cache", sin, g.kv_dtype)
+
+    global_ = tables("", cfg.rope_theta, cfg.rope_scale)
+    local_theta = cfg.rope_local_theta or cfg.rope_theta
+    if not cfg.sliding_window or (local_theta, 1.0) == (cfg.rope_theta, cfg.rope_scale):
+        return Rotary(global_, global_)
+    return Rotary(global_, tables("local_", local_theta, 1.0))
 
 
 def make_inputs(cfg: LlamaConfig, elem: int = TensorProto.FLOAT) -> tuple[list, list]:
@@ -278,13 +304,14 @@ def make_attention(
     linear: Linear,
     seqlens: str,
     total_len: str,
-    cos: str,
-    sin: str,
+    rotary: Rotary,
 ) -> str:
     """h [B, S, hidden] -> attention output [B, S, hidden]; writes present.{i}.key|value.
 
     h ─qkv (packed [B, S, q+k+v])─ GroupQueryAttention(rotary from position_ids, past, seqlens_k) ─ o ─▶
-    (fp16-attn: Cast to float16 before attention and back to float32 after it)
+    (fp16-attn: Cast to float16 before attention and back to float32 after it). A local layer's
+    GroupQueryAttention sees the last cfg.sliding_window positions (local_window_size keeps as
+    many keys, the query's own included, as Hugging Face's window does).
     """
     p = f"/model/layers.{i}/attn"
     qkv_w = concat_rows([src.tensor(f"layers.{i}.{n}") for n in ("q", "k", "v")], f"layers.{i}.qkv")
@@ -295,6 +322,12 @@ def make_attention(
     qkv = g.cast(qkv, g.kv_dtype, f"{p}/qkv_proj/Cast")
     q, k, v = make_qk_norm(g, cfg, i, qkv, src) if FAMILIES[cfg.family].qk_norm else (qkv, "", "")
     name = f"{p}/GroupQueryAttention"
+    cos, sin = rotary.of(cfg, i)
+    optional = {
+        "scale": cfg.attn_scale,
+        "softcap": cfg.attn_softcap,
+        "local_window_size": cfg.sliding_window if cfg.is_local(i) else 0,
+    }
     g.nodes.append(
         helper.make_node(
             "GroupQueryAttention",
@@ -317,6 +350,7 @@ def make_attention(
             kv_num_heads=cfg.num_kv_heads,
             do_rotary=1,
             rotary_interleaved=0,
+            **{k: v for k, v in optional.items() if v},
         )
     )
     attn = g.cast(f"{name}/output_0", g.dtype, f"{name}/Cast")
@@ -353,16 +387,27 @@ def make_qk_norm(g: Graph, cfg: LlamaConfig, i: int, qkv: str, src: WeightSource
     return out[0], out[1], v
 
 
+def silu(g: Graph, x: str, p: str) -> str:
+    return g.op("Mul", [x, g.op("Sigmoid", [x], f"{p}/Sigmoid")], f"{p}/Mul")
+
+
+def gelu_tanh(g: Graph, x: str, p: str) -> str:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): FastGelu is this tanh approximation."""
+    return g.op("FastGelu", [x], f"{p}/FastGelu", domain=MS)
+
+
+ACTIVATIONS_FN: dict[str, Callable[[Graph, str, str], str]] = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+
 def make_mlp(g: Graph, cfg: LlamaConfig, i: int, h: str, src: WeightSource, linear: Linear) -> str:
-    """SwiGLU: h ─gate_up─Split─▶ silu(gate) * up ─down─▶ [B, S, hidden]."""
+    """Gated MLP: h ─gate_up─Split─▶ act(gate) * up ─down─▶ [B, S, hidden] (act: SiLU, or Gemma's tanh GELU)."""
     p = f"/model/layers.{i}/mlp"
     gu_w = concat_rows([src.tensor(f"layers.{i}.gate"), src.tensor(f"layers.{i}.up")], f"layers.{i}.gate_up")
     gu = linear(g, f"{p}/gate_up_proj", h, gu_w)
     split = g.init(f"{p}/gate_up_split", np.array([cfg.ffn, cfg.ffn], np.int64))
     gate, up = g.op("Split", [gu, split], f"{p}/gate_up_proj/Split", n_out=2, axis=-1)
-    sig = g.op("Sigmoid", [gate], f"{p}/act_fn/Sigmoid")
-    silu = g.op("Mul", [gate, sig], f"{p}/act_fn/Mul")
-    prod = g.op("Mul", [silu, up], f"{p}/Mul")
+    act = ACTIVATIONS_FN[FAMILIES[cfg.family].activation](g, gate, f"{p}/act_fn")
+    prod = g.op("Mul", [act, up], f"{p}/Mul")
     return linear(g, f"{p}/down_proj", prod, src.tensor(f"layers.{i}.down"))
 
 
@@ -384,15 +429,85 @@ def make_keep_last(g: Graph, h: str) -> str:
     return g.op("Slice", [h, start, end, axis], "/model/keep_last/Slice")
 
 
+@dataclass(frozen=True)
+class Embedding:
+    """The token table as the graph holds it: float (fp32 builds), or 8-bit blocks that a tied LM
+    head reads too (one copy of the weights in the file, whatever the vocabulary)."""
+
+    table: str  # the float table, or the blocks' initializer [vocab, k_blocks, block]
+    nbits: NBits | None = None
+    offsets: np.ndarray | None = None  # an affine type's per-block offsets [k_blocks, vocab]
+    block: int = BLOCK
+
+
+def embed_nbits(w: SourceTensor) -> tuple[NBits, np.ndarray | None, int]:
+    """The embedding as 8-bit blocks: a GGML block type's integers as they are (exact), a float
+    table quantized per block of 32. -> (operands, offsets or None, block size)"""
+    if w.qtype in DECODERS:
+        blocks = DECODERS[w.qtype](w.raw)
+        q, offsets = exact_nbits(blocks, 8)
+        return q, offsets, blocks.size
+    return to_nbits(w, 8), None, BLOCK
+
+
+def make_embedding(g: Graph, cfg: LlamaConfig, src: WeightSource, quantized: bool) -> tuple[str, Embedding]:
+    """input_ids [B, S] -> x [B, S, hidden] (times sqrt(hidden) for Gemma).
+
+    quantized: input_ids ─GatherBlockQuantized(8-bit blocks)─ [B, S, K/block, block] (+ Gather(offsets))
+               ─Reshape─▶ x; onnxruntime's kernel computes (q - zero point) * scale, exact for GGML's
+               integers times their float16-derived scales."""
+    p = "/model/embed_tokens"
+    w = src.tensor("embed")
+    if not quantized:
+        table = g.init("model.embed_tokens.weight", w.dense())
+        x, emb = g.op("Gather", [table, "input_ids"], f"{p}/Gather"), Embedding(table)
+    else:
+        q, offsets, block = embed_nbits(w)
+        n, kb = cfg.vocab_size, cfg.hidden // block
+        table = g.init("model.embed_tokens.qweight", q.B.reshape(n, kb, -1))
+        inputs = [table, "input_ids", g.init("model.embed_tokens.gather_scales", q.scales.reshape(n, kb, 1))]
+        if q.zero_points is not None:
+            inputs.append(g.init("model.embed_tokens.gather_zeros", q.zero_points.reshape(n, kb, 1)))
+        y = g.op(
+            "GatherBlockQuantized", inputs, f"{p}/GatherBlockQuantized", domain=MS,
+            gather_axis=0, quantize_axis=2, block_size=block, bits=8,
+        )  # fmt: skip
+        if offsets is not None:
+            per_block = g.op("Gather", [g.init("model.embed_tokens.offsets", offsets.T), "input_ids"], f"{p}/offsets")
+            tail = g.init(f"{p}/last_axis", np.array([-1], np.int64))
+            y = g.op("Add", [y, g.op("Unsqueeze", [per_block, tail], f"{p}/offsets/Unsqueeze")], f"{p}/offsets/Add")
+        flat = g.init(f"{p}/flat", np.array([0, 0, cfg.hidden], np.int64))
+        x, emb = g.op("Reshape", [y, flat], f"{p}/Reshape"), Embedding(table, q, offsets, block)
+    if FAMILIES[cfg.family].embed_scale:
+        x = g.op("Mul", [x, g.init(f"{p}/scale", np.array(np.sqrt(cfg.hidden), np.float32))], f"{p}/scale")
+    return x, emb
+
+
+def tied_head_nbits(g: Graph, cfg: LlamaConfig, h: str, emb: Embedding, accuracy_level: int) -> str:
+    """A tied LM head on the embedding's own blocks: h [B, S, hidden] -> [B, S, vocab]."""
+    p, q = "/model/lm_head", emb.nbits
+    inputs = [h, emb.table, g.init("lm_head.scales", q.scales)]
+    if q.zero_points is not None:
+        inputs.append(g.init("lm_head.qzeros", q.zero_points))
+    y = g.op(
+        "MatMulNBits", inputs, f"{p}/MatMulNBits", domain=MS,
+        K=cfg.hidden, N=cfg.vocab_size, bits=8, block_size=emb.block, accuracy_level=accuracy_level,
+    )  # fmt: skip
+    return y if emb.offsets is None else add_block_offsets(g, p, h, y, emb.offsets, cfg.hidden, emb.block)
+
+
 def make_lm_head(
-    g: Graph, cfg: LlamaConfig, h: str, src: WeightSource, scheme: QuantScheme, accuracy_level: int, embed_name: str
+    g: Graph, cfg: LlamaConfig, h: str, src: WeightSource, scheme: QuantScheme, accuracy_level: int, emb: Embedding
 ) -> None:
-    """h [B, S, hidden] -> logits [B, S, vocab]. A tied fp32 head reuses the embedding table."""
+    """h [B, S, hidden] -> logits [B, S, vocab] (soft-capped: c * tanh(logits / c), Gemma 2). A tied
+    head reads the embedding's table: Gemm on the float table, MatMulNBits on its blocks."""
     p = "/model/lm_head"
-    if scheme.lm_head_bits is None and cfg.tied_embeddings:
+    if cfg.tied_embeddings and emb.nbits is not None:
+        y = tied_head_nbits(g, cfg, h, emb, accuracy_level)
+    elif scheme.lm_head_bits is None and cfg.tied_embeddings:
         shape_in = g.init(f"{p}/shape_2d", np.array([-1, cfg.hidden], np.int64))
         flat = g.op("Reshape", [h, shape_in], f"{p}/Reshape_in")
-        mm = g.op("Gemm", [flat, embed_name], f"{p}/Gemm", transB=1)
+        mm = g.op("Gemm", [flat, emb.table], f"{p}/Gemm", transB=1)
         shape_h = g.op("Shape", [h], f"{p}/Shape", start=0, end=2)
         vocab = g.init(f"{p}/vocab", np.array([cfg.vocab_size], np.int64))
         out_shape = g.op("Concat", [shape_h, vocab], f"{p}/Concat", axis=0)
@@ -400,10 +515,19 @@ def make_lm_head(
     else:
         weight = src.tensor("embed" if cfg.tied_embeddings else "lm_head")
         y = linear_for(scheme.lm_head_bits, accuracy_level)(g, p, h, weight)
+    if cfg.logit_softcap:
+        cap = g.init(f"{p}/softcap", np.array(cfg.logit_softcap, np.float32))
+        y = g.op(
+            "Mul", [g.op("Tanh", [g.op("Div", [y, cap], f"{p}/softcap/Div")], f"{p}/softcap/Tanh"), cap], f"{p}/softcap"
+        )
     if g.dtype == np.float32:
         g.nodes.append(helper.make_node("Identity", [y], ["logits"], name=f"{p}/logits"))
     else:  # sampling works in float32
         g.nodes.append(helper.make_node("Cast", [y], ["logits"], name=f"{p}/logits", to=TensorProto.FLOAT))
+
+
+def make_norm(g: Graph, cfg: LlamaConfig, path: str, x: str, weight: str) -> str:
+    return g.op("SimplifiedLayerNormalization", [x, weight], path, axis=-1, epsilon=cfg.rms_eps, stash_type=1)
 
 
 def build_model(
@@ -413,39 +537,45 @@ def build_model(
     progress: Callable[[str], None] = lambda _msg: None,
     activations: str = "fp32",
 ) -> onnx.ModelProto:
+    """The decoder. Each layer (Gemma's sandwich norms in brackets):
+
+    x ─norm─attention─[norm]─(+x)─▶ r ─norm─mlp─[norm]─(+r)─▶ the next layer's x
+    with each residual add fused into the next norm (SkipSimplifiedLayerNormalization).
+    """
     cfg = src.config
+    family = FAMILIES[cfg.family]
     scheme = QUANT_SCHEMES[quant]
     linear = linear_for(scheme.linear_bits, accuracy_level)
     precision = ACTIVATIONS[activations]
     g = Graph(dtype=precision.activations, kv_dtype=precision.attention)
-    embed = g.init("model.embed_tokens.weight", src.tensor("embed").dense())
-    cos_np, sin_np = rotary_cache(cfg)
-    cos, sin = g.init("cos_cache", cos_np, g.kv_dtype), g.init("sin_cache", sin_np, g.kv_dtype)
-    seqlens, total_len = make_sequence_lengths(g)
 
-    x = g.op("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")
-    h = g.op(
-        "SimplifiedLayerNormalization",
-        [x, g.init("model.layers.0.input_layernorm.weight", src.tensor("layers.0.attn_norm").dense())],
-        "/model/layers.0/input_layernorm",
-        axis=-1,
-        epsilon=cfg.rms_eps,
-        stash_type=1,
-    )
+    def weight(name: str) -> str:  # a norm's weight, by canonical name
+        return g.init(f"model.{name}.weight", src.tensor(name).dense())
+
+    x, emb = make_embedding(g, cfg, src, quantized=scheme.lm_head_bits is not None)
+    rotary = make_rotary(g, cfg)
+    seqlens, total_len = make_sequence_lengths(g)
+    h = make_norm(g, cfg, "/model/layers.0/input_layernorm", x, weight("layers.0.attn_norm"))
     residual = out = x  # out: the layer before's MLP output, which layer i > 0 normalizes first
     for i in range(cfg.num_layers):
         progress(f"layer {i + 1}/{cfg.num_layers}")
+        p = f"/model/layers.{i}"
         if i > 0:
-            w = g.init(f"model.layers.{i}.input_layernorm.weight", src.tensor(f"layers.{i}.attn_norm").dense())
-            h, residual = make_skip_norm(g, f"/model/layers.{i}/input_layernorm", out, residual, w, cfg.rms_eps)
-        attn = make_attention(g, cfg, i, h, src, linear, seqlens, total_len, cos, sin)
-        w = g.init(f"model.layers.{i}.post_attention_layernorm.weight", src.tensor(f"layers.{i}.mlp_norm").dense())
-        h, residual = make_skip_norm(g, f"/model/layers.{i}/post_attention_layernorm", attn, residual, w, cfg.rms_eps)
+            h, residual = make_skip_norm(
+                g, f"{p}/input_layernorm", out, residual, weight(f"layers.{i}.attn_norm"), cfg.rms_eps
+            )
+        attn = make_attention(g, cfg, i, h, src, linear, seqlens, total_len, rotary)
+        if family.sandwich_norms:
+            attn = make_norm(g, cfg, f"{p}/post_attention_norm", attn, weight(f"layers.{i}.post_attn_norm"))
+        h, residual = make_skip_norm(
+            g, f"{p}/pre_mlp_norm", attn, residual, weight(f"layers.{i}.mlp_norm"), cfg.rms_eps
+        )
         out = make_mlp(g, cfg, i, h, src, linear)
-    w = g.init("model.norm.weight", src.tensor("final_norm").dense())
-    h, _ = make_skip_norm(g, "/model/norm", out, residual, w, cfg.rms_eps)
+        if family.sandwich_norms:
+            out = make_norm(g, cfg, f"{p}/post_mlp_norm", out, weight(f"layers.{i}.post_mlp_norm"))
+    h, _ = make_skip_norm(g, "/model/norm", out, residual, weight("final_norm"), cfg.rms_eps)
     progress("lm head")
-    make_lm_head(g, cfg, make_keep_last(g, h), src, scheme, accuracy_level, embed)
+    make_lm_head(g, cfg, make_keep_last(g, h), src, scheme, accuracy_level, emb)
 
     ins, outs = make_inputs(cfg, elem_type(g.kv_dtype))
     ins.append(helper.make_tensor_value_info(KEEP, TensorProto.INT64, [1]))  # overridable: default below

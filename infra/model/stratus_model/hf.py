@@ -7,9 +7,10 @@ bfloat16 (numpy has no such type), the type most checkpoints are published in. T
 little-endian u64 header length, a JSON header ({name: {dtype, shape, data_offsets}}), then the
 tensors' bytes; each tensor is memory-mapped and widened to float32 when the builder asks for it.
 
-Families (stratus_model.families): llama and mistral (without a sliding window), qwen2, qwen3. Anything
-this builder does not implement (RoPE scaling, sliding windows, biases a family lacks, another
-model_type) is refused, naming the field.
+Families (stratus_model.families): llama and mistral (without a sliding window), qwen2, qwen3, and
+gemma2 and gemma3_text with their sliding windows, linear RoPE scaling and soft-caps. Anything this
+builder does not implement (other RoPE scaling, a Llama-family window, biases a family lacks, another
+activation or model_type) is refused, naming the field.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from stratus_model.config import LlamaConfig
 from stratus_model.families import FAMILIES, for_hf_type
 from stratus_model.source import SourceTensor, TokenizerSpec
 
+HF_ACTIVATIONS = {
+    "silu": "silu",
+    "gelu_tanh": "gelu_pytorch_tanh",
+}  # a family's MLP activation, as config.json names it
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: the top half of a float32
 
 # canonical name -> Hugging Face name ("{i}": the layer)
@@ -49,13 +54,14 @@ _HF_NAMES = {
 }
 
 
-def hf_name(name: str) -> str:
-    """Canonical tensor name -> its Hugging Face name.
+def hf_name(name: str, family: str = "llama") -> str:
+    """Canonical tensor name -> its Hugging Face name in that family.
     hf_name("layers.3.q") == "model.layers.3.self_attn.q_proj.weight" """
+    names = {**_HF_NAMES, **FAMILIES[family].hf_names}
     parts = name.split(".")
     if parts[0] == "layers":
-        return _HF_NAMES["layers.{i}." + parts[2]].format(i=parts[1])
-    return _HF_NAMES[name]
+        return names["layers.{i}." + parts[2]].format(i=parts[1])
+    return names[name]
 
 
 def read_header(path: Path) -> tuple[int, dict]:
@@ -98,8 +104,8 @@ class HFSource:
         if not (self.path / "config.json").is_file():
             raise ModelBuildError(f"{self.path}: not a Hugging Face model directory (no config.json)")
         hf = self._json("config.json")
-        self.config = _config(hf, self.path)
         self._where = self._index()  # tensor name -> (file, data offset, header entry)
+        self.config = _config(hf, self.path, tied="lm_head.weight" not in self._where)
         self.tokenizer = self._tokenizer(hf)
         self.description = {
             "format": "safetensors",
@@ -169,27 +175,67 @@ class HFSource:
         )
 
     def tensor(self, name: str) -> SourceTensor:
-        key = hf_name(name)
+        key = hf_name(name, self.config.family)
         found = self._where.get(key)
         if found is None:
             raise ModelBuildError(f"{self.path}: tensor {key!r} is missing")
         values = load(found[0], found[1], found[2], key)
+        offset = FAMILIES[self.config.family].hf_norm_offset
+        if offset and name.endswith("norm"):  # (Gemma: the weight a norm applies is 1 + w; GGUF stores that)
+            values = values + np.float32(offset)
         return SourceTensor(name, "F32", values, values.shape)
 
 
-def _config(hf: dict, path: Path) -> LlamaConfig:
-    """config.json -> LlamaConfig; ModelBuildError naming what this builder does not implement."""
+def _window(hf: dict, family, path: Path) -> dict:
+    """Gemma's sliding window, its pattern (layer_types, or every n-th layer global), local RoPE
+    base, query scale, linear RoPE scaling and soft-caps -> LlamaConfig fields."""
+    out: dict = {"attn_scale": float(hf.get("query_pre_attn_scalar") or hf["head_dim"]) ** -0.5}
+    if hf.get("sliding_window"):
+        every = family.global_every
+        if hf.get("sliding_window_pattern"):
+            every = int(hf["sliding_window_pattern"])
+        if hf.get("layer_types"):
+            kinds = hf["layer_types"]
+            every = next((i + 1 for i, k in enumerate(kinds) if k == "full_attention"), 0)
+            if kinds != [_layer_kind(i, every) for i in range(len(kinds))]:
+                raise ModelBuildError(
+                    f"{path}: config.json's layer_types are not every n-th layer global, which this builder implements"
+                )
+        out.update(sliding_window=int(hf["sliding_window"]), global_every=every)
+        out["rope_local_theta"] = float(hf.get("rope_local_base_freq") or hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        if scaling.get("rope_type", scaling.get("type")) != "linear":
+            raise ModelBuildError(
+                f"{path}: config.json sets rope_scaling ({scaling!r}), which this builder does not implement"
+            )
+        out["rope_scale"] = float(scaling["factor"])
+    out["attn_softcap"] = float(hf.get("attn_logit_softcapping") or 0.0)
+    out["logit_softcap"] = float(hf.get("final_logit_softcapping") or 0.0)
+    return out
+
+
+def _layer_kind(i: int, every: int) -> str:
+    return "full_attention" if every and (i + 1) % every == 0 else "sliding_attention"
+
+
+def _config(hf: dict, path: Path, tied: bool) -> LlamaConfig:
+    """config.json -> LlamaConfig; ModelBuildError naming what this builder does not implement.
+    tied: the checkpoint has no lm_head.weight (the head is the embedding)."""
     kind = hf.get("model_type")
     family = for_hf_type(kind) if isinstance(kind, str) else None
     if family is None:
         known = ", ".join(t for f in FAMILIES.values() for t in f.hf_types)
         raise ModelBuildError(f"{path}: model_type {kind!r} is not supported (supported: {known})")
+    gemma = family.sandwich_norms  # (Gemma's windows, scaling and caps are read by _window)
+    act_key = "hidden_activation" if "hidden_activation" in hf else "hidden_act"
     sliding = hf.get("use_sliding_window") if "use_sliding_window" in hf else hf.get("sliding_window") is not None
     unsupported = {
         "attention_bias": bool(hf.get("attention_bias")) and not family.qkv_bias,
         "mlp_bias": bool(hf.get("mlp_bias")),
-        "rope_scaling": hf.get("rope_scaling") is not None,
-        "use_sliding_window" if "use_sliding_window" in hf else "sliding_window": bool(sliding),
+        "rope_scaling": hf.get("rope_scaling") is not None and not gemma,
+        "use_sliding_window" if "use_sliding_window" in hf else "sliding_window": bool(sliding) and not gemma,
+        act_key: hf.get(act_key, HF_ACTIVATIONS[family.activation]) != HF_ACTIVATIONS[family.activation],
     }
     for field, present in unsupported.items():
         if present:
@@ -208,9 +254,10 @@ def _config(hf: dict, path: Path) -> LlamaConfig:
             context_length=int(hf["max_position_embeddings"]),
             rope_theta=float(hf.get("rope_theta", 10000.0)),
             rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tied_embeddings=tied,
             head_dim=int(hf.get("head_dim") or 0),
             family=family.name,
+            **(_window(hf, family, path) if gemma else {}),
         )
     except KeyError as exc:
         raise ModelBuildError(f"{path}: config.json lacks {exc.args[0]!r}") from None

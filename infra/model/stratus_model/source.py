@@ -19,7 +19,7 @@ import numpy as np
 
 from stratus.errors import ModelBuildError
 from stratus_model.config import LlamaConfig
-from stratus_model.families import FAMILIES
+from stratus_model.families import FAMILIES, REFUSED
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ _GGUF_NAMES = {
     "output.weight": "lm_head",
     "blk.{i}.attn_norm.weight": "layers.{i}.attn_norm",
     "blk.{i}.ffn_norm.weight": "layers.{i}.mlp_norm",
+    "blk.{i}.post_attention_norm.weight": "layers.{i}.post_attn_norm",
+    "blk.{i}.post_ffw_norm.weight": "layers.{i}.post_mlp_norm",
     "blk.{i}.attn_q.weight": "layers.{i}.q",
     "blk.{i}.attn_k.weight": "layers.{i}.k",
     "blk.{i}.attn_v.weight": "layers.{i}.v",
@@ -115,6 +117,7 @@ _GGUF_NAMES = {
     "blk.{i}.ffn_down.weight": "layers.{i}.down",
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+GEMMA_27B_LAYERS = {("gemma2", 46), ("gemma3", 62)}  # (llama.cpp tells the 27B models by their depth)
 
 
 class GGUFSource:
@@ -131,6 +134,8 @@ class GGUFSource:
         except Exception as exc:  # the reader raises ValueError, struct errors, IndexError...
             raise ModelBuildError(f"{self.path}: not a readable GGUF file ({exc})") from exc
         arch = self._field("general.architecture")
+        if arch in REFUSED:
+            raise ModelBuildError(f"{self.path}: architecture {arch!r} is not supported: {REFUSED[arch]}")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelBuildError(
                 f"{self.path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
@@ -172,7 +177,29 @@ class GGUFSource:
             tied_embeddings="output.weight" not in {t.name for t in self._reader.tensors},
             head_dim=int(self._field(f"{arch}.attention.key_length", 0)),
             family=arch,
+            **self._window_config(arch, heads),
         )
+
+    def _window_config(self, arch: str, heads: int) -> dict:
+        """Sliding window, RoPE scaling, attention scale and soft-caps, where the family has them.
+        llama.cpp fixes what Gemma files do not carry: the window pattern, the local RoPE base, and
+        the 27B models' query scale (hidden / heads instead of head_dim)."""
+        family = FAMILIES[arch]
+        out: dict = {}
+        window = int(self._field(f"{arch}.attention.sliding_window", 0))
+        if window:
+            out.update(sliding_window=window, global_every=self._global_every(arch, family.global_every))
+            out["rope_local_theta"] = float(self._field(f"{arch}.rope.freq_base_swa", family.rope_local_theta))
+        scaling = self._field(f"{arch}.rope.scaling.type", "none")
+        if scaling == "linear":
+            out["rope_scale"] = float(self._field(f"{arch}.rope.scaling.factor"))
+        elif scaling != "none":
+            raise ModelBuildError(f"{self.path}: RoPE scaling {scaling!r} is not supported (supported: linear)")
+        if (arch, int(self._field(f"{arch}.block_count"))) in GEMMA_27B_LAYERS:
+            out["attn_scale"] = float(heads / int(self._field(f"{arch}.embedding_length"))) ** 0.5
+        out["attn_softcap"] = float(self._field(f"{arch}.attn_logit_softcapping", 0.0))
+        out["logit_softcap"] = float(self._field(f"{arch}.final_logit_softcapping", 0.0))
+        return out
 
     def _read_tokenizer(self) -> TokenizerSpec:
         model = self._field("tokenizer.ggml.model")
@@ -186,6 +213,17 @@ class GGUFSource:
             eos_id=self._field("tokenizer.ggml.eos_token_id", None),
             chat_template=self._field("tokenizer.chat_template", None),
         )
+
+    def _global_every(self, arch: str, default: int) -> int:
+        """The window pattern: `attention.sliding_window_pattern` as n (every n-th layer global) or
+        as one flag a layer (true: local) where the file has it, else the family's."""
+        pattern = self._field(f"{arch}.attention.sliding_window_pattern", default)
+        if not isinstance(pattern, list):
+            return int(pattern)
+        every = next((i + 1 for i, local in enumerate(pattern) if not local), 0)
+        if [bool(x) for x in pattern] != [not (every and (i + 1) % every == 0) for i in range(len(pattern))]:
+            raise ModelBuildError(f"{self.path}: a sliding-window pattern other than every n-th layer global")
+        return every
 
     def tensor(self, name: str) -> SourceTensor:
         gguf_name = _gguf_name(name)

@@ -87,6 +87,8 @@ def tiny_weights(cfg: LlamaConfig, vocab_size: int, seed: int) -> dict[str, np.n
             w[f"layers.{i}.{n}_bias"] = (0.5 * rng.standard_normal(width)).astype(np.float32)
         for n in ("q", "k") if family.qk_norm else ():
             w[f"layers.{i}.{n}_norm"] = (1.0 + 0.3 * rng.standard_normal(cfg.head_dim)).astype(np.float32)
+        for n in ("post_attn_norm", "post_mlp_norm") if family.sandwich_norms else ():
+            w[f"layers.{i}.{n}"] = (1.0 + 0.1 * rng.standard_normal(cfg.hidden)).astype(np.float32)
     return w
 
 
@@ -140,6 +142,12 @@ def write_tiny_gguf(
         writer.add_value_length(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_eps)
+    if cfg.sliding_window:  # (the window pattern and local RoPE base are the family's, as llama.cpp fixes them)
+        writer.add_sliding_window(cfg.sliding_window)
+    if cfg.attn_softcap:
+        writer.add_attn_logit_softcapping(cfg.attn_softcap)
+    if cfg.logit_softcap:
+        writer.add_final_logit_softcapping(cfg.logit_softcap)
     writer.add_vocab_size(len(vocab))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("smollm")
@@ -163,6 +171,8 @@ def write_tiny_gguf(
         "down": "ffn_down",
         "q_norm": "attn_q_norm",
         "k_norm": "attn_k_norm",
+        "post_attn_norm": "post_attention_norm",
+        "post_mlp_norm": "post_ffw_norm",
     }
     encoded = {}
     for name, w in weights.items():
@@ -255,8 +265,21 @@ def write_tiny_hf(
     }
     if cfg.family == "qwen2":  # (as Qwen 2's own configs say: a window is named but not used)
         config.update(sliding_window=4096, use_sliding_window=False)
+    family = FAMILIES[cfg.family]
+    if family.sandwich_norms:  # Gemma
+        kinds = ["full_attention" if not cfg.is_local(i) else "sliding_attention" for i in range(cfg.num_layers)]
+        config.update(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=round((cfg.attn_scale or cfg.head_dim**-0.5) ** -2),
+            sliding_window=cfg.sliding_window or None,
+            layer_types=kinds,
+            rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta,
+            attn_logit_softcapping=cfg.attn_softcap or None,
+            final_logit_softcapping=cfg.logit_softcap or None,
+        )
     (path / "config.json").write_text(json.dumps(config))
-    names = {hf_name(k): w for k, w in weights.items()}
+    offset = np.float32(family.hf_norm_offset)  # (Gemma stores w for a norm that applies 1 + w)
+    names = {hf_name(k, cfg.family): w - offset if k.endswith("norm") else w for k, w in weights.items()}
     keys = list(names)
     files = (
         [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]

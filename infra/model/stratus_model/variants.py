@@ -108,8 +108,9 @@ def split_activations(model: onnx.ModelProto) -> onnx.ModelProto | None:
 
 
 def _activation_dtype(model: onnx.ModelProto) -> type:
-    """float16 for fp16 builds (their embedding table, so every activation, is float16), else float32."""
+    """float16 for fp16 builds (their embedding table or its scales, so every activation, is float16),
+    else float32."""
     for t in model.graph.initializer:
-        if t.name == "model.embed_tokens.weight":
+        if t.name in ("model.embed_tokens.weight", "model.embed_tokens.gather_scales"):
             return np.float16 if t.data_type == onnx.TensorProto.FLOAT16 else np.float32
     return np.float32
