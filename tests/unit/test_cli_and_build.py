@@ -117,3 +117,18 @@ def test_ordinary_cli_mistakes_are_one_error_line(tmp_path, capsys):
         == 2
     )
     assert "not a multiple of the 32-weight quantization block" in capsys.readouterr().err
+
+
+def test_a_pypi_model_is_named_and_an_unknown_or_missing_one_refused(tmp_path, monkeypatch, capsys):
+    from stratus_model import build
+
+    assert build.pypi_gguf("smollm2").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert stratus(["model", "build", "--pypi", "llama-9000", "--out", str(tmp_path / "m")]) == 2
+    assert "unknown PyPI model 'llama-9000' (known: smollm2, gemma3-270m)" in capsys.readouterr().err
+    missing = build.PyPIModel("not-a-package-here", "not_a_package_here", lambda d: d)
+    monkeypatch.setitem(build.PYPI_MODELS, "elsewhere", missing)
+    assert stratus(["model", "build", "--pypi", "elsewhere", "--out", str(tmp_path / "m")]) == 2
+    assert "pip install not-a-package-here" in capsys.readouterr().err
+    assert stratus(["model", "build", "--pypi", "smollm2", "--gguf", "x.gguf", "--out", str(tmp_path / "m")]) == 2
+    assert "name one source" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

