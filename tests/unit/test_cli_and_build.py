@@ -132,3 +132,31 @@ def test_a_pypi_model_is_named_and_an_unknown_or_missing_one_refused(tmp_path, m
     assert stratus(["model", "build", "--pypi", "smollm2", "--gguf", "x.gguf", "--out", str(tmp_path / "m")]) == 2
     assert "name one source" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_base_model_continues_text_and_refuses_a_chat_naming_itself(tiny, tmp_path, capsys):
+    import shutil
+
+    from stratus.errors import InvalidRequest
+    from stratus.params import SamplingParams
+    from stratus_engine.engine import Engine, GenerationRequest
+
+    # Given a model without a chat template (a base model; --raw does the same for any model)
+    base = tmp_path / "base"
+    shutil.copytree(tiny.dirs["fp32"], base)
+    (base / "chat_template.jinja").write_text("")
+    engine = Engine.from_dir(base, threads=1)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = engine.generate([GenerationRequest(engine.encode("the"), params)])[0].text
+    # When the CLI is given a prompt, then it continues the prompt as text
+    args = ["generate", "--model", str(base), "--max-tokens", "6", "--threads", "1", "the"]
+    assert stratus(args) == 0 and capsys.readouterr().out == expected + "\n"
+    raw = ["generate", "--model", str(tiny.dirs["fp32"]), "--raw", "--max-tokens", "6", "--threads", "1", "the"]
+    assert stratus(raw) == 0 and capsys.readouterr().out == expected + "\n"
+    # and a chat is refused with the model's name and where to go instead
+    with pytest.raises(
+        InvalidRequest, match=r"model tiny-fp32 has no chat template \(a base model\): use /v1/completions"
+    ):
+        engine.encode_chat([{"role": "user", "content": "hi"}])
+    assert stratus(raw[:-1] + ["--system", "be brief", "the"]) == 2
+    assert "--system needs a chat" in capsys.readouterr().err

@@ -103,10 +103,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     verified = load_verified(args.model, threads=args.threads)  # the configuration a worker here would serve
     engine = Engine(verified.model, max_batch=1)
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}
-    ]
-    result = engine.generate([GenerationRequest(engine.encode_chat(messages), params)])[0]
+    if args.raw or not engine.spec.chat_template:  # (a base model has none: its prompt is text to continue)
+        if args.system:
+            raise StratusError("--system needs a chat: drop --raw, or use a model with a chat template")
+        prompt = engine.encode(args.prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        prompt = engine.encode_chat(messages)
+    result = engine.generate([GenerationRequest(prompt, params)])[0]
     print(result.text)
     if args.verbose:
         t = result.timings
@@ -341,7 +347,10 @@ def _parser() -> argparse.ArgumentParser:
     pb.add_argument("--prefix", default="models/")
     pb.set_defaults(func=cmd_model_publish)
 
-    g = sub.add_parser("generate", help="chat with a model directory; prints only the completion")
+    g = sub.add_parser(
+        "generate",
+        help="chat with a model directory (a base model, or --raw: continue the text); prints only the completion",
+    )
     g.add_argument("prompt")
     g.add_argument("--model", type=Path, required=True)
     g.add_argument("--max-tokens", type=int, default=256)
@@ -351,6 +360,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--system", default=None, help="system message")
+    g.add_argument(
+        "--raw", action="store_true", help="continue the prompt as text, no chat template (what a base model does)"
+    )
     g.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     g.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
     g.set_defaults(func=cmd_generate)

@@ -176,7 +176,13 @@ class Engine:
         return cls(load(path, threads=threads, spin=spin), **kwargs)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """A chat's prompt ids: its messages' text never becomes control tokens (chat_template.encode_chat)."""
+        """A chat's prompt ids: its messages' text never becomes control tokens (chat_template.encode_chat).
+        A model without a chat template (a base model) is refused, naming it."""
+        if not self.spec.chat_template:
+            raise InvalidRequest(
+                f"model {self.spec.model_id} has no chat template (a base model): use /v1/completions with a prompt",
+                param="messages",
+            )
         return self.chat_tokenizer.encode(self.spec.chat_template, messages)
 
     @cached_property
@@ -205,7 +211,9 @@ class Engine:
         )
 
     def encode(self, text: str) -> list[int]:
-        return self.model.tokenizer.encode(text, add_special_tokens=False).ids
+        """A completion prompt's ids, led by the tokenizer's own specials (a BOS where the model's
+        tokenizer adds one: Gemma, Llama), as Hugging Face and vLLM encode a prompt."""
+        return self.model.tokenizer.encode(text, add_special_tokens=True).ids
 
     def check_request(self, prompt_tokens: int, params: SamplingParams) -> None:
         """What only the engine can check: the context length, and logit_bias ids in the vocabulary."""
