@@ -19,9 +19,9 @@ def rotate_half(x: np.ndarray) -> np.ndarray:  # [..., D] -> [..., D]
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def rope(x: np.ndarray, pos: np.ndarray, theta: float, scale: float = 1.0) -> np.ndarray:  # [N, S, D], [S]
+def rope(x: np.ndarray, pos: np.ndarray, theta: float, scale: float = 1.0, factors=()) -> np.ndarray:  # [N, S, D]
     d = x.shape[-1]
-    inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    inv = 1.0 / theta ** (np.arange(0, d, 2) / d) / (np.asarray(factors) if len(factors) else 1.0)
     ang = np.outer(pos / scale, inv)
     cos = np.concatenate([np.cos(ang)] * 2, -1)
     sin = np.concatenate([np.sin(ang)] * 2, -1)
@@ -52,7 +52,11 @@ def forward(w: dict[str, np.ndarray], cfg: LlamaConfig, ids: list[int]) -> np.nd
     window = np.where(pos[:, None] - pos[None, :] >= (cfg.sliding_window or s + 1), -np.inf, 0.0)
     for i in range(cfg.num_layers):
         local = cfg.is_local(i)
-        theta, scale = (cfg.rope_local_theta or cfg.rope_theta, 1.0) if local else (cfg.rope_theta, cfg.rope_scale)
+        theta, scale, factors = (
+            (cfg.rope_local_theta or cfg.rope_theta, 1.0, ())
+            if local
+            else (cfg.rope_theta, cfg.rope_scale, cfg.rope_freq_factors)
+        )
         h = rms_norm(x, w[f"layers.{i}.attn_norm"], cfg.rms_eps)
         proj = {n: h @ w[f"layers.{i}.{n}"].T + w.get(f"layers.{i}.{n}_bias", 0.0) for n in "qkv"}  # (Qwen 2: biases)
         q = proj["q"].reshape(s, cfg.num_heads, hd).transpose(1, 0, 2)
@@ -60,7 +64,7 @@ def forward(w: dict[str, np.ndarray], cfg: LlamaConfig, ids: list[int]) -> np.nd
         v = proj["v"].reshape(s, cfg.num_kv_heads, hd).transpose(1, 0, 2)
         if f"layers.{i}.q_norm" in w:  # (Qwen 3, Gemma 3: per-head RMSNorm before RoPE)
             q, k = rms_norm(q, w[f"layers.{i}.q_norm"], cfg.rms_eps), rms_norm(k, w[f"layers.{i}.k_norm"], cfg.rms_eps)
-        q, k = rope(q, pos, theta, scale), rope(k, pos, theta, scale)
+        q, k = rope(q, pos, theta, scale, factors), rope(k, pos, theta, scale, factors)
         k, v = np.repeat(k, g, axis=0), np.repeat(v, g, axis=0)
         att = softcap(q @ k.transpose(0, 2, 1) * (cfg.attn_scale or hd**-0.5), cfg.attn_softcap)
         att = att + causal + (window if local else 0.0)

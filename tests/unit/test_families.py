@@ -11,6 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from stratus_model.build import build_from_gguf, build_from_hf
+from stratus_model.config import llama3_freq_factors
+from stratus_model.hf import HFSource
 from stratus_model.source import GGUFSource
 from stratus_model.synthetic import TINY, tiny_vocab, write_tiny_gguf, write_tiny_hf
 from support.graphs import PROMPT, empty_past, run
@@ -80,3 +82,38 @@ def test_qwen3_normalizes_q_and_k_per_head_before_rope(tmp_path, quant):
         write_tiny_hf(tmp_path / "hf", encoded, cfg=QWEN3)
         build_from_hf(tmp_path / "hf", "fp32", tmp_path / "from-hf")
         assert (tmp_path / "from-hf/model.onnx.data").read_bytes() == (tmp_path / "m/model.onnx.data").read_bytes()
+
+
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+LLAMA3 = dataclasses.replace(
+    TINY,
+    rope_theta=500_000.0,
+    rope_freq_factors=llama3_freq_factors(16, 500_000.0, 8.0, 1.0, 4.0, 64),
+)
+
+
+def test_llama3_rope_scaling_from_rope_freqs_and_from_config_json(tmp_path):
+    # Given Llama 3's RoPE scaling: a GGUF's rope_freqs.weight, a directory's rope_scaling
+    factors = LLAMA3.rope_freq_factors
+    assert factors[0] == 1.0 and factors[-1] == 8.0 and any(1.0 < f < 8.0 for f in factors)  # (and blended)
+    encoded = write_tiny_gguf(tmp_path / "l3.gguf", seed=9, cfg=LLAMA3)
+    src = GGUFSource(tmp_path / "l3.gguf")
+    np.testing.assert_allclose(src.config.rope_freq_factors, factors, rtol=1e-6)
+    build_from_gguf(tmp_path / "l3.gguf", "fp32", tmp_path / "m")
+    full = dataclasses.replace(src.config, vocab_size=len(tiny_vocab()))
+    ids = PROMPT + list(range(20, 60))  # (48 positions: the scaled low frequencies turn visibly)
+    session = ort.InferenceSession(str(tmp_path / "m/model.onnx"))
+    got, _ = run(session, [ids], np.ones((1, len(ids))), [np.arange(len(ids))], empty_past(full, 1))
+    ref = forward(encoded, full, ids)
+    assert np.abs(got[0] - ref).max() < 1e-3 * np.abs(ref).max()
+    unscaled = forward(encoded, dataclasses.replace(full, rope_freq_factors=()), ids)
+    assert np.abs(unscaled - ref).max() > 0.01 * np.abs(ref).max()
+    # and the directory's rope_scaling gives the same factors (to float32's rounding in the GGUF)
+    write_tiny_hf(tmp_path / "hf", encoded, cfg=LLAMA3, extra={"rope_scaling": LLAMA3_SCALING})
+    np.testing.assert_allclose(HFSource(tmp_path / "hf").config.rope_freq_factors, factors, rtol=1e-12)

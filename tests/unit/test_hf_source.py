@@ -81,7 +81,7 @@ def _dir(tmp_path, tiny, **config):
             "model_type 'gpt_neox' is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text)",
         ),
         ({"attention_bias": True}, "sets attention_bias"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "sets rope_scaling"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "sets rope_scaling"),
         ({"sliding_window": 4096}, "sets sliding_window"),
         ({"head_dim": 7}, "do not fit together"),
         ({"num_hidden_layers": None}, "wrong type"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -23,6 +25,7 @@ class LlamaConfig:
     global_every: int = 0  # with a window, every n-th layer attends to all (Gemma 3: 6, Gemma 2: 2; 0: none)
     rope_local_theta: float = 0.0  # local layers' RoPE base (0: rope_theta)
     rope_scale: float = 1.0  # linear RoPE scaling of the global layers: positions / rope_scale
+    rope_freq_factors: tuple[float, ...] = ()  # Llama 3's RoPE scaling: frequency k divided by factor k
     attn_scale: float = 0.0  # scores = q.k * attn_scale (0: 1/sqrt(head_dim))
     attn_softcap: float = 0.0  # scores -> c * tanh(scores / c) (Gemma 2; 0: none)
     logit_softcap: float = 0.0  # logits -> c * tanh(logits / c) (Gemma 2; 0: none)
@@ -47,3 +50,15 @@ class LlamaConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def llama3_freq_factors(
+    head_dim: int, theta: float, factor: float, low: float, high: float, original_context: int
+) -> tuple[float, ...]:
+    """Llama 3's RoPE scaling as a divisor per frequency (what llama.cpp stores as rope_freqs.weight):
+    1 for wavelengths under original_context / high, `factor` over original_context / low, and a
+    smooth blend between. -> head_dim / 2 factors"""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = np.clip((original_context / wavelen - low) / (high - low), 0.0, 1.0)
+    return tuple(float(f) for f in 1.0 / ((1 - smooth) / factor + smooth))

@@ -221,9 +221,14 @@ def linear_for(bits: int | None, accuracy_level: int) -> Linear:
     return linear_q4_1(accuracy_level, bits)
 
 
-def rotary_cache(cfg: LlamaConfig, theta: float, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """-> cos, sin [context, head_dim/2] for RoPE base theta, positions divided by scale (linear scaling)."""
+def rotary_cache(
+    cfg: LlamaConfig, theta: float, scale: float = 1.0, factors: tuple[float, ...] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """-> cos, sin [context, head_dim/2] for RoPE base theta, positions divided by scale (linear
+    scaling), each frequency divided by its factor (Llama 3 scaling)."""
     inv_freq = 1.0 / (theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    if factors:
+        inv_freq = inv_freq / np.asarray(factors, np.float64)
     angles = np.outer(np.arange(cfg.context_length, dtype=np.float64) / scale, inv_freq)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
@@ -242,11 +247,11 @@ class Rotary:
 def make_rotary(g: Graph, cfg: LlamaConfig) -> Rotary:
     """One pair of tables for the global layers, and one for the local layers where they differ."""
 
-    def tables(prefix: str, theta: float, scale: float) -> tuple[str, str]:
-        cos, sin = rotary_cache(cfg, theta, scale)
+    def tables(prefix: str, theta: float, scale: float, factors: tuple[float, ...] = ()) -> tuple[str, str]:
+        cos, sin = rotary_cache(cfg, theta, scale, factors)
         return g.init(f"{prefix}cos_cache", cos, g.kv_dtype), g.init(f"{prefix}sin_cache", sin, g.kv_dtype)
 
-    global_ = tables("", cfg.rope_theta, cfg.rope_scale)
+    global_ = tables("", cfg.rope_theta, cfg.rope_scale, cfg.rope_freq_factors)
     local_theta = cfg.rope_local_theta or cfg.rope_theta
     if not cfg.sliding_window or (local_theta, 1.0) == (cfg.rope_theta, cfg.rope_scale):
         return Rotary(global_, global_)

@@ -8,8 +8,8 @@ little-endian u64 header length, a JSON header ({name: {dtype, shape, data_offse
 tensors' bytes; each tensor is memory-mapped and widened to float32 when the builder asks for it.
 
 Families (stratus_model.families): llama and mistral (without a sliding window), qwen2, qwen3, and
-gemma2 and gemma3_text with their sliding windows, linear RoPE scaling and soft-caps. Anything this
-builder does not implement (other RoPE scaling, a Llama-family window, biases a family lacks, another
+gemma2 and gemma3_text with their sliding windows and soft-caps; linear and Llama 3 RoPE scaling.
+Anything this builder does not implement (other RoPE scaling, a Llama-family window, biases a family lacks, another
 activation or model_type) is refused, naming the field.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from stratus.errors import ModelBuildError
-from stratus_model.config import LlamaConfig
+from stratus_model.config import LlamaConfig, llama3_freq_factors
 from stratus_model.families import FAMILIES, for_hf_type
 from stratus_model.source import SourceTensor, TokenizerSpec
 
@@ -188,7 +188,7 @@ class HFSource:
 
 def _window(hf: dict, family, path: Path) -> dict:
     """Gemma's sliding window, its pattern (layer_types, or every n-th layer global), local RoPE
-    base, query scale, linear RoPE scaling and soft-caps -> LlamaConfig fields."""
+    base, query scale and soft-caps -> LlamaConfig fields."""
     out: dict = {"attn_scale": float(hf.get("query_pre_attn_scalar") or hf["head_dim"]) ** -0.5}
     if hf.get("sliding_window"):
         every = family.global_every
@@ -203,16 +203,32 @@ def _window(hf: dict, family, path: Path) -> dict:
                 )
         out.update(sliding_window=int(hf["sliding_window"]), global_every=every)
         out["rope_local_theta"] = float(hf.get("rope_local_base_freq") or hf.get("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling")
-    if scaling:
-        if scaling.get("rope_type", scaling.get("type")) != "linear":
-            raise ModelBuildError(
-                f"{path}: config.json sets rope_scaling ({scaling!r}), which this builder does not implement"
-            )
-        out["rope_scale"] = float(scaling["factor"])
     out["attn_softcap"] = float(hf.get("attn_logit_softcapping") or 0.0)
     out["logit_softcap"] = float(hf.get("final_logit_softcapping") or 0.0)
     return out
+
+
+def _rope_scaling(hf: dict, path: Path) -> dict:
+    """rope_scaling -> LlamaConfig fields: linear (positions / factor; Gemma 3's global layers) or
+    Llama 3's (a divisor per frequency); another kind is refused."""
+    scaling = hf.get("rope_scaling")
+    if not scaling:
+        return {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return {"rope_scale": float(scaling["factor"])}
+    if kind == "llama3":
+        head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // int(hf["num_attention_heads"]))
+        factors = llama3_freq_factors(
+            head_dim,
+            float(hf.get("rope_theta", 10000.0)),
+            float(scaling["factor"]),
+            float(scaling["low_freq_factor"]),
+            float(scaling["high_freq_factor"]),
+            int(scaling["original_max_position_embeddings"]),
+        )
+        return {"rope_freq_factors": factors}
+    raise ModelBuildError(f"{path}: config.json sets rope_scaling ({scaling!r}), which this builder does not implement")
 
 
 def _layer_kind(i: int, every: int) -> str:
@@ -233,7 +249,6 @@ def _config(hf: dict, path: Path, tied: bool) -> LlamaConfig:
     unsupported = {
         "attention_bias": bool(hf.get("attention_bias")) and not family.qkv_bias,
         "mlp_bias": bool(hf.get("mlp_bias")),
-        "rope_scaling": hf.get("rope_scaling") is not None and not gemma,
         "use_sliding_window" if "use_sliding_window" in hf else "sliding_window": bool(sliding) and not gemma,
         act_key: hf.get(act_key, HF_ACTIVATIONS[family.activation]) != HF_ACTIVATIONS[family.activation],
     }
@@ -258,6 +273,7 @@ def _config(hf: dict, path: Path, tied: bool) -> LlamaConfig:
             head_dim=int(hf.get("head_dim") or 0),
             family=family.name,
             **(_window(hf, family, path) if gemma else {}),
+            **_rope_scaling(hf, path),
         )
     except KeyError as exc:
         raise ModelBuildError(f"{path}: config.json lacks {exc.args[0]!r}") from None

@@ -177,8 +177,14 @@ class GGUFSource:
             tied_embeddings="output.weight" not in {t.name for t in self._reader.tensors},
             head_dim=int(self._field(f"{arch}.attention.key_length", 0)),
             family=arch,
+            rope_freq_factors=self._freq_factors(),
             **self._window_config(arch, heads),
         )
+
+    def _freq_factors(self) -> tuple[float, ...]:
+        """Llama 3's RoPE scaling, as llama.cpp stores it: rope_freqs.weight, a divisor per frequency."""
+        t = next((t for t in self._reader.tensors if t.name == "rope_freqs.weight"), None)
+        return () if t is None else tuple(float(x) for x in np.asarray(t.data, np.float32).reshape(-1))
 
     def _window_config(self, arch: str, heads: int) -> dict:
         """Sliding window, RoPE scaling, attention scale and soft-caps, where the family has them.

@@ -144,6 +144,8 @@ def write_tiny_gguf(
     writer.add_layer_norm_rms_eps(cfg.rms_eps)
     if cfg.sliding_window:  # (the window pattern and local RoPE base are the family's, as llama.cpp fixes them)
         writer.add_sliding_window(cfg.sliding_window)
+    if cfg.rope_freq_factors:  # (Llama 3's RoPE scaling, as llama.cpp stores it)
+        writer.add_tensor("rope_freqs.weight", np.array(cfg.rope_freq_factors, np.float32))
     if cfg.attn_softcap:
         writer.add_attn_logit_softcapping(cfg.attn_softcap)
     if cfg.logit_softcap:
@@ -234,11 +236,17 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str) ->
 
 
 def write_tiny_hf(
-    path: Path, weights: dict[str, np.ndarray], cfg: LlamaConfig = TINY, dtype: str = "F32", shards: int = 1
+    path: Path,
+    weights: dict[str, np.ndarray],
+    cfg: LlamaConfig = TINY,
+    dtype: str = "F32",
+    shards: int = 1,
+    extra: dict | None = None,
 ) -> None:
     """The tiny model as a Hugging Face directory: `weights` (canonical names, float32, e.g. what
     write_tiny_gguf returns) stored as `dtype` in `shards` safetensors files, and the tiny GGUF's
-    vocabulary as tokenizer.json, with its ChatML template."""
+    vocabulary as tokenizer.json, with its ChatML template. `extra`: more config.json fields
+    (rope_scaling, say)."""
     import json
 
     from stratus_model.hf import hf_name
@@ -277,7 +285,7 @@ def write_tiny_hf(
             attn_logit_softcapping=cfg.attn_softcap or None,
             final_logit_softcapping=cfg.logit_softcap or None,
         )
-    (path / "config.json").write_text(json.dumps(config))
+    (path / "config.json").write_text(json.dumps({**config, **(extra or {})}))
     offset = np.float32(family.hf_norm_offset)  # (Gemma stores w for a norm that applies 1 + w)
     names = {hf_name(k, cfg.family): w - offset if k.endswith("norm") else w for k, w in weights.items()}
     keys = list(names)
