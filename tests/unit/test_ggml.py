@@ -127,3 +127,14 @@ def matmulnbits_named(model_dir) -> list[dict]:
         for n in proto.graph.node
         if n.op_type == "MatMulNBits"
     ]
+
+
+def test_a_build_names_the_types_it_re_quantizes():
+    from types import SimpleNamespace
+
+    from stratus_model.build import inexact_types
+
+    src = SimpleNamespace(description={"tensor_types": {"F32": 5, "Q4_K": 3, "Q3_K": 2, "IQ4_XS": 1, "Q6_K": 1}})
+    assert inexact_types(src, "int4") == "Q3_K x 2, IQ4_XS x 1"
+    assert inexact_types(src, "fp32") == ""  # (every type dequantizes exactly to float32)
+    assert inexact_types(SimpleNamespace(description={}), "int8") == ""  # (a directory of float tensors)

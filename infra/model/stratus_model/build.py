@@ -29,6 +29,7 @@ import onnx
 
 from stratus.errors import ModelBuildError
 from stratus_engine.artifact import artifact_digest, sha256_file
+from stratus_model.ggml import PACKABLE
 from stratus_model.graph import ACTIVATIONS, build_model
 from stratus_model.quant import QUANT_SCHEMES
 from stratus_model.source import GGUFSource, WeightSource
@@ -105,6 +106,18 @@ def eos_ids(src: WeightSource) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+EXACT_TYPES = {*PACKABLE, "F32", "F16", "BF16"}  # GGUF types a quantized build keeps as they are
+
+
+def inexact_types(src: WeightSource, quant: str) -> str:
+    """The source's tensor types a quantized build re-quantizes (Q2_K, Q3_K, the IQ types), with
+    their counts, e.g. "Q3_K x 12"; "" when every tensor is kept exactly (and for fp32 builds)."""
+    types = src.description.get("tensor_types", {})
+    if quant == "fp32":
+        return ""
+    return ", ".join(f"{t} x {n}" for t, n in types.items() if t not in EXACT_TYPES)
+
+
 def _smoke_test(model_path: Path, cfg, activations: str = "fp32") -> None:
     """Load the graph in onnxruntime and run one token, so a broken build never looks valid."""
     import onnxruntime as ort
@@ -170,6 +183,9 @@ def build(
             f"building {quant} graph ({activations} activations): {cfg.num_layers} layers, hidden {cfg.hidden}, "
             f"vocab {cfg.vocab_size}"
         )
+        inexact = inexact_types(src, quant)
+        if inexact:
+            progress(f"re-quantized by the {quant} scheme, not kept exactly: {inexact}")
         model = build_model(src, quant, accuracy_level, progress, activations)
         progress(f"writing {len(model.graph.node)} nodes")
         onnx.save_model(

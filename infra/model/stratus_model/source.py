@@ -11,6 +11,7 @@ Canonical tensor names (Hugging Face layout, linear weights [out, in]):
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -148,6 +149,7 @@ class GGUFSource:
             "file": self.path.name,
             "name": self._field("general.name", None),
             "architecture": arch,
+            "tensor_types": dict(Counter(t.tensor_type.name for t in self._reader.tensors).most_common()),
         }
 
     def _field(self, key: str, default=...):
