@@ -65,14 +65,17 @@ class PackedBlocks(SourceTensor):
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    model: str  # "gpt2" = byte-level BPE
+    model: str  # "gpt2" = byte-level BPE, "llama" = SentencePiece-style BPE (scores, byte fallback)
     pre: str  # pre-tokenizer name as GGUF spells it ("smollm", "gpt2", ...)
     tokens: list[str]
-    token_types: list[int]  # 1 normal, 3 control, 4 user-defined, 6 byte
+    token_types: list[int]  # 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
     merges: list[str]
     bos_id: int | None
     eos_id: int | None
     chat_template: str | None
+    scores: list[float] = field(default_factory=list)  # SentencePiece: higher merges first
+    add_bos: bool | None = None  # tokenizer.ggml.add_bos_token (None: not stated; see tokenizer.adds_bos)
+    add_space_prefix: bool | None = None  # SentencePiece: "▁" before the text (None: not stated)
     extra: dict = field(default_factory=dict)
 
 
@@ -220,6 +223,9 @@ class GGUFSource:
             bos_id=self._field("tokenizer.ggml.bos_token_id", None),
             eos_id=self._field("tokenizer.ggml.eos_token_id", None),
             chat_template=self._field("tokenizer.chat_template", None),
+            scores=[float(s) for s in self._field("tokenizer.ggml.scores", [])],
+            add_bos=self._field("tokenizer.ggml.add_bos_token", None),
+            add_space_prefix=self._field("tokenizer.ggml.add_space_prefix", None),
         )
 
     def _global_every(self, arch: str, default: int) -> int:
