@@ -241,3 +241,15 @@ def test_llama3_keeps_a_whole_word_token_and_qwen2_normalizes_to_nfc():
 def test_an_unknown_tokenizer_model_is_named():
     with pytest.raises(ModelBuildError, match="'bert' is not supported"):
         build_tokenizer(spm_spec(model="bert"))
+
+
+def test_logprob_bytes_of_sentencepiece_tokens_are_their_bytes():
+    # Given "é" spelled as two byte tokens and "▁hello" a piece, when logprobs report each token's
+    # bytes, then the bytes join to the text's UTF-8 (not U+FFFD for half a character)
+    from stratus_engine.tokens import token_bytes
+
+    tok = build_tokenizer(spm_spec(add_space_prefix=False))
+    table = token_bytes(tok)
+    got = tok.encode(" helloé", add_special_tokens=False).ids
+    assert b"".join(table[i] for i in got) == " helloé".encode()
+    assert table[BYTE0 + 0xC3] == b"\xc3" and table[tok.token_to_id("▁hello")] == b" hello"

@@ -1,8 +1,9 @@
 """Each token's bytes: what logprobs report as `bytes`, and what a grammar engine walks.
 
-Our tokenizers are byte-level BPE (GPT-2's scheme): a vocabulary entry spells its bytes with one
-printable character per byte. Inverting that map gives each token's exact bytes, including tokens
-that hold part of a UTF-8 character (which decode() can only show as U+FFFD).
+Byte-level BPE (GPT-2's scheme: SmolLM2, Llama 3, Qwen) spells a token's bytes with one printable
+character per byte; inverting that map gives each token's exact bytes, including tokens that hold
+part of a UTF-8 character (which decode() can only show as U+FFFD). SentencePiece vocabularies
+(Gemma, Llama 2) spell a space "▁" and a lone byte "<0xF0>": those map back the same way.
 """
 
 from __future__ import annotations
@@ -38,9 +39,21 @@ def special_ids(tokenizer: Tokenizer) -> frozenset[int]:
     return frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
 
 
+def is_sentencepiece(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer is SentencePiece-style: a BPE falling back to <0xXX> byte tokens."""
+    return bool((json.loads(tokenizer.to_str()).get("model") or {}).get("byte_fallback"))
+
+
+def _sentencepiece_bytes(piece: str) -> bytes:
+    """ "▁the" -> b" the", "<0x0A>" -> the byte 0x0A"""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode()
+
+
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
     """-> bytes of every token id (added tokens: their text in UTF-8)."""
-    byte_level = is_byte_level(tokenizer)
+    byte_level, sentencepiece = is_byte_level(tokenizer), is_sentencepiece(tokenizer)
     table = _unicode_to_byte()
     added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
     out = []
@@ -48,6 +61,8 @@ def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
         piece = tokenizer.id_to_token(i) or ""
         if byte_level and piece not in added and all(c in table for c in piece):
             out.append(bytes(table[c] for c in piece))
+        elif sentencepiece and piece not in added:
+            out.append(_sentencepiece_bytes(piece))
         else:
             out.append(tokenizer.decode([i], skip_special_tokens=False).encode())
     return out
