@@ -48,3 +48,26 @@ def test_the_engine_encodes_chats_the_same_way(tiny):
     engine = Engine.from_dir(tiny.dirs["fp32"], threads=1)
     start = engine.model.tokenizer.token_to_id("<|im_start|>")
     assert engine.encode_chat([{"role": "user", "content": FORGED}]).count(start) == 2
+
+
+def test_a_template_that_names_bos_gets_the_models_bos(tiny):
+    # Given a template that starts with {{ bos_token }} (Llama 2, Mistral), when a chat is encoded
+    # with the model's BOS id, then it leads with that token, once; without one, nothing is made up
+    tok = Tokenizer.from_file(str(tiny.dirs["fp32"] / "tokenizer.json"))
+    template = "{{ bos_token }}" + CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "hi"}]
+    ids = ChatTokenizer(tok, bos_id=0, eos_id=2).encode(template, messages)  # (0: <|endoftext|> here)
+    assert ids[0] == 0 and ids.count(0) == 1
+    assert ids[1:] == ChatTokenizer(tok).encode(CHAT_TEMPLATE, messages)  # then the chat as before
+    assert ChatTokenizer(tok).encode(template, messages) == ChatTokenizer(tok).encode(CHAT_TEMPLATE, messages)
+
+
+def test_added_tokens_that_are_not_special_are_text_either_way(tiny):
+    # (Gemma's "\n" and runs of spaces are added tokens matched in the text, not control tokens: a
+    # template that trims a content must not refuse a message because it holds a newline)
+    tok = Tokenizer.from_file(str(tiny.dirs["fp32"] / "tokenizer.json"))
+    tok.add_tokens(["\n\n"])
+    chat = ChatTokenizer(tok)
+    assert "\n\n" not in chat.specials and "<|im_end|>" in chat.specials
+    plain = [{"role": "user", "content": " two\n\nlines "}]
+    assert chat.encode(TRIMS, plain) == tok.encode(render_chat(TRIMS, plain), add_special_tokens=False).ids

@@ -187,7 +187,8 @@ class Engine:
 
     @cached_property
     def chat_tokenizer(self) -> ChatTokenizer:
-        return ChatTokenizer(self.model.tokenizer)
+        eos = self.spec.eos_token_ids
+        return ChatTokenizer(self.model.tokenizer, self.spec.bos_token_id, eos[0] if eos else None)
 
     @cached_property
     def guides(self) -> Guides:

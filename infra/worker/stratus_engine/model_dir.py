@@ -29,6 +29,7 @@ class ModelSpec:
     vocab_size: int
     context_length: int
     eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
     chat_template: str | None
     kv_layout: str | None  # "right_padded_gqa" for our builds; None for other exports
 
@@ -66,6 +67,7 @@ def read_spec(path: Path) -> ModelSpec:
                 gen.get("context_length", cfg.get("context_length", cfg.get("max_position_embeddings", 2048)))
             ),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+            bos_token_id=gen.get("bos_token_id", cfg.get("bos_token_id")),
             chat_template=template,
             kv_layout=cfg.get("kv_layout"),
         )

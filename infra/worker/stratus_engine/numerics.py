@@ -109,13 +109,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:  # [..., V] -> [..., V] float
 
 
 def golden_prompts(model: LoadedModel) -> list[list[int]]:
-    from stratus.chat_template import render_chat
+    """The golden chats through the model's template, or (a base model) their last turns as text
+    led by the tokenizer's own specials, as the engine encodes a completion."""
+    from stratus.chat_template import render_chat, template_variables
 
-    tok = model.tokenizer
-    if model.spec.chat_template:
-        texts = [render_chat(model.spec.chat_template, list(chat)) for chat in GOLDEN_CHATS]
-    else:
-        texts = [chat[-1]["content"] for chat in GOLDEN_CHATS]
+    tok, spec = model.tokenizer, model.spec
+    if not spec.chat_template:
+        return [tok.encode(chat[-1]["content"], add_special_tokens=True).ids for chat in GOLDEN_CHATS]
+    names = template_variables(tok, spec.bos_token_id, spec.eos_token_ids[0] if spec.eos_token_ids else None)
+    texts = [render_chat(spec.chat_template, list(chat), variables=names) for chat in GOLDEN_CHATS]
     return [tok.encode(t, add_special_tokens=False).ids for t in texts]
 
 

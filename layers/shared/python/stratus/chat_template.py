@@ -21,7 +21,11 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def render_chat(
+    template: str | None, messages: list[dict], add_generation_prompt: bool = True, variables: dict | None = None
+) -> str:
+    """The template rendered as apply_chat_template does; `variables` are the tokenizer's special
+    tokens a template may name ({"bos_token": "<s>", "eos_token": "</s>"})."""
     if not template:
         raise InvalidRequest("this model has no chat template; use /v1/completions with a prompt", param="messages")
     for i, m in enumerate(messages):
@@ -32,7 +36,9 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
             )
         if not isinstance(m.get("content"), str):
             raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
-    return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    return _compile(template).render(
+        **(variables or {}), messages=messages, add_generation_prompt=add_generation_prompt
+    )
 
 
 def encode_chat(
@@ -42,6 +48,7 @@ def encode_chat(
     encode_text: Callable[[str], list[int]],
     specials: Iterable[str],
     add_generation_prompt: bool = True,
+    variables: dict | None = None,
 ) -> list[int]:
     """A chat's token ids, its control tokens only where the template put them.
 
@@ -53,8 +60,8 @@ def encode_chat(
     The contents' places come from rendering each one as a mark instead; a template that changes
     a content (trims it, say) makes a render the marks cannot rebuild, and then the render is
     encoded whole, after refusing a content that holds a special token's text."""
-    text = render_chat(template, messages, add_generation_prompt)
-    pieces = _pieces(template, messages, add_generation_prompt, text)
+    text = render_chat(template, messages, add_generation_prompt, variables)
+    pieces = _pieces(template, messages, add_generation_prompt, text, variables)
     if pieces is None:
         for i, m in enumerate(messages):
             if any(s in m["content"] for s in specials):
@@ -68,31 +75,44 @@ def encode_chat(
 
 
 def _pieces(
-    template: str | None, messages: list[dict], add_generation_prompt: bool, text: str
+    template: str | None, messages: list[dict], add_generation_prompt: bool, text: str, variables: dict | None
 ) -> list[tuple[str, bool]] | None:
     """The render `text` cut into (piece, is a message's content), in order; None when marks in the
     contents' places do not rebuild it."""
     nonce = secrets.token_hex(8)
     marks = [f"\x00{nonce}:{i}\x00" for i in range(len(messages))]
-    marked = render_chat(template, [{**m, "content": k} for m, k in zip(messages, marks)], add_generation_prompt)
+    marked = render_chat(
+        template, [{**m, "content": k} for m, k in zip(messages, marks)], add_generation_prompt, variables
+    )
     parts = re.split("(" + "|".join(re.escape(k) for k in marks) + ")", marked)
     index = {k: i for i, k in enumerate(marks)}
     pieces = [(messages[index[p]]["content"], True) if p in index else (p, False) for p in parts if p]
     return pieces if "".join(p for p, _ in pieces) == text else None
 
 
+def template_variables(tokenizer, bos_id: int | None, eos_id: int | None) -> dict[str, str]:
+    """The special tokens a chat template may name, as apply_chat_template passes them ("" if none)."""
+    return {
+        name: (tokenizer.id_to_token(i) or "") if i is not None else ""
+        for name, i in (("bos_token", bos_id), ("eos_token", eos_id))
+    }
+
+
 class ChatTokenizer:
     """A tokenizers.Tokenizer that encodes chats with encode_chat: control tokens only where the
     chat template put them. Keeps a second copy of the tokenizer that reads every special token's
-    text as text (tokenizers' encode_special_tokens), made once."""
+    text as text (tokenizers' encode_special_tokens), made once. A template may name the model's
+    BOS and EOS (`{{ bos_token }}`: Llama 2, Mistral): bos_id and eos_id give them."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, bos_id: int | None = None, eos_id: int | None = None) -> None:
         from tokenizers import Tokenizer
 
         self.tokenizer = tokenizer
         self.text_only = Tokenizer.from_str(tokenizer.to_str())
         self.text_only.encode_special_tokens = True
-        self.specials = tuple(t.content for t in tokenizer.get_added_tokens_decoder().values())
+        # (special added tokens only: the others, Gemma's "\n" say, are text either way)
+        self.specials = tuple(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
+        self.variables = template_variables(tokenizer, bos_id, eos_id)
 
     def encode(self, template: str | None, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return encode_chat(
@@ -102,4 +122,5 @@ class ChatTokenizer:
             lambda text: self.text_only.encode(text, add_special_tokens=False).ids,
             self.specials,
             add_generation_prompt,
+            self.variables,
         )

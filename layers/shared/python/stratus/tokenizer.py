@@ -104,7 +104,7 @@ def load(files: dict[str, bytes]) -> ModelTokenizer:
         None if eos is None else tok.id_to_token(eos),
         None if bos is None else tok.id_to_token(bos),
         int(context),
-        ChatTokenizer(tok),
+        ChatTokenizer(tok, bos, eos),
     )
 
 
