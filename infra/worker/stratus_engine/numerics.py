@@ -18,6 +18,7 @@ alone a lucky host could pass; with (2) alone an unlucky but accurate one could 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -30,7 +31,7 @@ import numpy as np
 
 from stratus.errors import ModelLoadError
 from stratus_engine.kv_cache import make_cache
-from stratus_engine.model_dir import LoadedModel, load, read_spec
+from stratus_engine.model_dir import LoadedModel, load, read_spec, release_freed_memory
 from stratus_engine.prefill import prefill_last
 
 GOLDEN_VERSION = 2  # 2: log-probabilities
@@ -232,7 +233,9 @@ def load_checked(
     model = load(path, threads=threads, providers=providers, spin=spin, graph=conf.graph)
     if not golden:
         return model, Check(conf.name, True, 0.0, "no golden outputs recorded", 0, 0, 0.0)
-    return model, check(model, golden, conf.name)
+    result = check(model, golden, conf.name)
+    release_freed_memory()  # (the check's cache and logits)
+    return model, result
 
 
 def load_verified(
@@ -260,10 +263,14 @@ def load_verified(
         checks.append(result)
         if result.passed:
             return Verification(model, conf.name, tuple(checks), host_description(model.providers))
+        host = host_description(model.providers)
+        del model  # (before the next configuration loads: two sessions of the weights at once doubled the peak)
+        gc.collect()
+        release_freed_memory()
     lines = "; ".join(c.line() for c in checks)
     raise NumericsError(
         f"model {spec.model_id} ({path}) does not compute its golden outputs on this host, so this worker "
-        f"will not serve it. Host: {host_description(model.providers)}. Tolerance "
+        f"will not serve it. Host: {host}. Tolerance "
         f"{golden.get('max_logprob_error', MAX_LOGPROB_ERROR)} (log-probability). Measured: {lines}"
     )
 
