@@ -160,3 +160,14 @@ def test_a_base_model_continues_text_and_refuses_a_chat_naming_itself(tiny, tmp_
         engine.encode_chat([{"role": "user", "content": "hi"}])
     assert stratus(raw[:-1] + ["--system", "be brief", "the"]) == 2
     assert "--system needs a chat" in capsys.readouterr().err
+
+
+def test_make_serve_shows_a_base_model_a_completion_to_try():
+    from types import SimpleNamespace
+
+    from stratus_local.serve import banner
+
+    stack = SimpleNamespace(model_id="m", url="http://127.0.0.1:3000/v1", api_key="sk-dev", aws_endpoint="x", logs="l")
+    base, chat = banner(stack, 1, chat=False), banner(stack, 1, chat=True)
+    assert "/v1/completions" in base and "completions.create(" in base and "messages" not in base
+    assert "/v1/chat/completions" in chat and "chat.completions.create(" in chat

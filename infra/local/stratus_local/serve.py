@@ -27,6 +27,7 @@ from pathlib import Path
 
 from stratus import tokenizer
 from stratus_engine.artifact import publish
+from stratus_engine.model_dir import read_spec
 from stratus_local.template import ROOT, active, create_resources, function_environment, load_template, web_adapter
 
 
@@ -297,7 +298,15 @@ def _stop_processes(procs: list[subprocess.Popen], grace_s: float = 30.0) -> Non
             p.kill()
 
 
-def banner(stack: LocalStack, workers: int) -> str:
+def banner(stack: LocalStack, workers: int, chat: bool = True) -> str:
+    """What `make serve` prints once ready: a chat to try, or for a base model (no chat template) a
+    completion."""
+    if chat:
+        route, body = "chat/completions", '"messages": [{"role": "user", "content": "What is the capital of France?"}]'
+        call = 'chat.completions.create(model="{m}", messages=[{{"role": "user", "content": "Hi!"}}], temperature=0).choices[0].message.content'
+    else:
+        route, body = "completions", '"prompt": "The capital of France is", "max_tokens": 16'
+        call = 'completions.create(model="{m}", prompt="Water boils at", max_tokens=16, temperature=0).choices[0].text'
     return f"""
 Stratus is running locally ({workers} worker{"s" if workers != 1 else ""}, model {stack.model_id}).
   base URL   {stack.url}
@@ -305,12 +314,12 @@ Stratus is running locally ({workers} worker{"s" if workers != 1 else ""}, model
   AWS (moto) {stack.aws_endpoint}
   logs       {stack.logs}/
 
-  curl {stack.url}/chat/completions -H "Authorization: Bearer {stack.api_key}" \\
+  curl {stack.url}/{route} -H "Authorization: Bearer {stack.api_key}" \\
     -H "Content-Type: application/json" \\
-    -d '{{"model": "{stack.model_id}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "temperature": 0}}'
+    -d '{{"model": "{stack.model_id}", {body}, "temperature": 0}}'
 
   python -c 'from openai import OpenAI; c = OpenAI(base_url="{stack.url}", api_key="{stack.api_key}"); \\
-print(c.chat.completions.create(model="{stack.model_id}", messages=[{{"role": "user", "content": "Hi!"}}], temperature=0).choices[0].message.content)'
+print(c.{call.format(m=stack.model_id)})'
 
 Ready on {stack.url} — Ctrl-C stops everything.
 """
@@ -341,7 +350,7 @@ def main(model_dir: Path, *, port: int, workers: int, api_key: str | None, threa
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    print(banner(stack, workers), flush=True)
+    print(banner(stack, workers, chat=bool(read_spec(model_dir).chat_template)), flush=True)
     stopping.wait()
     print("stopping: the gateway takes no more requests, workers drain, then the functions and moto stop", flush=True)
     stack.stop()
