@@ -117,3 +117,29 @@ def test_llama3_rope_scaling_from_rope_freqs_and_from_config_json(tmp_path):
     # and the directory's rope_scaling gives the same factors (to float32's rounding in the GGUF)
     write_tiny_hf(tmp_path / "hf", encoded, cfg=LLAMA3, extra={"rope_scaling": LLAMA3_SCALING})
     np.testing.assert_allclose(HFSource(tmp_path / "hf").config.rope_freq_factors, factors, rtol=1e-12)
+
+
+def test_a_phi3_gguf_is_refused_naming_what_is_missing(tmp_path):
+    import gguf
+
+    from stratus.errors import ModelBuildError
+
+    writer = gguf.GGUFWriter(str(tmp_path / "phi.gguf"), "phi3")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelBuildError, match="architecture 'phi3' is not supported: Phi 3's fused qkv"):
+        GGUFSource(tmp_path / "phi.gguf")
+
+
+def test_gemmas_end_of_turn_ends_a_reply():
+    from types import SimpleNamespace
+
+    from stratus_model.build import eos_ids
+    from stratus_model.source import TokenizerSpec
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    template = "{% for m in messages %}<start_of_turn>{{ m['content'] }}<end_of_turn>{% endfor %}"
+    spec = TokenizerSpec("llama", "default", tokens, [3] * 5, [], 2, 1, template)
+    assert eos_ids(SimpleNamespace(tokenizer=spec)) == [4, 1]

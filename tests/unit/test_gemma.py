@@ -128,6 +128,11 @@ def test_gemma2_caps_its_attention_scores_and_logits(tmp_path):
     assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max() and np.abs(got).max() < 3.0
     uncapped = forward(encoded, dataclasses.replace(cfg, attn_softcap=0.0), ids)
     assert np.abs(uncapped - ref).max() > 0.05 * np.abs(ref).max()
+    # and its Hugging Face directory (caps, window and norms as config.json says them) builds the same
+    write_tiny_hf(tmp_path / "hf", encoded, cfg=GEMMA2)
+    build_from_hf(tmp_path / "hf", "fp32", tmp_path / "from-hf")
+    from_hf = stepwise_logits(tmp_path / "from-hf", cfg, ids, len(PROMPT))
+    assert np.abs(from_hf - got).max() < 1e-5 * np.abs(got).max()
 
 
 @pytest.mark.parametrize("embed_type", ["Q8_0", "Q5_1"])

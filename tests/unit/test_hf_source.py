@@ -80,6 +80,8 @@ def _dir(tmp_path, tiny, **config):
             {"model_type": "gpt_neox"},
             "model_type 'gpt_neox' is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text)",
         ),
+        ({"model_type": "phi3"}, "model_type 'phi3' is not supported: Phi 3's fused qkv and gate_up"),
+        ({"hidden_act": "gelu"}, "sets hidden_act ('gelu')"),
         ({"attention_bias": True}, "sets attention_bias"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "sets rope_scaling"),
         ({"sliding_window": 4096}, "sets sliding_window"),

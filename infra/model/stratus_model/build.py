@@ -96,11 +96,11 @@ def model_id_for(src: WeightSource, quant: str, activations: str = "fp32") -> st
 
 def eos_ids(src: WeightSource) -> list[int]:
     """The source's EOS ids (a Hugging Face directory's generation_config may list several) plus the
-    chat template's end-of-turn token (ChatML's <|im_end|>)."""
+    chat template's end-of-turn token (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
     tok = src.tokenizer
     ids = list(tok.extra.get("eos_ids", [tok.eos_id] if tok.eos_id is not None else []))
     template = tok.chat_template or ""
-    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
         if marker in template and marker in tok.tokens:
             ids.insert(0, tok.tokens.index(marker))
     return list(dict.fromkeys(ids))

@@ -23,7 +23,7 @@ import numpy as np
 
 from stratus.errors import ModelBuildError
 from stratus_model.config import LlamaConfig, llama3_freq_factors
-from stratus_model.families import FAMILIES, for_hf_type
+from stratus_model.families import FAMILIES, REFUSED, for_hf_type
 from stratus_model.source import SourceTensor, TokenizerSpec
 
 HF_ACTIVATIONS = {
@@ -240,6 +240,8 @@ def _config(hf: dict, path: Path, tied: bool) -> LlamaConfig:
     tied: the checkpoint has no lm_head.weight (the head is the embedding)."""
     kind = hf.get("model_type")
     family = for_hf_type(kind) if isinstance(kind, str) else None
+    if kind in REFUSED:
+        raise ModelBuildError(f"{path}: model_type {kind!r} is not supported: {REFUSED[kind]}")
     if family is None:
         known = ", ".join(t for f in FAMILIES.values() for t in f.hf_types)
         raise ModelBuildError(f"{path}: model_type {kind!r} is not supported (supported: {known})")
