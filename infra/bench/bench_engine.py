@@ -7,7 +7,8 @@ same GGUF, same threads, on this host (its CPU and SIMD features are recorded be
 Each contender runs in its own child process (so peak RSS is its own) on a fixed ~60-token chat
 prompt, greedy, 128 new tokens (EOS ignored). Each ONNX configuration is also run through the
 golden-output check (stratus_engine.numerics): `text` says whether a worker here would serve it.
-Figures are medians over --runs:
+Figures are medians over --runs (peak_rss_mb: the whole process, start-up included; our
+configurations also report rss_end_mb, what the process holds after its runs):
   ttft_s            prompt submitted -> first token, one request
   prefill_tok_s     prompt tokens / ttft
   decode_tok_s@1    (128 - 1) / (time after the first token), one request
@@ -42,10 +43,11 @@ MESSAGES = [
 ]
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS since exec (VmHWM; ru_maxrss would carry the parent's over fork)."""
+def peak_rss_mb(field: str = "VmHWM") -> float:
+    """This process's peak RSS since exec (VmHWM; ru_maxrss would carry the parent's over fork), or
+    with field="VmRSS" what it holds now."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -137,6 +139,7 @@ def run_llama(binary: str, gguf: str, prompt_tokens: int, threads: int, runs: in
 def child(args) -> None:
     prompt = json.loads(args.prompt)
     raw, host = run_onnx(args.target, prompt, args.threads, args.runs, levels(args))
+    raw["rss_end_mb"] = [peak_rss_mb("VmRSS")]  # (resident after the runs: the peak includes start-up)
     print(json.dumps({**summarize(raw, len(prompt), peak_rss_mb()), "host": host}))
 
 
@@ -266,6 +269,8 @@ def main() -> None:
             if "text_right" not in med
             else (f"{'right' if med['text_right'] else 'WRONG'} (max logprob error {med['max_logprob_error']:.3f})")
         )
+        if "rss_end_mb" in med:
+            text += f", {med['rss_end_mb']:.0f} MB resident after"
         where = f"   on {r['host']}" if r.get("host", host) != host else ""
         print(f"{name:28}" + "".join(f"{c:>20}" for c in cells) + f"   {text}{where}")
     plot(report, out / f"{name}.png", shown)
