@@ -135,9 +135,9 @@ def test_gemma2_caps_its_attention_scores_and_logits(tmp_path):
     assert np.abs(from_hf - got).max() < 1e-5 * np.abs(got).max()
 
 
-@pytest.mark.parametrize("embed_type", ["Q8_0", "Q5_1"])
+@pytest.mark.parametrize("embed_type", ["Q8_0", "Q5_1", "Q4_1"])
 def test_the_quantized_embedding_is_the_files_values_and_shared_with_the_tied_head(tmp_path, embed_type):
-    # Given an embedding of a scale-only (Q8_0) or affine (Q5_1: offsets) GGML type, when built
+    # Given an embedding of a scale-only (Q8_0) or affine (Q5_1, Q4_1: offsets) GGML type, when built
     # int8, then the graph holds its blocks once (GatherBlockQuantized and the LM head read one
     # initializer) and the embedding rows are exactly the file's dequantized values.
     encoded = write_tiny_gguf(tmp_path / "t.gguf", seed=3, types={"embed": embed_type})

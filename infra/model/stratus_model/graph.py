@@ -401,7 +401,7 @@ def gelu_tanh(g: Graph, x: str, p: str) -> str:
     return g.op("FastGelu", [x], f"{p}/FastGelu", domain=MS)
 
 
-ACTIVATIONS_FN: dict[str, Callable[[Graph, str, str], str]] = {"silu": silu, "gelu_tanh": gelu_tanh}
+MLP_ACTIVATIONS: dict[str, Callable[[Graph, str, str], str]] = {"silu": silu, "gelu_tanh": gelu_tanh}
 
 
 def make_mlp(g: Graph, cfg: LlamaConfig, i: int, h: str, src: WeightSource, linear: Linear) -> str:
@@ -411,7 +411,7 @@ def make_mlp(g: Graph, cfg: LlamaConfig, i: int, h: str, src: WeightSource, line
     gu = linear(g, f"{p}/gate_up_proj", h, gu_w)
     split = g.init(f"{p}/gate_up_split", np.array([cfg.ffn, cfg.ffn], np.int64))
     gate, up = g.op("Split", [gu, split], f"{p}/gate_up_proj/Split", n_out=2, axis=-1)
-    act = ACTIVATIONS_FN[FAMILIES[cfg.family].activation](g, gate, f"{p}/act_fn")
+    act = MLP_ACTIVATIONS[FAMILIES[cfg.family].activation](g, gate, f"{p}/act_fn")
     prod = g.op("Mul", [act, up], f"{p}/Mul")
     return linear(g, f"{p}/down_proj", prod, src.tensor(f"layers.{i}.down"))
 
@@ -448,8 +448,8 @@ class Embedding:
 def embed_nbits(w: SourceTensor) -> tuple[NBits, np.ndarray | None, int]:
     """The embedding as 8-bit blocks: a GGML block type's integers as they are (exact), a float
     table quantized per block of 32. -> (operands, offsets or None, block size)"""
-    if w.qtype in DECODERS:
-        blocks = DECODERS[w.qtype](w.raw)
+    if w.qtype in PACKABLE:
+        blocks = PACKABLE[w.qtype](w.raw)
         q, offsets = exact_nbits(blocks, 8)
         return q, offsets, blocks.size
     return to_nbits(w, 8), None, BLOCK
