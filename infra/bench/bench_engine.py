@@ -252,8 +252,8 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "engine" if args.model == "smollm2" else f"engine-{args.model}"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    stem = "engine" if args.model == "smollm2" else f"engine-{args.model}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     print(f"{'':28}" + "".join(f"{k:>20}" for k in shown) + "   text (golden check)")
     for name, r in results.items():
         if "median" not in r:
@@ -273,8 +273,8 @@ def main() -> None:
             text += f", {med['rss_end_mb']:.0f} MB resident after"
         where = f"   on {r['host']}" if r.get("host", host) != host else ""
         print(f"{name:28}" + "".join(f"{c:>20}" for c in cells) + f"   {text}{where}")
-    plot(report, out / f"{name}.png", shown)
-    print(f"wrote {out / name}.json")
+    plot(report, out / f"{stem}.png", shown)
+    print(f"wrote {out / stem}.json")
 
 
 def plot(report: dict, path: Path, keys_shown: list[str]) -> None:
