@@ -86,6 +86,7 @@ def run_onnx(target: str, prompt: list[int], threads: int, runs: int, levels: li
                 out["decode_tok_s@1"].append(r.timings.decode_tokens_per_s(r.usage.completion_tokens))
     out["text_right"] = [float(check.passed)]
     out["max_logprob_error"] = [check.max_logprob_error]
+    out["rss_end_mb"] = [peak_rss_mb("VmRSS")]  # (held after the runs, the engine alive; the peak includes start-up)
     return out, host_description(loaded.providers)
 
 
@@ -139,7 +140,6 @@ def run_llama(binary: str, gguf: str, prompt_tokens: int, threads: int, runs: in
 def child(args) -> None:
     prompt = json.loads(args.prompt)
     raw, host = run_onnx(args.target, prompt, args.threads, args.runs, levels(args))
-    raw["rss_end_mb"] = [peak_rss_mb("VmRSS")]  # (resident after the runs: the peak includes start-up)
     print(json.dumps({**summarize(raw, len(prompt), peak_rss_mb()), "host": host}))
 
 
