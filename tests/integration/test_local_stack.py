@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from openai import OpenAI
 from pydantic import BaseModel
 
 from stratus_local.serve import free_port
+from support import serve
 
 pytestmark = pytest.mark.slow
 KEY = "sk-stratus-local-test-key"
@@ -86,47 +86,8 @@ class Running:
 def stack(real_models, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     port = free_port()
-    env = {
-        **os.environ,
-        "STRATUS_API_KEY": KEY,
-        "STRATUS_LOCAL_LOG_DIR": str(logs),
-        "STRATUS_VISIBILITY_S": "4",
-        "STRATUS_HEARTBEAT_S": "1",
-        "STRATUS_SYNC_WAIT_S": "20",
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stratus_cli.main",
-            "serve",
-            "--model",
-            str(real_models["int8"]),
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-            "--threads",
-            "1",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )  # its own process group, as a terminal's foreground job
-    out, deadline = [], time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        out.append(line)
-        if line.startswith("Ready on"):
-            break
-    text = "".join(out)
-    assert "Ready on" in text, text
-    aws = re.search(r"AWS \(moto\) (\S+)", text).group(1)
-    model = re.search(r"model (\S+)\)", text).group(1)
+    timings = {"STRATUS_VISIBILITY_S": "4", "STRATUS_HEARTBEAT_S": "1", "STRATUS_SYNC_WAIT_S": "20"}
+    proc, aws, model = serve.start(real_models["int8"], logs, port, KEY, workers=2, threads=1, env=timings)
     yield Running(proc, f"http://127.0.0.1:{port}/v1", aws, logs, model)
     before = {log: log.stat().st_size for log in logs.glob("worker-*.log")}
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group

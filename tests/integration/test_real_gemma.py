@@ -109,3 +109,30 @@ def test_the_base_model_refuses_a_chat_and_continues_text(engines):
     params = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
     text = engine.generate([GenerationRequest(engine.encode(first["prompt"]), params)])[0].text
     assert text == " 100 degrees Celsius.", text  # (transformers: " 100 degrees Celsius.\n\nThe boiling point…")
+
+
+def test_make_serve_answers_a_completion_from_gemma_through_the_openai_sdk(real_gemma, tmp_path):
+    # What `make serve MODEL=gemma3-270m` runs, on the int8 build: a completion through the openai
+    # SDK (only base_url and api_key set), a chat refused by name, then Ctrl-C stops it cleanly
+    import os
+    import signal
+
+    from openai import BadRequestError, OpenAI
+
+    from stratus_local.serve import free_port
+    from support import serve
+
+    port, key = free_port(), "sk-stratus-gemma-test-key"
+    proc, _, model = serve.start(real_gemma["int8"], tmp_path, port, key, workers=1, threads=2)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
+        assert [m.id for m in client.models.list().data] == [model] == ["gemma-3-270m-q4_k_m-int8"]
+        done = client.completions.create(
+            model=model, prompt="Water boils at a temperature of", max_tokens=7, temperature=0
+        )
+        assert done.choices[0].text == " 100 degrees Celsius." and done.usage.prompt_tokens == 7  # (BOS + 6)
+        with pytest.raises(BadRequestError, match="has no chat template"):
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
