@@ -162,3 +162,11 @@ def test_the_quantized_embedding_is_the_files_values_and_shared_with_the_tied_he
         },
     )
     np.testing.assert_array_equal(outs[0][:, 0], encoded["embed"])
+
+
+def test_a_window_pattern_is_every_nth_layer_global_or_refused():
+    from stratus_model.config import global_every_of
+
+    assert global_every_of([True] * 5 + [False] + [True] * 5 + [False]) == 6  # Gemma 3
+    assert global_every_of([True, False] * 3) == 2 and global_every_of([True] * 3) == 0  # Gemma 2; all local
+    assert global_every_of([True, False, True, True]) is None  # (not a pattern the builder implements)

@@ -37,7 +37,7 @@ class LlamaConfig:
     def is_local(self, layer: int) -> bool:
         """Whether layer attends through the sliding window only.
         Gemma 3 (window 512, every 6th global): is_local(4) is True, is_local(5) False."""
-        return self.sliding_window > 0 and not (self.global_every and (layer + 1) % self.global_every == 0)
+        return self.sliding_window > 0 and not _is_global(layer, self.global_every)
 
     @property
     def q_hidden(self) -> int:
@@ -50,6 +50,18 @@ class LlamaConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _is_global(layer: int, every: int) -> bool:
+    return bool(every) and (layer + 1) % every == 0
+
+
+def global_every_of(local: list[bool]) -> int | None:
+    """One flag a layer (True: local) -> n when exactly every n-th layer is global (0: none is);
+    None for any other pattern. [True] * 5 + [False] -> 6"""
+    every = next((i + 1 for i, is_local in enumerate(local) if not is_local), 0)
+    fits = all(is_local != _is_global(i, every) for i, is_local in enumerate(local))
+    return every if fits else None
 
 
 def llama3_freq_factors(

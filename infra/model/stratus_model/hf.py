@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from stratus.errors import ModelBuildError
-from stratus_model.config import LlamaConfig, llama3_freq_factors
+from stratus_model.config import LlamaConfig, global_every_of, llama3_freq_factors
 from stratus_model.families import FAMILIES, REFUSED, for_hf_type
 from stratus_model.source import SourceTensor, TokenizerSpec
 
@@ -195,9 +195,8 @@ def _window(hf: dict, family, path: Path) -> dict:
         if hf.get("sliding_window_pattern"):
             every = int(hf["sliding_window_pattern"])
         if hf.get("layer_types"):
-            kinds = hf["layer_types"]
-            every = next((i + 1 for i, k in enumerate(kinds) if k == "full_attention"), 0)
-            if kinds != [_layer_kind(i, every) for i in range(len(kinds))]:
+            every = global_every_of([k == "sliding_attention" for k in hf["layer_types"]])
+            if every is None:
                 raise ModelBuildError(
                     f"{path}: config.json's layer_types are not every n-th layer global, which this builder implements"
                 )
@@ -229,10 +228,6 @@ def _rope_scaling(hf: dict, path: Path) -> dict:
         )
         return {"rope_freq_factors": factors}
     raise ModelBuildError(f"{path}: config.json sets rope_scaling ({scaling!r}), which this builder does not implement")
-
-
-def _layer_kind(i: int, every: int) -> str:
-    return "full_attention" if every and (i + 1) % every == 0 else "sliding_attention"
 
 
 def _config(hf: dict, path: Path, tied: bool) -> LlamaConfig:

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from stratus.errors import ModelBuildError
-from stratus_model.config import LlamaConfig
+from stratus_model.config import LlamaConfig, global_every_of
 from stratus_model.families import FAMILIES, REFUSED
 
 
@@ -188,7 +188,7 @@ class GGUFSource:
 
     def _freq_factors(self) -> tuple[float, ...]:
         """Llama 3's RoPE scaling, as llama.cpp stores it: rope_freqs.weight, a divisor per frequency."""
-        t = next((t for t in self._reader.tensors if t.name == "rope_freqs.weight"), None)
+        t = self._tensors.get("rope_freqs.weight")
         return () if t is None else tuple(float(x) for x in np.asarray(t.data, np.float32).reshape(-1))
 
     def _window_config(self, arch: str, heads: int) -> dict:
@@ -234,8 +234,8 @@ class GGUFSource:
         pattern = self._field(f"{arch}.attention.sliding_window_pattern", default)
         if not isinstance(pattern, list):
             return int(pattern)
-        every = next((i + 1 for i, local in enumerate(pattern) if not local), 0)
-        if [bool(x) for x in pattern] != [not (every and (i + 1) % every == 0) for i in range(len(pattern))]:
+        every = global_every_of([bool(x) for x in pattern])
+        if every is None:
             raise ModelBuildError(f"{self.path}: a sliding-window pattern other than every n-th layer global")
         return every
 
