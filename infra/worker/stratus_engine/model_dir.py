@@ -6,9 +6,11 @@ model.onnx); `kv_layout` says how the engine must manage the cache.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -118,7 +120,8 @@ class LoadedModel:
         if not self.spin:  # idle intra-op threads sleep instead of spinning: the CPU is shared
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            return ort.InferenceSession(str(self.path / self.graph), so, providers=self.providers)
+            with reclaiming(self.path / "model.onnx.data"):
+                return ort.InferenceSession(str(self.path / self.graph), so, providers=self.providers)
         except Exception as exc:  # onnxruntime's own exception types
             raise ModelLoadError(f"{self.path}/{self.graph}: onnxruntime cannot load it: {exc}") from exc
 
@@ -154,6 +157,29 @@ def load(
     _ = model.session
     release_freed_memory(path / "model.onnx.data")
     return model
+
+
+@contextlib.contextmanager
+def reclaiming(weights: Path, every_s: float = 0.02):
+    """While the block runs, page out the weights file's mapping every `every_s` seconds.
+
+    Building a session reads every weight once (onnxruntime prepacks the linears into buffers of
+    its own) and the pages read stay mapped until the end: Gemma 3 270M int4 peaked at 684 MB
+    (452 MB of its own + 231 MB of the file). Paged out as it goes, the file holds ~50 MB at a
+    time (peak 504 MB, same load time). onnxruntime releases the GIL while it builds."""
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(every_s):
+            release_freed_memory(weights)
+
+    thread = threading.Thread(target=loop, name="reclaim-weights", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (clean file pages are dropped, never lost)
