@@ -8,7 +8,8 @@ Each contender runs in its own child process (so peak RSS is its own) on a fixed
 prompt, greedy, 128 new tokens (EOS ignored). Each ONNX configuration is also run through the
 golden-output check (stratus_engine.numerics): `text` says whether a worker here would serve it.
 Figures are medians over --runs (peak_rss_mb: the whole process, start-up included; our
-configurations also report rss_end_mb, what the process holds after its runs):
+configurations also report peak_rss_mb@1, the peak through start-up, the check and the one-request
+runs, and rss_end_mb, what the process holds after its runs):
   ttft_s            prompt submitted -> first token, one request
   prefill_tok_s     prompt tokens / ttft
   decode_tok_s@1    (128 - 1) / (time after the first token), one request
@@ -84,6 +85,8 @@ def run_onnx(target: str, prompt: list[int], threads: int, runs: int, levels: li
                 r = results[0]
                 out["ttft_s"].append(r.timings.ttft_s)
                 out["decode_tok_s@1"].append(r.timings.decode_tokens_per_s(r.usage.completion_tokens))
+        if c == 1:  # start-up, the check and one request at a time (the figure a one-at-a-time worker sees)
+            out["peak_rss_mb@1"] = [peak_rss_mb()]
     out["text_right"] = [float(check.passed)]
     out["max_logprob_error"] = [check.max_logprob_error]
     out["rss_end_mb"] = [peak_rss_mb("VmRSS")]  # (held after the runs, the engine alive; the peak includes start-up)
@@ -269,6 +272,8 @@ def main() -> None:
             if "text_right" not in med
             else (f"{'right' if med['text_right'] else 'WRONG'} (max logprob error {med['max_logprob_error']:.3f})")
         )
+        if "peak_rss_mb@1" in med:
+            text += f", peak {med['peak_rss_mb@1']:.0f} MB serving one at a time"
         if "rss_end_mb" in med:
             text += f", {med['rss_end_mb']:.0f} MB resident after"
         where = f"   on {r['host']}" if r.get("host", host) != host else ""

@@ -99,7 +99,7 @@ def run_cases(
         if step + 1 < steps:
             out = cache.decode(chosen.astype(np.int64)[:, None], lengths + step)  # [n, 1, V]
             step_logits.append(out[:, -1])
-    logits = np.stack(step_logits, axis=1).astype(np.float32)  # [n, steps, V]
+    logits = np.stack(step_logits, axis=1).astype(np.float32, copy=False)  # [n, steps, V]
     return tokens, list(logits)
 
 
