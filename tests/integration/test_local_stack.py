@@ -174,6 +174,34 @@ def test_openai_sdk_models_chat_and_completion(stack):
     assert done.choices[0].text and done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
 
 
+def test_benchmark_fields_fix_the_output_length_and_stream_the_usage(stack):
+    # What GuideLLM and `vllm bench serve --ignore-eos` send, through the openai SDK as they do
+    ask = [{"role": "user", "content": "Answer with one word: what colour is the sky?"}]
+    plain = stack.client.chat.completions.create(model=stack.model, messages=ask, max_tokens=48, temperature=0)
+    assert plain.usage.completion_tokens < 30  # the model's own end comes early
+    fixed = stack.client.chat.completions.create(
+        model=stack.model, messages=ask, max_tokens=48, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert fixed.usage.completion_tokens == 48 and fixed.choices[0].finish_reason == "length"
+    held = stack.client.chat.completions.create(
+        model=stack.model, messages=ask, max_tokens=48, temperature=0, extra_body={"min_tokens": 30}
+    )
+    assert held.usage.completion_tokens >= 30
+    chunks = list(
+        stack.client.chat.completions.create(
+            model=stack.model,
+            messages=ask,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    counts = [c.usage.completion_tokens for c in chunks[1:]]
+    assert counts == sorted(counts) and counts[-1] == 24 and chunks[-1].choices == []
+
+
 def test_a_repeated_request_is_a_cache_hit(stack):
     first = chat(stack, "Name a primary colour.", max_tokens=12)
     again = chat(stack, "Name a primary colour.", max_tokens=12)

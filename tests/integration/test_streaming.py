@@ -80,6 +80,26 @@ def test_a_streamed_chat_is_the_whole_response_in_chunks(stack, key, deps, tenan
     assert usage["usage"] == body["usage"]
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(stack, key, deps, tenant, make_worker):
+    make_worker()
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    evs = stream("chat", chat("count me", stream=True, stream_options=options, max_tokens=16), tenant, deps)
+    chunks = evs[:-1]
+    text_chunks = [c for c in chunks[1:] if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert text_chunks and all(c["usage"] is not None for c in chunks[1:])
+    counts = [c["usage"]["completion_tokens"] for c in chunks[1:]]
+    assert counts == sorted(counts) and counts[0] >= 1  # the usage so far: it only grows
+    final = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and counts[-1] == final["completion_tokens"]
+    assert {c["usage"]["prompt_tokens"] for c in chunks[1:]} == {final["prompt_tokens"]}
+    assert all(
+        c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"] for c in chunks[1:]
+    )
+    # without include_usage it means nothing (vLLM's reading): no usage field at all
+    plain = stream("chat", chat("count me", stream=True, stream_options={"continuous_usage_stats": True}), tenant, deps)
+    assert all("usage" not in c for c in plain[:-1])
+
+
 def test_a_streamed_completion_and_a_streamed_cache_hit(stack, key, deps, tenant, make_worker):
     make_worker()
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0, "stream": True}
@@ -190,6 +210,9 @@ def test_a_client_that_leaves_cancels_a_job_nobody_else_waits_on(stack, deps, te
         ({"stream": "yes"}, "stream"),
         ({"stream": True, "stream_options": {"include_usage": "no"}}, "stream_options"),
         ({"stream": True, "stream_options": {"include_usage": True, "unknown": 1}}, "stream_options"),
+        ({"stream": True, "stream_options": {"continuous_usage_stats": 1}}, "stream_options"),
+        ({"stream": True, "ignore_eos": "yes"}, "ignore_eos"),
+        ({"stream": True, "min_tokens": 13}, "min_tokens"),
     ],
 )
 def test_bad_stream_fields_are_refused_before_any_byte(deps, tenant, body, param):

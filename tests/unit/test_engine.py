@@ -200,21 +200,45 @@ def test_stops_cut_at_the_earliest_whatever_their_order_and_keep_the_split_token
     assert run(["e", "he"]) == run(["he", "e"]) == (" t", [the])
 
 
-def test_eos_from_generation_config_stops(tiny, tmp_path):
-    # Given a model whose EOS is a token greedy decoding first produces at step k > 0,
-    # then generation stops there with finish_reason "stop" and k completion tokens.
+@pytest.fixture(scope="module")
+def ends_early(tiny, tmp_path_factory):
+    """A model whose EOS is a token greedy decoding first produces at step k > 0 -> (engine, the
+    greedy tokens without EOS, k)."""
     first = Engine.from_dir(tiny.dirs["fp32"], threads=1).generate([GenerationRequest(PROMPTS[0], greedy(10))])[0]
     ids = first.token_ids
     k = next(j for j in range(1, len(ids)) if ids[j] not in ids[:j])
-    model = tmp_path / "m"
+    model = tmp_path_factory.mktemp("eos") / "m"
     shutil.copytree(tiny.dirs["fp32"], model)
     gen = json.loads((model / "generation_config.json").read_text())
     gen["eos_token_ids"] = [ids[k]]
     (model / "generation_config.json").write_text(json.dumps(gen))
-    got = Engine.from_dir(model, threads=1).generate(
-        [GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=10, temperature=0))]
-    )[0]
+    return Engine.from_dir(model, threads=1), ids, k
+
+
+def test_eos_from_generation_config_stops(ends_early):
+    # Given a model whose EOS is a token greedy decoding first produces at step k > 0,
+    # then generation stops there with finish_reason "stop" and k completion tokens.
+    engine, ids, k = ends_early
+    got = engine.generate([GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=10, temperature=0))])[0]
     assert got.finish_reason == "stop" and got.token_ids == ids[:k]
+
+
+def test_min_tokens_holds_off_the_eos_and_ignore_eos_runs_to_max_tokens(ends_early):
+    engine, ids, k = ends_early
+    eos = ids[k]
+    # min_tokens past the step where EOS comes: the first min_tokens tokens are never it
+    held = engine.generate(
+        [GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=10, temperature=0, min_tokens=k + 2))]
+    )[0]
+    assert held.token_ids[:k] == ids[:k] and eos not in held.token_ids[: k + 2] and len(held.token_ids) >= k + 2
+    # min_tokens short of it changes nothing
+    same = engine.generate([GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=10, temperature=0, min_tokens=k))])[
+        0
+    ]
+    assert same.token_ids == ids[:k] and same.finish_reason == "stop"
+    # ignore_eos: the EOS is generated like any token, and the output runs to max_tokens
+    full = engine.generate([GenerationRequest(PROMPTS[0], greedy(10))])[0]
+    assert full.token_ids == ids and full.finish_reason == "length" and len(full.token_ids) == 10
 
 
 def test_cancellation_between_steps(engines):

@@ -20,7 +20,7 @@ FIELDS = [
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
     "repetition_penalty", "seed", "stop", "n", "logprobs", "top_logprobs", "echo", "logit_bias",
     "presence_penalty", "frequency_penalty", "response_format", "stream", "stream_options", "tools",
-    "tool_choice", "functions", "function_call", "best_of", "suffix",
+    "tool_choice", "functions", "function_call", "best_of", "suffix", "ignore_eos", "min_tokens",
 ]  # fmt: skip
 
 

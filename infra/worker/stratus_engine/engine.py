@@ -162,6 +162,7 @@ class Engine:
             else None
         )
         self._eos = set(self.spec.eos_token_ids)
+        self._eos_ids = np.array(sorted(t for t in self._eos if t < self.spec.vocab_size), np.int64)
         self._waiting: deque[_Group] = deque()
         self._active: list[_Row] = []
         self.failure: BaseException | None = None  # what stopped run(): no request is taken after it
@@ -419,7 +420,7 @@ class Engine:
         """Sample one token per row, record it, and finish rows that are done."""
         failed: dict[int, Exception] = {}
         tokens = sample(
-            self._guided(rows, logits),
+            self._masked(rows, logits),
             [r.req.params for r in rows],
             [r.seen for r in rows],
             [r.rng for r in rows],
@@ -453,14 +454,24 @@ class Engine:
                 self._finish(r, "length")
         self._compact()
 
-    def _guided(self, rows: list[_Row], logits: np.ndarray) -> np.ndarray:  # [B, V] -> [B, V]
-        """Mask the tokens each guided row's grammar forbids (-inf); other rows are untouched."""
+    def _masked(self, rows: list[_Row], logits: np.ndarray) -> np.ndarray:  # [B, V] -> [B, V]
+        """Mask (-inf) what each row may not generate now: the tokens a guided row's grammar
+        forbids, and the end of sequence of a row short of its min_tokens (a grammar decides where
+        its document ends: min_tokens leaves guided rows alone). Other rows are untouched."""
         guided = [b for b, r in enumerate(rows) if r.matcher is not None]
-        if not guided:
+        early = [
+            b
+            for b, r in enumerate(rows)
+            if r.matcher is None and not r.req.params.ignore_eos and len(r.out) < r.req.params.min_tokens
+        ]
+        if not guided and not (early and len(self._eos_ids)):
             return logits
         out = logits.copy()
-        allowed = self.guides.allowed([rows[b].matcher for b in guided])
-        out[guided] = np.where(allowed, out[guided], -np.inf)
+        if guided:
+            allowed = self.guides.allowed([rows[b].matcher for b in guided])
+            out[guided] = np.where(allowed, out[guided], -np.inf)
+        if early:
+            out[np.ix_(early, self._eos_ids)] = -np.inf
         return out
 
     def _fail(self, r: _Row, exc: Exception) -> None:

@@ -35,8 +35,11 @@ class Results:
         self.token_bytes, self.decode = token_bytes, decode
         self.s3, self.bucket, self.notify = s3, bucket, notify
 
-    def open(self, msg: QueueMessage, run: str, attempt: int, now: float) -> Callable[[int], None]:
-        """Start collecting the job's tokens (the claimed job's `run`) -> the engine's on_token callback."""
+    def open(
+        self, msg: QueueMessage, run: str, attempt: int, now: float, prompt_tokens: int = 0
+    ) -> Callable[[int], None]:
+        """Start collecting the job's tokens (the claimed job's `run`; its first prompt's length)
+        -> the engine's on_token callback."""
         return self.chunks.open(
             msg.job_id,
             run,
@@ -45,6 +48,7 @@ class Results:
             int(max(msg.deadline, now) + 3600),
             streamed=msg.stream,
             logprobs=msg.request.params.logprobs is not None,
+            prompt_tokens=prompt_tokens,
         )
 
     def abandon(self, job_id: str) -> None:

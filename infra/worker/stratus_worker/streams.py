@@ -28,6 +28,7 @@ class _Stream:
     expires_at: int
     seq: int  # the next chunk's sequence number
     streamed: bool
+    prompt_tokens: int = 0  # (each chunk carries the usage so far)
     entries: list[dict] | None = None  # log-probability entries, when the request asked for them
     entries_sent: int = 0
     last_flush: float = 0.0
@@ -69,14 +70,17 @@ class ChunkWriter:
         expires_at: int,
         streamed: bool,
         logprobs: bool = False,
+        prompt_tokens: int = 0,
     ) -> Callable[[int, object], None]:
-        """Start collecting a job's tokens (its run: Job.run) -> the engine's on_token callback for it."""
+        """Start collecting a job's tokens (its run: Job.run; the prompt's length, for the usage
+        each chunk carries) -> the engine's on_token callback for it."""
         s = _Stream(
             stream_key(job_id, run),
             TextDeltas(self.new_text(), stop),
             expires_at,
             first_seq(attempt),
             streamed,
+            prompt_tokens,
             entries=[] if logprobs and self.render is not None else None,
         )
         with self._lock:
@@ -135,9 +139,8 @@ class ChunkWriter:
             delta = s.deltas.take()
             if delta:
                 lp_offset, entries = s.take_entries()
-                s.unsent.append(
-                    (Chunk(s.key, s.seq, offset, delta, logprobs=entries, lp_offset=lp_offset), s.expires_at)
-                )
+                chunk = Chunk(s.key, s.seq, offset, delta, None, entries, lp_offset, s.prompt_tokens, s.deltas.tokens)
+                s.unsent.append((chunk, s.expires_at))
                 s.seq, s.wrote, s.last_flush = s.seq + 1, True, now
         with self._lock:
             waiting = [s for s in self._streams.values() if s.unsent]  # (a failed round's too)

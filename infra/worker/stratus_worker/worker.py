@@ -288,7 +288,7 @@ class Worker:
         """A claimed job -> a future of its GenerationResults, one per prompt (the text of the first
         is streamed). Its message is held (hold, or admit) until it is let go of (let_go)."""
         job_id = msg.job_id
-        on_token = self.results.open(msg, started.run, attempt, self.clock())
+        on_token = self.results.open(msg, started.run, attempt, self.clock(), len(started.prompts[0]))
         try:
             priority = TIERS.index(msg.tier) if msg.tier in TIERS else len(TIERS)
             return gather(

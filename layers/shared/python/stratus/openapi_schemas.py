@@ -36,6 +36,19 @@ def _sampling(s: Settings, streams: bool = True) -> dict:
             "nullable": True,
         },
         "seed": {"type": "integer", "nullable": True},
+        "ignore_eos": {
+            "type": "boolean",
+            "nullable": True,
+            "description": "generate max_tokens tokens, past the model's end of sequence (benchmarks)",
+        },
+        "min_tokens": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": s.max_tokens,
+            "nullable": True,
+            "description": "the model's end of sequence is held off until this many tokens (at most "
+            "max_tokens); stop strings still stop",
+        },
         "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True},
         "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True},
         "logit_bias": {
@@ -62,7 +75,14 @@ def _sampling(s: Settings, streams: bool = True) -> dict:
             "type": "object",
             "nullable": True,
             "additionalProperties": False,
-            "properties": {"include_usage": {"type": "boolean"}, "include_obfuscation": {"type": "boolean"}},
+            "properties": {
+                "include_usage": {"type": "boolean"},
+                "continuous_usage_stats": {
+                    "type": "boolean",
+                    "description": "with include_usage: every chunk carries the usage so far",
+                },
+                "include_obfuscation": {"type": "boolean"},
+            },
         },
     }
 

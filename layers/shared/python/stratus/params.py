@@ -24,6 +24,7 @@ OPTIONAL = {
     "logprobs": None,
     "echo": False,
     "json_schema": "",
+    "min_tokens": 0,
 }
 # The engine's sampling arithmetic (stratus_engine.sampling, the engine's stop and EOS handling):
 # bump it with any change that can change a seeded or greedy request's tokens. It is part of every
@@ -55,6 +56,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
     echo: bool = False  # completions: the prompt comes back before the text (with its logprobs, if asked)
     json_schema: str = ""  # response_format: the output must be JSON valid for this schema (compact JSON text)
+    min_tokens: int = (
+        0  # the end-of-sequence tokens are masked until this many tokens are out (stop strings still stop)
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -94,6 +98,9 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
         if not isinstance(self.echo, bool):
             raise InvalidRequest(f"echo must be true or false, got {self.echo!r}", param="echo")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequest(f"ignore_eos must be true or false, got {self.ignore_eos!r}", param="ignore_eos")
+        _check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
 
     @property
     def prompt_logprobs(self) -> int | None:

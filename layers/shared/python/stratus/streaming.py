@@ -7,6 +7,8 @@ Stream.events()                          bytes to send, in order:
     text chunks as they land (strongly consistent Query of the job's chunks; the pause between
       reads starts at poll_interval_s and grows to MAX_PAUSE_S while nothing arrives),
     the finish chunk, the usage chunk (stream_options.include_usage), `data: [DONE]`.
+With continuous_usage_stats too, every chunk carries the usage as of its text (the worker writes
+it on each chunk item; null before the worker has the prompt's length).
 A cache hit streams its text at once. Identical requests share one job, so they stream the same
 chunks (one that joins a job created without streaming marks it: its worker starts writing).
 After the first byte an error is in-band, `data: {"error": {...}}` then `[DONE]`, which the
@@ -56,9 +58,10 @@ class Shape:
     created: int
     model: str
     include_usage: bool
+    continuous_usage: bool = False
     offsets: TextOffsets = field(default_factory=TextOffsets)  # completions' text_offset, across chunks
 
-    def _base(self) -> dict:
+    def _base(self, usage: dict | None = None) -> dict:
         chat = self.route == "chat"
         body = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{self.job_id}",
@@ -67,14 +70,20 @@ class Shape:
             "model": self.model,
         }
         if self.include_usage:
-            body["usage"] = None
+            body["usage"] = usage if self.continuous_usage else None
         return body
 
     def text(
-        self, text: str, *, role: bool = False, finish_reason: str | None = None, logprobs: list[dict] | None = None
+        self,
+        text: str,
+        *,
+        role: bool = False,
+        finish_reason: str | None = None,
+        logprobs: list[dict] | None = None,
+        usage: dict | None = None,
     ) -> bytes:
         """logprobs: this chunk's log-probability entries (requests that asked), the ones after
-        those already sent."""
+        those already sent; usage: as of this text (shown with continuous_usage_stats)."""
         if self.route == "chat":
             delta = (
                 {"role": "assistant", "content": text}
@@ -94,7 +103,7 @@ class Shape:
                 "finish_reason": finish_reason,
                 "logprobs": None if logprobs is None else completion_logprobs(logprobs, self.offsets),
             }
-        return sse({**self._base(), "choices": [choice]})
+        return sse({**self._base(usage), "choices": [choice]})
 
     def usage(self, usage: dict) -> bytes:
         return sse({**self._base(), "choices": [], "usage": usage})
@@ -109,7 +118,9 @@ class Stream:
         self, deps: Deps, tenant: Tenant, req: InferenceRequest, job: Job, options: StreamOptions, hit: bool
     ) -> None:
         self.deps, self.tenant, self.req, self.job, self.hit = deps, tenant, req, job, hit
-        self.shape = Shape(req.route, job.job_id, int(job.created_at), req.model, options.include_usage)
+        self.shape = Shape(
+            req.route, job.job_id, int(job.created_at), req.model, options.include_usage, options.continuous_usage
+        )
         self.chunks = ChunkStore(deps.stream_table)
         self.logprobs = req.params.logprobs is not None
         self.finished = False
@@ -133,7 +144,7 @@ class Stream:
                 for chunk in self.chunks.after(self.stream, asm.last_seq):
                     piece, entries = asm.apply(chunk)
                     if piece or entries:
-                        yield s.text(piece, logprobs=entries if self.logprobs else None)
+                        yield s.text(piece, logprobs=entries if self.logprobs else None, usage=chunk.usage)
                         last_sent, pause = clock(), self.deps.settings.poll_interval_s
                     if chunk.final and len(asm.sent) == chunk.offset + len(chunk.text):
                         yield from self._finish(chunk.final["finish_reason"], chunk.final["usage"])
@@ -189,11 +200,11 @@ class Stream:
         result = job.result or {}
         rest, entries = asm.finish(result.get("text", ""), result.get("logprobs"))  # Diverged when it disagrees
         if rest or entries:
-            yield self.shape.text(rest, logprobs=entries if self.logprobs else None)
+            yield self.shape.text(rest, logprobs=entries if self.logprobs else None, usage=job.usage)
         yield from self._finish(result.get("finish_reason", "stop"), job.usage or {})
 
     def _finish(self, finish_reason: str, usage: dict) -> Iterator[bytes]:
-        yield self.shape.text("", finish_reason=finish_reason)
+        yield self.shape.text("", finish_reason=finish_reason, usage=usage)
         if self.shape.include_usage:
             yield self.shape.usage(usage)
         yield from self._done()

@@ -64,6 +64,13 @@ def _number(body: dict, name: str, default, kind=float):
         raise InvalidRequest(f"{name} is out of range, got {shown(value)}", param=name) from None
 
 
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):  # (0 == False in Python: not good enough)
+        raise InvalidRequest(f"{name} must be true or false, got {shown(value)}", param=name)
+    return bool(value)
+
+
 MAX_JSON_DEPTH = 128  # arrays and objects within each other: far past any real request, far short of
 # the recursion limit of the code that walks a parsed value
 
@@ -184,6 +191,8 @@ def parse_request(
         logprobs=logprobs,
         echo=echo,
         json_schema=_response_format(body.get("response_format")),
+        ignore_eos=_flag(body, "ignore_eos"),
+        min_tokens=_number(body, "min_tokens", 0, int),
         stop=()
         if stop is None
         else (stop,)
@@ -318,6 +327,10 @@ def _logprobs_fields(route: str, body: dict) -> tuple[int | None, bool]:
 @dataclass(frozen=True)
 class StreamOptions:
     include_usage: bool = False  # a last chunk with `choices: []` and the usage
+    continuous_usage: bool = False  # (with include_usage) every chunk carries the usage so far, as vLLM's does
+
+
+STREAM_FLAGS = ("include_usage", "continuous_usage_stats", "include_obfuscation")
 
 
 def stream_options(body: dict) -> StreamOptions | None:
@@ -325,13 +338,16 @@ def stream_options(body: dict) -> StreamOptions | None:
     stream, options = body.get("stream"), body.get("stream_options")
     if stream is not None and not isinstance(stream, bool):  # (0 == False in Python: not good enough)
         raise InvalidRequest(f"stream must be true or false, got {stream!r}", param="stream")
-    usage = False
+    flags = {}
     if options is not None:  # checked whether or not it streams; ignored when it does not
-        usage = options.get("include_usage", False) if isinstance(options, dict) else None
-        flags = [usage, options.get("include_obfuscation", False)] if isinstance(options, dict) else [None]
-        if not all(isinstance(f, bool) for f in flags) or set(options) - {"include_usage", "include_obfuscation"}:
-            raise InvalidRequest('stream_options must be {"include_usage": true|false}', param="stream_options")
-    return StreamOptions(usage) if stream else None
+        flags = options if isinstance(options, dict) else {None: None}
+        if set(flags) - set(STREAM_FLAGS) or not all(isinstance(v, bool) for v in flags.values()):
+            raise InvalidRequest(
+                'stream_options must be {"include_usage": true|false, "continuous_usage_stats": true|false}',
+                param="stream_options",
+            )
+    usage = flags.get("include_usage", False)
+    return StreamOptions(usage, usage and flags.get("continuous_usage_stats", False)) if stream else None
 
 
 def _logit_bias_field(value) -> dict:
