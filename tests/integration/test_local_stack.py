@@ -681,3 +681,89 @@ def test_openai_sdk_streams_the_same_logprobs_as_the_whole_response(stack):
     whole = stack.client.chat.completions.create(**kw).choices[0].logprobs.content
     assert [(e.token, e.logprob, e.bytes) for e in streamed] == [(e.token, e.logprob, e.bytes) for e in whole]
     assert len(whole) >= 2 and all(len(e.top_logprobs) == 2 for e in whole)
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"],
+        },
+    },
+}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+def test_openai_sdk_tool_calls_required_named_auto_and_streamed(stack):
+    import jsonschema
+
+    kw = dict(model=stack.model, messages=ASK_WEATHER, tools=[WEATHER_TOOL], temperature=0, max_tokens=48)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    # Streamed first (the worker writes chunks; the whole request after it is a cache hit)
+    for choice in ("required", named):
+        calls: dict[int, dict] = {}
+        finish = None
+        for chunk in stack.client.chat.completions.create(stream=True, tool_choice=choice, **kw):
+            for c in chunk.choices:
+                finish = c.finish_reason or finish
+                for d in c.delta.tool_calls or []:
+                    call = calls.setdefault(d.index, {"id": d.id, "name": d.function.name, "arguments": ""})
+                    call["arguments"] += d.function.arguments or ""
+                assert not c.delta.content
+        whole = stack.client.chat.completions.create(tool_choice=choice, **kw).choices[0]
+        assert whole.finish_reason == finish == "tool_calls" and whole.message.content is None
+        assert [(t.id, t.function.name, t.function.arguments) for t in whole.message.tool_calls] == [
+            (c["id"], c["name"], c["arguments"]) for c in calls.values()
+        ]
+        args = json.loads(whole.message.tool_calls[0].function.arguments)
+        jsonschema.validate(args, WEATHER_TOOL["function"]["parameters"])
+        assert whole.message.tool_calls[0].function.name == "get_weather" and "Paris" in args["city"]
+    # auto: a greeting needs no tool, and the 135M model answers in text
+    hello = stack.client.chat.completions.create(
+        **{**kw, "messages": [{"role": "user", "content": "Say hello."}]}, tool_choice="auto"
+    ).choices[0]
+    assert hello.finish_reason == "stop" and hello.message.content and not hello.message.tool_calls
+
+
+def test_openai_sdk_continues_a_conversation_with_a_tool_result(stack):
+    first = stack.client.chat.completions.create(
+        model=stack.model,
+        messages=ASK_WEATHER,
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=48,
+    ).choices[0]
+    call = first.message.tool_calls[0]
+    history = [
+        *ASK_WEATHER,
+        first.message.model_dump(exclude_none=True),  # as agent loops send it back: content null dropped
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees Celsius and sunny"},
+    ]
+    reply = stack.client.chat.completions.create(
+        model=stack.model, messages=history, tools=[WEATHER_TOOL], tool_choice="none", temperature=0, max_tokens=32
+    ).choices[0]
+    assert reply.message.content and reply.message.tool_calls is None
+    # the same history with no tools offered is read too
+    plain = stack.client.chat.completions.create(model=stack.model, messages=history, temperature=0, max_tokens=8)
+    assert plain.choices[0].message.content
+
+
+def test_langchain_bind_tools_gets_a_tool_call(stack):
+    from langchain_openai import ChatOpenAI
+
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        return "sunny"
+
+    llm = ChatOpenAI(base_url=stack.url, api_key=KEY, model=stack.model, temperature=0, max_tokens=48, max_retries=0)
+    msg = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather like in Paris today?")
+    assert (
+        msg.tool_calls
+        and msg.tool_calls[0]["name"] == "get_weather"
+        and isinstance(msg.tool_calls[0]["args"]["city"], str)
+    )

@@ -89,11 +89,21 @@ def test_no_input_gets_a_5xx_or_a_response_outside_the_document(case, web_app):
     # requests cannot be said there, so a PNG the fuzzer sends is rightly a 400.
     # Token ids must name tokens of the model's vocabulary, whose size the document (built from the
     # settings) does not know: an id past it is rightly a 400.
-    # A limit on several fields together (a result's choices x max_tokens x (1 + logprobs)) cannot be
-    # said there either: a 400 naming that budget is right.
+    # A limit on several fields together (a result's choices x max_tokens x (1 + logprobs), a named
+    # tool_choice among the tools, unique function names, min_tokens <= max_tokens) cannot be said
+    # there either: a 400 naming it is right.
     refused_by_content = ("POST /v1/files", "POST /detokenize")
     response = case.call(base_url=base_url, headers={"Authorization": f"Bearer {key}"})
-    joint = response.status_code == 400 and "a result holds at most" in response.text
+    joint = response.status_code == 400 and any(
+        limit in response.text
+        for limit in (
+            "a result holds at most",
+            "tool_choice",
+            "a second function named",
+            "min_tokens must be",
+            "cannot be combined with tools",
+        )
+    )
     excluded = [unsupported_method]
     if case.operation.label in refused_by_content or joint:
         excluded.append(positive_data_acceptance)

@@ -15,8 +15,9 @@ KV row copied to its siblings, which then sample apart (seeds seed, seed + 1, ..
 future resolves when its last row finishes. Log-probabilities (params.logprobs) are those of the
 model's raw distribution at each step; echo + logprobs also scores every prompt token, which needs
 the logits of every prompt position (such a prompt is prefilled on its own). A row with a JSON
-schema (response_format) has its own grammar matcher (guide.py): tokens that would leave the
-schema are masked out of its logits before sampling.
+schema (response_format) or a grammar (a chat's tools) has its own matcher (guide.py): tokens that
+would leave it are masked out of its logits before sampling. A row short of its min_tokens has its
+end-of-sequence tokens masked the same way.
 
 Rows 0..n-1 of the KV cache are live (kv_cache.py): our GroupQueryAttention builds update one
 buffer in place, so no step copies the cache; standard-attention exports (Hugging Face Optimum)
@@ -231,8 +232,8 @@ class Engine:
                 f"{vocab} tokens (ids 0-{vocab - 1})",
                 param="logit_bias",
             )
-        if params.json_schema:
-            self.guides.check(params.json_schema)
+        if params.json_schema or params.grammar:
+            self.guides.check(params)
 
     def check_token_ids(self, ids: list[int]) -> None:
         """A client's own token ids must name tokens of this model."""
@@ -262,7 +263,7 @@ class Engine:
                 i,
                 rng(i),
                 logprobs=[] if p.logprobs is not None else None,
-                matcher=self.guides.matcher(p.json_schema) if p.json_schema else None,
+                matcher=self.guides.matcher(p) if p.json_schema or p.grammar else None,
                 text=self.new_text() if p.stop else None,
             )
             for i in range(p.n)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 
+from stratus import tools
 from stratus.contracts import InferenceRequest
 from stratus_engine.engine import Engine
 from stratus_engine.outputs import GenerationResult, TokenLogprob
@@ -22,8 +23,11 @@ from stratus_engine.outputs import GenerationResult, TokenLogprob
 def encode_prompts(engine: Engine, req: InferenceRequest) -> list[list[int]]:
     """-> each prompt's token ids (a chat: its rendered template); a client's ids used exactly.
     Raises InvalidRequest when one cannot run (ids outside the vocabulary, too long, ...)."""
+    if req.tools is not None and req.params.grammar:  # a function whose schema cannot be enforced, by name
+        for i, f in enumerate(req.tools.functions):
+            engine.guides.check_lark(tools.function_grammar(f), f"tools[{i}] ({f['name']})")
     if req.route == "chat":
-        prompts = [engine.encode_chat(list(req.messages))]
+        prompts = [engine.encode_chat(tools.tool_chat(list(req.messages), req.tools))]
     else:
         prompts = [engine.encode(p) if isinstance(p, str) else list(p) for p in req.prompts]
     for ids in prompts:
@@ -53,14 +57,20 @@ def gather(futures: list[Future]) -> Future:
     return out
 
 
-def result_body(req: InferenceRequest, results: list[GenerationResult], token_bytes: list[bytes], decode) -> dict:
-    """The job's result (see the module docstring); decode: token ids -> text (echoed id prompts)."""
+def result_body(
+    req: InferenceRequest, results: list[GenerationResult], token_bytes: list[bytes], decode, job_id: str = ""
+) -> dict:
+    """The job's result (see the module docstring); decode: token ids -> text (echoed id prompts).
+    A chat whose output is a call (tools) adds its "tool_calls" (finish_reason "tool_calls")."""
     p = req.params
     choices = []
     for prompt, r in zip(req.prompts if req.route == "completion" else [None], results):
         echo = "" if not p.echo else prompt if isinstance(prompt, str) else decode(list(prompt))
         for c in r.choices:
             choice = {"text": echo + c.text, "finish_reason": c.finish_reason}
+            if req.params.grammar and (calls := tools.calls(c.text, job_id, len(choices))):
+                choice["tool_calls"] = calls
+                choice["finish_reason"] = "tool_calls" if c.finish_reason == "stop" else c.finish_reason
             if p.logprobs is not None:
                 scored = (r.prompt_logprobs or []) if p.echo else []
                 choice["logprobs"] = [entry(t, token_bytes) for t in scored + (c.logprobs or [])]

@@ -79,7 +79,7 @@ class Results:
             "decode_tokens_per_s": round(r.timings.decode_tokens_per_s(r.usage.completion_tokens), 2),
         }
         usage = choices.usage(results)
-        result = choices.result_body(msg.request, results, self.token_bytes, self.decode)
+        result = choices.result_body(msg.request, results, self.token_bytes, self.decode, job_id)
 
         def write() -> Job | None:  # (an earlier try's write may have landed though its call failed)
             return self.store.complete(

@@ -83,12 +83,16 @@ def _complete(worker: Worker, body: dict) -> dict:
     results = gather(
         [engine.submit(GenerationRequest(ids, req.params)) for ids in encode_prompts(engine, req)]
     ).result()
-    now = time.time()
+    now, job_id = time.time(), "sm" + uuid.uuid4().hex
     result = choices.result_body(
-        req, results, engine.token_bytes, lambda ids: engine.model.tokenizer.decode(ids, skip_special_tokens=False)
+        req,
+        results,
+        engine.token_bytes,
+        lambda ids: engine.model.tokenizer.decode(ids, skip_special_tokens=False),
+        job_id,
     )
     job = Job(
-        "sm" + uuid.uuid4().hex,
+        job_id,
         "sagemaker",
         Status.DONE,
         req,

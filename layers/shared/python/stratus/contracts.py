@@ -1,6 +1,7 @@
 """Typed contracts shared by the API, the ingest functions and the workers.
 
 InferenceRequest  a validated, normalized OpenAI chat or completion request (stratus.wire parses one)
+Tools             a chat's function tools and tool_choice (stratus.tools offers and answers them)
 Job               one DynamoDB item: job store and result cache entry
 QueueMessage      what the jobs queue carries (exactly one definition)
 """
@@ -44,32 +45,61 @@ MAX_CHOICES = 16  # choices in one request (prompts x n): so also prompts in one
 Prompt = str | tuple[int, ...]  # text, or the client's own token ids (used exactly: no BOS, no re-tokenizing)
 
 
+TOOL_CHOICES = ("auto", "required", "none", "function")  # Tools.choice ("function": the one named)
+
+
+@dataclass(frozen=True)
+class Tools:
+    functions: tuple[dict, ...]  # {"name", "description", "parameters"} each, in the request's order
+    choice: str = "auto"  # TOOL_CHOICES
+    name: str = ""  # choice "function": the function to call
+    parallel: bool = True  # parallel_tool_calls: several calls in one answer
+
+    def to_json(self) -> dict:
+        return {
+            "functions": [dict(f) for f in self.functions],
+            "choice": self.choice,
+            "name": self.name,
+            "parallel": self.parallel,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Tools:
+        return cls(tuple(d["functions"]), d.get("choice", "auto"), d.get("name", ""), d.get("parallel", True))
+
+
 @dataclass(frozen=True)
 class InferenceRequest:
     route: str  # "chat" | "completion"
     model: str
     params: SamplingParams
-    messages: tuple[dict, ...] = ()
+    messages: tuple[dict, ...] = ()  # {role, content} (+ tool_calls, tool_call_id: stratus.wire.chat_message)
     prompt: str | tuple[Prompt, ...] = ""  # one text (most requests), or several prompts / token ids
+    tools: Tools | None = None  # chat: the functions offered (None: none; left out of to_json then)
 
     def to_json(self) -> dict:
         prompt = (
             self.prompt if isinstance(self.prompt, str) else [p if isinstance(p, str) else list(p) for p in self.prompt]
         )
-        return {
+        out = {
             "route": self.route,
             "model": self.model,
             "params": self.params.to_json(),
             "messages": [dict(m) for m in self.messages],
             "prompt": prompt,
         }
+        if self.tools is not None:
+            out["tools"] = self.tools.to_json()
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> InferenceRequest:
         prompt = d.get("prompt", "")
         if not isinstance(prompt, str):
             prompt = tuple(p if isinstance(p, str) else tuple(p) for p in prompt)
-        return cls(d["route"], d["model"], SamplingParams.from_json(d["params"]), tuple(d.get("messages", ())), prompt)
+        tools = Tools.from_json(d["tools"]) if d.get("tools") else None
+        messages = tuple(d.get("messages", ()))
+        return cls(d["route"], d["model"], SamplingParams.from_json(d["params"]), messages, prompt, tools)
 
     @property
     def prompts(self) -> tuple[Prompt, ...]:
@@ -88,7 +118,9 @@ class InferenceRequest:
     @property
     def text_bytes(self) -> int:
         prompts = sum(len(p.encode()) if isinstance(p, str) else 0 for p in self.prompts)
-        return prompts + sum(len(m["content"].encode()) for m in self.messages)
+        calls = sum(len(c["function"]["arguments"].encode()) for m in self.messages for c in m.get("tool_calls") or ())
+        offered = len(json.dumps(self.tools.to_json(), ensure_ascii=False).encode()) if self.tools else 0
+        return prompts + sum(len(m["content"].encode()) for m in self.messages) + calls + offered
 
     @property
     def prompt_token_ids(self) -> int:
@@ -128,6 +160,8 @@ class Job:
         cacheable can drop it (JobStore.transition) and keep the rest for GET /v1/jobs."""
         request = self.request.to_json()
         prompt = {"messages": request.pop("messages"), "prompt": request.pop("prompt")}
+        if "tools" in request:  # (the functions' words are the prompt's too)
+            prompt["tools"] = request.pop("tools")
         item = {
             "pk": self.job_id,
             "tenant": self.tenant,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from stratus.contracts import MAX_CHOICES
 from stratus.params import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from stratus.settings import Settings
-from stratus.wire import ROLES, ROUTE_PATHS
+from stratus.wire import MAX_TOOLS, ROLES, ROUTE_PATHS
 
 
 def _sampling(s: Settings, streams: bool = True) -> dict:
@@ -92,13 +92,90 @@ _TEXT_PART = {
     "required": ["type", "text"],
     "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
 }
-MESSAGE = {
+_CONTENT = {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}
+TOOL_CALL = {
     "type": "object",
-    "required": ["role", "content"],
+    "required": ["id", "function"],
     "properties": {
-        "role": {"type": "string", "enum": list(ROLES)},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]},
+        "id": {"type": "string"},
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {
+            "type": "object",
+            "required": ["name", "arguments"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string", "description": "JSON text"}},
+        },
     },
+}
+MESSAGE = {
+    "anyOf": [
+        {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {
+                "role": {"type": "string", "enum": [r for r in ROLES if r not in ("assistant", "tool")]},
+                "content": _CONTENT,
+            },
+        },
+        {
+            "type": "object",
+            "required": ["role"],
+            "properties": {
+                "role": {"type": "string", "enum": ["assistant"]},
+                "content": {**_CONTENT, "nullable": True},
+                "tool_calls": {"type": "array", "items": TOOL_CALL, "nullable": True},
+            },
+        },
+        {
+            "type": "object",
+            "required": ["role", "content", "tool_call_id"],
+            "properties": {
+                "role": {"type": "string", "enum": ["tool"]},
+                "content": _CONTENT,
+                "tool_call_id": {"type": "string", "minLength": 1},
+            },
+        },
+    ]
+}
+TOOLS = {
+    "tools": {
+        "type": "array",
+        "nullable": True,
+        "maxItems": MAX_TOOLS,
+        "items": {
+            "type": "object",
+            "required": ["type", "function"],
+            "properties": {
+                "type": {"type": "string", "enum": ["function"]},
+                "function": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                        "description": {"type": "string", "nullable": True},
+                        "parameters": {"type": "object", "description": "JSON Schema of the arguments"},
+                        "strict": {"type": "boolean", "nullable": True, "description": "always enforced"},
+                    },
+                },
+            },
+        },
+        "description": "function tools (names unique); calls are generated under each one's schema",
+    },
+    "tool_choice": {
+        "oneOf": [
+            {"type": "string", "enum": ["auto", "none", "required"]},
+            {
+                "type": "object",
+                "required": ["type", "function"],
+                "properties": {
+                    "type": {"type": "string", "enum": ["function"]},
+                    "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+                },
+            },
+        ],
+        "nullable": True,
+        "description": "a named function must be one of tools",
+    },
+    "parallel_tool_calls": {"type": "boolean", "nullable": True},
 }
 IDS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}, "minItems": 1}
 
@@ -117,7 +194,7 @@ def schemas(s: Settings) -> dict:
         },
     }
     top = {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS, "nullable": True}
-    chat_only = {"logprobs": {"type": "boolean", "nullable": True}, "top_logprobs": top}
+    chat_only = {"logprobs": {"type": "boolean", "nullable": True}, "top_logprobs": top, **TOOLS}
     ids = IDS
     prompt = {
         "oneOf": [

@@ -25,6 +25,7 @@ OPTIONAL = {
     "echo": False,
     "json_schema": "",
     "min_tokens": 0,
+    "grammar": "",
 }
 # The engine's sampling arithmetic (stratus_engine.sampling, the engine's stop and EOS handling):
 # bump it with any change that can change a seeded or greedy request's tokens. It is part of every
@@ -56,9 +57,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
     echo: bool = False  # completions: the prompt comes back before the text (with its logprobs, if asked)
     json_schema: str = ""  # response_format: the output must be JSON valid for this schema (compact JSON text)
-    min_tokens: int = (
-        0  # the end-of-sequence tokens are masked until this many tokens are out (stop strings still stop)
-    )
+    min_tokens: int = 0  # end of sequence masked until this many tokens are out (stop strings still stop)
+    grammar: str = ""  # the output must match this llguidance Lark grammar (stratus.tools: a chat's tools)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -44,7 +44,7 @@ def completion_body(job: Job) -> dict:
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": c.get("text", "")},
+                    "message": _message(c),
                     "finish_reason": c.get("finish_reason", "stop"),
                     "logprobs": {"content": c["logprobs"]} if "logprobs" in c else None,
                 }
@@ -65,6 +65,13 @@ def completion_body(job: Job) -> dict:
             for i, c in enumerate(choices)
         ],
     }
+
+
+def _message(choice: dict) -> dict:
+    """A chat choice's message: its text, or (a call: stratus.tools) its tool_calls and no content."""
+    if "tool_calls" in choice:
+        return {"role": "assistant", "content": None, "tool_calls": choice["tool_calls"]}
+    return {"role": "assistant", "content": choice.get("text", "")}
 
 
 class TextOffsets:

@@ -35,6 +35,7 @@ from stratus.keys import Tenant
 from stratus.observability import logger
 from stratus.service import with_result
 from stratus.shapes import TextOffsets, completion_logprobs
+from stratus.tools import CallDeltas
 from stratus.wire import StreamOptions, stream_options
 
 CONTENT_TYPE = "text/event-stream"
@@ -90,19 +91,30 @@ class Shape:
                 if role
                 else ({"content": text} if text or finish_reason is None else {})
             )
-            choice = {
-                "index": 0,
-                "delta": delta,
-                "logprobs": None if logprobs is None else {"content": logprobs},
-                "finish_reason": finish_reason,
-            }
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "finish_reason": finish_reason,
-                "logprobs": None if logprobs is None else completion_logprobs(logprobs, self.offsets),
-            }
+            return self.delta(delta, finish_reason=finish_reason, logprobs=logprobs, usage=usage)
+        choice = {
+            "index": 0,
+            "text": text,
+            "finish_reason": finish_reason,
+            "logprobs": None if logprobs is None else completion_logprobs(logprobs, self.offsets),
+        }
+        return sse({**self._base(usage), "choices": [choice]})
+
+    def delta(
+        self,
+        delta: dict,
+        *,
+        finish_reason: str | None = None,
+        logprobs: list[dict] | None = None,
+        usage: dict | None = None,
+    ) -> bytes:
+        """A chat chunk of any delta (text, or tool_calls: stratus.tools.CallDeltas)."""
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": None if logprobs is None else {"content": logprobs},
+            "finish_reason": finish_reason,
+        }
         return sse({**self._base(usage), "choices": [choice]})
 
     def usage(self, usage: dict) -> bytes:
@@ -124,6 +136,9 @@ class Stream:
         self.chunks = ChunkStore(deps.stream_table)
         self.logprobs = req.params.logprobs is not None
         self.finished = False
+        # a chat offered tools: its text goes out as content or as tool_calls deltas (stratus.tools)
+        self.calls = CallDeltas(job.job_id) if req.params.grammar and req.route == "chat" else None
+        self.held: list[dict] = []  # log-probability entries waiting for a delta to carry them
 
     @property
     def stream(self) -> str:
@@ -144,7 +159,7 @@ class Stream:
                 for chunk in self.chunks.after(self.stream, asm.last_seq):
                     piece, entries = asm.apply(chunk)
                     if piece or entries:
-                        yield s.text(piece, logprobs=entries if self.logprobs else None, usage=chunk.usage)
+                        yield from self._send(piece, entries, chunk.usage)
                         last_sent, pause = clock(), self.deps.settings.poll_interval_s
                     if chunk.final and len(asm.sent) == chunk.offset + len(chunk.text):
                         yield from self._finish(chunk.final["finish_reason"], chunk.final["usage"])
@@ -200,10 +215,29 @@ class Stream:
         result = job.result or {}
         rest, entries = asm.finish(result.get("text", ""), result.get("logprobs"))  # Diverged when it disagrees
         if rest or entries:
-            yield self.shape.text(rest, logprobs=entries if self.logprobs else None, usage=job.usage)
+            yield from self._send(rest, entries, job.usage)
         yield from self._finish(result.get("finish_reason", "stop"), job.usage or {})
 
+    def _send(self, piece: str, entries: list[dict], usage: dict | None) -> Iterator[bytes]:
+        if self.calls is None:
+            yield self.shape.text(piece, logprobs=entries if self.logprobs else None, usage=usage)
+            return
+        self.held += entries
+        for delta in self.calls.push(piece):
+            yield self.shape.delta(delta, logprobs=self._take_held(), usage=usage)
+
+    def _take_held(self) -> list[dict] | None:
+        if not self.logprobs:
+            return None
+        held, self.held = self.held, []
+        return held
+
     def _finish(self, finish_reason: str, usage: dict) -> Iterator[bytes]:
+        if self.calls is not None:
+            if self.calls.calling and finish_reason == "stop":
+                finish_reason = "tool_calls"
+            if self.held:
+                yield self.shape.delta({}, logprobs=self._take_held(), usage=usage)
         yield self.shape.text("", finish_reason=finish_reason, usage=usage)
         if self.shape.include_usage:
             yield self.shape.usage(usage)

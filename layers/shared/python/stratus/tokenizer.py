@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from stratus.chat_template import ChatTokenizer
 from stratus.errors import InvalidRequest, ModelLoadError, NotConfigured
 from stratus.manifest import MANIFEST, artifact_digest, split_uri
-from stratus.wire import chat_message
+from stratus.tools import tool_chat
+from stratus.wire import chat_message, tools_field
 
 FILES = ("tokenizer.json", "config.json", "generation_config.json", "chat_template.jinja")
 MAX_DETOKENIZE = 1 << 17  # token ids in one /detokenize body
@@ -43,7 +44,7 @@ class ModelTokenizer:
         messages = body["messages"]
         if not isinstance(messages, list):
             raise InvalidRequest("messages must be a list", param="messages")
-        messages = [chat_message(i, m) for i, m in enumerate(messages)]
+        messages = tool_chat([chat_message(i, m) for i, m in enumerate(messages)], tools_field(body))
         ids = self.chat.encode(self.chat_template, messages, _flag(body, "add_generation_prompt", True))
         if _flag(body, "add_special_tokens", False):  # the tokenizer's own (a BOS) lead the prompt
             ids = self.tokenizer.encode("", add_special_tokens=True).ids + ids

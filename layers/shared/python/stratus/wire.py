@@ -12,9 +12,11 @@ one body means the same thing on every path. The types it produces live in strat
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
-from stratus.contracts import MAX_CHOICES, InferenceRequest, Prompt
+from stratus import tools as tool_format
+from stratus.contracts import MAX_CHOICES, InferenceRequest, Prompt, Tools
 from stratus.errors import InvalidRequest, shown
 from stratus.params import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -22,24 +24,17 @@ from stratus.params import MAX_TOP_LOGPROBS, SamplingParams
 # naming the field instead of a silently different answer. value -> is it harmless?
 _UNSUPPORTED = {
     "stream": lambda v: v in (None, False),
-    "tools": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none"),
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: v in (None, ""),
 }
-_NO_TOOLS = (
-    "this server runs a 135M-parameter model that has no tool-calling format, so it cannot honour "
-    "tools; describe the output you want in the prompt (or use response_format for JSON)"
-)
+_FUNCTIONS = "functions and function_call are OpenAI's older names: send tools and tool_choice"
 _WHY = {
     "stream": "stream: true is for POST /v1/chat/completions and /v1/completions; batch lines, jobs and "
     "queue messages are answered whole (send stream: false or omit it)",
-    "tools": _NO_TOOLS,
-    "tool_choice": _NO_TOOLS,
-    "functions": _NO_TOOLS,
-    "function_call": _NO_TOOLS,
+    "functions": _FUNCTIONS,
+    "function_call": _FUNCTIONS,
 }
 
 
@@ -152,6 +147,9 @@ def parse_request(
         raise InvalidRequest("model is required (see GET /v1/models)", param="model")
     messages: tuple[dict, ...] = ()
     prompt = ""
+    tools = tools_field(body) if route == "chat" else None
+    if route != "chat" and any(body.get(k) not in (None, [], "none") for k in ("tools", "tool_choice")):
+        raise InvalidRequest("tools are for /v1/chat/completions", param="tools")
     if route == "chat":
         raw = body.get("messages")
         if not isinstance(raw, list) or not raw:
@@ -191,6 +189,7 @@ def parse_request(
         logprobs=logprobs,
         echo=echo,
         json_schema=_response_format(body.get("response_format")),
+        grammar=tool_format.grammar(tools),
         ignore_eos=_flag(body, "ignore_eos"),
         min_tokens=_number(body, "min_tokens", 0, int),
         stop=()
@@ -201,7 +200,13 @@ def parse_request(
         if isinstance(stop, list)
         else stop,
     )
-    request = InferenceRequest(route, model, params, messages, prompt)
+    if params.grammar and params.json_schema:
+        raise InvalidRequest(
+            "response_format cannot be combined with tools (send tool_choice: none, or describe the answer "
+            "as a function)",
+            param="response_format",
+        )
+    request = InferenceRequest(route, model, params, messages, prompt, tools)
     if request.choices > MAX_CHOICES:
         raise InvalidRequest(
             f"a request gives at most {MAX_CHOICES} choices (prompts x n), got {request.choices}", param="n"
@@ -360,30 +365,126 @@ def _logit_bias_field(value) -> dict:
     return value
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: newer SDKs'
-# name for system
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+# (developer: newer SDKs' name for system)
 
 
 def chat_message(i: int, m) -> dict:
-    """messages[i] -> {role, content: str} (InvalidRequest naming the field)."""
+    """messages[i] -> {role, content: str}; an assistant's turn may add its tool_calls
+    ([{id, type, function: {name, arguments}}]: content null allowed), a tool's turn its
+    tool_call_id (InvalidRequest naming the field)."""
+    where = f"messages[{i}]"
     if not isinstance(m, dict):
-        raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
+        raise InvalidRequest(f"{where} must be an object", param=where)
     role, content = m.get("role"), m.get("content")
     if not isinstance(role, str) or role not in ROLES:
-        raise InvalidRequest(
-            f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", param=f"messages[{i}].role"
-        )
+        raise InvalidRequest(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", param=f"{where}.role")
     role = ROLES[role]
+    calls = m.get("tool_calls") if role == "assistant" else None
+    if role == "assistant" and content is None:  # (a turn of calls alone)
+        content = ""
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            raise InvalidRequest(
-                f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content"
-            )
+            raise InvalidRequest(f"{where}.content: only text parts are supported", param=f"{where}.content")
         if not all(isinstance(p.get("text"), str) for p in content):
-            raise InvalidRequest(
-                f"messages[{i}].content: each text part needs a string `text`", param=f"messages[{i}].content"
-            )
+            raise InvalidRequest(f"{where}.content: each text part needs a string `text`", param=f"{where}.content")
         content = "".join(p.get("text", "") for p in content)
     if not isinstance(content, str):
-        raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
-    return {"role": role, "content": content}
+        raise InvalidRequest(f"{where}.content must be a string", param=f"{where}.content")
+    out = {"role": role, "content": content}
+    if calls is not None:
+        out["tool_calls"] = [_tool_call(f"{where}.tool_calls[{j}]", c) for j, c in enumerate(_listed(calls, where))]
+    if role == "tool":
+        call_id = m.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise InvalidRequest(
+                f"{where}.tool_call_id must be the id of the call it answers", param=f"{where}.tool_call_id"
+            )
+        out["tool_call_id"] = call_id
+    return out
+
+
+def _listed(calls, where: str) -> list:
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"{where}.tool_calls must be a list", param=f"{where}.tool_calls")
+    return calls
+
+
+def _tool_call(where: str, c) -> dict:
+    """One of an assistant turn's tool_calls -> {id, type, function: {name, arguments}}."""
+    f = c.get("function") if isinstance(c, dict) else None
+    if (
+        not isinstance(f, dict)
+        or c.get("type", "function") != "function"
+        or not isinstance(c.get("id"), str)
+        or not isinstance(f.get("name"), str)
+        or not isinstance(f.get("arguments"), str)
+    ):
+        raise InvalidRequest(
+            f'{where} must be {{"id": "...", "type": "function", "function": {{"name": "...", "arguments": "<JSON>"}}}}',
+            param=where,
+        )
+    return {"id": c["id"], "type": "function", "function": {"name": f["name"], "arguments": f["arguments"]}}
+
+
+MAX_TOOLS = 128
+MAX_TOOLS_BYTES = 65_536  # the functions' names, descriptions and schemas, as compact JSON
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def tools_field(body: dict) -> Tools | None:
+    """tools, tool_choice and parallel_tool_calls -> Tools (None: no tools offered)."""
+    raw, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidRequest(
+            f"parallel_tool_calls must be true or false, got {shown(parallel)}", param="parallel_tool_calls"
+        )
+    if raw is None or raw == []:
+        if choice not in (None, "none", "auto"):
+            raise InvalidRequest("tool_choice needs tools to choose from", param="tool_choice")
+        return None
+    if not isinstance(raw, list) or len(raw) > MAX_TOOLS:
+        raise InvalidRequest(f"tools must be a list of at most {MAX_TOOLS} tools", param="tools")
+    functions: list[dict] = []
+    for i, t in enumerate(raw):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(f, dict) or t.get("type") != "function":
+            kind = t.get("type") if isinstance(t, dict) else None
+            raise InvalidRequest(
+                f'tools[{i}] must be {{"type": "function", "function": {{"name", "description", "parameters"}}}}'
+                + (f"; {kind!r} tools are not supported here" if isinstance(kind, str) and kind != "function" else ""),
+                param=f"tools[{i}]",
+            )
+        name, description = f.get("name"), f.get("description") or ""
+        parameters = f.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise InvalidRequest(
+                f"tools[{i}].function.name must be 1-64 letters, digits, _ or -, got {shown(name)}", param=f"tools[{i}]"
+            )
+        if any(name == g["name"] for g in functions):
+            raise InvalidRequest(f"tools[{i}]: a second function named {name!r}", param=f"tools[{i}]")
+        if not isinstance(description, str):
+            raise InvalidRequest(f"tools[{i}].function.description must be a string", param=f"tools[{i}]")
+        if not isinstance(parameters, dict):
+            raise InvalidRequest(f"tools[{i}].function.parameters must be a JSON Schema object", param=f"tools[{i}]")
+        functions.append({"name": name, "description": description, "parameters": parameters})
+    if len(json.dumps(functions, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_TOOLS_BYTES:
+        raise InvalidRequest(f"tools must be at most {MAX_TOOLS_BYTES} bytes as JSON", param="tools")
+    kind, named = _tool_choice(choice, [f["name"] for f in functions])
+    return Tools(tuple(functions), kind, named, parallel is not False)
+
+
+def _tool_choice(choice, names: list[str]) -> tuple[str, str]:
+    if choice is None:
+        return "auto", ""
+    if choice in ("auto", "none", "required"):
+        return choice, ""
+    f = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = f.get("name") if isinstance(f, dict) else None
+    if not isinstance(name, str) or name not in names:
+        raise InvalidRequest(
+            'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": '
+            f"<one of {', '.join(names)}>}}}}, got {shown(choice)}",
+            param="tool_choice",
+        )
+    return "function", name
