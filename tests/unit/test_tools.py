@@ -137,8 +137,8 @@ def test_tool_turns_become_text_turns_and_the_functions_a_system_message():
         and "Call one of them now" in out[0]["content"]
     )
     assert '"name": "get_weather"' in out[0]["content"] and json.dumps(WEATHER) in out[0]["content"]
-    assert out[2]["content"] == '{"tool_calls":[{"name":"get_time","arguments":{"zone":"CET"}}]}'
-    assert json.loads(out[3]["content"]) == {"tool_result": {"name": "get_time", "content": "12:00"}}
+    assert out[2]["content"] == 'I called get_time({"zone":"CET"}).'
+    assert out[3]["content"] == "get_time returned: 12:00"
     # tool_choice none: the functions are not described
     assert tools.tool_chat(list(ASK), parse(chat(tool_choice="none")).tools) == ASK
 

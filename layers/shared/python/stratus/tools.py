@@ -3,8 +3,8 @@
 A request's tools (stratus.contracts.Tools) become three things:
 
   the prompt    tool_chat(): a system message describing the functions and the one way to call
-                them, and the history's tool turns written in that same way (any chat template
-                renders it: it holds only system, user and assistant turns of text);
+                them, and the history's tool turns in words (any chat template renders it: it
+                holds only system, user and assistant turns of text);
   a grammar     grammar(): what the model may write (llguidance's Lark, JSON Schema inside), so a
                 call always parses and its arguments always validate against the function's schema:
                   auto      text, or a call (JSON starting with "{")
@@ -54,27 +54,25 @@ def describe(tools: Tools) -> str:
     elif tools.choice == "required":
         how = f"Call one of them now: reply with only {form}."
     else:
-        how = f"To call functions, reply with only {form}. Otherwise, answer in text."
+        how = f"To call functions, reply with only {form}. Otherwise, and once a function has returned, answer in text."
     many = "" if tools.parallel and tools.choice != "function" else " Make one call at a time."
     return f"You can call these functions (their arguments as JSON Schema):\n{listed}\n{how}{many}"
 
 
 def tool_chat(messages: list[dict], tools: Tools | None) -> list[dict]:
     """A chat with tool turns -> one of system, user and assistant turns of text (see the module
-    docstring): an assistant's tool_calls in the call format, a tool's result as a user turn,
-    and (tools offered, tool_choice not none) the functions described in the system message."""
+    docstring): an assistant's tool_calls as "I called f({...}).", a tool's result as a user turn
+    "f returned: ...", and (tools offered, tool_choice not none) the functions described in the
+    system message. In words, not in the call format: a 135M model shown its own call in JSON
+    before a result made the same call again; shown these, it answers from the result."""
     names = {c["id"]: c["function"]["name"] for m in messages for c in m.get("tool_calls") or ()}
     out = []
     for m in messages:
         if m["role"] == "tool":
-            result = {"name": names.get(m.get("tool_call_id", ""), ""), "content": m["content"]}
-            out.append({"role": "user", "content": json.dumps({"tool_result": result}, ensure_ascii=False)})
+            name = names.get(m.get("tool_call_id", ""), "the function")
+            out.append({"role": "user", "content": f"{name} returned: {m['content']}"})
         elif m.get("tool_calls"):
-            calls = [
-                {"name": c["function"]["name"], "arguments": _value(c["function"]["arguments"])}
-                for c in m["tool_calls"]
-            ]
-            said = json.dumps({"tool_calls": calls}, ensure_ascii=False, separators=(",", ":"))
+            said = " ".join(f"I called {c['function']['name']}({c['function']['arguments']})." for c in m["tool_calls"])
             out.append({"role": "assistant", "content": f"{m['content']}\n{said}" if m["content"] else said})
         else:
             out.append({"role": m["role"], "content": m["content"]})
@@ -84,15 +82,6 @@ def tool_chat(messages: list[dict], tools: Tools | None) -> list[dict]:
     if out and out[0]["role"] == "system":
         return [{"role": "system", "content": f"{out[0]['content']}\n\n{words}"}, *out[1:]]
     return [{"role": "system", "content": words}, *out]
-
-
-def _value(arguments: str):
-    """An earlier call's arguments (a JSON string, as OpenAI sends them) -> the value, or the text
-    itself if it is not JSON."""
-    try:
-        return json.loads(arguments)
-    except (TypeError, ValueError):
-        return arguments
 
 
 # ---- the grammar --------------------------------------------------------------------------------
