@@ -18,7 +18,7 @@ from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import BotoCoreError, ClientError
 
-from stratus import batches, openapi, service, shapes, streaming, tokenizer
+from stratus import batches, openapi, responses, service, shapes, streaming, tokenizer
 from stratus.deps import deps_from_env
 from stratus.errors import PayloadTooLarge, RateLimited, StratusError, Unavailable, refusal_reason
 from stratus.keys import Tenant, authenticate
@@ -72,6 +72,39 @@ def chat_completions() -> Response:
 @app.post("/v1/completions")
 def completions() -> Response:
     return _complete("completion")
+
+
+@app.post("/v1/responses")
+def create_response() -> Response:
+    tenant, body, deps = _tenant(), _body(), get_deps()
+    cache_control = app.current_event.headers.get("cache-control", "")
+    created = responses.create(body, tenant, deps, cache_control=cache_control)
+    if body.get("stream") is True:  # (read checked it is a bool) an event handler answers whole: the events, buffered
+        stream = responses.open_response_stream(created, tenant, deps)
+        return Response(200, streaming.CONTENT_TYPE, b"".join(stream.events()).decode(), streaming.HEADERS)
+    background = created.record["fields"]["background"]
+    return _reply(service.Reply(200, responses.answer(created, tenant, deps, wait=not background)))
+
+
+@app.get("/v1/responses/<response_id>")
+def get_response(response_id: str) -> Response:
+    return _reply(service.Reply(200, responses.get(response_id, _tenant(), get_deps())))
+
+
+@app.delete("/v1/responses/<response_id>")
+def delete_response(response_id: str) -> Response:
+    return _reply(service.Reply(200, responses.delete(response_id, _tenant(), get_deps())))
+
+
+@app.post("/v1/responses/<response_id>/cancel")
+def cancel_response(response_id: str) -> Response:
+    return _reply(service.Reply(200, responses.cancel(response_id, _tenant(), get_deps())))
+
+
+@app.get("/v1/responses/<response_id>/input_items")
+def response_input_items(response_id: str) -> Response:
+    query = app.current_event.query_string_parameters or {}
+    return _reply(service.Reply(200, responses.input_items(response_id, _tenant(), get_deps(), query)))
 
 
 @app.post("/v1/jobs")

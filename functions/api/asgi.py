@@ -1,7 +1,7 @@
 """The api function's web app: what the Lambda Web Adapter runs in AWS (run.sh) and what
 `make serve`'s gateway forwards to locally.
 
-  POST /v1/chat/completions, /v1/completions with "stream": true
+  POST /v1/chat/completions, /v1/completions, /v1/responses with "stream": true
       authenticate, validate, enqueue (stratus.streaming.open_stream; an error keeps its status and
       JSON body), then server-sent events, each sent as soon as the stream yields it
   anything else
@@ -27,11 +27,13 @@ from urllib.parse import parse_qsl
 import app as handlers
 from botocore.exceptions import BotoCoreError, ClientError
 
-from stratus import streaming
+from stratus import responses, streaming
 from stratus.errors import StratusError
 from stratus.keys import authenticate
 from stratus.observability import logger, metrics
 from stratus.wire import ROUTE_PATHS
+
+STREAMING = {**ROUTE_PATHS, "/v1/responses": "response"}  # POST routes that may stream: path -> route
 
 THREADS = 64  # blocking work (boto3 calls, a stream's waits) runs in threads: one per open stream
 
@@ -102,7 +104,7 @@ async def app(scope, receive, send) -> None:
         return await _lifespan(receive, send)
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     body = await _read_body(receive)
-    route = ROUTE_PATHS.get(scope["path"]) if scope["method"] == "POST" else None  # the routes that stream
+    route = STREAMING.get(scope["path"]) if scope["method"] == "POST" else None  # the routes that stream
     if route is not None and _wants_stream(body):
         return await _stream(route, headers, body, receive, send)
     out = await asyncio.to_thread(
@@ -128,7 +130,11 @@ def _open(route: str, headers: dict[str, str], body: bytes) -> streaming.Stream:
     deps = handlers.get_deps()
     tenant = authenticate(deps.table, headers.get("authorization"), deps.key_cache)
     parsed = handlers.parse_body(body, deps.settings.max_body_bytes)
-    return streaming.open_stream(route, parsed, tenant, deps, cache_control=headers.get("cache-control", ""))
+    cache_control = headers.get("cache-control", "")
+    if route == "response":
+        created = responses.create(parsed, tenant, deps, cache_control=cache_control)
+        return responses.open_response_stream(created, tenant, deps)
+    return streaming.open_stream(route, parsed, tenant, deps, cache_control=cache_control)
 
 
 async def _stream(route: str, headers: dict[str, str], body: bytes, receive, send) -> None:

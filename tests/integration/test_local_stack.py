@@ -21,7 +21,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from openai import OpenAI
+from openai import AsyncOpenAI, OpenAI
 from pydantic import BaseModel
 
 from stratus_local.serve import free_port
@@ -767,3 +767,130 @@ def test_langchain_bind_tools_gets_a_tool_call(stack):
         and msg.tool_calls[0]["name"] == "get_weather"
         and isinstance(msg.tool_calls[0]["args"]["city"], str)
     )
+
+
+def test_openai_sdk_responses_plain_structured_and_continued(stack):
+    first = stack.client.responses.create(
+        model=stack.model, input="What is the capital of France?", max_output_tokens=24, temperature=0
+    )
+    assert first.status == "completed" and first.id.startswith("resp_")
+    assert first.output_text == "The capital of France is Paris."  # the chat's own answer, on every kind of host
+    assert first.usage.input_tokens > 10 and first.usage.output_tokens >= 1
+    assert stack.client.responses.retrieve(first.id).output_text == first.output_text
+    # a second turn continues the first: its input holds the whole conversation
+    second = stack.client.responses.create(
+        model=stack.model,
+        previous_response_id=first.id,
+        input="And of Germany?",
+        instructions="Answer in one short sentence.",
+        max_output_tokens=24,
+        temperature=0,
+    )
+    assert second.status == "completed" and second.output_text and second.previous_response_id == first.id
+    items = stack.client.responses.input_items.list(second.id, order="asc").data
+    texts = [(i.role, i.content[0].text) for i in items if i.type == "message"]
+    assert texts == [
+        ("user", "What is the capital of France?"),
+        ("assistant", first.output_text),
+        ("user", "And of Germany?"),
+    ]
+    # structured output through text.format
+    fmt = {
+        "format": {
+            "type": "json_schema",
+            "name": "city",
+            "schema": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        }
+    }
+    city = stack.client.responses.create(
+        model=stack.model, input="Name a city in Italy.", text=fmt, max_output_tokens=32, temperature=0
+    )
+    assert isinstance(json.loads(city.output_text)["city"], str)
+    # deleted: gone
+    stack.client.responses.delete(city.id)
+    with pytest.raises(Exception) as err:
+        stack.client.responses.retrieve(city.id)
+    assert err.value.status_code == 404
+
+
+def test_openai_sdk_responses_background_streamed_and_tools(stack):
+    queued = stack.client.responses.create(
+        model=stack.model, input="What is the capital of France?", background=True, max_output_tokens=48, temperature=0
+    )
+    assert queued.status in ("queued", "in_progress", "completed") and queued.background
+    deadline = time.monotonic() + 60
+    while (got := stack.client.responses.retrieve(queued.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert got.status == "completed" and got.output_text, (got.output_text, got.usage)
+    # streamed with the SDK's helper: the deltas make the final text
+    with stack.client.responses.stream(
+        model=stack.model, input="What is the capital of Spain?", max_output_tokens=48, temperature=0
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text != "" and final.status in ("completed", "incomplete")
+    # a function tool, called with valid arguments, streamed and whole
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": WEATHER_TOOL["function"]["parameters"],
+    }
+    kw = dict(
+        model=stack.model,
+        input="What is the weather like in Paris today?",
+        tools=[tool],
+        tool_choice="required",
+        max_output_tokens=48,
+        temperature=0,
+    )
+    with stack.client.responses.stream(**kw) as stream:
+        pieces = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
+        streamed = stream.get_final_response()
+    whole = stack.client.responses.create(**kw)
+    [call] = [o for o in whole.output if o.type == "function_call"]
+    assert call.name == "get_weather" and "Paris" in json.loads(call.arguments)["city"]
+    assert "".join(pieces) == call.arguments == next(o for o in streamed.output if o.type == "function_call").arguments
+    # the call's output goes back as the next input
+    answer = stack.client.responses.create(
+        model=stack.model,
+        previous_response_id=whole.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees Celsius and sunny"}],
+        max_output_tokens=32,
+        temperature=0,
+    )
+    assert answer.status == "completed" and answer.output_text
+
+
+def test_the_openai_agents_sdk_runs_an_agent_with_a_function_tool(stack):
+    # The Agents SDK as a team would first run it: its default model (the Responses API) on our
+    # client, tracing off (it would post to OpenAI), one function tool it must call.
+    from agents import Agent, ModelSettings, Runner, function_tool, set_default_openai_client, set_tracing_disabled
+
+    called = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        called.append(city)
+        return f"18 degrees Celsius and sunny in {city}"
+
+    set_tracing_disabled(True)
+    set_default_openai_client(AsyncOpenAI(base_url=stack.url, api_key=KEY, max_retries=0), use_for_tracing=False)
+    agent = Agent(
+        name="weather",
+        instructions="Use the get_weather tool to answer questions about the weather.",
+        model=stack.model,
+        tools=[get_weather],
+        model_settings=ModelSettings(temperature=0, max_tokens=48, tool_choice="get_weather"),
+        reset_tool_choice=True,  # (after the call, the model answers in text)
+    )
+    result = Runner.run_sync(agent, "What is the weather like in Paris today?")
+    assert called and "Paris" in called[0]  # the tool ran with valid arguments
+    assert isinstance(result.final_output, str) and result.final_output

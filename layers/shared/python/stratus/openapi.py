@@ -6,7 +6,7 @@ says what the code enforces.
 from __future__ import annotations
 
 from stratus.batches import MAX_PAGE
-from stratus.openapi_schemas import IDS, MESSAGE, schemas
+from stratus.openapi_schemas import IDS, MESSAGE, response_schemas, schemas
 from stratus.settings import Settings
 
 JSON = "application/json"
@@ -91,18 +91,90 @@ def spec(s: Settings) -> dict:
 
 def _spec(s: Settings) -> dict:
     job = {"content": {JSON: {"schema": _ref("Job")}}}
+    response = {"content": {JSON: {"schema": _ref("Response")}}}
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "Stratus",
             "version": "1",
             "description": "OpenAI-compatible inference: chat and "
-            "text completions (whole or streamed), jobs, batches, files, models.",
+            "text completions and responses (whole or streamed), jobs, batches, files, models.",
         },
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": schemas(s)},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {**schemas(s), **response_schemas(s)},
+        },
         "paths": {
             "/v1/chat/completions": _completion_route("Chat completion", "ChatRequest"),
             "/v1/completions": _completion_route("Text completion", "CompletionRequest"),
+            "/v1/responses": {
+                "post": {
+                    "summary": "Create a response (the Responses API over the chat path)",
+                    "security": [{"bearer": []}],
+                    "requestBody": {"required": True, "content": {JSON: {"schema": _ref("ResponseRequest")}}},
+                    "responses": {
+                        "200": {
+                            "description": "the response (or, with stream: true, its typed server-sent events)",
+                            "content": {
+                                JSON: {"schema": _ref("Response")},
+                                "text/event-stream": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["data"],
+                                        "properties": {"data": {"type": "string"}},
+                                    }
+                                },
+                            },
+                        },
+                        **_errors(*COMMON, 404, 409),
+                        "500": {
+                            "description": "the job failed on the workers",
+                            "content": {JSON: {"schema": _ref("Error")}},
+                        },
+                    },
+                }
+            },
+            "/v1/responses/{id}": {
+                "get": {
+                    "summary": "A stored response",
+                    "security": [{"bearer": []}],
+                    "parameters": [_id("response id")],
+                    "responses": {"200": {"description": "the response", **response}, **_errors(401, 404, 503)},
+                },
+                "delete": {
+                    "summary": "Delete a stored response",
+                    "security": [{"bearer": []}],
+                    "parameters": [_id("response id")],
+                    "responses": {
+                        "200": {"description": "deleted", "content": {JSON: {"schema": {"type": "object"}}}},
+                        **_errors(401, 404, 503),
+                    },
+                },
+            },
+            "/v1/responses/{id}/cancel": {
+                "post": {
+                    "summary": "Cancel a background response",
+                    "security": [{"bearer": []}],
+                    "parameters": [_id("response id")],
+                    "responses": {"200": {"description": "the response", **response}, **_errors(400, 401, 404, 503)},
+                }
+            },
+            "/v1/responses/{id}/input_items": {
+                "get": {
+                    "summary": "A stored response's conversation, as input items",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        _id("response id"),
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                        {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
+                        {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {"description": "a list", "content": {JSON: {"schema": _ref("List")}}},
+                        **_errors(400, 401, 404, 503),
+                    },
+                }
+            },
             "/v1/jobs": {
                 "post": {
                     "summary": "Submit a chat or completion request as a job",

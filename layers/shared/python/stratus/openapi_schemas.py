@@ -357,3 +357,159 @@ def _when(name: str, schema: dict, then: dict, *, required: bool = False) -> dic
 
 def _unless(name: str, schema: dict, otherwise: dict) -> dict:
     return {"if": {"required": [name], "properties": {name: schema}}, "else": {"properties": otherwise}}
+
+
+def response_schemas(s: Settings) -> dict:
+    """POST /v1/responses' body and the response object (stratus.responses)."""
+    parts = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["type", "text"],
+            "properties": {
+                "type": {"type": "string", "enum": ["input_text", "output_text"]},
+                "text": {"type": "string"},
+            },
+        },
+    }
+    message = {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "type": {"type": "string", "enum": ["message"]},
+            "role": {"type": "string", "enum": ["user", "system", "developer", "assistant"]},
+            "content": {"oneOf": [{"type": "string"}, parts]},
+        },
+    }
+    call = {
+        "type": "object",
+        "required": ["type", "call_id", "name", "arguments"],
+        "properties": {
+            "type": {"type": "string", "enum": ["function_call"]},
+            "call_id": {"type": "string"},
+            "name": {"type": "string"},
+            "arguments": {"type": "string", "description": "JSON text"},
+        },
+    }
+    output = {
+        "type": "object",
+        "required": ["type", "call_id", "output"],
+        "properties": {
+            "type": {"type": "string", "enum": ["function_call_output"]},
+            "call_id": {"type": "string", "minLength": 1},
+            "output": {"type": "string"},
+        },
+    }
+    tool = {
+        "type": "object",
+        "required": ["type", "name"],
+        "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "description": {"type": "string", "nullable": True},
+            "parameters": {"type": "object"},
+            "strict": {"type": "boolean", "nullable": True},
+        },
+    }
+    fmt = {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}},
+            },
+            {
+                "type": "object",
+                "required": ["type", "name", "schema"],
+                "properties": {
+                    "type": {"type": "string", "enum": ["json_schema"]},
+                    "name": {"type": "string"},
+                    "schema": {"type": "object"},
+                    "strict": {"type": "boolean", "nullable": True},
+                },
+            },
+        ]
+    }
+    sampling = _sampling(s)
+    request = {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {
+            "model": sampling["model"],
+            "input": {
+                "oneOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "items": {"anyOf": [message, call, output]},
+                        "minItems": 1,
+                        "maxItems": s.max_messages,
+                    },
+                ]
+            },
+            "instructions": {"type": "string", "nullable": True},
+            "max_output_tokens": {**sampling["max_tokens"]},
+            "temperature": sampling["temperature"],
+            "top_p": sampling["top_p"],
+            "text": {"type": "object", "nullable": True, "properties": {"format": fmt}},
+            "tools": {
+                "type": "array",
+                "nullable": True,
+                "maxItems": MAX_TOOLS,
+                "items": tool,
+                "description": "function tools (names unique)",
+            },
+            "tool_choice": {
+                "oneOf": [
+                    {"type": "string", "enum": ["auto", "none", "required"]},
+                    {
+                        "type": "object",
+                        "required": ["type", "name"],
+                        "properties": {"type": {"type": "string", "enum": ["function"]}, "name": {"type": "string"}},
+                    },
+                ],
+                "nullable": True,
+                "description": "a named function must be one of tools",
+            },
+            "parallel_tool_calls": {"type": "boolean", "nullable": True},
+            "store": {"type": "boolean", "nullable": True, "description": "kept 30 days (default true)"},
+            "background": {"type": "boolean", "nullable": True, "description": "queued and polled (needs store)"},
+            "previous_response_id": {"type": "string", "nullable": True, "pattern": "^resp_"},
+            "stream": {"type": "boolean", "nullable": True},
+            "metadata": {
+                "type": "object",
+                "nullable": True,
+                "maxProperties": 16,
+                "propertyNames": {"maxLength": 64},
+                "additionalProperties": {"type": "string", "maxLength": 512},
+            },
+            "user": {"type": "string", "nullable": True},
+            "truncation": {"type": "string", "enum": ["disabled", "auto"], "nullable": True},
+            "include": {"type": "array", "maxItems": 0, "nullable": True},
+            "reasoning": {
+                "type": "object",
+                "nullable": True,
+                "properties": {"effort": {"type": "string", "enum": ["none"], "nullable": True}},
+            },
+            "service_tier": {"type": "string", "nullable": True},
+            "prompt_cache_key": {"type": "string", "nullable": True},
+            "safety_identifier": {"type": "string", "nullable": True},
+            "top_logprobs": {"type": "integer", "enum": [0], "nullable": True},
+            "stream_options": {"type": "object", "nullable": True},
+        },
+        "additionalProperties": False,  # (a field this server does not read is a 400 naming it)
+    }
+    response = {
+        "type": "object",
+        "required": ["id", "object", "status", "output"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "enum": ["response"]},
+            "status": {
+                "type": "string",
+                "enum": ["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"],
+            },
+            "output": {"type": "array", "items": {"type": "object"}},
+        },
+    }
+    return {"ResponseRequest": request, "Response": response}

@@ -43,18 +43,23 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control:
 
 
 def wait_for(job_id: str, tenant: Tenant, deps: Deps) -> Reply:
-    """Re-read the job until it finishes or sync_wait_s passes. The pause grows with the wait
-    (POLL_FRACTION of it, from poll_interval_s up to POLL_MAX_S): a short job is seen finished
-    within milliseconds, and a long wait costs tens of reads, not hundreds."""
+    job = wait_job(job_id, tenant, deps)
+    return finished_reply(job) if job.status.finished else accepted(job)
+
+
+def wait_job(job_id: str, tenant: Tenant, deps: Deps) -> Job:
+    """Re-read the job until it finishes (-> it, its result loaded) or sync_wait_s passes (-> as it
+    is). The pause grows with the wait (POLL_FRACTION of it, from poll_interval_s up to POLL_MAX_S):
+    a short job is seen finished within milliseconds, and a long wait costs tens of reads, not hundreds."""
     started = deps.clock()
     deadline = started + deps.settings.sync_wait_s
     while True:
         job = get_job(job_id, tenant, deps)
         if job.status.finished:
-            return finished_reply(with_result(job, deps))
+            return with_result(job, deps)
         now = deps.clock()
         if now >= deadline:
-            return accepted(job)
+            return job
         pause = min(POLL_MAX_S, max(deps.settings.poll_interval_s, POLL_FRACTION * (now - started)))
         deps.sleep(min(pause, deadline - now))
 

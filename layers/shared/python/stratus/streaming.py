@@ -146,8 +146,7 @@ class Stream:
         return stream_key(self.job.job_id, self.job.run)
 
     def events(self) -> Iterator[bytes]:
-        s = self.shape
-        yield s.text("", role=True)
+        yield from self._start()
         if self.job.status.finished:  # a cache hit, or a job that finished before the stream opened
             yield from self._end(Assembler(), self.job)
             return
@@ -171,8 +170,7 @@ class Stream:
                     last_read = now
                     job = self.deps.store.get(self.job.job_id, now=now, prompt=False)
                     if job is None:
-                        yield error_event("the job is gone (expired or removed)", "job_gone")
-                        yield from self._done()
+                        yield from self._fail("the job is gone (expired or removed)", "job_gone")
                         return
                     if job.run != self.job.run:  # made again (the run waited on failed): read the new run's
                         self.job, asm.last_seq = job, 0  # chunks, from offset 0: the Assembler skips what was sent
@@ -186,16 +184,14 @@ class Stream:
                 now = clock()
             except Diverged as exc:
                 logger.warning("stream diverged", extra={"job_id": self.job.job_id})
-                yield error_event(f"{exc}; the text so far is incomplete. Retry the request", "stream_diverged")
-                yield from self._done()
+                yield from self._fail(f"{exc}; the text so far is incomplete. Retry the request", "stream_diverged")
                 return
             if now - started > self.deps.settings.stream_max_s:
-                yield error_event(
+                yield from self._fail(
                     f"the stream stayed open {self.deps.settings.stream_max_s:.0f} s; the job "
                     f"goes on: GET /v1/jobs/{self.job.job_id}",
                     "stream_timeout",
                 )
-                yield from self._done()
                 return
             if now - last_sent >= self.deps.settings.stream_keepalive_s:
                 yield KEEPALIVE
@@ -207,16 +203,25 @@ class Stream:
         """The job finished: the rest of its text and the finish, or an in-band error."""
         if job.status != Status.DONE:
             err = job.error or {"message": f"job {job.status.value.lower()}", "code": job.status.value.lower()}
-            yield error_event(
+            yield from self._fail(
                 err.get("message", ""), err.get("code") or "job_failed", err.get("type") or "server_error"
             )
-            yield from self._done()
             return
         result = job.result or {}
         rest, entries = asm.finish(result.get("text", ""), result.get("logprobs"))  # Diverged when it disagrees
         if rest or entries:
             yield from self._send(rest, entries, job.usage)
         yield from self._finish(result.get("finish_reason", "stop"), job.usage or {})
+
+    # ---- the events (a subclass speaks another API: stratus.responses.ResponseStream) -------------
+
+    def _start(self) -> Iterator[bytes]:
+        yield self.shape.text("", role=True)
+
+    def _fail(self, message: str, code: str, error_type: str = "server_error") -> Iterator[bytes]:
+        """An in-band error, then the end."""
+        yield error_event(message, code, error_type)
+        yield from self._done()
 
     def _send(self, piece: str, entries: list[dict], usage: dict | None) -> Iterator[bytes]:
         if self.calls is None:
@@ -263,11 +268,16 @@ def open_stream(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_con
     if deps.stream_table is None:
         raise InvalidRequest("streaming is not configured on this deployment (no stream table)", param="stream")
     how = submission.api(deps.settings, cache_control, stream=True, tier=tenant.tier)
-    sub = submission.submit(route, body, tenant, deps, how)
+    return stream_of(submission.submit(route, body, tenant, deps, how), tenant, deps, Stream, options)
+
+
+def stream_of(sub: submission.Submission, tenant: Tenant, deps: Deps, kind: type, *args) -> Stream:
+    """A stream (`kind`: Stream or a subclass, made with `args` after the job) of a submission made
+    with streaming on: a cache hit's text at once; a live job joined is marked streamed."""
     if sub.hit is not None:
-        return Stream(deps, tenant, sub.req, sub.hit, options, hit=True)
+        return kind(deps, tenant, sub.req, sub.hit, *args, hit=True)
     if not sub.created and not deps.store.mark_streamed(sub.job_id):
         finished = deps.store.get(sub.job_id)  # finished meanwhile: streamed from the job item
         if finished is not None and finished.status.finished:
-            return Stream(deps, tenant, sub.req, with_result(finished, deps), options, hit=True)
-    return Stream(deps, tenant, sub.req, sub.job, options, hit=False)
+            return kind(deps, tenant, sub.req, with_result(finished, deps), *args, hit=True)
+    return kind(deps, tenant, sub.req, sub.job, *args, hit=False)

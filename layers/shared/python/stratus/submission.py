@@ -64,6 +64,7 @@ class SubmitPolicy:
     # behind the one that took its batch over must not make a finished line's job again)
     redelivered: bool = False  # it may have been handled before, up to making its job: a QUEUED job it
     # joins gets its message again (a duplicate message is harmless)
+    keep_s: float = 0.0  # its job is kept at least this long (a stored response's: its conversation)
 
 
 def api(
@@ -160,7 +161,7 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: SubmitPolicy
     now = deps.clock()
     # readable until its deadline + a margin whatever CacheTtlSeconds says (a poller, a batch's output)
     keep = how.deadline_s + (BATCH_KEEP_S if how.batch else KEEP_AFTER_DEADLINE_S)
-    ttl = max(s.cache_ttl_s, keep) if cacheable else keep
+    ttl = max(s.cache_ttl_s if cacheable else 0, keep, how.keep_s)
     job = Job(
         job_id,
         tenant.name,
