@@ -47,13 +47,15 @@ def test_n_choices_and_logprobs_on_a_reused_prefix(tiny):
 def test_a_prefix_is_reused_within_its_scope_only(tiny):
     # Given a prefix stored by one tenant's request
     engine = Engine.from_dir(tiny.dirs["fp32"], threads=1, prefix_cache_bytes=64 << 20)
-    engine.generate([GenerationRequest(SHARED + QUESTIONS[0], greedy(), cache_scope="acme")])
+    [first] = engine.generate([GenerationRequest(SHARED + QUESTIONS[0], greedy(), cache_scope="acme")])
     # When another tenant sends the same prefix, and then the first tenant does
-    engine.generate([GenerationRequest(SHARED + QUESTIONS[1], greedy(), cache_scope="initech")])
+    [other] = engine.generate([GenerationRequest(SHARED + QUESTIONS[1], greedy(), cache_scope="initech")])
     assert engine.prefixes.stats.hits == 0  # (its prefill time tells it nothing of acme's prompts)
-    engine.generate([GenerationRequest(SHARED + QUESTIONS[2], greedy(), cache_scope="acme")])
-    # Then only the first tenant's own later request reused it
+    [again] = engine.generate([GenerationRequest(SHARED + QUESTIONS[2], greedy(), cache_scope="acme")])
+    # Then only the first tenant's own later request reused it, and its usage says how many tokens
     assert engine.prefixes.stats.hits == 1
+    assert first.usage.cached_tokens == other.usage.cached_tokens == 0
+    assert again.usage.cached_tokens == engine.prefixes.stats.tokens_reused >= BLOCK
 
 
 def test_stored_prefixes_stay_within_the_budget():

@@ -97,6 +97,7 @@ class _Group:
     prompt_logprobs: list[TokenLogprob] | None = None
     admitted: float = 0.0
     first_token: float = 0.0
+    cached: int = 0  # prompt tokens a stored prefix gave it
 
     @property
     def prompt(self) -> Prompt:
@@ -407,6 +408,8 @@ class Engine:
         done = run_prompts(self.cache, self.prefixes, [g.prompt for g in groups], start, self.score_chunk)
         for i, scored in done.prompt_logprobs.items():
             groups[i].prompt_logprobs = scored
+        for i, length in done.reused.items():
+            groups[i].cached = length
         return [groups[i] for i in done.order], done.last
 
     def _decode(self) -> None:
@@ -501,7 +504,7 @@ class Engine:
             decode_s=now - first,
             total_s=now - g.submitted,
         )
-        usage = Usage(len(g.req.prompt_ids), sum(len(c.token_ids) for c in g.choices))
+        usage = Usage(len(g.req.prompt_ids), sum(len(c.token_ids) for c in g.choices), g.cached)
         if not g.future.done():
             g.future.set_result(GenerationResult(g.req.request_id, list(g.choices), usage, timings, g.prompt_logprobs))
 

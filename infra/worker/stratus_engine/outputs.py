@@ -10,6 +10,7 @@ from dataclasses import dataclass
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from a stored prefix (prefix_cache.py), not computed
 
     @property
     def total_tokens(self) -> int:

@@ -36,6 +36,7 @@ class Prefilled:
     order: list[int] = field(default_factory=list)  # indices of the prompts, in the order of their rows
     last: list[np.ndarray] = field(default_factory=list)  # each one's logits at its last token [V], in that order
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # scored prompts' (by index)
+    reused: dict[int, int] = field(default_factory=dict)  # prompt index -> tokens a stored prefix gave it
 
 
 def shares_prefix(a: Prompt, b: Prompt) -> bool:
@@ -120,6 +121,7 @@ def run_prompts(
             store_prefixes(cache, prefixes, [prompts[i]], start + len(out.order) - 1)
     for i, entry, length in hits:
         ids = prompts[i].ids
+        out.reused[i] = length
         row = start + len(out.order)
         cache.load_prefix(entry.kv, row, len(ids) + 1)
         out.last.append(cache.prefill_after(row, np.asarray(ids[length:], np.int64), length)[-1])

@@ -79,9 +79,16 @@ def result_body(
 
 
 def usage(results: list[GenerationResult]) -> dict:
+    """OpenAI's usage object; prompt_tokens_details.cached_tokens: the prompt tokens a stored prefix gave."""
     prompt = sum(r.usage.prompt_tokens for r in results)
     completion = sum(r.usage.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(r.usage.cached_tokens for r in results)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def entry(t: TokenLogprob, token_bytes: list[bytes]) -> dict:

@@ -118,6 +118,7 @@ class ChunkWriter:
                 "prompt_tokens": result.usage.prompt_tokens,
                 "completion_tokens": result.usage.completion_tokens,
                 "total_tokens": result.usage.total_tokens,
+                "prompt_tokens_details": {"cached_tokens": result.usage.cached_tokens},
             },
         }
         entries = None

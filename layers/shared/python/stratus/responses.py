@@ -326,7 +326,9 @@ def usage(job_usage: dict | None) -> dict | None:
         return None
     return {
         "input_tokens": job_usage["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": job_usage.get("cached_tokens", 0)},
+        "input_tokens_details": {
+            "cached_tokens": (job_usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        },
         "output_tokens": job_usage["completion_tokens"],
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": job_usage["total_tokens"],
