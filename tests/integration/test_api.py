@@ -641,6 +641,21 @@ def test_a_batch_tier_tenants_requests_wait_in_the_batch_queue_with_the_batch_wi
     assert msg["deadline"] - msg["enqueued_at"] == pytest.approx(86400)
 
 
+def test_service_tier_flex_waits_in_the_batch_queue_and_says_so(stack, key):
+    # Given an interactive tenant's request that asks for the flex tier
+    status, body, _ = stack.call("api_create_job.json", key=key, body={**CHAT, "service_tier": "flex"})
+    # then its job waits in the batch tier's queue, and the job shows the tier it runs in
+    assert status == 202
+    [msg] = stack.queued("BatchJobsQueue")
+    assert stack.queued() == [] and msg["tier"] == "batch"
+    assert JobStore(stack.table).get(body["id"]).tier == "batch"
+    # while a tier OpenAI names but this server does not have is a 400, and "priority" is the key's own
+    status, err, _ = stack.call("api_create_job.json", key=key, body={**CHAT, "service_tier": "turbo"})
+    assert status == 400 and err["error"]["param"] == "service_tier"
+    assert stack.call("api_create_job.json", key=key, body={**CHAT, "service_tier": "priority", "seed": 9})[0] == 202
+    assert [m["tier"] for m in stack.queued()] == ["interactive"]
+
+
 def test_a_key_tier_must_be_a_known_tier(stack):
     with pytest.raises(InvalidRequest, match="tier must be one of interactive, batch"):
         create_key(stack.table, "x", rpm=1, tpm=1, tier="urgent")

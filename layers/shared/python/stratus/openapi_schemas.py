@@ -6,6 +6,7 @@ from __future__ import annotations
 from stratus.contracts import MAX_CHOICES
 from stratus.params import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from stratus.settings import Settings
+from stratus.submission import SERVICE_TIERS
 from stratus.wire import MAX_TOOLS, ROLES, ROUTE_PATHS
 
 
@@ -36,6 +37,12 @@ def _sampling(s: Settings, streams: bool = True) -> dict:
             "nullable": True,
         },
         "seed": {"type": "integer", "nullable": True},
+        "service_tier": {
+            "type": "string",
+            "enum": list(SERVICE_TIERS),
+            "nullable": True,
+            "description": "flex: the batch tier's queue (slower, behind interactive work); others: the key's tier",
+        },
         "ignore_eos": {
             "type": "boolean",
             "nullable": True,
@@ -491,7 +498,7 @@ def response_schemas(s: Settings) -> dict:
                 "nullable": True,
                 "properties": {"effort": {"type": "string", "enum": ["none"], "nullable": True}},
             },
-            "service_tier": {"type": "string", "nullable": True},
+            "service_tier": {"type": "string", "enum": list(SERVICE_TIERS), "nullable": True},
             "prompt_cache_key": {"type": "string", "nullable": True},
             "safety_identifier": {"type": "string", "nullable": True},
             "top_logprobs": {"type": "integer", "enum": [0], "nullable": True},

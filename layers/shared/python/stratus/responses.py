@@ -377,6 +377,7 @@ def body(rid: str, record: dict, job: Job | None) -> dict:
         "usage": usage(used),
         "truncation": "disabled",
         "user": None,
+        "service_tier": ("flex" if job.tier == "batch" else "default") if job is not None else "default",
         **fields,
     }
 
@@ -486,7 +487,7 @@ def create(body, tenant, deps, *, cache_control: str = "") -> Created:
         job = deps.store.get(prev["job_id"], now=now, prompt=False)
         earlier = before(prev, with_result(job, deps) if job is not None else None)
     chat = {**call.chat, "messages": messages(call, earlier)}
-    how = submission.api(deps.settings, cache_control, stream=call.stream, tier=tenant.tier)
+    how = submission.api(deps.settings, cache_control, stream=call.stream, tier=submission.tier_of(body, tenant))
     if call.store:
         how = replace(how, keep_s=RESPONSE_TTL_S)
     sub = submission.submit("chat", chat, tenant, deps, how)

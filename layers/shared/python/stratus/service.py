@@ -34,7 +34,9 @@ class Reply:
 
 
 def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control: str = "", wait: bool = True) -> Reply:
-    sub = submission.submit(route, body, tenant, deps, submission.api(deps.settings, cache_control, tier=tenant.tier))
+    sub = submission.submit(
+        route, body, tenant, deps, submission.api(deps.settings, cache_control, tier=submission.tier_of(body, tenant))
+    )
     if sub.hit is not None:
         return Reply(200, completion_body(sub.hit), {"x-stratus-cache": "hit"})
     if not wait:

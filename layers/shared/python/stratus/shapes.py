@@ -33,6 +33,7 @@ def completion_body(job: Job) -> dict:
     common = {
         "created": int(job.created_at),
         "model": req.model,
+        "service_tier": "flex" if job.tier == "batch" else "default",  # the tier it ran in
         "usage": job.usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     }
     choices = result.get("choices") or [result]

@@ -267,7 +267,7 @@ def open_stream(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_con
         return None
     if deps.stream_table is None:
         raise InvalidRequest("streaming is not configured on this deployment (no stream table)", param="stream")
-    how = submission.api(deps.settings, cache_control, stream=True, tier=tenant.tier)
+    how = submission.api(deps.settings, cache_control, stream=True, tier=submission.tier_of(body, tenant))
     return stream_of(submission.submit(route, body, tenant, deps, how), tenant, deps, Stream, options)
 
 

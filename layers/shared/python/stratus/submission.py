@@ -73,6 +73,21 @@ def api(
     return SubmitPolicy(settings.deadline_for(tier), tier, charge=True, streaming=stream, cache_control=cache_control)
 
 
+SERVICE_TIERS = ("auto", "default", "flex", "priority", "scale")  # OpenAI's service_tier values
+
+
+def tier_of(body, tenant: Tenant) -> str:
+    """The tier a request runs in: its tenant's (the key record), or the batch tier when the body
+    asks for service_tier "flex" (cheaper and slower: it waits behind interactive work). No request
+    raises its tenant above the tier its key was given."""
+    wanted = body.get("service_tier") if isinstance(body, dict) else None
+    if wanted is not None and wanted not in SERVICE_TIERS:
+        raise InvalidRequest(
+            f"service_tier must be one of {', '.join(SERVICE_TIERS)}, got {wanted!r}", param="service_tier"
+        )
+    return "batch" if wanted == "flex" else tenant.tier
+
+
 def batch_line(settings: Settings, batch_id: str | None = None, line: int | None = None) -> SubmitPolicy:
     """A batch file's line (its number in the file, when its job's id is to come from it: made once)."""
     origin = line_origin(batch_id, line) if batch_id and line is not None else None
