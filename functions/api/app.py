@@ -164,6 +164,22 @@ def upload_file() -> Response:
     return _reply(service.Reply(200, batches.upload_file(filename, content, tenant.name, deps)))
 
 
+@app.get("/v1/files")
+def list_files() -> Response:
+    query = app.current_event.query_string_parameters or {}
+    return _reply(service.Reply(200, batches.list_files(query, _tenant().name, get_deps())))
+
+
+@app.get("/v1/files/<file_id>")
+def retrieve_file(file_id: str) -> Response:
+    return _reply(service.Reply(200, batches.retrieve_file(file_id, _tenant().name, get_deps())))
+
+
+@app.delete("/v1/files/<file_id>")
+def delete_file(file_id: str) -> Response:
+    return _reply(service.Reply(200, batches.delete_file(file_id, _tenant().name, get_deps())))
+
+
 @app.get("/v1/files/<file_id>/content")
 def file_content(file_id: str) -> Response:
     content = batches.file_content(file_id, _tenant().name, get_deps())

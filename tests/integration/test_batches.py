@@ -234,6 +234,28 @@ def test_post_batches_points_at_a_tenant_file_and_other_tenants_get_404(stack, b
     assert bad[0] == 400 and "input_file_id is required" in bad[1]["error"]["message"]
 
 
+def test_a_posted_batch_keeps_its_endpoint_and_metadata_through_its_ingest(stack, batch_fn):
+    upload, _, _ = batch_fn
+    bucket = stack.refs["ResultsBucket"]
+    boto3.client("s3").put_object(Bucket=bucket, Key="batches/files/acme/q.jsonl", Body=FILE.encode())
+    acme = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    body = {
+        "input_file_id": "q.jsonl",
+        "endpoint": "/v1/completions",
+        "completion_window": "24h",
+        "metadata": {"run": "7"},
+    }
+    status, view, _ = stack.call("api_create_batch.json", key=acme, body=body)
+    assert status == 200 and view["endpoint"] == "/v1/completions" and view["metadata"] == {"run": "7"}
+    upload(view["input_file_uri"].removeprefix(f"s3://{bucket}/"), None)  # (the ingest writes the record anew)
+    view = stack.call("api_get_batch.json", key=acme, job_id=view["id"])[1]
+    assert view["endpoint"] == "/v1/completions" and view["metadata"] == {"run": "7"}
+    # metadata past S3's room for it (or not pairs of strings) is refused before anything is copied
+    for wrong in ({str(i): "v" * 200 for i in range(10)}, {"a": 1}, ["a"]):
+        status, err, _ = stack.call("api_create_batch.json", key=acme, body={**body, "metadata": wrong})
+        assert status == 400 and err["error"]["param"] == "metadata"
+
+
 def test_a_file_over_the_line_limit_fails_with_a_clear_error(batch_limits, stack, batch_fn, monkeypatch):
 
     batch_limits(max_lines=3)

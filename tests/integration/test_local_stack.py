@@ -454,7 +454,7 @@ def test_an_uploaded_batch_file_produces_output_and_error_files(stack):
     assert error["line"] == 4 and "not valid JSON" in error["error"]["message"]
 
 
-def sdk_batch(stack, path: Path, questions: list[str], max_tokens: int):
+def sdk_batch(stack, path: Path, questions: list[str], max_tokens: int, **create):
     """files.create -> batches.create for a file of chat lines (custom ids c0, c1, ...)."""
     lines = [
         {
@@ -473,18 +473,21 @@ def sdk_batch(stack, path: Path, questions: list[str], max_tokens: int):
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     uploaded = stack.client.files.create(file=path.open("rb"), purpose="batch")
     return stack.client.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h", **create
     )
 
 
 def test_the_openai_sdk_batch_flow(stack, tmp_path):
     # files.create -> batches.create -> batches.retrieve until completed -> files.content
-    batch = sdk_batch(stack, tmp_path / "colours.jsonl", [f"Name a colour, {i}." for i in range(2)], 8)
+    tags = {"team": "search", "run": "nightly-7"}
+    batch = sdk_batch(stack, tmp_path / "colours.jsonl", [f"Name a colour, {i}." for i in range(2)], 8, metadata=tags)
+    assert batch.metadata == tags and batch.endpoint == "/v1/chat/completions"
     deadline = time.monotonic() + 90
     while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
         time.sleep(0.5)
         batch = stack.client.batches.retrieve(batch.id)
     assert batch.status == "completed" and batch.request_counts.completed == 2, batch
+    assert batch.metadata == tags  # (kept through the upload's ingest, which replaces the record)
     out = [json.loads(x) for x in stack.client.files.content(batch.output_file_id).text.splitlines()]
     assert sorted(o["custom_id"] for o in out) == ["c0", "c1"]
     assert all(o["response"]["body"]["choices"][0]["message"]["content"] for o in out)
@@ -894,3 +897,21 @@ def test_the_openai_agents_sdk_runs_an_agent_with_a_function_tool(stack):
     result = Runner.run_sync(agent, "What is the weather like in Paris today?")
     assert called and "Paris" in called[0]  # the tool ran with valid arguments
     assert isinstance(result.final_output, str) and result.final_output
+
+
+def test_the_openai_sdk_lists_retrieves_and_deletes_files(stack, tmp_path):
+    path = tmp_path / "lines.jsonl"
+    path.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n')
+    made = [stack.client.files.create(file=path.open("rb"), purpose="batch") for _ in range(3)]
+    listed = stack.client.files.list(limit=2)
+    ids = [f.id for f in listed.data]
+    assert len(ids) == 2 and set(ids) <= {f.id for f in made}
+    everything = [f.id for f in stack.client.files.list(limit=2)]  # (the SDK's auto-pagination: after=)
+    assert set(everything) >= {f.id for f in made}
+    got = stack.client.files.retrieve(made[0].id)
+    assert (got.id, got.filename, got.bytes, got.purpose) == (made[0].id, "lines.jsonl", path.stat().st_size, "batch")
+    assert stack.client.files.delete(made[0].id).deleted
+    with pytest.raises(Exception) as err:
+        stack.client.files.retrieve(made[0].id)
+    assert err.value.status_code == 404
+    assert made[0].id not in [f.id for f in stack.client.files.list()]

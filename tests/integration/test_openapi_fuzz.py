@@ -103,6 +103,7 @@ def test_no_input_gets_a_5xx_or_a_response_outside_the_document(case, web_app):
             "min_tokens must be",
             "cannot be combined with tools",
             "must be stored (store: true)",
+            "characters as JSON in all",
         )
     )
     excluded = [unsupported_method]

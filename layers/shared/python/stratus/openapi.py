@@ -286,7 +286,41 @@ def _spec(s: Settings) -> dict:
                         "200": {"description": "the file", "content": {JSON: {"schema": {"type": "object"}}}},
                         **_errors(*COMMON),
                     },
-                }
+                },
+                "get": {
+                    "summary": "The files this tenant uploaded, newest first",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                        {"name": "after", "in": "query", "schema": {"type": "string"}},
+                        {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
+                        {"name": "purpose", "in": "query", "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {"description": "a list", "content": {JSON: {"schema": _ref("List")}}},
+                        **_errors(400, 401, 503),
+                    },
+                },
+            },
+            "/v1/files/{id}": {
+                "get": {
+                    "summary": "A file's object",
+                    "security": [{"bearer": []}],
+                    "parameters": [_id("file id")],
+                    "responses": {
+                        "200": {"description": "the file", "content": {JSON: {"schema": {"type": "object"}}}},
+                        **_errors(401, 404, 503),
+                    },
+                },
+                "delete": {
+                    "summary": "Delete an uploaded file",
+                    "security": [{"bearer": []}],
+                    "parameters": [_id("file id")],
+                    "responses": {
+                        "200": {"description": "deleted", "content": {JSON: {"schema": {"type": "object"}}}},
+                        **_errors(400, 401, 404, 503),
+                    },
+                },
             },
             "/v1/files/{id}/content": {
                 "get": {

@@ -340,6 +340,14 @@ def schemas(s: Settings) -> dict:
                 "input_file_id": {"type": "string", "minLength": 1},
                 "endpoint": {"type": "string", "enum": list(ROUTE_PATHS)},
                 "completion_window": {"type": "string"},
+                "metadata": {
+                    "type": "object",
+                    "nullable": True,
+                    "maxProperties": 16,
+                    "propertyNames": {"maxLength": 64},
+                    "additionalProperties": {"type": "string", "maxLength": 512},
+                    "description": "shown back on the batch; 1,536 characters as JSON in all (S3 object metadata)",
+                },
             },
         },
         "List": {

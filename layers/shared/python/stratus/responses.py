@@ -551,6 +551,8 @@ def input_items(rid: str, tenant, deps, query: dict) -> dict:
     """GET /v1/responses/{id}/input_items: this response's conversation, as input items (a page)."""
     record = ResponseStore(deps.table).get(rid, tenant.name, deps.clock())
     items = items_of(record["conversation"], rid)
+    if (query or {}).get("order", "desc") not in ("asc", "desc"):
+        raise InvalidRequest("order must be asc or desc", param="order")
     if (query or {}).get("order", "desc") == "desc":
         items = items[::-1]
     after = (query or {}).get("after")

@@ -26,7 +26,15 @@ Handlers call the names below; the modules are the place to read and to test.
 
 from stratus.batches.api import MAX_PAGE, get, get_any, list_page, list_recent
 from stratus.batches.cancelling import cancel
-from stratus.batches.files import MAX_CONTENT_BYTES, file_content, read_upload, upload_file
+from stratus.batches.files import (
+    MAX_CONTENT_BYTES,
+    delete_file,
+    file_content,
+    list_files,
+    read_upload,
+    retrieve_file,
+    upload_file,
+)
 from stratus.batches.ingest import batch_id_for_upload, create, create_from_request, tenant_of_upload
 from stratus.batches.model import Batch, BatchStatus, Line
 from stratus.batches.schedule import advance, ingest_left, open_batches, release_for, release_step, run_pass
@@ -44,16 +52,19 @@ __all__ = [
     "cancel",
     "create",
     "create_from_request",
+    "delete_file",
     "file_content",
     "get",
     "get_any",
     "ingest_left",
+    "list_files",
     "list_page",
     "list_recent",
     "open_batches",
     "read_upload",
     "release_for",
     "release_step",
+    "retrieve_file",
     "run_pass",
     "tenant_of_upload",
     "upload_file",

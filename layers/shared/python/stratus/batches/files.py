@@ -1,5 +1,6 @@
 """The OpenAI files API, for batch input and output: POST /v1/files (purpose "batch", multipart),
-GET /v1/files/{id}/content (an uploaded file, or a batch's output or error file)."""
+GET /v1/files (the uploaded ones), GET /v1/files/{id} and GET /v1/files/{id}/content (an uploaded
+file, or a batch's output or error file), DELETE /v1/files/{id} (an uploaded file)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 import time
 import uuid
 from typing import TYPE_CHECKING
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from stratus.batches.api import get
 from stratus.batches.model import FILES_PREFIX
@@ -78,16 +79,7 @@ def upload_file(filename: str, data: bytes, tenant: str, deps: Deps) -> dict:
 
 def file_content(file_id: str, tenant: str, deps: Deps) -> bytes:
     """GET /v1/files/{id}/content: an uploaded file, or a batch's output or error file."""
-    if m := BATCH_FILE_ID.fullmatch(file_id):
-        batch = get(m.group(1), tenant, deps)
-        key = batch.output_file if m.group(2) == "output" else batch.error_file
-        if key is None:
-            raise NotFound(f"file {file_id!r} does not exist yet: batch {batch.id} is {batch.status}")
-    elif FILE_ID.fullmatch(file_id):
-        key = f"{FILES_PREFIX}{tenant}/{file_id}"
-    else:
-        raise NotFound(f"file {file_id!r} not found")
-    bucket = deps.settings.bucket
+    key, bucket = _key_of(file_id, tenant, deps), deps.settings.bucket
     try:
         size = deps.s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
     except Exception as exc:
@@ -98,3 +90,81 @@ def file_content(file_id: str, tenant: str, deps: Deps) -> bytes:
             f"carries: read s3://{bucket}/{key}"
         )
     return deps.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _file_object(file_id: str, head_or_listing: dict, filename: str) -> dict:
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": int(head_or_listing.get("ContentLength", head_or_listing.get("Size", 0))),
+        "created_at": int(head_or_listing["LastModified"].timestamp()),
+        "filename": filename,
+        "purpose": "batch" if FILE_ID.fullmatch(file_id) else "batch_output",
+        "status": "processed",
+    }
+
+
+def _key_of(file_id: str, tenant: str, deps: Deps) -> str:
+    """The S3 key of a file id the tenant may read (NotFound otherwise)."""
+    if m := BATCH_FILE_ID.fullmatch(file_id):
+        batch = get(m.group(1), tenant, deps)
+        key = batch.output_file if m.group(2) == "output" else batch.error_file
+        if key is None:
+            raise NotFound(f"file {file_id!r} does not exist yet: batch {batch.id} is {batch.status}")
+        return key
+    if FILE_ID.fullmatch(file_id):
+        return f"{FILES_PREFIX}{tenant}/{file_id}"
+    raise NotFound(f"file {file_id!r} not found")
+
+
+def retrieve_file(file_id: str, tenant: str, deps: Deps) -> dict:
+    """GET /v1/files/{id}: an uploaded file's object (or a batch's output or error file's)."""
+    key = _key_of(file_id, tenant, deps)
+    try:
+        head = deps.s3.head_object(Bucket=deps.settings.bucket, Key=key)
+    except Exception as exc:
+        raise NotFound(f"file {file_id!r} not found") from exc
+    filename = unquote((head.get("Metadata") or {}).get("filename", "")) or key.rsplit("/", 1)[-1]
+    return _file_object(file_id, head, filename)
+
+
+MAX_LIST = 100
+
+
+def list_files(query: dict, tenant: str, deps: Deps) -> dict:
+    """GET /v1/files (?limit= 1-100, default 20, &after=<file id>, &order=desc|asc by created_at):
+    the files the tenant uploaded through POST /v1/files."""
+    try:
+        limit = int(query.get("limit", 20))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIST:
+        raise InvalidRequest(f"limit must be an integer in [1, {MAX_LIST}]", param="limit")
+    if query.get("order", "desc") not in ("asc", "desc"):
+        raise InvalidRequest("order must be asc or desc", param="order")
+    if query.get("purpose") not in (None, "batch"):
+        return {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+    prefix, found = f"{FILES_PREFIX}{tenant}/", []
+    for page in deps.s3.get_paginator("list_objects_v2").paginate(Bucket=deps.settings.bucket, Prefix=prefix):
+        found += [o for o in page.get("Contents", []) if FILE_ID.fullmatch(o["Key"].removeprefix(prefix))]
+    found.sort(key=lambda o: (o["LastModified"], o["Key"]), reverse=query.get("order", "desc") != "asc")
+    ids = [o["Key"].removeprefix(prefix) for o in found]
+    start = ids.index(query["after"]) + 1 if query.get("after") in ids else 0
+    page = ids[start : start + limit]
+    data = [retrieve_file(file_id, tenant, deps) for file_id in page]  # (a HEAD each: the filename)
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": page[0] if page else None,
+        "last_id": page[-1] if page else None,
+        "has_more": start + limit < len(ids),
+    }
+
+
+def delete_file(file_id: str, tenant: str, deps: Deps) -> dict:
+    """DELETE /v1/files/{id}: an uploaded file (a batch's own files expire with it)."""
+    if BATCH_FILE_ID.fullmatch(file_id):
+        raise InvalidRequest(f"{file_id!r} is a batch's output: it expires with the batch", param="file_id")
+    retrieve_file(file_id, tenant, deps)  # NotFound for another tenant's, or none
+    deps.s3.delete_object(Bucket=deps.settings.bucket, Key=_key_of(file_id, tenant, deps))
+    return {"id": file_id, "object": "file", "deleted": True}

@@ -11,6 +11,7 @@ file with their line number.
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Callable
 from itertools import islice
@@ -41,6 +42,25 @@ def batch_id_for_upload(bucket: str, key: str, etag: str) -> str:
     return "batch_" + hashlib.sha256(f"{bucket}/{key}/{etag}".encode()).hexdigest()[:24]
 
 
+# S3 user metadata of a batch file (x-amz-meta-*): POST /v1/batches sets them on its copy; an upload
+# may set them too. S3 keeps 2 KB of user metadata an object.
+ENDPOINT_META, METADATA_META = "stratus-endpoint", "stratus-metadata"
+MAX_METADATA_CHARS = 1536
+
+
+def upload_settings(head: dict) -> tuple[str, dict]:
+    """A batch file's HeadObject -> (its endpoint, its metadata) from its user metadata; anything
+    unreadable there is the default (the chat endpoint, no metadata): the lines say their own url."""
+    meta = head.get("Metadata") or {}
+    endpoint = meta.get(ENDPOINT_META, "/v1/chat/completions")
+    try:
+        pairs = json.loads(meta.get(METADATA_META, "{}"))
+    except ValueError:
+        pairs = {}
+    ok = isinstance(pairs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in pairs.items())
+    return (endpoint if endpoint in ROUTE_PATHS else "/v1/chat/completions"), (pairs if ok else {})
+
+
 def tenant_of_upload(key: str) -> str:
     rest = key.removeprefix(INPUT_PREFIX)
     if rest == key or "/" not in rest:
@@ -53,6 +73,7 @@ def create(batch_id: str, tenant: str, key: str, deps: Deps, etag: str = "") -> 
     for up to BatchIngestSeconds; the scheduled pass goes on with what is left. A redelivered event
     finds the batch recorded and goes on with its ingest (or finds it done)."""
     store, batch = BatchStore.of(deps), Batch(batch_id, tenant, key, etag.strip('"'))
+    batch.endpoint, batch.metadata = upload_settings(deps.s3.head_object(Bucket=deps.settings.bucket, Key=key))
     if not store.put_new(batch):
         logger.info("batch exists already (a redelivered event)", extra={"batch_id": batch_id})
     elif (error := too_many_open(tenant, batch_id, deps)) is not None:
@@ -90,6 +111,21 @@ def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
     endpoint = body.get("endpoint", "/v1/chat/completions")
     if not isinstance(endpoint, str) or endpoint not in ROUTE_PATHS:
         raise InvalidRequest(f"endpoint must be one of {', '.join(ROUTE_PATHS)}", param="endpoint")
+    metadata = body.get("metadata") or {}
+    text = json.dumps(metadata, separators=(",", ":"), ensure_ascii=True) if isinstance(metadata, dict) else ""
+    if (
+        not text
+        or len(metadata) > 16
+        or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in metadata.items()
+        )
+        or len(text) > MAX_METADATA_CHARS
+    ):
+        raise InvalidRequest(
+            f"metadata must map at most 16 keys (64 characters) to strings (512), {MAX_METADATA_CHARS} "
+            "characters as JSON in all",
+            param="metadata",
+        )
     if (error := too_many_open(tenant, "", deps)) is not None:
         raise error
     bucket, name = deps.settings.bucket, body["input_file_id"]
@@ -100,10 +136,16 @@ def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
         raise NotFound(f"no file {name!r} under {FILES_PREFIX}{tenant}/", param="input_file_id") from exc
     # The copy under the input prefix is an upload like any other: the batch function ingests it.
     key = f"{INPUT_PREFIX}{tenant}/{POSTED}/{uuid.uuid4().hex[:12]}/{name.rsplit('/', 1)[-1]}"
-    etag = deps.s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": source})[
-        "CopyObjectResult"
-    ]["ETag"]
+    settings = {ENDPOINT_META: endpoint, METADATA_META: text}  # what the upload's batch reads (upload_settings)
+    etag = deps.s3.copy_object(
+        Bucket=bucket,
+        Key=key,
+        CopySource={"Bucket": bucket, "Key": source},
+        Metadata=settings,
+        MetadataDirective="REPLACE",
+    )["CopyObjectResult"]["ETag"]
     batch = Batch(batch_id_for_upload(bucket, key, etag.strip('"')), tenant, key, etag.strip('"'))
+    batch.endpoint, batch.metadata = endpoint, metadata
     if not BatchStore.of(deps).announce(batch):  # visible to GET at once; the ingest replaces it
         return get(batch.id, tenant, deps)  # (or got there first)
     return batch

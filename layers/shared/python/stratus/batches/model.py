@@ -92,6 +92,8 @@ class Batch:
     settled_done: int = 0  # ... and how many of those finished DONE
     settled_parts: dict = field(default_factory=dict)  # lines files past that mark whose every line has
     # finished -> how many DONE: not read again
+    endpoint: str = "/v1/chat/completions"  # as posted (or set on the upload: upload_settings)
+    metadata: dict = field(default_factory=dict)  # the caller's own pairs, shown back
 
     _OPTIONAL = ("completed_at", "output_file", "error_file", "cancelling_at", "cancelled_at", "lines_total")
     _INTS = (
@@ -131,6 +133,8 @@ class Batch:
             "read_offset": self.read_offset,
             "read_line": self.read_line,
             "settled_parts": json.dumps(self.settled_parts),
+            "endpoint": self.endpoint,
+            "metadata": json.dumps(self.metadata),
         }
         if self.status.open:
             item["open_batch"] = OPEN
@@ -154,6 +158,8 @@ class Batch:
             error_file=item.get("error_file"),
             errors=json.loads(item.get("errors", "[]")),
             settled_parts={int(p): int(d) for p, d in json.loads(item.get("settled_parts", "{}")).items()},
+            endpoint=item.get("endpoint", "/v1/chat/completions"),
+            metadata=json.loads(item.get("metadata", "{}")),
             **ints,
         )
 
@@ -183,7 +189,7 @@ class Batch:
         return {
             "id": self.id,
             "object": "batch",
-            "endpoint": "/v1/chat/completions",
+            "endpoint": self.endpoint,
             "input_file_id": input_id,
             "completion_window": "24h",
             "status": self.status.value,
@@ -198,4 +204,5 @@ class Batch:
             "error_file_uri": s3(self.error_file),
             "request_counts": self.counts,
             "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "metadata": self.metadata or None,
         }
