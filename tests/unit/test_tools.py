@@ -76,6 +76,8 @@ def test_tools_and_tool_choice_are_read_and_make_a_grammar():
         ({"parallel_tool_calls": "yes"}, "parallel_tool_calls", "true or false"),
         ({"response_format": {"type": "json_object"}}, "response_format", "cannot be combined with tools"),
         ({"functions": [{"name": "f"}]}, "functions", "send tools and tool_choice"),
+        ({"modalities": ["text", "audio"]}, "modalities", "text only"),
+        ({"web_search_options": {}}, "web_search_options", "no web search"),
     ],
 )
 def test_bad_tool_fields_are_a_400_naming_the_field(fields, param, words):

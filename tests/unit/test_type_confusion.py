@@ -21,6 +21,7 @@ FIELDS = [
     "repetition_penalty", "seed", "stop", "n", "logprobs", "top_logprobs", "echo", "logit_bias",
     "presence_penalty", "frequency_penalty", "response_format", "stream", "stream_options", "tools",
     "tool_choice", "functions", "function_call", "best_of", "suffix", "ignore_eos", "min_tokens",
+    "audio", "modalities", "prediction", "web_search_options", "parallel_tool_calls", "service_tier",
 ]  # fmt: skip
 
 

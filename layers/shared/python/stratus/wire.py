@@ -28,6 +28,10 @@ _UNSUPPORTED = {
     "function_call": lambda v: v in (None, "none"),
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: v in (None, ""),
+    "audio": lambda v: not v,
+    "modalities": lambda v: v in (None, ["text"]),
+    "prediction": lambda v: not v,
+    "web_search_options": lambda v: v is None,
 }
 _FUNCTIONS = "functions and function_call are OpenAI's older names: send tools and tool_choice"
 _WHY = {
@@ -35,6 +39,9 @@ _WHY = {
     "queue messages are answered whole (send stream: false or omit it)",
     "functions": _FUNCTIONS,
     "function_call": _FUNCTIONS,
+    "audio": "this server's models read and write text only",
+    "modalities": 'this server\'s models read and write text only (send ["text"] or omit it)',
+    "web_search_options": "this server has no web search",
 }
 
 
