@@ -335,7 +335,7 @@ def test_refusals_are_counted_by_status_and_reason(stack, key, capsys):
     [
         ({"n": 17}, 400, "n must be an integer in [1, 16], got 17"),
         ({"stream": "yes"}, 400, "stream must be true or false"),
-        ({"tools": [{"type": "function"}]}, 400, "has no tool-calling format"),
+        ({"tools": [{"type": "function"}]}, 400, 'tools[0] must be {"type": "function", "function"'),
         ({"temperature": 3}, 400, "temperature must be in [0.0, 2.0], got 3"),
         ({"top_p": 1.5}, 400, "top_p must be in (0.0, 1.0], got 1.5"),
         ({"max_tokens": 0}, 400, "max_tokens must be an integer in [1, 4096], got 0"),

@@ -296,8 +296,8 @@ def _slow_tokens(worker: Worker, after: int, then) -> list[int]:
     """Each job's tokens come 5 ms apart; after `after` of them, then(job_id) once -> the tokens seen."""
     seen, real_open = [], worker.results.open
 
-    def open_(msg, run, attempt, now):
-        on_token = real_open(msg, run, attempt, now)
+    def open_(msg, run, attempt, now, prompt_tokens=0):
+        on_token = real_open(msg, run, attempt, now, prompt_tokens)
 
         def counted(token_id, logprob=None):
             seen.append(token_id)
