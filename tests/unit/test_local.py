@@ -190,3 +190,22 @@ def test_an_ingest_lease_outlasts_the_batch_function(template):
     # stops at its timeout, so a live run's lease never lapses under it
     timeout = template["Resources"]["BatchFunction"]["Properties"]["Timeout"]
     assert BatchLimits().lease_s >= timeout
+
+
+def test_an_interrupt_while_a_child_starts_is_raised_once_the_child_is_recorded():
+    import os
+    import signal
+    import time
+
+    from stratus_local.serve import _interrupt, _interrupts_held
+
+    before = signal.signal(signal.SIGTERM, _interrupt)  # (as `stratus serve` sets it while starting)
+    recorded = []
+    try:
+        with pytest.raises(KeyboardInterrupt), _interrupts_held():
+            os.kill(os.getpid(), signal.SIGTERM)  # (between the fork and the record, say)
+            time.sleep(0.05)
+            recorded.append("worker-0")
+        assert recorded == ["worker-0"] and signal.getsignal(signal.SIGTERM) is _interrupt
+    finally:
+        signal.signal(signal.SIGTERM, before)

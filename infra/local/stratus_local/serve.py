@@ -14,6 +14,7 @@ Logs go to build/local/logs/ ($STRATUS_LOCAL_LOG_DIR) so the terminal shows the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -102,14 +103,15 @@ def start(
     moto_port = free_port()
     # moto in its own process (its request handling does not share a GIL with the gateway), each
     # DynamoDB request atomic as on AWS (moto_server.py)
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "stratus_local.moto_server", "-H", "127.0.0.1", "-p", str(moto_port)],
-        stdout=open(logs / "moto.log", "ab"),  # noqa: SIM115 — the child keeps the file
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # (Ctrl-C reaches this process only: it stops them in order)
-    stack = LocalStack(f"http://{host}:{port}/v1", "", "", f"http://127.0.0.1:{moto_port}", {}, logs)
-    stack._stops.append(lambda: _stop_processes([moto], grace_s=5))
+    with _interrupts_held():
+        moto = subprocess.Popen(
+            [sys.executable, "-m", "stratus_local.moto_server", "-H", "127.0.0.1", "-p", str(moto_port)],
+            stdout=open(logs / "moto.log", "ab"),  # noqa: SIM115 — the child keeps the file
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # (Ctrl-C reaches this process only: it stops them in order)
+        stack = LocalStack(f"http://{host}:{port}/v1", "", "", f"http://127.0.0.1:{moto_port}", {}, logs)
+        stack._stops.append(lambda: _stop_processes([moto], grace_s=5))
     try:
         _wait_for_port(moto_port, moto, logs / "moto.log")
         aws = {
@@ -172,9 +174,12 @@ def start(
                 start_new_session=True,
             )
 
-        procs = [spawn(i) for i in range(workers)]
+        procs: list[subprocess.Popen] = []
         supervising = threading.Event()
         stack._stops.append(lambda: (supervising.set(), _stop_processes(procs)))
+        for i in range(workers):
+            with _interrupts_held():  # (each child is recorded before an interrupt can leave it running)
+                procs.append(spawn(i))
         _wait_for_workers(procs, [logs / f"worker-{i}.log" for i in range(workers)])
         threading.Thread(target=_supervise, args=(procs, spawn, supervising), daemon=True, name="supervisor").start()
 
@@ -327,6 +332,25 @@ Ready on {stack.url} — Ctrl-C stops everything.
 
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C or SIGTERM while a child process starts is held until the child is recorded among
+    what start() stops, then raised: an interrupt between the fork and the record left a worker
+    running with nobody to stop it. (Signals are the main thread's: elsewhere nothing is held.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    before = {s: signal.signal(s, lambda n, _f: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def main(model_dir: Path, *, port: int, workers: int, api_key: str | None, threads: int | None) -> int:
