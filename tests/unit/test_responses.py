@@ -135,3 +135,14 @@ def test_the_response_shows_its_jobs_state(status, result, error, shown, reason)
     # the job gone: the output the record kept, or a failure that says why
     assert responses.body("resp_x", {**record, "output": []}, None)["status"] == "completed"
     assert responses.body("resp_x", record, None)["error"]["code"] == "expired"
+
+
+def test_a_conversation_too_long_to_store_is_refused_before_its_job_is_made():
+    from stratus.errors import PayloadTooLarge
+
+    fields = responses.read({"model": "m", "input": "hi"}).fields
+    long = [{"role": "user", "content": "x" * (responses.MAX_RECORD_BYTES + 1)}]
+    with pytest.raises(PayloadTooLarge, match="store: false"):
+        responses.ResponseStore.item("resp_" + "a" * 32, "t", "", "m", fields, long, 0.0)
+    item = responses.ResponseStore.item("resp_" + "a" * 32, "t", "", "m", fields, long[:0], 0.0)
+    assert item["expires_at"] == responses.RESPONSE_TTL_S and item["conversation"] == "[]"

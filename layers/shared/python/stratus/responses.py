@@ -395,9 +395,11 @@ class ResponseStore:
     def new_id() -> str:
         return PREFIX + uuid.uuid4().hex
 
-    def put(
-        self, rid: str, tenant: str, job_id: str, model: str, fields: dict, conversation: list[dict], now: float
-    ) -> None:
+    @staticmethod
+    def item(
+        rid: str, tenant: str, job_id: str, model: str, fields: dict, conversation: list[dict], now: float
+    ) -> dict:
+        """The record's item; PayloadTooLarge past what an item holds (checked before the job is made)."""
         item = {
             "pk": rid,
             "tenant": tenant,
@@ -413,6 +415,9 @@ class ResponseStore:
                 f"this conversation is too long to store (over {MAX_RECORD_BYTES:,} bytes): send store: false, "
                 "or start a new conversation"
             )
+        return item
+
+    def put(self, item: dict) -> None:
         self.table.put_item(Item=item)
 
     def get(self, rid: str, tenant: str, now: float) -> dict:
@@ -487,15 +492,17 @@ def create(body, tenant, deps, *, cache_control: str = "") -> Created:
         job = deps.store.get(prev["job_id"], now=now, prompt=False)
         earlier = before(prev, with_result(job, deps) if job is not None else None)
     chat = {**call.chat, "messages": messages(call, earlier)}
+    rid, conversation = store.new_id(), [*earlier, *call.new]
+    model = chat.get("model") if isinstance(chat.get("model"), str) else ""
+    item = store.item(rid, tenant.name, "", model, call.fields, conversation, now) if call.store else None
     how = submission.api(deps.settings, cache_control, stream=call.stream, tier=submission.tier_of(body, tenant))
     if call.store:
         how = replace(how, keep_s=RESPONSE_TTL_S)
-    sub = submission.submit("chat", chat, tenant, deps, how)
-    rid = store.new_id()
+    sub = submission.submit("chat", chat, tenant, deps, how)  # (a record too big was refused first)
     record = {"tenant": tenant.name, "job_id": sub.job_id, "model": sub.req.model, "created_at": int(now)}
-    record |= {"fields": call.fields, "conversation": [*earlier, *call.new]}
-    if call.store:
-        store.put(rid, tenant.name, sub.job_id, sub.req.model, call.fields, record["conversation"], now)
+    record |= {"fields": call.fields, "conversation": conversation}
+    if item is not None:
+        store.put({**item, "job_id": sub.job_id})
     return Created(rid, record, sub)
 
 
