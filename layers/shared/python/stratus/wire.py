@@ -66,11 +66,31 @@ def _number(body: dict, name: str, default, kind=float):
         raise InvalidRequest(f"{name} is out of range, got {shown(value)}", param=name) from None
 
 
-def _flag(body: dict, name: str) -> bool:
+def flag(body: dict, name: str, default: bool = False) -> bool:
+    """A true/false field (absent or null: `default`)."""
     value = body.get(name)
     if value is not None and not isinstance(value, bool):  # (0 == False in Python: not good enough)
         raise InvalidRequest(f"{name} must be true or false, got {shown(value)}", param=name)
-    return bool(value)
+    return default if value is None else value
+
+
+MAX_METADATA = 16  # OpenAI's metadata: pairs, key and value lengths
+
+
+def metadata_field(value) -> dict:
+    """`metadata` (responses, batches): at most 16 string keys (64 characters) to strings (512)."""
+    value = value or {}
+    if (
+        not isinstance(value, dict)
+        or len(value) > MAX_METADATA
+        or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in value.items()
+        )
+    ):
+        raise InvalidRequest(
+            f"metadata must map at most {MAX_METADATA} keys (64 characters) to strings (512)", param="metadata"
+        )
+    return value
 
 
 MAX_JSON_DEPTH = 128  # arrays and objects within each other: far past any real request, far short of
@@ -197,7 +217,7 @@ def parse_request(
         echo=echo,
         json_schema=_response_format(body.get("response_format")),
         grammar=tool_format.grammar(tools),
-        ignore_eos=_flag(body, "ignore_eos"),
+        ignore_eos=flag(body, "ignore_eos"),
         min_tokens=_number(body, "min_tokens", 0, int),
         stop=()
         if stop is None

@@ -29,7 +29,7 @@ from stratus.contracts import QueueMessage, Status
 from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited
 from stratus.keys import Tenant, check_tenant
 from stratus.observability import logger, metrics
-from stratus.wire import ROUTE_PATHS
+from stratus.wire import ROUTE_PATHS, metadata_field
 
 if TYPE_CHECKING:
     from stratus.deps import Deps
@@ -111,19 +111,11 @@ def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
     endpoint = body.get("endpoint", "/v1/chat/completions")
     if not isinstance(endpoint, str) or endpoint not in ROUTE_PATHS:
         raise InvalidRequest(f"endpoint must be one of {', '.join(ROUTE_PATHS)}", param="endpoint")
-    metadata = body.get("metadata") or {}
-    text = json.dumps(metadata, separators=(",", ":"), ensure_ascii=True) if isinstance(metadata, dict) else ""
-    if (
-        not text
-        or len(metadata) > 16
-        or not all(
-            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in metadata.items()
-        )
-        or len(text) > MAX_METADATA_CHARS
-    ):
+    metadata = metadata_field(body.get("metadata"))
+    text = json.dumps(metadata, separators=(",", ":"), ensure_ascii=True)
+    if len(text) > MAX_METADATA_CHARS:
         raise InvalidRequest(
-            f"metadata must map at most 16 keys (64 characters) to strings (512), {MAX_METADATA_CHARS} "
-            "characters as JSON in all",
+            f"metadata holds at most {MAX_METADATA_CHARS} characters as JSON in all (S3 object metadata)",
             param="metadata",
         )
     if (error := too_many_open(tenant, "", deps)) is not None:
