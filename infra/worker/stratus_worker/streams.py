@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from stratus.chunks import Chunk, ChunkStore, first_seq, stream_key
 from stratus.errors import transient
 from stratus_engine.deltas import TextDeltas, TokenText
+from stratus_worker.choices import usage
 
 
 @dataclass(eq=False)
@@ -112,15 +113,7 @@ class ChunkWriter:
             return
         sent = s.deltas.sent
         rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
-        final = {
-            "finish_reason": result.finish_reason,
-            "usage": {
-                "prompt_tokens": result.usage.prompt_tokens,
-                "completion_tokens": result.usage.completion_tokens,
-                "total_tokens": result.usage.total_tokens,
-                "prompt_tokens_details": {"cached_tokens": result.usage.cached_tokens},
-            },
-        }
+        final = {"finish_reason": result.finish_reason, "usage": usage([result])}
         entries = None
         if s.entries is not None:  # the result's own entries (cut at a stop string), past those sent
             entries = [self.render(t) for t in result.choices[0].logprobs or []][s.entries_sent :]
