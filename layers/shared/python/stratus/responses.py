@@ -29,13 +29,13 @@ from stratus import service, submission
 from stratus.contracts import Job, Status
 from stratus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, shown
 from stratus.service import with_result
+from stratus.shapes import list_body, list_page, list_params
 from stratus.streaming import Stream, stream_of
-from stratus.wire import StreamOptions
+from stratus.wire import StreamOptions, flag, metadata_field
 
 RESPONSE_TTL_S = 30 * 86400  # as long as OpenAI keeps a stored response
 PREFIX = "resp_"
 MAX_RECORD_BYTES = 300_000  # DynamoDB items stop at 400 KB
-MAX_METADATA = 16
 TEXT_PARTS = ("input_text", "output_text")
 # Fields of a Responses body this server reads; the rest are refused unless harmless (below)
 HARMLESS = {
@@ -76,7 +76,7 @@ def read(body) -> ResponseCall:
         if name not in READ and not HARMLESS.get(name, lambda v: False)(value):
             raise InvalidRequest(f"{name}={shown(value)} is not supported by this server's Responses API", param=name)
     store, background, stream = (
-        _flag(body, k, d) for k, d in (("store", True), ("background", False), ("stream", False))
+        flag(body, k, d) for k, d in (("store", True), ("background", False), ("stream", False))
     )
     if background and not store:
         raise InvalidRequest(
@@ -85,17 +85,7 @@ def read(body) -> ResponseCall:
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise InvalidRequest("instructions must be a string", param="instructions")
-    metadata = body.get("metadata") or {}
-    if (
-        not isinstance(metadata, dict)
-        or len(metadata) > MAX_METADATA
-        or not all(
-            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in metadata.items()
-        )
-    ):
-        raise InvalidRequest(
-            f"metadata must map at most {MAX_METADATA} keys (64 characters) to strings (512)", param="metadata"
-        )
+    metadata = metadata_field(body.get("metadata"))
     previous = body.get("previous_response_id")
     if previous is not None and (not isinstance(previous, str) or not previous.startswith(PREFIX)):
         raise InvalidRequest(
@@ -139,13 +129,6 @@ def messages(call: ResponseCall, before: list[dict]) -> list[dict]:
     """The chat messages a response runs on: its instructions, the conversation before it, its input."""
     lead = [{"role": "system", "content": call.fields["instructions"]}] if call.fields["instructions"] else []
     return [*lead, *before, *call.new]
-
-
-def _flag(body: dict, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise InvalidRequest(f"{name} must be true or false, got {shown(value)}", param=name)
-    return default if value is None else value
 
 
 def input_messages(value) -> list[dict]:
@@ -557,29 +540,12 @@ def delete(rid: str, tenant, deps) -> dict:
 def input_items(rid: str, tenant, deps, query: dict) -> dict:
     """GET /v1/responses/{id}/input_items: this response's conversation, as input items (a page)."""
     record = ResponseStore(deps.table).get(rid, tenant.name, deps.clock())
+    limit, after, newest_first = list_params(query)
     items = items_of(record["conversation"], rid)
-    if (query or {}).get("order", "desc") not in ("asc", "desc"):
-        raise InvalidRequest("order must be asc or desc", param="order")
-    if (query or {}).get("order", "desc") == "desc":
-        items = items[::-1]
-    after = (query or {}).get("after")
-    if after:
-        ids = [i["id"] for i in items]
-        items = items[ids.index(after) + 1 :] if after in ids else []
-    try:
-        limit = int((query or {}).get("limit", 20))
-    except ValueError:
-        raise InvalidRequest("limit must be an integer in [1, 100]", param="limit") from None
-    if not 1 <= limit <= 100:
-        raise InvalidRequest("limit must be an integer in [1, 100]", param="limit")
-    page = items[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(items) > limit,
-    }
+    items = items[::-1] if newest_first else items
+    by_id = {i["id"]: i for i in items}
+    page, more = list_page(list(by_id), after, limit)
+    return list_body([by_id[i] for i in page], more)
 
 
 # ---- streaming ----------------------------------------------------------------------------------

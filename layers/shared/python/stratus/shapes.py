@@ -6,7 +6,7 @@ from __future__ import annotations
 import codecs
 
 from stratus.contracts import Job, Status
-from stratus.errors import StratusError
+from stratus.errors import InvalidRequest, StratusError
 from stratus.settings import Settings
 
 
@@ -124,3 +124,39 @@ def models_body(settings: Settings) -> dict:
 
 def error_body(exc: StratusError) -> dict:
     return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
+
+
+MAX_LIST = 100  # items a list route returns at once
+
+
+def list_params(query: dict | None) -> tuple[int, str | None, bool]:
+    """A list route's ?limit= (1-100, default 20), ?after= (an id) and ?order= (desc, the default,
+    or asc) -> (limit, after, newest first)."""
+    query = query or {}
+    try:
+        limit = int(query.get("limit", 20))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIST:
+        raise InvalidRequest(f"limit must be an integer in [1, {MAX_LIST}]", param="limit")
+    if query.get("order", "desc") not in ("asc", "desc"):
+        raise InvalidRequest("order must be asc or desc", param="order")
+    return limit, query.get("after") or None, query.get("order", "desc") == "desc"
+
+
+def list_page(ids: list[str], after: str | None, limit: int) -> tuple[list[str], bool]:
+    """The ids past `after` (from the first when None; none when it is not among them: a client's
+    auto-pagination then ends), at most `limit` -> (the page, whether more follow)."""
+    start = 0 if after is None else ids.index(after) + 1 if after in ids else len(ids)
+    return ids[start : start + limit], start + limit < len(ids)
+
+
+def list_body(data: list[dict], has_more: bool) -> dict:
+    """OpenAI's list object (its items carry their ids)."""
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }

@@ -13,6 +13,7 @@ from urllib.parse import quote, unquote
 from stratus.batches.api import get
 from stratus.batches.model import FILES_PREFIX
 from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge
+from stratus.shapes import list_body, list_page, list_params
 
 if TYPE_CHECKING:
     from stratus.deps import Deps
@@ -128,37 +129,18 @@ def retrieve_file(file_id: str, tenant: str, deps: Deps) -> dict:
     return _file_object(file_id, head, filename)
 
 
-MAX_LIST = 100
-
-
 def list_files(query: dict, tenant: str, deps: Deps) -> dict:
     """GET /v1/files (?limit= 1-100, default 20, &after=<file id>, &order=desc|asc by created_at):
     the files the tenant uploaded through POST /v1/files."""
-    try:
-        limit = int(query.get("limit", 20))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_LIST:
-        raise InvalidRequest(f"limit must be an integer in [1, {MAX_LIST}]", param="limit")
-    if query.get("order", "desc") not in ("asc", "desc"):
-        raise InvalidRequest("order must be asc or desc", param="order")
+    limit, after, newest_first = list_params(query)
     if query.get("purpose") not in (None, "batch"):
-        return {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+        return list_body([], False)
     prefix, found = f"{FILES_PREFIX}{tenant}/", []
     for page in deps.s3.get_paginator("list_objects_v2").paginate(Bucket=deps.settings.bucket, Prefix=prefix):
         found += [o for o in page.get("Contents", []) if FILE_ID.fullmatch(o["Key"].removeprefix(prefix))]
-    found.sort(key=lambda o: (o["LastModified"], o["Key"]), reverse=query.get("order", "desc") != "asc")
-    ids = [o["Key"].removeprefix(prefix) for o in found]
-    start = ids.index(query["after"]) + 1 if query.get("after") in ids else 0
-    page = ids[start : start + limit]
-    data = [retrieve_file(file_id, tenant, deps) for file_id in page]  # (a HEAD each: the filename)
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": page[0] if page else None,
-        "last_id": page[-1] if page else None,
-        "has_more": start + limit < len(ids),
-    }
+    found.sort(key=lambda o: (o["LastModified"], o["Key"]), reverse=newest_first)
+    ids, more = list_page([o["Key"].removeprefix(prefix) for o in found], after, limit)
+    return list_body([retrieve_file(file_id, tenant, deps) for file_id in ids], more)  # (a HEAD each: the filename)
 
 
 def delete_file(file_id: str, tenant: str, deps: Deps) -> dict:
