@@ -77,10 +77,10 @@ def batch_fn(stack):
     return upload, tick, read
 
 
-def work_all(stack, text: str = "4") -> int:
-    """Play the worker for every queued job."""
+def work_all(stack, text: str = "4", messages: list[dict] | None = None) -> int:
+    """Play the worker for every queued job (or for these messages, taken from the queue already)."""
     store, n = JobStore(stack.table), 0
-    for m in stack.queued("BatchJobsQueue"):
+    for m in stack.queued("BatchJobsQueue") if messages is None else messages:
         store.transition(m["job_id"], [Status.QUEUED], Status.RUNNING, worker="w")
         store.complete(
             m["job_id"],
@@ -117,6 +117,44 @@ def test_an_uploaded_file_becomes_a_batch_with_output_and_error_files(stack, bat
     assert "not valid JSON" in errors[0]["error"]["message"] and "temperature" in errors[1]["error"]["message"]
     # and its outbox (the lines' queued prompts) is gone; the record of which job served each line stays
     assert state_files(stack, created["batch"]) == ["lines/00000.json"]
+
+
+def test_responses_lines_run_as_chats_and_answer_response_objects(stack, batch_fn):
+    upload, tick, read = batch_fn
+
+    def response_line(custom_id: str, **body) -> str:
+        body = {"model": MODEL, "input": "What is 2+2?", "max_output_tokens": 16, "temperature": 0, **body}
+        return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/responses", "body": body})
+
+    # Given Responses lines (plain, with instructions, and three a batch cannot run) beside a chat line
+    text = "\n".join(
+        [
+            response_line("r1"),
+            response_line("r2", instructions="Answer in one word."),
+            response_line("r3", previous_response_id="resp_0123"),
+            response_line("r4", stream=True),
+            response_line("r5", tools=[{"type": "web_search"}]),
+            line("c6", "What is 3+3?"),
+        ]
+    )
+    created = upload("batches/input/acme/responses.jsonl", text)
+    assert created["request_counts"] == {"total": 6, "completed": 0, "failed": 3}
+    # Then each runs as a chat job (instructions first, as a system turn)
+    queued = stack.queued("BatchJobsQueue")
+    assert sorted(len(m["request"]["messages"]) for m in queued) == [1, 1, 2]
+    assert {"role": "system", "content": "Answer in one word."} in [m["request"]["messages"][0] for m in queued]
+    work_all(stack, messages=queued)
+    assert tick()["completed"] == [created["batch"]]
+    key = create_key(stack.table, "acme", rpm=100, tpm=100_000)
+    view = stack.call("api_get_batch.json", key=key, job_id=created["batch"])[1]
+    out = {o["custom_id"]: o["response"]["body"] for o in read(view["output_file_uri"])}
+    # and a Responses line's output body is a response object, a chat line's a chat completion
+    assert out["r1"]["object"] == "response" and out["r1"]["status"] == "completed"
+    assert out["r1"]["id"].startswith("resp_") and out["r1"]["output"][0]["content"][0]["text"].startswith("4:")
+    assert out["r1"]["usage"]["input_tokens"] == 5 and out["r1"]["max_output_tokens"] == 16
+    assert out["c6"]["object"] == "chat.completion"
+    errors = {e["custom_id"]: e["error"]["param"] for e in read(view["error_file_uri"])}
+    assert errors == {"r3": "previous_response_id", "r4": "stream", "r5": "tools[0]"}
 
 
 def test_lines_of_any_shape_become_error_lines_and_the_rest_of_the_file_goes_on(stack, batch_fn):

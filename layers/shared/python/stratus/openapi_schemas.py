@@ -338,7 +338,7 @@ def schemas(s: Settings) -> dict:
             "required": ["input_file_id"],
             "properties": {
                 "input_file_id": {"type": "string", "minLength": 1},
-                "endpoint": {"type": "string", "enum": list(ROUTE_PATHS)},
+                "endpoint": {"type": "string", "enum": [*ROUTE_PATHS, "/v1/responses"]},
                 "completion_window": {"type": "string"},
                 "metadata": {
                     "type": "object",

@@ -217,6 +217,54 @@ def _text_format(value):
     )
 
 
+# ---- batch lines --------------------------------------------------------------------------------
+
+BATCH_REFUSED = {
+    "previous_response_id": "a batch line cannot continue a stored response (send the conversation as input)",
+    "background": "a batch line is already run in the background: background is for POST /v1/responses",
+    "stream": "batch lines are not streamed: stream is for POST /v1/responses",
+}
+
+
+def batch_chat(body) -> dict:
+    """A batch line's Responses body -> the chat body its job runs. A line is not stored: there is
+    no conversation to continue, nothing to poll or stream (InvalidRequest naming the field)."""
+    call = read(body)
+    for name, why in BATCH_REFUSED.items():
+        if body.get(name) not in (None, False):
+            raise InvalidRequest(why, param=name)
+    return {**call.chat, "messages": messages(call, [])}
+
+
+def batch_body(job: Job) -> dict:
+    """A batch line's DONE job -> the response object of its output line (the request's own fields
+    as its job kept them: instructions were folded into its messages)."""
+    req, p = job.request, job.request.params
+    tools = req.tools
+    fields = {
+        "instructions": None,
+        "metadata": {},
+        "max_output_tokens": p.max_tokens,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "text": {
+            "format": {"type": "json_schema", "schema": json.loads(p.json_schema)}
+            if p.json_schema
+            else {"type": "text"}
+        },
+        "tools": [{"type": "function", **f} for f in tools.functions] if tools else [],
+        "tool_choice": (tools.choice if tools.choice != "function" else {"type": "function", "name": tools.name})
+        if tools
+        else "auto",
+        "parallel_tool_calls": tools.parallel if tools else True,
+        "previous_response_id": None,
+        "store": False,
+        "background": False,
+    }
+    record = {"created_at": int(job.created_at), "model": req.model, "fields": fields}
+    return body(f"{PREFIX}{job.job_id}", record, job)
+
+
 # ---- output ------------------------------------------------------------------------------------
 
 

@@ -112,8 +112,9 @@ def cancel_dead_slice(batch: Batch, deps: Deps) -> None:
             lines.rows(batch, deps, offset=batch.read_offset, line=batch.read_line), s.batches.slice_lines
         ):
             try:
-                _, route, body, _ = parse_line(lines.text(row, s.batches.max_line_bytes), s.model_id)
-                req = parse_request(route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
+                line = parse_line(lines.text(row, s.batches.max_line_bytes), s.model_id)
+                body = line.request_body()
+                req = parse_request(line.route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
             except InvalidRequest:
                 continue  # (an error line made no job)
             origin = submission.line_origin(batch.id, row.n)

@@ -29,7 +29,7 @@ from stratus.contracts import QueueMessage, Status
 from stratus.errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited
 from stratus.keys import Tenant, check_tenant
 from stratus.observability import logger, metrics
-from stratus.wire import ROUTE_PATHS, metadata_field
+from stratus.wire import metadata_field
 
 if TYPE_CHECKING:
     from stratus.deps import Deps
@@ -58,7 +58,7 @@ def upload_settings(head: dict) -> tuple[str, dict]:
     except ValueError:
         pairs = {}
     ok = isinstance(pairs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in pairs.items())
-    return (endpoint if endpoint in ROUTE_PATHS else "/v1/chat/completions"), (pairs if ok else {})
+    return (endpoint if endpoint in lines.URLS else "/v1/chat/completions"), (pairs if ok else {})
 
 
 def tenant_of_upload(key: str) -> str:
@@ -109,8 +109,8 @@ def create_from_request(body: dict, tenant: str, deps: Deps) -> Batch:
             param="input_file_id",
         )
     endpoint = body.get("endpoint", "/v1/chat/completions")
-    if not isinstance(endpoint, str) or endpoint not in ROUTE_PATHS:
-        raise InvalidRequest(f"endpoint must be one of {', '.join(ROUTE_PATHS)}", param="endpoint")
+    if not isinstance(endpoint, str) or endpoint not in lines.URLS:
+        raise InvalidRequest(f"endpoint must be one of {', '.join(lines.URLS)}", param="endpoint")
     metadata = metadata_field(body.get("metadata"))
     text = json.dumps(metadata, separators=(",", ":"), ensure_ascii=True)
     if len(text) > MAX_METADATA_CHARS:
@@ -217,10 +217,14 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, lease_u
         """A line's job -> (the line, the message to send when this batch made the job)."""
         line = Line(row.n, None)
         try:
-            line.custom_id, route, body, line.bedrock = lines.parse_line(
-                lines.text(row, s.batches.max_line_bytes), s.model_id
+            parsed = lines.parse_line(lines.text(row, s.batches.max_line_bytes), s.model_id)
+            line.custom_id, line.bedrock, line.response = (
+                parsed.custom_id,
+                parsed.form == "bedrock",
+                parsed.form == "response",
             )
-            sub = submission.submit(route, body, owner, deps, submission.batch_line(s, batch.id, row.n))
+            how = submission.batch_line(s, batch.id, row.n)
+            sub = submission.submit(parsed.route, parsed.request_body(), owner, deps, how)
         except (InvalidRequest, NotFound, PayloadTooLarge) as exc:
             line.error = lines.line_error(exc)
             return line, None

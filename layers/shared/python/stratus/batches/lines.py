@@ -12,18 +12,35 @@ import json
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from stratus.batches.model import Batch, Line
 from stratus.errors import InvalidRequest, StratusError, shown
+from stratus.responses import batch_chat
 from stratus.wire import ROUTE_PATHS, json_object, require_unicode
 
 if TYPE_CHECKING:
     from stratus.deps import Deps
 
 
-def parse_line(raw: str, default_model: str) -> tuple[str | None, str, dict, bool]:
-    """A JSONL line -> (custom id, route, OpenAI body, is Bedrock); InvalidRequest names the problem."""
+# Batch line urls: the routes, and the Responses API (run as a chat: stratus.responses.batch_chat)
+RESPONSES = "/v1/responses"
+URLS = (*ROUTE_PATHS, RESPONSES)
+
+
+class Parsed(NamedTuple):
+    custom_id: str | None
+    route: str  # "chat" | "completion"
+    body: dict  # an OpenAI chat or completions body; a Responses body for form "response"
+    form: str  # "openai" (a batch line), "bedrock" (a Bedrock record), "response" (a Responses line)
+
+    def request_body(self) -> dict:
+        """The chat or completions body its job runs (InvalidRequest naming a field a line cannot use)."""
+        return batch_chat(self.body) if self.form == "response" else self.body
+
+
+def parse_line(raw: str, default_model: str) -> Parsed:
+    """A JSONL line -> Parsed; InvalidRequest names the problem."""
     d = json_object(raw, "the line")
     if "modelInput" in d:  # Bedrock batch inference record
         body = d["modelInput"]
@@ -33,7 +50,7 @@ def parse_line(raw: str, default_model: str) -> tuple[str | None, str, dict, boo
         if "max_gen_len" in body:
             body["max_tokens"] = body.pop("max_gen_len")
         require_unicode(d.get("recordId"), "recordId")
-        return d.get("recordId"), "chat" if "messages" in body else "completion", body, True
+        return Parsed(d.get("recordId"), "chat" if "messages" in body else "completion", body, "bedrock")
     custom_id = d.get("custom_id")
     require_unicode(custom_id, "custom_id")
     if not isinstance(custom_id, str) or not custom_id:
@@ -41,11 +58,13 @@ def parse_line(raw: str, default_model: str) -> tuple[str | None, str, dict, boo
     if d.get("method", "POST") != "POST":
         raise InvalidRequest(f"method must be POST, got {shown(d.get('method'))}", param="method")
     url = d.get("url")
-    if not isinstance(url, str) or url not in ROUTE_PATHS:  # (a list or an object is no path, nor hashable)
-        raise InvalidRequest(f"url must be one of {', '.join(ROUTE_PATHS)}, got {shown(url)}", param="url")
+    if not isinstance(url, str) or url not in URLS:  # (a list or an object is no path, nor hashable)
+        raise InvalidRequest(f"url must be one of {', '.join(URLS)}, got {shown(url)}", param="url")
     if not isinstance(d.get("body"), dict):
         raise InvalidRequest("body must be an object", param="body")
-    return custom_id, ROUTE_PATHS[url], d["body"], False
+    if url == RESPONSES:
+        return Parsed(custom_id, "chat", d["body"], "response")
+    return Parsed(custom_id, ROUTE_PATHS[url], d["body"], "openai")
 
 
 def line_error(exc: StratusError) -> dict:

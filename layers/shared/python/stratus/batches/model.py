@@ -60,7 +60,8 @@ class Line:
     custom_id: str | None
     job_id: str | None = None
     error: dict | None = None
-    bedrock: bool = False
+    bedrock: bool = False  # a Bedrock record: its output line is Bedrock's shape
+    response: bool = False  # a /v1/responses line: its output body is a response object
     outbox: int | None = None  # its message's place in the batch's outbox: the batch created its job
 
 

@@ -18,6 +18,7 @@ from stratus.batches.store import BatchStore
 from stratus.contracts import Job, Status
 from stratus.jobstore import load_result
 from stratus.observability import logger
+from stratus.responses import batch_body
 from stratus.s3parts import PartWriter
 from stratus.shapes import completion_body
 
@@ -93,7 +94,8 @@ def write_output(batch: Batch, slices: Iterable[list[Line]], deps: Deps, *, canc
 def output_row(l: Line, job: Job | None, inputs: BedrockInputs, cancelled: bool, deps: Deps) -> tuple[bool, dict]:
     """A line's row -> (answered?, the row of the output file if so, else of the error file)."""
     if job is not None and job.status == Status.DONE:
-        body = completion_body(load_result(job, deps.s3))
+        job = load_result(job, deps.s3)
+        body = batch_body(job) if l.response else completion_body(job)
         return True, (
             bedrock.answered(l, inputs.get(l.n), body)
             if l.bedrock
