@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import re
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -101,7 +102,7 @@ def to_event(route: Route, params: dict, method: str, url: str, headers: dict, b
 
 def make_server(
     host: str, port: int, routes: list[Route], invoke: Invoke, web_apps: dict[str, str] | None = None
-) -> ThreadingHTTPServer:
+) -> Gateway:
     """web_apps: function -> base URL of its web app (functions run by the Web Adapter)."""
     web_apps = web_apps or {}
 
@@ -178,6 +179,14 @@ def make_server(
         def log_message(self, fmt, *args) -> None:  # access logs stay quiet; the functions log
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = Gateway((host, port), Handler)
     server.daemon_threads = True
     return server
+
+
+class Gateway(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up (a load generator closing its pool) is no error of ours."""
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
