@@ -19,7 +19,7 @@ DOCKERFILES := infra/worker/Dockerfile infra/worker/Dockerfile.cpu
 export SAM_CLI_TELEMETRY := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help venv serve test test-fast lint lint-check iac-check model models verify bench-engine bench-quality bench-api bench-e2e bench-tenants clean
+.PHONY: help venv serve test test-fast lint lint-check iac-check model models verify bench-engine bench-quality bench-api bench-e2e bench-clients bench-tenants clean
 
 help: ## show this help
 	@echo "Stratus — serverless LLM inference on AWS"
@@ -58,6 +58,19 @@ $(IAC_VENV)/.installed:
 $(EVAL_VENV)/.installed:
 	python3 -m venv $(EVAL_VENV)
 	$(EVAL_VENV)/bin/pip install -q "lm-eval[api]==0.4.13"
+	touch $@
+
+# The load generators bench-clients runs, each in its own throwaway environment (both need PyTorch;
+# torch 2.13.0 is the pin that installs its CPU build)
+CLIENTS_VENV ?= build/venv-clients
+VLLM_VENV ?= build/venv-vllm
+$(CLIENTS_VENV)/.installed:
+	python3 -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/pip install -q guidellm==0.8.1 torch==2.13.0
+	touch $@
+
+$(VLLM_VENV)/.installed:
+	python3 infra/bench/vllm_client_env.py $(VLLM_VENV)
 	touch $@
 
 $(CHECKOV_VENV)/.installed:
@@ -114,6 +127,12 @@ bench-e2e: venv model ## local stack over HTTP: cache hits, overhead, throughput
 	$(PY) infra/bench/build_llama.py --out build/llama --tool llama-server > build/llama-server-path
 	$(PY) infra/bench/bench_stream.py --model $(MODELS)/smollm2-$(QUANT) --llama-server $$(cat build/llama-server-path) \
 		--out build/bench
+
+bench-clients: venv model $(CLIENTS_VENV)/.installed $(VLLM_VENV)/.installed ## GuideLLM and vllm bench serve, unmodified, against the local stack and llama-server on the same model, medians of 3 runs
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) infra/bench/build_llama.py --out build/llama --tool llama-server > build/llama-server-path
+	$(PY) infra/bench/bench_clients.py --model $(MODELS)/smollm2-$(QUANT) --llama-server $$(cat build/llama-server-path) \
+		--guidellm $(CLIENTS_VENV)/bin/guidellm --vllm $(VLLM_VENV)/bin/vllm --out build/bench
 
 bench-tenants: venv model ## local stack: a light tenant's interactive latency beside a tenant sending 10x as many, against solo
 	$(PY) -m pip install -q -e '.[dev,bench]'

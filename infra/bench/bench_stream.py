@@ -24,7 +24,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from stratus_local.serve import free_port, start
@@ -134,26 +136,14 @@ def measure_bare(model_dir: Path, threads: int, requests: int) -> dict:
     return out
 
 
-def run_llama_server(binary: str, gguf: str, threads: int, requests: int) -> dict:
+@contextmanager
+def llama_server(binary: str, gguf: str, threads: int, slots: int) -> Iterator[str]:
+    """llama.cpp's server on the GGUF (continuous batching, `slots` at once, 8192 positions shared)
+    -> its base URL (http://127.0.0.1:port), once /health answers."""
     port = free_port()
+    command = [binary, "-m", gguf, "-t", str(threads), "-tb", str(threads), "-c", "8192", "-np", str(slots)]
     proc = subprocess.Popen(
-        [
-            binary,
-            "-m",
-            gguf,
-            "-t",
-            str(threads),
-            "-tb",
-            str(threads),
-            "-c",
-            "8192",
-            "-np",
-            str(max(LEVELS)),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -166,10 +156,15 @@ def run_llama_server(binary: str, gguf: str, threads: int, requests: int) -> dic
                         break
             except OSError:
                 time.sleep(0.2)
-        return measure_server(f"http://127.0.0.1:{port}/v1", "none", "smollm2", requests, "llama-server")
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def run_llama_server(binary: str, gguf: str, threads: int, requests: int) -> dict:
+    with llama_server(binary, gguf, threads, max(LEVELS)) as url:
+        return measure_server(f"{url}/v1", "none", "smollm2", requests, "llama-server")
 
 
 def main() -> None:
