@@ -208,27 +208,39 @@ def model(model_id: str) -> Response:
 
 
 @functools.cache
-def get_tokenizer() -> tokenizer.ModelTokenizer:  # read from the published model once per container
-    s = get_deps().settings
-    return tokenizer.fetch(s.model_uri, get_deps().s3, s.model_digest)
+def tokenizer_of(model_id: str) -> tokenizer.ModelTokenizer:  # read from the published model once per container
+    model = get_deps().settings.catalogue.find(model_id)
+    return tokenizer.fetch(model.uri, get_deps().s3, model.digest)
+
+
+def get_tokenizer(tenant: Tenant, model: object = None) -> tokenizer.ModelTokenizer:
+    """The tokenizer of the model a request names (`model`, an id or an alias; none: the default)."""
+    catalogue = get_deps().settings.catalogue
+    entry = catalogue.default if model is None else catalogue.find(model)
+    tenant.check_model(entry.id)
+    return tokenizer_of(entry.id)
+
+
+def _model_of(body) -> object:
+    return body.get("model") if isinstance(body, dict) else None
 
 
 @app.post("/tokenize")
 def tokenize() -> Response:
-    _tenant()
-    return _reply(service.Reply(200, get_tokenizer().tokenize(_body())))
+    tenant, body = _tenant(), _body()
+    return _reply(service.Reply(200, get_tokenizer(tenant, _model_of(body)).tokenize(body)))
 
 
 @app.post("/detokenize")
 def detokenize() -> Response:
-    _tenant()
-    return _reply(service.Reply(200, get_tokenizer().detokenize(_body())))
+    tenant, body = _tenant(), _body()
+    return _reply(service.Reply(200, get_tokenizer(tenant, _model_of(body)).detokenize(body)))
 
 
 @app.get("/tokenizer_info")
 def tokenizer_info() -> Response:
-    _tenant()
-    return _reply(service.Reply(200, get_tokenizer().info()))
+    tenant, query = _tenant(), app.current_event.query_string_parameters or {}
+    return _reply(service.Reply(200, get_tokenizer(tenant, query.get("model")).info()))
 
 
 @app.get("/openapi.json")
@@ -238,7 +250,8 @@ def openapi_document() -> Response:
 
 @app.get("/health")
 def health() -> Response:
-    return _reply(service.Reply(200, {"status": "ok", "model": get_deps().settings.model_id}))
+    models = [m.id for m in get_deps().settings.catalogue.models]
+    return _reply(service.Reply(200, {"status": "ok", "model": models[0], "models": models}))
 
 
 @app.exception_handler(StratusError)

@@ -19,12 +19,12 @@ def published(stack, tiny, monkeypatch):
     monkeypatch.setenv("STRATUS_MODEL_URI", uri)
     monkeypatch.setenv("STRATUS_MODEL_DIGEST", json.loads((model / "manifest.json").read_text())["digest"])
     stack.module.get_deps.cache_clear()
-    stack.module.get_tokenizer.cache_clear()
+    stack.module.tokenizer_of.cache_clear()
     from stratus.settings import get_settings
 
     get_settings.cache_clear()
     yield model, Tokenizer.from_file(str(model / "tokenizer.json"))
-    stack.module.get_tokenizer.cache_clear()
+    stack.module.tokenizer_of.cache_clear()
 
 
 def test_tokenize_and_detokenize_round_trip_with_the_models_tokenizer(stack, key, published):
@@ -95,14 +95,14 @@ def test_the_routes_need_a_key(stack, published):
 
 def test_without_a_published_model_the_routes_say_what_to_set(stack, key, monkeypatch):
     monkeypatch.setenv("STRATUS_MODEL_URI", "")
-    stack.module.get_tokenizer.cache_clear()
+    stack.module.tokenizer_of.cache_clear()
     from stratus.settings import get_settings
 
     get_settings.cache_clear()
     stack.module.get_deps.cache_clear()
     status, reply, _ = stack.call("api_tokenizer_info.json", key=key)
     assert status == 501 and "ModelUri" in reply["error"]["message"]
-    stack.module.get_tokenizer.cache_clear()
+    stack.module.tokenizer_of.cache_clear()
 
 
 def test_a_tampered_tokenizer_file_is_refused(stack, key, published, monkeypatch):

@@ -65,6 +65,18 @@ class NotFound(StratusError):
     code = "not_found"
 
 
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class Forbidden(StratusError):
+    """The key is valid but may not do this (403)."""
+
+    status = 403
+    error_type = "permission_error"
+    code = "model_not_allowed"
+
+
 class Conflict(StratusError):
     status = 409
     error_type = "invalid_request_error"

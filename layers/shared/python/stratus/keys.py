@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from botocore.exceptions import ClientError
 
-from stratus.errors import InvalidRequest, RateLimited, Unauthorized
+from stratus.errors import Forbidden, InvalidRequest, RateLimited, Unauthorized
 from stratus.observability import logger
 
 KEY_PREFIX = "sk-stratus-"
@@ -31,6 +31,15 @@ class Tenant:
     rpm: int
     tpm: int
     tier: str = "interactive"  # stratus.contracts.TIERS: where this tenant's API requests are scheduled
+    models: tuple[str, ...] | None = None  # the model ids its key may use (None: every model)
+
+    def check_model(self, model_id: str) -> None:
+        """Forbidden (403) unless the key may use this model."""
+        if self.models is not None and model_id not in self.models:
+            raise Forbidden(
+                f"this API key may not use model {model_id!r} (it may use {', '.join(self.models) or 'none'})",
+                param="model",
+            )
 
     @classmethod
     def trusted(cls, name: str) -> Tenant:
@@ -69,10 +78,20 @@ def set_batch_tpm(table, tenant: str, batch_tpm: int) -> None:
     )
 
 
-def create_key(table, tenant: str, rpm: int, tpm: int, *, key: str | None = None, tier: str = "interactive") -> str:
+def create_key(
+    table,
+    tenant: str,
+    rpm: int,
+    tpm: int,
+    *,
+    key: str | None = None,
+    tier: str = "interactive",
+    models: list[str] | None = None,
+) -> str:
     """Store a new key's hash for `tenant`; returns the key itself (shown once, never stored).
     `key` registers a chosen key instead (local mode's STRATUS_API_KEY); `tier`: the scheduling
-    tier of the tenant's API requests (a batch tenant's requests wait behind interactive work)."""
+    tier of the tenant's API requests (a batch tenant's requests wait behind interactive work);
+    `models`: the model ids the key may use (None: every model, those added later included)."""
     from stratus.contracts import TIERS
 
     check_tenant(tenant)
@@ -87,6 +106,7 @@ def create_key(table, tenant: str, rpm: int, tpm: int, *, key: str | None = None
             "tpm": tpm,
             "tier": tier,
             "created_at": int(time.time()),
+            **({"models": list(models)} if models is not None else {}),
         },
         ConditionExpression="attribute_not_exists(pk)",
     )
@@ -128,7 +148,13 @@ def authenticate(
         tenant = (
             None
             if item is None or item.get("revoked")
-            else Tenant(item["tenant"], int(item["rpm"]), int(item["tpm"]), item.get("tier", "interactive"))
+            else Tenant(
+                item["tenant"],
+                int(item["rpm"]),
+                int(item["tpm"]),
+                item.get("tier", "interactive"),
+                tuple(item["models"]) if "models" in item else None,
+            )
         )
         if len(cache) > 10_000:
             cache.clear()

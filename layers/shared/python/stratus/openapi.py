@@ -23,6 +23,7 @@ def _errors(*statuses: int) -> dict:
 DESCRIPTIONS = {
     400: "invalid request (the field is named)",
     401: "missing or unknown API key",
+    403: "the key may not use this model (stratus keys create --models)",
     404: "not found (or another tenant's)",
     409: "conflicts with the job's state",
     413: "too large for the body limit, SQS or DynamoDB",
@@ -30,7 +31,8 @@ DESCRIPTIONS = {
     501: "not configured on this deployment (the message says what to set)",
     503: "unavailable for a moment (Retry-After)",
 }
-COMMON = (400, 401, 413, 429, 503)
+COMMON = (400, 401, 403, 413, 429, 503)
+MODEL_NAME = {"type": ["string", "null"], "description": "a model id or alias (GET /v1/models); the default without it"}
 
 
 def _completion_route(summary: str, request: str) -> dict:
@@ -338,7 +340,7 @@ def _spec(s: Settings) -> dict:
             },
             "/v1/models": {
                 "get": {
-                    "summary": "The model this deployment serves",
+                    "summary": "The models this deployment serves (id, digest, context length, aliases)",
                     "security": [{"bearer": []}],
                     "responses": {
                         "200": {"description": "a list", "content": {JSON: {"schema": _ref("List")}}},
@@ -348,7 +350,7 @@ def _spec(s: Settings) -> dict:
             },
             "/v1/models/{id}": {
                 "get": {
-                    "summary": "The model this deployment serves, by its id (404 for any other)",
+                    "summary": "A model this deployment serves, by its id or an alias (404 for any other)",
                     "security": [{"bearer": []}],
                     "parameters": [_id("model id")],
                     "responses": {
@@ -373,6 +375,7 @@ def _spec(s: Settings) -> dict:
                                             "not": {"required": ["messages"]},
                                             "properties": {
                                                 "prompt": {"type": "string"},
+                                                "model": MODEL_NAME,
                                                 "add_special_tokens": {"type": "boolean"},
                                                 "return_token_strs": {"type": "boolean"},
                                             },
@@ -383,6 +386,7 @@ def _spec(s: Settings) -> dict:
                                             "not": {"required": ["prompt"]},
                                             "properties": {
                                                 "messages": {"type": "array", "items": MESSAGE},
+                                                "model": MODEL_NAME,
                                                 "add_generation_prompt": {"type": "boolean"},
                                                 "add_special_tokens": {"type": "boolean"},
                                                 "return_token_strs": {"type": "boolean"},
@@ -398,7 +402,7 @@ def _spec(s: Settings) -> dict:
                             "description": "{count, max_model_len, tokens, token_strs}",
                             "content": {JSON: {"schema": {"type": "object"}}},
                         },
-                        **_errors(400, 401, 413, 501, 503),
+                        **_errors(400, 401, 403, 404, 413, 501, 503),
                     },
                 }
             },
@@ -413,14 +417,14 @@ def _spec(s: Settings) -> dict:
                                 "schema": {
                                     "type": "object",
                                     "required": ["tokens"],
-                                    "properties": {"tokens": {**IDS, "minItems": 0}},
+                                    "properties": {"tokens": {**IDS, "minItems": 0}, "model": MODEL_NAME},
                                 }
                             }
                         },
                     },
                     "responses": {
                         "200": {"description": "{prompt}", "content": {JSON: {"schema": {"type": "object"}}}},
-                        **_errors(400, 401, 413, 501, 503),
+                        **_errors(400, 401, 403, 404, 413, 501, 503),
                     },
                 }
             },
@@ -428,12 +432,13 @@ def _spec(s: Settings) -> dict:
                 "get": {
                     "summary": "The tokenizer's special tokens, chat template and limits",
                     "security": [{"bearer": []}],
+                    "parameters": [{"name": "model", "in": "query", "required": False, "schema": MODEL_NAME}],
                     "responses": {
                         "200": {
                             "description": "eos_token, bos_token, chat_template, model_max_length",
                             "content": {JSON: {"schema": {"type": "object"}}},
                         },
-                        **_errors(401, 501, 503),
+                        **_errors(401, 403, 404, 501, 503),
                     },
                 }
             },

@@ -23,7 +23,7 @@ def _sampling(s: Settings, streams: bool = True) -> dict:
         "nullable": True,
     }
     return {
-        "model": {"type": "string", "minLength": 1, "example": s.model_id},
+        "model": {"type": "string", "minLength": 1, "example": s.catalogue.default.id},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": s.max_tokens, "nullable": True},
         "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": s.max_tokens, "nullable": True},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2, "nullable": True},

@@ -30,7 +30,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.contracts import QueueMessage, Status
 from stratus.deps import Deps
-from stratus.errors import Unavailable
+from stratus.errors import ModelNotFound, Unavailable
 from stratus.jobstore import SQS_LIMIT_BYTES
 from stratus.keys import BatchRoom, batch_room, charge_batch
 from stratus.observability import logger, metrics
@@ -201,13 +201,29 @@ def _groups(bodies: list[str]) -> list[list[int]]:
 def send(bodies: list[str], deps: Deps, tenant: str) -> None:
     """Send a tenant's batch-tier messages. A message SQS refused as the sender's fault fails its job visibly
     (never stays QUEUED); one SQS failed on its own side is sent again, SEND_ROUNDS rounds, and
-    raises if it still fails, so the step's cursor stays and the next step sends it again."""
+    raises if it still fails, so the step's cursor stays and the next step sends it again. A line
+    whose model left the catalogue since it was read fails its job: nothing serves it any more."""
+    queues: dict[str, list[str]] = {}  # each model's batch queue -> its bodies (a file may mix models)
+    for body in bodies:
+        message = QueueMessage.from_body(body)
+        try:
+            model = deps.settings.catalogue.find(message.request.model)
+        except ModelNotFound as exc:
+            error = {"message": exc.message, "type": exc.error_type, "code": exc.code}
+            deps.store.transition(message.job_id, [Status.QUEUED], Status.FAILED, error=error)
+            continue
+        queues.setdefault(model.queue_for("batch"), []).append(body)
+    for url, some in queues.items():
+        _send_to(url, some, deps, tenant)
+
+
+def _send_to(url: str, bodies: list[str], deps: Deps, tenant: str) -> None:
     for group in _groups(bodies):
         for attempt in range(SEND_ROUNDS):
             if attempt:
                 deps.sleep(SEND_PAUSE_S * 2 ** (attempt - 1))
             out = deps.sqs.send_message_batch(
-                QueueUrl=deps.settings.queue_for("batch"),
+                QueueUrl=url,
                 # MessageGroupId: SQS fair queues deliver a quiet tenant's lines ahead of a backlog
                 Entries=[{"Id": str(i), "MessageBody": bodies[i], "MessageGroupId": tenant} for i in group],
             )
@@ -248,11 +264,13 @@ def _move_cursor(batch_id: str, old: int, new: int, deps: Deps) -> bool:
 def step(pending: list[Pending], meter: Meter, deps: Deps) -> int:
     """One release step over the open batches with lines left (oldest first); returns lines sent."""
     s = deps.settings
-    attrs = deps.sqs.get_queue_attributes(
-        QueueUrl=s.queue_for("batch"),
-        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-    )["Attributes"]
-    visible, in_flight = int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+    visible = in_flight = 0  # over every model's batch queue
+    for url in s.batch_queues():
+        attrs = deps.sqs.get_queue_attributes(
+            QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        )["Attributes"]
+        visible += int(attrs["ApproximateNumberOfMessages"])
+        in_flight += int(attrs["ApproximateNumberOfMessagesNotVisible"])
     goal = target(s.batch_release_floor, visible, in_flight, meter)
     sent = queued = 0  # lines this step's cursor moves counted; lines it put in the queue
     tenants = list(dict.fromkeys(p.tenant for p in pending))

@@ -13,7 +13,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from stratus import submission
 from stratus.contracts import JOB_ID, Job, Status
 from stratus.deps import Deps
-from stratus.errors import Conflict, NotFound, shown
+from stratus.errors import Conflict, NotFound
 from stratus.jobstore import load_result
 from stratus.keys import Tenant
 from stratus.observability import metrics
@@ -110,8 +110,5 @@ def cancel_job(job_id: str, tenant: Tenant, deps: Deps) -> Reply:
 
 def get_model(model_id: str, settings: Settings) -> Reply:
     """GET /v1/models/{id} (the openai SDK's models.retrieve): the model object, or a 404."""
-    if model_id != settings.model_id:
-        raise NotFound(
-            f"model {shown(model_id)} not found; this deployment serves {settings.model_id!r}", param="model"
-        )
-    return Reply(200, model_object(settings))
+    c = settings.catalogue
+    return Reply(200, model_object(c.find(model_id), c))

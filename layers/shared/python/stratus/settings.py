@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 
+from stratus.catalogue import Catalogue, ModelEntry
+
 
 class ConfigError(RuntimeError):
     """The deployment is misconfigured (a variable is missing or malformed)."""
@@ -97,6 +99,8 @@ class Settings:
     drain_s: float = 25.0  # on SIGTERM: time to finish held jobs before releasing them
     ort_spinning: bool = True  # onnxruntime threads spin while idle: fastest on cores of their own
     batches: BatchLimits = BatchLimits()  # (not from the environment: see BatchLimits)
+    # the models served (stratus.catalogue, JSON); unset: the one model the fields above name
+    models: str = ""
 
     # field name -> (environment variable, parser); every field without a default is required, and a
     # field not named here is not read from the environment
@@ -146,7 +150,30 @@ class Settings:
         "cancel_check_s": ("STRATUS_CANCEL_CHECK_S", float),
         "drain_s": ("STRATUS_DRAIN_S", float),
         "ort_spinning": ("STRATUS_ORT_SPINNING", _bool),
+        "models": ("STRATUS_MODELS", str),
     }
+
+    @functools.cached_property
+    def catalogue(self) -> Catalogue:
+        """The models served: STRATUS_MODELS, or the one model the single-model fields name."""
+        if self.models:
+            return Catalogue.from_json(self.models)
+        return Catalogue(
+            (
+                ModelEntry(
+                    self.model_id,
+                    self.model_digest,
+                    self.context_length,
+                    self.model_uri,
+                    self.queue_url,
+                    self.batch_queue_url,
+                ),
+            )
+        )
+
+    def batch_queues(self) -> list[str]:
+        """Every batch-tier queue the models are served from, each once."""
+        return list(dict.fromkeys(m.queue_for("batch") for m in self.catalogue.models))
 
     def queue_for(self, tier: str) -> str:
         """The jobs queue of a tier."""
@@ -172,7 +199,12 @@ class Settings:
                 values[f.name] = parse(raw)
             except ValueError as exc:
                 raise ConfigError(f"environment variable {var}: {exc}") from exc
-        return cls(**values)
+        settings = cls(**values)
+        try:
+            settings.catalogue  # noqa: B018 — read once here, so a malformed catalogue fails at cold start
+        except ValueError as exc:
+            raise ConfigError(f"environment variable STRATUS_MODELS: {exc}") from exc
+        return settings
 
 
 @functools.cache

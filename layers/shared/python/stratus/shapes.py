@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 
+from stratus.catalogue import Catalogue, ModelEntry
 from stratus.contracts import Job, Status
 from stratus.errors import InvalidRequest, StratusError
 from stratus.settings import Settings
@@ -106,20 +107,22 @@ def completion_logprobs(entries: list[dict], offsets: TextOffsets | None = None)
     }
 
 
-def model_object(settings: Settings) -> dict:
-    """The OpenAI model object of the model this deployment serves."""
+def model_object(model: ModelEntry, catalogue: Catalogue) -> dict:
+    """The OpenAI model object of a model this deployment serves."""
     return {
-        "id": settings.model_id,
+        "id": model.id,
         "object": "model",
         "created": 0,
         "owned_by": "stratus",
-        "digest": settings.model_digest,
-        "context_length": settings.context_length,
+        "digest": model.digest,
+        "context_length": model.context_length,
+        "aliases": catalogue.aliases_of(model),
     }
 
 
 def models_body(settings: Settings) -> dict:
-    return {"object": "list", "data": [model_object(settings)]}
+    c = settings.catalogue
+    return {"object": "list", "data": [model_object(m, c) for m in c.models]}
 
 
 def error_body(exc: StratusError) -> dict:

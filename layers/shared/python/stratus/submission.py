@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aws_lambda_powertools.metrics import MetricUnit
 
 from stratus.cache_key import cache_key
+from stratus.catalogue import ModelEntry
 from stratus.contracts import CACHED_PREFIX, UNCACHED_PREFIX, InferenceRequest, Job, QueueMessage, Status
 from stratus.deps import Deps
-from stratus.errors import InvalidRequest, NotFound, RateLimited, Unavailable
+from stratus.errors import InvalidRequest, RateLimited, Unavailable
 from stratus.jobstore import check_sizes, load_result
 from stratus.keys import Tenant, charge, refund
 from stratus.observability import logger, metrics
@@ -137,18 +138,25 @@ def _fewest_prompt_tokens(req: InferenceRequest) -> int:
     return max(len(p.encode()) // MAX_BYTES_PER_TOKEN if isinstance(p, str) else len(p) for p in req.prompts)
 
 
+def resolve(req: InferenceRequest, s: Settings) -> tuple[InferenceRequest, ModelEntry]:
+    """The catalogue entry a request's model names, and the request as that model's: an alias runs
+    as, is cached as and is answered as the model it names. ModelNotFound (404) otherwise."""
+    model = s.catalogue.find(req.model)
+    return (req if req.model == model.id else replace(req, model=model.id)), model
+
+
 def submit(route: str, body: dict, tenant: Tenant, deps: Deps, how: SubmitPolicy) -> Submission:
     s = deps.settings
     req = parse_request(
         route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens, streaming=how.streaming
     )
-    if req.model != s.model_id:
-        raise NotFound(f"model {req.model!r} does not exist; this deployment serves {s.model_id!r}", param="model")
+    req, model = resolve(req, s)
+    tenant.check_model(model.id)
     min_tokens = _fewest_prompt_tokens(req)  # no tokenizer here: a sure lower bound
-    if min_tokens + req.params.max_tokens > s.context_length:
+    if min_tokens + req.params.max_tokens > model.context_length:
         raise InvalidRequest(
             f"the prompt (at least {min_tokens} tokens) + max_tokens "
-            f"({req.params.max_tokens}) exceeds the model's context length of {s.context_length}",
+            f"({req.params.max_tokens}) exceeds the model's context length of {model.context_length}",
             param="messages" if route == "chat" else "prompt",
         )
     return enqueue(req, tenant, deps, how)
@@ -258,7 +266,7 @@ def send(message: QueueMessage, deps: Deps) -> None:
     """SendMessage for a job just created; if it cannot go, the job fails (never stays QUEUED)."""
     try:
         deps.sqs.send_message(
-            QueueUrl=deps.settings.queue_for(message.tier),
+            QueueUrl=deps.settings.catalogue.find(message.request.model).queue_for(message.tier),
             MessageBody=message.to_body(),
             MessageGroupId=message.tenant,  # SQS fair queues: a tenant's backlog never delays the others'
         )
@@ -281,7 +289,8 @@ def job_id_for(req: InferenceRequest, tenant: str, s: Settings, cacheable: bool,
     its first delivery made. (Its tenant may work such an id out, an upload's batch id being a hash
     of the file; GET and DELETE /v1/jobs answer only the job's own tenant.)"""
     if cacheable:
-        return CACHED_PREFIX + cache_key(req, model_digest=s.model_digest, scope="*" if s.shared_cache else tenant)
+        digest = s.catalogue.find(req.model).digest
+        return CACHED_PREFIX + cache_key(req, model_digest=digest, scope="*" if s.shared_cache else tenant)
     if origin is not None:
         return UNCACHED_PREFIX + hashlib.sha256(f"{tenant}/{origin}".encode()).hexdigest()[:32]
     return UNCACHED_PREFIX + uuid.uuid4().hex

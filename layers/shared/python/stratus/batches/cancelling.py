@@ -21,7 +21,7 @@ from stratus.batches.lines import parse_line
 from stratus.batches.model import Batch, BatchStatus, Line
 from stratus.batches.store import BatchStore, at_once
 from stratus.contracts import Status
-from stratus.errors import Conflict, InvalidRequest
+from stratus.errors import Conflict, InvalidRequest, NotFound
 from stratus.observability import logger, metrics
 from stratus.wire import parse_request
 
@@ -112,10 +112,11 @@ def cancel_dead_slice(batch: Batch, deps: Deps) -> None:
             lines.rows(batch, deps, offset=batch.read_offset, line=batch.read_line), s.batches.slice_lines
         ):
             try:
-                line = parse_line(lines.text(row, s.batches.max_line_bytes), s.model_id)
+                line = parse_line(lines.text(row, s.batches.max_line_bytes), s.catalogue.default.id)
                 body = line.request_body()
                 req = parse_request(line.route, body, max_messages=s.max_messages, max_tokens_limit=s.max_tokens)
-            except InvalidRequest:
+                req, _ = submission.resolve(req, s)
+            except (InvalidRequest, NotFound):
                 continue  # (an error line made no job)
             origin = submission.line_origin(batch.id, row.n)
             ids.append(submission.job_id_for(req, batch.tenant, s, cacheable=req.params.deterministic, origin=origin))

@@ -217,7 +217,7 @@ def _ingest_slice(batch: Batch, rows: list[Row], resumed: bool, me: str, lease_u
         """A line's job -> (the line, the message to send when this batch made the job)."""
         line = Line(row.n, None)
         try:
-            parsed = lines.parse_line(lines.text(row, s.batches.max_line_bytes), s.model_id)
+            parsed = lines.parse_line(lines.text(row, s.batches.max_line_bytes), s.catalogue.default.id)
             line.custom_id, line.bedrock, line.response = (
                 parsed.custom_id,
                 parsed.form == "bedrock",
