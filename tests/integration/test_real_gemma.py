@@ -111,11 +111,16 @@ def test_the_base_model_refuses_a_chat_and_continues_text(engines):
     assert text == " 100 degrees Celsius.", text  # (transformers: " 100 degrees Celsius.\n\nThe boiling point…")
 
 
-def test_make_serve_answers_a_completion_from_gemma_through_the_openai_sdk(real_gemma, tmp_path):
-    # What `make serve MODEL=gemma3-270m` runs, on the int8 build: a completion through the openai
-    # SDK (only base_url and api_key set), a chat refused by name, then Ctrl-C stops it cleanly
+def test_make_serve_answers_smollm2_and_gemma_from_one_client(real_models, real_gemma, tmp_path):
+    # What `make serve MODEL="smollm2 gemma3-270m"` runs, on the int8 builds: a worker per model on
+    # its own queues; through the openai SDK (only base_url and api_key set) a chat on the instruct
+    # model, a completion on the base model, a chat the base model refuses by name, and a batch file
+    # with lines for both; then Ctrl-C stops it cleanly
+    import io
+    import json
     import os
     import signal
+    import time
 
     from openai import BadRequestError, OpenAI
 
@@ -123,16 +128,45 @@ def test_make_serve_answers_a_completion_from_gemma_through_the_openai_sdk(real_
     from support import serve
 
     port, key = free_port(), "sk-stratus-gemma-test-key"
-    proc, _, model = serve.start(real_gemma["int8"], tmp_path, port, key, workers=1, threads=2)
+    proc, _, first = serve.start([real_models["int8"], real_gemma["int8"]], tmp_path, port, key, workers=1, threads=1)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
-        assert [m.id for m in client.models.list().data] == [model] == ["gemma-3-270m-q4_k_m-int8"]
+        gemma = "gemma-3-270m-q4_k_m-int8"
+        assert [m.id for m in client.models.list().data] == [first, gemma] == ["smollm2-135m-instruct-int8", gemma]
         done = client.completions.create(
-            model=model, prompt="Water boils at a temperature of", max_tokens=7, temperature=0
+            model=gemma, prompt="Water boils at a temperature of", max_tokens=7, temperature=0
         )
         assert done.choices[0].text == " 100 degrees Celsius." and done.usage.prompt_tokens == 7  # (BOS + 6)
+        chat = client.chat.completions.create(
+            model=first, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0
+        )
+        assert "Paris" in chat.choices[0].message.content and chat.model == first
         with pytest.raises(BadRequestError, match="has no chat template"):
-            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+            client.chat.completions.create(model=gemma, messages=[{"role": "user", "content": "hi"}])
+        lines = [
+            {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions", "body": {"model": first,
+             "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}},
+            {"custom_id": "text", "method": "POST", "url": "/v1/completions", "body": {"model": gemma,
+             "prompt": "Water boils at a temperature of", "max_tokens": 7, "temperature": 0}},
+        ]  # fmt: skip
+        upload = client.files.create(
+            file=("both.jsonl", io.BytesIO("\n".join(map(json.dumps, lines)).encode())), purpose="batch"
+        )
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+        deadline = time.monotonic() + 120
+        while (batch := client.batches.retrieve(batch.id)).status != "completed" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert batch.status == "completed" and batch.request_counts.completed == 2
+        out = {
+            o["custom_id"]: o["response"]["body"]
+            for o in map(json.loads, client.files.content(batch.output_file_id).text.splitlines())
+        }
+        assert out["text"]["model"] == gemma and out["text"]["choices"][0]["text"] == " 100 degrees Celsius."
+        assert out["chat"]["model"] == first and "Paris" in out["chat"]["choices"][0]["message"]["content"]
+        assert sorted(p.name for p in tmp_path.glob("worker-*.log")) == [
+            "worker-Gemma3270mQ4KMInt8-0.log",
+            "worker-Smollm2135mInstructInt8-0.log",
+        ]  # (a worker per model, each loading only its own: the right answers above came from the right one)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=60) == 0

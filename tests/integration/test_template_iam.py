@@ -54,9 +54,12 @@ NESTED_EXPECTED = {
             "JobsTableArn",
             "StreamTableArn",
             "BucketName",
+            "ModelUri",  # its own model's folder only
         }
     },
-    "sagemaker-async.yaml": {"ExecutionRole": {"ReplyQueuePattern", "JobsTableArn", "StreamTableArn", "BucketName"}},
+    "sagemaker-async.yaml": {
+        "ExecutionRole": {"ReplyQueuePattern", "JobsTableArn", "StreamTableArn", "BucketName", "ModelUri"}
+    },
 }
 # actions that have no resource-level permissions in IAM, so "*" is the only possible resource
 STAR_OK = {"xray:PutTraceSegments", "xray:PutTelemetryRecords", "ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"}
@@ -92,8 +95,13 @@ def names(value) -> set[str]:
         if k == "Fn::GetAtt":
             return {v[0] if isinstance(v, list) else v.split(".")[0]}
         if k == "Fn::Sub":
-            text = v if isinstance(v, str) else v[0]
-            return {m.split(".")[0] for m in re.findall(r"\$\{([^}]+)\}", text) if not m.startswith("AWS::")}
+            text, local = (v, {}) if isinstance(v, str) else v
+            named = {m.split(".")[0] for m in re.findall(r"\$\{([^}]+)\}", text) if not m.startswith("AWS::")}
+            return (named - set(local)) | names(list(local.values()))
+        if k == "Fn::If":
+            return names(v[1:])
+        if k in ("Fn::Select", "Fn::Split"):
+            return names(v[1])
     return set()
 
 
@@ -191,3 +199,38 @@ def test_every_route_streams_through_the_web_adapter(translated):
     assert fn["Environment"]["Variables"]["AWS_LAMBDA_EXEC_WRAPPER"] == "/opt/bootstrap"
     assert fn["Environment"]["Variables"]["AWS_LWA_INVOKE_MODE"] == "response_stream"
     assert "LambdaAdapterLayerArm64" in fn["Layers"][1]["Fn::Sub"]
+
+
+def test_a_catalogue_s_stack_has_a_fleet_per_model_and_each_role_only_the_models_queues(monkeypatch_module):
+    from stratus_local.fleets import per_model, render
+
+    entries = [
+        {"name": "Smollm2", "id": "smollm2-135m-instruct-int4", "digest": "d1"},
+        {"name": "Gemma3", "id": "gemma-3-270m-q4_k_m-int4", "digest": "d2", "max_workers": 2},
+    ]
+    template = load_template()
+    translated = translate(render(template, entries))
+    resources = translated["Resources"]
+    own = per_model(template)
+    # each model's fleet is a stack of its own, on its own queues, with its own bounds
+    fleets = {n: r for n, r in resources.items() if r["Type"] == "AWS::CloudFormation::Stack" and "Ecs" in n}
+    assert set(fleets) == {"EcsWorkers", "Gemma3EcsWorkers"}
+    for name, prefix in (("EcsWorkers", ""), ("Gemma3EcsWorkers", "Gemma3")):
+        params = fleets[name]["Properties"]["Parameters"]
+        assert params["JobsQueueUrl"] == {"Ref": f"{prefix}JobsQueue"}
+        assert params["BatchJobsQueueName"] == {"Fn::GetAtt": [f"{prefix}BatchJobsQueue", "QueueName"]}
+    assert fleets["Gemma3EcsWorkers"]["Properties"]["Parameters"]["MaxWorkers"] == "2"
+    assert fleets["EcsWorkers"]["Properties"]["Parameters"]["MaxWorkers"] == {"Ref": "MaxWorkers"}
+    # a shared function's role names every model's copy of what it names for one; a model's own
+    # role (its dispatcher's) only that model's
+    roles = {n: r for n, r in resources.items() if r["Type"] == "AWS::IAM::Role"}
+    assert set(roles) == set(EXPECTED) | {"Gemma3DispatchRole"}
+    for name, role in roles.items():
+        base = EXPECTED[name.removeprefix("Gemma3")]
+        if name.startswith("Gemma3"):
+            expected = {f"Gemma3{n}" if n in own else n for n in base}
+        elif name in own:
+            expected = base
+        else:
+            expected = base | {f"Gemma3{n}" for n in base & own}
+        check_role(name, role, expected)

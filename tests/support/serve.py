@@ -10,12 +10,16 @@ import time
 from pathlib import Path
 
 
-def start(model: Path, logs: Path, port: int, key: str, workers: int, threads: int, env: dict | None = None):
+def start(
+    model: Path | list[Path], logs: Path, port: int, key: str, workers: int, threads: int, env: dict | None = None
+):
     """-> (the process, in its own process group as a terminal's foreground job; its moto URL; the
-    model id it serves), once it prints "Ready on". Fails with what it printed otherwise."""
+    model id it serves, the first of several), once it prints "Ready on". Fails with what it
+    printed otherwise."""
+    models = [model] if isinstance(model, Path) else model
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stratus_cli.main", "serve", "--model", str(model), "--port", str(port)]
-        + ["--workers", str(workers), "--threads", str(threads)],
+        [sys.executable, "-m", "stratus_cli.main", "serve", *(a for m in models for a in ("--model", str(m)))]
+        + ["--port", str(port), "--workers", str(workers), "--threads", str(threads)],
         env={**os.environ, "STRATUS_API_KEY": key, "STRATUS_LOCAL_LOG_DIR": str(logs), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -32,4 +36,4 @@ def start(model: Path, logs: Path, port: int, key: str, workers: int, threads: i
             break
     text = "".join(out)
     assert "Ready on" in text, text
-    return proc, re.search(r"AWS \(moto\) (\S+)", text).group(1), re.search(r"model (\S+)\)", text).group(1)
+    return proc, re.search(r"AWS \(moto\) (\S+)", text).group(1), re.search(r"models? ([^,)\s]+)", text).group(1)

@@ -167,7 +167,9 @@ def test_make_serve_shows_a_base_model_a_completion_to_try():
 
     from stratus_local.serve import banner
 
-    stack = SimpleNamespace(model_id="m", url="http://127.0.0.1:3000/v1", api_key="sk-dev", aws_endpoint="x", logs="l")
+    stack = SimpleNamespace(
+        model_id="m", model_ids=["m"], url="http://127.0.0.1:3000/v1", api_key="sk-dev", aws_endpoint="x", logs="l"
+    )
     base, chat = banner(stack, 1, chat=False), banner(stack, 1, chat=True)
     assert "/v1/completions" in base and "completions.create(" in base and "messages" not in base
     assert "/v1/chat/completions" in chat and "chat.completions.create(" in chat

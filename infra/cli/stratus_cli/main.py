@@ -4,9 +4,10 @@
   stratus model verify --model DIR [--configuration NAME] [--threads N]
   stratus model publish --model DIR --bucket B [--prefix models/]
   stratus generate --model DIR [--max-tokens N] [--temperature T] [--seed S] [--system TEXT] PROMPT
-  stratus keys create --tenant NAME [--rpm N] [--tpm N] [--tier interactive|batch] [--batch-tpm N]   stratus keys revoke KEY
+  stratus keys create --tenant NAME [--rpm N] [--tpm N] [--tier interactive|batch] [--batch-tpm N] [--models a,b]   stratus keys revoke KEY
   stratus invoke api --event events/api_health.json [--env-vars FILE]
-  stratus serve [--model DIR] [--port 3000] [--workers 1] [--api-key KEY]
+  stratus serve [--model DIR ...] [--port 3000] [--workers 1] [--api-key KEY]
+  stratus template --catalogue models.yaml [--out build/template.json] [--check-artifacts]
   stratus worker [--threads N]
 
 Heavy imports (onnx, onnxruntime) happen inside the commands, so `stratus --help` is instant.
@@ -144,13 +145,15 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     if args.batch_tpm is not None and args.batch_tpm < 1:
         raise StratusError("--batch-tpm is 1 or more tokens per minute")
     table = _keys_table(args)
-    key = create_key(table, tenant, args.rpm, args.tpm, tier=args.tier)
+    models = None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
+    key = create_key(table, tenant, args.rpm, args.tpm, tier=args.tier, models=models)
     if args.batch_tpm is not None:
         set_batch_tpm(table, tenant, args.batch_tpm)
     batch = f"{args.batch_tpm} batch tokens/min" if args.batch_tpm is not None else "the stack's batch budget"
     print(key)
+    allowed = "every model" if models is None else f"models {', '.join(models) or 'none'}"
     print(
-        f"tenant {args.tenant}: {args.rpm} requests/min, {args.tpm} tokens/min, {args.tier} tier, {batch}. "
+        f"tenant {args.tenant}: {args.rpm} requests/min, {args.tpm} tokens/min, {args.tier} tier, {batch}, {allowed}. "
         "The key is shown once; only its SHA-256 is stored.",
         file=sys.stderr,
     )
@@ -279,7 +282,35 @@ def _register_event_key(event: dict, refs: dict) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from stratus_local.serve import main as serve
 
-    return serve(args.model, port=args.port, workers=args.workers, api_key=args.api_key, threads=args.threads)
+    models = args.model or [Path("build/models/smollm2-int8")]
+    return serve(models, port=args.port, workers=args.workers, api_key=args.api_key, threads=args.threads)
+
+
+def cmd_template(args: argparse.Namespace) -> int:
+    import json
+
+    from stratus_local.fleets import check_artifacts, read_catalogue, rebased, render
+    from stratus_local.template import ROOT, load_template
+
+    try:
+        entries = read_catalogue(args.catalogue)
+    except ValueError as exc:
+        raise StratusError(str(exc)) from None
+    if args.check_artifacts:
+        import boto3
+
+        problems = check_artifacts(entries, boto3.client("s3"))
+        if problems:
+            raise StratusError("the catalogue does not match what is published:\n  " + "\n  ".join(problems))
+    out = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    template = rebased(render(load_template(), entries), ROOT, out.parent)
+    out.write_text(json.dumps(template, indent=1))
+    print(out)
+    for e in entries:
+        print(f"  {e['id']}: {e['name'] if e is not entries[0] else ''}JobsQueue, ...", file=sys.stderr)
+    print(f"deploy it: sam deploy -t {out} --guided", file=sys.stderr)
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -373,7 +404,13 @@ def _parser() -> argparse.ArgumentParser:
     inv.set_defaults(func=cmd_invoke)
 
     sv = sub.add_parser("serve", help="run the whole system locally (moto, gateway, functions, workers)")
-    sv.add_argument("--model", type=Path, default=Path("build/models/smollm2-int8"))
+    sv.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        help="a built model directory (default build/models/smollm2-int8); repeat it to serve several, the first "
+        "the default",
+    )
     sv.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 3000))
     sv.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS") or 1))
     sv.add_argument(
@@ -383,6 +420,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--threads", type=int, default=None, help="onnxruntime threads per worker")
     sv.set_defaults(func=cmd_serve)
+    tp = sub.add_parser(
+        "template", help="the stack of a model catalogue: template.yaml with a queue pair and worker fleet per model"
+    )
+    tp.add_argument("--catalogue", type=Path, required=True, help="YAML: {models: [{name, id, digest, uri, ...}]}")
+    tp.add_argument("--out", type=Path, default=Path("build/template.json"))
+    tp.add_argument(
+        "--check-artifacts",
+        action="store_true",
+        help="read each model's manifest.json at its uri (AWS credentials) and refuse a digest that differs",
+    )
+    tp.set_defaults(func=cmd_template)
     wk = sub.add_parser("worker", help="serve the jobs queue (settings from STRATUS_* variables)")
     wk.add_argument("--threads", type=int, default=None)
     wk.set_defaults(func=cmd_worker)
@@ -400,6 +448,12 @@ def _parser() -> argparse.ArgumentParser:
         default="interactive",
         help="where the tenant's API requests are scheduled (batch: behind interactive work, "
         "with the batch window as deadline)",
+    )
+    kc.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated model ids the key may use (default: every model the deployment serves, "
+        "those added later included)",
     )
     kc.add_argument(
         "--batch-tpm",

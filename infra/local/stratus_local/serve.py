@@ -5,10 +5,12 @@
   local gateway ──HTTP, streamed back──▶ the api function's web app (its run.sh, as the Lambda Web
                                           Adapter runs it; webapp.py)
   event sources (SQS, S3, schedules)        ──▶ the functions that subscribe to them
-  N worker processes (python -m stratus_worker) running the model on the CPU
+  N worker processes (python -m stratus_worker) running the model on the CPU, per model
 
 The functions and workers are the same code as in AWS with the template's environment; only
-AWS_ENDPOINT_URL (moto) and the model parameters (read from the model's manifest) differ.
+AWS_ENDPOINT_URL (moto) and the model parameters (read from the model's manifest) differ. Given
+several models, the template is the catalogue's (stratus_local.fleets.render: a queue pair per
+model), and each model gets its own workers on its own queues.
 Logs go to build/local/logs/ ($STRATUS_LOCAL_LOG_DIR) so the terminal shows the ready banner and problems only.
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 from stratus import tokenizer
 from stratus_engine.artifact import publish
 from stratus_engine.model_dir import read_spec
+from stratus_local.fleets import render, resource_name
 from stratus_local.template import ROOT, active, create_resources, function_environment, load_template, web_adapter
 
 
@@ -58,14 +61,31 @@ def model_parameters(model_dir: Path) -> dict[str, str]:
     }
 
 
+def catalogue_entries(model_dirs: list[Path]) -> list[dict]:
+    """Built model directories -> catalogue entries (stratus_local.fleets), the first the default."""
+    entries = []
+    for d in model_dirs:
+        params = model_parameters(d)
+        entries.append(
+            {
+                "name": resource_name(params["ModelId"]),
+                "id": params["ModelId"],
+                "digest": params["ModelDigest"],
+                "context_length": int(params["ModelContextLength"]),
+            }
+        )
+    return entries
+
+
 @dataclass
 class LocalStack:
     url: str
     api_key: str
-    model_id: str
+    model_id: str  # the default model's
     aws_endpoint: str
     refs: dict
     logs: Path
+    model_ids: list[str] = field(default_factory=list)  # every model served, the default first
     pools: dict = field(default_factory=dict)  # function -> FunctionPool
     _stops: list = field(default_factory=list)  # callables, run in reverse order
 
@@ -78,7 +98,7 @@ class LocalStack:
 
 
 def start(
-    model_dir: Path,
+    model_dir: Path | list[Path],
     *,
     host: str = "127.0.0.1",
     port: int = 3000,
@@ -88,8 +108,9 @@ def start(
     schedule_every_s: float = 5.0,
     environment: dict[str, str] | None = None,
 ) -> LocalStack:
-    """environment: variables over the template's for every function and worker (benchmarks compare
-    settings)."""
+    """model_dir: a built model, or several (each served by its own `workers`, the first the
+    default); environment: variables over the template's for every function and worker
+    (benchmarks compare settings)."""
     import boto3
 
     from stratus.keys import create_key
@@ -98,6 +119,8 @@ def start(
     from stratus_local.sources import EventSources
     from stratus_local.webapp import WebApp
 
+    model_dirs = [model_dir] if isinstance(model_dir, Path) else list(model_dir)
+    model_dir = model_dirs[0]
     logs = log_dir()
     logs.mkdir(parents=True, exist_ok=True)
     moto_port = free_port()
@@ -125,11 +148,18 @@ def start(
         session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=REGION)
         os.environ["AWS_ENDPOINT_URL"] = stack.aws_endpoint  # this process's clients talk to moto too
         params = model_parameters(model_dir)
-        template = active(load_template(), params)  # resources whose Condition holds (no SageMaker dispatcher)
-        stack.model_id = params["ModelId"]
+        entries = catalogue_entries(model_dirs)
+        template = load_template() if len(entries) == 1 else render(load_template(), entries)
+        template = active(template, params)  # resources whose Condition holds (no SageMaker dispatcher)
+        stack.model_id, stack.model_ids = params["ModelId"], [e["id"] for e in entries]
         stack.refs = refs = create_resources(template, session=session, parameters=params)
-        # the API's tokenizer routes read the published model; the workers load model_dir itself
-        refs["ModelUri"] = publish(model_dir, session.client("s3"), refs["ResultsBucket"], only=tokenizer.FILES)
+        # the API's tokenizer routes read the published models; the workers load the directories themselves
+        s3 = session.client("s3")
+        uris = [publish(d, s3, refs["ResultsBucket"], only=tokenizer.FILES) for d in model_dirs]
+        refs["ModelUri"] = uris[0]
+        if len(entries) > 1:  # (the catalogue again, now with where each tokenizer is)
+            entries = [{**e, "uri": u} for e, u in zip(entries, uris)]
+            template = active(render(load_template(), entries), params)
         table = session.resource("dynamodb").Table(refs["JobsTable"])
         stack.api_key = create_key(table, DEV_TENANT, rpm=100_000, tpm=100_000_000, key=api_key)
 
@@ -159,28 +189,33 @@ def start(
             **os.environ,
             **function_environment(template, None, refs),
             **aws,
-            "STRATUS_MODEL_DIR": str(model_dir),
             "STRATUS_ORT_SPINNING": "false",  # the workers share the machine with the rest
-            **(environment or {}),
         }
         cmd = [sys.executable, "-m", "stratus_worker"] + (["--threads", str(threads)] if threads else [])
+        # (env, log) of each worker: `workers` per model, each on its model's queues (what its
+        # fleet's nested stack gives it in AWS)
+        specs = [
+            (
+                {**worker_env, **fleet_environment(e, i, refs), "STRATUS_MODEL_DIR": str(d), **(environment or {})},
+                logs / (f"worker-{n}.log" if len(entries) == 1 else f"worker-{e['name']}-{n}.log"),
+            )
+            for i, (e, d) in enumerate(zip(entries, model_dirs))
+            for n in range(workers)
+        ]
 
         def spawn(i: int) -> subprocess.Popen:
+            env, log = specs[i]
             return subprocess.Popen(
-                cmd,
-                env=worker_env,
-                stdout=open(logs / f"worker-{i}.log", "ab"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+                cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
             )
 
         procs: list[subprocess.Popen] = []
         supervising = threading.Event()
         stack._stops.append(lambda: (supervising.set(), _stop_processes(procs)))
-        for i in range(workers):
+        for i in range(len(specs)):
             with _interrupts_held():  # (each child is recorded before an interrupt can leave it running)
                 procs.append(spawn(i))
-        _wait_for_workers(procs, [logs / f"worker-{i}.log" for i in range(workers)])
+        _wait_for_workers(procs, [log for _, log in specs])
         threading.Thread(target=_supervise, args=(procs, spawn, supervising), daemon=True, name="supervisor").start()
 
         sources = EventSources(
@@ -212,6 +247,19 @@ def start(
     except BaseException:
         stack.stop()
         raise
+
+
+def fleet_environment(entry: dict, i: int, refs: dict) -> dict[str, str]:
+    """The variables a model's workers get from its fleet (ecs-workers.yaml's parameters): its id,
+    digest and context length, its two queues. The first model's are the template's own."""
+    prefix = "" if i == 0 else entry["name"]
+    return {
+        "STRATUS_MODEL_ID": entry["id"],
+        "STRATUS_MODEL_DIGEST": entry["digest"],
+        "STRATUS_CONTEXT_LENGTH": str(entry["context_length"]),
+        "STRATUS_QUEUE_URL": refs[f"{prefix}JobsQueue"],
+        "STRATUS_BATCH_QUEUE_URL": refs[f"{prefix}BatchJobsQueue"],
+    }
 
 
 def state_file() -> Path:
@@ -312,8 +360,9 @@ def banner(stack: LocalStack, workers: int, chat: bool = True) -> str:
     else:
         route, body = "completions", '"prompt": "The capital of France is", "max_tokens": 16'
         call = 'completions.create(model="{m}", prompt="Water boils at", max_tokens=16, temperature=0).choices[0].text'
+    served = f"model {stack.model_id}" if len(stack.model_ids) < 2 else f"models {', '.join(stack.model_ids)}"
     return f"""
-Stratus is running locally ({workers} worker{"s" if workers != 1 else ""}, model {stack.model_id}).
+Stratus is running locally ({workers} worker{"s" if workers != 1 else ""}{" each" if len(stack.model_ids) > 1 else ""}, {served}).
   base URL   {stack.url}
   API key    {stack.api_key}
   AWS (moto) {stack.aws_endpoint}
@@ -353,18 +402,22 @@ def _interrupts_held():
         raise KeyboardInterrupt
 
 
-def main(model_dir: Path, *, port: int, workers: int, api_key: str | None, threads: int | None) -> int:
-    if not (model_dir / "manifest.json").is_file():
-        print(f"error: {model_dir} is not a built model (run `make model`)", file=sys.stderr)
-        return 2
+def main(model_dirs: Path | list[Path], *, port: int, workers: int, api_key: str | None, threads: int | None) -> int:
+    model_dirs = [model_dirs] if isinstance(model_dirs, Path) else model_dirs
+    for d in model_dirs:
+        if not (d / "manifest.json").is_file():
+            print(f"error: {d} is not a built model (run `make model`)", file=sys.stderr)
+            return 2
     print(
-        f"starting: moto, the resources of template.yaml, {workers} worker(s) loading {model_dir.name}, "
+        f"starting: moto, the resources of template.yaml, {workers} worker(s) loading "
+        f"{' and '.join(d.name for d in model_dirs)}{' each' if len(model_dirs) > 1 else ''}, "
         f"the gateway on 127.0.0.1:{port} …",
         flush=True,
     )
+    model_dir = model_dirs[0]
     signal.signal(signal.SIGTERM, _interrupt)  # while starting: start() stops what it started, then we exit
     try:
-        stack = start(model_dir, port=port, workers=workers, api_key=api_key, threads=threads)
+        stack = start(model_dirs, port=port, workers=workers, api_key=api_key, threads=threads)
     except (RuntimeError, OSError) as exc:  # a worker refused the model, a port is taken, something did not start
         print(f"error: {exc}", file=sys.stderr)
         return 2

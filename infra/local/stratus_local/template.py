@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -45,13 +46,18 @@ def load_template(path: Path = ROOT / "template.yaml") -> dict:
 
 
 def resolve(value, refs: dict):
-    """Replace {"Ref": X} / {"Fn::GetAtt": [X, A]} with refs[X] / refs[(X, A)]."""
+    """Replace {"Ref": X} / {"Fn::GetAtt": [X, A]} with refs[X] / refs[(X, A)], and an Fn::Sub
+    text's ${X} / ${X.A} with the same."""
     if isinstance(value, dict) and len(value) == 1:
         ((k, v),) = value.items()
         if k == "Ref":
             return refs[v]
         if k == "Fn::GetAtt":
             return refs[tuple(v)]
+        if k == "Fn::Sub" and isinstance(v, str):
+            return re.sub(
+                r"\$\{([^}!.]+)(?:\.([^}]+))?\}", lambda m: str(refs[m.group(1) if not m.group(2) else m.groups()]), v
+            )
     if isinstance(value, dict):
         return {k: resolve(v, refs) for k, v in value.items()}
     if isinstance(value, list):
