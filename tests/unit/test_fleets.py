@@ -58,6 +58,12 @@ def test_each_further_model_gets_a_copy_of_every_per_model_resource(rendered):
     assert redrive["deadLetterTargetArn"] == {"Fn::GetAtt": ["Gemma3JobsDeadLetterQueue", "Arn"]}
     alarm = rendered["Resources"]["Gemma3OldestJobAlarm"]["Properties"]["Dimensions"]
     assert alarm == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["Gemma3JobsQueue", "QueueName"]}}]
+    # each model's worker metrics (a `model` dimension: stratus_worker.__main__) have their own alarm and dashboard
+    errors = rendered["Resources"]["Gemma3WorkerErrorsAlarm"]["Properties"]["Dimensions"]
+    assert {"Name": "model", "Value": "gemma-3-270m-int4"} in errors
+    assert rendered["Resources"]["WorkerErrorsAlarm"]["Properties"]["Dimensions"][1]["Value"] == {"Ref": "ModelId"}
+    body = rendered["Resources"]["Gemma3Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    assert '"model", "gemma-3-270m-int4"' in body[0] and body[1]["Jobs"]["Fn::GetAtt"][0] == "Gemma3JobsQueue"
     # and the first entry is the template's own model
     assert rendered["Parameters"]["ModelId"]["Default"] == ENTRIES[0]["id"]
 

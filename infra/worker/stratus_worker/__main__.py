@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from stratus.errors import ModelLoadError
-from stratus.observability import logger
+from stratus.observability import logger, metrics
 from stratus.settings import get_settings
 
 
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     threads = args.threads
     settings = get_settings()
+    # a worker serves one model: its metrics (tokens, TTFT, errors, ...) carry it as a dimension
+    metrics.set_default_dimensions(model=settings.model_id)
     try:
         if settings.model_uri:  # AWS: the published model, verified and cached on local disk
             from stratus_engine.artifact import fetch
