@@ -121,6 +121,7 @@ def test_a_catalogue_file_is_checked(tmp_path):
         ("models:\n  - {name: Gemma3, id: g}", "needs digest"),
         ("models:\n  - {name: gemma-3, id: g, digest: d}", "a capital letter"),
         ("models:\n  - {name: A, id: g, digest: d}\n  - {name: A, id: h, digest: e}", "share a name"),
+        ("models:\n  - {name: A, id: g, digest: d, target: lambda}", "target must be one of"),
     ]:
         path.write_text(text)
         with pytest.raises(ValueError, match=why):
@@ -149,3 +150,14 @@ def test_a_catalogue_whose_digest_differs_from_the_published_manifest_is_refused
         [missing] = check_artifacts([{**good, "uri": "s3://models-bucket/models/g/nothing/"}], s3)
         assert "cannot read s3://models-bucket/models/g/nothing/manifest.json" in missing
         assert "no uri" in check_artifacts([{**good, "uri": ""}], s3)[0]
+
+
+def test_a_model_may_name_its_own_kind_of_fleet():
+    sagemaker = {**ENTRIES[1], "target": "sagemaker", "image": "123.dkr.ecr.us-east-1.amazonaws.com/w:cpu"}
+    rendered = render(load_template(), [ENTRIES[0], sagemaker])
+    resources = rendered["Resources"]
+    assert "Gemma3EcsWorkers" not in resources and "Condition" not in resources["Gemma3SageMakerWorkers"]
+    assert "Condition" not in resources["Gemma3DispatchFunction"]
+    assert resources["Gemma3SageMakerWorkers"]["Properties"]["Parameters"]["WorkerImageUri"] == sagemaker["image"]
+    assert resources["EcsWorkers"]["Condition"] == "UseEcs"  # (the first model's follows WorkerTarget)
+    assert "Gemma3SageMakerWorkers" in active(rendered, {"WorkerTarget": "ecs"})["Resources"]  # whatever the stack's

@@ -16,7 +16,9 @@ every model's queues and nothing else. The first entry is the template's own mod
 per-model parameters' defaults. The functions' STRATUS_MODELS (stratus.catalogue) lists them all.
 
 A catalogue file (YAML): {"models": [{"name", "id", "digest", "uri", "context_length", "aliases",
-"instance_type", "sagemaker_instance_type", "min_workers", "max_workers", "backlog_per_worker"}]}.
+"target", "image", "instance_type", "sagemaker_instance_type", "min_workers", "max_workers",
+"backlog_per_worker"}]}. A further model's `target` (ecs | sagemaker) gives it that kind of fleet
+whatever WorkerTarget says (the first model's is WorkerTarget's); `image` its own worker image.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ PER_MODEL = {
     "MinWorkers": "min_workers",
     "MaxWorkers": "max_workers",
     "BacklogPerWorker": "backlog_per_worker",
+    "WorkerImageUri": "image",
 }
+# a copy's worker kind (an entry's `target`) -> the template condition its resources need; a model
+# that names one gets that kind's fleet, unconditioned, and not the other's. Unnamed: WorkerTarget's
+TARGETS = {"ecs": "UseEcs", "sagemaker": "UseSageMaker"}
 NAME = re.compile(r"[A-Z][A-Za-z0-9]{0,30}")  # a prefix of logical ids
 PATHS = ("CodeUri", "ContentUri", "Location")  # what a template names relative to itself
 
@@ -61,6 +67,8 @@ def read_catalogue(path: Path) -> list[dict]:
             raise ValueError(f"{path}: models[{i}] needs {', '.join(missing)}")
         if not NAME.fullmatch(e["name"]):
             raise ValueError(f"{path}: models[{i}].name {e['name']!r}: a capital letter, then letters and digits")
+        if e.get("target") not in (None, *TARGETS):
+            raise ValueError(f"{path}: models[{i}].target must be one of {', '.join(TARGETS)} (unset: WorkerTarget)")
     names = [e["name"] for e in entries]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: two models share a name")
@@ -111,7 +119,11 @@ def render(template: dict, entries: list[dict]) -> dict:
         rename = {n: e["name"] + n for n in own}
         values = {p: str(e[k]) for p, k in PER_MODEL.items() if k in e}
         for n in sorted(own):
-            out["Resources"][rename[n]] = _substitute(copy.deepcopy(template["Resources"][n]), rename, values)
+            resource = _substitute(copy.deepcopy(template["Resources"][n]), rename, values)
+            kind = resource.get("Condition") if e.get("target") else None
+            if kind in TARGETS.values() and resource.pop("Condition") != TARGETS[e["target"]]:
+                continue  # (the other kind's fleet)
+            out["Resources"][rename[n]] = resource
         copies.append((e["name"], rename))
     for n, r in out["Resources"].items():
         if n in template["Resources"] and n not in own:
