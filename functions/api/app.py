@@ -197,14 +197,12 @@ def file_content(file_id: str) -> Response:
 
 @app.get("/v1/models")
 def models() -> Response:
-    _tenant()
-    return _reply(service.Reply(200, shapes.models_body(get_deps().settings)))
+    return _reply(service.Reply(200, shapes.models_body(get_deps().settings, _tenant())))
 
 
 @app.get("/v1/models/<model_id>")
 def model(model_id: str) -> Response:
-    _tenant()
-    return _reply(service.get_model(model_id, get_deps().settings))
+    return _reply(service.get_model(model_id, _tenant(), get_deps().settings))
 
 
 @functools.cache

@@ -99,6 +99,9 @@ def test_a_key_limited_to_models_gets_403_for_the_others(stack, two_models):
     assert waiting(two_models["jobs"]) == []  # (refused before anything was queued or charged)
     nothing = create_key(stack.table, "acme", rpm=100, tpm=100_000, models=[])
     assert stack.call("api_create_job.json", key=nothing, body=ask(INSTRUCT))[0] == 403
+    # and it lists only the models it may use
+    assert [m["id"] for m in stack.call("api_models.json", key=limited)[1]["data"]] == [INSTRUCT]
+    assert stack.call("api_get_model.json", key=limited, job_id="gemma")[0] == 403
 
 
 def test_a_catalogue_is_read_once_and_refused_with_its_problem():

@@ -108,7 +108,10 @@ def cancel_job(job_id: str, tenant: Tenant, deps: Deps) -> Reply:
     return Reply(200, job_view(get_job(job_id, tenant, deps)))
 
 
-def get_model(model_id: str, settings: Settings) -> Reply:
-    """GET /v1/models/{id} (the openai SDK's models.retrieve): the model object, or a 404."""
+def get_model(model_id: str, tenant: Tenant, settings: Settings) -> Reply:
+    """GET /v1/models/{id} (the openai SDK's models.retrieve): the model object, a 404, or a 403 for
+    a model the key may not use."""
     c = settings.catalogue
-    return Reply(200, model_object(c.find(model_id), c))
+    model = c.find(model_id)
+    tenant.check_model(model.id)
+    return Reply(200, model_object(model, c))

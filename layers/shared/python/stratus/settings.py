@@ -176,7 +176,7 @@ class Settings:
         return list(dict.fromkeys(m.queue_for("batch") for m in self.catalogue.models))
 
     def queue_for(self, tier: str) -> str:
-        """The jobs queue of a tier."""
+        """The jobs queue of a tier: a worker's own (its model's; the API routes by the catalogue)."""
         return (self.batch_queue_url or self.queue_url) if tier == "batch" else self.queue_url
 
     def deadline_for(self, tier: str) -> int:

@@ -8,6 +8,7 @@ import codecs
 from stratus.catalogue import Catalogue, ModelEntry
 from stratus.contracts import Job, Status
 from stratus.errors import InvalidRequest, StratusError
+from stratus.keys import Tenant
 from stratus.settings import Settings
 
 
@@ -120,9 +121,13 @@ def model_object(model: ModelEntry, catalogue: Catalogue) -> dict:
     }
 
 
-def models_body(settings: Settings) -> dict:
+def models_body(settings: Settings, tenant: Tenant) -> dict:
+    """GET /v1/models: the models served that the tenant's key may use."""
     c = settings.catalogue
-    return {"object": "list", "data": [model_object(m, c) for m in c.models]}
+    return {
+        "object": "list",
+        "data": [model_object(m, c) for m in c.models if tenant.models is None or m.id in tenant.models],
+    }
 
 
 def error_body(exc: StratusError) -> dict:
