@@ -46,6 +46,7 @@ PER_MODEL = {
 # a copy's worker kind (an entry's `target`) -> the template condition its resources need; a model
 # that names one gets that kind's fleet, unconditioned, and not the other's. Unnamed: WorkerTarget's
 TARGETS = {"ecs": "UseEcs", "sagemaker": "UseSageMaker"}
+CONTEXT = "${ModelContextLength}"
 NAME = re.compile(r"[A-Z][A-Za-z0-9]{0,30}")  # a prefix of logical ids
 PATHS = ("CodeUri", "ContentUri", "Location")  # what a template names relative to itself
 
@@ -137,19 +138,26 @@ def catalogue_json(entries: list[dict]) -> str:
     """STRATUS_MODELS for the rendered stack, as an Fn::Sub text: the first entry's values are its
     parameters, each queue URL its queue's Ref."""
 
-    def one(e: dict, i: int) -> str:
+    def one(e: dict, i: int) -> dict:
         prefix = "" if i == 0 else e["name"]
         fields = (
-            {"id": "${ModelId}", "digest": "${ModelDigest}", "uri": "${ModelUri}"}
+            {"id": "${ModelId}", "digest": "${ModelDigest}", "uri": "${ModelUri}", "context_length": CONTEXT}
             if i == 0
-            else {"id": e["id"], "digest": e["digest"], "uri": e.get("uri", "")}
+            else {
+                "id": e["id"],
+                "digest": e["digest"],
+                "uri": e.get("uri", ""),
+                "context_length": int(e.get("context_length", 8192)),
+            }
         )
-        fields |= {"queue_url": f"${{{prefix}JobsQueue}}", "batch_queue_url": f"${{{prefix}BatchJobsQueue}}"}
-        context = "${ModelContextLength}" if i == 0 else str(int(e.get("context_length", 8192)))
-        text = json.dumps({**fields, "aliases": list(e.get("aliases") or [])}, separators=(",", ":"))
-        return text[:-1] + f',"context_length":{context}}}'
+        return fields | {
+            "queue_url": f"${{{prefix}JobsQueue}}",
+            "batch_queue_url": f"${{{prefix}BatchJobsQueue}}",
+            "aliases": list(e.get("aliases") or []),
+        }
 
-    return "[" + ",".join(one(e, i) for i, e in enumerate(entries)) + "]"
+    text = json.dumps([one(e, i) for i, e in enumerate(entries)], separators=(",", ":"))
+    return text.replace(json.dumps(CONTEXT), CONTEXT)  # (a number: the parameter, unquoted)
 
 
 def _substitute(value, rename: dict, values: dict):

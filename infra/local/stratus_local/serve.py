@@ -61,20 +61,18 @@ def model_parameters(model_dir: Path) -> dict[str, str]:
     }
 
 
-def catalogue_entries(model_dirs: list[Path]) -> list[dict]:
-    """Built model directories -> catalogue entries (stratus_local.fleets), the first the default."""
-    entries = []
-    for d in model_dirs:
-        params = model_parameters(d)
-        entries.append(
-            {
-                "name": resource_name(params["ModelId"]),
-                "id": params["ModelId"],
-                "digest": params["ModelDigest"],
-                "context_length": int(params["ModelContextLength"]),
-            }
-        )
-    return entries
+def catalogue_entries(each: list[dict[str, str]]) -> list[dict]:
+    """Each model's parameters (model_parameters) -> catalogue entries (stratus_local.fleets), the
+    first the default."""
+    return [
+        {
+            "name": resource_name(p["ModelId"]),
+            "id": p["ModelId"],
+            "digest": p["ModelDigest"],
+            "context_length": int(p["ModelContextLength"]),
+        }
+        for p in each
+    ]
 
 
 @dataclass
@@ -147,8 +145,8 @@ def start(
         }
         session = boto3.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name=REGION)
         os.environ["AWS_ENDPOINT_URL"] = stack.aws_endpoint  # this process's clients talk to moto too
-        params = model_parameters(model_dir)
-        entries = catalogue_entries(model_dirs)
+        each = [model_parameters(d) for d in model_dirs]
+        params, entries = each[0], catalogue_entries(each)  # (the first model's are the template's parameters)
         template = load_template() if len(entries) == 1 else render(load_template(), entries)
         template = active(template, params)  # resources whose Condition holds (no SageMaker dispatcher)
         stack.model_id, stack.model_ids = params["ModelId"], [e["id"] for e in entries]

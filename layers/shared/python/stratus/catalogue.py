@@ -40,7 +40,7 @@ class ModelEntry:
 @dataclass(frozen=True)
 class Catalogue:
     models: tuple[ModelEntry, ...]
-    _names: dict = field(default_factory=dict, compare=False, repr=False)  # id or alias -> entry
+    _names: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # id or alias -> entry
 
     def __post_init__(self) -> None:
         if not self.models:

@@ -33,9 +33,12 @@ class Tenant:
     tier: str = "interactive"  # stratus.contracts.TIERS: where this tenant's API requests are scheduled
     models: tuple[str, ...] | None = None  # the model ids its key may use (None: every model)
 
+    def may_use(self, model_id: str) -> bool:
+        return self.models is None or model_id in self.models
+
     def check_model(self, model_id: str) -> None:
         """Forbidden (403) unless the key may use this model."""
-        if self.models is not None and model_id not in self.models:
+        if not self.may_use(model_id):
             raise Forbidden(
                 f"this API key may not use model {model_id!r} (it may use {', '.join(self.models) or 'none'})",
                 param="model",

@@ -126,7 +126,7 @@ def models_body(settings: Settings, tenant: Tenant) -> dict:
     c = settings.catalogue
     return {
         "object": "list",
-        "data": [model_object(m, c) for m in c.models if tenant.models is None or m.id in tenant.models],
+        "data": [model_object(m, c) for m in c.models if tenant.may_use(m.id)],
     }
 
 
