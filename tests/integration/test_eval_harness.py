@@ -15,6 +15,7 @@ from test_local_stack import KEY, stack  # noqa: F401 - the running `stratus ser
 from tokenizers import Tokenizer
 
 from stratus_engine.engine import Engine
+from stratus_engine.numerics import load_verified
 from stratus_engine.sampling import log_softmax
 from stratus_local import evaluate
 
@@ -65,7 +66,7 @@ def test_loglikelihoods_the_harness_reports_equal_the_bare_engines(stack, real_m
     )
     model = real_models["int8"]
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
-    engine = Engine.from_dir(model, threads=1)
+    engine = Engine(load_verified(model, threads=1).model)  # the configuration the stack's worker serves
     compared, worst = 0, 0.0
     for s in samples:
         for (context, continuation), [[ll, _greedy]] in zip(evaluate.request_pairs(s), s["resps"]):

@@ -32,8 +32,16 @@ def test_split_activations_compute_the_weights_at_float32_accuracy(tiny, quant):
 
 
 def test_quantized_builds_list_their_configurations_fastest_first(tiny):
-    assert [c.name for c in configurations(tiny.dirs["int4"])] == ["int8-activations", "split-activations"]
-    assert [c.graph for c in configurations(tiny.dirs["int8"])] == ["model.int8act.onnx", "model.onnx"]
+    assert [c.name for c in configurations(tiny.dirs["int4"])] == [
+        "int8-activations",
+        "fused-split",
+        "split-activations",
+    ]
+    assert [c.graph for c in configurations(tiny.dirs["int8"])] == [
+        "model.int8act.onnx",
+        "model.fused.onnx",
+        "model.onnx",
+    ]
     assert [c.name for c in configurations(tiny.dirs["fp32"])] == ["default"]
     manifest = json.loads((tiny.dirs["int4"] / "manifest.json").read_text())
     assert "model.int8act.onnx" in manifest["files"] and "reference.onnx" not in manifest["files"]
@@ -55,7 +63,11 @@ def test_a_worker_serves_a_configuration_that_passes(tiny):
     assert result.checks[-1].passed and result.checks[-1].configuration == result.configuration
     assert (
         result.model.graph
-        == {"int8-activations": "model.int8act.onnx", "split-activations": "model.onnx"}[result.configuration]
+        == {
+            "int8-activations": "model.int8act.onnx",
+            "fused-split": "model.fused.onnx",
+            "split-activations": "model.onnx",
+        }[result.configuration]
     )
     split = load_verified(tiny.dirs["int4"], threads=1, only="split-activations").checks[0]
     assert split.passed and split.max_logprob_error < 1e-3 and split.tokens_agree == split.positions == 64

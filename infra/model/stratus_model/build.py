@@ -9,6 +9,7 @@
                                      configurations and the golden outputs workers check
   DIR/model.int8act.onnx               quantized builds: the int8-activation configuration of the
                                      same weights (stratus_model.variants)
+  DIR/model.fused.onnx                 quantized builds: the split configuration on Stratus's kernels
 
 The directory appears only when complete: everything is written to a temporary sibling,
 checked by loading it in onnxruntime and against its own golden outputs, then renamed into place.
@@ -34,7 +35,7 @@ from stratus_model.graph import ACTIVATIONS, build_model
 from stratus_model.quant import QUANT_SCHEMES
 from stratus_model.source import GGUFSource, WeightSource
 from stratus_model.tokenizer import build_tokenizer
-from stratus_model.variants import split_activations, with_accuracy_level
+from stratus_model.variants import fused_split, split_activations, with_accuracy_level
 
 MANIFEST_VERSION = 2  # 2: configurations and golden outputs
 
@@ -254,22 +255,32 @@ def build(
 
 
 INT8_ACTIVATIONS = "model.int8act.onnx"
+FUSED_SPLIT = "model.fused.onnx"
 REFERENCE = "reference.onnx"  # exists only while the golden outputs are recorded
 
 
 def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
-    """Quantized fp32-activation builds get two graphs over one weights file, fastest first:
-    int8 activations (model.int8act.onnx) and split activations (model.onnx, the default)."""
+    """Quantized fp32-activation builds get three graphs over one weights file, fastest first:
+    int8 activations (model.int8act.onnx), split activations fused into Stratus's kernels
+    (model.fused.onnx: served where the kernels library is built) and split activations
+    (model.onnx, the default)."""
     split = split_activations(proto)
     if split is None:
         return [{"name": "default", "graph": "model.onnx", "note": "the only graph of this build"}]
     onnx.save_model(proto, str(model_dir / INT8_ACTIVATIONS))
+    onnx.save_model(fused_split(proto), str(model_dir / FUSED_SPLIT))
     onnx.save_model(split, str(model_dir / "model.onnx"))
     return [
         {
             "name": "int8-activations",
             "graph": INT8_ACTIVATIONS,
             "note": "MatMulNBits accuracy_level 4: activations quantized to int8 per block of 32",
+        },
+        {
+            "name": "fused-split",
+            "graph": FUSED_SPLIT,
+            "kernels": True,
+            "note": "split activations, the split and the sum in Stratus's kernels (infra/worker/kernels)",
         },
         {
             "name": "split-activations",

@@ -8,6 +8,10 @@ MatMulNBits linears compute, never the weights (every variant reads the same mod
                       lo = x - hi (the rounding error, again quantized to int8): the same int8
                       kernels, the same weight reads, ~2x the multiply work, and the error of a
                       float32 product (lo's own rounding error is 1/254 of hi's)
+  fused-split         split-activations with the split and the sum in two nodes of Stratus's own
+                      (infra/worker/kernels: SplitRows, SumHalves) instead of twelve small ones:
+                      the same float32 operations, so the same bits; served where the kernels
+                      library is built (stratus_engine.kernels)
   reference           accuracy_level 0 (float32 compute of the same weights): the build records
                       its outputs as the golden outputs a worker checks its host against
 
@@ -74,6 +78,57 @@ def make_split_linear(g: Graph, node: onnx.NodeProto) -> None:
     g.nodes.append(helper.make_node("Add", [y_hi, y_lo], list(node.output), name=f"{p}/Add"))
 
 
+KERNELS_DOMAIN = "ai.stratus"  # the ops of infra/worker/kernels/split_rows.cc
+
+
+def make_fused_linear(g: Graph, node: onnx.NodeProto, offsets: str | None = None, out: str | None = None) -> None:
+    """make_split_linear's graph on Stratus's kernels: x ─SplitRows─▶ [hi; lo] ─MatMulNBits─ SumHalves ─▶ y,
+    or with an affine type's offsets initializer (graph.add_block_offsets) ─JoinRows(x, offsets)─▶ out."""
+    p = f"{node.name}/fused"
+    attrs = _attrs(node)
+    x = node.input[0]
+    rows = g.op("SplitRows", [x], f"{p}/SplitRows", domain=KERNELS_DOMAIN, block_size=attrs.get("block_size", BLOCK))
+    y2 = g.op("MatMulNBits", [rows, *node.input[1:]], f"{p}/MatMulNBits", domain=node.domain, **attrs)
+    if offsets is None:
+        g.nodes.append(
+            helper.make_node("SumHalves", [y2], list(node.output), name=f"{p}/SumHalves", domain=KERNELS_DOMAIN)
+        )
+    else:
+        g.nodes.append(
+            helper.make_node("JoinRows", [y2, x, offsets], [out], name=f"{p}/JoinRows", domain=KERNELS_DOMAIN)
+        )
+
+
+def offset_chains(nodes: list[onnx.NodeProto]) -> dict[str, tuple[str, list[onnx.NodeProto]]]:
+    """graph.add_block_offsets' chains, by the MatMulNBits they sit beside: its name -> (the offsets
+    initializer, the four nodes Reshape(x) ─ReduceSum─MatMul(offsets)─ Add(its y, ·)), each of whose
+    outputs only the next one reads."""
+    made = {o: n for n in nodes for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def only_reader(name: str, op_type: str) -> onnx.NodeProto | None:
+        found = readers.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op_type else None
+
+    def producer(name: str, op_type: str) -> onnx.NodeProto | None:
+        node = made.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    chains = {}
+    for linear in (n for n in nodes if n.op_type == "MatMulNBits"):
+        y, x = linear.output[0], linear.input[0]
+        add = only_reader(y, "Add")
+        matmul = add and producer(add.input[1] if add.input[0] == y else add.input[0], "MatMul")
+        reduce = matmul and producer(matmul.input[0], "ReduceSum")
+        reshape = reduce and producer(reduce.input[0], "Reshape")
+        if reshape and reshape.input[0] == x and all(len(readers[n.output[0]]) == 1 for n in (reshape, reduce, matmul)):
+            chains[linear.name] = (matmul.input[1], [reshape, reduce, matmul, add])
+    return chains
+
+
 def _blocks_of(size: int) -> str:
     """The Reshape target splitting rows into blocks of `size` inputs: onnxruntime quantizes an
     activation per block of the weight's block size, so hi is computed on the same blocks."""
@@ -86,19 +141,53 @@ def split_activations(model: onnx.ModelProto) -> onnx.ModelProto | None:
 
     float32-activation builds only: fp16 builds are for CUDA, whose MatMulNBits multiplies in
     float16 and never quantizes activations, so there is nothing to split."""
-    nodes = list(model.graph.node)
-    split = [n.op_type == "MatMulNBits" and _attrs(n).get("accuracy_level") == SPLIT_LEVEL for n in nodes]
-    if not any(split) or _activation_dtype(model) != np.float32:
+    linears = _int8_linears(model)
+    if linears is None:
         return None
     g = Graph()
     for name, value in SPLIT_CONSTANTS.items():
         g.init(name, value)
-    for size in sorted({_attrs(n).get("block_size", BLOCK) for n, s in zip(nodes, split) if s} - {BLOCK}):
+    for size in sorted({_attrs(n).get("block_size", BLOCK) for n, s in zip(model.graph.node, linears) if s} - {BLOCK}):
         g.init(_blocks_of(size), np.array([0, 0, -1, size], np.int64))
-    for node, is_linear in zip(nodes, split):
+    return _rewritten(model, g, linears, make_split_linear)
+
+
+def fused_split(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """split_activations over Stratus's kernels (make_fused_linear), each linear's block offsets
+    folded into its JoinRows; None when there is none to split."""
+    linears = _int8_linears(model)
+    if linears is None:
+        return None
+    nodes = list(model.graph.node)
+    split = {n.name for n, is_linear in zip(nodes, linears) if is_linear}
+    chains = {name: chain for name, chain in offset_chains(nodes).items() if name in split}
+    folded = {name: (offsets, chain[-1].output[0]) for name, (offsets, chain) in chains.items()}  # -> JoinRows
+    dropped = {id(n) for _, chain in chains.values() for n in chain}
+    keep = [id(n) not in dropped for n in nodes]
+
+    def make(g: Graph, node: onnx.NodeProto) -> None:
+        make_fused_linear(g, node, *folded.get(node.name, (None, None)))
+
+    out = _rewritten(model, Graph(), linears, make, keep)
+    out.opset_import.append(helper.make_opsetid(KERNELS_DOMAIN, 1))
+    return out
+
+
+def _int8_linears(model: onnx.ModelProto) -> list[bool] | None:
+    """Which nodes are accuracy_level-4 MatMulNBits (None: none, or a float16 build)."""
+    linears = [n.op_type == "MatMulNBits" and _attrs(n).get("accuracy_level") == SPLIT_LEVEL for n in model.graph.node]
+    return linears if any(linears) and _activation_dtype(model) == np.float32 else None
+
+
+def _rewritten(
+    model: onnx.ModelProto, g: Graph, linears: list[bool], make, keep: list[bool] | None = None
+) -> onnx.ModelProto:
+    """A copy of `model` whose marked nodes `make(g, node)` replaces (and without those `keep` drops);
+    g's initializers added."""
+    for i, (node, is_linear) in enumerate(zip(model.graph.node, linears)):
         if is_linear:
-            make_split_linear(g, node)
-        else:
+            make(g, node)
+        elif keep is None or keep[i]:
             g.nodes.append(node)
     out = copy.deepcopy(model)
     del out.graph.node[:]

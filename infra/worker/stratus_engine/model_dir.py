@@ -107,6 +107,7 @@ class LoadedModel:
     providers: list[str]
     spin: bool = True
     graph: str = "model.onnx"  # which graph configuration of the directory (numerics.configurations)
+    kernels: Path | None = None  # Stratus's kernels library (stratus_engine.kernels), for graphs that use it
 
     @cached_property
     def session(self):
@@ -120,6 +121,8 @@ class LoadedModel:
         if not self.spin:  # idle intra-op threads sleep instead of spinning: the CPU is shared
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
+            if self.kernels:
+                so.register_custom_ops_library(str(self.kernels))
             with reclaiming(self.path / "model.onnx.data"):
                 return ort.InferenceSession(str(self.path / self.graph), so, providers=self.providers)
         except Exception as exc:  # onnxruntime's own exception types
@@ -145,13 +148,15 @@ def load(
     *,
     spin: bool = True,
     graph: str = "model.onnx",
+    kernels: Path | None = None,
 ) -> LoadedModel:
-    """spin=False suits a process that shares its cores (a worker beside the local stack)."""
+    """spin=False suits a process that shares its cores (a worker beside the local stack); kernels:
+    the library a graph of Stratus's own ops needs (stratus_engine.kernels.library())."""
     path = Path(path)
     spec = read_spec(path)
     if not (path / graph).is_file():
         raise ModelLoadError(f"{path}: missing {graph}")
-    model = LoadedModel(path, spec, threads or os.cpu_count() or 1, pick_providers(providers), spin, graph)
+    model = LoadedModel(path, spec, threads or os.cpu_count() or 1, pick_providers(providers), spin, graph, kernels)
     _ = model.tokenizer  # load once, now, so errors surface at start-up: the tokenizer first, whose
     release_freed_memory()  # parse leaves ~270 MB freed (Gemma), given back before the session's peak
     _ = model.session

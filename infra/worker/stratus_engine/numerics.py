@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from stratus.errors import ModelLoadError
+from stratus_engine import kernels
 from stratus_engine.kv_cache import make_cache
-from stratus_engine.model_dir import LoadedModel, load, read_spec, release_freed_memory
+from stratus_engine.model_dir import LoadedModel, load, pick_providers, read_spec, release_freed_memory
 from stratus_engine.prefill import prefill_last
 
 GOLDEN_VERSION = 2  # 2: log-probabilities
@@ -63,6 +64,7 @@ class Configuration:
     name: str
     graph: str  # file in the model directory
     note: str = ""
+    kernels: bool = False  # the graph uses Stratus's own ops (stratus_engine.kernels)
 
 
 DEFAULT_CONFIGURATIONS = (Configuration("default", "model.onnx"),)
@@ -74,7 +76,7 @@ def configurations(model_dir: Path) -> tuple[Configuration, ...]:
     listed = manifest.get("configurations")
     if not listed:
         return DEFAULT_CONFIGURATIONS
-    return tuple(Configuration(c["name"], c["graph"], c.get("note", "")) for c in listed)
+    return tuple(Configuration(c["name"], c["graph"], c.get("note", ""), bool(c.get("kernels"))) for c in listed)
 
 
 # ---- running one case ---------------------------------------------------------------------------
@@ -158,8 +160,11 @@ class Check:
     tokens_agree: int  # positions where the reference's token is this host's top token (or ties with it)
     positions: int
     seconds: float
+    skipped: str = ""  # why this configuration was not tried here (its kernels library is missing)
 
     def line(self) -> str:
+        if self.skipped:
+            return f"{self.configuration:18s} skip  {self.skipped}"
         verdict = "pass" if self.passed else "FAIL"
         return (
             f"{self.configuration:18s} {verdict}  max logprob error {self.max_logprob_error:.4f} ({self.worst}), "
@@ -229,7 +234,8 @@ def load_checked(
     spin: bool = True,
 ) -> tuple[LoadedModel, Check]:
     """Load one configuration and check it (a foreign export without golden outputs: unchecked)."""
-    model = load(path, threads=threads, providers=providers, spin=spin, graph=conf.graph)
+    library = kernels.library() if conf.kernels else None
+    model = load(path, threads=threads, providers=providers, spin=spin, graph=conf.graph, kernels=library)
     if not golden:
         return model, Check(conf.name, True, 0.0, "no golden outputs recorded", 0, 0, 0.0)
     result = check(model, golden, conf.name)
@@ -257,12 +263,15 @@ def load_verified(
         names = ", ".join(c.name for c in configurations(path))
         raise ModelLoadError(f"{path}: no configuration {only!r} (this model has: {names})")
     checks: list[Check] = []
+    host = host_description(pick_providers(providers))
     for conf in candidates:
+        if conf.kernels and kernels.library() is None:
+            checks.append(Check(conf.name, False, float("inf"), "-", 0, 0, 0.0, skipped=kernels.missing()))
+            continue
         model, result = load_checked(path, conf, golden, threads, providers, spin=spin)
         checks.append(result)
         if result.passed:
-            return Verification(model, conf.name, tuple(checks), host_description(model.providers))
-        host = host_description(model.providers)
+            return Verification(model, conf.name, tuple(checks), host)
         del model  # (before the next configuration loads: two sessions of the weights at once doubled the peak)
         gc.collect()
         release_freed_memory()
