@@ -138,7 +138,7 @@ bench-engine: models kernels ## engine benchmark of MODEL vs llama.cpp's llama-b
 bench-api: venv ## api handler latency (cache hit, miss enqueue; in-process moto) and cold import time
 	$(PY) infra/bench/bench_api.py --calls 1000 --out build/bench
 
-bench-e2e: venv model ## local stack over HTTP: cache hits, overhead, throughput, mixed interactive + batch load, two tenants' batches, batch-file ingest; streaming TTFT/ITL vs llama-server (built once, ~10 min)
+bench-e2e: venv model kernels ## local stack over HTTP: cache hits, overhead, throughput, mixed interactive + batch load, two tenants' batches, batch-file ingest; streaming TTFT/ITL vs llama-server (built once, ~10 min)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) infra/bench/bench_e2e.py --model $(MODELS)/smollm2-$(QUANT) --out build/bench
 	$(PY) infra/bench/bench_mixed.py --model $(MODELS)/smollm2-$(QUANT) --lines 500 --out build/bench

@@ -6,7 +6,9 @@
   overhead     for distinct greedy requests sent one at a time: end-to-end latency minus
                  (a) the bare engine's latency for the same request in this process, same threads
                  (b) the worker's own engine time for it (the job's timings.total_s)
-               i.e. gateway + api function + DynamoDB + SQS + worker bookkeeping + result polling
+               i.e. gateway + api function + DynamoDB + SQS + worker bookkeeping + result polling,
+               and where it went: the medians of each phase of the replies' Server-Timing headers
+               (stratus.timeline: submit, queue, claim, engine, result, notice, reply)
   throughput   16 client threads sending distinct requests for --seconds, with 1 and 2 workers
                (each worker gets cores / workers onnxruntime threads):
                requests/s, tokens/s
@@ -21,6 +23,7 @@ import argparse
 import http.client
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -82,18 +85,20 @@ def measure_hit(client: Client, model: str, calls: int) -> dict:
 def measure_overhead(client: Client, model: str, model_dir: Path, threads: int, n: int) -> dict:
     from stratus.params import SamplingParams
     from stratus_engine.engine import Engine, GenerationRequest
+    from stratus_engine.numerics import load_verified
 
     prompts = [f"Give one fact about the number {i}." for i in range(n)]
-    e2e, worker_engine, completions = [], [], []
+    e2e, worker_engine, completions, spans = [], [], [], []
     for p in prompts:
         t = time.perf_counter()
-        status, body, _ = client.post("/v1/chat/completions", chat(model, p))
+        status, body, headers = client.post("/v1/chat/completions", chat(model, p))
         e2e.append(time.perf_counter() - t)
         assert status == 200, body
+        spans.append(server_timing(headers.get("server-timing", "")))
         job = client.get(f"/v1/jobs/{body['id'].removeprefix('chatcmpl-')}")
         worker_engine.append(job["timings"]["total_s"])
         completions.append(body["usage"]["completion_tokens"])
-    engine = Engine.from_dir(model_dir, threads=threads, max_batch=1)
+    engine = Engine(load_verified(model_dir, threads=threads).model, max_batch=1)  # the worker's configuration
     bare = []
     for p, n_tokens in zip(prompts, completions):
         ids = engine.encode_chat([{"role": "user", "content": p}])
@@ -108,7 +113,13 @@ def measure_overhead(client: Client, model: str, model_dir: Path, threads: int, 
         "bare_engine": summary_ms(bare),
         "minus_bare_engine": summary_ms(vs_bare),
         "minus_worker_engine_time": summary_ms(vs_worker),
+        "phases_p50_ms": {k: round(statistics.median(s[k] for s in spans if k in s), 1) for k in spans[0]},
     }
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """'submit;dur=12.3, queue;dur=2.0' -> {"submit": 12.3, "queue": 2.0} (milliseconds)"""
+    return {name: float(dur) for name, _, dur in (part.partition(";dur=") for part in header.split(", ") if part)}
 
 
 def measure_throughput(port: int, key: str, model: str, clients: int, seconds: float, tag: str) -> dict:
@@ -181,6 +192,9 @@ def main() -> None:
                     f"{o['minus_worker_engine_time']['p50_ms']:.1f} ms vs the worker's engine time"
                     "  (target p50 <= 30 ms)",
                     flush=True,
+                )
+                print(
+                    "where it went (p50 ms) " + ", ".join(f"{k} {v}" for k, v in o["phases_p50_ms"].items()), flush=True
                 )
             t = measure_throughput(port, stack.api_key, stack.model_id, 16, args.seconds, f"w{workers}")
             t.update(workers=workers, threads_per_worker=threads)

@@ -60,9 +60,12 @@ class Results:
         job = self.store.get(job_id)
         return job if job is not None and job.status == Status.DONE and job.worker == self.worker_id else None
 
-    def record(self, msg: QueueMessage, received: float, results: list[GenerationResult]) -> None:
+    def record(
+        self, msg: QueueMessage, received: float, results: list[GenerationResult], *, taken: float | None = None
+    ) -> None:
         """Write a finished generation (one result per prompt): RUNNING (ours) -> DONE, the final
-        chunk, replies, metrics."""
+        chunk, replies, metrics. received: when the job was claimed and handed to the engine; taken:
+        when its message reached this worker (the request timeline's marks, stratus.timeline)."""
         job_id = msg.job_id
         r = max(results, key=lambda x: x.timings.total_s)  # the timings of the slowest prompt
         if any(c.finish_reason == "cancelled" for x in results for c in x.choices):
@@ -77,7 +80,10 @@ class Results:
             "decode_s": round(r.timings.decode_s, 4),
             "total_s": round(r.timings.total_s, 4),
             "decode_tokens_per_s": round(r.timings.decode_tokens_per_s(r.usage.completion_tokens), 2),
+            "started_s": round(received - msg.enqueued_at, 4),  # (the engine's times count from here)
         }
+        if taken is not None:
+            timings["taken_s"] = round(taken - msg.enqueued_at, 4)
         usage = choices.usage(results)
         result = choices.result_body(msg.request, results, self.token_bytes, self.decode, job_id)
 

@@ -88,6 +88,7 @@ class Held:
     message_id: str = ""  # SQS's MessageId: the same on every delivery of one message
     settled: threading.Event = field(default_factory=threading.Event)  # an invocation's: written or given up
     run: str = ""  # an invocation's: the run it generates (Job.run), once claimed
+    taken: float = 0.0  # when the message reached this worker (received: when it was claimed and submitted)
 
 
 class Worker:
@@ -241,6 +242,7 @@ class Worker:
         return [(Receipt(url, m["ReceiptHandle"]), m) for m in got.get("Messages", [])]
 
     def admit(self, m: dict, receipt: Receipt) -> None:
+        taken = self.clock()
         if self.failure is not None:  # dead: the message goes back untouched (the worker is stopping)
             self.leases.release(receipt)
             return
@@ -259,7 +261,7 @@ class Worker:
             self.leases.delete(receipt)
         if outcome is not Outcome.GENERATE:
             return
-        held = Held(msg, receipt, self.clock(), attempt, message_id=message_id)
+        held = Held(msg, receipt, self.clock(), attempt, message_id=message_id, taken=taken)
         with self._lock:
             self.held[msg.job_id] = held
         try:
@@ -394,7 +396,8 @@ class Worker:
     def finish(self, held: Held) -> None:
         with self._lock:
             self._writing = held.message.job_id  # release_all leaves it to this thread
-        self.results.record(held.message, held.received, held.future.result())  # (a failed generation raises)
+        # (a failed generation raises)
+        self.results.record(held.message, held.received, held.future.result(), taken=held.taken)
         self.leases.delete(held.receipt)
 
     def keep_trying(self, write: Callable[[], T], job_id: str) -> T:

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from stratus import submission
+from stratus import submission, timeline
 from stratus.contracts import JOB_ID, Job, Status
 from stratus.deps import Deps
 from stratus.errors import Conflict, NotFound
 from stratus.jobstore import load_result
 from stratus.keys import Tenant
-from stratus.observability import metrics
+from stratus.observability import logger, metrics
 from stratus.settings import Settings
 from stratus.shapes import completion_body, job_view, model_object
 
@@ -34,6 +34,7 @@ class Reply:
 
 
 def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control: str = "", wait: bool = True) -> Reply:
+    t_in = deps.clock()
     sub = submission.submit(
         route, body, tenant, deps, submission.api(deps.settings, cache_control, tier=submission.tier_of(body, tenant))
     )
@@ -41,12 +42,22 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control:
         return Reply(200, completion_body(sub.hit), {"x-stratus-cache": "hit"})
     if not wait:
         return accepted(sub.job)
-    return wait_for(sub.job_id, tenant, deps)
+    return wait_for(sub.job_id, tenant, deps, t_in=t_in, t_sent=deps.clock())
 
 
-def wait_for(job_id: str, tenant: Tenant, deps: Deps) -> Reply:
+def wait_for(job_id: str, tenant: Tenant, deps: Deps, *, t_in: float | None = None, t_sent: float = 0.0) -> Reply:
+    """The finished job's reply (with a Server-Timing header when t_in, the request's arrival, is
+    given), or 202 when sync_wait_s passes first."""
     job = wait_job(job_id, tenant, deps)
-    return finished_reply(job) if job.status.finished else accepted(job)
+    if not job.status.finished:
+        return accepted(job)
+    t_seen = deps.clock()
+    reply = finished_reply(job)
+    if t_in is None:
+        return reply
+    spans = timeline.phases(job, t_in, t_sent, t_seen, deps.clock())
+    logger.info("request timeline", extra={"job_id": job_id, "ms": {k: round(1000 * v, 1) for k, v in spans.items()}})
+    return Reply(reply.status, reply.body, {**reply.headers, "server-timing": timeline.server_timing(spans)})
 
 
 def wait_job(job_id: str, tenant: Tenant, deps: Deps) -> Job:
