@@ -3,7 +3,15 @@ import pytest
 
 from stratus.errors import InvalidRequest
 from stratus.params import SamplingParams
-from stratus_engine.sampling import apply_repetition_penalty, sample, sample_row, tempered, top_k_filter, top_p_filter
+from stratus_engine.sampling import (
+    apply_repetition_penalty,
+    draw,
+    sample,
+    sample_row,
+    tempered,
+    top_k_filter,
+    top_p_filter,
+)
 
 
 def test_top_k_keeps_k_largest():
@@ -15,6 +23,45 @@ def test_top_p_keeps_smallest_set_reaching_p():
     x = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     assert np.isfinite(top_p_filter(x, 0.7)).tolist() == [True, True, False, False]
     assert np.isfinite(top_p_filter(x, 0.5)).tolist() == [True, False, False, False]
+
+
+def full_sort_top_p(x: np.ndarray, p: float) -> np.ndarray:  # the definition: sort everything
+    order = np.argsort(-x, kind="stable")
+    probs = np.exp(x[order] - x.max()) / np.exp(x - x.max()).sum()
+    keep = np.cumsum(probs) - probs < p
+    out = np.full_like(x, -np.inf)
+    out[order[keep]] = x[order[keep]]
+    return out
+
+
+@pytest.mark.parametrize("scale", [12.0, 3.0, 0.05])  # peaked, Gemma-like, nearly flat (past every level)
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.99])
+def test_top_p_sorting_only_the_likeliest_keeps_what_sorting_everything_keeps(scale, p):
+    x = np.random.default_rng(3).standard_normal(262_144) * scale
+    x[[10, 20, 30]] = x.max()  # ties at the top: kept in id order
+    np.testing.assert_array_equal(top_p_filter(x, p), full_sort_top_p(x, p))
+
+
+class Uniform:
+    """An rng whose uniform draws are given."""
+
+    def __init__(self, *values: float) -> None:
+        self.values = list(values)
+
+    def random(self) -> float:
+        return self.values.pop(0)
+
+
+def test_a_draw_follows_the_probabilities_and_never_picks_an_impossible_token():
+    x = np.full(1000, -np.inf)
+    x[[3, 500, 998]] = np.log([0.2, 0.5, 0.3])  # (max not 0: draw takes any shift)
+    x -= x.max()
+    rng = np.random.default_rng(4)
+    counts = np.bincount([draw(x, rng) for _ in range(20_000)], minlength=1000)
+    assert counts.sum() == counts[[3, 500, 998]].sum()
+    np.testing.assert_allclose(counts[[3, 500, 998]] / 20_000, [0.2, 0.5, 0.3], atol=0.015)
+    # the inverse CDF's edges: a draw of 0 is the first possible token, one rounded up to the total the last
+    assert draw(x, Uniform(0.0)) == 3 and draw(x, Uniform(0.3999)) == 500 and draw(x, Uniform(1.0)) == 998
 
 
 def test_repetition_penalty_pushes_seen_tokens_down():

@@ -56,13 +56,27 @@ def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:  # [V] -> [V]
     return np.where(logits < kth, -np.inf, logits)
 
 
+# top_p sorts the tokens within these log-ratios of the likeliest first (1e-4, then 1e-8), and all
+# of them only when the nucleus reaches past those: a real distribution's nucleus rarely does
+TOP_P_LEVELS = (-9.2, -18.4, -np.inf)
+
+
 def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:  # [V] -> [V]
-    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
+    """Keep the smallest set of most likely tokens whose probability mass reaches p (ties in
+    order of id). A full sort of Gemma's 262,144 logits took ~35 ms a row; the likeliest few
+    hundred take well under one."""
     if p >= 1.0:
         return logits
-    order = np.argsort(-logits, kind="stable")
-    probs = softmax(logits[order])
-    keep = np.cumsum(probs) - probs < p  # a token stays if the mass before it is below p
+    z = logits - logits.max()
+    weights = np.exp(z.astype(np.float32))  # (float32: ~10x faster than float64's exp here)
+    total = weights.astype(np.float64).sum()  # (a dtype= argument makes numpy's loop several times slower)
+    for level in TOP_P_LEVELS:
+        cand = np.flatnonzero(z >= level)  # a prefix of the order below: every token at least this likely
+        order = cand[np.argsort(-z[cand], kind="stable")]  # (cand is in id order: ties stay so)
+        probs = weights[order] / total
+        keep = np.cumsum(probs) - probs < p  # a token stays if the mass before it is below p
+        if not keep.all():  # the nucleus ends inside the candidates
+            break
     out = np.full_like(logits, -np.inf)
     out[order[keep]] = logits[order[keep]]
     return out
@@ -83,8 +97,16 @@ def sample_row(
     if params.greedy:
         return int(np.argmax(x))
     x = top_p_filter(top_k_filter(tempered(x, params.temperature), params.top_k), params.top_p)
-    probs = softmax(x)
-    return int(rng.choice(probs.shape[-1], p=probs))
+    return draw(x, rng)
+
+
+def draw(x: np.ndarray, rng: np.random.Generator) -> int:
+    """x [V], max 0 (tempered) -> a token id drawn with probability exp(x) / sum exp(x): inverse
+    CDF over one uniform draw (rng.choice(p=softmax(x)) took 3.5 ms a row of Gemma's 262,144)."""
+    weights = np.exp(x.astype(np.float32))  # (float32: ~10x faster than float64's exp here)
+    cdf = np.cumsum(weights.astype(np.float64))  # (a dtype= argument makes numpy's loop several times slower)
+    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))  # (skips zero-weight tokens)
+    return i if i < len(cdf) else int(np.flatnonzero(weights)[-1])  # (a draw rounded up to the total)
 
 
 def tempered(x: np.ndarray, temperature: float) -> np.ndarray:  # [V] float64 -> [V], max 0

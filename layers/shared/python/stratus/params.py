@@ -30,7 +30,9 @@ OPTIONAL = {
 # The engine's sampling arithmetic (stratus_engine.sampling, the engine's stop and EOS handling):
 # bump it with any change that can change a seeded or greedy request's tokens. It is part of every
 # cache key, so results of the old sampling are never served for the new.
-SAMPLING_VERSION = 2  # 2: temperature divides logits shifted by their max (no overflow)
+# 2: temperature divides logits shifted by their max (no overflow); 3: an inverse-CDF draw and a
+# top_p that sorts only the likeliest tokens (the same distributions, other rounding at the edges)
+SAMPLING_VERSION = 3
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
