@@ -19,7 +19,7 @@ DOCKERFILES := infra/worker/Dockerfile infra/worker/Dockerfile.cpu
 export SAM_CLI_TELEMETRY := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help venv kernels serve test test-fast lint lint-check iac-check model models verify bench-engine bench-quality bench-api bench-e2e bench-clients bench-models bench-tenants clean
+.PHONY: help venv kernels serve test test-ready test-fast lint lint-check iac-check model models verify bench-engine bench-quality bench-api bench-e2e bench-clients bench-models bench-tenants clean
 
 help: ## show this help
 	@echo "Stratus — serverless LLM inference on AWS"
@@ -39,8 +39,12 @@ venv: $(VENV)/.installed ## create .venv with everything the project needs
 serve: venv model kernels ## run the whole system locally (moto, gateway, functions, workers); MODEL=smollm2|gemma3-270m|"smollm2 gemma3-270m" PORT=3000 WORKERS=1
 	$(STRATUS) serve $(foreach m,$(MODEL),--model $(MODELS)/$(m)-$(QUANT))
 
-test: venv lint-check iac-check kernels $(EVAL_VENV)/.installed $(VENV)/.model-gemma3-270m ## ruff, the template checks, then the whole test suite (unit, integration, real model, local stack)
+test: ## ruff, the template checks, then the whole test suite (unit, integration, real model, local stack)
+	@# what the tests need, two at a time (mostly downloads and installs into separate environments)
+	$(MAKE) --no-print-directory -j2 test-ready
 	$(PY) -m pytest -q
+
+test-ready: venv lint-check iac-check kernels $(EVAL_VENV)/.installed $(VENV)/.model-gemma3-270m
 
 # Stratus's onnxruntime kernels (infra/worker/kernels), for the fused-split configuration: C++ built
 # with cmake against onnxruntime's API headers (from Debian's libonnxruntime-dev: the wheel has none)
