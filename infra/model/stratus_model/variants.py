@@ -9,9 +9,10 @@ MatMulNBits linears compute, never the weights (every variant reads the same mod
                       kernels, the same weight reads, ~2x the multiply work, and the error of a
                       float32 product (lo's own rounding error is 1/254 of hi's)
   fused-split         split-activations with the split and the sum in two nodes of Stratus's own
-                      (infra/worker/kernels: SplitRows, SumHalves) instead of twelve small ones:
-                      the same float32 operations, so the same bits; served where the kernels
-                      library is built (stratus_engine.kernels)
+                      (infra/worker/kernels: SplitRows, then SumHalves, or JoinRows, which also
+                      adds an affine type's block offsets) instead of twelve to sixteen small
+                      ones: the split's bits, the offsets summed in another order; served where
+                      the kernels library is built (stratus_engine.kernels)
   reference           accuracy_level 0 (float32 compute of the same weights): the build records
                       its outputs as the golden outputs a worker checks its host against
 
