@@ -68,7 +68,8 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:  # [V] -> [V]
     if p >= 1.0:
         return logits
     z = logits - logits.max()
-    weights = np.exp(z.astype(np.float32))  # (float32: ~10x faster than float64's exp here)
+    with np.errstate(over="ignore"):  # (a logit below float32's range -> -inf: weight 0, as it should be)
+        weights = np.exp(z.astype(np.float32))  # (float32: ~10x faster than float64's exp here)
     total = weights.astype(np.float64).sum()  # (a dtype= argument makes numpy's loop several times slower)
     for level in TOP_P_LEVELS:
         cand = np.flatnonzero(z >= level)  # a prefix of the order below: every token at least this likely
@@ -103,7 +104,8 @@ def sample_row(
 def draw(x: np.ndarray, rng: np.random.Generator) -> int:
     """x [V], max 0 (tempered) -> a token id drawn with probability exp(x) / sum exp(x): inverse
     CDF over one uniform draw (rng.choice(p=softmax(x)) took 3.5 ms a row of Gemma's 262,144)."""
-    weights = np.exp(x.astype(np.float32))  # (float32: ~10x faster than float64's exp here)
+    with np.errstate(over="ignore"):  # (a logit below float32's range -> -inf: weight 0, as it should be)
+        weights = np.exp(x.astype(np.float32))  # (float32: ~10x faster than float64's exp here)
     cdf = np.cumsum(weights.astype(np.float64))  # (a dtype= argument makes numpy's loop several times slower)
     i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))  # (skips zero-weight tokens)
     return i if i < len(cdf) else int(np.flatnonzero(weights)[-1])  # (a draw rounded up to the total)
