@@ -52,7 +52,7 @@ KERNELS := build/kernels/libstratus_kernels.so
 $(KERNELS): infra/worker/kernels/split_rows.cc infra/worker/kernels/CMakeLists.txt
 	python3 infra/worker/kernels/ort_headers.py build/ort-include
 	cmake -S infra/worker/kernels -B build/kernels/cmake -DORT_INCLUDE_DIR=$(CURDIR)/build/ort-include > /dev/null
-	cmake --build build/kernels/cmake
+	+cmake --build build/kernels/cmake
 	cmake --install build/kernels/cmake --prefix build/kernels > /dev/null
 
 kernels: $(KERNELS) ## build Stratus's onnxruntime kernels (C++, cmake) that the fused-split configuration runs on
