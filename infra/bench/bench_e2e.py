@@ -84,6 +84,7 @@ def measure_hit(client: Client, model: str, calls: int) -> dict:
 
 def measure_overhead(client: Client, model: str, model_dir: Path, threads: int, n: int) -> dict:
     from stratus.params import SamplingParams
+    from stratus.timeline import read_server_timing
     from stratus_engine.engine import Engine, GenerationRequest
     from stratus_engine.numerics import load_verified
 
@@ -94,7 +95,7 @@ def measure_overhead(client: Client, model: str, model_dir: Path, threads: int, 
         status, body, headers = client.post("/v1/chat/completions", chat(model, p))
         e2e.append(time.perf_counter() - t)
         assert status == 200, body
-        spans.append(server_timing(headers.get("server-timing", "")))
+        spans.append(read_server_timing(headers.get("server-timing", "")))
         job = client.get(f"/v1/jobs/{body['id'].removeprefix('chatcmpl-')}")
         worker_engine.append(job["timings"]["total_s"])
         completions.append(body["usage"]["completion_tokens"])
@@ -115,11 +116,6 @@ def measure_overhead(client: Client, model: str, model_dir: Path, threads: int, 
         "minus_worker_engine_time": summary_ms(vs_worker),
         "phases_p50_ms": {k: round(statistics.median(s[k] for s in spans if k in s), 1) for k in spans[0]},
     }
-
-
-def server_timing(header: str) -> dict[str, float]:
-    """'submit;dur=12.3, queue;dur=2.0' -> {"submit": 12.3, "queue": 2.0} (milliseconds)"""
-    return {name: float(dur) for name, _, dur in (part.partition(";dur=") for part in header.split(", ") if part)}
 
 
 def measure_throughput(port: int, key: str, model: str, clients: int, seconds: float, tag: str) -> dict:

@@ -14,6 +14,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
 
+from stratus import timeline
 from stratus.contracts import QueueMessage, Status
 from stratus.jobstore import JobStore
 from stratus.wire import parse_request
@@ -77,7 +78,7 @@ def test_a_synchronous_request_waits_for_the_worker(stack, key, make_worker, mon
     status, body, headers = stack.call("api_chat_completion.json", key=key, body=chat("wait for me"))
     assert status == 200 and headers["x-stratus-cache"] == "miss" and body["usage"]["completion_tokens"] >= 1
     # where its time went (stratus.timeline): every phase, in order, summing to the whole
-    spans = {p.split(";dur=")[0]: float(p.split(";dur=")[1]) for p in headers["server-timing"].split(", ")}
+    spans = timeline.read_server_timing(headers["server-timing"])
     assert list(spans) == ["submit", "queue", "claim", "engine", "result", "notice", "reply", "total"]
     assert spans["engine"] > 0 and spans["total"] >= spans["engine"]
     assert abs(sum(spans.values()) - 2 * spans["total"]) < 1.0  # ms (each rounded to 0.1)

@@ -42,3 +42,12 @@ def test_a_job_without_the_workers_marks_gives_what_is_known():
 
 def test_the_header_is_in_milliseconds():
     assert timeline.server_timing({"submit": 0.0123, "total": 0.5}) == "submit;dur=12.3, total;dur=500.0"
+
+
+def test_the_header_reads_back():
+    spans = {"submit": 0.0123, "engine": 0.3, "total": 0.5}
+    assert timeline.read_server_timing(timeline.server_timing(spans)) == {
+        "submit": 12.3,
+        "engine": 300.0,
+        "total": 500.0,
+    }

@@ -45,16 +45,14 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control:
     return wait_for(sub.job_id, tenant, deps, t_in=t_in, t_sent=deps.clock())
 
 
-def wait_for(job_id: str, tenant: Tenant, deps: Deps, *, t_in: float | None = None, t_sent: float = 0.0) -> Reply:
-    """The finished job's reply (with a Server-Timing header when t_in, the request's arrival, is
-    given), or 202 when sync_wait_s passes first."""
+def wait_for(job_id: str, tenant: Tenant, deps: Deps, *, t_in: float, t_sent: float) -> Reply:
+    """The finished job's reply with a Server-Timing header (t_in: the request's arrival, t_sent:
+    its message sent), or 202 when sync_wait_s passes first."""
     job = wait_job(job_id, tenant, deps)
     if not job.status.finished:
         return accepted(job)
     t_seen = deps.clock()
     reply = finished_reply(job)
-    if t_in is None:
-        return reply
     spans = timeline.phases(job, t_in, t_sent, t_seen, deps.clock())
     logger.info("request timeline", extra={"job_id": job_id, "ms": {k: round(1000 * v, 1) for k, v in spans.items()}})
     return Reply(reply.status, reply.body, {**reply.headers, "server-timing": timeline.server_timing(spans)})

@@ -46,3 +46,8 @@ def phases(job: Job, t_in: float, t_sent: float, t_seen: float, t_out: float) ->
 def server_timing(spans: dict[str, float]) -> str:
     """{phase: seconds} -> a Server-Timing header value (durations in milliseconds)."""
     return ", ".join(f"{name};dur={1000 * s:.1f}" for name, s in spans.items())
+
+
+def read_server_timing(header: str) -> dict[str, float]:
+    """A Server-Timing header value -> {phase: milliseconds} (benchmarks and tests read replies)."""
+    return {name: float(dur) for name, _, dur in (part.partition(";dur=") for part in header.split(", ") if part)}
