@@ -185,6 +185,10 @@ def make_server(
 
 
 class Gateway(ThreadingHTTPServer):
+    # socketserver's default accept backlog is 5: twenty clients connecting at once (a load
+    # generator, the concurrency tests) overflowed it, and a connection came back reset
+    request_queue_size = 128
+
     def handle_error(self, request, client_address) -> None:
         """A client that hangs up (a load generator closing its pool) is no error of ours."""
         if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
