@@ -7,6 +7,8 @@ what it declares, through the same boto3 calls as AWS (only the endpoint differs
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import json
 import os
@@ -21,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[3]
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where PyYAML has it
     pass
 
 
@@ -42,7 +44,14 @@ _Loader.add_multi_constructor("!", _tag)
 
 
 def load_template(path: Path = ROOT / "template.yaml") -> dict:
-    return yaml.load(Path(path).read_text(), Loader=_Loader)
+    """The template as a dict of its own (callers may change it), parsed once per version of the file."""
+    path = Path(path).resolve()
+    return copy.deepcopy(_parsed(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(path: Path, mtime_ns: int) -> dict:  # (tests load the template for every test)
+    return yaml.load(path.read_text(), Loader=_Loader)
 
 
 def resolve(value, refs: dict):
