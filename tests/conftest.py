@@ -4,6 +4,7 @@ as GGUF and built by the real pipeline."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import shutil
 from pathlib import Path
@@ -30,6 +31,18 @@ def atomic_dynamodb() -> None:
     """In-process moto handles one DynamoDB request at a time, as local mode's moto server does:
     threaded workers rely on conditional writes being atomic (stratus_local.moto_server)."""
     serialize_dynamodb()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def botocore_data_read_once():
+    """moto gives each test a new default boto3 session, and each session would read botocore's
+    endpoint and service model files again (~0.1 s a client): sessions share one loader here."""
+    import botocore.session
+
+    create_loader = botocore.session.create_loader
+    botocore.session.create_loader = functools.cache(create_loader)
+    yield
+    botocore.session.create_loader = create_loader
 
 
 @pytest.fixture(scope="session")
