@@ -31,6 +31,12 @@ app = APIGatewayHttpResolver()
 get_deps = functools.cache(deps_from_env)  # clients created once per container
 
 
+def shut_down() -> None:
+    """The container is stopping: delete its wake queue (stratus.wake), if it made its clients."""
+    if get_deps.cache_info().currsize and get_deps().waker is not None:
+        get_deps().waker.close()
+
+
 def _tenant() -> Tenant:
     deps = get_deps()
     return authenticate(deps.table, app.current_event.headers.get("authorization"), deps.key_cache)

@@ -216,5 +216,6 @@ async def _lifespan(receive, send) -> None:
             asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(THREADS, thread_name_prefix="api"))
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            await asyncio.to_thread(handlers.shut_down)
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -93,6 +93,7 @@ def stack(monkeypatch):
         handler, module = load_handler(template, "ApiFunction")
         table = boto3.resource("dynamodb", region_name=region).Table(refs["JobsTable"])
         yield Stack(refs, table, boto3.client("sqs", region_name=region), handler, module)
+        module.shut_down()  # (its wake queue's reader stops)
         apply_environment({})
 
 

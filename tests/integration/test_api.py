@@ -163,6 +163,7 @@ def test_completion_route_and_wait_for_result(stack, key, monkeypatch):
         real_sleep(seconds)
 
     monkeypatch.setattr(stack.module.get_deps(), "sleep", worker_finishes)
+    monkeypatch.setattr(stack.module.get_deps(), "waker", None)  # (no wake queue: it re-reads, sleeping between)
     status, reply, headers = stack.call("api_completion.json", key=key, body=body)
     assert status == 200 and headers["x-stratus-cache"] == "miss"
     assert reply["object"] == "text_completion" and reply["choices"][0]["text"] == " there was a cloud."
@@ -247,7 +248,8 @@ def test_20_concurrent_identical_misses_queue_one_job(stack, key, monkeypatch):
     monkeypatch.setattr(JobStore, "create", create_in_turn)
     results = []
     barrier = threading.Barrier(20)
-    instances = [load_handler(load_template(), "ApiFunction")[0] for _ in range(20)]
+    loaded = [load_handler(load_template(), "ApiFunction") for _ in range(20)]
+    instances = [handler for handler, _ in loaded]
 
     def call(handler):
         event = stack.event("api_chat_completion.json", key=key, body=CHAT)
@@ -260,6 +262,8 @@ def test_20_concurrent_identical_misses_queue_one_job(stack, key, monkeypatch):
         t.start()
     for t in threads:
         t.join()
+    for _, module in loaded:
+        module.shut_down()
     assert {status for status, _, _ in results} == {202}
     assert len({body["id"] for _, body, _ in results}) == 1
     assert len(stack.queued()) == 1
@@ -464,6 +468,7 @@ def test_a_failed_job_answers_with_its_error(stack, key, monkeypatch):
         real_sleep(seconds)
 
     monkeypatch.setattr(stack.module.get_deps(), "sleep", worker_rejects)
+    monkeypatch.setattr(stack.module.get_deps(), "waker", None)  # (no wake queue: it re-reads, sleeping between)
     status, body, _ = stack.call("api_chat_completion.json", key=key, body=CHAT)
     assert status == 400 and body["error"] == {**error, "param": None}
     job_id = next(i["pk"] for i in stack.table.scan()["Items"] if i.get("status") == "FAILED")

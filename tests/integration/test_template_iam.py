@@ -51,6 +51,7 @@ NESTED_EXPECTED = {
             "JobsQueueArn",
             "BatchJobsQueueArn",
             "ReplyQueuePattern",
+            "WakeQueuePattern",
             "JobsTableArn",
             "StreamTableArn",
             "BucketName",
@@ -58,7 +59,14 @@ NESTED_EXPECTED = {
         }
     },
     "sagemaker-async.yaml": {
-        "ExecutionRole": {"ReplyQueuePattern", "JobsTableArn", "StreamTableArn", "BucketName", "ModelUri"}
+        "ExecutionRole": {
+            "ReplyQueuePattern",
+            "WakeQueuePattern",
+            "JobsTableArn",
+            "StreamTableArn",
+            "BucketName",
+            "ModelUri",
+        }
     },
 }
 # actions that have no resource-level permissions in IAM, so "*" is the only possible resource

@@ -14,7 +14,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
 
-from stratus import timeline
+from stratus import service, timeline, wake
 from stratus.contracts import QueueMessage, Status
 from stratus.jobstore import JobStore
 from stratus.wire import parse_request
@@ -82,6 +82,33 @@ def test_a_synchronous_request_waits_for_the_worker(stack, key, make_worker, mon
     assert list(spans) == ["submit", "queue", "claim", "engine", "result", "notice", "reply", "total"]
     assert spans["engine"] > 0 and spans["total"] >= spans["engine"]
     assert abs(sum(spans.values()) - 2 * spans["total"]) < 1.0  # ms (each rounded to 0.1)
+
+
+def test_a_waiting_request_is_woken_by_its_worker_not_by_a_re_read(stack, key, make_worker, monkeypatch):
+    # Given re-reads so rare that only the wake can answer within the wait (stratus.wake)
+    monkeypatch.setattr(service, "POLL_MAX_S", 60.0)
+    monkeypatch.setattr(service, "WOKEN_POLL_S", 60.0)
+    make_worker()
+    long_wait(stack, monkeypatch)
+    reads = []
+    real_get = JobStore.get
+    monkeypatch.setattr(JobStore, "get", lambda self, *a, **k: reads.append(a) or real_get(self, *a, **k))
+    t = time.monotonic()
+    status, body, _ = stack.call("api_chat_completion.json", key=key, body=chat("wake me"))
+    assert status == 200 and body["usage"]["completion_tokens"] >= 1
+    assert time.monotonic() - t < 15  # (the re-read after the first would come at 20 s: the wait's end)
+    assert len([a for a in reads if a and a[0].startswith("c")]) <= 2  # the cache lookup, the read once woken
+
+
+def test_a_lost_wake_costs_a_re_read_not_the_answer(stack, key, make_worker, monkeypatch):
+    monkeypatch.setattr(service, "WOKEN_POLL_S", 0.3)
+    monkeypatch.setattr(wake, "send", lambda *a, **k: None)  # every wake is lost
+    monkeypatch.setattr("stratus_worker.worker.send_wake", lambda *a, **k: None)
+    make_worker()
+    long_wait(stack, monkeypatch)
+    status, body, _ = stack.call("api_chat_completion.json", key=key, body=chat("wake me, or not"))
+    assert status == 200 and body["usage"]["completion_tokens"] >= 1
+    assert stack.module.get_deps().waker.url() is not None  # (it waited for a wake that never came)
 
 
 def test_expired_and_cancelled_jobs_never_run(stack, key, make_worker):

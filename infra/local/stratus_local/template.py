@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[3]
+PSEUDO_PARAMETERS = {"AWS::StackName": "stratus"}  # where refs do not say (create_resources: its prefix)
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where PyYAML has it
@@ -115,7 +116,7 @@ def create_resources(template: dict, *, prefix: str = "stratus", session=None, p
 
     session = session or boto3.Session()
     ddb, sqs, s3 = session.client("dynamodb"), session.client("sqs"), session.client("s3")
-    refs = {**parameter_defaults(template), **(parameters or {})}
+    refs = {**parameter_defaults(template), **(parameters or {}), "AWS::StackName": prefix}
     resources = active(template, parameters)["Resources"]
     ordered = sorted(resources.items(), key=lambda kv: "RedrivePolicy" in kv[1].get("Properties", {}))  # DLQs first
     for name, res in ordered:
@@ -163,7 +164,7 @@ def function_environment(template: dict, function: str | None, refs: dict) -> di
     if function is not None:
         props = template["Resources"][function]["Properties"]
         env.update(props.get("Environment", {}).get("Variables", {}))
-    return {k: str(v) for k, v in resolve(env, refs).items()}
+    return {k: str(v) for k, v in resolve(env, {**PSEUDO_PARAMETERS, **refs}).items()}
 
 
 def function_dir(template: dict, function: str) -> Path:

@@ -50,7 +50,7 @@ class JobStates:
         worker_id: str,
         engine,
         heartbeat_s: float,
-        notify: Callable[[Job | None], None],
+        notify: Callable[[Job | None, str | None], None],  # (a finished job, its message's wake)
         clock: Callable[[], float],
     ) -> None:
         self.store, self.worker_id, self.engine = store, worker_id, engine
@@ -73,7 +73,7 @@ class JobStates:
             )
             if expired:
                 metrics.add_metric(name="RequestsExpired", unit=MetricUnit.Count, value=1)
-                self.notify(expired)
+                self.notify(expired, msg.wake)
                 return Outcome.DELETE_MESSAGE, None
             # not QUEUED: finished, or started before its deadline (running, or its worker went
             # silent): as any other message, but never started now
@@ -96,7 +96,8 @@ class JobStates:
                     Status.FAILED,
                     owner=self.worker_id,
                     error={"message": exc.message, "type": exc.error_type, "code": exc.code or "invalid_request"},
-                )
+                ),
+                msg.wake,
             )
             logger.info("rejected", extra={"code": exc.code})
             return Outcome.DELETE_MESSAGE, None
@@ -147,6 +148,6 @@ class JobStates:
         if job is None or job.status.finished:
             if job is not None and job.status == Status.CANCELLED:
                 metrics.add_metric(name="RequestsCancelled", unit=MetricUnit.Count, value=1)
-            self.notify(job)  # replies a finished job still owes (e.g. its writer died before posting)
+            self.notify(job, None)  # replies a finished job still owes (e.g. its writer died before posting)
             return Outcome.DELETE_MESSAGE
         return Outcome.LEAVE_MESSAGE

@@ -25,7 +25,7 @@ class Results:
         worker_id: str,
         s3,
         bucket: str,
-        notify: Callable[[Job | None], None],
+        notify: Callable[[Job | None, str | None], None],  # (a finished job, its message's wake)
         token_bytes: list[bytes],
         decode: Callable[[list[int]], str],
         keep_trying: Callable[[Callable[[], Job | None], str], Job | None],
@@ -71,7 +71,7 @@ class Results:
         if any(c.finish_reason == "cancelled" for x in results for c in x.choices):
             self.chunks.close(job_id)
             metrics.add_metric(name="RequestsCancelled", unit=MetricUnit.Count, value=1)
-            self.notify(self.store.get(job_id))
+            self.notify(self.store.get(job_id), msg.wake)
             return
         queued_s = received - msg.enqueued_at + r.timings.queue_s
         timings = {
@@ -128,7 +128,7 @@ class Results:
             ("GenerationTokensPerSecond", timings["decode_tokens_per_s"], MetricUnit.CountPerSecond),
         ):
             metrics.add_metric(name=name, unit=unit, value=value)
-        self.notify(written)  # last: replies that cannot be posted now raise (worker.RepliesOwed)
+        self.notify(written, msg.wake)  # last: replies that cannot be posted now raise (worker.RepliesOwed)
 
 
 def chunk_error(exc: BaseException) -> None:

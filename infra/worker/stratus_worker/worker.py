@@ -52,6 +52,7 @@ from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
 from stratus.replies import post_replies
 from stratus.settings import Settings
+from stratus.wake import send as send_wake
 from stratus_engine.engine import Engine, GenerationRequest
 from stratus_worker import choices, health
 from stratus_worker.choices import gather
@@ -420,7 +421,11 @@ class Worker:
                 self.halt.wait(pause)
                 pause = min(2 * pause, WRITE_RETRY_MAX_S)
 
-    def _notify(self, job) -> None:
+    def _notify(self, job, wake: str | None = None) -> None:
+        """A job this worker saw finish: wake the request waiting for it (the message's `wake`),
+        then post the replies it owes."""
+        if job is not None and job.status.finished:
+            send_wake(self.sqs, wake, job.job_id)
         try:
             post_replies(job, sqs=self.sqs, s3=self.s3, store=self.store)
         except Exception as exc:

@@ -243,6 +243,7 @@ class QueueMessage:
     version: int = 1
     stream: bool = False  # a client streams the text: the worker writes chunk items (stratus.chunks)
     tier: str = "interactive"  # TIERS: which queue carries it and how the engine orders it
+    wake: str | None = None  # the queue of the API instance waiting for it, woken when it finishes (stratus.wake)
 
     def to_body(self) -> str:
         d = asdict(self)

@@ -11,6 +11,7 @@ from stratus.contracts import Status
 from stratus.jobstore import JobStore
 from stratus.observability import logger, metrics
 from stratus.replies import post_replies
+from stratus.wake import send as send_wake
 
 
 class StillRunning(Exception):
@@ -26,7 +27,8 @@ def fail_dead_letter(
 
     The body is read leniently: a message the workers could not parse still names its job."""
     try:
-        job_id = json.loads(body)["job_id"]
+        fields = json.loads(body)
+        job_id = fields["job_id"]
     except (ValueError, KeyError, TypeError):
         logger.error("dead letter without a job id; dropped", extra={"body_bytes": len(body)})
         return False
@@ -48,5 +50,8 @@ def fail_dead_letter(
     )
     metrics.add_metric(name="DeadLetters", unit=MetricUnit.Count, value=1)
     logger.warning("dead letter", extra={"job_id": job_id, "failed_now": bool(failed)})
+    if failed:
+        wake = fields.get("wake")
+        send_wake(sqs, wake if isinstance(wake, str) else None, job_id)
     post_replies(failed or store.get(job_id), sqs=sqs, s3=s3, store=store)
     return bool(failed)

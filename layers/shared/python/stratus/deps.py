@@ -13,10 +13,13 @@ from botocore.config import Config
 
 from stratus.jobstore import JobStore
 from stratus.settings import Settings, get_settings
+from stratus.wake import WAIT_S, Waker
 
 # Requests wait seconds, not botocore's defaults (60 s to connect, 60 to read): a storage outage
 # becomes a 503 with Retry-After while the caller is still there.
 CLIENT_CONFIG = Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 2, "mode": "standard"})
+# ... but a wake queue's reader long-polls (stratus.wake)
+WAKE_CONFIG = Config(connect_timeout=1, read_timeout=WAIT_S + 5, retries={"max_attempts": 2, "mode": "standard"})
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Deps:
     sleep: Callable[[float], None] = time.sleep
     store: JobStore = field(init=False)
     key_cache: dict = field(default_factory=dict)  # see stratus.keys.authenticate
+    waker: Waker | None = None  # this instance's wake queue (stratus.wake); None: waiting requests only re-read
 
     def __post_init__(self) -> None:
         self.store = JobStore(self.table)
@@ -45,4 +49,5 @@ def deps_from_env() -> Deps:
         boto3.client("sqs", config=CLIENT_CONFIG),
         boto3.client("s3", config=CLIENT_CONFIG),
         ddb.Table(settings.stream_table) if settings.stream_table else None,
+        waker=Waker(boto3.client("sqs", config=WAKE_CONFIG), settings.wake_prefix) if settings.wake_prefix else None,
     )

@@ -526,7 +526,10 @@ def create(body, tenant, deps, *, cache_control: str = "") -> Created:
     rid, conversation = store.new_id(), [*earlier, *call.new]
     model = chat.get("model") if isinstance(chat.get("model"), str) else ""
     item = store.item(rid, tenant.name, "", model, call.fields, conversation, now) if call.store else None
-    how = submission.api(deps.settings, cache_control, stream=call.stream, tier=submission.tier_of(body, tenant))
+    wake = service.wake_url(deps) if not (call.stream or call.background) else None  # (a whole answer waits)
+    how = submission.api(
+        deps.settings, cache_control, stream=call.stream, tier=submission.tier_of(body, tenant), wake=wake
+    )
     if call.store:
         how = replace(how, keep_s=RESPONSE_TTL_S)
     sub = submission.submit("chat", chat, tenant, deps, how)  # (a record too big was refused first)
@@ -544,7 +547,7 @@ def answer(created: Created, tenant, deps, *, wait: bool) -> dict:
     if sub.hit is not None:
         job = sub.hit
     elif wait:
-        job = service.wait_job(sub.job_id, tenant, deps)
+        job = service.wait_job(sub.job_id, tenant, deps, woken=sub.created and sub.message.wake is not None)
         if job.status == Status.FAILED and (job.error or {}).get("type") == "invalid_request_error":
             raise InvalidRequest((job.error or {}).get("message", "invalid request"))  # (the worker's 400)
     else:

@@ -6,6 +6,7 @@ job routes (GET, DELETE) and their access rule.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -22,6 +23,7 @@ from stratus.shapes import completion_body, job_view, model_object
 
 RETRY_AFTER_S = 2
 POLL_FRACTION, POLL_MAX_S = 0.1, 1.0  # a waiting request notices a finished job within ~10% of its wait
+WOKEN_POLL_S = 0.5  # ... or, when its job will wake it (stratus.wake), re-reads it at most this often
 # HTTP status for a job that finished without a result (FAILED with a server error -> 500)
 FINISHED_STATUS = {Status.CANCELLED: 409, Status.EXPIRED: 503}
 
@@ -35,20 +37,27 @@ class Reply:
 
 def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control: str = "", wait: bool = True) -> Reply:
     t_in = deps.clock()
-    sub = submission.submit(
-        route, body, tenant, deps, submission.api(deps.settings, cache_control, tier=submission.tier_of(body, tenant))
-    )
+    wake = wake_url(deps) if wait else None
+    how = submission.api(deps.settings, cache_control, tier=submission.tier_of(body, tenant), wake=wake)
+    sub = submission.submit(route, body, tenant, deps, how)
     if sub.hit is not None:
         return Reply(200, completion_body(sub.hit), {"x-stratus-cache": "hit"})
     if not wait:
         return accepted(sub.job)
-    return wait_for(sub.job_id, tenant, deps, t_in=t_in, t_sent=deps.clock())
+    woken = sub.created and wake is not None
+    return wait_for(sub.job_id, tenant, deps, t_in=t_in, t_sent=deps.clock(), woken=woken)
 
 
-def wait_for(job_id: str, tenant: Tenant, deps: Deps, *, t_in: float, t_sent: float) -> Reply:
+def wake_url(deps: Deps) -> str | None:
+    """Where a job this instance waits for wakes it (stratus.wake), if anywhere."""
+    return deps.waker.url() if deps.waker is not None else None
+
+
+def wait_for(job_id: str, tenant: Tenant, deps: Deps, *, t_in: float, t_sent: float, woken: bool) -> Reply:
     """The finished job's reply with a Server-Timing header (t_in: the request's arrival, t_sent:
-    its message sent), or 202 when sync_wait_s passes first."""
-    job = wait_job(job_id, tenant, deps)
+    its message sent; woken: its message carries this instance's wake queue), or 202 when
+    sync_wait_s passes first."""
+    job = wait_job(job_id, tenant, deps, woken=woken)
     if not job.status.finished:
         return accepted(job)
     t_seen = deps.clock()
@@ -58,21 +67,31 @@ def wait_for(job_id: str, tenant: Tenant, deps: Deps, *, t_in: float, t_sent: fl
     return Reply(reply.status, reply.body, {**reply.headers, "server-timing": timeline.server_timing(spans)})
 
 
-def wait_job(job_id: str, tenant: Tenant, deps: Deps) -> Job:
+def wait_job(job_id: str, tenant: Tenant, deps: Deps, *, woken: bool = False) -> Job:
     """Re-read the job until it finishes (-> it, its result loaded) or sync_wait_s passes (-> as it
     is). The pause grows with the wait (POLL_FRACTION of it, from poll_interval_s up to POLL_MAX_S):
-    a short job is seen finished within milliseconds, and a long wait costs tens of reads, not hundreds."""
+    a short job is seen finished within milliseconds, and a long wait costs tens of reads, not hundreds.
+    A wake for the job (this instance's Waker) ends a pause at once; a job that will wake it
+    (woken: this request just made it) is first read when it wakes, then at most every
+    WOKEN_POLL_S, in case its wake is lost."""
     started = deps.clock()
     deadline = started + deps.settings.sync_wait_s
+    floor = max(deps.settings.poll_interval_s, WOKEN_POLL_S if woken else 0.0)
+    read_at = time.monotonic() if woken else None  # (a job just made is QUEUED: nothing to read yet)
     while True:
+        if read_at is not None:
+            now = deps.clock()
+            pause = max(0.0, min(POLL_MAX_S, max(floor, POLL_FRACTION * (now - started)), deadline - now))
+            if deps.waker is None:
+                deps.sleep(pause)
+            else:
+                deps.waker.wait(job_id, read_at, pause)
+        read_at = time.monotonic()
         job = get_job(job_id, tenant, deps)
         if job.status.finished:
             return with_result(job, deps)
-        now = deps.clock()
-        if now >= deadline:
+        if deps.clock() >= deadline:
             return job
-        pause = min(POLL_MAX_S, max(deps.settings.poll_interval_s, POLL_FRACTION * (now - started)))
-        deps.sleep(min(pause, deadline - now))
 
 
 def with_result(job: Job, deps: Deps) -> Job:

@@ -74,6 +74,7 @@ class Settings:
     batch_pass_s: float = 0.0
     batch_ingest_s: float = 150.0  # how long one run (an upload's, a pass's) reads a batch file's slices
     poll_interval_s: float = 0.025  # how often a waiting request re-reads its job (a strongly consistent read)
+    wake_prefix: str = ""  # names of the API instances' wake queues (stratus.wake); "": requests only re-read
     # streaming (stratus.chunks): the table of chunk items, how often a worker flushes a job's text,
     # how often an idle stream sends a comment, and the longest a stream stays open
     stream_table: str = ""
@@ -121,6 +122,7 @@ class Settings:
         "default_rpm": ("STRATUS_DEFAULT_RPM", int),
         "default_tpm": ("STRATUS_DEFAULT_TPM", int),
         "poll_interval_s": ("STRATUS_POLL_INTERVAL_S", float),
+        "wake_prefix": ("STRATUS_WAKE_PREFIX", str),
         "batch_window_s": ("STRATUS_BATCH_WINDOW_S", int),
         "max_open_batches": ("STRATUS_MAX_OPEN_BATCHES", int),
         "max_in_flight": ("STRATUS_MAX_IN_FLIGHT", int),

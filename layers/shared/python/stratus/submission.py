@@ -66,12 +66,20 @@ class SubmitPolicy:
     redelivered: bool = False  # it may have been handled before, up to making its job: a QUEUED job it
     # joins gets its message again (a duplicate message is harmless)
     keep_s: float = 0.0  # its job is kept at least this long (a stored response's: its conversation)
+    wake: str | None = None  # the waiting API instance's wake queue (stratus.wake), carried by the message
 
 
 def api(
-    settings: Settings, cache_control: str = "", *, stream: bool = False, tier: str = "interactive"
+    settings: Settings,
+    cache_control: str = "",
+    *,
+    stream: bool = False,
+    tier: str = "interactive",
+    wake: str | None = None,
 ) -> SubmitPolicy:
-    return SubmitPolicy(settings.deadline_for(tier), tier, charge=True, streaming=stream, cache_control=cache_control)
+    return SubmitPolicy(
+        settings.deadline_for(tier), tier, charge=True, streaming=stream, cache_control=cache_control, wake=wake
+    )
 
 
 SERVICE_TIERS = ("auto", "default", "flex", "priority", "scale")  # OpenAI's service_tier values
@@ -197,7 +205,14 @@ def enqueue(req: InferenceRequest, tenant: Tenant, deps: Deps, how: SubmitPolicy
         batch=how.batch,
     )
     message = QueueMessage(
-        job_id, tenant.name, req, enqueued_at=now, deadline=now + how.deadline_s, stream=how.streaming, tier=how.tier
+        job_id,
+        tenant.name,
+        req,
+        enqueued_at=now,
+        deadline=now + how.deadline_s,
+        stream=how.streaming,
+        tier=how.tier,
+        wake=how.wake,
     )
     check_sizes(job, message.to_body())  # a 413 before anything is written or charged
     if how.charge:  # limits guard GPU time: only work that may reach a worker is charged

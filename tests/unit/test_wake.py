@@ -1,0 +1,90 @@
+"""stratus.wake on moto: an API instance's wake queue, its reader, the worker's send, the sweep."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from stratus import wake
+from stratus.wake import MAX_AGE_S, Waker, made_at
+
+
+@pytest.fixture
+def sqs(monkeypatch):
+    for k, v in {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t"}.items():
+        monkeypatch.setenv(k, v)
+    with mock_aws():
+        yield boto3.client("sqs")
+
+
+@pytest.fixture
+def waker(sqs):
+    w = Waker(sqs, "stack-wake", wait_s=1)
+    yield w
+    w.close()
+
+
+def test_a_wake_sent_after_the_read_ends_the_wait_at_once(sqs, waker):
+    url = waker.url()
+    assert url is not None and url == waker.url()  # one queue per instance
+    read_at = time.monotonic()
+    threading.Timer(0.2, wake.send, args=(sqs, url, "j1")).start()
+    t = time.monotonic()
+    assert waker.wait("j1", read_at, timeout=30)
+    assert time.monotonic() - t < 20  # (woken, not timed out)
+    assert not waker.wait("j2", read_at, timeout=0.1)  # another job's wake is not this one's
+
+
+def test_a_wake_that_came_before_the_read_is_not_waited_for_again(sqs, waker):
+    wake.send(sqs, waker.url(), "j1")
+    assert waker.wait("j1", time.monotonic() - 60, timeout=30)  # came after that read: returns at once
+    read_at = time.monotonic()  # a read after the wake saw all it says
+    assert not waker.wait("j1", read_at, timeout=0.2)
+
+
+def test_a_wake_for_an_unknown_queue_or_none_is_dropped_quietly(sqs):
+    wake.send(sqs, None, "j1")
+    wake.send(sqs, "https://sqs.us-east-1.amazonaws.com/123456789012/gone", "j1")  # logged, not raised
+
+
+def test_a_swept_queue_is_made_again_on_the_next_wait(sqs, waker):
+    first = waker.url()
+    sqs.delete_queue(QueueUrl=first)
+    deadline = time.monotonic() + 10
+    while waker.url() in (first, None) and time.monotonic() < deadline:  # (the reader notices within wait_s)
+        time.sleep(0.1)
+    second = waker.url()
+    assert second not in (first, None)
+    read_at = time.monotonic()
+    wake.send(sqs, second, "j1")
+    assert waker.wait("j1", read_at, timeout=30)
+
+
+def test_close_deletes_the_queue_and_no_other_is_made(sqs, waker):
+    url = waker.url()
+    waker.close()
+    assert url not in sqs.list_queues().get("QueueUrls", [])
+    assert waker.url() is None
+
+
+def test_the_sweep_deletes_only_this_prefixs_queues_older_than_max_age(sqs):
+    now = time.time()
+    old = sqs.create_queue(QueueName=f"stack-wake-{int(now - MAX_AGE_S - 60):08x}-00000001")["QueueUrl"]
+    young = sqs.create_queue(QueueName=f"stack-wake-{int(now - 60):08x}-00000002")["QueueUrl"]
+    other = sqs.create_queue(QueueName=f"other-wake-{int(now - MAX_AGE_S - 60):08x}-00000003")["QueueUrl"]
+    unrelated = sqs.create_queue(QueueName="stack-wake-replies")["QueueUrl"]
+    w = Waker(sqs, "stack-wake")
+    assert w.sweep(own=young) == 1
+    left = set(sqs.list_queues().get("QueueUrls", []))
+    assert old not in left and {young, other, unrelated} <= left
+
+
+def test_queue_names_carry_when_they_were_made_and_fit_sqs():
+    assert made_at("p-wake-5f000000-ab12cd34", "p-wake") == 0x5F000000
+    assert made_at("p-wake-replies", "p-wake") is None and made_at("q-wake-5f000000-x", "p-wake") is None
+    long = Waker(None, "x" * 200)
+    assert len(long.prefix) + 18 == 80
