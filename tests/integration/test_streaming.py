@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from stratus import streaming
 from stratus.chunks import Chunk, ChunkStore, first_seq
 from stratus.contracts import Status
 from stratus.deps import deps_from_env
@@ -44,7 +45,10 @@ def text_of(evs: list, route: str = "chat") -> str:
 
 @pytest.fixture
 def deps(stack):
-    return deps_from_env()
+    d = deps_from_env()
+    yield d
+    if d.waker is not None:
+        d.waker.close()  # (its reader stops)
 
 
 @pytest.fixture
@@ -78,6 +82,21 @@ def test_a_streamed_chat_is_the_whole_response_in_chunks(stack, key, deps, tenan
     assert status == 200 and headers["x-stratus-cache"] == "hit"
     assert text_of(evs) == body["choices"][0]["message"]["content"] != ""
     assert usage["usage"] == body["usage"]
+
+
+def test_a_stream_reads_its_chunks_when_its_worker_wakes_it(stack, key, deps, tenant, make_worker, monkeypatch):
+    # Given reads so rare that only wakes can bring the chunks within the test's time (stratus.wake)
+    monkeypatch.setattr(streaming, "WOKEN_PAUSE_S", 60.0)
+    monkeypatch.setattr(streaming, "JOB_READ_EVERY_S", 60.0)
+    monkeypatch.setattr("stratus_worker.worker.send_wake", lambda *a, **k: None)  # (the end's wake: not this test's)
+    make_worker(stream_flush_s=0.0)
+    t = time.monotonic()
+    s = open_stream("chat", chat("wake each chunk", stream=True, max_tokens=12), tenant, deps)
+    assert s.woken
+    for raw in s.events():  # up to the first text
+        if text_of(events([raw])):
+            break
+    assert time.monotonic() - t < 30  # (without a chunk's wake: the first read after the start is at 60 s)
 
 
 def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(stack, key, deps, tenant, make_worker):

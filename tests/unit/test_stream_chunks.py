@@ -68,6 +68,31 @@ def test_a_failed_chunk_write_keeps_its_text_for_the_next_round():
     assert store.shown("j1") == "hello w"  # (the failed chunk's text is kept, and the later ones leave no gap)
 
 
+def test_each_write_wakes_its_streams_readers_and_a_failed_write_none():
+    store, now, woken = Store(), [0.0], []
+    w = ChunkWriter(
+        store,
+        lambda: WholeText(lambda ids: "".join(LETTERS[i] for i in ids)),
+        flush_s=0.1,
+        clock=lambda: now[0],
+        wake=woken.extend,
+    )
+    a = w.open("a", "", 1, (), 10**10, streamed=True, wake="q1")
+    b = w.open("b", "", 1, (), 10**10, streamed=True, wake="q1")
+    c = w.open("c", "", 1, (), 10**10, streamed=True)  # (a stream nobody's wake queue waits on)
+    feed(a, "ab")
+    feed(b, "xy")
+    feed(c, "mn")
+    store.always["b"] = aws_error("ProvisionedThroughputExceededException")
+    with pytest.raises(ClientError):
+        w.flush()  # (the round fails, then each stream is written alone: b's fails)
+    assert woken == [("q1", "a")]
+    del store.always["b"]
+    now[0] += 1
+    w.flush()  # b's kept chunk goes out now
+    assert woken == [("q1", "a"), ("q1", "b")] and store.shown("b") == "xy"
+
+
 def test_one_streams_refused_chunk_never_holds_the_others_text():
     store, now = Store(), [0.0]
     w = writer(store, now)

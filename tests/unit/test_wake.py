@@ -46,9 +46,24 @@ def test_a_wake_that_came_before_the_read_is_not_waited_for_again(sqs, waker):
     assert not waker.wait("j1", read_at, timeout=0.2)
 
 
+def test_many_wakes_go_in_batches_per_queue(sqs, waker, monkeypatch):
+    url = waker.url()
+    other = Waker(sqs, "stack-wake", wait_s=1)
+    calls = []
+    real = sqs.send_message_batch
+    monkeypatch.setattr(sqs, "send_message_batch", lambda **kw: calls.append(kw) or real(**kw))
+    read_at = time.monotonic()
+    wake.send_many(sqs, [(url, f"j{i}") for i in range(12)] + [(other.url(), "k"), (url, "j0"), (None, "x")])
+    assert sorted(len(c["Entries"]) for c in calls) == [1, 2, 10]  # 12 distinct jobs on one queue, 1 on the other
+    assert all(waker.wait(f"j{i}", read_at, timeout=30) for i in range(12))
+    assert other.wait("k", read_at, timeout=30)
+    other.close()
+
+
 def test_a_wake_for_an_unknown_queue_or_none_is_dropped_quietly(sqs):
     wake.send(sqs, None, "j1")
     wake.send(sqs, "https://sqs.us-east-1.amazonaws.com/123456789012/gone", "j1")  # logged, not raised
+    wake.send_many(sqs, [("https://sqs.us-east-1.amazonaws.com/123456789012/gone", "j1")])
 
 
 def test_a_swept_queue_is_made_again_on_the_next_wait(sqs, waker):

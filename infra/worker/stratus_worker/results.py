@@ -49,6 +49,7 @@ class Results:
             streamed=msg.stream,
             logprobs=msg.request.params.logprobs is not None,
             prompt_tokens=prompt_tokens,
+            wake=msg.wake,
         )
 
     def abandon(self, job_id: str) -> None:

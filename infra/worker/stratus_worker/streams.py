@@ -34,6 +34,8 @@ class _Stream:
     entries_sent: int = 0
     last_flush: float = 0.0
     wrote: bool = False
+    job_id: str = ""
+    wake: str | None = None  # the reading API instance's wake queue (stratus.wake): woken after each write
     unsent: list = field(default_factory=list)  # (chunk, expires_at) made but not yet written: tried again
 
     def take_entries(self) -> tuple[int, list[dict] | None]:
@@ -54,10 +56,13 @@ class ChunkWriter:
         flush_s: float = 0.15,
         clock: Callable[[], float] = time.monotonic,
         render: Callable[[object], dict] | None = None,
+        wake: Callable[[list[tuple[str, str]]], None] = lambda wakes: None,
     ) -> None:
         """new_text: a TokenText for each job's tokens (Engine.new_text); render: an engine
-        TokenLogprob -> its entry (stratus_worker.choices.entry)"""
+        TokenLogprob -> its entry (stratus_worker.choices.entry); wake: sends [(wake queue, job id)]
+        once chunks of those jobs are written (stratus.wake.send_many)"""
         self.store, self.new_text, self.flush_s, self.clock, self.render = store, new_text, flush_s, clock, render
+        self.wake = wake
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -72,9 +77,10 @@ class ChunkWriter:
         streamed: bool,
         logprobs: bool = False,
         prompt_tokens: int = 0,
+        wake: str | None = None,
     ) -> Callable[[int, object], None]:
         """Start collecting a job's tokens (its run: Job.run; the prompt's length, for the usage
-        each chunk carries) -> the engine's on_token callback for it."""
+        each chunk carries; the message's wake queue) -> the engine's on_token callback for it."""
         s = _Stream(
             stream_key(job_id, run),
             TextDeltas(self.new_text(), stop),
@@ -83,6 +89,8 @@ class ChunkWriter:
             streamed,
             prompt_tokens,
             entries=[] if logprobs and self.render is not None else None,
+            job_id=job_id,
+            wake=wake,
         )
         with self._lock:
             self._streams[job_id] = s
@@ -156,7 +164,11 @@ class ChunkWriter:
             raise
         for s in streams:
             s.unsent = []
+        self._wake_readers(streams)
         return len(chunks)
+
+    def _wake_readers(self, written: list[_Stream]) -> None:
+        self.wake([(s.wake, s.job_id) for s in written if s.wake])
 
     def _write_each(self, streams: list[_Stream]) -> int:
         written, error = 0, None
@@ -168,6 +180,7 @@ class ChunkWriter:
                 error = error or exc
                 continue
             written, s.unsent = written + len(s.unsent), []
+            self._wake_readers([s])
         if error is not None:
             raise error
         return written

@@ -53,6 +53,7 @@ from stratus.observability import logger, metrics
 from stratus.replies import post_replies
 from stratus.settings import Settings
 from stratus.wake import send as send_wake
+from stratus.wake import send_many as send_wakes
 from stratus_engine.engine import Engine, GenerationRequest
 from stratus_worker import choices, health
 from stratus_worker.choices import gather
@@ -114,6 +115,7 @@ class Worker:
             engine.new_text,
             settings.stream_flush_s,
             render=lambda t: choices.entry(t, engine.token_bytes),
+            wake=lambda wakes: send_wakes(sqs, wakes),
         )
         self.leases = Leases(sqs, settings.visibility_s)
         self._batch_backlog = False  # the last batch receive found messages: more are likely waiting

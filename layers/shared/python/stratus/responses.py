@@ -526,7 +526,7 @@ def create(body, tenant, deps, *, cache_control: str = "") -> Created:
     rid, conversation = store.new_id(), [*earlier, *call.new]
     model = chat.get("model") if isinstance(chat.get("model"), str) else ""
     item = store.item(rid, tenant.name, "", model, call.fields, conversation, now) if call.store else None
-    wake = service.wake_url(deps) if not (call.stream or call.background) else None  # (a whole answer waits)
+    wake = service.wake_url(deps) if not call.background else None  # (a whole answer or a stream waits)
     how = submission.api(
         deps.settings, cache_control, stream=call.stream, tier=submission.tier_of(body, tenant), wake=wake
     )
@@ -621,8 +621,8 @@ class ResponseStream(Stream):
     function_call_arguments deltas, their .done events, and response.completed (.incomplete,
     .failed). No `[DONE]`: the last event ends it."""
 
-    def __init__(self, deps, tenant, req, job, rid: str, record: dict, *, hit: bool) -> None:
-        super().__init__(deps, tenant, req, job, StreamOptions(), hit)
+    def __init__(self, deps, tenant, req, job, rid: str, record: dict, *, hit: bool, woken: bool = False) -> None:
+        super().__init__(deps, tenant, req, job, StreamOptions(), hit, woken)
         self.rid, self.record, self.seq = rid, record, 0
         self.text, self.opened = "", False
         self.calls_made: list[tuple[str, str]] = []  # (item id, arguments so far) per call

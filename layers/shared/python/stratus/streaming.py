@@ -21,6 +21,7 @@ cancelled; a cacheable one finishes and its result is cached.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ from stratus.deps import Deps
 from stratus.errors import InvalidRequest
 from stratus.keys import Tenant
 from stratus.observability import logger
-from stratus.service import with_result
+from stratus.service import wake_url, with_result
 from stratus.shapes import TextOffsets, completion_logprobs
 from stratus.tools import CallDeltas
 from stratus.wire import StreamOptions, stream_options
@@ -42,6 +43,7 @@ CONTENT_TYPE = "text/event-stream"
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 JOB_READ_EVERY_S = 1.0  # how often a stream re-reads its job (failures, and results whose final chunk is missing)
 MAX_PAUSE_S = 0.05
+WOKEN_PAUSE_S = 0.5  # a stream whose worker wakes it (stratus.wake) reads when woken, else this often
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 
@@ -127,9 +129,18 @@ def error_event(message: str, code: str, error_type: str = "server_error") -> by
 
 class Stream:
     def __init__(
-        self, deps: Deps, tenant: Tenant, req: InferenceRequest, job: Job, options: StreamOptions, hit: bool
+        self,
+        deps: Deps,
+        tenant: Tenant,
+        req: InferenceRequest,
+        job: Job,
+        options: StreamOptions,
+        hit: bool,
+        woken: bool = False,
     ) -> None:
-        self.deps, self.tenant, self.req, self.job, self.hit = deps, tenant, req, job, hit
+        """woken: the job's message carries this instance's wake queue (its worker wakes the stream
+        after each chunk it writes)."""
+        self.deps, self.tenant, self.req, self.job, self.hit, self.woken = deps, tenant, req, job, hit, woken
         self.shape = Shape(
             req.route, job.job_id, int(job.created_at), req.model, options.include_usage, options.continuous_usage
         )
@@ -154,6 +165,7 @@ class Stream:
         started = last_sent = last_read = clock()
         pause = self.deps.settings.poll_interval_s
         while True:
+            read_at = time.monotonic()
             try:
                 for chunk in self.chunks.after(self.stream, asm.last_seq):
                     piece, entries = asm.apply(chunk)
@@ -196,7 +208,10 @@ class Stream:
             if now - last_sent >= self.deps.settings.stream_keepalive_s:
                 yield KEEPALIVE
                 last_sent = now
-            self.deps.sleep(pause)
+            if self.deps.waker is None:
+                self.deps.sleep(pause)
+            else:  # (any wake for the job ends the pause: a chunk, or its end)
+                self.deps.waker.wait(self.job.job_id, read_at, WOKEN_PAUSE_S if self.woken else pause)
             pause = min(MAX_PAUSE_S, pause * 1.5)
 
     def _end(self, asm: Assembler, job: Job) -> Iterator[bytes]:
@@ -267,7 +282,8 @@ def open_stream(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_con
         return None
     if deps.stream_table is None:
         raise InvalidRequest("streaming is not configured on this deployment (no stream table)", param="stream")
-    how = submission.api(deps.settings, cache_control, stream=True, tier=submission.tier_of(body, tenant))
+    wake = wake_url(deps)
+    how = submission.api(deps.settings, cache_control, stream=True, tier=submission.tier_of(body, tenant), wake=wake)
     return stream_of(submission.submit(route, body, tenant, deps, how), tenant, deps, Stream, options)
 
 
@@ -280,4 +296,4 @@ def stream_of(sub: submission.Submission, tenant: Tenant, deps: Deps, kind: type
         finished = deps.store.get(sub.job_id)  # finished meanwhile: streamed from the job item
         if finished is not None and finished.status.finished:
             return kind(deps, tenant, sub.req, with_result(finished, deps), *args, hit=True)
-    return kind(deps, tenant, sub.req, sub.job, *args, hit=False)
+    return kind(deps, tenant, sub.req, sub.job, *args, hit=False, woken=sub.created and sub.message.wake is not None)

@@ -3,7 +3,8 @@
   API instance   a Waker: an SQS queue of its own ({prefix}-{created, hex}-{random}), made on the
                  first wait, and one thread that long-polls it and marks the jobs its messages name
   submit         the job's queue message carries that queue's URL (QueueMessage.wake)
-  worker, dlq    right after the write that finishes the job: SendMessage {"job_id"} to it (send)
+  worker, dlq    right after the write that finishes the job: SendMessage {"job_id"} to it (send);
+                 for a streamed job also after each write of its chunks (send_many)
   the request    waits on the mark between its reads of the job (Waker.wait), so it reads the
                  finished job within milliseconds of its write
 
@@ -41,6 +42,25 @@ def send(sqs, url: str | None, job_id: str) -> None:
         sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"job_id": job_id}, separators=(",", ":")))
     except Exception as exc:  # botocore raises many types; nothing is lost
         logger.info("wake not sent", extra={"job_id": job_id, "error": type(exc).__name__})
+
+
+def send_many(sqs, wakes: list[tuple[str, str]]) -> None:
+    """send() for many (url, job id) at once: one SendMessageBatch per queue and 10 wakes (a
+    worker's flush round of stream chunks, whose readers mostly share an API instance)."""
+    by_url: dict[str, list[str]] = {}
+    for url, job_id in wakes:
+        if url and job_id not in by_url.setdefault(url, []):
+            by_url[url].append(job_id)
+    for url, job_ids in by_url.items():
+        for i in range(0, len(job_ids), 10):
+            entries = [
+                {"Id": str(n), "MessageBody": json.dumps({"job_id": j}, separators=(",", ":"))}
+                for n, j in enumerate(job_ids[i : i + 10])
+            ]
+            try:
+                sqs.send_message_batch(QueueUrl=url, Entries=entries)
+            except Exception as exc:  # nothing is lost: the readers read on their schedule
+                logger.info("wakes not sent", extra={"wakes": len(entries), "error": type(exc).__name__})
 
 
 class Waker:
