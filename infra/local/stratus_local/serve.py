@@ -164,19 +164,11 @@ def start(
         functions = [n for n, r in template["Resources"].items() if r["Type"] == "AWS::Serverless::Function"]
         # schedules run every schedule_every_s here, not each minute: a batch pass is one release step
         fast = {"STRATUS_BATCH_PASS_S": "0"} if schedule_every_s else {}
-        pools = {
-            fn: FunctionPool(
-                fn,
-                {
-                    **function_environment(template, fn, refs),
-                    **aws,
-                    **fast,
-                    **(environment or {}),
-                    "STRATUS_LOCAL_LOG": str(logs / f"{fn}.log"),
-                },
-            )
-            for fn in functions
-        }
+
+        def env_of(fn: str) -> dict[str, str]:  # a function's, in its pool and in its web app alike
+            return {**function_environment(template, fn, refs), **aws, **fast, **(environment or {})}
+
+        pools = {fn: FunctionPool(fn, {**env_of(fn), "STRATUS_LOCAL_LOG": str(logs / f"{fn}.log")}) for fn in functions}
         stack.pools = pools
         stack._stops.append(lambda: [p.close() for p in pools.values()])
 
@@ -228,9 +220,7 @@ def start(
         stack._stops.append(sources.stop)
 
         apps = {
-            fn: WebApp(
-                template, fn, {**function_environment(template, fn, refs), **aws}, free_port(), logs / f"{fn}.log"
-            )
+            fn: WebApp(template, fn, env_of(fn), free_port(), logs / f"{fn}.log")
             for fn in functions
             if web_adapter(template, fn)
         }
