@@ -159,14 +159,16 @@ def main() -> None:
     ap.add_argument("--misses", type=int, default=15)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--out", type=Path, default=ROOT / "build/bench")
+    ap.add_argument("--without-wakes", action="store_true", help="requests only re-read their jobs (stratus.wake off)")
     args = ap.parse_args()
+    settings = {"STRATUS_WAKE_PREFIX": ""} if args.without_wakes else None
     cores = os.cpu_count() or 1
     os.environ.setdefault("STRATUS_LOCAL_LOG_DIR", str(args.out / "e2e-logs"))
-    report: dict = {"model": str(args.model), "cores": cores, "throughput": []}
+    report: dict = {"model": str(args.model), "cores": cores, "wakes": not args.without_wakes, "throughput": []}
     for workers in (1, 2):
         port = free_port()
         threads = max(1, cores // workers)
-        stack = start(args.model, port=port, workers=workers, threads=threads)
+        stack = start(args.model, port=port, workers=workers, threads=threads, environment=settings)
         try:
             client = Client(port, stack.api_key)
             if workers == 1:

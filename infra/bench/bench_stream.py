@@ -173,6 +173,7 @@ def main() -> None:
     ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server (infra/bench/build_llama.py)")
     ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     ap.add_argument("--out", type=Path, default=ROOT / "build/bench")
+    ap.add_argument("--without-wakes", action="store_true", help="streams only poll their chunks (stratus.wake off)")
     args = ap.parse_args()
     from stratus_engine.numerics import host_description
     from stratus_model.build import default_gguf
@@ -184,10 +185,12 @@ def main() -> None:
         "model": str(args.model),
         "threads": threads,
         "max_tokens": MAX_TOKENS,
+        "wakes": not args.without_wakes,
         "results": {},
     }
     print(f"host: {report['host']}; {threads} threads; {MAX_TOKENS} new tokens, greedy", flush=True)
-    stack = start(args.model, port=free_port(), workers=1, threads=threads)
+    settings = {"STRATUS_WAKE_PREFIX": ""} if args.without_wakes else None
+    stack = start(args.model, port=free_port(), workers=1, threads=threads, environment=settings)
     try:
         report["results"]["stratus"] = measure_server(
             stack.url, stack.api_key, stack.model_id, args.requests, "stratus"
