@@ -4,8 +4,9 @@ open_stream(route, body, tenant, deps)   validate, authenticate (done by the cal
                                          enqueue: errors here keep their HTTP status and JSON body
 Stream.events()                          bytes to send, in order:
     role chunk (chat; completions send an empty text) at once,
-    text chunks as they land (strongly consistent Query of the job's chunks; the pause between
-      reads starts at poll_interval_s and grows to MAX_PAUSE_S while nothing arrives),
+    text chunks as they land (strongly consistent Query of the job's chunks: when its worker wakes
+      the stream after a write (stratus.wake), else every WOKEN_PAUSE_S; a stream on another
+      request's job reads every poll_interval_s, growing to MAX_PAUSE_S while nothing arrives),
     the finish chunk, the usage chunk (stream_options.include_usage), `data: [DONE]`.
 With continuous_usage_stats too, every chunk carries the usage as of its text (the worker writes
 it on each chunk item; null before the worker has the prompt's length).
