@@ -31,6 +31,8 @@ MAX_AGE_S = 12 * 3600  # a wake queue older than this is swept by the next insta
 RETRY_S = 30.0  # after SQS refused to make the queue: wait this long before trying again
 WOKEN_KEEP_S = 120.0  # a wake kept for a request that has not begun to wait yet
 NAME_ROOM = 80 - 18  # SQS names are at most 80 characters; "-{8 hex}-{8 hex}" follows the prefix
+# (a longer prefix is cut; IAM, which names the whole prefix, then refuses the queue: requests
+# only re-read. Stacks named in at most 57 characters get wakes: "<stack>-wake" is the prefix.)
 
 
 def send(sqs, url: str | None, job_id: str) -> None:
