@@ -165,6 +165,8 @@ class Stream:
         asm, clock = Assembler(), self.deps.clock
         started = last_sent = last_read = clock()
         pause = self.deps.settings.poll_interval_s
+        if self.woken and self.deps.waker is not None:  # a job just made has no chunks: read once woken
+            self.deps.waker.wait(self.job.job_id, time.monotonic(), WOKEN_PAUSE_S)
         while True:
             read_at = time.monotonic()
             try:
