@@ -14,7 +14,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
 
-from stratus import service, timeline, wake
+from stratus import service, timeline
 from stratus.contracts import QueueMessage, Status
 from stratus.jobstore import JobStore
 from stratus.wire import parse_request
@@ -102,8 +102,7 @@ def test_a_waiting_request_is_woken_by_its_worker_not_by_a_re_read(stack, key, m
 
 def test_a_lost_wake_costs_a_re_read_not_the_answer(stack, key, make_worker, monkeypatch):
     monkeypatch.setattr(service, "WOKEN_POLL_S", 0.3)
-    monkeypatch.setattr(wake, "send", lambda *a, **k: None)  # every wake is lost
-    monkeypatch.setattr("stratus_worker.worker.send_wake", lambda *a, **k: None)
+    monkeypatch.setattr("stratus_worker.worker.send_wake", lambda *a, **k: None)  # every wake is lost
     make_worker()
     long_wait(stack, monkeypatch)
     status, body, _ = stack.call("api_chat_completion.json", key=key, body=chat("wake me, or not"))
