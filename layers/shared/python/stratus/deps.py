@@ -38,6 +38,14 @@ class Deps:
     def __post_init__(self) -> None:
         self.store = JobStore(self.table)
 
+    def pause(self, job_id: str, read_at: float, seconds: float) -> None:
+        """Between two reads of a job: `seconds`, ended early by a wake for it that came after
+        `read_at` (time.monotonic() before the last read; stratus.wake)."""
+        if self.waker is None:
+            self.sleep(seconds)
+        else:
+            self.waker.wait(job_id, read_at, seconds)
+
 
 def deps_from_env() -> Deps:
     """Deps for a function: settings from its environment, boto3 clients (AWS_ENDPOINT_URL honoured)."""

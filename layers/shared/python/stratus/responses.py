@@ -547,7 +547,7 @@ def answer(created: Created, tenant, deps, *, wait: bool) -> dict:
     if sub.hit is not None:
         job = sub.hit
     elif wait:
-        job = service.wait_job(sub.job_id, tenant, deps, woken=sub.created and sub.message.wake is not None)
+        job = service.wait_job(sub.job_id, tenant, deps, woken=sub.woken)
         if job.status == Status.FAILED and (job.error or {}).get("type") == "invalid_request_error":
             raise InvalidRequest((job.error or {}).get("message", "invalid request"))  # (the worker's 400)
     else:

@@ -44,8 +44,7 @@ def submit(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_control:
         return Reply(200, completion_body(sub.hit), {"x-stratus-cache": "hit"})
     if not wait:
         return accepted(sub.job)
-    woken = sub.created and wake is not None
-    return wait_for(sub.job_id, tenant, deps, t_in=t_in, t_sent=deps.clock(), woken=woken)
+    return wait_for(sub.job_id, tenant, deps, t_in=t_in, t_sent=deps.clock(), woken=sub.woken)
 
 
 def wake_url(deps: Deps) -> str | None:
@@ -81,11 +80,8 @@ def wait_job(job_id: str, tenant: Tenant, deps: Deps, *, woken: bool = False) ->
     while True:
         if read_at is not None:
             now = deps.clock()
-            pause = max(0.0, min(POLL_MAX_S, max(floor, POLL_FRACTION * (now - started)), deadline - now))
-            if deps.waker is None:
-                deps.sleep(pause)
-            else:
-                deps.waker.wait(job_id, read_at, pause)
+            pause = min(POLL_MAX_S, max(floor, POLL_FRACTION * (now - started)), deadline - now)
+            deps.pause(job_id, read_at, max(0.0, pause))
         read_at = time.monotonic()
         job = get_job(job_id, tenant, deps)
         if job.status.finished:

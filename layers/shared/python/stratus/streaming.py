@@ -165,8 +165,8 @@ class Stream:
         asm, clock = Assembler(), self.deps.clock
         started = last_sent = last_read = clock()
         pause = self.deps.settings.poll_interval_s
-        if self.woken and self.deps.waker is not None:  # a job just made has no chunks: read once woken
-            self.deps.waker.wait(self.job.job_id, time.monotonic(), WOKEN_PAUSE_S)
+        if self.woken:  # a job just made has no chunks: read once woken
+            self.deps.pause(self.job.job_id, time.monotonic(), WOKEN_PAUSE_S)
         while True:
             read_at = time.monotonic()
             try:
@@ -211,10 +211,8 @@ class Stream:
             if now - last_sent >= self.deps.settings.stream_keepalive_s:
                 yield KEEPALIVE
                 last_sent = now
-            if self.deps.waker is None:
-                self.deps.sleep(pause)
-            else:  # (any wake for the job ends the pause: a chunk, or its end)
-                self.deps.waker.wait(self.job.job_id, read_at, WOKEN_PAUSE_S if self.woken else pause)
+            # (a wake for the job, after a chunk or at its end, cuts the pause short)
+            self.deps.pause(self.job.job_id, read_at, WOKEN_PAUSE_S if self.woken else pause)
             pause = min(MAX_PAUSE_S, pause * 1.5)
 
     def _end(self, asm: Assembler, job: Job) -> Iterator[bytes]:
@@ -299,4 +297,4 @@ def stream_of(sub: submission.Submission, tenant: Tenant, deps: Deps, kind: type
         finished = deps.store.get(sub.job_id)  # finished meanwhile: streamed from the job item
         if finished is not None and finished.status.finished:
             return kind(deps, tenant, sub.req, with_result(finished, deps), *args, hit=True)
-    return kind(deps, tenant, sub.req, sub.job, *args, hit=False, woken=sub.created and sub.message.wake is not None)
+    return kind(deps, tenant, sub.req, sub.job, *args, hit=False, woken=sub.woken)

@@ -138,6 +138,12 @@ class Submission:
     created: bool = False
     message: QueueMessage | None = None  # its queue message (sent unless SubmitPolicy.send is False)
 
+    @property
+    def woken(self) -> bool:
+        """This request made the job and its message carries a wake queue (stratus.wake): whoever
+        finishes it wakes the request."""
+        return self.created and self.message is not None and self.message.wake is not None
+
 
 def _fewest_prompt_tokens(req: InferenceRequest) -> int:
     """The longest prompt's token count, at least (text: bytes / MAX_BYTES_PER_TOKEN; ids: exact)."""
