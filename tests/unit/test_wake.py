@@ -23,7 +23,7 @@ def sqs(monkeypatch):
 
 @pytest.fixture
 def waker(sqs):
-    w = Waker(sqs, "stack-wake", wait_s=1)
+    w = Waker(lambda: sqs, "stack-wake", wait_s=1)
     yield w
     w.close()
 
@@ -48,7 +48,7 @@ def test_a_wake_that_came_before_the_read_is_not_waited_for_again(sqs, waker):
 
 def test_many_wakes_go_in_batches_per_queue(sqs, waker, monkeypatch):
     url = waker.url()
-    other = Waker(sqs, "stack-wake", wait_s=1)
+    other = Waker(lambda: sqs, "stack-wake", wait_s=1)
     calls = []
     real = sqs.send_message_batch
     monkeypatch.setattr(sqs, "send_message_batch", lambda **kw: calls.append(kw) or real(**kw))
@@ -92,7 +92,7 @@ def test_the_sweep_deletes_only_this_prefixs_queues_older_than_max_age(sqs):
     young = sqs.create_queue(QueueName=f"stack-wake-{int(now - 60):08x}-00000002")["QueueUrl"]
     other = sqs.create_queue(QueueName=f"other-wake-{int(now - MAX_AGE_S - 60):08x}-00000003")["QueueUrl"]
     unrelated = sqs.create_queue(QueueName="stack-wake-replies")["QueueUrl"]
-    w = Waker(sqs, "stack-wake")
+    w = Waker(lambda: sqs, "stack-wake")
     assert w.sweep(own=young) == 1
     left = set(sqs.list_queues().get("QueueUrls", []))
     assert old not in left and {young, other, unrelated} <= left
@@ -101,5 +101,5 @@ def test_the_sweep_deletes_only_this_prefixs_queues_older_than_max_age(sqs):
 def test_queue_names_carry_when_they_were_made_and_fit_sqs():
     assert made_at("p-wake-5f000000-ab12cd34", "p-wake") == 0x5F000000
     assert made_at("p-wake-replies", "p-wake") is None and made_at("q-wake-5f000000-x", "p-wake") is None
-    long = Waker(None, "x" * 200)
+    long = Waker(lambda: None, "x" * 200)
     assert len(long.prefix) + 18 == 80

@@ -57,5 +57,7 @@ def deps_from_env() -> Deps:
         boto3.client("sqs", config=CLIENT_CONFIG),
         boto3.client("s3", config=CLIENT_CONFIG),
         ddb.Table(settings.stream_table) if settings.stream_table else None,
-        waker=Waker(boto3.client("sqs", config=WAKE_CONFIG), settings.wake_prefix) if settings.wake_prefix else None,
+        waker=Waker(lambda: boto3.client("sqs", config=WAKE_CONFIG), settings.wake_prefix)
+        if settings.wake_prefix
+        else None,
     )

@@ -19,10 +19,12 @@ whose own queue was swept makes a new one.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 
 from stratus.observability import logger
 
@@ -38,15 +40,10 @@ NAME_ROOM = 80 - 18  # SQS names are at most 80 characters; "-{8 hex}-{8 hex}" f
 def send(sqs, url: str | None, job_id: str) -> None:
     """Wake whoever waits for a finished job (the queue message's `wake`); best effort: a failure
     is logged and the waiter notices on its next read."""
-    if not url:
-        return
-    try:
-        sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"job_id": job_id}, separators=(",", ":")))
-    except Exception as exc:  # botocore raises many types; nothing is lost
-        logger.info("wake not sent", extra={"job_id": job_id, "error": type(exc).__name__})
+    send_many(sqs, [(url, job_id)])
 
 
-def send_many(sqs, wakes: list[tuple[str, str]]) -> None:
+def send_many(sqs, wakes: list[tuple[str | None, str]]) -> None:
     """send() for many (url, job id) at once: one SendMessageBatch per queue and 10 wakes (a
     worker's flush round of stream chunks, whose readers mostly share an API instance)."""
     by_url: dict[str, list[str]] = {}
@@ -61,16 +58,16 @@ def send_many(sqs, wakes: list[tuple[str, str]]) -> None:
             ]
             try:
                 sqs.send_message_batch(QueueUrl=url, Entries=entries)
-            except Exception as exc:  # nothing is lost: the readers read on their schedule
+            except Exception as exc:  # (botocore raises many types) nothing is lost: readers read on their schedule
                 logger.info("wakes not sent", extra={"wakes": len(entries), "error": type(exc).__name__})
 
 
 class Waker:
-    """One API instance's wake queue and its reader. sqs: a client whose read timeout outlasts
-    WAIT_S (deps.deps_from_env makes one)."""
+    """One API instance's wake queue and its reader. make_sqs: makes the SQS client, on the first
+    wait (not at every container's start), one whose read timeout outlasts WAIT_S (deps.WAKE_CONFIG)."""
 
-    def __init__(self, sqs, prefix: str, *, clock=time.time, wait_s: int = WAIT_S) -> None:
-        self.sqs, self.prefix, self.clock, self.wait_s = sqs, prefix[:NAME_ROOM], clock, wait_s
+    def __init__(self, make_sqs: Callable[[], object], prefix: str, *, clock=time.time, wait_s: int = WAIT_S) -> None:
+        self.make_sqs, self.prefix, self.clock, self.wait_s = make_sqs, prefix[:NAME_ROOM], clock, wait_s
         self._cond = threading.Condition()
         self._woken: dict[str, float] = {}  # job id -> when its wake came (monotonic)
         self._url: str | None = None
@@ -107,6 +104,10 @@ class Waker:
                 self.sqs.delete_queue(QueueUrl=url)
             except Exception as exc:
                 logger.info("wake queue not deleted", extra={"error": type(exc).__name__})
+
+    @functools.cached_property
+    def sqs(self):
+        return self.make_sqs()
 
     def _create(self) -> str:
         name = f"{self.prefix}-{int(self.clock()):08x}-{secrets.token_hex(4)}"
