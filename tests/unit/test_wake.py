@@ -10,7 +10,28 @@ import pytest
 from moto import mock_aws
 
 from stratus import wake
+from stratus.contracts import InferenceRequest, Job, Status
+from stratus.params import SamplingParams
 from stratus.wake import MAX_AGE_S, Waker, made_at
+
+
+def finished(job_id: str, text: str = "Paris.", status: Status = Status.DONE) -> Job:
+    """A job as a worker's finishing write returns it."""
+    req = InferenceRequest("chat", "m", SamplingParams(), ({"role": "user", "content": "The capital of France?"},))
+    return Job(
+        job_id,
+        "acme",
+        status,
+        req,
+        True,
+        created_at=1765000000.123456,
+        expires_at=1765003600,
+        updated_at=1765000001.654321,
+        result={"text": text, "finish_reason": "stop"},
+        usage={"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+        timings={"total_s": 0.25, "taken_s": 0.01},
+        worker="w0",
+    )
 
 
 @pytest.fixture
@@ -32,7 +53,7 @@ def test_a_wake_sent_after_the_read_ends_the_wait_at_once(sqs, waker):
     url = waker.url()
     assert url is not None and url == waker.url()  # one queue per instance
     read_at = time.monotonic()
-    threading.Timer(0.2, wake.send, args=(sqs, url, "j1")).start()
+    threading.Timer(0.2, wake.send_many, args=(sqs, [(url, "j1")])).start()
     t = time.monotonic()
     assert waker.wait("j1", read_at, timeout=30)
     assert time.monotonic() - t < 20  # (woken, not timed out)
@@ -40,7 +61,7 @@ def test_a_wake_sent_after_the_read_ends_the_wait_at_once(sqs, waker):
 
 
 def test_a_wake_that_came_before_the_read_is_not_waited_for_again(sqs, waker):
-    wake.send(sqs, waker.url(), "j1")
+    wake.send_many(sqs, [(waker.url(), "j1")])
     assert waker.wait("j1", time.monotonic() - 60, timeout=30)  # came after that read: returns at once
     read_at = time.monotonic()  # a read after the wake saw all it says
     assert not waker.wait("j1", read_at, timeout=0.2)
@@ -61,9 +82,35 @@ def test_many_wakes_go_in_batches_per_queue(sqs, waker, monkeypatch):
 
 
 def test_a_wake_for_an_unknown_queue_or_none_is_dropped_quietly(sqs):
-    wake.send(sqs, None, "j1")
-    wake.send(sqs, "https://sqs.us-east-1.amazonaws.com/123456789012/gone", "j1")  # logged, not raised
+    wake.send(sqs, None, finished("j1"))
+    wake.send(sqs, "https://sqs.us-east-1.amazonaws.com/123456789012/gone", finished("j1"))  # logged, not raised
     wake.send_many(sqs, [("https://sqs.us-east-1.amazonaws.com/123456789012/gone", "j1")])
+
+
+def test_a_finished_jobs_wake_carries_it_once_without_its_prompt(sqs, waker):
+    url, read_at = waker.url(), time.monotonic()
+    sent = finished("c1")
+    wake.send(sqs, url, sent)
+    assert waker.wait("c1", read_at, timeout=30)
+    got = waker.finished("c1")
+    assert got is not None and got.status == Status.DONE and got.tenant == "acme" and got.worker == "w0"
+    assert (got.result, got.usage, got.timings) == (sent.result, sent.usage, sent.timings)
+    assert (got.created_at, got.updated_at, got.expires_at, got.run) == (
+        sent.created_at, sent.updated_at, sent.expires_at, sent.run
+    )  # fmt: skip
+    assert got.request.messages == () and got.request.model == "m"  # (no prompt: as a poll reads the job)
+    assert waker.finished("c1") is None  # taken
+
+
+def test_a_job_too_big_to_carry_or_not_finished_wakes_to_be_read(sqs, waker, monkeypatch):
+    monkeypatch.setattr(wake, "MAX_CARRIED_BYTES", 2000)
+    url, read_at = waker.url(), time.monotonic()
+    wake.send(sqs, url, finished("c2", text="x" * 3000))
+    wake.send(sqs, url, finished("c3", status=Status.RUNNING))
+    sqs.send_message(QueueUrl=url, MessageBody='{"job_id": "c4", "job": {"pk": "c4"}}')  # not a job item
+    for job_id in ("c2", "c3", "c4"):
+        assert waker.wait(job_id, read_at, timeout=30)  # woken all the same
+        assert waker.finished(job_id) is None  # ... to read the job
 
 
 def test_a_swept_queue_is_made_again_on_the_next_wait(sqs, waker):
@@ -75,7 +122,7 @@ def test_a_swept_queue_is_made_again_on_the_next_wait(sqs, waker):
     second = waker.url()
     assert second not in (first, None)
     read_at = time.monotonic()
-    wake.send(sqs, second, "j1")
+    wake.send_many(sqs, [(second, "j1")])
     assert waker.wait("j1", read_at, timeout=30)
 
 

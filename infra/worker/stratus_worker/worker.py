@@ -427,7 +427,7 @@ class Worker:
         """A job this worker saw finish: wake the request waiting for it (the message's `wake`),
         then post the replies it owes."""
         if job is not None and job.status.finished:
-            send_wake(self.sqs, wake, job.job_id)
+            send_wake(self.sqs, wake, job)
         try:
             post_replies(job, sqs=self.sqs, s3=self.s3, store=self.store)
         except Exception as exc:

@@ -52,6 +52,6 @@ def fail_dead_letter(
     logger.warning("dead letter", extra={"job_id": job_id, "failed_now": bool(failed)})
     if failed:
         wake = fields.get("wake")
-        send_wake(sqs, wake if isinstance(wake, str) else None, job_id)
+        send_wake(sqs, wake if isinstance(wake, str) else None, failed)
     post_replies(failed or store.get(job_id), sqs=sqs, s3=s3, store=store)
     return bool(failed)

@@ -72,7 +72,7 @@ def wait_job(job_id: str, tenant: Tenant, deps: Deps, *, woken: bool = False) ->
     a short job is seen finished within milliseconds, and a long wait costs tens of reads, not hundreds.
     A wake for the job (this instance's Waker) ends a pause at once; a job that will wake it
     (woken: this request just made it) is first read when it wakes, then at most every
-    WOKEN_POLL_S, in case its wake is lost."""
+    WOKEN_POLL_S, in case its wake is lost; the wake that says it finished carries it (no read)."""
     started = deps.clock()
     deadline = started + deps.settings.sync_wait_s
     floor = max(deps.settings.poll_interval_s, WOKEN_POLL_S if woken else 0.0)
@@ -83,11 +83,18 @@ def wait_job(job_id: str, tenant: Tenant, deps: Deps, *, woken: bool = False) ->
             pause = min(POLL_MAX_S, max(floor, POLL_FRACTION * (now - started)), deadline - now)
             deps.pause(job_id, read_at, max(0.0, pause))
         read_at = time.monotonic()
-        job = get_job(job_id, tenant, deps)
+        job = carried(job_id, tenant, deps) or get_job(job_id, tenant, deps)
         if job.status.finished:
             return with_result(job, deps)
         if deps.clock() >= deadline:
             return job
+
+
+def carried(job_id: str, tenant: Tenant, deps: Deps) -> Job | None:
+    """The finished job as its wake carried it to this instance (stratus.wake), if one did: the
+    tenant's own (only the request that made a job is woken)."""
+    job = deps.waker.finished(job_id) if deps.waker is not None else None
+    return job if job is not None and job.tenant == tenant.name else None
 
 
 def with_result(job: Job, deps: Deps) -> Job:

@@ -3,14 +3,17 @@
   API instance   a Waker: an SQS queue of its own ({prefix}-{created, hex}-{random}), made on the
                  first wait, and one thread that long-polls it and marks the jobs its messages name
   submit         the job's queue message carries that queue's URL (QueueMessage.wake)
-  worker, dlq    right after the write that finishes the job: SendMessage {"job_id"} to it (send);
-                 for a streamed job also after each write of its chunks (send_many)
-  the request    waits on the mark between its reads of the job (Waker.wait), so it reads the
-                 finished job within milliseconds of its write
+  worker, dlq    right after the write that finishes the job: SendMessage {"job_id", "job"} to it
+                 (send: "job" is the job that write returned, as an item less its prompt); for a
+                 streamed job also {"job_id"} after each write of its chunks (send_many)
+  the request    waits on the mark between its reads of the job (Waker.wait); woken by a finished
+                 job's wake it answers from the job carried (Waker.finished), without reading it back
 
 Wakes are best effort. The request still reads its job on its schedule (less often), so a wake
-that is lost (SQS refused it, the queue was swept) costs one pause, never the answer. A message
-says only which job to read again: the job item stays the truth.
+that is lost (SQS refused it, the queue was swept) costs one pause, never the answer. A finished
+job does not change again (only its bookkeeping: expiry, replies posted), so the job a wake carries
+is what a read would see; one too big to carry (MAX_CARRIED_BYTES) is sent as its id, and read.
+Only the stack's workers and dlq function may send to the queues (IAM), as only they finish jobs.
 
 An instance that is gone (a Lambda execution environment retired without a shutdown) leaves its
 queue; the next instance to make one deletes those made more than MAX_AGE_S ago. An instance
@@ -26,36 +29,53 @@ import threading
 import time
 from collections.abc import Callable
 
+from stratus.contracts import Job
 from stratus.observability import logger
 
 WAIT_S = 20  # a receive's long poll (SQS's longest)
 MAX_AGE_S = 12 * 3600  # a wake queue older than this is swept by the next instance that starts one
 RETRY_S = 30.0  # after SQS refused to make the queue: wait this long before trying again
 WOKEN_KEEP_S = 120.0  # a wake kept for a request that has not begun to wait yet
+MAX_CARRIED_BYTES = 200_000  # a finished job rides in its wake when it fits (SQS: 256 KiB a message)
 NAME_ROOM = 80 - 18  # SQS names are at most 80 characters; "-{8 hex}-{8 hex}" follows the prefix
 # (a longer prefix is cut; IAM, which names the whole prefix, then refuses the queue: requests
 # only re-read. Stacks named in at most 57 characters get wakes: "<stack>-wake" is the prefix.)
 
 
-def send(sqs, url: str | None, job_id: str) -> None:
-    """Wake whoever waits for a finished job (the queue message's `wake`); best effort: a failure
-    is logged and the waiter notices on its next read."""
-    send_many(sqs, [(url, job_id)])
+def send(sqs, url: str | None, job: Job) -> None:
+    """Wake whoever waits for a job that just finished (the queue message's `wake`), handing it the
+    job as its finishing write left it; best effort: a failure is logged and the waiter notices on
+    its next read."""
+    _send(sqs, [(url, job.job_id, body(job.job_id, job))])
 
 
 def send_many(sqs, wakes: list[tuple[str | None, str]]) -> None:
-    """send() for many (url, job id) at once: one SendMessageBatch per queue and 10 wakes (a
-    worker's flush round of stream chunks, whose readers mostly share an API instance)."""
-    by_url: dict[str, list[str]] = {}
-    for url, job_id in wakes:
-        if url and job_id not in by_url.setdefault(url, []):
-            by_url[url].append(job_id)
-    for url, job_ids in by_url.items():
-        for i in range(0, len(job_ids), 10):
-            entries = [
-                {"Id": str(n), "MessageBody": json.dumps({"job_id": j}, separators=(",", ":"))}
-                for n, j in enumerate(job_ids[i : i + 10])
-            ]
+    """Wake the readers of many (url, job id) at once, to read again (a worker's flush round of
+    stream chunks, whose readers mostly share an API instance)."""
+    _send(sqs, [(url, job_id, body(job_id)) for url, job_id in wakes])
+
+
+def body(job_id: str, job: Job | None = None) -> str:
+    """A wake's message: the job's id, and a finished job's item without its prompt (the poll's
+    projection, jobstore.WITHOUT_PROMPT) when the message stays within MAX_CARRIED_BYTES."""
+    if job is not None:
+        item = {k: v for k, v in job.to_item().items() if k != "prompt"}
+        carried = json.dumps({"job_id": job_id, "job": item}, separators=(",", ":"), default=str)  # (Decimals)
+        if len(carried.encode()) <= MAX_CARRIED_BYTES:
+            return carried
+    return json.dumps({"job_id": job_id}, separators=(",", ":"))
+
+
+def _send(sqs, wakes: list[tuple[str | None, str, str]]) -> None:
+    """(url, job id, body) -> one SendMessageBatch per queue and 10 wakes, one wake per job."""
+    by_url: dict[str, dict[str, str]] = {}
+    for url, job_id, text in wakes:
+        if url:
+            by_url.setdefault(url, {}).setdefault(job_id, text)
+    for url, bodies in by_url.items():
+        texts = list(bodies.values())
+        for i in range(0, len(texts), 10):
+            entries = [{"Id": str(n), "MessageBody": t} for n, t in enumerate(texts[i : i + 10])]
             try:
                 sqs.send_message_batch(QueueUrl=url, Entries=entries)
             except Exception as exc:  # (botocore raises many types) nothing is lost: readers read on their schedule
@@ -70,6 +90,7 @@ class Waker:
         self.make_sqs, self.prefix, self.clock, self.wait_s = make_sqs, prefix[:NAME_ROOM], clock, wait_s
         self._cond = threading.Condition()
         self._woken: dict[str, float] = {}  # job id -> when its wake came (monotonic)
+        self._carried: dict[str, Job] = {}  # job id -> the finished job its wake carried, until taken
         self._url: str | None = None
         self._retry_at = 0.0
         self._closed = False
@@ -94,6 +115,12 @@ class Waker:
         already is; False when `timeout` passes first."""
         with self._cond:
             return self._cond.wait_for(lambda: self._woken.get(job_id, -1.0) >= since, max(0.0, timeout))
+
+    def finished(self, job_id: str) -> Job | None:
+        """The finished job a wake carried for this id (taken: a job wakes the one request that made
+        it), or None."""
+        with self._cond:
+            return self._carried.pop(job_id, None)
 
     def close(self) -> None:
         """Delete the queue (an instance shutting down); its reader stops with it."""
@@ -157,7 +184,7 @@ class Waker:
                 time.sleep(1.0)
                 continue
             messages = got.get("Messages", [])
-            self._mark([_job_id(m.get("Body", "")) for m in messages])
+            self._mark([_read(m.get("Body", "")) for m in messages])
             if messages:
                 try:
                     self.sqs.delete_message_batch(
@@ -167,14 +194,17 @@ class Waker:
                 except Exception as exc:  # (they come back after the visibility timeout: a spare read)
                     logger.info("wakes not deleted", extra={"error": type(exc).__name__})
 
-    def _mark(self, job_ids: list[str | None]) -> None:
+    def _mark(self, wakes: list[tuple[str | None, Job | None]]) -> None:
         now = time.monotonic()
         with self._cond:
-            for job_id in job_ids:
+            for job_id, job in wakes:
                 if job_id:
                     self._woken[job_id] = now
+                if job is not None:
+                    self._carried[job.job_id] = job
             for job_id in [j for j, at in self._woken.items() if now - at > WOKEN_KEEP_S]:
                 del self._woken[job_id]
+                self._carried.pop(job_id, None)
             self._cond.notify_all()
 
 
@@ -187,12 +217,21 @@ def made_at(name: str, prefix: str) -> int | None:
         return None
 
 
-def _job_id(body: str) -> str | None:
+def _read(text: str) -> tuple[str | None, Job | None]:
+    """A wake's message -> (the job id it names, the finished job it carries); Nones for what is
+    not there or not well formed (the request then reads the job)."""
     try:
-        job_id = json.loads(body).get("job_id")
+        fields = json.loads(text)
+        job_id = fields.get("job_id")
     except (ValueError, AttributeError):
-        return None
-    return job_id if isinstance(job_id, str) else None
+        return None, None
+    if not isinstance(job_id, str):
+        return None, None
+    try:
+        job = Job.from_item(fields["job"]) if "job" in fields else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        job = None
+    return job_id, job if job is not None and job.job_id == job_id and job.status.finished else None
 
 
 def _gone(exc: Exception) -> bool:
