@@ -99,6 +99,27 @@ def test_a_stream_reads_its_chunks_when_its_worker_wakes_it(stack, key, deps, te
     assert time.monotonic() - t < 30  # (without a chunk's wake: the first read after the start is at 60 s)
 
 
+def test_a_woken_stream_sends_the_text_its_wakes_carry_reading_nothing(
+    stack, key, deps, tenant, make_worker, monkeypatch
+):
+    # Given reads so rare that the stream could only end within the test's time on its wakes
+    monkeypatch.setattr(streaming, "WOKEN_PAUSE_S", 60.0)
+    monkeypatch.setattr(streaming, "JOB_READ_EVERY_S", 60.0)
+    reads = []
+    real_after = ChunkStore.after
+    monkeypatch.setattr(ChunkStore, "after", lambda self, *a: reads.append(a) or real_after(self, *a))
+    make_worker(stream_flush_s=0.0)
+    t = time.monotonic()
+    s = open_stream("chat", chat("carry my chunks", stream=True, max_tokens=24), tenant, deps)
+    evs = events(list(s.events()))
+    assert time.monotonic() - t < 30
+    assert reads == []  # every chunk came in a wake, and the end with the finished job
+    job = JobStore(stack.table).get(s.job.job_id)
+    assert job.status == Status.DONE and text_of(evs) == job.result["text"] != ""
+    pieces = [e for e in evs[:-1] if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert len(pieces) >= 2  # (the text came as it was made, not in one piece at the end)
+
+
 def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(stack, key, deps, tenant, make_worker):
     make_worker()
     options = {"include_usage": True, "continuous_usage_stats": True}

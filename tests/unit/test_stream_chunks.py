@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError
 
-from stratus.chunks import Assembler
+from stratus.chunks import Assembler, Chunk
 from stratus_engine.deltas import WholeText
 from stratus_worker.streams import ChunkWriter
 
@@ -86,11 +86,13 @@ def test_each_write_wakes_its_streams_readers_and_a_failed_write_none():
     store.always["b"] = aws_error("ProvisionedThroughputExceededException")
     with pytest.raises(ClientError):
         w.flush()  # (the round fails, then each stream is written alone: b's fails)
-    assert woken == [("q1", "a")]
+    assert [(url, job) for url, job, _ in woken] == [("q1", "a")]
     del store.always["b"]
     now[0] += 1
     w.flush()  # b's kept chunk goes out now
-    assert woken == [("q1", "a"), ("q1", "b")] and store.shown("b") == "xy"
+    assert [(url, job) for url, job, _ in woken] == [("q1", "a"), ("q1", "b")] and store.shown("b") == "xy"
+    # each wake hands its readers the chunks just written
+    assert ["".join(c.text for c in chunks) for _, _, chunks in woken] == ["ab", "xy"]
 
 
 def test_one_streams_refused_chunk_never_holds_the_others_text():
@@ -108,3 +110,16 @@ def test_one_streams_refused_chunk_never_holds_the_others_text():
     feed(b, "w")
     now[0] += 1
     assert w.flush() == 1 and store.shown("b") == "xyzw"
+
+
+def test_handed_chunks_are_taken_only_when_they_go_on_from_the_text_sent():
+    asm = Assembler()
+    a, b, c = (Chunk("j.r", 1_000_000 + i, off, t) for i, (off, t) in enumerate([(0, "ab"), (2, "cd"), (4, "e")]))
+    assert asm.follows([a, b]) and not asm.follows([b]) and not asm.follows([a, c])  # (c: b is missing)
+    asm.apply(a)
+    assert asm.follows([b, c]) and not asm.follows([a]) and not asm.follows([c])
+    # a takeover's chunks start again from the first character: read, not handed
+    assert not asm.follows([Chunk("j.r", 2_000_000, 0, "abcd")])
+    # log-probability entries go on from those sent, too
+    with_lp = Chunk("j.r", 1_000_001, 2, "cd", logprobs=[{"token": "cd"}], lp_offset=3)
+    assert not asm.follows([with_lp]) and asm.follows([Chunk("j.r", 1_000_001, 2, "cd", logprobs=[{}], lp_offset=0)])

@@ -10,6 +10,7 @@ import pytest
 from moto import mock_aws
 
 from stratus import wake
+from stratus.chunks import Chunk
 from stratus.contracts import InferenceRequest, Job, Status
 from stratus.params import SamplingParams
 from stratus.wake import MAX_AGE_S, Waker, made_at
@@ -53,7 +54,7 @@ def test_a_wake_sent_after_the_read_ends_the_wait_at_once(sqs, waker):
     url = waker.url()
     assert url is not None and url == waker.url()  # one queue per instance
     read_at = time.monotonic()
-    threading.Timer(0.2, wake.send_many, args=(sqs, [(url, "j1")])).start()
+    threading.Timer(0.2, wake.send_many, args=(sqs, [(url, "j1", [])])).start()
     t = time.monotonic()
     assert waker.wait("j1", read_at, timeout=30)
     assert time.monotonic() - t < 20  # (woken, not timed out)
@@ -61,7 +62,7 @@ def test_a_wake_sent_after_the_read_ends_the_wait_at_once(sqs, waker):
 
 
 def test_a_wake_that_came_before_the_read_is_not_waited_for_again(sqs, waker):
-    wake.send_many(sqs, [(waker.url(), "j1")])
+    wake.send_many(sqs, [(waker.url(), "j1", [])])
     assert waker.wait("j1", time.monotonic() - 60, timeout=30)  # came after that read: returns at once
     read_at = time.monotonic()  # a read after the wake saw all it says
     assert not waker.wait("j1", read_at, timeout=0.2)
@@ -74,7 +75,9 @@ def test_many_wakes_go_in_batches_per_queue(sqs, waker, monkeypatch):
     real = sqs.send_message_batch
     monkeypatch.setattr(sqs, "send_message_batch", lambda **kw: calls.append(kw) or real(**kw))
     read_at = time.monotonic()
-    wake.send_many(sqs, [(url, f"j{i}") for i in range(12)] + [(other.url(), "k"), (url, "j0"), (None, "x")])
+    wake.send_many(
+        sqs, [(url, f"j{i}", []) for i in range(12)] + [(other.url(), "k", []), (url, "j0", []), (None, "x", [])]
+    )
     assert sorted(len(c["Entries"]) for c in calls) == [1, 2, 10]  # 12 distinct jobs on one queue, 1 on the other
     assert all(waker.wait(f"j{i}", read_at, timeout=30) for i in range(12))
     assert other.wait("k", read_at, timeout=30)
@@ -84,7 +87,7 @@ def test_many_wakes_go_in_batches_per_queue(sqs, waker, monkeypatch):
 def test_a_wake_for_an_unknown_queue_or_none_is_dropped_quietly(sqs):
     wake.send(sqs, None, finished("j1"))
     wake.send(sqs, "https://sqs.us-east-1.amazonaws.com/123456789012/gone", finished("j1"))  # logged, not raised
-    wake.send_many(sqs, [("https://sqs.us-east-1.amazonaws.com/123456789012/gone", "j1")])
+    wake.send_many(sqs, [("https://sqs.us-east-1.amazonaws.com/123456789012/gone", "j1", [])])
 
 
 def test_a_finished_jobs_wake_carries_it_once_without_its_prompt(sqs, waker):
@@ -113,6 +116,27 @@ def test_a_job_too_big_to_carry_or_not_finished_wakes_to_be_read(sqs, waker, mon
         assert waker.finished(job_id) is None  # ... to read the job
 
 
+def test_chunk_wakes_carry_their_chunks_in_batches_sqs_takes(sqs, waker, monkeypatch):
+    url, read_at = waker.url(), time.monotonic()
+    calls = []
+    real = sqs.send_message_batch
+    monkeypatch.setattr(sqs, "send_message_batch", lambda **kw: calls.append(kw) or real(**kw))
+    big = "x" * 90_000  # three such wakes pass SQS's 256 KiB a batch
+    wakes = [
+        (url, f"c{i}", [Chunk(f"c{i}.r", 1_000_000, 0, big), Chunk(f"c{i}.r", 1_000_001, 90_000, "!")])
+        for i in range(3)
+    ]
+    wake.send_many(sqs, [*wakes, (url, "c9", [Chunk("other.r", 1_000_000, 0, "not c9's")])])
+    assert [len(c["Entries"]) for c in calls] == [2, 2]  # (by bytes, not only by 10s)
+    assert all(sum(len(e["MessageBody"]) for e in c["Entries"]) <= 256 * 1024 for c in calls)
+    for i in range(3):
+        assert waker.wait(f"c{i}", read_at, timeout=30)
+        got = waker.chunks(f"c{i}")
+        assert [(c.seq, c.offset, len(c.text)) for c in got] == [(1_000_000, 0, 90_000), (1_000_001, 90_000, 1)]
+        assert waker.chunks(f"c{i}") == []  # taken
+    assert waker.wait("c9", read_at, timeout=30) and waker.chunks("c9") == []  # another job's chunk is dropped
+
+
 def test_a_swept_queue_is_made_again_on_the_next_wait(sqs, waker):
     first = waker.url()
     sqs.delete_queue(QueueUrl=first)
@@ -122,7 +146,7 @@ def test_a_swept_queue_is_made_again_on_the_next_wait(sqs, waker):
     second = waker.url()
     assert second not in (first, None)
     read_at = time.monotonic()
-    wake.send_many(sqs, [(second, "j1")])
+    wake.send_many(sqs, [(second, "j1", [])])
     assert waker.wait("j1", read_at, timeout=30)
 
 

@@ -56,11 +56,11 @@ class ChunkWriter:
         flush_s: float = 0.15,
         clock: Callable[[], float] = time.monotonic,
         render: Callable[[object], dict] | None = None,
-        wake: Callable[[list[tuple[str, str]]], None] = lambda wakes: None,
+        wake: Callable[[list[tuple[str, str, list[Chunk]]]], None] = lambda wakes: None,
     ) -> None:
         """new_text: a TokenText for each job's tokens (Engine.new_text); render: an engine
-        TokenLogprob -> its entry (stratus_worker.choices.entry); wake: sends [(wake queue, job id)]
-        once chunks of those jobs are written (stratus.wake.send_many)"""
+        TokenLogprob -> its entry (stratus_worker.choices.entry); wake: sends [(wake queue, job id,
+        its chunks)] once chunks of those jobs are written (stratus.wake.send_many)"""
         self.store, self.new_text, self.flush_s, self.clock, self.render = store, new_text, flush_s, clock, render
         self.wake = wake
         self._streams: dict[str, _Stream] = {}
@@ -162,13 +162,15 @@ class ChunkWriter:
                 return self._write_each(streams)
             _give_up_if_refused(streams[0], exc)
             raise
-        for s in streams:
-            s.unsent = []
-        self._wake_readers(streams)
+        self._written(streams)
         return len(chunks)
 
-    def _wake_readers(self, written: list[_Stream]) -> None:
-        self.wake([(s.wake, s.job_id) for s in written if s.wake])
+    def _written(self, streams: list[_Stream]) -> None:
+        """The streams' unsent chunks were written: forget them, and wake their readers with them."""
+        wakes = [(s.wake, s.job_id, [c for c, _ in s.unsent]) for s in streams if s.wake]
+        for s in streams:
+            s.unsent = []
+        self.wake(wakes)
 
     def _write_each(self, streams: list[_Stream]) -> int:
         written, error = 0, None
@@ -179,8 +181,8 @@ class ChunkWriter:
                 _give_up_if_refused(s, exc)
                 error = error or exc
                 continue
-            written, s.unsent = written + len(s.unsent), []
-            self._wake_readers([s])
+            written += len(s.unsent)
+            self._written([s])
         if error is not None:
             raise error
         return written

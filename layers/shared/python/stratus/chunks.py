@@ -144,6 +144,16 @@ class Assembler:
         self.sent += new
         return new, self._entries(chunk.logprobs or [], chunk.lp_offset)
 
+    def follows(self, chunks: list[Chunk]) -> bool:
+        """These chunks (in order) go on from what was sent, each from where the one before ended:
+        none is missing between (a reader handed chunks, not reading them, checks so)."""
+        offset, entries = len(self.sent), self.entries_sent
+        for c in chunks:
+            if c.offset != offset or (c.logprobs is not None and c.lp_offset != entries):
+                return False
+            offset, entries = offset + len(c.text), entries + len(c.logprobs or [])
+        return True
+
     def finish(self, text: str, entries: list[dict] | None = None) -> tuple[str, list[dict]]:
         """The job's final text (and log-probability entries) -> what is left to send."""
         if not text.startswith(self.sent):

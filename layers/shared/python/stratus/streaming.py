@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 from botocore.exceptions import BotoCoreError, ClientError
 
 from stratus import submission
-from stratus.chunks import Assembler, ChunkStore, Diverged, stream_key
+from stratus.chunks import Assembler, Chunk, ChunkStore, Diverged, stream_key
 from stratus.contracts import InferenceRequest, Job, Status
 from stratus.deps import Deps
 from stratus.errors import InvalidRequest
 from stratus.keys import Tenant
 from stratus.observability import logger
-from stratus.service import wake_url, with_result
+from stratus.service import carried, wake_url, with_result
 from stratus.shapes import TextOffsets, completion_logprobs
 from stratus.tools import CallDeltas
 from stratus.wire import StreamOptions, stream_options
@@ -170,7 +170,11 @@ class Stream:
         while True:
             read_at = time.monotonic()
             try:
-                for chunk in self.chunks.after(self.stream, asm.last_seq):
+                done = carried(self.job.job_id, self.tenant, self.deps)  # (its wake carried it: stratus.wake)
+                if done is not None and done.run == self.job.run:
+                    yield from self._end(asm, with_result(done, self.deps))
+                    return
+                for chunk in self._new_chunks(asm):
                     piece, entries = asm.apply(chunk)
                     if piece or entries:
                         yield from self._send(piece, entries, chunk.usage)
@@ -214,6 +218,15 @@ class Stream:
             # (a wake for the job, after a chunk or at its end, cuts the pause short)
             self.deps.pause(self.job.job_id, read_at, WOKEN_PAUSE_S if self.woken else pause)
             pause = min(MAX_PAUSE_S, pause * 1.5)
+
+    def _new_chunks(self, asm: Assembler) -> list[Chunk]:
+        """The chunks past those applied: the ones wakes carried (stratus.wake) when they go on from
+        the text sent, else those read from the stream."""
+        given = self.deps.waker.chunks(self.job.job_id) if self.deps.waker is not None else []
+        fresh = [c for c in given if c.stream == self.stream and c.seq > asm.last_seq]
+        if fresh and asm.follows(fresh):
+            return fresh
+        return self.chunks.after(self.stream, asm.last_seq)
 
     def _end(self, asm: Assembler, job: Job) -> Iterator[bytes]:
         """The job finished: the rest of its text and the finish, or an in-band error."""

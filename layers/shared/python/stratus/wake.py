@@ -5,14 +5,17 @@
   submit         the job's queue message carries that queue's URL (QueueMessage.wake)
   worker, dlq    right after the write that finishes the job: SendMessage {"job_id", "job"} to it
                  (send: "job" is the job that write returned, as an item less its prompt); for a
-                 streamed job also {"job_id"} after each write of its chunks (send_many)
+                 streamed job also {"job_id", "chunks"} after each write of its chunks (send_many:
+                 the chunk items just written)
   the request    waits on the mark between its reads of the job (Waker.wait); woken by a finished
-                 job's wake it answers from the job carried (Waker.finished), without reading it back
+                 job's wake it answers from the job carried (Waker.finished), a stream sends the
+                 chunks carried when they follow on from its text (Waker.chunks), neither read back
 
 Wakes are best effort. The request still reads its job on its schedule (less often), so a wake
 that is lost (SQS refused it, the queue was swept) costs one pause, never the answer. A finished
 job does not change again (only its bookkeeping: expiry, replies posted), so the job a wake carries
-is what a read would see; one too big to carry (MAX_CARRIED_BYTES) is sent as its id, and read.
+is what a read would see, as a written chunk is; what is too big to carry (MAX_CARRIED_BYTES) is
+sent as the id alone, and read.
 Only the stack's workers and dlq function may send to the queues (IAM), as only they finish jobs.
 
 An instance that is gone (a Lambda execution environment retired without a shutdown) leaves its
@@ -29,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from stratus.chunks import Chunk
 from stratus.contracts import Job
 from stratus.observability import logger
 
@@ -36,7 +40,8 @@ WAIT_S = 20  # a receive's long poll (SQS's longest)
 MAX_AGE_S = 12 * 3600  # a wake queue older than this is swept by the next instance that starts one
 RETRY_S = 30.0  # after SQS refused to make the queue: wait this long before trying again
 WOKEN_KEEP_S = 120.0  # a wake kept for a request that has not begun to wait yet
-MAX_CARRIED_BYTES = 200_000  # a finished job rides in its wake when it fits (SQS: 256 KiB a message)
+MAX_CARRIED_BYTES = 200_000  # a finished job or chunks ride in their wake when they fit
+BATCH_BYTES = 250_000  # SQS: 256 KiB a SendMessageBatch, all its messages together
 NAME_ROOM = 80 - 18  # SQS names are at most 80 characters; "-{8 hex}-{8 hex}" follows the prefix
 # (a longer prefix is cut; IAM, which names the whole prefix, then refuses the queue: requests
 # only re-read. Stacks named in at most 57 characters get wakes: "<stack>-wake" is the prefix.)
@@ -49,37 +54,56 @@ def send(sqs, url: str | None, job: Job) -> None:
     _send(sqs, [(url, job.job_id, body(job.job_id, job))])
 
 
-def send_many(sqs, wakes: list[tuple[str | None, str]]) -> None:
-    """Wake the readers of many (url, job id) at once, to read again (a worker's flush round of
-    stream chunks, whose readers mostly share an API instance)."""
-    _send(sqs, [(url, job_id, body(job_id)) for url, job_id in wakes])
+def send_many(sqs, wakes: list[tuple[str | None, str, list[Chunk]]]) -> None:
+    """Wake the readers of many (url, job id, the chunks just written for it) at once (a worker's
+    flush round of stream chunks, whose readers mostly share an API instance)."""
+    _send(sqs, [(url, job_id, body(job_id, chunks=chunks)) for url, job_id, chunks in wakes])
 
 
-def body(job_id: str, job: Job | None = None) -> str:
-    """A wake's message: the job's id, and a finished job's item without its prompt (the poll's
-    projection, jobstore.WITHOUT_PROMPT) when the message stays within MAX_CARRIED_BYTES."""
+def body(job_id: str, job: Job | None = None, chunks: list[Chunk] = ()) -> str:
+    """A wake's message: the job's id, and what it carries when the message stays within
+    MAX_CARRIED_BYTES: a finished job's item without its prompt (the poll's projection,
+    jobstore.WITHOUT_PROMPT), or chunk items (expires_at left out)."""
+    carried: dict = {}
     if job is not None:
-        item = {k: v for k, v in job.to_item().items() if k != "prompt"}
-        carried = json.dumps({"job_id": job_id, "job": item}, separators=(",", ":"), default=str)  # (Decimals)
-        if len(carried.encode()) <= MAX_CARRIED_BYTES:
-            return carried
+        carried["job"] = {k: v for k, v in job.to_item().items() if k != "prompt"}
+    if chunks:
+        carried["chunks"] = [{k: v for k, v in c.to_item(0).items() if k != "expires_at"} for c in chunks]
+    if carried:
+        text = json.dumps({"job_id": job_id, **carried}, separators=(",", ":"), default=str)  # (Decimals)
+        if len(text.encode()) <= MAX_CARRIED_BYTES:
+            return text
     return json.dumps({"job_id": job_id}, separators=(",", ":"))
 
 
 def _send(sqs, wakes: list[tuple[str | None, str, str]]) -> None:
-    """(url, job id, body) -> one SendMessageBatch per queue and 10 wakes, one wake per job."""
+    """(url, job id, body) -> SendMessageBatch per queue, 10 wakes or BATCH_BYTES at most a call,
+    one wake per job."""
     by_url: dict[str, dict[str, str]] = {}
     for url, job_id, text in wakes:
         if url:
             by_url.setdefault(url, {}).setdefault(job_id, text)
     for url, bodies in by_url.items():
-        texts = list(bodies.values())
-        for i in range(0, len(texts), 10):
-            entries = [{"Id": str(n), "MessageBody": t} for n, t in enumerate(texts[i : i + 10])]
+        for texts in _batches(list(bodies.values())):
+            entries = [{"Id": str(n), "MessageBody": t} for n, t in enumerate(texts)]
             try:
                 sqs.send_message_batch(QueueUrl=url, Entries=entries)
             except Exception as exc:  # (botocore raises many types) nothing is lost: readers read on their schedule
                 logger.info("wakes not sent", extra={"wakes": len(entries), "error": type(exc).__name__})
+
+
+def _batches(texts: list[str]) -> list[list[str]]:
+    """Message bodies -> SendMessageBatch loads: at most 10 and BATCH_BYTES each, in order."""
+    out: list[list[str]] = []
+    size = 0
+    for t in texts:
+        n = len(t.encode())
+        if not out or len(out[-1]) == 10 or size + n > BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += n
+    return out
 
 
 class Waker:
@@ -91,6 +115,7 @@ class Waker:
         self._cond = threading.Condition()
         self._woken: dict[str, float] = {}  # job id -> when its wake came (monotonic)
         self._carried: dict[str, Job] = {}  # job id -> the finished job its wake carried, until taken
+        self._chunks: dict[str, list[Chunk]] = {}  # job id -> chunks its wakes carried, until taken
         self._url: str | None = None
         self._retry_at = 0.0
         self._closed = False
@@ -121,6 +146,11 @@ class Waker:
         it), or None."""
         with self._cond:
             return self._carried.pop(job_id, None)
+
+    def chunks(self, job_id: str) -> list[Chunk]:
+        """The chunks wakes carried for this id since it was last asked, in sequence order (taken)."""
+        with self._cond:
+            return sorted(self._chunks.pop(job_id, []), key=lambda c: c.seq)
 
     def close(self) -> None:
         """Delete the queue (an instance shutting down); its reader stops with it."""
@@ -194,17 +224,20 @@ class Waker:
                 except Exception as exc:  # (they come back after the visibility timeout: a spare read)
                     logger.info("wakes not deleted", extra={"error": type(exc).__name__})
 
-    def _mark(self, wakes: list[tuple[str | None, Job | None]]) -> None:
+    def _mark(self, wakes: list[tuple[str | None, Job | None, list[Chunk]]]) -> None:
         now = time.monotonic()
         with self._cond:
-            for job_id, job in wakes:
+            for job_id, job, chunks in wakes:
                 if job_id:
                     self._woken[job_id] = now
                 if job is not None:
-                    self._carried[job.job_id] = job
+                    self._carried[job_id] = job
+                if chunks:
+                    self._chunks.setdefault(job_id, []).extend(chunks)
             for job_id in [j for j, at in self._woken.items() if now - at > WOKEN_KEEP_S]:
                 del self._woken[job_id]
                 self._carried.pop(job_id, None)
+                self._chunks.pop(job_id, None)
             self._cond.notify_all()
 
 
@@ -217,21 +250,26 @@ def made_at(name: str, prefix: str) -> int | None:
         return None
 
 
-def _read(text: str) -> tuple[str | None, Job | None]:
-    """A wake's message -> (the job id it names, the finished job it carries); Nones for what is
-    not there or not well formed (the request then reads the job)."""
+def _read(text: str) -> tuple[str | None, Job | None, list[Chunk]]:
+    """A wake's message -> (the job id it names, the finished job it carries, the chunks it
+    carries); None and [] for what is not there or not well formed (the reader then reads)."""
     try:
         fields = json.loads(text)
         job_id = fields.get("job_id")
     except (ValueError, AttributeError):
-        return None, None
+        return None, None, []
     if not isinstance(job_id, str):
-        return None, None
+        return None, None, []
     try:
         job = Job.from_item(fields["job"]) if "job" in fields else None
     except (KeyError, TypeError, ValueError, AttributeError):
         job = None
-    return job_id, job if job is not None and job.job_id == job_id and job.status.finished else None
+    try:
+        chunks = [Chunk.from_item(i) for i in fields.get("chunks", [])]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        chunks = []
+    mine = [c for c in chunks if c.stream.split(".", 1)[0] == job_id]
+    return job_id, job if job is not None and job.job_id == job_id and job.status.finished else None, mine
 
 
 def _gone(exc: Exception) -> bool:
