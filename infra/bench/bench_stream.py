@@ -107,8 +107,10 @@ def measure_bare(model_dir: Path, threads: int, requests: int) -> dict:
     """The engine alone, one request at a time: TTFT and the mean gap between its tokens."""
     from stratus.params import SamplingParams
     from stratus_engine.engine import Engine, GenerationRequest
+    from stratus_engine.numerics import load_verified
 
-    engine = Engine.from_dir(model_dir, threads=threads, max_batch=max(LEVELS))
+    # the configuration the worker serves (the start-up check's pick), as bench_e2e's bare engine
+    engine = Engine(load_verified(model_dir, threads=threads).model, max_batch=max(LEVELS))
     samples = []
     for p in ["warm-up"] + prompts(requests, "bare"):
         stamps: list[float] = []
