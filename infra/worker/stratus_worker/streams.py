@@ -5,8 +5,10 @@ streamed when its message asks for it, or when a streaming request joins it late
 `streamed` flag, seen by the worker's periodic job read). The flusher thread writes each streamed
 job's new visible text as one chunk item: the first as soon as there is any, then at most every
 flush_s; all due jobs go out in one BatchWriteItem (a chunk whose write fails stays, and is written
-before the job's next: a reader never sees a gap). After the job's result is written, a final
-chunk carries the rest of the text, the finish reason and the usage.
+before the job's next: a reader never sees a gap). The reader the job's message names (its wake
+queue, stratus.wake) is handed the chunks as their write begins: it has the text as soon as it is
+made, and the table's copy serves every reader that reads. After the job's result is written, a
+final chunk carries the rest of the text, the finish reason and the usage.
 """
 
 from __future__ import annotations
@@ -155,6 +157,9 @@ class ChunkWriter:
         chunks = [c for s in streams for c in s.unsent]
         if not chunks:
             return 0
+        # the waiting readers first: the text is theirs as made, whether or not this write lands (a
+        # chunk tried again is handed again, and skipped; a takeover's text that disagrees is Diverged)
+        self.wake([(s.wake, s.job_id, [c for c, _ in s.unsent]) for s in streams if s.wake])
         try:
             self.store.put(chunks)
         except Exception as exc:
@@ -162,15 +167,9 @@ class ChunkWriter:
                 return self._write_each(streams)
             _give_up_if_refused(streams[0], exc)
             raise
-        self._written(streams)
-        return len(chunks)
-
-    def _written(self, streams: list[_Stream]) -> None:
-        """The streams' unsent chunks were written: forget them, and wake their readers with them."""
-        wakes = [(s.wake, s.job_id, [c for c, _ in s.unsent]) for s in streams if s.wake]
         for s in streams:
             s.unsent = []
-        self.wake(wakes)
+        return len(chunks)
 
     def _write_each(self, streams: list[_Stream]) -> int:
         written, error = 0, None
@@ -181,8 +180,7 @@ class ChunkWriter:
                 _give_up_if_refused(s, exc)
                 error = error or exc
                 continue
-            written += len(s.unsent)
-            self._written([s])
+            written, s.unsent = written + len(s.unsent), []
         if error is not None:
             raise error
         return written

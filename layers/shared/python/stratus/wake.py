@@ -5,8 +5,8 @@
   submit         the job's queue message carries that queue's URL (QueueMessage.wake)
   worker, dlq    right after the write that finishes the job: SendMessage {"job_id", "job"} to it
                  (send: "job" is the job that write returned, as an item less its prompt); for a
-                 streamed job also {"job_id", "chunks"} after each write of its chunks (send_many:
-                 the chunk items just written)
+                 streamed job also {"job_id", "chunks"} as each write of its chunks begins
+                 (send_many: the chunk items being written)
   the request    waits on the mark between its reads of the job (Waker.wait); woken by a finished
                  job's wake it answers from the job carried (Waker.finished), a stream sends the
                  chunks carried when they follow on from its text (Waker.chunks), neither read back
@@ -55,8 +55,8 @@ def send(sqs, url: str | None, job: Job) -> None:
 
 
 def send_many(sqs, wakes: list[tuple[str | None, str, list[Chunk]]]) -> None:
-    """Wake the readers of many (url, job id, the chunks just written for it) at once (a worker's
-    flush round of stream chunks, whose readers mostly share an API instance)."""
+    """Wake the readers of many (url, job id, its chunks being written) at once (a worker's flush
+    round of stream chunks, whose readers mostly share an API instance)."""
     _send(sqs, [(url, job_id, body(job_id, chunks=chunks)) for url, job_id, chunks in wakes])
 
 
