@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from stratus.errors import ModelLoadError
 from stratus_engine import kernels
-from stratus_engine.numerics import configurations, load_verified
+from stratus_engine.numerics import configurations, load_checked, load_verified
 from stratus_model.variants import KERNELS_DOMAIN
 from support.graphs import PROMPT, empty_past, run
 from support.llama_ref import forward
@@ -155,3 +156,7 @@ def test_a_host_without_the_kernels_skips_to_the_split_graph(tiny, tmp_path, mon
     lines = result.report().splitlines()
     assert f"fused-split        skip  {kernels.ENV}={tmp_path / 'absent.so'} is not a file" in lines
     assert result.configuration in ("int8-activations", "split-activations")
+    # and asked for by name (a benchmark's load_checked), it is refused naming why, not by onnxruntime
+    [fused] = [c for c in configurations(tiny.dirs["int4"]) if c.kernels]
+    with pytest.raises(ModelLoadError, match=f"fused-split runs on Stratus's kernels: {kernels.ENV}="):
+        load_checked(tiny.dirs["int4"], fused, None, threads=1)

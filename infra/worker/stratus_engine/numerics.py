@@ -233,8 +233,11 @@ def load_checked(
     *,
     spin: bool = True,
 ) -> tuple[LoadedModel, Check]:
-    """Load one configuration and check it (a foreign export without golden outputs: unchecked)."""
+    """Load one configuration and check it (a foreign export without golden outputs: unchecked).
+    ModelLoadError, naming why, for a configuration whose kernels library is not here."""
     library = kernels.library() if conf.kernels else None
+    if conf.kernels and library is None:
+        raise ModelLoadError(f"{path}: configuration {conf.name} runs on Stratus's kernels: {kernels.missing()}")
     model = load(path, threads=threads, providers=providers, spin=spin, graph=conf.graph, kernels=library)
     if not golden:
         return model, Check(conf.name, True, 0.0, "no golden outputs recorded", 0, 0, 0.0)
