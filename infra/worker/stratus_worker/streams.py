@@ -62,7 +62,7 @@ class ChunkWriter:
     ) -> None:
         """new_text: a TokenText for each job's tokens (Engine.new_text); render: an engine
         TokenLogprob -> its entry (stratus_worker.choices.entry); wake: sends [(wake queue, job id,
-        its chunks)] once chunks of those jobs are written (stratus.wake.send_many)"""
+        its chunks)] as a write of those chunks begins (stratus.wake.send_many)"""
         self.store, self.new_text, self.flush_s, self.clock, self.render = store, new_text, flush_s, clock, render
         self.wake = wake
         self._streams: dict[str, _Stream] = {}

@@ -15,8 +15,8 @@ Wakes are best effort. The request still reads its job on its schedule (less oft
 that is lost (SQS refused it, the queue was swept) costs one pause, never the answer. A finished
 job does not change again (only its bookkeeping: expiry, replies posted), so the job a wake carries
 is what a read would see, as a written chunk is; what is too big to carry (MAX_CARRIED_BYTES) is
-sent as the id alone, and read.
-Only the stack's workers and dlq function may send to the queues (IAM), as only they finish jobs.
+sent as the id alone, and read. Only the stack's workers and dlq function may send to the queues
+(IAM), as only they may finish jobs.
 
 An instance that is gone (a Lambda execution environment retired without a shutdown) leaves its
 queue; the next instance to make one deletes those made more than MAX_AGE_S ago. An instance
