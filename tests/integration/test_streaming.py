@@ -100,7 +100,7 @@ def test_a_stream_reads_its_chunks_when_its_worker_wakes_it(stack, key, deps, te
 
 
 def test_a_woken_stream_sends_the_text_its_wakes_carry_reading_nothing(
-    stack, key, deps, tenant, make_worker, monkeypatch
+    stack, key, deps, tenant, make_worker, monkeypatch, caplog
 ):
     # Given reads so rare that the stream could only end within the test's time on its wakes
     monkeypatch.setattr(streaming, "WOKEN_PAUSE_S", 60.0)
@@ -118,6 +118,12 @@ def test_a_woken_stream_sends_the_text_its_wakes_carry_reading_nothing(
     assert job.status == Status.DONE and text_of(evs) == job.result["text"] != ""
     pieces = [e for e in evs[:-1] if e["choices"] and e["choices"][0]["delta"].get("content")]
     assert len(pieces) >= 2  # (the text came as it was made, not in one piece at the end)
+    # and where its time went, logged at its end (stratus.timeline.stream_phases)
+    [line] = [r for r in caplog.records if r.getMessage() == "stream timeline"]
+    ms = line.ms
+    assert list(ms) == ["submit", "queue", "claim", "prefill", "first_text", "ttft", "rest", "total"]
+    assert ms["prefill"] > 0 and abs(sum(ms[k] for k in list(ms)[:5]) - ms["ttft"]) < 1.0  # (each rounded)
+    assert abs(ms["ttft"] + ms["rest"] - ms["total"]) < 1.0
 
 
 def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(stack, key, deps, tenant, make_worker):

@@ -1,4 +1,4 @@
-"""stratus.timeline: a whole request's phases from the API's and the worker's marks."""
+"""stratus.timeline: a whole request's and a stream's phases from the API's and the worker's marks."""
 
 from stratus import timeline
 from stratus.contracts import InferenceRequest, Job, Status
@@ -51,3 +51,28 @@ def test_the_header_reads_back():
         "engine": 300.0,
         "total": 500.0,
     }
+
+
+def test_a_streams_phases_lead_to_its_first_text():
+    # API in at 99.99, job created at 100.0, sent at 100.01; the worker took it at +0.02, handed it
+    # to the engine at +0.03, whose first token came 0.1 s later (100.13); the first text went out
+    # at 100.15, the last at 100.9
+    j = job({"taken_s": 0.02, "started_s": 0.03, "ttft_s": 0.1, "total_s": 0.8})
+    spans = timeline.stream_phases(j, t_in=99.99, t_sent=100.01, t_first=100.15, t_end=100.9)
+    expected = {
+        "submit": 0.02, "queue": 0.01, "claim": 0.01, "prefill": 0.1, "first_text": 0.02,
+        "ttft": 0.16, "rest": 0.75, "total": 0.91,
+    }  # fmt: skip
+    assert list(spans) == list(expected)
+    assert all(abs(spans[k] - v) < 1e-9 for k, v in expected.items()), spans
+    # the phases up to the first text make its ttft; ttft and the rest make the whole
+    head = ("submit", "queue", "claim", "prefill", "first_text")
+    assert abs(sum(spans[k] for k in head) - spans["ttft"]) < 1e-9
+    assert abs(spans["ttft"] + spans["rest"] - spans["total"]) < 1e-9
+
+
+def test_a_stream_without_the_workers_marks_or_any_text_gives_what_is_known():
+    assert timeline.stream_phases(None, 99.0, 99.5, 100.0, 101.0) == {
+        "submit": 0.5, "ttft": 1.0, "rest": 1.0, "total": 2.0
+    }  # fmt: skip
+    assert timeline.stream_phases(job({"ttft_s": 0.1}), 99.0, 99.5, None, 101.0) == {"submit": 0.5, "total": 2.0}

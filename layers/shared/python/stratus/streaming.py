@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from stratus import submission
+from stratus import submission, timeline
 from stratus.chunks import Assembler, Chunk, ChunkStore, Diverged, stream_key
 from stratus.contracts import InferenceRequest, Job, Status
 from stratus.deps import Deps
@@ -151,6 +151,11 @@ class Stream:
         # a chat offered tools: its text goes out as content or as tool_calls deltas (stratus.tools)
         self.calls = CallDeltas(job.job_id) if req.params.grammar and req.route == "chat" else None
         self.held: list[dict] = []  # log-probability entries waiting for a delta to carry them
+        # the stream's timeline (stratus.timeline.stream_phases; open_stream sets the request's marks)
+        self.t_in: float | None = None  # the request's arrival
+        self.t_sent: float | None = None  # its submit's end
+        self.t_first: float | None = None  # its first text sent
+        self.ended: Job | None = None  # its job as it finished
 
     @property
     def stream(self) -> str:
@@ -158,6 +163,13 @@ class Stream:
         return stream_key(self.job.job_id, self.job.run)
 
     def events(self) -> Iterator[bytes]:
+        yield from self._events()
+        if self.t_in is not None and self.t_sent is not None and not self.hit:
+            spans = timeline.stream_phases(self.ended, self.t_in, self.t_sent, self.t_first, self.deps.clock())
+            ms = {k: round(1000 * v, 1) for k, v in spans.items()}
+            logger.info("stream timeline", extra={"job_id": self.job.job_id, "ms": ms})
+
+    def _events(self) -> Iterator[bytes]:
         yield from self._start()
         if self.job.status.finished:  # a cache hit, or a job that finished before the stream opened
             yield from self._end(Assembler(), self.job)
@@ -176,6 +188,8 @@ class Stream:
                     return
                 for chunk in self._new_chunks(asm):
                     piece, entries = asm.apply(chunk)
+                    if piece and self.t_first is None:
+                        self.t_first = clock()
                     if piece or entries:
                         yield from self._send(piece, entries, chunk.usage)
                         last_sent, pause = clock(), self.deps.settings.poll_interval_s
@@ -230,6 +244,7 @@ class Stream:
 
     def _end(self, asm: Assembler, job: Job) -> Iterator[bytes]:
         """The job finished: the rest of its text and the finish, or an in-band error."""
+        self.ended = job
         if job.status != Status.DONE:
             err = job.error or {"message": f"job {job.status.value.lower()}", "code": job.status.value.lower()}
             yield from self._fail(
@@ -238,6 +253,8 @@ class Stream:
             return
         result = job.result or {}
         rest, entries = asm.finish(result.get("text", ""), result.get("logprobs"))  # Diverged when it disagrees
+        if rest and self.t_first is None:
+            self.t_first = self.deps.clock()
         if rest or entries:
             yield from self._send(rest, entries, job.usage)
         yield from self._finish(result.get("finish_reason", "stop"), job.usage or {})
@@ -296,9 +313,12 @@ def open_stream(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_con
         return None
     if deps.stream_table is None:
         raise InvalidRequest("streaming is not configured on this deployment (no stream table)", param="stream")
+    t_in = deps.clock()
     wake = wake_url(deps)
     how = submission.api(deps.settings, cache_control, stream=True, tier=submission.tier_of(body, tenant), wake=wake)
-    return stream_of(submission.submit(route, body, tenant, deps, how), tenant, deps, Stream, options)
+    stream = stream_of(submission.submit(route, body, tenant, deps, how), tenant, deps, Stream, options)
+    stream.t_in, stream.t_sent = t_in, deps.clock()  # (its timeline's first marks)
+    return stream
 
 
 def stream_of(sub: submission.Submission, tenant: Tenant, deps: Deps, kind: type, *args) -> Stream:

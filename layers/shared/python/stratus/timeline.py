@@ -15,6 +15,15 @@ API and the worker leave, for a `Server-Timing` header and the API's `request ti
 `queue` and `notice` cross from one host's clock to another's: on AWS they carry the clocks'
 skew (NTP keeps it to milliseconds). A job another request made (a coalesced one) or a worker
 without the marks gives only submit, engine and total.
+
+A streamed request's phases (stream_phases, the API's `stream timeline` log line), up to its first text:
+
+  in ─submit─▶ sent ─queue─▶ taken ─claim─▶ started ─prefill─▶ first token ─first_text─▶ first text sent
+  ttft   the API's own: from the request's arrival to its first text sent (the client's TTFT, less the
+         gateway)
+  prefill    the engine: waiting for a batch slot, prefill, the first token (timings.ttft_s)
+  first_text the first token's chunk: the flush, its hand-over (stratus.wake) or its write and read
+  rest   from the first text to the end; total
 """
 
 from __future__ import annotations
@@ -40,6 +49,26 @@ def phases(job: Job, t_in: float, t_sent: float, t_seen: float, t_out: float) ->
     elif engine is not None:
         out["engine"] = engine
     out["total"] = t_out - t_in
+    return out
+
+
+def stream_phases(job: Job | None, t_in: float, t_sent: float, t_first: float | None, t_end: float) -> dict[str, float]:
+    """-> {phase: seconds} of a stream (the module's second diagram). job: as it finished, with its
+    worker's marks (None, or without them: submit, ttft, rest and total only); t_first: when its
+    first text went out (None: it had none)."""
+    out = {"submit": t_sent - t_in}
+    t = (job.timings or {}) if job is not None else {}
+    taken, started, first = t.get("taken_s"), t.get("started_s"), t.get("ttft_s")
+    if t_first is not None and None not in (taken, started, first):
+        out |= {
+            "queue": job.created_at + taken - t_sent,
+            "claim": started - taken,
+            "prefill": first,
+            "first_text": t_first - (job.created_at + started + first),
+        }
+    if t_first is not None:
+        out |= {"ttft": t_first - t_in, "rest": t_end - t_first}
+    out["total"] = t_end - t_in
     return out
 
 
