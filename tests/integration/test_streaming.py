@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from stratus import streaming
+from stratus import responses, streaming
 from stratus.chunks import Chunk, ChunkStore, first_seq
 from stratus.contracts import Status
 from stratus.deps import deps_from_env
@@ -124,6 +124,16 @@ def test_a_woken_stream_sends_the_text_its_wakes_carry_reading_nothing(
     assert list(ms) == ["submit", "queue", "claim", "prefill", "first_text", "ttft", "rest", "total"]
     assert ms["prefill"] > 0 and abs(sum(ms[k] for k in list(ms)[:5]) - ms["ttft"]) < 1.0  # (each rounded)
     assert abs(ms["ttft"] + ms["rest"] - ms["total"]) < 1.0
+
+
+def test_a_responses_api_stream_logs_its_timeline_too(stack, deps, tenant, make_worker, caplog):
+    make_worker()
+    body = {"model": MODEL, "input": "time me", "stream": True, "max_output_tokens": 8, "temperature": 0}
+    created = responses.create(body, tenant, deps)
+    raw = b"".join(responses.open_response_stream(created, tenant, deps).events())
+    assert b"response.output_text.delta" in raw and b"response.incomplete" in raw  # (8 tokens: cut short)
+    [line] = [r for r in caplog.records if r.getMessage() == "stream timeline"]
+    assert line.job_id == created.sub.job_id and {"submit", "ttft", "total"} <= set(line.ms)
 
 
 def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(stack, key, deps, tenant, make_worker):

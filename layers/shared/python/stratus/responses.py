@@ -511,6 +511,8 @@ class Created:
     rid: str
     record: dict
     sub: object  # submission.Submission
+    t_in: float | None = None  # the request's arrival and its submit's end (a stream's timeline)
+    t_sent: float | None = None
 
 
 def create(body, tenant, deps, *, cache_control: str = "") -> Created:
@@ -533,11 +535,12 @@ def create(body, tenant, deps, *, cache_control: str = "") -> Created:
     if call.store:
         how = replace(how, keep_s=RESPONSE_TTL_S)
     sub = submission.submit("chat", chat, tenant, deps, how)  # (a record too big was refused first)
+    sent = deps.clock()
     record = {"tenant": tenant.name, "job_id": sub.job_id, "model": sub.req.model, "created_at": int(now)}
     record |= {"fields": call.fields, "conversation": conversation}
     if item is not None:
         store.put({**item, "job_id": sub.job_id})
-    return Created(rid, record, sub)
+    return Created(rid, record, sub, now, sent)
 
 
 def answer(created: Created, tenant, deps, *, wait: bool) -> dict:
@@ -612,7 +615,9 @@ def open_response_stream(created: Created, tenant, deps) -> ResponseStream:
     """The typed events of a response created with stream: true (its job marked streamed)."""
     if deps.stream_table is None:
         raise InvalidRequest("streaming is not configured on this deployment (no stream table)", param="stream")
-    return stream_of(created.sub, tenant, deps, ResponseStream, created.rid, created.record)
+    stream = stream_of(created.sub, tenant, deps, ResponseStream, created.rid, created.record)
+    stream.t_in, stream.t_sent = created.t_in, created.t_sent  # (its timeline's first marks)
+    return stream
 
 
 class ResponseStream(Stream):
