@@ -50,6 +50,16 @@ def test_the_engine_encodes_chats_the_same_way(tiny):
     assert engine.encode_chat([{"role": "user", "content": FORGED}]).count(start) == 2
 
 
+def test_a_warmed_engine_has_its_chat_tokenizer_and_token_bytes_built(tiny):
+    from stratus_engine.engine import Engine
+
+    engine = Engine.from_dir(tiny.dirs["fp32"], threads=1)
+    assert not {"chat_tokenizer", "token_bytes"} & set(vars(engine))  # (built on first use)
+    engine.warm()
+    assert {"chat_tokenizer", "token_bytes"} <= set(vars(engine))  # (a worker warms its engine at start)
+    assert engine.encode_chat([{"role": "user", "content": "hi"}])  # (and it encodes as before)
+
+
 def test_a_template_that_names_bos_gets_the_models_bos(tiny):
     # Given a template that starts with {{ bos_token }} (Llama 2, Mistral), when a chat is encoded
     # with the model's BOS id, then it leads with that token, once; without one, nothing is made up

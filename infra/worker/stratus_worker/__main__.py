@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_rows_beside_interactive=None if beside < 0 else beside,
         interactive_headroom=None if headroom < 0 else headroom,
     )
+    engine.warm()  # (its first request would pay for it instead)
     worker = Worker(
         engine,
         settings,
