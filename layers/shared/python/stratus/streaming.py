@@ -4,9 +4,10 @@ open_stream(route, body, tenant, deps)   validate, authenticate (done by the cal
                                          enqueue: errors here keep their HTTP status and JSON body
 Stream.events()                          bytes to send, in order:
     role chunk (chat; completions send an empty text) at once,
-    text chunks as they land (strongly consistent Query of the job's chunks: when its worker wakes
-      the stream after a write (stratus.wake), else every WOKEN_PAUSE_S; a stream on another
-      request's job reads every poll_interval_s, growing to MAX_PAUSE_S while nothing arrives),
+    text chunks as they land (those its worker's wakes carry, stratus.wake, when they go on from the
+      text sent; else a strongly consistent Query of the job's chunks, every WOKEN_PAUSE_S when its
+      worker wakes it; a stream on another request's job reads every poll_interval_s, growing to
+      MAX_PAUSE_S while nothing arrives),
     the finish chunk, the usage chunk (stream_options.include_usage), `data: [DONE]`.
 With continuous_usage_stats too, every chunk carries the usage as of its text (the worker writes
 it on each chunk item; null before the worker has the prompt's length).
