@@ -672,8 +672,10 @@ class ResponseStream(Stream):
         yield self._event("response.output_text.delta", **at, delta=piece, logprobs=[])
 
     def _finish(self, finish_reason: str, usage: dict):
-        job = self.deps.store.get(self.job.job_id, now=self.deps.clock(), prompt=False)
-        job = with_result(job, self.deps) if job is not None else None
+        job = self.ended  # (the job it ended with, its result loaded; read when it ended on the final chunk)
+        if job is None:
+            job = self.deps.store.get(self.job.job_id, now=self.deps.clock(), prompt=False)
+            job = with_result(job, self.deps) if job is not None else None
         obj = shown_record(self.rid, self.record, job, self.deps, stored=self.record["fields"]["store"])
         if not self.calls_made:
             if not self.opened:  # (an empty text: its item still opens and closes)
