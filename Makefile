@@ -49,7 +49,7 @@ test-ready: venv lint-check iac-check kernels $(EVAL_VENV)/.installed $(VENV)/.m
 # Stratus's onnxruntime kernels (infra/worker/kernels), for the fused-split configuration: C++ built
 # with cmake against onnxruntime's API headers (from Debian's libonnxruntime-dev: the wheel has none)
 KERNELS := build/kernels/libstratus_kernels.so
-$(KERNELS): infra/worker/kernels/split_rows.cc infra/worker/kernels/CMakeLists.txt
+$(KERNELS): $(wildcard infra/worker/kernels/*.cc infra/worker/kernels/*.h) infra/worker/kernels/CMakeLists.txt
 	python3 infra/worker/kernels/ort_headers.py build/ort-include
 	cmake -S infra/worker/kernels -B build/kernels/cmake -DORT_INCLUDE_DIR=$(CURDIR)/build/ort-include > /dev/null
 	+cmake --build build/kernels/cmake
@@ -122,7 +122,7 @@ $(VENV)/.model-gemma3-270m: $(VENV)/.installed
 
 model: venv $(foreach m,$(MODEL),$(VENV)/.model-$(m)) ## build MODEL (default smollm2; a list builds each) at QUANT (default int8) into build/models/ (skipped if present)
 	@for m in $(MODEL); do \
-		grep -qs '"manifest_version": 2' $(MODELS)/$$m-$(QUANT)/manifest.json && echo "$(MODELS)/$$m-$(QUANT) is built" || \
+		grep -qs '"manifest_version": 3' $(MODELS)/$$m-$(QUANT)/manifest.json && echo "$(MODELS)/$$m-$(QUANT) is built" || \
 		$(STRATUS) model build --pypi $$m --quant $(QUANT) --out $(MODELS)/$$m-$(QUANT) || exit 1; \
 	done
 

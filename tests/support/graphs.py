@@ -41,6 +41,20 @@ def corrupt(model_dir, tensor_suffix: str, factor: float) -> None:
         f.write(values.astype(np.float32).tobytes())
 
 
+def corrupt_tiles(model_dir, tensor_suffix: str, factor: float) -> None:
+    """Multiply the float16 scales d of one Q4Linear's tiles (stratus_model.tiles) in place."""
+    proto = onnx.load(str(model_dir / "model.linear.onnx"), load_external_data=False)
+    tensor = next(t for t in proto.graph.initializer if t.name.endswith(tensor_suffix))
+    info = {e.key: e.value for e in tensor.external_data}
+    offset, length = int(info["offset"]), int(info["length"])
+    with open(model_dir / info["location"], "r+b") as f:
+        f.seek(offset)
+        q4 = np.frombuffer(f.read(length), np.uint8).reshape(-1, 320).copy()
+        q4[:, 256:288] = (q4[:, 256:288].copy().view(np.float16) * factor).astype(np.float16).view(np.uint8)
+        f.seek(offset)
+        f.write(q4.tobytes())
+
+
 def rehash(model_dir) -> None:
     """Rewrite the manifest's file hashes and digest to match the files as they are now: a model
     built wrong but described consistently, which only the golden check can refuse."""

@@ -76,7 +76,12 @@ def test_the_fp16_attn_build_is_float32_but_attention_and_its_cache(fp16_attn):
 
 def test_fp16_attn_keeps_the_split_configuration_and_passes_on_the_cpu(fp16_attn):
     out, manifest = fp16_attn
-    assert [c["name"] for c in manifest["configurations"]] == ["int8-activations", "fused-split", "split-activations"]
+    assert [c["name"] for c in manifest["configurations"]] == [
+        "int8-activations",
+        "fused-linear",
+        "fused-split",
+        "split-activations",
+    ]
     result = load_verified(out, threads=1, only="split-activations")
     assert result.checks[-1].passed, result.report()
 

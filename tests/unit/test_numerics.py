@@ -9,7 +9,7 @@ import pytest
 
 from stratus_cli.main import main as stratus
 from stratus_engine.numerics import NumericsError, configurations, host_description, load_verified
-from support.graphs import PROMPT, corrupt, empty_past, rehash, run
+from support.graphs import PROMPT, corrupt, corrupt_tiles, empty_past, rehash, run
 from support.llama_ref import forward
 
 
@@ -34,11 +34,13 @@ def test_split_activations_compute_the_weights_at_float32_accuracy(tiny, quant):
 def test_quantized_builds_list_their_configurations_fastest_first(tiny):
     assert [c.name for c in configurations(tiny.dirs["int4"])] == [
         "int8-activations",
+        "fused-linear",
         "fused-split",
         "split-activations",
     ]
     assert [c.graph for c in configurations(tiny.dirs["int8"])] == [
         "model.int8act.onnx",
+        "model.linear.onnx",
         "model.fused.onnx",
         "model.onnx",
     ]
@@ -65,6 +67,7 @@ def test_a_worker_serves_a_configuration_that_passes(tiny):
         result.model.graph
         == {
             "int8-activations": "model.int8act.onnx",
+            "fused-linear": "model.linear.onnx",
             "fused-split": "model.fused.onnx",
             "split-activations": "model.onnx",
         }[result.configuration]
@@ -77,6 +80,7 @@ def test_a_corrupted_model_is_refused_with_the_host_model_and_error(tiny, tmp_pa
     broken = tmp_path / "broken"
     shutil.copytree(tiny.dirs["int4"], broken)
     corrupt(broken, "layers.1/attn/qkv_proj.scales", 1.5)  # one layer's q/k/v scales 50% too large
+    corrupt_tiles(broken, "layers.1/attn/qkv_proj.q4tiles", 1.5)  # and fused-linear's copy of them
     with pytest.raises(NumericsError) as err:
         load_verified(broken, threads=1)
     msg = err.value.message

@@ -10,6 +10,8 @@
   DIR/model.int8act.onnx               quantized builds: the int8-activation configuration of the
                                      same weights (stratus_model.variants)
   DIR/model.fused.onnx                 quantized builds: the split configuration on Stratus's kernels
+  DIR/model.linear.onnx (+ .onnx.data) quantized builds with 4-bit affine linears: those linears as
+                                     Stratus's Q4Linear kernel over its own copy of their weights
 
 The directory appears only when complete: everything is written to a temporary sibling,
 checked by loading it in onnxruntime and against its own golden outputs, then renamed into place.
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from stratus.errors import ModelBuildError
 from stratus_engine.artifact import artifact_digest, sha256_file
@@ -37,7 +40,7 @@ from stratus_model.source import GGUFSource, WeightSource
 from stratus_model.tokenizer import build_tokenizer
 from stratus_model.variants import fused_split, split_activations, with_accuracy_level
 
-MANIFEST_VERSION = 2  # 2: configurations and golden outputs
+MANIFEST_VERSION = 3  # 2: configurations and golden outputs; 3: fused-linear (Q4Linear tiles)
 
 
 @dataclass(frozen=True)
@@ -256,26 +259,46 @@ def build(
 
 INT8_ACTIVATIONS = "model.int8act.onnx"
 FUSED_SPLIT = "model.fused.onnx"
+FUSED_LINEAR = "model.linear.onnx"
 REFERENCE = "reference.onnx"  # exists only while the golden outputs are recorded
 
 
 def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
-    """Quantized fp32-activation builds get three graphs over one weights file, fastest first:
-    int8 activations (model.int8act.onnx), split activations fused into Stratus's kernels
-    (model.fused.onnx: served where the kernels library is built) and split activations
-    (model.onnx, the default)."""
+    """Quantized fp32-activation builds get three or four graphs, fastest first: int8 activations
+    (model.int8act.onnx), the 4-bit affine linears on Stratus's Q4Linear (model.linear.onnx, with
+    their tiles in model.linear.onnx.data; only where some linear has such weights), split
+    activations fused into Stratus's kernels (model.fused.onnx) and split activations (model.onnx,
+    the default). The kernels' configurations are served where the kernels library is built."""
     split = split_activations(proto)
     if split is None:
         return [{"name": "default", "graph": "model.onnx", "note": "the only graph of this build"}]
     onnx.save_model(proto, str(model_dir / INT8_ACTIVATIONS))
+    linear = fused_split(proto, _initializers(proto, model_dir))
+    tiled = sum(n.op_type == "Q4Linear" for n in linear.graph.node)
+    if tiled:
+        onnx.save_model(
+            linear,
+            str(model_dir / FUSED_LINEAR),
+            save_as_external_data=True,
+            location=f"{FUSED_LINEAR}.data",
+            size_threshold=1024,
+        )
+    del linear
     onnx.save_model(fused_split(proto), str(model_dir / FUSED_SPLIT))
     onnx.save_model(split, str(model_dir / "model.onnx"))
+    fused_linear = {
+        "name": "fused-linear",
+        "graph": FUSED_LINEAR,
+        "kernels": True,
+        "note": f"fused-split with its {tiled} 4-bit affine linears on Stratus's Q4Linear (one pass over the weights)",
+    }
     return [
         {
             "name": "int8-activations",
             "graph": INT8_ACTIVATIONS,
             "note": "MatMulNBits accuracy_level 4: activations quantized to int8 per block of 32",
         },
+        *([fused_linear] if tiled else []),
         {
             "name": "fused-split",
             "graph": FUSED_SPLIT,
@@ -288,6 +311,12 @@ def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
             "note": "each activation row as int8 hi + int8 lo rows: float32-level error, same kernels",
         },
     ]
+
+
+def _initializers(proto: onnx.ModelProto, model_dir: Path) -> Callable[[str], np.ndarray]:
+    """The built graph's initializers by name, each read from model.onnx.data when asked for."""
+    by_name = {t.name: t for t in proto.graph.initializer}
+    return lambda name: numpy_helper.to_array(by_name[name], base_dir=str(model_dir))
 
 
 def record_golden(model_dir: Path, proto: onnx.ModelProto) -> dict:

@@ -1,5 +1,6 @@
 """Graph configurations over one set of weights: rewrites of a built graph that change how its
-MatMulNBits linears compute, never the weights (every variant reads the same model.onnx.data).
+MatMulNBits linears compute, never the weights (every variant reads model.onnx.data; fused-linear
+also holds the same weights in Q4Linear's layout).
 
   int8-activations    the built graph: accuracy_level 4, onnxruntime quantizes each row of the
                       input to int8 per block of 32 (scale = block max / 127) -> ~0.5-1% error
@@ -13,6 +14,9 @@ MatMulNBits linears compute, never the weights (every variant reads the same mod
                       adds an affine type's block offsets) instead of twelve to sixteen small
                       ones: the split's bits, the offsets summed in another order; served where
                       the kernels library is built (stratus_engine.kernels)
+  fused-linear        fused-split with each 4-bit affine linear (GGML Q4_1, Q4_0) one Q4Linear
+                      kernel of Stratus's: the split and the integer products in one pass over
+                      the weights, held as tiles (stratus_model.tiles) in a file of their own
   reference           accuracy_level 0 (float32 compute of the same weights): the build records
                       its outputs as the golden outputs a worker checks its host against
 
@@ -23,11 +27,13 @@ and onnxruntime's own quantization of hi (scale = max / 127, round) gives back t
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from stratus_model import tiles
 from stratus_model.graph import Graph
 from stratus_model.quant import BLOCK
 
@@ -153,9 +159,12 @@ def split_activations(model: onnx.ModelProto) -> onnx.ModelProto | None:
     return _rewritten(model, g, linears, make_split_linear)
 
 
-def fused_split(model: onnx.ModelProto) -> onnx.ModelProto | None:
+def fused_split(model: onnx.ModelProto, weights: Weights | None = None) -> onnx.ModelProto | None:
     """split_activations over Stratus's kernels (make_fused_linear), each linear's block offsets
-    folded into its JoinRows; None when there is none to split."""
+    folded into its JoinRows; None when there is none to split.
+
+    Given the build's `weights` (fused-linear), each linear whose weights tiles.from_nbits holds
+    exactly is one Q4Linear over its tiles (a new initializer, `<linear>.q4tiles`), offsets included."""
     linears = _int8_linears(model)
     if linears is None:
         return None
@@ -167,11 +176,47 @@ def fused_split(model: onnx.ModelProto) -> onnx.ModelProto | None:
     keep = [id(n) not in dropped for n in nodes]
 
     def make(g: Graph, node: onnx.NodeProto) -> None:
-        make_fused_linear(g, node, *folded.get(node.name, (None, None)))
+        offsets, out = folded.get(node.name, (None, None))
+        q4 = weights and linear_tiles(node, offsets, weights)
+        if q4 is None:
+            make_fused_linear(g, node, offsets, out)
+            return
+        attrs = _attrs(node)
+        tiled = [node.input[0], g.init(f"{node.input[1].removesuffix('.qweight')}.q4tiles", q4)]
+        g.nodes.append(
+            helper.make_node(
+                "Q4Linear",
+                tiled,
+                [out or node.output[0]],
+                name=f"{node.name}/q4",
+                domain=KERNELS_DOMAIN,
+                K=attrs["K"],
+                N=attrs["N"],
+            )
+        )
 
     out = _rewritten(model, Graph(), linears, make, keep)
     out.opset_import.append(helper.make_opsetid(KERNELS_DOMAIN, 1))
     return out
+
+
+Weights = Callable[[str], np.ndarray]  # an initializer of the built graph by name -> its value
+
+
+def linear_tiles(node: onnx.NodeProto, offsets: str | None, weights: Weights) -> np.ndarray | None:
+    """A MatMulNBits node's Q4Linear tiles (stratus_model.tiles), or None where they are not exact."""
+    attrs = _attrs(node)
+    zero_points = weights(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    return tiles.from_nbits(
+        weights(node.input[1]),
+        weights(node.input[2]),
+        zero_points,
+        weights(offsets) if offsets else None,
+        attrs["bits"],
+        attrs["N"],
+        attrs["K"],
+        attrs.get("block_size", BLOCK),
+    )
 
 
 def _int8_linears(model: onnx.ModelProto) -> list[bool] | None:
@@ -184,7 +229,7 @@ def _rewritten(
     model: onnx.ModelProto, g: Graph, linears: list[bool], make, keep: list[bool] | None = None
 ) -> onnx.ModelProto:
     """A copy of `model` whose marked nodes `make(g, node)` replaces (and without those `keep` drops);
-    g's initializers added."""
+    g's initializers added, those no node reads dropped."""
     for i, (node, is_linear) in enumerate(zip(model.graph.node, linears)):
         if is_linear:
             make(g, node)
@@ -194,6 +239,10 @@ def _rewritten(
     del out.graph.node[:]
     out.graph.node.extend(g.nodes)
     out.graph.initializer.extend(g.inits)
+    read = {i for n in out.graph.node for i in n.input}  # the replaced linears' operands no node reads now
+    kept = [t for t in out.graph.initializer if t.name in read]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
     return out
 
 

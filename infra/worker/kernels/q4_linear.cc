@@ -1,0 +1,364 @@
+// Q4Linear: a linear over 4-bit affine block weights on split activations, in one pass over the weights.
+//
+//   y [B, S, N] = x [B, S, K] @ W^T,  W[n, 32b + i] = d[n, b] * q[n, 32b + i] + m[n, b]   (q 0..15; d, m float16)
+//
+// Each row of x is split per block of 32 inputs as SplitRows does (hi = s * round(x / s), s = max|x| / 127; lo = x - hi),
+// both parts held as int8 (lo on its own grid, s_lo = max|lo| / 127, as MatMulNBits quantizes an input row). A block's
+// products are integer dot products of the weights' nibbles with hi's and lo's integers, read from one load of the
+// weights (MatMulNBits over [hi; lo] reads them for each row). As the graphs of the other configurations do, the
+// products are centred (q - 8: small integer sums, exact) and the offset c = m + 8d takes the block's sum of x:
+//
+//   y[n] = sum over blocks b, in order, of:  f = float((q - 8).lo_b) * s_lo_b + float((q - 8).hi_b) * s_hi_b
+//                                            acc = fma(f, d[n, b], acc);  acc = fma(8 d[n, b] + m[n, b], sum(x_b), acc)
+//
+// where (q - 8).v = q.v - 8 sum(v): each integer sum starts from -8 sum(v) (Rows::hi8, lo8), so centring costs nothing.
+//
+// Every lane is one output, so the AVX-512 VNNI, AVX2 and plain C++ paths make the same operations in the same order: the
+// same bits on every host (tests/unit/test_kernels.py compares them). The weights come in tiles of 16 outputs
+// (stratus_model.tiles): [N/16, K/32, 320] bytes, for each tile and block
+//   bytes   0..255  4 chunks of 64: chunk c, output lane j, byte e = q[16t+j, 32b+4c+e] | q[16t+j, 32b+16+4c+e] << 4
+//   bytes 256..319  d[16] then m[16], float16
+// so a chunk's low nibbles are the 16 outputs' inputs 4c..4c+3, its high nibbles 16+4c..16+4c+3, lane by lane: one
+// VNNI instruction multiplies them with four inputs broadcast. 20 bytes a block of 32 weights, as GGML's Q4_1.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+// GCC 12's AVX-512 conversion intrinsics start from _mm512_undefined_ps, which -Wmaybe-uninitialized reports
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace stratus {
+namespace {
+
+constexpr int64_t kBlock = 32;        // inputs a block
+constexpr int64_t kLanes = 16;        // outputs a tile
+constexpr int64_t kTileBlock = 320;   // bytes a tile's block: 256 of nibbles, 32 of d, 32 of m
+constexpr float kInv127 = 1.0f / 127.0f;
+constexpr float kTiny = 1e-30f;
+
+// The split of a row's blocks: integers [K] (hi then lo) and per block s_hi, s_lo, the sum of x and -8 times the
+// sums of the integers.
+struct Rows {
+  const float* in = nullptr;           // x [rows, K]
+  std::vector<int8_t> hi, lo;          // [rows, K]
+  std::vector<float> s_hi, s_lo, sum;  // [rows, K/32]
+  std::vector<int32_t> hi8, lo8;       // [rows, K/32]
+  int64_t rows = 0, k = 0, kb = 0;
+
+  void resize(const float* x, int64_t n, int64_t width) {
+    in = x, rows = n, k = width, kb = width / kBlock;
+    hi.resize(n * k), lo.resize(n * k), s_hi.resize(n * kb), s_lo.resize(n * kb), sum.resize(n * kb);
+    hi8.resize(n * kb), lo8.resize(n * kb);
+  }
+};
+
+#if defined(__x86_64__)
+#define STRATUS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define STRATUS_CLONES
+#endif
+
+// One row of x [K] -> its integers and per-block scales and sums. hi's integers are SplitRows's (the same float32
+// operations); lo's are round(lo / s_lo). Elementwise IEEE operations, sums in order: the same bits at every width.
+STRATUS_CLONES void split_row(const float* x, int64_t k, int8_t* hi, int8_t* ql, float* s_hi, float* s_lo, float* sums,
+                              int32_t* hi8, int32_t* lo8) {
+  float q[kBlock], lo[kBlock];
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+    float peak = 0.0f, sum = 0.0f, peak_lo = 0.0f;
+    for (int64_t i = 0; i < kBlock; ++i) peak = std::max(peak, std::fabs(xb[i]));
+    for (int64_t i = 0; i < kBlock; ++i) sum += xb[i];
+    const float s = std::max(peak * kInv127, kTiny);
+    for (int64_t i = 0; i < kBlock; ++i) q[i] = std::nearbyint(xb[i] / s), lo[i] = xb[i] - q[i] * s;
+    for (int64_t i = 0; i < kBlock; ++i) peak_lo = std::max(peak_lo, std::fabs(lo[i]));
+    const float sl = peak_lo * kInv127, scale_lo = sl > 0.0f ? sl : 1.0f;  // an exact block: lo all zero
+    int32_t sum_hi = 0, sum_lo = 0;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      hi[b * kBlock + i] = static_cast<int8_t>(q[i]);
+      ql[b * kBlock + i] = static_cast<int8_t>(std::min(std::max(std::nearbyint(lo[i] / scale_lo), -127.0f), 127.0f));
+      sum_hi += hi[b * kBlock + i], sum_lo += ql[b * kBlock + i];
+    }
+    s_hi[b] = s, s_lo[b] = sl, sums[b] = sum, hi8[b] = -8 * sum_hi, lo8[b] = -8 * sum_lo;
+  }
+}
+
+void split_task(void* p, size_t r) {
+  auto& x = *static_cast<Rows*>(p);
+  split_row(x.in + r * x.k, x.k, x.hi.data() + r * x.k, x.lo.data() + r * x.k, x.s_hi.data() + r * x.kb,
+            x.s_lo.data() + r * x.kb, x.sum.data() + r * x.kb, x.hi8.data() + r * x.kb, x.lo8.data() + r * x.kb);
+}
+
+float half_to_float(uint16_t h) {  // IEEE binary16 -> binary32, exactly
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    exp = 113;
+    while (!(mant & 0x400u)) mant <<= 1, --exp;
+    bits = sign | (exp << 23) | ((mant & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// One tile's outputs for rows [r0, r1): y[r, 16t + j]. tile: [kb, 320]; y: [rows, n].
+void tile_plain(const uint8_t* tile, const Rows& x, int64_t r0, int64_t r1, float* y, int64_t n, int64_t t) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < x.kb; ++b) {
+        const uint8_t* blk = tile + b * kTileBlock;
+        const int8_t* hi = x.hi.data() + r * x.k + b * kBlock;
+        const int8_t* lo = x.lo.data() + r * x.k + b * kBlock;
+        const int64_t s = r * x.kb + b;
+        int32_t ih = x.hi8[s], il = x.lo8[s];
+        for (int64_t c = 0; c < 4; ++c) {
+          for (int64_t e = 0; e < 4; ++e) {
+            const uint8_t byte = blk[c * 64 + j * 4 + e];
+            const int32_t q0 = byte & 0x0F, q1 = byte >> 4;
+            ih += q0 * hi[4 * c + e] + q1 * hi[16 + 4 * c + e];
+            il += q0 * lo[4 * c + e] + q1 * lo[16 + 4 * c + e];
+          }
+        }
+        uint16_t dh, mh;
+        std::memcpy(&dh, blk + 256 + 2 * j, 2);
+        std::memcpy(&mh, blk + 288 + 2 * j, 2);
+        const float d = half_to_float(dh), f = std::fma(static_cast<float>(il), x.s_lo[s], static_cast<float>(ih) * x.s_hi[s]);
+        acc = std::fma(f, d, acc);
+        acc = std::fma(std::fma(8.0f, d, half_to_float(mh)), x.sum[s], acc);
+      }
+      y[r * n + t * kLanes + j] = acc;
+    }
+  }
+}
+
+// Tiles [t0, t1) for rows [r0, r1) (tile t at tiles + t * tile_bytes), one at a time.
+template <void (*Tile)(const uint8_t*, const Rows&, int64_t, int64_t, float*, int64_t, int64_t)>
+void each_tile(const uint8_t* tiles, int64_t tile_bytes, const Rows& x, int64_t r0, int64_t r1, float* y, int64_t n,
+               int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) Tile(tiles + t * tile_bytes, x, r0, r1, y, n, t);
+}
+
+#if defined(__x86_64__)
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
+#define AVX2 __attribute__((target("avx2,f16c,fma")))
+
+// Rows [r, r + R) of tiles t .. t + T - 1 (tile u at tiles + u * tile_bytes). Per block and chunk c, the tiles'
+// nibbles unpack to inputs 4c.. (low) and 16 + 4c.. (high); each row's hi and lo integers four at a time broadcast
+// feed 4RT independent VNNI sums, reset per block (their scales are the block's).
+template <int R, int T>
+AVX512 void rows_avx512(const uint8_t* tiles, int64_t tile_bytes, const Rows& x, int64_t r, float* y, int64_t n,
+                        int64_t t) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc[R][T];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int u = 0; u < T; ++u) acc[i][u] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < x.kb; ++b) {
+    __m512i ih[R][T], il[R][T];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+      for (int u = 0; u < T; ++u) {
+        ih[i][u] = _mm512_set1_epi32(x.hi8[(r + i) * x.kb + b]), il[i][u] = _mm512_set1_epi32(x.lo8[(r + i) * x.kb + b]);
+      }
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      __m512i w0[T], w1[T];
+#pragma GCC unroll 4
+      for (int u = 0; u < T; ++u) {
+        const __m512i v = _mm512_loadu_si512(tiles + u * tile_bytes + b * kTileBlock + 64 * c);
+        w0[u] = _mm512_and_si512(v, nibble);
+        w1[u] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const int64_t at = (r + i) * x.k + b * kBlock + 4 * c;
+        const __m512i h0 = _mm512_broadcastd_epi32(_mm_loadu_si32(x.hi.data() + at));
+        const __m512i h1 = _mm512_broadcastd_epi32(_mm_loadu_si32(x.hi.data() + at + 16));
+        const __m512i l0 = _mm512_broadcastd_epi32(_mm_loadu_si32(x.lo.data() + at));
+        const __m512i l1 = _mm512_broadcastd_epi32(_mm_loadu_si32(x.lo.data() + at + 16));
+#pragma GCC unroll 4
+        for (int u = 0; u < T; ++u) {
+          ih[i][u] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ih[i][u], w0[u], h0), w1[u], h1);
+          il[i][u] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(il[i][u], w0[u], l0), w1[u], l1);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < T; ++u) {
+      const uint8_t* scales = tiles + u * tile_bytes + b * kTileBlock + 256;
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
+      const __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(8.0f), d,
+                                       _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32))));
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const int64_t s = (r + i) * x.kb + b;
+        const __m512 fh = _mm512_mul_ps(_mm512_cvtepi32_ps(ih[i][u]), _mm512_set1_ps(x.s_hi[s]));
+        const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(il[i][u]), _mm512_set1_ps(x.s_lo[s]), fh);
+        acc[i][u] = _mm512_fmadd_ps(f, d, acc[i][u]);
+        acc[i][u] = _mm512_fmadd_ps(c, _mm512_set1_ps(x.sum[s]), acc[i][u]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int u = 0; u < T; ++u) _mm512_storeu_ps(y + (r + i) * n + (t + u) * kLanes, acc[i][u]);
+}
+
+// Tiles [t0, t1) for rows [r0, r1): eight rows a pass, then four (one tile at a time), then each last row four
+// tiles at a time (a lone decode row: 8 sums in flight instead of 2).
+AVX512 void tiles_avx512(const uint8_t* tiles, int64_t tile_bytes, const Rows& x, int64_t r0, int64_t r1, float* y,
+                         int64_t n, int64_t t0, int64_t t1) {
+  int64_t r = r0;
+  for (; r + 8 <= r1; r += 8)
+    for (int64_t t = t0; t < t1; ++t) rows_avx512<8, 1>(tiles + t * tile_bytes, tile_bytes, x, r, y, n, t);
+  for (; r + 4 <= r1; r += 4)
+    for (int64_t t = t0; t < t1; ++t) rows_avx512<4, 1>(tiles + t * tile_bytes, tile_bytes, x, r, y, n, t);
+  for (; r < r1; ++r) {
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4) rows_avx512<1, 4>(tiles + t * tile_bytes, tile_bytes, x, r, y, n, t);
+    for (; t < t1; ++t) rows_avx512<1, 1>(tiles + t * tile_bytes, tile_bytes, x, r, y, n, t);
+  }
+}
+
+// AVX2 has no VNNI: u8 x s8 pairs (maddubs, at most 2 * 15 * 127: no saturation), then pairs of those (madd).
+AVX2 inline __m256i dot4(__m256i acc, __m256i w, const int8_t* x4) {
+  const __m256i pairs = _mm256_maddubs_epi16(w, _mm256_broadcastd_epi32(_mm_loadu_si32(x4)));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+// One half of a tile's lanes (8 outputs: half 0 or 1) for rows [r, r + R).
+template <int R>
+AVX2 void rows_avx2(const uint8_t* tile, const Rows& x, int64_t r, float* y, int64_t n, int64_t t, int half) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  __m256 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < x.kb; ++b) {
+    const uint8_t* blk = tile + b * kTileBlock;
+    __m256i w[8];
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c + 32 * half));
+      w[c] = _mm256_and_si256(v, nibble);
+      w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 256 + 16 * half)));
+    const __m256 c = _mm256_fmadd_ps(_mm256_set1_ps(8.0f), d,
+                                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 288 + 16 * half))));
+    for (int i = 0; i < R; ++i) {
+      const int8_t* hi = x.hi.data() + (r + i) * x.k + b * kBlock;
+      const int8_t* lo = x.lo.data() + (r + i) * x.k + b * kBlock;
+      const int64_t s = (r + i) * x.kb + b;
+      __m256i ih = _mm256_set1_epi32(x.hi8[s]), il = _mm256_set1_epi32(x.lo8[s]);
+      for (int g = 0; g < 8; ++g) ih = dot4(ih, w[g], hi + 4 * g), il = dot4(il, w[g], lo + 4 * g);
+      const __m256 fh = _mm256_mul_ps(_mm256_cvtepi32_ps(ih), _mm256_set1_ps(x.s_hi[s]));
+      const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il), _mm256_set1_ps(x.s_lo[s]), fh);
+      acc[i] = _mm256_fmadd_ps(f, d, acc[i]);
+      acc[i] = _mm256_fmadd_ps(c, _mm256_set1_ps(x.sum[s]), acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + (r + i) * n + t * kLanes + 8 * half, acc[i]);
+}
+
+AVX2 void tile_avx2(const uint8_t* tile, const Rows& x, int64_t r0, int64_t r1, float* y, int64_t n, int64_t t) {
+  for (int half = 0; half < 2; ++half) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) rows_avx2<4>(tile, x, r, y, n, t, half);
+    for (; r < r1; ++r) rows_avx2<1>(tile, x, r, y, n, t, half);
+  }
+}
+#endif
+
+using TilesFn = void (*)(const uint8_t*, int64_t, const Rows&, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+
+// The widest path the host runs, capped by STRATUS_KERNELS_ISA (avx512, avx2 or plain: tests compare the paths).
+TilesFn pick_path() {
+  const char* cap = std::getenv("STRATUS_KERNELS_ISA");
+  const std::string limit = cap ? cap : "avx512";
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vnni");
+  if (avx512 && limit == "avx512") return tiles_avx512;
+  if (avx2 && (limit == "avx512" || limit == "avx2")) return each_tile<tile_avx2>;
+#endif
+  return each_tile<tile_plain>;
+}
+
+struct Args {
+  TilesFn fn;
+  const uint8_t* tiles;
+  const Rows* x;
+  float* y;
+  int64_t n, tiles_n, chunks, rows, tile_bytes;
+};
+
+constexpr int64_t kTileGroup = 4;     // tiles a task
+constexpr int64_t kRowsPerTask = 16;  // rows a task: a prefill's rows go 16 at a time
+
+// task i: tile group i / chunks, rows of chunk i % chunks (consecutive tasks share a group's weights)
+void task(void* p, size_t i) {
+  const auto& a = *static_cast<const Args*>(p);
+  const int64_t g = static_cast<int64_t>(i) / a.chunks, c = static_cast<int64_t>(i) % a.chunks;
+  const int64_t r0 = c * kRowsPerTask, r1 = std::min(a.rows, r0 + kRowsPerTask);
+  const int64_t t0 = g * kTileGroup, t1 = std::min(a.tiles_n, t0 + kTileGroup);
+  a.fn(a.tiles, a.tile_bytes, *a.x, r0, r1, a.y, a.n, t0, t1);
+}
+
+struct Q4Linear {
+  Q4Linear(const OrtApi*, const OrtKernelInfo* info) : fn_(pick_path()) {
+    Ort::ConstKernelInfo ki(info);
+    k_ = ki.GetAttribute<int64_t>("K");
+    n_ = ki.GetAttribute<int64_t>("N");
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<uint8_t>& tiles,
+                      Ort::Custom::Tensor<float>& out) {
+    std::vector<int64_t> shape = x.Shape();
+    const int64_t tiles_n = n_ / kLanes, kb = k_ / kBlock;
+    if (shape.empty() || shape.back() != k_ || k_ % kBlock != 0 || n_ % kLanes != 0 ||
+        tiles.NumberOfElement() != tiles_n * kb * kTileBlock) {
+      return Ort::Status("Q4Linear: x [.., K], tiles [N/16, K/32, 320] with K % 32 == 0, N % 16 == 0", ORT_INVALID_ARGUMENT);
+    }
+    const int64_t rows = x.NumberOfElement() / k_;
+    shape.back() = n_;
+    float* y = out.Allocate(shape);
+    if (rows == 0) return Ort::Status{nullptr};
+    thread_local Rows split_rows;
+    split_rows.resize(x.Data(), rows, k_);
+    Ort::Status split{Ort::GetApi().KernelContext_ParallelFor(ctx, split_task, static_cast<size_t>(rows), 0, &split_rows)};
+    if (!split.IsOK()) return split;
+    const int64_t chunks = (rows + kRowsPerTask - 1) / kRowsPerTask, groups = (tiles_n + kTileGroup - 1) / kTileGroup;
+    Args args{fn_, tiles.Data(), &split_rows, y, n_, tiles_n, chunks, rows, kb * kTileBlock};
+    return Ort::Status{Ort::GetApi().KernelContext_ParallelFor(ctx, task, static_cast<size_t>(groups * chunks), 0, &args)};
+  }
+
+  TilesFn fn_;
+  int64_t k_ = 0, n_ = 0;
+};
+
+}  // namespace
+
+Ort::Custom::OrtLiteCustomOp* q4_linear_op() {
+  return Ort::Custom::CreateLiteCustomOp<Q4Linear>("Q4Linear", "CPUExecutionProvider");
+}
+
+}  // namespace stratus
