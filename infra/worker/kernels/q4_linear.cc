@@ -239,41 +239,49 @@ AVX512 void tiles_avx512(const uint8_t* tiles, int64_t tile_bytes, const Rows& x
   }
 }
 
-// AVX2 has no VNNI: u8 x s8 pairs (maddubs, at most 2 * 15 * 127: no saturation), then pairs of those (madd).
-AVX2 inline __m256i dot4(__m256i acc, __m256i w, const int8_t* x4) {
-  const __m256i pairs = _mm256_maddubs_epi16(w, _mm256_broadcastd_epi32(_mm_loadu_si32(x4)));
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-// One half of a tile's lanes (8 outputs: half 0 or 1) for rows [r, r + R).
+// AVX2 has no VNNI: u8 x s8 pairs (maddubs: int16, at most 2 * 15 * 127), summed over a block's four chunks in int16
+// (16 products, at most 30,480: no overflow), then pairs of those into int32 (madd with ones). Rows [r, r + R) of one
+// half of a tile's lanes (8 outputs: half 0 or 1).
 template <int R>
 AVX2 void rows_avx2(const uint8_t* tile, const Rows& x, int64_t r, float* y, int64_t n, int64_t t, int half) {
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[R];
+#pragma GCC unroll 4
   for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < x.kb; ++b) {
     const uint8_t* blk = tile + b * kTileBlock;
-    __m256i w[8];
+    __m256i ph[R], pl[R];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) ph[i] = _mm256_setzero_si256(), pl[i] = _mm256_setzero_si256();
+#pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c + 32 * half));
-      w[c] = _mm256_and_si256(v, nibble);
-      w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      const __m256i w0 = _mm256_and_si256(v, nibble), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        const int64_t at = (r + i) * x.k + b * kBlock + 4 * c;
+        const int8_t *hi = x.hi.data() + at, *lo = x.lo.data() + at;
+        ph[i] = _mm256_add_epi16(ph[i], _mm256_maddubs_epi16(w0, _mm256_broadcastd_epi32(_mm_loadu_si32(hi))));
+        ph[i] = _mm256_add_epi16(ph[i], _mm256_maddubs_epi16(w1, _mm256_broadcastd_epi32(_mm_loadu_si32(hi + 16))));
+        pl[i] = _mm256_add_epi16(pl[i], _mm256_maddubs_epi16(w0, _mm256_broadcastd_epi32(_mm_loadu_si32(lo))));
+        pl[i] = _mm256_add_epi16(pl[i], _mm256_maddubs_epi16(w1, _mm256_broadcastd_epi32(_mm_loadu_si32(lo + 16))));
+      }
     }
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 256 + 16 * half)));
     const __m256 c = _mm256_fmadd_ps(_mm256_set1_ps(8.0f), d,
                                      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 288 + 16 * half))));
+#pragma GCC unroll 4
     for (int i = 0; i < R; ++i) {
-      const int8_t* hi = x.hi.data() + (r + i) * x.k + b * kBlock;
-      const int8_t* lo = x.lo.data() + (r + i) * x.k + b * kBlock;
       const int64_t s = (r + i) * x.kb + b;
-      __m256i ih = _mm256_set1_epi32(x.hi8[s]), il = _mm256_set1_epi32(x.lo8[s]);
-      for (int g = 0; g < 8; ++g) ih = dot4(ih, w[g], hi + 4 * g), il = dot4(il, w[g], lo + 4 * g);
+      const __m256i ih = _mm256_add_epi32(_mm256_madd_epi16(ph[i], ones), _mm256_set1_epi32(x.hi8[s]));
+      const __m256i il = _mm256_add_epi32(_mm256_madd_epi16(pl[i], ones), _mm256_set1_epi32(x.lo8[s]));
       const __m256 fh = _mm256_mul_ps(_mm256_cvtepi32_ps(ih), _mm256_set1_ps(x.s_hi[s]));
       const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il), _mm256_set1_ps(x.s_lo[s]), fh);
       acc[i] = _mm256_fmadd_ps(f, d, acc[i]);
       acc[i] = _mm256_fmadd_ps(c, _mm256_set1_ps(x.sum[s]), acc[i]);
     }
   }
+#pragma GCC unroll 4
   for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + (r + i) * n + t * kLanes + 8 * half, acc[i]);
 }
 
