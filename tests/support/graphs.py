@@ -42,7 +42,7 @@ def corrupt(model_dir, tensor_suffix: str, factor: float) -> None:
 
 
 def corrupt_tiles(model_dir, tensor_suffix: str, factor: float) -> None:
-    """Multiply the float16 scales d of one Q4Linear's tiles (stratus_model.tiles) in place."""
+    """Multiply the float16 scales d of one BlockLinear's 4-bit tiles (stratus_model.tiles) in place."""
     proto = onnx.load(str(model_dir / "model.linear.onnx"), load_external_data=False)
     tensor = next(t for t in proto.graph.initializer if t.name.endswith(tensor_suffix))
     info = {e.key: e.value for e in tensor.external_data}

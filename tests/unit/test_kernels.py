@@ -115,64 +115,95 @@ def q4_weights(rng, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return q, d, m
 
 
-def test_q4_tiles_hold_the_weights_in_the_kernels_layout():
-    q, d, m = q4_weights(np.random.default_rng(3), 32, 64)
+def q8_weights(rng, n: int, k: int) -> tuple[np.ndarray, np.ndarray, None]:
+    """GGML Q8_0-like blocks as BlockLinear holds them: q - 128 in -127..127 (q [N, K] uint8), d float16."""
+    return (
+        (rng.integers(-127, 128, (n, k)) + 128).astype(np.uint8),
+        rng.uniform(1e-4, 2e-3, (n, k // 32)).astype(np.float16),
+        None,
+    )
+
+
+def dense(q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """The weights [N, K] the tiles hold, in float64."""
+    scale = d.astype(np.float64).repeat(32, 1)
+    return scale * q + m.astype(np.float64).repeat(32, 1) if m is not None else scale * (q.astype(np.float64) - 128)
+
+
+def test_tiles_hold_the_weights_in_the_kernels_layout():
+    rng = np.random.default_rng(3)
+    q, d, m = q4_weights(rng, 32, 64)
     t = tiles.pack(q, d, m)
     assert t.shape == (2, 2, 320) and t.dtype == np.uint8
     # tile 1, block 0, chunk 2, lane 3, byte 1: output 19's inputs 4*2+1 (low nibble) and 16+9 (high)
     assert t[1, 0, 2 * 64 + 3 * 4 + 1] == q[19, 9] | (q[19, 25] << 4)
     assert t[1, 0, 256:288].view(np.float16)[3] == d[19, 0] and t[1, 0, 288:320].view(np.float16)[3] == m[19, 0]
-    back = tiles.unpack(t)
-    for a, b in zip(back, (q, d, m)):
-        np.testing.assert_array_equal(a, b)
+    q8, d8, _ = q8_weights(rng, 32, 64)
+    t8 = tiles.pack(q8, d8)
+    assert t8.shape == (2, 2, 544) and t8[1, 1, 5 * 64 + 3 * 4 + 1] == q8[19, 32 + 21]  # block 1, chunk 5
+    for packed, want in ((t, (q, d, m)), (t8, (q8, d8, None))):
+        for a, b in zip(tiles.unpack(packed), want):
+            np.testing.assert_array_equal(a, b)
 
 
-def test_q4_tiles_are_made_from_matmulnbits_operands_only_where_exact():
+def test_tiles_are_made_from_matmulnbits_operands_only_where_exact():
     n, k = 32, 64
-    q, d, m = q4_weights(np.random.default_rng(4), n, k)
+    rng = np.random.default_rng(4)
+    q, d, m = q4_weights(rng, n, k)
     scales = d.astype(np.float32).reshape(-1)
     offsets = np.ascontiguousarray((m.astype(np.float32) + 8 * d.astype(np.float32)).T)  # graph: zero point 8 + c
     nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, k // 32, 16)
-    want = tiles.pack(q, d, m)
-    np.testing.assert_array_equal(tiles.from_nbits(nibbles, scales, None, offsets, 4, n, k, 32), want)
+    want = (4, tiles.pack(q, d, m))
+    assert_tiles(tiles.from_nbits(nibbles, scales, None, offsets, 4, n, k, 32), want)
     bytes8 = (q + 120).astype(np.uint8).reshape(n, k // 32, 32)  # the int8 build: zero point 128
-    np.testing.assert_array_equal(tiles.from_nbits(bytes8, scales, None, offsets, 8, n, k, 32), want)
+    assert_tiles(tiles.from_nbits(bytes8, scales, None, offsets, 8, n, k, 32), want)
+    q8, d8, _ = q8_weights(rng, n, k)  # Q8_0: 8-bit on the default zero point 128, no offsets
+    assert_tiles(
+        tiles.from_nbits(q8.reshape(n, 2, 32), d8.astype(np.float32), None, None, 8, n, k, 32), (8, tiles.pack(q8, d8))
+    )
     assert tiles.from_nbits(nibbles, scales * np.float32(1.0001), None, offsets, 4, n, k, 32) is None  # not a float16
     assert tiles.from_nbits(nibbles, scales, None, offsets, 4, n, k, 16) is None  # another block size
-    assert tiles.from_nbits(nibbles[:24], scales[: 24 * 2], None, offsets[:, :24], 4, 24, k, 32) is None  # N % 16
+    short = tiles.from_nbits(nibbles[:24], scales[: 24 * 2], None, offsets[:, :24], 4, 24, k, 32)  # a padded tile
+    assert_tiles(short, (4, tiles.pack(q[:24], d[:24], m[:24])))
+    assert short[1].shape == (2, 2, 320) and not short[1][1, :, :].reshape(2, 320)[:, 8 * 4 : 16 * 4].any()
 
 
-def q4_linear(tmp_path, q4: np.ndarray, n: int, k: int) -> ort.InferenceSession:
-    node = helper.make_node("Q4Linear", ["x", "w"], ["y"], domain=KERNELS_DOMAIN, K=k, N=n)
+def assert_tiles(got, want) -> None:
+    assert got is not None and got[0] == want[0]
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def block_linear(tmp_path, packed: np.ndarray, n: int, k: int, bits: int) -> ort.InferenceSession:
+    node = helper.make_node("BlockLinear", ["x", "w"], ["y"], domain=KERNELS_DOMAIN, K=k, N=n, bits=bits)
     graph = helper.make_graph(
         [node],
-        "q4",
+        "linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", n])],
-        [onnx.numpy_helper.from_array(q4, "w")],
+        [onnx.numpy_helper.from_array(packed, "w")],
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(KERNELS_DOMAIN, 1)]
     )
-    onnx.save_model(model, str(tmp_path / "q4.onnx"))
-    return session(tmp_path / "q4.onnx")
+    onnx.save_model(model, str(tmp_path / "linear.onnx"))
+    return session(tmp_path / "linear.onnx")
 
 
 @needs_library
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [1, 3, 4, 8, 13, 37])
-def test_q4_linear_computes_the_product_alike_on_every_path(tmp_path, monkeypatch, rows):
-    # 5 tiles (a group of four and one more) and 1..37 rows: each of the AVX-512 kernel's shapes
-    n, k = 80, 96
+def test_block_linear_computes_the_product_alike_on_every_path(tmp_path, monkeypatch, rows, bits):
+    # 5 tiles (a group of four and one more, its last 9 lanes padding) and 1..37 rows: each of the kernels' shapes
+    n, k = 71, 96
     rng = np.random.default_rng(rows)
-    q, d, m = q4_weights(rng, n, k)
+    weights = (q4_weights if bits == 4 else q8_weights)(rng, n, k)
     x = (rng.standard_normal((1, rows, k)) * rng.uniform(0.01, 10, (1, rows, 1))).astype(np.float32)
     x[0, 0, :32] = 0.0  # an all-zero block: its scales 1e-30 (hi) and 0 (lo)
     got = {}
     for path in ("plain", "avx2", "avx512"):  # capped at what the host has
         monkeypatch.setenv("STRATUS_KERNELS_ISA", path)
-        got[path] = q4_linear(tmp_path, tiles.pack(q, d, m), n, k).run(None, {"x": x})[0]
-    w = d.astype(np.float64).repeat(32, 1) * q + m.astype(np.float64).repeat(32, 1)
-    ref = x.astype(np.float64) @ w.T
+        got[path] = block_linear(tmp_path, tiles.pack(*weights), n, k, bits).run(None, {"x": x})[0]
+    ref = x.astype(np.float64) @ dense(*weights).T
     for path, y in got.items():
         np.testing.assert_array_equal(y, got["plain"], err_msg=path)  # the same operations in the same order
     assert np.abs(got["plain"] - ref).max() < 1e-4 * np.abs(ref).max()  # split activations: float32-level
@@ -183,7 +214,7 @@ def test_q4_linear_computes_the_product_alike_on_every_path(tmp_path, monkeypatc
 @pytest.mark.parametrize("graph", ["model.fused.onnx", "model.linear.onnx"])
 def test_the_fused_graphs_compute_what_the_split_graph_does(tiny, quant, graph):
     # Given the same weights, the fused graph's split is the split graph's bit for bit; its block
-    # offsets are summed in another order (and Q4Linear's products too): all within float32
+    # offsets are summed in another order (and BlockLinear's products too): all within float32
     # rounding of a numpy forward pass.
     s = len(PROMPT)
     outs = []
@@ -214,14 +245,14 @@ def test_quantized_builds_carry_the_fused_configuration(tiny):
     assert ops.count("SplitRows") == ops.count("SumHalves") + ops.count("JoinRows") == ops.count("MatMulNBits")
     assert ops.count("JoinRows") > 0 and ops.count("SumHalves") > 0  # Q4_1 linears, the Q8_0 LM head
     assert not {"Round", "ReduceMax", "MatMul"} & set(ops)  # no split chain, no offsets MatMul left
-    # fused-linear: every Q4_1 linear one Q4Linear over tiles in a file of its own; the Q8_0 LM head as in fused-split
+    # fused-linear: every linear (Q4_1, the Q8_0 LM head) one BlockLinear over tiles in a file of their own
     linear = [c for c in configurations(tiny.dirs["int4"]) if c.name == "fused-linear"]
     assert len(linear) == 1 and linear[0].kernels and linear[0].graph == "model.linear.onnx"
     assert {"model.linear.onnx", "model.linear.onnx.data"} <= manifest["files"].keys()
     graph = onnx.load(str(tiny.dirs["int4"] / "model.linear.onnx"), load_external_data=False)
-    ops = [n.op_type for n in graph.graph.node]
-    assert ops.count("Q4Linear") == ops.count("JoinRows") + ops.count("Q4Linear") and ops.count("Q4Linear") > 0
-    assert ops.count("MatMulNBits") == ops.count("SumHalves") == 1
+    bits = [a.i for n in graph.graph.node if n.op_type == "BlockLinear" for a in n.attribute if a.name == "bits"]
+    assert bits.count(4) == ops.count("JoinRows") and bits.count(8) == 1  # the head
+    assert not {"MatMulNBits", "SplitRows", "SumHalves", "JoinRows"} & {n.op_type for n in graph.graph.node}
     files = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
     assert files == {"model.onnx.data", "model.linear.onnx.data"}  # the other weights read where they were
 

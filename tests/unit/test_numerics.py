@@ -80,7 +80,7 @@ def test_a_corrupted_model_is_refused_with_the_host_model_and_error(tiny, tmp_pa
     broken = tmp_path / "broken"
     shutil.copytree(tiny.dirs["int4"], broken)
     corrupt(broken, "layers.1/attn/qkv_proj.scales", 1.5)  # one layer's q/k/v scales 50% too large
-    corrupt_tiles(broken, "layers.1/attn/qkv_proj.q4tiles", 1.5)  # and fused-linear's copy of them
+    corrupt_tiles(broken, "layers.1/attn/qkv_proj.tiles", 1.5)  # and fused-linear's copy of them
     with pytest.raises(NumericsError) as err:
         load_verified(broken, threads=1)
     msg = err.value.message

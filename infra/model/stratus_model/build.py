@@ -10,8 +10,8 @@
   DIR/model.int8act.onnx               quantized builds: the int8-activation configuration of the
                                      same weights (stratus_model.variants)
   DIR/model.fused.onnx                 quantized builds: the split configuration on Stratus's kernels
-  DIR/model.linear.onnx (+ .onnx.data) quantized builds with 4-bit affine linears: those linears as
-                                     Stratus's Q4Linear kernel over its own copy of their weights
+  DIR/model.linear.onnx (+ .onnx.data) quantized builds: the linears of GGML Q4_1/Q4_0/Q8_0 blocks
+                                     on Stratus's BlockLinear, over its own copy of their weights
 
 The directory appears only when complete: everything is written to a temporary sibling,
 checked by loading it in onnxruntime and against its own golden outputs, then renamed into place.
@@ -40,7 +40,7 @@ from stratus_model.source import GGUFSource, WeightSource
 from stratus_model.tokenizer import build_tokenizer
 from stratus_model.variants import fused_split, split_activations, with_accuracy_level
 
-MANIFEST_VERSION = 3  # 2: configurations and golden outputs; 3: fused-linear (Q4Linear tiles)
+MANIFEST_VERSION = 3  # 2: configurations and golden outputs; 3: fused-linear (BlockLinear tiles)
 
 
 @dataclass(frozen=True)
@@ -265,8 +265,8 @@ REFERENCE = "reference.onnx"  # exists only while the golden outputs are recorde
 
 def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
     """Quantized fp32-activation builds get three or four graphs, fastest first: int8 activations
-    (model.int8act.onnx), the 4-bit affine linears on Stratus's Q4Linear (model.linear.onnx, with
-    their tiles in model.linear.onnx.data; only where some linear has such weights), split
+    (model.int8act.onnx), the block linears on Stratus's BlockLinear (model.linear.onnx, with their
+    tiles in model.linear.onnx.data; only where some linear's weights fit them), split
     activations fused into Stratus's kernels (model.fused.onnx) and split activations (model.onnx,
     the default). The kernels' configurations are served where the kernels library is built."""
     split = split_activations(proto)
@@ -274,7 +274,7 @@ def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
         return [{"name": "default", "graph": "model.onnx", "note": "the only graph of this build"}]
     onnx.save_model(proto, str(model_dir / INT8_ACTIVATIONS))
     linear = fused_split(proto, _initializers(proto, model_dir))
-    tiled = sum(n.op_type == "Q4Linear" for n in linear.graph.node)
+    tiled = sum(n.op_type == "BlockLinear" for n in linear.graph.node)
     if tiled:
         onnx.save_model(
             linear,
@@ -290,7 +290,7 @@ def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
         "name": "fused-linear",
         "graph": FUSED_LINEAR,
         "kernels": True,
-        "note": f"fused-split with its {tiled} 4-bit affine linears on Stratus's Q4Linear (one pass over the weights)",
+        "note": f"fused-split with {tiled} linears on Stratus's BlockLinear (one pass over the weights)",
     }
     return [
         {

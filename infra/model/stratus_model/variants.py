@@ -1,6 +1,6 @@
 """Graph configurations over one set of weights: rewrites of a built graph that change how its
 MatMulNBits linears compute, never the weights (every variant reads model.onnx.data; fused-linear
-also holds the same weights in Q4Linear's layout).
+also holds the same weights in BlockLinear's layout).
 
   int8-activations    the built graph: accuracy_level 4, onnxruntime quantizes each row of the
                       input to int8 per block of 32 (scale = block max / 127) -> ~0.5-1% error
@@ -14,9 +14,9 @@ also holds the same weights in Q4Linear's layout).
                       adds an affine type's block offsets) instead of twelve to sixteen small
                       ones: the split's bits, the offsets summed in another order; served where
                       the kernels library is built (stratus_engine.kernels)
-  fused-linear        fused-split with each 4-bit affine linear (GGML Q4_1, Q4_0) one Q4Linear
-                      kernel of Stratus's: the split and the integer products in one pass over
-                      the weights, held as tiles (stratus_model.tiles) in a file of their own
+  fused-linear        fused-split with each linear of GGML Q4_1, Q4_0 or Q8_0 blocks one
+                      BlockLinear kernel of Stratus's: the split and the integer products in one
+                      pass over the weights, held as tiles (stratus_model.tiles) in a file of their own
   reference           accuracy_level 0 (float32 compute of the same weights): the build records
                       its outputs as the golden outputs a worker checks its host against
 
@@ -164,7 +164,7 @@ def fused_split(model: onnx.ModelProto, weights: Weights | None = None) -> onnx.
     folded into its JoinRows; None when there is none to split.
 
     Given the build's `weights` (fused-linear), each linear whose weights tiles.from_nbits holds
-    exactly is one Q4Linear over its tiles (a new initializer, `<linear>.q4tiles`), offsets included."""
+    exactly is one BlockLinear over its tiles (a new initializer, `<linear>.tiles`), offsets included."""
     linears = _int8_linears(model)
     if linears is None:
         return None
@@ -177,21 +177,22 @@ def fused_split(model: onnx.ModelProto, weights: Weights | None = None) -> onnx.
 
     def make(g: Graph, node: onnx.NodeProto) -> None:
         offsets, out = folded.get(node.name, (None, None))
-        q4 = weights and linear_tiles(node, offsets, weights)
-        if q4 is None:
+        tiled = weights and linear_tiles(node, offsets, weights)
+        if tiled is None:
             make_fused_linear(g, node, offsets, out)
             return
+        bits, q = tiled
         attrs = _attrs(node)
-        tiled = [node.input[0], g.init(f"{node.input[1].removesuffix('.qweight')}.q4tiles", q4)]
         g.nodes.append(
             helper.make_node(
-                "Q4Linear",
-                tiled,
+                "BlockLinear",
+                [node.input[0], g.init(f"{node.input[1].removesuffix('.qweight')}.tiles", q)],
                 [out or node.output[0]],
-                name=f"{node.name}/q4",
+                name=f"{node.name}/tiled",
                 domain=KERNELS_DOMAIN,
                 K=attrs["K"],
                 N=attrs["N"],
+                bits=bits,
             )
         )
 
@@ -203,8 +204,9 @@ def fused_split(model: onnx.ModelProto, weights: Weights | None = None) -> onnx.
 Weights = Callable[[str], np.ndarray]  # an initializer of the built graph by name -> its value
 
 
-def linear_tiles(node: onnx.NodeProto, offsets: str | None, weights: Weights) -> np.ndarray | None:
-    """A MatMulNBits node's Q4Linear tiles (stratus_model.tiles), or None where they are not exact."""
+def linear_tiles(node: onnx.NodeProto, offsets: str | None, weights: Weights) -> tuple[int, np.ndarray] | None:
+    """A MatMulNBits node's BlockLinear tiles (stratus_model.tiles) and their bits, or None where
+    they would not be exact."""
     attrs = _attrs(node)
     zero_points = weights(node.input[3]) if len(node.input) > 3 and node.input[3] else None
     return tiles.from_nbits(

@@ -8,5 +8,5 @@
 #include "onnxruntime_lite_custom_op.h"
 
 namespace stratus {
-Ort::Custom::OrtLiteCustomOp* q4_linear_op();  // q4_linear.cc
+Ort::Custom::OrtLiteCustomOp* block_linear_op();  // block_linear.cc
 }  // namespace stratus
