@@ -77,8 +77,8 @@ def test_the_fp16_attn_build_is_float32_but_attention_and_its_cache(fp16_attn):
 def test_fp16_attn_keeps_the_split_configuration_and_passes_on_the_cpu(fp16_attn):
     out, manifest = fp16_attn
     assert [c["name"] for c in manifest["configurations"]] == [
-        "int8-activations",
         "fused-linear",
+        "int8-activations",
         "fused-split",
         "split-activations",
     ]

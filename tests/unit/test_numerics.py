@@ -33,14 +33,14 @@ def test_split_activations_compute_the_weights_at_float32_accuracy(tiny, quant):
 
 def test_quantized_builds_list_their_configurations_fastest_first(tiny):
     assert [c.name for c in configurations(tiny.dirs["int4"])] == [
-        "int8-activations",
         "fused-linear",
+        "int8-activations",
         "fused-split",
         "split-activations",
     ]
     assert [c.graph for c in configurations(tiny.dirs["int8"])] == [
-        "model.int8act.onnx",
         "model.linear.onnx",
+        "model.int8act.onnx",
         "model.fused.onnx",
         "model.onnx",
     ]

@@ -264,9 +264,9 @@ REFERENCE = "reference.onnx"  # exists only while the golden outputs are recorde
 
 
 def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
-    """Quantized fp32-activation builds get three or four graphs, fastest first: int8 activations
-    (model.int8act.onnx), the block linears on Stratus's BlockLinear (model.linear.onnx, with their
-    tiles in model.linear.onnx.data; only where some linear's weights fit them), split
+    """Quantized fp32-activation builds get three or four graphs, fastest first: the block linears
+    on Stratus's BlockLinear (model.linear.onnx, with their tiles in model.linear.onnx.data; only
+    where some linear's weights fit them), int8 activations (model.int8act.onnx), split
     activations fused into Stratus's kernels (model.fused.onnx) and split activations (model.onnx,
     the default). The kernels' configurations are served where the kernels library is built."""
     split = split_activations(proto)
@@ -293,12 +293,12 @@ def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
         "note": f"fused-split with {tiled} linears on Stratus's BlockLinear (one pass over the weights)",
     }
     return [
+        *([fused_linear] if tiled else []),
         {
             "name": "int8-activations",
             "graph": INT8_ACTIVATIONS,
             "note": "MatMulNBits accuracy_level 4: activations quantized to int8 per block of 32",
         },
-        *([fused_linear] if tiled else []),
         {
             "name": "fused-split",
             "graph": FUSED_SPLIT,
