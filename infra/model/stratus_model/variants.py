@@ -85,7 +85,7 @@ def make_split_linear(g: Graph, node: onnx.NodeProto) -> None:
     g.nodes.append(helper.make_node("Add", [y_hi, y_lo], list(node.output), name=f"{p}/Add"))
 
 
-KERNELS_DOMAIN = "ai.stratus"  # the ops of infra/worker/kernels/split_rows.cc
+KERNELS_DOMAIN = "ai.stratus"  # the ops of infra/worker/kernels (split_rows.cc, block_linear.cc)
 
 
 def make_fused_linear(g: Graph, node: onnx.NodeProto, offsets: str | None = None, out: str | None = None) -> None:

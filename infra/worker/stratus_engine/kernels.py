@@ -1,6 +1,6 @@
 """Stratus's own onnxruntime kernels (infra/worker/kernels): where the built library is.
 
-A graph configuration that uses them (manifest `"kernels": true`, e.g. fused-split) is served only
+A graph configuration that uses them (manifest `"kernels": true`: fused-linear, fused-split) is served only
 where the library loads; elsewhere the start-up check skips it for the next configuration, so a
 host without the library serves the same text a little slower.
 
