@@ -116,9 +116,10 @@ def q4_weights(rng, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def q8_weights(rng, n: int, k: int) -> tuple[np.ndarray, np.ndarray, None]:
-    """GGML Q8_0-like blocks as BlockLinear holds them: q - 128 in -127..127 (q [N, K] uint8), d float16."""
+    """GGML Q8_0-like blocks as BlockLinear holds them: q - 128 in -128..127 (q [N, K] uint8), d float16.
+    (-128: the AVX2 path's |q - 128| is 128, at the edge of a signed pair's int16 sum.)"""
     return (
-        (rng.integers(-127, 128, (n, k)) + 128).astype(np.uint8),
+        (rng.integers(-128, 128, (n, k)) + 128).astype(np.uint8),
         rng.uniform(1e-4, 2e-3, (n, k // 32)).astype(np.float16),
         None,
     )
