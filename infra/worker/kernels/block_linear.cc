@@ -115,24 +115,7 @@ void split_task(void* p, size_t r) {
             x.s_lo.data() + r * x.kb, x.sum.data() + r * x.kb, x.sum_hi.data() + r * x.kb, x.sum_lo.data() + r * x.kb);
 }
 
-float half_to_float(uint16_t h) {  // IEEE binary16 -> binary32, exactly
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (mant << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  } else if (mant == 0) {
-    bits = sign;
-  } else {  // subnormal: normalise
-    exp = 113;
-    while (!(mant & 0x400u)) mant <<= 1, --exp;
-    bits = sign | (exp << 23) | ((mant & 0x3FFu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+float half_to_float(uint16_t h) { return Ort::Float16_t::FromBits(h).ToFloat(); }  // IEEE binary16, exactly
 
 // A tile block's weight of output lane j, input i (0..31), unsigned (q, 0..15 or 0..255).
 template <int Bits>
