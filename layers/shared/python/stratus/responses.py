@@ -511,8 +511,7 @@ class Created:
     rid: str
     record: dict
     sub: object  # submission.Submission
-    t_in: float | None = None  # the request's arrival and its submit's end (a stream's timeline)
-    t_sent: float | None = None
+    marks: tuple[float, float]  # the request's arrival and its submit's end (a stream's timeline)
 
 
 def create(body, tenant, deps, *, cache_control: str = "") -> Created:
@@ -540,7 +539,7 @@ def create(body, tenant, deps, *, cache_control: str = "") -> Created:
     record |= {"fields": call.fields, "conversation": conversation}
     if item is not None:
         store.put({**item, "job_id": sub.job_id})
-    return Created(rid, record, sub, now, sent)
+    return Created(rid, record, sub, (now, sent))
 
 
 def answer(created: Created, tenant, deps, *, wait: bool) -> dict:
@@ -615,9 +614,7 @@ def open_response_stream(created: Created, tenant, deps) -> ResponseStream:
     """The typed events of a response created with stream: true (its job marked streamed)."""
     if deps.stream_table is None:
         raise InvalidRequest("streaming is not configured on this deployment (no stream table)", param="stream")
-    stream = stream_of(created.sub, tenant, deps, ResponseStream, created.rid, created.record)
-    stream.t_in, stream.t_sent = created.t_in, created.t_sent  # (its timeline's first marks)
-    return stream
+    return stream_of(created.sub, tenant, deps, ResponseStream, created.rid, created.record, marks=created.marks)
 
 
 class ResponseStream(Stream):

@@ -152,7 +152,7 @@ class Stream:
         # a chat offered tools: its text goes out as content or as tool_calls deltas (stratus.tools)
         self.calls = CallDeltas(job.job_id) if req.params.grammar and req.route == "chat" else None
         self.held: list[dict] = []  # log-probability entries waiting for a delta to carry them
-        # the stream's timeline (stratus.timeline.stream_phases; open_stream sets the request's marks)
+        # the stream's timeline (stratus.timeline.stream_phases; stream_of sets the request's marks)
         self.t_in: float | None = None  # the request's arrival
         self.t_sent: float | None = None  # its submit's end
         self.t_first: float | None = None  # its first text sent
@@ -317,14 +317,22 @@ def open_stream(route: str, body: dict, tenant: Tenant, deps: Deps, *, cache_con
     t_in = deps.clock()
     wake = wake_url(deps)
     how = submission.api(deps.settings, cache_control, stream=True, tier=submission.tier_of(body, tenant), wake=wake)
-    stream = stream_of(submission.submit(route, body, tenant, deps, how), tenant, deps, Stream, options)
-    stream.t_in, stream.t_sent = t_in, deps.clock()  # (its timeline's first marks)
+    sub = submission.submit(route, body, tenant, deps, how)
+    return stream_of(sub, tenant, deps, Stream, options, marks=(t_in, deps.clock()))
+
+
+def stream_of(
+    sub: submission.Submission, tenant: Tenant, deps: Deps, kind: type, *args, marks: tuple[float, float]
+) -> Stream:
+    """A stream (`kind`: Stream or a subclass, made with `args` after the job) of a submission made
+    with streaming on: a cache hit's text at once; a live job joined is marked streamed. marks: the
+    request's arrival and its submit's end, its timeline's first marks."""
+    stream = _stream_of(sub, tenant, deps, kind, *args)
+    stream.t_in, stream.t_sent = marks
     return stream
 
 
-def stream_of(sub: submission.Submission, tenant: Tenant, deps: Deps, kind: type, *args) -> Stream:
-    """A stream (`kind`: Stream or a subclass, made with `args` after the job) of a submission made
-    with streaming on: a cache hit's text at once; a live job joined is marked streamed."""
+def _stream_of(sub: submission.Submission, tenant: Tenant, deps: Deps, kind: type, *args) -> Stream:
     if sub.hit is not None:
         return kind(deps, tenant, sub.req, sub.hit, *args, hit=True)
     if not sub.created and not deps.store.mark_streamed(sub.job_id):
