@@ -210,6 +210,124 @@ def test_block_linear_computes_the_product_alike_on_every_path(tmp_path, monkeyp
     assert np.abs(got["plain"] - ref).max() < 1e-4 * np.abs(ref).max()  # split activations: float32-level
 
 
+def attention(tmp_path, op: str, b: int, s: int, heads: int, kv: int, d: int, cache: int, r: int, **attrs):
+    """One attention node, GroupQueryAttention (com.microsoft) or GroupAttention (ours), over packed qkv."""
+    if op == "GroupQueryAttention":
+        ins, extra = ["qkv", "", "", "past_k", "past_v"], {"do_rotary": 1, "rotary_interleaved": 0}
+    else:
+        ins, extra = ["qkv", "past_k", "past_v"], {}
+    node = helper.make_node(
+        op,
+        [*ins, "seqlens", "total", "cos", "sin", "positions"],
+        ["out", "present_k", "present_v"],
+        domain="com.microsoft" if op == "GroupQueryAttention" else KERNELS_DOMAIN,
+        num_heads=heads,
+        kv_num_heads=kv,
+        **extra,
+        **attrs,
+    )
+    f, i32 = TensorProto.FLOAT, TensorProto.INT32
+    inputs = [
+        helper.make_tensor_value_info("qkv", f, [b, s, (heads + 2 * kv) * d]),
+        helper.make_tensor_value_info("past_k", f, [b, kv, cache, d]),
+        helper.make_tensor_value_info("past_v", f, [b, kv, cache, d]),
+        helper.make_tensor_value_info("seqlens", i32, [b]),
+        helper.make_tensor_value_info("total", i32, []),
+        helper.make_tensor_value_info("cos", f, [512, r // 2]),
+        helper.make_tensor_value_info("sin", f, [512, r // 2]),
+        helper.make_tensor_value_info("positions", TensorProto.INT64, [b, s]),
+    ]
+    outputs = [helper.make_tensor_value_info(n, f, None) for n in ("out", "present_k", "present_v")]
+    model = helper.make_model(
+        helper.make_graph([node], "attention", inputs, outputs),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        + [helper.make_opsetid(KERNELS_DOMAIN, 1)],
+    )
+    onnx.save_model(model, str(tmp_path / f"{op}.onnx"))
+    return session(tmp_path / f"{op}.onnx")
+
+
+def run_attention(sess, feeds: dict, past: list[np.ndarray], in_place: bool) -> list[np.ndarray]:
+    """-> [out, present_k, present_v]; in_place: past and present bound to one buffer, as the engine's cache is."""
+    if not in_place:
+        return sess.run(None, {**feeds, "past_k": past[0], "past_v": past[1]})
+    io = sess.io_binding()
+    io.bind_output("out")
+    for name, value in feeds.items():
+        io.bind_cpu_input(name, value)
+    buffers = [p.copy() for p in past]  # (kept alive: the OrtValues only point at them)
+    for (x, y), buf in zip((("past_k", "present_k"), ("past_v", "present_v")), buffers):
+        value = ort.OrtValue.ortvalue_from_numpy(buf)
+        io.bind_ortvalue_input(x, value)
+        io.bind_ortvalue_output(y, value)
+    sess.run_with_iobinding(io)
+    return [io.get_outputs()[0].numpy(), *buffers]
+
+
+ATTENTION_CASES = {  # b, s, heads, kv heads, head size, cache, rows' lengths, first prompt?, in place?, rotary, attrs
+    "decode in place": (4, 1, 9, 3, 64, 96, [10, 96, 37, 1], False, True, 64, {}),
+    "decode into a new present": (3, 1, 9, 3, 64, 40, [10, 41, 37], False, False, 64, {}),
+    "first prompt, right-padded": (3, 20, 9, 3, 64, 32, [20, 5, 13], True, True, 64, {}),
+    "a prompt after its past": (1, 30, 4, 2, 32, 80, [70], False, True, 32, {}),
+    "local window": (2, 20, 4, 1, 32, 48, [20, 11], True, True, 32, {"local_window_size": 8}),
+    "local window, decode": (2, 1, 4, 1, 32, 48, [40, 5], False, True, 32, {"local_window_size": 8}),
+    "softcap and scale": (2, 1, 8, 2, 48, 64, [30, 50], False, True, 48, {"softcap": 30.0, "scale": 0.2}),
+    "partial rotary": (2, 1, 8, 4, 64, 64, [30, 50], False, True, 32, {}),
+    "head size 256": (2, 1, 4, 1, 256, 64, [17, 50], False, True, 256, {}),
+}
+
+
+@needs_library
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_group_attention_computes_what_group_query_attention_does(tmp_path, monkeypatch, case):
+    # Every path gives the same bits (16 lanes folded in one order, one exp polynomial); against onnxruntime's
+    # GroupQueryAttention the outputs differ by float32 rounding and the cache it writes is the same.
+    b, s, heads, kv, d, cache, lengths, first, in_place, r, attrs = ATTENTION_CASES[case]
+    rng = np.random.default_rng(len(case))
+    angles = rng.uniform(0, 6.3, (512, r // 2))
+    pasts = [0 if first else n - s for n in lengths]
+    feeds = {
+        "qkv": rng.standard_normal((b, s, (heads + 2 * kv) * d)).astype(np.float32),
+        "seqlens": np.array(lengths, np.int32) - 1,
+        "total": np.array(s if first else max(lengths), np.int32),
+        "cos": np.cos(angles).astype(np.float32),
+        "sin": np.sin(angles).astype(np.float32),
+        "positions": np.array([[p + i for i in range(s)] for p in pasts], np.int64),
+    }
+    past = [rng.standard_normal((b, kv, cache, d)).astype(np.float32) for _ in range(2)]
+    args = (b, s, heads, kv, d, cache, r)
+    want = run_attention(attention(tmp_path, "GroupQueryAttention", *args, **attrs), feeds, past, in_place)
+    got = {}
+    for path in ("plain", "avx2", "avx512"):  # capped at what the host has
+        monkeypatch.setenv("STRATUS_KERNELS_ISA", path)
+        got[path] = run_attention(attention(tmp_path, "GroupAttention", *args, **attrs), feeds, past, in_place)
+    for path, outs in got.items():
+        for x, y in zip(outs, got["plain"]):
+            np.testing.assert_array_equal(x, y, err_msg=path)
+    out, k, v = got["plain"]
+    assert k.shape == want[1].shape and v.shape == want[2].shape
+    for row, n in enumerate(lengths):
+        queries = min(n, s) if first else s  # a right-padded prompt's padding has no output to compare
+        np.testing.assert_allclose(out[row, :queries], want[0][row, :queries], rtol=0, atol=2e-6)
+        np.testing.assert_allclose(k[row, :, :n], want[1][row, :, :n], rtol=0, atol=1e-6)  # rotated alike
+        np.testing.assert_array_equal(v[row, :, :n], want[2][row, :, :n])
+
+
+@needs_library
+def test_group_attention_refuses_a_head_size_it_does_not_take(tmp_path):
+    sess = attention(tmp_path, "GroupAttention", 1, 1, 2, 1, 8, 4, 8)
+    feeds = {
+        "qkv": np.zeros((1, 1, 32), np.float32),
+        "seqlens": np.array([0], np.int32),
+        "total": np.array(1, np.int32),
+        "cos": np.ones((512, 4), np.float32),
+        "sin": np.zeros((512, 4), np.float32),
+        "positions": np.zeros((1, 1), np.int64),
+    }
+    with pytest.raises(Exception, match="head size a multiple of 16"):
+        run_attention(sess, feeds, [np.zeros((1, 1, 4, 8), np.float32)] * 2, in_place=False)
+
+
 @needs_library
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 @pytest.mark.parametrize("graph", ["model.fused.onnx", "model.linear.onnx"])

@@ -367,10 +367,9 @@ AVX2 void tile_avx2(const uint8_t* tile, const Rows& x, int64_t r0, int64_t r1, 
 
 using TilesFn = void (*)(const uint8_t*, int64_t, const Rows&, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 
-// The widest path the host runs for `bits`-bit weights, capped by STRATUS_KERNELS_ISA (avx512, avx2 or plain: tests
-// compare the paths).
-template <int Bits>
-TilesFn pick_path() {
+}  // namespace
+
+Isa widest_isa() {
   const char* cap = std::getenv("STRATUS_KERNELS_ISA");
   const std::string limit = cap ? cap : "avx512";
 #if defined(__x86_64__)
@@ -378,8 +377,23 @@ TilesFn pick_path() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vnni");
-  if (avx512 && limit == "avx512") return tiles_avx512<Bits>;
-  if (avx2 && (limit == "avx512" || limit == "avx2")) return each_tile<tile_avx2<Bits>>;
+  if (avx512 && limit == "avx512") return Isa::avx512;
+  if (avx2 && (limit == "avx512" || limit == "avx2")) return Isa::avx2;
+#endif
+  return Isa::plain;
+}
+
+namespace {
+
+// The widest path the host runs for `bits`-bit weights (widest_isa).
+template <int Bits>
+TilesFn pick_path() {
+#if defined(__x86_64__)
+  switch (widest_isa()) {
+    case Isa::avx512: return tiles_avx512<Bits>;
+    case Isa::avx2: return each_tile<tile_avx2<Bits>>;
+    case Isa::plain: break;
+  }
 #endif
   return each_tile<tile_plain<Bits>>;
 }

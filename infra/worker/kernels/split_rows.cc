@@ -1,4 +1,4 @@
-// Stratus's onnxruntime kernels (BlockLinear: block_linear.cc): the split-activations linear (stratus_model.variants) in two
+// Stratus's onnxruntime kernels (BlockLinear: block_linear.cc; GroupAttention: attention.cc): the split-activations linear (stratus_model.variants) in two
 // nodes of ours instead of twelve to sixteen small ones, around onnxruntime's own MatMulNBits.
 //
 //   x [B, S, K] ─SplitRows(block_size)─▶ [2B, S, K] = [hi; lo] ─MatMulNBits─▶ [2B, S, N]
@@ -165,7 +165,9 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> sum{Ort::Custom::CreateLiteCustomOp("SumHalves", "CPUExecutionProvider", SumHalves)};
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> join{Ort::Custom::CreateLiteCustomOp("JoinRows", "CPUExecutionProvider", JoinRows)};
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> linear{stratus::block_linear_op()};
-  static const bool added = (domain.Add(split.get()), domain.Add(sum.get()), domain.Add(join.get()), domain.Add(linear.get()), true);
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> attention{stratus::group_attention_op()};
+  static const bool added = (domain.Add(split.get()), domain.Add(sum.get()), domain.Add(join.get()), domain.Add(linear.get()),
+                             domain.Add(attention.get()), true);
   (void)added;
   Ort::UnownedSessionOptions session{options};
   try {
