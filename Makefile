@@ -122,7 +122,7 @@ $(VENV)/.model-gemma3-270m: $(VENV)/.installed
 
 model: venv $(foreach m,$(MODEL),$(VENV)/.model-$(m)) ## build MODEL (default smollm2; a list builds each) at QUANT (default int8) into build/models/ (skipped if present)
 	@for m in $(MODEL); do \
-		grep -qs '"manifest_version": 3' $(MODELS)/$$m-$(QUANT)/manifest.json && echo "$(MODELS)/$$m-$(QUANT) is built" || \
+		grep -qs '"manifest_version": 4' $(MODELS)/$$m-$(QUANT)/manifest.json && echo "$(MODELS)/$$m-$(QUANT) is built" || \
 		$(STRATUS) model build --pypi $$m --quant $(QUANT) --out $(MODELS)/$$m-$(QUANT) || exit 1; \
 	done
 

@@ -374,6 +374,8 @@ def test_quantized_builds_carry_the_fused_configuration(tiny):
     assert not {"MatMulNBits", "SplitRows", "SumHalves", "JoinRows"} & {n.op_type for n in graph.graph.node}
     files = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
     assert files == {"model.onnx.data", "model.linear.onnx.data"}  # the other weights read where they were
+    attention = [n.op_type for n in graph.graph.node if "Attention" in n.op_type]
+    assert attention == ["GroupAttention"] * tiny.config.num_layers  # attention ours too (a float32 cache)
 
 
 @needs_library

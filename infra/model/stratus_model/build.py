@@ -40,7 +40,7 @@ from stratus_model.source import GGUFSource, WeightSource
 from stratus_model.tokenizer import build_tokenizer
 from stratus_model.variants import fused_split, split_activations, with_accuracy_level
 
-MANIFEST_VERSION = 3  # 2: configurations and golden outputs; 3: fused-linear (BlockLinear tiles)
+MANIFEST_VERSION = 4  # 2: configurations and golden outputs; 3: fused-linear (BlockLinear tiles); 4: its GroupAttention
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ also holds the same weights in BlockLinear's layout).
                       the kernels library is built (stratus_engine.kernels)
   fused-linear        fused-split with each linear of GGML Q4_1, Q4_0 or Q8_0 blocks one
                       BlockLinear kernel of Stratus's: the split and the integer products in one
-                      pass over the weights, held as tiles (stratus_model.tiles) in a file of their own
+                      pass over the weights, held as tiles (stratus_model.tiles) in a file of their own;
+                      and attention Stratus's GroupAttention (one task a row's kv head, not two
+                      small GEMMs a query head)
   reference           accuracy_level 0 (float32 compute of the same weights): the build records
                       its outputs as the golden outputs a worker checks its host against
 
@@ -198,7 +200,58 @@ def fused_split(model: onnx.ModelProto, weights: Weights | None = None) -> onnx.
 
     out = _rewritten(model, Graph(), linears, make, keep)
     out.opset_import.append(helper.make_opsetid(KERNELS_DOMAIN, 1))
-    return out
+    return group_attention(out) if weights else out
+
+
+ATTENTION_ATTRIBUTES = (
+    "num_heads",
+    "kv_num_heads",
+    "scale",
+    "softcap",
+    "local_window_size",
+)  # what GroupAttention reads
+LANES = 16  # GroupAttention's head size is a multiple of this
+
+
+def group_attention(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (changed in place) with each GroupQueryAttention over a float32 cache, rotary by halves and a head
+    size GroupAttention takes computed by GroupAttention (infra/worker/kernels/attention.cc) instead; q, k and v
+    given apart are packed first (one Concat).
+
+      GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total, cos, sin, position_ids)
+      -> GroupAttention(qkv, past_key, past_value, seqlens_k, total, cos, sin, position_ids)"""
+    inputs = {i.name: i.type.tensor_type for i in model.graph.input}
+    nodes = []
+    for node in model.graph.node:
+        cache = inputs.get(node.input[3]) if node.op_type == "GroupQueryAttention" and len(node.input) > 9 else None
+        attrs = _attrs(node)
+        if (
+            cache is None
+            or cache.elem_type != onnx.TensorProto.FLOAT
+            or cache.shape.dim[3].dim_value % LANES != 0
+            or attrs.get("do_rotary") != 1
+            or attrs.get("rotary_interleaved", 0) != 0
+            or set(attrs) - {"do_rotary", "rotary_interleaved", *ATTENTION_ATTRIBUTES}
+        ):
+            nodes.append(node)
+            continue
+        qkv = node.input[0]
+        if node.input[1]:  # q, k and v apart (a family whose q and k are normalized per head)
+            qkv = f"{node.name}/qkv"
+            nodes.append(helper.make_node("Concat", list(node.input[:3]), [qkv], name=f"{node.name}/Concat", axis=-1))
+        nodes.append(
+            helper.make_node(
+                "GroupAttention",
+                [qkv, *node.input[3:10]],
+                list(node.output),
+                name=f"{node.name}/grouped",
+                domain=KERNELS_DOMAIN,
+                **{k: v for k, v in attrs.items() if k in ATTENTION_ATTRIBUTES},
+            )
+        )
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
 
 Weights = Callable[[str], np.ndarray]  # an initializer of the built graph by name -> its value

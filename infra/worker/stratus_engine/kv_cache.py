@@ -107,7 +107,8 @@ class _DeviceCopy:
 
 
 class InPlaceCache:
-    """Right-padded rows updated in place by GroupQueryAttention; grows x2 when a row needs room.
+    """Right-padded rows updated in place by GroupQueryAttention (or Stratus's GroupAttention, the same
+    contract); grows x2 when a row needs room.
 
     The buffers live where the model runs (host memory, or the GPU under CUDA) and are bound by
     pointer, so a decode step moves no cache bytes on either device.
