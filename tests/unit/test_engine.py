@@ -95,6 +95,37 @@ def test_requests_join_and_leave_between_decode_steps(engines):
     assert engine.num_running == 0
 
 
+def test_a_cpu_step_prefills_in_chunks_each_chunks_first_tokens_out_before_the_next(tiny):
+    # Given an engine whose prefill chunks hold 10 padded tokens: these prompts' lengths 3, 4, 5, 3, 4, 5 go in pairs
+    whole = Engine.from_dir(tiny.dirs["int4"], threads=1, prefill_chunk_tokens=4096)
+    chunked = Engine.from_dir(tiny.dirs["int4"], threads=1, prefill_chunk_tokens=10)
+    assert Engine.from_dir(tiny.dirs["int4"], threads=1).prefill_chunk_tokens == 128  # a CPU's default
+    events = []
+    prefill = chunked.cache.prefill
+
+    def recorded(ids, *args, **kwargs):
+        events.append(("prefill", ids.shape[0]))
+        return prefill(ids, *args, **kwargs)
+
+    chunked.cache.prefill = recorded
+    reqs = [GenerationRequest(PROMPTS[i], greedy(6)) for i in range(6)]
+    futures = [
+        chunked.submit(
+            GenerationRequest(r.prompt_ids, r.params, on_token=lambda t, lp, i=i: events.append(("token", i)))
+        )
+        for i, r in enumerate(reqs)
+    ]
+    # When one step admits all six
+    chunked.step()
+    # Then it runs their prefills one chunk after another, each chunk's first tokens sent before the next runs
+    pair = lambda i: [("prefill", 2), ("token", i), ("token", i + 1)]  # a chunk's prefill of two rows, their tokens
+    assert events[:9] == pair(0) + pair(2) + pair(4)
+    while not all(f.done() for f in futures):
+        chunked.step()
+    # and every result is what one prefill of all six gives
+    assert [f.result().token_ids for f in futures] == [r.token_ids for r in whole.generate(reqs)]
+
+
 def test_seeded_sampling_is_reproducible(engines):
     engine = engines["fp32"]
     run = lambda seed: (
