@@ -85,19 +85,48 @@ struct Rows {
 #define STRATUS_CLONES
 #endif
 
+// A block's 32 values as four vectors of 8 (GCC lowers each to one AVX register or two SSE ones; inlined, so no
+// vector crosses a call and GCC's warning about AVX changing the ABI does not apply).
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+[[gnu::always_inline]] inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+[[gnu::always_inline]] inline v8 abs8(v8 v) { return (v8)((vi8)v & 0x7fffffff); }
+[[gnu::always_inline]] inline v8 max8(v8 a, v8 b) { return a > b ? a : b; }
+
+// -> the block's largest magnitude (exact, whatever the order)
+[[gnu::always_inline]] inline float block_peak(const float* x) {
+  const v8 m = max8(max8(abs8(load8(x)), abs8(load8(x + 16))), max8(abs8(load8(x + 8)), abs8(load8(x + 24))));
+  const v4 a = __builtin_shufflevector(m, m, 0, 1, 2, 3), b = __builtin_shufflevector(m, m, 4, 5, 6, 7);
+  const v4 h = a > b ? a : b;
+  return std::max(std::max(h[0], h[2]), std::max(h[1], h[3]));
+}
+
+// -> the block's sum in one order on every path: lanes (x[l] + x[l + 16]) + (x[l + 8] + x[l + 24]), then halves
+[[gnu::always_inline]] inline float block_sum(const float* x) {
+  const v8 s = (load8(x) + load8(x + 16)) + (load8(x + 8) + load8(x + 24));
+  const v4 h = __builtin_shufflevector(s, s, 0, 1, 2, 3) + __builtin_shufflevector(s, s, 4, 5, 6, 7);
+  return (h[0] + h[2]) + (h[1] + h[3]);
+}
+
 // One row of x [K] -> its integers and per-block scales and sums. hi's integers are SplitRows's (the same float32
-// operations); lo's are round(lo / s_lo). Elementwise IEEE operations, sums in order: the same bits at every width.
+// operations); lo's are round(lo / s_lo). Elementwise IEEE operations, sums in one order: the same bits at every width.
 STRATUS_CLONES void split_row(const float* x, int64_t k, int8_t* hi, int8_t* ql, float* s_hi, float* s_lo, float* sums,
                               int32_t* sum_hi, int32_t* sum_lo) {
   float q[kBlock], lo[kBlock];
   for (int64_t b = 0; b < k / kBlock; ++b) {
     const float* xb = x + b * kBlock;
-    float peak = 0.0f, sum = 0.0f, peak_lo = 0.0f;
-    for (int64_t i = 0; i < kBlock; ++i) peak = std::max(peak, std::fabs(xb[i]));
-    for (int64_t i = 0; i < kBlock; ++i) sum += xb[i];
+    const float peak = block_peak(xb), sum = block_sum(xb);
     const float s = std::max(peak * kInv127, kTiny);
     for (int64_t i = 0; i < kBlock; ++i) q[i] = std::nearbyint(xb[i] / s), lo[i] = xb[i] - q[i] * s;
-    for (int64_t i = 0; i < kBlock; ++i) peak_lo = std::max(peak_lo, std::fabs(lo[i]));
+    const float peak_lo = block_peak(lo);
     const float sl = peak_lo * kInv127, scale_lo = sl > 0.0f ? sl : 1.0f;  // an exact block: lo all zero
     int32_t ints_hi = 0, ints_lo = 0;
     for (int64_t i = 0; i < kBlock; ++i) {
