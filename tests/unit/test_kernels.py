@@ -313,6 +313,41 @@ def test_group_attention_computes_what_group_query_attention_does(tmp_path, monk
         np.testing.assert_array_equal(v[row, :, :n], want[2][row, :, :n])
 
 
+def gqa_model(cache_type: int, head: int | str, packed: bool = True, **attrs) -> onnx.ModelProto:
+    """A graph of one GroupQueryAttention over a cache input of `cache_type` and head size `head`."""
+    names = ["qkv", "", ""] if packed else ["q", "k", "v"]
+    node = helper.make_node(
+        "GroupQueryAttention",
+        [*names, "past_k", "past_v", "seqlens", "total", "cos", "sin", "positions"],
+        ["out", "present_k", "present_v"],
+        name="attn",
+        domain="com.microsoft",
+        num_heads=4,
+        kv_num_heads=2,
+        do_rotary=1,
+        **attrs,
+    )
+    cache = [helper.make_tensor_value_info(n, cache_type, ["b", 2, "p", head]) for n in ("past_k", "past_v")]
+    return helper.make_model(helper.make_graph([node], "g", cache, []))
+
+
+def test_the_rewrite_takes_only_the_attention_group_attention_computes():
+    from stratus_model.variants import group_attention
+
+    ops = lambda m: [n.op_type for n in group_attention(m).graph.node]
+    assert ops(gqa_model(TensorProto.FLOAT, 64)) == ["GroupAttention"]
+    assert ops(gqa_model(TensorProto.FLOAT, 64, packed=False)) == ["Concat", "GroupAttention"]  # packed first
+    assert ops(gqa_model(TensorProto.FLOAT, 64, local_window_size=512, softcap=30.0)) == ["GroupAttention"]
+    # a float16 cache (a CUDA build), a head size it does not take or the graph does not fix, interleaved rotary
+    for model in (
+        gqa_model(TensorProto.FLOAT16, 64),
+        gqa_model(TensorProto.FLOAT, 40),
+        gqa_model(TensorProto.FLOAT, "head"),
+        gqa_model(TensorProto.FLOAT, 64, rotary_interleaved=1),
+    ):
+        assert ops(model) == ["GroupQueryAttention"]
+
+
 @needs_library
 def test_group_attention_refuses_a_head_size_it_does_not_take(tmp_path):
     sess = attention(tmp_path, "GroupAttention", 1, 1, 2, 1, 8, 4, 8)

@@ -203,13 +203,8 @@ def fused_split(model: onnx.ModelProto, weights: Weights | None = None) -> onnx.
     return group_attention(out) if weights else out
 
 
-ATTENTION_ATTRIBUTES = (
-    "num_heads",
-    "kv_num_heads",
-    "scale",
-    "softcap",
-    "local_window_size",
-)  # what GroupAttention reads
+# what GroupAttention reads of a GroupQueryAttention's attributes
+ATTENTION_ATTRIBUTES = ("num_heads", "kv_num_heads", "scale", "softcap", "local_window_size")
 LANES = 16  # GroupAttention's head size is a multiple of this
 
 
@@ -228,6 +223,7 @@ def group_attention(model: onnx.ModelProto) -> onnx.ModelProto:
         if (
             cache is None
             or cache.elem_type != onnx.TensorProto.FLOAT
+            or not cache.shape.dim[3].dim_value  # (a head size the graph does not fix)
             or cache.shape.dim[3].dim_value % LANES != 0
             or attrs.get("do_rotary") != 1
             or attrs.get("rotary_interleaved", 0) != 0
