@@ -34,7 +34,12 @@ class ModelEntry:
 
     def queue_for(self, tier: str) -> str:
         """The jobs queue of a tier."""
-        return (self.batch_queue_url or self.queue_url) if tier == "batch" else self.queue_url
+        return tier_queue(tier, self.queue_url, self.batch_queue_url)
+
+
+def tier_queue(tier: str, queue_url: str, batch_queue_url: str) -> str:
+    """A tier's jobs queue of a model's two: the batch one for batch work, when it has one."""
+    return (batch_queue_url or queue_url) if tier == "batch" else queue_url
 
 
 @dataclass(frozen=True)

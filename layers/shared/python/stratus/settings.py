@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 
-from stratus.catalogue import Catalogue, ModelEntry
+from stratus.catalogue import Catalogue, ModelEntry, tier_queue
 
 
 class ConfigError(RuntimeError):
@@ -179,7 +179,7 @@ class Settings:
 
     def queue_for(self, tier: str) -> str:
         """The jobs queue of a tier: a worker's own (its model's; the API routes by the catalogue)."""
-        return (self.batch_queue_url or self.queue_url) if tier == "batch" else self.queue_url
+        return tier_queue(tier, self.queue_url, self.batch_queue_url)
 
     def deadline_for(self, tier: str) -> int:
         """How long a job of this tier may wait unstarted: a batch window, or the interactive deadline."""
