@@ -203,21 +203,21 @@ def send(bodies: list[str], deps: Deps, tenant: str) -> None:
     (never stays QUEUED); one SQS failed on its own side is sent again, SEND_ROUNDS rounds, and
     raises if it still fails, so the step's cursor stays and the next step sends it again. A line
     whose model left the catalogue since it was read fails its job: nothing serves it any more."""
-    queues: dict[str, list[str]] = {}  # each model's batch queue -> its bodies (a file may mix models)
+    queues: dict[str, list[tuple[str, str]]] = {}  # each model's batch queue -> (body, job id) (a file may mix models)
     for body in bodies:
-        message = QueueMessage.from_body(body)
+        message = QueueMessage.from_body(body)  # (read once: its model picks the queue, its job id fails it)
         try:
             model = deps.settings.catalogue.find(message.request.model)
         except ModelNotFound as exc:
             error = {"message": exc.message, "type": exc.error_type, "code": exc.code}
             deps.store.transition(message.job_id, [Status.QUEUED], Status.FAILED, error=error)
             continue
-        queues.setdefault(model.queue_for("batch"), []).append(body)
+        queues.setdefault(model.queue_for("batch"), []).append((body, message.job_id))
     for url, some in queues.items():
-        _send_to(url, some, deps, tenant)
+        _send_to(url, [body for body, _ in some], [job_id for _, job_id in some], deps, tenant)
 
 
-def _send_to(url: str, bodies: list[str], deps: Deps, tenant: str) -> None:
+def _send_to(url: str, bodies: list[str], job_ids: list[str], deps: Deps, tenant: str) -> None:
     for group in _groups(bodies):
         for attempt in range(SEND_ROUNDS):
             if attempt:
@@ -229,9 +229,8 @@ def _send_to(url: str, bodies: list[str], deps: Deps, tenant: str) -> None:
             )
             failed = out.get("Failed", [])
             for f in (f for f in failed if f.get("SenderFault", True)):
-                job_id = QueueMessage.from_body(bodies[int(f["Id"])]).job_id
                 deps.store.transition(
-                    job_id,
+                    job_ids[int(f["Id"])],
                     [Status.QUEUED],
                     Status.FAILED,
                     error={
