@@ -32,24 +32,6 @@ namespace {
 constexpr int kLanes = 16;
 constexpr int64_t kQueriesPerTask = 16;  // a prompt's queries go 16 at a time
 
-// The lane-wise helpers below are inlined into each path (attend_avx512, attend_avx2, attend_plain), so passing
-// vectors between them never meets an ABI (GCC warns that AVX changes it).
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-// a vector's lanes -> their sum, halves added first
-[[gnu::always_inline]] inline float fold_lanes(v4 b) { return (b[0] + b[2]) + (b[1] + b[3]); }
-[[gnu::always_inline]] inline float fold_lanes(v8 a) {
-  return fold_lanes(__builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7));
-}
-[[gnu::always_inline]] inline float fold_lanes(v16 x) {
-  return fold_lanes(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-                    __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
-}
-
 // 16 floats as one value, held in the host's registers: W = 16 (one AVX-512 register), 8 (two AVX2 ones) or 4 (four
 // SSE ones). Every operation is lane-wise IEEE float arithmetic and a fold adds lanes l and l + 8, then l and l + 4,
 // ... whatever W is, so every path computes the same bits.

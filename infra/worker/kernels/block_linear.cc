@@ -48,8 +48,6 @@ namespace {
 
 constexpr int64_t kBlock = 32;  // inputs a block
 constexpr int64_t kLanes = 16;  // outputs a tile
-constexpr float kInv127 = 1.0f / 127.0f;
-constexpr float kTiny = 1e-30f;
 
 // A tile block's layout by the weights' bits: bytes, and where its float16 scales d and (4-bit) offsets m sit.
 template <int Bits>
@@ -79,18 +77,8 @@ struct Rows {
   }
 };
 
-#if defined(__x86_64__)
-#define STRATUS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define STRATUS_CLONES
-#endif
-
-// A block's 32 values as four vectors of 8 (GCC lowers each to one AVX register or two SSE ones; inlined, so no
-// vector crosses a call and GCC's warning about AVX changing the ABI does not apply).
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float v8 __attribute__((vector_size(32)));
+// A block's 32 values as four vectors of 8 (kernels.h's v8).
 typedef int32_t vi8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
 
 [[gnu::always_inline]] inline v8 load8(const float* p) {
   v8 v;
@@ -111,9 +99,7 @@ typedef float v4 __attribute__((vector_size(16)));
 
 // -> the block's sum in one order on every path: lanes (x[l] + x[l + 16]) + (x[l + 8] + x[l + 24]), then halves
 [[gnu::always_inline]] inline float block_sum(const float* x) {
-  const v8 s = (load8(x) + load8(x + 16)) + (load8(x + 8) + load8(x + 24));
-  const v4 h = __builtin_shufflevector(s, s, 0, 1, 2, 3) + __builtin_shufflevector(s, s, 4, 5, 6, 7);
-  return (h[0] + h[2]) + (h[1] + h[3]);
+  return fold_lanes((load8(x) + load8(x + 16)) + (load8(x + 8) + load8(x + 24)));
 }
 
 // One row of x [K] -> its integers and per-block scales and sums. hi's integers are SplitRows's (the same float32

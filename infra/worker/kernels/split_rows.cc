@@ -22,18 +22,7 @@
 namespace {
 
 constexpr const char* kDomain = "ai.stratus";
-constexpr float kInv127 = 1.0f / 127.0f;  // the graph's /split/inv127 (float32 of 1/127)
-constexpr float kTiny = 1e-30f;           // an all-zero block: scale 0 would give 0/0
-
-// On x86-64 the loops below are compiled for AVX-512, AVX2 and the baseline, and the widest the
-// host has is picked at load time (GCC's target_clones); elsewhere once, for the target. Every
-// build computes the same bits: elementwise IEEE operations, sums kept in order (no reassociation,
-// no FMA contraction).
-#if defined(__x86_64__)
-#define STRATUS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define STRATUS_CLONES
-#endif
+using stratus::kInv127, stratus::kTiny;
 
 // One row's blocks -> its hi and lo parts. x, hi, lo: [k]; k % block == 0.
 STRATUS_CLONES void split_row(const float* x, float* hi, float* lo, int64_t k, int64_t block) {
