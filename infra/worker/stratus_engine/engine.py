@@ -99,6 +99,7 @@ class _Group:
     admitted: float = 0.0
     first_token: float = 0.0
     cached: int = 0  # prompt tokens a stored prefix gave it
+    to_run: int = 0  # prompt tokens its prefill runs, as admission counted them (prefill.tokens_to_run)
 
     @property
     def prompt(self) -> Prompt:
@@ -385,10 +386,9 @@ class Engine:
             groups = [*self._waiting]
             near = reachable([(g.req.priority, g.req.tenant) for g in groups], limits.rows - len(running), tenants)
             groups = [groups[i] for i in near]
-            waiting = [
-                Waiting(g.req.priority, g.req.params.n, tokens_to_run(self.prefixes, g.prompt), g.req.tenant)
-                for g in groups
-            ]
+            for g in groups:
+                g.to_run = tokens_to_run(self.prefixes, g.prompt)
+            waiting = [Waiting(g.req.priority, g.req.params.n, g.to_run, g.req.tenant) for g in groups]
             new = [groups[i] for i in admit(waiting, running, limits, clock, self._last_interactive, tenants)]
             chosen = {id(g) for g in new}
             self._waiting = deque(g for g in self._waiting if id(g) not in chosen)
@@ -403,13 +403,12 @@ class Engine:
         chunks: list[list[_Group]] = []
         longest = 0
         for g in groups:
-            tokens = tokens_to_run(self.prefixes, g.prompt)
-            if chunks and max(longest, tokens) * (len(chunks[-1]) + 1) <= self.prefill_chunk_tokens:
+            if chunks and max(longest, g.to_run) * (len(chunks[-1]) + 1) <= self.prefill_chunk_tokens:
                 chunks[-1].append(g)
-                longest = max(longest, tokens)
+                longest = max(longest, g.to_run)
             else:
                 chunks.append([g])
-                longest = tokens
+                longest = g.to_run
         return chunks
 
     def _prefill(self, groups: list[_Group]) -> None:
