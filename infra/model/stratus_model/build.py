@@ -11,7 +11,8 @@
                                      same weights (stratus_model.variants)
   DIR/model.fused.onnx                 quantized builds: the split configuration on Stratus's kernels
   DIR/model.linear.onnx (+ .onnx.data) quantized builds: the linears of GGML Q4_1/Q4_0/Q8_0 blocks
-                                     on Stratus's BlockLinear, over its own copy of their weights
+                                     on Stratus's BlockLinear, over its own copy of their weights,
+                                     and attention on its GroupAttention
 
 The directory appears only when complete: everything is written to a temporary sibling,
 checked by loading it in onnxruntime and against its own golden outputs, then renamed into place.
@@ -265,8 +266,8 @@ REFERENCE = "reference.onnx"  # exists only while the golden outputs are recorde
 
 def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
     """Quantized fp32-activation builds get three or four graphs, fastest first: the block linears
-    on Stratus's BlockLinear (model.linear.onnx, with their tiles in model.linear.onnx.data; only
-    where some linear's weights fit them), int8 activations (model.int8act.onnx), split
+    on Stratus's BlockLinear and attention on its GroupAttention (model.linear.onnx, with the tiles
+    in model.linear.onnx.data; only where some linear's weights fit them), int8 activations (model.int8act.onnx), split
     activations fused into Stratus's kernels (model.fused.onnx) and split activations (model.onnx,
     the default). The kernels' configurations are served where the kernels library is built."""
     split = split_activations(proto)
@@ -275,6 +276,7 @@ def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
     onnx.save_model(proto, str(model_dir / INT8_ACTIVATIONS))
     linear = fused_split(proto, _initializers(proto, model_dir))
     tiled = sum(n.op_type == "BlockLinear" for n in linear.graph.node)
+    grouped = sum(n.op_type == "GroupAttention" for n in linear.graph.node)
     if tiled:
         onnx.save_model(
             linear,
@@ -290,7 +292,8 @@ def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
         "name": "fused-linear",
         "graph": FUSED_LINEAR,
         "kernels": True,
-        "note": f"fused-split with {tiled} linears on Stratus's BlockLinear (one pass over the weights)",
+        "note": f"fused-split with {tiled} linears on Stratus's BlockLinear (one pass over the weights) "
+        f"and {grouped} attention layers on its GroupAttention",
     }
     return [
         *([fused_linear] if tiled else []),
