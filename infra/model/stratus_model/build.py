@@ -39,7 +39,7 @@ from stratus_model.graph import ACTIVATIONS, build_model
 from stratus_model.quant import QUANT_SCHEMES
 from stratus_model.source import GGUFSource, WeightSource
 from stratus_model.tokenizer import build_tokenizer
-from stratus_model.variants import fused_split, split_activations, with_accuracy_level
+from stratus_model.variants import fused_split, group_attention, split_activations, with_accuracy_level
 
 MANIFEST_VERSION = 4  # 2: configurations and golden outputs; 3: fused-linear (BlockLinear tiles); 4: its GroupAttention
 
@@ -274,7 +274,7 @@ def write_configurations(model_dir: Path, proto: onnx.ModelProto) -> list[dict]:
     if split is None:
         return [{"name": "default", "graph": "model.onnx", "note": "the only graph of this build"}]
     onnx.save_model(proto, str(model_dir / INT8_ACTIVATIONS))
-    linear = fused_split(proto, _initializers(proto, model_dir))
+    linear = group_attention(fused_split(proto, _initializers(proto, model_dir)))
     tiled = sum(n.op_type == "BlockLinear" for n in linear.graph.node)
     grouped = sum(n.op_type == "GroupAttention" for n in linear.graph.node)
     if tiled:

@@ -200,7 +200,7 @@ def fused_split(model: onnx.ModelProto, weights: Weights | None = None) -> onnx.
 
     out = _rewritten(model, Graph(), linears, make, keep)
     out.opset_import.append(helper.make_opsetid(KERNELS_DOMAIN, 1))
-    return group_attention(out) if weights else out
+    return out
 
 
 # what GroupAttention reads of a GroupQueryAttention's attributes
