@@ -28,6 +28,17 @@ def session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so)
 
 
+def graph_session(tmp_path, graph: onnx.GraphProto) -> ort.InferenceSession:
+    """A session of `graph` (its ops standard, onnxruntime's or ours), saved as <its name>.onnx."""
+    opsets = [
+        helper.make_opsetid("", 21),
+        helper.make_opsetid("com.microsoft", 1),
+        helper.make_opsetid(KERNELS_DOMAIN, 1),
+    ]
+    onnx.save_model(helper.make_model(graph, opset_imports=opsets), str(tmp_path / f"{graph.name}.onnx"))
+    return session(tmp_path / f"{graph.name}.onnx")
+
+
 def one_op_graph(tmp_path, op: str, shape: list, out_shape: list, **attrs) -> ort.InferenceSession:
     node = helper.make_node(op, ["x"], ["y"], domain=KERNELS_DOMAIN, **attrs)
     graph = helper.make_graph(
@@ -36,11 +47,7 @@ def one_op_graph(tmp_path, op: str, shape: list, out_shape: list, **attrs) -> or
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(KERNELS_DOMAIN, 1)]
-    )
-    onnx.save_model(model, str(tmp_path / f"{op}.onnx"))
-    return session(tmp_path / f"{op}.onnx")
+    return graph_session(tmp_path, graph)
 
 
 def split_reference(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,11 +105,7 @@ def test_join_rows_adds_the_halves_and_the_block_offsets(tmp_path):
     graph = helper.make_graph(
         [node], "join", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 8])]
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(KERNELS_DOMAIN, 1)]
-    )
-    onnx.save_model(model, str(tmp_path / "join.onnx"))
-    got = session(tmp_path / "join.onnx").run(None, {"y2": y2, "x": x, "offsets": offsets})[0]
+    got = graph_session(tmp_path, graph).run(None, {"y2": y2, "x": x, "offsets": offsets})[0]
     sums = x.reshape(2, 3, 2, 32).astype(np.float64).sum(-1)  # [B, S, K/32]: 32-input blocks
     np.testing.assert_allclose(got, (y2[:2] + y2[2:]) + sums @ offsets, rtol=1e-5, atol=1e-5)
 
@@ -183,11 +186,7 @@ def block_linear(tmp_path, packed: np.ndarray, n: int, k: int, bits: int) -> ort
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", n])],
         [onnx.numpy_helper.from_array(packed, "w")],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(KERNELS_DOMAIN, 1)]
-    )
-    onnx.save_model(model, str(tmp_path / "linear.onnx"))
-    return session(tmp_path / "linear.onnx")
+    return graph_session(tmp_path, graph)
 
 
 @needs_library
@@ -238,13 +237,7 @@ def attention(tmp_path, op: str, b: int, s: int, heads: int, kv: int, d: int, ca
         helper.make_tensor_value_info("positions", TensorProto.INT64, [b, s]),
     ]
     outputs = [helper.make_tensor_value_info(n, f, None) for n in ("out", "present_k", "present_v")]
-    model = helper.make_model(
-        helper.make_graph([node], "attention", inputs, outputs),
-        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-        + [helper.make_opsetid(KERNELS_DOMAIN, 1)],
-    )
-    onnx.save_model(model, str(tmp_path / f"{op}.onnx"))
-    return session(tmp_path / f"{op}.onnx")
+    return graph_session(tmp_path, helper.make_graph([node], op, inputs, outputs))
 
 
 def run_attention(sess, feeds: dict, past: list[np.ndarray], in_place: bool) -> list[np.ndarray]:
